@@ -1,0 +1,48 @@
+"""Every environment knob spotsafe reads, in one place.
+
+Read through :meth:`Settings.from_env` at the moment a component is built (not at
+import), so a test or a supervisor that sets a variable before constructing a
+watcher or a run is honoured.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+AWS_DEFAULT_ENDPOINT = "http://169.254.169.254"
+GCP_DEFAULT_HOST = "metadata.google.internal"
+AZURE_DEFAULT_ENDPOINT = "http://169.254.169.254"
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+@dataclass(frozen=True)
+class Settings:
+    #: SPOTSAFE_STORE: the store ``Run()`` uses when given none (set by ``spotsafe.resume``).
+    store: str | None
+    #: AWS_EC2_METADATA_SERVICE_ENDPOINT (botocore's name): base URL of IMDS.
+    aws_endpoint: str
+    #: AWS_EC2_METADATA_DISABLED=true turns the AWS source off (botocore's name).
+    aws_disabled: bool
+    #: GCE_METADATA_HOST (google-auth's name): host[:port] of the GCP metadata server.
+    gcp_host: str
+    #: SPOTSAFE_AZURE_METADATA_ENDPOINT: base URL of the Azure instance metadata service.
+    azure_endpoint: str
+    #: SPOTSAFE_SOURCES: comma-separated watcher sources overriding "auto" (e.g. "aws,signal").
+    sources: str | None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        return cls(
+            store=env.get("SPOTSAFE_STORE") or None,
+            aws_endpoint=(env.get("AWS_EC2_METADATA_SERVICE_ENDPOINT") or AWS_DEFAULT_ENDPOINT).rstrip("/"),
+            aws_disabled=_truthy(env.get("AWS_EC2_METADATA_DISABLED")),
+            gcp_host=env.get("GCE_METADATA_HOST") or GCP_DEFAULT_HOST,
+            azure_endpoint=(env.get("SPOTSAFE_AZURE_METADATA_ENDPOINT") or AZURE_DEFAULT_ENDPOINT).rstrip("/"),
+            sources=env.get("SPOTSAFE_SOURCES") or None,
+        )

@@ -1,0 +1,152 @@
+"""The storage interface every backend honours, and the dispatch from a URL to a backend.
+
+A store is a flat namespace of files under one root, addressed by relative
+``/``-separated paths (``step-000000001200/manifest.json``). The checkpointer
+decides the layout; a store only moves bytes, durably. The interface is kept to
+what *every* backend (a local directory, S3, any fsspec filesystem, a mirror of
+two) can really do: nothing here may raise NotImplementedError.
+
+Implementations live in :mod:`spotsafe.storages`.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any, Union
+
+Buffer = Union[bytes, bytearray, memoryview]
+
+
+class Store(ABC):
+    """Where checkpoints live. Paths are relative to the store's root."""
+
+    #: The root, as the user would write it (a path or a URL); used in every error message.
+    url: str
+
+    @abstractmethod
+    def listdir(self, path: str = "") -> list[str]:
+        """Names directly under ``path`` (files and directories), in no particular order.
+
+        A missing ``path`` gives an empty list. Does I/O.
+        """
+
+    @abstractmethod
+    def write_file(self, path: str, buffers: Sequence[Buffer]) -> None:
+        """Write the concatenation of ``buffers`` as ``path``, durable when this returns.
+
+        Parent directories are created. The file is payload: it means nothing to a
+        reader until a manifest naming it is committed, so it need not appear
+        atomically; but a failure must not leave a half-written object that a later
+        ``file_size`` reports as complete (local: temp name + rename; object stores:
+        abort the multipart upload). Overwrites an existing file.
+        """
+
+    @abstractmethod
+    def commit_file(self, path: str, data: bytes) -> None:
+        """Publish a small file atomically and durably: readers see all of it or nothing.
+
+        This is the commit point of a checkpoint (its manifest). Local: temp name in
+        the same directory, fsync, ``os.replace``, fsync the directory. Object stores:
+        one PUT.
+        """
+
+    @abstractmethod
+    def read_file(self, path: str) -> memoryview:
+        """The whole content of ``path`` as a read-only buffer (may be memory-mapped).
+
+        Raises :class:`spotsafe.errors.CheckpointNotFound` (a FileNotFoundError) when
+        the file does not exist.
+        """
+
+    @abstractmethod
+    def file_size(self, path: str) -> int | None:
+        """Size in bytes of ``path``, or None when it does not exist."""
+
+    @abstractmethod
+    def delete_dir(self, path: str) -> None:
+        """Remove ``path`` and everything under it; no error when it is already gone.
+
+        Backends delete the manifest first, so a half-deleted checkpoint is never
+        mistaken for a complete one.
+        """
+
+    def cleanup_incomplete(self) -> None:
+        """Remove debris of writes that were killed mid-way (temp files, multipart uploads).
+
+        Called by the checkpointer before its first save; never touches committed files.
+        """
+
+    def set_deadline(self, deadline: datetime | None) -> None:
+        """Bound retries and waits by ``deadline`` (UTC), e.g. a preemption notice's."""
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait for background replication (a mirror's upload). True when nothing is pending."""
+        return True
+
+    def close(self) -> None:
+        """Release threads and connections. The store is unusable afterwards."""
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url!r})"
+
+
+def open_store(
+    store: str | os.PathLike[str] | Store | None = None,
+    *,
+    local: str | os.PathLike[str] | None = None,
+    remote: str | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> Store:
+    """Turn what a user wrote into a :class:`Store`.
+
+    - a :class:`Store` is returned as it is;
+    - a plain path or ``file://`` URL gives a local directory store (atomic rename commit);
+    - ``s3://`` gives the S3 store (parallel multipart, needs ``spotsafe[s3]``);
+    - any other fsspec URL (``gs://``, ``memory://``, ...) gives the generic fsspec store;
+    - ``local=`` and ``remote=`` together give a mirror: commit locally, upload in the background;
+    - nothing at all falls back to the ``SPOTSAFE_STORE`` environment variable.
+    """
+    if isinstance(store, Store):
+        return store
+    if local is not None or remote is not None:
+        if store is not None:
+            raise ValueError("give either a store or local=/remote=, not both")
+        if local is None or remote is None:
+            raise ValueError("a mirror needs both local= and remote=")
+        from spotsafe.storages.mirror import MirrorStore
+
+        return MirrorStore(
+            open_store(local), open_store(remote, storage_options=storage_options)
+        )
+    if store is None:
+        from spotsafe.settings import Settings
+
+        store = Settings.from_env().store
+        if not store:
+            raise ValueError(
+                "no store given: pass a path or URL, or set SPOTSAFE_STORE "
+                "(python -m spotsafe.resume --store does that)"
+            )
+    text = os.fspath(store)
+    scheme = text.split("://", 1)[0].lower() if "://" in text else ""
+    if scheme in ("", "file", "local"):
+        from spotsafe.storages.local import LocalStore
+
+        path = text.split("://", 1)[1] if scheme else text
+        return LocalStore(path)
+    if scheme in ("s3", "s3a"):
+        from spotsafe.storages.s3 import S3Store
+
+        return S3Store(text, storage_options=storage_options)
+    from spotsafe.storages.fsspec import FsspecStore
+
+    return FsspecStore(text, storage_options=storage_options)

@@ -1,0 +1,3 @@
+"""Store backends: ``local`` (a directory), ``s3`` (boto3, parallel multipart),
+``fsspec`` (any other fsspec URL) and ``mirror`` (local first, remote in the background).
+The interface and the dispatch are in :mod:`spotsafe.storage`."""

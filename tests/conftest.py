@@ -1,0 +1,84 @@
+"""Fixtures every test gets.
+
+No test may send a packet to a real cloud metadata address or anywhere off this
+machine. Two layers keep it so:
+
+1. the environment points every metadata source at a closed loopback port
+   (subprocesses inherit it);
+2. in this process, ``socket.connect`` refuses any address outside loopback.
+
+tests/test_conftest.py proves both are in force.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+#: A loopback port nothing listens on (the discard service is never run here):
+#: connections are refused at once, so auto-detection settles fast.
+CLOSED = "127.0.0.1:9"
+
+OFFLINE_ENV = {
+    "AWS_EC2_METADATA_SERVICE_ENDPOINT": f"http://{CLOSED}",
+    "GCE_METADATA_HOST": CLOSED,
+    "GCE_METADATA_IP": CLOSED,
+    "SPOTSAFE_AZURE_METADATA_ENDPOINT": f"http://{CLOSED}",
+    # boto3's credential chain must never reach for an instance role.
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_SESSION_TOKEN": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_CONFIG_FILE": os.devnull,
+    "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+}
+
+
+class OffMachineConnection(AssertionError):
+    pass
+
+
+def _is_loopback(address: object) -> bool:
+    if isinstance(address, str):  # AF_UNIX path
+        return True
+    if isinstance(address, tuple) and address:
+        host = address[0]
+        if host in ("localhost", ""):
+            return True
+        try:
+            return ipaddress.ip_address(host.split("%")[0]).is_loopback
+        except ValueError:
+            return False  # an unresolved name: refuse, it could go anywhere
+    return False
+
+
+_real_connect = socket.socket.connect
+_real_connect_ex = socket.socket.connect_ex
+
+
+def _guarded_connect(self: socket.socket, address: object) -> None:
+    if self.family in (socket.AF_INET, socket.AF_INET6) and not _is_loopback(address):
+        raise OffMachineConnection(f"test tried to connect off this machine: {address!r}")
+    return _real_connect(self, address)  # type: ignore[arg-type]
+
+
+def _guarded_connect_ex(self: socket.socket, address: object) -> int:
+    if self.family in (socket.AF_INET, socket.AF_INET6) and not _is_loopback(address):
+        raise OffMachineConnection(f"test tried to connect off this machine: {address!r}")
+    return _real_connect_ex(self, address)  # type: ignore[arg-type]
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
+    """Point every metadata source at loopback and forbid off-machine connections."""
+    for key, value in OFFLINE_ENV.items():
+        monkeypatch.setenv(key, value)
+    for key in ("AWS_EC2_METADATA_DISABLED", "SPOTSAFE_STORE", "SPOTSAFE_SOURCES", "AWS_PROFILE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(socket.socket, "connect", _guarded_connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", _guarded_connect_ex)
+    yield dict(OFFLINE_ENV)
