@@ -1,0 +1,209 @@
+"""Resumable iteration over a training loader: an epoch can restart at any batch.
+
+A resumed run must continue at the very next batch of the same epoch, in the same
+shuffle order, without loading the batches it already trained on. How that is done
+depends on the loader:
+
+- a map-style :class:`torch.utils.data.DataLoader` (any sampler or batch sampler,
+  shuffled or not, ``DistributedSampler``, ``num_workers`` >= 0): the epoch's batches
+  of *indices* are planned up front (cheap: no data is loaded), deterministically from
+  a per-epoch seed and, when the sampler has its own ``generator``, from that
+  generator's state at the start of the epoch. The batches are then fetched by an
+  equivalent DataLoader (same dataset, collate_fn, workers, worker_init_fn, pinning)
+  driven by the remaining slice of the plan: skipped batches are never fetched.
+- torchdata's ``StatefulDataLoader``: its own ``state_dict()`` is saved with each
+  checkpoint and loaded on resume.
+- anything else (an ``IterableDataset`` in a plain DataLoader, a list, a generator):
+  the consumed batches are iterated again and dropped, with a warning, since nothing
+  cheaper can be exact.
+
+The per-epoch seed is either derived from a fixed seed or drawn from torch's global
+RNG when the epoch starts (as a plain DataLoader would); it is saved in the
+checkpoint, so the replay does not depend on the global RNG's position on resume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, Sampler
+
+log = logging.getLogger(__name__)
+
+Kind = Literal["planned", "stateful", "replay"]
+
+
+def derive_epoch_seed(seed: int, epoch: int) -> int:
+    """A 63-bit seed for ``epoch`` that depends only on (seed, epoch)."""
+    digest = hashlib.blake2b(f"spotsafe:{seed}:{epoch}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def draw_epoch_seed() -> int:
+    """A 63-bit seed drawn from torch's global CPU RNG (reproducible under manual_seed)."""
+    return int(torch.empty((), dtype=torch.int64).random_().item())
+
+
+class _PlannedSampler(Sampler[Any]):
+    """Yields a planned list of indices (or of index lists), set anew each epoch."""
+
+    def __init__(self) -> None:
+        self.plan: Sequence[Any] = ()
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.plan)
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+
+def _is_stateful_loader(loader: object) -> bool:
+    return callable(getattr(loader, "state_dict", None)) and callable(
+        getattr(loader, "load_state_dict", None)
+    )
+
+
+def _sampler_generator(loader: DataLoader[Any]) -> torch.Generator | None:
+    """The generator the index sampler draws from, when it has its own."""
+    for sampler in (loader.sampler, getattr(loader.batch_sampler, "sampler", None)):
+        generator = getattr(sampler, "generator", None)
+        if isinstance(generator, torch.Generator):
+            return generator
+    return None
+
+
+class ResumableLoader:
+    """Iterates one loader an epoch at a time, starting at any batch of the epoch.
+
+    Built by :meth:`spotsafe.Run.batches`; usable alone::
+
+        rl = ResumableLoader(loader)
+        for batch in rl.epoch(epoch=3, epoch_seed=s, start=120): ...
+        rl.sampler_state   # save it with the checkpoint, pass it back on resume
+    """
+
+    def __init__(self, loader: Iterable[Any]) -> None:
+        self.loader = loader
+        self.kind: Kind
+        self._planned: DataLoader[Any] | None = None
+        self._plan_sampler = _PlannedSampler()
+        self._generator = torch.Generator()
+        #: State of the sampler's own generator at the start of the current epoch.
+        self.sampler_state: torch.Tensor | None = None
+        if isinstance(loader, DataLoader) and _is_stateful_loader(loader):
+            self.kind = "stateful"
+        elif isinstance(loader, DataLoader) and not isinstance(loader.dataset, IterableDataset):
+            self.kind = "planned"
+            self._planned = self._build_planned(loader)
+        else:
+            self.kind = "replay"
+
+    def _build_planned(self, loader: DataLoader[Any]) -> DataLoader[Any]:
+        options: dict[str, Any] = {
+            "num_workers": loader.num_workers,
+            "collate_fn": loader.collate_fn,
+            "pin_memory": loader.pin_memory,
+            "timeout": loader.timeout,
+            "worker_init_fn": loader.worker_init_fn,
+            "multiprocessing_context": loader.multiprocessing_context,
+            "generator": self._generator,
+        }
+        if loader.num_workers > 0:
+            options["prefetch_factor"] = loader.prefetch_factor
+            options["persistent_workers"] = loader.persistent_workers
+        for name in ("pin_memory_device", "in_order"):
+            if hasattr(loader, name) and getattr(loader, name) not in ("", True):
+                options[name] = getattr(loader, name)
+        if loader.batch_sampler is not None:
+            return DataLoader(loader.dataset, batch_sampler=self._plan_sampler, **options)
+        return DataLoader(loader.dataset, sampler=self._plan_sampler, batch_size=None, **options)
+
+    def __len__(self) -> int:
+        return len(self.loader)  # type: ignore[arg-type]
+
+    # -- planning -----------------------------------------------------------------
+
+    def plan(self, *, epoch: int, epoch_seed: int, sampler_state: torch.Tensor | None = None) -> list[Any]:
+        """The epoch's batches of indices (no data is loaded).
+
+        Deterministic in (epoch, epoch_seed, sampler_state); sets :attr:`sampler_state`
+        to the sampler generator's state at the start of the epoch (the one given, or
+        the live one when starting the epoch fresh).
+        """
+        loader = self.loader
+        assert isinstance(loader, DataLoader)
+        for sampler in (loader.sampler, getattr(loader.batch_sampler, "sampler", None)):
+            set_epoch = getattr(sampler, "set_epoch", None)
+            if callable(set_epoch):
+                set_epoch(epoch)  # DistributedSampler: its shuffle is seeded by (seed, epoch)
+        generator = _sampler_generator(loader)
+        if generator is not None:
+            if sampler_state is not None:
+                generator.set_state(sampler_state)
+            self.sampler_state = generator.get_state()
+        else:
+            self.sampler_state = None
+        index_sampler: Iterable[Any] = (
+            loader.batch_sampler if loader.batch_sampler is not None else loader.sampler
+        )
+        # A sampler without its own generator (RandomSampler(generator=None)) draws from
+        # the global RNG: give it the epoch's seed and leave the global stream untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(epoch_seed)
+            return [list(b) if isinstance(b, (list, tuple)) else b for b in index_sampler]
+
+    # -- iteration ----------------------------------------------------------------
+
+    def epoch(
+        self,
+        *,
+        epoch: int,
+        epoch_seed: int,
+        start: int = 0,
+        sampler_state: torch.Tensor | None = None,
+        loader_state: Mapping[str, Any] | None = None,
+    ) -> Iterator[Any]:
+        """Batches of ``epoch`` from batch number ``start`` (0-based) on."""
+        if self.kind == "planned":
+            assert self._planned is not None
+            batches = self.plan(epoch=epoch, epoch_seed=epoch_seed, sampler_state=sampler_state)
+            self._plan_sampler.plan = batches[start:]
+            if not self._plan_sampler.plan:
+                return iter(())
+            self._generator.manual_seed(epoch_seed)  # worker base seeds
+            return iter(self._planned)
+        if self.kind == "stateful":
+            loader: Any = self.loader
+            if start > 0 and loader_state is not None:
+                loader.load_state_dict(dict(loader_state))
+            elif start > 0:
+                log.warning("no saved loader state for %r: replaying %d batches", loader, start)
+                return itertools.islice(self._fresh_iter(loader, epoch_seed), start, None)
+            return self._fresh_iter(loader, epoch_seed)
+        if start > 0:
+            log.warning(
+                "%r cannot skip to batch %d without loading the batches before it "
+                "(not a map-style DataLoader): replaying them",
+                type(self.loader).__name__,
+                start,
+            )
+        return itertools.islice(self._fresh_iter(self.loader, epoch_seed), start, None)
+
+    @staticmethod
+    def _fresh_iter(loader: Iterable[Any], epoch_seed: int) -> Iterator[Any]:
+        # Creating a DataLoader iterator draws its shuffle and worker seeds from the
+        # global RNG; draw them from the epoch seed instead so resume replays them.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(epoch_seed)
+            return iter(loader)
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """The stateful loader's own position (StatefulDataLoader), else None."""
+        if self.kind == "stateful":
+            return dict(self.loader.state_dict())  # type: ignore[attr-defined]
+        return None
