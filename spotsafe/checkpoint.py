@@ -1,0 +1,716 @@
+"""The checkpoint engine: fast, atomic, verifiable checkpoints of a whole training state.
+
+A save is three internal steps, kept apart so that a distributed caller can run
+the first two on every rank and the third once, after a barrier:
+
+1. :func:`snapshot` — flatten the state (:mod:`spotsafe.state`) and copy every
+   tensor's bytes into one reusable CPU buffer (pinned when CUDA is present).
+   This is the only part a training loop waits for.
+2. :func:`write_rank_files` — hash the buffer (xxh3-128, overlapped with the
+   write) and write it as one data file plus a JSON tree file under
+   ``step-%012d/``.
+3. :func:`commit_manifest` — publish ``manifest.json`` last through
+   ``Store.commit_file`` (atomic). A directory without it does not exist for a reader.
+
+See docs/checkpoint.md for the format and the guarantees.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import json
+import logging
+import re
+import threading
+import time as _time
+import uuid
+import weakref
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Literal, get_args
+
+import torch
+import xxhash
+
+import spotsafe
+from spotsafe.errors import (
+    CheckpointCorrupt,
+    CheckpointNotFound,
+    FormatVersionError,
+    SpotsafeError,
+    StateError,
+    StateMismatch,
+)
+from spotsafe.state import Blob, FlatState, MapLocation, blob_from_buffer, flatten, unflatten
+from spotsafe.storage import Store, open_store
+
+log = logging.getLogger("spotsafe.checkpoint")
+
+#: The on-storage format this code writes. Readers accept 1..FORMAT_VERSION.
+FORMAT_VERSION = 1
+FORMAT = "spotsafe-checkpoint"
+MANIFEST = "manifest.json"
+COMPLETE = "COMPLETE.json"
+CHECKSUM = "xxh3_128"
+_HASH_CHUNK = 64 << 20
+_NAME = re.compile(r"^step-(\d{12})$")
+
+Reason = Literal["periodic", "notice", "final", "manual", "rebalance"]
+REASONS: tuple[str, ...] = get_args(Reason)
+FileRole = Literal["data", "tree"]
+
+
+def checkpoint_name(step: int) -> str:
+    """The directory of the checkpoint at ``step``: zero-padded, so name order is step order."""
+    return f"step-{step:012d}"
+
+
+def checksum(buffer: memoryview | bytes) -> str:
+    """xxh3-128 of ``buffer`` as hex (hashed in chunks; xxhash releases the GIL on large inputs)."""
+    view = memoryview(buffer).cast("B")
+    h = xxhash.xxh3_128()
+    for i in range(0, len(view), _HASH_CHUNK):
+        h.update(view[i : i + _HASH_CHUNK])
+    return h.hexdigest()
+
+
+def _utc(dt: datetime) -> datetime:
+    return dt.replace(tzinfo=timezone.utc) if dt.tzinfo is None else dt.astimezone(timezone.utc)
+
+
+# ----------------------------------------------------------------------------- manifest
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One file of a checkpoint, relative to its directory."""
+
+    path: str
+    size: int
+    checksum: str
+    role: FileRole
+    rank: int = 0
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """``manifest.json``: written last, it is the commit of a checkpoint."""
+
+    format_version: int
+    step: int
+    epoch: int | None
+    reason: Reason
+    time: datetime  # UTC-aware
+    world_size: int
+    files: tuple[FileEntry, ...]
+    checksum_algorithm: str = CHECKSUM
+    torch_version: str = torch.__version__
+    spotsafe_version: str = spotsafe.__version__
+    metadata: dict[str, Any] = field(default_factory=dict)
+    format: str = FORMAT
+
+    @property
+    def size(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def to_json(self) -> bytes:
+        d = asdict(self)
+        d["time"] = _utc(self.time).isoformat()
+        return json.dumps(d, indent=1, allow_nan=False).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes | memoryview, where: str) -> Manifest:
+        """Parse and check a manifest. ``where`` (its path or URL) is named in every error."""
+        try:
+            d = json.loads(bytes(data))
+        except (UnicodeDecodeError, ValueError) as e:
+            raise CheckpointCorrupt(f"{where}: manifest is not valid JSON ({e})") from e
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            raise CheckpointCorrupt(f"{where}: not a spotsafe manifest")
+        version = d.get("format_version")
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise CheckpointCorrupt(f"{where}: bad format_version {version!r}")
+        if version > FORMAT_VERSION:
+            raise FormatVersionError(
+                f"{where}: checkpoint format version {version} is newer than this spotsafe "
+                f"{spotsafe.__version__} reads (up to {FORMAT_VERSION}); upgrade spotsafe to load it"
+            )
+        known = {f.name for f in cls.__dataclass_fields__.values()}
+        unknown = set(d) - known
+        if unknown:
+            raise CheckpointCorrupt(f"{where}: unknown manifest fields {sorted(unknown)} for format version {version}")
+        try:
+            files = tuple(FileEntry(**f) for f in d["files"])
+            for f in files:
+                if f.role not in get_args(FileRole) or "/" in f.path or f.path.startswith("."):
+                    raise ValueError(f"bad file entry {f}")
+                if not isinstance(f.size, int) or f.size < 0 or not isinstance(f.checksum, str):
+                    raise ValueError(f"bad file entry {f}")
+            t = datetime.fromisoformat(d["time"])
+            m = cls(**{**d, "files": files, "time": _utc(t)})
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointCorrupt(f"{where}: malformed manifest ({e})") from e
+        if not isinstance(m.step, int) or m.step < 0:
+            raise CheckpointCorrupt(f"{where}: bad step {m.step!r}")
+        if m.reason not in REASONS:
+            raise CheckpointCorrupt(f"{where}: unknown reason {m.reason!r}")
+        if m.checksum_algorithm != CHECKSUM:
+            raise CheckpointCorrupt(f"{where}: unknown checksum algorithm {m.checksum_algorithm!r}")
+        if not isinstance(m.metadata, dict):
+            raise CheckpointCorrupt(f"{where}: metadata is not an object")
+        return m
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """A committed checkpoint, as :meth:`Checkpointer.list` sees it."""
+
+    step: int
+    epoch: int | None
+    reason: str
+    time: datetime  # UTC-aware
+    name: str  # "step-000000001200"
+    url: str  # store url + "/" + name
+    size: int  # total bytes of its files
+    world_size: int
+    metadata: dict[str, Any]
+
+    @classmethod
+    def from_manifest(cls, store: Store, name: str, m: Manifest) -> CheckpointInfo:
+        return cls(
+            step=m.step,
+            epoch=m.epoch,
+            reason=m.reason,
+            time=m.time,
+            name=name,
+            url=f"{store.url.rstrip('/')}/{name}",
+            size=m.size,
+            world_size=m.world_size,
+            metadata=dict(m.metadata),
+        )
+
+
+# ----------------------------------------------------------------------------- save steps
+
+
+class SnapshotBuffer:
+    """One reusable CPU byte buffer (pinned when CUDA is present), grown when a state outgrows it."""
+
+    def __init__(self, pin: bool | None = None) -> None:
+        self.pin = torch.cuda.is_available() if pin is None else pin
+        self._tensor: torch.Tensor | None = None
+        self._view: memoryview | None = None
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self._tensor is None else self._tensor.numel()
+
+    def get(self, nbytes: int) -> tuple[torch.Tensor, memoryview]:
+        if self._tensor is None or self._tensor.numel() < nbytes:
+            self._tensor = self._view = None  # free the old one before allocating
+            t = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=self.pin)
+            # A memoryview straight onto the tensor's memory (no NumPy needed) for os.write.
+            array = (ctypes.c_ubyte * t.numel()).from_address(t.data_ptr())
+            self._tensor, self._view = t, memoryview(array).cast("B")
+        assert self._view is not None
+        return self._tensor[:nbytes], self._view[:nbytes]
+
+    def release(self) -> None:
+        self._tensor = self._view = None
+
+
+@dataclass
+class Snapshot:
+    """A state copied into CPU memory: ready to be written while training goes on."""
+
+    description: dict[str, Any]
+    data: memoryview  # the data file's bytes (a view of the snapshot buffer)
+    blobs: list[Blob]
+
+
+def snapshot(state: Mapping[str, Any] | FlatState, buffer: SnapshotBuffer) -> Snapshot:
+    """Step 1: copy every tensor of ``state`` into ``buffer``. Blocks until the copy is done."""
+    flat = state if isinstance(state, FlatState) else flatten(state)
+    dst, view = buffer.get(flat.nbytes)
+    cuda = False
+    pos = 0
+    for blob, src in zip(flat.blobs, flat.sources):
+        if blob.offset > pos:
+            dst[pos : blob.offset].zero_()  # alignment padding: keep files deterministic
+        if blob.nbytes:
+            cuda |= src.is_cuda
+            dst[blob.offset : blob.offset + blob.nbytes].copy_(src, non_blocking=src.is_cuda)
+        pos = blob.offset + blob.nbytes
+    if pos < flat.nbytes:
+        dst[pos:].zero_()
+    if cuda:
+        torch.cuda.synchronize()
+    return Snapshot(flat.description(), view, list(flat.blobs))
+
+
+class _HashThread(threading.Thread):
+    def __init__(self, data: memoryview) -> None:
+        super().__init__(name="spotsafe-checksum", daemon=True)
+        self.data = data
+        self.result: str | None = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.result = checksum(self.data)
+        except BaseException as e:  # noqa: BLE001 - handed to the writer thread
+            self.error = e
+
+    def digest(self) -> str:
+        self.join()
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return self.result
+
+
+def write_rank_files(store: Store, directory: str, snap: Snapshot, *, rank: int = 0) -> list[FileEntry]:
+    """Step 2: write one rank's data and tree files under ``directory``; returns their entries.
+
+    File names carry a random token, so re-saving a step that is already committed
+    never touches the files its manifest names until the new manifest replaces it.
+    """
+    token = uuid.uuid4().hex[:8]
+    data_name = f"rank{rank:05d}.{token}.bin"
+    tree_name = f"rank{rank:05d}.{token}.json"
+    hasher = _HashThread(snap.data)
+    hasher.start()  # overlaps the write: xxh3 runs at memory speed with the GIL released
+    try:
+        store.write_file(f"{directory}/{data_name}", [snap.data])
+    finally:
+        data_sum = hasher.digest()
+    tree = json.dumps(snap.description, separators=(",", ":"), allow_nan=False).encode()
+    store.write_file(f"{directory}/{tree_name}", [tree])
+    return [
+        FileEntry(data_name, len(snap.data), data_sum, "data", rank),
+        FileEntry(tree_name, len(tree), checksum(tree), "tree", rank),
+    ]
+
+
+def commit_manifest(store: Store, directory: str, manifest: Manifest) -> None:
+    """Step 3: publish the manifest, atomically and durably: the checkpoint now exists."""
+    store.commit_file(f"{directory}/{MANIFEST}", manifest.to_json())
+
+
+def _plain_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
+    if metadata is None:
+        return {}
+    out = dict(metadata)
+    try:
+        return json.loads(json.dumps(out, allow_nan=False))
+    except (TypeError, ValueError) as e:
+        raise StateError(f"checkpoint metadata must be plain JSON (str keys, no NaN): {e}") from e
+
+
+# ----------------------------------------------------------------------------- Checkpointer
+
+_live: weakref.WeakSet[Checkpointer] = weakref.WeakSet()
+
+
+@atexit.register
+def _finish_pending_saves() -> None:
+    # A daemon thread dies with the interpreter: let an in-flight save (often the final one) land first.
+    for ckpt in list(_live):
+        try:
+            ckpt.wait()
+        except Exception:  # noqa: BLE001 - at exit there is no one left to raise to
+            log.exception("spotsafe: a background checkpoint save failed")
+
+
+class Checkpointer:
+    """Saves, lists, verifies, loads and prunes checkpoints in one store.
+
+    ``store``/``local``/``remote``/``storage_options`` go to
+    :func:`spotsafe.storage.open_store`: a path on the persistent volume, an
+    ``s3://`` URL, or ``local=`` and ``remote=`` for a mirror.
+    """
+
+    def __init__(
+        self,
+        store: Any = None,
+        *,
+        local: Any = None,
+        remote: str | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+        keep_last: int = 3,
+        keep_every: int | None = None,
+        async_: bool = True,
+    ) -> None:
+        if not isinstance(keep_last, int) or keep_last < 1:
+            raise ValueError(f"keep_last must be an int >= 1, not {keep_last!r}")
+        if keep_every is not None and (not isinstance(keep_every, int) or keep_every < 1):
+            raise ValueError(f"keep_every must be None or an int >= 1, not {keep_every!r}")
+        self.store: Store = open_store(store, local=local, remote=remote, storage_options=storage_options)
+        self.keep_last = keep_last
+        self.keep_every = keep_every
+        self.async_ = async_
+        self.last_loaded: CheckpointInfo | None = None
+        self.last_saved: CheckpointInfo | None = None
+        self._buffer = SnapshotBuffer()
+        self._lock = threading.RLock()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._closed = False
+        _live.add(self)
+
+    def __repr__(self) -> str:
+        return f"Checkpointer({self.store!r}, keep_last={self.keep_last}, keep_every={self.keep_every})"
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- saving -----------------------------------------------------------------
+    def save(
+        self,
+        step: int,
+        state: Mapping[str, Any],
+        *,
+        epoch: int | None = None,
+        reason: str = "periodic",
+        async_: bool | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Checkpoint ``state`` as ``step``.
+
+        ``state`` maps names to live objects with ``state_dict()`` (model,
+        optimizer, scheduler, scaler, :class:`spotsafe.RNGState`) or to plain
+        values and tensors. Waits for a save still in flight (re-raising its
+        error), then copies the state to CPU memory; when async, returns right
+        after that copy and writes in a background thread.
+        """
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be an int >= 0, not {step!r}")
+        if reason not in REASONS:
+            raise ValueError(f"reason must be one of {REASONS}, not {reason!r}")
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state must be a mapping of names to objects, not {type(state).__name__}")
+        if self._closed:
+            raise SpotsafeError(f"{self.store.url}: this Checkpointer is closed")
+        meta = _plain_metadata(metadata)
+        with self._lock:
+            self.wait()
+            when = datetime.now(timezone.utc)
+            self._cleanup(skip=checkpoint_name(step))
+            snap = snapshot(state, self._buffer)
+
+            def persist() -> None:
+                self._persist(step, epoch, reason, when, meta, snap)
+
+            if not (self.async_ if async_ is None else async_):
+                persist()
+                return
+            thread = threading.Thread(target=self._run, args=(persist,), name=f"spotsafe-save-{step}", daemon=True)
+            self._thread = thread
+            thread.start()
+
+    def _run(self, job: Callable[[], None]) -> None:
+        try:
+            job()
+        except BaseException as e:  # noqa: BLE001 - kept and re-raised by wait()/save()
+            log.error("spotsafe: background checkpoint save failed: %s", e)
+            self._error = e
+
+    def _persist(
+        self, step: int, epoch: int | None, reason: str, when: datetime, meta: dict[str, Any], snap: Snapshot
+    ) -> None:
+        name = checkpoint_name(step)
+        try:
+            files = write_rank_files(self.store, name, snap, rank=0)
+            manifest = Manifest(
+                format_version=FORMAT_VERSION,
+                step=step,
+                epoch=epoch,
+                reason=reason,  # type: ignore[arg-type]
+                time=when,
+                world_size=1,
+                files=tuple(files),
+                metadata=meta,
+            )
+            commit_manifest(self.store, name, manifest)
+        except BaseException:
+            # Free the space now (a full disk is the usual cause); never touch a committed step.
+            try:
+                if self.store.file_size(f"{name}/{MANIFEST}") is None:
+                    self.store.delete_dir(name)
+            except Exception:  # noqa: BLE001 - the original error matters more
+                pass
+            raise
+        self.last_saved = CheckpointInfo.from_manifest(self.store, name, manifest)
+        log.info("spotsafe: saved %s (%s, %d bytes)", self.last_saved.url, reason, manifest.size)
+        self._retain(step)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the save in flight. True when none is left; re-raises its error once."""
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+            if thread.is_alive():
+                return False
+            self._thread = None
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+        return True
+
+    def _cleanup(self, skip: str) -> None:
+        """Remove what killed saves left: temp files, and step dirs that never got a manifest."""
+        self.store.cleanup_incomplete()
+        for name in self.store.listdir(""):
+            if _NAME.match(name) and name != skip and self.store.file_size(f"{name}/{MANIFEST}") is None:
+                log.info("spotsafe: removing incomplete checkpoint %s/%s", self.store.url, name)
+                self.store.delete_dir(name)
+
+    def _retain(self, just_saved: int) -> None:
+        infos = self._scan(strict=False)
+        if len(infos) <= self.keep_last:
+            return
+        keep = {i.step for i in infos[-self.keep_last :]}
+        keep.add(just_saved)
+        if self.keep_every:
+            keep.update(i.step for i in infos if i.step % self.keep_every == 0)
+        newest_intact = next((i for i in reversed(infos) if self._sizes_ok(i.name)), None)
+        if newest_intact is not None:
+            keep.add(newest_intact.step)
+        for info in infos:
+            if info.step not in keep:
+                log.info("spotsafe: retention removes %s", info.url)
+                self.store.delete_dir(info.name)
+
+    # -- listing ----------------------------------------------------------------
+    def _manifest(self, name: str) -> Manifest:
+        where = f"{self.store.url.rstrip('/')}/{name}/{MANIFEST}"
+        try:
+            data = self.store.read_file(f"{name}/{MANIFEST}")
+        except CheckpointNotFound as e:
+            raise CheckpointNotFound(f"{where} does not exist") from e
+        return Manifest.from_json(data, where)
+
+    def scan(self) -> Iterator[tuple[str, Manifest | SpotsafeError]]:
+        """Every step directory, oldest first, with its manifest or why it has none usable."""
+        names = sorted(n for n in self.store.listdir("") if _NAME.match(n))
+        for name in names:
+            try:
+                yield name, self._manifest(name)
+            except (CheckpointNotFound, CheckpointCorrupt, FormatVersionError) as e:
+                yield name, e
+
+    def _scan(self, strict: bool = True) -> list[CheckpointInfo]:
+        out = []
+        for name, m in self.scan():
+            if isinstance(m, Manifest):
+                out.append(CheckpointInfo.from_manifest(self.store, name, m))
+            elif isinstance(m, FormatVersionError) and strict:
+                raise m
+            elif isinstance(m, CheckpointCorrupt):
+                log.warning("spotsafe: ignoring %s: %s", name, m)
+        return out
+
+    def list(self) -> list[CheckpointInfo]:
+        """Committed checkpoints (their manifest parses), oldest first.
+
+        Raises :class:`FormatVersionError` when one was written by a newer spotsafe,
+        rather than silently resuming from an older one.
+        """
+        return self._scan(strict=True)
+
+    def _sizes_ok(self, name: str, manifest: Manifest | None = None) -> bool:
+        try:
+            self.check(name, manifest, full=False)
+        except (CheckpointCorrupt, CheckpointNotFound, FormatVersionError):
+            return False
+        return True
+
+    def check(self, info: CheckpointInfo | str, manifest: Manifest | None = None, *, full: bool = True) -> Manifest:
+        """Raise :class:`CheckpointCorrupt` unless every file exists with its size (and checksum when ``full``)."""
+        name = info.name if isinstance(info, CheckpointInfo) else info
+        m = manifest or self._manifest(name)
+        base = f"{self.store.url.rstrip('/')}/{name}"
+        for f in m.files:
+            path = f"{name}/{f.path}"
+            size = self.store.file_size(path)
+            if size is None:
+                raise CheckpointCorrupt(f"{base}/{f.path}: missing (the manifest lists it)")
+            if size != f.size:
+                raise CheckpointCorrupt(f"{base}/{f.path}: {size} bytes, the manifest says {f.size}")
+            if full:
+                got = checksum(self.store.read_file(path))
+                if got != f.checksum:
+                    raise CheckpointCorrupt(f"{base}/{f.path}: checksum mismatch (the file was modified or damaged)")
+        return m
+
+    def latest(self, verify: bool = False) -> CheckpointInfo | None:
+        """The newest committed checkpoint whose files exist with the right sizes (and checksums when ``verify``)."""
+        for info in reversed(self.list()):
+            try:
+                self.check(info.name, full=verify)
+            except (CheckpointCorrupt, CheckpointNotFound) as e:
+                log.warning("spotsafe: skipping damaged checkpoint: %s", e)
+                continue
+            return info
+        return None
+
+    # -- loading ----------------------------------------------------------------
+    def _resolve(self, info: CheckpointInfo | int) -> CheckpointInfo:
+        if isinstance(info, CheckpointInfo):
+            return info
+        if isinstance(info, bool) or not isinstance(info, int):
+            raise TypeError(f"info must be a CheckpointInfo, a step or None, not {type(info).__name__}")
+        name = checkpoint_name(info)
+        try:
+            m = self._manifest(name)
+        except CheckpointNotFound as e:
+            raise CheckpointNotFound(
+                f"{self.store.url.rstrip('/')}/{name}: no committed checkpoint for step {info}"
+            ) from e
+        return CheckpointInfo.from_manifest(self.store, name, m)
+
+    def _load_one(self, info: CheckpointInfo, map_location: MapLocation, verify: bool, rank: int = 0) -> Any:
+        name = info.name
+        base = f"{self.store.url.rstrip('/')}/{name}"
+        m = self._manifest(name)
+        entries = {f.role: f for f in m.files if f.rank == rank}
+        if "data" not in entries or "tree" not in entries:
+            raise CheckpointCorrupt(f"{base}/{MANIFEST}: no data/tree files for rank {rank}")
+        buffers: dict[str, memoryview] = {}
+        for role in ("tree", "data"):
+            f = entries[role]
+            try:
+                buf = self.store.read_file(f"{name}/{f.path}")
+            except CheckpointNotFound as e:
+                raise CheckpointCorrupt(f"{base}/{f.path}: missing (the manifest lists it)") from e
+            if len(buf) != f.size:
+                raise CheckpointCorrupt(f"{base}/{f.path}: {len(buf)} bytes, the manifest says {f.size}")
+            if verify and checksum(buf) != f.checksum:
+                raise CheckpointCorrupt(f"{base}/{f.path}: checksum mismatch (the file was modified or damaged)")
+            buffers[role] = buf
+        where = f"{base}/{entries['tree'].path}"
+        try:
+            desc = json.loads(bytes(buffers["tree"]))
+            blobs = [Blob(int(o), int(n)) for o, n in desc["blobs"]]
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointCorrupt(f"{where}: malformed tree file ({e})") from e
+        data = buffers["data"]
+        data_where = f"{base}/{entries['data'].path}"
+
+        def blob(i: int) -> torch.Tensor:
+            if not 0 <= i < len(blobs):
+                raise CheckpointCorrupt(f"{where}: blob {i} out of range")
+            return blob_from_buffer(data, blobs[i], data_where)
+
+        state = unflatten(desc, blob, map_location=map_location, where=where)
+        if not isinstance(state, dict):
+            raise CheckpointCorrupt(f"{where}: the saved state is not a mapping")
+        return state
+
+    def load(
+        self, info: CheckpointInfo | int | None = None, *, map_location: MapLocation = None, verify: bool = True
+    ) -> dict[str, Any]:
+        """The saved state as a plain tree of tensors and values.
+
+        ``info`` None means the newest intact checkpoint: damaged ones are
+        logged and skipped. A given ``info`` (or step) that is damaged raises
+        :class:`CheckpointCorrupt`. ``verify`` checks every file's checksum first.
+        """
+        if info is not None:
+            resolved = self._resolve(info)
+            state = self._load_one(resolved, map_location, verify)
+            self.last_loaded = resolved
+            return state
+        infos = self.list()
+        damaged: list[str] = []
+        for candidate in reversed(infos):
+            try:
+                state = self._load_one(candidate, map_location, verify)
+            except (CheckpointCorrupt, CheckpointNotFound) as e:
+                log.error("spotsafe: checkpoint %s is damaged, falling back to the previous one: %s", candidate.url, e)
+                damaged.append(f"{candidate.name} ({e})")
+                continue
+            self.last_loaded = candidate
+            return state
+        detail = f"; damaged: {', '.join(damaged)}" if damaged else ""
+        raise CheckpointNotFound(f"{self.store.url}: no intact checkpoint{detail}")
+
+    def restore(
+        self, info: CheckpointInfo | int | None, objects: Mapping[str, Any], *, map_location: MapLocation = None
+    ) -> dict[str, Any]:
+        """Load a checkpoint into live objects; return the values no object took, as a plain dict.
+
+        ``objects`` maps the names used at save time to objects with
+        ``load_state_dict`` (model, optimizer, scheduler, scaler, RNGState).
+        ``info`` None restores the newest intact checkpoint (see :meth:`load`);
+        :attr:`last_loaded` tells which one it was.
+        """
+        for key, obj in objects.items():
+            if not callable(getattr(obj, "load_state_dict", None)):
+                raise TypeError(f"objects[{key!r}] ({type(obj).__name__}) has no load_state_dict()")
+        state = self.load(info, map_location=map_location)
+        assert self.last_loaded is not None
+        missing = [k for k in objects if k not in state]
+        if missing:
+            raise StateMismatch(
+                f"{self.last_loaded.url}: holds no state for {missing} (it holds {sorted(map(str, state))})"
+            )
+        rest = dict(state)
+        for key, obj in objects.items():
+            obj.load_state_dict(rest.pop(key))
+        return rest
+
+    # -- completion -------------------------------------------------------------
+    def mark_complete(self, step: int, metadata: Mapping[str, Any] | None = None) -> None:
+        """Record that the run finished at ``step`` (a small committed file at the store root)."""
+        self.wait()
+        doc = {
+            "format": "spotsafe-complete",
+            "format_version": 1,
+            "step": int(step),
+            "time": datetime.now(timezone.utc).isoformat(),
+            "metadata": _plain_metadata(metadata),
+        }
+        self.store.commit_file(COMPLETE, json.dumps(doc, indent=1).encode())
+
+    def completion(self) -> dict[str, Any] | None:
+        """What :meth:`mark_complete` wrote, or None when the run has not finished."""
+        where = f"{self.store.url.rstrip('/')}/{COMPLETE}"
+        try:
+            data = self.store.read_file(COMPLETE)
+        except CheckpointNotFound:
+            return None
+        try:
+            doc = json.loads(bytes(data))
+        except ValueError as e:
+            raise CheckpointCorrupt(f"{where}: not valid JSON ({e})") from e
+        if not isinstance(doc, dict) or doc.get("format") != "spotsafe-complete":
+            raise CheckpointCorrupt(f"{where}: not a spotsafe completion record")
+        if doc.get("format_version", 0) > 1:
+            raise FormatVersionError(f"{where}: completion format version {doc['format_version']} is newer than supported (1)")
+        return doc
+
+    def close(self) -> None:
+        """Wait for the save in flight (re-raising its error), then close the store."""
+        if self._closed:
+            return
+        try:
+            self.wait()
+        finally:
+            self._closed = True
+            self._buffer.release()
+            _live.discard(self)
+            self.store.close()
+
+
+def _age(t: datetime, now: float | None = None) -> str:
+    seconds = (now or _time.time()) - t.timestamp()
+    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= n:
+            return f"{seconds / n:.1f}{unit}"
+    return f"{max(seconds, 0):.0f}s"

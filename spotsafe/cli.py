@@ -1,0 +1,149 @@
+"""The ``spotsafe`` command.
+
+- ``spotsafe ls STORE``: the checkpoints in a store, newest last, with a quick
+  integrity check (every file present with its size);
+- ``spotsafe verify STORE [--step N]``: the same with every checksum; exit status 1
+  when any checkpoint is damaged;
+- ``spotsafe resume|volume|simulate ...``: delegate to ``python -m spotsafe.<name>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+from spotsafe.errors import SpotsafeError
+
+_DELEGATES = {
+    "resume": ("spotsafe.resume", "supervise a training command: restart it until it finishes"),
+    "volume": ("spotsafe.volume", "find, attach and mount the persistent EBS volume"),
+    "simulate": ("spotsafe.simulate", "serve a simulated AWS/GCP/Azure metadata endpoint; rehearse"),
+}
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"  # pragma: no cover
+
+
+def _table(rows: list[list[str]], out: TextIO) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip(), file=out)
+
+
+def _listing(store: str, *, full: bool, step: int | None, out: TextIO, storage_options: dict[str, Any]) -> int:
+    from spotsafe.checkpoint import Checkpointer, CheckpointInfo, Manifest, _age
+
+    ckpt = Checkpointer(store, storage_options=storage_options or None)
+    try:
+        rows = [["NAME", "STEP", "EPOCH", "SIZE", "AGE", "REASON", "INTACT"]]
+        bad = 0
+        now = time.time()
+        seen = 0
+        for name, m in ckpt.scan():
+            if not isinstance(m, Manifest):
+                if "does not exist" in str(m):
+                    status = "no (incomplete: no manifest)"
+                else:
+                    status = f"no ({m})"
+                if step is None:
+                    rows.append([name, "-", "-", "-", "-", "-", status])
+                    bad += 1
+                continue
+            if step is not None and m.step != step:
+                continue
+            seen += 1
+            try:
+                ckpt.check(name, m, full=full)
+                status = "yes (checksums)" if full else "yes (sizes)"
+            except SpotsafeError as e:
+                status = f"NO: {e}"
+                bad += 1
+            info = CheckpointInfo.from_manifest(ckpt.store, name, m)
+            rows.append(
+                [
+                    name,
+                    str(info.step),
+                    "-" if info.epoch is None else str(info.epoch),
+                    _size(info.size),
+                    _age(info.time, now),
+                    info.reason,
+                    status,
+                ]
+            )
+        if step is not None and not seen:
+            print(f"spotsafe: {ckpt.store.url}: no committed checkpoint for step {step}", file=sys.stderr)
+            return 1
+        if len(rows) == 1:
+            print(f"{ckpt.store.url}: no checkpoints", file=out)
+        else:
+            _table(rows, out)
+        done = ckpt.completion()
+        if done is not None:
+            print(f"run complete at step {done.get('step')} ({done.get('time')})", file=out)
+        # ls reports incomplete debris without failing; verify fails on anything damaged
+        if full and bad:
+            print(f"spotsafe verify: {bad} damaged or incomplete checkpoint(s) in {ckpt.store.url}", file=sys.stderr)
+            return 1
+        return 0
+    finally:
+        ckpt.close()
+
+
+def _options(pairs: Sequence[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"spotsafe: --option wants KEY=VALUE, got {pair!r}")
+        out[key] = value
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in _DELEGATES:
+        module = importlib.import_module(_DELEGATES[args[0]][0])
+        return int(module.main(args[1:]) or 0)
+    parser = argparse.ArgumentParser(prog="spotsafe", description="Spot-interruption-proof PyTorch checkpoints.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, helptext in (
+        ("ls", "list checkpoints (quick check: files present with their sizes)"),
+        ("verify", "list checkpoints and verify every checksum; exit 1 if any is damaged"),
+    ):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("store", help="a path (the EBS mount) or a URL such as s3://bucket/run")
+        p.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
+                       help="storage option for the filesystem (repeatable)")
+        if name == "verify":
+            p.add_argument("--step", type=int, default=None, help="verify only this step")
+    for name, (_module, helptext) in _DELEGATES.items():
+        sub.add_parser(name, help=helptext, add_help=False)
+    ns = parser.parse_args(args)
+    try:
+        return _listing(
+            ns.store,
+            full=ns.command == "verify",
+            step=getattr(ns, "step", None),
+            out=sys.stdout,
+            storage_options=_options(ns.option),
+        )
+    except SpotsafeError as e:
+        print(f"spotsafe {ns.command}: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        print(f"spotsafe {ns.command}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,222 @@
+"""A store in a local directory (typically on the persistent EBS volume).
+
+Payload files are written under a temp name in their own directory, fsynced and
+renamed; a commit (the manifest) is a temp file + fsync + ``os.replace`` +
+fsync of the directory, so a reader sees all of it or nothing even across a
+power cut. Reads are memory-mapped (private, copy-on-write), so tensors can be
+built on the file's pages without a copy.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import re
+import shutil
+import threading
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+from spotsafe.errors import CheckpointNotFound, StoreError
+from spotsafe.storage import Buffer, Store
+
+#: Largest single os.write: big enough to stream at disk speed, small enough to
+#: stay well under the kernel's 2 GiB per-call cap.
+WRITE_CHUNK = 32 << 20
+
+_TEMP = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)-[0-9a-f]+$")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class LocalStore(Store):
+    """A directory as a store. ``path`` need not exist yet; it is created on the first write."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.root = Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
+        self.url = str(self.root)
+        self._active: set[Path] = set()  # temp files this store is writing right now
+        self._lock = threading.Lock()
+
+    # -- helpers ----------------------------------------------------------------
+    def _full(self, path: str) -> Path:
+        parts = [p for p in path.replace("\\", "/").split("/") if p not in ("", ".")]
+        if any(p == ".." for p in parts):
+            raise ValueError(f"{self.url}: path {path!r} leaves the store")
+        return self.root.joinpath(*parts)
+
+    def _error(self, action: str, path: Path, e: OSError) -> StoreError:
+        cause = os.strerror(e.errno) if e.errno else str(e)
+        err = StoreError(e.errno or errno.EIO, f"cannot {action} {path}: {cause}")
+        err.filename = str(path)
+        return err
+
+    def _makedirs(self, directory: Path) -> None:
+        """Create ``directory`` and its missing parents durably (each new entry's parent fsynced)."""
+        missing: list[Path] = []
+        d = directory
+        while not d.exists():
+            missing.append(d)
+            if d.parent == d:
+                break
+            d = d.parent
+        if d.exists() and not d.is_dir():
+            raise StoreError(errno.ENOTDIR, f"cannot create the store directory {directory}: {d} is not a directory")
+        for d in reversed(missing):
+            try:
+                d.mkdir(exist_ok=True)
+            except OSError as e:
+                raise self._error("create the store directory", d, e) from e
+            _fsync_dir(d.parent)
+
+    def _temp(self, target: Path) -> Path:
+        return target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+
+    def _write_durably(self, target: Path, buffers: Sequence[Buffer], *, sync_dir: bool) -> None:
+        self._makedirs(target.parent)
+        temp = self._temp(target)
+        with self._lock:
+            self._active.add(temp)
+        try:
+            try:
+                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            except OSError as e:
+                raise self._error("write", target, e) from e
+            try:
+                for buf in buffers:
+                    view = memoryview(buf).cast("B")
+                    pos, end = 0, len(view)
+                    while pos < end:
+                        pos += os.write(fd, view[pos : pos + WRITE_CHUNK])
+                os.fsync(fd)
+            except OSError as e:
+                raise self._error("write", target, e) from e
+            finally:
+                os.close(fd)
+            try:
+                os.replace(temp, target)
+                if sync_dir:
+                    _fsync_dir(target.parent)
+            except OSError as e:
+                raise self._error("write", target, e) from e
+        except BaseException:
+            try:
+                temp.unlink()
+            except OSError:
+                pass
+            raise
+        finally:
+            with self._lock:
+                self._active.discard(temp)
+
+    # -- Store --------------------------------------------------------------------
+    def listdir(self, path: str = "") -> list[str]:
+        try:
+            return [n for n in os.listdir(self._full(path)) if not _TEMP.match(n)]
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        except OSError as e:
+            raise self._error("list", self._full(path), e) from e
+
+    def write_file(self, path: str, buffers: Sequence[Buffer]) -> None:
+        # Payload: the manifest's commit fsyncs the directory, which makes this rename durable too.
+        self._write_durably(self._full(path), buffers, sync_dir=False)
+
+    def commit_file(self, path: str, data: bytes) -> None:
+        self._write_durably(self._full(path), [data], sync_dir=True)
+
+    def read_file(self, path: str) -> memoryview:
+        full = self._full(path)
+        try:
+            fd = os.open(full, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError as e:
+            raise CheckpointNotFound(errno.ENOENT, f"{full} does not exist", str(full)) from e
+        except OSError as e:
+            raise self._error("read", full, e) from e
+        try:
+            size = os.fstat(fd).st_size
+            if size == 0:
+                return memoryview(b"")
+            # Private, copy-on-write: tensors built on it are writable, and a write never reaches the file.
+            mm = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError as e:
+            raise self._error("read", full, e) from e
+        finally:
+            os.close(fd)
+        try:
+            mm.madvise(mmap.MADV_SEQUENTIAL)
+            mm.madvise(mmap.MADV_WILLNEED)
+        except (AttributeError, OSError):
+            pass
+        return memoryview(mm)
+
+    def file_size(self, path: str) -> int | None:
+        try:
+            st = os.stat(self._full(path))
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as e:
+            raise self._error("stat", self._full(path), e) from e
+        return st.st_size
+
+    def delete_dir(self, path: str) -> None:
+        full = self._full(path)
+        if full == self.root:
+            raise ValueError(f"{self.url}: refusing to delete the store root")
+        manifest = full / "manifest.json"
+        try:
+            manifest.unlink()  # first: a half-deleted checkpoint must not look complete
+            _fsync_dir(full)
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+        except OSError as e:
+            raise self._error("delete", manifest, e) from e
+        try:
+            shutil.rmtree(full)
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            raise self._error("delete", full, e) from e
+        try:
+            _fsync_dir(full.parent)
+        except OSError:
+            pass
+
+    def cleanup_incomplete(self) -> None:
+        """Remove temp files left by killed writers (never one a live process is writing)."""
+        if not self.root.is_dir():
+            return
+        me = os.getpid()
+        with self._lock:
+            active = set(self._active)
+        for dirpath, _dirs, files in os.walk(self.root):
+            for name in files:
+                m = _TEMP.match(name)
+                if not m:
+                    continue
+                full = Path(dirpath) / name
+                pid = int(m.group("pid"))
+                if full in active or (pid != me and _pid_alive(pid)):
+                    continue
+                try:
+                    full.unlink()
+                except OSError:
+                    pass
