@@ -1,0 +1,294 @@
+"""A local store mirrored to a remote one in the background.
+
+What SageMaker does with ``/opt/ml/checkpoints``, with the commit protocol kept on
+both tiers:
+
+- every write and commit goes to the *local* store (the fast EBS volume): a save is
+  durable the moment its manifest is committed locally, which is what matters
+  during a two-minute preemption notice;
+- the commit of a manifest queues that checkpoint for upload; a named daemon thread
+  uploads its data files, then its manifest, so the remote tier never shows a
+  checkpoint before all of its files are there;
+- reads consider both tiers (local first), so a fresh instance with an empty local
+  disk restores from the remote;
+- ``delete_dir`` deletes on both (remote deletes are queued behind the uploads, so
+  retention never races an upload);
+- a failed upload is logged and retried with backoff; the local copy is never touched.
+  Checkpoints committed locally but missing remotely (the instance stopped before the
+  upload finished) are queued again by :meth:`MirrorStore.cleanup_incomplete`.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from spotsafe.errors import CheckpointNotFound, StoreError
+from spotsafe.storage import Buffer, Store
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class _Job:
+    kind: str  # "upload" (a checkpoint dir, or a top-level file) | "delete"
+    path: str  # the committed file (upload) or the directory (delete)
+
+
+class MirrorStore(Store):
+    """Commit to ``local``, then copy each committed checkpoint to ``remote`` in the background.
+
+    ``retry_interval`` is the first pause after a failed upload (doubling up to a minute);
+    ``close_timeout`` bounds how long :meth:`close` waits for pending uploads
+    (None: as long as they make progress).
+    """
+
+    def __init__(
+        self,
+        local: Store,
+        remote: Store,
+        *,
+        retry_interval: float = 1.0,
+        close_timeout: float | None = None,
+    ):
+        self.local = local
+        self.remote = remote
+        self.url = local.url
+        self.retry_interval = retry_interval
+        self.close_timeout = close_timeout
+        self._queue: collections.deque[_Job] = collections.deque()
+        self._cond = threading.Condition()
+        self._busy: _Job | None = None
+        self._deleting: set[str] = set()  # deleted locally, remote delete still queued
+        self._stop = threading.Event()
+        self._closed = False
+        #: The last background error (kept for inspection; uploads are retried regardless).
+        self.last_error: BaseException | None = None
+        self._failures = 0
+        self._uploaded: set[str] = set()  # files of the job in hand already on the remote
+        self._uploaded_for: _Job | None = None
+        self._thread = threading.Thread(
+            target=self._run, name=f"spotsafe-mirror-upload({remote.url})", daemon=True
+        )
+        self._thread.start()
+
+    def __repr__(self) -> str:
+        return f"MirrorStore(local={self.local.url!r}, remote={self.remote.url!r})"
+
+    # ------------------------------------------------------------------ writes (local first)
+
+    def write_file(self, path: str, buffers: Sequence[Buffer]) -> None:
+        self.local.write_file(path, buffers)
+
+    def commit_file(self, path: str, data: bytes) -> None:
+        path = path.strip("/")
+        self.local.commit_file(path, data)  # the durability point
+        with self._cond:
+            self._deleting = {d for d in self._deleting if not _under(path, d)}
+        self._enqueue(_Job("upload", path))
+
+    def delete_dir(self, path: str) -> None:
+        path = path.strip("/")
+        self.local.delete_dir(path)
+        with self._cond:
+            # Hidden on the remote tier at once; the remote delete itself is queued behind
+            # the uploads (never blocking a save on a slow upload, never racing one).
+            self._deleting.add(path)
+            # An upload of something about to be deleted is wasted work: drop it.
+            self._queue = collections.deque(
+                j for j in self._queue if not (j.kind == "upload" and _under(j.path, path))
+            )
+        self._enqueue(_Job("delete", path))
+
+    def _enqueue(self, job: _Job) -> None:
+        if self._closed:
+            raise StoreError(f"{self!r}: store is closed")
+        with self._cond:
+            if job not in self._queue:
+                self._queue.append(job)
+            self._cond.notify_all()
+
+    # ------------------------------------------------------------------ reads (both tiers)
+
+    def _hidden(self, path: str) -> bool:
+        """True when ``path`` is under a directory deleted here but not yet on the remote."""
+        path = path.strip("/")
+        with self._cond:
+            return any(_under(path, d) for d in self._deleting)
+
+    def listdir(self, path: str = "") -> list[str]:
+        names = set(self.local.listdir(path))
+        if self._hidden(path):
+            return sorted(names)
+        try:
+            remote = self.remote.listdir(path)
+        except Exception as e:
+            if not names:
+                raise
+            log.warning("%s: remote listing failed, using the local tier only: %s", self.remote.url, e)
+            remote = []
+        prefix = f"{path.strip('/')}/" if path.strip("/") else ""
+        names.update(n for n in remote if not self._hidden(prefix + n))
+        return sorted(names)
+
+    def file_size(self, path: str) -> int | None:
+        size = self.local.file_size(path)
+        if size is not None or self._hidden(path):
+            return size
+        return self.remote.file_size(path)
+
+    def read_file(self, path: str) -> memoryview:
+        try:
+            return self.local.read_file(path)
+        except CheckpointNotFound:
+            if self._hidden(path):
+                raise
+            return self.remote.read_file(path)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def cleanup_incomplete(self) -> None:
+        """Clean both tiers, and queue locally committed checkpoints the remote lacks."""
+        self.local.cleanup_incomplete()
+        try:
+            self.remote.cleanup_incomplete()
+            for name in sorted(self.local.listdir("")):
+                manifest = f"{name}/{MANIFEST}"
+                if self.local.file_size(manifest) is not None and self.remote.file_size(manifest) is None:
+                    log.info("%s: %s was never uploaded; queueing it", self.remote.url, name)
+                    self._enqueue(_Job("upload", manifest))
+        except Exception as e:  # the remote may be down now; saves must still go ahead locally
+            log.warning("%s: could not check the remote tier: %s", self.remote.url, e)
+
+    def set_deadline(self, deadline: datetime | None) -> None:
+        self.local.set_deadline(deadline)
+        self.remote.set_deadline(deadline)
+
+    @property
+    def pending(self) -> list[str]:
+        """Paths still to be uploaded or deleted remotely, oldest first."""
+        with self._cond:
+            jobs = ([self._busy] if self._busy else []) + list(self._queue)
+        return [j.path for j in jobs]
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every queued upload and delete reached the remote. True when none is left."""
+        end = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._queue or self._busy is not None:
+                if not self._thread.is_alive():
+                    return False
+                left = None if end is None else end - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cond.wait(left if left is not None else 1.0)
+            return True
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        # Wait for uploads while they succeed; give up when they keep failing (the local
+        # copies stay, and the next start's cleanup_incomplete queues them again).
+        end = None if self.close_timeout is None else time.monotonic() + self.close_timeout
+        while not self.flush(timeout=1.0):
+            if self._failures >= 5 or (end is not None and time.monotonic() >= end):
+                log.error(
+                    "%s: closing with %d checkpoint(s) not uploaded (kept locally in %s): %s",
+                    self.remote.url,
+                    len(self.pending),
+                    self.local.url,
+                    self.pending,
+                )
+                break
+        self._closed = True
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        self._thread.join()
+        self.local.close()
+        self.remote.close()
+
+    # ------------------------------------------------------------------ the upload thread
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with self._cond:
+                while not self._queue and not self._stop.is_set():
+                    self._cond.wait()
+                if self._stop.is_set():
+                    return
+                job = self._queue[0]
+                self._busy = job
+            try:
+                self._do(job)
+            except Exception as e:
+                self.last_error = e
+                self._failures += 1
+                delay = min(60.0, self.retry_interval * 2 ** min(self._failures - 1, 6))
+                log.warning(
+                    "%s: background %s of %s failed (attempt %d), retrying in %.1fs: %s",
+                    self.remote.url, job.kind, job.path, self._failures, delay, e,
+                )
+                with self._cond:
+                    self._busy = None
+                    self._cond.notify_all()
+                self._stop.wait(delay)
+                continue
+            self._failures = 0
+            self._uploaded_for = None
+            with self._cond:
+                if self._queue and self._queue[0] == job:
+                    self._queue.popleft()
+                self._busy = None
+                self._cond.notify_all()
+
+    def _do(self, job: _Job) -> None:
+        if job.kind == "delete":
+            self.remote.delete_dir(job.path)
+            with self._cond:
+                if not any(j.kind == "delete" and j.path == job.path for j in list(self._queue)[1:]):
+                    self._deleting.discard(job.path)
+            return
+        if "/" not in job.path:  # a top-level file (e.g. the completion marker)
+            self.remote.commit_file(job.path, bytes(self.local.read_file(job.path)))
+            return
+        directory = job.path.rsplit("/", 1)[0]
+        try:
+            manifest = bytes(self.local.read_file(job.path))
+        except CheckpointNotFound:
+            return  # deleted locally since: nothing to mirror
+        if self._uploaded_for != job:
+            self._uploaded_for = job
+            self._uploaded.clear()
+        try:
+            for rel in self._walk(directory):
+                if rel == job.path or rel in self._uploaded:
+                    continue
+                self.remote.write_file(rel, [self.local.read_file(rel)])
+                self._uploaded.add(rel)  # a retry of this job skips it
+        except CheckpointNotFound:
+            if self.local.file_size(job.path) is None:
+                return  # retention deleted it locally meanwhile; its remote delete is queued
+            raise
+        self.remote.commit_file(job.path, manifest)  # last: the remote commit point
+
+    def _walk(self, directory: str) -> list[str]:
+        files: list[str] = []
+        for name in sorted(self.local.listdir(directory)):
+            rel = f"{directory}/{name}"
+            if self.local.listdir(rel):
+                files.extend(self._walk(rel))  # a subdirectory
+            elif self.local.file_size(rel) is not None:
+                files.append(rel)
+        return files
+
+
+def _under(path: str, directory: str) -> bool:
+    return path == directory or path.startswith(directory + "/")

@@ -1,0 +1,264 @@
+"""A real S3 API on loopback for tests: moto's server, and a fault-injecting proxy.
+
+Use from a test module with ``from tests.s3server import *  # noqa: F403`` (the
+fixtures ``moto_server``, ``s3_bucket``, ``s3_proxy``, ``s3_options``,
+``s3_proxy_options`` and ``s3_client`` become available), or import the classes.
+
+- ``moto_server`` (session): ``ThreadedMotoServer`` on 127.0.0.1, port chosen by the OS.
+- ``s3_bucket`` (function): a fresh bucket with a unique name.
+- ``s3_proxy`` (function): :class:`FaultProxy` in front of the moto server. ``inject("503",
+  count=3)`` makes the next three matching requests fail with 503 SlowDown; ``"500"``,
+  ``"403"``, ``"drop"`` (close without answering) and ``"reset"`` (TCP RST) too.
+  ``delay`` slows every request; ``requests`` logs what went through.
+"""
+
+from __future__ import annotations
+
+import http.client
+import itertools
+import logging
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+__all__ = [
+    "FaultProxy",
+    "MotoServer",
+    "moto_server",
+    "s3_bucket",
+    "s3_client",
+    "s3_options",
+    "s3_proxy",
+    "s3_proxy_options",
+]
+
+_ERROR_BODIES = {
+    "503": (503, "SlowDown", "Please reduce your request rate."),
+    "500": (500, "InternalError", "We encountered an internal error. Please try again."),
+    "403": (403, "AccessDenied", "Access Denied"),
+}
+
+
+class MotoServer:
+    """moto's S3 in server mode on 127.0.0.1 (an OS-chosen port), in a daemon thread."""
+
+    def __init__(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+
+    def start(self) -> MotoServer:
+        self._server.start()
+        host, port = self._server.get_host_and_port()
+        self.endpoint = f"http://{host}:{port}"
+        self.port = port
+        return self
+
+    def shutdown(self) -> None:
+        self._server.stop()
+        inner = getattr(self._server, "_server", None)
+        if inner is not None:
+            inner.server_close()
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    headers: dict[str, str]
+    fault: str | None
+
+
+class _Fault:
+    def __init__(self, kind: str, count: int, match: Callable[[str, str], bool] | None):
+        self.kind = kind
+        self.left = count
+        self.match = match
+
+
+class FaultProxy:
+    """An HTTP/1.1 proxy on 127.0.0.1 in front of ``upstream`` that can fail requests on demand."""
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream.removeprefix("http://")
+        self.requests: list[Request] = []
+        self.delay = 0.0
+        self._faults: list[_Fault] = []
+        self._lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _handle(self) -> None:
+                proxy._serve(self)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        self.endpoint = f"http://127.0.0.1:{self._httpd.server_address[1]}"
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, name="spotsafe-test-s3proxy", daemon=True
+        )
+
+    def start(self) -> FaultProxy:
+        self._thread.start()
+        return self
+
+    def shutdown(self) -> None:
+        self._httpd.shutdown()
+        self._thread.join()
+        self._httpd.server_close()
+
+    def inject(
+        self, kind: str, count: int = 1, match: Callable[[str, str], bool] | None = None
+    ) -> None:
+        """Fail the next ``count`` requests for which ``match(method, path)`` holds."""
+        if kind not in (*_ERROR_BODIES, "drop", "reset"):
+            raise ValueError(f"unknown fault {kind!r}")
+        with self._lock:
+            self._faults.append(_Fault(kind, count, match))
+
+    def clear(self) -> None:
+        with self._lock:
+            self._faults.clear()
+
+    @property
+    def faults_left(self) -> int:
+        with self._lock:
+            return sum(f.left for f in self._faults)
+
+    def count(self, method: str, contains: str = "", fault: bool | None = False) -> int:
+        """How many requests with this method (and ``contains`` in the path) went through."""
+        return sum(
+            1
+            for r in list(self.requests)
+            if r.method == method
+            and contains in r.path
+            and (fault is None or (r.fault is not None) == fault)
+        )
+
+    def _take_fault(self, method: str, path: str) -> str | None:
+        with self._lock:
+            for f in self._faults:
+                if f.left > 0 and (f.match is None or f.match(method, path)):
+                    f.left -= 1
+                    return f.kind
+        return None
+
+    def _serve(self, h: BaseHTTPRequestHandler) -> None:
+        length = int(h.headers.get("Content-Length") or 0)
+        body = h.rfile.read(length) if length else b""
+        fault = self._take_fault(h.command, h.path)
+        self.requests.append(Request(h.command, h.path, dict(h.headers.items()), fault))
+        if self.delay:
+            time.sleep(self.delay)
+        if fault in ("drop", "reset"):
+            if fault == "reset":
+                h.connection.setsockopt(
+                    socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                )
+            h.close_connection = True  # closed without an answer
+            return
+        if fault is not None:
+            status, code, message = _ERROR_BODIES[fault]
+            payload = (
+                f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
+                f"<Message>{message}</Message></Error>"
+            ).encode()
+            h.send_response(status)
+            h.send_header("Content-Type", "application/xml")
+            h.send_header("Content-Length", str(len(payload) if h.command != "HEAD" else 0))
+            h.end_headers()
+            if h.command != "HEAD":
+                h.wfile.write(payload)
+            return
+        conn = http.client.HTTPConnection(self.upstream, timeout=60)
+        try:
+            headers = {k: v for k, v in h.headers.items() if k.lower() != "connection"}
+            conn.request(h.command, h.path, body=body, headers=headers)
+            resp = conn.getresponse()
+            data = resp.read()
+            h.send_response_only(resp.status, resp.reason)
+            for k, v in resp.getheaders():
+                if k.lower() not in ("connection", "transfer-encoding", "content-length", "server", "date"):
+                    h.send_header(k, v)
+            if h.command == "HEAD":
+                h.send_header("Content-Length", resp.getheader("Content-Length") or "0")
+            else:
+                h.send_header("Content-Length", str(len(data)))
+            h.end_headers()
+            if h.command != "HEAD":
+                h.wfile.write(data)
+        finally:
+            conn.close()
+
+
+_names = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[MotoServer]:
+    server = MotoServer().start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+
+
+@pytest.fixture
+def s3_client(moto_server: MotoServer, offline: dict[str, str]) -> Iterator[Any]:
+    """A plain boto3 client on the moto server (to look behind the store's back)."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=moto_server.endpoint, region_name="us-east-1")
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def s3_bucket(s3_client: Any) -> str:
+    """A fresh, empty bucket name."""
+    name = f"spotsafe-test-{next(_names)}-{time.monotonic_ns() % 10**9}"
+    s3_client.create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def s3_options(moto_server: MotoServer) -> dict[str, Any]:
+    """storage_options that point a store straight at the moto server."""
+    return {"endpoint_url": moto_server.endpoint, "region_name": "us-east-1"}
+
+
+@pytest.fixture
+def s3_proxy(moto_server: MotoServer) -> Iterator[FaultProxy]:
+    proxy = FaultProxy(moto_server.endpoint).start()
+    try:
+        yield proxy
+    finally:
+        proxy.shutdown()
+
+
+@pytest.fixture
+def s3_proxy_options(s3_proxy: FaultProxy) -> dict[str, Any]:
+    """storage_options through the fault proxy, with short timeouts."""
+    return {
+        "endpoint_url": s3_proxy.endpoint,
+        "region_name": "us-east-1",
+        "connect_timeout": 2,
+        "read_timeout": 10,
+    }
