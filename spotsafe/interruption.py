@@ -1,0 +1,1091 @@
+"""Noticing, as early as the cloud tells, that this instance is about to go away.
+
+:class:`InterruptionWatcher` watches every source that applies here and keeps the
+first :class:`Notice` it sees (a later terminate upgrades an earlier rebalance):
+
+* ``aws``: EC2 instance metadata (IMDSv2 with IMDSv1 fallback):
+  ``spot/instance-action``, the legacy ``spot/termination-time``, and the
+  ``events/recommendations/rebalance`` early warning;
+* ``gcp``: the GCE metadata server's ``instance/preempted`` (hanging GETs with
+  ETags) and ``instance/maintenance-event``;
+* ``azure``: Azure Scheduled Events (``Preempt`` / ``Terminate`` for this VM),
+  acknowledged through :meth:`InterruptionWatcher.acknowledge`;
+* ``signal``: SIGTERM (and whatever else is passed in ``signals``), which
+  SageMaker, Kubernetes, SLURM and systemd send before they kill a process.
+
+With ``sources="auto"`` each metadata source is probed once, in parallel, with a
+short timeout, and only those that answer like the real service are polled. Off
+the cloud that settles in well under a second and then costs nothing: no thread
+polls anything; one thread sleeps until a signal or :meth:`stop` wakes it.
+
+Every metadata request goes straight to the endpoint: proxies from the
+environment are ignored (``Session.trust_env = False``), as botocore does for IMDS.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import logging
+import math
+import queue
+import selectors
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta, timezone
+from functools import cached_property
+from types import FrameType
+from typing import Any, Literal, Union, cast, get_args
+
+import requests
+
+from spotsafe.errors import MetadataError
+from spotsafe.settings import Settings
+
+__all__ = [
+    "Action",
+    "AWSMetadata",
+    "AWSSource",
+    "AzureSource",
+    "GCPSource",
+    "InterruptionWatcher",
+    "Notice",
+    "NOTICE_FORMAT_VERSION",
+    "Source",
+]
+
+log = logging.getLogger(__name__)
+
+Action = Literal["terminate", "stop", "hibernate", "rebalance"]
+ACTIONS: tuple[str, ...] = get_args(Action)
+SOURCE_NAMES: tuple[str, ...] = ("aws", "gcp", "azure", "signal", "manual")
+
+#: Version of :meth:`Notice.to_dict`'s layout; :meth:`Notice.from_dict` refuses others.
+NOTICE_FORMAT_VERSION = 1
+
+#: How long AWS gives between the interruption notice and the interruption.
+AWS_NOTICE_SECONDS = 120.0
+#: GCP gives 30 s between the preemption notice and the hard stop.
+GCP_NOTICE_SECONDS = 30.0
+#: An Azure event with an empty NotBefore has started; assume the 30 s Spot minimum.
+AZURE_NOTICE_SECONDS = 30.0
+#: systemd's and Kubernetes' default grace between SIGTERM and SIGKILL.
+SIGNAL_GRACE_SECONDS = 30.0
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _parse_iso(text: str) -> datetime:
+    """An ISO 8601 time as AWS writes it (``2026-11-22T08:22:00Z``), UTC-aware."""
+    value = text.strip()
+    if value.endswith(("Z", "z")):
+        value = value[:-1] + "+00:00"
+    parsed = datetime.fromisoformat(value)
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=timezone.utc)
+    return parsed.astimezone(timezone.utc)
+
+
+def _parse_rfc1123(text: str) -> datetime:
+    """An RFC 1123 time as Azure writes it (``Mon, 19 Sep 2016 18:29:47 GMT``), UTC-aware."""
+    parsed = email.utils.parsedate_to_datetime(text)
+    if parsed is None:  # older Pythons return None instead of raising
+        raise ValueError(f"not an RFC 1123 time: {text!r}")
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=timezone.utc)
+    return parsed.astimezone(timezone.utc)
+
+
+def _new_session() -> requests.Session:
+    session = requests.Session()
+    # Metadata endpoints are link-local: a proxy from the environment must never see them.
+    session.trust_env = False
+    return session
+
+
+# --------------------------------------------------------------------------- the notice
+
+
+@dataclass(frozen=True)
+class Notice:
+    """This instance is going away (or, for ``rebalance``, is at elevated risk of it).
+
+    ``deadline`` is when the platform says it will act (for ``rebalance``, which has
+    none, the shortest interruption notice that could follow: detection + 120 s).
+    """
+
+    source: str
+    action: Action
+    deadline: datetime
+    detected_at: datetime
+    payload: Any = None
+    version: int = field(default=NOTICE_FORMAT_VERSION, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.action not in ACTIONS:
+            raise ValueError(f"Notice action must be one of {ACTIONS}, not {self.action!r}")
+        for name in ("deadline", "detected_at"):
+            value = getattr(self, name)
+            if not isinstance(value, datetime) or value.tzinfo is None:
+                raise ValueError(f"Notice.{name} must be a timezone-aware datetime, not {value!r}")
+        if self.version != NOTICE_FORMAT_VERSION:
+            raise ValueError(f"Notice format version {self.version} is not {NOTICE_FORMAT_VERSION}")
+
+    @property
+    def is_final(self) -> bool:
+        """True unless this is only a rebalance recommendation (checkpoint, keep going)."""
+        return self.action != "rebalance"
+
+    def time_left(self, now: datetime | None = None) -> float:
+        """Seconds from ``now`` to the deadline, never below 0."""
+        now = now or _utcnow()
+        return max(0.0, (self.deadline - now).total_seconds())
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (times as ISO 8601); the payload must be JSON-serializable."""
+        data = asdict(self)
+        data["deadline"] = self.deadline.isoformat()
+        data["detected_at"] = self.detected_at.isoformat()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Notice:
+        """The inverse of :meth:`to_dict`; an unknown version or field raises ValueError."""
+        version = data.get("version")
+        if version != NOTICE_FORMAT_VERSION:
+            raise ValueError(f"unknown Notice format version {version!r} (this spotsafe reads {NOTICE_FORMAT_VERSION})")
+        known = {"source", "action", "deadline", "detected_at", "payload", "version"}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown Notice fields {sorted(unknown)}")
+        return cls(
+            source=str(data["source"]),
+            action=cast(Action, data["action"]),
+            deadline=_parse_iso(str(data["deadline"])),
+            detected_at=_parse_iso(str(data["detected_at"])),
+            payload=data.get("payload"),
+        )
+
+
+# --------------------------------------------------------------------------- AWS IMDS client
+
+_TOKEN_PATH = "/latest/api/token"
+_TOKEN_HEADER = "X-aws-ec2-metadata-token"
+_TTL_HEADER = "X-aws-ec2-metadata-token-ttl-seconds"
+_INSTANCE_ACTION = "/latest/meta-data/spot/instance-action"
+_TERMINATION_TIME = "/latest/meta-data/spot/termination-time"
+_REBALANCE = "/latest/meta-data/events/recommendations/rebalance"
+_IDENTITY = "/latest/dynamic/instance-identity/document"
+
+
+class AWSMetadata:
+    """A tiny EC2 instance metadata (IMDS) client: IMDSv2 tokens, IMDSv1 fallback.
+
+    The token is fetched with ``PUT /latest/api/token``, cached, refreshed before it
+    expires and fetched again once when a GET answers 401. The client falls back to
+    IMDSv1 (no token) when the PUT gets no answer (the response hop limit of 1 drops
+    it inside containers) or answers 403/404/405.
+
+    Volatile values (:attr:`instance_action`, :attr:`termination_time`,
+    :attr:`rebalance_recommendation`) are properties that do I/O on every read;
+    :attr:`identity` is read once. Failures raise :class:`MetadataError` naming the URL.
+    """
+
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        *,
+        timeout: float = 1.0,
+        session: requests.Session | None = None,
+        token_ttl: int = 21600,
+    ) -> None:
+        if not 1 <= int(token_ttl) <= 21600:
+            raise ValueError(f"token_ttl must be within 1..21600 seconds, not {token_ttl!r}")
+        self.endpoint = (endpoint or Settings.from_env().aws_endpoint).rstrip("/")
+        self.timeout = float(timeout)
+        self.token_ttl = int(token_ttl)
+        self._session = session if session is not None else _new_session()
+        self._own_session = session is None
+        self._lock = threading.Lock()
+        self._token: str | None = None
+        self._token_refresh_at = 0.0
+        self._v1 = False
+
+    def __repr__(self) -> str:
+        return f"AWSMetadata({self.endpoint!r})"
+
+    # -- tokens
+
+    @property
+    def uses_imdsv1(self) -> bool:
+        """True once the client has fallen back to IMDSv1 (no token)."""
+        return self._v1
+
+    def _fetch_token(self) -> None:
+        """Get a fresh token, or switch to IMDSv1 when the service will not give one."""
+        url = self.endpoint + _TOKEN_PATH
+        try:
+            r = self._session.put(url, headers={_TTL_HEADER: str(self.token_ttl)}, timeout=(self.timeout, self.timeout))
+        except requests.ConnectTimeout as e:
+            raise MetadataError(f"{url}: no connection ({e})") from e
+        except requests.ReadTimeout:
+            # Connected but no answer: the PUT response's hop limit dropped it (containers).
+            log.info("IMDSv2 token PUT to %s got no answer; falling back to IMDSv1", url)
+            self._v1, self._token = True, None
+            return
+        except requests.RequestException as e:
+            raise MetadataError(f"{url}: {e}") from e
+        with r:
+            if r.status_code == 200 and r.text.strip():
+                self._token = r.text.strip()
+                margin = min(60.0, self.token_ttl * 0.2)
+                self._token_refresh_at = time.monotonic() + self.token_ttl - margin
+                self._v1 = False
+                return
+            if r.status_code in (403, 404, 405):
+                log.info("IMDSv2 token PUT to %s answered %d; falling back to IMDSv1", url, r.status_code)
+                self._v1, self._token = True, None
+                return
+            raise MetadataError(f"{url}: token PUT answered HTTP {r.status_code}")
+
+    def _token_headers(self) -> dict[str, str]:
+        with self._lock:
+            if not self._v1 and (self._token is None or time.monotonic() >= self._token_refresh_at):
+                self._fetch_token()
+            return {_TOKEN_HEADER: self._token} if (self._token and not self._v1) else {}
+
+    def _forget_token(self) -> None:
+        with self._lock:
+            self._token, self._v1 = None, False
+
+    # -- requests
+
+    def get(self, path: str, *, timeout: float | None = None) -> requests.Response:
+        """GET ``path`` (``/latest/...``), with a token; retried once after a 401."""
+        url = self.endpoint + path
+        t = self.timeout if timeout is None else timeout
+        response: requests.Response | None = None
+        for attempt in range(2):
+            headers = self._token_headers()
+            try:
+                response = self._session.get(url, headers=headers, timeout=(t, t))
+            except requests.RequestException as e:
+                raise MetadataError(f"{url}: {e}") from e
+            if response.status_code == 401 and attempt == 0:
+                response.close()
+                log.debug("%s answered 401; fetching a new token", url)
+                self._forget_token()
+                continue
+            break
+        assert response is not None
+        return response
+
+    def get_text(self, path: str, *, timeout: float | None = None) -> str | None:
+        """The body of ``path``, or None on 404; MetadataError on anything but 200/404."""
+        with self.get(path, timeout=timeout) as r:
+            if r.status_code == 404:
+                return None
+            if r.status_code != 200:
+                raise MetadataError(f"{self.endpoint}{path}: HTTP {r.status_code}")
+            return r.text
+
+    def _get_json(self, path: str) -> Any:
+        text = self.get_text(path)
+        if text is None:
+            return None
+        try:
+            return json.loads(text)
+        except ValueError as e:
+            raise MetadataError(f"{self.endpoint}{path}: not JSON ({e}): {text[:200]!r}") from e
+
+    # -- volatile values (I/O on every read)
+
+    @property
+    def instance_action(self) -> dict[str, Any] | None:
+        """``{"action": ..., "time": ...}`` when a spot interruption is scheduled, else None."""
+        value = self._get_json(_INSTANCE_ACTION)
+        if value is not None and not isinstance(value, dict):
+            raise MetadataError(f"{self.endpoint}{_INSTANCE_ACTION}: not a JSON object: {value!r}")
+        return value
+
+    @property
+    def termination_time(self) -> datetime | None:
+        """The legacy ``spot/termination-time``, or None."""
+        text = self.get_text(_TERMINATION_TIME)
+        if text is None:
+            return None
+        try:
+            return _parse_iso(text)
+        except ValueError as e:
+            raise MetadataError(f"{self.endpoint}{_TERMINATION_TIME}: bad time {text[:100]!r}") from e
+
+    @property
+    def rebalance_recommendation(self) -> dict[str, Any] | None:
+        """``{"noticeTime": ...}`` once EC2 recommends rebalancing, else None."""
+        value = self._get_json(_REBALANCE)
+        if value is not None and not isinstance(value, dict):
+            raise MetadataError(f"{self.endpoint}{_REBALANCE}: not a JSON object: {value!r}")
+        return value
+
+    # -- stable values (read once)
+
+    @cached_property
+    def identity(self) -> dict[str, Any]:
+        """The instance identity document (instanceId, availabilityZone, region, ...)."""
+        value = self._get_json(_IDENTITY)
+        if not isinstance(value, dict):
+            raise MetadataError(f"{self.endpoint}{_IDENTITY}: no identity document ({value!r})")
+        return value
+
+    def _identity_field(self, key: str) -> str:
+        try:
+            return str(self.identity[key])
+        except KeyError as e:
+            raise MetadataError(f"{self.endpoint}{_IDENTITY}: no {key!r} in the identity document") from e
+
+    @property
+    def instance_id(self) -> str:
+        return self._identity_field("instanceId")
+
+    @property
+    def availability_zone(self) -> str:
+        return self._identity_field("availabilityZone")
+
+    @property
+    def region(self) -> str:
+        return self._identity_field("region")
+
+    # -- detection
+
+    def probe(self, timeout: float = 0.5) -> bool:
+        """True when an IMDS answers at the endpoint. Never raises; bounded by ~``timeout``.
+
+        A connect timeout (no host) ends it at once; only a host that accepted the
+        connection but did not answer the token PUT (the container hop limit) gets a
+        second, IMDSv1 request.
+        """
+        saved = self.timeout
+        self.timeout = timeout
+        try:
+            with self._lock:
+                self._fetch_token()
+            if not self._v1:
+                return True
+            with self.get("/latest/meta-data/", timeout=timeout) as r:
+                if r.status_code == 200:
+                    return True
+                if r.status_code == 401:
+                    log.warning(
+                        "IMDS at %s requires IMDSv2 but the token PUT got no answer; raise the "
+                        "instance's HttpPutResponseHopLimit to 2 for containers", self.endpoint,
+                    )
+                return False
+        except (MetadataError, requests.RequestException) as e:
+            log.debug("no AWS IMDS at %s: %s", self.endpoint, e)
+            return False
+        finally:
+            self.timeout = saved
+
+    def close(self) -> None:
+        if self._own_session:
+            self._session.close()
+
+
+# --------------------------------------------------------------------------- sources
+
+
+class Source:
+    """One place a notice can come from. Subclasses poll; :meth:`poll` may raise on
+    transient failures (the watcher logs, backs off and retries) and returns a Notice
+    only when the endpoint says the instance is going away."""
+
+    name: str = "?"
+    #: True when :meth:`poll` itself waits (a hanging GET) so no sleep is needed between polls.
+    blocking: bool = False
+
+    def probe(self, timeout: float) -> bool:
+        """Does this source exist here? Never raises; bounded by about ``timeout``."""
+        raise NotImplementedError
+
+    def poll(self, wait: float) -> Notice | None:
+        """One look; a blocking source may wait up to ``wait`` seconds for a change."""
+        raise NotImplementedError
+
+    def next_delay(self, elapsed: float, interval: float) -> float:
+        """Seconds to sleep before the next poll, given how long the last one took."""
+        return interval
+
+    def acknowledge(self, notice: Notice) -> None:
+        """Tell the platform the instance is ready to go (no-op unless it supports it)."""
+
+    def close(self) -> None:
+        """Release connections."""
+
+
+class AWSSource(Source):
+    """EC2 spot interruption notices and rebalance recommendations through IMDS."""
+
+    name = "aws"
+
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        *,
+        rebalance: bool = True,
+        timeout: float = 1.0,
+        metadata: AWSMetadata | None = None,
+    ) -> None:
+        self.metadata = metadata if metadata is not None else AWSMetadata(endpoint, timeout=timeout)
+        self.rebalance = rebalance
+        self._rebalance_seen = False
+
+    def __repr__(self) -> str:
+        return f"AWSSource({self.metadata.endpoint!r})"
+
+    def probe(self, timeout: float) -> bool:
+        return self.metadata.probe(timeout)
+
+    def poll(self, wait: float) -> Notice | None:
+        md = self.metadata
+        text = md.get_text(_INSTANCE_ACTION)
+        if text is not None:
+            return self._instance_action(text)
+        text = md.get_text(_TERMINATION_TIME)
+        if text is not None:
+            return self._termination_time(text)
+        if self.rebalance and not self._rebalance_seen:
+            text = md.get_text(_REBALANCE)
+            if text is not None:
+                self._rebalance_seen = True
+                return self._rebalance_notice(text)
+        return None
+
+    def _instance_action(self, text: str) -> Notice:
+        now = _utcnow()
+        # A 200 here means "an interruption is scheduled" whatever the body says:
+        # a malformed body is a notice with the shortest AWS deadline, never silence.
+        try:
+            doc = json.loads(text)
+            action = str(doc["action"])
+            deadline = _parse_iso(str(doc["time"]))
+        except (ValueError, KeyError, TypeError) as e:
+            log.warning("malformed %s body %r (%s): treating it as a terminate notice", _INSTANCE_ACTION, text[:200], e)
+            return Notice("aws", "terminate", now + timedelta(seconds=AWS_NOTICE_SECONDS), now, text)
+        if action not in ("terminate", "stop", "hibernate"):
+            log.warning("unknown spot instance-action %r: treating it as terminate", action)
+            action = "terminate"
+        return Notice("aws", cast(Action, action), deadline, now, doc)
+
+    def _termination_time(self, text: str) -> Notice:
+        now = _utcnow()
+        try:
+            deadline = _parse_iso(text)
+        except ValueError:
+            log.warning("malformed %s body %r: treating it as a terminate notice", _TERMINATION_TIME, text[:200])
+            deadline = now + timedelta(seconds=AWS_NOTICE_SECONDS)
+        return Notice("aws", "terminate", deadline, now, {"termination-time": text.strip()})
+
+    def _rebalance_notice(self, text: str) -> Notice:
+        now = _utcnow()
+        payload: Any
+        try:
+            payload = json.loads(text)
+        except ValueError:
+            log.warning("malformed %s body %r: still a rebalance recommendation", _REBALANCE, text[:200])
+            payload = text
+        return Notice("aws", "rebalance", now + timedelta(seconds=AWS_NOTICE_SECONDS), now, payload)
+
+    def close(self) -> None:
+        self.metadata.close()
+
+
+class GCPSource(Source):
+    """GCE preemption (``instance/preempted``) and host-maintenance termination.
+
+    ``preempted`` is watched with hanging GETs (``wait_for_change=true`` with the
+    last ETag, bounded by ``timeout_sec`` = the poll interval rounded up, so that
+    :meth:`InterruptionWatcher.stop` returns within about one poll interval).
+    """
+
+    name = "gcp"
+    blocking = True
+
+    def __init__(self, host: str | None = None, *, timeout: float = 1.0, session: requests.Session | None = None) -> None:
+        self.host = host or Settings.from_env().gcp_host
+        self.base = f"http://{self.host}/computeMetadata/v1/"
+        self.timeout = float(timeout)
+        self._session = session if session is not None else _new_session()
+        self._own_session = session is None
+        self._etag: str | None = None
+        self._etag_changed = True
+
+    def __repr__(self) -> str:
+        return f"GCPSource({self.host!r})"
+
+    def _get(self, path: str, params: dict[str, str] | None = None, read_timeout: float | None = None) -> requests.Response:
+        url = self.base + path
+        try:
+            r = self._session.get(
+                url, params=params, headers={"Metadata-Flavor": "Google"},
+                timeout=(self.timeout, self.timeout if read_timeout is None else read_timeout),
+            )
+        except requests.RequestException as e:
+            raise MetadataError(f"{url}: {e}") from e
+        if r.headers.get("Metadata-Flavor") != "Google":
+            r.close()
+            raise MetadataError(f"{url}: answered without the Metadata-Flavor: Google header (HTTP {r.status_code})")
+        return r
+
+    def probe(self, timeout: float) -> bool:
+        saved = self.timeout
+        self.timeout = timeout
+        try:
+            with self._get("instance/id") as r:
+                return r.status_code == 200
+        except MetadataError as e:
+            log.debug("no GCP metadata server at %s: %s", self.host, e)
+            return False
+        finally:
+            self.timeout = saved
+
+    def poll(self, wait: float) -> Notice | None:
+        hang = max(1, math.ceil(wait))
+        if self._etag is None:
+            params, read_timeout = None, self.timeout
+        else:
+            params = {"wait_for_change": "true", "timeout_sec": str(hang), "last_etag": self._etag}
+            read_timeout = hang + max(self.timeout, 2.0)
+        with self._get("instance/preempted", params, read_timeout) as r:
+            if r.status_code != 200:
+                raise MetadataError(f"{self.base}instance/preempted: HTTP {r.status_code}")
+            value = r.text.strip().upper()
+            etag = r.headers.get("ETag")
+        if value not in ("TRUE", "FALSE"):
+            # Nothing about an unreadable body says a preemption is coming: an error, not a notice.
+            raise MetadataError(f"{self.base}instance/preempted: unexpected body {value[:100]!r}")
+        self._etag_changed = etag is not None and etag != self._etag
+        self._etag = etag
+        now = _utcnow()
+        if value == "TRUE":
+            return Notice("gcp", "terminate", now + timedelta(seconds=GCP_NOTICE_SECONDS), now, {"preempted": "TRUE"})
+        with self._get("instance/maintenance-event") as r:
+            if r.status_code == 404:
+                return None
+            if r.status_code != 200:
+                raise MetadataError(f"{self.base}instance/maintenance-event: HTTP {r.status_code}")
+            event = r.text.strip()
+        if event == "TERMINATE_ON_HOST_MAINTENANCE":
+            return Notice("gcp", "terminate", now + timedelta(seconds=GCP_NOTICE_SECONDS), now, {"maintenance-event": event})
+        return None
+
+    def next_delay(self, elapsed: float, interval: float) -> float:
+        # The hanging GET did the waiting; only a server that does not hang needs a pause.
+        if self._etag_changed or elapsed >= interval * 0.5:
+            return 0.0
+        return interval - elapsed
+
+    def close(self) -> None:
+        if self._own_session:
+            self._session.close()
+
+
+_AZURE_EVENTS_API = "2020-07-01"
+_AZURE_INSTANCE_API = "2021-02-01"
+
+
+class AzureSource(Source):
+    """Azure Scheduled Events: ``Preempt`` and ``Terminate`` events for this VM."""
+
+    name = "azure"
+
+    def __init__(self, endpoint: str | None = None, *, timeout: float = 1.0, session: requests.Session | None = None) -> None:
+        self.endpoint = (endpoint or Settings.from_env().azure_endpoint).rstrip("/")
+        self.events_url = f"{self.endpoint}/metadata/scheduledevents"
+        self.timeout = float(timeout)
+        self._session = session if session is not None else _new_session()
+        self._own_session = session is None
+        self.vm_name: str | None = None
+        self.incarnation: int | None = None
+
+    def __repr__(self) -> str:
+        return f"AzureSource({self.endpoint!r})"
+
+    def _request(self, method: str, url: str, **kwargs: Any) -> requests.Response:
+        try:
+            return self._session.request(
+                method, url, headers={"Metadata": "true"}, timeout=(self.timeout, self.timeout), **kwargs
+            )
+        except requests.RequestException as e:
+            raise MetadataError(f"{url}: {e}") from e
+
+    def _fetch_vm_name(self) -> str | None:
+        url = f"{self.endpoint}/metadata/instance/compute/name"
+        with self._request("GET", url, params={"api-version": _AZURE_INSTANCE_API, "format": "text"}) as r:
+            if r.status_code == 200 and r.text.strip():
+                return r.text.strip()
+        return None
+
+    def probe(self, timeout: float) -> bool:
+        # The instance endpoint answers at once; the first scheduledevents call on a
+        # real VM may take minutes while the service starts, so it is not the probe.
+        saved = self.timeout
+        self.timeout = timeout
+        try:
+            self.vm_name = self._fetch_vm_name()
+            return self.vm_name is not None
+        except MetadataError as e:
+            log.debug("no Azure IMDS at %s: %s", self.endpoint, e)
+            return False
+        finally:
+            self.timeout = saved
+
+    def events(self) -> dict[str, Any]:
+        """The current Scheduled Events document (``DocumentIncarnation``, ``Events``)."""
+        with self._request("GET", self.events_url, params={"api-version": _AZURE_EVENTS_API}) as r:
+            if r.status_code != 200:
+                raise MetadataError(f"{self.events_url}: HTTP {r.status_code}")
+            try:
+                doc = r.json()
+            except ValueError as e:
+                raise MetadataError(f"{self.events_url}: not JSON ({e}): {r.text[:200]!r}") from e
+        if not isinstance(doc, dict) or not isinstance(doc.get("Events"), list):
+            raise MetadataError(f"{self.events_url}: no Events list in {str(doc)[:200]!r}")
+        return doc
+
+    def poll(self, wait: float) -> Notice | None:
+        if self.vm_name is None:
+            try:
+                self.vm_name = self._fetch_vm_name()
+            except MetadataError as e:
+                log.debug("Azure VM name unavailable: %s", e)
+        doc = self.events()
+        self.incarnation = doc.get("DocumentIncarnation")
+        now = _utcnow()
+        for event in doc["Events"]:
+            if not isinstance(event, dict) or event.get("EventType") not in ("Preempt", "Terminate"):
+                continue
+            if event.get("EventStatus", "Scheduled") not in ("Scheduled", "Started"):
+                continue
+            resources = event.get("Resources") or []
+            if resources and self.vm_name is not None and self.vm_name not in resources:
+                continue  # another VM of the scale set or availability set
+            not_before = str(event.get("NotBefore") or "").strip()
+            try:
+                deadline = _parse_rfc1123(not_before) if not_before else now + timedelta(seconds=AZURE_NOTICE_SECONDS)
+            except (ValueError, TypeError):
+                log.warning("malformed NotBefore %r in Azure event %s: assuming %d s", not_before, event.get("EventId"), AZURE_NOTICE_SECONDS)
+                deadline = now + timedelta(seconds=AZURE_NOTICE_SECONDS)
+            return Notice("azure", "terminate", deadline, now, event)
+        return None
+
+    def acknowledge(self, notice: Notice) -> None:
+        event_id = notice.payload.get("EventId") if isinstance(notice.payload, dict) else None
+        if not event_id:
+            return
+        body = {"StartRequests": [{"EventId": event_id}]}
+        with self._request("POST", self.events_url, params={"api-version": _AZURE_EVENTS_API}, json=body) as r:
+            if r.status_code not in (200, 201, 202, 204):
+                raise MetadataError(f"{self.events_url}: acknowledging {event_id} answered HTTP {r.status_code}")
+        log.info("acknowledged Azure event %s", event_id)
+
+    def close(self) -> None:
+        if self._own_session:
+            self._session.close()
+
+
+_FACTORIES: dict[str, Callable[[InterruptionWatcher], Source]] = {
+    "aws": lambda w: AWSSource(w._settings.aws_endpoint, rebalance=w.rebalance, timeout=w.timeout),
+    "gcp": lambda w: GCPSource(w._settings.gcp_host, timeout=w.timeout),
+    "azure": lambda w: AzureSource(w._settings.azure_endpoint, timeout=w.timeout),
+}
+
+SourceSpec = Union[str, Iterable[Union[str, Source]]]
+Callback = Callable[[Notice], Any]
+
+
+# --------------------------------------------------------------------------- the watcher
+
+
+class InterruptionWatcher:
+    """Watches every interruption source that applies here; keeps the first notice.
+
+    ``sources``: ``"auto"`` (the default; ``SPOTSAFE_SOURCES`` overrides it) probes
+    AWS, GCP and Azure and adds POSIX signals; or a comma-separated string / an
+    iterable of names (``"aws"``, ``"gcp"``, ``"azure"``, ``"signal"``, ``"none"``)
+    and :class:`Source` objects, enabled without probing.
+
+    ``callback(notice)`` runs on a watcher thread when a notice is accepted (a
+    rebalance, then possibly its terminate upgrade). ``signals`` are installed only
+    when :meth:`start` runs in the main thread; a caught signal becomes a terminate
+    notice with a deadline ``signal_grace`` seconds later.
+    """
+
+    def __init__(
+        self,
+        sources: SourceSpec = "auto",
+        *,
+        poll_interval: float = 2.0,
+        callback: Callback | None = None,
+        signals: Sequence[signal.Signals | int] = (signal.SIGTERM,),
+        rebalance: bool = True,
+        signal_grace: float = SIGNAL_GRACE_SECONDS,
+        timeout: float = 1.0,
+        probe_timeout: float = 0.5,
+    ) -> None:
+        if poll_interval <= 0:
+            raise ValueError(f"poll_interval must be > 0, not {poll_interval!r}")
+        self.poll_interval = float(poll_interval)
+        self.callback = callback
+        self.signals = tuple(signal.Signals(s) for s in signals)
+        self.rebalance = rebalance
+        self.signal_grace = float(signal_grace)
+        self.timeout = float(timeout)
+        self.probe_timeout = float(probe_timeout)
+        self._settings = Settings.from_env()
+        self._spec = sources
+        self._sources: list[Source] = []
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._notice: Notice | None = None
+        self._pending_callbacks: list[Notice] = []
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._started = False
+        # A caught signal is handed over through a reentrant queue and a socket write:
+        # a signal handler must take no lock the interrupted code could be holding.
+        self._signal_queue: queue.SimpleQueue[tuple[int, datetime]] = queue.SimpleQueue()
+        self._wake_r: socket.socket | None = None
+        self._wake_w: socket.socket | None = None
+        self._previous_handlers: dict[signal.Signals, Any] = {}
+
+    def __repr__(self) -> str:
+        return f"InterruptionWatcher(sources={self.sources!r}, notice={self._notice!r})"
+
+    # -- configuration
+
+    def _resolve(self) -> tuple[list[Source], list[Source], bool]:
+        """(sources to probe, sources enabled as given, whether signals are wanted)."""
+        spec: SourceSpec = self._spec
+        if isinstance(spec, str) and spec.strip().lower() == "auto" and self._settings.sources:
+            spec = self._settings.sources
+        items: list[str | Source] = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
+        probe: list[Source] = []
+        given: list[Source] = []
+        want_signals = False
+        for item in items:
+            if isinstance(item, Source):
+                given.append(item)
+                continue
+            name = str(item).strip().lower()
+            if name in ("", "none"):
+                continue
+            if name == "auto":
+                want_signals = True
+                for key in ("aws", "gcp", "azure"):
+                    if key == "aws" and self._settings.aws_disabled:
+                        log.debug("AWS source off: AWS_EC2_METADATA_DISABLED is set")
+                        continue
+                    probe.append(_FACTORIES[key](self))
+            elif name == "signal":
+                want_signals = True
+            elif name in _FACTORIES:
+                if name == "aws" and self._settings.aws_disabled:
+                    log.info("AWS source off: AWS_EC2_METADATA_DISABLED is set")
+                    continue
+                given.append(_FACTORIES[name](self))
+            else:
+                raise ValueError(
+                    f"unknown interruption source {item!r} (from {spec!r}); use auto, aws, gcp, azure, signal or none"
+                )
+        # The same provider named twice (auto plus explicit) is watched once.
+        names = {s.name for s in given}
+        for source in [s for s in probe if s.name in names]:
+            source.close()
+            probe.remove(source)
+        return probe, given, want_signals
+
+    def _probe_all(self, candidates: list[Source]) -> list[Source]:
+        """Probe in parallel; a source that has not answered in time is off."""
+        if not candidates:
+            return []
+        results: dict[int, bool] = {}
+        abandoned: set[int] = set()
+        guard = threading.Lock()
+
+        def probe(i: int, source: Source) -> None:
+            ok = False
+            try:
+                ok = source.probe(self.probe_timeout)
+            except Exception:  # a probe must never stop the watcher from starting
+                log.debug("probe of %s failed", source, exc_info=True)
+            with guard:
+                results[i] = ok
+                late = i in abandoned
+            if late or not ok:
+                source.close()
+
+        threads = [
+            threading.Thread(target=probe, args=(i, s), name=f"spotsafe-probe-{s.name}", daemon=True)
+            for i, s in enumerate(candidates)
+        ]
+        for t in threads:
+            t.start()
+        # Connect and read timeouts bound each probe, but a DNS lookup is not bounded
+        # by them: the overall deadline is.
+        deadline = time.monotonic() + 2 * self.probe_timeout + 0.25
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        enabled = []
+        with guard:
+            for i, source in enumerate(candidates):
+                if results.get(i):
+                    enabled.append(source)
+                elif i not in results:
+                    abandoned.add(i)
+                    log.debug("probe of %s did not finish in time: off", source)
+        return enabled
+
+    # -- life cycle
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        """Names of the sources being watched (``"signal"`` when handlers are installed)."""
+        names = [s.name for s in self._sources]
+        if self._previous_handlers:
+            names.append("signal")
+        return tuple(names)
+
+    def start(self) -> InterruptionWatcher:
+        """Probe (``auto``), install signal handlers, start the threads. Returns self."""
+        if self._started:
+            return self
+        started = time.monotonic()
+        probe, given, want_signals = self._resolve()
+        self._sources = given + self._probe_all(probe)
+        self._stop.clear()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        if want_signals and self.signals:
+            self._install_signals()
+        dispatcher = threading.Thread(target=self._dispatch, name="spotsafe-watcher", daemon=True)
+        self._threads = [dispatcher]
+        for source in self._sources:
+            self._threads.append(
+                threading.Thread(target=self._poll_loop, args=(source,), name=f"spotsafe-watcher-{source.name}", daemon=True)
+            )
+        self._started = True
+        for t in self._threads:
+            t.start()
+        log.info("interruption watcher started in %.3f s: watching %s", time.monotonic() - started, ", ".join(self.sources) or "nothing")
+        return self
+
+    def stop(self) -> None:
+        """Stop the threads, restore signal handlers, close connections. Idempotent.
+
+        Returns within about one poll interval (a GCP hanging GET is bounded by it).
+        The notice stays readable.
+        """
+        if not self._started:
+            return
+        self._stop.set()
+        self._wake()
+        join_timeout = self.poll_interval + 2 * self.timeout + 2.0
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join(join_timeout)
+                if t.is_alive():
+                    log.warning("%s did not stop within %.1f s", t.name, join_timeout)
+        self._threads = []
+        self._restore_signals()
+        for source in self._sources:
+            source.close()
+        for sock in (self._wake_r, self._wake_w):
+            if sock is not None:
+                sock.close()
+        self._wake_r = self._wake_w = None
+        self._started = False
+
+    def __enter__(self) -> InterruptionWatcher:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- the notice
+
+    @property
+    def notice(self) -> Notice | None:
+        """The notice (first wins; a final one replaces a rebalance), or None. No I/O."""
+        self._drain_signals()
+        return self._notice
+
+    def wait(self, timeout: float | None = None, *, final: bool = False) -> Notice | None:
+        """Block until there is a notice (a final one, with ``final=True``) or ``timeout``."""
+        def ready() -> bool:
+            return self._notice is not None and (self._notice.is_final or not final)
+
+        self._drain_signals()
+        with self._changed:
+            self._changed.wait_for(ready, timeout)
+            return self._notice if ready() else None
+
+    def time_left(self) -> float | None:
+        """Seconds until the notice's deadline (0 once past), or None without a notice."""
+        notice = self.notice
+        return None if notice is None else notice.time_left()
+
+    def trigger(self, action: Action = "terminate", *, deadline_in: float = 120.0, source: str = "manual") -> Notice:
+        """Inject a notice (tests, user code, a scheduler's own warning); returns it.
+
+        It is accepted under the same rule as any other: it becomes :attr:`notice`
+        unless a notice is already set (a final one replaces a rebalance).
+        """
+        now = _utcnow()
+        notice = Notice(source, action, now + timedelta(seconds=deadline_in), now)
+        self._offer(notice)
+        return notice
+
+    def acknowledge(self) -> None:
+        """Tell the platform this instance may go now (after the final checkpoint is durable).
+
+        Azure: POSTs a StartRequest for the event, so the eviction can proceed early.
+        Elsewhere a no-op. Never raises: a failure is logged.
+        """
+        notice = self._notice
+        if notice is None:
+            return
+        for source in self._sources:
+            if source.name == notice.source:
+                try:
+                    source.acknowledge(notice)
+                except Exception as e:  # the checkpoint is already safe; this is a courtesy
+                    log.warning("could not acknowledge the %s notice: %s", notice.source, e)
+
+    def _offer(self, notice: Notice) -> bool:
+        with self._changed:
+            current = self._notice
+            if current is not None and (current.is_final or not notice.is_final):
+                return False
+            self._notice = notice
+            self._pending_callbacks.append(notice)
+            self._changed.notify_all()
+        log.warning(
+            "interruption notice from %s: %s by %s (%.0f s left)",
+            notice.source, notice.action, notice.deadline.isoformat(), notice.time_left(),
+        )
+        self._wake()
+        return True
+
+    # -- threads
+
+    def _wake(self) -> None:
+        sock = self._wake_w
+        if sock is not None:
+            try:
+                sock.send(b"\0")
+            except OSError:  # full (already awake) or closed (stopping)
+                pass
+
+    def _dispatch(self) -> None:
+        """Sleep until woken; then turn caught signals into notices and run callbacks."""
+        assert self._wake_r is not None
+        with selectors.DefaultSelector() as sel:
+            sel.register(self._wake_r, selectors.EVENT_READ)
+            while True:
+                sel.select()  # no timeout: costs nothing until a signal, a notice or stop()
+                try:
+                    while self._wake_r.recv(4096):
+                        pass
+                except OSError:
+                    pass
+                self._drain_signals()
+                self._run_callbacks()
+                if self._stop.is_set():
+                    return
+
+    def _run_callbacks(self) -> None:
+        with self._lock:
+            pending, self._pending_callbacks = self._pending_callbacks, []
+        if self.callback is None:
+            return
+        for notice in pending:
+            try:
+                self.callback(notice)
+            except Exception:
+                log.exception("interruption callback failed on %s", notice)
+
+    def _poll_loop(self, source: Source) -> None:
+        failures = 0
+        while not self._stop.is_set():
+            began = time.monotonic()
+            try:
+                notice = source.poll(self.poll_interval)
+            except Exception as e:
+                failures += 1
+                # Back off, but never so far that a notice could be missed by much.
+                delay = min(self.poll_interval * 2 ** min(failures - 1, 6), max(self.poll_interval, 10.0))
+                (log.warning if failures == 1 else log.debug)(
+                    "%s source: %s (attempt %d; retrying in %.1f s)", source.name, e, failures, delay
+                )
+                self._stop.wait(delay)
+                continue
+            if failures:
+                log.info("%s source answers again after %d failed attempts", source.name, failures)
+                failures = 0
+            if notice is not None:
+                self._offer(notice)
+            current = self._notice
+            if current is not None and current.is_final:
+                return  # nothing can replace a final notice: stop polling
+            self._stop.wait(source.next_delay(time.monotonic() - began, self.poll_interval))
+
+    # -- signals
+
+    def _install_signals(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            log.debug("not in the main thread: signal handlers not installed")
+            return
+        for sig in self.signals:
+            try:
+                self._previous_handlers[sig] = signal.signal(sig, self._on_signal)
+            except (ValueError, OSError) as e:
+                log.debug("cannot handle %s: %s", sig.name, e)
+
+    def _restore_signals(self) -> None:
+        if not self._previous_handlers:
+            return
+        if threading.current_thread() is not threading.main_thread():
+            log.warning("stop() outside the main thread: signal handlers left installed")
+            return
+        for sig, previous in self._previous_handlers.items():
+            if signal.getsignal(sig) == self._on_signal:
+                signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+            else:
+                log.debug("%s handler was replaced after start(); leaving it", sig.name)
+        self._previous_handlers = {}
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        # Runs between bytecodes of the main thread: no locks, no logging, no I/O
+        # beyond one non-blocking send. The dispatcher thread (or the next read of
+        # .notice) turns it into a Notice.
+        self._signal_queue.put((signum, _utcnow()))
+        self._wake()
+        previous = self._previous_handlers.get(signal.Signals(signum))
+        if callable(previous):
+            previous(signum, frame)
+
+    def _drain_signals(self) -> None:
+        while True:
+            try:
+                signum, detected = self._signal_queue.get_nowait()
+            except queue.Empty:
+                return
+            name = signal.Signals(signum).name
+            self._offer(Notice("signal", "terminate", detected + timedelta(seconds=self.signal_grace), detected, {"signal": name}))
