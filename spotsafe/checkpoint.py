@@ -228,6 +228,7 @@ class Snapshot:
     description: dict[str, Any]
     data: memoryview  # the data file's bytes (a view of the snapshot buffer)
     blobs: list[Blob]
+    buffer: torch.Tensor = field(repr=False)  # keeps the memory under ``data`` alive
 
 
 def snapshot(state: Mapping[str, Any] | FlatState, buffer: SnapshotBuffer) -> Snapshot:
@@ -247,7 +248,7 @@ def snapshot(state: Mapping[str, Any] | FlatState, buffer: SnapshotBuffer) -> Sn
         dst[pos:].zero_()
     if cuda:
         torch.cuda.synchronize()
-    return Snapshot(flat.description(), view, list(flat.blobs))
+    return Snapshot(flat.description(), view, list(flat.blobs), dst)
 
 
 class _HashThread(threading.Thread):

@@ -121,6 +121,8 @@ class _Flattener:
 
     # -- values -------------------------------------------------------------
     def value(self, obj: Any, path: str) -> Any:
+        if type(obj).__module__ == "numpy":  # before float/int: np.float64 subclasses float
+            return self.numpy_value(obj, path)
         if obj is None or isinstance(obj, (bool, str)):
             return obj
         if isinstance(obj, int):
@@ -143,19 +145,6 @@ class _Flattener:
             return [self.value(v, _path(path, i)) for i, v in enumerate(obj)]
         if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
             return {"T": "tuple", "v": [self.value(v, _path(path, i)) for i, v in enumerate(obj)]}
-        np = _numpy()
-        if np is not None:
-            if isinstance(obj, np.ndarray):
-                if obj.dtype.hasobject:
-                    raise StateError(f"{path or '<root>'}: NumPy array of Python objects cannot be saved without pickle")
-                try:
-                    t = torch.from_numpy(np.ascontiguousarray(obj))
-                except TypeError as e:
-                    raise StateError(f"{path or '<root>'}: NumPy dtype {obj.dtype} is not supported: {e}") from e
-                return {"T": "ndarray", "id": self.tensor(t, path)}
-            if isinstance(obj, np.generic) and not isinstance(obj, np.object_):
-                if isinstance(obj, (np.bool_, np.integer, np.floating)):
-                    return {"T": "npscalar", "dtype": obj.dtype.str, "v": self.value(obj.item(), path)}
         if callable(obj):
             raise StateError(
                 f"{path or '<root>'}: a callable ({type(obj).__qualname__}) cannot be saved without pickle; "
@@ -166,6 +155,22 @@ class _Flattener:
             "(allowed: tensors, None, bool, int, float, str, list, tuple, dict, torch.Size/dtype/device, NumPy "
             "arrays, and objects with state_dict())"
         )
+
+    def numpy_value(self, obj: Any, path: str) -> Any:
+        import numpy as np
+
+        where = path or "<root>"
+        if isinstance(obj, np.ndarray):
+            if obj.dtype.hasobject:
+                raise StateError(f"{where}: NumPy array of Python objects cannot be saved without pickle")
+            try:
+                t = torch.from_numpy(np.ascontiguousarray(obj))
+            except TypeError as e:
+                raise StateError(f"{where}: NumPy dtype {obj.dtype} is not supported: {e}") from e
+            return {"T": "ndarray", "id": self.tensor(t, path)}
+        if isinstance(obj, (np.bool_, np.integer, np.floating)):
+            return {"T": "npscalar", "dtype": obj.dtype.str, "v": self.value(obj.item(), path)}
+        raise StateError(f"{where}: NumPy values of type {type(obj).__name__} are not supported")
 
     def key(self, key: Any, path: str) -> Any:
         if key is None or isinstance(key, (bool, int, float, str)):
@@ -180,7 +185,7 @@ class _Flattener:
         if all(isinstance(k, str) for k in obj):
             out["v"] = {k: self.value(v, _path(path, k)) for k, v in obj.items()}
         else:
-            out["items"] = [[self.key(k, _path(path, k)), self.value(v, _path(path, k))] for k, v in obj.items()]
+            out["items"] = [[self.key(k, path or "<root>"), self.value(v, _path(path, k))] for k, v in obj.items()]
         meta = getattr(obj, "_metadata", None)
         if meta is not None and isinstance(obj, OrderedDict):
             out["meta"] = self.value(meta, _path(path, "_metadata"))
@@ -338,7 +343,7 @@ def unflatten(
                     if dev.type != "cpu":
                         base = base.to(dev)
                     moved[key] = base
-                itemsize = torch.empty((), dtype=dtype).element_size()
+                itemsize = dtype.itemsize
                 off = int(e["offset"])
                 if off % itemsize:
                     raise CheckpointCorrupt(f"{where}: tensor {i} offset {off} is not aligned to {itemsize}")
