@@ -118,3 +118,50 @@ class VolumeMountError(VolumeError, OSError):
 
 class VolumeAWSError(VolumeError, OSError):
     """Another EC2 API failure (network, throttling, credentials)."""
+
+
+# Volume errors (spotsafe/volume.py): one class per failure kind, each with its own exit status.
+
+
+class VolumeNotFound(VolumeError, FileNotFoundError):
+    """No EBS volume with that id or tag."""
+
+
+class VolumeAmbiguous(VolumeError, LookupError):
+    """Several volumes match the tag and none is clearly the run's."""
+
+
+class VolumePermissionDenied(VolumeError, PermissionError):
+    """The instance role may not make an EC2 call (IAM)."""
+
+
+class VolumeWrongZone(VolumeError, ValueError):
+    """The volume is in another availability zone and moving it was not asked for."""
+
+
+class VolumeBusy(VolumeError):
+    """The volume is still attached to another instance."""
+
+
+class VolumeTimeout(VolumeError, TimeoutError):
+    """An EC2 state change (attach, snapshot, create) did not finish in time."""
+
+
+class VolumeDeviceNotFound(VolumeError, FileNotFoundError):
+    """The volume is attached but its block device never appeared."""
+
+
+class VolumeNoFilesystem(VolumeError):
+    """The device is blank and creating a filesystem was not allowed."""
+
+
+class VolumeNotBlank(VolumeError):
+    """The device holds data that is not a mountable filesystem: it is never formatted."""
+
+
+class VolumeMountError(VolumeError, OSError):
+    """mkfs, mount or umount failed, or the mount point holds another device."""
+
+
+class VolumeAWSError(VolumeError, OSError):
+    """Another EC2 API failure (network, throttling, credentials)."""

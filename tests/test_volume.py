@@ -1,0 +1,617 @@
+"""spotsafe.volume against real components: moto's EC2 server, an IMDS on loopback, loop devices.
+
+EC2 calls go to moto (``ThreadedMotoServer`` on 127.0.0.1); instance identity comes
+from an IMDS served on 127.0.0.1; block devices are loop devices over files in
+tmp_path, and the NVMe lookup reads a /sys tree built in tmp_path whose device
+entry points at the loop device (the lookup logic is what is tested; the device is real).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from spotsafe import volume as vol
+from spotsafe.errors import (
+    VolumeAmbiguous,
+    VolumeBusy,
+    VolumeDeviceNotFound,
+    VolumeMountError,
+    VolumeNoFilesystem,
+    VolumeNotBlank,
+    VolumeNotFound,
+    VolumePermissionDenied,
+    VolumeWrongZone,
+)
+from spotsafe.volume import Identity, Timeouts, VolumeManager
+from tests.ec2server import *  # noqa: F403
+from tests.ec2server import IAMEnforcingServer, run_instance, unique_tag
+
+FAST = Timeouts(poll=0.05, attach=5, detach=5, force_detach_after=0.3, device=3, snapshot=10, create=10)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _root_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (losetup, mount, mkfs)"
+    for tool in ("losetup", "blkid", "mount", "umount", "mkfs.ext4"):
+        if shutil.which(tool) is None:
+            return f"needs {tool}"
+    return None
+
+
+needs_root = pytest.mark.skipif(_root_reason() is not None, reason=_root_reason() or "")
+
+
+@pytest.fixture
+def loopdev(tmp_path: Path) -> Iterator[Callable[..., str]]:
+    """Factory: a loop device over a sparse file in tmp_path. Teardown unmounts and frees them."""
+    reason = _root_reason()
+    if reason:
+        pytest.skip(reason)
+    made: list[str] = []
+
+    def make(size_mb: int = 16, name: str = "disk") -> str:
+        img = tmp_path / f"{name}-{len(made)}.img"
+        with open(img, "wb") as f:
+            f.truncate(size_mb << 20)
+        p = subprocess.run(["losetup", "--find", "--show", str(img)], capture_output=True, text=True)
+        if p.returncode != 0:
+            pytest.skip(f"losetup failed (no loop devices?): {p.stderr.strip()}")
+        dev = p.stdout.strip()
+        made.append(dev)
+        return dev
+
+    try:
+        yield make
+    finally:
+        for dev in made:
+            try:
+                for mp in vol.mountpoints_of(dev):
+                    subprocess.run(["umount", "-l", mp], check=False)
+            except OSError:
+                pass
+            subprocess.run(["losetup", "-d", dev], check=False)
+
+
+def fake_nvme(root: Path, serial: str, target: str, *, name: str = "nvme1n1", pad: bool = True) -> tuple[str, str]:
+    """A /sys and /dev tree under ``root`` where NVMe disk ``name`` has ``serial`` and is ``target``."""
+    sys_root, dev_root = root / "sys", root / "dev"
+    ctrl = sys_root / "block" / name / "device"
+    ctrl.mkdir(parents=True, exist_ok=True)
+    # the kernel pads the 20-byte serial field with spaces
+    (ctrl / "serial").write_text(serial.ljust(20) + "\n" if pad else serial + "\n")
+    dev_root.mkdir(parents=True, exist_ok=True)
+    link = dev_root / name
+    if link.is_symlink():
+        link.unlink()
+    link.symlink_to(target)
+    return str(sys_root), str(dev_root)
+
+
+def some_block_device() -> str:
+    for cand in sorted(Path("/dev").glob("loop[0-9]*")):
+        if vol._is_block_device(str(cand)):
+            return str(cand)
+    pytest.skip("no block device to point the fake /sys tree at")
+
+
+def create_volume(ec2: Any, az: str, tags: dict[str, str], size: int = 1) -> str:
+    r = ec2.create_volume(AvailabilityZone=az, Size=size, VolumeType="gp3", TagSpecifications=[
+        {"ResourceType": "volume", "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}])
+    return str(r["VolumeId"])
+
+
+def describe(ec2: Any, volume_id: str) -> dict[str, Any]:
+    return ec2.describe_volumes(VolumeIds=[volume_id])["Volumes"][0]  # type: ignore[no-any-return]
+
+
+@dataclass
+class Scene:
+    ec2: Any
+    instance_id: str
+    az: str
+    tag: dict[str, str]
+    volume_id: str
+    manager: VolumeManager
+    sys_root: str
+    dev_root: str
+
+
+@pytest.fixture
+def scene(ec2: Any, tmp_path: Path) -> Scene:
+    """An instance in us-east-1b, a tagged volume in the same zone, a /sys tree showing its device."""
+    az = "us-east-1b"
+    iid = run_instance(ec2, az)
+    tag = {"spotsafe-run": unique_tag()}
+    vid = create_volume(ec2, az, tag)
+    sys_root, dev_root = fake_nvme(tmp_path, vid.replace("-", ""), some_block_device())
+    mgr = VolumeManager(ec2, Identity(iid, az, "us-east-1"), timeouts=FAST, sys_root=sys_root, dev_root=dev_root)
+    return Scene(ec2, iid, az, tag, vid, mgr, sys_root, dev_root)
+
+
+# --------------------------------------------------------------------------- finding
+
+
+def test_find_by_tag_and_by_id(scene: Scene) -> None:
+    by_tag = scene.manager.find(tags=scene.tag)
+    assert by_tag.volume_id == scene.volume_id
+    assert by_tag.tags == scene.tag
+    assert by_tag.availability_zone == scene.az
+    assert scene.manager.find(scene.volume_id).volume_id == scene.volume_id
+
+
+def test_find_missing_raises_not_found(scene: Scene) -> None:
+    with pytest.raises(VolumeNotFound, match="spotsafe-run=nope"):
+        scene.manager.find(tags={"spotsafe-run": "nope"})
+    with pytest.raises(VolumeNotFound, match="vol-0000000000000dead"):
+        scene.manager.find("vol-0000000000000dead")
+
+
+def test_find_two_matching_is_ambiguous_unless_one_is_attached_here(scene: Scene) -> None:
+    other = create_volume(scene.ec2, "us-east-1c", scene.tag)
+    with pytest.raises(VolumeAmbiguous) as e:
+        scene.manager.find(tags=scene.tag)
+    assert scene.volume_id in str(e.value) and other in str(e.value)
+    scene.ec2.attach_volume(VolumeId=scene.volume_id, InstanceId=scene.instance_id, Device="/dev/sdf")
+    assert scene.manager.find(tags=scene.tag).volume_id == scene.volume_id
+
+
+def test_find_skips_a_volume_superseded_by_a_move_copy(scene: Scene) -> None:
+    copy = create_volume(scene.ec2, "us-east-1c", {**scene.tag, vol.TAG_MOVED_FROM: scene.volume_id})
+    assert scene.manager.find(tags=scene.tag).volume_id == copy
+
+
+# --------------------------------------------------------------------------- attaching
+
+
+def test_attach_finds_the_nvme_device_and_is_idempotent(scene: Scene) -> None:
+    a = scene.manager.attach(tags=scene.tag)
+    assert a.attached_now is True
+    assert a.device == os.path.realpath(os.path.join(scene.dev_root, "nvme1n1"))
+    v = describe(scene.ec2, scene.volume_id)
+    assert v["Attachments"][0]["InstanceId"] == scene.instance_id
+    assert v["Attachments"][0]["Device"] == "/dev/sdf"
+    again = scene.manager.attach(tags=scene.tag)
+    assert again.attached_now is False
+    assert again.device == a.device
+    assert len(describe(scene.ec2, scene.volume_id)["Attachments"]) == 1
+
+
+def test_attach_picks_a_free_device_name(scene: Scene) -> None:
+    first = create_volume(scene.ec2, scene.az, {"other": unique_tag()})
+    scene.ec2.attach_volume(VolumeId=first, InstanceId=scene.instance_id, Device="/dev/sdf")
+    a = scene.manager.attach(scene.volume_id)
+    assert a.volume.device_name == "/dev/sdg"
+
+
+def test_attach_waits_for_a_stopped_old_instance_to_let_go(scene: Scene) -> None:
+    old = run_instance(scene.ec2, scene.az)
+    scene.ec2.attach_volume(VolumeId=scene.volume_id, InstanceId=old, Device="/dev/sdf")
+    scene.ec2.stop_instances(InstanceIds=[old])  # a spot "stop" interruption keeps the volume attached
+    a = scene.manager.attach(tags=scene.tag)
+    assert a.volume.instance_id == scene.instance_id
+    assert describe(scene.ec2, scene.volume_id)["Attachments"][0]["InstanceId"] == scene.instance_id
+
+
+def test_attach_refuses_a_volume_held_by_a_live_instance(scene: Scene) -> None:
+    other = run_instance(scene.ec2, scene.az)
+    scene.ec2.attach_volume(VolumeId=scene.volume_id, InstanceId=other, Device="/dev/sdf")
+    mgr = VolumeManager(scene.ec2, scene.manager.identity, sys_root=scene.sys_root, dev_root=scene.dev_root,
+                        timeouts=Timeouts(poll=0.05, detach=0.4, force_detach_after=0.1))
+    t0 = time.monotonic()
+    with pytest.raises(VolumeBusy, match=other):
+        mgr.attach(tags=scene.tag)
+    assert time.monotonic() - t0 < 5
+    # A live instance's volume is never detached from under it.
+    assert describe(scene.ec2, scene.volume_id)["Attachments"][0]["InstanceId"] == other
+
+
+class StickyDetach:
+    """The real client, except that a plain (non-forced) detach is ignored, as a wedged one is."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+        self.detaches: list[bool] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    def detach_volume(self, **kw: Any) -> Any:
+        self.detaches.append(bool(kw.get("Force")))
+        if not kw.get("Force"):
+            return {"State": "detaching"}
+        return self._client.detach_volume(**kw)
+
+
+def test_force_detach_only_after_the_grace_period_when_the_old_instance_is_gone(scene: Scene) -> None:
+    old = run_instance(scene.ec2, scene.az)
+    scene.ec2.attach_volume(VolumeId=scene.volume_id, InstanceId=old, Device="/dev/sdf")
+    scene.ec2.stop_instances(InstanceIds=[old])
+    sticky = StickyDetach(scene.ec2)
+    mgr = VolumeManager(sticky, scene.manager.identity, timeouts=FAST, sys_root=scene.sys_root,
+                        dev_root=scene.dev_root)
+    t0 = time.monotonic()
+    a = mgr.attach(tags=scene.tag)
+    assert sticky.detaches == [False, True]
+    assert time.monotonic() - t0 >= FAST.force_detach_after
+    assert a.volume.instance_id == scene.instance_id
+
+
+def test_wrong_zone_without_move_is_refused(scene: Scene) -> None:
+    far = create_volume(scene.ec2, "us-east-1a", {"spotsafe-run": unique_tag()})
+    with pytest.raises(VolumeWrongZone, match="--move"):
+        scene.manager.attach(far)
+    assert describe(scene.ec2, far)["Attachments"] == []
+
+
+def _serve_device_for_new_volume(ec2: Any, old_id: str, root: Path, target: str, stop: threading.Event) -> None:
+    """Like the kernel: the device of the move copy appears once EC2 has attached it."""
+    while not stop.wait(0.05):
+        r = ec2.describe_volumes(Filters=[{"Name": f"tag:{vol.TAG_MOVED_FROM}", "Values": [old_id]}])
+        for v in r["Volumes"]:
+            if v.get("Attachments"):
+                fake_nvme(root, v["VolumeId"].replace("-", ""), target)
+                return
+
+
+def test_move_copies_into_this_zone_and_retires_the_old_one_after_mount(scene: Scene, tmp_path: Path) -> None:
+    old_az = "us-east-1a"
+    old_id = create_volume(scene.ec2, old_az, {**scene.tag, "team": "vision"}, size=3)
+    scene.ec2.delete_volume(VolumeId=scene.volume_id)  # only the far volume carries the tag now
+    stop = threading.Event()
+    t = threading.Thread(target=_serve_device_for_new_volume,
+                         args=(scene.ec2, old_id, tmp_path, some_block_device(), stop), daemon=True)
+    t.start()
+    try:
+        a = scene.manager.attach(tags=scene.tag, move=True)
+    finally:
+        stop.set()
+        t.join()
+    new = a.volume
+    assert a.moved_from == old_id
+    assert new.volume_id != old_id
+    assert new.availability_zone == scene.az
+    assert new.size == 3
+    assert new.tags["spotsafe-run"] == scene.tag["spotsafe-run"] and new.tags["team"] == "vision"
+    assert new.tags[vol.TAG_MOVED_FROM] == old_id
+    assert new.instance_id == scene.instance_id
+    snap = new.tags[vol.TAG_MOVE_SNAPSHOT]
+    assert scene.ec2.describe_snapshots(SnapshotIds=[snap])["Snapshots"][0]["VolumeId"] == old_id
+    # Until the mount succeeded the old volume is kept.
+    assert describe(scene.ec2, old_id)["State"] == "available"
+    # A re-run finds the copy (attached here), not the old one, and does not move again.
+    again = scene.manager.attach(tags=scene.tag, move=True)
+    assert again.volume.volume_id == new.volume_id and again.attached_now is False
+    deleted = scene.manager.retire_superseded(scene.manager.describe(new.volume_id))
+    assert deleted == [old_id, snap]
+    with pytest.raises(VolumeNotFound):
+        scene.manager.describe(old_id)
+    assert vol.TAG_MOVED_FROM not in scene.manager.describe(new.volume_id).tags
+    assert scene.manager.retire_superseded(scene.manager.describe(new.volume_id)) == []
+
+
+def test_detach_frees_the_volume_and_is_idempotent(scene: Scene) -> None:
+    scene.manager.attach(tags=scene.tag)
+    v = scene.manager.detach(scene.manager.find(tags=scene.tag))
+    assert v.instance_id is None
+    assert describe(scene.ec2, scene.volume_id)["State"] == "available"
+    assert scene.manager.detach(v).instance_id is None
+
+
+# --------------------------------------------------------------------------- device lookup
+
+
+def test_find_device_by_nvme_serial_among_several(tmp_path: Path) -> None:
+    target = some_block_device()
+    fake_nvme(tmp_path, "vol0aaaaaaaaaaaaaaaa", "/dev/null", name="nvme0n1")
+    sys_root, dev_root = fake_nvme(tmp_path, "vol0123456789abcdef0", target, name="nvme2n1", pad=False)
+    assert vol.find_device("vol-0123456789abcdef0", "/dev/sdf", sys_root=sys_root, dev_root=dev_root,
+                           timeout=0) == os.path.realpath(target)
+
+
+def test_find_device_prefers_udev_by_id_link(tmp_path: Path) -> None:
+    target = some_block_device()
+    by_id = tmp_path / "dev" / "disk" / "by-id"
+    by_id.mkdir(parents=True)
+    (by_id / (vol.NITRO_BY_ID_PREFIX + "vol0123456789abcdef0")).symlink_to(target)
+    (tmp_path / "sys" / "block").mkdir(parents=True)
+    assert vol.find_device("vol-0123456789abcdef0", None, sys_root=str(tmp_path / "sys"),
+                           dev_root=str(tmp_path / "dev"), timeout=0) == os.path.realpath(target)
+
+
+def test_find_device_xen_name_and_xvd_twin(tmp_path: Path) -> None:
+    target = some_block_device()
+    (tmp_path / "sys" / "block" / "xvda").mkdir(parents=True)
+    (tmp_path / "dev").mkdir()
+    (tmp_path / "dev" / "xvdf").symlink_to(target)
+    assert vol.find_device("vol-0123", "/dev/sdf", sys_root=str(tmp_path / "sys"), dev_root=str(tmp_path / "dev"),
+                           timeout=0) == os.path.realpath(target)
+
+
+def test_find_device_on_nitro_ignores_a_stale_sdx_name(tmp_path: Path) -> None:
+    # On NVMe instances /dev/sdf may be another disk's alias: only the serial counts.
+    fake_nvme(tmp_path, "vol0ffffffffffffffff", some_block_device(), name="nvme0n1")
+    (tmp_path / "dev" / "sdf").symlink_to(some_block_device())
+    with pytest.raises(VolumeDeviceNotFound, match="vol0123456789abcdef0"):
+        vol.find_device("vol-0123456789abcdef0", "/dev/sdf", sys_root=str(tmp_path / "sys"),
+                        dev_root=str(tmp_path / "dev"), timeout=0.2, poll=0.05)
+
+
+def test_find_device_waits_for_the_device_to_appear(tmp_path: Path) -> None:
+    (tmp_path / "sys" / "block").mkdir(parents=True)
+    target = some_block_device()
+    timer = threading.Timer(0.3, fake_nvme, args=(tmp_path, "vol0123456789abcdef0", target))
+    timer.start()
+    try:
+        t0 = time.monotonic()
+        found = vol.find_device("vol-0123456789abcdef0", None, sys_root=str(tmp_path / "sys"),
+                                dev_root=str(tmp_path / "dev"), timeout=5, poll=0.05)
+    finally:
+        timer.join()
+    assert found == os.path.realpath(target)
+    assert time.monotonic() - t0 >= 0.25
+
+
+# --------------------------------------------------------------------------- filesystems (root, loop devices)
+
+
+@pytest.mark.root
+def test_blank_device_is_not_formatted_without_permission(loopdev: Callable[..., str], tmp_path: Path) -> None:
+    dev = loopdev()
+    with pytest.raises(VolumeNoFilesystem, match="--mkfs"):
+        vol.mount(dev, str(tmp_path / "mnt"))
+    assert vol.filesystem_type(dev) is None
+    assert vol.is_blank(dev)
+
+
+@pytest.mark.root
+def test_mkfs_on_blank_then_mount_is_idempotent_and_never_reformats(loopdev: Callable[..., str],
+                                                                       tmp_path: Path) -> None:
+    dev = loopdev()
+    mnt = tmp_path / "mnt"
+    r = vol.mount(dev, str(mnt), mkfs=True)
+    assert r.formatted is True and r.already_mounted is False and r.fstype == "ext4"
+    assert vol.mounted_at(str(mnt)) is not None
+    (mnt / "ckpt.bin").write_bytes(b"precious")
+    again = vol.mount(dev, str(mnt), mkfs=True)
+    assert again.formatted is False and again.already_mounted is True and again.uuid == r.uuid
+    assert vol.unmount(str(mnt)) is True
+    assert vol.unmount(str(mnt)) is False
+    third = vol.mount(dev, str(mnt), mkfs=True)
+    assert third.formatted is False and third.uuid == r.uuid
+    assert (mnt / "ckpt.bin").read_bytes() == b"precious"
+    vol.unmount(str(mnt))
+
+
+@pytest.mark.root
+def test_data_without_a_filesystem_is_never_formatted(loopdev: Callable[..., str], tmp_path: Path) -> None:
+    dev = loopdev()
+    payload = os.urandom(4096)
+    with open(dev, "r+b") as f:
+        f.seek(8192)
+        f.write(payload)
+    with pytest.raises(VolumeNotBlank, match="not blank"):
+        vol.mount(dev, str(tmp_path / "mnt"), mkfs=True)
+    with open(dev, "rb") as f:
+        f.seek(8192)
+        assert f.read(4096) == payload
+
+
+@pytest.mark.root
+def test_partitioned_device_is_never_formatted(loopdev: Callable[..., str], tmp_path: Path) -> None:
+    if shutil.which("sfdisk") is None:
+        pytest.skip("needs sfdisk")
+    dev = loopdev()
+    subprocess.run(["sfdisk", "-q", dev], input="label: gpt\n,\n", text=True, check=True, capture_output=True)
+    with pytest.raises(VolumeNotBlank, match="partition table"):
+        vol.mount(dev, str(tmp_path / "mnt"), mkfs=True)
+
+
+@pytest.mark.root
+def test_mountpoint_holding_another_device_is_an_error(loopdev: Callable[..., str], tmp_path: Path) -> None:
+    a, b = loopdev(name="a"), loopdev(name="b")
+    mnt = tmp_path / "mnt"
+    vol.mount(a, str(mnt), mkfs=True)
+    try:
+        with pytest.raises(VolumeMountError, match="already has"):
+            vol.mount(b, str(mnt), mkfs=True)
+        assert vol.filesystem_type(b) is None  # the refused device was not touched
+    finally:
+        vol.unmount(str(mnt))
+
+
+@pytest.mark.root
+def test_fstab_entry_uses_uuid_and_nofail_once(loopdev: Callable[..., str], tmp_path: Path) -> None:
+    dev = loopdev()
+    fstab = tmp_path / "fstab"
+    fstab.write_text("LABEL=root / ext4 defaults 0 1")  # no trailing newline
+    mnt = str(tmp_path / "mnt")
+    r = vol.mount(dev, mnt, mkfs=True, fstab=True, fstab_path=str(fstab), owner="nobody")
+    try:
+        assert r.fstab_added is True
+        lines = fstab.read_text().splitlines()
+        assert lines == ["LABEL=root / ext4 defaults 0 1", f"UUID={r.uuid} {mnt} ext4 defaults,nofail 0 2"]
+        import pwd
+
+        assert os.stat(mnt).st_uid == pwd.getpwnam("nobody").pw_uid
+        assert vol.mount(dev, mnt, fstab=True, fstab_path=str(fstab)).fstab_added is False
+        assert len(fstab.read_text().splitlines()) == 2
+    finally:
+        vol.unmount(mnt)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+class LocalIMDS:
+    """The AWS simulator when spotsafe.simulate is there; its identity document is all we need."""
+
+    def __init__(self, instance_id: str, az: str) -> None:
+        from spotsafe.simulate import AWSSimulator
+
+        self._sim = AWSSimulator(instance_id=instance_id, availability_zone=az).start()
+        self.endpoint = self._sim.endpoint
+
+    def shutdown(self) -> None:
+        self._sim.shutdown()
+
+
+@pytest.fixture
+def cli_env(scene: Scene, ec2_server: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Scene]:
+    try:
+        imds = LocalIMDS(scene.instance_id, scene.az)
+    except ImportError:
+        pytest.skip("spotsafe.simulate is not there yet")
+    monkeypatch.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", imds.endpoint)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_EC2", ec2_server.endpoint)
+    try:
+        yield scene
+    finally:
+        imds.shutdown()
+
+
+def _cli(scene: Scene, *args: str) -> list[str]:
+    return [*args, "--sys-root", scene.sys_root, "--dev-root", scene.dev_root, "--poll-interval", "0.05",
+            "--detach-timeout", "1", "--force-detach-after", "0.2", "--device-timeout", "1", "-q"]
+
+
+def test_cli_attach_prints_the_device_then_status(cli_env: Scene, capsys: pytest.CaptureFixture[str]) -> None:
+    s = cli_env
+    tag = "spotsafe-run=" + s.tag["spotsafe-run"]
+    assert vol.main(_cli(s, "attach", "--tag", tag)) == 0
+    device = capsys.readouterr().out.strip()
+    assert device == os.path.realpath(os.path.join(s.dev_root, "nvme1n1"))
+    assert vol.main(_cli(s, "attach", "--tag", tag)) == 0
+    assert capsys.readouterr().out.strip() == device
+    assert vol.main(_cli(s, "status", "--tag", tag, "--json")) == 0
+    st = json.loads(capsys.readouterr().out)
+    assert st["attached_here"] is True and st["device"] == device
+    assert st["volume"]["volume_id"] == s.volume_id and st["instance_id"] == s.instance_id
+
+
+def test_cli_exit_codes_name_each_failure(cli_env: Scene, capsys: pytest.CaptureFixture[str]) -> None:
+    s = cli_env
+    assert vol.main(_cli(s, "attach", "--tag", "spotsafe-run=absent")) == vol.EXIT_NOT_FOUND
+    assert "spotsafe-run=absent" in capsys.readouterr().err
+    far = create_volume(s.ec2, "us-east-1a", {"spotsafe-run": unique_tag()})
+    assert vol.main(_cli(s, "attach", "--volume-id", far)) == vol.EXIT_WRONG_ZONE
+    err = capsys.readouterr().err
+    assert far in err and "us-east-1a" in err and "--move" in err
+    other = run_instance(s.ec2, s.az)
+    s.ec2.attach_volume(VolumeId=far, InstanceId=other, Device="/dev/sdf")
+    busy = create_volume(s.ec2, s.az, {"spotsafe-run": unique_tag()})
+    s.ec2.attach_volume(VolumeId=busy, InstanceId=other, Device="/dev/sdg")
+    assert vol.main(_cli(s, "attach", "--volume-id", busy)) == vol.EXIT_BUSY
+    assert vol.main(_cli(s, "attach", "--tag", "bad-tag")) == vol.EXIT_USAGE
+
+
+def test_cli_without_imds_is_a_metadata_error(capsys: pytest.CaptureFixture[str]) -> None:
+    # conftest points IMDS at a closed loopback port: like running off EC2.
+    assert vol.main(["attach", "--tag", "spotsafe-run=x", "--metadata-timeout", "0.5", "-q"]) == vol.EXIT_METADATA
+    assert "127.0.0.1:9" in capsys.readouterr().err
+
+
+@pytest.mark.root
+def test_cli_mount_needs_mkfs_or_the_new_tag_then_clears_it(cli_env: Scene, loopdev: Callable[..., str],
+                                                             tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    s = cli_env
+    dev = loopdev()
+    fake_nvme(tmp_path, s.volume_id.replace("-", ""), dev)
+    tag = "spotsafe-run=" + s.tag["spotsafe-run"]
+    mnt = str(tmp_path / "mnt")
+    assert vol.main(_cli(s, "attach", "--tag", tag)) == 0
+    assert vol.main(_cli(s, "mount", "--tag", tag, "--mountpoint", mnt)) == vol.EXIT_NO_FILESYSTEM
+    assert vol.filesystem_type(dev) is None
+    s.ec2.create_tags(Resources=[s.volume_id], Tags=[{"Key": vol.TAG_NEW, "Value": "true"}])
+    try:
+        capsys.readouterr()
+        assert vol.main(_cli(s, "mount", "--tag", tag, "--mountpoint", mnt)) == 0
+        assert capsys.readouterr().out.strip() == mnt
+        assert vol.filesystem_type(dev) == "ext4"
+        tags = {t["Key"] for t in describe(s.ec2, s.volume_id).get("Tags", [])}
+        assert vol.TAG_NEW not in tags
+        assert vol.main(_cli(s, "mount", "--tag", tag, "--mountpoint", mnt)) == 0  # idempotent
+        assert vol.main(_cli(s, "detach", "--tag", tag)) == 0
+        assert vol.mounted_at(mnt) is None
+        assert describe(s.ec2, s.volume_id)["State"] == "available"
+    finally:
+        vol.unmount(mnt)
+
+
+def test_cli_subprocess_status_without_volume(tmp_path: Path) -> None:
+    p = subprocess.run([sys.executable, "-m", "spotsafe.volume", "status", "--mountpoint", str(tmp_path), "--json"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout) == {"mountpoint": str(tmp_path), "mounted": None}
+
+
+# --------------------------------------------------------------------------- IAM
+
+
+@pytest.fixture(scope="module")
+def iam_server() -> Iterator[IAMEnforcingServer]:
+    server = IAMEnforcingServer()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+
+
+def test_iam_denial_is_a_permission_error_naming_the_call(iam_server: IAMEnforcingServer, tmp_path: Path) -> None:
+    admin = iam_server.client("ec2", iam_server.admin)
+    iid = run_instance(admin, "us-east-1b")
+    tag = {"spotsafe-run": unique_tag()}
+    vid = create_volume(admin, "us-east-1b", tag)
+    sys_root, dev_root = fake_nvme(tmp_path, vid.replace("-", ""), some_block_device())
+    policy = json.loads(json.dumps(vol.IAM_POLICY))
+    for st in policy["Statement"]:
+        st["Action"] = [a for a in st["Action"] if a != "ec2:AttachVolume"]
+    weak = iam_server.client("ec2", iam_server.keys_for(policy))
+    mgr = VolumeManager(weak, Identity(iid, "us-east-1b", "us-east-1"), timeouts=FAST, sys_root=sys_root,
+                        dev_root=dev_root)
+    with pytest.raises(VolumePermissionDenied, match="attach_volume") as e:
+        mgr.attach(tags=tag)
+    assert vol.exit_code(e.value) == vol.EXIT_PERMISSION
+
+
+def test_documented_iam_policy_allows_the_whole_flow(iam_server: IAMEnforcingServer, tmp_path: Path) -> None:
+    admin = iam_server.client("ec2", iam_server.admin)
+    iid = run_instance(admin, "us-east-1b")
+    tag = {"spotsafe-run": unique_tag()}
+    old_id = create_volume(admin, "us-east-1a", tag)
+    keys = iam_server.keys_for(vol.IAM_POLICY)
+    ec2 = iam_server.client("ec2", keys)
+    stop = threading.Event()
+    t = threading.Thread(target=_serve_device_for_new_volume,
+                         args=(admin, old_id, tmp_path, some_block_device(), stop), daemon=True)
+    t.start()
+    try:
+        mgr = VolumeManager(ec2, Identity(iid, "us-east-1b", "us-east-1"), timeouts=FAST,
+                            sys_root=str(tmp_path / "sys"), dev_root=str(tmp_path / "dev"))
+        a = mgr.attach(tags=tag, move=True)
+    finally:
+        stop.set()
+        t.join()
+    assert mgr.retire_superseded(a.volume)[0] == old_id
+    assert mgr.detach(mgr.describe(a.volume.volume_id)).instance_id is None
+    assert vol.finish(mgr.identity, ec2=ec2, autoscaling=iam_server.client("autoscaling", keys)) == []
+
+
+def test_docs_carry_the_tested_iam_policy() -> None:
+    doc = (Path(__file__).parent.parent / "docs" / "volume.md").read_text()
+    assert json.dumps(vol.IAM_POLICY, indent=2) in doc
