@@ -38,7 +38,7 @@ MANIFEST = "manifest.json"
 
 @dataclass(frozen=True)
 class _Job:
-    kind: str  # "upload" (a checkpoint dir, or a top-level file) | "delete"
+    kind: str  # "upload" (a checkpoint dir, or a top-level file) | "delete" | "resync"
     path: str  # the committed file (upload) or the directory (delete)
 
 
@@ -66,6 +66,7 @@ class MirrorStore(Store):
         self._queue: collections.deque[_Job] = collections.deque()
         self._cond = threading.Condition()
         self._busy: _Job | None = None
+        self._resynced = False
         self._deleting: set[str] = set()  # deleted locally, remote delete still queued
         self._stop = threading.Event()
         self._closed = False
@@ -155,17 +156,24 @@ class MirrorStore(Store):
     # ------------------------------------------------------------------ lifecycle
 
     def cleanup_incomplete(self) -> None:
-        """Clean both tiers, and queue locally committed checkpoints the remote lacks."""
+        """Clean the local tier now; the remote one in the background, once.
+
+        The background pass also queues checkpoints committed locally that the remote
+        lacks (the instance stopped before their upload finished). Nothing here waits
+        on the network: the checkpointer calls this on its save path.
+        """
         self.local.cleanup_incomplete()
-        try:
-            self.remote.cleanup_incomplete()
-            for name in sorted(self.local.listdir("")):
-                manifest = f"{name}/{MANIFEST}"
-                if self.local.file_size(manifest) is not None and self.remote.file_size(manifest) is None:
-                    log.info("%s: %s was never uploaded; queueing it", self.remote.url, name)
-                    self._enqueue(_Job("upload", manifest))
-        except Exception as e:  # the remote may be down now; saves must still go ahead locally
-            log.warning("%s: could not check the remote tier: %s", self.remote.url, e)
+        if not self._resynced:
+            self._resynced = True
+            self._enqueue(_Job("resync", ""))
+
+    def _resync(self) -> None:
+        self.remote.cleanup_incomplete()
+        for name in sorted(self.local.listdir("")):
+            manifest = f"{name}/{MANIFEST}"
+            if self.local.file_size(manifest) is not None and self.remote.file_size(manifest) is None:
+                log.info("%s: %s was never uploaded; queueing it", self.remote.url, name)
+                self._enqueue(_Job("upload", manifest))
 
     def set_deadline(self, deadline: datetime | None) -> None:
         self.local.set_deadline(deadline)
@@ -250,6 +258,9 @@ class MirrorStore(Store):
                 self._cond.notify_all()
 
     def _do(self, job: _Job) -> None:
+        if job.kind == "resync":
+            self._resync()
+            return
         if job.kind == "delete":
             self.remote.delete_dir(job.path)
             with self._cond:
