@@ -377,7 +377,8 @@ class AWSMetadata:
                 self._fetch_token()
             if not self._v1:
                 return True
-            with self.get("/latest/meta-data/", timeout=timeout) as r:
+            # Only the token was unanswered (a hop limit): a real IMDS answers a GET at once.
+            with self.get("/latest/meta-data/", timeout=min(timeout, 0.25)) as r:
                 if r.status_code == 200:
                     return True
                 if r.status_code == 401:
@@ -838,7 +839,7 @@ class InterruptionWatcher:
             t.start()
         # Connect and read timeouts bound each probe, but a DNS lookup is not bounded
         # by them: the overall deadline is.
-        deadline = time.monotonic() + 2 * self.probe_timeout + 0.25
+        deadline = time.monotonic() + self.probe_timeout + 0.35
         for t in threads:
             t.join(max(0.0, deadline - time.monotonic()))
         enabled = []
@@ -1030,7 +1031,8 @@ class InterruptionWatcher:
             except Exception as e:
                 failures += 1
                 # Back off, but never so far that a notice could be missed by much.
-                delay = min(self.poll_interval * 2 ** min(failures - 1, 6), max(self.poll_interval, 10.0))
+                # Capped at 5 s (AWS advises polling at least that often) or the poll interval.
+                delay = min(self.poll_interval * 2 ** min(failures - 1, 6), max(self.poll_interval, 5.0))
                 (log.warning if failures == 1 else log.debug)(
                     "%s source: %s (attempt %d; retrying in %.1f s)", source.name, e, failures, delay
                 )
@@ -1082,6 +1084,8 @@ class InterruptionWatcher:
             previous(signum, frame)
 
     def _drain_signals(self) -> None:
+        if self._signal_queue.empty():  # the common case, read on every training step
+            return
         while True:
             try:
                 signum, detected = self._signal_queue.get_nowait()
