@@ -1,0 +1,63 @@
+"""Notice agreement: a notice appears on rank 1 only; every rank must agree at the same step.
+
+argv: OUT_DIR NOTICE_STEP
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from datetime import datetime, timedelta, timezone
+
+import torch
+
+from _common import init, report
+from spotsafe.distributed import DistContext, NoticeAgreement
+from spotsafe.interruption import Notice
+
+
+def run(ctx: DistContext, every: int, async_: bool, notice_step: int, action: str) -> dict:
+    agreement = NoticeAgreement(ctx, every=every, async_=async_)
+    now = datetime.now(timezone.utc)
+    notice = None
+    agreed_at = None
+    result = None
+    for step in range(1, 40):
+        if ctx.rank == 1 and step == notice_step:
+            notice = Notice(source="manual", action=action, deadline=now + timedelta(seconds=120), detected_at=now)
+        torch.mm(torch.randn(32, 32), torch.randn(32, 32))  # a token of compute
+        got = agreement.step(notice, step)
+        if got is not None and agreed_at is None:
+            agreed_at = step
+            result = got
+    agreement.drain()
+    assert result is not None
+    return {
+        "every": every, "async": async_, "agreed_at": agreed_at, "bound": agreement.bound_steps(),
+        "level": result.level, "source_rank": result.source_rank,
+        "deadline": result.deadline.isoformat() if result.deadline else None,
+        "expected_deadline": (now + timedelta(seconds=120)).isoformat() if ctx.rank == 1 else None,
+    }
+
+
+def main() -> None:
+    rank, _ = init()
+    notice_step = int(sys.argv[2])
+    ctx = DistContext.detect()
+    assert ctx is not None
+    results = [
+        run(ctx, 1, True, notice_step, "terminate"),
+        run(ctx, 3, True, notice_step, "terminate"),
+        run(ctx, 3, False, notice_step, "rebalance"),
+    ]
+    # the cost of one synchronous agreement, for the record
+    agreement = NoticeAgreement(ctx, every=1, async_=False)
+    t = time.perf_counter()
+    for _ in range(200):
+        agreement.step(None)
+    sync_us = (time.perf_counter() - t) / 200 * 1e6
+    report(f"agree-{rank}.json", {"rank": rank, "runs": results, "sync_us": sync_us})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,256 @@
+"""spotsafe.distributed under real torchrun jobs (2 ranks, gloo on CPU) and in-process.
+
+The scripts torchrun launches live in tests/dist_workers/; each writes its
+rank's findings as JSON into a directory the test then reads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+import torch
+
+from spotsafe.distributed import (
+    DistContext,
+    ElasticDistributedSampler,
+    FileRecord,
+    load_sharded,
+    missing_ranks,
+    resplit,
+    save_sharded,
+    source_rank,
+)
+from spotsafe.errors import CheckpointCorrupt, DistributedError, UnsafeCheckpoint
+from spotsafe.storages.local import LocalStore
+
+WORKERS = Path(__file__).parent / "dist_workers"
+
+
+def torchrun(script: str, *args: object, nproc: int = 2, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("SPOTSAFE_STORE", None)
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc_per_node={nproc}", str(WORKERS / script), *map(str, args),
+    ]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def results(out: Path, prefix: str, world: int = 2) -> list[dict]:
+    found = []
+    for rank in range(world):
+        path = out / f"{prefix}-{rank}.json"
+        assert path.exists() == True, f"rank {rank} wrote no result"  # noqa: E712
+        found.append(json.loads(path.read_text()))
+    return found
+
+
+# --------------------------------------------------------------------- torchrun jobs
+
+
+def test_notice_on_rank_1_only_is_agreed_by_every_rank_at_the_same_step(tmp_path: Path) -> None:
+    notice_step = 7
+    proc = torchrun("agree.py", tmp_path, notice_step)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = results(tmp_path, "agree")
+    expected_levels = [2, 2, 1]  # terminate, terminate, rebalance
+    for a, b, level in zip(r0["runs"], r1["runs"], expected_levels):
+        assert a["agreed_at"] == b["agreed_at"]
+        assert 0 <= a["agreed_at"] - notice_step <= a["bound"]
+        assert a["level"] == b["level"] == level
+        assert a["source_rank"] == b["source_rank"] == 1
+        # every rank sees the doomed rank's deadline (a float64 timestamp: to the microsecond)
+        assert a["deadline"] == b["deadline"]
+        gap = datetime.fromisoformat(a["deadline"]) - datetime.fromisoformat(b["expected_deadline"])
+        assert abs(gap.total_seconds()) < 1e-5
+    # every=1 async agrees on the very next step; every=3 async within its 5-step bound
+    assert r0["runs"][0]["agreed_at"] == notice_step + 1
+    assert r0["runs"][1]["bound"] == 5
+
+
+def test_fsdp_state_round_trips_through_dcp_and_reshards_to_one_rank(tmp_path: Path) -> None:
+    out, root = tmp_path / "out", tmp_path / "store"
+    proc = torchrun("dcp_roundtrip.py", out, root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = results(out, "dcp")
+    assert r0["equal"] == r1["equal"] == True  # noqa: E712
+    assert r0["local_shape"] == [8, 8]  # really sharded: 16 rows over 2 ranks
+
+    step = root / "step-000000000002"
+    manifest = json.loads((step / "manifest.json").read_text())
+    listed = {f["path"]: f for f in manifest["files"]}
+    on_disk = {str(p.relative_to(step)) for p in step.rglob("*") if p.is_file()} - {"manifest.json"}
+    assert set(listed) == on_disk == {"dcp/.metadata", "dcp/__0_0.distcp", "dcp/__1_0.distcp"}
+    for path, rec in listed.items():
+        assert (step / path).stat().st_size == rec["size"]
+
+    # world size 2 -> 1: a plain, unsharded model and optimizer take the sharded checkpoint
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    torch.manual_seed(5)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    msd, osd = get_state_dict(model, opt)
+    state = {"model": msd, "optim": osd}
+    files = [FileRecord(**f) for f in manifest["files"]]
+    load_sharded(state, LocalStore(root), "step-000000000002", files=files)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    expected = torch.load(out / "expected.pt", weights_only=True)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, expected["model"][key])
+    got_msd, got_osd = get_state_dict(model, opt)
+    for fqn, moments in expected["optim"]["state"].items():
+        for name, value in moments.items():
+            assert torch.equal(got_osd["state"][fqn][name], value)
+
+
+@pytest.mark.parametrize("mode", ["kill", "hang"])
+def test_rank_lost_mid_save_commits_nothing_and_names_the_rank(tmp_path: Path, mode: str) -> None:
+    out, root = tmp_path / "out", tmp_path / "store"
+    timeout = 4.0
+    proc = torchrun("kill_mid_save.py", out, root, timeout, mode)
+    assert proc.returncode != 0
+    report = json.loads((out / "kill-0.json").read_text())
+    assert report["type"] == "DistributedError"
+    assert "rank 1 did not reach the barrier" in report["error"]
+    assert report["committed"] == []
+    assert report["elapsed"] < timeout + 3
+    if mode == "hang":  # no socket reset to notice: the timeout itself ended the wait
+        assert report["elapsed"] >= timeout * 0.9
+    # the torn step has no manifest; the previous one is intact and is what resumes
+    assert (root / "step-000000000002" / "manifest.json").exists() == False  # noqa: E712
+    manifest = json.loads((root / "step-000000000001" / "manifest.json").read_text())
+    torch.manual_seed(0)
+    reference = torch.nn.Linear(64, 64)
+    model = torch.nn.Linear(64, 64)
+    with torch.no_grad():
+        model.weight.zero_()
+        model.bias.zero_()
+    state = {"model": model.state_dict()}
+    load_sharded(state, LocalStore(root), "step-000000000001",
+                 files=[FileRecord(**f) for f in manifest["files"]])
+    assert torch.equal(state["model"]["weight"], reference.weight.detach())
+    assert torch.equal(state["model"]["bias"], reference.bias.detach())
+
+
+# --------------------------------------------------------------------- in-process
+
+
+def _saved_single(tmp_path: Path) -> tuple[LocalStore, list[FileRecord], torch.nn.Module]:
+    store = LocalStore(tmp_path / "store")
+    torch.manual_seed(3)
+    model = torch.nn.Linear(4, 3)
+    committed: list[list[FileRecord]] = []
+    files = save_sharded({"model": model.state_dict(), "meta": {"lr": 0.5}}, store, "step-000000000010",
+                         commit=committed.append)
+    assert committed == [files]
+    return store, files, model
+
+
+def test_single_process_sharded_save_and_load_without_a_process_group(tmp_path: Path) -> None:
+    store, files, model = _saved_single(tmp_path)
+    assert {f.path for f in files} == {"dcp/.metadata", "dcp/__0_0.distcp"}
+    target = torch.nn.Linear(4, 3)
+    state = {"model": target.state_dict(), "meta": {"lr": 0.0}}
+    load_sharded(state, store, "step-000000000010", files=files)
+    assert torch.equal(state["model"]["weight"], model.weight.detach())
+    assert state["meta"] == {"lr": 0.5}
+
+
+def test_a_torn_shard_is_refused_naming_the_file(tmp_path: Path) -> None:
+    store, files, _ = _saved_single(tmp_path)
+    shard = tmp_path / "store" / "step-000000000010" / "dcp" / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    state = {"model": torch.nn.Linear(4, 3).state_dict(), "meta": {"lr": 0.0}}
+    with pytest.raises(CheckpointCorrupt, match="__0_0.distcp"):
+        load_sharded(state, store, "step-000000000010", files=files)
+
+
+class _Planted:
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (os.system, (f"touch {MARKER}",))
+
+
+MARKER = Path("/tmp/spotsafe-dcp-pickle-marker")
+
+
+def test_dcp_metadata_cannot_run_code(tmp_path: Path) -> None:
+    store, _, _ = _saved_single(tmp_path)
+    MARKER.unlink(missing_ok=True)
+    meta = tmp_path / "store" / "step-000000000010" / "dcp" / ".metadata"
+    meta.write_bytes(pickle.dumps(_Planted()))
+    state = {"model": torch.nn.Linear(4, 3).state_dict(), "meta": {"lr": 0.0}}
+    with pytest.raises(UnsafeCheckpoint, match="posix.system|os.system"):
+        load_sharded(state, store, "step-000000000010")
+    assert MARKER.exists() == False  # noqa: E712
+
+
+def test_detect_without_a_process_group_is_none() -> None:
+    assert DistContext.detect() is None
+
+
+def test_missing_ranks_are_read_from_gloo_messages() -> None:
+    assert missing_ranks("[Rank 0]: Ranks 1, 3 failed to pass monitoredBarrier in 5000 ms") == [1, 3]
+    assert missing_ranks("[Rank 0]: Rank 2 failed to pass monitoredBarrier in 5000 ms") == [2]
+    assert missing_ranks("Connection closed by peer") == []
+    assert issubclass(DistributedError, RuntimeError)
+
+
+def test_source_rank_of_a_changed_world() -> None:
+    assert [source_rank(r, 2) for r in range(2)] == [0, 1]
+    assert [source_rank(r, 2) for r in range(4)] == [0, 1, 0, 1]
+    assert [source_rank(r, 4) for r in range(1)] == [0]
+
+
+@pytest.mark.parametrize("old,new", [(2, 1), (2, 3), (4, 2), (1, 2)])
+def test_resplit_reads_every_remaining_sample_once(old: int, new: int) -> None:
+    total, per_rank_consumed = 50, 5
+    consumed = per_rank_consumed * old
+    before = {p for r in range(old) for p in resplit(0, total, old, r)[:per_rank_consumed]}
+    assert before == set(range(consumed))  # round-robin: the first n per rank are a prefix
+    after = [p for r in range(new) for p in resplit(consumed, total, new, r)]
+    assert set(after) == set(range(consumed, total))
+    assert len(after) - len(set(after)) < new  # only DistributedSampler-style padding repeats
+
+
+@pytest.mark.parametrize("n,world,shuffle,drop_last", [(10, 2, True, False), (11, 3, True, False),
+                                                       (11, 3, False, True), (7, 2, False, False)])
+def test_elastic_sampler_matches_distributed_sampler(n: int, world: int, shuffle: bool, drop_last: bool) -> None:
+    from torch.utils.data import DistributedSampler
+
+    data = list(range(n))
+    for rank in range(world):
+        ours = ElasticDistributedSampler(data, world, rank, shuffle=shuffle, seed=4, drop_last=drop_last)
+        theirs = DistributedSampler(data, world, rank, shuffle=shuffle, seed=4, drop_last=drop_last)
+        for epoch in (0, 1):
+            ours.set_epoch(epoch)
+            theirs.set_epoch(epoch)
+            assert list(ours) == list(theirs)
+            assert len(ours) == len(theirs)
+
+
+def test_elastic_sampler_resumes_on_another_world_size() -> None:
+    data = list(range(20))
+    old = [ElasticDistributedSampler(data, 2, r, seed=1) for r in range(2)]
+    for s in old:
+        s.set_epoch(3)
+    read = {i for s in old for i in list(s)[:4]}  # each rank read 4 samples: 8 globally
+    new = [ElasticDistributedSampler(data, 3, r, seed=1) for r in range(3)]
+    for s in new:
+        s.set_position(3, 8)
+    rest = [i for s in new for i in s]
+    assert sum(len(s) for s in new) == len(rest)
+    assert set(rest) | read == set(data)
+    assert set(rest) & read == set()  # padding repeats remaining samples, never read ones
+    for s in new:
+        s.set_epoch(4)  # a new epoch starts from its beginning
+        assert s.start == 0
