@@ -1,0 +1,113 @@
+"""Off the cloud the watcher settles at once and then costs (next to) nothing.
+
+Resource bounds, not speed targets: start-up under 1 s with no metadata server
+(refused or hanging), and an idle CPU cost under 0.5% of one core.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from spotsafe.interruption import InterruptionWatcher
+
+IDLE_CPU_BOUND = 0.005  # of one core
+
+
+def _watcher_threads() -> list[str]:
+    return sorted(t.name for t in threading.enumerate() if t.name.startswith("spotsafe-"))
+
+
+def test_start_up_with_nothing_listening_is_instant() -> None:
+    began = time.monotonic()
+    watcher = InterruptionWatcher().start()  # auto: every endpoint is the closed port 127.0.0.1:9
+    elapsed = time.monotonic() - began
+    try:
+        assert watcher.sources == ("signal",)
+        assert elapsed < 1.0
+        # nothing to poll: no poller thread, only the dispatcher asleep on its socket
+        assert _watcher_threads() == ["spotsafe-watcher"]
+    finally:
+        watcher.stop()
+    assert _watcher_threads() == []
+
+
+def test_start_up_with_hanging_hosts_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A listener that never accepts: connections succeed (kernel backlog), nothing answers.
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(16)
+        host = "127.0.0.1:%d" % server.getsockname()[1]
+        monkeypatch.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", f"http://{host}")
+        monkeypatch.setenv("GCE_METADATA_HOST", host)
+        monkeypatch.setenv("SPOTSAFE_AZURE_METADATA_ENDPOINT", f"http://{host}")
+        began = time.monotonic()
+        watcher = InterruptionWatcher(signals=()).start()
+        elapsed = time.monotonic() - began
+        try:
+            assert watcher.sources == ()
+        finally:
+            watcher.stop()
+        # let the probes that gave up finish and close their connections
+        deadline = time.monotonic() + 3
+        while any(n.startswith("spotsafe-probe") for n in _watcher_threads()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert elapsed < 1.0
+
+
+def test_start_up_in_a_fresh_process() -> None:
+    code = (
+        "import time; t = time.monotonic(); "
+        "from spotsafe.interruption import InterruptionWatcher; "
+        "w = InterruptionWatcher().start(); print(round(time.monotonic() - t, 3), ','.join(w.sources)); w.stop()"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=os.environ.copy(), timeout=60).stdout.split()
+    assert out[1] == "signal"
+    assert float(out[0]) < 1.0  # import and start together
+
+
+def _idle_cpu(seconds: float) -> float:
+    """Fraction of one core this process used while the main thread slept."""
+    cpu, wall = time.process_time(), time.monotonic()
+    time.sleep(seconds)
+    return (time.process_time() - cpu) / (time.monotonic() - wall)
+
+
+def test_idle_cpu_off_cloud() -> None:
+    with InterruptionWatcher() as watcher:
+        assert watcher.sources == ("signal",)
+        time.sleep(0.2)
+        assert _idle_cpu(2.0) < IDLE_CPU_BOUND
+
+
+@pytest.fixture
+def aws_in_another_process() -> Iterator[str]:
+    """The simulator's own CPU must not count: it runs in a child process."""
+    proc = subprocess.Popen([sys.executable, "-m", "spotsafe.simulate", "aws"], stdout=subprocess.PIPE,
+                            text=True, env=os.environ.copy())
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().strip()
+        assert line.startswith("export AWS_EC2_METADATA_SERVICE_ENDPOINT=")
+        yield line.split("=", 1)[1]
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=10)
+
+
+def test_idle_cpu_while_polling_aws(aws_in_another_process: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", aws_in_another_process)
+    with InterruptionWatcher() as watcher:  # the default 2 s poll interval
+        assert watcher.sources == ("aws", "signal")
+        time.sleep(0.3)
+        used = _idle_cpu(4.0)
+        assert watcher.notice is None
+    assert used < IDLE_CPU_BOUND
