@@ -115,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         module = importlib.import_module(_DELEGATES[args[0]][0])
         return int(module.main(args[1:]) or 0)
     parser = argparse.ArgumentParser(prog="spotsafe", description="Spot-interruption-proof PyTorch checkpoints.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True)
     for name, helptext in (
         ("ls", "list checkpoints (quick check: files present with their sizes)"),
         ("verify", "list checkpoints and verify every checksum; exit 1 if any is damaged"),
