@@ -1,0 +1,488 @@
+"""``spotsafe.Run``: a training loop that checkpoints, survives a notice and resumes exactly.
+
+A few lines change in a loop::
+
+    run = spotsafe.Run("s3://bucket/runs/mnist", model=model, optimizer=opt, every_seconds=600)
+    for epoch in run.epochs(10):                 # starts at the restored epoch
+        for x, y in run.batches(train_loader):   # starts at the restored batch of that epoch
+            ...
+            run.step(loss=loss.item())            # may checkpoint; on a notice: save, exit 75
+    run.finish()                                  # final checkpoint; marks the run complete
+
+What a checkpoint holds: every stateful object given (``model``, ``optimizer``,
+``scheduler``, ``scaler``, ``extra_state``), every RNG (:class:`spotsafe.state.RNGState`)
+and, under the key ``"spotsafe"``, the run's counters and data position (epoch, batch
+in the epoch, the epoch's shuffle seed, the sampler generator's state or a
+StatefulDataLoader's state). Restoring all of it makes the resumed run's remaining
+steps bit-identical to the uninterrupted run's (CPU, deterministic ops).
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from spotsafe import EXIT_PREEMPTED
+from spotsafe.data import ResumableLoader, derive_epoch_seed, draw_epoch_seed
+from spotsafe.errors import SpotsafeError
+
+if TYPE_CHECKING:
+    from spotsafe.checkpoint import CheckpointInfo, Checkpointer
+    from spotsafe.interruption import InterruptionWatcher, Notice
+    from spotsafe.storage import Store
+
+log = logging.getLogger(__name__)
+
+#: Version of the dict the run stores under ``"spotsafe"`` in each checkpoint.
+RUN_STATE_FORMAT = 1
+#: Key of the run's own counters in the checkpoint.
+RUN_STATE_KEY = "spotsafe"
+#: When a process gets a path here, it appends one JSON line per notable event
+#: (start, resumed, notice, durable, complete); the rehearsal reads them.
+EVENTS_ENV = "SPOTSAFE_EVENTS"
+#: Periodic checkpoint interval when none of every_steps/every_seconds/every_epochs is given.
+DEFAULT_EVERY_SECONDS = 600.0
+
+_RESERVED = ("model", "optimizer", "scheduler", "scaler", "rng", RUN_STATE_KEY)
+
+
+class RunStateError(SpotsafeError, ValueError):
+    """The run's own state in a checkpoint is missing or from an unknown format."""
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def emit_event(event: str, **fields: Any) -> None:
+    """Append one event to the file named by ``SPOTSAFE_EVENTS`` (if set)."""
+    path = os.environ.get(EVENTS_ENV)
+    if not path:
+        return
+    record = {"event": event, "time": time.time(), "pid": os.getpid(), **fields}
+    line = json.dumps(record, default=str) + "\n"
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:  # a rehearsal aid: never let it break training
+        log.warning("could not write event to %s: %s", path, e)
+
+
+class Run:
+    """A training run that outlives the instances it runs on.
+
+    On construction it restores the newest intact checkpoint in ``store`` (logging
+    where it resumes from) or starts fresh. ``store`` is a local path (an EBS
+    mount), an fsspec URL (``s3://...``) or a :class:`spotsafe.storage.Store`; None
+    takes ``SPOTSAFE_STORE`` (set by ``python -m spotsafe.resume --store``).
+
+    ``watch``: True builds ``InterruptionWatcher()`` (AWS, GCP, Azure, SIGTERM;
+    ``SPOTSAFE_SOURCES`` overrides); False watches nothing; or pass your own
+    watcher. With ``exit_on_notice`` (default) a final notice makes :meth:`step`
+    save, wait until the checkpoint is durable and exit the process with
+    :data:`spotsafe.EXIT_PREEMPTED` (75); without it :attr:`should_stop` becomes
+    True and :meth:`epochs`/:meth:`batches` stop yielding.
+
+    ``seed``: the per-epoch shuffle seeds are derived from it; None draws each
+    epoch's seed from torch's global RNG when the epoch starts (as a plain
+    DataLoader does), so ``torch.manual_seed`` keeps runs reproducible.
+    """
+
+    def __init__(
+        self,
+        store: str | os.PathLike[str] | Store | None = None,
+        *,
+        model: Any = None,
+        optimizer: Any = None,
+        scheduler: Any = None,
+        scaler: Any = None,
+        every_steps: int | None = None,
+        every_seconds: float | None = None,
+        every_epochs: int | None = None,
+        keep_last: int = 3,
+        watch: bool | InterruptionWatcher = True,
+        extra_state: Mapping[str, Any] | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+        seed: int | None = None,
+        exit_on_notice: bool = True,
+        map_location: Any = None,
+        async_: bool = True,
+    ) -> None:
+        from spotsafe.checkpoint import Checkpointer
+        from spotsafe.state import RNGState
+
+        for name, value in (("every_steps", every_steps), ("every_epochs", every_epochs)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if every_seconds is not None and every_seconds <= 0:
+            raise ValueError(f"every_seconds must be > 0, got {every_seconds}")
+        if every_steps is None and every_seconds is None and every_epochs is None:
+            every_seconds = DEFAULT_EVERY_SECONDS
+        extra = dict(extra_state or {})
+        clash = sorted(set(extra) & set(_RESERVED))
+        if clash:
+            raise ValueError(f"extra_state keys {clash} are reserved by spotsafe.Run")
+
+        self.every_steps = every_steps
+        self.every_seconds = every_seconds
+        self.every_epochs = every_epochs
+        self.exit_on_notice = exit_on_notice
+        #: Plain (non-stateful) values of ``extra_state``; restored values replace them.
+        self.extra_state: dict[str, Any] = extra
+        #: The last metrics passed to :meth:`step`.
+        self.metrics: dict[str, Any] = {}
+        #: The checkpoint this run resumed from, or None for a fresh start.
+        self.resumed_from: CheckpointInfo | None = None
+        self.step_count = 0
+        self.epoch = 0
+        #: Batches of the current epoch already handed out (where a resume continues).
+        self.batch = 0
+        self.seed = seed
+        self._epoch_seed: int | None = None
+        self._sampler_state: torch.Tensor | None = None
+        self._loader_state: dict[str, Any] | None = None
+        self._loaders: dict[int, ResumableLoader] = {}
+        self._active: ResumableLoader | None = None
+        self._in_epochs = False
+        self._should_stop = False
+        self._closed = False
+        self._saved_step: int | None = None
+        self._handled: set[int] = set()
+        self._lock = threading.Lock()
+
+        self._objects: dict[str, Any] = {}
+        for name, obj in (("model", model), ("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
+            if obj is not None:
+                self._objects[name] = obj
+        self._rng = RNGState()
+
+        self.checkpointer: Checkpointer = Checkpointer(
+            store, storage_options=storage_options, keep_last=keep_last, async_=async_
+        )
+        self._restore(map_location)
+        self._last_save = time.monotonic()
+
+        self.watcher: InterruptionWatcher | None
+        self._owns_watcher = False
+        if watch is True:
+            from spotsafe.interruption import InterruptionWatcher
+
+            self.watcher = InterruptionWatcher().start()
+            self._owns_watcher = True
+        elif watch is False or watch is None:
+            self.watcher = None
+        else:
+            self.watcher = watch
+        atexit.register(self._atexit)
+
+    # -- public -------------------------------------------------------------------
+
+    @property
+    def store(self) -> Store:
+        return self.checkpointer.store
+
+    @property
+    def should_stop(self) -> bool:
+        """True once a final notice was handled (checkpoint durable); stop training."""
+        return self._should_stop
+
+    def epochs(self, n: int) -> Iterator[int]:
+        """Epoch numbers from the restored epoch up to ``n - 1``.
+
+        An epoch counts as done when its body finishes; ``every_epochs`` saves then.
+        """
+        self._in_epochs = True
+        try:
+            while self.epoch < n and not self._should_stop:
+                yield self.epoch
+                if self._should_stop:
+                    return
+                self._end_epoch()
+                self._check_notice()
+        finally:
+            self._in_epochs = False
+
+    def batches(self, loader: Iterable[Any]) -> Iterator[Any]:
+        """The current epoch's batches from ``loader``, from the restored batch on.
+
+        Batches already trained on before an interruption are not loaded again (for
+        map-style DataLoaders; see :mod:`spotsafe.data`). Use it for the one training
+        loader; iterate evaluation loaders directly.
+        """
+        rl = self._loaders.get(id(loader))
+        if rl is None or rl.loader is not loader:
+            rl = self._loaders[id(loader)] = ResumableLoader(loader)
+        self._active = rl
+        if self._epoch_seed is None:
+            # A fresh epoch: draw its seed now (after the checkpoint that resumes mid-epoch).
+            self._epoch_seed = (
+                derive_epoch_seed(self.seed, self.epoch) if self.seed is not None else draw_epoch_seed()
+            )
+            self._sampler_state = None
+            self._loader_state = None
+            self.batch = 0
+        iterator = rl.epoch(
+            epoch=self.epoch,
+            epoch_seed=self._epoch_seed,
+            start=self.batch,
+            sampler_state=self._sampler_state,
+            loader_state=self._loader_state,
+        )
+        self._sampler_state = rl.sampler_state
+        try:
+            for item in iterator:
+                if self._should_stop:
+                    return
+                self.batch += 1
+                yield item
+        finally:
+            close = getattr(iterator, "close", None)
+            if callable(close):
+                close()
+        if not self._in_epochs and not self._should_stop:
+            self._end_epoch()
+
+    def step(self, **metrics: Any) -> None:
+        """Count one optimizer step; save when due; handle a notice.
+
+        On a final notice with ``exit_on_notice`` this does not return: it saves,
+        waits until durable and exits with :data:`spotsafe.EXIT_PREEMPTED`.
+        """
+        self.step_count += 1
+        if metrics:
+            self.metrics = metrics
+        if self._check_notice():
+            return
+        due = (self.every_steps is not None and self.step_count % self.every_steps == 0) or (
+            self.every_seconds is not None and time.monotonic() - self._last_save >= self.every_seconds
+        )
+        if due:
+            # Never stall the loop behind a slow upload: if the previous save is still
+            # in flight, try again at the next step (wait(0) also re-raises its error).
+            if self.checkpointer.wait(0):
+                self._save("periodic", async_=None)
+
+    def save(self, reason: str = "manual", *, async_: bool | None = None) -> None:
+        """Checkpoint now (``reason`` as in the manifest)."""
+        self._save(reason, async_=async_)
+
+    def finish(self, metadata: Mapping[str, Any] | None = None) -> bool:
+        """Write a final checkpoint and mark the run complete; then release everything.
+
+        Returns False (and marks nothing) when the run was stopped by a notice.
+        """
+        if self._should_stop:
+            log.warning("run stopped by a notice at step %d: not marking it complete", self.step_count)
+            self.close()
+            return False
+        self.checkpointer.wait()
+        if self._saved_step != self.step_count:
+            self._save("final", async_=False)
+        self.checkpointer.wait()
+        info = {"epoch": self.epoch, "metrics": _plain_metrics(self.metrics), **dict(metadata or {})}
+        self.checkpointer.mark_complete(self.step_count, info)
+        log.info("run complete at step %d (epoch %d) in %s", self.step_count, self.epoch, self.store.url)
+        emit_event("complete", step=self.step_count, epoch=self.epoch)
+        self.close()
+        return True
+
+    def close(self) -> None:
+        """Wait for in-flight saves, stop the watcher (if the run built it), close the store."""
+        if self._closed:
+            return
+        self._closed = True
+        atexit.unregister(self._atexit)
+        try:
+            self.checkpointer.close()
+        finally:
+            if self._owns_watcher and self.watcher is not None:
+                self.watcher.stop()
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Run({self.store.url!r}, step={self.step_count}, epoch={self.epoch}, batch={self.batch})"
+
+    # -- state --------------------------------------------------------------------
+
+    def _run_state(self) -> dict[str, Any]:
+        loader_state = self._active.state_dict() if self._active is not None else None
+        return {
+            "format": RUN_STATE_FORMAT,
+            "step": self.step_count,
+            "epoch": self.epoch,
+            "batch": self.batch,
+            "seed": self.seed,
+            "epoch_seed": self._epoch_seed,
+            "sampler_state": self._sampler_state,
+            "loader_state": loader_state,
+        }
+
+    def _state(self) -> dict[str, Any]:
+        state: dict[str, Any] = dict(self._objects)
+        state.update(self.extra_state)
+        state["rng"] = self._rng
+        state[RUN_STATE_KEY] = self._run_state()
+        return state
+
+    def _restore(self, map_location: Any) -> None:
+        if not self.checkpointer.list():
+            log.info("no checkpoint in %s: starting fresh", self.store.url)
+            emit_event("start", step=0, store=self.store.url)
+            return
+        objects: dict[str, Any] = dict(self._objects)
+        stateful = {k: v for k, v in self.extra_state.items() if callable(getattr(v, "load_state_dict", None))}
+        objects.update(stateful)
+        # RNGs last: nothing after it may draw from them before training continues.
+        objects["rng"] = self._rng
+        # None: the newest intact checkpoint, falling back past corrupt ones.
+        rest = self.checkpointer.restore(None, objects, map_location=map_location)
+        run_state = rest.pop(RUN_STATE_KEY, None)
+        if not isinstance(run_state, Mapping):
+            raise RunStateError(
+                f"{self.store.url}: the newest checkpoint has no {RUN_STATE_KEY!r} run state "
+                "(written by Checkpointer.save directly, not by spotsafe.Run?)"
+            )
+        if run_state.get("format") != RUN_STATE_FORMAT:
+            raise RunStateError(
+                f"{self.store.url}: run state format {run_state.get('format')!r} "
+                f"is not {RUN_STATE_FORMAT} (written by a newer spotsafe?)"
+            )
+        info = getattr(self.checkpointer, "last_loaded", None)
+        for key, value in rest.items():
+            if key not in stateful:
+                self.extra_state[key] = value
+        self.step_count = int(run_state["step"])
+        self.epoch = int(run_state["epoch"])
+        self.batch = int(run_state["batch"])
+        if self.seed is None and run_state.get("seed") is not None:
+            self.seed = int(run_state["seed"])
+        self._epoch_seed = None if run_state.get("epoch_seed") is None else int(run_state["epoch_seed"])
+        self._sampler_state = run_state.get("sampler_state")
+        self._loader_state = run_state.get("loader_state")
+        self._saved_step = self.step_count
+        self.resumed_from = info
+        where = info.url if info is not None else self.store.url
+        log.info(
+            "resuming from step %d (epoch %d, batch %d) at %s", self.step_count, self.epoch, self.batch, where
+        )
+        emit_event("resumed", step=self.step_count, epoch=self.epoch, batch=self.batch, url=where)
+
+    def _end_epoch(self) -> None:
+        self.epoch += 1
+        self.batch = 0
+        self._epoch_seed = None
+        self._sampler_state = None
+        self._loader_state = None
+        if self.every_epochs is not None and self.epoch % self.every_epochs == 0:
+            self.checkpointer.wait()
+            self._save("periodic", async_=None)
+
+    def _save(self, reason: str, *, async_: bool | None) -> None:
+        self.checkpointer.save(
+            self.step_count,
+            self._state(),
+            epoch=self.epoch,
+            reason=reason,
+            async_=async_,
+            metadata={"batch": self.batch, "metrics": _plain_metrics(self.metrics)},
+        )
+        self._saved_step = self.step_count
+        self._last_save = time.monotonic()
+
+    # -- notices ------------------------------------------------------------------
+
+    def _check_notice(self) -> bool:
+        """Handle a pending notice; True when the run must stop."""
+        if self._should_stop:
+            return True
+        watcher = self.watcher
+        if watcher is None:
+            return False
+        notice = watcher.notice
+        if notice is None or id(notice) in self._handled:
+            return False
+        self._handled.add(id(notice))
+        if not notice.is_final:
+            log.warning("rebalance recommendation from %s: checkpointing at step %d", notice.source, self.step_count)
+            emit_event("rebalance", step=self.step_count, source=notice.source)
+            if self.checkpointer.wait(0) and self._saved_step != self.step_count:
+                self._save("rebalance", async_=None)
+            return False
+        self._on_final_notice(notice)
+        return True
+
+    def _on_final_notice(self, notice: Notice) -> None:
+        t0 = time.monotonic()
+        deadline = notice.deadline
+        left = (deadline - _now()).total_seconds()
+        log.warning(
+            "%s notice (%s) at step %d (epoch %d, batch %d): %.0f s to the deadline; checkpointing",
+            notice.source, notice.action, self.step_count, self.epoch, self.batch, left,
+        )
+        emit_event(
+            "notice", step=self.step_count, epoch=self.epoch, batch=self.batch, source=notice.source,
+            action=notice.action, detected_at=notice.detected_at.timestamp(), deadline=deadline.timestamp(),
+        )
+        self.store.set_deadline(deadline)
+        self.checkpointer.wait()  # an in-flight periodic save first
+        if self._saved_step != self.step_count:
+            self._save("notice", async_=False)
+        self.checkpointer.wait()
+        left = (deadline - _now()).total_seconds()
+        flushed = self.store.flush(timeout=max(left, 0.0))
+        took = time.monotonic() - t0
+        left = (deadline - _now()).total_seconds()
+        if flushed:
+            log.warning(
+                "checkpoint of step %d durable in %.2f s; %.0f s left before the deadline", self.step_count, took, left
+            )
+        else:
+            log.error(
+                "checkpoint of step %d committed locally in %.2f s but the remote copy did not finish before "
+                "the deadline", self.step_count, took,
+            )
+        emit_event("durable", step=self.step_count, epoch=self.epoch, batch=self.batch, seconds=took,
+                   flushed=flushed, left=left)
+        if self.watcher is not None:
+            self.watcher.acknowledge()
+        self._should_stop = True
+        if self.exit_on_notice:
+            self.close()
+            emit_event("exit", code=EXIT_PREEMPTED, step=self.step_count)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            sys.exit(EXIT_PREEMPTED)
+
+    def _atexit(self) -> None:
+        # A script that ends (or crashes) without finish(): let an async save land.
+        try:
+            self.close()
+        except Exception as e:  # noqa: BLE001 - at exit there is no one left to raise to
+            log.error("closing the run at exit failed: %s", e)
+
+
+def _plain_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in metrics.items():
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if isinstance(value, (bool, int, float, str)) or value is None:
+            out[key] = value
+    return out
