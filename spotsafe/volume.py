@@ -175,6 +175,7 @@ IAM_POLICY: dict[str, Any] = {
             "Action": [
                 "autoscaling:DescribeAutoScalingInstances",
                 "autoscaling:UpdateAutoScalingGroup",
+                "ec2:DescribeSpotInstanceRequests",
                 "ec2:CancelSpotInstanceRequests",
             ],
             "Resource": "*",
@@ -1111,17 +1112,20 @@ def finish(
             raise
     if spot:
         calls = _Calls(ec2 or ec2_client(identity.region))
-        r = calls("describe_instances", f"describe {iid}", InstanceIds=[iid])
-        requests = {
-            inst["SpotInstanceRequestId"]
-            for res in r.get("Reservations", [])
-            for inst in res.get("Instances", [])
-            if inst.get("SpotInstanceRequestId")
-        }
+        r = calls(
+            "describe_spot_instance_requests", f"find the spot request of {iid}",
+            Filters=[{"Name": "instance-id", "Values": [iid]}],
+        )
+        requests = sorted(
+            q["SpotInstanceRequestId"]
+            for q in r.get("SpotInstanceRequests", [])
+            if q.get("State") in ("open", "active", "disabled")
+        )
         if requests:
+            # A persistent request would launch a replacement for a finished run.
             calls("cancel_spot_instance_requests", f"cancel the spot request of {iid}",
-                  SpotInstanceRequestIds=sorted(requests))
-            done.extend(f"spot request {rid}: cancelled" for rid in sorted(requests))
+                  SpotInstanceRequestIds=requests)
+            done.extend(f"spot request {rid}: cancelled" for rid in requests)
     return done
 
 

@@ -36,7 +36,7 @@ from spotsafe.errors import (
 )
 from spotsafe.volume import Identity, Timeouts, VolumeManager
 from tests.ec2server import *  # noqa: F403
-from tests.ec2server import IAMEnforcingServer, run_instance, unique_tag
+from tests.ec2server import AMI, IAMEnforcingServer, run_instance, unique_tag
 
 FAST = Timeouts(poll=0.05, attach=5, detach=5, force_detach_after=0.3, device=3, snapshot=10, create=10)
 
@@ -615,3 +615,31 @@ def test_documented_iam_policy_allows_the_whole_flow(iam_server: IAMEnforcingSer
 def test_docs_carry_the_tested_iam_policy() -> None:
     doc = (Path(__file__).parent.parent / "docs" / "volume.md").read_text()
     assert json.dumps(vol.IAM_POLICY, indent=2) in doc
+
+
+# --------------------------------------------------------------------------- finish
+
+
+def test_finish_scales_the_group_to_zero(ec2_server: Any, ec2: Any) -> None:
+    asg = ec2_server.client("autoscaling")
+    name = unique_tag()
+    ec2.create_launch_template(LaunchTemplateName=name, LaunchTemplateData={"ImageId": AMI})
+    asg.create_auto_scaling_group(AutoScalingGroupName=name, LaunchTemplate={"LaunchTemplateName": name},
+                                  MinSize=1, MaxSize=2, DesiredCapacity=1, AvailabilityZones=["us-east-1b"])
+    iid = asg.describe_auto_scaling_groups(AutoScalingGroupNames=[name])["AutoScalingGroups"][0]["Instances"][0][
+        "InstanceId"]
+    done = vol.finish(Identity(iid, "us-east-1b", "us-east-1"), ec2=ec2, autoscaling=asg)
+    assert done == [f"auto scaling group {name}: desired capacity 0"]
+    g = asg.describe_auto_scaling_groups(AutoScalingGroupNames=[name])["AutoScalingGroups"][0]
+    assert (g["MinSize"], g["DesiredCapacity"]) == (0, 0)
+
+
+def test_finish_cancels_a_persistent_spot_request(ec2_server: Any, ec2: Any) -> None:
+    r = ec2.request_spot_instances(InstanceCount=1, Type="persistent", LaunchSpecification={
+        "ImageId": AMI, "InstanceType": "g5.xlarge"})
+    rid = r["SpotInstanceRequests"][0]["SpotInstanceRequestId"]
+    iid = ec2.describe_spot_instance_requests(SpotInstanceRequestIds=[rid])["SpotInstanceRequests"][0]["InstanceId"]
+    done = vol.finish(Identity(iid, "us-east-1b", "us-east-1"), ec2=ec2, autoscaling=ec2_server.client("autoscaling"))
+    assert done == [f"spot request {rid}: cancelled"]
+    left = ec2.describe_spot_instance_requests(Filters=[{"Name": "instance-id", "Values": [iid]}])
+    assert [q["State"] for q in left["SpotInstanceRequests"] if q["State"] in ("open", "active")] == []
