@@ -182,9 +182,8 @@ class MirrorStore(Store):
     @property
     def pending(self) -> list[str]:
         """Paths still to be uploaded or deleted remotely, oldest first."""
-        with self._cond:
-            jobs = ([self._busy] if self._busy else []) + list(self._queue)
-        return [j.path for j in jobs]
+        with self._cond:  # the job in hand stays at the head of the queue until done
+            return [j.path for j in self._queue if j.kind != "resync"]
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every queued upload and delete reached the remote. True when none is left."""
