@@ -700,11 +700,7 @@ class AzureSource(Source):
             self._session.close()
 
 
-_FACTORIES: dict[str, Callable[[InterruptionWatcher], Source]] = {
-    "aws": lambda w: AWSSource(w._settings.aws_endpoint, rebalance=w.rebalance, timeout=w.timeout),
-    "gcp": lambda w: GCPSource(w._settings.gcp_host, timeout=w.timeout),
-    "azure": lambda w: AzureSource(w._settings.azure_endpoint, timeout=w.timeout),
-}
+_PROVIDERS = ("aws", "gcp", "azure")
 
 SourceSpec = Union[str, Iterable[Union[str, Source]]]
 Callback = Callable[[Notice], Any]
@@ -764,11 +760,19 @@ class InterruptionWatcher:
         self._wake_r: socket.socket | None = None
         self._wake_w: socket.socket | None = None
         self._previous_handlers: dict[signal.Signals, Any] = {}
+        self._signals_active = False
 
     def __repr__(self) -> str:
         return f"InterruptionWatcher(sources={self.sources!r}, notice={self._notice!r})"
 
     # -- configuration
+
+    def _make_source(self, name: str) -> Source:
+        if name == "aws":
+            return AWSSource(self._settings.aws_endpoint, rebalance=self.rebalance, timeout=self.timeout)
+        if name == "gcp":
+            return GCPSource(self._settings.gcp_host, timeout=self.timeout)
+        return AzureSource(self._settings.azure_endpoint, timeout=self.timeout)
 
     def _resolve(self) -> tuple[list[Source], list[Source], bool]:
         """(sources to probe, sources enabled as given, whether signals are wanted)."""
@@ -788,18 +792,18 @@ class InterruptionWatcher:
                 continue
             if name == "auto":
                 want_signals = True
-                for key in ("aws", "gcp", "azure"):
+                for key in _PROVIDERS:
                     if key == "aws" and self._settings.aws_disabled:
                         log.debug("AWS source off: AWS_EC2_METADATA_DISABLED is set")
                         continue
-                    probe.append(_FACTORIES[key](self))
+                    probe.append(self._make_source(key))
             elif name == "signal":
                 want_signals = True
-            elif name in _FACTORIES:
+            elif name in _PROVIDERS:
                 if name == "aws" and self._settings.aws_disabled:
                     log.info("AWS source off: AWS_EC2_METADATA_DISABLED is set")
                     continue
-                given.append(_FACTORIES[name](self))
+                given.append(self._make_source(name))
             else:
                 raise ValueError(
                     f"unknown interruption source {item!r} (from {spec!r}); use auto, aws, gcp, azure, signal or none"
@@ -858,7 +862,7 @@ class InterruptionWatcher:
     def sources(self) -> tuple[str, ...]:
         """Names of the sources being watched (``"signal"`` when handlers are installed)."""
         names = [s.name for s in self._sources]
-        if self._previous_handlers:
+        if self._signals_active:
             names.append("signal")
         return tuple(names)
 
@@ -1054,32 +1058,44 @@ class InterruptionWatcher:
         if threading.current_thread() is not threading.main_thread():
             log.debug("not in the main thread: signal handlers not installed")
             return
+        self._previous_handlers = {}
         for sig in self.signals:
             try:
                 self._previous_handlers[sig] = signal.signal(sig, self._on_signal)
             except (ValueError, OSError) as e:
                 log.debug("cannot handle %s: %s", sig.name, e)
+        self._signals_active = bool(self._previous_handlers)
 
     def _restore_signals(self) -> None:
-        if not self._previous_handlers:
+        if not self._signals_active:
             return
+        self._signals_active = False  # a handler left behind now defers to the previous one
         if threading.current_thread() is not threading.main_thread():
-            log.warning("stop() outside the main thread: signal handlers left installed")
+            log.warning("stop() outside the main thread: signal handlers left installed (they defer to the previous ones)")
             return
         for sig, previous in self._previous_handlers.items():
             if signal.getsignal(sig) == self._on_signal:
                 signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
             else:
                 log.debug("%s handler was replaced after start(); leaving it", sig.name)
-        self._previous_handlers = {}
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         # Runs between bytecodes of the main thread: no locks, no logging, no I/O
         # beyond one non-blocking send. The dispatcher thread (or the next read of
         # .notice) turns it into a Notice.
+        sig = signal.Signals(signum)
+        previous = self._previous_handlers.get(sig)
+        if not self._signals_active:
+            # A stopped watcher's handler still installed (another handler was stacked
+            # on it and restored it): behave exactly as the previous disposition would.
+            if callable(previous):
+                previous(signum, frame)
+            elif previous != signal.SIG_IGN:
+                signal.signal(sig, signal.SIG_DFL)
+                signal.raise_signal(sig)
+            return
         self._signal_queue.put((signum, _utcnow()))
         self._wake()
-        previous = self._previous_handlers.get(signal.Signals(signum))
         if callable(previous):
             previous(signum, frame)
 

@@ -906,8 +906,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if deadline is not None and time.monotonic() >= deadline:
                     break
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     return 0
 
 

@@ -519,6 +519,27 @@ def test_sigterm_in_process_chains_and_restores() -> None:
         signal.signal(signal.SIGTERM, old)
 
 
+def test_stacked_watchers_stopped_out_of_order_defer_to_the_original_handler() -> None:
+    calls: list[int] = []
+
+    def original(signum: int, frame: object) -> None:
+        calls.append(signum)
+
+    old = signal.signal(signal.SIGTERM, original)
+    try:
+        first = InterruptionWatcher("signal").start()
+        second = InterruptionWatcher("signal").start()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert second.notice is not None and first.notice is not None  # chained through both
+        first.stop()  # out of order: second's handler stays installed
+        second.stop()  # puts back first's (stale) handler
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert calls == [signal.SIGTERM, signal.SIGTERM]  # the stale handler deferred to the original
+        assert first._signal_queue.empty()
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def test_signal_wakes_wait_and_callback_runs_on_watcher_thread() -> None:
     threads: list[str] = []
     done = threading.Event()
