@@ -159,6 +159,7 @@ class Run:
         self._should_stop = False
         self._closed = False
         self._saved_step: int | None = None
+        self._save_due = False
         self._handled: set[int] = set()
         self._lock = threading.Lock()
 
@@ -265,14 +266,14 @@ class Run:
             self.metrics = metrics
         if self._check_notice():
             return
-        due = (self.every_steps is not None and self.step_count % self.every_steps == 0) or (
+        if (self.every_steps is not None and self.step_count % self.every_steps == 0) or (
             self.every_seconds is not None and time.monotonic() - self._last_save >= self.every_seconds
-        )
-        if due:
-            # Never stall the loop behind a slow upload: if the previous save is still
-            # in flight, try again at the next step (wait(0) also re-raises its error).
-            if self.checkpointer.wait(0):
-                self._save("periodic", async_=None)
+        ):
+            self._save_due = True
+        # Never stall the loop behind a slow upload: while the previous save is still
+        # in flight, the due one waits for a later step (wait(0) also re-raises its error).
+        if self._save_due and self.checkpointer.wait(0):
+            self._save("periodic", async_=None)
 
     def save(self, reason: str = "manual", *, async_: bool | None = None) -> None:
         """Checkpoint now (``reason`` as in the manifest)."""
@@ -404,6 +405,7 @@ class Run:
             metadata={"batch": self.batch, "metrics": _plain_metrics(self.metrics)},
         )
         self._saved_step = self.step_count
+        self._save_due = False
         self._last_save = time.monotonic()
 
     # -- notices ------------------------------------------------------------------

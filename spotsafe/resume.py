@@ -1,0 +1,252 @@
+"""``python -m spotsafe.resume``: the supervisor a spot instance runs at boot.
+
+    python -m spotsafe.resume --store s3://bucket/runs/mnist [--max-restarts 3] -- python train.py ARGS...
+
+It runs the command with ``SPOTSAFE_STORE`` set (so ``spotsafe.Run()`` with no store
+uses it); the child's output goes straight to this process's stdout/stderr. Then:
+
+- exit 0: done, exit 0;
+- exit 75 (:data:`spotsafe.EXIT_PREEMPTED`): the state is safe and this instance is
+  going away: exit 75 without restarting;
+- any other exit (a crash, a kill): restart the command (it resumes from the newest
+  checkpoint) after a backoff, up to ``--max-restarts`` times, then fail loudly;
+- a run already marked complete in the store: do nothing, say so, exit 0;
+- SIGTERM/SIGINT to the supervisor: forwarded to the child, whose Run saves and exits;
+  the supervisor waits for it and exits with its code.
+
+``--status`` prints whether the run is complete and its newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from types import FrameType
+from typing import Any, TextIO
+
+from spotsafe import EXIT_PREEMPTED
+
+#: Exit status when the command kept crashing (EX_SOFTWARE).
+EXIT_GAVE_UP = 70
+DEFAULT_MAX_RESTARTS = 3
+DEFAULT_BACKOFF = 5.0
+MAX_BACKOFF = 300.0
+
+
+def _say(message: str, out: TextIO | None = None) -> None:
+    print(f"spotsafe.resume: {message}", file=out or sys.stderr, flush=True)
+
+
+def exit_status(returncode: int) -> int:
+    """A child's returncode as a shell exit status (killed by signal N -> 128 + N)."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+@dataclass
+class Supervisor:
+    """Runs ``command`` until it finishes, is preempted, or crashes too often."""
+
+    command: Sequence[str]
+    env: Mapping[str, str] | None = None
+    max_restarts: int = DEFAULT_MAX_RESTARTS
+    backoff: float = DEFAULT_BACKOFF
+    cwd: str | None = None
+    #: returncodes of every launch, in order
+    history: list[int] = field(default_factory=list)
+    _child: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    _stopping: threading.Event = field(default_factory=threading.Event, repr=False)
+    _forwarded: int | None = field(default=None, repr=False)
+
+    def forward(self, signum: int) -> None:
+        """Pass a signal to the running child; no restart happens afterwards."""
+        self._stopping.set()
+        self._forwarded = signum
+        child = self._child
+        if child is not None and child.poll() is None:
+            try:
+                child.send_signal(signum)
+            except ProcessLookupError:
+                pass
+
+    def launch_once(self) -> int:
+        """Run the command once; its exit status."""
+        try:
+            child = subprocess.Popen(list(self.command), env=dict(self.env) if self.env is not None else None, cwd=self.cwd)
+        except OSError as e:
+            raise SystemExit(f"spotsafe.resume: cannot run {self.command[0]!r}: {e}") from e
+        self._child = child
+        if self._stopping.is_set() and self._forwarded is not None:  # signal raced the launch
+            child.send_signal(self._forwarded)
+        try:
+            returncode = child.wait()
+        finally:
+            self._child = None
+        status = exit_status(returncode)
+        self.history.append(status)
+        return status
+
+    def run(self) -> int:
+        """Launch, restarting after crashes; the final exit status."""
+        restarts = 0
+        while True:
+            status = self.launch_once()
+            if status == 0:
+                return 0
+            if status == EXIT_PREEMPTED:
+                _say(f"the run saved its state on a preemption notice (exit {EXIT_PREEMPTED}); not restarting on this instance")
+                return EXIT_PREEMPTED
+            if self._stopping.is_set():
+                _say(f"stopped by signal {self._forwarded}; the command exited with status {status}")
+                return status
+            if restarts >= self.max_restarts:
+                _say(
+                    f"GIVING UP: {' '.join(self.command)!r} failed {restarts + 1} times "
+                    f"(exit statuses {self.history}); --max-restarts is {self.max_restarts}. "
+                    "Fix the error above; the checkpoints in the store are untouched."
+                )
+                return status if status != 0 else EXIT_GAVE_UP
+            delay = min(self.backoff * (2**restarts), MAX_BACKOFF)
+            restarts += 1
+            _say(f"the command exited with status {status}; restart {restarts}/{self.max_restarts} in {delay:g} s")
+            if self._stopping.wait(delay):
+                return status
+
+
+def completion(store: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+    """What ``Run.finish()`` wrote for the run in ``store``, or None."""
+    from spotsafe.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(store, storage_options=storage_options)
+    try:
+        return ckpt.completion()
+    finally:
+        ckpt.close()
+
+
+def status_text(store: str, storage_options: Mapping[str, Any] | None = None) -> str:
+    """The run's state in a few lines: complete or not; the newest checkpoint."""
+    from spotsafe.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(store, storage_options=storage_options)
+    try:
+        done = ckpt.completion()
+        infos = ckpt.list()
+    finally:
+        ckpt.close()
+    lines = [f"store: {store}"]
+    lines.append(f"complete: yes ({_describe(done)})" if done is not None else "complete: no")
+    if not infos:
+        lines.append("checkpoints: none")
+    else:
+        newest = infos[-1]
+        age = (datetime.now(timezone.utc) - newest.time).total_seconds()
+        batch = newest.metadata.get("batch") if isinstance(newest.metadata, Mapping) else None
+        where = f"epoch {newest.epoch}" + (f", batch {batch}" if batch is not None else "")
+        lines.append(f"checkpoints: {len(infos)}")
+        lines.append(
+            f"newest: step {newest.step} ({where}), reason {newest.reason}, "
+            f"{_age(age)} old, {newest.size} bytes, {newest.url}"
+        )
+    return "\n".join(lines)
+
+
+def _describe(done: Mapping[str, Any]) -> str:
+    parts = [f"step {done.get('step')}"]
+    meta = done.get("metadata")
+    if isinstance(meta, Mapping) and meta.get("epoch") is not None:
+        parts.append(f"epoch {meta['epoch']}")
+    if done.get("time"):
+        parts.append(f"at {done['time']}")
+    return ", ".join(parts)
+
+
+def _age(seconds: float) -> str:
+    seconds = max(seconds, 0.0)
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m spotsafe.resume",
+        description="Run a training command until it finishes, resuming it from its newest checkpoint.",
+        epilog="Example: python -m spotsafe.resume --store /mnt/spotsafe/runs/mnist -- python train.py",
+    )
+    parser.add_argument("--store", default=os.environ.get("SPOTSAFE_STORE"),
+                        help="checkpoint store (path or URL); default $SPOTSAFE_STORE")
+    parser.add_argument("--max-restarts", type=int, default=DEFAULT_MAX_RESTARTS,
+                        help=f"restarts after crashes before giving up (default {DEFAULT_MAX_RESTARTS})")
+    parser.add_argument("--backoff", type=float, default=DEFAULT_BACKOFF,
+                        help=f"seconds before the first restart, doubling each time (default {DEFAULT_BACKOFF:g})")
+    parser.add_argument("--status", action="store_true", help="print the run's state and exit")
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- the training command")
+    args = parser.parse_args(argv)
+    if args.command and args.command[0] == "--":
+        args.command = args.command[1:]
+    if not args.store:
+        parser.error("--store is required (or set SPOTSAFE_STORE)")
+    if args.max_restarts < 0:
+        parser.error("--max-restarts must be >= 0")
+    if not args.status and not args.command:
+        parser.error("give the training command after --")
+    return args
+
+
+def supervise(
+    command: Sequence[str],
+    store: str,
+    *,
+    env: Mapping[str, str] | None = None,
+    max_restarts: int = DEFAULT_MAX_RESTARTS,
+    backoff: float = DEFAULT_BACKOFF,
+    check_complete: bool = True,
+) -> int:
+    """The supervisor's work (what ``main`` does after parsing); returns the exit status.
+
+    Installs SIGTERM/SIGINT forwarding while it runs when called from the main thread.
+    """
+    if check_complete:
+        done = completion(store)
+        if done is not None:
+            _say(f"the run in {store} is already complete ({_describe(done)}); nothing to do", sys.stdout)
+            return 0
+    child_env = dict(os.environ if env is None else env)
+    child_env["SPOTSAFE_STORE"] = store
+    sup = Supervisor(command, env=child_env, max_restarts=max_restarts, backoff=backoff)
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        _say(f"got signal {signum}: forwarding it to the training process and waiting for its final save")
+        sup.forward(signum)
+
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            previous[signum] = signal.signal(signum, handler)
+    try:
+        return sup.run()
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.status:
+        print(status_text(args.store))
+        return 0
+    return supervise(args.command, args.store, max_restarts=args.max_restarts, backoff=args.backoff)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

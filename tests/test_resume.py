@@ -1,0 +1,216 @@
+"""python -m spotsafe.resume: restart on crash, stop on 75, skip a complete run, forward SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from spotsafe import EXIT_PREEMPTED
+from spotsafe.resume import Supervisor, exit_status, main, supervise
+
+PY = sys.executable
+
+
+def script(tmp_path: Path, body: str) -> list[str]:
+    path = tmp_path / "child.py"
+    path.write_text(textwrap.dedent(body))
+    return [PY, str(path)]
+
+
+# A child that counts its launches in a file and exits with the status listed for that launch.
+COUNTER = """
+    import os, sys
+    from pathlib import Path
+    f = Path(os.environ["COUNT_FILE"])
+    n = int(f.read_text()) if f.exists() else 0
+    f.write_text(str(n + 1))
+    codes = [int(c) for c in os.environ["CODES"].split(",")]
+    print("launch", n, "store", os.environ.get("SPOTSAFE_STORE"), flush=True)
+    sys.exit(codes[min(n, len(codes) - 1)])
+"""
+
+
+def counter_env(tmp_path: Path, codes: str) -> dict[str, str]:
+    return {**os.environ, "COUNT_FILE": str(tmp_path / "count"), "CODES": codes}
+
+
+def launches(tmp_path: Path) -> int:
+    return int((tmp_path / "count").read_text())
+
+
+def test_restarts_after_crashes_then_succeeds(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    cmd = script(tmp_path, COUNTER)
+    code = supervise(cmd, str(tmp_path / "store"), env=counter_env(tmp_path, "1,2,0"), backoff=0.01,
+                     check_complete=False)
+    assert code == 0
+    assert launches(tmp_path) == 3
+    out, err = capfd.readouterr()
+    # the child's output is streamed and it got the store
+    assert f"launch 2 store {tmp_path / 'store'}" in out
+    assert "restart 2/3" in err
+
+
+def test_gives_up_after_max_restarts(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    cmd = script(tmp_path, COUNTER)
+    code = supervise(cmd, str(tmp_path / "store"), env=counter_env(tmp_path, "3"), max_restarts=2, backoff=0.01,
+                     check_complete=False)
+    assert code == 3
+    assert launches(tmp_path) == 3
+    assert "GIVING UP" in capfd.readouterr().err
+
+
+def test_preempted_child_is_not_restarted(tmp_path: Path) -> None:
+    cmd = script(tmp_path, COUNTER)
+    code = supervise(cmd, str(tmp_path / "store"), env=counter_env(tmp_path, f"{EXIT_PREEMPTED},0"), backoff=0.01,
+                     check_complete=False)
+    assert code == EXIT_PREEMPTED
+    assert launches(tmp_path) == 1
+
+
+def test_killed_child_status_and_restart(tmp_path: Path) -> None:
+    cmd = script(tmp_path, """
+        import os, signal
+        from pathlib import Path
+        f = Path(os.environ["COUNT_FILE"])
+        n = int(f.read_text()) if f.exists() else 0
+        f.write_text(str(n + 1))
+        if n == 0:
+            os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    sup = Supervisor(cmd, env=counter_env(tmp_path, "0"), backoff=0.01)
+    assert sup.run() == 0
+    assert sup.history == [128 + signal.SIGKILL, 0]
+    assert exit_status(-15) == 143
+
+
+def test_sigterm_is_forwarded_and_child_status_returned(tmp_path: Path) -> None:
+    ready = tmp_path / "ready"
+    child = tmp_path / "child.py"
+    child.write_text(textwrap.dedent(f"""
+        import signal, sys, time
+        from pathlib import Path
+        def on_term(signum, frame):
+            time.sleep(0.3)  # the "final save"
+            Path({str(tmp_path / 'saved')!r}).write_text("saved")
+            sys.exit({EXIT_PREEMPTED})
+        signal.signal(signal.SIGTERM, on_term)
+        Path({str(ready)!r}).write_text("1")
+        time.sleep(60)
+    """))
+    proc = subprocess.Popen(
+        [PY, "-m", "spotsafe.resume", "--store", str(tmp_path / "store"), "--backoff", "0", "--",
+         PY, str(child)],
+        stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 30
+    while not ready.exists():
+        assert time.monotonic() < deadline
+        assert proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == EXIT_PREEMPTED
+    assert (tmp_path / "saved").read_text() == "saved"  # it waited for the child's final save
+    assert "forwarding" in err
+
+
+def test_cli_argument_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["--store", "/tmp/x"])
+    assert e.value.code == 2
+    assert "give the training command" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--", "true"])
+    assert "--store is required" in capsys.readouterr().err
+
+
+def test_missing_command_fails_clearly(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as e:
+        supervise([str(tmp_path / "no-such-program")], str(tmp_path / "store"), check_complete=False)
+    assert "no-such-program" in str(e.value.code)
+
+
+def finished_store(path: Path, steps: int = 4) -> None:
+    from spotsafe import Run
+
+    run = Run(path, model=torch_linear(), watch=False)
+    for _ in range(steps):
+        run.step()
+    run.finish()
+
+
+def torch_linear() -> object:
+    import torch
+
+    torch.manual_seed(0)
+    return torch.nn.Linear(2, 2)
+
+
+def test_complete_run_is_not_run_again(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    store = tmp_path / "store"
+    finished_store(store)
+    marker = tmp_path / "ran"
+    code = main(["--store", str(store), "--", PY, "-c", f"open({str(marker)!r}, 'w').write('x')"])
+    assert code == 0
+    assert not marker.exists()
+    assert "already complete (step 4" in capsys.readouterr().out
+
+
+def test_status(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from spotsafe import Run
+
+    store = tmp_path / "store"
+    assert main(["--status", "--store", str(store)]) == 0
+    out = capsys.readouterr().out
+    assert "complete: no" in out and "checkpoints: none" in out
+    run = Run(store, model=torch_linear(), watch=False, every_steps=3)
+    for _ in range(3):
+        run.step()
+    run.close()
+    assert main(["--status", "--store", str(store)]) == 0
+    out = capsys.readouterr().out
+    assert "complete: no" in out
+    assert "newest: step 3 (epoch 0, batch 0), reason periodic" in out
+    finished_store(tmp_path / "done", steps=5)
+    assert main(["--status", "--store", str(tmp_path / "done")]) == 0
+    assert "complete: yes (step 5, epoch 0" in capsys.readouterr().out
+
+
+def test_crash_then_resume_through_the_cli(tmp_path: Path) -> None:
+    """A real Run crashes once mid-way; the supervisor restarts it and it resumes, then completes."""
+    child = tmp_path / "train.py"
+    child.write_text(textwrap.dedent("""
+        import os, sys, torch
+        from pathlib import Path
+        import spotsafe
+        torch.manual_seed(0)
+        model = torch.nn.Linear(2, 2)
+        run = spotsafe.Run(model=model, watch=False, every_steps=5)
+        print("start", run.step_count, flush=True)
+        crashed = Path(sys.argv[1])
+        while run.step_count < 20:
+            run.step()
+            if run.step_count == 12 and not crashed.exists():
+                crashed.write_text("1")
+                raise RuntimeError("simulated crash")
+        run.finish()
+    """))
+    proc = subprocess.run(
+        [PY, "-m", "spotsafe.resume", "--store", str(tmp_path / "store"), "--backoff", "0", "--",
+         PY, str(child), str(tmp_path / "crashed")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    words = proc.stdout.split()
+    # the restart resumed from a periodic checkpoint (10, or 5 when 10's save was still queued behind 5's)
+    assert words[:3] == ["start", "0", "start"] and words[3] in ("5", "10")
+    assert len(words) == 4
+    assert "simulated crash" in proc.stderr
+    assert "restart 1/3" in proc.stderr
