@@ -211,9 +211,7 @@ class SnapshotBuffer:
         if self._tensor is None or self._tensor.numel() < nbytes:
             self._tensor = self._view = None  # free the old one before allocating
             t = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=self.pin)
-            # A memoryview straight onto the tensor's memory (no NumPy needed) for os.write.
-            array = (ctypes.c_ubyte * t.numel()).from_address(t.data_ptr())
-            self._tensor, self._view = t, memoryview(array).cast("B")
+            self._tensor, self._view = t, _memory(t)
         assert self._view is not None
         return self._tensor[:nbytes], self._view[:nbytes]
 
@@ -223,17 +221,41 @@ class SnapshotBuffer:
 
 @dataclass
 class Snapshot:
-    """A state copied into CPU memory: ready to be written while training goes on."""
+    """A state captured for writing: its description and the data file's bytes, in order.
+
+    After an async snapshot the parts are views of the snapshot buffer (training
+    may go on); after a zero-copy one they point at the live tensors' memory.
+    """
 
     description: dict[str, Any]
-    data: memoryview  # the data file's bytes (a view of the snapshot buffer)
+    parts: list[memoryview]  # concatenated, they are the data file
     blobs: list[Blob]
-    buffer: torch.Tensor = field(repr=False)  # keeps the memory under ``data`` alive
+    keepalive: list[Any] = field(repr=False)  # what the memory under ``parts`` belongs to
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(p) for p in self.parts)
 
 
-def snapshot(state: Mapping[str, Any] | FlatState, buffer: SnapshotBuffer) -> Snapshot:
-    """Step 1: copy every tensor of ``state`` into ``buffer``. Blocks until the copy is done."""
+def _memory(t: torch.Tensor) -> memoryview:
+    """A writable memoryview straight onto a contiguous CPU uint8 tensor's memory (no NumPy needed)."""
+    n = t.numel()
+    if n == 0:
+        return memoryview(bytearray())
+    return memoryview((ctypes.c_ubyte * n).from_address(t.data_ptr())).cast("B")
+
+
+def snapshot(state: Mapping[str, Any] | FlatState, buffer: SnapshotBuffer | None) -> Snapshot:
+    """Step 1: capture ``state`` for writing.
+
+    With a ``buffer``, every tensor's bytes are copied into it (the async case:
+    the caller may change its tensors as soon as this returns). With None, CPU
+    tensors are written from their own memory, no copy (the sync case: the caller
+    waits for the write); CUDA tensors are still copied to the host.
+    """
     flat = state if isinstance(state, FlatState) else flatten(state)
+    if buffer is None:
+        return _zero_copy(flat)
     dst, view = buffer.get(flat.nbytes)
     cuda = False
     pos = 0
@@ -248,19 +270,42 @@ def snapshot(state: Mapping[str, Any] | FlatState, buffer: SnapshotBuffer) -> Sn
         dst[pos:].zero_()
     if cuda:
         torch.cuda.synchronize()
-    return Snapshot(flat.description(), view, list(flat.blobs), dst)
+    return Snapshot(flat.description(), [view], list(flat.blobs), [dst, buffer])
+
+
+def _zero_copy(flat: FlatState) -> Snapshot:
+    parts: list[memoryview] = []
+    keep: list[Any] = []
+    pos = 0
+    for blob, src in zip(flat.blobs, flat.sources):
+        if blob.offset > pos:
+            parts.append(memoryview(bytes(blob.offset - pos)))
+        if blob.nbytes:
+            if src.device.type != "cpu":
+                src = src.to("cpu")
+            src = src.contiguous()
+            keep.append(src)
+            parts.append(_memory(src))
+        pos = blob.offset + blob.nbytes
+    if pos < flat.nbytes:
+        parts.append(memoryview(bytes(flat.nbytes - pos)))
+    return Snapshot(flat.description(), parts, list(flat.blobs), keep)
 
 
 class _HashThread(threading.Thread):
-    def __init__(self, data: memoryview) -> None:
+    def __init__(self, parts: list[memoryview]) -> None:
         super().__init__(name="spotsafe-checksum", daemon=True)
-        self.data = data
+        self.parts = parts
         self.result: str | None = None
         self.error: BaseException | None = None
 
     def run(self) -> None:
         try:
-            self.result = checksum(self.data)
+            h = xxhash.xxh3_128()
+            for part in self.parts:
+                for i in range(0, len(part), _HASH_CHUNK):
+                    h.update(part[i : i + _HASH_CHUNK])
+            self.result = h.hexdigest()
         except BaseException as e:  # noqa: BLE001 - handed to the writer thread
             self.error = e
 
@@ -281,16 +326,16 @@ def write_rank_files(store: Store, directory: str, snap: Snapshot, *, rank: int 
     token = uuid.uuid4().hex[:8]
     data_name = f"rank{rank:05d}.{token}.bin"
     tree_name = f"rank{rank:05d}.{token}.json"
-    hasher = _HashThread(snap.data)
+    hasher = _HashThread(snap.parts)
     hasher.start()  # overlaps the write: xxh3 runs at memory speed with the GIL released
     try:
-        store.write_file(f"{directory}/{data_name}", [snap.data])
+        store.write_file(f"{directory}/{data_name}", snap.parts)
     finally:
         data_sum = hasher.digest()
     tree = json.dumps(snap.description, separators=(",", ":"), allow_nan=False).encode()
     store.write_file(f"{directory}/{tree_name}", [tree])
     return [
-        FileEntry(data_name, len(snap.data), data_sum, "data", rank),
+        FileEntry(data_name, snap.nbytes, data_sum, "data", rank),
         FileEntry(tree_name, len(tree), checksum(tree), "tree", rank),
     ]
 
@@ -354,6 +399,9 @@ class Checkpointer:
         self.async_ = async_
         self.last_loaded: CheckpointInfo | None = None
         self.last_saved: CheckpointInfo | None = None
+        #: Seconds spent in each step of the last completed save: snapshot_s (the training stall),
+        #: write_s (data + tree files, fsynced), commit_s (manifest), retention_s (pruning old ones).
+        self.last_timings: dict[str, float] = {}
         self._buffer = SnapshotBuffer()
         self._lock = threading.RLock()
         self._thread: threading.Thread | None = None
@@ -402,12 +450,16 @@ class Checkpointer:
             self.wait()
             when = datetime.now(timezone.utc)
             self._cleanup(skip=checkpoint_name(step))
-            snap = snapshot(state, self._buffer)
+            run_async = self.async_ if async_ is None else async_
+            t0 = _time.perf_counter()
+            # A sync save writes straight from the tensors: the caller is blocked, they cannot change.
+            snap = snapshot(state, self._buffer if run_async else None)
+            timings = {"snapshot_s": _time.perf_counter() - t0}
 
             def persist() -> None:
-                self._persist(step, epoch, reason, when, meta, snap)
+                self._persist(step, epoch, reason, when, meta, snap, timings)
 
-            if not (self.async_ if async_ is None else async_):
+            if not run_async:
                 persist()
                 return
             thread = threading.Thread(target=self._run, args=(persist,), name=f"spotsafe-save-{step}", daemon=True)
@@ -422,11 +474,20 @@ class Checkpointer:
             self._error = e
 
     def _persist(
-        self, step: int, epoch: int | None, reason: str, when: datetime, meta: dict[str, Any], snap: Snapshot
+        self,
+        step: int,
+        epoch: int | None,
+        reason: str,
+        when: datetime,
+        meta: dict[str, Any],
+        snap: Snapshot,
+        timings: dict[str, float],
     ) -> None:
         name = checkpoint_name(step)
+        t0 = _time.perf_counter()
         try:
             files = write_rank_files(self.store, name, snap, rank=0)
+            t1 = _time.perf_counter()
             manifest = Manifest(
                 format_version=FORMAT_VERSION,
                 step=step,
@@ -438,6 +499,7 @@ class Checkpointer:
                 metadata=meta,
             )
             commit_manifest(self.store, name, manifest)
+            t2 = _time.perf_counter()
         except BaseException:
             # Free the space now (a full disk is the usual cause); never touch a committed step.
             try:
@@ -449,6 +511,8 @@ class Checkpointer:
         self.last_saved = CheckpointInfo.from_manifest(self.store, name, manifest)
         log.info("spotsafe: saved %s (%s, %d bytes)", self.last_saved.url, reason, manifest.size)
         self._retain(step)
+        timings.update(write_s=t1 - t0, commit_s=t2 - t1, retention_s=_time.perf_counter() - t2)
+        self.last_timings = timings
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait for the save in flight. True when none is left; re-raises its error once."""
