@@ -39,6 +39,21 @@ def test_start_up_with_nothing_listening_is_instant() -> None:
     assert _watcher_threads() == []
 
 
+def test_auto_start_only_touches_the_loopback_endpoints(monkeypatch: pytest.MonkeyPatch) -> None:
+    targets: list[object] = []
+    guarded = socket.socket.connect  # the offline fixture's guard
+
+    def recording(self: socket.socket, address: object) -> None:
+        targets.append(address)
+        return guarded(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", recording)
+    with InterruptionWatcher() as watcher:
+        assert watcher.sources == ("signal",)
+    assert targets  # the probes did try (and were refused at once)
+    assert set(targets) == {("127.0.0.1", 9)}
+
+
 def test_start_up_with_hanging_hosts_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     # A listener that never accepts: connections succeed (kernel backlog), nothing answers.
     with socket.socket() as server:
