@@ -42,6 +42,8 @@ MAX_PARTS = 10_000
 #: while holding no more than the caller's own buffers in memory.
 DEFAULT_PART_SIZE = 32 * MiB
 DEFAULT_MAX_CONCURRENCY = 16
+#: Bytes per socket read on download.
+READ_CHUNK = 8 * MiB
 DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_READ_TIMEOUT = 60.0
 DEFAULT_MAX_ATTEMPTS = 8
@@ -127,7 +129,9 @@ class _BuffersReader:
     def readable(self) -> bool:
         return True
 
-    def read(self, n: int | None = -1) -> bytes:
+    def read(self, n: int | None = -1) -> memoryview | bytes:
+        # A slice of the caller's buffer, not a copy: http.client sends it as it is
+        # (sendall takes any buffer), and hashlib/zlib take it for checksums.
         if n is None or n < 0:
             n = self._end - self._pos
         n = min(n, self._end - self._pos)
@@ -138,8 +142,8 @@ class _BuffersReader:
         chunk = self._views[i][local : local + n]
         self._pos += len(chunk)
         if len(chunk) < n and i + 1 < len(self._views):
-            return bytes(chunk) + self.read(n - len(chunk))
-        return bytes(chunk)
+            return bytes(chunk) + self.read(n - len(chunk))  # crossing buffers: rare, small
+        return chunk
 
     def close(self) -> None:
         pass
@@ -387,18 +391,30 @@ class S3Store(Store):
             if etag:
                 kwargs["IfMatch"] = etag  # every range from the same version of the object
             body = self._client.get_object(**kwargs)["Body"]
+            raw = getattr(body, "_raw_stream", None)
+            fp = getattr(raw, "_fp", None)
+            # Straight from the socket into the destination (http.client's readinto):
+            # urllib3's readinto would read into a temporary and copy.
+            readinto = getattr(fp, "readinto", None) if fp is not None else None
+            if readinto is None or getattr(raw, "_decoder", None) is not None:
+                readinto = body.readinto
+            done = False
             try:
                 pos = start
                 while pos < end:
-                    n = body.readinto(view[pos:end])
+                    n = readinto(view[pos : min(end, pos + READ_CHUNK)])
                     if not n:
                         raise StoreError(
                             f"{self._where(path)}: connection closed after {pos - start} of "
                             f"{end - start} bytes of range {start}-{end - 1}"
                         )
                     pos += n
+                done = True
             finally:
-                body.close()
+                if done and readinto is not body.readinto and hasattr(raw, "release_conn"):
+                    raw.release_conn()  # fully read: the connection goes back to the pool
+                else:
+                    body.close()
 
         self._call(f"GET {path} [{start}:{end}]", once)
 
