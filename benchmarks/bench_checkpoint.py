@@ -150,18 +150,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         plain_copy()
         if dcp is not None:
             dcp.save(state, "warm")
-        step = 0
-        # Interleaved, so that a neighbour's load or the disk's mood hits every contender alike.
-        for _ in range(r):
-            timed("plain copy", plain_copy)
+        step = [0]
+
+        def raw() -> None:
             raw_path.unlink(missing_ok=True)
             timed("raw write+fsync", raw_write)
             raw_path.unlink(missing_ok=True)
+
+        def tsave() -> None:
             pt_path.unlink(missing_ok=True)
             timed("torch.save+fsync", torch_save)
-            step += 1
+
+        def ours_async() -> None:
+            step[0] += 1
             t0 = time.perf_counter()
-            ckpt.save(step, state)
+            ckpt.save(step[0], state)
             t1 = time.perf_counter()
             ckpt.wait()
             t2 = time.perf_counter()
@@ -169,12 +172,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             record("spotsafe persist to commit", ckpt.last_timings["write_s"] + ckpt.last_timings["commit_s"])
             record("spotsafe retention (delete old)", ckpt.last_timings["retention_s"])
             record("spotsafe persist incl. retention", t2 - t1)
-            step += 1
-            timed("spotsafe sync save", lambda: ckpt.save(step, state, async_=False))
-            if dcp is not None:
-                stall, total = dcp.save(state, f"s{step}")
-                record("DCP async_save stall", stall)
-                record("DCP async_save total", total)
+
+        def ours_sync() -> None:
+            step[0] += 1
+            timed("spotsafe sync save", lambda: ckpt.save(step[0], state, async_=False))
+
+        def dcp_save() -> None:
+            assert dcp is not None
+            stall, total = dcp.save(state, f"s{step[0]}")
+            record("DCP async_save stall", stall)
+            record("DCP async_save total", total)
+
+        contenders = [raw, ours_async, tsave, ours_sync] + ([dcp_save] if dcp is not None else [])
+        # Interleaved and rotated, so that a neighbour's load or the disk's mood hits every contender alike.
+        for i in range(r):
+            timed("plain copy", plain_copy)
+            k = i % len(contenders)
+            for fn in contenders[k:] + contenders[:k]:
+                fn()
         del dst, raw_view, raw_buf
         if dcp is not None:
             dcp.close()

@@ -449,7 +449,6 @@ class Checkpointer:
         with self._lock:
             self.wait()
             when = datetime.now(timezone.utc)
-            self._cleanup(skip=checkpoint_name(step))
             run_async = self.async_ if async_ is None else async_
             t0 = _time.perf_counter()
             # A sync save writes straight from the tensors: the caller is blocked, they cannot change.
@@ -484,6 +483,8 @@ class Checkpointer:
         timings: dict[str, float],
     ) -> None:
         name = checkpoint_name(step)
+        # Off the training thread: on an object store, listing costs round trips.
+        self._cleanup(skip=name)
         t0 = _time.perf_counter()
         try:
             files = write_rank_files(self.store, name, snap, rank=0)

@@ -77,6 +77,8 @@ def test_save_list_load(tmp_path: Path, async_: bool) -> None:
         c.save(7, state_for(7), epoch=2, reason="notice", metadata={"loss": 0.5})
         c.save(9, state_for(9))
         assert c.wait() is True
+        assert set(c.last_timings) == {"snapshot_s", "write_s", "commit_s", "retention_s"}
+        assert c.last_saved is not None and c.last_saved.step == 9
         infos = c.list()
         assert [i.step for i in infos] == [7, 9]
         first = infos[0]
