@@ -377,10 +377,11 @@ class AWSMetadata:
                 self._fetch_token()
             if not self._v1:
                 return True
-            # Only the token was unanswered (a hop limit): a real IMDS answers a GET at once.
-            with self.get("/latest/meta-data/", timeout=min(timeout, 0.25)) as r:
-                if r.status_code == 200:
-                    return True
+            # The token was refused or unanswered (a hop limit): a real IMDS answers a GET
+            # at once. GCE's metadata server shares the address: it is not IMDS.
+            with self.get("/latest/meta-data/instance-id", timeout=min(timeout, 0.25)) as r:
+                if r.status_code == 200 and r.headers.get("Metadata-Flavor") != "Google":
+                    return r.text.strip().startswith("i-")
                 if r.status_code == 401:
                     log.warning(
                         "IMDS at %s requires IMDSv2 but the token PUT got no answer; raise the "

@@ -484,13 +484,16 @@ def test_auto_enables_every_source_that_answers(aws: AWSSimulator, gcp: GCPSimul
     assert notice is not None and notice.source == "azure"
 
 
-def test_auto_skips_servers_that_are_not_the_real_thing(aws: AWSSimulator, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Every source pointed at the AWS simulator: only AWS answers like itself.
-    monkeypatch.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", aws.endpoint)
-    monkeypatch.setenv("GCE_METADATA_HOST", aws.host)
-    monkeypatch.setenv("SPOTSAFE_AZURE_METADATA_ENDPOINT", aws.endpoint)
-    with InterruptionWatcher(poll_interval=POLL, signals=()) as watcher:
-        assert watcher.sources == ("aws",)
+@pytest.mark.parametrize("simulator", [AWSSimulator, GCPSimulator, AzureSimulator])
+def test_auto_skips_servers_that_are_not_the_real_thing(simulator: type, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every source pointed at one provider's simulator (they share 169.254.169.254 in
+    # real life): only that provider's source answers like itself.
+    with simulator() as sim:
+        monkeypatch.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", sim.endpoint)
+        monkeypatch.setenv("GCE_METADATA_HOST", sim.host)
+        monkeypatch.setenv("SPOTSAFE_AZURE_METADATA_ENDPOINT", sim.endpoint)
+        with InterruptionWatcher(poll_interval=POLL, signals=()) as watcher:
+            assert watcher.sources == (sim.name,)
 
 
 # --------------------------------------------------------------------------- signals, trigger, wait
@@ -635,3 +638,14 @@ def test_sigterm_in_a_subprocess_does_not_abort_the_final_save() -> None:
             proc.communicate()
     assert out.strip() == "saved", err
     assert proc.returncode == 75, err
+
+
+def test_auto_finds_imds_behind_a_hop_limit(aws: AWSSimulator, monkeypatch: pytest.MonkeyPatch) -> None:
+    # In a container the token PUT's answer never arrives; IMDSv1 GETs still work.
+    aws.inject(None, count=1000, delay=2.0, path="/latest/api/token")
+    monkeypatch.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", aws.endpoint)
+    with InterruptionWatcher(poll_interval=POLL, signals=(), probe_timeout=0.3) as watcher:
+        assert watcher.sources == ("aws",)
+        aws.arm("terminate")
+        notice = watcher.wait(5)
+    assert notice is not None and notice.action == "terminate"
