@@ -1,0 +1,227 @@
+"""The rehearsal: a whole spot interruption, on this machine, in one command.
+
+    python -m spotsafe.simulate rehearse --notice-after 20 -- python examples/mnist_cnn.py
+
+1. starts the AWS metadata simulator (a real HTTP server on 127.0.0.1) and points the
+   command at it (``AWS_EC2_METADATA_SERVICE_ENDPOINT``; the watcher's sources are
+   limited to ``aws,signal`` so nothing probes real metadata addresses);
+2. runs the command through the resume supervisor with ``SPOTSAFE_STORE`` set to
+   ``--store`` (or a temporary directory) and arms a spot interruption notice
+   ``--notice-after`` seconds after launch;
+3. the run checkpoints and exits 75; the rehearsal disarms the notice and runs the
+   command again, the way a replacement instance's boot script would;
+4. prints what happened: the step interrupted at and resumed at, steps lost, and the
+   time from the notice appearing to the checkpoint being durable vs the deadline.
+
+The run reports those facts through a JSON-lines events file (``SPOTSAFE_EVENTS``)
+that :class:`spotsafe.Run` appends to.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from spotsafe import EXIT_PREEMPTED
+from spotsafe.resume import DEFAULT_MAX_RESTARTS, supervise
+from spotsafe.run import EVENTS_ENV
+
+#: Where the other metadata sources point during a rehearsal: a closed loopback port.
+CLOSED_ENDPOINT = "127.0.0.1:9"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a rehearsal measured (times are UNIX seconds)."""
+
+    exit_code: int
+    launches: int
+    notice_appeared: list[float]
+    events: list[dict[str, Any]]
+
+    def of(self, kind: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e.get("event") == kind]
+
+
+def read_events(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    events = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line:
+            try:
+                events.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill -9: the rest still count
+    return events
+
+
+def summary(outcome: Outcome, *, launched_at: float, store: str) -> str:
+    lines = ["", "=" * 64, "spotsafe rehearsal summary", "=" * 64]
+    notices = outcome.of("notice")
+    durables = outcome.of("durable")
+    resumes = outcome.of("resumed")
+    complete = outcome.of("complete")
+    lines.append(f"store:              {store}")
+    processes = len({e.get("pid") for e in outcome.events if e.get("event") in ("start", "resumed")})
+    lines.append(f"instances launched: {outcome.launches} ({processes} training processes, crash restarts included)")
+    if not notices:
+        if outcome.notice_appeared and outcome.notice_appeared[0] > time.time():
+            lines.append("the run ended before the notice was due: try a smaller --notice-after")
+        else:
+            lines.append("NO NOTICE WAS SEEN by the run (is it using spotsafe.Run with watch=True?)")
+    for i, notice in enumerate(notices):
+        appeared = outcome.notice_appeared[i] if i < len(outcome.notice_appeared) else None
+        where = f"step {notice.get('step')} (epoch {notice.get('epoch')}, batch {notice.get('batch')})"
+        lines.append(f"-- interruption {i + 1} ({notice.get('source')} {notice.get('action')})")
+        if appeared is not None:
+            lines.append(f"notice appeared:    {appeared - launched_at:.1f} s after launch")
+            lines.append(f"seen by the run:    {notice['time'] - appeared:+.2f} s, at {where}")
+        else:
+            lines.append(f"seen by the run:    at {where}")
+        durable = next((d for d in durables if d.get("pid") == notice.get("pid")), None)
+        if durable is None:
+            lines.append("checkpoint durable: NO (the process died before its checkpoint was durable)")
+            continue
+        deadline = notice.get("deadline")
+        since = durable["time"] - (appeared if appeared is not None else notice["time"])
+        lines.append(
+            f"checkpoint durable: step {durable.get('step')} ({durable.get('seconds', 0.0):.2f} s to save), "
+            f"{since:.2f} s after the notice appeared"
+        )
+        if deadline:
+            lines.append(
+                f"deadline:           {deadline - durable['time']:.1f} s to spare "
+                f"(the notice gave {deadline - (appeared or notice['time']):.0f} s)"
+            )
+        later = [r for r in resumes if r["time"] > durable["time"]]
+        if later:
+            resumed = later[0]
+            lost = int(notice.get("step", 0)) - int(resumed.get("step", 0))
+            lines.append(
+                f"resumed at:         step {resumed.get('step')} (epoch {resumed.get('epoch')}, "
+                f"batch {resumed.get('batch')}) on the replacement instance"
+            )
+            lines.append(f"steps lost:         {lost}")
+        else:
+            lines.append("resumed at:         (no replacement run resumed)")
+    if complete:
+        last = complete[-1]
+        lines.append(f"run complete:       step {last.get('step')}, epoch {last.get('epoch')}")
+    lines.append(f"exit status:        {outcome.exit_code}")
+    lines.append("=" * 64)
+    return "\n".join(lines)
+
+
+def rehearse(
+    command: Sequence[str],
+    *,
+    store: str,
+    notice_after: float,
+    action: str = "terminate",
+    preemptions: int = 1,
+    max_restarts: int = DEFAULT_MAX_RESTARTS,
+    backoff: float = 1.0,
+    events_path: Path,
+) -> tuple[Outcome, float]:
+    """Run the rehearsal; the outcome and the first launch time."""
+    from spotsafe.simulate import AWSSimulator
+
+    sim = AWSSimulator().start()
+    try:
+        env = dict(os.environ)
+        env.update({
+            "AWS_EC2_METADATA_SERVICE_ENDPOINT": sim.endpoint,
+            "SPOTSAFE_SOURCES": "aws,signal",
+            EVENTS_ENV: str(events_path),
+        })
+        env.pop("AWS_EC2_METADATA_DISABLED", None)
+        # Only the simulator may be asked: nothing probes real metadata addresses.
+        env.setdefault("GCE_METADATA_HOST", CLOSED_ENDPOINT)
+        env.setdefault("SPOTSAFE_AZURE_METADATA_ENDPOINT", f"http://{CLOSED_ENDPOINT}")
+        appeared: list[float] = []
+        launches = 0
+        launched_at = time.time()
+        code = EXIT_PREEMPTED
+        while code == EXIT_PREEMPTED:
+            launches += 1
+            if len(appeared) < preemptions:
+                sim.arm(action, delay=notice_after)
+                appeared.append(time.time() + notice_after)
+                print(
+                    f"spotsafe rehearsal: instance {launches}: a spot '{action}' notice will appear in "
+                    f"{notice_after:g} s on the simulated IMDS at {sim.endpoint}",
+                    file=sys.stderr, flush=True,
+                )
+            else:
+                print(f"spotsafe rehearsal: replacement instance {launches} (no notice armed)", file=sys.stderr,
+                      flush=True)
+            code = supervise(command, store, env=env, max_restarts=max_restarts, backoff=backoff)
+            sim.disarm()
+            if code == EXIT_PREEMPTED:
+                print(
+                    f"spotsafe rehearsal: instance {launches} exited {EXIT_PREEMPTED} (preempted, state saved); "
+                    "starting a replacement instance", file=sys.stderr, flush=True,
+                )
+            if launches > preemptions + max_restarts + 1:
+                break
+    finally:
+        sim.shutdown()
+    return Outcome(code, launches, appeared, read_events(events_path)), launched_at
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m spotsafe.simulate rehearse",
+        description="Rehearse a spot interruption: simulated AWS notice, checkpoint, exit 75, resume.",
+    )
+    parser.add_argument("--notice-after", type=float, default=20.0,
+                        help="seconds after launch when the spot notice appears (default 20)")
+    parser.add_argument("--action", default="terminate", choices=["terminate", "stop", "hibernate"],
+                        help="the instance-action of the notice")
+    parser.add_argument("--preemptions", type=int, default=1, help="how many instances get a notice (default 1)")
+    parser.add_argument("--store", help="checkpoint store (default: a temporary directory, removed afterwards)")
+    parser.add_argument("--max-restarts", type=int, default=DEFAULT_MAX_RESTARTS,
+                        help="restarts after crashes, per instance")
+    parser.add_argument("--backoff", type=float, default=1.0, help="seconds before a restart after a crash")
+    parser.add_argument("--events", help="keep the run's JSON-lines events file here (default: a temporary file)")
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- the training command")
+    args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        parser.error("give the training command after --")
+    if args.notice_after < 0:
+        parser.error("--notice-after must be >= 0")
+    temp = None
+    store = args.store
+    if store is None:
+        temp = tempfile.mkdtemp(prefix="spotsafe-rehearsal-")
+        store = os.path.join(temp, "store")
+    work = Path(tempfile.mkdtemp(prefix="spotsafe-events-"))
+    try:
+        outcome, launched_at = rehearse(
+            command, store=store, notice_after=args.notice_after, action=args.action,
+            preemptions=args.preemptions, max_restarts=args.max_restarts, backoff=args.backoff,
+            events_path=Path(args.events) if args.events else work / "events.jsonl",
+        )
+        print(summary(outcome, launched_at=launched_at, store=store if temp is None else f"{store} (temporary)"),
+              flush=True)
+        return outcome.exit_code
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        if temp is not None:
+            shutil.rmtree(temp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
