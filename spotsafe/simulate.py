@@ -870,7 +870,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     sub = parser.add_subparsers(dest="provider", required=True, metavar="aws|gcp|azure|rehearse")
     for provider in ("aws", "gcp", "azure"):
-        p = sub.add_parser(provider, help=f"simulate the {provider.upper()} metadata service")
+        label = {"aws": "AWS EC2 instance metadata (IMDS)", "gcp": "GCE metadata server", "azure": "Azure Scheduled Events"}[provider]
+        p = sub.add_parser(provider, help=f"simulate the {label}")
         p.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: a free one)")
         p.add_argument("--notice-after", type=float, default=None, metavar="S",
                        help="the interruption notice appears S seconds after start")
@@ -899,7 +900,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for key, value in simulated_environment(sim).items():
                 print(f"export {key}={value}")
             for hint in _CONTROL_HINTS[sim.name]:
-                print(f"# curl -X POST {sim.endpoint}/spotsafe/{hint}")
+                print(f'# curl -X POST "{sim.endpoint}/spotsafe/{hint}"')
             print(f"# curl {sim.endpoint}/spotsafe/state", flush=True)
             deadline = None if args.duration is None else time.monotonic() + args.duration
             while not stop.wait(0.2):

@@ -424,8 +424,11 @@ def test_gcp_probe_wants_the_google_flavor(aws: AWSSimulator, gcp: GCPSimulator)
 def test_azure_preempt_deadline_and_acknowledge(azure: AzureSimulator) -> None:
     with _watch(AzureSource(azure.endpoint)) as watcher:
         assert watcher.sources == ("azure",)
+        time.sleep(POLL)
+        scheduled = time.monotonic()
         event_id = azure.schedule_preempt(not_before_in=60)
         notice = watcher.wait(5)
+        assert time.monotonic() - scheduled < POLL + 0.5  # within one poll interval
         assert notice is not None and (notice.source, notice.action) == ("azure", "terminate")
         assert notice.payload["EventId"] == event_id
         assert notice.deadline == _parse_rfc1123(azure.document()["Events"][0]["NotBefore"])
