@@ -229,7 +229,9 @@ class NoticeAgreement:
 
     Call :meth:`step` on every rank once per training step, with that rank's
     local notice (``watcher.notice``). Every ``every`` calls, the ranks reduce a
-    3-element tensor over the gloo agreement group.
+    5-element float64 tensor over the gloo agreement group (``all_reduce(MAX)``:
+    notice level, minus the deadline, minus the reporting rank, a "save due"
+    flag, rank 0's proposal for ``every``).
 
     With ``async_=True`` (default) the reduce is started at one check and waited
     at the next, so its latency overlaps ``every`` steps of compute. A notice that
@@ -237,19 +239,41 @@ class NoticeAgreement:
     same step, at most ``2 * every - 1`` steps later (``every - 1`` with
     ``async_=False``); :meth:`bound_steps` gives the figure. Agreement only ever
     rises (none → rebalance → final) and is sticky.
+
+    ``every="auto"`` (default): rank 0 times the steps and proposes, inside the
+    reduce itself, the ``every`` that spaces agreements ``interval`` seconds apart
+    (1 to ``max_every``); every rank switches at the same call, so the cost per
+    step stays near ``cost_of_one_reduce / every`` and the bound near
+    ``2 * interval`` seconds, whatever the step time.
     """
 
-    def __init__(self, ctx: DistContext, *, every: int = 1, async_: bool = True) -> None:
-        if every < 1:
-            raise ValueError(f"every must be >= 1, got {every}")
+    def __init__(
+        self,
+        ctx: DistContext,
+        *,
+        every: int | Literal["auto"] = "auto",
+        async_: bool = True,
+        interval: float = 0.5,
+        max_every: int = 1000,
+    ) -> None:
+        self.auto = every == "auto"
+        if not self.auto and (not isinstance(every, int) or every < 1):
+            raise ValueError(f"every must be an int >= 1 or 'auto', got {every!r}")
+        if interval <= 0:
+            raise ValueError(f"interval must be > 0, got {interval}")
         self.ctx = ctx
-        self.every = every
+        self.every: int = 1 if self.auto else int(every)
         self.async_ = async_
+        self.interval = interval
+        self.max_every = max_every
         self._calls = 0
         self._pending: tuple[Any, Any] | None = None  # (work, tensor)
         self._agreed: Agreement | None = None
         self._seen_level = LEVEL_NONE
         self._seen_deadline = math.inf
+        self._due = False
+        self._due_wish = False
+        self._last_check: tuple[int, float] | None = None  # (calls, monotonic) at the last check
 
     @property
     def agreed(self) -> Agreement | None:
@@ -260,7 +284,7 @@ class NoticeAgreement:
         """Most steps that can pass between a rank seeing a notice and every rank agreeing."""
         return 2 * self.every - 1 if self.async_ else self.every - 1
 
-    def _local(self, notice: Notice | None) -> Any:
+    def _local(self, notice: Notice | None, due: bool) -> Any:
         import torch
 
         level = notice_level(notice)
@@ -270,14 +294,28 @@ class NoticeAgreement:
             self._seen_deadline = min(self._seen_deadline, notice.deadline.timestamp())
         reporting = self.ctx.rank if self._seen_level > LEVEL_NONE else math.inf
         return torch.tensor(
-            [float(self._seen_level), -self._seen_deadline, -float(reporting)],
+            [float(self._seen_level), -self._seen_deadline, -float(reporting), float(due),
+             float(self._propose())],
             dtype=torch.float64,
         )
 
-    def _start(self, notice: Notice | None, *, async_op: bool) -> tuple[Any, Any]:
+    def _propose(self) -> int:
+        """Rank 0's proposal for ``every`` (0 = no opinion) from the time its last steps took."""
+        if not self.auto or not self.ctx.is_coordinator:
+            return 0
+        now = time.monotonic()
+        last, self._last_check = self._last_check, (self._calls, now)
+        if last is None or self._calls <= last[0]:
+            return 0
+        step_time = (now - last[1]) / (self._calls - last[0])
+        if step_time <= 0:
+            return self.max_every
+        return max(1, min(self.max_every, int(self.interval / step_time)))
+
+    def _start(self, notice: Notice | None, *, async_op: bool, due: bool = False) -> tuple[Any, Any]:
         import torch.distributed as dist
 
-        t = self._local(notice)
+        t = self._local(notice, due)
         work = dist.all_reduce(
             t, op=dist.ReduceOp.MAX, group=self.ctx.agreement_group, async_op=async_op
         )
@@ -292,6 +330,11 @@ class NoticeAgreement:
                 raise DistributedError(
                     f"notice agreement failed on rank {self.ctx.rank} at step {step}: {e}"
                 ) from e
+        if t[3].item() > 0:
+            self._due = True
+        proposal = int(t[4].item())
+        if self.auto and proposal >= 1:
+            self.every = proposal  # same value, same call, on every rank
         level = int(t[0].item())
         if level <= (self._agreed.level if self._agreed else LEVEL_NONE):
             return None
@@ -311,24 +354,37 @@ class NoticeAgreement:
         )
         return agreement
 
-    def step(self, notice: Notice | None, step: int | None = None) -> Agreement | None:
+    def step(self, notice: Notice | None, step: int | None = None, *, due: bool = False) -> Agreement | None:
         """Fold in this rank's notice; returns a *new* (stronger) agreement, else None.
 
         Must be called on every rank, the same number of times. ``step`` only labels
-        the result (defaults to the number of calls so far).
+        the result (defaults to the number of calls so far). ``due`` is this rank's
+        wish to save (e.g. rank 0's ``every_seconds`` clock); :meth:`take_due` tells
+        every rank, at the same step, that some rank asked.
         """
         self._calls += 1
         label = self._calls if step is None else step
         if self._calls % self.every:
+            self._due_wish = self._due_wish or due
             return None
+        due = due or self._due_wish
+        self._due_wish = False
         if not self.async_:
-            return self._finish(self._start(notice, async_op=False), label)
+            return self._finish(self._start(notice, async_op=False, due=due), label)
         result = None
         if self._pending is not None:
             pending, self._pending = self._pending, None
             result = self._finish(pending, label)
-        self._pending = self._start(notice, async_op=True)
+        self._pending = self._start(notice, async_op=True, due=due)
         return result
+
+    def take_due(self) -> bool:
+        """True (once) when an agreement since the last call carried some rank's ``due`` wish.
+
+        Every rank sees the same answer after the same :meth:`step` call.
+        """
+        due, self._due = self._due, False
+        return due
 
     def now(self, notice: Notice | None, step: int | None = None) -> Agreement | None:
         """A blocking agreement right now (drains any reduce in flight first); every rank must call it."""
@@ -832,57 +888,117 @@ def _unwrap(err: Any) -> Any:
 
 def _commit_collectively(
     ctx: DistContext | None,
-    mine: list[FileRecord],
-    commit: Callable[[list[FileRecord]], None] | None,
+    mine: list[Any],
+    commit: Callable[[list[Any]], None] | None,
     what: str,
-) -> list[FileRecord]:
-    """Gather every rank's file records on rank 0, let it commit, broadcast the outcome."""
+) -> list[Any]:
+    """Gather every rank's file entries on rank 0, let it commit, broadcast the outcome.
+
+    Entries are small picklable records with a ``path`` (:class:`FileRecord`, or
+    the checkpoint engine's ``FileEntry``); the list rank 0 commits is sorted by path.
+    """
     if ctx is None or ctx.world_size == 1:
         if commit is not None:
-            commit(list(mine))
-        return list(mine)
-    gathered = ctx.gather_object([(r.path, r.size, r.checksum) for r in mine])
-    outcome: tuple[str, Any]
-    files: list[FileRecord] = []
+            commit(sorted(mine, key=lambda r: r.path))
+        return sorted(mine, key=lambda r: r.path)
+    gathered = ctx.gather_object(list(mine))
+    files: list[Any] = []
     if ctx.is_coordinator:
         assert gathered is not None
-        seen: dict[str, FileRecord] = {}
+        seen: dict[str, Any] = {}
         for rank_files in gathered:
-            for path, size, digest in rank_files:
-                seen[path] = FileRecord(path=path, size=size, checksum=digest)
+            for rec in rank_files:
+                seen[rec.path] = rec
         files = [seen[p] for p in sorted(seen)]
         try:
             if commit is not None:
                 commit(list(files))
-            outcome = ("ok", [(f.path, f.size, f.checksum) for f in files])
         except BaseException as e:  # noqa: BLE001 - told to every rank, then re-raised here
             ctx.broadcast_object(("error", f"{type(e).__name__}: {e}"))
             raise
-    else:
-        outcome = ("pending", None)
-    outcome = ctx.broadcast_object(outcome if ctx.is_coordinator else None)
+        ctx.broadcast_object(("ok", files))
+        return files
+    outcome = ctx.broadcast_object(None)
     if outcome[0] != "ok":
         raise DistributedError(f"{what}: rank 0 failed to commit: {outcome[1]}")
-    return [FileRecord(path=p, size=s, checksum=c) for p, s, c in outcome[1]]
+    return list(outcome[1])
 
 
 def commit_rank_files(
     ctx: DistContext | None,
-    mine: Sequence[FileRecord],
-    commit: Callable[[list[FileRecord]], None],
+    mine: Sequence[Any],
+    commit: Callable[[list[Any]], None],
     *,
     timeout: float | None = None,
     what: str = "checkpoint",
-) -> list[FileRecord]:
+) -> list[Any]:
     """The commit protocol for files each rank wrote itself (DDP: rank 0's model file + every rank's own).
 
     Call on every rank after its files are durable: ``monitored_barrier`` with
-    ``timeout`` (a missing rank is named) → file lists gathered on rank 0 →
-    rank 0 runs ``commit`` (the manifest, last) → outcome broadcast.
+    ``timeout`` (a missing rank is named) → file entries gathered on rank 0 →
+    rank 0 runs ``commit`` (the manifest, last) → outcome broadcast, so every
+    rank returns the committed entries or raises.
     """
     if ctx is not None and ctx.world_size > 1:
         ctx.barrier(timeout, what=what)
     return _commit_collectively(ctx, list(mine), commit, what)
+
+
+#: Keys of a :class:`spotsafe.Run`'s state that differ per rank (RNG streams, data
+#: position); everything else is replicated under DDP and written by rank 0 only.
+RANK_KEYS = ("rng", "spotsafe")
+
+
+def rank_state(state: Mapping[str, Any], ctx: DistContext | None, rank_keys: Sequence[str]) -> dict[str, Any]:
+    """What this rank writes: everything on rank 0, only ``rank_keys`` elsewhere (replicated state once)."""
+    if ctx is None or ctx.is_coordinator:
+        return dict(state)
+    return {k: v for k, v in state.items() if k in rank_keys}
+
+
+def merge_rank_state(
+    load_rank: Callable[[int], dict[str, Any]],
+    rank: int,
+    old_world_size: int,
+    rank_keys: Sequence[str],
+) -> dict[str, Any]:
+    """Rank 0's (replicated) state with ``rank_keys`` taken from :func:`source_rank`'s own file."""
+    state = load_rank(0)
+    src = source_rank(rank, max(old_world_size, 1))
+    if src != 0:
+        own = load_rank(src)
+        for key in rank_keys:
+            if key in own:
+                state[key] = own[key]
+    return state
+
+
+def all_ok(ctx: DistContext | None, ok: bool) -> bool:
+    """True on every rank when ``ok`` is true on every rank (an all_reduce MIN on the checkpoint group)."""
+    if ctx is None or ctx.world_size == 1:
+        return ok
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([1 if ok else 0], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=ctx.group)
+    return bool(t.item())
+
+
+def rescale_batch(batch: int, old_world_size: int, new_world_size: int) -> int:
+    """The batch index in an epoch that continues it on ``new_world_size`` ranks.
+
+    ``DistributedSampler`` deals the epoch's permutation (the same for every world
+    size) round-robin, so after ``batch`` batches per rank on ``old_world_size``
+    ranks exactly the first ``batch * old_world_size`` batches' worth of the
+    permutation were read; on the new world size rank ``r`` skips its first
+    ``batch * old_world_size // new_world_size`` batches, which are those
+    samples. Rounding down re-reads less than one batch per rank when it does not
+    divide evenly; never skips an unread sample.
+    """
+    if old_world_size == new_world_size:
+        return batch
+    return (batch * old_world_size) // new_world_size
 
 
 def load_sharded(

@@ -40,7 +40,10 @@ def torchrun(script: str, *args: object, nproc: int = 2, timeout: float = 120) -
         sys.executable, "-m", "torch.distributed.run", "--standalone",
         f"--nproc_per_node={nproc}", str(WORKERS / script), *map(str, args),
     ]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:  # keep the whole story for a failure report
+        Path(str(args[0]) + ".log").write_text(proc.stdout + "\n---- stderr ----\n" + proc.stderr)
+    return proc
 
 
 def results(out: Path, prefix: str, world: int = 2) -> list[dict]:
@@ -60,10 +63,12 @@ def test_notice_on_rank_1_only_is_agreed_by_every_rank_at_the_same_step(tmp_path
     proc = torchrun("agree.py", tmp_path, notice_step)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = results(tmp_path, "agree")
-    expected_levels = [2, 2, 1]  # terminate, terminate, rebalance
-    for a, b, level in zip(r0["runs"], r1["runs"], expected_levels):
+    expected_levels = [2, 2, 1, 2]  # terminate, terminate, rebalance, terminate (auto)
+    notice_steps = [notice_step] * 3 + [30]
+    for a, b, level, at in zip(r0["runs"], r1["runs"], expected_levels, notice_steps):
         assert a["agreed_at"] == b["agreed_at"]
-        assert 0 <= a["agreed_at"] - notice_step <= a["bound"]
+        assert a["every_then"] == b["every_then"]  # auto: every rank switched together
+        assert 0 <= a["agreed_at"] - at <= 2 * a["every_then"] - 1 if a["every"] == "auto" else a["bound"]
         assert a["level"] == b["level"] == level
         assert a["source_rank"] == b["source_rank"] == 1
         # every rank sees the doomed rank's deadline (a float64 timestamp: to the microsecond)
@@ -73,6 +78,7 @@ def test_notice_on_rank_1_only_is_agreed_by_every_rank_at_the_same_step(tmp_path
     # every=1 async agrees on the very next step; every=3 async within its 5-step bound
     assert r0["runs"][0]["agreed_at"] == notice_step + 1
     assert r0["runs"][1]["bound"] == 5
+    assert r0["runs"][3]["every_then"] > 1  # auto spaced the agreements out
 
 
 def test_fsdp_state_round_trips_through_dcp_and_reshards_to_one_rank(tmp_path: Path) -> None:

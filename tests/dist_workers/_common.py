@@ -20,6 +20,12 @@ def init() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def finish() -> None:
+    """Leave together: a rank whose peer already closed its sockets can abort in gloo's teardown."""
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def out_dir() -> Path:
     path = Path(sys.argv[1])
     path.mkdir(parents=True, exist_ok=True)

@@ -11,29 +11,39 @@ from datetime import datetime, timedelta, timezone
 
 import torch
 
-from _common import init, report
+from _common import finish, init, report
 from spotsafe.distributed import DistContext, NoticeAgreement
 from spotsafe.interruption import Notice
 
 
-def run(ctx: DistContext, every: int, async_: bool, notice_step: int, action: str) -> dict:
-    agreement = NoticeAgreement(ctx, every=every, async_=async_)
+def run(ctx: DistContext, every: int | str, async_: bool, notice_step: int, action: str,
+        steps: int = 40, step_time: float = 0.0) -> dict:
+    if every == "auto":
+        # auto: rank 0 proposes every = interval / step time (here about 10)
+        agreement = NoticeAgreement(ctx, every="auto", async_=async_, interval=10 * step_time)
+    else:
+        agreement = NoticeAgreement(ctx, every=int(every), async_=async_)
     now = datetime.now(timezone.utc)
     notice = None
     agreed_at = None
     result = None
-    for step in range(1, 40):
+    every_then = None
+    for step in range(1, steps + 1):
         if ctx.rank == 1 and step == notice_step:
             notice = Notice(source="manual", action=action, deadline=now + timedelta(seconds=120), detected_at=now)
         torch.mm(torch.randn(32, 32), torch.randn(32, 32))  # a token of compute
+        if step_time:
+            time.sleep(step_time)
         got = agreement.step(notice, step)
         if got is not None and agreed_at is None:
             agreed_at = step
             result = got
+            every_then = agreement.every
     agreement.drain()
     assert result is not None
     return {
         "every": every, "async": async_, "agreed_at": agreed_at, "bound": agreement.bound_steps(),
+        "every_then": every_then,
         "level": result.level, "source_rank": result.source_rank,
         "deadline": result.deadline.isoformat() if result.deadline else None,
         "expected_deadline": (now + timedelta(seconds=120)).isoformat() if ctx.rank == 1 else None,
@@ -49,6 +59,7 @@ def main() -> None:
         run(ctx, 1, True, notice_step, "terminate"),
         run(ctx, 3, True, notice_step, "terminate"),
         run(ctx, 3, False, notice_step, "rebalance"),
+        run(ctx, "auto", True, 30, "terminate", steps=90, step_time=0.002),
     ]
     # the cost of one synchronous agreement, for the record
     agreement = NoticeAgreement(ctx, every=1, async_=False)
@@ -57,6 +68,7 @@ def main() -> None:
         agreement.step(None)
     sync_us = (time.perf_counter() - t) / 200 * 1e6
     report(f"agree-{rank}.json", {"rank": rank, "runs": results, "sync_us": sync_us})
+    finish()
 
 
 if __name__ == "__main__":

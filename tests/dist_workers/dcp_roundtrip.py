@@ -13,7 +13,7 @@ import torch
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.fsdp import fully_shard
 
-from _common import init, manifest_commit, manifest_files, out_dir, report
+from _common import finish, init, manifest_commit, manifest_files, out_dir, report
 from spotsafe.distributed import DistContext, load_sharded, save_sharded
 from spotsafe.storages.local import LocalStore
 
@@ -82,6 +82,7 @@ def main() -> None:
         {"rank": rank, "equal": same(expected, got), "files": sorted(f.path for f in files),
          "local_shape": list(msd["0.weight"].to_local().shape)},
     )
+    finish()
 
 
 if __name__ == "__main__":
