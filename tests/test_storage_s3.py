@@ -70,6 +70,38 @@ def test_reads_are_parallel_ranged_gets_of_one_version(
     assert all(r.headers.get("If-Match") for r in gets)
 
 
+def test_botocore_checksums_can_be_turned_back_on(s3_bucket: str, s3_options: dict[str, Any]) -> None:
+    data = _random(11 * MiB)
+    options = {
+        **s3_options,
+        "part_size": 5 * MiB,
+        "config_kwargs": {"request_checksum_calculation": "when_supported"},
+    }
+    with S3Store(f"s3://{s3_bucket}/r", options) as store:
+        store.write_file("big.bin", [memoryview(data)[:7], memoryview(data)[7:]])
+        store.write_file("small.bin", [b"abc", b"def"])
+        assert bytes(store.read_file("big.bin")) == data
+        assert bytes(store.read_file("small.bin")) == b"abcdef"
+
+
+def test_part_bodies_are_views_of_the_caller_buffers() -> None:
+    from spotsafe.storages.s3 import _as_bytes_views, _BuffersReader
+
+    views, offsets, total = _as_bytes_views([b"abc", b"", bytearray(b"defg"), memoryview(b"hij")])
+    assert (offsets, total) == ([0, 3, 7], 10)
+    part = _BuffersReader(views, offsets, 2, 9)  # "cdefghi", across three buffers
+    assert len(part) == 7
+    assert bytes(part.read(1)) == b"c"
+    assert bytes(part.read(3)) == b"def"  # inside one buffer: a view, no copy
+    assert isinstance(_BuffersReader(views, offsets, 3, 7).read(4), memoryview)
+    assert bytes(part.read()) == b"ghi"
+    assert part.read() == b""
+    assert part.seek(0) == 0
+    assert bytes(part.read(100)) == b"cdefghi"
+    part.seek(0, 2)
+    assert part.tell() == 7
+
+
 def test_prefixless_bucket_root(s3_bucket: str, s3_options: dict[str, Any]) -> None:
     with S3Store(f"s3://{s3_bucket}", s3_options) as store:
         store.commit_file("step-000000000001/manifest.json", b"{}")

@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 
 from spotsafe.errors import CheckpointNotFound, StoreError
 from spotsafe.storage import Buffer, Store
@@ -69,6 +69,7 @@ class MirrorStore(Store):
         self._resynced = False
         self._deleting: set[str] = set()  # deleted locally, remote delete still queued
         self._stop = threading.Event()
+        self._deadline: datetime | None = None
         self._closed = False
         #: The last background error (kept for inspection; uploads are retried regardless).
         self.last_error: BaseException | None = None
@@ -176,6 +177,7 @@ class MirrorStore(Store):
                 self._enqueue(_Job("upload", manifest))
 
     def set_deadline(self, deadline: datetime | None) -> None:
+        self._deadline = deadline  # close() stops waiting for uploads there
         self.local.set_deadline(deadline)
         self.remote.set_deadline(deadline)
 
@@ -205,7 +207,8 @@ class MirrorStore(Store):
         # copies stay, and the next start's cleanup_incomplete queues them again).
         end = None if self.close_timeout is None else time.monotonic() + self.close_timeout
         while not self.flush(timeout=1.0):
-            if self._failures >= 5 or (end is not None and time.monotonic() >= end):
+            past_deadline = self._deadline is not None and datetime.now(timezone.utc) >= self._deadline
+            if self._failures >= 5 or past_deadline or (end is not None and time.monotonic() >= end):
                 log.error(
                     "%s: closing with %d checkpoint(s) not uploaded (kept locally in %s): %s",
                     self.remote.url,
