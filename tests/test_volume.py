@@ -478,6 +478,7 @@ def cli_env(scene: Scene, ec2_server: Any, monkeypatch: pytest.MonkeyPatch) -> I
         pytest.skip("spotsafe.simulate is not there yet")
     monkeypatch.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", imds.endpoint)
     monkeypatch.setenv("AWS_ENDPOINT_URL_EC2", ec2_server.endpoint)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", ec2_server.endpoint)  # any other service: moto, never AWS
     try:
         yield scene
     finally:

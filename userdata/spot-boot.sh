@@ -65,15 +65,16 @@ SETTINGS=(
 # shellcheck disable=SC2163  # exporting the variables the array names
 for _name in "${SETTINGS[@]}"; do export "${_name}"; done
 
-PHASE="${1:-boot}"
+# Lower case: never clobber a variable of the same name in the environment.
+phase="${1:-boot}"
 
-log() { printf '%s spot-boot[%s]: %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "${PHASE}" "$*" >&2; }
+log() { printf '%s spot-boot[%s]: %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "${phase}" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
 on_error() {
   local rc=$? line=$1
   log "failed (exit ${rc}) at line ${line}; see the messages above"
-  if [ "${SPOTSAFE_SHUTDOWN_ON_FAILURE}" = 1 ] && [ "${PHASE}" = boot ]; then
+  if [ "${SPOTSAFE_SHUTDOWN_ON_FAILURE}" = 1 ] && [ "${phase}" = boot ]; then
     log "SPOTSAFE_SHUTDOWN_ON_FAILURE=1: shutting down rather than idling"
     # shellcheck disable=SC2086  # the command is meant to be split into words
     ${SPOTSAFE_SHUTDOWN_CMD} || true
@@ -150,7 +151,7 @@ write_env() {
   mkdir -p "${SPOTSAFE_ETC}"
   tmp=$(mktemp "${SPOTSAFE_ETC}/.spotsafe.env.XXXXXX")
   {
-    for name in "${SETTINGS[@]}" AWS_ENDPOINT_URL_EC2 AWS_ENDPOINT_URL_AUTOSCALING AWS_EC2_METADATA_SERVICE_ENDPOINT; do
+    for name in "${SETTINGS[@]}" AWS_ENDPOINT_URL AWS_ENDPOINT_URL_EC2 AWS_ENDPOINT_URL_AUTO_SCALING AWS_EC2_METADATA_SERVICE_ENDPOINT; do
       if [ -z "${!name+set}" ]; then continue; fi
       value=${!name}
       case "${value}" in
@@ -336,9 +337,9 @@ phase_after_train() {
 
 set -E
 trap 'on_error ${LINENO}' ERR
-case "${PHASE}" in
+case "${phase}" in
   boot) phase_boot ;;
   train) phase_train ;;
   after-train) phase_after_train "$@" ;;
-  *) die "unknown phase ${PHASE}: use boot, train or after-train" ;;
+  *) die "unknown phase ${phase}: use boot, train or after-train" ;;
 esac

