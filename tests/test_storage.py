@@ -60,6 +60,24 @@ class S3Fixtures:
             yield s
 
 
+class FsspecS3Fixtures:
+    """The generic fsspec backend over s3fs: an object store through fsspec's own client."""
+
+    @pytest.fixture
+    def store(self, s3_bucket: str, s3_options: dict[str, Any]) -> Iterator[Store]:
+        pytest.importorskip("s3fs")
+        from spotsafe.storages.fsspec import FsspecStore
+
+        options = {
+            "key": "testing",
+            "secret": "testing",
+            "client_kwargs": {"endpoint_url": s3_options["endpoint_url"], "region_name": "us-east-1"},
+            "skip_instance_cache": True,
+        }
+        with FsspecStore(f"s3://{s3_bucket}/fsspec", options) as s:
+            yield s
+
+
 class MirrorFixtures:
     @pytest.fixture
     def store(self, tmp_path: Path, s3_bucket: str, s3_options: dict[str, Any]) -> Iterator[Store]:
@@ -208,6 +226,10 @@ class TestLocalStore(StoreConformance, LocalFixtures):
 
 
 class TestFsspecMemoryStore(StoreConformance, MemoryFixtures):
+    pass
+
+
+class TestFsspecS3Store(StoreConformance, FsspecS3Fixtures):
     pass
 
 
