@@ -80,7 +80,7 @@ def digits() -> tuple[TensorDataset, TensorDataset]:
     return TensorDataset(x[train], y[train]), TensorDataset(x[test], y[test])
 
 
-def synthetic(n_train: int = 512, n_test: int = 128) -> tuple[TensorDataset, TensorDataset]:
+def synthetic(n_train: int = 256, n_test: int = 128) -> tuple[TensorDataset, TensorDataset]:
     """Ten noisy class prototypes: learnable in a few steps, no download."""
     g = torch.Generator().manual_seed(0)
     prototypes = torch.randn(10, 1, 28, 28, generator=g)

@@ -172,7 +172,11 @@ class Run:
         self.checkpointer: Checkpointer = Checkpointer(
             store, storage_options=storage_options, keep_last=keep_last, async_=async_
         )
-        self._restore(map_location)
+        try:
+            self._restore(map_location)
+        except BaseException:
+            self.checkpointer.close()
+            raise
         self._last_save = time.monotonic()
 
         self.watcher: InterruptionWatcher | None
