@@ -1400,9 +1400,14 @@ def exit_code(e: BaseException) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                            format="spotsafe.volume: %(message)s", stream=sys.stderr)
+    # Progress to stderr (the boot log), stdout keeps the result for scripts; only
+    # spotsafe's own messages: botocore's INFO chatter stays out.
+    pkg = logging.getLogger("spotsafe")
+    if not pkg.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("spotsafe.volume: %(message)s"))
+        pkg.addHandler(handler)
+        pkg.setLevel(logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
     try:
         return _COMMANDS[args.command](args)
     except (VolumeError, MetadataError, MissingDependency) as e:
