@@ -70,6 +70,16 @@ def test_reads_are_parallel_ranged_gets_of_one_version(
     assert all(r.headers.get("If-Match") for r in gets)
 
 
+def test_read_buffer_is_private_and_writable(s3_bucket: str, s3_options: dict[str, Any]) -> None:
+    with S3Store(f"s3://{s3_bucket}/r", {**s3_options, "part_size": 5 * MiB}) as store:
+        store.write_file("f.bin", [_random(6 * MiB)])
+        first = store.read_file("f.bin")
+        assert not first.readonly  # the loader builds tensors on it without a copy
+        original = bytes(first)
+        first[:4] = b"\0\0\0\0"
+        assert bytes(store.read_file("f.bin")) == original
+
+
 def test_botocore_checksums_can_be_turned_back_on(s3_bucket: str, s3_options: dict[str, Any]) -> None:
     data = _random(11 * MiB)
     options = {

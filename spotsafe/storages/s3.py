@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import mmap
 import random
 import threading
 import time
@@ -364,8 +365,9 @@ class S3Store(Store):
             raise CheckpointNotFound(f"{self._where(path)}: no such object")
         size = int(head["ContentLength"])
         etag = head.get("ETag")
-        out = bytearray(size)
-        view = memoryview(out)
+        # Anonymous memory: the kernel zeroes pages as the download threads first touch
+        # them, in parallel with the network, instead of bytearray zeroing it all up front.
+        view = memoryview(mmap.mmap(-1, size)) if size else memoryview(bytearray())
         ranges = [(start, min(start + self.part_size, size)) for start in range(0, size, self.part_size)]
         try:
             if len(ranges) <= 1:
@@ -379,7 +381,9 @@ class S3Store(Store):
             raise
         except Exception as e:
             raise self._error(path, "download", e) from e
-        return view.toreadonly()
+        # Writable on purpose: the buffer is private to the caller, so tensors can be built
+        # on it without a copy (a read-only one would be cloned by the loader).
+        return view
 
     def _get_range(self, path: str, etag: str | None, view: memoryview, start: int, end: int) -> None:
         def once() -> None:
