@@ -62,7 +62,6 @@ log = logging.getLogger(__name__)
 
 Action = Literal["terminate", "stop", "hibernate", "rebalance"]
 ACTIONS: tuple[str, ...] = get_args(Action)
-SOURCE_NAMES: tuple[str, ...] = ("aws", "gcp", "azure", "signal", "manual")
 
 #: Version of :meth:`Notice.to_dict`'s layout; :meth:`Notice.from_dict` refuses others.
 NOTICE_FORMAT_VERSION = 1
@@ -778,9 +777,17 @@ class InterruptionWatcher:
     def _resolve(self) -> tuple[list[Source], list[Source], bool]:
         """(sources to probe, sources enabled as given, whether signals are wanted)."""
         spec: SourceSpec = self._spec
+        origin = "sources"
         if isinstance(spec, str) and spec.strip().lower() == "auto" and self._settings.sources:
-            spec = self._settings.sources
+            spec, origin = self._settings.sources, "SPOTSAFE_SOURCES"
         items: list[str | Source] = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
+        known = ("", "none", "auto", "signal", *_PROVIDERS)
+        for item in items:
+            if not isinstance(item, Source) and str(item).strip().lower() not in known:
+                raise ValueError(
+                    f"unknown interruption source {item!r} in {origin}={spec!r}; "
+                    "use auto, aws, gcp, azure, signal or none"
+                )
         probe: list[Source] = []
         given: list[Source] = []
         want_signals = False
@@ -800,15 +807,10 @@ class InterruptionWatcher:
                     probe.append(self._make_source(key))
             elif name == "signal":
                 want_signals = True
-            elif name in _PROVIDERS:
-                if name == "aws" and self._settings.aws_disabled:
-                    log.info("AWS source off: AWS_EC2_METADATA_DISABLED is set")
-                    continue
-                given.append(self._make_source(name))
+            elif name == "aws" and self._settings.aws_disabled:
+                log.info("AWS source off: AWS_EC2_METADATA_DISABLED is set")
             else:
-                raise ValueError(
-                    f"unknown interruption source {item!r} (from {spec!r}); use auto, aws, gcp, azure, signal or none"
-                )
+                given.append(self._make_source(name))
         # The same provider named twice (auto plus explicit) is watched once.
         names = {s.name for s in given}
         for source in [s for s in probe if s.name in names]:

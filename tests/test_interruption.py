@@ -259,9 +259,12 @@ def test_sources_env_overrides_auto(aws: AWSSimulator, gcp: GCPSimulator, monkey
     assert aws.requests == []
 
 
-def test_unknown_source_name_is_an_error() -> None:
+def test_unknown_source_name_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValueError, match="unknown interruption source 'ibm'"):
         InterruptionWatcher("aws,ibm").start()
+    monkeypatch.setenv("SPOTSAFE_SOURCES", "signal,oracle")
+    with pytest.raises(ValueError, match="'oracle' in SPOTSAFE_SOURCES"):
+        InterruptionWatcher().start()
 
 
 def test_rebalance_then_terminate(aws: AWSSimulator) -> None:
