@@ -245,16 +245,17 @@ def _memory(t: torch.Tensor) -> memoryview:
     return memoryview((ctypes.c_ubyte * n).from_address(t.data_ptr())).cast("B")
 
 
-def snapshot(state: Mapping[str, Any] | FlatState, buffer: SnapshotBuffer | None) -> Snapshot:
+def snapshot(state: Mapping[str, Any] | FlatState, buffer: SnapshotBuffer, *, copy: bool = True) -> Snapshot:
     """Step 1: capture ``state`` for writing.
 
-    With a ``buffer``, every tensor's bytes are copied into it (the async case:
-    the caller may change its tensors as soon as this returns). With None, CPU
-    tensors are written from their own memory, no copy (the sync case: the caller
-    waits for the write); CUDA tensors are still copied to the host.
+    With ``copy`` every tensor's bytes are copied into ``buffer`` (the async
+    case: the caller may change its tensors as soon as this returns). Without,
+    a state that is all on the CPU is written from the tensors' own memory (the
+    sync case: the caller waits for the write); device tensors still go through
+    the (pinned) buffer.
     """
     flat = state if isinstance(state, FlatState) else flatten(state)
-    if buffer is None:
+    if not copy and all(src.device.type == "cpu" for src in flat.sources):
         return _zero_copy(flat)
     dst, view = buffer.get(flat.nbytes)
     cuda = False
@@ -281,8 +282,6 @@ def _zero_copy(flat: FlatState) -> Snapshot:
         if blob.offset > pos:
             parts.append(memoryview(bytes(blob.offset - pos)))
         if blob.nbytes:
-            if src.device.type != "cpu":
-                src = src.to("cpu")
             src = src.contiguous()
             keep.append(src)
             parts.append(_memory(src))
@@ -350,7 +349,8 @@ def _plain_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
         return {}
     out = dict(metadata)
     try:
-        return json.loads(json.dumps(out, allow_nan=False))
+        plain: dict[str, Any] = json.loads(json.dumps(out, allow_nan=False))
+        return plain
     except (TypeError, ValueError) as e:
         raise StateError(f"checkpoint metadata must be plain JSON (str keys, no NaN): {e}") from e
 
@@ -452,7 +452,7 @@ class Checkpointer:
             run_async = self.async_ if async_ is None else async_
             t0 = _time.perf_counter()
             # A sync save writes straight from the tensors: the caller is blocked, they cannot change.
-            snap = snapshot(state, self._buffer if run_async else None)
+            snap = snapshot(state, self._buffer, copy=run_async)
             timings = {"snapshot_s": _time.perf_counter() - t0}
 
             def persist() -> None:
@@ -640,7 +640,9 @@ class Checkpointer:
             ) from e
         return CheckpointInfo.from_manifest(self.store, name, m)
 
-    def _load_one(self, info: CheckpointInfo, map_location: MapLocation, verify: bool, rank: int = 0) -> Any:
+    def _load_one(
+        self, info: CheckpointInfo, map_location: MapLocation, verify: bool, rank: int = 0
+    ) -> dict[str, Any]:
         name = info.name
         base = f"{self.store.url.rstrip('/')}/{name}"
         m = self._manifest(name)

@@ -221,9 +221,9 @@ class _Flattener:
             self.tensors.append(entry)
             return len(self.tensors) - 1
         storage = t.untyped_storage()
-        lo = t.storage_offset()
-        hi = t.storage_offset()
-        for size, stride in zip(t.shape, t.stride()):
+        lo = int(t.storage_offset())
+        hi = lo
+        for size, stride in zip(map(int, t.shape), map(int, t.stride())):
             if stride < 0:  # not producible by torch, but be safe
                 raise StateError(f"{where}: negative strides are not supported")
             hi += (size - 1) * stride

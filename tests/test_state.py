@@ -18,7 +18,7 @@ from spotsafe.state import RNGState, blob_from_buffer, flatten, to_plain, unflat
 def roundtrip(state: Any, **kw: Any) -> Any:
     snap = snapshot(flatten(state), SnapshotBuffer(pin=False))
     data = memoryview(bytearray(b"".join(snap.parts)))  # what a file read would give
-    zero_copy = snapshot(flatten(state), None)
+    zero_copy = snapshot(flatten(state), SnapshotBuffer(pin=False), copy=False)
     assert b"".join(zero_copy.parts) == bytes(data)  # the sync path writes the very same bytes
     return unflatten(snap.description, lambda i: blob_from_buffer(data, snap.blobs[i], "mem"), **kw)
 
