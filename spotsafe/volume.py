@@ -1009,8 +1009,8 @@ def mount(
         if elsewhere:
             raise VolumeMountError(f"{device} is already mounted at {', '.join(elsewhere)}; unmount it first")
         info = probe(device)
-        fs = info.get("TYPE")
-        if fs is None:
+        detected = info.get("TYPE")
+        if detected is None:
             if info.get("PTTYPE"):
                 raise VolumeNotBlank(
                     f"{device} has a {info['PTTYPE']} partition table and no filesystem on the whole "
@@ -1029,7 +1029,8 @@ def mount(
             _mkfs(device, fstype, label)
             formatted = True
             info = probe(device)
-            fs = info.get("TYPE", fstype)
+            detected = info.get("TYPE", fstype)
+        fs = detected
         os.makedirs(mountpoint, exist_ok=True)
         cmd = ["mount", "-t", fs]
         if options:

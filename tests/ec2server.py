@@ -155,5 +155,8 @@ def run_instance(client: Any, az: str) -> str:
 
 
 @pytest.fixture
-def launch(ec2: Any) -> Callable[[str], str]:
-    return lambda az="us-east-1a": run_instance(ec2, az)
+def launch(ec2: Any) -> Callable[..., str]:
+    def _launch(az: str = "us-east-1a") -> str:
+        return run_instance(ec2, az)
+
+    return _launch
