@@ -650,3 +650,36 @@ def test_finish_cancels_a_persistent_spot_request(ec2_server: Any, ec2: Any) -> 
     assert done == [f"spot request {rid}: cancelled"]
     left = ec2.describe_spot_instance_requests(Filters=[{"Name": "instance-id", "Values": [iid]}])
     assert [q["State"] for q in left["SpotInstanceRequests"] if q["State"] in ("open", "active")] == []
+
+
+@pytest.mark.root
+def test_cli_move_then_mount_retires_the_old_volume_only_after_the_mount(cli_env: Scene, loopdev: Callable[..., str],
+                                                                        tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    s = cli_env
+    run = unique_tag()
+    old_id = create_volume(s.ec2, "us-east-1a", {"spotsafe-run": run, vol.TAG_NEW: "true"})
+    dev = loopdev()
+    stop = threading.Event()
+    t = threading.Thread(target=_serve_device_for_new_volume, args=(s.ec2, old_id, tmp_path, dev, stop), daemon=True)
+    t.start()
+    try:
+        assert vol.main(_cli(s, "attach", "--tag", f"spotsafe-run={run}", "--move")) == 0
+    finally:
+        stop.set()
+        t.join()
+    assert capsys.readouterr().out.strip() == os.path.realpath(dev)
+    assert describe(s.ec2, old_id)["State"] == "available"  # kept until the copy is mounted
+    mnt = str(tmp_path / "mnt")
+    try:
+        # The copy carries the tags but not spotsafe-new: a moved volume has data, mkfs must be explicit.
+        assert vol.main(_cli(s, "mount", "--tag", f"spotsafe-run={run}", "--mountpoint", mnt)) == vol.EXIT_NO_FILESYSTEM
+        assert describe(s.ec2, old_id)["State"] == "available"
+        assert vol.main(_cli(s, "mount", "--tag", f"spotsafe-run={run}", "--mountpoint", mnt, "--mkfs")) == 0
+        with pytest.raises(VolumeNotFound):
+            s.manager.describe(old_id)
+        new = s.manager.find(tags={"spotsafe-run": run})
+        assert new.availability_zone == s.az and new.instance_id == s.instance_id
+        assert vol.TAG_MOVED_FROM not in new.tags
+    finally:
+        vol.unmount(mnt)
