@@ -713,9 +713,11 @@ class InterruptionWatcher:
     """Watches every interruption source that applies here; keeps the first notice.
 
     ``sources``: ``"auto"`` (the default; ``SPOTSAFE_SOURCES`` overrides it) probes
-    AWS, GCP and Azure and adds POSIX signals; or a comma-separated string / an
-    iterable of names (``"aws"``, ``"gcp"``, ``"azure"``, ``"signal"``, ``"none"``)
-    and :class:`Source` objects, enabled without probing.
+    AWS, GCP and Azure; or a comma-separated string / an iterable of names
+    (``"aws"``, ``"gcp"``, ``"azure"``, ``"none"``) and :class:`Source` objects,
+    enabled without probing. POSIX signals are always watched, whatever
+    ``sources`` says (``"signal"`` is accepted as a name); ``signals=()`` turns
+    them off.
 
     ``callback(notice)`` runs on a watcher thread when a notice is accepted (a
     rebalance, then possibly its terminate upgrade). ``signals`` are installed only
@@ -774,8 +776,8 @@ class InterruptionWatcher:
             return GCPSource(self._settings.gcp_host, timeout=self.timeout)
         return AzureSource(self._settings.azure_endpoint, timeout=self.timeout)
 
-    def _resolve(self) -> tuple[list[Source], list[Source], bool]:
-        """(sources to probe, sources enabled as given, whether signals are wanted)."""
+    def _resolve(self) -> tuple[list[Source], list[Source]]:
+        """(metadata sources to probe, metadata sources enabled as given)."""
         spec: SourceSpec = self._spec
         origin = "sources"
         if isinstance(spec, str) and spec.strip().lower() == "auto" and self._settings.sources:
@@ -790,7 +792,6 @@ class InterruptionWatcher:
                 )
         probe: list[Source] = []
         given: list[Source] = []
-        want_signals = False
         for item in items:
             if isinstance(item, Source):
                 given.append(item)
@@ -799,14 +800,13 @@ class InterruptionWatcher:
             if name in ("", "none"):
                 continue
             if name == "auto":
-                want_signals = True
                 for key in _PROVIDERS:
                     if key == "aws" and self._settings.aws_disabled:
                         log.debug("AWS source off: AWS_EC2_METADATA_DISABLED is set")
                         continue
                     probe.append(self._make_source(key))
             elif name == "signal":
-                want_signals = True
+                pass  # signals are governed by ``signals=``; the name is accepted for clarity
             elif name == "aws" and self._settings.aws_disabled:
                 log.info("AWS source off: AWS_EC2_METADATA_DISABLED is set")
             else:
@@ -816,7 +816,7 @@ class InterruptionWatcher:
         for source in [s for s in probe if s.name in names]:
             source.close()
             probe.remove(source)
-        return probe, given, want_signals
+        return probe, given
 
     def _probe_all(self, candidates: list[Source]) -> list[Source]:
         """Probe in parallel; a source that has not answered in time is off."""
@@ -874,13 +874,13 @@ class InterruptionWatcher:
         if self._started:
             return self
         started = time.monotonic()
-        probe, given, want_signals = self._resolve()
+        probe, given = self._resolve()
         self._sources = given + self._probe_all(probe)
         self._stop.clear()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-        if want_signals and self.signals:
+        if self.signals:
             self._install_signals()
         dispatcher = threading.Thread(target=self._dispatch, name="spotsafe-watcher", daemon=True)
         self._threads = [dispatcher]

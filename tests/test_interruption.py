@@ -255,7 +255,7 @@ def test_sources_env_overrides_auto(aws: AWSSimulator, gcp: GCPSimulator, monkey
     monkeypatch.setenv("GCE_METADATA_HOST", gcp.host)
     monkeypatch.setenv("SPOTSAFE_SOURCES", "gcp")
     with InterruptionWatcher(poll_interval=POLL) as watcher:
-        assert watcher.sources == ("gcp",)  # no signal: the override does not name it
+        assert watcher.sources == ("gcp", "signal")  # signals stay on
     assert aws.requests == []
 
 
