@@ -28,6 +28,7 @@ import email.utils
 import json
 import logging
 import math
+import os
 import queue
 import selectors
 import signal
@@ -763,6 +764,7 @@ class InterruptionWatcher:
         self._wake_w: socket.socket | None = None
         self._previous_handlers: dict[signal.Signals, Any] = {}
         self._signals_active = False
+        self._signals_pid = 0
 
     def __repr__(self) -> str:
         return f"InterruptionWatcher(sources={self.sources!r}, notice={self._notice!r})"
@@ -1068,6 +1070,7 @@ class InterruptionWatcher:
             except (ValueError, OSError) as e:
                 log.debug("cannot handle %s: %s", sig.name, e)
         self._signals_active = bool(self._previous_handlers)
+        self._signals_pid = os.getpid()
 
     def _restore_signals(self) -> None:
         if not self._signals_active:
@@ -1088,9 +1091,10 @@ class InterruptionWatcher:
         # .notice) turns it into a Notice.
         sig = signal.Signals(signum)
         previous = self._previous_handlers.get(sig)
-        if not self._signals_active:
+        if not self._signals_active or os.getpid() != self._signals_pid:
             # A stopped watcher's handler still installed (another handler was stacked
-            # on it and restored it): behave exactly as the previous disposition would.
+            # on it and restored it), or a forked child (a DataLoader worker) that
+            # inherited it: behave exactly as the previous disposition would.
             if callable(previous):
                 previous(signum, frame)
             elif previous != signal.SIG_IGN:

@@ -549,6 +549,21 @@ def test_stacked_watchers_stopped_out_of_order_defer_to_the_original_handler() -
         signal.signal(signal.SIGTERM, old)
 
 
+def test_forked_children_keep_the_default_sigterm() -> None:
+    # A DataLoader worker forked after start() inherits the handler; it must still die.
+    with InterruptionWatcher("signal") as watcher:
+        pid = os.fork()
+        if pid == 0:  # the child
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)
+            finally:
+                os._exit(3)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
+        assert watcher.notice is None  # the child's signal is not the parent's notice
+
+
 def test_signal_wakes_wait_and_callback_runs_on_watcher_thread() -> None:
     threads: list[str] = []
     done = threading.Event()
