@@ -276,6 +276,12 @@ class _Simulator:
         with self._lock:
             self._faults.append(_Fault(status, body, float(delay), path, int(count)))
 
+    @property
+    def faults_pending(self) -> int:
+        """Injected faults not yet served."""
+        with self._lock:
+            return sum(f.remaining for f in self._faults)
+
     def clear_faults(self) -> None:
         with self._lock:
             self._faults.clear()

@@ -327,9 +327,9 @@ def test_no_false_notice_through_errors_timeouts_and_restarts(aws: AWSSimulator)
     aws.inject(502, count=1, body="<html>bad gateway</html>")
     with _watch(AWSSource(aws.endpoint, timeout=0.3), poll_interval=0.1) as watcher:
         deadline = time.monotonic() + 10
-        while aws._faults and time.monotonic() < deadline:
+        while aws.faults_pending and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert aws._faults == []  # every fault was served to the watcher
+        assert aws.faults_pending == 0  # every fault was served to the watcher
         time.sleep(0.3)
         assert watcher.notice is None
         assert all(t.is_alive() for t in watcher._threads)
@@ -403,9 +403,9 @@ def test_gcp_no_false_notice_from_garbage_and_errors(gcp: GCPSimulator) -> None:
     gcp.inject(500, count=2)
     with _watch(GCPSource(gcp.host), poll_interval=0.1) as watcher:
         deadline = time.monotonic() + 10
-        while gcp._faults and time.monotonic() < deadline:
+        while gcp.faults_pending and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert gcp._faults == []
+        assert gcp.faults_pending == 0
         time.sleep(0.2)
         assert watcher.notice is None
         gcp.preempt()
@@ -457,7 +457,7 @@ def test_azure_no_false_notice_from_garbage(azure: AzureSimulator) -> None:
     azure.inject(500, count=2, path="/metadata/scheduledevents")
     with _watch(AzureSource(azure.endpoint), poll_interval=0.1) as watcher:
         deadline = time.monotonic() + 10
-        while azure._faults and time.monotonic() < deadline:
+        while azure.faults_pending and time.monotonic() < deadline:
             time.sleep(0.05)
         time.sleep(0.2)
         assert watcher.notice is None
