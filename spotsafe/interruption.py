@@ -74,7 +74,7 @@ GCP_NOTICE_SECONDS = 30.0
 #: An Azure event with an empty NotBefore has started; assume the 30 s Spot minimum.
 AZURE_NOTICE_SECONDS = 30.0
 #: systemd's and Kubernetes' default grace between SIGTERM and SIGKILL.
-SIGNAL_GRACE_SECONDS = 30.0
+SIGNAL_GRACE_SECONDS = 30.0  # the default of SPOTSAFE_SIGNAL_GRACE (spotsafe.settings)
 
 
 def _utcnow() -> datetime:
@@ -723,7 +723,8 @@ class InterruptionWatcher:
     ``callback(notice)`` runs on a watcher thread when a notice is accepted (a
     rebalance, then possibly its terminate upgrade). ``signals`` are installed only
     when :meth:`start` runs in the main thread; a caught signal becomes a terminate
-    notice with a deadline ``signal_grace`` seconds later.
+    notice with a deadline ``signal_grace`` seconds later (default:
+    ``SPOTSAFE_SIGNAL_GRACE``, else 30 s).
     """
 
     def __init__(
@@ -734,7 +735,7 @@ class InterruptionWatcher:
         callback: Callback | None = None,
         signals: Sequence[signal.Signals | int] = (signal.SIGTERM,),
         rebalance: bool = True,
-        signal_grace: float = SIGNAL_GRACE_SECONDS,
+        signal_grace: float | None = None,
         timeout: float = 1.0,
         probe_timeout: float = 0.5,
     ) -> None:
@@ -744,10 +745,11 @@ class InterruptionWatcher:
         self.callback = callback
         self.signals = tuple(signal.Signals(s) for s in signals)
         self.rebalance = rebalance
-        self.signal_grace = float(signal_grace)
+        self._settings = Settings.from_env()
+        # Kubernetes' terminationGracePeriodSeconds or SLURM's --signal lead time, where known.
+        self.signal_grace = float(self._settings.signal_grace if signal_grace is None else signal_grace)
         self.timeout = float(timeout)
         self.probe_timeout = float(probe_timeout)
-        self._settings = Settings.from_env()
         self._spec = sources
         self._sources: list[Source] = []
         self._lock = threading.Lock()

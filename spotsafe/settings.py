@@ -20,6 +20,19 @@ def _truthy(value: str | None) -> bool:
     return (value or "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a number of seconds") from None
+    if value <= 0:
+        raise ValueError(f"{name}={raw!r} must be > 0 seconds")
+    return value
+
+
 @dataclass(frozen=True)
 class Settings:
     #: SPOTSAFE_STORE: the store ``Run()`` uses when given none (set by ``spotsafe.resume``).
@@ -34,6 +47,9 @@ class Settings:
     azure_endpoint: str
     #: SPOTSAFE_SOURCES: comma-separated watcher sources overriding "auto" (e.g. "aws,signal").
     sources: str | None
+    #: SPOTSAFE_SIGNAL_GRACE: seconds between a SIGTERM and the kill that follows it (default 30,
+    #: as Kubernetes and systemd); set it to the platform's grace period.
+    signal_grace: float
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -45,4 +61,5 @@ class Settings:
             gcp_host=env.get("GCE_METADATA_HOST") or GCP_DEFAULT_HOST,
             azure_endpoint=(env.get("SPOTSAFE_AZURE_METADATA_ENDPOINT") or AZURE_DEFAULT_ENDPOINT).rstrip("/"),
             sources=env.get("SPOTSAFE_SOURCES") or None,
+            signal_grace=_seconds(env, "SPOTSAFE_SIGNAL_GRACE", 30.0),
         )

@@ -46,3 +46,15 @@ def test_loopback_still_works() -> None:
         server.listen(1)
         with socket.create_connection(server.getsockname(), timeout=2):
             pass
+
+
+def test_signal_grace_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from spotsafe.interruption import InterruptionWatcher
+
+    assert Settings.from_env().signal_grace == 30.0
+    monkeypatch.setenv("SPOTSAFE_SIGNAL_GRACE", "90")
+    assert InterruptionWatcher(sources=[]).signal_grace == 90.0
+    assert InterruptionWatcher(sources=[], signal_grace=5).signal_grace == 5.0
+    monkeypatch.setenv("SPOTSAFE_SIGNAL_GRACE", "soon")
+    with pytest.raises(ValueError, match="SPOTSAFE_SIGNAL_GRACE"):
+        Settings.from_env()
