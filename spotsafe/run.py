@@ -28,6 +28,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime, timezone
+from datetime import timedelta as _timedelta
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -95,6 +96,11 @@ class Run:
     :data:`spotsafe.EXIT_PREEMPTED` (75); without it :attr:`should_stop` becomes
     True and :meth:`epochs`/:meth:`batches` stop yielding.
 
+    Under ``torchrun`` (a process group of several ranks) every rank builds its
+    Run; saves are collective (rank 0 writes the replicated state, each rank its
+    RNGs and data position), and a notice on any rank is agreed by all at the same
+    step (checked every ``agree_every`` steps; "auto" spaces the checks ~0.5 s).
+
     ``seed``: the per-epoch shuffle seeds are derived from it; None draws each
     epoch's seed from torch's global RNG when the epoch starts (as a plain
     DataLoader does), so ``torch.manual_seed`` keeps runs reproducible.
@@ -119,6 +125,7 @@ class Run:
         exit_on_notice: bool = True,
         map_location: Any = None,
         async_: bool = True,
+        agree_every: int | str = "auto",
     ) -> None:
         from spotsafe.checkpoint import Checkpointer
         from spotsafe.state import RNGState
@@ -172,8 +179,13 @@ class Run:
         self.checkpointer: Checkpointer = Checkpointer(
             store, storage_options=storage_options, keep_last=keep_last, async_=async_
         )
+        #: The multi-rank path (torch.distributed initialized with world size > 1), else None.
+        self._ddp: _MultiRank | None = None
         try:
+            self._ddp = _MultiRank.detect(self.checkpointer, agree_every)
             self._restore(map_location)
+            if self._ddp is not None:
+                self._ddp.cleanup()
         except BaseException:
             self.checkpointer.close()
             raise
@@ -268,6 +280,9 @@ class Run:
         self.step_count += 1
         if metrics:
             self.metrics = metrics
+        if self._ddp is not None:
+            self._step_multi_rank(self._ddp)
+            return
         if self._check_notice():
             return
         if (self.every_steps is not None and self.step_count % self.every_steps == 0) or (
@@ -293,11 +308,16 @@ class Run:
             self.close()
             return False
         self.checkpointer.wait()
+        if self._ddp is not None:
+            self._ddp.agreement.drain(self.step_count)  # the run is over: a late notice changes nothing
         if self._saved_step != self.step_count:
             self._save("final", async_=False)
         self.checkpointer.wait()
         info = {"epoch": self.epoch, "metrics": _plain_metrics(self.metrics), **dict(metadata or {})}
-        self.checkpointer.mark_complete(self.step_count, info)
+        if self._ddp is None or self._ddp.ctx.is_coordinator:
+            self.checkpointer.mark_complete(self.step_count, info)
+        if self._ddp is not None:
+            self._ddp.ctx.barrier(what="marking the run complete")
         log.info("run complete at step %d (epoch %d) in %s", self.step_count, self.epoch, self.store.url)
         emit_event("complete", step=self.step_count, epoch=self.epoch)
         self.close()
@@ -337,6 +357,7 @@ class Run:
             "epoch_seed": self._epoch_seed,
             "sampler_state": self._sampler_state,
             "loader_state": loader_state,
+            "world_size": self._ddp.ctx.world_size if self._ddp is not None else 1,
         }
 
     def _state(self) -> dict[str, Any]:
@@ -356,8 +377,11 @@ class Run:
         objects.update(stateful)
         # RNGs last: nothing after it may draw from them before training continues.
         objects["rng"] = self._rng
-        # None: the newest intact checkpoint, falling back past corrupt ones.
-        rest = self.checkpointer.restore(None, objects, map_location=map_location)
+        if self._ddp is not None:
+            rest = self._ddp.restore(objects, map_location)
+        else:
+            # None: the newest intact checkpoint, falling back past corrupt ones.
+            rest = self.checkpointer.restore(None, objects, map_location=map_location)
         run_state = rest.pop(RUN_STATE_KEY, None)
         if not isinstance(run_state, Mapping):
             raise RunStateError(
@@ -376,6 +400,15 @@ class Run:
         self.step_count = int(run_state["step"])
         self.epoch = int(run_state["epoch"])
         self.batch = int(run_state["batch"])
+        old_world = int(run_state.get("world_size") or 1)
+        new_world = self._ddp.ctx.world_size if self._ddp is not None else 1
+        if old_world != new_world:
+            from spotsafe.distributed import rescale_batch
+
+            # DistributedSampler deals one permutation round-robin: the global count of
+            # batches read is what carries over to another number of ranks.
+            self.batch = rescale_batch(self.batch, old_world, new_world)
+            log.info("world size %d -> %d: batch position rescaled to %d", old_world, new_world, self.batch)
         if self.seed is None and run_state.get("seed") is not None:
             self.seed = int(run_state["seed"])
         self._epoch_seed = None if run_state.get("epoch_seed") is None else int(run_state["epoch_seed"])
@@ -400,14 +433,13 @@ class Run:
             self._save("periodic", async_=None)
 
     def _save(self, reason: str, *, async_: bool | None) -> None:
-        self.checkpointer.save(
-            self.step_count,
-            self._state(),
-            epoch=self.epoch,
-            reason=reason,
-            async_=async_,
-            metadata={"batch": self.batch, "metrics": _plain_metrics(self.metrics)},
-        )
+        metadata = {"batch": self.batch, "metrics": _plain_metrics(self.metrics)}
+        if self._ddp is not None:
+            self._ddp.save(self.step_count, self._state(), epoch=self.epoch, reason=reason, metadata=metadata)
+        else:
+            self.checkpointer.save(
+                self.step_count, self._state(), epoch=self.epoch, reason=reason, async_=async_, metadata=metadata
+            )
         self._saved_step = self.step_count
         self._save_due = False
         self._last_save = time.monotonic()
@@ -419,7 +451,7 @@ class Run:
         if self._should_stop:
             return True
         watcher = self.watcher
-        if watcher is None:
+        if watcher is None or self._ddp is not None:  # ranks agree on notices in step() only
             return False
         notice = watcher.notice
         if notice is None or id(notice) in self._handled:
@@ -435,16 +467,21 @@ class Run:
         return True
 
     def _on_final_notice(self, notice: Notice) -> None:
+        self._final_save(notice.deadline, source=notice.source, action=notice.action,
+                         detected_at=notice.detected_at.timestamp())
+
+    def _final_save(self, deadline: datetime | None, *, source: str, action: str, detected_at: float) -> None:
         t0 = time.monotonic()
-        deadline = notice.deadline
+        if deadline is None:  # a rank agreed without a deadline: assume the shortest platform notice
+            deadline = _now() + _timedelta(seconds=30)
         left = (deadline - _now()).total_seconds()
         log.warning(
             "%s notice (%s) at step %d (epoch %d, batch %d): %.0f s to the deadline; checkpointing",
-            notice.source, notice.action, self.step_count, self.epoch, self.batch, left,
+            source, action, self.step_count, self.epoch, self.batch, left,
         )
         emit_event(
-            "notice", step=self.step_count, epoch=self.epoch, batch=self.batch, source=notice.source,
-            action=notice.action, detected_at=notice.detected_at.timestamp(), deadline=deadline.timestamp(),
+            "notice", step=self.step_count, epoch=self.epoch, batch=self.batch, source=source,
+            action=action, detected_at=detected_at, deadline=deadline.timestamp(),
         )
         self.store.set_deadline(deadline)
         self.checkpointer.wait()  # an in-flight periodic save first
@@ -471,10 +508,38 @@ class Run:
         self._should_stop = True
         if self.exit_on_notice:
             self.close()
+            if self._ddp is not None:
+                self._ddp.agreement.drain(self.step_count)
+                self._ddp.ctx.leave()  # every rank leaves gloo together, then exits 75
             emit_event("exit", code=EXIT_PREEMPTED, step=self.step_count)
             sys.stdout.flush()
             sys.stderr.flush()
             sys.exit(EXIT_PREEMPTED)
+
+    def _step_multi_rank(self, ddp: _MultiRank) -> None:
+        """step() on one of several ranks: every decision is taken by all ranks at the same step."""
+        if self._should_stop:
+            return
+        clock_due = self.every_seconds is not None and time.monotonic() - self._last_save >= self.every_seconds
+        notice = self.watcher.notice if self.watcher is not None else None
+        agreed = ddp.agreement.step(notice, self.step_count, due=clock_due)
+        if agreed is not None and agreed.is_final:
+            local = notice if notice is not None and notice.is_final else None
+            self._final_save(
+                agreed.deadline,
+                source=local.source if local is not None else f"rank {agreed.source_rank}",
+                action=local.action if local is not None else "terminate",
+                detected_at=local.detected_at.timestamp() if local is not None else time.time(),
+            )
+            return
+        due = ddp.agreement.take_due() or (self.every_steps is not None and self.step_count % self.every_steps == 0)
+        if agreed is not None:  # a rebalance recommendation somewhere: save, go on
+            log.warning("rebalance recommendation from rank %d: checkpointing at step %d",
+                        agreed.source_rank, self.step_count)
+            emit_event("rebalance", step=self.step_count, source=f"rank {agreed.source_rank}")
+            due = True
+        if due and self._saved_step != self.step_count:
+            self._save("rebalance" if agreed is not None else "periodic", async_=False)
 
     def _atexit(self) -> None:
         # A script that ends (or crashes) without finish(): let an async save land.
@@ -492,3 +557,88 @@ def _plain_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
         if isinstance(value, (bool, int, float, str)) or value is None:
             out[key] = value
     return out
+
+
+class _MultiRank:
+    """Run's path when torch.distributed runs several ranks (DDP-style replicated state).
+
+    Saves are collective and synchronous: rank 0 writes everything, every other rank
+    only its own RNG streams and data position (``spotsafe.distributed.RANK_KEYS``);
+    after every rank's files are durable (a monitored barrier), rank 0 commits the
+    manifest. A notice seen by any rank is agreed by all at the same step
+    (:class:`spotsafe.distributed.NoticeAgreement`). Resuming on another world size
+    takes rank ``r mod old`` RNG streams and rescales the batch position.
+    """
+
+    def __init__(self, ctx: Any, checkpointer: Checkpointer, agree_every: int | str = "auto") -> None:
+        from spotsafe.checkpoint import SnapshotBuffer
+        from spotsafe.distributed import NoticeAgreement
+
+        self.ctx = ctx
+        self.checkpointer = checkpointer
+        self.agreement = NoticeAgreement(ctx, every=agree_every)  # type: ignore[arg-type]
+        self._buffer = SnapshotBuffer()
+
+    @classmethod
+    def detect(cls, checkpointer: Checkpointer, agree_every: int | str = "auto") -> _MultiRank | None:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+            return None
+        from spotsafe.distributed import DistContext
+
+        ctx = DistContext.detect()
+        return None if ctx is None else cls(ctx, checkpointer, agree_every)
+
+    def restore(self, objects: Mapping[str, Any], map_location: Any) -> dict[str, Any]:
+        from spotsafe.distributed import RANK_KEYS, merge_rank_state
+
+        ckpt = self.checkpointer
+        # Every rank must restore the same step: rank 0 picks it.
+        chosen = self.ctx.broadcast_object(
+            (lambda info: None if info is None else info.step)(ckpt.latest()) if self.ctx.is_coordinator else None
+        )
+        if chosen is None:
+            from spotsafe.errors import CheckpointNotFound
+
+            raise CheckpointNotFound(f"{ckpt.store.url}: no intact checkpoint")
+        info = ckpt._resolve(int(chosen))
+        state = merge_rank_state(
+            lambda r: ckpt._load_one(info, map_location, True, rank=r), self.ctx.rank, info.world_size, RANK_KEYS
+        )
+        missing = [k for k in objects if k not in state]
+        if missing:
+            raise RunStateError(f"{info.url}: holds no state for {missing}")
+        for key, obj in objects.items():
+            obj.load_state_dict(state.pop(key))
+        ckpt.last_loaded = info
+        return state
+
+    def cleanup(self) -> None:
+        """Rank 0 removes debris of killed saves once, before any rank writes."""
+        if self.ctx.is_coordinator:
+            self.checkpointer._cleanup(skip="")
+        self.ctx.barrier(what="cleaning up incomplete checkpoints")
+
+    def save(self, step: int, state: Mapping[str, Any], *, epoch: int, reason: str,
+             metadata: Mapping[str, Any]) -> None:
+        from spotsafe import checkpoint as C
+        from spotsafe.distributed import RANK_KEYS, persist_rank_files, rank_state
+
+        store = self.checkpointer.store
+        name = C.checkpoint_name(step)
+        when = datetime.now(timezone.utc)
+        snap = C.snapshot(rank_state(state, self.ctx, RANK_KEYS), self._buffer, copy=False)
+        meta = json.loads(json.dumps(dict(metadata)))
+
+        def write() -> list[Any]:
+            return C.write_rank_files(store, name, snap, rank=self.ctx.rank)
+
+        def commit(files: list[Any]) -> None:
+            manifest = C.Manifest(format_version=C.FORMAT_VERSION, step=step, epoch=epoch, reason=reason,  # type: ignore[arg-type]
+                                  time=when, world_size=self.ctx.world_size, files=tuple(files), metadata=meta)
+            C.commit_manifest(store, name, manifest)
+
+        persist_rank_files(self.ctx, write, commit, what=f"checkpoint {store.url.rstrip('/')}/{name}")
+        if self.ctx.is_coordinator:
+            self.checkpointer._retain(step)
