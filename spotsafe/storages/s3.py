@@ -347,7 +347,10 @@ class S3Store(Store):
         from botocore.exceptions import ClientError
 
         try:
-            return self._call("HEAD", self._client.head_object, Bucket=self.bucket, Key=self._key(path))
+            head: dict[str, Any] = self._call(
+                "HEAD", self._client.head_object, Bucket=self.bucket, Key=self._key(path)
+            )
+            return head
         except ClientError as e:
             if _code(e) in ("404", "NoSuchKey", "NotFound"):
                 return None
@@ -400,7 +403,8 @@ class S3Store(Store):
             # Straight from the socket into the destination (http.client's readinto):
             # urllib3's readinto would read into a temporary and copy.
             readinto = getattr(fp, "readinto", None) if fp is not None else None
-            if readinto is None or getattr(raw, "_decoder", None) is not None:
+            direct = readinto is not None and getattr(raw, "_decoder", None) is None
+            if not direct:
                 readinto = body.readinto
             done = False
             try:
@@ -415,7 +419,7 @@ class S3Store(Store):
                     pos += n
                 done = True
             finally:
-                if done and readinto is not body.readinto and hasattr(raw, "release_conn"):
+                if done and direct and raw is not None and hasattr(raw, "release_conn"):
                     raw.release_conn()  # fully read: the connection goes back to the pool
                 else:
                     body.close()
