@@ -26,7 +26,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from types import FrameType
@@ -59,6 +59,9 @@ class Supervisor:
     max_restarts: int = DEFAULT_MAX_RESTARTS
     backoff: float = DEFAULT_BACKOFF
     cwd: str | None = None
+    #: ``preempted(since)``: True when the run saved a notice checkpoint after ``since``
+    #: (UTC): a launcher such as torchrun turns its workers' 75 into 1, the store does not lie.
+    preempted: Callable[[datetime], bool] | None = None
     #: returncodes of every launch, in order
     history: list[int] = field(default_factory=list)
     _child: subprocess.Popen[bytes] | None = field(default=None, repr=False)
@@ -97,9 +100,14 @@ class Supervisor:
         """Launch, restarting after crashes; the final exit status."""
         restarts = 0
         while True:
+            started = datetime.now(timezone.utc)
             status = self.launch_once()
             if status == 0:
                 return 0
+            if status != EXIT_PREEMPTED and self.preempted is not None and self._safe_preempted(started):
+                _say(f"the command exited with status {status}, but the run saved a checkpoint on a "
+                     "preemption notice during this launch: treating it as preempted")
+                status = EXIT_PREEMPTED
             if status == EXIT_PREEMPTED:
                 _say(f"the run saved its state on a preemption notice (exit {EXIT_PREEMPTED}); not restarting on this instance")
                 return EXIT_PREEMPTED
@@ -118,6 +126,27 @@ class Supervisor:
             _say(f"the command exited with status {status}; restart {restarts}/{self.max_restarts} in {delay:g} s")
             if self._stopping.wait(delay):
                 return status
+
+
+    def _safe_preempted(self, since: datetime) -> bool:
+        assert self.preempted is not None
+        try:
+            return self.preempted(since)
+        except Exception as e:  # noqa: BLE001 - an unreadable store: treat as a crash, restart
+            _say(f"could not read the store to tell a preemption from a crash: {e}")
+            return False
+
+
+def notice_checkpoint_since(store: str, since: datetime) -> bool:
+    """True when the newest checkpoint in ``store`` was saved on a notice at or after ``since``."""
+    from spotsafe.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(store)
+    try:
+        infos = ckpt.list()
+    finally:
+        ckpt.close()
+    return bool(infos) and infos[-1].reason == "notice" and infos[-1].time >= since
 
 
 def completion(store: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
@@ -223,7 +252,8 @@ def supervise(
             return 0
     child_env = dict(os.environ if env is None else env)
     child_env["SPOTSAFE_STORE"] = store
-    sup = Supervisor(command, env=child_env, max_restarts=max_restarts, backoff=backoff)
+    sup = Supervisor(command, env=child_env, max_restarts=max_restarts, backoff=backoff,
+                     preempted=lambda since: notice_checkpoint_since(store, since))
 
     def handler(signum: int, frame: FrameType | None) -> None:
         _say(f"got signal {signum}: forwarding it to the training process and waiting for its final save")

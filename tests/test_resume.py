@@ -214,3 +214,44 @@ def test_crash_then_resume_through_the_cli(tmp_path: Path) -> None:
     assert len(words) == 4
     assert "simulated crash" in proc.stderr
     assert "restart 1/3" in proc.stderr
+
+
+@pytest.mark.slow
+def test_torchrun_preemption_then_resume_on_one_process(tmp_path: Path) -> None:
+    """torchrun turns its ranks' exit 75 into 1: the supervisor still sees a preemption (the notice
+    checkpoint in the store) and does not restart; a one-process replacement resumes the 2-rank run."""
+    worker = Path(__file__).parent / "dist_workers" / "run_ddp.py"
+    store = str(tmp_path / "store")
+    out = tmp_path / "out"
+    env = {**os.environ, "SPOTSAFE_SOURCES": "none"}
+    torchrun = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    first = subprocess.run(
+        [PY, "-m", "spotsafe.resume", "--store", store, "--backoff", "0", "--",
+         *torchrun, str(worker), str(out), store, "7", "1"],
+        capture_output=True, text=True, timeout=240, env=env,
+    )
+    assert first.returncode == EXIT_PREEMPTED, first.stderr[-3000:]
+    assert "treating it as preempted" in first.stderr
+    from spotsafe.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(store)
+    newest = ckpt.latest(verify=True)
+    ckpt.close()
+    assert newest is not None
+    assert (newest.reason, newest.world_size) == ("notice", 2)
+    second = subprocess.run(
+        [PY, "-m", "spotsafe.resume", "--store", store, "--", PY, str(worker), str(out), store, "0", "1"],
+        capture_output=True, text=True, timeout=240, env=env,
+    )
+    assert second.returncode == 0, second.stderr[-3000:]
+    import json
+
+    seen = [json.loads(line) for line in (out / "seen-w1-r0.jsonl").read_text().splitlines()]
+    assert seen[0]["resumed"] == newest.step
+    # every sample of the interrupted epoch is trained on exactly once across the 2 ranks and the 1
+    epoch = newest.epoch
+    before = [i for f in ("seen-w2-r0.jsonl", "seen-w2-r1.jsonl")
+              for d in map(json.loads, (out / f).read_text().splitlines())
+              if d.get("epoch") == epoch for i in d["idx"]]
+    after = [i for d in seen[1:] if d.get("epoch") == epoch for i in d["idx"]]
+    assert sorted(before + after) == list(range(48))
