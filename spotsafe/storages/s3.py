@@ -402,9 +402,9 @@ class S3Store(Store):
             fp = getattr(raw, "_fp", None)
             # Straight from the socket into the destination (http.client's readinto):
             # urllib3's readinto would read into a temporary and copy.
-            readinto = getattr(fp, "readinto", None) if fp is not None else None
+            readinto: Callable[[memoryview], int] | None = getattr(fp, "readinto", None)
             direct = readinto is not None and getattr(raw, "_decoder", None) is None
-            if not direct:
+            if readinto is None or not direct:
                 readinto = body.readinto
             done = False
             try:
