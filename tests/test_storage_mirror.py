@@ -224,3 +224,27 @@ def test_checkpointer_mirror_restores_from_s3_onto_an_empty_disk(
         assert ckpt.completion() is not None
     assert rest["epoch"] == 3
     assert torch.equal(fresh.weight.detach(), torch.full((8, 16), 3.0))
+
+
+def test_latest_sees_a_newer_checkpoint_that_only_the_remote_holds(tmp_path: Path, remote: RecordingStore) -> None:
+    torch = pytest.importorskip("torch")
+    import shutil
+
+    from spotsafe.checkpoint import Checkpointer
+
+    model = torch.nn.Linear(4, 2)
+    with Checkpointer(MirrorStore(LocalStore(tmp_path / "a"), remote), async_=False) as ckpt:
+        for step in (1, 2):
+            with torch.no_grad():
+                model.bias.fill_(float(step))
+            ckpt.save(step, {"model": model})
+        assert ckpt.store.flush(timeout=30)
+    # An older copy of the volume (step 1 only) on the next instance; S3 has steps 1 and 2.
+    (tmp_path / "b").mkdir()
+    shutil.copytree(tmp_path / "a" / "step-000000000001", tmp_path / "b" / "step-000000000001")
+    with Checkpointer(MirrorStore(LocalStore(tmp_path / "b"), remote)) as ckpt:
+        info = ckpt.latest(verify=True)
+        assert info is not None
+        assert info.step == 2
+        ckpt.restore(info, {"model": model})
+    assert torch.equal(model.bias.detach(), torch.full((2,), 2.0))
