@@ -149,6 +149,24 @@ class DistContext:
                 f"(the coordinator or a peer went away); nothing was committed: {e}"
             ) from e
 
+    def leave(self, timeout: float = 30.0) -> None:
+        """Barrier, then destroy the process group: ranks about to exit leave gloo together.
+
+        Call only when the process is about to exit (``Run`` does, before exit 75):
+        a rank whose peers already closed their sockets can otherwise abort in
+        gloo's teardown and exit with SIGABRT instead of its own status.
+        """
+        import torch.distributed as dist
+
+        try:
+            self.barrier(timeout, what="leaving the job")
+        except DistributedError as e:
+            log.warning("rank %d: %s", self.rank, e)
+        with _GROUPS_LOCK:
+            _GROUPS.clear()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
     def gather_object(self, obj: Any) -> list[Any] | None:
         """Every rank's ``obj`` on rank 0 (None elsewhere), over the checkpoint group."""
         import torch.distributed as dist
@@ -942,6 +960,53 @@ def commit_rank_files(
     if ctx is not None and ctx.world_size > 1:
         ctx.barrier(timeout, what=what)
     return _commit_collectively(ctx, list(mine), commit, what)
+
+
+def persist_rank_files(
+    ctx: DistContext | None,
+    write: Callable[[], list[Any]],
+    commit: Callable[[list[Any]], None],
+    *,
+    timeout: float | None = None,
+    what: str = "checkpoint",
+) -> list[Any]:
+    """Every rank writes its own files (``write``), then the commit protocol runs.
+
+    ``write`` returns this rank's file entries once they are durable. A rank
+    whose write fails still reaches the barrier and votes no, so nobody waits
+    for it to time out and nothing is committed; it re-raises its own error,
+    the others raise :class:`DistributedError` naming it. A rank that never
+    arrives (killed, hung) is named by the barrier.
+    """
+    error: BaseException | None = None
+    mine: list[Any] = []
+    try:
+        mine = list(write())
+    except Exception as e:  # noqa: BLE001 - voted on below, then re-raised
+        error = e
+    if ctx is None or ctx.world_size == 1:
+        if error is not None:
+            raise error
+        return _commit_collectively(ctx, mine, commit, what)
+    ctx.barrier(timeout, what=what)
+    failed = failed_ranks(ctx, error is not None)
+    if failed:
+        if error is not None:
+            raise error
+        who = ", ".join(map(str, failed))
+        raise DistributedError(f"{what}: rank(s) {who} failed to write their files; nothing was committed")
+    return _commit_collectively(ctx, mine, commit, what)
+
+
+def failed_ranks(ctx: DistContext, failed: bool) -> list[int]:
+    """The ranks that report ``failed`` (every rank gets the same list); over the checkpoint group."""
+    import torch
+    import torch.distributed as dist
+
+    t = torch.zeros(ctx.world_size, dtype=torch.int32)
+    t[ctx.rank] = int(failed)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=ctx.group)
+    return [r for r in range(ctx.world_size) if t[r].item()]
 
 
 #: Keys of a :class:`spotsafe.Run`'s state that differ per rank (RNG streams, data
