@@ -112,6 +112,16 @@ def test_part_bodies_are_views_of_the_caller_buffers() -> None:
     assert part.tell() == 7
 
 
+def test_endpoint_from_the_standard_environment_variable(
+    s3_bucket: str, s3_options: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_options["endpoint_url"])  # botocore's own name
+    with open_store(f"s3://{s3_bucket}/env") as store:
+        store.commit_file("m.json", b"{}")
+        assert store.listdir("") == ["m.json"]
+        assert store.endpoint == s3_options["endpoint_url"]
+
+
 def test_prefixless_bucket_root(s3_bucket: str, s3_options: dict[str, Any]) -> None:
     with S3Store(f"s3://{s3_bucket}", s3_options) as store:
         store.commit_file("step-000000000001/manifest.json", b"{}")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import bisect
 import logging
 import mmap
+import os
 import random
 import threading
 import time
@@ -222,13 +223,14 @@ class S3Store(Store):
             "request_checksum_calculation": "when_required",
             "response_checksum_validation": "when_required",
         }
-        if client_kwargs.get("endpoint_url"):
+        env_endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if client_kwargs.get("endpoint_url") or env_endpoint:
             # MinIO, moto, s3rver...: a bare host[:port] has no bucket subdomains.
             config_kwargs["s3"] = {"addressing_style": "path"}
         if opts.get("anon"):
             config_kwargs["signature_version"] = UNSIGNED
         config_kwargs.update(opts.get("config_kwargs") or {})
-        self.endpoint = client_kwargs.get("endpoint_url") or "the AWS S3 endpoint"
+        self.endpoint = client_kwargs.get("endpoint_url") or env_endpoint or "the AWS S3 endpoint"
         try:
             session = boto3.session.Session(
                 aws_access_key_id=opts.get("key"),
