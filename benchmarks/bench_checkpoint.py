@@ -152,17 +152,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             dcp.save(state, "warm")
         step = [0]
 
+        def settle() -> None:
+            # Freed blocks are discarded at the next journal commit (ext4 -o discard, as here): flush
+            # that now, untimed, or whoever fsyncs next pays for the previous contender's deletes.
+            os.sync()
+
         def raw() -> None:
             raw_path.unlink(missing_ok=True)
+            settle()
             timed("raw write+fsync", raw_write)
             raw_path.unlink(missing_ok=True)
 
         def tsave() -> None:
             pt_path.unlink(missing_ok=True)
+            settle()
             timed("torch.save+fsync", torch_save)
 
         def ours_async() -> None:
             step[0] += 1
+            settle()
             t0 = time.perf_counter()
             ckpt.save(step[0], state)
             t1 = time.perf_counter()
@@ -175,10 +183,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         def ours_sync() -> None:
             step[0] += 1
+            settle()
             timed("spotsafe sync save", lambda: ckpt.save(step[0], state, async_=False))
 
         def dcp_save() -> None:
             assert dcp is not None
+            settle()
             stall, total = dcp.save(state, f"s{step[0]}")
             record("DCP async_save stall", stall)
             record("DCP async_save total", total)
