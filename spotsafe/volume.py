@@ -1142,23 +1142,34 @@ class Identity:
     region: str
 
     @classmethod
-    def from_metadata(cls, endpoint: str | None = None, *, timeout: float = 2.0) -> Identity:
-        """Read it through :class:`spotsafe.interruption.AWSMetadata`; raises MetadataError."""
+    def from_metadata(cls, endpoint: str | None = None, *, timeout: float = 2.0, retry_for: float = 0.0) -> Identity:
+        """Read it through :class:`spotsafe.interruption.AWSMetadata`; raises MetadataError.
+
+        ``retry_for``: keep trying this many seconds (IMDS can throttle, or lag early in a boot).
+        """
         from spotsafe.interruption import AWSMetadata
 
-        md = AWSMetadata(endpoint, timeout=timeout)
-        try:
-            return cls(md.instance_id, md.availability_zone, md.region)
-        except MetadataError:
-            raise
-        except Exception as e:  # a connection error the client let through
-            raise MetadataError(f"cannot read this instance's identity from IMDS at {md.endpoint}: {e}") from e
-        finally:
-            md.close()
+        deadline = time.monotonic() + retry_for
+        while True:
+            md = AWSMetadata(endpoint, timeout=timeout)
+            try:
+                return cls(md.instance_id, md.availability_zone, md.region)
+            except Exception as e:
+                err = e if isinstance(e, MetadataError) else MetadataError(
+                    f"cannot read this instance's identity from IMDS at {md.endpoint}: {e}")
+                if time.monotonic() + 1.0 > deadline:
+                    if err is e:
+                        raise
+                    raise err from e
+                log.info("IMDS not answering yet (%s): retrying", e)
+            finally:
+                md.close()
+            time.sleep(1.0)
 
 
 def _identity(args: argparse.Namespace) -> Identity:
-    return Identity.from_metadata(args.metadata_endpoint, timeout=args.metadata_timeout)
+    return Identity.from_metadata(args.metadata_endpoint, timeout=args.metadata_timeout,
+                                  retry_for=args.metadata_retry_for)
 
 
 def _manager(args: argparse.Namespace) -> VolumeManager:
@@ -1317,7 +1328,9 @@ def _add_common(p: argparse.ArgumentParser, *, selector: bool = True, aws: bool 
         p.add_argument("--endpoint-url", help="EC2 endpoint (default: botocore's; AWS_ENDPOINT_URL_EC2 works too)")
         p.add_argument("--metadata-endpoint", default=None,
                        help="IMDS base URL (default: AWS_EC2_METADATA_SERVICE_ENDPOINT or 169.254.169.254)")
-        p.add_argument("--metadata-timeout", type=float, default=2.0, help=argparse.SUPPRESS)
+        p.add_argument("--metadata-timeout", type=float, default=2.0, help="seconds per IMDS request")
+        p.add_argument("--metadata-retry-for", type=float, default=30.0,
+                       help="keep retrying IMDS this many seconds before giving up (exit 13)")
         p.add_argument("--sys-root", default="/sys", help=argparse.SUPPRESS)
         p.add_argument("--dev-root", default="/dev", help=argparse.SUPPRESS)
         d = Timeouts()

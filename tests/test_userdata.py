@@ -207,7 +207,8 @@ def sandbox(tmp_path: Path, ec2_server: Any, ec2: Any, loopdev: Callable[..., st
         "SPOTSAFE_FSTAB": "0",
         "SPOTSAFE_SHUTDOWN_WHEN_DONE": "1",
         "SPOTSAFE_SHUTDOWN_CMD": f"touch {tmp_path}/shutdown-called",
-        "SPOTSAFE_VOLUME_ARGS": f"--sys-root {sys_root} --dev-root {dev_root} --poll-interval 0.1",
+        "SPOTSAFE_VOLUME_ARGS": f"--sys-root {sys_root} --dev-root {dev_root} --poll-interval 0.1 "
+                                "--metadata-timeout 10",
         "SPOTSAFE_ETC": str(tmp_path / "etc"),
         "SPOTSAFE_INSTALL_PATH": str(tmp_path / "sbin" / "spotsafe-boot"),
         "SPOTSAFE_UNIT_DIR": str(tmp_path / "systemd"),

@@ -492,7 +492,9 @@ def cli_env(scene: Scene, ec2_server: Any, monkeypatch: pytest.MonkeyPatch) -> I
 
 
 def _cli(scene: Scene, *args: str) -> list[str]:
+    # A loaded CI machine can make the in-process IMDS slow: generous per-request timeout.
     return [*args, "--sys-root", scene.sys_root, "--dev-root", scene.dev_root, "--poll-interval", "0.05",
+            "--metadata-timeout", "10",
             "--detach-timeout", "1", "--force-detach-after", "0.2", "--device-timeout", "1", "-q"]
 
 
@@ -528,7 +530,10 @@ def test_cli_exit_codes_name_each_failure(cli_env: Scene, capsys: pytest.Capture
 
 def test_cli_without_imds_is_a_metadata_error(capsys: pytest.CaptureFixture[str]) -> None:
     # conftest points IMDS at a closed loopback port: like running off EC2.
-    assert vol.main(["attach", "--tag", "spotsafe-run=x", "--metadata-timeout", "0.5", "-q"]) == vol.EXIT_METADATA
+    t0 = time.monotonic()
+    assert vol.main(["attach", "--tag", "spotsafe-run=x", "--metadata-timeout", "0.5", "--metadata-retry-for", "2.5",
+                     "-q"]) == vol.EXIT_METADATA
+    assert 1.5 <= time.monotonic() - t0 < 10  # retried, bounded
     assert "127.0.0.1:9" in capsys.readouterr().err
 
 

@@ -40,7 +40,7 @@ set -euo pipefail
 : "${SPOTSAFE_MAX_RESTARTS:=3}"                            # crashes python -m spotsafe.resume retries
 : "${SPOTSAFE_PYTHON:=}"                                   # a python with spotsafe[aws]; empty: SPOTSAFE_VENV
 : "${SPOTSAFE_VENV:=/opt/spotsafe/venv}"                   # created when SPOTSAFE_PYTHON is empty
-: "${SPOTSAFE_PIP_SPEC:=spotsafe[aws]}"                    # what the venv gets (pip install …)
+: "${SPOTSAFE_PIP_SPEC:=spotsafe[aws]}"                    # pip-installed where spotsafe is missing (a git URL works)
 : "${SPOTSAFE_SHUTDOWN_WHEN_DONE:=0}"                      # 1: when the run is complete, stop replacement + shut down
 : "${SPOTSAFE_SHUTDOWN_ON_FAILURE:=0}"                     # 1: shut down when this script fails (no idle GPU)
 : "${SPOTSAFE_SHUTDOWN_CMD:=shutdown -h now}"
@@ -106,19 +106,38 @@ aws_args() {
   fi
 }
 
-# A python that has spotsafe[aws]: SPOTSAFE_PYTHON, else a venv made (once) at SPOTSAFE_VENV.
+# Install OS packages with whatever package manager the AMI has.
+install_packages() {
+  log "installing $*"
+  if command -v apt-get > /dev/null; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" \
+      || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@"; }
+  elif command -v dnf > /dev/null; then
+    dnf install -y -q "$@"
+  elif command -v yum > /dev/null; then
+    yum install -y -q "$@"
+  else
+    die "cannot install $*: no apt-get, dnf or yum on this image"
+  fi
+}
+
+# A python that has spotsafe[aws]: SPOTSAFE_PYTHON (e.g. a Deep Learning AMI's conda env),
+# else a venv made once at SPOTSAFE_VENV; SPOTSAFE_PIP_SPEC is installed where missing.
 ensure_python() {
   if [ -z "${SPOTSAFE_PYTHON}" ]; then
     SPOTSAFE_PYTHON="${SPOTSAFE_VENV}/bin/python"
-    if ! { [ -x "${SPOTSAFE_PYTHON}" ] && "${SPOTSAFE_PYTHON}" -c 'import spotsafe.volume, boto3' 2>/dev/null; }; then
-      log "installing ${SPOTSAFE_PIP_SPEC} into ${SPOTSAFE_VENV}"
-      python3 -m venv "${SPOTSAFE_VENV}"
-      "${SPOTSAFE_VENV}/bin/python" -m pip install --quiet --upgrade pip
-      "${SPOTSAFE_VENV}/bin/python" -m pip install --quiet "${SPOTSAFE_PIP_SPEC}"
+    if [ ! -x "${SPOTSAFE_PYTHON}" ]; then
+      log "creating a virtual environment at ${SPOTSAFE_VENV}"
+      python3 -m venv "${SPOTSAFE_VENV}" 2> /dev/null \
+        || { install_packages python3-venv && python3 -m venv "${SPOTSAFE_VENV}"; }
     fi
   fi
+  if ! "${SPOTSAFE_PYTHON}" -c 'import spotsafe.volume, boto3' 2> /dev/null; then
+    log "installing ${SPOTSAFE_PIP_SPEC} for ${SPOTSAFE_PYTHON}"
+    "${SPOTSAFE_PYTHON}" -m pip install --quiet "${SPOTSAFE_PIP_SPEC}"
+  fi
   "${SPOTSAFE_PYTHON}" -c 'import spotsafe.volume, boto3' \
-    || die "${SPOTSAFE_PYTHON} cannot import spotsafe and boto3: pip install 'spotsafe[aws]' there, or set SPOTSAFE_PYTHON"
+    || die "${SPOTSAFE_PYTHON} cannot import spotsafe and boto3: set SPOTSAFE_PYTHON or SPOTSAFE_PIP_SPEC"
   export SPOTSAFE_PYTHON
 }
 
@@ -187,6 +206,7 @@ is_complete() {
 
 fetch_code() {
   if [ -z "${SPOTSAFE_REPO}" ]; then return 0; fi
+  if ! command -v git > /dev/null; then install_packages git; fi
   if [ -d "${SPOTSAFE_CODE_DIR}/.git" ]; then
     log "updating ${SPOTSAFE_CODE_DIR} to ${SPOTSAFE_REF}"
   else
