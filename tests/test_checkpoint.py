@@ -590,3 +590,19 @@ def test_sigkill_at_random_instants_never_breaks_the_store(tmp_path: Path) -> No
     print(f"kills: 30, resumed steps: {steps_seen}, kills that left debris: {debris_seen}")
     assert len(steps_seen) >= 20  # most runs got at least one checkpoint committed
     assert debris_seen >= 3  # and kills really landed mid-save
+
+
+def test_snapshot_buffer_is_reused_across_saves(ckpt: Checkpointer) -> None:
+    ckpt.save(1, state_for(1))
+    ckpt.wait()
+    first = ckpt._buffer._tensor
+    assert first is not None and first.numel() >= 4000
+    ckpt.save(2, state_for(2))
+    ckpt.save(3, state_for(3, 500))  # smaller: fits in the same buffer
+    ckpt.wait()
+    assert ckpt._buffer._tensor is first
+    ckpt.save(4, state_for(4, 100_000))  # larger: grown once
+    ckpt.wait()
+    assert ckpt._buffer.capacity >= 400_000
+    assert_state(ckpt.load(3), 3, 500)
+    assert_state(ckpt.load(4), 4, 100_000)
