@@ -261,13 +261,13 @@ def supervise(
 
     previous: dict[int, Any] = {}
     if threading.current_thread() is threading.main_thread():
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            previous[signum] = signal.signal(signum, handler)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, handler)
     try:
         return sup.run()
     finally:
-        for signum, old in previous.items():
-            signal.signal(signum, old)
+        for num, old in previous.items():
+            signal.signal(num, old)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
