@@ -227,9 +227,13 @@ def sandbox(tmp_path: Path, ec2_server: Any, ec2: Any, loopdev: Callable[..., st
 
 
 def _is_complete(store: Path) -> bool:
-    p = subprocess.run([sys.executable, "-m", "spotsafe.resume", "--store", str(store), "--status"],
-                       capture_output=True, text=True, timeout=60)
-    return "complete: yes" in p.stdout
+    from spotsafe.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(str(store))
+    try:
+        return ckpt.completion() is not None
+    finally:
+        ckpt.close()
 
 
 def _spot_request_open(sb: Sandbox) -> bool:
