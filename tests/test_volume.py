@@ -688,3 +688,33 @@ def test_cli_move_then_mount_retires_the_old_volume_only_after_the_mount(cli_env
         assert vol.TAG_MOVED_FROM not in new.tags
     finally:
         vol.unmount(mnt)
+
+
+class ForgetsInstance:
+    """The real client, except that EC2 no longer knows ``instance_id`` (long-terminated instances vanish)."""
+
+    def __init__(self, client: Any, instance_id: str) -> None:
+        self._client = client
+        self._gone = instance_id
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    def describe_instances(self, **kw: Any) -> Any:
+        from botocore.exceptions import ClientError
+
+        if self._gone in kw.get("InstanceIds", []):
+            raise ClientError({"Error": {"Code": "InvalidInstanceID.NotFound",
+                                         "Message": f"The instance ID '{self._gone}' does not exist"}},
+                              "DescribeInstances")
+        return self._client.describe_instances(**kw)
+
+
+def test_a_volume_held_by_an_instance_ec2_forgot_is_detached(scene: Scene) -> None:
+    old = run_instance(scene.ec2, scene.az)
+    scene.ec2.attach_volume(VolumeId=scene.volume_id, InstanceId=old, Device="/dev/sdf")
+    mgr = VolumeManager(ForgetsInstance(scene.ec2, old), scene.manager.identity, timeouts=FAST,
+                        sys_root=scene.sys_root, dev_root=scene.dev_root)
+    assert mgr.instance_state(old) is None
+    a = mgr.attach(tags=scene.tag)
+    assert a.volume.instance_id == scene.instance_id
