@@ -411,11 +411,23 @@ class NoticeAgreement:
         newer = self._finish(self._start(notice, async_op=False), label)
         return newer or result
 
-    def drain(self, step: int | None = None) -> Agreement | None:
-        """Wait for the reduce in flight, if any (call before exiting or tearing down)."""
+    def drain(self, step: int | None = None, *, timeout: float | None = None) -> Agreement | None:
+        """Wait for the reduce in flight, if any (call before exiting or tearing down).
+
+        With ``timeout``, give up after that many seconds (a peer that crashed never
+        joins the reduce; a process on its way out must not hang on it) and abandon it.
+        """
         if self._pending is None:
             return None
         pending, self._pending = self._pending, None
+        work = pending[0]
+        if timeout is not None and work is not None:
+            end = time.monotonic() + timeout
+            while not work.is_completed():
+                if time.monotonic() >= end:
+                    log.warning("rank %d: abandoning a notice agreement its peers never joined", self.ctx.rank)
+                    return None
+                time.sleep(0.005)
         return self._finish(pending, self._calls if step is None else step)
 
     close = drain
@@ -548,6 +560,47 @@ class ElasticDistributedSampler:
 
 
 # --------------------------------------------------------------------------- sharded state (DCP)
+
+
+def is_sharded(module: Any) -> bool:
+    """True when ``module`` holds DTensor parameters (FSDP2 ``fully_shard``, tensor parallel)."""
+    from torch.distributed.tensor import DTensor
+
+    params = getattr(module, "parameters", None)
+    return callable(params) and any(isinstance(p, DTensor) for p in params())
+
+
+class ShardedState:
+    """A model (and its optimizer) whose state is sharded: saved and loaded through DCP.
+
+    ``state_dict()``/``load_state_dict()`` go through
+    ``torch.distributed.checkpoint.state_dict.get_state_dict``/``set_state_dict``
+    (FQN-keyed, DTensor shards). The Checkpointer writes an object of this type
+    with :func:`save_sharded` into ``<checkpoint>/dcp/`` instead of its own files;
+    ``spotsafe.Run`` wraps an FSDP model and its optimizer in one automatically.
+    """
+
+    def __init__(self, model: Any, optimizer: Any = None) -> None:
+        self.model = model
+        self.optimizer = optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+        if self.optimizer is None:
+            return {"model": get_model_state_dict(self.model)}
+        msd, osd = get_state_dict(self.model, self.optimizer)
+        return {"model": msd, "optim": osd}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
+
+        if self.optimizer is None:
+            set_model_state_dict(self.model, state["model"])
+        else:
+            set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                           optim_state_dict=state["optim"])
+
 
 
 @dataclass(frozen=True)

@@ -79,6 +79,7 @@ def test_notice_on_rank_1_only_is_agreed_by_every_rank_at_the_same_step(tmp_path
     assert r0["runs"][0]["agreed_at"] == notice_step + 1
     assert r0["runs"][1]["bound"] == 5
     assert r0["runs"][3]["every_then"] > 1  # auto spaced the agreements out
+    assert 0.5 <= r1["abandoned"] < 5  # drain(timeout=) gave up on a reduce rank 0 had not joined
 
 
 def test_fsdp_state_round_trips_through_dcp_and_reshards_to_one_rank(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ import time
 from datetime import datetime, timedelta, timezone
 
 import torch
+import torch.distributed
 
 from _common import finish, init, report
 from spotsafe.distributed import DistContext, NoticeAgreement
@@ -67,7 +68,19 @@ def main() -> None:
     for _ in range(200):
         agreement.step(None)
     sync_us = (time.perf_counter() - t) / 200 * 1e6
-    report(f"agree-{rank}.json", {"rank": rank, "runs": results, "sync_us": sync_us})
+    # a peer that never joins: rank 1's drain gives up after its timeout instead of hanging
+    late = NoticeAgreement(ctx, every=1, async_=True)
+    abandoned = None
+    if rank == 1:
+        late.step(None)
+        t = time.monotonic()
+        assert late.drain(timeout=0.5) is None
+        abandoned = time.monotonic() - t
+    torch.distributed.barrier()
+    if rank == 0:
+        late.step(None)  # joins rank 1's abandoned reduce, so nothing is left dangling
+        late.drain()
+    report(f"agree-{rank}.json", {"rank": rank, "runs": results, "sync_us": sync_us, "abandoned": abandoned})
     finish()
 
 

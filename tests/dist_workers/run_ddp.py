@@ -1,6 +1,8 @@
 """spotsafe.Run around a DDP loop; launched by torchrun (2 ranks) or as one plain process.
 
-argv: OUT_DIR STORE_DIR NOTICE_STEP NOTICE_RANK   (NOTICE_STEP 0: no notice)
+argv: OUT_DIR STORE_DIR NOTICE_STEP NOTICE_RANK [ddp|fsdp]   (NOTICE_STEP 0: no notice)
+
+fsdp: the model is sharded with FSDP2 ``fully_shard`` (its state then goes through DCP).
 
 Rank NOTICE_RANK alone gets a notice (watcher.trigger) at NOTICE_STEP. Every
 rank logs the dataset indices it trains on (per epoch) and the Run's events;
@@ -29,6 +31,7 @@ EPOCHS, SAMPLES, BATCH = 3, 48, 4
 def main() -> None:
     out, store = Path(sys.argv[1]), sys.argv[2]
     notice_step, notice_rank = int(sys.argv[3]), int(sys.argv[4])
+    mode = sys.argv[5] if len(sys.argv) > 5 else "ddp"
     out.mkdir(parents=True, exist_ok=True)
     distributed = "WORLD_SIZE" in os.environ
     if distributed:
@@ -45,7 +48,14 @@ def main() -> None:
     sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=7)
     loader = DataLoader(data, batch_size=BATCH, sampler=sampler)
     net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Dropout(0.3), torch.nn.Linear(16, 3))
-    model = DistributedDataParallel(net) if distributed else net
+    if mode == "fsdp" and distributed:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in (net[0], net[3]):
+            fully_shard(layer)
+        model = fully_shard(net)
+    else:
+        model = DistributedDataParallel(net) if distributed else net
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
     watcher = InterruptionWatcher(sources="none", signals=()).start()
     run = spotsafe.Run(store, model=net, optimizer=opt, every_steps=5, watch=watcher, agree_every=1)
@@ -64,8 +74,11 @@ def main() -> None:
             run.step()
     run.finish()
     watcher.stop()
+    weights = net.state_dict()
+    if mode == "fsdp" and distributed:
+        weights = {k: v.full_tensor() for k, v in weights.items()}  # a collective: every rank
     if rank == 0:
-        torch.save(net.state_dict(), out / f"weights-{tag}.pt")
+        torch.save(weights, out / f"weights-{tag}.pt")
     if distributed:
         dist.barrier()
         dist.destroy_process_group()
