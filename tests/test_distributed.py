@@ -28,7 +28,9 @@ from spotsafe.distributed import (
     source_rank,
 )
 from spotsafe.errors import CheckpointCorrupt, DistributedError, UnsafeCheckpoint
+from spotsafe.storage import open_store
 from spotsafe.storages.local import LocalStore
+from tests.s3server import *  # noqa: F403
 
 WORKERS = Path(__file__).parent / "dist_workers"
 
@@ -169,6 +171,30 @@ def test_single_process_sharded_save_and_load_without_a_process_group(tmp_path: 
     load_sharded(state, store, "step-000000000010", files=files)
     assert torch.equal(state["model"]["weight"], model.weight.detach())
     assert state["meta"] == {"lr": 0.5}
+
+
+def test_sharded_state_goes_to_s3_under_the_manifest(s3_bucket: str, s3_options: dict, s3_client: object) -> None:
+    store = open_store(f"s3://{s3_bucket}/runs/fsdp", storage_options=s3_options)
+    try:
+        torch.manual_seed(3)
+        model = torch.nn.Linear(4, 3)
+        directory = "step-000000000007"
+
+        def commit(files: list[FileRecord]) -> None:
+            body = {"files": [{"path": f.path, "size": f.size, "checksum": f.checksum} for f in files]}
+            store.commit_file(f"{directory}/manifest.json", json.dumps(body).encode())
+
+        files = save_sharded({"model": model.state_dict()}, store, directory, commit=commit)
+        keys = {o["Key"] for o in s3_client.list_objects_v2(Bucket=s3_bucket)["Contents"]}  # type: ignore[attr-defined]
+        assert keys == {f"runs/fsdp/{directory}/{name}"
+                        for name in ("manifest.json", "dcp/.metadata", "dcp/__0_0.distcp")}
+        target = {"model": torch.nn.Linear(4, 3).state_dict()}
+        listed = json.loads(bytes(store.read_file(f"{directory}/manifest.json")))["files"]
+        load_sharded(target, store, directory, files=[FileRecord(**f) for f in listed])
+        assert torch.equal(target["model"]["weight"], model.weight.detach())
+        assert [f.path for f in files] == sorted(f["path"] for f in listed)
+    finally:
+        store.close()
 
 
 def test_a_torn_shard_is_refused_naming_the_file(tmp_path: Path) -> None:
