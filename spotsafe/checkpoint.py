@@ -456,10 +456,10 @@ class Checkpointer:
             timings = {"snapshot_s": _time.perf_counter() - t0}
 
             def persist() -> None:
-                self._persist(step, epoch, reason, when, meta, snap, timings)
+                self._persist(step, epoch, reason, when, meta, snap, timings, background_retention=not run_async)
 
             if not run_async:
-                persist()
+                persist()  # durable when this returns; pruning old checkpoints goes on in the background
                 return
             thread = threading.Thread(target=self._run, args=(persist,), name=f"spotsafe-save-{step}", daemon=True)
             self._thread = thread
@@ -481,6 +481,8 @@ class Checkpointer:
         meta: dict[str, Any],
         snap: Snapshot,
         timings: dict[str, float],
+        *,
+        background_retention: bool = False,
     ) -> None:
         name = checkpoint_name(step)
         # Off the training thread: on an object store, listing costs round trips.
@@ -511,9 +513,24 @@ class Checkpointer:
             raise
         self.last_saved = CheckpointInfo.from_manifest(self.store, name, manifest)
         log.info("spotsafe: saved %s (%s, %d bytes)", self.last_saved.url, reason, manifest.size)
-        self._retain(step)
-        timings.update(write_s=t1 - t0, commit_s=t2 - t1, retention_s=_time.perf_counter() - t2)
+        timings.update(write_s=t1 - t0, commit_s=t2 - t1)
         self.last_timings = timings
+        if background_retention:
+            thread = threading.Thread(
+                target=self._retain_timed, args=(step, timings), name=f"spotsafe-retention-{step}", daemon=True
+            )
+            self._thread = thread  # wait(), the next save() and exit wait for it
+            thread.start()
+        else:
+            self._retain_timed(step, timings)
+
+    def _retain_timed(self, step: int, timings: dict[str, float]) -> None:
+        t0 = _time.perf_counter()
+        try:
+            self._retain(step)
+        except Exception as e:  # noqa: BLE001 - the checkpoint is committed: a failed prune must not say otherwise
+            log.warning("spotsafe: pruning old checkpoints after %s failed: %s", checkpoint_name(step), e)
+        timings["retention_s"] = _time.perf_counter() - t0
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait for the save in flight. True when none is left; re-raises its error once."""

@@ -442,8 +442,10 @@ def test_retention_never_deletes_the_newest_intact(tmp_path: Path) -> None:
     data_files(tmp_path, 20)[0].write_bytes(b"")  # 20 is damaged
     with Checkpointer(tmp_path, keep_last=1, async_=False) as c:
         c.save(5, state_for(5, 10))  # an older step (resumed from an old one): kept as just saved
+        c.wait()  # a sync save prunes in the background, after its commit
         assert [i.step for i in c.list()] == [5, 10, 20]  # 10 is the newest intact: kept
         c.save(30, state_for(30, 10))
+        c.wait()
         assert [i.step for i in c.list()] == [30]
 
 
@@ -590,6 +592,16 @@ def test_sigkill_at_random_instants_never_breaks_the_store(tmp_path: Path) -> No
     print(f"kills: 30, resumed steps: {steps_seen}, kills that left debris: {debris_seen}")
     assert len(steps_seen) >= 20  # most runs got at least one checkpoint committed
     assert debris_seen >= 3  # and kills really landed mid-save
+
+
+def test_sync_save_is_durable_on_return_and_prunes_in_the_background(tmp_path: Path) -> None:
+    with Checkpointer(tmp_path, keep_last=1, async_=False) as c:
+        c.save(1, state_for(1))
+        c.save(2, state_for(2))
+        assert (tmp_path / checkpoint_name(2) / MANIFEST).exists()  # committed before save() returned
+        assert c.wait(timeout=30) is True
+        assert [i.step for i in c.list()] == [2]
+        assert c.last_timings["retention_s"] >= 0
 
 
 def test_snapshot_buffer_is_reused_across_saves(ckpt: Checkpointer) -> None:
