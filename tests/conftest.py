@@ -28,6 +28,9 @@ OFFLINE_ENV = {
     "GCE_METADATA_HOST": CLOSED,
     "GCE_METADATA_IP": CLOSED,
     "SPOTSAFE_AZURE_METADATA_ENDPOINT": f"http://{CLOSED}",
+    # Any boto3 client built without an explicit endpoint fails on loopback instead of
+    # reaching for a real AWS service (botocore honours AWS_ENDPOINT_URL).
+    "AWS_ENDPOINT_URL": f"http://{CLOSED}",
     # boto3's credential chain must never reach for an instance role.
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",
