@@ -367,3 +367,23 @@ def test_sigterm_in_subprocess_saves_and_exits_75(tmp_path: Path) -> None:
 def test_exported_name() -> None:
     assert spotsafe.Run is Run
     assert spotsafe.EXIT_PREEMPTED == 75
+
+
+def test_every_epochs_and_fixed_seed(tmp_path: Path) -> None:
+    loader = DataLoader(dataset(), batch_size=BATCH, shuffle=True)
+    orders = []
+    for k, init in enumerate((0, 1)):
+        model, opt, _ = make_model(init)  # a different global RNG state each time
+        run = Run(tmp_path / f"s{k}", model=model, optimizer=opt, watch=False, every_epochs=1, seed=3)
+        order = []
+        for epoch in run.epochs(2):
+            for x, y in run.batches(loader):
+                order.append(x[:, 0].tolist())
+                run.step()
+        run.checkpointer.wait()
+        assert [(i.step, i.epoch, i.metadata["batch"]) for i in run.checkpointer.list()] == [(8, 1, 0), (16, 2, 0)]
+        run.close()
+        orders.append(order)
+    # with seed= the shuffle depends on (seed, epoch) only, not on the global RNG
+    assert orders[0] == orders[1]
+    assert orders[0][:PER_EPOCH] != orders[0][PER_EPOCH:]
