@@ -35,6 +35,7 @@ import pickle
 import re
 import threading
 import time
+import warnings
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -922,12 +923,15 @@ def save_sharded(
     writer = StoreWriter(store, f"{directory}/{DCP_DIR}", ctx, timeout, what)
     multi = ctx is not None and ctx.world_size > 1
     try:
-        dcp.save(
-            dict(state),
-            storage_writer=writer,
-            process_group=ctx.group if multi else None,
-            no_dist=not multi,
-        )
+        with warnings.catch_warnings():
+            # one process on purpose: DCP's "assuming the intent is to save in a single process" is noise
+            warnings.filterwarnings("ignore", message=".*single process.*", category=UserWarning)
+            dcp.save(
+                dict(state),
+                storage_writer=writer,
+                process_group=ctx.group if multi else None,
+                no_dist=not multi,
+            )
     except CheckpointException as e:
         if writer.barrier_error is not None:
             raise writer.barrier_error from e
@@ -1144,13 +1148,15 @@ def load_sharded(
     reader = StoreReader(store, f"{directory}/{DCP_DIR}", expected)
     multi = ctx is not None and ctx.world_size > 1
     try:
-        dcp.load(
-            state,
-            storage_reader=reader,
-            planner=SafeLoadPlanner(),
-            process_group=ctx.group if multi else None,
-            no_dist=not multi,
-        )
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*single process.*", category=UserWarning)
+            dcp.load(
+                state,
+                storage_reader=reader,
+                planner=SafeLoadPlanner(),
+                process_group=ctx.group if multi else None,
+                no_dist=not multi,
+            )
     except CheckpointException as e:
         if reader.refused is not None:
             raise reader.refused from e
