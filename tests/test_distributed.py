@@ -149,6 +149,20 @@ def test_rank_lost_mid_save_commits_nothing_and_names_the_rank(tmp_path: Path, m
     assert torch.equal(state["model"]["bias"], reference.bias.detach())
 
 
+def test_a_rank_whose_write_fails_votes_no_and_nobody_waits(tmp_path: Path) -> None:
+    out, root = tmp_path / "out", tmp_path / "store"
+    timeout = 30.0
+    proc = torchrun("kill_mid_save.py", out, root, timeout, "fail")
+    assert proc.returncode != 0
+    r0, r1 = results(out, "kill")
+    assert r0["type"] == "DistributedError"
+    assert "rank(s) 1 failed to write their files; nothing was committed" in r0["error"]
+    assert r1["type"] == "OSError" and "No space left" in r1["error"]
+    assert r0["committed"] == r1["committed"] == []
+    assert r0["elapsed"] < timeout / 3  # decided by the vote, not by the timeout
+    assert (root / "step-000000000002" / "manifest.json").exists() == False  # noqa: E712
+
+
 # --------------------------------------------------------------------- in-process
 
 

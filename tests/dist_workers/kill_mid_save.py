@@ -1,12 +1,13 @@
 """A rank dies (SIGKILL) in the middle of writing its shard.
 
-argv: OUT_DIR STORE_DIR BARRIER_TIMEOUT MODE
+argv: OUT_DIR STORE_DIR BARRIER_TIMEOUT MODE (kill | hang | fail)
 
 Step 1 is saved and committed normally. During step 2, rank 1's store write
 stops half-way: MODE "kill" kills its own process (SIGKILL) after half the
 bytes are on disk; MODE "hang" leaves it stuck (a frozen instance, no socket
 reset to notice). Rank 0 must raise DistributedError naming rank 1 within the
-barrier timeout, and must not commit.
+barrier timeout, and must not commit. MODE "fail": rank 1's write raises (disk
+full) and it says so at the barrier: rank 0 fails at once, naming it.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ import torch
 from torch.distributed.checkpoint.state_dict import get_state_dict
 from torch.distributed.fsdp import fully_shard
 
-from _common import init, manifest_commit, report
-from spotsafe.distributed import DistContext, save_sharded
+from _common import finish, init, manifest_commit, report
+from spotsafe.distributed import DistContext, FileRecord, persist_rank_files, save_sharded
 from spotsafe.errors import DistributedError
 from spotsafe.storage import Buffer
 from spotsafe.storages.local import LocalStore
@@ -48,6 +49,28 @@ class DyingStore(LocalStore):
         super().write_file(path, buffers)
 
 
+def fail_to_write(ctx: DistContext, store: LocalStore, timeout: float) -> None:
+    """Rank 1's write raises (a full disk): it votes no at the barrier; nobody waits, nothing commits."""
+    directory = "step-000000000002"
+    committed: list[int] = []
+
+    def write() -> list[FileRecord]:
+        if ctx.rank == 1:
+            raise OSError(28, "No space left on device")
+        store.write_file(f"{directory}/rank0.bin", [b"x" * 100])
+        return [FileRecord("rank0.bin", 100, "0")]
+
+    started = time.monotonic()
+    try:
+        persist_rank_files(ctx, write, lambda files: committed.append(len(files)), timeout=timeout)
+    except (DistributedError, OSError) as e:
+        report(f"kill-{ctx.rank}.json", {"rank": ctx.rank, "error": str(e), "type": type(e).__name__,
+                                         "elapsed": time.monotonic() - started, "committed": committed})
+        finish()
+        sys.exit(3)
+    report(f"kill-{ctx.rank}.json", {"rank": ctx.rank, "error": None, "committed": committed})
+
+
 def main() -> None:
     rank, world = init()
     # torchrun tears the job down with SIGTERM when a worker dies; rank 0 keeps
@@ -65,6 +88,9 @@ def main() -> None:
     save_sharded({"model": msd}, store, "step-000000000001", ctx=ctx,
                  commit=manifest_commit(store, "step-000000000001", 1, world), timeout=timeout)
 
+    if sys.argv[4] == "fail":
+        fail_to_write(ctx, store, timeout)
+        return
     store.armed = rank == 1
     store.mode = sys.argv[4]
     committed: list[int] = []
