@@ -694,8 +694,8 @@ def _make_store_filesystem() -> type:
                 held = self._held.get(p)
             data = held if held is not None else self.store.read_file(p)
             self._verify(p, data)
-            with io.BytesIO(data) as stream:
-                yield stream
+            with io.BytesIO(data) as reader:
+                yield reader
 
         def _verify(self, path: str, data: Any) -> None:
             if self.expected is None:
@@ -725,7 +725,7 @@ def _make_store_filesystem() -> type:
             self._put(new, memoryview(data))
 
         def init_path(self, path: Any) -> str:
-            return os.fspath(path).strip("/")
+            return str(os.fspath(path)).strip("/")
 
         def mkdir(self, path: Any) -> None:
             pass  # stores create parents on write
@@ -793,13 +793,13 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 
 def _make_writer_reader() -> tuple[type, type, type]:
-    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.filesystem import FileSystemReader
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
     from torch.distributed.checkpoint.filesystem import _FileSystemWriter
 
     StoreFileSystem = _make_store_filesystem()
 
-    class StoreWriter(_FileSystemWriter):  # type: ignore[misc, valid-type]
+    class StoreWriter(_FileSystemWriter):
         """DCP storage writer into a spotsafe store; barrier after this rank's shards are durable."""
 
         def __init__(
@@ -830,7 +830,7 @@ def _make_writer_reader() -> tuple[type, type, type]:
                     raise
             return fut
 
-    class StoreReader(FileSystemReader):  # type: ignore[misc, valid-type]
+    class StoreReader(FileSystemReader):
         """DCP storage reader from a spotsafe store: checks each file against the manifest, no free unpickling."""
 
         def __init__(self, store: Store, path: str, expected: Mapping[str, FileRecord] | None) -> None:
@@ -865,7 +865,7 @@ def _make_writer_reader() -> tuple[type, type, type]:
             metadata.storage_meta.load_id = self.load_id
             return metadata
 
-    class SafeLoadPlanner(DefaultLoadPlanner):  # type: ignore[misc, valid-type]
+    class SafeLoadPlanner(DefaultLoadPlanner):
         """DCP's default load planner, but non-tensor values load with ``weights_only=True``."""
 
         def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
@@ -914,8 +914,8 @@ def save_sharded(
     For FSDP state use ``torch.distributed.checkpoint.state_dict.get_state_dict``
     to build ``state``.
     """
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
     StoreWriter, _, _ = _classes()
     directory = directory.strip("/")
@@ -926,10 +926,10 @@ def save_sharded(
         with warnings.catch_warnings():
             # one process on purpose: DCP's "assuming the intent is to save in a single process" is noise
             warnings.filterwarnings("ignore", message=".*single process.*", category=UserWarning)
-            dcp.save(
+            dcp_save(
                 dict(state),
                 storage_writer=writer,
-                process_group=ctx.group if multi else None,
+                process_group=ctx.group if ctx is not None and multi else None,
                 no_dist=not multi,
             )
     except CheckpointException as e:
@@ -1137,8 +1137,8 @@ def load_sharded(
     file checked against its size and checksum before DCP reads it. Non-tensor
     values and DCP's metadata load without free unpickling.
     """
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
     _, StoreReader, SafeLoadPlanner = _classes()
     directory = directory.strip("/")
@@ -1150,11 +1150,11 @@ def load_sharded(
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*single process.*", category=UserWarning)
-            dcp.load(
+            dcp_load(
                 state,
                 storage_reader=reader,
                 planner=SafeLoadPlanner(),
-                process_group=ctx.group if multi else None,
+                process_group=ctx.group if ctx is not None and multi else None,
                 no_dist=not multi,
             )
     except CheckpointException as e:
