@@ -53,6 +53,7 @@ def test_write_read_size_list(store: LocalStore) -> None:
     assert bytes(store.read_file("a/b/data.bin")) == b"short"
     store.write_file("empty", [])
     assert store.file_size("empty") == 0
+    assert store.file_size("a/b") is None  # a directory is not a file
     assert bytes(store.read_file("empty")) == b""
 
 

@@ -14,6 +14,7 @@ import mmap
 import os
 import re
 import shutil
+import stat
 import threading
 import uuid
 from collections.abc import Sequence
@@ -175,7 +176,7 @@ class LocalStore(Store):
             return None
         except OSError as e:
             raise self._error("stat", self._full(path), e) from e
-        return st.st_size
+        return st.st_size if stat.S_ISREG(st.st_mode) else None  # a directory is not a file
 
     def delete_dir(self, path: str) -> None:
         full = self._full(path)
