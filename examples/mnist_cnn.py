@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import spotsafe  # spotsafe
 
-DEFAULT_EPOCHS = {"mnist": 2, "digits": 8, "synthetic": 2}
+DEFAULT_EPOCHS = {"mnist": 2, "digits": 30, "synthetic": 2}
 
 
 class Net(nn.Module):
