@@ -36,6 +36,7 @@ import torch
 from spotsafe import EXIT_PREEMPTED
 from spotsafe.data import ResumableLoader, derive_epoch_seed, draw_epoch_seed
 from spotsafe.errors import SpotsafeError
+from spotsafe.settings import Settings
 
 if TYPE_CHECKING:
     from spotsafe.checkpoint import CheckpointInfo, Checkpointer
@@ -67,7 +68,7 @@ def _now() -> datetime:
 
 def emit_event(event: str, **fields: Any) -> None:
     """Append one event to the file named by ``SPOTSAFE_EVENTS`` (if set)."""
-    path = os.environ.get(EVENTS_ENV)
+    path = Settings.from_env().events
     if not path:
         return
     record = {"event": event, "time": time.time(), "pid": os.getpid(), **fields}

@@ -50,6 +50,8 @@ class Settings:
     #: SPOTSAFE_SIGNAL_GRACE: seconds between a SIGTERM and the kill that follows it (default 30,
     #: as Kubernetes and systemd); set it to the platform's grace period.
     signal_grace: float
+    #: SPOTSAFE_EVENTS: a file spotsafe.Run appends JSON-lines events to (the rehearsal reads it).
+    events: str | None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -62,4 +64,5 @@ class Settings:
             azure_endpoint=(env.get("SPOTSAFE_AZURE_METADATA_ENDPOINT") or AZURE_DEFAULT_ENDPOINT).rstrip("/"),
             sources=env.get("SPOTSAFE_SOURCES") or None,
             signal_grace=_seconds(env, "SPOTSAFE_SIGNAL_GRACE", 30.0),
+            events=env.get("SPOTSAFE_EVENTS") or None,
         )
