@@ -59,7 +59,7 @@ _NAME = re.compile(r"^step-(\d{12})$")
 
 Reason = Literal["periodic", "notice", "final", "manual", "rebalance"]
 REASONS: tuple[str, ...] = get_args(Reason)
-FileRole = Literal["data", "tree"]
+FileRole = Literal["data", "tree", "dcp"]
 
 
 def checkpoint_name(step: int) -> str:
@@ -144,7 +144,9 @@ class Manifest:
         try:
             files = tuple(FileEntry(**f) for f in d["files"])
             for f in files:
-                if f.role not in get_args(FileRole) or "/" in f.path or f.path.startswith("."):
+                # DCP's files (sharded FSDP state, spotsafe.distributed.save_sharded) live one level down.
+                nested_ok = f.role == "dcp" and f.path.startswith("dcp/") and f.path.count("/") == 1
+                if f.role not in get_args(FileRole) or ("/" in f.path and not nested_ok) or f.path.startswith("."):
                     raise ValueError(f"bad file entry {f}")
                 if not isinstance(f.size, int) or f.size < 0 or not isinstance(f.checksum, str):
                     raise ValueError(f"bad file entry {f}")

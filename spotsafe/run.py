@@ -174,6 +174,11 @@ class Run:
             if obj is not None:
                 self._objects[name] = obj
         self._rng = RNGState()
+        from spotsafe.distributed import ShardedState, is_sharded
+
+        if model is not None and is_sharded(model):
+            # FSDP2 / DTensor parameters: model and optimizer go through torch.distributed.checkpoint.
+            self._objects["model"] = ShardedState(model, self._objects.pop("optimizer", None))
 
         self.checkpointer: Checkpointer = Checkpointer(
             store, storage_options=storage_options, keep_last=keep_last, async_=async_
@@ -181,7 +186,8 @@ class Run:
         #: The multi-rank path (torch.distributed initialized with world size > 1), else None.
         self._ddp: _MultiRank | None = None
         try:
-            self._ddp = _MultiRank.detect(self.checkpointer, agree_every)
+            self._ddp = _MultiRank.detect(self.checkpointer, agree_every,
+                                          sharded="model" in self._objects and _is_sharded_state(self._objects["model"]))
             self._restore(map_location)
             if self._ddp is not None:
                 self._ddp.cleanup()
@@ -308,6 +314,7 @@ class Run:
             return False
         self.checkpointer.wait()
         if self._ddp is not None:
+            self._ddp.wait()  # a periodic save of this very step may still be in flight
             self._ddp.agreement.drain(self.step_count)  # the run is over: a late notice changes nothing
         if self._saved_step != self.step_count:
             self._save("final", async_=False)
@@ -329,7 +336,11 @@ class Run:
         self._closed = True
         atexit.unregister(self._atexit)
         try:
-            self.checkpointer.close()
+            try:
+                if self._ddp is not None:
+                    self._ddp.wait()
+            finally:
+                self.checkpointer.close()
         finally:
             if self._owns_watcher and self.watcher is not None:
                 self.watcher.stop()
@@ -434,7 +445,9 @@ class Run:
     def _save(self, reason: str, *, async_: bool | None) -> None:
         metadata = {"batch": self.batch, "metrics": _plain_metrics(self.metrics)}
         if self._ddp is not None:
-            self._ddp.save(self.step_count, self._state(), epoch=self.epoch, reason=reason, metadata=metadata)
+            run_async = self.checkpointer.async_ if async_ is None else async_
+            self._ddp.save(self.step_count, self._state(), epoch=self.epoch, reason=reason, metadata=metadata,
+                           async_=run_async)
         else:
             self.checkpointer.save(
                 self.step_count, self._state(), epoch=self.epoch, reason=reason, async_=async_, metadata=metadata
@@ -483,7 +496,11 @@ class Run:
             action=action, detected_at=detected_at, deadline=deadline.timestamp(),
         )
         self.store.set_deadline(deadline)
+        if self._ddp is not None:  # a rank lost now must not hold the others past the deadline
+            self._ddp.timeout = max(10.0, min(left, self._ddp.ctx.timeout))
         self.checkpointer.wait()  # an in-flight periodic save first
+        if self._ddp is not None:
+            self._ddp.wait()
         if self._saved_step != self.step_count:
             self._save("notice", async_=False)
         self.checkpointer.wait()
@@ -538,7 +555,7 @@ class Run:
             emit_event("rebalance", step=self.step_count, source=f"rank {agreed.source_rank}")
             due = True
         if due and self._saved_step != self.step_count:
-            self._save("rebalance" if agreed is not None else "periodic", async_=False)
+            self._save("rebalance" if agreed is not None else "periodic", async_=None)
 
     def _atexit(self) -> None:
         # A script that ends (or crashes) without finish(): let an async save land.
@@ -546,6 +563,12 @@ class Run:
             self.close()
         except Exception as e:  # noqa: BLE001 - at exit there is no one left to raise to
             log.error("closing the run at exit failed: %s", e)
+
+
+def _is_sharded_state(obj: Any) -> bool:
+    from spotsafe.distributed import ShardedState
+
+    return isinstance(obj, ShardedState)
 
 
 def _plain_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
@@ -577,12 +600,20 @@ class _MultiRank:
         self.checkpointer = checkpointer
         self.agreement = NoticeAgreement(ctx, every=agree_every)  # type: ignore[arg-type]
         self._buffer = SnapshotBuffer()
+        #: Seconds the commit barrier waits for a missing rank (None: the gloo group's timeout);
+        #: a notice sets it to the time left before its deadline.
+        self.timeout: float | None = None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
 
     @classmethod
-    def detect(cls, checkpointer: Checkpointer, agree_every: int | str = "auto") -> _MultiRank | None:
+    def detect(cls, checkpointer: Checkpointer, agree_every: int | str = "auto", *,
+               sharded: bool = False) -> _MultiRank | None:
         import torch.distributed as dist
 
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        if dist.get_world_size() < 2 and not sharded:  # sharded state needs DCP even on one rank
             return None
         from spotsafe.distributed import DistContext
 
@@ -590,28 +621,55 @@ class _MultiRank:
         return None if ctx is None else cls(ctx, checkpointer, agree_every)
 
     def restore(self, objects: Mapping[str, Any], map_location: Any) -> dict[str, Any]:
-        from spotsafe.distributed import RANK_KEYS, merge_rank_state
+        from spotsafe.distributed import RANK_KEYS, FileRecord, ShardedState, failed_ranks, load_sharded, merge_rank_state
+        from spotsafe.errors import CheckpointCorrupt, CheckpointNotFound, DistributedError
 
         ckpt = self.checkpointer
-        # Every rank must restore the same step: rank 0 picks it.
-        chosen = self.ctx.broadcast_object(
-            (lambda info: None if info is None else info.step)(ckpt.latest()) if self.ctx.is_coordinator else None
-        )
-        if chosen is None:
-            from spotsafe.errors import CheckpointNotFound
-
-            raise CheckpointNotFound(f"{ckpt.store.url}: no intact checkpoint")
-        info = ckpt._resolve(int(chosen))
-        state = merge_rank_state(
-            lambda r: ckpt._load_one(info, map_location, True, rank=r), self.ctx.rank, info.world_size, RANK_KEYS
-        )
-        missing = [k for k in objects if k not in state]
-        if missing:
-            raise RunStateError(f"{info.url}: holds no state for {missing}")
-        for key, obj in objects.items():
-            obj.load_state_dict(state.pop(key))
-        ckpt.last_loaded = info
-        return state
+        # Every rank must restore the same step: all walk rank 0's list, newest first, and
+        # skip together a checkpoint whose files are damaged for any rank.
+        steps = self.ctx.broadcast_object([i.step for i in ckpt.list()] if self.ctx.is_coordinator else None)
+        sharded = {k: o for k, o in objects.items() if isinstance(o, ShardedState)}
+        plain = {k: o for k, o in objects.items() if k not in sharded}
+        damaged: list[str] = []
+        for step in reversed(steps):
+            error: Exception | None = None
+            state: dict[str, Any] = {}
+            try:
+                info = ckpt._resolve(int(step))
+                state = merge_rank_state(
+                    lambda r: ckpt._load_one(info, map_location, True, rank=r), self.ctx.rank, info.world_size, RANK_KEYS
+                )
+            except (CheckpointCorrupt, CheckpointNotFound) as e:
+                error = e
+            failed = failed_ranks(self.ctx, error is not None)
+            if not failed and sharded:
+                records = [FileRecord(f.path, f.size, f.checksum) for f in ckpt._manifest(info.name).files
+                           if f.role == "dcp"]
+                target = {k: o.state_dict() for k, o in sharded.items()}
+                try:
+                    if not records:
+                        raise CheckpointCorrupt(f"{info.url}: holds no sharded (DCP) state for {sorted(sharded)}")
+                    load_sharded(target, ckpt.store, info.name, ctx=self.ctx, files=records)
+                except (CheckpointCorrupt, DistributedError) as e:
+                    error = e
+                failed = failed_ranks(self.ctx, error is not None)
+                if not failed:
+                    for k, o in sharded.items():
+                        o.load_state_dict(target[k])
+            if failed:
+                log.error("checkpoint step %s is damaged for rank(s) %s; every rank falls back to the previous one: %s",
+                          step, failed, error)
+                damaged.append(f"step {step} (ranks {failed})")
+                continue
+            missing = [k for k in plain if k not in state]
+            if missing:
+                raise RunStateError(f"{info.url}: holds no state for {missing}")
+            for key, obj in plain.items():
+                obj.load_state_dict(state.pop(key))
+            ckpt.last_loaded = info
+            return state
+        detail = f"; damaged: {', '.join(damaged)}" if damaged else ""
+        raise CheckpointNotFound(f"{ckpt.store.url}: no intact checkpoint{detail}")
 
     def cleanup(self) -> None:
         """Rank 0 removes debris of killed saves once, before any rank writes."""
@@ -619,15 +677,38 @@ class _MultiRank:
             self.checkpointer._cleanup(skip="")
         self.ctx.barrier(what="cleaning up incomplete checkpoints")
 
+    def wait(self) -> None:
+        """Wait for the save in flight (its collectives run on the checkpoint group); re-raise its error."""
+        thread = self._thread
+        if thread is not None:
+            thread.join()
+            self._thread = None
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
     def save(self, step: int, state: Mapping[str, Any], *, epoch: int, reason: str,
-             metadata: Mapping[str, Any]) -> None:
+             metadata: Mapping[str, Any], async_: bool = False) -> None:
         from spotsafe import checkpoint as C
         from spotsafe.distributed import RANK_KEYS, persist_rank_files, rank_state
 
+        from spotsafe.distributed import ShardedState, save_sharded
+
+        # One save at a time: its collectives must not interleave with the next one's.
+        self.wait()
         store = self.checkpointer.store
         name = C.checkpoint_name(step)
         when = datetime.now(timezone.utc)
-        snap = C.snapshot(rank_state(state, self.ctx, RANK_KEYS), self._buffer, copy=False)
+        what = f"checkpoint {store.url.rstrip('/')}/{name}"
+        dcp_files: list[Any] = []
+        sharded = {k: v.state_dict() for k, v in state.items() if isinstance(v, ShardedState)}
+        if sharded:
+            # Every rank writes its shards through DCP; the manifest below lists them too.
+            records = save_sharded(sharded, store, name, ctx=self.ctx, timeout=self.timeout)
+            dcp_files = [C.FileEntry(r.path, r.size, r.checksum, "dcp", 0) for r in records]
+            state = {k: v for k, v in state.items() if not isinstance(v, ShardedState)}
+        # async: copy into the reusable buffer now (the only stall), write and commit in the background
+        snap = C.snapshot(rank_state(state, self.ctx, RANK_KEYS), self._buffer, copy=async_)
         meta = json.loads(json.dumps(dict(metadata)))
 
         def write() -> list[Any]:
@@ -635,9 +716,27 @@ class _MultiRank:
 
         def commit(files: list[Any]) -> None:
             manifest = C.Manifest(format_version=C.FORMAT_VERSION, step=step, epoch=epoch, reason=reason,  # type: ignore[arg-type]
-                                  time=when, world_size=self.ctx.world_size, files=tuple(files), metadata=meta)
+                                  time=when, world_size=self.ctx.world_size, files=tuple(files) + tuple(dcp_files),
+                                  metadata=meta)
             C.commit_manifest(store, name, manifest)
 
-        persist_rank_files(self.ctx, write, commit, what=f"checkpoint {store.url.rstrip('/')}/{name}")
-        if self.ctx.is_coordinator:
-            self.checkpointer._retain(step)
+        timeout = self.timeout
+
+        def persist() -> None:
+            persist_rank_files(self.ctx, write, commit, timeout=timeout, what=what)
+            if self.ctx.is_coordinator:
+                self.checkpointer._retain(step)
+
+        if not async_:
+            persist()
+            return
+
+        def background() -> None:
+            try:
+                persist()
+            except BaseException as e:  # noqa: BLE001 - kept and re-raised by wait()/the next save
+                log.error("spotsafe: background checkpoint save of step %d failed: %s", step, e)
+                self._error = e
+
+        self._thread = threading.Thread(target=background, name=f"spotsafe-save-{step}", daemon=True)
+        self._thread.start()

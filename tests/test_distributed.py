@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
+import shutil
 import subprocess
 import sys
 from datetime import datetime
@@ -301,3 +303,112 @@ def test_elastic_sampler_resumes_on_another_world_size() -> None:
     for s in new:
         s.set_epoch(4)  # a new epoch starts from its beginning
         assert s.start == 0
+
+
+# --------------------------------------------------------------------- spotsafe.Run under torchrun
+
+
+def _events(out: Path, tag: str) -> list[dict]:
+    return [json.loads(line) for line in (out / f"events-{tag}.jsonl").read_text().splitlines()]
+
+
+def _seen(out: Path, tag: str) -> list[dict]:
+    return [json.loads(line) for line in (out / f"seen-{tag}.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_run_under_torchrun_notice_on_one_rank_resume_bit_identical_and_on_one_rank(tmp_path: Path) -> None:
+    notice_step = 8
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    # an uninterrupted 2-rank run
+    proc = torchrun("run_ddp.py", ref / "out", ref / "store", 0, -1)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    # the same run; rank 1 alone gets a notice at step 8
+    proc = torchrun("run_ddp.py", cut / "out", cut / "store", notice_step, 1)
+    assert proc.returncode != 0  # torchrun reports its workers' exit 75 as a failure
+    # the first rank to exit is reported with 75; torchrun may SIGTERM the other while it exits
+    codes = re.findall(r"exitcode\s*:\s*(-?\d+)", proc.stderr)
+    assert "75" in codes and set(codes) <= {"75", "-15"}, proc.stderr[-3000:]
+    saved = []
+    for rank in (0, 1):
+        events = _events(cut / "out", f"w2-r{rank}")
+        kinds = [e["event"] for e in events]
+        assert kinds[-3:] == ["notice", "durable", "exit"]
+        assert events[-1]["code"] == 75
+        saved.append(events[-2]["step"])
+    assert saved[0] == saved[1]
+    step = saved[0]
+    assert notice_step <= step <= notice_step + 1  # agree_every=1: async, bound 1 step
+    manifest = json.loads((cut / "store" / f"step-{step:012d}" / "manifest.json").read_text())
+    assert manifest["reason"] == "notice"
+    assert manifest["world_size"] == 2
+    assert sorted({f["rank"] for f in manifest["files"]}) == [0, 1]
+    # keep a copy of the interrupted store for the 2 -> 1 resume
+    shutil.copytree(cut / "store", tmp_path / "store1")
+
+    # damage rank 1's own file of the notice checkpoint: both ranks must fall back together
+    rank1 = [f for f in manifest["files"] if f["rank"] == 1 and f["role"] == "data"][0]
+    damaged = cut / "store" / f"step-{step:012d}" / rank1["path"]
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    previous = max(int(p.name[5:]) for p in (cut / "store").glob("step-*")
+                   if int(p.name[5:]) < step and (p / "manifest.json").exists())
+
+    # resumed on 2 ranks (from the previous checkpoint): bit-identical to the uninterrupted run
+    proc = torchrun("run_ddp.py", cut / "out", cut / "store", 0, -1)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "every rank falls back to the previous one" in proc.stderr
+    a = torch.load(ref / "out" / "weights-w2-r0.pt", weights_only=True)
+    b = torch.load(cut / "out" / "weights-w2-r0.pt", weights_only=True)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    for rank in (0, 1):
+        resumed = [s for s in _seen(cut / "out", f"w2-r{rank}") if "resumed" in s]
+        assert resumed[0]["resumed"] == previous
+
+    # world size 2 -> 1: one plain process resumes the DDP run
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    one = tmp_path / "one"
+    proc = subprocess.run([sys.executable, str(WORKERS / "run_ddp.py"), one, tmp_path / "store1", "0", "-1"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen1 = _seen(one, "w1-r0")
+    assert seen1[0]["resumed"] == step
+    epoch = seen1[0]["epoch"]
+    def first_launch(rank: int) -> list[dict]:
+        lines = _seen(cut / "out", f"w2-r{rank}")
+        return lines[: next(i for i, s in enumerate(lines) if "resumed" in s)]
+
+    before = [i for rank in (0, 1) for s in first_launch(rank)
+              if s["epoch"] == epoch and s["step"] <= step for i in s["idx"]]
+    after = [i for s in seen1[1:] if s.get("epoch") == epoch for i in s["idx"]]
+    # the interrupted epoch is finished on one rank: every sample exactly once
+    assert sorted(before + after) == list(range(48))
+    # the rest of the run at one rank's pace: every sample not yet read, 4 a step
+    assert sum(1 for s in seen1 if "idx" in s) == (3 * 48 - epoch * 48 - len(before)) // 4
+    assert (one / "weights-w1-r0.pt").exists() == True  # noqa: E712
+
+
+@pytest.mark.slow
+def test_fsdp_run_under_torchrun_saves_through_dcp_and_resumes_bit_identical(tmp_path: Path) -> None:
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    proc = torchrun("run_ddp.py", ref / "out", ref / "store", 0, -1, "fsdp")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = torchrun("run_ddp.py", cut / "out", cut / "store", 8, 1, "fsdp")
+    assert proc.returncode != 0
+    steps = {_events(cut / "out", f"w2-r{rank}")[-1]["step"] for rank in (0, 1)}
+    assert len(steps) == 1
+    step = steps.pop()
+    manifest = json.loads((cut / "store" / f"step-{step:012d}" / "manifest.json").read_text())
+    assert manifest["reason"] == "notice"
+    dcp = sorted(f["path"] for f in manifest["files"] if f["role"] == "dcp")
+    assert dcp == ["dcp/.metadata", "dcp/__0_0.distcp", "dcp/__1_0.distcp"]
+    proc = torchrun("run_ddp.py", cut / "out", cut / "store", 0, -1, "fsdp")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = torch.load(ref / "out" / "weights-w2-r0.pt", weights_only=True)
+    b = torch.load(cut / "out" / "weights-w2-r0.pt", weights_only=True)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
