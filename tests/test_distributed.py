@@ -412,3 +412,24 @@ def test_fsdp_run_under_torchrun_saves_through_dcp_and_resumes_bit_identical(tmp
     b = torch.load(cut / "out" / "weights-w2-r0.pt", weights_only=True)
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.slow
+def test_the_ddp_example_runs_under_torchrun_and_resumes_in_one_process(tmp_path: Path) -> None:
+    example = Path(__file__).parent.parent / "examples" / "mnist_ddp.py"
+    env = dict(os.environ, OMP_NUM_THREADS="1", SPOTSAFE_SOURCES="none")
+    store = tmp_path / "store"
+    args = ["--data", "synthetic", "--store", str(store), "--every-steps", "3"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(example),
+         *args, "--epochs", "1"],
+        env=env, capture_output=True, text=True, timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "on 2 rank(s)" in proc.stdout
+    # one more epoch in one plain process, from the 2-rank run's final checkpoint
+    proc = subprocess.run([sys.executable, str(example), *args, "--epochs", "2"],
+                          env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "of a 2-rank run" in proc.stdout
+    assert "done:" in proc.stdout and "on 1 rank(s)" in proc.stdout
