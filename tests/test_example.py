@@ -38,7 +38,7 @@ def final_line(stdout: str) -> str:
 def test_example_uninterrupted_and_rehearsed_end_identically(tmp_path: Path) -> None:
     args = [sys.executable, str(EXAMPLE), "--data", "synthetic", "--no-progress"]
     plain = run([*args, "--store", str(tmp_path / "plain")], tmp_path)
-    assert plain.returncode == 0, plain.stderr
+    assert plain.returncode == 0, f"{plain.stderr}"
     assert "epoch 1/2: step 8" in plain.stdout
     done = final_line(plain.stdout)
     assert done.startswith("done: 16 steps, final test accuracy")
@@ -47,7 +47,7 @@ def test_example_uninterrupted_and_rehearsed_end_identically(tmp_path: Path) -> 
 
     rehearsal = run([sys.executable, "-m", "spotsafe.simulate", "rehearse", "--notice-after", "0", "--backoff", "0",
                      "--store", str(tmp_path / "rehearsed"), "--", *args], tmp_path)
-    assert rehearsal.returncode == 0, rehearsal.stderr
+    assert rehearsal.returncode == 0, f"{rehearsal.stderr}"
     assert "resumed from step" in rehearsal.stdout
     assert "steps lost:         0" in rehearsal.stdout
     # the interrupted-and-resumed run ends exactly where the uninterrupted one did

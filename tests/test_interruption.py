@@ -657,8 +657,8 @@ def test_sigterm_in_a_subprocess_does_not_abort_the_final_save() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-    assert out.strip() == "saved", err
-    assert proc.returncode == 75, err
+    assert out.strip() == "saved", f"{err}"
+    assert proc.returncode == 75, f"{err}"
 
 
 def test_auto_finds_imds_behind_a_hop_limit(aws: AWSSimulator, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -207,7 +207,7 @@ def test_crash_then_resume_through_the_cli(tmp_path: Path) -> None:
          PY, str(child), str(tmp_path / "crashed")],
         capture_output=True, text=True, timeout=120,
     )
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 0, f"{proc.stderr}"
     words = proc.stdout.split()
     # the restart resumed from a periodic checkpoint (10, or 5 when 10's save was still queued behind 5's)
     assert words[:3] == ["start", "0", "start"] and words[3] in ("5", "10")
@@ -230,7 +230,7 @@ def test_torchrun_preemption_then_resume_on_one_process(tmp_path: Path) -> None:
          *torchrun, str(worker), str(out), store, "7", "1"],
         capture_output=True, text=True, timeout=240, env=env,
     )
-    assert first.returncode == EXIT_PREEMPTED, first.stderr[-3000:]
+    assert first.returncode == EXIT_PREEMPTED, f"{first.stderr[-3000:]}"
     assert "treating it as preempted" in first.stderr
     from spotsafe.checkpoint import Checkpointer
 
@@ -243,7 +243,7 @@ def test_torchrun_preemption_then_resume_on_one_process(tmp_path: Path) -> None:
         [PY, "-m", "spotsafe.resume", "--store", store, "--", PY, str(worker), str(out), store, "0", "1"],
         capture_output=True, text=True, timeout=240, env=env,
     )
-    assert second.returncode == 0, second.stderr[-3000:]
+    assert second.returncode == 0, f"{second.stderr[-3000:]}"
     import json
 
     seen = [json.loads(line) for line in (out / "seen-w1-r0.jsonl").read_text().splitlines()]

@@ -99,10 +99,10 @@ def assert_same(a: nn.Module, b: nn.Module, oa: torch.optim.Optimizer, ob: torch
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
     for k in sa:
-        assert torch.equal(sa[k], sb[k]), k
+        assert torch.equal(sa[k], sb[k]), f"{k}"
     for pa, pb in zip(oa.state_dict()["state"].values(), ob.state_dict()["state"].values()):
         for k in pa:
-            assert torch.equal(torch.as_tensor(pa[k]), torch.as_tensor(pb[k])), k
+            assert torch.equal(torch.as_tensor(pa[k]), torch.as_tensor(pb[k])), f"{k}"
 
 
 @pytest.fixture(scope="module")
@@ -318,13 +318,13 @@ def test_aws_notice_in_subprocess_exits_75_and_resumes_exactly(tmp_path: Path) -
         # the uninterrupted reference (the simulator never armed)
         ref = run_child(tmp_path, tmp_path / "ref", tmp_path / "ref.pt", env)
         _, err = ref.communicate(timeout=120)
-        assert ref.returncode == 0, err
+        assert ref.returncode == 0, f"{err}"
 
         proc = run_child(tmp_path, tmp_path / "store", tmp_path / "a.pt", {**env, "STEP_SLEEP": "0.05"})
         wait_ready(tmp_path / "a.pt", proc)
         sim.arm("terminate")
         _, err = proc.communicate(timeout=60)
-        assert proc.returncode == EXIT_PREEMPTED, err
+        assert proc.returncode == EXIT_PREEMPTED, f"{err}"
         sim.disarm()
     recorded = [json.loads(line) for line in events.read_text().splitlines()]
     notice = next(e for e in recorded if e["event"] == "notice")
@@ -341,12 +341,12 @@ def test_aws_notice_in_subprocess_exits_75_and_resumes_exactly(tmp_path: Path) -
     proc = run_child(tmp_path, tmp_path / "store", tmp_path / "b.pt", {**os.environ, "SPOTSAFE_SOURCES": "none",
                      "SPOTSAFE_EVENTS": str(events)}, init=99)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
+    assert proc.returncode == 0, f"{err}"
     resumed = [json.loads(line) for line in events.read_text().splitlines() if '"resumed"' in line]
     assert resumed[-1]["step"] == notice["step"]
     a, b = torch.load(tmp_path / "ref.pt"), torch.load(tmp_path / "b.pt")
     for k in a:
-        assert torch.equal(a[k], b[k]), k
+        assert torch.equal(a[k], b[k]), f"{k}"
 
 
 def test_sigterm_in_subprocess_saves_and_exits_75(tmp_path: Path) -> None:
@@ -356,7 +356,7 @@ def test_sigterm_in_subprocess_saves_and_exits_75(tmp_path: Path) -> None:
     time.sleep(0.3)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == EXIT_PREEMPTED, err
+    assert proc.returncode == EXIT_PREEMPTED, f"{err}"
     ckpt = Checkpointer(tmp_path / "store")
     newest = ckpt.latest(verify=True)
     assert newest is not None and newest.reason == "notice"

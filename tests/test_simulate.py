@@ -323,4 +323,4 @@ def test_cli_subprocess_armed_over_http(http: requests.Session) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-    assert proc.returncode == 0, err
+    assert proc.returncode == 0, f"{err}"

@@ -76,7 +76,7 @@ def test_views_ties_and_strides_survive() -> None:
     out = roundtrip(state)
     ptr = out["base"].untyped_storage().data_ptr()
     for key in ("t", "slice", "row", "bytes"):
-        assert out[key].untyped_storage().data_ptr() == ptr, key
+        assert out[key].untyped_storage().data_ptr() == ptr, f"{key}"
     assert out["other"]["again"].untyped_storage().data_ptr() == ptr
     assert out["t"].stride() == (1, 10)
     assert out["slice"].stride() == (30, 3) or out["slice"].stride() == base[1:4, ::3].stride()
@@ -120,8 +120,8 @@ def test_plain_values_keep_their_types() -> None:
     out = roundtrip(state)
     for key in ("none", "t", "f", "i", "neg", "x", "s", "list", "tuple", "empty", "elist", "etuple", "intkeys",
                 "size", "dtype", "device", "T", "nested"):
-        assert out[key] == state[key], key
-        assert type(out[key]) is type(state[key]), key
+        assert out[key] == state[key], f"{key}"
+        assert type(out[key]) is type(state[key]), f"{key}"
     assert out["mixed"] == state["mixed"]
     assert [type(k) for k in out["mixed"]] == [type(k) for k in state["mixed"]]
     assert out["nan"] != out["nan"]
@@ -169,7 +169,7 @@ def test_module_state_dict_keeps_metadata_and_loads_strict() -> None:
     fresh = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 2))
     fresh.load_state_dict(out["model"], strict=True)
     for (k, a), b in zip(sd.items(), fresh.state_dict().values()):
-        assert torch.equal(a, b), k
+        assert torch.equal(a, b), f"{k}"
 
 
 def tied_model() -> torch.nn.Module:

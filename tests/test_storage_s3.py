@@ -207,7 +207,7 @@ def test_kill_9_mid_upload_leaves_nothing_after_cleanup(
     try:
         deadline = time.monotonic() + 30
         while s3_proxy.count("PUT", "partNumber=") < 2:
-            assert proc.poll() is None, proc.communicate()
+            assert proc.poll() is None, f"{proc.communicate()}"
             assert time.monotonic() < deadline
             time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)

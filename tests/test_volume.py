@@ -568,7 +568,7 @@ def test_cli_mount_needs_mkfs_or_the_new_tag_then_clears_it(cli_env: Scene, loop
 def test_cli_subprocess_status_without_volume(tmp_path: Path) -> None:
     p = subprocess.run([sys.executable, "-m", "spotsafe.volume", "status", "--mountpoint", str(tmp_path), "--json"],
                        capture_output=True, text=True, timeout=60)
-    assert p.returncode == 0, p.stderr
+    assert p.returncode == 0, f"{p.stderr}"
     assert json.loads(p.stdout) == {"mountpoint": str(tmp_path), "mounted": None}
 
 
