@@ -498,9 +498,13 @@ class Run:
         self.store.set_deadline(deadline)
         if self._ddp is not None:  # a rank lost now must not hold the others past the deadline
             self._ddp.timeout = max(10.0, min(left, self._ddp.ctx.timeout))
-        self.checkpointer.wait()  # an in-flight periodic save first
-        if self._ddp is not None:
-            self._ddp.wait()
+        try:  # an in-flight periodic save first; if it failed, the notice save must still run
+            self.checkpointer.wait()
+            if self._ddp is not None:
+                self._ddp.wait()
+        except Exception as e:
+            log.error("an earlier background save failed (%s); saving step %d on the notice anyway", e, self.step_count)
+            self._saved_step = None
         if self._saved_step != self.step_count:
             self._save("notice", async_=False)
         self.checkpointer.wait()

@@ -387,3 +387,24 @@ def test_every_epochs_and_fixed_seed(tmp_path: Path) -> None:
     # with seed= the shuffle depends on (seed, epoch) only, not on the global RNG
     assert orders[0] == orders[1]
     assert orders[0][:PER_EPOCH] != orders[0][PER_EPOCH:]
+
+
+def test_a_failed_periodic_save_does_not_stop_the_notice_save(tmp_path: Path) -> None:
+    model, opt, _ = make_model(0)
+    watcher = quiet_watcher()
+    run = Run(tmp_path, model=model, optimizer=opt, watch=watcher, exit_on_notice=False, every_steps=1000)
+    # A background save that failed (a full disk, an S3 timeout) waits to be re-raised.
+    run.checkpointer._error = OSError(28, "No space left on device")
+    loader = DataLoader(dataset(), batch_size=BATCH, shuffle=True)
+    seen = 0
+    for epoch in run.epochs(5):
+        for x, y in run.batches(loader):
+            seen += 1
+            if seen == 2:
+                watcher.trigger("terminate", deadline_in=60)
+            run.step()
+    assert run.should_stop
+    ckpt = Checkpointer(tmp_path)
+    assert [(i.step, i.reason) for i in ckpt.list()] == [(2, "notice")]
+    ckpt.close()
+    run.close()
