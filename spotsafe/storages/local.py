@@ -138,8 +138,11 @@ class LocalStore(Store):
             raise self._error("list", self._full(path), e) from e
 
     def write_file(self, path: str, buffers: Sequence[Buffer]) -> None:
-        # Payload: the manifest's commit fsyncs the directory, which makes this rename durable too.
-        self._write_durably(self._full(path), buffers, sync_dir=False)
+        # Payload: the manifest's commit fsyncs the checkpoint directory, which makes a rename
+        # there durable too; a file one level deeper (DCP shards under step-N/dcp/) needs its
+        # own directory fsynced, or the manifest could outlive it after a power cut.
+        nested = path.strip("/").count("/") > 1
+        self._write_durably(self._full(path), buffers, sync_dir=nested)
 
     def commit_file(self, path: str, data: bytes) -> None:
         self._write_durably(self._full(path), [data], sync_dir=True)
