@@ -26,7 +26,7 @@ import threading
 import time as _time
 import uuid
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Literal, get_args
@@ -69,10 +69,15 @@ def checkpoint_name(step: int) -> str:
 
 def checksum(buffer: memoryview | bytes) -> str:
     """xxh3-128 of ``buffer`` as hex (hashed in chunks; xxhash releases the GIL on large inputs)."""
-    view = memoryview(buffer).cast("B")
+    return _hash_parts([memoryview(buffer).cast("B")])
+
+
+def _hash_parts(parts: Sequence[memoryview]) -> str:
+    """xxh3-128 of the concatenation of byte views ``parts``, hashed chunk by chunk."""
     h = xxhash.xxh3_128()
-    for i in range(0, len(view), _HASH_CHUNK):
-        h.update(view[i : i + _HASH_CHUNK])
+    for part in parts:
+        for i in range(0, len(part), _HASH_CHUNK):
+            h.update(part[i : i + _HASH_CHUNK])
     return h.hexdigest()
 
 
@@ -302,11 +307,7 @@ class _HashThread(threading.Thread):
 
     def run(self) -> None:
         try:
-            h = xxhash.xxh3_128()
-            for part in self.parts:
-                for i in range(0, len(part), _HASH_CHUNK):
-                    h.update(part[i : i + _HASH_CHUNK])
-            self.result = h.hexdigest()
+            self.result = _hash_parts(self.parts)
         except BaseException as e:  # noqa: BLE001 - handed to the writer thread
             self.error = e
 
