@@ -21,6 +21,7 @@ import atexit
 import ctypes
 import json
 import logging
+import mmap
 import re
 import threading
 import time as _time
@@ -48,8 +49,11 @@ from spotsafe.storage import Store, open_store
 
 log = logging.getLogger("spotsafe.checkpoint")
 
-#: The on-storage format this code writes. Readers accept 1..FORMAT_VERSION.
-FORMAT_VERSION = 1
+#: The newest on-storage format this code writes; readers accept 1..FORMAT_VERSION.
+#: Version 2 adds data segments (a rank's payload in several files, each with its
+#: ``offset``); a checkpoint without segments is still written as version 1, so older
+#: spotsafe releases keep reading it.
+FORMAT_VERSION = 2
 FORMAT = "spotsafe-checkpoint"
 MANIFEST = "manifest.json"
 COMPLETE = "COMPLETE.json"
@@ -97,6 +101,13 @@ class FileEntry:
     checksum: str
     role: FileRole
     rank: int = 0
+    #: Where a data segment starts in its rank's payload (format 2); None: the whole payload.
+    offset: int | None = None
+
+
+def format_version_for(files: Sequence[FileEntry]) -> int:
+    """The lowest format version that describes a checkpoint made of ``files``."""
+    return 2 if any(f.offset is not None for f in files) else 1
 
 
 @dataclass(frozen=True)
@@ -123,6 +134,9 @@ class Manifest:
     def to_json(self) -> bytes:
         d = asdict(self)
         d["time"] = _utc(self.time).isoformat()
+        for f in d["files"]:
+            if f["offset"] is None:
+                del f["offset"]  # version 1 has no such field
         return json.dumps(d, indent=1, allow_nan=False).encode()
 
     @classmethod
@@ -154,6 +168,10 @@ class Manifest:
                 if f.role not in get_args(FileRole) or ("/" in f.path and not nested_ok) or f.path.startswith("."):
                     raise ValueError(f"bad file entry {f}")
                 if not isinstance(f.size, int) or f.size < 0 or not isinstance(f.checksum, str):
+                    raise ValueError(f"bad file entry {f}")
+                if f.offset is not None and (
+                    version < 2 or f.role != "data" or not isinstance(f.offset, int) or f.offset < 0
+                ):
                     raise ValueError(f"bad file entry {f}")
             t = datetime.fromisoformat(d["time"])
             m = cls(**{**d, "files": files, "time": _utc(t)})
@@ -299,24 +317,44 @@ def _zero_copy(flat: FlatState) -> Snapshot:
 
 
 class _HashThread(threading.Thread):
-    def __init__(self, parts: list[memoryview]) -> None:
+    """Checksums of several files' contents (each a list of byte views), off the writing thread."""
+
+    def __init__(self, files: list[list[memoryview]]) -> None:
         super().__init__(name="spotsafe-checksum", daemon=True)
-        self.parts = parts
-        self.result: str | None = None
+        self.files = files
+        self.result: list[str] = []
         self.error: BaseException | None = None
 
     def run(self) -> None:
         try:
-            self.result = _hash_parts(self.parts)
+            self.result = [_hash_parts(parts) for parts in self.files]
         except BaseException as e:  # noqa: BLE001 - handed to the writer thread
             self.error = e
 
-    def digest(self) -> str:
+    def digests(self) -> list[str]:
         self.join()
         if self.error is not None:
             raise self.error
-        assert self.result is not None
         return self.result
+
+
+def _segments(parts: Sequence[memoryview], size: int) -> list[list[memoryview]]:
+    """Cut the concatenation of ``parts`` into pieces of ``size`` bytes (the last may be shorter), without copying."""
+    pieces: list[list[memoryview]] = []
+    current: list[memoryview] = []
+    room = size
+    for part in parts:
+        while len(part):
+            take = part[:room]
+            current.append(take)
+            part = part[len(take) :]
+            room -= len(take)
+            if room == 0:
+                pieces.append(current)
+                current, room = [], size
+    if current:
+        pieces.append(current)
+    return pieces
 
 
 def write_rank_files(store: Store, directory: str, snap: Snapshot, *, rank: int = 0) -> list[FileEntry]:
@@ -326,20 +364,33 @@ def write_rank_files(store: Store, directory: str, snap: Snapshot, *, rank: int 
     never touches the files its manifest names until the new manifest replaces it.
     """
     token = uuid.uuid4().hex[:8]
-    data_name = f"rank{rank:05d}.{token}.bin"
     tree_name = f"rank{rank:05d}.{token}.json"
-    hasher = _HashThread(snap.parts)
+    segment = store.segment_size
+    if segment and snap.nbytes > segment:
+        # An object store: the payload as parallel single-PUT objects (format 2 segments).
+        pieces = _segments(snap.parts, segment)
+        names = [f"rank{rank:05d}.{token}.{k:05d}.bin" for k in range(len(pieces))]
+    else:
+        pieces = [list(snap.parts)]
+        names = [f"rank{rank:05d}.{token}.bin"]
+    hasher = _HashThread(pieces)
     hasher.start()  # overlaps the write: xxh3 runs at memory speed with the GIL released
     try:
-        store.write_file(f"{directory}/{data_name}", snap.parts)
+        if len(pieces) == 1:
+            store.write_file(f"{directory}/{names[0]}", pieces[0])
+        else:
+            store.write_files([(f"{directory}/{n}", p) for n, p in zip(names, pieces)])
     finally:
-        data_sum = hasher.digest()
+        sums = hasher.digests()
+    entries: list[FileEntry] = []
+    offset = 0
+    for n, piece, digest in zip(names, pieces, sums):
+        size = sum(len(v) for v in piece)
+        entries.append(FileEntry(n, size, digest, "data", rank, offset if len(pieces) > 1 else None))
+        offset += size
     tree = json.dumps(snap.description, separators=(",", ":"), allow_nan=False).encode()
     store.write_file(f"{directory}/{tree_name}", [tree])
-    return [
-        FileEntry(data_name, snap.nbytes, data_sum, "data", rank),
-        FileEntry(tree_name, len(tree), checksum(tree), "tree", rank),
-    ]
+    return [*entries, FileEntry(tree_name, len(tree), checksum(tree), "tree", rank)]
 
 
 def commit_manifest(store: Store, directory: str, manifest: Manifest) -> None:
@@ -495,7 +546,7 @@ class Checkpointer:
             files = write_rank_files(self.store, name, snap, rank=0)
             t1 = _time.perf_counter()
             manifest = Manifest(
-                format_version=FORMAT_VERSION,
+                format_version=format_version_for(files),
                 step=step,
                 epoch=epoch,
                 reason=reason,  # type: ignore[arg-type]
@@ -621,18 +672,44 @@ class Checkpointer:
         name = info.name if isinstance(info, CheckpointInfo) else info
         m = manifest or self._manifest(name)
         base = f"{self.store.url.rstrip('/')}/{name}"
+        listed = self.store.file_sizes(name)  # one listing, not a request per file
         for f in m.files:
-            path = f"{name}/{f.path}"
-            size = self.store.file_size(path)
+            size = listed.get(f.path)
+            if size is None:  # not listed (a file one level down, a mirror's other tier): ask
+                size = self.store.file_size(f"{name}/{f.path}")
             if size is None:
                 raise CheckpointCorrupt(f"{base}/{f.path}: missing (the manifest lists it)")
             if size != f.size:
                 raise CheckpointCorrupt(f"{base}/{f.path}: {size} bytes, the manifest says {f.size}")
-            if full:
-                got = checksum(self.store.read_file(path))
-                if got != f.checksum:
-                    raise CheckpointCorrupt(f"{base}/{f.path}: checksum mismatch (the file was modified or damaged)")
+        if full:
+            self._verify_files(name, list(m.files))
         return m
+
+    def _verify_files(self, name: str, files: Sequence[FileEntry], batch: int = 1 << 30) -> None:
+        """Read ``files`` (in batches of about ``batch`` bytes, each read in parallel) and check their checksums."""
+        base = f"{self.store.url.rstrip('/')}/{name}"
+        i = 0
+        while i < len(files):
+            group = [files[i]]
+            total = files[i].size
+            i += 1
+            while i < len(files) and total + files[i].size <= batch:
+                group.append(files[i])
+                total += files[i].size
+                i += 1
+            buf = memoryview(mmap.mmap(-1, total)) if total else memoryview(bytearray())
+            views: list[memoryview] = []
+            pos = 0
+            for f in group:
+                views.append(buf[pos : pos + f.size])
+                pos += f.size
+            try:
+                self.store.read_files_into([(f"{name}/{f.path}", v) for f, v in zip(group, views)])
+            except CheckpointNotFound as e:
+                raise CheckpointCorrupt(f"{base}: a file the manifest lists is missing ({e})") from e
+            for f, v in zip(group, views):
+                if checksum(v) != f.checksum:
+                    raise CheckpointCorrupt(f"{base}/{f.path}: checksum mismatch (the file was modified or damaged)")
 
     def latest(self, verify: bool = False) -> CheckpointInfo | None:
         """The newest committed checkpoint whose files exist with the right sizes (and checksums when ``verify``)."""
@@ -666,29 +743,23 @@ class Checkpointer:
         name = info.name
         base = f"{self.store.url.rstrip('/')}/{name}"
         m = self._manifest(name)
-        entries = {f.role: f for f in m.files if f.rank == rank}
-        if "data" not in entries or "tree" not in entries:
+        trees = [f for f in m.files if f.rank == rank and f.role == "tree"]
+        datas = [f for f in m.files if f.rank == rank and f.role == "data"]
+        if len(trees) != 1 or not datas:
             raise CheckpointCorrupt(f"{base}/{MANIFEST}: no data/tree files for rank {rank}")
-        buffers: dict[str, memoryview] = {}
-        for role in ("tree", "data"):
-            f = entries[role]
-            try:
-                buf = self.store.read_file(f"{name}/{f.path}")
-            except CheckpointNotFound as e:
-                raise CheckpointCorrupt(f"{base}/{f.path}: missing (the manifest lists it)") from e
-            if len(buf) != f.size:
-                raise CheckpointCorrupt(f"{base}/{f.path}: {len(buf)} bytes, the manifest says {f.size}")
-            if verify and checksum(buf) != f.checksum:
-                raise CheckpointCorrupt(f"{base}/{f.path}: checksum mismatch (the file was modified or damaged)")
-            buffers[role] = buf
-        where = f"{base}/{entries['tree'].path}"
+        tree_buf = self._read_one(name, trees[0], verify)
+        if len(datas) == 1 and datas[0].offset is None:
+            data = self._read_one(name, datas[0], verify)
+            data_where = f"{base}/{datas[0].path}"
+        else:
+            data = self._read_segments(name, datas, verify)
+            data_where = f"{base}/{datas[0].path} (+{len(datas) - 1} segments)"
+        where = f"{base}/{trees[0].path}"
         try:
-            desc = json.loads(bytes(buffers["tree"]))
+            desc = json.loads(bytes(tree_buf))
             blobs = [Blob(int(o), int(n)) for o, n in desc["blobs"]]
         except (ValueError, KeyError, TypeError) as e:
             raise CheckpointCorrupt(f"{where}: malformed tree file ({e})") from e
-        data = buffers["data"]
-        data_where = f"{base}/{entries['data'].path}"
 
         def blob(i: int) -> torch.Tensor:
             if not 0 <= i < len(blobs):
@@ -699,6 +770,42 @@ class Checkpointer:
         if not isinstance(state, dict):
             raise CheckpointCorrupt(f"{where}: the saved state is not a mapping")
         return state
+
+    def _read_one(self, name: str, f: FileEntry, verify: bool) -> memoryview:
+        base = f"{self.store.url.rstrip('/')}/{name}"
+        try:
+            buf = self.store.read_file(f"{name}/{f.path}")
+        except CheckpointNotFound as e:
+            raise CheckpointCorrupt(f"{base}/{f.path}: missing (the manifest lists it)") from e
+        if len(buf) != f.size:
+            raise CheckpointCorrupt(f"{base}/{f.path}: {len(buf)} bytes, the manifest says {f.size}")
+        if verify and checksum(buf) != f.checksum:
+            raise CheckpointCorrupt(f"{base}/{f.path}: checksum mismatch (the file was modified or damaged)")
+        return buf
+
+    def _read_segments(self, name: str, segments: Sequence[FileEntry], verify: bool) -> memoryview:
+        """One rank's payload from its segments, read in parallel into one private buffer."""
+        base = f"{self.store.url.rstrip('/')}/{name}"
+        ordered = sorted(segments, key=lambda f: -1 if f.offset is None else f.offset)
+        total = 0
+        for f in ordered:
+            if f.offset != total:
+                raise CheckpointCorrupt(
+                    f"{base}/{f.path}: data segment at offset {f.offset}, expected {total} (a gap or an overlap)"
+                )
+            total += f.size
+        # Anonymous memory: writable (tensors are built on it without a copy) and zeroed lazily.
+        data = memoryview(mmap.mmap(-1, total)) if total else memoryview(bytearray())
+        try:
+            self.store.read_files_into([(f"{name}/{f.path}", data[f.offset : f.offset + f.size]) for f in ordered])  # type: ignore[operator]
+        except CheckpointNotFound as e:
+            raise CheckpointCorrupt(f"{base}: a data segment the manifest lists is missing ({e})") from e
+        if verify:
+            for f in ordered:
+                start = f.offset or 0
+                if checksum(data[start : start + f.size]) != f.checksum:
+                    raise CheckpointCorrupt(f"{base}/{f.path}: checksum mismatch (the file was modified or damaged)")
+        return data
 
     def load(
         self, info: CheckpointInfo | int | None = None, *, map_location: MapLocation = None, verify: bool = True

@@ -719,8 +719,9 @@ class _MultiRank:
             return C.write_rank_files(store, name, snap, rank=self.ctx.rank)
 
         def commit(files: list[Any]) -> None:
-            manifest = C.Manifest(format_version=C.FORMAT_VERSION, step=step, epoch=epoch, reason=reason,  # type: ignore[arg-type]
-                                  time=when, world_size=self.ctx.world_size, files=tuple(files) + tuple(dcp_files),
+            all_files = tuple(files) + tuple(dcp_files)
+            manifest = C.Manifest(format_version=C.format_version_for(all_files), step=step, epoch=epoch, reason=reason,  # type: ignore[arg-type]
+                                  time=when, world_size=self.ctx.world_size, files=all_files,
                                   metadata=meta)
             C.commit_manifest(store, name, manifest)
 

@@ -17,6 +17,8 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, Union
 
+from spotsafe.errors import CheckpointCorrupt
+
 Buffer = Union[bytes, bytearray, memoryview]
 
 
@@ -25,6 +27,11 @@ class Store(ABC):
 
     #: The root, as the user would write it (a path or a URL); used in every error message.
     url: str
+
+    #: Payloads larger than this are better written as several files of at most this
+    #: size (an object store: one PUT each, in parallel, with no multipart assembly at
+    #: the end). None: one file, whatever its size (a local disk gains nothing).
+    segment_size: int | None = None
 
     @abstractmethod
     def listdir(self, path: str = "") -> list[str]:
@@ -44,6 +51,14 @@ class Store(ABC):
         abort the multipart upload). Overwrites an existing file.
         """
 
+    def write_files(self, items: Sequence[tuple[str, Sequence[Buffer]]]) -> None:
+        """:meth:`write_file` for each ``(path, buffers)``; stores that can, write them in parallel.
+
+        All are durable when this returns; on a failure some may have been written.
+        """
+        for path, buffers in items:
+            self.write_file(path, buffers)
+
     @abstractmethod
     def commit_file(self, path: str, data: bytes) -> None:
         """Publish a small file atomically and durably: readers see all of it or nothing.
@@ -61,9 +76,34 @@ class Store(ABC):
         the file does not exist.
         """
 
+    def read_files_into(self, items: Sequence[tuple[str, memoryview]]) -> None:
+        """Fill each writable byte view ``dest`` with the whole content of ``path``.
+
+        Stores that can read them in parallel, straight into ``dest``. Raises
+        :class:`~spotsafe.errors.CheckpointNotFound` when a file does not exist and
+        :class:`~spotsafe.errors.CheckpointCorrupt` when its size is not ``len(dest)``.
+        """
+        for path, dest in items:
+            data = self.read_file(path)
+            if len(data) != len(dest):
+                raise CheckpointCorrupt(f"{self.url.rstrip('/')}/{path}: {len(data)} bytes, expected {len(dest)}")
+            dest[:] = data
+
     @abstractmethod
     def file_size(self, path: str) -> int | None:
         """Size in bytes of ``path``, or None when it does not exist."""
+
+    def file_sizes(self, path: str) -> dict[str, int]:
+        """Sizes of the files directly under ``path`` by name (directories left out).
+
+        Object stores answer from one listing instead of a request per file.
+        """
+        sizes: dict[str, int] = {}
+        for name in self.listdir(path):
+            size = self.file_size(f"{path}/{name}" if path else name)
+            if size is not None:
+                sizes[name] = size
+        return sizes
 
     @abstractmethod
     def delete_dir(self, path: str) -> None:

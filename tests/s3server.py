@@ -8,7 +8,8 @@ fixtures ``moto_server``, ``s3_bucket``, ``s3_proxy``, ``s3_options``,
 - ``s3_bucket`` (function): a fresh bucket with a unique name.
 - ``s3_proxy`` (function): :class:`FaultProxy` in front of the moto server. ``inject("503",
   count=3)`` makes the next three matching requests fail with 503 SlowDown; ``"500"``,
-  ``"403"``, ``"drop"`` (close without answering) and ``"reset"`` (TCP RST) too.
+  ``"403"``, ``"501"`` (NotImplemented), ``"drop"`` (close without answering) and ``"reset"``
+  (TCP RST) too.
   ``delay`` slows every request; ``requests`` logs what went through.
 """
 
@@ -43,6 +44,7 @@ _ERROR_BODIES = {
     "503": (503, "SlowDown", "Please reduce your request rate."),
     "500": (500, "InternalError", "We encountered an internal error. Please try again."),
     "403": (403, "AccessDenied", "Access Denied"),
+    "501": (501, "NotImplemented", "A header you provided implies functionality that is not implemented."),
 }
 
 

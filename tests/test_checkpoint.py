@@ -618,3 +618,80 @@ def test_snapshot_buffer_is_reused_across_saves(ckpt: Checkpointer) -> None:
     assert ckpt._buffer.capacity >= 400_000
     assert_state(ckpt.load(3), 3, 500)
     assert_state(ckpt.load(4), 4, 100_000)
+
+
+# ----------------------------------------------------------------------------- data segments (format 2)
+
+
+class SegmentingStore(LocalStore):
+    """A local store that asks for small segments, as an object store does (with the generic batch calls)."""
+
+    segment_size = 4096
+
+
+def test_segments_cut_the_payload_without_copying() -> None:
+    from spotsafe.checkpoint import _segments
+
+    rng = random.Random(7)
+    for _ in range(50):
+        parts = [memoryview(bytes(rng.randrange(256) for _ in range(rng.randrange(0, 300)))) for _ in range(rng.randrange(1, 6))]
+        size = rng.randrange(1, 200)
+        pieces = _segments(parts, size)
+        joined = b"".join(bytes(v) for p in pieces for v in p)
+        assert joined == b"".join(bytes(p) for p in parts)
+        lengths = [sum(len(v) for v in p) for p in pieces]
+        assert all(n == size for n in lengths[:-1]) and (not lengths or 0 < lengths[-1] <= size)
+
+
+def test_segmented_checkpoint_round_trips_through_the_generic_store_calls(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(40, 30), torch.nn.Linear(30, 40))
+    model[1].weight = torch.nn.Parameter(model[0].weight.t())  # a view: shared storage across segments
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(3, 40)).sum().backward()
+    opt.step()
+    with Checkpointer(SegmentingStore(tmp_path)) as c:
+        c.save(5, {"model": model, "opt": opt, "rng": RNGState(), "epoch": 2}, async_=False)
+        doc = json.loads((tmp_path / checkpoint_name(5) / MANIFEST).read_text())
+        data = [f for f in doc["files"] if f["role"] == "data"]
+        assert doc["format_version"] == 2 and len(data) > 3
+        assert [f["offset"] for f in data] == [i * 4096 for i in range(len(data))]
+        assert c.latest(verify=True) is not None
+    fresh = torch.nn.Sequential(torch.nn.Linear(40, 30), torch.nn.Linear(30, 40))
+    fresh[1].weight = torch.nn.Parameter(fresh[0].weight.t())
+    fresh_opt = torch.optim.Adam(fresh.parameters())
+    with Checkpointer(tmp_path) as c:  # a plain local store reads it too
+        rest = c.restore(5, {"model": fresh, "opt": fresh_opt})
+    assert rest["epoch"] == 2
+    for a, b in zip(model.state_dict().values(), fresh.state_dict().values()):
+        assert torch.equal(a, b)
+    assert fresh[1].weight.data_ptr() == fresh[0].weight.data_ptr()  # still tied
+    assert fresh_opt.state_dict()["state"][0]["exp_avg"].equal(opt.state_dict()["state"][0]["exp_avg"])
+
+
+def test_plain_local_checkpoints_stay_format_1(tmp_path: Path) -> None:
+    with Checkpointer(tmp_path) as c:
+        c.save(1, state_for(1), async_=False)
+    doc = json.loads((tmp_path / checkpoint_name(1) / MANIFEST).read_text())
+    assert doc["format_version"] == 1  # older spotsafe releases keep reading it
+    assert all("offset" not in f for f in doc["files"])
+
+
+@pytest.mark.parametrize("damage", ["gap", "overlap", "offset_in_v1", "offset_on_tree"])
+def test_bad_segment_tables_are_corrupt(tmp_path: Path, damage: str) -> None:
+    with Checkpointer(SegmentingStore(tmp_path)) as c:
+        c.save(1, state_for(1, n=5000), async_=False)
+        path = tmp_path / checkpoint_name(1) / MANIFEST
+        doc = json.loads(path.read_text())
+        data = [f for f in doc["files"] if f["role"] == "data"]
+        if damage == "gap":
+            data[1]["offset"] += 8
+        elif damage == "overlap":
+            data[2]["offset"] -= 8
+        elif damage == "offset_in_v1":
+            doc["format_version"] = 1
+        else:
+            next(f for f in doc["files"] if f["role"] == "tree")["offset"] = 0
+        path.write_text(json.dumps(doc))
+        with pytest.raises(CheckpointCorrupt, match=str(tmp_path / checkpoint_name(1))):
+            c.load(1)

@@ -342,3 +342,217 @@ def test_checkpointer_round_trip_over_s3(s3_bucket: str, s3_options: dict[str, A
     assert rest["epoch"] == 3
     assert torch.equal(fresh.weight.detach() + 1.0, expected["weight"])  # saved before the last add_
     assert torch.equal(fresh.bias.detach(), expected["bias"])
+
+
+# --------------------------------------------------------------------------- segmented checkpoints
+
+
+def _big_state(torch: Any, seed: int = 0) -> dict[str, Any]:
+    g = torch.Generator().manual_seed(seed)
+    # ~17.6 MiB across tensors of odd sizes, so segment boundaries cut through tensors.
+    return {
+        "w": torch.randn(4_000_001, generator=g),
+        "b": torch.randn(1_234_567, generator=g).to(torch.float16),
+        "step": seed,
+    }
+
+
+def test_checkpoint_payload_goes_up_as_parallel_single_put_segments(
+    s3_bucket: str, s3_proxy: FaultProxy, s3_proxy_options: dict[str, Any], s3_client: Any
+) -> None:
+    torch = pytest.importorskip("torch")
+    import json
+
+    from spotsafe.checkpoint import Checkpointer
+
+    state = _big_state(torch)
+    url = f"s3://{s3_bucket}/seg"
+    opts = {**s3_proxy_options, "part_size": 5 * MiB}
+    with Checkpointer(url, storage_options=opts) as ckpt:
+        ckpt.save(100, state, async_=False)
+        nbytes = 4_000_001 * 4 + 1_234_567 * 2
+        manifest = json.loads(
+            s3_client.get_object(Bucket=s3_bucket, Key="seg/step-000000000100/manifest.json")["Body"].read()
+        )
+        assert manifest["format_version"] == 2
+        data = [f for f in manifest["files"] if f["role"] == "data"]
+        assert len(data) == 4  # 5 + 5 + 5 + 2.x MiB
+        assert [f["offset"] for f in data] == [0, 5 * MiB, 10 * MiB, 15 * MiB]
+        assert sum(f["size"] for f in data) >= nbytes
+        assert "offset" not in next(f for f in manifest["files"] if f["role"] == "tree")
+        # No multipart upload at all: every segment is one PUT, so nothing to assemble or abort.
+        assert s3_proxy.count("POST", "uploads") == 0
+        assert s3_proxy.count("PUT", "partNumber=") == 0
+        assert _uploads(s3_client, s3_bucket) == []
+
+    s3_proxy.requests.clear()
+    with Checkpointer(url, storage_options=opts) as ckpt:
+        info = ckpt.latest(verify=True)
+        assert info is not None and info.step == 100
+        loaded = ckpt.load()
+    assert torch.equal(loaded["w"], state["w"]) and torch.equal(loaded["b"], state["b"])
+    assert loaded["step"] == 0
+    loaded["w"].add_(1.0)  # the buffer is private and writable
+    # Sizes came from one listing and the Content-Range of each GET: no HEAD per segment.
+    heads = [r.path for r in s3_proxy.requests if r.method == "HEAD" and r.path.endswith(".bin")]
+    assert heads == []
+
+
+def test_segmented_checkpoint_loads_from_a_local_copy_and_through_a_mirror(
+    s3_bucket: str, s3_options: dict[str, Any], s3_client: Any, tmp_path: Path
+) -> None:
+    torch = pytest.importorskip("torch")
+    from spotsafe.checkpoint import Checkpointer
+
+    state = _big_state(torch, seed=3)
+    url = f"s3://{s3_bucket}/copy"
+    opts = {**s3_options, "part_size": 5 * MiB}
+    with Checkpointer(url, storage_options=opts) as ckpt:
+        ckpt.save(7, state, async_=False)
+    # `aws s3 sync` to a disk, then load it from there (the generic read path of a store).
+    local = tmp_path / "synced"
+    for obj in s3_client.list_objects_v2(Bucket=s3_bucket, Prefix="copy/")["Contents"]:
+        dest = local / obj["Key"][len("copy/") :]
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(s3_client.get_object(Bucket=s3_bucket, Key=obj["Key"])["Body"].read())
+    with Checkpointer(local) as ckpt:
+        assert torch.equal(ckpt.load(7)["w"], state["w"])
+    # A fresh instance: an empty local tier restores from the remote's segments.
+    with Checkpointer(local=tmp_path / "empty", remote=url, storage_options=opts) as ckpt:
+        info = ckpt.latest(verify=True)
+        assert info is not None and info.step == 7
+        loaded = ckpt.load()
+    assert torch.equal(loaded["b"], state["b"])
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "flipped"])
+def test_damaged_segment_is_named_and_load_falls_back(
+    damage: str, s3_bucket: str, s3_options: dict[str, Any], s3_client: Any
+) -> None:
+    torch = pytest.importorskip("torch")
+    from spotsafe.checkpoint import Checkpointer
+    from spotsafe.errors import CheckpointCorrupt
+
+    url = f"s3://{s3_bucket}/dmg"
+    opts = {**s3_options, "part_size": 5 * MiB}
+    with Checkpointer(url, storage_options=opts) as ckpt:
+        ckpt.save(1, _big_state(torch, seed=1), async_=False)
+        ckpt.save(2, _big_state(torch, seed=2), async_=False)
+        keys = sorted(
+            o["Key"] for o in s3_client.list_objects_v2(Bucket=s3_bucket, Prefix="dmg/step-000000000002/")["Contents"]
+        )
+        victim = [k for k in keys if k.endswith(".00002.bin")][0]
+        body = s3_client.get_object(Bucket=s3_bucket, Key=victim)["Body"].read()
+        if damage == "missing":
+            s3_client.delete_object(Bucket=s3_bucket, Key=victim)
+        elif damage == "truncated":
+            s3_client.put_object(Bucket=s3_bucket, Key=victim, Body=body[:-1])
+        else:
+            flipped = bytearray(body)
+            flipped[12345] ^= 0xFF
+            s3_client.put_object(Bucket=s3_bucket, Key=victim, Body=bytes(flipped))
+        name = victim.rpartition("/")[2]
+        with pytest.raises(CheckpointCorrupt) as info:
+            ckpt.load(2)
+        assert name in str(info.value) or damage == "missing" and "missing" in str(info.value)
+        assert f"{url}/step-000000000002" in str(info.value)
+        with pytest.raises(CheckpointCorrupt, match=name):
+            ckpt.check(ckpt.list()[-1])
+        loaded = ckpt.load()  # newest intact: step 1
+        assert loaded["step"] == 1
+        assert ckpt.last_loaded is not None and ckpt.last_loaded.step == 1
+        expected_latest = 2 if damage == "flipped" else 1  # sizes still match when one bit flips
+        latest = ckpt.latest()
+        assert latest is not None and latest.step == expected_latest
+
+
+def test_segment_faults_are_retried(
+    s3_bucket: str, s3_proxy: FaultProxy, s3_proxy_options: dict[str, Any]
+) -> None:
+    torch = pytest.importorskip("torch")
+    from spotsafe.checkpoint import Checkpointer
+
+    state = _big_state(torch, seed=5)
+    with Checkpointer(f"s3://{s3_bucket}/flaky", storage_options={**s3_proxy_options, "part_size": 5 * MiB}) as ckpt:
+        s3_proxy.inject("503", count=2, match=lambda m, p: m == "PUT" and ".bin" in p)
+        s3_proxy.inject("reset", count=1, match=lambda m, p: m == "PUT" and ".bin" in p)
+        ckpt.save(3, state, async_=False)
+        s3_proxy.inject("drop", count=2, match=lambda m, p: m == "GET" and ".bin" in p)
+        loaded = ckpt.load(3)
+        assert s3_proxy.faults_left == 0
+    assert torch.equal(loaded["w"], state["w"])
+
+
+def test_kill_9_mid_segmented_save_leaves_no_checkpoint_and_the_next_save_cleans_up(
+    s3_bucket: str, s3_proxy: FaultProxy, s3_client: Any
+) -> None:
+    pytest.importorskip("torch")
+    url = f"s3://{s3_bucket}/killed"
+    script = textwrap.dedent(
+        """
+        import sys, torch
+        from spotsafe.checkpoint import Checkpointer
+        url, endpoint = sys.argv[1], sys.argv[2]
+        opts = {"endpoint_url": endpoint, "part_size": 5 << 20, "max_concurrency": 2}
+        with Checkpointer(url, storage_options=opts) as ckpt:
+            ckpt.save(1, {"w": torch.zeros(1000)}, async_=False)
+            print("first", flush=True)
+            ckpt.save(2, {"w": torch.ones(12 << 20)}, async_=False)   # 48 MiB: 10 segments
+            print("finished", flush=True)
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, url, s3_proxy.endpoint], env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while s3_proxy.count("PUT", "step-000000000002/rank") < 3:
+            assert proc.poll() is None, f"{proc.communicate()}"
+            assert time.monotonic() < deadline
+            s3_proxy.delay = 0.4 if s3_proxy.count("PUT", "step-000000000001/manifest") else 0.0
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        out, _ = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    s3_proxy.delay = 0.0
+    assert proc.returncode == -signal.SIGKILL
+    assert b"first" in out and b"finished" not in out
+    torch = pytest.importorskip("torch")
+    from spotsafe.checkpoint import Checkpointer
+
+    leftovers = s3_client.list_objects_v2(Bucket=s3_bucket, Prefix="killed/step-000000000002/").get("Contents", [])
+    assert leftovers  # the dead writer's segments are there, without a manifest...
+    assert _uploads(s3_client, s3_bucket) == []  # ...and no multipart upload to bill
+    opts = {"endpoint_url": s3_proxy.endpoint}
+    with Checkpointer(url, storage_options=opts) as ckpt:
+        assert [i.step for i in ckpt.list()] == [1]  # invisible to readers
+        assert torch.equal(ckpt.load()["w"], torch.zeros(1000))
+        ckpt.save(3, {"w": torch.full((10,), 3.0)}, async_=False)
+    gone = s3_client.list_objects_v2(Bucket=s3_bucket, Prefix="killed/step-000000000002/").get("Contents", [])
+    assert gone == []  # the next save removed the debris
+
+
+@pytest.mark.parametrize("fault", ["501", "403"])
+def test_a_server_without_multipart_listing_does_not_stop_saving(
+    fault: str, s3_bucket: str, s3_proxy: FaultProxy, s3_proxy_options: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    torch = pytest.importorskip("torch")
+    from spotsafe.checkpoint import Checkpointer
+
+    def lists_uploads(method: str, path: str) -> bool:
+        return method == "GET" and "uploads" in path and "uploadId" not in path
+
+    s3_proxy.inject(fault, count=100, match=lists_uploads)  # s3rver: NotImplemented; a narrow policy: denied
+    with Checkpointer(f"s3://{s3_bucket}/nolist", storage_options=s3_proxy_options) as ckpt:
+        ckpt.save(1, {"w": torch.ones(10)}, async_=False)
+        ckpt.save(2, {"w": torch.ones(10)}, async_=False)
+        assert [i.step for i in ckpt.list()] == [1, 2]
+    asked = s3_proxy.count("GET", "uploads", fault=True)
+    assert asked == 1  # not retried, and not asked again before the second save
+    assert sum("cannot list multipart uploads" in r.getMessage() for r in caplog.records) == 1
+    s3_proxy.clear()

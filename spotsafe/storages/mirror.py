@@ -146,6 +146,14 @@ class MirrorStore(Store):
             return size
         return self.remote.file_size(path)
 
+    def file_sizes(self, path: str) -> dict[str, int]:
+        # The local tier when it holds the directory (no round trip); the remote otherwise.
+        # A file missing from this answer is asked for with file_size(), which looks in both.
+        sizes = self.local.file_sizes(path)
+        if sizes or self._hidden(path):
+            return sizes
+        return self.remote.file_sizes(path)
+
     def read_file(self, path: str) -> memoryview:
         try:
             return self.local.read_file(path)
@@ -153,6 +161,18 @@ class MirrorStore(Store):
             if self._hidden(path):
                 raise
             return self.remote.read_file(path)
+
+    def read_files_into(self, items: Sequence[tuple[str, memoryview]]) -> None:
+        # What the local tier holds is read there; the rest in one batch from the remote,
+        # so a fresh instance restores with the remote's parallel reads.
+        missing: list[tuple[str, memoryview]] = []
+        for path, dest in items:
+            if self.local.file_size(path) is None and not self._hidden(path):
+                missing.append((path, dest))
+            else:
+                self.local.read_files_into([(path, dest)])
+        if missing:
+            self.remote.read_files_into(missing)
 
     # ------------------------------------------------------------------ lifecycle
 

@@ -29,7 +29,7 @@ from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from datetime import datetime, timezone
 from typing import Any, TypeVar
 
-from spotsafe.errors import CheckpointNotFound, StoreError, require
+from spotsafe.errors import CheckpointCorrupt, CheckpointNotFound, StoreError, require
 from spotsafe.storage import Buffer, Store
 
 log = logging.getLogger(__name__)
@@ -194,12 +194,17 @@ class S3Store(Store):
             raise ValueError(
                 f"{self.url}: part_size {self.part_size} is below S3's minimum of {MIN_PART_SIZE} bytes"
             )
+        # A checkpoint's payload goes up as objects of one part each: parallel PUTs and
+        # nothing to assemble at the end (CompleteMultipartUpload makes the server copy
+        # every byte once more, on the critical path of a notice save).
+        self.segment_size = self.part_size
         self.max_concurrency = int(opts.get("max_concurrency", DEFAULT_MAX_CONCURRENCY))
         if self.max_concurrency < 1:
             raise ValueError(f"{self.url}: max_concurrency must be >= 1")
         self.max_attempts = max(1, int(opts.get("max_attempts", DEFAULT_MAX_ATTEMPTS)))
         self._deadline: float | None = None  # time.monotonic() value
         self._own_uploads: set[str] = set()
+        self._warned_uploads = False
         self._lock = threading.Lock()
         self._closed = False
         self._created = datetime.now(timezone.utc)
@@ -364,6 +369,48 @@ class S3Store(Store):
         head = self._head(path)
         return None if head is None else int(head["ContentLength"])
 
+    def file_sizes(self, path: str) -> dict[str, int]:
+        prefix = self._dir_key(path)
+        sizes: dict[str, int] = {}
+        try:
+            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "Delimiter": "/"}
+            while True:
+                page = self._call("LIST", self._client.list_objects_v2, **kwargs)
+                for obj in page.get("Contents", ()):
+                    name = obj["Key"][len(prefix) :]
+                    if name:
+                        sizes[name] = int(obj["Size"])
+                if not page.get("IsTruncated"):
+                    break
+                kwargs["ContinuationToken"] = page["NextContinuationToken"]
+        except Exception as e:
+            raise self._error(path, "listing", e) from e
+        return sizes
+
+    def read_files_into(self, items: Sequence[tuple[str, memoryview]]) -> None:
+        # No HEAD per file: every range asks for its bytes and the server's Content-Range
+        # says how big the object is, which must be len(dest).
+        tasks: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
+        for path, dest in items:
+            size = len(dest)
+            if size == 0:
+                tasks.append((self._check_empty, (path,)))
+            for start in range(0, size, self.part_size):
+                tasks.append((self._get_range, (path, None, dest, start, min(start + self.part_size, size), size)))
+        try:
+            self._run_parallel(tasks)
+        except (CheckpointNotFound, CheckpointCorrupt):
+            raise
+        except Exception as e:
+            raise self._error(items[0][0] if len(items) == 1 else "", f"download of {len(items)} files", e) from e
+
+    def _check_empty(self, path: str) -> None:
+        size = self.file_size(path)
+        if size is None:
+            raise CheckpointNotFound(f"{self._where(path)}: no such object")
+        if size:
+            raise CheckpointCorrupt(f"{self._where(path)}: {size} bytes, expected 0")
+
     def read_file(self, path: str) -> memoryview:
         head = self._head(path)
         if head is None:
@@ -390,7 +437,15 @@ class S3Store(Store):
         # on it without a copy (a read-only one would be cloned by the loader).
         return view
 
-    def _get_range(self, path: str, etag: str | None, view: memoryview, start: int, end: int) -> None:
+    def _get_range(
+        self, path: str, etag: str | None, view: memoryview, start: int, end: int, expect: int | None = None
+    ) -> None:
+        """Read bytes ``[start, end)`` of ``path`` into ``view[start:end]``.
+
+        ``expect``: the object's whole size, checked against the answer's Content-Range.
+        """
+        from botocore.exceptions import ClientError
+
         def once() -> None:
             kwargs: dict[str, Any] = {
                 "Bucket": self.bucket,
@@ -399,7 +454,24 @@ class S3Store(Store):
             }
             if etag:
                 kwargs["IfMatch"] = etag  # every range from the same version of the object
-            body = self._client.get_object(**kwargs)["Body"]
+            try:
+                response = self._client.get_object(**kwargs)
+            except ClientError as e:
+                if expect is not None and _code(e) in ("404", "NoSuchKey", "NotFound"):
+                    raise CheckpointNotFound(f"{self._where(path)}: no such object") from e
+                if expect is not None and _code(e) in ("416", "InvalidRange"):
+                    raise CheckpointCorrupt(
+                        f"{self._where(path)}: shorter than the {expect} bytes expected"
+                    ) from e
+                raise
+            body = response["Body"]
+            if expect is not None:
+                total = str(response.get("ContentRange", "")).rpartition("/")[2]
+                got = int(response.get("ContentLength", -1))
+                if (total.isdigit() and int(total) != expect) or got != end - start:
+                    body.close()
+                    size = total if total.isdigit() else "?"
+                    raise CheckpointCorrupt(f"{self._where(path)}: {size} bytes, expected {expect}")
             raw = getattr(body, "_raw_stream", None)
             fp = getattr(raw, "_fp", None)
             # Straight from the socket into the destination (http.client's readinto):
@@ -447,12 +519,7 @@ class S3Store(Store):
         key = self._key(path)
         if total <= self.part_size:
             try:
-                self._call(
-                    "PUT",
-                    lambda: self._client.put_object(
-                        Bucket=self.bucket, Key=key, Body=_BuffersReader(views, offsets, 0, total)
-                    ),
-                )
+                self._put(path, views, offsets, total)
             except Exception as e:
                 raise self._error(path, "upload (PUT)", e) from e
             return
@@ -494,6 +561,31 @@ class S3Store(Store):
         finally:
             with self._lock:
                 self._own_uploads.discard(upload_id)
+
+    def write_files(self, items: Sequence[tuple[str, Sequence[Buffer]]]) -> None:
+        small: list[tuple[str, list[memoryview], list[int], int]] = []
+        for path, buffers in items:
+            views, offsets, total = _as_bytes_views(buffers)
+            if total > self.part_size:
+                self.write_file(path, views)  # parallel parts of its own
+            else:
+                small.append((path, views, offsets, total))
+        if not small:
+            return
+        try:
+            self._run_parallel([(self._put, args) for args in small])
+        except Exception as e:
+            path = small[0][0] if len(small) == 1 else small[0][0].rpartition("/")[0]
+            raise self._error(path, f"upload of {len(small)} objects", e) from e
+
+    def _put(self, path: str, views: Sequence[memoryview], offsets: Sequence[int], total: int) -> None:
+        key = self._key(path)
+        self._call(
+            f"PUT {path}",
+            lambda: self._client.put_object(
+                Bucket=self.bucket, Key=key, Body=_BuffersReader(views, offsets, 0, total)
+            ),
+        )
 
     def _upload_part(
         self,
@@ -571,9 +663,21 @@ class S3Store(Store):
         self._abort_stale(self._dir_key(""))
 
     def _abort_stale(self, prefix: str) -> None:
+        if self._warned_uploads:
+            return  # this server cannot list them (see below): don't ask before every save
         try:
             uploads = self._uploads(prefix)
         except Exception as e:
+            if _code(e) in ("NotImplemented", "501", "AccessDenied", "403"):
+                # Some S3-compatible servers lack the call, and a narrow IAM policy may leave
+                # out s3:ListBucketMultipartUploads: neither is a reason to refuse saving.
+                if not self._warned_uploads:
+                    self._warned_uploads = True
+                    log.warning(
+                        "%s: cannot list multipart uploads (%s); stale ones left by killed "
+                        "writers will not be aborted (a bucket lifecycle rule can)", self.url, _code(e)
+                    )
+                return
             raise self._error("", "listing multipart uploads", e) from e
         with self._lock:
             own = set(self._own_uploads)
@@ -645,6 +749,8 @@ def _is_retryable(e: BaseException) -> bool:
 
     if isinstance(e, ClientError):
         status = (getattr(e, "response", None) or {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if _code(e) == "NotImplemented" or status == 501:
+            return False  # the server lacks the call: asking again will not help
         return _code(e) in RETRYABLE_CODES or (isinstance(status, int) and status >= 500)
     if isinstance(
         e,
