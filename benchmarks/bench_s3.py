@@ -3,15 +3,19 @@
 Needs a disk-backed local S3 server, s3rver (Node.js), since moto re-reads whole
 objects for ranged GETs and is no speed reference::
 
-    npm install --prefix /tmp/s3rver s3rver     # or into ./node_modules (gitignored)
+    mkdir -p /tmp/s3rver && npm install --prefix /tmp/s3rver s3rver   # or into ./node_modules (gitignored)
     python benchmarks/bench_s3.py --size-mib 1024 --repeats 3
 
 What is compared (medians of ``--repeats`` runs each, interleaved):
 
-- upload of one checkpoint file held in memory: ``S3Store.write_file`` vs boto3's
+- upload of a 1 GiB checkpoint: ``Checkpointer.save(step, {"w": tensor}, async_=False)``
+  (the whole save: payload segments, xxh3 checksums, tree, manifest) vs boto3's
   ``upload_file`` (default TransferManager) vs s3fs's default ``put_file`` (both from a
   file in the page cache);
-- download on resume: ``S3Store.read_file`` (into memory) vs boto3's ``download_file``.
+- download on resume: ``Checkpointer.load(step)`` (every checksum verified, tensors
+  built) vs boto3's ``download_file``;
+- for reference, one object through the store alone: ``S3Store.write_file``
+  (multipart) and ``S3Store.read_file`` (ranged GETs).
 
 Prints seconds, MiB/s and the throughput ratios (>1.0 means spotsafe is faster).
 """
@@ -94,14 +98,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     binary = find_s3rver(args.s3rver)
     if binary is None:
-        print("s3rver not found: npm install --prefix /tmp/s3rver s3rver (or set S3RVER_BIN)", file=sys.stderr)
+        print("s3rver not found: mkdir -p /tmp/s3rver && npm install --prefix /tmp/s3rver s3rver (or set S3RVER_BIN)", file=sys.stderr)
         return 2
     os.environ.update(KEYS)
     os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 
     import boto3
     import numpy as np
+    import torch
 
+    from spotsafe.checkpoint import Checkpointer, checkpoint_name
     from spotsafe.storages.s3 import S3Store
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="spotsafe-bench-s3-"))
@@ -123,6 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.max_concurrency:
             opts["max_concurrency"] = args.max_concurrency
         store = S3Store(f"s3://{bucket}/spotsafe", opts)
+        ckpt = Checkpointer(f"s3://{bucket}/ckpt", storage_options=opts, keep_last=1)
+        tensor = torch.from_numpy(data)
         client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
         fs = None
         if not args.skip_s3fs:
@@ -130,15 +138,27 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             fs = s3fs.S3FileSystem(key="S3RVER", secret="S3RVER", client_kwargs={"endpoint_url": endpoint})
 
-        results: dict[str, list[float]] = {"spotsafe_up": [], "boto3_up": [], "s3fs_up": [], "spotsafe_down": [], "boto3_down": []}
+        results: dict[str, list[float]] = {
+            "ckpt_save": [], "boto3_up": [], "s3fs_up": [], "store_up": [],
+            "ckpt_load": [], "boto3_down": [], "store_down": [],
+        }
         check = None
         for r in range(args.repeats):
-            results["spotsafe_up"].append(timed(lambda: store.write_file("ckpt.bin", [view])))
+            step = r + 1
+            results["ckpt_save"].append(timed(lambda: ckpt.save(step, {"w": tensor}, async_=False)))
+            ckpt.wait()  # pruning runs in the background after a synchronous save: not part of the save
+            loaded: list[Any] = []
+            results["ckpt_load"].append(timed(lambda: loaded.append(ckpt.load(step))))
+            if not torch.equal(loaded[0]["w"], tensor):
+                raise SystemExit("the loaded checkpoint differs from the saved one")
+            loaded.clear()
+            ckpt.store.delete_dir(checkpoint_name(step))
+            results["store_up"].append(timed(lambda: store.write_file("ckpt.bin", [view])))
             results["boto3_up"].append(timed(lambda: client.upload_file(str(src), bucket, "boto3/ckpt.bin")))
             if fs is not None:
                 results["s3fs_up"].append(timed(lambda: fs.put_file(str(src), f"{bucket}/s3fs/ckpt.bin")))
             out: list[memoryview] = []
-            results["spotsafe_down"].append(timed(lambda: out.append(store.read_file("ckpt.bin"))))
+            results["store_down"].append(timed(lambda: out.append(store.read_file("ckpt.bin"))))
             if check is None:
                 check = bool(np.array_equal(np.frombuffer(out[0], dtype=np.uint8), data))
                 if not check:
@@ -156,10 +176,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         for k, v in med.items():
             print(f"  {k:14s} {v:7.2f} s  {mib / v:8.1f} MiB/s")
         print("ratios (throughput, spotsafe / peer; >= 1.0 means spotsafe is faster):")
-        print(f"  upload   vs boto3 upload_file   : {med['boto3_up'] / med['spotsafe_up']:.2f}x  (target >= 1.0)")
+        print(f"  checkpoint save vs boto3 upload_file   : {med['boto3_up'] / med['ckpt_save']:.2f}x  (target >= 1.0)")
         if "s3fs_up" in med:
-            print(f"  upload   vs s3fs put_file       : {med['s3fs_up'] / med['spotsafe_up']:.2f}x  (target >= 2.0)")
-        print(f"  download vs boto3 download_file : {med['boto3_down'] / med['spotsafe_down']:.2f}x  (target >= 1.0)")
+            print(f"  checkpoint save vs s3fs put_file       : {med['s3fs_up'] / med['ckpt_save']:.2f}x  (target >= 2.0)")
+        print(f"  checkpoint load vs boto3 download_file : {med['boto3_down'] / med['ckpt_load']:.2f}x  (target >= 1.0)")
+        print("  for reference, one object through S3Store alone:")
+        print(f"    write_file (multipart) vs boto3 upload_file : {med['boto3_up'] / med['store_up']:.2f}x")
+        if "s3fs_up" in med:
+            print(f"    write_file (multipart) vs s3fs put_file     : {med['s3fs_up'] / med['store_up']:.2f}x")
+        print(f"    read_file vs boto3 download_file            : {med['boto3_down'] / med['store_down']:.2f}x")
+        ckpt.close()
         store.close()
         client.close()
         return 0
