@@ -30,7 +30,7 @@ import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Literal, get_args
+from typing import Any, Literal, TypeVar, get_args
 
 import torch
 import xxhash
@@ -48,6 +48,8 @@ from spotsafe.state import Blob, FlatState, MapLocation, blob_from_buffer, flatt
 from spotsafe.storage import Store, open_store
 
 log = logging.getLogger("spotsafe.checkpoint")
+
+T = TypeVar("T")
 
 #: The newest on-storage format this code writes; readers accept 1..FORMAT_VERSION.
 #: Version 2 adds data segments (a rank's payload in several files, each with its
@@ -624,10 +626,16 @@ class Checkpointer:
                 self.store.delete_dir(info.name)
 
     # -- listing ----------------------------------------------------------------
-    def _manifest(self, name: str) -> Manifest:
-        where = f"{self.store.url.rstrip('/')}/{name}/{MANIFEST}"
+    def _tiers(self) -> list[Store]:
+        """Where a checkpoint can be read from: the store, then a mirror's remote copy."""
+        remote = getattr(self.store, "remote", None)
+        return [self.store, remote] if isinstance(remote, Store) else [self.store]
+
+    def _manifest(self, name: str, store: Store | None = None) -> Manifest:
+        store = store or self.store
+        where = f"{store.url.rstrip('/')}/{name}/{MANIFEST}"
         try:
-            data = self.store.read_file(f"{name}/{MANIFEST}")
+            data = store.read_file(f"{name}/{MANIFEST}")
         except CheckpointNotFound as e:
             raise CheckpointNotFound(f"{where} does not exist") from e
         return Manifest.from_json(data, where)
@@ -668,26 +676,55 @@ class Checkpointer:
         return True
 
     def check(self, info: CheckpointInfo | str, manifest: Manifest | None = None, *, full: bool = True) -> Manifest:
-        """Raise :class:`CheckpointCorrupt` unless every file exists with its size (and checksum when ``full``)."""
+        """Raise :class:`CheckpointCorrupt` unless every file exists with its size (and checksum when ``full``).
+
+        With a mirror, a checkpoint whose local copy is damaged passes when its remote
+        copy is intact (that is the one :meth:`load` then reads).
+        """
         name = info.name if isinstance(info, CheckpointInfo) else info
         m = manifest or self._manifest(name)
-        base = f"{self.store.url.rstrip('/')}/{name}"
-        listed = self.store.file_sizes(name)  # one listing, not a request per file
+        return self._with_fallback(name, lambda store: self._check_on(store, name, m, full))
+
+    def _with_fallback(self, name: str, fn: Callable[[Store], T]) -> T:
+        """``fn(store)``; when that finds the checkpoint damaged, ``fn`` on a mirror's remote copy."""
+        tiers = self._tiers()
+        try:
+            return fn(tiers[0])
+        except CheckpointCorrupt as first:
+            if len(tiers) == 1:
+                raise
+            remote = tiers[1]
+            try:
+                held = remote.file_size(f"{name}/{MANIFEST}") is not None
+            except SpotsafeError as e:
+                log.warning("spotsafe: cannot look for a remote copy of %s: %s", name, e)
+                held = False
+            if not held:
+                raise
+            log.warning("spotsafe: %s; trying the remote copy at %s/%s", first, remote.url.rstrip("/"), name)
+            try:
+                return fn(remote)
+            except (CheckpointCorrupt, CheckpointNotFound) as second:
+                raise CheckpointCorrupt(f"{first}; the remote copy too: {second}") from second
+
+    def _check_on(self, store: Store, name: str, m: Manifest, full: bool) -> Manifest:
+        base = f"{store.url.rstrip('/')}/{name}"
+        listed = store.file_sizes(name)  # one listing, not a request per file
         for f in m.files:
             size = listed.get(f.path)
             if size is None:  # not listed (a file one level down, a mirror's other tier): ask
-                size = self.store.file_size(f"{name}/{f.path}")
+                size = store.file_size(f"{name}/{f.path}")
             if size is None:
                 raise CheckpointCorrupt(f"{base}/{f.path}: missing (the manifest lists it)")
             if size != f.size:
                 raise CheckpointCorrupt(f"{base}/{f.path}: {size} bytes, the manifest says {f.size}")
         if full:
-            self._verify_files(name, list(m.files))
+            self._verify_files(store, name, list(m.files))
         return m
 
-    def _verify_files(self, name: str, files: Sequence[FileEntry], batch: int = 1 << 30) -> None:
+    def _verify_files(self, store: Store, name: str, files: Sequence[FileEntry], batch: int = 1 << 30) -> None:
         """Read ``files`` (in batches of about ``batch`` bytes, each read in parallel) and check their checksums."""
-        base = f"{self.store.url.rstrip('/')}/{name}"
+        base = f"{store.url.rstrip('/')}/{name}"
         i = 0
         while i < len(files):
             group = [files[i]]
@@ -704,7 +741,7 @@ class Checkpointer:
                 views.append(buf[pos : pos + f.size])
                 pos += f.size
             try:
-                self.store.read_files_into([(f"{name}/{f.path}", v) for f, v in zip(group, views)])
+                store.read_files_into([(f"{name}/{f.path}", v) for f, v in zip(group, views)])
             except CheckpointNotFound as e:
                 raise CheckpointCorrupt(f"{base}: a file the manifest lists is missing ({e})") from e
             for f, v in zip(group, views):
@@ -740,19 +777,27 @@ class Checkpointer:
     def _load_one(
         self, info: CheckpointInfo, map_location: MapLocation, verify: bool, rank: int = 0
     ) -> dict[str, Any]:
+        """One rank's state from ``info``; a mirror whose local copy is damaged reads the remote one."""
+        return self._with_fallback(
+            info.name, lambda store: self._load_from(store, info, map_location, verify, rank)
+        )
+
+    def _load_from(
+        self, store: Store, info: CheckpointInfo, map_location: MapLocation, verify: bool, rank: int
+    ) -> dict[str, Any]:
         name = info.name
-        base = f"{self.store.url.rstrip('/')}/{name}"
-        m = self._manifest(name)
+        base = f"{store.url.rstrip('/')}/{name}"
+        m = self._manifest(name, store)
         trees = [f for f in m.files if f.rank == rank and f.role == "tree"]
         datas = [f for f in m.files if f.rank == rank and f.role == "data"]
         if len(trees) != 1 or not datas:
             raise CheckpointCorrupt(f"{base}/{MANIFEST}: no data/tree files for rank {rank}")
-        tree_buf = self._read_one(name, trees[0], verify)
+        tree_buf = self._read_one(store, name, trees[0], verify)
         if len(datas) == 1 and datas[0].offset is None:
-            data = self._read_one(name, datas[0], verify)
+            data = self._read_one(store, name, datas[0], verify)
             data_where = f"{base}/{datas[0].path}"
         else:
-            data = self._read_segments(name, datas, verify)
+            data = self._read_segments(store, name, datas, verify)
             data_where = f"{base}/{datas[0].path} (+{len(datas) - 1} segments)"
         where = f"{base}/{trees[0].path}"
         try:
@@ -771,10 +816,10 @@ class Checkpointer:
             raise CheckpointCorrupt(f"{where}: the saved state is not a mapping")
         return state
 
-    def _read_one(self, name: str, f: FileEntry, verify: bool) -> memoryview:
-        base = f"{self.store.url.rstrip('/')}/{name}"
+    def _read_one(self, store: Store, name: str, f: FileEntry, verify: bool) -> memoryview:
+        base = f"{store.url.rstrip('/')}/{name}"
         try:
-            buf = self.store.read_file(f"{name}/{f.path}")
+            buf = store.read_file(f"{name}/{f.path}")
         except CheckpointNotFound as e:
             raise CheckpointCorrupt(f"{base}/{f.path}: missing (the manifest lists it)") from e
         if len(buf) != f.size:
@@ -783,9 +828,9 @@ class Checkpointer:
             raise CheckpointCorrupt(f"{base}/{f.path}: checksum mismatch (the file was modified or damaged)")
         return buf
 
-    def _read_segments(self, name: str, segments: Sequence[FileEntry], verify: bool) -> memoryview:
+    def _read_segments(self, store: Store, name: str, segments: Sequence[FileEntry], verify: bool) -> memoryview:
         """One rank's payload from its segments, read in parallel into one private buffer."""
-        base = f"{self.store.url.rstrip('/')}/{name}"
+        base = f"{store.url.rstrip('/')}/{name}"
         ordered = sorted(segments, key=lambda f: -1 if f.offset is None else f.offset)
         total = 0
         for f in ordered:
@@ -797,7 +842,7 @@ class Checkpointer:
         # Anonymous memory: writable (tensors are built on it without a copy) and zeroed lazily.
         data = memoryview(mmap.mmap(-1, total)) if total else memoryview(bytearray())
         try:
-            self.store.read_files_into([(f"{name}/{f.path}", data[f.offset : f.offset + f.size]) for f in ordered])  # type: ignore[operator]
+            store.read_files_into([(f"{name}/{f.path}", data[f.offset : f.offset + f.size]) for f in ordered])  # type: ignore[operator]
         except CheckpointNotFound as e:
             raise CheckpointCorrupt(f"{base}: a data segment the manifest lists is missing ({e})") from e
         if verify:

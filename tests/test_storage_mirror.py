@@ -248,3 +248,43 @@ def test_latest_sees_a_newer_checkpoint_that_only_the_remote_holds(tmp_path: Pat
         assert info.step == 2
         ckpt.restore(info, {"model": model})
     assert torch.equal(model.bias.detach(), torch.full((2,), 2.0))
+
+
+@pytest.mark.parametrize("damage", ["flipped", "truncated"])
+def test_a_damaged_local_copy_is_read_from_the_remote_not_skipped(
+    tmp_path: Path, remote: RecordingStore, damage: str
+) -> None:
+    torch = pytest.importorskip("torch")
+    from spotsafe.checkpoint import Checkpointer
+
+    model = torch.nn.Linear(64, 32)
+    with Checkpointer(MirrorStore(LocalStore(tmp_path / "ebs"), remote), async_=False) as ckpt:
+        for step in (1, 2):
+            with torch.no_grad():
+                model.bias.fill_(float(step))
+            ckpt.save(step, {"model": model})
+        assert ckpt.store.flush(timeout=30)
+    # The volume's copy of the newest checkpoint is damaged; S3's is intact.
+    data = next((tmp_path / "ebs" / "step-000000000002").glob("*.bin"))
+    raw = bytearray(data.read_bytes())
+    if damage == "flipped":
+        raw[100] ^= 0xFF
+        data.write_bytes(bytes(raw))
+    else:
+        data.write_bytes(bytes(raw[:-4]))
+    with Checkpointer(MirrorStore(LocalStore(tmp_path / "ebs"), remote)) as ckpt:
+        info = ckpt.latest(verify=True)
+        assert info is not None and info.step == 2  # not step 1: no work lost
+        state = ckpt.load()
+        assert ckpt.last_loaded is not None and ckpt.last_loaded.step == 2
+        assert torch.equal(state["model"]["bias"], torch.full((32,), 2.0))
+    # Damaged on both tiers: the error names both, and load falls back to step 1.
+    remote_bin = f"step-000000000002/{data.name}"
+    remote.write_file(remote_bin, [b"x" * len(raw)])
+    with Checkpointer(MirrorStore(LocalStore(tmp_path / "ebs"), remote)) as ckpt:
+        from spotsafe.errors import CheckpointCorrupt
+
+        with pytest.raises(CheckpointCorrupt, match="the remote copy too") as info_err:
+            ckpt.load(2)
+        assert data.name in str(info_err.value)
+        assert ckpt.load()["model"]["bias"].eq(1.0).all()
