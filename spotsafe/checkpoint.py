@@ -610,14 +610,15 @@ class Checkpointer:
                 self.store.delete_dir(name)
 
     def _retain(self, just_saved: int) -> None:
-        infos = self._scan(strict=False)
+        scanned = self._scan_manifests(strict=False)
+        infos = [info for info, _ in scanned]
         if len(infos) <= self.keep_last:
             return
         keep = {i.step for i in infos[-self.keep_last :]}
         keep.add(just_saved)
         if self.keep_every:
             keep.update(i.step for i in infos if i.step % self.keep_every == 0)
-        newest_intact = next((i for i in reversed(infos) if self._sizes_ok(i.name)), None)
+        newest_intact = next((i for i, m in reversed(scanned) if self._sizes_ok(i.name, m)), None)
         if newest_intact is not None:
             keep.add(newest_intact.step)
         for info in infos:
@@ -650,10 +651,14 @@ class Checkpointer:
                 yield name, e
 
     def _scan(self, strict: bool = True) -> list[CheckpointInfo]:
+        return [info for info, _ in self._scan_manifests(strict)]
+
+    def _scan_manifests(self, strict: bool = True) -> list[tuple[CheckpointInfo, Manifest]]:
+        """As :meth:`_scan`, with each manifest, so callers need not read it again."""
         out = []
         for name, m in self.scan():
             if isinstance(m, Manifest):
-                out.append(CheckpointInfo.from_manifest(self.store, name, m))
+                out.append((CheckpointInfo.from_manifest(self.store, name, m), m))
             elif isinstance(m, FormatVersionError) and strict:
                 raise m
             elif isinstance(m, CheckpointCorrupt):
@@ -750,9 +755,9 @@ class Checkpointer:
 
     def latest(self, verify: bool = False) -> CheckpointInfo | None:
         """The newest committed checkpoint whose files exist with the right sizes (and checksums when ``verify``)."""
-        for info in reversed(self.list()):
+        for info, m in reversed(self._scan_manifests(strict=True)):
             try:
-                self.check(info.name, full=verify)
+                self.check(info.name, m, full=verify)
             except (CheckpointCorrupt, CheckpointNotFound) as e:
                 log.warning("spotsafe: skipping damaged checkpoint: %s", e)
                 continue

@@ -556,3 +556,24 @@ def test_a_server_without_multipart_listing_does_not_stop_saving(
     assert asked == 1  # not retried, and not asked again before the second save
     assert sum("cannot list multipart uploads" in r.getMessage() for r in caplog.records) == 1
     s3_proxy.clear()
+
+
+def test_latest_and_retention_read_each_manifest_once(
+    s3_bucket: str, s3_proxy: FaultProxy, s3_proxy_options: dict[str, Any]
+) -> None:
+    torch = pytest.importorskip("torch")
+    from spotsafe.checkpoint import Checkpointer
+
+    with Checkpointer(f"s3://{s3_bucket}/once", storage_options=s3_proxy_options, keep_last=3) as ckpt:
+        for step in (1, 2, 3):
+            ckpt.save(step, {"w": torch.full((10,), float(step))}, async_=False)
+        ckpt.wait()
+        s3_proxy.requests.clear()
+        info = ckpt.latest()
+        assert info is not None and info.step == 3
+        assert s3_proxy.count("GET", "manifest.json") == 3  # one per checkpoint, none read twice
+        s3_proxy.requests.clear()
+        ckpt.save(4, {"w": torch.zeros(10)}, async_=False)
+        ckpt.wait()  # retention: scans 4 manifests, removes step 1
+        assert s3_proxy.count("GET", "manifest.json") == 4
+        assert [i.step for i in ckpt.list()] == [2, 3, 4]
