@@ -844,6 +844,16 @@ class Checkpointer:
                     f"{base}/{f.path}: data segment at offset {f.offset}, expected {total} (a gap or an overlap)"
                 )
             total += f.size
+        # Sizes first (one listing): a manifest that lies about them gets a clear error,
+        # not a buffer of whatever size it claims.
+        listed = store.file_sizes(name)
+        for f in ordered:
+            size = listed.get(f.path)
+            if size is None:
+                size = store.file_size(f"{name}/{f.path}")
+            if size != f.size:
+                got = "missing" if size is None else f"{size} bytes"
+                raise CheckpointCorrupt(f"{base}/{f.path}: {got}, the manifest says {f.size}")
         # Anonymous memory: writable (tensors are built on it without a copy) and zeroed lazily.
         data = memoryview(mmap.mmap(-1, total)) if total else memoryview(bytearray())
         try:

@@ -695,3 +695,15 @@ def test_bad_segment_tables_are_corrupt(tmp_path: Path, damage: str) -> None:
         path.write_text(json.dumps(doc))
         with pytest.raises(CheckpointCorrupt, match=str(tmp_path / checkpoint_name(1))):
             c.load(1)
+
+
+def test_a_manifest_lying_about_segment_sizes_is_refused_before_any_allocation(tmp_path: Path) -> None:
+    with Checkpointer(SegmentingStore(tmp_path)) as c:
+        c.save(1, state_for(1, n=5000), async_=False)
+        path = tmp_path / checkpoint_name(1) / MANIFEST
+        doc = json.loads(path.read_text())
+        data = [f for f in doc["files"] if f["role"] == "data"]
+        data[-1]["size"] = 1 << 50  # a petabyte: must not be allocated, nor read
+        path.write_text(json.dumps(doc))
+        with pytest.raises(CheckpointCorrupt, match=f"{data[-1]['path']}: .* the manifest says {1 << 50}"):
+            c.load(1, verify=False)
