@@ -2,7 +2,7 @@
 
     python examples/mnist_cnn.py --store /mnt/spotsafe/runs/mnist        # or s3://bucket/runs/mnist
     python -m spotsafe.resume --store s3://bucket/runs/mnist -- python examples/mnist_cnn.py
-    python -m spotsafe.simulate rehearse --notice-after 20 -- python examples/mnist_cnn.py
+    python -m spotsafe.simulate rehearse --notice-after-steps 300 -- python examples/mnist_cnn.py
 
 Kill it at any moment (or let a spot notice arrive) and run it again: it continues at
 the very next batch with the same shuffle order and RNG state, and ends with the same

@@ -1,13 +1,17 @@
 """The rehearsal: a whole spot interruption, on this machine, in one command.
 
+    python -m spotsafe.simulate rehearse --notice-after-steps 300 -- python examples/mnist_cnn.py
     python -m spotsafe.simulate rehearse --notice-after 20 -- python examples/mnist_cnn.py
 
 1. starts the AWS metadata simulator (a real HTTP server on 127.0.0.1) and points the
    command at it (``AWS_EC2_METADATA_SERVICE_ENDPOINT``; the watcher's sources are
    limited to ``aws,signal`` so nothing probes real metadata addresses);
 2. runs the command through the resume supervisor with ``SPOTSAFE_STORE`` set to
-   ``--store`` (or a temporary directory) and arms a spot interruption notice
-   ``--notice-after`` seconds after launch;
+   ``--store`` (or a temporary directory) and makes a spot interruption notice appear
+   once the run has taken ``--notice-after-steps`` steps since it started or resumed
+   (it reports that through its events file, which the rehearsal watches), or
+   ``--notice-after`` seconds after launch. Steps land mid-training on a laptop and on
+   an H100 alike; seconds do not;
 3. the run checkpoints and exits 75; the rehearsal disarms the notice and runs the
    command again, the way a replacement instance's boot script would;
 4. prints what happened: the step interrupted at and resumed at, steps lost, and the
@@ -25,6 +29,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,6 +39,9 @@ from typing import Any
 from spotsafe import EXIT_PREEMPTED
 from spotsafe.resume import DEFAULT_MAX_RESTARTS, supervise
 from spotsafe.run import EVENTS_ENV
+
+#: Tells spotsafe.Run after how many steps to report (Settings.rehearsal_after_steps).
+AFTER_STEPS_ENV = "SPOTSAFE_REHEARSAL_AFTER_STEPS"
 
 #: Where the other metadata sources point during a rehearsal: a closed loopback port.
 CLOSED_ENDPOINT = "127.0.0.1:9"
@@ -66,7 +74,7 @@ def read_events(path: Path) -> list[dict[str, Any]]:
     return events
 
 
-def summary(outcome: Outcome, *, launched_at: float, store: str) -> str:
+def summary(outcome: Outcome, *, launched_at: float, store: str, notice_after_steps: int | None = None) -> str:
     lines = ["", "=" * 64, "spotsafe rehearsal summary", "=" * 64]
     notices = outcome.of("notice")
     durables = outcome.of("durable")
@@ -76,7 +84,12 @@ def summary(outcome: Outcome, *, launched_at: float, store: str) -> str:
     processes = len({e.get("pid") for e in outcome.events if e.get("event") in ("start", "resumed")})
     lines.append(f"instances launched: {outcome.launches} ({processes} training processes, crash restarts included)")
     if not notices:
-        if outcome.notice_appeared and outcome.notice_appeared[0] > time.time():
+        if notice_after_steps is not None and not outcome.notice_appeared:
+            lines.append(
+                f"the run ended within {notice_after_steps} steps, so no notice appeared: "
+                "try a smaller --notice-after-steps"
+            )
+        elif outcome.notice_appeared and outcome.notice_appeared[0] > time.time():
             lines.append("the run ended before the notice was due: try a smaller --notice-after")
         else:
             lines.append("NO NOTICE WAS SEEN by the run (is it using spotsafe.Run with watch=True?)")
@@ -123,11 +136,49 @@ def summary(outcome: Outcome, *, launched_at: float, store: str) -> str:
     return "\n".join(lines)
 
 
+class _StepTrigger(threading.Thread):
+    """Makes the notice appear when this launch's run reports (a "reached" event) its steps are done."""
+
+    def __init__(self, sim: Any, action: str, events_path: Path, steps: int, appeared: list[float]) -> None:
+        super().__init__(name="spotsafe-rehearsal-trigger", daemon=True)
+        self.sim, self.action, self.path, self.steps = sim, action, events_path, steps
+        self.appeared = appeared
+        self.done = threading.Event()
+        self._offset = events_path.stat().st_size if events_path.exists() else 0
+
+    def run(self) -> None:
+        while not self.done.wait(0.02):
+            try:
+                with open(self.path, encoding="utf-8") as f:
+                    f.seek(self._offset)
+                    chunk = f.read()
+            except FileNotFoundError:
+                continue
+            complete = chunk[: chunk.rfind("\n") + 1]  # a line still being written waits for the next look
+            self._offset += len(complete.encode("utf-8"))
+            for line in complete.splitlines():
+                try:
+                    event = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if event.get("event") == "reached":  # only this launch's: read from its start on
+                    self.sim.arm(self.action, delay=0)
+                    self.appeared.append(time.time())
+                    print(f"spotsafe rehearsal: the run reached step {event.get('step')} ({self.steps} steps "
+                          f"in): the spot '{self.action}' notice appears now", file=sys.stderr, flush=True)
+                    return
+
+    def stop(self) -> None:
+        self.done.set()
+        self.join()
+
+
 def rehearse(
     command: Sequence[str],
     *,
     store: str,
-    notice_after: float,
+    notice_after: float | None = 20.0,
+    notice_after_steps: int | None = None,
     action: str = "terminate",
     preemptions: int = 1,
     max_restarts: int = DEFAULT_MAX_RESTARTS,
@@ -155,7 +206,18 @@ def rehearse(
         code = EXIT_PREEMPTED
         while code == EXIT_PREEMPTED:
             launches += 1
-            if len(appeared) < preemptions:
+            trigger: _StepTrigger | None = None
+            env.pop(AFTER_STEPS_ENV, None)
+            if launches <= preemptions and notice_after_steps is not None:
+                env[AFTER_STEPS_ENV] = str(notice_after_steps)
+                trigger = _StepTrigger(sim, action, events_path, notice_after_steps, appeared)
+                trigger.start()
+                print(
+                    f"spotsafe rehearsal: instance {launches}: a spot '{action}' notice will appear once the "
+                    f"run has taken {notice_after_steps} steps, on the simulated IMDS at {sim.endpoint}",
+                    file=sys.stderr, flush=True,
+                )
+            elif launches <= preemptions and notice_after is not None:
                 sim.arm(action, delay=notice_after)
                 appeared.append(time.time() + notice_after)
                 print(
@@ -166,7 +228,11 @@ def rehearse(
             else:
                 print(f"spotsafe rehearsal: replacement instance {launches} (no notice armed)", file=sys.stderr,
                       flush=True)
-            code = supervise(command, store, env=env, max_restarts=max_restarts, backoff=backoff)
+            try:
+                code = supervise(command, store, env=env, max_restarts=max_restarts, backoff=backoff)
+            finally:
+                if trigger is not None:
+                    trigger.stop()
             sim.disarm()
             if code == EXIT_PREEMPTED:
                 print(
@@ -185,8 +251,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m spotsafe.simulate rehearse",
         description="Rehearse a spot interruption: simulated AWS notice, checkpoint, exit 75, resume.",
     )
-    parser.add_argument("--notice-after", type=float, default=20.0,
-                        help="seconds after launch when the spot notice appears (default 20)")
+    when = parser.add_mutually_exclusive_group()
+    when.add_argument("--notice-after-steps", type=int, default=None, metavar="N",
+                      help="the notice appears once the run has taken N steps since it started or resumed "
+                           "(mid-training on any hardware)")
+    when.add_argument("--notice-after", type=float, default=None, metavar="S",
+                      help="the notice appears S seconds after launch (default 20 when neither is given)")
     parser.add_argument("--action", default="terminate", choices=["terminate", "stop", "hibernate"],
                         help="the instance-action of the notice")
     parser.add_argument("--preemptions", type=int, default=1, help="how many instances get a notice (default 1)")
@@ -200,8 +270,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("give the training command after --")
-    if args.notice_after < 0:
+    if args.notice_after is not None and args.notice_after < 0:
         parser.error("--notice-after must be >= 0")
+    if args.notice_after_steps is not None and args.notice_after_steps < 1:
+        parser.error("--notice-after-steps must be >= 1")
+    if args.notice_after_steps is None and args.notice_after is None:
+        args.notice_after = 20.0
     temp = None
     store = args.store
     if store is None:
@@ -210,12 +284,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="spotsafe-events-"))
     try:
         outcome, launched_at = rehearse(
-            command, store=store, notice_after=args.notice_after, action=args.action,
+            command, store=store, notice_after=args.notice_after, notice_after_steps=args.notice_after_steps,
+            action=args.action,
             preemptions=args.preemptions, max_restarts=args.max_restarts, backoff=args.backoff,
             events_path=Path(args.events) if args.events else work / "events.jsonl",
         )
-        print(summary(outcome, launched_at=launched_at, store=store if temp is None else f"{store} (temporary)"),
-              flush=True)
+        print(summary(outcome, launched_at=launched_at, store=store if temp is None else f"{store} (temporary)",
+                      notice_after_steps=args.notice_after_steps), flush=True)
         return outcome.exit_code
     finally:
         shutil.rmtree(work, ignore_errors=True)

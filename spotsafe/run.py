@@ -167,6 +167,9 @@ class Run:
         self._saved_step: int | None = None
         self._save_due = False
         self._handled: set[int] = set()
+        #: A rehearsal asks to be told after this many steps of this process (spotsafe.rehearse).
+        self._rehearsal_steps = Settings.from_env().rehearsal_after_steps
+        self._rehearsal_at: int | None = None
         self._lock = threading.Lock()
 
         self._objects: dict[str, Any] = {}
@@ -282,9 +285,13 @@ class Run:
         On a final notice with ``exit_on_notice`` this does not return: it saves,
         waits until durable and exits with :data:`spotsafe.EXIT_PREEMPTED`.
         """
+        if self._rehearsal_steps is not None and self._rehearsal_at is None:
+            self._rehearsal_at = self.step_count + self._rehearsal_steps  # counted from where it resumed
         self.step_count += 1
         if metrics:
             self.metrics = metrics
+        if self.step_count == self._rehearsal_at:
+            emit_event("reached", step=self.step_count, epoch=self.epoch, batch=self.batch)
         if self._ddp is not None:
             self._step_multi_rank(self._ddp)
             return

@@ -33,6 +33,19 @@ def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
     return value
 
 
+def _steps(env: Mapping[str, str], name: str) -> int | None:
+    raw = env.get(name)
+    if not raw:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a number of steps") from None
+    if value < 1:
+        raise ValueError(f"{name}={raw!r} must be >= 1 step")
+    return value
+
+
 @dataclass(frozen=True)
 class Settings:
     #: SPOTSAFE_STORE: the store ``Run()`` uses when given none (set by ``spotsafe.resume``).
@@ -52,6 +65,10 @@ class Settings:
     signal_grace: float
     #: SPOTSAFE_EVENTS: a file spotsafe.Run appends JSON-lines events to (the rehearsal reads it).
     events: str | None
+    #: SPOTSAFE_REHEARSAL_AFTER_STEPS: set by the rehearsal; spotsafe.Run reports having taken
+    #: this many steps since it started (or resumed) as a "reached" event, and the rehearsal
+    #: then makes the notice appear.
+    rehearsal_after_steps: int | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -65,4 +82,5 @@ class Settings:
             sources=env.get("SPOTSAFE_SOURCES") or None,
             signal_grace=_seconds(env, "SPOTSAFE_SIGNAL_GRACE", 30.0),
             events=env.get("SPOTSAFE_EVENTS") or None,
+            rehearsal_after_steps=_steps(env, "SPOTSAFE_REHEARSAL_AFTER_STEPS"),
         )

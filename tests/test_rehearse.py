@@ -94,3 +94,65 @@ def test_rehearsal_through_simulate_module(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as e:
         simulate_main(["rehearse", "--notice-after", "0"])
     assert e.value.code == 2  # no command given: a usage error, from the rehearsal's own parser
+
+
+LONG_TRAIN = TRAIN.replace("run.epochs(4)", "run.epochs(30)")  # 600 steps of ~20 ms
+
+
+def test_notice_after_steps_counts_from_where_each_instance_resumed(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    script = tmp_path / "train.py"
+    script.write_text(LONG_TRAIN)
+    events = tmp_path / "events.jsonl"
+    code = main(["--notice-after-steps", "10", "--preemptions", "2", "--backoff", "0",
+                 "--store", str(tmp_path / "store"), "--events", str(events), "--", sys.executable, str(script)])
+    out, err = capfd.readouterr()
+    assert code == 0, out + err
+    recorded = read_events(events)
+    reached = [e for e in recorded if e["event"] == "reached"]
+    notices = [e for e in recorded if e["event"] == "notice"]
+    resumed = [e for e in recorded if e["event"] == "resumed"]
+    assert len(reached) == 2 and len(notices) == 2
+    assert reached[0]["step"] == 10  # a fresh run: step 10
+    assert reached[1]["step"] == notices[0]["step"] + 10  # 10 steps after the step it resumed from
+    assert reached[0]["step"] <= notices[0]["step"] < reached[1]["step"] <= notices[1]["step"]
+    assert [e["step"] for e in resumed] == [n["step"] for n in notices]  # zero steps lost, twice
+    assert notices[0]["time"] >= reached[0]["time"]
+    assert err.count("notice will appear once the run has taken 10 steps") == 2
+    assert "(10 steps in): the spot 'terminate' notice appears now" in err
+    assert out.count("steps lost:         0") == 2
+    assert "instances launched: 3" in out
+    assert "run complete:       step 600" in out
+
+
+def test_notice_after_steps_past_the_end_says_so(
+    tmp_path: Path, train_script: list[str], capfd: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["--notice-after-steps", "100000", "--backoff", "0", "--store", str(tmp_path / "store"),
+                 "--", *train_script])
+    out, _ = capfd.readouterr()
+    assert code == 0
+    assert "the run ended within 100000 steps, so no notice appeared: try a smaller --notice-after-steps" in out
+
+
+def test_notice_options_are_checked(capfd: pytest.CaptureFixture[str]) -> None:
+    for argv in (["--notice-after-steps", "0", "--", "true"],
+                 ["--notice-after-steps", "5", "--notice-after", "1", "--", "true"]):
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        assert info.value.code == 2
+    err = capfd.readouterr().err
+    assert "--notice-after-steps must be >= 1" in err
+    assert "not allowed with argument" in err
+
+
+def test_the_after_steps_setting_is_checked() -> None:
+    from spotsafe.settings import Settings
+
+    assert Settings.from_env({}).rehearsal_after_steps is None
+    assert Settings.from_env({"SPOTSAFE_REHEARSAL_AFTER_STEPS": "300"}).rehearsal_after_steps == 300
+    with pytest.raises(ValueError, match="SPOTSAFE_REHEARSAL_AFTER_STEPS='abc' is not a number of steps"):
+        Settings.from_env({"SPOTSAFE_REHEARSAL_AFTER_STEPS": "abc"})
+    with pytest.raises(ValueError, match="SPOTSAFE_REHEARSAL_AFTER_STEPS='0' must be >= 1 step"):
+        Settings.from_env({"SPOTSAFE_REHEARSAL_AFTER_STEPS": "0"})
