@@ -108,7 +108,7 @@ def test_notice_after_steps_counts_from_where_each_instance_resumed(
     code = main(["--notice-after-steps", "10", "--preemptions", "2", "--backoff", "0",
                  "--store", str(tmp_path / "store"), "--events", str(events), "--", sys.executable, str(script)])
     out, err = capfd.readouterr()
-    assert code == 0, out + err
+    assert code == 0, f"{out}{err}"
     recorded = read_events(events)
     reached = [e for e in recorded if e["event"] == "reached"]
     notices = [e for e in recorded if e["event"] == "notice"]

@@ -226,6 +226,20 @@ def test_checkpointer_mirror_restores_from_s3_onto_an_empty_disk(
     assert torch.equal(fresh.weight.detach(), torch.full((8, 16), 3.0))
 
 
+def _save_steps_1_and_2(store: MirrorStore, model: Any) -> None:
+    """Steps 1 and 2 (the model's bias filled with the step), on both tiers when this returns."""
+    import torch
+
+    from spotsafe.checkpoint import Checkpointer
+
+    with Checkpointer(store, async_=False) as ckpt:
+        for step in (1, 2):
+            with torch.no_grad():
+                model.bias.fill_(float(step))
+            ckpt.save(step, {"model": model})
+        assert ckpt.store.flush(timeout=30)
+
+
 def test_latest_sees_a_newer_checkpoint_that_only_the_remote_holds(tmp_path: Path, remote: RecordingStore) -> None:
     torch = pytest.importorskip("torch")
     import shutil
@@ -233,12 +247,7 @@ def test_latest_sees_a_newer_checkpoint_that_only_the_remote_holds(tmp_path: Pat
     from spotsafe.checkpoint import Checkpointer
 
     model = torch.nn.Linear(4, 2)
-    with Checkpointer(MirrorStore(LocalStore(tmp_path / "a"), remote), async_=False) as ckpt:
-        for step in (1, 2):
-            with torch.no_grad():
-                model.bias.fill_(float(step))
-            ckpt.save(step, {"model": model})
-        assert ckpt.store.flush(timeout=30)
+    _save_steps_1_and_2(MirrorStore(LocalStore(tmp_path / "a"), remote), model)
     # An older copy of the volume (step 1 only) on the next instance; S3 has steps 1 and 2.
     (tmp_path / "b").mkdir()
     shutil.copytree(tmp_path / "a" / "step-000000000001", tmp_path / "b" / "step-000000000001")
@@ -258,12 +267,7 @@ def test_a_damaged_local_copy_is_read_from_the_remote_not_skipped(
     from spotsafe.checkpoint import Checkpointer
 
     model = torch.nn.Linear(64, 32)
-    with Checkpointer(MirrorStore(LocalStore(tmp_path / "ebs"), remote), async_=False) as ckpt:
-        for step in (1, 2):
-            with torch.no_grad():
-                model.bias.fill_(float(step))
-            ckpt.save(step, {"model": model})
-        assert ckpt.store.flush(timeout=30)
+    _save_steps_1_and_2(MirrorStore(LocalStore(tmp_path / "ebs"), remote), model)
     # The volume's copy of the newest checkpoint is damaged; S3's is intact.
     data = next((tmp_path / "ebs" / "step-000000000002").glob("*.bin"))
     raw = bytearray(data.read_bytes())

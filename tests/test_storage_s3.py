@@ -38,6 +38,30 @@ def _is_part(method: str, path: str) -> bool:
     return method == "PUT" and "partNumber=" in path
 
 
+def _kill_9_when(script: str, args: list[str], ready: Any, timeout: float = 60, tick: Any = None) -> bytes:
+    """Run ``script`` with ``args`` in a fresh interpreter; SIGKILL it once ``ready()``; its stdout."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            assert proc.poll() is None, f"{proc.communicate()}"
+            assert time.monotonic() < deadline
+            if tick is not None:
+                tick()
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        out, _ = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    return out
+
+
 # --------------------------------------------------------------------------- round trips
 
 
@@ -199,24 +223,7 @@ def test_kill_9_mid_upload_leaves_nothing_after_cleanup(
         """
     )
     s3_proxy.delay = 0.4  # slow enough to be caught mid-upload
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", script, url, s3_proxy.endpoint], env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while s3_proxy.count("PUT", "partNumber=") < 2:
-            assert proc.poll() is None, f"{proc.communicate()}"
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        out, _ = proc.communicate(timeout=10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode == -signal.SIGKILL
+    out = _kill_9_when(script, [url, s3_proxy.endpoint], lambda: s3_proxy.count("PUT", "partNumber=") >= 2, 30)
     assert b"finished" not in out
     s3_proxy.delay = 0.0
     assert len(_uploads(s3_client, s3_bucket, "run/")) == 1  # the dead writer's upload is there...
@@ -501,26 +508,14 @@ def test_kill_9_mid_segmented_save_leaves_no_checkpoint_and_the_next_save_cleans
             print("finished", flush=True)
         """
     )
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", script, url, s3_proxy.endpoint], env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    def slow_once_the_first_is_saved() -> None:
+        s3_proxy.delay = 0.4 if s3_proxy.count("PUT", "step-000000000001/manifest") else 0.0
+
+    out = _kill_9_when(
+        script, [url, s3_proxy.endpoint], lambda: s3_proxy.count("PUT", "step-000000000002/rank") >= 3,
+        tick=slow_once_the_first_is_saved,
     )
-    try:
-        deadline = time.monotonic() + 60
-        while s3_proxy.count("PUT", "step-000000000002/rank") < 3:
-            assert proc.poll() is None, f"{proc.communicate()}"
-            assert time.monotonic() < deadline
-            s3_proxy.delay = 0.4 if s3_proxy.count("PUT", "step-000000000001/manifest") else 0.0
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-        out, _ = proc.communicate(timeout=10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
     s3_proxy.delay = 0.0
-    assert proc.returncode == -signal.SIGKILL
     assert b"first" in out and b"finished" not in out
     torch = pytest.importorskip("torch")
     from spotsafe.checkpoint import Checkpointer
