@@ -395,6 +395,25 @@ def write_rank_files(store: Store, directory: str, snap: Snapshot, *, rank: int 
     return [*entries, FileEntry(tree_name, len(tree), checksum(tree), "tree", rank)]
 
 
+def _check_sizes(store: Store, directory: str, files: Sequence[FileEntry]) -> None:
+    """Raise :class:`CheckpointCorrupt` unless each of ``files`` exists with its manifest size."""
+    base = f"{store.url.rstrip('/')}/{directory}"
+    listed = store.file_sizes(directory)  # one listing, not a request per file
+    for f in files:
+        size = listed.get(f.path)
+        if size is None:  # not listed (a file one level down, a mirror's other tier): ask
+            size = store.file_size(f"{directory}/{f.path}")
+        if size is None:
+            raise CheckpointCorrupt(f"{base}/{f.path}: missing (the manifest lists it)")
+        if size != f.size:
+            raise CheckpointCorrupt(f"{base}/{f.path}: {size} bytes, the manifest says {f.size}")
+
+
+def _check_checksum(base: str, f: FileEntry, data: memoryview) -> None:
+    if checksum(data) != f.checksum:
+        raise CheckpointCorrupt(f"{base}/{f.path}: checksum mismatch (the file was modified or damaged)")
+
+
 def commit_manifest(store: Store, directory: str, manifest: Manifest) -> None:
     """Step 3: publish the manifest, atomically and durably: the checkpoint now exists."""
     store.commit_file(f"{directory}/{MANIFEST}", manifest.to_json())
@@ -713,16 +732,7 @@ class Checkpointer:
                 raise CheckpointCorrupt(f"{first}; the remote copy too: {second}") from second
 
     def _check_on(self, store: Store, name: str, m: Manifest, full: bool) -> Manifest:
-        base = f"{store.url.rstrip('/')}/{name}"
-        listed = store.file_sizes(name)  # one listing, not a request per file
-        for f in m.files:
-            size = listed.get(f.path)
-            if size is None:  # not listed (a file one level down, a mirror's other tier): ask
-                size = store.file_size(f"{name}/{f.path}")
-            if size is None:
-                raise CheckpointCorrupt(f"{base}/{f.path}: missing (the manifest lists it)")
-            if size != f.size:
-                raise CheckpointCorrupt(f"{base}/{f.path}: {size} bytes, the manifest says {f.size}")
+        _check_sizes(store, name, m.files)
         if full:
             self._verify_files(store, name, list(m.files))
         return m
@@ -750,8 +760,7 @@ class Checkpointer:
             except CheckpointNotFound as e:
                 raise CheckpointCorrupt(f"{base}: a file the manifest lists is missing ({e})") from e
             for f, v in zip(group, views):
-                if checksum(v) != f.checksum:
-                    raise CheckpointCorrupt(f"{base}/{f.path}: checksum mismatch (the file was modified or damaged)")
+                _check_checksum(base, f, v)
 
     def latest(self, verify: bool = False) -> CheckpointInfo | None:
         """The newest committed checkpoint whose files exist with the right sizes (and checksums when ``verify``)."""
@@ -829,8 +838,8 @@ class Checkpointer:
             raise CheckpointCorrupt(f"{base}/{f.path}: missing (the manifest lists it)") from e
         if len(buf) != f.size:
             raise CheckpointCorrupt(f"{base}/{f.path}: {len(buf)} bytes, the manifest says {f.size}")
-        if verify and checksum(buf) != f.checksum:
-            raise CheckpointCorrupt(f"{base}/{f.path}: checksum mismatch (the file was modified or damaged)")
+        if verify:
+            _check_checksum(base, f, buf)
         return buf
 
     def _read_segments(self, store: Store, name: str, segments: Sequence[FileEntry], verify: bool) -> memoryview:
@@ -846,14 +855,7 @@ class Checkpointer:
             total += f.size
         # Sizes first (one listing): a manifest that lies about them gets a clear error,
         # not a buffer of whatever size it claims.
-        listed = store.file_sizes(name)
-        for f in ordered:
-            size = listed.get(f.path)
-            if size is None:
-                size = store.file_size(f"{name}/{f.path}")
-            if size != f.size:
-                got = "missing" if size is None else f"{size} bytes"
-                raise CheckpointCorrupt(f"{base}/{f.path}: {got}, the manifest says {f.size}")
+        _check_sizes(store, name, ordered)
         # Anonymous memory: writable (tensors are built on it without a copy) and zeroed lazily.
         data = memoryview(mmap.mmap(-1, total)) if total else memoryview(bytearray())
         try:
@@ -863,8 +865,7 @@ class Checkpointer:
         if verify:
             for f in ordered:
                 start = f.offset or 0
-                if checksum(data[start : start + f.size]) != f.checksum:
-                    raise CheckpointCorrupt(f"{base}/{f.path}: checksum mismatch (the file was modified or damaged)")
+                _check_checksum(base, f, data[start : start + f.size])
         return data
 
     def load(
