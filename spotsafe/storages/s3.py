@@ -24,7 +24,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from datetime import datetime, timezone
 from typing import Any, TypeVar
@@ -327,25 +327,29 @@ class S3Store(Store):
 
     # ------------------------------------------------------------------ reads
 
+    def _pages(self, prefix: str, *, delimited: bool) -> Iterator[dict[str, Any]]:
+        """``ListObjectsV2`` pages under ``prefix`` (one level when ``delimited``)."""
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
+        if delimited:
+            kwargs["Delimiter"] = "/"
+        while True:
+            page: dict[str, Any] = self._call("LIST", self._client.list_objects_v2, **kwargs)
+            yield page
+            if not page.get("IsTruncated"):
+                return
+            kwargs["ContinuationToken"] = page["NextContinuationToken"]
+
     def listdir(self, path: str = "") -> list[str]:
         prefix = self._dir_key(path)
         names: set[str] = set()
         try:
-            token: str | None = None
-            while True:
-                kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "Delimiter": "/"}
-                if token:
-                    kwargs["ContinuationToken"] = token
-                page = self._call("LIST", self._client.list_objects_v2, **kwargs)
+            for page in self._pages(prefix, delimited=True):
                 for cp in page.get("CommonPrefixes", ()):
                     names.add(cp["Prefix"][len(prefix) :].rstrip("/"))
                 for obj in page.get("Contents", ()):
                     name = obj["Key"][len(prefix) :]
                     if name:
                         names.add(name)
-                if not page.get("IsTruncated"):
-                    break
-                token = page["NextContinuationToken"]
         except Exception as e:
             raise self._error(path, "listing", e) from e
         return sorted(names)
@@ -373,16 +377,11 @@ class S3Store(Store):
         prefix = self._dir_key(path)
         sizes: dict[str, int] = {}
         try:
-            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "Delimiter": "/"}
-            while True:
-                page = self._call("LIST", self._client.list_objects_v2, **kwargs)
+            for page in self._pages(prefix, delimited=True):
                 for obj in page.get("Contents", ()):
                     name = obj["Key"][len(prefix) :]
                     if name:
                         sizes[name] = int(obj["Size"])
-                if not page.get("IsTruncated"):
-                    break
-                kwargs["ContinuationToken"] = page["NextContinuationToken"]
         except Exception as e:
             raise self._error(path, "listing", e) from e
         return sizes
@@ -695,14 +694,7 @@ class S3Store(Store):
         if not prefix:
             raise ValueError(f"{self.url}: refusing to delete the whole store")
         try:
-            keys: list[str] = []
-            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
-            while True:
-                page = self._call("LIST", self._client.list_objects_v2, **kwargs)
-                keys.extend(obj["Key"] for obj in page.get("Contents", ()))
-                if not page.get("IsTruncated"):
-                    break
-                kwargs["ContinuationToken"] = page["NextContinuationToken"]
+            keys = [obj["Key"] for page in self._pages(prefix, delimited=False) for obj in page.get("Contents", ())]
             # The manifest goes first: a half-deleted checkpoint is never mistaken for a whole one.
             manifests = [k for k in keys if k.endswith("/manifest.json")]
             rest = [k for k in keys if not k.endswith("/manifest.json")]
