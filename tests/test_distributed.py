@@ -50,6 +50,12 @@ def torchrun(script: str, *args: object, nproc: int = 2, timeout: float = 120) -
     return proc
 
 
+def story(proc: subprocess.CompletedProcess[str]) -> str:
+    """A failed torchrun job's stderr for the assertion: the workers' own first lines and torchrun's summary."""
+    err = proc.stderr
+    return err if len(err) <= 6000 else f"{err[:3000]}\n[...]\n{err[-3000:]}"
+
+
 def results(out: Path, prefix: str, world: int = 2) -> list[dict]:
     found = []
     for rank in range(world):
@@ -65,7 +71,7 @@ def results(out: Path, prefix: str, world: int = 2) -> list[dict]:
 def test_notice_on_rank_1_only_is_agreed_by_every_rank_at_the_same_step(tmp_path: Path) -> None:
     notice_step = 7
     proc = torchrun("agree.py", tmp_path, notice_step)
-    assert proc.returncode == 0, f"{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, f"{story(proc)}"
     r0, r1 = results(tmp_path, "agree")
     expected_levels = [2, 2, 1, 2]  # terminate, terminate, rebalance, terminate (auto)
     notice_steps = [notice_step] * 3 + [30]
@@ -89,7 +95,7 @@ def test_notice_on_rank_1_only_is_agreed_by_every_rank_at_the_same_step(tmp_path
 def test_fsdp_state_round_trips_through_dcp_and_reshards_to_one_rank(tmp_path: Path) -> None:
     out, root = tmp_path / "out", tmp_path / "store"
     proc = torchrun("dcp_roundtrip.py", out, root)
-    assert proc.returncode == 0, f"{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, f"{story(proc)}"
     r0, r1 = results(out, "dcp")
     assert r0["equal"] == r1["equal"] == True  # noqa: E712
     assert r0["local_shape"] == [8, 8]  # really sharded: 16 rows over 2 ranks
@@ -322,14 +328,14 @@ def test_run_under_torchrun_notice_on_one_rank_resume_bit_identical_and_on_one_r
     ref, cut = tmp_path / "ref", tmp_path / "cut"
     # an uninterrupted 2-rank run
     proc = torchrun("run_ddp.py", ref / "out", ref / "store", 0, -1)
-    assert proc.returncode == 0, f"{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, f"{story(proc)}"
 
     # the same run; rank 1 alone gets a notice at step 8
     proc = torchrun("run_ddp.py", cut / "out", cut / "store", notice_step, 1)
     assert proc.returncode != 0  # torchrun reports its workers' exit 75 as a failure
     # the first rank to exit is reported with 75; torchrun may SIGTERM the other while it exits
     codes = re.findall(r"exitcode\s*:\s*(-?\d+)", proc.stderr)
-    assert "75" in codes and set(codes) <= {"75", "-15"}, f"{proc.stderr[-3000:]}"
+    assert "75" in codes and set(codes) <= {"75", "-15"}, f"{story(proc)}"
     saved = []
     for rank in (0, 1):
         events = _events(cut / "out", f"w2-r{rank}")
@@ -358,7 +364,7 @@ def test_run_under_torchrun_notice_on_one_rank_resume_bit_identical_and_on_one_r
 
     # resumed on 2 ranks (from the previous checkpoint): bit-identical to the uninterrupted run
     proc = torchrun("run_ddp.py", cut / "out", cut / "store", 0, -1)
-    assert proc.returncode == 0, f"{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, f"{story(proc)}"
     assert "every rank falls back to the previous one" in proc.stderr
     a = torch.load(ref / "out" / "weights-w2-r0.pt", weights_only=True)
     b = torch.load(cut / "out" / "weights-w2-r0.pt", weights_only=True)
@@ -374,7 +380,7 @@ def test_run_under_torchrun_notice_on_one_rank_resume_bit_identical_and_on_one_r
     one = tmp_path / "one"
     proc = subprocess.run([sys.executable, str(WORKERS / "run_ddp.py"), one, tmp_path / "store1", "0", "-1"],
                           env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, f"{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, f"{story(proc)}"
     seen1 = _seen(one, "w1-r0")
     assert seen1[0]["resumed"] == step
     epoch = seen1[0]["epoch"]
@@ -396,7 +402,7 @@ def test_run_under_torchrun_notice_on_one_rank_resume_bit_identical_and_on_one_r
 def test_fsdp_run_under_torchrun_saves_through_dcp_and_resumes_bit_identical(tmp_path: Path) -> None:
     ref, cut = tmp_path / "ref", tmp_path / "cut"
     proc = torchrun("run_ddp.py", ref / "out", ref / "store", 0, -1, "fsdp")
-    assert proc.returncode == 0, f"{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, f"{story(proc)}"
     proc = torchrun("run_ddp.py", cut / "out", cut / "store", 8, 1, "fsdp")
     assert proc.returncode != 0
     steps = {_events(cut / "out", f"w2-r{rank}")[-1]["step"] for rank in (0, 1)}
@@ -407,7 +413,7 @@ def test_fsdp_run_under_torchrun_saves_through_dcp_and_resumes_bit_identical(tmp
     dcp = sorted(f["path"] for f in manifest["files"] if f["role"] == "dcp")
     assert dcp == ["dcp/.metadata", "dcp/__0_0.distcp", "dcp/__1_0.distcp"]
     proc = torchrun("run_ddp.py", cut / "out", cut / "store", 0, -1, "fsdp")
-    assert proc.returncode == 0, f"{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, f"{story(proc)}"
     a = torch.load(ref / "out" / "weights-w2-r0.pt", weights_only=True)
     b = torch.load(cut / "out" / "weights-w2-r0.pt", weights_only=True)
     for key in a:
@@ -425,11 +431,11 @@ def test_the_ddp_example_runs_under_torchrun_and_resumes_in_one_process(tmp_path
          *args, "--epochs", "1"],
         env=env, capture_output=True, text=True, timeout=180,
     )
-    assert proc.returncode == 0, f"{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, f"{story(proc)}"
     assert "on 2 rank(s)" in proc.stdout
     # one more epoch in one plain process, from the 2-rank run's final checkpoint
     proc = subprocess.run([sys.executable, str(example), *args, "--epochs", "2"],
                           env=env, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, f"{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, f"{story(proc)}"
     assert "of a 2-rank run" in proc.stdout
     assert "done:" in proc.stdout and "on 1 rank(s)" in proc.stdout
