@@ -665,7 +665,8 @@ class Checkpointer:
         names = sorted(n for n in self.store.listdir("") if _NAME.match(n))
         for name in names:
             try:
-                yield name, self._manifest(name)
+                # A mirror whose local manifest is damaged reads the remote one.
+                yield name, self._with_fallback(name, lambda store: self._manifest(name, store))
             except (CheckpointNotFound, CheckpointCorrupt, FormatVersionError) as e:
                 yield name, e
 

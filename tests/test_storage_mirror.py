@@ -292,3 +292,17 @@ def test_a_damaged_local_copy_is_read_from_the_remote_not_skipped(
             ckpt.load(2)
         assert data.name in str(info_err.value)
         assert ckpt.load()["model"]["bias"].eq(1.0).all()
+
+
+def test_a_damaged_local_manifest_is_read_from_the_remote(tmp_path: Path, remote: RecordingStore) -> None:
+    torch = pytest.importorskip("torch")
+    from spotsafe.checkpoint import Checkpointer
+
+    model = torch.nn.Linear(4, 2)
+    _save_steps_1_and_2(MirrorStore(LocalStore(tmp_path / "ebs"), remote), model)
+    (tmp_path / "ebs" / "step-000000000002" / "manifest.json").write_text('{"format": "spotsafe-chec')  # torn
+    with Checkpointer(MirrorStore(LocalStore(tmp_path / "ebs"), remote)) as ckpt:
+        assert [i.step for i in ckpt.list()] == [1, 2]
+        info = ckpt.latest(verify=True)
+        assert info is not None and info.step == 2
+        assert ckpt.load()["model"]["bias"].eq(2.0).all()
