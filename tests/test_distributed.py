@@ -92,9 +92,23 @@ def test_notice_on_rank_1_only_is_agreed_by_every_rank_at_the_same_step(tmp_path
     assert 0.5 <= r1["abandoned"] < 5  # drain(timeout=) gave up on a reduce rank 0 had not joined
 
 
+#: What a gloo rank prints when std::terminate kills it (seen rarely in this job on a loaded 2-core
+#: machine: once in ~4 full test runs, once in 12 runs beside two CPU hogs, never in 62 beside four).
+GLOO_ABORT = "terminate called without an active exception"
+
+
 def test_fsdp_state_round_trips_through_dcp_and_reshards_to_one_rank(tmp_path: Path) -> None:
     out, root = tmp_path / "out", tmp_path / "store"
     proc = torchrun("dcp_roundtrip.py", out, root)
+    if proc.returncode != 0 and GLOO_ABORT in proc.stderr:
+        # A std::terminate in torch's native code (spotsafe has none), cause not found yet: one more
+        # try from scratch for that crash only; any other failure, or the same one twice, fails the
+        # test with both stories.
+        first = story(proc)
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(root, ignore_errors=True)
+        proc = torchrun("dcp_roundtrip.py", out, root)
+        assert proc.returncode == 0, f"{story(proc)}\n---- the first try ----\n{first}"
     assert proc.returncode == 0, f"{story(proc)}"
     r0, r1 = results(out, "dcp")
     assert r0["equal"] == r1["equal"] == True  # noqa: E712
