@@ -681,6 +681,7 @@ def test_plain_local_checkpoints_stay_format_1(tmp_path: Path) -> None:
 def test_bad_segment_tables_are_corrupt(tmp_path: Path, damage: str) -> None:
     with Checkpointer(SegmentingStore(tmp_path)) as c:
         c.save(1, state_for(1, n=5000), async_=False)
+        c.wait()  # retention reads the manifest (memory-mapped) in the background: let it finish first
         path = tmp_path / checkpoint_name(1) / MANIFEST
         doc = json.loads(path.read_text())
         data = [f for f in doc["files"] if f["role"] == "data"]
@@ -700,6 +701,7 @@ def test_bad_segment_tables_are_corrupt(tmp_path: Path, damage: str) -> None:
 def test_a_manifest_lying_about_segment_sizes_is_refused_before_any_allocation(tmp_path: Path) -> None:
     with Checkpointer(SegmentingStore(tmp_path)) as c:
         c.save(1, state_for(1, n=5000), async_=False)
+        c.wait()  # as above: the manifest is rewritten in place below
         path = tmp_path / checkpoint_name(1) / MANIFEST
         doc = json.loads(path.read_text())
         data = [f for f in doc["files"] if f["role"] == "data"]
