@@ -414,6 +414,27 @@ def _check_checksum(base: str, f: FileEntry, data: memoryview) -> None:
         raise CheckpointCorrupt(f"{base}/{f.path}: checksum mismatch (the file was modified or damaged)")
 
 
+def _read_back_to_back(store: Store, directory: str, files: Sequence[FileEntry], verify: bool) -> memoryview:
+    """``files`` read in parallel into one private buffer, one after another (checksums checked when ``verify``)."""
+    base = f"{store.url.rstrip('/')}/{directory}"
+    total = sum(f.size for f in files)
+    # Anonymous memory: writable (tensors are built on it without a copy) and zeroed lazily.
+    data = memoryview(mmap.mmap(-1, total)) if total else memoryview(bytearray())
+    views: list[memoryview] = []
+    pos = 0
+    for f in files:
+        views.append(data[pos : pos + f.size])
+        pos += f.size
+    try:
+        store.read_files_into([(f"{directory}/{f.path}", v) for f, v in zip(files, views)])
+    except CheckpointNotFound as e:
+        raise CheckpointCorrupt(f"{base}: a file the manifest lists is missing ({e})") from e
+    if verify:
+        for f, v in zip(files, views):
+            _check_checksum(base, f, v)
+    return data
+
+
 def commit_manifest(store: Store, directory: str, manifest: Manifest) -> None:
     """Step 3: publish the manifest, atomically and durably: the checkpoint now exists."""
     store.commit_file(f"{directory}/{MANIFEST}", manifest.to_json())
@@ -740,7 +761,6 @@ class Checkpointer:
 
     def _verify_files(self, store: Store, name: str, files: Sequence[FileEntry], batch: int = 1 << 30) -> None:
         """Read ``files`` (in batches of about ``batch`` bytes, each read in parallel) and check their checksums."""
-        base = f"{store.url.rstrip('/')}/{name}"
         i = 0
         while i < len(files):
             group = [files[i]]
@@ -750,18 +770,7 @@ class Checkpointer:
                 group.append(files[i])
                 total += files[i].size
                 i += 1
-            buf = memoryview(mmap.mmap(-1, total)) if total else memoryview(bytearray())
-            views: list[memoryview] = []
-            pos = 0
-            for f in group:
-                views.append(buf[pos : pos + f.size])
-                pos += f.size
-            try:
-                store.read_files_into([(f"{name}/{f.path}", v) for f, v in zip(group, views)])
-            except CheckpointNotFound as e:
-                raise CheckpointCorrupt(f"{base}: a file the manifest lists is missing ({e})") from e
-            for f, v in zip(group, views):
-                _check_checksum(base, f, v)
+            _read_back_to_back(store, name, group, verify=True)
 
     def latest(self, verify: bool = False) -> CheckpointInfo | None:
         """The newest committed checkpoint whose files exist with the right sizes (and checksums when ``verify``)."""
@@ -857,17 +866,7 @@ class Checkpointer:
         # Sizes first (one listing): a manifest that lies about them gets a clear error,
         # not a buffer of whatever size it claims.
         _check_sizes(store, name, ordered)
-        # Anonymous memory: writable (tensors are built on it without a copy) and zeroed lazily.
-        data = memoryview(mmap.mmap(-1, total)) if total else memoryview(bytearray())
-        try:
-            store.read_files_into([(f"{name}/{f.path}", data[f.offset : f.offset + f.size]) for f in ordered])  # type: ignore[operator]
-        except CheckpointNotFound as e:
-            raise CheckpointCorrupt(f"{base}: a data segment the manifest lists is missing ({e})") from e
-        if verify:
-            for f in ordered:
-                start = f.offset or 0
-                _check_checksum(base, f, data[start : start + f.size])
-        return data
+        return _read_back_to_back(store, name, ordered, verify)
 
     def load(
         self, info: CheckpointInfo | int | None = None, *, map_location: MapLocation = None, verify: bool = True
