@@ -108,7 +108,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         tensors = tensors_of({"m": model.state_dict(), "o": opt.state_dict()})
         nbytes = sum(t.numel() * t.element_size() for t in tensors)
         print(f"state: {len(tensors)} tensors, {nbytes / 2**30:.2f} GiB float32; {r} repeats; dir {work}")
-        print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} (shared machine)")
+        print(
+            f"torch {torch.__version__}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} (shared machine)"
+        )
         samples: dict[str, list[float]] = {}
 
         def record(name: str, seconds: float) -> None:
@@ -127,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         pt_path = work / "state.pt"
 
         def plain_copy() -> None:
-            for d, t in zip(dst, tensors):
+            for d, t in zip(dst, tensors, strict=True):
                 d.copy_(t)
 
         def raw_write() -> None:
@@ -202,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 fn()
         # DCP on its own, afterwards (below): in the same rounds its staging memory and threads
         # slowed every other contender down (measured).
-        del dst, raw_view, raw_buf
+        dst, raw_view, raw_buf = [], memoryview(b""), None  # free the memory before DCP runs
         if dcp is not None:
             dcp.save(state, "warm")
             for _ in range(r):
@@ -211,13 +213,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         # Load (warm page cache), then read every byte into preallocated memory.
         sink = [torch.empty_like(t) for t in tensors]
-        for sk, t in zip(sink, tensors):
+        for sk, t in zip(sink, tensors, strict=True):
             sk.copy_(t)
 
         def read_all(obj: Any) -> None:
             got = tensors_of(obj)
             assert len(got) == len(sink), (len(got), len(sink))
-            for sk, t in zip(sink, got):
+            for sk, t in zip(sink, got, strict=True):
                 sk.copy_(t)
 
         loads = {
@@ -231,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for name, fn in loads.items():
                 timed(name, fn)
         ckpt.close()
-        del sink
+        sink = []
         pt_path.unlink(missing_ok=True)
         results = {name: statistics.median(v) for name, v in samples.items()}
         print()
@@ -241,16 +243,52 @@ def main(argv: Sequence[str] | None = None) -> int:
         print()
         checks = [
             ("async stall / plain copy", results["spotsafe async stall"] / results["plain copy"], "<=", 1.5),
-            ("async stall / torch.save+fsync", results["spotsafe async stall"] / results["torch.save+fsync"], "<=", 0.25),
-            ("persist throughput / raw write+fsync", results["raw write+fsync"] / results["spotsafe persist to commit"], ">=", 0.8),
-            ("  same, incl. deleting the retired one", results["raw write+fsync"] / results["spotsafe persist incl. retention"], ">=", 0.8),
-            ("torch.save+fsync / sync save (speedup)", results["torch.save+fsync"] / results["spotsafe sync save"], ">=", 1.0),
-            ("verified load / torch.load mmap", results["spotsafe load verified+read"] / results["torch.load mmap+read"], "<=", 2.0),
-            ("unverified load / torch.load mmap", results["spotsafe load unverified+read"] / results["torch.load mmap+read"], "<=", 1.1),
+            (
+                "async stall / torch.save+fsync",
+                results["spotsafe async stall"] / results["torch.save+fsync"],
+                "<=",
+                0.25,
+            ),
+            (
+                "persist throughput / raw write+fsync",
+                results["raw write+fsync"] / results["spotsafe persist to commit"],
+                ">=",
+                0.8,
+            ),
+            (
+                "  same, incl. deleting the retired one",
+                results["raw write+fsync"] / results["spotsafe persist incl. retention"],
+                ">=",
+                0.8,
+            ),
+            (
+                "torch.save+fsync / sync save (speedup)",
+                results["torch.save+fsync"] / results["spotsafe sync save"],
+                ">=",
+                1.0,
+            ),
+            (
+                "verified load / torch.load mmap",
+                results["spotsafe load verified+read"] / results["torch.load mmap+read"],
+                "<=",
+                2.0,
+            ),
+            (
+                "unverified load / torch.load mmap",
+                results["spotsafe load unverified+read"] / results["torch.load mmap+read"],
+                "<=",
+                1.1,
+            ),
         ]
         if "DCP async_save stall" in results:
-            checks.append(("async stall / DCP async_save stall",
-                           results["spotsafe async stall"] / results["DCP async_save stall"], "<=", 1.0))
+            checks.append(
+                (
+                    "async stall / DCP async_save stall",
+                    results["spotsafe async stall"] / results["DCP async_save stall"],
+                    "<=",
+                    1.0,
+                )
+            )
         print(f"{'ratio':42} {'value':>7}  target")
         for name, value, op, target in checks:
             ok = value <= target if op == "<=" else value >= target

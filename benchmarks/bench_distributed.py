@@ -43,8 +43,11 @@ def worker(args: argparse.Namespace) -> None:
     assert ctx is not None
     torch.manual_seed(0)
     w = args.width
-    model = DDP(torch.nn.Sequential(torch.nn.Linear(w, w), torch.nn.ReLU(), torch.nn.Linear(w, w),
-                                    torch.nn.ReLU(), torch.nn.Linear(w, 10)))
+    model = DDP(
+        torch.nn.Sequential(
+            torch.nn.Linear(w, w), torch.nn.ReLU(), torch.nn.Linear(w, w), torch.nn.ReLU(), torch.nn.Linear(w, 10)
+        )
+    )
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     x, y = torch.randn(64, w), torch.randint(0, 10, (64,))
 
@@ -86,8 +89,12 @@ def worker(args: argparse.Namespace) -> None:
             times[m].append(step)
             inside[m].append(call)
     if ctx.rank == 0:
-        print(json.dumps({m: [statistics.median(times[m]), statistics.median(inside[m]), every.get(m, 0)]
-                          for m in modes}), flush=True)
+        print(
+            json.dumps(
+                {m: [statistics.median(times[m]), statistics.median(inside[m]), every.get(m, 0)] for m in modes}
+            ),
+            flush=True,
+        )
     dist.destroy_process_group()
 
 
@@ -121,8 +128,15 @@ def save_worker(args: argparse.Namespace) -> None:
             store = f"{root}/{mode.replace(' ', '-')}-{r}"
             dist.barrier()
             if mode.startswith("spotsafe"):
-                run = spotsafe.Run(store, model=net, optimizer=opt, every_steps=1, watch=False,
-                                   async_=mode.endswith("async"), agree_every=1)
+                run = spotsafe.Run(
+                    store,
+                    model=net,
+                    optimizer=opt,
+                    every_steps=1,
+                    watch=False,
+                    async_=mode.endswith("async"),
+                    agree_every=1,
+                )
                 model(x).sum().backward()
                 opt.step()
                 t = time.perf_counter()
@@ -159,10 +173,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "LOCAL_RANK" in os.environ:
         (save_worker if args.save else worker)(args)
         return 0
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           __file__, f"--steps={args.steps}", f"--repeats={args.repeats}", f"--width={args.width}",
-           f"--interval={args.interval}", f"--mib={args.mib}"] + (["--save"] if args.save else []) + (
-               [f"--dir={args.dir}"] if args.dir else [])
+    cmd = (
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            __file__,
+            f"--steps={args.steps}",
+            f"--repeats={args.repeats}",
+            f"--width={args.width}",
+            f"--interval={args.interval}",
+            f"--mib={args.mib}",
+        ]
+        + (["--save"] if args.save else [])
+        + ([f"--dir={args.dir}"] if args.dir else [])
+    )
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
@@ -172,8 +199,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     med = json.loads(lines[-1])
     if args.save:
         peer = med["dcp async_save"]
-        print(f"2 ranks, gloo on CPU, DDP model of {args.mib} MiB + {args.mib} MiB momentum; "
-              f"training stall of one checkpoint, median of {args.repeats}")
+        print(
+            f"2 ranks, gloo on CPU, DDP model of {args.mib} MiB + {args.mib} MiB momentum; "
+            f"training stall of one checkpoint, median of {args.repeats}"
+        )
         for mode, t in med.items():
             print(f"{mode:<16} {t * 1e3:9.1f} ms   {t / peer:6.2f}x dcp async_save")
         return 0
@@ -190,9 +219,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             bound = str(2 * every - 1)
         print(f"{mode:<10} {t * 1e3:9.2f} {t / base:8.3f}x {call * 1e6:11.1f} {100 * call / base:9.3f}%  {bound}")
     auto_every = med["auto"][2]
-    print(f"auto settled on every={auto_every}: a notice on one rank reaches every rank within "
-          f"{2 * auto_every - 1} steps = {(2 * auto_every - 1) * base:.2f} s here "
-          "(+ the watcher's poll interval, 2 s by default); the 30 s budget leaves the rest for the save")
+    print(
+        f"auto settled on every={auto_every}: a notice on one rank reaches every rank within "
+        f"{2 * auto_every - 1} steps = {(2 * auto_every - 1) * base:.2f} s here "
+        "(+ the watcher's poll interval, 2 s by default); the 30 s budget leaves the rest for the save"
+    )
     return 0
 
 

@@ -30,9 +30,7 @@ import json
 import os
 import random
 import statistics
-import sys
 import tempfile
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -97,13 +95,14 @@ def with_run(steps: int, every_seconds: float, store: str) -> tuple[float, float
 
     model, opt, sched, loader = setup()
     watcher = InterruptionWatcher(sources="signal", signals=()).start()
-    run = spotsafe.Run(store, model=model, optimizer=opt, scheduler=sched, every_seconds=every_seconds,
-                       watch=watcher, keep_last=2)
+    run = spotsafe.Run(
+        store, model=model, optimizer=opt, scheduler=sched, every_seconds=every_seconds, watch=watcher, keep_last=2
+    )
     model.train()
     t0, c0 = time.perf_counter(), time.process_time()
     stop = False
     saves, last = 0, None
-    for epoch in run.epochs(10**6):
+    for _epoch in run.epochs(10**6):
         for x, y in run.batches(loader):
             loss = train_step(model, opt, x, y)
             run.step(loss=loss)
@@ -126,15 +125,18 @@ def bench_overhead(repeats: int, steps: int) -> dict[str, float]:
     plain(max(steps // 5, 10))  # warm up kernels and allocator
     estimate = statistics.median(plain(steps)[0] for _ in range(2))
     every = max(steps / estimate / 6, 0.2)
-    print(f"[overhead] {steps} steps a run, batch 32, {repeats} repeats; spotsafe saves every {every:.2f} s "
-          f"(scaled from 60 s: the plain run takes ~{steps / estimate:.1f} s)", flush=True)
+    print(
+        f"[overhead] {steps} steps a run, batch 32, {repeats} repeats; spotsafe saves every {every:.2f} s "
+        f"(scaled from 60 s: the plain run takes ~{steps / estimate:.1f} s)",
+        flush=True,
+    )
     rows: list[tuple[float, float, float, float, int]] = []
     bare: list[float] = []
     with tempfile.TemporaryDirectory(prefix="spotsafe-bench-") as tmp:
         for r in range(repeats):
             got: dict[str, Any] = {}
             order = ["plain", "run", "bare"]
-            for which in order[r % 3:] + order[: r % 3]:
+            for which in order[r % 3 :] + order[: r % 3]:
                 if which == "plain":
                     got["plain"] = plain(steps)
                 elif which == "run":
@@ -144,16 +146,24 @@ def bench_overhead(repeats: int, steps: int) -> dict[str, float]:
             (pw, pc), (rw, rc, saves), (bw, _, _) = got["plain"], got["run"], got["bare"]
             rows.append((pw, pc, rw, rc, saves))
             bare.append(bw / pw)
-            print(f"  repeat {r + 1}: plain {pw:.1f} steps/s ({pc:.1f} per CPU s), spotsafe {rw:.1f} steps/s "
-                  f"({rc:.1f} per CPU s), {saves} saves; spotsafe without saves {bw:.1f} steps/s", flush=True)
+            print(
+                f"  repeat {r + 1}: plain {pw:.1f} steps/s ({pc:.1f} per CPU s), spotsafe {rw:.1f} steps/s "
+                f"({rc:.1f} per CPU s), {saves} saves; spotsafe without saves {bw:.1f} steps/s",
+                flush=True,
+            )
     wall = statistics.median(rw / pw for pw, _, rw, _, _ in rows)
     cpu = statistics.median(rc / pc for _, pc, _, rc, _ in rows)
-    print(f"[overhead] median plain {statistics.median(r[0] for r in rows):.2f} steps/s, spotsafe.Run "
-          f"{statistics.median(r[2] for r in rows):.2f} steps/s, {statistics.median(r[4] for r in rows):.0f} saves "
-          f"a run", flush=True)
-    print(f"[overhead] throughput ratio spotsafe/plain (median of per-repeat ratios): wall-clock {wall:.3f}, "
-          f"per CPU second {cpu:.3f} (want >= 0.99); without any save due {statistics.median(bare):.3f}",
-          flush=True)
+    print(
+        f"[overhead] median plain {statistics.median(r[0] for r in rows):.2f} steps/s, spotsafe.Run "
+        f"{statistics.median(r[2] for r in rows):.2f} steps/s, {statistics.median(r[4] for r in rows):.0f} saves "
+        f"a run",
+        flush=True,
+    )
+    print(
+        f"[overhead] throughput ratio spotsafe/plain (median of per-repeat ratios): wall-clock {wall:.3f}, "
+        f"per CPU second {cpu:.3f} (want >= 0.99); without any save due {statistics.median(bare):.3f}",
+        flush=True,
+    )
     return {"ratio_wall": wall, "ratio_cpu": cpu, "every_seconds": every}
 
 
@@ -174,12 +184,19 @@ def one_notice(sim: Any, tmp: str, trial: int, rng: random.Random) -> dict[str, 
     os.environ["SPOTSAFE_EVENTS"] = events
     model, opt, sched, loader = setup()
     watcher = InterruptionWatcher(sources="aws", signals=()).start()
-    run = spotsafe.Run(os.path.join(tmp, f"notice{trial}"), model=model, optimizer=opt, scheduler=sched,
-                       every_seconds=10**6, watch=watcher, exit_on_notice=False)
+    run = spotsafe.Run(
+        os.path.join(tmp, f"notice{trial}"),
+        model=model,
+        optimizer=opt,
+        scheduler=sched,
+        every_seconds=10**6,
+        watch=watcher,
+        exit_on_notice=False,
+    )
     delay = rng.uniform(0.5, 2.5)  # a random phase of the 2 s polling cycle
     appeared = time.time() + delay
     sim.arm("terminate", delay=delay)
-    for epoch in run.epochs(10**6):
+    for _epoch in run.epochs(10**6):
         for x, y in run.batches(loader):
             run.step(loss=train_step(model, opt, x, y))
         if run.should_stop:
@@ -212,9 +229,11 @@ def bench_notice(repeats: int) -> dict[str, float]:
             for trial in range(repeats):
                 r = one_notice(sim, tmp, trial, rng)
                 results.append(r)
-                print(f"  notice {trial + 1}: durable {r['total']:.2f} s after it appeared "
-                      f"(seen after {r['detect']:.2f} s, saved in {r['save']:.3f} s; torch.save {r['peer_save']:.3f} s)",
-                      flush=True)
+                print(
+                    f"  notice {trial + 1}: durable {r['total']:.2f} s after it appeared "
+                    f"(seen after {r['detect']:.2f} s, saved in {r['save']:.3f} s; torch.save {r['peer_save']:.3f} s)",
+                    flush=True,
+                )
         finally:
             for k, v in saved.items():
                 if v is None:
@@ -222,11 +241,17 @@ def bench_notice(repeats: int) -> dict[str, float]:
                 else:
                     os.environ[k] = v
     med = {k: statistics.median(r[k] for r in results) for k in results[0]}
-    print(f"[notice] median notice-to-durable {med['total']:.2f} s (detection {med['detect']:.2f} s + "
-          f"save {med['save']:.3f} s); bound poll interval + save = {med['poll'] + med['save']:.2f} s; "
-          f"deadline 120 s", flush=True)
-    print(f"[notice] save time spotsafe {med['save']:.3f} s vs torch.save+fsync {med['peer_save']:.3f} s: "
-          f"ratio {med['save'] / med['peer_save']:.2f}", flush=True)
+    print(
+        f"[notice] median notice-to-durable {med['total']:.2f} s (detection {med['detect']:.2f} s + "
+        f"save {med['save']:.3f} s); bound poll interval + save = {med['poll'] + med['save']:.2f} s; "
+        f"deadline 120 s",
+        flush=True,
+    )
+    print(
+        f"[notice] save time spotsafe {med['save']:.3f} s vs torch.save+fsync {med['peer_save']:.3f} s: "
+        f"ratio {med['save'] / med['peer_save']:.2f}",
+        flush=True,
+    )
     return med
 
 
@@ -237,8 +262,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--notices", type=int, default=5)
     parser.add_argument("--skip-overhead", action="store_true")
     parser.add_argument("--skip-notice", action="store_true")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads (1: steadier figures on a shared machine)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads (1: steadier figures on a shared machine)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     # Only the simulator and signals are ever asked: never a real metadata address.

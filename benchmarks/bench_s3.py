@@ -62,9 +62,20 @@ def free_port() -> int:
 def start_s3rver(binary: str, directory: Path, bucket: str) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     proc = subprocess.Popen(
-        [binary, "--directory", str(directory), "--address", "127.0.0.1", "--port", str(port),
-         "--silent", "--configure-bucket", bucket],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            binary,
+            "--directory",
+            str(directory),
+            "--address",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--silent",
+            "--configure-bucket",
+            bucket,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -73,7 +84,7 @@ def start_s3rver(binary: str, directory: Path, bucket: str) -> tuple[subprocess.
                 return proc, f"http://127.0.0.1:{port}"
         except OSError:
             if proc.poll() is not None:
-                raise SystemExit(f"s3rver exited with status {proc.returncode}")
+                raise SystemExit(f"s3rver exited with status {proc.returncode}") from None
             time.sleep(0.1)
     proc.kill()
     raise SystemExit("s3rver did not start listening within 30 s")
@@ -98,7 +109,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     binary = find_s3rver(args.s3rver)
     if binary is None:
-        print("s3rver not found: mkdir -p /tmp/s3rver && npm install --prefix /tmp/s3rver s3rver (or set S3RVER_BIN)", file=sys.stderr)
+        print(
+            "s3rver not found: mkdir -p /tmp/s3rver && npm install --prefix /tmp/s3rver s3rver (or set S3RVER_BIN)",
+            file=sys.stderr,
+        )
         return 2
     os.environ.update(KEYS)
     os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
@@ -139,16 +153,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             fs = s3fs.S3FileSystem(key="S3RVER", secret="S3RVER", client_kwargs={"endpoint_url": endpoint})
 
         results: dict[str, list[float]] = {
-            "ckpt_save": [], "boto3_up": [], "s3fs_up": [], "store_up": [],
-            "ckpt_load": [], "boto3_down": [], "store_down": [],
+            "ckpt_save": [],
+            "boto3_up": [],
+            "s3fs_up": [],
+            "store_up": [],
+            "ckpt_load": [],
+            "boto3_down": [],
+            "store_down": [],
         }
         check = None
         for r in range(args.repeats):
             step = r + 1
-            results["ckpt_save"].append(timed(lambda: ckpt.save(step, {"w": tensor}, async_=False)))
+            results["ckpt_save"].append(timed(lambda step=step: ckpt.save(step, {"w": tensor}, async_=False)))
             ckpt.wait()  # pruning runs in the background after a synchronous save: not part of the save
             loaded: list[Any] = []
-            results["ckpt_load"].append(timed(lambda: loaded.append(ckpt.load(step))))
+            results["ckpt_load"].append(timed(lambda loaded=loaded, step=step: loaded.append(ckpt.load(step))))
             if not torch.equal(loaded[0]["w"], tensor):
                 raise SystemExit("the loaded checkpoint differs from the saved one")
             loaded.clear()
@@ -158,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if fs is not None:
                 results["s3fs_up"].append(timed(lambda: fs.put_file(str(src), f"{bucket}/s3fs/ckpt.bin")))
             out: list[memoryview] = []
-            results["store_down"].append(timed(lambda: out.append(store.read_file("ckpt.bin"))))
+            results["store_down"].append(timed(lambda out=out: out.append(store.read_file("ckpt.bin"))))
             if check is None:
                 check = bool(np.array_equal(np.frombuffer(out[0], dtype=np.uint8), data))
                 if not check:
@@ -178,8 +197,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("ratios (throughput, spotsafe / peer; >= 1.0 means spotsafe is faster):")
         print(f"  checkpoint save vs boto3 upload_file   : {med['boto3_up'] / med['ckpt_save']:.2f}x  (target >= 1.0)")
         if "s3fs_up" in med:
-            print(f"  checkpoint save vs s3fs put_file       : {med['s3fs_up'] / med['ckpt_save']:.2f}x  (target >= 2.0)")
-        print(f"  checkpoint load vs boto3 download_file : {med['boto3_down'] / med['ckpt_load']:.2f}x  (target >= 1.0)")
+            print(
+                f"  checkpoint save vs s3fs put_file       : {med['s3fs_up'] / med['ckpt_save']:.2f}x  (target >= 2.0)"
+            )
+        print(
+            f"  checkpoint load vs boto3 download_file : {med['boto3_down'] / med['ckpt_load']:.2f}x  (target >= 1.0)"
+        )
         print("  for reference, one object through S3Store alone:")
         print(f"    write_file (multipart) vs boto3 upload_file : {med['boto3_up'] / med['store_up']:.2f}x")
         if "s3fs_up" in med:

@@ -65,27 +65,39 @@ class PeerLoop:
 
 def aws_check(sim: AWSSimulator) -> Callable[[requests.Session], bool]:
     def check(s: requests.Session) -> bool:
-        token = s.put(sim.endpoint + "/latest/api/token", headers={"X-aws-ec2-metadata-token-ttl-seconds": "21600"},
-                      timeout=2).text
-        r = s.get(sim.endpoint + "/latest/meta-data/spot/instance-action",
-                  headers={"X-aws-ec2-metadata-token": token}, timeout=2)
+        token = s.put(
+            sim.endpoint + "/latest/api/token", headers={"X-aws-ec2-metadata-token-ttl-seconds": "21600"}, timeout=2
+        ).text
+        r = s.get(
+            sim.endpoint + "/latest/meta-data/spot/instance-action",
+            headers={"X-aws-ec2-metadata-token": token},
+            timeout=2,
+        )
         return r.status_code == 200
+
     return check
 
 
 def gcp_check(sim: GCPSimulator) -> Callable[[requests.Session], bool]:
     def check(s: requests.Session) -> bool:
-        r = s.get(f"http://{sim.host}/computeMetadata/v1/instance/preempted",
-                  headers={"Metadata-Flavor": "Google"}, timeout=2)
+        r = s.get(
+            f"http://{sim.host}/computeMetadata/v1/instance/preempted", headers={"Metadata-Flavor": "Google"}, timeout=2
+        )
         return r.text.strip() == "TRUE"
+
     return check
 
 
 def azure_check(sim: AzureSimulator) -> Callable[[requests.Session], bool]:
     def check(s: requests.Session) -> bool:
-        r = s.get(sim.endpoint + "/metadata/scheduledevents", params={"api-version": "2020-07-01"},
-                  headers={"Metadata": "true"}, timeout=2)
+        r = s.get(
+            sim.endpoint + "/metadata/scheduledevents",
+            params={"api-version": "2020-07-01"},
+            headers={"Metadata": "true"},
+            timeout=2,
+        )
         return any(e.get("EventType") == "Preempt" for e in r.json().get("Events", []))
+
     return check
 
 
@@ -139,20 +151,31 @@ def signal_latency(repeats: int) -> list[float]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--peer-interval", type=float, default=5.0,
-                        help="the peer's polling interval (AWS advises every 5 s)")
+    parser.add_argument(
+        "--peer-interval", type=float, default=5.0, help="the peer's polling interval (AWS advises every 5 s)"
+    )
     parser.add_argument("--providers", default="aws,gcp,azure")
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
     logging.getLogger("spotsafe").setLevel(logging.ERROR)  # the notices are expected here
     rng = random.Random(args.seed)
-    providers: dict[str, tuple[Callable[[], object], Callable[[object], Source], Callable[[object], Callable[[requests.Session], bool]], Callable[[object], None]]] = {
+    providers: dict[
+        str,
+        tuple[
+            Callable[[], object],
+            Callable[[object], Source],
+            Callable[[object], Callable[[requests.Session], bool]],
+            Callable[[object], None],
+        ],
+    ] = {
         "aws": (AWSSimulator, lambda s: AWSSource(s.endpoint), aws_check, lambda s: s.arm("terminate")),  # type: ignore[attr-defined]
         "gcp": (GCPSimulator, lambda s: GCPSource(s.host), gcp_check, lambda s: s.preempt()),  # type: ignore[attr-defined]
         "azure": (AzureSimulator, lambda s: AzureSource(s.endpoint), azure_check, lambda s: s.schedule_preempt()),  # type: ignore[attr-defined]
     }
-    print(f"notice detection latency, median of {args.repeats}; spotsafe defaults (poll 2 s, GCP hanging GET) "
-          f"vs a {args.peer_interval:g} s polling loop on the same simulator")
+    print(
+        f"notice detection latency, median of {args.repeats}; spotsafe defaults (poll 2 s, GCP hanging GET) "
+        f"vs a {args.peer_interval:g} s polling loop on the same simulator"
+    )
     print(f"{'provider':<8} {'spotsafe s':>11} {'peer s':>8} {'ratio':>7}")
     for name in [p.strip() for p in args.providers.split(",") if p.strip()]:
         sim_f, src_f, chk_f, post = providers[name]

@@ -102,8 +102,12 @@ def load_data(kind: str, root: str) -> tuple[str, TensorDataset, TensorDataset]:
     except Exception as e:  # offline, blocked, or torchvision missing
         if kind == "mnist":
             raise SystemExit(f"MNIST could not be loaded into {root}: {e}") from e
-        print(f"MNIST could not be downloaded ({type(e).__name__}: {e}); using scikit-learn's handwritten "
-              "digits instead (1,797 real 8x8 images, resized to 28x28)", file=sys.stderr, flush=True)
+        print(
+            f"MNIST could not be downloaded ({type(e).__name__}: {e}); using scikit-learn's handwritten "
+            "digits instead (1,797 real 8x8 images, resized to 28x28)",
+            file=sys.stderr,
+            flush=True,
+        )
         return "digits", *digits()
 
 
@@ -127,7 +131,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1.0, help="Adadelta learning rate")
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--store", help="checkpoint store: a path or URL (default: $SPOTSAFE_STORE or ./checkpoints/mnist_cnn)")
+    p.add_argument(
+        "--store", help="checkpoint store: a path or URL (default: $SPOTSAFE_STORE or ./checkpoints/mnist_cnn)"
+    )
     p.add_argument("--every-seconds", type=float, default=60.0, help="periodic checkpoint interval")
     p.add_argument("--every-steps", type=int, help="also checkpoint every N steps")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -146,12 +152,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = Net()
     optimizer = torch.optim.Adadelta(model.parameters(), lr=args.lr)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.85)
-    print(f"data: {name} ({len(train_set)} train, {len(test_set)} test), {epochs} epochs, "
-          f"batch size {args.batch_size}", flush=True)
+    print(
+        f"data: {name} ({len(train_set)} train, {len(test_set)} test), {epochs} epochs, batch size {args.batch_size}",
+        flush=True,
+    )
 
     store = args.store or os.environ.get("SPOTSAFE_STORE") or "checkpoints/mnist_cnn"
-    run = spotsafe.Run(store, model=model, optimizer=optimizer, scheduler=scheduler,  # spotsafe
-                       every_seconds=args.every_seconds, every_steps=args.every_steps)
+    run = spotsafe.Run(
+        store,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,  # spotsafe
+        every_seconds=args.every_seconds,
+        every_steps=args.every_steps,
+    )
     if run.resumed_from is not None:
         print(f"resumed from step {run.step_count} (epoch {run.epoch}, batch {run.batch})", flush=True)
 
@@ -168,8 +182,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         batches = run.batches(train_loader)  # spotsafe
         bar = None
         if progress is not None:
-            bar = progress(batches, total=len(train_loader), initial=run.batch, desc=f"epoch {epoch + 1}/{epochs}",
-                           unit="batch", leave=False, mininterval=0.5, dynamic_ncols=True)
+            bar = progress(
+                batches,
+                total=len(train_loader),
+                initial=run.batch,
+                desc=f"epoch {epoch + 1}/{epochs}",
+                unit="batch",
+                leave=False,
+                mininterval=0.5,
+                dynamic_ncols=True,
+            )
             batches = bar
         for x, y in batches:
             optimizer.zero_grad()
@@ -183,8 +205,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             bar.close()
         scheduler.step()
         test_loss, accuracy = evaluate(model, test_loader)
-        print(f"epoch {epoch + 1}/{epochs}: step {run.step_count}, test loss {test_loss:.4f}, "
-              f"test accuracy {100 * accuracy:.2f}%", flush=True)
+        print(
+            f"epoch {epoch + 1}/{epochs}: step {run.step_count}, test loss {test_loss:.4f}, "
+            f"test accuracy {100 * accuracy:.2f}%",
+            flush=True,
+        )
     run.finish()  # spotsafe: final checkpoint; the run is marked complete
     print(f"done: {run.step_count} steps, final test accuracy {100 * accuracy:.2f}% on {name}", flush=True)
     return 0

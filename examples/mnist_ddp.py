@@ -35,9 +35,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mnist_cnn import DEFAULT_EPOCHS, Net, evaluate, load_data  # noqa: E402
+from mnist_cnn import DEFAULT_EPOCHS, Net, evaluate, load_data
 
-import spotsafe  # noqa: E402  # spotsafe
+import spotsafe  # spotsafe
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -87,17 +87,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     optimizer = torch.optim.Adadelta(net.parameters(), lr=args.lr)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.85)
     if rank == 0:
-        print(f"data: {name} ({len(train_set)} train), {epochs} epochs, {world} rank(s), "
-              f"batch size {args.batch_size} per rank", flush=True)
+        print(
+            f"data: {name} ({len(train_set)} train), {epochs} epochs, {world} rank(s), "
+            f"batch size {args.batch_size} per rank",
+            flush=True,
+        )
 
     store = args.store or os.environ.get("SPOTSAFE_STORE") or "checkpoints/mnist_ddp"
     # The unwrapped module: its state_dict keys do not depend on DDP, so a DDP run
     # can resume in one process and the other way round.
-    run = spotsafe.Run(store, model=net, optimizer=optimizer, scheduler=scheduler,  # spotsafe
-                       every_seconds=args.every_seconds, every_steps=args.every_steps)
+    run = spotsafe.Run(
+        store,
+        model=net,
+        optimizer=optimizer,
+        scheduler=scheduler,  # spotsafe
+        every_seconds=args.every_seconds,
+        every_steps=args.every_steps,
+    )
     if run.resumed_from is not None:
-        print(f"rank {rank}: resumed from step {run.step_count} (epoch {run.epoch}, batch {run.batch}) "
-              f"of a {run.resumed_from.world_size}-rank run", flush=True)
+        print(
+            f"rank {rank}: resumed from step {run.step_count} (epoch {run.epoch}, batch {run.batch}) "
+            f"of a {run.resumed_from.world_size}-rank run",
+            flush=True,
+        )
 
     accuracy = 0.0
     for epoch in run.epochs(epochs):  # spotsafe
@@ -112,8 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         scheduler.step()
         if rank == 0:
             _, accuracy = evaluate(net, test_loader)
-            print(f"epoch {epoch + 1}/{epochs}: step {run.step_count}, test accuracy {100 * accuracy:.2f}%",
-                  flush=True)
+            print(f"epoch {epoch + 1}/{epochs}: step {run.step_count}, test accuracy {100 * accuracy:.2f}%", flush=True)
     run.finish()  # spotsafe
     if rank == 0:
         if args.save_weights:

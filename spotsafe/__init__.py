@@ -7,9 +7,13 @@ use so that ``import spotsafe`` stays cheap for the CLI and the boot script.
 from __future__ import annotations
 
 import importlib
+from importlib import metadata as _metadata
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+try:
+    __version__ = _metadata.version("spotsafe")
+except _metadata.PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"
 
 #: Exit status of a process that saved its state on a preemption notice:
 #: EX_TEMPFAIL, "state is safe, run me again elsewhere".
@@ -26,13 +30,43 @@ _LAZY = {
     "CheckpointNotFound": "spotsafe.errors",
     "CheckpointCorrupt": "spotsafe.errors",
     "StoreError": "spotsafe.errors",
+    "StateError": "spotsafe.errors",
+    "StateMismatch": "spotsafe.errors",
+    "FormatVersionError": "spotsafe.errors",
+    "DistributedError": "spotsafe.errors",
 }
 
-__all__ = ["EXIT_PREEMPTED", "__version__", *_LAZY]
+__all__ = [
+    "EXIT_PREEMPTED",
+    "CheckpointCorrupt",
+    "CheckpointInfo",
+    "CheckpointNotFound",
+    "Checkpointer",
+    "DistributedError",
+    "FormatVersionError",
+    "InterruptionWatcher",
+    "Notice",
+    "RNGState",
+    "Run",
+    "SpotsafeError",
+    "StateError",
+    "StateMismatch",
+    "StoreError",
+    "__version__",
+]
 
 if TYPE_CHECKING:
-    from spotsafe.checkpoint import CheckpointInfo, Checkpointer
-    from spotsafe.errors import CheckpointCorrupt, CheckpointNotFound, SpotsafeError, StoreError
+    from spotsafe.checkpoint import Checkpointer, CheckpointInfo
+    from spotsafe.errors import (
+        CheckpointCorrupt,
+        CheckpointNotFound,
+        DistributedError,
+        FormatVersionError,
+        SpotsafeError,
+        StateError,
+        StateMismatch,
+        StoreError,
+    )
     from spotsafe.interruption import InterruptionWatcher, Notice
     from spotsafe.run import Run
     from spotsafe.state import RNGState

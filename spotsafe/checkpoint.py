@@ -30,7 +30,7 @@ import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Literal, TypeVar, get_args
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, get_args
 
 import torch
 import xxhash
@@ -46,6 +46,9 @@ from spotsafe.errors import (
 )
 from spotsafe.state import Blob, FlatState, MapLocation, blob_from_buffer, flatten, unflatten
 from spotsafe.storage import Store, open_store
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 log = logging.getLogger("spotsafe.checkpoint")
 
@@ -287,7 +290,7 @@ def snapshot(state: Mapping[str, Any] | FlatState, buffer: SnapshotBuffer, *, co
     dst, view = buffer.get(flat.nbytes)
     cuda = False
     pos = 0
-    for blob, src in zip(flat.blobs, flat.sources):
+    for blob, src in zip(flat.blobs, flat.sources, strict=True):
         if blob.offset > pos:
             dst[pos : blob.offset].zero_()  # alignment padding: keep files deterministic
         if blob.nbytes:
@@ -305,7 +308,7 @@ def _zero_copy(flat: FlatState) -> Snapshot:
     parts: list[memoryview] = []
     keep: list[Any] = []
     pos = 0
-    for blob, src in zip(flat.blobs, flat.sources):
+    for blob, src in zip(flat.blobs, flat.sources, strict=True):
         if blob.offset > pos:
             parts.append(memoryview(bytes(blob.offset - pos)))
         if blob.nbytes:
@@ -381,12 +384,12 @@ def write_rank_files(store: Store, directory: str, snap: Snapshot, *, rank: int 
         if len(pieces) == 1:
             store.write_file(f"{directory}/{names[0]}", pieces[0])
         else:
-            store.write_files([(f"{directory}/{n}", p) for n, p in zip(names, pieces)])
+            store.write_files([(f"{directory}/{n}", p) for n, p in zip(names, pieces, strict=True)])
     finally:
         sums = hasher.digests()
     entries: list[FileEntry] = []
     offset = 0
-    for n, piece, digest in zip(names, pieces, sums):
+    for n, piece, digest in zip(names, pieces, sums, strict=True):
         size = sum(len(v) for v in piece)
         entries.append(FileEntry(n, size, digest, "data", rank, offset if len(pieces) > 1 else None))
         offset += size
@@ -426,11 +429,11 @@ def _read_back_to_back(store: Store, directory: str, files: Sequence[FileEntry],
         views.append(data[pos : pos + f.size])
         pos += f.size
     try:
-        store.read_files_into([(f"{directory}/{f.path}", v) for f, v in zip(files, views)])
+        store.read_files_into([(f"{directory}/{f.path}", v) for f, v in zip(files, views, strict=True)])
     except CheckpointNotFound as e:
         raise CheckpointCorrupt(f"{base}: a file the manifest lists is missing ({e})") from e
     if verify:
-        for f, v in zip(files, views):
+        for f, v in zip(files, views, strict=True):
             _check_checksum(base, f, v)
     return data
 
@@ -462,7 +465,7 @@ def _finish_pending_saves() -> None:
     for ckpt in list(_live):
         try:
             ckpt.wait()
-        except Exception:  # noqa: BLE001 - at exit there is no one left to raise to
+        except Exception:
             log.exception("spotsafe: a background checkpoint save failed")
 
 
@@ -508,7 +511,7 @@ class Checkpointer:
     def __repr__(self) -> str:
         return f"Checkpointer({self.store!r}, keep_last={self.keep_last}, keep_every={self.keep_every})"
 
-    def __enter__(self) -> Checkpointer:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -604,7 +607,7 @@ class Checkpointer:
             try:
                 if self.store.file_size(f"{name}/{MANIFEST}") is None:
                     self.store.delete_dir(name)
-            except Exception:  # noqa: BLE001 - the original error matters more
+            except Exception:  # noqa: BLE001, S110 - the original error matters more
                 pass
             raise
         self.last_saved = CheckpointInfo.from_manifest(self.store, name, manifest)
@@ -650,7 +653,7 @@ class Checkpointer:
                 self.store.delete_dir(name)
 
     def _retain(self, just_saved: int) -> None:
-        scanned = self._scan_manifests(strict=False)
+        scanned = self._scan_manifests(strict=True)
         infos = [info for info, _ in scanned]
         if len(infos) <= self.keep_last:
             return
@@ -687,7 +690,7 @@ class Checkpointer:
         for name in names:
             try:
                 # A mirror whose local manifest is damaged reads the remote one.
-                yield name, self._with_fallback(name, lambda store: self._manifest(name, store))
+                yield name, self._with_fallback(name, lambda store: self._manifest(name, store))  # noqa: B023 - called at once
             except (CheckpointNotFound, CheckpointCorrupt, FormatVersionError) as e:
                 yield name, e
 
@@ -798,13 +801,9 @@ class Checkpointer:
             ) from e
         return CheckpointInfo.from_manifest(self.store, name, m)
 
-    def _load_one(
-        self, info: CheckpointInfo, map_location: MapLocation, verify: bool, rank: int = 0
-    ) -> dict[str, Any]:
+    def _load_one(self, info: CheckpointInfo, map_location: MapLocation, verify: bool, rank: int = 0) -> dict[str, Any]:
         """One rank's state from ``info``; a mirror whose local copy is damaged reads the remote one."""
-        return self._with_fallback(
-            info.name, lambda store: self._load_from(store, info, map_location, verify, rank)
-        )
+        return self._with_fallback(info.name, lambda store: self._load_from(store, info, map_location, verify, rank))
 
     def _load_from(
         self, store: Store, info: CheckpointInfo, map_location: MapLocation, verify: bool, rank: int
@@ -948,7 +947,9 @@ class Checkpointer:
         if not isinstance(doc, dict) or doc.get("format") != "spotsafe-complete":
             raise CheckpointCorrupt(f"{where}: not a spotsafe completion record")
         if doc.get("format_version", 0) > 1:
-            raise FormatVersionError(f"{where}: completion format version {doc['format_version']} is newer than supported (1)")
+            raise FormatVersionError(
+                f"{where}: completion format version {doc['format_version']} is newer than supported (1)"
+            )
         return doc
 
     def close(self) -> None:

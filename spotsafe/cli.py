@@ -37,7 +37,7 @@ def _size(n: int) -> str:
 def _table(rows: list[list[str]], out: TextIO) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip(), file=out)
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)).rstrip(), file=out)
 
 
 def _listing(store: str, *, full: bool, step: int | None, out: TextIO, storage_options: dict[str, Any]) -> int:
@@ -122,8 +122,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("store", help="a path (the EBS mount) or a URL such as s3://bucket/run")
-        p.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
-                       help="storage option for the filesystem (repeatable)")
+        p.add_argument(
+            "--option",
+            "-o",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="storage option for the filesystem (repeatable)",
+        )
         if name == "verify":
             p.add_argument("--step", type=int, default=None, help="verify only this step")
     for name, (_module, helptext) in _DELEGATES.items():

@@ -63,9 +63,7 @@ class _PlannedSampler(Sampler[Any]):
 
 
 def _is_stateful_loader(loader: object) -> bool:
-    return callable(getattr(loader, "state_dict", None)) and callable(
-        getattr(loader, "load_state_dict", None)
-    )
+    return callable(getattr(loader, "state_dict", None)) and callable(getattr(loader, "load_state_dict", None))
 
 
 def _sampler_generator(loader: DataLoader[Any]) -> torch.Generator | None:
@@ -148,9 +146,7 @@ class ResumableLoader:
             self.sampler_state = generator.get_state()
         else:
             self.sampler_state = None
-        index_sampler: Iterable[Any] = (
-            loader.batch_sampler if loader.batch_sampler is not None else loader.sampler
-        )
+        index_sampler: Iterable[Any] = loader.batch_sampler if loader.batch_sampler is not None else loader.sampler
         # A sampler without its own generator (RandomSampler(generator=None)) draws from
         # the global RNG: give it the epoch's seed and leave the global stream untouched.
         with torch.random.fork_rng(devices=[]):

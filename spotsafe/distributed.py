@@ -132,9 +132,7 @@ class DistContext:
         t = self.timeout if timeout is None else timeout
         started = time.monotonic()
         try:
-            dist.monitored_barrier(
-                self.group, timeout=_dt.timedelta(seconds=t), wait_all_ranks=True
-            )
+            dist.monitored_barrier(self.group, timeout=_dt.timedelta(seconds=t), wait_all_ranks=True)
         except RuntimeError as e:
             missing = missing_ranks(str(e))
             waited = time.monotonic() - started
@@ -313,8 +311,7 @@ class NoticeAgreement:
             self._seen_deadline = min(self._seen_deadline, notice.deadline.timestamp())
         reporting = self.ctx.rank if self._seen_level > LEVEL_NONE else math.inf
         return torch.tensor(
-            [float(self._seen_level), -self._seen_deadline, -float(reporting), float(due),
-             float(self._propose())],
+            [float(self._seen_level), -self._seen_deadline, -float(reporting), float(due), float(self._propose())],
             dtype=torch.float64,
         )
 
@@ -335,9 +332,7 @@ class NoticeAgreement:
         import torch.distributed as dist
 
         t = self._local(notice, due)
-        work = dist.all_reduce(
-            t, op=dist.ReduceOp.MAX, group=self.ctx.agreement_group, async_op=async_op
-        )
+        work = dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.ctx.agreement_group, async_op=async_op)
         return work, t
 
     def _finish(self, pending: tuple[Any, Any], step: int) -> Agreement | None:
@@ -346,9 +341,7 @@ class NoticeAgreement:
             try:
                 work.wait()
             except RuntimeError as e:
-                raise DistributedError(
-                    f"notice agreement failed on rank {self.ctx.rank} at step {step}: {e}"
-                ) from e
+                raise DistributedError(f"notice agreement failed on rank {self.ctx.rank} at step {step}: {e}") from e
         if t[3].item() > 0:
             self._due = True
         proposal = int(t[4].item())
@@ -358,18 +351,16 @@ class NoticeAgreement:
         if level <= (self._agreed.level if self._agreed else LEVEL_NONE):
             return None
         neg_deadline = float(t[1].item())
-        deadline = (
-            None
-            if math.isinf(neg_deadline)
-            else _dt.datetime.fromtimestamp(-neg_deadline, _dt.timezone.utc)
-        )
-        agreement = Agreement(
-            level=level, deadline=deadline, source_rank=int(-t[2].item()), step=step
-        )
+        deadline = None if math.isinf(neg_deadline) else _dt.datetime.fromtimestamp(-neg_deadline, _dt.timezone.utc)
+        agreement = Agreement(level=level, deadline=deadline, source_rank=int(-t[2].item()), step=step)
         self._agreed = agreement
         log.info(
             "rank %d: all %d ranks agreed on a %s notice from rank %d at step %d",
-            self.ctx.rank, self.ctx.world_size, agreement.action, agreement.source_rank, step,
+            self.ctx.rank,
+            self.ctx.world_size,
+            agreement.action,
+            agreement.source_rank,
+            step,
         )
         return agreement
 
@@ -599,9 +590,7 @@ class ShardedState:
         if self.optimizer is None:
             set_model_state_dict(self.model, state["model"])
         else:
-            set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
-                           optim_state_dict=state["optim"])
-
+            set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
 @dataclass(frozen=True)
@@ -702,9 +691,7 @@ def _make_store_filesystem() -> type:
                 return
             rec = self.expected.get(path)
             if rec is None:
-                raise CheckpointCorrupt(
-                    f"{self.store.url}/{path}: DCP asked for a file the manifest does not list"
-                )
+                raise CheckpointCorrupt(f"{self.store.url}/{path}: DCP asked for a file the manifest does not list")
             size = len(data) if not isinstance(data, memoryview) else data.nbytes
             if size != rec.size or checksum(data) != rec.checksum:
                 raise CheckpointCorrupt(
@@ -755,8 +742,13 @@ def _make_store_filesystem() -> type:
 
 _SAFE_DCP_CLASSES = {
     "torch.distributed.checkpoint.metadata": {
-        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties",
-        "TensorStorageMetadata", "ChunkStorageMetadata", "BytesStorageMetadata",
+        "Metadata",
+        "MetadataIndex",
+        "StorageMeta",
+        "TensorProperties",
+        "TensorStorageMetadata",
+        "ChunkStorageMetadata",
+        "BytesStorageMetadata",
         "_MEM_FORMAT_ENCODING",
     },
     "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
@@ -787,15 +779,12 @@ class _MetadataUnpickler(pickle.Unpickler):
             import importlib
 
             return getattr(importlib.import_module(module), name)
-        raise UnsafeCheckpoint(
-            f"DCP metadata refers to {module}.{name}, which the safe loader does not admit"
-        )
+        raise UnsafeCheckpoint(f"DCP metadata refers to {module}.{name}, which the safe loader does not admit")
 
 
 def _make_writer_reader() -> tuple[type, type, type]:
-    from torch.distributed.checkpoint.filesystem import FileSystemReader
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-    from torch.distributed.checkpoint.filesystem import _FileSystemWriter
+    from torch.distributed.checkpoint.filesystem import FileSystemReader, _FileSystemWriter
 
     StoreFileSystem = _make_store_filesystem()
 
@@ -948,7 +937,7 @@ def save_sharded(
 
     prefix = f"{directory}/"
     mine = [
-        FileRecord(path=r.path[len(prefix):], size=r.size, checksum=r.checksum)
+        FileRecord(path=r.path[len(prefix) :], size=r.size, checksum=r.checksum)
         for r in sorted(writer.fs.records.values(), key=lambda r: r.path)
     ]
     return _commit_collectively(ctx, mine, commit, what)
@@ -988,7 +977,7 @@ def _commit_collectively(
         try:
             if commit is not None:
                 commit(list(files))
-        except BaseException as e:  # noqa: BLE001 - told to every rank, then re-raised here
+        except BaseException as e:
             ctx.broadcast_object(("error", f"{type(e).__name__}: {e}"))
             raise
         ctx.broadcast_object(("ok", files))

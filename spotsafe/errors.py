@@ -57,9 +57,7 @@ def require(module: str, extra: str):  # type: ignore[no-untyped-def]
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        raise MissingDependency(
-            f"{module} is needed for this feature: install spotsafe[{extra}]"
-        ) from e
+        raise MissingDependency(f"{module} is needed for this feature: install spotsafe[{extra}]") from e
 
 
 class StateError(SpotsafeError, TypeError):

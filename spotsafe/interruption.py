@@ -40,22 +40,25 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
 from functools import cached_property
 from types import FrameType
-from typing import Any, Literal, Union, cast, get_args
+from typing import TYPE_CHECKING, Any, Literal, cast, get_args
 
 import requests
 
 from spotsafe.errors import MetadataError
 from spotsafe.settings import Settings
 
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
 __all__ = [
-    "Action",
+    "NOTICE_FORMAT_VERSION",
     "AWSMetadata",
     "AWSSource",
+    "Action",
     "AzureSource",
     "GCPSource",
     "InterruptionWatcher",
     "Notice",
-    "NOTICE_FORMAT_VERSION",
     "Source",
 ]
 
@@ -385,7 +388,8 @@ class AWSMetadata:
                 if r.status_code == 401:
                     log.warning(
                         "IMDS at %s requires IMDSv2 but the token PUT got no answer; raise the "
-                        "instance's HttpPutResponseHopLimit to 2 for containers", self.endpoint,
+                        "instance's HttpPutResponseHopLimit to 2 for containers",
+                        self.endpoint,
                     )
                 return False
         except (MetadataError, requests.RequestException) as e:
@@ -518,7 +522,9 @@ class GCPSource(Source):
     name = "gcp"
     blocking = True
 
-    def __init__(self, host: str | None = None, *, timeout: float = 1.0, session: requests.Session | None = None) -> None:
+    def __init__(
+        self, host: str | None = None, *, timeout: float = 1.0, session: requests.Session | None = None
+    ) -> None:
         self.host = host or Settings.from_env().gcp_host
         self.base = f"http://{self.host}/computeMetadata/v1/"
         self.timeout = float(timeout)
@@ -530,11 +536,15 @@ class GCPSource(Source):
     def __repr__(self) -> str:
         return f"GCPSource({self.host!r})"
 
-    def _get(self, path: str, params: dict[str, str] | None = None, read_timeout: float | None = None) -> requests.Response:
+    def _get(
+        self, path: str, params: dict[str, str] | None = None, read_timeout: float | None = None
+    ) -> requests.Response:
         url = self.base + path
         try:
             r = self._session.get(
-                url, params=params, headers={"Metadata-Flavor": "Google"},
+                url,
+                params=params,
+                headers={"Metadata-Flavor": "Google"},
                 timeout=(self.timeout, self.timeout if read_timeout is None else read_timeout),
             )
         except requests.RequestException as e:
@@ -583,7 +593,9 @@ class GCPSource(Source):
                 raise MetadataError(f"{self.base}instance/maintenance-event: HTTP {r.status_code}")
             event = r.text.strip()
         if event == "TERMINATE_ON_HOST_MAINTENANCE":
-            return Notice("gcp", "terminate", now + timedelta(seconds=GCP_NOTICE_SECONDS), now, {"maintenance-event": event})
+            return Notice(
+                "gcp", "terminate", now + timedelta(seconds=GCP_NOTICE_SECONDS), now, {"maintenance-event": event}
+            )
         return None
 
     def next_delay(self, elapsed: float, interval: float) -> float:
@@ -606,7 +618,9 @@ class AzureSource(Source):
 
     name = "azure"
 
-    def __init__(self, endpoint: str | None = None, *, timeout: float = 1.0, session: requests.Session | None = None) -> None:
+    def __init__(
+        self, endpoint: str | None = None, *, timeout: float = 1.0, session: requests.Session | None = None
+    ) -> None:
         self.endpoint = (endpoint or Settings.from_env().azure_endpoint).rstrip("/")
         self.events_url = f"{self.endpoint}/metadata/scheduledevents"
         self.timeout = float(timeout)
@@ -681,7 +695,12 @@ class AzureSource(Source):
             try:
                 deadline = _parse_rfc1123(not_before) if not_before else now + timedelta(seconds=AZURE_NOTICE_SECONDS)
             except (ValueError, TypeError):
-                log.warning("malformed NotBefore %r in Azure event %s: assuming %d s", not_before, event.get("EventId"), AZURE_NOTICE_SECONDS)
+                log.warning(
+                    "malformed NotBefore %r in Azure event %s: assuming %d s",
+                    not_before,
+                    event.get("EventId"),
+                    AZURE_NOTICE_SECONDS,
+                )
                 deadline = now + timedelta(seconds=AZURE_NOTICE_SECONDS)
             return Notice("azure", "terminate", deadline, now, event)
         return None
@@ -703,7 +722,7 @@ class AzureSource(Source):
 
 _PROVIDERS = ("aws", "gcp", "azure")
 
-SourceSpec = Union[str, Iterable[Union[str, Source]]]
+SourceSpec = str | Iterable[str | Source]
 Callback = Callable[[Notice], Any]
 
 
@@ -890,12 +909,18 @@ class InterruptionWatcher:
         self._threads = [dispatcher]
         for source in self._sources:
             self._threads.append(
-                threading.Thread(target=self._poll_loop, args=(source,), name=f"spotsafe-watcher-{source.name}", daemon=True)
+                threading.Thread(
+                    target=self._poll_loop, args=(source,), name=f"spotsafe-watcher-{source.name}", daemon=True
+                )
             )
         self._started = True
         for t in self._threads:
             t.start()
-        log.info("interruption watcher started in %.3f s: watching %s", time.monotonic() - started, ", ".join(self.sources) or "nothing")
+        log.info(
+            "interruption watcher started in %.3f s: watching %s",
+            time.monotonic() - started,
+            ", ".join(self.sources) or "nothing",
+        )
         return self
 
     def stop(self) -> None:
@@ -924,8 +949,9 @@ class InterruptionWatcher:
         self._wake_r = self._wake_w = None
         self._started = False
 
-    def __enter__(self) -> InterruptionWatcher:
-        return self.start()
+    def __enter__(self) -> Self:
+        self.start()
+        return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
@@ -940,6 +966,7 @@ class InterruptionWatcher:
 
     def wait(self, timeout: float | None = None, *, final: bool = False) -> Notice | None:
         """Block until there is a notice (a final one, with ``final=True``) or ``timeout``."""
+
         def ready() -> bool:
             return self._notice is not None and (self._notice.is_final or not final)
 
@@ -977,7 +1004,7 @@ class InterruptionWatcher:
             if source.name == notice.source:
                 try:
                     source.acknowledge(notice)
-                except Exception as e:  # the checkpoint is already safe; this is a courtesy
+                except Exception as e:  # noqa: BLE001 - the checkpoint is already safe; this is a courtesy
                     log.warning("could not acknowledge the %s notice: %s", notice.source, e)
 
     def _offer(self, notice: Notice) -> bool:
@@ -990,7 +1017,10 @@ class InterruptionWatcher:
             self._changed.notify_all()
         log.warning(
             "interruption notice from %s: %s by %s (%.0f s left)",
-            notice.source, notice.action, notice.deadline.isoformat(), notice.time_left(),
+            notice.source,
+            notice.action,
+            notice.deadline.isoformat(),
+            notice.time_left(),
         )
         self._wake()
         return True
@@ -1039,7 +1069,7 @@ class InterruptionWatcher:
             began = time.monotonic()
             try:
                 notice = source.poll(self.poll_interval)
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - a source's failure must not end the watch
                 failures += 1
                 # Back off, but never so far that a notice could be missed by much.
                 # Capped at 5 s (AWS advises polling at least that often) or the poll interval.
@@ -1079,7 +1109,9 @@ class InterruptionWatcher:
             return
         self._signals_active = False  # a handler left behind now defers to the previous one
         if threading.current_thread() is not threading.main_thread():
-            log.warning("stop() outside the main thread: signal handlers left installed (they defer to the previous ones)")
+            log.warning(
+                "stop() outside the main thread: signal handlers left installed (they defer to the previous ones)"
+            )
             return
         for sig, previous in self._previous_handlers.items():
             if signal.getsignal(sig) == self._on_signal:
@@ -1117,4 +1149,8 @@ class InterruptionWatcher:
             except queue.Empty:
                 return
             name = signal.Signals(signum).name
-            self._offer(Notice("signal", "terminate", detected + timedelta(seconds=self.signal_grace), detected, {"signal": name}))
+            self._offer(
+                Notice(
+                    "signal", "terminate", detected + timedelta(seconds=self.signal_grace), detected, {"signal": name}
+                )
+            )

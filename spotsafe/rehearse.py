@@ -164,8 +164,12 @@ class _StepTrigger(threading.Thread):
                 if event.get("event") == "reached":  # only this launch's: read from its start on
                     self.sim.arm(self.action, delay=0)
                     self.appeared.append(time.time())
-                    print(f"spotsafe rehearsal: the run reached step {event.get('step')} ({self.steps} steps "
-                          f"in): the spot '{self.action}' notice appears now", file=sys.stderr, flush=True)
+                    print(
+                        f"spotsafe rehearsal: the run reached step {event.get('step')} ({self.steps} steps "
+                        f"in): the spot '{self.action}' notice appears now",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     return
 
     def stop(self) -> None:
@@ -191,11 +195,13 @@ def rehearse(
     sim = AWSSimulator().start()
     try:
         env = dict(os.environ)
-        env.update({
-            "AWS_EC2_METADATA_SERVICE_ENDPOINT": sim.endpoint,
-            "SPOTSAFE_SOURCES": "aws,signal",
-            EVENTS_ENV: str(events_path),
-        })
+        env.update(
+            {
+                "AWS_EC2_METADATA_SERVICE_ENDPOINT": sim.endpoint,
+                "SPOTSAFE_SOURCES": "aws,signal",
+                EVENTS_ENV: str(events_path),
+            }
+        )
         env.pop("AWS_EC2_METADATA_DISABLED", None)
         # Only the simulator may be asked: nothing probes real metadata addresses.
         env.setdefault("GCE_METADATA_HOST", CLOSED_ENDPOINT)
@@ -215,7 +221,8 @@ def rehearse(
                 print(
                     f"spotsafe rehearsal: instance {launches}: a spot '{action}' notice will appear once the "
                     f"run has taken {notice_after_steps} steps, on the simulated IMDS at {sim.endpoint}",
-                    file=sys.stderr, flush=True,
+                    file=sys.stderr,
+                    flush=True,
                 )
             elif launches <= preemptions and notice_after is not None:
                 sim.arm(action, delay=notice_after)
@@ -223,11 +230,15 @@ def rehearse(
                 print(
                     f"spotsafe rehearsal: instance {launches}: a spot '{action}' notice will appear in "
                     f"{notice_after:g} s on the simulated IMDS at {sim.endpoint}",
-                    file=sys.stderr, flush=True,
+                    file=sys.stderr,
+                    flush=True,
                 )
             else:
-                print(f"spotsafe rehearsal: replacement instance {launches} (no notice armed)", file=sys.stderr,
-                      flush=True)
+                print(
+                    f"spotsafe rehearsal: replacement instance {launches} (no notice armed)",
+                    file=sys.stderr,
+                    flush=True,
+                )
             try:
                 code = supervise(command, store, env=env, max_restarts=max_restarts, backoff=backoff)
             finally:
@@ -237,7 +248,9 @@ def rehearse(
             if code == EXIT_PREEMPTED:
                 print(
                     f"spotsafe rehearsal: instance {launches} exited {EXIT_PREEMPTED} (preempted, state saved); "
-                    "starting a replacement instance", file=sys.stderr, flush=True,
+                    "starting a replacement instance",
+                    file=sys.stderr,
+                    flush=True,
                 )
             if launches > preemptions + max_restarts + 1:
                 break
@@ -252,17 +265,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Rehearse a spot interruption: simulated AWS notice, checkpoint, exit 75, resume.",
     )
     when = parser.add_mutually_exclusive_group()
-    when.add_argument("--notice-after-steps", type=int, default=None, metavar="N",
-                      help="the notice appears once the run has taken N steps since it started or resumed "
-                           "(mid-training on any hardware)")
-    when.add_argument("--notice-after", type=float, default=None, metavar="S",
-                      help="the notice appears S seconds after launch (default 20 when neither is given)")
-    parser.add_argument("--action", default="terminate", choices=["terminate", "stop", "hibernate"],
-                        help="the instance-action of the notice")
+    when.add_argument(
+        "--notice-after-steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="the notice appears once the run has taken N steps since it started or resumed "
+        "(mid-training on any hardware)",
+    )
+    when.add_argument(
+        "--notice-after",
+        type=float,
+        default=None,
+        metavar="S",
+        help="the notice appears S seconds after launch (default 20 when neither is given)",
+    )
+    parser.add_argument(
+        "--action",
+        default="terminate",
+        choices=["terminate", "stop", "hibernate"],
+        help="the instance-action of the notice",
+    )
     parser.add_argument("--preemptions", type=int, default=1, help="how many instances get a notice (default 1)")
     parser.add_argument("--store", help="checkpoint store (default: a temporary directory, removed afterwards)")
-    parser.add_argument("--max-restarts", type=int, default=DEFAULT_MAX_RESTARTS,
-                        help="restarts after crashes, per instance")
+    parser.add_argument(
+        "--max-restarts", type=int, default=DEFAULT_MAX_RESTARTS, help="restarts after crashes, per instance"
+    )
     parser.add_argument("--backoff", type=float, default=1.0, help="seconds before a restart after a crash")
     parser.add_argument("--events", help="keep the run's JSON-lines events file here (default: a temporary file)")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- the training command")
@@ -284,13 +312,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="spotsafe-events-"))
     try:
         outcome, launched_at = rehearse(
-            command, store=store, notice_after=args.notice_after, notice_after_steps=args.notice_after_steps,
+            command,
+            store=store,
+            notice_after=args.notice_after,
+            notice_after_steps=args.notice_after_steps,
             action=args.action,
-            preemptions=args.preemptions, max_restarts=args.max_restarts, backoff=args.backoff,
+            preemptions=args.preemptions,
+            max_restarts=args.max_restarts,
+            backoff=args.backoff,
             events_path=Path(args.events) if args.events else work / "events.jsonl",
         )
-        print(summary(outcome, launched_at=launched_at, store=store if temp is None else f"{store} (temporary)",
-                      notice_after_steps=args.notice_after_steps), flush=True)
+        print(
+            summary(
+                outcome,
+                launched_at=launched_at,
+                store=store if temp is None else f"{store} (temporary)",
+                notice_after_steps=args.notice_after_steps,
+            ),
+            flush=True,
+        )
         return outcome.exit_code
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -25,7 +25,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -82,7 +81,9 @@ class Supervisor:
     def launch_once(self) -> int:
         """Run the command once; its exit status."""
         try:
-            child = subprocess.Popen(list(self.command), env=dict(self.env) if self.env is not None else None, cwd=self.cwd)
+            child = subprocess.Popen(
+                list(self.command), env=dict(self.env) if self.env is not None else None, cwd=self.cwd
+            )
         except OSError as e:
             raise SystemExit(f"spotsafe.resume: cannot run {self.command[0]!r}: {e}") from e
         self._child = child
@@ -105,11 +106,15 @@ class Supervisor:
             if status == 0:
                 return 0
             if status != EXIT_PREEMPTED and self.preempted is not None and self._safe_preempted(started):
-                _say(f"the command exited with status {status}, but the run saved a checkpoint on a "
-                     "preemption notice during this launch: treating it as preempted")
+                _say(
+                    f"the command exited with status {status}, but the run saved a checkpoint on a "
+                    "preemption notice during this launch: treating it as preempted"
+                )
                 status = EXIT_PREEMPTED
             if status == EXIT_PREEMPTED:
-                _say(f"the run saved its state on a preemption notice (exit {EXIT_PREEMPTED}); not restarting on this instance")
+                _say(
+                    f"the run saved its state on a preemption notice (exit {EXIT_PREEMPTED}); not restarting on this instance"
+                )
                 return EXIT_PREEMPTED
             if self._stopping.is_set():
                 _say(f"stopped by signal {self._forwarded}; the command exited with status {status}")
@@ -126,7 +131,6 @@ class Supervisor:
             _say(f"the command exited with status {status}; restart {restarts}/{self.max_restarts} in {delay:g} s")
             if self._stopping.wait(delay):
                 return status
-
 
     def _safe_preempted(self, since: datetime) -> bool:
         assert self.preempted is not None
@@ -212,12 +216,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description="Run a training command until it finishes, resuming it from its newest checkpoint.",
         epilog="Example: python -m spotsafe.resume --store /mnt/spotsafe/runs/mnist -- python train.py",
     )
-    parser.add_argument("--store", default=os.environ.get("SPOTSAFE_STORE"),
-                        help="checkpoint store (path or URL); default $SPOTSAFE_STORE")
-    parser.add_argument("--max-restarts", type=int, default=DEFAULT_MAX_RESTARTS,
-                        help=f"restarts after crashes before giving up (default {DEFAULT_MAX_RESTARTS})")
-    parser.add_argument("--backoff", type=float, default=DEFAULT_BACKOFF,
-                        help=f"seconds before the first restart, doubling each time (default {DEFAULT_BACKOFF:g})")
+    parser.add_argument(
+        "--store",
+        default=os.environ.get("SPOTSAFE_STORE"),
+        help="checkpoint store (path or URL); default $SPOTSAFE_STORE",
+    )
+    parser.add_argument(
+        "--max-restarts",
+        type=int,
+        default=DEFAULT_MAX_RESTARTS,
+        help=f"restarts after crashes before giving up (default {DEFAULT_MAX_RESTARTS})",
+    )
+    parser.add_argument(
+        "--backoff",
+        type=float,
+        default=DEFAULT_BACKOFF,
+        help=f"seconds before the first restart, doubling each time (default {DEFAULT_BACKOFF:g})",
+    )
     parser.add_argument("--status", action="store_true", help="print the run's state and exit")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- the training command")
     args = parser.parse_args(argv)
@@ -252,8 +267,13 @@ def supervise(
             return 0
     child_env = dict(os.environ if env is None else env)
     child_env["SPOTSAFE_STORE"] = store
-    sup = Supervisor(command, env=child_env, max_restarts=max_restarts, backoff=backoff,
-                     preempted=lambda since: notice_checkpoint_since(store, since))
+    sup = Supervisor(
+        command,
+        env=child_env,
+        max_restarts=max_restarts,
+        backoff=backoff,
+        preempted=lambda since: notice_checkpoint_since(store, since),
+    )
 
     def handler(signum: int, frame: FrameType | None) -> None:
         _say(f"got signal {signum}: forwarding it to the training process and waiting for its final save")

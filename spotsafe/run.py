@@ -39,7 +39,9 @@ from spotsafe.errors import SpotsafeError
 from spotsafe.settings import Settings
 
 if TYPE_CHECKING:
-    from spotsafe.checkpoint import CheckpointInfo, Checkpointer
+    from typing_extensions import Self
+
+    from spotsafe.checkpoint import Checkpointer, CheckpointInfo
     from spotsafe.interruption import InterruptionWatcher, Notice
     from spotsafe.storage import Store
 
@@ -189,8 +191,11 @@ class Run:
         #: The multi-rank path (torch.distributed initialized with world size > 1), else None.
         self._ddp: _MultiRank | None = None
         try:
-            self._ddp = _MultiRank.detect(self.checkpointer, agree_every,
-                                          sharded="model" in self._objects and _is_sharded_state(self._objects["model"]))
+            self._ddp = _MultiRank.detect(
+                self.checkpointer,
+                agree_every,
+                sharded="model" in self._objects and _is_sharded_state(self._objects["model"]),
+            )
             self._restore(map_location)
             if self._ddp is not None:
                 self._ddp.cleanup()
@@ -232,7 +237,7 @@ class Run:
         try:
             while self.epoch < n and not self._should_stop:
                 yield self.epoch
-                if self._should_stop:
+                if self.should_stop:  # the loop body may have set it
                     return
                 self._end_epoch()
                 self._check_notice()
@@ -252,9 +257,7 @@ class Run:
         self._active = rl
         if self._epoch_seed is None:
             # A fresh epoch: draw its seed now (after the checkpoint that resumes mid-epoch).
-            self._epoch_seed = (
-                derive_epoch_seed(self.seed, self.epoch) if self.seed is not None else draw_epoch_seed()
-            )
+            self._epoch_seed = derive_epoch_seed(self.seed, self.epoch) if self.seed is not None else draw_epoch_seed()
             self._sampler_state = None
             self._loader_state = None
             self.batch = 0
@@ -352,7 +355,7 @@ class Run:
             if self._owns_watcher and self.watcher is not None:
                 self.watcher.stop()
 
-    def __enter__(self) -> Run:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -434,9 +437,7 @@ class Run:
         self._saved_step = self.step_count
         self.resumed_from = info
         where = info.url if info is not None else self.store.url
-        log.info(
-            "resuming from step %d (epoch %d, batch %d) at %s", self.step_count, self.epoch, self.batch, where
-        )
+        log.info("resuming from step %d (epoch %d, batch %d) at %s", self.step_count, self.epoch, self.batch, where)
         emit_event("resumed", step=self.step_count, epoch=self.epoch, batch=self.batch, url=where)
 
     def _end_epoch(self) -> None:
@@ -453,8 +454,9 @@ class Run:
         metadata = {"batch": self.batch, "metrics": _plain_metrics(self.metrics)}
         if self._ddp is not None:
             run_async = self.checkpointer.async_ if async_ is None else async_
-            self._ddp.save(self.step_count, self._state(), epoch=self.epoch, reason=reason, metadata=metadata,
-                           async_=run_async)
+            self._ddp.save(
+                self.step_count, self._state(), epoch=self.epoch, reason=reason, metadata=metadata, async_=run_async
+            )
         else:
             self.checkpointer.save(
                 self.step_count, self._state(), epoch=self.epoch, reason=reason, async_=async_, metadata=metadata
@@ -486,8 +488,9 @@ class Run:
         return True
 
     def _on_final_notice(self, notice: Notice) -> None:
-        self._final_save(notice.deadline, source=notice.source, action=notice.action,
-                         detected_at=notice.detected_at.timestamp())
+        self._final_save(
+            notice.deadline, source=notice.source, action=notice.action, detected_at=notice.detected_at.timestamp()
+        )
 
     def _final_save(self, deadline: datetime | None, *, source: str, action: str, detected_at: float) -> None:
         t0 = time.monotonic()
@@ -496,11 +499,22 @@ class Run:
         left = (deadline - _now()).total_seconds()
         log.warning(
             "%s notice (%s) at step %d (epoch %d, batch %d): %.0f s to the deadline; checkpointing",
-            source, action, self.step_count, self.epoch, self.batch, left,
+            source,
+            action,
+            self.step_count,
+            self.epoch,
+            self.batch,
+            left,
         )
         emit_event(
-            "notice", step=self.step_count, epoch=self.epoch, batch=self.batch, source=source,
-            action=action, detected_at=detected_at, deadline=deadline.timestamp(),
+            "notice",
+            step=self.step_count,
+            epoch=self.epoch,
+            batch=self.batch,
+            source=source,
+            action=action,
+            detected_at=detected_at,
+            deadline=deadline.timestamp(),
         )
         self.store.set_deadline(deadline)
         if self._ddp is not None:  # a rank lost now must not hold the others past the deadline
@@ -509,7 +523,7 @@ class Run:
             self.checkpointer.wait()
             if self._ddp is not None:
                 self._ddp.wait()
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - logged; the notice save below matters more
             log.error("an earlier background save failed (%s); saving step %d on the notice anyway", e, self.step_count)
             self._saved_step = None
         if self._saved_step != self.step_count:
@@ -526,10 +540,19 @@ class Run:
         else:
             log.error(
                 "checkpoint of step %d committed locally in %.2f s but the remote copy did not finish before "
-                "the deadline", self.step_count, took,
+                "the deadline",
+                self.step_count,
+                took,
             )
-        emit_event("durable", step=self.step_count, epoch=self.epoch, batch=self.batch, seconds=took,
-                   flushed=flushed, left=left)
+        emit_event(
+            "durable",
+            step=self.step_count,
+            epoch=self.epoch,
+            batch=self.batch,
+            seconds=took,
+            flushed=flushed,
+            left=left,
+        )
         if self.watcher is not None:
             self.watcher.acknowledge()
         self._should_stop = True
@@ -561,8 +584,9 @@ class Run:
             return
         due = ddp.agreement.take_due() or (self.every_steps is not None and self.step_count % self.every_steps == 0)
         if agreed is not None:  # a rebalance recommendation somewhere: save, go on
-            log.warning("rebalance recommendation from rank %d: checkpointing at step %d",
-                        agreed.source_rank, self.step_count)
+            log.warning(
+                "rebalance recommendation from rank %d: checkpointing at step %d", agreed.source_rank, self.step_count
+            )
             emit_event("rebalance", step=self.step_count, source=f"rank {agreed.source_rank}")
             due = True
         if due and self._saved_step != self.step_count:
@@ -618,8 +642,9 @@ class _MultiRank:
         self._error: BaseException | None = None
 
     @classmethod
-    def detect(cls, checkpointer: Checkpointer, agree_every: int | str = "auto", *,
-               sharded: bool = False) -> _MultiRank | None:
+    def detect(
+        cls, checkpointer: Checkpointer, agree_every: int | str = "auto", *, sharded: bool = False
+    ) -> _MultiRank | None:
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()):
@@ -632,7 +657,14 @@ class _MultiRank:
         return None if ctx is None else cls(ctx, checkpointer, agree_every)
 
     def restore(self, objects: Mapping[str, Any], map_location: Any) -> dict[str, Any]:
-        from spotsafe.distributed import RANK_KEYS, FileRecord, ShardedState, failed_ranks, load_sharded, merge_rank_state
+        from spotsafe.distributed import (
+            RANK_KEYS,
+            FileRecord,
+            ShardedState,
+            failed_ranks,
+            load_sharded,
+            merge_rank_state,
+        )
         from spotsafe.errors import CheckpointCorrupt, CheckpointNotFound, DistributedError
 
         ckpt = self.checkpointer
@@ -648,14 +680,18 @@ class _MultiRank:
             try:
                 info = ckpt._resolve(int(step))
                 state = merge_rank_state(
-                    lambda r: ckpt._load_one(info, map_location, True, rank=r), self.ctx.rank, info.world_size, RANK_KEYS
+                    lambda r: ckpt._load_one(info, map_location, True, rank=r),  # noqa: B023 - called at once
+                    self.ctx.rank,
+                    info.world_size,
+                    RANK_KEYS,
                 )
             except (CheckpointCorrupt, CheckpointNotFound) as e:
                 error = e
             failed = failed_ranks(self.ctx, error is not None)
             if not failed and sharded:
-                records = [FileRecord(f.path, f.size, f.checksum) for f in ckpt._manifest(info.name).files
-                           if f.role == "dcp"]
+                records = [
+                    FileRecord(f.path, f.size, f.checksum) for f in ckpt._manifest(info.name).files if f.role == "dcp"
+                ]
                 target = {k: o.state_dict() for k, o in sharded.items()}
                 try:
                     if not records:
@@ -668,8 +704,12 @@ class _MultiRank:
                     for k, o in sharded.items():
                         o.load_state_dict(target[k])
             if failed:
-                log.error("checkpoint step %s is damaged for rank(s) %s; every rank falls back to the previous one: %s",
-                          step, failed, error)
+                log.error(
+                    "checkpoint step %s is damaged for rank(s) %s; every rank falls back to the previous one: %s",
+                    step,
+                    failed,
+                    error,
+                )
                 damaged.append(f"step {step} (ranks {failed})")
                 continue
             missing = [k for k in plain if k not in state]
@@ -698,12 +738,18 @@ class _MultiRank:
         if error is not None:
             raise error
 
-    def save(self, step: int, state: Mapping[str, Any], *, epoch: int, reason: str,
-             metadata: Mapping[str, Any], async_: bool = False) -> None:
+    def save(
+        self,
+        step: int,
+        state: Mapping[str, Any],
+        *,
+        epoch: int,
+        reason: str,
+        metadata: Mapping[str, Any],
+        async_: bool = False,
+    ) -> None:
         from spotsafe import checkpoint as C
-        from spotsafe.distributed import RANK_KEYS, persist_rank_files, rank_state
-
-        from spotsafe.distributed import ShardedState, save_sharded
+        from spotsafe.distributed import RANK_KEYS, ShardedState, persist_rank_files, rank_state, save_sharded
 
         # One save at a time: its collectives must not interleave with the next one's.
         self.wait()
@@ -727,9 +773,16 @@ class _MultiRank:
 
         def commit(files: list[Any]) -> None:
             all_files = tuple(files) + tuple(dcp_files)
-            manifest = C.Manifest(format_version=C.format_version_for(all_files), step=step, epoch=epoch, reason=reason,  # type: ignore[arg-type]
-                                  time=when, world_size=self.ctx.world_size, files=all_files,
-                                  metadata=meta)
+            manifest = C.Manifest(
+                format_version=C.format_version_for(all_files),
+                step=step,
+                epoch=epoch,
+                reason=reason,  # type: ignore[arg-type]
+                time=when,
+                world_size=self.ctx.world_size,
+                files=all_files,
+                metadata=meta,
+            )
             C.commit_manifest(store, name, manifest)
 
         timeout = self.timeout

@@ -83,8 +83,10 @@ class _Server(ThreadingHTTPServer):
 
     def process_request(self, request: Any, client_address: Any) -> None:
         t = threading.Thread(
-            target=self._serve_connection, args=(request, client_address),
-            name=f"spotsafe-sim-{self.sim.name}-conn", daemon=True,
+            target=self._serve_connection,
+            args=(request, client_address),
+            name=f"spotsafe-sim-{self.sim.name}-conn",
+            daemon=True,
         )
         with self._conn_lock:
             self._conns[t] = request
@@ -117,7 +119,7 @@ class _Handler(BaseHTTPRequestHandler):
     timeout = 30
     server: _Server
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib's name
+    def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s: " + format, self.server.sim.name, *args)
 
     def do_GET(self) -> None:
@@ -202,7 +204,7 @@ class _Simulator:
     @property
     def host(self) -> str:
         """``127.0.0.1:PORT`` (after :meth:`start`)."""
-        return self.endpoint[len("http://"):]
+        return self.endpoint[len("http://") :]
 
     def start(self) -> Any:
         if self._server is not None:
@@ -210,8 +212,10 @@ class _Simulator:
         self._closing.clear()
         self._server = _Server(self.port, _Handler, self)
         self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
-            name=f"spotsafe-sim-{self.name}", daemon=True,
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.1},
+            name=f"spotsafe-sim-{self.name}",
+            daemon=True,
         )
         self._thread.start()
         if self.notice_after is not None:
@@ -321,7 +325,7 @@ class _Simulator:
         raise NotImplementedError
 
     def _control(self, method: str, path: str, query: Mapping[str, str], body: bytes) -> Response:
-        action = path[len("/spotsafe/"):].strip("/")
+        action = path[len("/spotsafe/") :].strip("/")
         json_headers = {"Content-Type": "application/json"}
         try:
             if method == "GET" and action == "state":
@@ -333,7 +337,9 @@ class _Simulator:
                 self.inject(
                     None if status in ("", "none") else int(status),
                     int(query.get("count", "1")),
-                    body=query.get("body"), delay=float(query.get("delay", "0")), path=query.get("path"),
+                    body=query.get("body"),
+                    delay=float(query.get("delay", "0")),
+                    path=query.get("path"),
                 )
             elif action == "clear-faults":
                 self.clear_faults()
@@ -630,10 +636,16 @@ class GCPSimulator(_Simulator):
             return 405, base, "Method not allowed"
         if not path.startswith(self.PREFIX):
             return 404, base, "Not Found"
-        key = path[len(self.PREFIX):]
+        key = path[len(self.PREFIX) :]
         if key == "" or key.endswith("/"):
             with self._lock:
-                children = sorted({k[len(key):].split("/")[0] + ("/" if "/" in k[len(key):] else "") for k in self.values if k.startswith(key)})
+                children = sorted(
+                    {
+                        k[len(key) :].split("/")[0] + ("/" if "/" in k[len(key) :] else "")
+                        for k in self.values
+                        if k.startswith(key)
+                    }
+                )
             if not children:
                 return 404, base, "Not Found"
             return 200, {**base, "Content-Type": "application/text"}, "\n".join(children) + "\n"
@@ -791,8 +803,13 @@ class AzureSimulator(_Simulator):
         if method != "GET":
             return 405, json_type, json.dumps({"error": "Method not allowed"})
         compute = {
-            "name": self.vm_name, "location": self.location, "vmId": self.vm_id, "priority": "Spot",
-            "vmSize": "Standard_NC4as_T4_v3", "zone": "1", "osType": "Linux",
+            "name": self.vm_name,
+            "location": self.location,
+            "vmId": self.vm_id,
+            "priority": "Spot",
+            "vmSize": "Standard_NC4as_T4_v3",
+            "zone": "1",
+            "osType": "Linux",
         }
         if path == "/metadata/instance/compute/name":
             return 200, {"Content-Type": "text/plain; charset=utf-8"}, self.vm_name
@@ -808,7 +825,7 @@ class AzureSimulator(_Simulator):
             requests_ = json.loads(body or b"{}")["StartRequests"]
             ids = [str(r["EventId"]) for r in requests_]
         except (ValueError, KeyError, TypeError):
-            return 400, json_type, json.dumps({"error": "Bad request. Expected {\"StartRequests\": [{\"EventId\": ...}]}"})
+            return 400, json_type, json.dumps({"error": 'Bad request. Expected {"StartRequests": [{"EventId": ...}]}'})
         with self._lock:
             by_id = {e["EventId"]: e for e in self.events}
             unknown = [i for i in ids if i not in by_id]
@@ -821,6 +838,7 @@ class AzureSimulator(_Simulator):
 
 
 # --------------------------------------------------------------------------- helpers and CLI
+
 
 def simulated_environment(*sims: _Simulator) -> dict[str, str]:
     """Environment variables that point spotsafe (and botocore / google-auth) at running simulators.
@@ -876,11 +894,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     sub = parser.add_subparsers(dest="provider", required=True, metavar="aws|gcp|azure|rehearse")
     for provider in ("aws", "gcp", "azure"):
-        label = {"aws": "AWS EC2 instance metadata (IMDS)", "gcp": "GCE metadata server", "azure": "Azure Scheduled Events"}[provider]
+        label = {
+            "aws": "AWS EC2 instance metadata (IMDS)",
+            "gcp": "GCE metadata server",
+            "azure": "Azure Scheduled Events",
+        }[provider]
         p = sub.add_parser(provider, help=f"simulate the {label}")
         p.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: a free one)")
-        p.add_argument("--notice-after", type=float, default=None, metavar="S",
-                       help="the interruption notice appears S seconds after start")
+        p.add_argument(
+            "--notice-after",
+            type=float,
+            default=None,
+            metavar="S",
+            help="the interruption notice appears S seconds after start",
+        )
         p.add_argument("--duration", type=float, default=None, metavar="S", help="serve S seconds, then exit")
         if provider == "aws":
             p.add_argument("--action", choices=("terminate", "stop", "hibernate"), default="terminate")
@@ -890,7 +917,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     sim: _Simulator
     if args.provider == "aws":
-        sim = AWSSimulator(port=args.port, notice_after=args.notice_after, action=args.action, require_token=args.require_token)
+        sim = AWSSimulator(
+            port=args.port, notice_after=args.notice_after, action=args.action, require_token=args.require_token
+        )
     elif args.provider == "gcp":
         sim = GCPSimulator(port=args.port, notice_after=args.notice_after)
     else:

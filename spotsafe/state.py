@@ -223,7 +223,7 @@ class _Flattener:
         storage = t.untyped_storage()
         lo = int(t.storage_offset())
         hi = lo
-        for size, stride in zip(map(int, t.shape), map(int, t.stride())):
+        for size, stride in zip(map(int, t.shape), map(int, t.stride()), strict=True):
             if stride < 0:  # not producible by torch, but be safe
                 raise StateError(f"{where}: negative strides are not supported")
             hi += (size - 1) * stride
@@ -248,7 +248,7 @@ class _Flattener:
         sources: list[torch.Tensor] = []
         offset = 0
         starts: list[int] = []
-        for (start, end), t in zip(self.blob_ranges, self.blob_storages):
+        for (start, end), t in zip(self.blob_ranges, self.blob_storages, strict=True):
             start -= start % _STORAGE_ALIGN
             end = min(end, t.untyped_storage().nbytes())
             starts.append(start)
@@ -294,8 +294,7 @@ def resolve_device(device: str, map_location: MapLocation) -> torch.device:
     dev = torch.device(target)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise StateError(
-            f"the checkpoint holds tensors saved on {device} but CUDA is not available here: "
-            "pass map_location='cpu'"
+            f"the checkpoint holds tensors saved on {device} but CUDA is not available here: pass map_location='cpu'"
         )
     return dev
 
@@ -347,7 +346,7 @@ def unflatten(
                 off = int(e["offset"])
                 if off % itemsize:
                     raise CheckpointCorrupt(f"{where}: tensor {i} offset {off} is not aligned to {itemsize}")
-                need = off // itemsize + sum((s - 1) * st for s, st in zip(shape, stride)) + 1
+                need = off // itemsize + sum((s - 1) * st for s, st in zip(shape, stride, strict=True)) + 1
                 if min(shape, default=1) > 0 and (need * itemsize > base.numel() or off < 0):
                     raise CheckpointCorrupt(f"{where}: tensor {i} reaches past the end of its blob")
                 t = _typed_view(base, dtype, itemsize).as_strided(shape, stride, off // itemsize)

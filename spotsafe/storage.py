@@ -15,11 +15,14 @@ import os
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any
 
 from spotsafe.errors import CheckpointCorrupt
 
-Buffer = Union[bytes, bytearray, memoryview]
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+Buffer = bytes | bytearray | memoryview
 
 
 class Store(ABC):
@@ -113,23 +116,23 @@ class Store(ABC):
         mistaken for a complete one.
         """
 
-    def cleanup_incomplete(self) -> None:
+    def cleanup_incomplete(self) -> None:  # noqa: B027 - optional hook; nothing to clean by default
         """Remove debris of writes that were killed mid-way (temp files, multipart uploads).
 
         Called by the checkpointer before its first save; never touches committed files.
         """
 
-    def set_deadline(self, deadline: datetime | None) -> None:
+    def set_deadline(self, deadline: datetime | None) -> None:  # noqa: B027 - optional hook
         """Bound retries and waits by ``deadline`` (UTC), e.g. a preemption notice's."""
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait for background replication (a mirror's upload). True when nothing is pending."""
         return True
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook; nothing to release by default
         """Release threads and connections. The store is unusable afterwards."""
 
-    def __enter__(self) -> Store:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -164,9 +167,7 @@ def open_store(
             raise ValueError("a mirror needs both local= and remote=")
         from spotsafe.storages.mirror import MirrorStore
 
-        return MirrorStore(
-            open_store(local), open_store(remote, storage_options=storage_options)
-        )
+        return MirrorStore(open_store(local), open_store(remote, storage_options=storage_options))
     if store is None:
         from spotsafe.settings import Settings
 

@@ -60,9 +60,9 @@ from spotsafe.errors import (
     VolumeDeviceNotFound,
     VolumeError,
     VolumeMountError,
+    VolumeNoFilesystem,
     VolumeNotBlank,
     VolumeNotFound,
-    VolumeNoFilesystem,
     VolumePermissionDenied,
     VolumeTimeout,
     VolumeWrongZone,
@@ -184,9 +184,7 @@ IAM_POLICY: dict[str, Any] = {
 }
 
 _GONE_STATES = frozenset({"terminated", "stopped"})
-_PERMISSION_CODES = frozenset(
-    {"UnauthorizedOperation", "AccessDenied", "AccessDeniedException", "UnauthorizedAccess"}
-)
+_PERMISSION_CODES = frozenset({"UnauthorizedOperation", "AccessDenied", "AccessDeniedException", "UnauthorizedAccess"})
 _BLANK_PROBE_BYTES = 1 << 20
 
 
@@ -515,7 +513,10 @@ class VolumeManager:
                 elif not forced and now - gone_since >= t.force_detach_after:
                     log.warning(
                         "volume %s not released by %s (%s) after %.0f s: force-detaching",
-                        volume.volume_id, old, state or "gone", now - gone_since,
+                        volume.volume_id,
+                        old,
+                        state or "gone",
+                        now - gone_since,
                     )
                     self._detach_call(volume.volume_id, old, force=True)
                     forced = True
@@ -524,16 +525,23 @@ class VolumeManager:
             if now - start >= t.detach:
                 raise VolumeBusy(
                     f"volume {volume.volume_id} is still attached to {old} ({state or 'gone'}) after "
-                    f"{t.detach:.0f} s" + ("" if state is None or state in _GONE_STATES else
-                                           "; that instance is alive: is another copy of this run using it?")
+                    f"{t.detach:.0f} s"
+                    + (
+                        ""
+                        if state is None or state in _GONE_STATES
+                        else "; that instance is alive: is another copy of this run using it?"
+                    )
                 )
             self._sleep(t.poll)
 
     def _detach_call(self, volume_id: str, instance_id: str, *, force: bool) -> None:
         try:
             self._call(
-                "detach_volume", f"detach {volume_id} from {instance_id}",
-                VolumeId=volume_id, InstanceId=instance_id, Force=force,
+                "detach_volume",
+                f"detach {volume_id} from {instance_id}",
+                VolumeId=volume_id,
+                InstanceId=instance_id,
+                Force=force,
             )
         except VolumeBusy as e:  # already detaching / detached meanwhile: the loop sees it
             log.info("%s", e)
@@ -548,8 +556,11 @@ class VolumeManager:
             return volume
         self._detach_call(volume.volume_id, self.instance_id, force=force)
         return self._wait(
-            volume.volume_id, lambda v: v.instance_id is None, self.timeouts.detach,
-            f"volume {volume.volume_id} to detach from {self.instance_id}", busy=True,
+            volume.volume_id,
+            lambda v: v.instance_id is None,
+            self.timeouts.detach,
+            f"volume {volume.volume_id} to detach from {self.instance_id}",
+            busy=True,
         )
 
     # ---------------------------------------------------------------- moving
@@ -565,9 +576,12 @@ class VolumeManager:
         """
         here = self.availability_zone
         r = self._call(
-            "describe_volumes", f"look for an earlier move of {volume.volume_id}",
-            Filters=[{"Name": f"tag:{TAG_MOVED_FROM}", "Values": [volume.volume_id]},
-                     {"Name": "availability-zone", "Values": [here]}],
+            "describe_volumes",
+            f"look for an earlier move of {volume.volume_id}",
+            Filters=[
+                {"Name": f"tag:{TAG_MOVED_FROM}", "Values": [volume.volume_id]},
+                {"Name": "availability-zone", "Values": [here]},
+            ],
         )
         for v in r.get("Volumes", []):
             info = VolumeInfo.from_api(v)
@@ -578,11 +592,13 @@ class VolumeManager:
         log.info("moving %s from %s to %s: snapshot", volume.volume_id, volume.availability_zone, here)
         keep = {k: v for k, v in volume.tags.items() if not k.startswith("aws:") and k != TAG_NEW}
         snap = self._call(
-            "create_snapshot", f"snapshot {volume.volume_id}",
+            "create_snapshot",
+            f"snapshot {volume.volume_id}",
             VolumeId=volume.volume_id,
             Description=f"spotsafe: move of {volume.volume_id} to {here}",
-            TagSpecifications=[{"ResourceType": "snapshot",
-                                "Tags": _tag_list({**keep, "spotsafe-move-of": volume.volume_id})}],
+            TagSpecifications=[
+                {"ResourceType": "snapshot", "Tags": _tag_list({**keep, "spotsafe-move-of": volume.volume_id})}
+            ],
         )
         snap_id = snap["SnapshotId"]
         self._wait_snapshot(snap_id)
@@ -591,8 +607,12 @@ class VolumeManager:
             "SnapshotId": snap_id,
             "VolumeType": volume.volume_type,
             "Size": volume.size,
-            "TagSpecifications": [{"ResourceType": "volume", "Tags": _tag_list(
-                {**keep, TAG_MOVED_FROM: volume.volume_id, TAG_MOVE_SNAPSHOT: snap_id})}],
+            "TagSpecifications": [
+                {
+                    "ResourceType": "volume",
+                    "Tags": _tag_list({**keep, TAG_MOVED_FROM: volume.volume_id, TAG_MOVE_SNAPSHOT: snap_id}),
+                }
+            ],
         }
         if volume.volume_type in ("io1", "io2", "gp3") and volume.iops:
             args["Iops"] = volume.iops
@@ -626,12 +646,15 @@ class VolumeManager:
         if volume.state in ("available", "in-use"):
             return volume
         return self._wait(
-            volume.volume_id, lambda v: v.state in ("available", "in-use"), self.timeouts.create,
+            volume.volume_id,
+            lambda v: v.state in ("available", "in-use"),
+            self.timeouts.create,
             f"volume {volume.volume_id} to become available",
         )
 
-    def _wait(self, volume_id: str, done: Callable[[VolumeInfo], bool], timeout: float, what: str,
-              *, busy: bool = False) -> VolumeInfo:
+    def _wait(
+        self, volume_id: str, done: Callable[[VolumeInfo], bool], timeout: float, what: str, *, busy: bool = False
+    ) -> VolumeInfo:
         start = time.monotonic()
         while True:
             v = self.describe(volume_id)
@@ -641,8 +664,10 @@ class VolumeManager:
                 raise VolumeError(f"volume {volume_id} is in state error while waiting for {what}")
             if time.monotonic() - start >= timeout:
                 cls = VolumeBusy if busy else VolumeTimeout
-                raise cls(f"timed out after {timeout:.0f} s waiting for {what} (state {v.state}, "
-                          f"attachment {v.attachment_state})")
+                raise cls(
+                    f"timed out after {timeout:.0f} s waiting for {what} (state {v.state}, "
+                    f"attachment {v.attachment_state})"
+                )
             self._sleep(self.timeouts.poll)
 
     def retire_superseded(self, volume: VolumeInfo) -> list[str]:
@@ -670,7 +695,9 @@ class VolumeManager:
                 if "NotFound" not in str(e):
                     raise
         self._call(
-            "delete_tags", f"untag {volume.volume_id}", Resources=[volume.volume_id],
+            "delete_tags",
+            f"untag {volume.volume_id}",
+            Resources=[volume.volume_id],
             Tags=[{"Key": TAG_MOVED_FROM}, {"Key": TAG_MOVE_SNAPSHOT}],
         )
         log.info("retired %s", ", ".join(deleted) or "nothing (already gone)")
@@ -728,8 +755,11 @@ class VolumeManager:
         name = device_name or self._free_device_name()
         log.info("attaching %s to %s as %s", volume.volume_id, self.instance_id, name)
         self._call(
-            "attach_volume", f"attach {volume.volume_id} to {self.instance_id}",
-            VolumeId=volume.volume_id, InstanceId=self.instance_id, Device=name,
+            "attach_volume",
+            f"attach {volume.volume_id} to {self.instance_id}",
+            VolumeId=volume.volume_id,
+            InstanceId=self.instance_id,
+            Device=name,
         )
         volume = self._wait_attached(volume)
         device = self.find_device(volume, wait=wait_device)
@@ -740,14 +770,19 @@ class VolumeManager:
         return self._wait(
             volume.volume_id,
             lambda v: v.instance_id == self.instance_id and v.attachment_state == "attached",
-            self.timeouts.attach, f"volume {volume.volume_id} to attach to {self.instance_id}",
+            self.timeouts.attach,
+            f"volume {volume.volume_id} to attach to {self.instance_id}",
         )
 
     def find_device(self, volume: VolumeInfo, *, wait: bool = True) -> str:
         """The block device of an attached volume (see :func:`find_device`)."""
         return find_device(
-            volume.volume_id, volume.device_name, sys_root=self.sys_root, dev_root=self.dev_root,
-            timeout=self.timeouts.device if wait else 0.0, poll=min(self.timeouts.poll, 0.5),
+            volume.volume_id,
+            volume.device_name,
+            sys_root=self.sys_root,
+            dev_root=self.dev_root,
+            timeout=self.timeouts.device if wait else 0.0,
+            poll=min(self.timeouts.poll, 0.5),
         )
 
 
@@ -1045,8 +1080,14 @@ def mount(
         if not uuid:
             raise VolumeMountError(f"fstab: {device} has no filesystem UUID")
         added = _add_fstab(fstab_path, uuid, mountpoint, fs)
-    log.info("%s %s at %s (%s%s)", device, "was mounted" if already else "mounted", mountpoint, fs,
-             ", new filesystem" if formatted else "")
+    log.info(
+        "%s %s at %s (%s%s)",
+        device,
+        "was mounted" if already else "mounted",
+        mountpoint,
+        fs,
+        ", new filesystem" if formatted else "",
+    )
     return MountResult(device, mountpoint, fs, uuid, formatted, already, added)
 
 
@@ -1114,7 +1155,8 @@ def finish(
     if spot:
         calls = _Calls(ec2 or ec2_client(identity.region))
         r = calls(
-            "describe_spot_instance_requests", f"find the spot request of {iid}",
+            "describe_spot_instance_requests",
+            f"find the spot request of {iid}",
             Filters=[{"Name": "instance-id", "Values": [iid]}],
         )
         requests = sorted(
@@ -1124,8 +1166,7 @@ def finish(
         )
         if requests:
             # A persistent request would launch a replacement for a finished run.
-            calls("cancel_spot_instance_requests", f"cancel the spot request of {iid}",
-                  SpotInstanceRequestIds=requests)
+            calls("cancel_spot_instance_requests", f"cancel the spot request of {iid}", SpotInstanceRequestIds=requests)
             done.extend(f"spot request {rid}: cancelled" for rid in requests)
     return done
 
@@ -1155,8 +1196,11 @@ class Identity:
             try:
                 return cls(md.instance_id, md.availability_zone, md.region)
             except Exception as e:
-                err = e if isinstance(e, MetadataError) else MetadataError(
-                    f"cannot read this instance's identity from IMDS at {md.endpoint}: {e}")
+                err = (
+                    e
+                    if isinstance(e, MetadataError)
+                    else MetadataError(f"cannot read this instance's identity from IMDS at {md.endpoint}: {e}")
+                )
                 if time.monotonic() + 1.0 > deadline:
                     if err is e:
                         raise
@@ -1168,8 +1212,9 @@ class Identity:
 
 
 def _identity(args: argparse.Namespace) -> Identity:
-    return Identity.from_metadata(args.metadata_endpoint, timeout=args.metadata_timeout,
-                                  retry_for=args.metadata_retry_for)
+    return Identity.from_metadata(
+        args.metadata_endpoint, timeout=args.metadata_timeout, retry_for=args.metadata_retry_for
+    )
 
 
 def _manager(args: argparse.Namespace) -> VolumeManager:
@@ -1185,8 +1230,11 @@ def _manager(args: argparse.Namespace) -> VolumeManager:
         create=args.snapshot_timeout,
     )
     return VolumeManager(
-        ec2_client(region, endpoint_url=args.endpoint_url), identity, timeouts=timeouts,
-        sys_root=args.sys_root, dev_root=args.dev_root,
+        ec2_client(region, endpoint_url=args.endpoint_url),
+        identity,
+        timeouts=timeouts,
+        sys_root=args.sys_root,
+        dev_root=args.dev_root,
     )
 
 
@@ -1206,8 +1254,16 @@ def _cmd_attach(args: argparse.Namespace) -> int:
     vid, tags = _selector(args)
     a = mgr.attach(vid, tags, device_name=args.device, move=args.move)
     if args.json:
-        print(json.dumps({"volume": a.volume.to_json(), "device": a.device, "attached_now": a.attached_now,
-                          "moved_from": a.moved_from}))
+        print(
+            json.dumps(
+                {
+                    "volume": a.volume.to_json(),
+                    "device": a.device,
+                    "attached_now": a.attached_now,
+                    "moved_from": a.moved_from,
+                }
+            )
+        )
     else:
         print(a.device)
     return EXIT_OK
@@ -1233,14 +1289,19 @@ def _cmd_mount(args: argparse.Namespace) -> int:
     if device is None:
         raise VolumeError("mount: give --device, or --volume-id / --tag to find it")
     result = mount(
-        device, args.mountpoint, mkfs=mkfs, fstype=args.fstype, owner=args.owner, fstab=args.fstab,
-        fstab_path=args.fstab_path, options=args.options,
+        device,
+        args.mountpoint,
+        mkfs=mkfs,
+        fstype=args.fstype,
+        owner=args.owner,
+        fstab=args.fstab,
+        fstab_path=args.fstab_path,
+        options=args.options,
     )
     if mgr is not None and volume is not None:
         if TAG_NEW in volume.tags:
             # It has a filesystem now: the permission to format is spent.
-            mgr._call("delete_tags", f"untag {volume.volume_id}", Resources=[volume.volume_id],
-                      Tags=[{"Key": TAG_NEW}])
+            mgr._call("delete_tags", f"untag {volume.volume_id}", Resources=[volume.volume_id], Tags=[{"Key": TAG_NEW}])
         if not args.keep_old:
             mgr.retire_superseded(volume)
     if args.json:
@@ -1296,8 +1357,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(out, default=str))
         return EXIT_OK
     mounted = out["mounted"]
-    print(f"mount point  {out['mountpoint']}: " + (f"{mounted['source']} ({mounted['fstype']})" if mounted
-                                                   else "nothing mounted"))
+    print(
+        f"mount point  {out['mountpoint']}: "
+        + (f"{mounted['source']} ({mounted['fstype']})" if mounted else "nothing mounted")
+    )
     if "volume" in out:
         v = out["volume"]
         where = f"attached to {v['instance_id']} ({v['attachment_state']})" if v["instance_id"] else v["state"]
@@ -1321,25 +1384,44 @@ def _cmd_finish(args: argparse.Namespace) -> int:
 def _add_common(p: argparse.ArgumentParser, *, selector: bool = True, aws: bool = True) -> None:
     if selector:
         p.add_argument("--volume-id", help="the volume's id (vol-…)")
-        p.add_argument("--tag", action="append", metavar="KEY=VALUE",
-                       help="find the volume by tag (repeatable), e.g. spotsafe-run=mnist")
+        p.add_argument(
+            "--tag",
+            action="append",
+            metavar="KEY=VALUE",
+            help="find the volume by tag (repeatable), e.g. spotsafe-run=mnist",
+        )
     if aws:
         p.add_argument("--region", help="EC2 region (default: this instance's, from IMDS)")
         p.add_argument("--endpoint-url", help="EC2 endpoint (default: botocore's; AWS_ENDPOINT_URL_EC2 works too)")
-        p.add_argument("--metadata-endpoint", default=None,
-                       help="IMDS base URL (default: AWS_EC2_METADATA_SERVICE_ENDPOINT or 169.254.169.254)")
+        p.add_argument(
+            "--metadata-endpoint",
+            default=None,
+            help="IMDS base URL (default: AWS_EC2_METADATA_SERVICE_ENDPOINT or 169.254.169.254)",
+        )
         p.add_argument("--metadata-timeout", type=float, default=2.0, help="seconds per IMDS request")
-        p.add_argument("--metadata-retry-for", type=float, default=30.0,
-                       help="keep retrying IMDS this many seconds before giving up (exit 13)")
+        p.add_argument(
+            "--metadata-retry-for",
+            type=float,
+            default=30.0,
+            help="keep retrying IMDS this many seconds before giving up (exit 13)",
+        )
         p.add_argument("--sys-root", default="/sys", help=argparse.SUPPRESS)
         p.add_argument("--dev-root", default="/dev", help=argparse.SUPPRESS)
         d = Timeouts()
         p.add_argument("--poll-interval", type=float, default=d.poll, help="seconds between EC2 polls")
         p.add_argument("--attach-timeout", type=float, default=d.attach)
-        p.add_argument("--detach-timeout", type=float, default=d.detach,
-                       help="how long to wait for the volume to leave the old instance")
-        p.add_argument("--force-detach-after", type=float, default=d.force_detach_after,
-                       help="force-detach from a terminated/stopped old instance after this many seconds")
+        p.add_argument(
+            "--detach-timeout",
+            type=float,
+            default=d.detach,
+            help="how long to wait for the volume to leave the old instance",
+        )
+        p.add_argument(
+            "--force-detach-after",
+            type=float,
+            default=d.force_detach_after,
+            help="force-detach from a terminated/stopped old instance after this many seconds",
+        )
         p.add_argument("--device-timeout", type=float, default=d.device)
         p.add_argument("--snapshot-timeout", type=float, default=d.snapshot)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -1356,8 +1438,9 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("attach", help="find the volume and attach it here; prints the block device")
     _add_common(p)
     p.add_argument("--device", help="device name for attach_volume (default: first free of /dev/sdf..sdp)")
-    p.add_argument("--move", action="store_true",
-                   help="if the volume is in another zone: snapshot it and create a copy here")
+    p.add_argument(
+        "--move", action="store_true", help="if the volume is in another zone: snapshot it and create a copy here"
+    )
     p = sub.add_parser("mount", help="mount the attached volume (mkfs only if blank and allowed)")
     _add_common(p)
     p.add_argument("--device", help="the block device (default: found from the volume)")
@@ -1368,8 +1451,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--owner", metavar="USER[:GROUP]", help="chown the mount point for the training user")
     p.add_argument("--fstab", action="store_true", help="add an fstab entry (UUID, nofail)")
     p.add_argument("--fstab-path", default="/etc/fstab", help=argparse.SUPPRESS)
-    p.add_argument("--keep-old", action="store_true",
-                   help="after a zone move, keep the old volume and snapshot instead of deleting them")
+    p.add_argument(
+        "--keep-old",
+        action="store_true",
+        help="after a zone move, keep the old volume and snapshot instead of deleting them",
+    )
     p = sub.add_parser("unmount", help="unmount the volume (no-op when not mounted)")
     _add_common(p, selector=False, aws=False)
     p.add_argument("--mountpoint", default=DEFAULT_MOUNTPOINT)

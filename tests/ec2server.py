@@ -90,8 +90,12 @@ class IAMEnforcingServer:
     def __init__(self) -> None:
         env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="3")
         self._proc = subprocess.Popen(
-            [sys.executable, "-c", _CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL, env=env, text=True,
+            [sys.executable, "-c", _CHILD],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env=env,
+            text=True,
         )
         assert self._proc.stdout is not None
         line = self._proc.stdout.readline().strip()
@@ -101,7 +105,8 @@ class IAMEnforcingServer:
         self.endpoint = f"http://{line}"
         self.admin = self.keys_for(
             {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]},
-            name="admin", keys=FAKE_KEYS,
+            name="admin",
+            keys=FAKE_KEYS,
         )
 
     def client(self, service: str, keys: dict[str, str]) -> Any:
@@ -109,8 +114,9 @@ class IAMEnforcingServer:
 
         return boto3.client(service, region_name=REGION, endpoint_url=self.endpoint, **keys)
 
-    def keys_for(self, policy: dict[str, Any], *, name: str | None = None,
-                 keys: dict[str, str] | None = None) -> dict[str, str]:
+    def keys_for(
+        self, policy: dict[str, Any], *, name: str | None = None, keys: dict[str, str] | None = None
+    ) -> dict[str, str]:
         iam = self.client("iam", keys or self.admin)
         user = name or f"u{uuid.uuid4().hex[:10]}"
         iam.create_user(UserName=user)
@@ -149,8 +155,9 @@ def ec2(ec2_server: EC2Server) -> Any:
 
 
 def run_instance(client: Any, az: str) -> str:
-    r = client.run_instances(ImageId=AMI, MinCount=1, MaxCount=1, InstanceType="g5.xlarge",
-                             Placement={"AvailabilityZone": az})
+    r = client.run_instances(
+        ImageId=AMI, MinCount=1, MaxCount=1, InstanceType="g5.xlarge", Placement={"AvailabilityZone": az}
+    )
     return str(r["Instances"][0]["InstanceId"])
 
 

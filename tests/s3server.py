@@ -111,9 +111,7 @@ class FaultProxy:
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
         self.endpoint = f"http://127.0.0.1:{self._httpd.server_address[1]}"
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever, name="spotsafe-test-s3proxy", daemon=True
-        )
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="spotsafe-test-s3proxy", daemon=True)
 
     def start(self) -> FaultProxy:
         self._thread.start()
@@ -124,9 +122,7 @@ class FaultProxy:
         self._thread.join()
         self._httpd.server_close()
 
-    def inject(
-        self, kind: str, count: int = 1, match: Callable[[str, str], bool] | None = None
-    ) -> None:
+    def inject(self, kind: str, count: int = 1, match: Callable[[str, str], bool] | None = None) -> None:
         """Fail the next ``count`` requests for which ``match(method, path)`` holds."""
         if kind not in (*_ERROR_BODIES, "drop", "reset"):
             raise ValueError(f"unknown fault {kind!r}")
@@ -147,9 +143,7 @@ class FaultProxy:
         return sum(
             1
             for r in list(self.requests)
-            if r.method == method
-            and contains in r.path
-            and (fault is None or (r.fault is not None) == fault)
+            if r.method == method and contains in r.path and (fault is None or (r.fault is not None) == fault)
         )
 
     def _take_fault(self, method: str, path: str) -> str | None:
@@ -169,16 +163,13 @@ class FaultProxy:
             time.sleep(self.delay)
         if fault in ("drop", "reset"):
             if fault == "reset":
-                h.connection.setsockopt(
-                    socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
-                )
+                h.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             h.close_connection = True  # closed without an answer
             return
         if fault is not None:
             status, code, message = _ERROR_BODIES[fault]
             payload = (
-                f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
-                f"<Message>{message}</Message></Error>"
+                f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code><Message>{message}</Message></Error>'
             ).encode()
             h.send_response(status)
             h.send_header("Content-Type", "application/xml")

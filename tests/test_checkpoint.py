@@ -25,7 +25,7 @@ import pytest
 import torch
 
 import spotsafe
-from spotsafe.checkpoint import FORMAT_VERSION, MANIFEST, Checkpointer, CheckpointInfo, checkpoint_name
+from spotsafe.checkpoint import FORMAT_VERSION, MANIFEST, Checkpointer, checkpoint_name
 from spotsafe.errors import (
     CheckpointCorrupt,
     CheckpointNotFound,
@@ -634,7 +634,10 @@ def test_segments_cut_the_payload_without_copying() -> None:
 
     rng = random.Random(7)
     for _ in range(50):
-        parts = [memoryview(bytes(rng.randrange(256) for _ in range(rng.randrange(0, 300)))) for _ in range(rng.randrange(1, 6))]
+        parts = [
+            memoryview(bytes(rng.randrange(256) for _ in range(rng.randrange(0, 300))))
+            for _ in range(rng.randrange(1, 6))
+        ]
         size = rng.randrange(1, 200)
         pieces = _segments(parts, size)
         joined = b"".join(bytes(v) for p in pieces for v in p)
@@ -663,7 +666,7 @@ def test_segmented_checkpoint_round_trips_through_the_generic_store_calls(tmp_pa
     with Checkpointer(tmp_path) as c:  # a plain local store reads it too
         rest = c.restore(5, {"model": fresh, "opt": fresh_opt})
     assert rest["epoch"] == 2
-    for a, b in zip(model.state_dict().values(), fresh.state_dict().values()):
+    for a, b in zip(model.state_dict().values(), fresh.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     assert fresh[1].weight.data_ptr() == fresh[0].weight.data_ptr()  # still tied
     assert fresh_opt.state_dict()["state"][0]["exp_avg"].equal(opt.state_dict()["state"][0]["exp_avg"])

@@ -83,8 +83,9 @@ def test_subcommands_delegate_to_their_modules(command: str, monkeypatch: pytest
 
 
 def test_python_dash_m_spotsafe(store: Path) -> None:
-    r = subprocess.run([sys.executable, "-m", "spotsafe", "verify", str(store)], capture_output=True, text=True,
-                       timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "spotsafe", "verify", str(store)], capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 0, f"{r.stderr}"
     assert "step-000000000200" in r.stdout
     r = subprocess.run([sys.executable, "-m", "spotsafe"], capture_output=True, text=True, timeout=120)

@@ -34,8 +34,15 @@ def test_every_metadata_source_points_at_loopback() -> None:
 
 def test_subprocesses_inherit_the_loopback_endpoints() -> None:
     out = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.environ['AWS_EC2_METADATA_SERVICE_ENDPOINT'], os.environ['GCE_METADATA_HOST'])"],
-        capture_output=True, text=True, check=True, env=os.environ.copy(),
+        [
+            sys.executable,
+            "-c",
+            "import os; print(os.environ['AWS_EC2_METADATA_SERVICE_ENDPOINT'], os.environ['GCE_METADATA_HOST'])",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=os.environ.copy(),
     ).stdout.split()
     assert out == ["http://127.0.0.1:9", "127.0.0.1:9"]
 

@@ -41,8 +41,13 @@ def torchrun(script: str, *args: object, nproc: int = 2, timeout: float = 120) -
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("SPOTSAFE_STORE", None)
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc_per_node={nproc}", str(WORKERS / script), *map(str, args),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        str(WORKERS / script),
+        *map(str, args),
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:  # keep the whole story for a failure report
@@ -75,7 +80,7 @@ def test_notice_on_rank_1_only_is_agreed_by_every_rank_at_the_same_step(tmp_path
     r0, r1 = results(tmp_path, "agree")
     expected_levels = [2, 2, 1, 2]  # terminate, terminate, rebalance, terminate (auto)
     notice_steps = [notice_step] * 3 + [30]
-    for a, b, level, at in zip(r0["runs"], r1["runs"], expected_levels, notice_steps):
+    for a, b, level, at in zip(r0["runs"], r1["runs"], expected_levels, notice_steps, strict=True):
         assert a["agreed_at"] == b["agreed_at"]
         assert a["every_then"] == b["every_then"]  # auto: every rank switched together
         assert 0 <= a["agreed_at"] - at <= 2 * a["every_then"] - 1 if a["every"] == "auto" else a["bound"]
@@ -136,7 +141,7 @@ def test_fsdp_state_round_trips_through_dcp_and_reshards_to_one_rank(tmp_path: P
     expected = torch.load(out / "expected.pt", weights_only=True)
     for key, value in model.state_dict().items():
         assert torch.equal(value, expected["model"][key])
-    got_msd, got_osd = get_state_dict(model, opt)
+    _, got_osd = get_state_dict(model, opt)
     for fqn, moments in expected["optim"]["state"].items():
         for name, value in moments.items():
             assert torch.equal(got_osd["state"][fqn][name], value)
@@ -165,8 +170,7 @@ def test_rank_lost_mid_save_commits_nothing_and_names_the_rank(tmp_path: Path, m
         model.weight.zero_()
         model.bias.zero_()
     state = {"model": model.state_dict()}
-    load_sharded(state, LocalStore(root), "step-000000000001",
-                 files=[FileRecord(**f) for f in manifest["files"]])
+    load_sharded(state, LocalStore(root), "step-000000000001", files=[FileRecord(**f) for f in manifest["files"]])
     assert torch.equal(state["model"]["weight"], reference.weight.detach())
     assert torch.equal(state["model"]["bias"], reference.bias.detach())
 
@@ -193,8 +197,9 @@ def _saved_single(tmp_path: Path) -> tuple[LocalStore, list[FileRecord], torch.n
     torch.manual_seed(3)
     model = torch.nn.Linear(4, 3)
     committed: list[list[FileRecord]] = []
-    files = save_sharded({"model": model.state_dict(), "meta": {"lr": 0.5}}, store, "step-000000000010",
-                         commit=committed.append)
+    files = save_sharded(
+        {"model": model.state_dict(), "meta": {"lr": 0.5}}, store, "step-000000000010", commit=committed.append
+    )
     assert committed == [files]
     return store, files, model
 
@@ -222,8 +227,9 @@ def test_sharded_state_goes_to_s3_under_the_manifest(s3_bucket: str, s3_options:
 
         files = save_sharded({"model": model.state_dict()}, store, directory, commit=commit)
         keys = {o["Key"] for o in s3_client.list_objects_v2(Bucket=s3_bucket)["Contents"]}  # type: ignore[attr-defined]
-        assert keys == {f"runs/fsdp/{directory}/{name}"
-                        for name in ("manifest.json", "dcp/.metadata", "dcp/__0_0.distcp")}
+        assert keys == {
+            f"runs/fsdp/{directory}/{name}" for name in ("manifest.json", "dcp/.metadata", "dcp/__0_0.distcp")
+        }
         target = {"model": torch.nn.Linear(4, 3).state_dict()}
         listed = json.loads(bytes(store.read_file(f"{directory}/manifest.json")))["files"]
         load_sharded(target, store, directory, files=[FileRecord(**f) for f in listed])
@@ -240,7 +246,7 @@ def test_a_torn_shard_is_refused_naming_the_file(tmp_path: Path) -> None:
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
     state = {"model": torch.nn.Linear(4, 3).state_dict(), "meta": {"lr": 0.0}}
-    with pytest.raises(CheckpointCorrupt, match="__0_0.distcp"):
+    with pytest.raises(CheckpointCorrupt, match=r"__0_0\.distcp"):
         load_sharded(state, store, "step-000000000010", files=files)
 
 
@@ -258,7 +264,7 @@ def test_dcp_metadata_cannot_run_code(tmp_path: Path) -> None:
     meta = tmp_path / "store" / "step-000000000010" / "dcp" / ".metadata"
     meta.write_bytes(pickle.dumps(_Planted()))
     state = {"model": torch.nn.Linear(4, 3).state_dict(), "meta": {"lr": 0.0}}
-    with pytest.raises(UnsafeCheckpoint, match="posix.system|os.system"):
+    with pytest.raises(UnsafeCheckpoint, match=r"posix\.system|os\.system"):
         load_sharded(state, store, "step-000000000010")
     assert MARKER.exists() == False  # noqa: E712
 
@@ -291,8 +297,10 @@ def test_resplit_reads_every_remaining_sample_once(old: int, new: int) -> None:
     assert len(after) - len(set(after)) < new  # only DistributedSampler-style padding repeats
 
 
-@pytest.mark.parametrize("n,world,shuffle,drop_last", [(10, 2, True, False), (11, 3, True, False),
-                                                       (11, 3, False, True), (7, 2, False, False)])
+@pytest.mark.parametrize(
+    "n,world,shuffle,drop_last",
+    [(10, 2, True, False), (11, 3, True, False), (11, 3, False, True), (7, 2, False, False)],
+)
 def test_elastic_sampler_matches_distributed_sampler(n: int, world: int, shuffle: bool, drop_last: bool) -> None:
     from torch.utils.data import DistributedSampler
 
@@ -368,13 +376,16 @@ def test_run_under_torchrun_notice_on_one_rank_resume_bit_identical_and_on_one_r
     shutil.copytree(cut / "store", tmp_path / "store1")
 
     # damage rank 1's own file of the notice checkpoint: both ranks must fall back together
-    rank1 = [f for f in manifest["files"] if f["rank"] == 1 and f["role"] == "data"][0]
+    rank1 = next(f for f in manifest["files"] if f["rank"] == 1 and f["role"] == "data")
     damaged = cut / "store" / f"step-{step:012d}" / rank1["path"]
     data = bytearray(damaged.read_bytes())
     data[len(data) // 2] ^= 0xFF
     damaged.write_bytes(bytes(data))
-    previous = max(int(p.name[5:]) for p in (cut / "store").glob("step-*")
-                   if int(p.name[5:]) < step and (p / "manifest.json").exists())
+    previous = max(
+        int(p.name[5:])
+        for p in (cut / "store").glob("step-*")
+        if int(p.name[5:]) < step and (p / "manifest.json").exists()
+    )
 
     # resumed on 2 ranks (from the previous checkpoint): bit-identical to the uninterrupted run
     proc = torchrun("run_ddp.py", cut / "out", cut / "store", 0, -1)
@@ -392,18 +403,25 @@ def test_run_under_torchrun_notice_on_one_rank_resume_bit_identical_and_on_one_r
     # world size 2 -> 1: one plain process resumes the DDP run
     env = dict(os.environ, OMP_NUM_THREADS="1")
     one = tmp_path / "one"
-    proc = subprocess.run([sys.executable, str(WORKERS / "run_ddp.py"), one, tmp_path / "store1", "0", "-1"],
-                          env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(WORKERS / "run_ddp.py"), one, tmp_path / "store1", "0", "-1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, f"{story(proc)}"
     seen1 = _seen(one, "w1-r0")
     assert seen1[0]["resumed"] == step
     epoch = seen1[0]["epoch"]
+
     def first_launch(rank: int) -> list[dict]:
         lines = _seen(cut / "out", f"w2-r{rank}")
         return lines[: next(i for i, s in enumerate(lines) if "resumed" in s)]
 
-    before = [i for rank in (0, 1) for s in first_launch(rank)
-              if s["epoch"] == epoch and s["step"] <= step for i in s["idx"]]
+    before = [
+        i for rank in (0, 1) for s in first_launch(rank) if s["epoch"] == epoch and s["step"] <= step for i in s["idx"]
+    ]
     after = [i for s in seen1[1:] if s.get("epoch") == epoch for i in s["idx"]]
     # the interrupted epoch is finished on one rank: every sample exactly once
     assert sorted(before + after) == list(range(48))
@@ -441,15 +459,28 @@ def test_the_ddp_example_runs_under_torchrun_and_resumes_in_one_process(tmp_path
     store = tmp_path / "store"
     args = ["--data", "synthetic", "--store", str(store), "--every-steps", "3"]
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(example),
-         *args, "--epochs", "1"],
-        env=env, capture_output=True, text=True, timeout=180,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(example),
+            *args,
+            "--epochs",
+            "1",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert proc.returncode == 0, f"{story(proc)}"
     assert "on 2 rank(s)" in proc.stdout
     # one more epoch in one plain process, from the 2-rank run's final checkpoint
-    proc = subprocess.run([sys.executable, str(example), *args, "--epochs", "2"],
-                          env=env, capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(
+        [sys.executable, str(example), *args, "--epochs", "2"], env=env, capture_output=True, text=True, timeout=180
+    )
     assert proc.returncode == 0, f"{story(proc)}"
     assert "of a 2-rank run" in proc.stdout
     assert "done:" in proc.stdout and "on 1 rank(s)" in proc.stdout

@@ -45,16 +45,32 @@ def test_example_uninterrupted_and_rehearsed_end_identically(tmp_path: Path) -> 
     accuracy = float(re.search(r"accuracy ([\d.]+)%", done).group(1))  # type: ignore[union-attr]
     assert accuracy > 50.0  # it really learns (10 classes: chance is 10%)
 
-    rehearsal = run([sys.executable, "-m", "spotsafe.simulate", "rehearse", "--notice-after", "0", "--backoff", "0",
-                     "--store", str(tmp_path / "rehearsed"), "--", *args], tmp_path)
+    rehearsal = run(
+        [
+            sys.executable,
+            "-m",
+            "spotsafe.simulate",
+            "rehearse",
+            "--notice-after",
+            "0",
+            "--backoff",
+            "0",
+            "--store",
+            str(tmp_path / "rehearsed"),
+            "--",
+            *args,
+        ],
+        tmp_path,
+    )
     assert rehearsal.returncode == 0, f"{rehearsal.stderr}"
     assert "resumed from step" in rehearsal.stdout
     assert "steps lost:         0" in rehearsal.stdout
     # the interrupted-and-resumed run ends exactly where the uninterrupted one did
     assert final_line(rehearsal.stdout) == done
     # a later boot finds the run complete and does not train again
-    again = run([sys.executable, "-m", "spotsafe.resume", "--store", str(tmp_path / "rehearsed"), "--", *args],
-                tmp_path)
+    again = run(
+        [sys.executable, "-m", "spotsafe.resume", "--store", str(tmp_path / "rehearsed"), "--", *args], tmp_path
+    )
     assert again.returncode == 0
     assert "already complete" in again.stdout
     assert "done:" not in again.stdout

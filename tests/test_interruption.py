@@ -190,7 +190,7 @@ def test_aws_metadata_errors_name_the_url() -> None:
     md = AWSMetadata("http://127.0.0.1:9", timeout=0.5)
     try:
         with pytest.raises(MetadataError, match=r"127\.0\.0\.1:9/latest/api/token"):
-            md.instance_action
+            _ = md.instance_action
         assert md.probe(0.5) is False
     finally:
         md.close()
@@ -199,10 +199,10 @@ def test_aws_metadata_errors_name_the_url() -> None:
 def test_aws_metadata_5xx_raises(aws: AWSSimulator) -> None:
     md = AWSMetadata(aws.endpoint)
     try:
-        md.instance_action
+        _ = md.instance_action
         aws.inject(503, path=INSTANCE_ACTION)
         with pytest.raises(MetadataError, match="HTTP 503"):
-            md.instance_action
+            _ = md.instance_action
     finally:
         md.close()
 
@@ -453,7 +453,7 @@ def test_azure_ignores_other_vms_and_other_event_types(azure: AzureSimulator) ->
 
 
 def test_azure_no_false_notice_from_garbage(azure: AzureSimulator) -> None:
-    azure.inject(200, count=2, body="{\"DocumentIncarnation\": ", path="/metadata/scheduledevents")
+    azure.inject(200, count=2, body='{"DocumentIncarnation": ', path="/metadata/scheduledevents")
     azure.inject(500, count=2, path="/metadata/scheduledevents")
     with _watch(AzureSource(azure.endpoint), poll_interval=0.1) as watcher:
         deadline = time.monotonic() + 10
@@ -478,8 +478,9 @@ def test_acknowledge_is_a_noop_elsewhere(aws: AWSSimulator) -> None:
 # --------------------------------------------------------------------------- auto detection
 
 
-def test_auto_enables_every_source_that_answers(aws: AWSSimulator, gcp: GCPSimulator, azure: AzureSimulator,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_enables_every_source_that_answers(
+    aws: AWSSimulator, gcp: GCPSimulator, azure: AzureSimulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", aws.endpoint)
     monkeypatch.setenv("GCE_METADATA_HOST", gcp.host)
     monkeypatch.setenv("SPOTSAFE_AZURE_METADATA_ENDPOINT", azure.endpoint)
@@ -641,7 +642,10 @@ SIGTERM_CHILD = textwrap.dedent(
 
 def test_sigterm_in_a_subprocess_does_not_abort_the_final_save() -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-c", SIGTERM_CHILD], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [sys.executable, "-c", SIGTERM_CHILD],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
         env=os.environ.copy(),
     )
     try:

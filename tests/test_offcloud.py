@@ -59,7 +59,7 @@ def test_start_up_with_hanging_hosts_is_bounded(monkeypatch: pytest.MonkeyPatch)
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen(16)
-        host = "127.0.0.1:%d" % server.getsockname()[1]
+        host = f"127.0.0.1:{server.getsockname()[1]}"
         monkeypatch.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", f"http://{host}")
         monkeypatch.setenv("GCE_METADATA_HOST", host)
         monkeypatch.setenv("SPOTSAFE_AZURE_METADATA_ENDPOINT", f"http://{host}")
@@ -83,8 +83,9 @@ def test_start_up_in_a_fresh_process() -> None:
         "from spotsafe.interruption import InterruptionWatcher; "
         "w = InterruptionWatcher().start(); print(round(time.monotonic() - t, 3), ','.join(w.sources)); w.stop()"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env=os.environ.copy(), timeout=60).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=os.environ.copy(), timeout=60
+    ).stdout.split()
     assert out[1] == "signal"
     assert float(out[0]) < 1.0  # import and start together
 
@@ -129,8 +130,9 @@ def test_idle_cpu_off_cloud() -> None:
 @pytest.fixture
 def aws_in_another_process() -> Iterator[str]:
     """The simulator's own CPU must not count: it runs in a child process."""
-    proc = subprocess.Popen([sys.executable, "-m", "spotsafe.simulate", "aws"], stdout=subprocess.PIPE,
-                            text=True, env=os.environ.copy())
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "spotsafe.simulate", "aws"], stdout=subprocess.PIPE, text=True, env=os.environ.copy()
+    )
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline().strip()

@@ -44,8 +44,20 @@ def test_rehearsal_preempts_resumes_and_loses_nothing(
     tmp_path: Path, train_script: list[str], capfd: pytest.CaptureFixture[str]
 ) -> None:
     events = tmp_path / "events.jsonl"
-    code = main(["--notice-after", "0", "--backoff", "0", "--store", str(tmp_path / "store"),
-                 "--events", str(events), "--", *train_script])
+    code = main(
+        [
+            "--notice-after",
+            "0",
+            "--backoff",
+            "0",
+            "--store",
+            str(tmp_path / "store"),
+            "--events",
+            str(events),
+            "--",
+            *train_script,
+        ]
+    )
     out, err = capfd.readouterr()
     assert code == 0
     recorded = read_events(events)
@@ -73,8 +85,17 @@ def test_summary_reports_lost_steps_and_missing_durability() -> None:
     t = 1000.0
     events = [
         {"event": "start", "pid": 1, "time": t, "step": 0},
-        {"event": "notice", "pid": 1, "time": t + 21, "step": 50, "epoch": 1, "batch": 5, "source": "aws",
-         "action": "terminate", "deadline": t + 140},
+        {
+            "event": "notice",
+            "pid": 1,
+            "time": t + 21,
+            "step": 50,
+            "epoch": 1,
+            "batch": 5,
+            "source": "aws",
+            "action": "terminate",
+            "deadline": t + 140,
+        },
         {"event": "durable", "pid": 1, "time": t + 22, "step": 50, "seconds": 0.5},
         {"event": "resumed", "pid": 2, "time": t + 30, "step": 48, "epoch": 1, "batch": 3},
         {"event": "complete", "pid": 2, "time": t + 60, "step": 100, "epoch": 3},
@@ -105,8 +126,23 @@ def test_notice_after_steps_counts_from_where_each_instance_resumed(
     script = tmp_path / "train.py"
     script.write_text(LONG_TRAIN)
     events = tmp_path / "events.jsonl"
-    code = main(["--notice-after-steps", "10", "--preemptions", "2", "--backoff", "0",
-                 "--store", str(tmp_path / "store"), "--events", str(events), "--", sys.executable, str(script)])
+    code = main(
+        [
+            "--notice-after-steps",
+            "10",
+            "--preemptions",
+            "2",
+            "--backoff",
+            "0",
+            "--store",
+            str(tmp_path / "store"),
+            "--events",
+            str(events),
+            "--",
+            sys.executable,
+            str(script),
+        ]
+    )
     out, err = capfd.readouterr()
     assert code == 0, f"{out}{err}"
     recorded = read_events(events)
@@ -129,16 +165,19 @@ def test_notice_after_steps_counts_from_where_each_instance_resumed(
 def test_notice_after_steps_past_the_end_says_so(
     tmp_path: Path, train_script: list[str], capfd: pytest.CaptureFixture[str]
 ) -> None:
-    code = main(["--notice-after-steps", "100000", "--backoff", "0", "--store", str(tmp_path / "store"),
-                 "--", *train_script])
+    code = main(
+        ["--notice-after-steps", "100000", "--backoff", "0", "--store", str(tmp_path / "store"), "--", *train_script]
+    )
     out, _ = capfd.readouterr()
     assert code == 0
     assert "the run ended within 100000 steps, so no notice appeared: try a smaller --notice-after-steps" in out
 
 
 def test_notice_options_are_checked(capfd: pytest.CaptureFixture[str]) -> None:
-    for argv in (["--notice-after-steps", "0", "--", "true"],
-                 ["--notice-after-steps", "5", "--notice-after", "1", "--", "true"]):
+    for argv in (
+        ["--notice-after-steps", "0", "--", "true"],
+        ["--notice-after-steps", "5", "--notice-after", "1", "--", "true"],
+    ):
         with pytest.raises(SystemExit) as info:
             main(argv)
         assert info.value.code == 2

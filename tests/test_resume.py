@@ -47,8 +47,9 @@ def launches(tmp_path: Path) -> int:
 
 def test_restarts_after_crashes_then_succeeds(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     cmd = script(tmp_path, COUNTER)
-    code = supervise(cmd, str(tmp_path / "store"), env=counter_env(tmp_path, "1,2,0"), backoff=0.01,
-                     check_complete=False)
+    code = supervise(
+        cmd, str(tmp_path / "store"), env=counter_env(tmp_path, "1,2,0"), backoff=0.01, check_complete=False
+    )
     assert code == 0
     assert launches(tmp_path) == 3
     out, err = capfd.readouterr()
@@ -59,8 +60,9 @@ def test_restarts_after_crashes_then_succeeds(tmp_path: Path, capfd: pytest.Capt
 
 def test_gives_up_after_max_restarts(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     cmd = script(tmp_path, COUNTER)
-    code = supervise(cmd, str(tmp_path / "store"), env=counter_env(tmp_path, "3"), max_restarts=2, backoff=0.01,
-                     check_complete=False)
+    code = supervise(
+        cmd, str(tmp_path / "store"), env=counter_env(tmp_path, "3"), max_restarts=2, backoff=0.01, check_complete=False
+    )
     assert code == 3
     assert launches(tmp_path) == 3
     assert "GIVING UP" in capfd.readouterr().err
@@ -68,14 +70,21 @@ def test_gives_up_after_max_restarts(tmp_path: Path, capfd: pytest.CaptureFixtur
 
 def test_preempted_child_is_not_restarted(tmp_path: Path) -> None:
     cmd = script(tmp_path, COUNTER)
-    code = supervise(cmd, str(tmp_path / "store"), env=counter_env(tmp_path, f"{EXIT_PREEMPTED},0"), backoff=0.01,
-                     check_complete=False)
+    code = supervise(
+        cmd,
+        str(tmp_path / "store"),
+        env=counter_env(tmp_path, f"{EXIT_PREEMPTED},0"),
+        backoff=0.01,
+        check_complete=False,
+    )
     assert code == EXIT_PREEMPTED
     assert launches(tmp_path) == 1
 
 
 def test_killed_child_status_and_restart(tmp_path: Path) -> None:
-    cmd = script(tmp_path, """
+    cmd = script(
+        tmp_path,
+        """
         import os, signal
         from pathlib import Path
         f = Path(os.environ["COUNT_FILE"])
@@ -83,7 +92,8 @@ def test_killed_child_status_and_restart(tmp_path: Path) -> None:
         f.write_text(str(n + 1))
         if n == 0:
             os.kill(os.getpid(), signal.SIGKILL)
-    """)
+    """,
+    )
     sup = Supervisor(cmd, env=counter_env(tmp_path, "0"), backoff=0.01)
     assert sup.run() == 0
     assert sup.history == [128 + signal.SIGKILL, 0]
@@ -93,21 +103,23 @@ def test_killed_child_status_and_restart(tmp_path: Path) -> None:
 def test_sigterm_is_forwarded_and_child_status_returned(tmp_path: Path) -> None:
     ready = tmp_path / "ready"
     child = tmp_path / "child.py"
-    child.write_text(textwrap.dedent(f"""
+    child.write_text(
+        textwrap.dedent(f"""
         import signal, sys, time
         from pathlib import Path
         def on_term(signum, frame):
             time.sleep(0.3)  # the "final save"
-            Path({str(tmp_path / 'saved')!r}).write_text("saved")
+            Path({str(tmp_path / "saved")!r}).write_text("saved")
             sys.exit({EXIT_PREEMPTED})
         signal.signal(signal.SIGTERM, on_term)
         Path({str(ready)!r}).write_text("1")
         time.sleep(60)
-    """))
+    """)
+    )
     proc = subprocess.Popen(
-        [PY, "-m", "spotsafe.resume", "--store", str(tmp_path / "store"), "--backoff", "0", "--",
-         PY, str(child)],
-        stderr=subprocess.PIPE, text=True,
+        [PY, "-m", "spotsafe.resume", "--store", str(tmp_path / "store"), "--backoff", "0", "--", PY, str(child)],
+        stderr=subprocess.PIPE,
+        text=True,
     )
     deadline = time.monotonic() + 30
     while not ready.exists():
@@ -186,7 +198,8 @@ def test_status(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 def test_crash_then_resume_through_the_cli(tmp_path: Path) -> None:
     """A real Run crashes once mid-way; the supervisor restarts it and it resumes, then completes."""
     child = tmp_path / "train.py"
-    child.write_text(textwrap.dedent("""
+    child.write_text(
+        textwrap.dedent("""
         import os, sys, torch
         from pathlib import Path
         import spotsafe
@@ -201,11 +214,25 @@ def test_crash_then_resume_through_the_cli(tmp_path: Path) -> None:
                 crashed.write_text("1")
                 raise RuntimeError("simulated crash")
         run.finish()
-    """))
+    """)
+    )
     proc = subprocess.run(
-        [PY, "-m", "spotsafe.resume", "--store", str(tmp_path / "store"), "--backoff", "0", "--",
-         PY, str(child), str(tmp_path / "crashed")],
-        capture_output=True, text=True, timeout=120,
+        [
+            PY,
+            "-m",
+            "spotsafe.resume",
+            "--store",
+            str(tmp_path / "store"),
+            "--backoff",
+            "0",
+            "--",
+            PY,
+            str(child),
+            str(tmp_path / "crashed"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, f"{proc.stderr}"
     words = proc.stdout.split()
@@ -226,9 +253,26 @@ def test_torchrun_preemption_then_resume_on_one_process(tmp_path: Path) -> None:
     env = {**os.environ, "SPOTSAFE_SOURCES": "none"}
     torchrun = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     first = subprocess.run(
-        [PY, "-m", "spotsafe.resume", "--store", store, "--backoff", "0", "--",
-         *torchrun, str(worker), str(out), store, "7", "1"],
-        capture_output=True, text=True, timeout=240, env=env,
+        [
+            PY,
+            "-m",
+            "spotsafe.resume",
+            "--store",
+            store,
+            "--backoff",
+            "0",
+            "--",
+            *torchrun,
+            str(worker),
+            str(out),
+            store,
+            "7",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
     )
     assert first.returncode == EXIT_PREEMPTED, f"{first.stderr[-3000:]}"
     assert "treating it as preempted" in first.stderr
@@ -241,7 +285,10 @@ def test_torchrun_preemption_then_resume_on_one_process(tmp_path: Path) -> None:
     assert (newest.reason, newest.world_size) == ("notice", 2)
     second = subprocess.run(
         [PY, "-m", "spotsafe.resume", "--store", store, "--", PY, str(worker), str(out), store, "0", "1"],
-        capture_output=True, text=True, timeout=240, env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
     )
     assert second.returncode == 0, f"{second.stderr[-3000:]}"
     import json
@@ -250,8 +297,12 @@ def test_torchrun_preemption_then_resume_on_one_process(tmp_path: Path) -> None:
     assert seen[0]["resumed"] == newest.step
     # every sample of the interrupted epoch is trained on exactly once across the 2 ranks and the 1
     epoch = newest.epoch
-    before = [i for f in ("seen-w2-r0.jsonl", "seen-w2-r1.jsonl")
-              for d in map(json.loads, (out / f).read_text().splitlines())
-              if d.get("epoch") == epoch for i in d["idx"]]
+    before = [
+        i
+        for f in ("seen-w2-r0.jsonl", "seen-w2-r1.jsonl")
+        for d in map(json.loads, (out / f).read_text().splitlines())
+        if d.get("epoch") == epoch
+        for i in d["idx"]
+    ]
     after = [i for d in seen[1:] if d.get("epoch") == epoch for i in d["idx"]]
     assert sorted(before + after) == list(range(48))

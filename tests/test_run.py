@@ -67,8 +67,9 @@ def train(
         # A new "process": objects initialised differently, global RNG elsewhere.
         model, opt, sched = make_model(0 if segment == 0 else 1000 + segment)
         watcher = quiet_watcher()
-        run = Run(store, model=model, optimizer=opt, scheduler=sched, watch=watcher, every_steps=every_steps,
-                  async_=async_)
+        run = Run(
+            store, model=model, optimizer=opt, scheduler=sched, watch=watcher, every_steps=every_steps, async_=async_
+        )
         if segment:
             resumed_at.append(run.step_count)
         try:
@@ -100,7 +101,7 @@ def assert_same(a: nn.Module, b: nn.Module, oa: torch.optim.Optimizer, ob: torch
     assert sa.keys() == sb.keys()
     for k in sa:
         assert torch.equal(sa[k], sb[k]), f"{k}"
-    for pa, pb in zip(oa.state_dict()["state"].values(), ob.state_dict()["state"].values()):
+    for pa, pb in zip(oa.state_dict()["state"].values(), ob.state_dict()["state"].values(), strict=True):
         for k in pa:
             assert torch.equal(torch.as_tensor(pa[k]), torch.as_tensor(pb[k])), f"{k}"
 
@@ -134,7 +135,9 @@ def test_interrupted_run_is_bit_identical(tmp_path: Path, reference: Any, interr
     model, opt, resumed_at = train(tmp_path / "store", interrupt_at=interrupt_at, interrupt_after_epoch=after_epoch)
     assert_same(model, reference[0], opt, reference[1])
     # zero steps lost: every resume starts at the step the notice was handled at
-    for want, got in zip(sorted(interrupt_at), [r for r in resumed_at if r % PER_EPOCH or not after_epoch]):
+    for want, got in zip(
+        sorted(interrupt_at), [r for r in resumed_at if r % PER_EPOCH or not after_epoch], strict=False
+    ):
         assert got == want
 
 
@@ -173,8 +176,9 @@ def test_workers_resume_skips_consumed_batches_and_is_exact(tmp_path: Path) -> N
     def reset(segment: int) -> None:
         ds.count.value = 0
 
-    model, opt, resumed_at = train(tmp_path / "store", epochs=2, interrupt_at=(PER_EPOCH + 3,), loader_factory=loader,
-                                   on_segment=reset)
+    model, opt, resumed_at = train(
+        tmp_path / "store", epochs=2, interrupt_at=(PER_EPOCH + 3,), loader_factory=loader, on_segment=reset
+    )
     assert resumed_at == [PER_EPOCH + 3]
     assert_same(model, ref, opt, ref_opt)
     # the resumed process loaded only the 5 batches left in epoch 1 (4 of 8 items, 1 of 4), not the 3 consumed
@@ -214,8 +218,8 @@ def test_notice_without_exit_sets_should_stop(tmp_path: Path) -> None:
     run = Run(tmp_path, model=model, optimizer=opt, watch=watcher, exit_on_notice=False, every_steps=1000)
     loader = DataLoader(dataset(), batch_size=BATCH, shuffle=True)
     seen = 0
-    for epoch in run.epochs(5):
-        for x, y in run.batches(loader):
+    for _epoch in run.epochs(5):
+        for _x, _y in run.batches(loader):
             seen += 1
             if seen == 3:
                 watcher.trigger("terminate", deadline_in=60)
@@ -294,8 +298,12 @@ CHILD = textwrap.dedent("""
 def run_child(tmp_path: Path, store: Path, out: Path, env: dict[str, str], init: int = 0) -> subprocess.Popen[str]:
     script = tmp_path / "child.py"
     script.write_text(CHILD)
-    return subprocess.Popen([sys.executable, str(script), str(out), str(init)], text=True,
-                            env={**env, "SPOTSAFE_STORE": str(store)}, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, str(script), str(out), str(init)],
+        text=True,
+        env={**env, "SPOTSAFE_STORE": str(store)},
+        stderr=subprocess.PIPE,
+    )
 
 
 def wait_ready(out: Path, proc: subprocess.Popen[str]) -> None:
@@ -313,8 +321,12 @@ def test_aws_notice_in_subprocess_exits_75_and_resumes_exactly(tmp_path: Path) -
 
     events = tmp_path / "events.jsonl"
     with AWSSimulator() as sim:
-        env = {**os.environ, "AWS_EC2_METADATA_SERVICE_ENDPOINT": sim.endpoint, "SPOTSAFE_SOURCES": "aws,signal",
-               "SPOTSAFE_EVENTS": str(events)}
+        env = {
+            **os.environ,
+            "AWS_EC2_METADATA_SERVICE_ENDPOINT": sim.endpoint,
+            "SPOTSAFE_SOURCES": "aws,signal",
+            "SPOTSAFE_EVENTS": str(events),
+        }
         # the uninterrupted reference (the simulator never armed)
         ref = run_child(tmp_path, tmp_path / "ref", tmp_path / "ref.pt", env)
         _, err = ref.communicate(timeout=120)
@@ -338,8 +350,13 @@ def test_aws_notice_in_subprocess_exits_75_and_resumes_exactly(tmp_path: Path) -
     assert ckpt.completion() is None
     ckpt.close()
     # the replacement instance: different init, resumes at the notice's step and ends bit-identical
-    proc = run_child(tmp_path, tmp_path / "store", tmp_path / "b.pt", {**os.environ, "SPOTSAFE_SOURCES": "none",
-                     "SPOTSAFE_EVENTS": str(events)}, init=99)
+    proc = run_child(
+        tmp_path,
+        tmp_path / "store",
+        tmp_path / "b.pt",
+        {**os.environ, "SPOTSAFE_SOURCES": "none", "SPOTSAFE_EVENTS": str(events)},
+        init=99,
+    )
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, f"{err}"
     resumed = [json.loads(line) for line in events.read_text().splitlines() if '"resumed"' in line]
@@ -376,8 +393,8 @@ def test_every_epochs_and_fixed_seed(tmp_path: Path) -> None:
         model, opt, _ = make_model(init)  # a different global RNG state each time
         run = Run(tmp_path / f"s{k}", model=model, optimizer=opt, watch=False, every_epochs=1, seed=3)
         order = []
-        for epoch in run.epochs(2):
-            for x, y in run.batches(loader):
+        for _epoch in run.epochs(2):
+            for x, _y in run.batches(loader):
                 order.append(x[:, 0].tolist())
                 run.step()
         run.checkpointer.wait()
@@ -397,8 +414,8 @@ def test_a_failed_periodic_save_does_not_stop_the_notice_save(tmp_path: Path) ->
     run.checkpointer._error = OSError(28, "No space left on device")
     loader = DataLoader(dataset(), batch_size=BATCH, shuffle=True)
     seen = 0
-    for epoch in run.epochs(5):
-        for x, y in run.batches(loader):
+    for _epoch in run.epochs(5):
+        for _x, _y in run.batches(loader):
             seen += 1
             if seen == 2:
                 watcher.trigger("terminate", deadline_in=60)

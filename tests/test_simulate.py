@@ -70,6 +70,7 @@ def test_aws_token_expiry(http: requests.Session) -> None:
 
 def test_aws_metadata_paths(http: requests.Session) -> None:
     with AWSSimulator(instance_id="i-0abc", availability_zone="eu-west-1b") as sim:
+
         def get(path: str) -> requests.Response:
             return http.get(sim.endpoint + path, timeout=5)
 
@@ -84,6 +85,7 @@ def test_aws_metadata_paths(http: requests.Session) -> None:
 
 def test_aws_arm_delay_time_and_rebalance_independence(http: requests.Session) -> None:
     with AWSSimulator() as sim:
+
         def get(path: str) -> requests.Response:
             return http.get(sim.endpoint + path, timeout=5)
 
@@ -154,14 +156,19 @@ def test_gcp_flavor_header_and_etags(http: requests.Session) -> None:
     with GCPSimulator() as sim:
         url = f"http://{sim.host}/computeMetadata/v1/instance/preempted"
         assert http.get(url, timeout=5).status_code == 403
-        assert http.get(url, headers={"Metadata-Flavor": "Google", "X-Forwarded-For": "1.2.3.4"}, timeout=5).status_code == 403
+        assert (
+            http.get(url, headers={"Metadata-Flavor": "Google", "X-Forwarded-For": "1.2.3.4"}, timeout=5).status_code
+            == 403
+        )
         r = http.get(url, headers={"Metadata-Flavor": "Google"}, timeout=5)
         assert (r.status_code, r.text, r.headers["Metadata-Flavor"]) == (200, "FALSE", "Google")
         etag = r.headers["ETag"]
         sim.preempt()
         r = http.get(url, headers={"Metadata-Flavor": "Google"}, timeout=5)
         assert r.text == "TRUE" and r.headers["ETag"] != etag
-        listing = http.get(f"http://{sim.host}/computeMetadata/v1/instance/", headers={"Metadata-Flavor": "Google"}, timeout=5)
+        listing = http.get(
+            f"http://{sim.host}/computeMetadata/v1/instance/", headers={"Metadata-Flavor": "Google"}, timeout=5
+        )
         assert {"preempted", "maintenance-event", "id", "scheduling/"} <= set(listing.text.split())
 
 
@@ -176,13 +183,17 @@ def test_gcp_wait_for_change(http: requests.Session) -> None:
         assert r.text == "FALSE" and time.monotonic() - began < 0.5
         # the current ETag and no change: waits for timeout_sec, same value
         began = time.monotonic()
-        r = http.get(url, params={"wait_for_change": "true", "last_etag": etag, "timeout_sec": "1"}, headers=h, timeout=5)
+        r = http.get(
+            url, params={"wait_for_change": "true", "last_etag": etag, "timeout_sec": "1"}, headers=h, timeout=5
+        )
         assert (r.text, r.headers["ETag"]) == ("FALSE", etag)
         assert 0.9 <= time.monotonic() - began < 2.0
         # a change during the hang: answers at once with the new value
         threading.Timer(0.3, sim.preempt).start()
         began = time.monotonic()
-        r = http.get(url, params={"wait_for_change": "true", "last_etag": etag, "timeout_sec": "30"}, headers=h, timeout=35)
+        r = http.get(
+            url, params={"wait_for_change": "true", "last_etag": etag, "timeout_sec": "30"}, headers=h, timeout=35
+        )
         assert r.text == "TRUE" and r.headers["ETag"] != etag
         assert time.monotonic() - began < 1.5
 
@@ -194,8 +205,14 @@ def test_gcp_shutdown_ends_hanging_gets(http: requests.Session) -> None:
 
     def hang() -> None:
         try:
-            results.append(http.get(url, params={"wait_for_change": "true", "timeout_sec": "60"},
-                                    headers={"Metadata-Flavor": "Google"}, timeout=70).text)
+            results.append(
+                http.get(
+                    url,
+                    params={"wait_for_change": "true", "timeout_sec": "60"},
+                    headers={"Metadata-Flavor": "Google"},
+                    timeout=70,
+                ).text
+            )
         except requests.RequestException as e:
             results.append(e)
 
@@ -230,8 +247,12 @@ def test_azure_headers_and_api_version(http: requests.Session) -> None:
         assert http.get(url, headers={"Metadata": "true"}, timeout=5).status_code == 400
         r = http.get(url, params={"api-version": "2020-07-01"}, headers={"Metadata": "true"}, timeout=5)
         assert r.json() == {"DocumentIncarnation": 1, "Events": []}
-        name = http.get(sim.endpoint + "/metadata/instance/compute/name",
-                        params={"api-version": "2021-02-01", "format": "text"}, headers={"Metadata": "true"}, timeout=5)
+        name = http.get(
+            sim.endpoint + "/metadata/instance/compute/name",
+            params={"api-version": "2021-02-01", "format": "text"},
+            headers={"Metadata": "true"},
+            timeout=5,
+        )
         assert name.text == "spotsafe-sim-vm"
 
 
@@ -248,7 +269,12 @@ def test_azure_events_lifecycle(http: requests.Session) -> None:
         assert event["Resources"] == ["spotsafe-sim-vm"]
         assert 28 <= (_parse_rfc1123(event["NotBefore"]) - _now()).total_seconds() <= 31
         assert event["NotBefore"].endswith(" GMT")
-        assert http.post(url, params=params, headers=h, json={"StartRequests": [{"EventId": "nope"}]}, timeout=5).status_code == 400
+        assert (
+            http.post(
+                url, params=params, headers=h, json={"StartRequests": [{"EventId": "nope"}]}, timeout=5
+            ).status_code
+            == 400
+        )
         assert http.post(url, params=params, headers=h, data=b"junk", timeout=5).status_code == 400
         r = http.post(url, params=params, headers=h, json={"StartRequests": [{"EventId": event_id}]}, timeout=5)
         assert r.status_code == 200
@@ -274,7 +300,8 @@ def test_azure_event_starts_when_not_before_passes() -> None:
 def test_simulated_environment() -> None:
     with AWSSimulator() as aws, GCPSimulator() as gcp, AzureSimulator() as azure:
         assert simulated_environment(aws) == {
-            "AWS_EC2_METADATA_SERVICE_ENDPOINT": aws.endpoint, "SPOTSAFE_SOURCES": "aws,signal",
+            "AWS_EC2_METADATA_SERVICE_ENDPOINT": aws.endpoint,
+            "SPOTSAFE_SOURCES": "aws,signal",
         }
         env = simulated_environment(aws, gcp, azure)
         assert env["GCE_METADATA_HOST"] == gcp.host and env["SPOTSAFE_AZURE_METADATA_ENDPOINT"] == azure.endpoint
@@ -305,7 +332,10 @@ def test_main_delegates_rehearse(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_cli_subprocess_armed_over_http(http: requests.Session) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "spotsafe.simulate", "aws", "--require-token"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=os.environ.copy(),
     )
     try:
         assert proc.stdout is not None

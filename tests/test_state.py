@@ -32,11 +32,26 @@ def same(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 ALL_DTYPES = [
-    torch.float32, torch.float64, torch.float16, torch.bfloat16,
-    torch.complex64, torch.complex128, torch.complex32,
-    torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
-    torch.uint16, torch.uint32, torch.uint64, torch.bool,
-    torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz,
+    torch.float32,
+    torch.float64,
+    torch.float16,
+    torch.bfloat16,
+    torch.complex64,
+    torch.complex128,
+    torch.complex32,
+    torch.uint8,
+    torch.int8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+    torch.uint16,
+    torch.uint32,
+    torch.uint64,
+    torch.bool,
+    torch.float8_e4m3fn,
+    torch.float8_e5m2,
+    torch.float8_e4m3fnuz,
+    torch.float8_e5m2fnuz,
 ]
 
 
@@ -108,18 +123,55 @@ def test_conj_view_and_parameters() -> None:
 
 def test_plain_values_keep_their_types() -> None:
     state = {
-        "none": None, "t": True, "f": False, "i": 2**70, "neg": -3, "x": 0.1, "nan": float("nan"),
-        "inf": float("inf"), "ninf": -float("inf"), "negzero": -0.0, "s": "héllo",
-        "list": [1, [2, 3], (4, 5)], "tuple": (1, "a", None), "empty": {}, "elist": [], "etuple": (),
-        "intkeys": {0: "a", 1: "b", -2: "c"}, "mixed": {1: 1, "1": 2, 1.5: 3, None: 4, True: 5, (1, 2): 6},
-        "size": torch.Size([2, 3]), "dtype": torch.bfloat16, "device": torch.device("cpu"),
-        "T": "a key named T", "nested": {"T": "tensor", "id": 0},  # looks like a tag, is data
+        "none": None,
+        "t": True,
+        "f": False,
+        "i": 2**70,
+        "neg": -3,
+        "x": 0.1,
+        "nan": float("nan"),
+        "inf": float("inf"),
+        "ninf": -float("inf"),
+        "negzero": -0.0,
+        "s": "héllo",
+        "list": [1, [2, 3], (4, 5)],
+        "tuple": (1, "a", None),
+        "empty": {},
+        "elist": [],
+        "etuple": (),
+        "intkeys": {0: "a", 1: "b", -2: "c"},
+        "mixed": {1: 1, "1": 2, 1.5: 3, None: 4, (1, 2): 6},
+        "size": torch.Size([2, 3]),
+        "dtype": torch.bfloat16,
+        "device": torch.device("cpu"),
+        "T": "a key named T",
+        "nested": {"T": "tensor", "id": 0},  # looks like a tag, is data
         "od": OrderedDict([("b", 1), ("a", 2)]),
-        "np": np.arange(6, dtype=np.int32).reshape(2, 3), "npf": np.float64(1.5), "npi": np.int64(7),
+        "np": np.arange(6, dtype=np.int32).reshape(2, 3),
+        "npf": np.float64(1.5),
+        "npi": np.int64(7),
     }
     out = roundtrip(state)
-    for key in ("none", "t", "f", "i", "neg", "x", "s", "list", "tuple", "empty", "elist", "etuple", "intkeys",
-                "size", "dtype", "device", "T", "nested"):
+    for key in (
+        "none",
+        "t",
+        "f",
+        "i",
+        "neg",
+        "x",
+        "s",
+        "list",
+        "tuple",
+        "empty",
+        "elist",
+        "etuple",
+        "intkeys",
+        "size",
+        "dtype",
+        "device",
+        "T",
+        "nested",
+    ):
         assert out[key] == state[key], f"{key}"
         assert type(out[key]) is type(state[key]), f"{key}"
     assert out["mixed"] == state["mixed"]
@@ -168,7 +220,7 @@ def test_module_state_dict_keeps_metadata_and_loads_strict() -> None:
     assert out["model"]._metadata == sd._metadata  # type: ignore[attr-defined]
     fresh = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 2))
     fresh.load_state_dict(out["model"], strict=True)
-    for (k, a), b in zip(sd.items(), fresh.state_dict().values()):
+    for (k, a), b in zip(sd.items(), fresh.state_dict().values(), strict=True):
         assert torch.equal(a, b), f"{k}"
 
 
@@ -185,8 +237,9 @@ def test_tied_weights_stay_tied_after_load() -> None:
     assert out["model"]["emb.weight"].data_ptr() == out["model"]["head.weight"].data_ptr()
 
 
-def train_steps(model: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any, scaler: Any, n: int,
-                seed: int) -> list[float]:
+def train_steps(
+    model: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any, scaler: Any, n: int, seed: int
+) -> list[float]:
     g = torch.Generator().manual_seed(seed)
     losses = []
     for _ in range(n):
@@ -272,14 +325,26 @@ def test_rng_state_continues_every_generator() -> None:
     torch.manual_seed(3)
     random.random(), np.random.rand(), torch.rand(1), np.random.randn()  # gauss caches
     out = roundtrip({"rng": rng})
-    expected = (random.random(), random.gauss(0, 1), float(np.random.rand()), float(np.random.randn()),
-                torch.rand(3).tolist(), torch.randn(2).tolist())
+    expected = (
+        random.random(),
+        random.gauss(0, 1),
+        float(np.random.rand()),
+        float(np.random.randn()),
+        torch.rand(3).tolist(),
+        torch.randn(2).tolist(),
+    )
     random.seed(99)
     np.random.seed(99)
     torch.manual_seed(99)
     RNGState().load_state_dict(out["rng"])
-    got = (random.random(), random.gauss(0, 1), float(np.random.rand()), float(np.random.randn()),
-           torch.rand(3).tolist(), torch.randn(2).tolist())
+    got = (
+        random.random(),
+        random.gauss(0, 1),
+        float(np.random.rand()),
+        float(np.random.randn()),
+        torch.rand(3).tolist(),
+        torch.randn(2).tolist(),
+    )
     assert got == expected
 
 

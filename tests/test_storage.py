@@ -7,6 +7,7 @@ passes here can carry checkpoints.
 
 from __future__ import annotations
 
+import itertools
 import os
 import uuid
 from collections.abc import Iterator
@@ -125,7 +126,7 @@ class StoreConformance:
     def test_large_file_across_parts_and_buffers(self, store: Store) -> None:
         data = _random(11 * MiB + 12345)
         cuts = [0, 7, 3 * MiB, 3 * MiB + 1, 9 * MiB, len(data)]
-        buffers = [memoryview(data)[a:b] for a, b in zip(cuts, cuts[1:])]
+        buffers = [memoryview(data)[a:b] for a, b in itertools.pairwise(cuts)]
         store.write_file("step-000000000002/big.bin", buffers)
         assert store.file_size("step-000000000002/big.bin") == len(data)
         assert bytes(store.read_file("step-000000000002/big.bin")) == data

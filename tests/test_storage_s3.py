@@ -89,9 +89,7 @@ def test_reads_are_parallel_ranged_gets_of_one_version(
         assert bytes(store.read_file("f.bin")) == data
     gets = [r for r in s3_proxy.requests if r.method == "GET"]
     ranges = sorted(r.headers.get("Range", "") for r in gets)
-    assert ranges == sorted(
-        f"bytes={s}-{min(s + 5 * MiB, len(data)) - 1}" for s in range(0, len(data), 5 * MiB)
-    )
+    assert ranges == sorted(f"bytes={s}-{min(s + 5 * MiB, len(data)) - 1}" for s in range(0, len(data), 5 * MiB))
     assert all(r.headers.get("If-Match") for r in gets)
 
 
@@ -190,9 +188,7 @@ def test_persistent_part_failure_aborts_the_upload(
     assert s3_proxy.count("DELETE", "uploadId=") == 1
 
 
-def test_retries_stop_at_the_deadline(
-    s3_bucket: str, s3_proxy: FaultProxy, s3_proxy_options: dict[str, Any]
-) -> None:
+def test_retries_stop_at_the_deadline(s3_bucket: str, s3_proxy: FaultProxy, s3_proxy_options: dict[str, Any]) -> None:
     with S3Store(f"s3://{s3_bucket}/r", {**s3_proxy_options, "max_attempts": 1000}) as store:
         s3_proxy.inject("503", count=100_000)
         # 3 s leaves room for several backoff rounds (0.1 s doubling) even on a loaded machine.
@@ -277,7 +273,9 @@ def test_no_credentials(s3_bucket: str, s3_options: dict[str, Any], monkeypatch:
     assert "no AWS credentials" in str(info.value)
 
 
-def test_explicit_credentials_are_used(s3_bucket: str, s3_options: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_explicit_credentials_are_used(
+    s3_bucket: str, s3_options: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
@@ -312,7 +310,7 @@ def test_bad_urls_and_options(s3_options: dict[str, Any]) -> None:
         parse_s3_url("s3:///run")
     with pytest.raises(ValueError, match="not an s3"):
         parse_s3_url("gs://b/run")
-    with pytest.raises(ValueError, match="unknown storage_options.*'nope'"):
+    with pytest.raises(ValueError, match=r"unknown storage_options.*'nope'"):
         S3Store("s3://b/run", {**s3_options, "nope": 1})
     with pytest.raises(ValueError, match="part_size"):
         S3Store("s3://b/run", {**s3_options, "part_size": 1024})
@@ -449,7 +447,7 @@ def test_damaged_segment_is_named_and_load_falls_back(
         keys = sorted(
             o["Key"] for o in s3_client.list_objects_v2(Bucket=s3_bucket, Prefix="dmg/step-000000000002/")["Contents"]
         )
-        victim = [k for k in keys if k.endswith(".00002.bin")][0]
+        victim = next(k for k in keys if k.endswith(".00002.bin"))
         body = s3_client.get_object(Bucket=s3_bucket, Key=victim)["Body"].read()
         if damage == "missing":
             s3_client.delete_object(Bucket=s3_bucket, Key=victim)
@@ -462,7 +460,7 @@ def test_damaged_segment_is_named_and_load_falls_back(
         name = victim.rpartition("/")[2]
         with pytest.raises(CheckpointCorrupt) as info:
             ckpt.load(2)
-        assert name in str(info.value) or damage == "missing" and "missing" in str(info.value)
+        assert name in str(info.value) or (damage == "missing" and "missing" in str(info.value))
         assert f"{url}/step-000000000002" in str(info.value)
         with pytest.raises(CheckpointCorrupt, match=name):
             ckpt.check(ckpt.list()[-1])
@@ -474,9 +472,7 @@ def test_damaged_segment_is_named_and_load_falls_back(
         assert latest is not None and latest.step == expected_latest
 
 
-def test_segment_faults_are_retried(
-    s3_bucket: str, s3_proxy: FaultProxy, s3_proxy_options: dict[str, Any]
-) -> None:
+def test_segment_faults_are_retried(s3_bucket: str, s3_proxy: FaultProxy, s3_proxy_options: dict[str, Any]) -> None:
     torch = pytest.importorskip("torch")
     from spotsafe.checkpoint import Checkpointer
 
@@ -509,11 +505,14 @@ def test_kill_9_mid_segmented_save_leaves_no_checkpoint_and_the_next_save_cleans
             print("finished", flush=True)
         """
     )
+
     def slow_once_the_first_is_saved() -> None:
         s3_proxy.delay = 0.4 if s3_proxy.count("PUT", "step-000000000001/manifest") else 0.0
 
     out = _kill_9_when(
-        script, [url, s3_proxy.endpoint], lambda: s3_proxy.count("PUT", "step-000000000002/rank") >= 3,
+        script,
+        [url, s3_proxy.endpoint],
+        lambda: s3_proxy.count("PUT", "step-000000000002/rank") >= 3,
         tick=slow_once_the_first_is_saved,
     )
     s3_proxy.delay = 0.0
@@ -594,8 +593,14 @@ def test_run_on_s3_survives_a_notice_and_resumes_bit_identically(
         model = nn.Sequential(nn.Linear(512, 1024), nn.ReLU(), nn.Linear(1024, 512))  # ~4 MiB, ~12 with Adam
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
         watcher = InterruptionWatcher(sources="none", signals=())
-        run = Run(store, model=model, optimizer=opt, watch=watcher, every_steps=4,
-                  storage_options=opts if str(store).startswith("s3://") else None)
+        run = Run(
+            store,
+            model=model,
+            optimizer=opt,
+            watch=watcher,
+            every_steps=4,
+            storage_options=opts if str(store).startswith("s3://") else None,
+        )
         started = [run.step_count]
         loader = torch.utils.data.DataLoader(data, batch_size=8, shuffle=True)
         try:
@@ -627,6 +632,6 @@ def test_run_on_s3_survives_a_notice_and_resumes_bit_identically(
     assert len([f for f in manifest["files"] if f["role"] == "data"]) >= 3  # segmented
     resumed, second = train(url, None, 99)  # the replacement instance: other init, same store
     assert second == [11]  # resumed at the notice's step: nothing lost
-    for (k, a), b in zip(reference.state_dict().items(), resumed.state_dict().values()):
+    for (k, a), b in zip(reference.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), f"{k} differs from the uninterrupted run"
     assert _uploads(s3_client, s3_bucket) == []

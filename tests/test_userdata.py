@@ -81,8 +81,16 @@ def test_script_is_strict_bash_with_overridable_settings() -> None:
     text = SCRIPT.read_text()
     assert text.startswith("#!/usr/bin/env bash\n")
     assert "\nset -euo pipefail\n" in text
-    for name in ("SPOTSAFE_MOUNT", "SPOTSAFE_PYTHON", "SPOTSAFE_SKIP_SYSTEMD", "SPOTSAFE_REPO",
-                 "SPOTSAFE_TRAIN_COMMAND", "SPOTSAFE_REGION", "SPOTSAFE_VOLUME_TAG", "SPOTSAFE_SHUTDOWN_CMD"):
+    for name in (
+        "SPOTSAFE_MOUNT",
+        "SPOTSAFE_PYTHON",
+        "SPOTSAFE_SKIP_SYSTEMD",
+        "SPOTSAFE_REPO",
+        "SPOTSAFE_TRAIN_COMMAND",
+        "SPOTSAFE_REGION",
+        "SPOTSAFE_VOLUME_TAG",
+        "SPOTSAFE_SHUTDOWN_CMD",
+    ):
         assert f': "${{{name}:=' in text
 
 
@@ -129,23 +137,40 @@ class Sandbox:
         pre.mkdir()
         subprocess.run(["mount", self.device, str(pre)], check=True)
         try:
-            env = {**os.environ, "SPOTSAFE_STORE": str(pre / self.env["SPOTSAFE_RUN"]), "CRASH_AT": "5",
-                   "STEPS_FILE": str(self.steps), "TRAIN_TAG": "first"}
-            p = subprocess.run([sys.executable, "train.py"], cwd=self.root / "work", env=env, capture_output=True,
-                               text=True, timeout=120)
+            env = {
+                **os.environ,
+                "SPOTSAFE_STORE": str(pre / self.env["SPOTSAFE_RUN"]),
+                "CRASH_AT": "5",
+                "STEPS_FILE": str(self.steps),
+                "TRAIN_TAG": "first",
+            }
+            p = subprocess.run(
+                [sys.executable, "train.py"],
+                cwd=self.root / "work",
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
             assert p.returncode == 3, f"{p.stdout + p.stderr}"
         finally:
             subprocess.run(["umount", str(pre)], check=True)
         assert _steps(self.steps) == [f"first {i}" for i in range(1, 6)]
 
     def boot(self, *args: str, **overrides: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["bash", str(SCRIPT), *args], env={**self.env, **overrides}, capture_output=True,
-                              text=True, timeout=180)
+        return subprocess.run(
+            ["bash", str(SCRIPT), *args], env={**self.env, **overrides}, capture_output=True, text=True, timeout=180
+        )
 
 
 def _git(*args: str, cwd: Path) -> str:
-    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.invalid",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.invalid"}
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@example.invalid",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@example.invalid",
+    }
     return subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True, text=True).stdout.strip()
 
 
@@ -154,22 +179,28 @@ def _steps(path: Path) -> list[str]:
 
 
 @pytest.fixture
-def sandbox(tmp_path: Path, ec2_server: Any, ec2: Any, loopdev: Callable[..., str]) -> Iterator[Sandbox]:
+def sandbox(tmp_path: Path, ec2_server: Any, ec2: Any, loopdev: Callable[..., str]) -> Iterator[Sandbox]:  # noqa: F811 - the fixture
     if shutil.which("git") is None:
         pytest.skip("needs git")
     from spotsafe.simulate import AWSSimulator
 
     # The "instance": launched by a persistent spot request, as the boot script expects.
-    r = ec2.request_spot_instances(InstanceCount=1, Type="persistent",
-                                   LaunchSpecification={"ImageId": AMI, "InstanceType": "g5.xlarge"})
+    r = ec2.request_spot_instances(
+        InstanceCount=1, Type="persistent", LaunchSpecification={"ImageId": AMI, "InstanceType": "g5.xlarge"}
+    )
     request_id = r["SpotInstanceRequests"][0]["SpotInstanceRequestId"]
     iid = ec2.describe_spot_instance_requests(SpotInstanceRequestIds=[request_id])["SpotInstanceRequests"][0][
-        "InstanceId"]
+        "InstanceId"
+    ]
     inst = ec2.describe_instances(InstanceIds=[iid])["Reservations"][0]["Instances"][0]
     az = inst["Placement"]["AvailabilityZone"]
     run = unique_tag()
-    volume_id = ec2.create_volume(AvailabilityZone=az, Size=1, VolumeType="gp3", TagSpecifications=[
-        {"ResourceType": "volume", "Tags": [{"Key": "spotsafe-run", "Value": run}]}])["VolumeId"]
+    volume_id = ec2.create_volume(
+        AvailabilityZone=az,
+        Size=1,
+        VolumeType="gp3",
+        TagSpecifications=[{"ResourceType": "volume", "Tags": [{"Key": "spotsafe-run", "Value": run}]}],
+    )["VolumeId"]
 
     device = loopdev(size_mb=64)
     steps = tmp_path / "steps.log"
@@ -208,7 +239,7 @@ def sandbox(tmp_path: Path, ec2_server: Any, ec2: Any, loopdev: Callable[..., st
         "SPOTSAFE_SHUTDOWN_WHEN_DONE": "1",
         "SPOTSAFE_SHUTDOWN_CMD": f"touch {tmp_path}/shutdown-called",
         "SPOTSAFE_VOLUME_ARGS": f"--sys-root {sys_root} --dev-root {dev_root} --poll-interval 0.1 "
-                                "--metadata-timeout 10",
+        "--metadata-timeout 10",
         "SPOTSAFE_ETC": str(tmp_path / "etc"),
         "SPOTSAFE_INSTALL_PATH": str(tmp_path / "sbin" / "spotsafe-boot"),
         "SPOTSAFE_UNIT_DIR": str(tmp_path / "systemd"),
@@ -237,8 +268,9 @@ def _is_complete(store: Path) -> bool:
 
 
 def _spot_request_open(sb: Sandbox) -> bool:
-    r = sb.ec2.describe_spot_instance_requests(Filters=[{"Name": "spot-instance-request-id",
-                                                         "Values": [sb.request_id]}])
+    r = sb.ec2.describe_spot_instance_requests(
+        Filters=[{"Name": "spot-instance-request-id", "Values": [sb.request_id]}]
+    )
     return any(q["State"] in ("open", "active") for q in r["SpotInstanceRequests"])
 
 
@@ -268,7 +300,7 @@ def test_boot_attaches_mounts_resumes_completes_and_shuts_down(sandbox: Sandbox)
     assert (sb.root / "shutdown-called").exists()
     # Installed for later boots: the script, the per-boot hook, the settings.
     assert (sb.root / "sbin" / "spotsafe-boot").read_text() == SCRIPT.read_text()
-    assert "spotsafe-boot\" boot" in (sb.root / "per-boot" / "spotsafe-boot.sh").read_text()
+    assert 'spotsafe-boot" boot' in (sb.root / "per-boot" / "spotsafe-boot.sh").read_text()
     assert f"SPOTSAFE_RUN='{sb.env['SPOTSAFE_RUN']}'" in (sb.root / "etc" / "spotsafe.env").read_text()
     assert "attaching the volume" in (sb.root / "boot.log").read_text()
 
@@ -310,9 +342,17 @@ def test_boot_under_systemd_installs_the_unit_and_its_phases_work(sandbox: Sandb
 
     # What systemd would run: the train phase with the environment file only.
     env_file = (sb.root / "etc" / "spotsafe.env").read_text()
-    unit_env = {"PATH": "/usr/bin:/bin", "HOME": "/root", "STEPS_FILE": str(sb.steps), "TRAIN_TAG": "second",
-                "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_SESSION_TOKEN": "testing",
-                "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
+    unit_env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": "/root",
+        "STEPS_FILE": str(sb.steps),
+        "TRAIN_TAG": "second",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_SESSION_TOKEN": "testing",
+        "AWS_CONFIG_FILE": os.devnull,
+        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+    }
     for line in env_file.splitlines():
         key, _, value = line.partition("=")
         assert value.startswith("'") and value.endswith("'"), f"{line}"
@@ -321,15 +361,24 @@ def test_boot_under_systemd_installs_the_unit_and_its_phases_work(sandbox: Sandb
     assert p.returncode == 0, f"{p.stdout + p.stderr}"
     assert [s for s in _steps(sb.steps) if s.startswith("second")] == [f"second {i}" for i in range(1, 13)]
     assert _is_complete(sb.store)
-    p = subprocess.run([install, "after-train"], env={**unit_env, "EXIT_STATUS": "0", "SERVICE_RESULT": "success"},
-                       capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [install, "after-train"],
+        env={**unit_env, "EXIT_STATUS": "0", "SERVICE_RESULT": "success"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 0, f"{p.stdout + p.stderr}"
     assert "staying up" in p.stderr
     assert not (sb.root / "shutdown-called").exists()
     # A failed run is never "finished", whatever the settings.
-    p = subprocess.run([install, "after-train"], env={**unit_env, "EXIT_STATUS": "1", "SERVICE_RESULT": "exit-code",
-                                                      "SPOTSAFE_SHUTDOWN_WHEN_DONE": "1"},
-                       capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [install, "after-train"],
+        env={**unit_env, "EXIT_STATUS": "1", "SERVICE_RESULT": "exit-code", "SPOTSAFE_SHUTDOWN_WHEN_DONE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 0 and "not finishing" in p.stderr
     assert not (sb.root / "shutdown-called").exists()
     assert _spot_request_open(sb)
@@ -337,8 +386,9 @@ def test_boot_under_systemd_installs_the_unit_and_its_phases_work(sandbox: Sandb
 
 @pytest.mark.root
 def test_boot_fails_with_the_volume_exit_code(sandbox: Sandbox) -> None:
-    p = sandbox.boot(SPOTSAFE_SKIP_SYSTEMD="1", SPOTSAFE_VOLUME_TAG="spotsafe-run=does-not-exist",
-                     SPOTSAFE_SHUTDOWN_ON_FAILURE="1")
+    p = sandbox.boot(
+        SPOTSAFE_SKIP_SYSTEMD="1", SPOTSAFE_VOLUME_TAG="spotsafe-run=does-not-exist", SPOTSAFE_SHUTDOWN_ON_FAILURE="1"
+    )
     out = p.stdout + p.stderr  # the boot phase sends both to its log through tee
     assert p.returncode == vol.EXIT_NOT_FOUND, f"{out}"
     assert "spotsafe-run=does-not-exist" in out

@@ -111,8 +111,12 @@ def some_block_device() -> str:
 
 
 def create_volume(ec2: Any, az: str, tags: dict[str, str], size: int = 1) -> str:
-    r = ec2.create_volume(AvailabilityZone=az, Size=size, VolumeType="gp3", TagSpecifications=[
-        {"ResourceType": "volume", "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}])
+    r = ec2.create_volume(
+        AvailabilityZone=az,
+        Size=size,
+        VolumeType="gp3",
+        TagSpecifications=[{"ResourceType": "volume", "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}],
+    )
     return str(r["VolumeId"])
 
 
@@ -211,8 +215,13 @@ def test_attach_waits_for_a_stopped_old_instance_to_let_go(scene: Scene) -> None
 def test_attach_refuses_a_volume_held_by_a_live_instance(scene: Scene) -> None:
     other = run_instance(scene.ec2, scene.az)
     scene.ec2.attach_volume(VolumeId=scene.volume_id, InstanceId=other, Device="/dev/sdf")
-    mgr = VolumeManager(scene.ec2, scene.manager.identity, sys_root=scene.sys_root, dev_root=scene.dev_root,
-                        timeouts=Timeouts(poll=0.05, detach=0.4, force_detach_after=0.1))
+    mgr = VolumeManager(
+        scene.ec2,
+        scene.manager.identity,
+        sys_root=scene.sys_root,
+        dev_root=scene.dev_root,
+        timeouts=Timeouts(poll=0.05, detach=0.4, force_detach_after=0.1),
+    )
     t0 = time.monotonic()
     with pytest.raises(VolumeBusy, match=other):
         mgr.attach(tags=scene.tag)
@@ -243,8 +252,7 @@ def test_force_detach_only_after_the_grace_period_when_the_old_instance_is_gone(
     scene.ec2.attach_volume(VolumeId=scene.volume_id, InstanceId=old, Device="/dev/sdf")
     scene.ec2.stop_instances(InstanceIds=[old])
     sticky = StickyDetach(scene.ec2)
-    mgr = VolumeManager(sticky, scene.manager.identity, timeouts=FAST, sys_root=scene.sys_root,
-                        dev_root=scene.dev_root)
+    mgr = VolumeManager(sticky, scene.manager.identity, timeouts=FAST, sys_root=scene.sys_root, dev_root=scene.dev_root)
     t0 = time.monotonic()
     a = mgr.attach(tags=scene.tag)
     assert sticky.detaches == [False, True]
@@ -274,8 +282,9 @@ def test_move_copies_into_this_zone_and_retires_the_old_one_after_mount(scene: S
     old_id = create_volume(scene.ec2, old_az, {**scene.tag, "team": "vision"}, size=3)
     scene.ec2.delete_volume(VolumeId=scene.volume_id)  # only the far volume carries the tag now
     stop = threading.Event()
-    t = threading.Thread(target=_serve_device_for_new_volume,
-                         args=(scene.ec2, old_id, tmp_path, some_block_device(), stop), daemon=True)
+    t = threading.Thread(
+        target=_serve_device_for_new_volume, args=(scene.ec2, old_id, tmp_path, some_block_device(), stop), daemon=True
+    )
     t.start()
     try:
         a = scene.manager.attach(tags=scene.tag, move=True)
@@ -320,8 +329,9 @@ def test_find_device_by_nvme_serial_among_several(tmp_path: Path) -> None:
     target = some_block_device()
     fake_nvme(tmp_path, "vol0aaaaaaaaaaaaaaaa", "/dev/null", name="nvme0n1")
     sys_root, dev_root = fake_nvme(tmp_path, "vol0123456789abcdef0", target, name="nvme2n1", pad=False)
-    assert vol.find_device("vol-0123456789abcdef0", "/dev/sdf", sys_root=sys_root, dev_root=dev_root,
-                           timeout=0) == os.path.realpath(target)
+    assert vol.find_device(
+        "vol-0123456789abcdef0", "/dev/sdf", sys_root=sys_root, dev_root=dev_root, timeout=0
+    ) == os.path.realpath(target)
 
 
 def test_find_device_prefers_udev_by_id_link(tmp_path: Path) -> None:
@@ -330,8 +340,9 @@ def test_find_device_prefers_udev_by_id_link(tmp_path: Path) -> None:
     by_id.mkdir(parents=True)
     (by_id / (vol.NITRO_BY_ID_PREFIX + "vol0123456789abcdef0")).symlink_to(target)
     (tmp_path / "sys" / "block").mkdir(parents=True)
-    assert vol.find_device("vol-0123456789abcdef0", None, sys_root=str(tmp_path / "sys"),
-                           dev_root=str(tmp_path / "dev"), timeout=0) == os.path.realpath(target)
+    assert vol.find_device(
+        "vol-0123456789abcdef0", None, sys_root=str(tmp_path / "sys"), dev_root=str(tmp_path / "dev"), timeout=0
+    ) == os.path.realpath(target)
 
 
 def test_find_device_xen_name_and_xvd_twin(tmp_path: Path) -> None:
@@ -339,8 +350,9 @@ def test_find_device_xen_name_and_xvd_twin(tmp_path: Path) -> None:
     (tmp_path / "sys" / "block" / "xvda").mkdir(parents=True)
     (tmp_path / "dev").mkdir()
     (tmp_path / "dev" / "xvdf").symlink_to(target)
-    assert vol.find_device("vol-0123", "/dev/sdf", sys_root=str(tmp_path / "sys"), dev_root=str(tmp_path / "dev"),
-                           timeout=0) == os.path.realpath(target)
+    assert vol.find_device(
+        "vol-0123", "/dev/sdf", sys_root=str(tmp_path / "sys"), dev_root=str(tmp_path / "dev"), timeout=0
+    ) == os.path.realpath(target)
 
 
 def test_find_device_on_nitro_ignores_a_stale_sdx_name(tmp_path: Path) -> None:
@@ -348,8 +360,14 @@ def test_find_device_on_nitro_ignores_a_stale_sdx_name(tmp_path: Path) -> None:
     fake_nvme(tmp_path, "vol0ffffffffffffffff", some_block_device(), name="nvme0n1")
     (tmp_path / "dev" / "sdf").symlink_to(some_block_device())
     with pytest.raises(VolumeDeviceNotFound, match="vol0123456789abcdef0"):
-        vol.find_device("vol-0123456789abcdef0", "/dev/sdf", sys_root=str(tmp_path / "sys"),
-                        dev_root=str(tmp_path / "dev"), timeout=0.2, poll=0.05)
+        vol.find_device(
+            "vol-0123456789abcdef0",
+            "/dev/sdf",
+            sys_root=str(tmp_path / "sys"),
+            dev_root=str(tmp_path / "dev"),
+            timeout=0.2,
+            poll=0.05,
+        )
 
 
 def test_find_device_waits_for_the_device_to_appear(tmp_path: Path) -> None:
@@ -359,8 +377,14 @@ def test_find_device_waits_for_the_device_to_appear(tmp_path: Path) -> None:
     timer.start()
     try:
         t0 = time.monotonic()
-        found = vol.find_device("vol-0123456789abcdef0", None, sys_root=str(tmp_path / "sys"),
-                                dev_root=str(tmp_path / "dev"), timeout=5, poll=0.05)
+        found = vol.find_device(
+            "vol-0123456789abcdef0",
+            None,
+            sys_root=str(tmp_path / "sys"),
+            dev_root=str(tmp_path / "dev"),
+            timeout=5,
+            poll=0.05,
+        )
     finally:
         timer.join()
     assert found == os.path.realpath(target)
@@ -380,8 +404,9 @@ def test_blank_device_is_not_formatted_without_permission(loopdev: Callable[...,
 
 
 @pytest.mark.root
-def test_mkfs_on_blank_then_mount_is_idempotent_and_never_reformats(loopdev: Callable[..., str],
-                                                                       tmp_path: Path) -> None:
+def test_mkfs_on_blank_then_mount_is_idempotent_and_never_reformats(
+    loopdev: Callable[..., str], tmp_path: Path
+) -> None:
     dev = loopdev()
     mnt = tmp_path / "mnt"
     r = vol.mount(dev, str(mnt), mkfs=True)
@@ -493,9 +518,24 @@ def cli_env(scene: Scene, ec2_server: Any, monkeypatch: pytest.MonkeyPatch) -> I
 
 def _cli(scene: Scene, *args: str) -> list[str]:
     # A loaded CI machine can make the in-process IMDS slow: generous per-request timeout.
-    return [*args, "--sys-root", scene.sys_root, "--dev-root", scene.dev_root, "--poll-interval", "0.05",
-            "--metadata-timeout", "10",
-            "--detach-timeout", "1", "--force-detach-after", "0.2", "--device-timeout", "1", "-q"]
+    return [
+        *args,
+        "--sys-root",
+        scene.sys_root,
+        "--dev-root",
+        scene.dev_root,
+        "--poll-interval",
+        "0.05",
+        "--metadata-timeout",
+        "10",
+        "--detach-timeout",
+        "1",
+        "--force-detach-after",
+        "0.2",
+        "--device-timeout",
+        "1",
+        "-q",
+    ]
 
 
 def test_cli_attach_prints_the_device_then_status(cli_env: Scene, capsys: pytest.CaptureFixture[str]) -> None:
@@ -531,16 +571,20 @@ def test_cli_exit_codes_name_each_failure(cli_env: Scene, capsys: pytest.Capture
 def test_cli_without_imds_is_a_metadata_error(capsys: pytest.CaptureFixture[str]) -> None:
     # conftest points IMDS at a closed loopback port: like running off EC2.
     t0 = time.monotonic()
-    assert vol.main(["attach", "--tag", "spotsafe-run=x", "--metadata-timeout", "0.5", "--metadata-retry-for", "2.5",
-                     "-q"]) == vol.EXIT_METADATA
+    assert (
+        vol.main(
+            ["attach", "--tag", "spotsafe-run=x", "--metadata-timeout", "0.5", "--metadata-retry-for", "2.5", "-q"]
+        )
+        == vol.EXIT_METADATA
+    )
     assert 1.5 <= time.monotonic() - t0 < 10  # retried, bounded
     assert "127.0.0.1:9" in capsys.readouterr().err
 
 
 @pytest.mark.root
-def test_cli_mount_needs_mkfs_or_the_new_tag_then_clears_it(cli_env: Scene, loopdev: Callable[..., str],
-                                                             tmp_path: Path,
-                                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_mount_needs_mkfs_or_the_new_tag_then_clears_it(
+    cli_env: Scene, loopdev: Callable[..., str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     s = cli_env
     dev = loopdev()
     fake_nvme(tmp_path, s.volume_id.replace("-", ""), dev)
@@ -566,8 +610,12 @@ def test_cli_mount_needs_mkfs_or_the_new_tag_then_clears_it(cli_env: Scene, loop
 
 
 def test_cli_subprocess_status_without_volume(tmp_path: Path) -> None:
-    p = subprocess.run([sys.executable, "-m", "spotsafe.volume", "status", "--mountpoint", str(tmp_path), "--json"],
-                       capture_output=True, text=True, timeout=60)
+    p = subprocess.run(
+        [sys.executable, "-m", "spotsafe.volume", "status", "--mountpoint", str(tmp_path), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert p.returncode == 0, f"{p.stderr}"
     assert json.loads(p.stdout) == {"mountpoint": str(tmp_path), "mounted": None}
 
@@ -594,8 +642,9 @@ def test_iam_denial_is_a_permission_error_naming_the_call(iam_server: IAMEnforci
     for st in policy["Statement"]:
         st["Action"] = [a for a in st["Action"] if a != "ec2:AttachVolume"]
     weak = iam_server.client("ec2", iam_server.keys_for(policy))
-    mgr = VolumeManager(weak, Identity(iid, "us-east-1b", "us-east-1"), timeouts=FAST, sys_root=sys_root,
-                        dev_root=dev_root)
+    mgr = VolumeManager(
+        weak, Identity(iid, "us-east-1b", "us-east-1"), timeouts=FAST, sys_root=sys_root, dev_root=dev_root
+    )
     with pytest.raises(VolumePermissionDenied, match="attach_volume") as e:
         mgr.attach(tags=tag)
     assert vol.exit_code(e.value) == vol.EXIT_PERMISSION
@@ -609,12 +658,18 @@ def test_documented_iam_policy_allows_the_whole_flow(iam_server: IAMEnforcingSer
     keys = iam_server.keys_for(vol.IAM_POLICY)
     ec2 = iam_server.client("ec2", keys)
     stop = threading.Event()
-    t = threading.Thread(target=_serve_device_for_new_volume,
-                         args=(admin, old_id, tmp_path, some_block_device(), stop), daemon=True)
+    t = threading.Thread(
+        target=_serve_device_for_new_volume, args=(admin, old_id, tmp_path, some_block_device(), stop), daemon=True
+    )
     t.start()
     try:
-        mgr = VolumeManager(ec2, Identity(iid, "us-east-1b", "us-east-1"), timeouts=FAST,
-                            sys_root=str(tmp_path / "sys"), dev_root=str(tmp_path / "dev"))
+        mgr = VolumeManager(
+            ec2,
+            Identity(iid, "us-east-1b", "us-east-1"),
+            timeouts=FAST,
+            sys_root=str(tmp_path / "sys"),
+            dev_root=str(tmp_path / "dev"),
+        )
         a = mgr.attach(tags=tag, move=True)
     finally:
         stop.set()
@@ -636,10 +691,17 @@ def test_finish_scales_the_group_to_zero(ec2_server: Any, ec2: Any) -> None:
     asg = ec2_server.client("autoscaling")
     name = unique_tag()
     ec2.create_launch_template(LaunchTemplateName=name, LaunchTemplateData={"ImageId": AMI})
-    asg.create_auto_scaling_group(AutoScalingGroupName=name, LaunchTemplate={"LaunchTemplateName": name},
-                                  MinSize=1, MaxSize=2, DesiredCapacity=1, AvailabilityZones=["us-east-1b"])
+    asg.create_auto_scaling_group(
+        AutoScalingGroupName=name,
+        LaunchTemplate={"LaunchTemplateName": name},
+        MinSize=1,
+        MaxSize=2,
+        DesiredCapacity=1,
+        AvailabilityZones=["us-east-1b"],
+    )
     iid = asg.describe_auto_scaling_groups(AutoScalingGroupNames=[name])["AutoScalingGroups"][0]["Instances"][0][
-        "InstanceId"]
+        "InstanceId"
+    ]
     done = vol.finish(Identity(iid, "us-east-1b", "us-east-1"), ec2=ec2, autoscaling=asg)
     assert done == [f"auto scaling group {name}: desired capacity 0"]
     g = asg.describe_auto_scaling_groups(AutoScalingGroupNames=[name])["AutoScalingGroups"][0]
@@ -647,8 +709,9 @@ def test_finish_scales_the_group_to_zero(ec2_server: Any, ec2: Any) -> None:
 
 
 def test_finish_cancels_a_persistent_spot_request(ec2_server: Any, ec2: Any) -> None:
-    r = ec2.request_spot_instances(InstanceCount=1, Type="persistent", LaunchSpecification={
-        "ImageId": AMI, "InstanceType": "g5.xlarge"})
+    r = ec2.request_spot_instances(
+        InstanceCount=1, Type="persistent", LaunchSpecification={"ImageId": AMI, "InstanceType": "g5.xlarge"}
+    )
     rid = r["SpotInstanceRequests"][0]["SpotInstanceRequestId"]
     iid = ec2.describe_spot_instance_requests(SpotInstanceRequestIds=[rid])["SpotInstanceRequests"][0]["InstanceId"]
     done = vol.finish(Identity(iid, "us-east-1b", "us-east-1"), ec2=ec2, autoscaling=ec2_server.client("autoscaling"))
@@ -658,9 +721,9 @@ def test_finish_cancels_a_persistent_spot_request(ec2_server: Any, ec2: Any) -> 
 
 
 @pytest.mark.root
-def test_cli_move_then_mount_retires_the_old_volume_only_after_the_mount(cli_env: Scene, loopdev: Callable[..., str],
-                                                                        tmp_path: Path,
-                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_move_then_mount_retires_the_old_volume_only_after_the_mount(
+    cli_env: Scene, loopdev: Callable[..., str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     s = cli_env
     run = unique_tag()
     old_id = create_volume(s.ec2, "us-east-1a", {"spotsafe-run": run, vol.TAG_NEW: "true"})
@@ -704,17 +767,28 @@ class ForgetsInstance:
         from botocore.exceptions import ClientError
 
         if self._gone in kw.get("InstanceIds", []):
-            raise ClientError({"Error": {"Code": "InvalidInstanceID.NotFound",
-                                         "Message": f"The instance ID '{self._gone}' does not exist"}},
-                              "DescribeInstances")
+            raise ClientError(
+                {
+                    "Error": {
+                        "Code": "InvalidInstanceID.NotFound",
+                        "Message": f"The instance ID '{self._gone}' does not exist",
+                    }
+                },
+                "DescribeInstances",
+            )
         return self._client.describe_instances(**kw)
 
 
 def test_a_volume_held_by_an_instance_ec2_forgot_is_detached(scene: Scene) -> None:
     old = run_instance(scene.ec2, scene.az)
     scene.ec2.attach_volume(VolumeId=scene.volume_id, InstanceId=old, Device="/dev/sdf")
-    mgr = VolumeManager(ForgetsInstance(scene.ec2, old), scene.manager.identity, timeouts=FAST,
-                        sys_root=scene.sys_root, dev_root=scene.dev_root)
+    mgr = VolumeManager(
+        ForgetsInstance(scene.ec2, old),
+        scene.manager.identity,
+        timeouts=FAST,
+        sys_root=scene.sys_root,
+        dev_root=scene.dev_root,
+    )
     assert mgr.instance_state(old) is None
     a = mgr.attach(tags=scene.tag)
     assert a.volume.instance_id == scene.instance_id

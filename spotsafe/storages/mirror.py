@@ -76,9 +76,7 @@ class MirrorStore(Store):
         self._failures = 0
         self._uploaded: set[str] = set()  # files of the job in hand already on the remote
         self._uploaded_for: _Job | None = None
-        self._thread = threading.Thread(
-            target=self._run, name=f"spotsafe-mirror-upload({remote.url})", daemon=True
-        )
+        self._thread = threading.Thread(target=self._run, name=f"spotsafe-mirror-upload({remote.url})", daemon=True)
         self._thread.start()
 
     def __repr__(self) -> str:
@@ -104,9 +102,7 @@ class MirrorStore(Store):
             # the uploads (never blocking a save on a slow upload, never racing one).
             self._deleting.add(path)
             # An upload of something about to be deleted is wasted work: drop it.
-            self._queue = collections.deque(
-                j for j in self._queue if not (j.kind == "upload" and _under(j.path, path))
-            )
+            self._queue = collections.deque(j for j in self._queue if not (j.kind == "upload" and _under(j.path, path)))
         self._enqueue(_Job("delete", path))
 
     def _enqueue(self, job: _Job) -> None:
@@ -258,13 +254,18 @@ class MirrorStore(Store):
                 self._busy = job
             try:
                 self._do(job)
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - kept in last_error and retried with backoff
                 self.last_error = e
                 self._failures += 1
                 delay = min(60.0, self.retry_interval * 2 ** min(self._failures - 1, 6))
                 log.warning(
                     "%s: background %s of %s failed (attempt %d), retrying in %.1fs: %s",
-                    self.remote.url, job.kind, job.path, self._failures, delay, e,
+                    self.remote.url,
+                    job.kind,
+                    job.path,
+                    self._failures,
+                    delay,
+                    e,
                 )
                 with self._cond:
                     self._busy = None

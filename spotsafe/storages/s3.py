@@ -186,14 +186,10 @@ class S3Store(Store):
         opts = dict(storage_options or {})
         unknown = sorted(set(opts) - _OPTIONS)
         if unknown:
-            raise ValueError(
-                f"{self.url}: unknown storage_options {unknown}; known: {sorted(_OPTIONS)}"
-            )
+            raise ValueError(f"{self.url}: unknown storage_options {unknown}; known: {sorted(_OPTIONS)}")
         self.part_size = int(opts.get("part_size", DEFAULT_PART_SIZE))
         if self.part_size < MIN_PART_SIZE:
-            raise ValueError(
-                f"{self.url}: part_size {self.part_size} is below S3's minimum of {MIN_PART_SIZE} bytes"
-            )
+            raise ValueError(f"{self.url}: part_size {self.part_size} is below S3's minimum of {MIN_PART_SIZE} bytes")
         # A checkpoint's payload goes up as objects of one part each: parallel PUTs and
         # nothing to assemble at the end (CompleteMultipartUpload makes the server copy
         # every byte once more, on the critical path of a notice save).
@@ -246,9 +242,7 @@ class S3Store(Store):
             self._client = session.client("s3", config=Config(**config_kwargs), **client_kwargs)
         except Exception as e:  # bad profile, bad region, bad endpoint URL...
             raise StoreError(f"{self.url}: cannot create an S3 client: {e}") from e
-        self._pool = ThreadPoolExecutor(
-            max_workers=self.max_concurrency, thread_name_prefix="spotsafe-s3"
-        )
+        self._pool = ThreadPoolExecutor(max_workers=self.max_concurrency, thread_name_prefix="spotsafe-s3")
         try:
             self._check_bucket()
         except BaseException:
@@ -312,9 +306,7 @@ class S3Store(Store):
         except ClientError as e:
             code = _code(e)
             if code in ("404", "NoSuchBucket", "NotFound"):
-                raise StoreError(
-                    f"{self.url}: bucket {self.bucket!r} does not exist at {self.endpoint}"
-                ) from e
+                raise StoreError(f"{self.url}: bucket {self.bucket!r} does not exist at {self.endpoint}") from e
             if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
                 raise StoreError(
                     f"{self.url}: access denied to bucket {self.bucket!r} (HTTP 403): the "
@@ -358,9 +350,7 @@ class S3Store(Store):
         from botocore.exceptions import ClientError
 
         try:
-            head: dict[str, Any] = self._call(
-                "HEAD", self._client.head_object, Bucket=self.bucket, Key=self._key(path)
-            )
+            head: dict[str, Any] = self._call("HEAD", self._client.head_object, Bucket=self.bucket, Key=self._key(path))
             return head
         except ClientError as e:
             if _code(e) in ("404", "NoSuchKey", "NotFound"):
@@ -425,9 +415,7 @@ class S3Store(Store):
                 if size:
                     self._get_range(path, etag, view, 0, size)
             else:
-                self._run_parallel([
-                    (self._get_range, (path, etag, view, start, end)) for start, end in ranges
-                ])
+                self._run_parallel([(self._get_range, (path, etag, view, start, end)) for start, end in ranges])
         except CheckpointNotFound:
             raise
         except Exception as e:
@@ -459,9 +447,7 @@ class S3Store(Store):
                 if expect is not None and _code(e) in ("404", "NoSuchKey", "NotFound"):
                     raise CheckpointNotFound(f"{self._where(path)}: no such object") from e
                 if expect is not None and _code(e) in ("416", "InvalidRange"):
-                    raise CheckpointCorrupt(
-                        f"{self._where(path)}: shorter than the {expect} bytes expected"
-                    ) from e
+                    raise CheckpointCorrupt(f"{self._where(path)}: shorter than the {expect} bytes expected") from e
                 raise
             body = response["Body"]
             if expect is not None:
@@ -538,19 +524,19 @@ class S3Store(Store):
             self._own_uploads.add(upload_id)
         try:
             bounds = [(s, min(s + part_size, total)) for s in range(0, total, part_size)]
-            etags = self._run_parallel([
-                (self._upload_part, (key, upload_id, n, views, offsets, s, e))
-                for n, (s, e) in enumerate(bounds, start=1)
-            ])
+            etags = self._run_parallel(
+                [
+                    (self._upload_part, (key, upload_id, n, views, offsets, s, e))
+                    for n, (s, e) in enumerate(bounds, start=1)
+                ]
+            )
             self._call(
                 "CompleteMultipartUpload",
                 self._client.complete_multipart_upload,
                 Bucket=self.bucket,
                 Key=key,
                 UploadId=upload_id,
-                MultipartUpload={
-                    "Parts": [{"PartNumber": n, "ETag": etag} for n, etag in enumerate(etags, start=1)]
-                },
+                MultipartUpload={"Parts": [{"PartNumber": n, "ETag": etag} for n, etag in enumerate(etags, start=1)]},
             )
         except BaseException as e:
             self._abort(key, upload_id)
@@ -581,9 +567,7 @@ class S3Store(Store):
         key = self._key(path)
         self._call(
             f"PUT {path}",
-            lambda: self._client.put_object(
-                Bucket=self.bucket, Key=key, Body=_BuffersReader(views, offsets, 0, total)
-            ),
+            lambda: self._client.put_object(Bucket=self.bucket, Key=key, Body=_BuffersReader(views, offsets, 0, total)),
         )
 
     def _upload_part(
@@ -614,7 +598,7 @@ class S3Store(Store):
             raise StoreError(f"{self.url}: store is closed")
         futures: list[Future[Any]] = [self._pool.submit(fn, *args) for fn, args in tasks]
         try:
-            done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+            _, pending = wait(futures, return_when=FIRST_EXCEPTION)
             if pending:
                 for f in pending:
                     f.cancel()
@@ -637,7 +621,7 @@ class S3Store(Store):
                 Key=key,
                 UploadId=upload_id,
             )
-        except Exception as e:  # cleanup_incomplete on the next start gets it
+        except Exception as e:  # noqa: BLE001 - cleanup_incomplete on the next start gets it
             log.warning("%s: could not abort multipart upload of %s: %s", self.url, key, e)
 
     # ------------------------------------------------------------------ maintenance
@@ -674,7 +658,9 @@ class S3Store(Store):
                     self._warned_uploads = True
                     log.warning(
                         "%s: cannot list multipart uploads (%s); stale ones left by killed "
-                        "writers will not be aborted (a bucket lifecycle rule can)", self.url, _code(e)
+                        "writers will not be aborted (a bucket lifecycle rule can)",
+                        self.url,
+                        _code(e),
                     )
                 return
             raise self._error("", "listing multipart uploads", e) from e

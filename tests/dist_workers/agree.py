@@ -11,14 +11,21 @@ from datetime import datetime, timedelta, timezone
 
 import torch
 import torch.distributed
-
 from _common import finish, init, report
+
 from spotsafe.distributed import DistContext, NoticeAgreement
 from spotsafe.interruption import Notice
 
 
-def run(ctx: DistContext, every: int | str, async_: bool, notice_step: int, action: str,
-        steps: int = 40, step_time: float = 0.0) -> dict:
+def run(
+    ctx: DistContext,
+    every: int | str,
+    async_: bool,
+    notice_step: int,
+    action: str,
+    steps: int = 40,
+    step_time: float = 0.0,
+) -> dict:
     if every == "auto":
         # auto: rank 0 proposes every = interval / step time (here about 10)
         agreement = NoticeAgreement(ctx, every="auto", async_=async_, interval=10 * step_time)
@@ -43,9 +50,13 @@ def run(ctx: DistContext, every: int | str, async_: bool, notice_step: int, acti
     agreement.drain()
     assert result is not None
     return {
-        "every": every, "async": async_, "agreed_at": agreed_at, "bound": agreement.bound_steps(),
+        "every": every,
+        "async": async_,
+        "agreed_at": agreed_at,
+        "bound": agreement.bound_steps(),
         "every_then": every_then,
-        "level": result.level, "source_rank": result.source_rank,
+        "level": result.level,
+        "source_rank": result.source_rank,
         "deadline": result.deadline.isoformat() if result.deadline else None,
         "expected_deadline": (now + timedelta(seconds=120)).isoformat() if ctx.rank == 1 else None,
     }

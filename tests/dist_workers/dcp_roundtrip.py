@@ -10,10 +10,10 @@ from __future__ import annotations
 import sys
 
 import torch
+from _common import finish, init, manifest_commit, manifest_files, out_dir, report
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.fsdp import fully_shard
 
-from _common import finish, init, manifest_commit, manifest_files, out_dir, report
 from spotsafe.distributed import DistContext, load_sharded, save_sharded
 from spotsafe.storages.local import LocalStore
 
@@ -53,8 +53,12 @@ def main() -> None:
     expected = full({"model": msd, "optim": osd})
     directory = "step-000000000002"
     files = save_sharded(
-        {"model": msd, "optim": osd}, store, directory, ctx=ctx,
-        commit=manifest_commit(store, directory, 2, world), timeout=30,
+        {"model": msd, "optim": osd},
+        store,
+        directory,
+        ctx=ctx,
+        commit=manifest_commit(store, directory, 2, world),
+        timeout=30,
     )
 
     # a differently initialised replica, loaded from the store
@@ -70,7 +74,7 @@ def main() -> None:
         if isinstance(a, dict):
             return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
         if isinstance(a, list):
-            return isinstance(b, list) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+            return isinstance(b, list) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
         if isinstance(a, torch.Tensor):
             return isinstance(b, torch.Tensor) and torch.equal(a, b)
         return a == b
@@ -79,8 +83,12 @@ def main() -> None:
         torch.save(expected, out_dir() / "expected.pt")
     report(
         f"dcp-{rank}.json",
-        {"rank": rank, "equal": same(expected, got), "files": sorted(f.path for f in files),
-         "local_shape": list(msd["0.weight"].to_local().shape)},
+        {
+            "rank": rank,
+            "equal": same(expected, got),
+            "files": sorted(f.path for f in files),
+            "local_shape": list(msd["0.weight"].to_local().shape),
+        },
     )
     finish()
 

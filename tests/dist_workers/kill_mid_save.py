@@ -19,10 +19,10 @@ import time
 from collections.abc import Sequence
 
 import torch
+from _common import finish, init, manifest_commit, report
 from torch.distributed.checkpoint.state_dict import get_state_dict
 from torch.distributed.fsdp import fully_shard
 
-from _common import finish, init, manifest_commit, report
 from spotsafe.distributed import DistContext, FileRecord, persist_rank_files, save_sharded
 from spotsafe.errors import DistributedError
 from spotsafe.storage import Buffer
@@ -64,8 +64,16 @@ def fail_to_write(ctx: DistContext, store: LocalStore, timeout: float) -> None:
     try:
         persist_rank_files(ctx, write, lambda files: committed.append(len(files)), timeout=timeout)
     except (DistributedError, OSError) as e:
-        report(f"kill-{ctx.rank}.json", {"rank": ctx.rank, "error": str(e), "type": type(e).__name__,
-                                         "elapsed": time.monotonic() - started, "committed": committed})
+        report(
+            f"kill-{ctx.rank}.json",
+            {
+                "rank": ctx.rank,
+                "error": str(e),
+                "type": type(e).__name__,
+                "elapsed": time.monotonic() - started,
+                "committed": committed,
+            },
+        )
         finish()
         sys.exit(3)
     report(f"kill-{ctx.rank}.json", {"rank": ctx.rank, "error": None, "committed": committed})
@@ -85,8 +93,14 @@ def main() -> None:
     model = torch.nn.Linear(64, 64)
     fully_shard(model)
     msd, _ = get_state_dict(model, [])
-    save_sharded({"model": msd}, store, "step-000000000001", ctx=ctx,
-                 commit=manifest_commit(store, "step-000000000001", 1, world), timeout=timeout)
+    save_sharded(
+        {"model": msd},
+        store,
+        "step-000000000001",
+        ctx=ctx,
+        commit=manifest_commit(store, "step-000000000001", 1, world),
+        timeout=timeout,
+    )
 
     if sys.argv[4] == "fail":
         fail_to_write(ctx, store, timeout)
@@ -96,14 +110,30 @@ def main() -> None:
     committed: list[int] = []
     started = time.monotonic()
     try:
-        save_sharded({"model": msd}, store, "step-000000000002", ctx=ctx,
-                     commit=lambda files: committed.append(len(files)), timeout=timeout)
+        save_sharded(
+            {"model": msd},
+            store,
+            "step-000000000002",
+            ctx=ctx,
+            commit=lambda files: committed.append(len(files)),
+            timeout=timeout,
+        )
     except DistributedError as e:
-        report(f"kill-{rank}.json", {"rank": rank, "error": str(e), "type": type(e).__name__,
-                                     "elapsed": time.monotonic() - started, "committed": committed})
+        report(
+            f"kill-{rank}.json",
+            {
+                "rank": rank,
+                "error": str(e),
+                "type": type(e).__name__,
+                "elapsed": time.monotonic() - started,
+                "committed": committed,
+            },
+        )
         sys.exit(3)
-    report(f"kill-{rank}.json", {"rank": rank, "error": None, "committed": committed,
-                                 "elapsed": time.monotonic() - started})
+    report(
+        f"kill-{rank}.json",
+        {"rank": rank, "error": None, "committed": committed, "elapsed": time.monotonic() - started},
+    )
 
 
 if __name__ == "__main__":

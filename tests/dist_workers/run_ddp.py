@@ -43,8 +43,9 @@ def main() -> None:
 
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
-    data = TensorDataset(torch.randn(SAMPLES, 6, generator=g), torch.randint(0, 3, (SAMPLES,), generator=g),
-                         torch.arange(SAMPLES))
+    data = TensorDataset(
+        torch.randn(SAMPLES, 6, generator=g), torch.randint(0, 3, (SAMPLES,), generator=g), torch.arange(SAMPLES)
+    )
     sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=7)
     loader = DataLoader(data, batch_size=BATCH, sampler=sampler)
     net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Dropout(0.3), torch.nn.Linear(16, 3))
@@ -59,7 +60,7 @@ def main() -> None:
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
     watcher = InterruptionWatcher(sources="none", signals=()).start()
     run = spotsafe.Run(store, model=net, optimizer=opt, every_steps=5, watch=watcher, agree_every=1)
-    seen = open(out / f"seen-{tag}.jsonl", "a")
+    seen = open(out / f"seen-{tag}.jsonl", "a")  # noqa: SIM115 - open for the whole run, closed at its end
     if run.resumed_from is not None:
         print(json.dumps({"resumed": run.step_count, "epoch": run.epoch, "batch": run.batch}), file=seen, flush=True)
     for epoch in run.epochs(EPOCHS):
