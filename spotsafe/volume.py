@@ -1184,11 +1184,11 @@ class Identity:
 
     @classmethod
     def from_metadata(cls, endpoint: str | None = None, *, timeout: float = 2.0, retry_for: float = 0.0) -> Identity:
-        """Read it through :class:`spotsafe.interruption.AWSMetadata`; raises MetadataError.
+        """Read it through :class:`spotsafe.imds.AWSMetadata`; raises MetadataError.
 
         ``retry_for``: keep trying this many seconds (IMDS can throttle, or lag early in a boot).
         """
-        from spotsafe.interruption import AWSMetadata
+        from spotsafe.imds import AWSMetadata
 
         deadline = time.monotonic() + retry_for
         while True:
