@@ -524,7 +524,7 @@ class Checkpointer:
         state: Mapping[str, Any],
         *,
         epoch: int | None = None,
-        reason: str = "periodic",
+        reason: Reason = "periodic",
         async_: bool | None = None,
         metadata: Mapping[str, Any] | None = None,
     ) -> None:
@@ -575,7 +575,7 @@ class Checkpointer:
         self,
         step: int,
         epoch: int | None,
-        reason: str,
+        reason: Reason,
         when: datetime,
         meta: dict[str, Any],
         snap: Snapshot,
@@ -594,7 +594,7 @@ class Checkpointer:
                 format_version=format_version_for(files),
                 step=step,
                 epoch=epoch,
-                reason=reason,  # type: ignore[arg-type]
+                reason=reason,
                 time=when,
                 world_size=1,
                 files=tuple(files),
@@ -965,7 +965,8 @@ class Checkpointer:
             self.store.close()
 
 
-def _age(t: datetime, now: float | None = None) -> str:
+def format_age(t: datetime, now: float | None = None) -> str:
+    """How long ago ``t`` was, for people: ``42s``, ``3.5m``, ``1.2h``, ``2.0d``."""
     seconds = (now or _time.time()) - t.timestamp()
     for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= n:

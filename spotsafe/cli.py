@@ -21,8 +21,20 @@ from spotsafe.errors import SpotsafeError
 _DELEGATES = {
     "resume": ("spotsafe.resume", "supervise a training command: restart it until it finishes"),
     "volume": ("spotsafe.volume", "find, attach and mount the persistent EBS volume"),
-    "simulate": ("spotsafe.simulate", "serve a simulated AWS/GCP/Azure metadata endpoint; rehearse"),
 }
+_SIMULATE_HELP = "serve a simulated AWS/GCP/Azure metadata endpoint; rehearse an interruption"
+
+
+def simulate_main(argv: Sequence[str] | None = None) -> int:
+    """``python -m spotsafe.simulate``: ``rehearse ...`` runs a rehearsal, anything else a simulator."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == "rehearse":
+        from spotsafe.rehearse import main as rehearse_main
+
+        return int(rehearse_main(args[1:]) or 0)
+    from spotsafe.simulate import main as serve_main
+
+    return int(serve_main(args) or 0)
 
 
 def _size(n: int) -> str:
@@ -41,7 +53,8 @@ def _table(rows: list[list[str]], out: TextIO) -> None:
 
 
 def _listing(store: str, *, full: bool, step: int | None, out: TextIO, storage_options: dict[str, Any]) -> int:
-    from spotsafe.checkpoint import Checkpointer, CheckpointInfo, Manifest, _age
+    from spotsafe.checkpoint import Checkpointer, CheckpointInfo, Manifest, format_age
+    from spotsafe.errors import CheckpointNotFound
 
     ckpt = Checkpointer(store, storage_options=storage_options or None)
     try:
@@ -51,7 +64,7 @@ def _listing(store: str, *, full: bool, step: int | None, out: TextIO, storage_o
         seen = 0
         for name, m in ckpt.scan():
             if not isinstance(m, Manifest):
-                if "does not exist" in str(m):
+                if isinstance(m, CheckpointNotFound):
                     status = "no (incomplete: no manifest)"
                 else:
                     status = f"no ({m})"
@@ -75,7 +88,7 @@ def _listing(store: str, *, full: bool, step: int | None, out: TextIO, storage_o
                     str(info.step),
                     "-" if info.epoch is None else str(info.epoch),
                     _size(info.size),
-                    _age(info.time, now),
+                    format_age(info.time, now),
                     info.reason,
                     status,
                 ]
@@ -114,6 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args and args[0] in _DELEGATES:
         module = importlib.import_module(_DELEGATES[args[0]][0])
         return int(module.main(args[1:]) or 0)
+    if args and args[0] == "simulate":
+        return simulate_main(args[1:])
     parser = argparse.ArgumentParser(prog="spotsafe", description="Spot-interruption-proof PyTorch checkpoints.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, helptext in (
@@ -134,6 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             p.add_argument("--step", type=int, default=None, help="verify only this step")
     for name, (_module, helptext) in _DELEGATES.items():
         sub.add_parser(name, help=helptext, add_help=False)
+    sub.add_parser("simulate", help=_SIMULATE_HELP, add_help=False)
     ns = parser.parse_args(args)
     try:
         return _listing(

@@ -38,7 +38,7 @@ from typing import Any
 
 from spotsafe import EXIT_PREEMPTED
 from spotsafe.resume import DEFAULT_MAX_RESTARTS, supervise
-from spotsafe.run import EVENTS_ENV
+from spotsafe.settings import EVENTS_ENV
 
 #: Tells spotsafe.Run after how many steps to report (Settings.rehearsal_after_steps).
 AFTER_STEPS_ENV = "SPOTSAFE_REHEARSAL_AFTER_STEPS"

@@ -41,7 +41,7 @@ from spotsafe.settings import Settings
 if TYPE_CHECKING:
     from typing_extensions import Self
 
-    from spotsafe.checkpoint import Checkpointer, CheckpointInfo
+    from spotsafe.checkpoint import Checkpointer, CheckpointInfo, Reason
     from spotsafe.interruption import InterruptionWatcher, Notice
     from spotsafe.storage import Store
 
@@ -51,9 +51,6 @@ log = logging.getLogger(__name__)
 RUN_STATE_FORMAT = 1
 #: Key of the run's own counters in the checkpoint.
 RUN_STATE_KEY = "spotsafe"
-#: When a process gets a path here, it appends one JSON line per notable event
-#: (start, resumed, notice, durable, complete); the rehearsal reads them.
-EVENTS_ENV = "SPOTSAFE_EVENTS"
 #: Periodic checkpoint interval when none of every_steps/every_seconds/every_epochs is given.
 DEFAULT_EVERY_SECONDS = 600.0
 
@@ -309,7 +306,7 @@ class Run:
         if self._save_due and self.checkpointer.wait(0):
             self._save("periodic", async_=None)
 
-    def save(self, reason: str = "manual", *, async_: bool | None = None) -> None:
+    def save(self, reason: Reason = "manual", *, async_: bool | None = None) -> None:
         """Checkpoint now (``reason`` as in the manifest)."""
         self._save(reason, async_=async_)
 
@@ -450,7 +447,7 @@ class Run:
             self.checkpointer.wait()
             self._save("periodic", async_=None)
 
-    def _save(self, reason: str, *, async_: bool | None) -> None:
+    def _save(self, reason: Reason, *, async_: bool | None) -> None:
         metadata = {"batch": self.batch, "metrics": _plain_metrics(self.metrics)}
         if self._ddp is not None:
             run_async = self.checkpointer.async_ if async_ is None else async_

@@ -15,6 +15,10 @@ AWS_DEFAULT_ENDPOINT = "http://169.254.169.254"
 GCP_DEFAULT_HOST = "metadata.google.internal"
 AZURE_DEFAULT_ENDPOINT = "http://169.254.169.254"
 
+#: When a process gets a path here, it appends one JSON line per notable event
+#: (start, resumed, notice, durable, complete); the rehearsal reads them.
+EVENTS_ENV = "SPOTSAFE_EVENTS"
+
 
 def _truthy(value: str | None) -> bool:
     return (value or "").strip().lower() in ("1", "true", "yes", "on")

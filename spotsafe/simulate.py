@@ -873,19 +873,15 @@ _CONTROL_HINTS = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m spotsafe.simulate aws|gcp|azure [--port P] [--notice-after S]``; ``rehearse ...``."""
+    """``aws|gcp|azure [--port P] [--notice-after S]``: serve one simulator until stopped.
+
+    ``python -m spotsafe.simulate`` (and ``spotsafe simulate``) also take ``rehearse ...``:
+    :func:`spotsafe.cli.simulate_main` dispatches that to :mod:`spotsafe.rehearse`, which
+    imports this module (never the other way round).
+    """
     import sys
 
     args_list = list(sys.argv[1:] if argv is None else argv)
-    if args_list and args_list[0] == "rehearse":
-        try:
-            from spotsafe.rehearse import main as rehearse_main
-        except ModuleNotFoundError as e:
-            if e.name != "spotsafe.rehearse":
-                raise
-            print("spotsafe.rehearse is not available in this installation", file=sys.stderr)
-            return 2
-        return int(rehearse_main(args_list[1:]) or 0)
 
     parser = argparse.ArgumentParser(
         prog="python -m spotsafe.simulate",
@@ -948,4 +944,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from spotsafe.cli import simulate_main
+
+    raise SystemExit(simulate_main())

@@ -153,7 +153,8 @@ def open_store(
 
     - a :class:`Store` is returned as it is;
     - a plain path or ``file://`` URL gives a local directory store (atomic rename commit);
-    - ``s3://`` gives the S3 store (parallel multipart, needs ``spotsafe[s3]``);
+    - ``s3://`` gives the S3 store (checkpoint data as parallel single-PUT segments,
+      needs ``spotsafe[s3]``);
     - any other fsspec URL (``gs://``, ``memory://``, ...) gives the generic fsspec store;
     - ``local=`` and ``remote=`` together give a mirror: commit locally, upload in the background;
     - nothing at all falls back to the ``SPOTSAFE_STORE`` environment variable.

@@ -19,6 +19,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.helpers import root_unavailable
+
 #: A loopback port nothing listens on (the discard service is never run here):
 #: connections are refused at once, so auto-detection settles fast.
 CLOSED = "127.0.0.1:9"
@@ -73,6 +75,14 @@ def _guarded_connect_ex(self: socket.socket, address: object) -> int:
     if self.family in (socket.AF_INET, socket.AF_INET6) and not _is_loopback(address):
         raise OffMachineConnection(f"test tried to connect off this machine: {address!r}")
     return _real_connect_ex(self, address)  # type: ignore[arg-type]
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """``@pytest.mark.root`` tests (loop devices, mount, mkfs) skip, saying why, where they cannot run."""
+    if item.get_closest_marker("root") is not None:
+        reason = root_unavailable()
+        if reason is not None:
+            pytest.skip(reason)
 
 
 @pytest.fixture(autouse=True)

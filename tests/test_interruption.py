@@ -26,6 +26,7 @@ from spotsafe.interruption import (
     _parse_rfc1123,
 )
 from spotsafe.simulate import AWSSimulator, AzureSimulator, GCPSimulator
+from tests.helpers import wait_until
 
 POLL = 0.2
 INSTANCE_ACTION = "/latest/meta-data/spot/instance-action"
@@ -326,10 +327,7 @@ def test_no_false_notice_through_errors_timeouts_and_restarts(aws: AWSSimulator)
     aws.inject(None, count=1, delay=0.6)  # answers after the client gave up
     aws.inject(502, count=1, body="<html>bad gateway</html>")
     with _watch(AWSSource(aws.endpoint, timeout=0.3), poll_interval=0.1) as watcher:
-        deadline = time.monotonic() + 10
-        while aws.faults_pending and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert aws.faults_pending == 0  # every fault was served to the watcher
+        wait_until(lambda: aws.faults_pending == 0, 10, what="every fault served to the watcher")
         time.sleep(0.3)
         assert watcher.notice is None
         assert all(t.is_alive() for t in watcher._threads)
@@ -366,9 +364,7 @@ def test_malformed_instance_action_is_still_a_notice(aws: AWSSimulator) -> None:
 
 def test_gcp_preemption_detected_by_hanging_get(gcp: GCPSimulator) -> None:
     with _watch(GCPSource(gcp.host), poll_interval=2.0) as watcher:
-        deadline = time.monotonic() + 5
-        while gcp.count("GET", "/computeMetadata/v1/instance/preempted") < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: gcp.count("GET", "/computeMetadata/v1/instance/preempted") >= 2, 10, what="a second GET")
         time.sleep(0.3)  # the watcher is now inside its second, hanging GET
         preempted = time.monotonic()
         gcp.preempt()
@@ -402,10 +398,7 @@ def test_gcp_no_false_notice_from_garbage_and_errors(gcp: GCPSimulator) -> None:
     gcp.inject(200, count=2, body="MAYBE", path="/computeMetadata/v1/instance/preempted")
     gcp.inject(500, count=2)
     with _watch(GCPSource(gcp.host), poll_interval=0.1) as watcher:
-        deadline = time.monotonic() + 10
-        while gcp.faults_pending and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert gcp.faults_pending == 0
+        wait_until(lambda: gcp.faults_pending == 0, 10, what="every fault served to the watcher")
         time.sleep(0.2)
         assert watcher.notice is None
         gcp.preempt()
@@ -456,9 +449,7 @@ def test_azure_no_false_notice_from_garbage(azure: AzureSimulator) -> None:
     azure.inject(200, count=2, body='{"DocumentIncarnation": ', path="/metadata/scheduledevents")
     azure.inject(500, count=2, path="/metadata/scheduledevents")
     with _watch(AzureSource(azure.endpoint), poll_interval=0.1) as watcher:
-        deadline = time.monotonic() + 10
-        while azure.faults_pending and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: azure.faults_pending == 0, 10, what="every fault served to the watcher")
         time.sleep(0.2)
         assert watcher.notice is None
         azure.schedule_preempt()

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 import pytest
 
 from spotsafe.interruption import InterruptionWatcher
+from tests.helpers import wait_until
 
 IDLE_CPU_BOUND = 0.005  # of one core
 
@@ -71,9 +72,9 @@ def test_start_up_with_hanging_hosts_is_bounded(monkeypatch: pytest.MonkeyPatch)
         finally:
             watcher.stop()
         # let the probes that gave up finish and close their connections
-        deadline = time.monotonic() + 3
-        while any(n.startswith("spotsafe-probe") for n in _watcher_threads()) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(
+            lambda: not any(n.startswith("spotsafe-probe") for n in _watcher_threads()), 10, what="the probes to end"
+        )
     assert elapsed < 1.0
 
 

@@ -110,7 +110,7 @@ def test_summary_reports_lost_steps_and_missing_durability() -> None:
 
 
 def test_rehearsal_through_simulate_module(tmp_path: Path) -> None:
-    from spotsafe.simulate import main as simulate_main
+    from spotsafe.cli import simulate_main
 
     with pytest.raises(SystemExit) as e:
         simulate_main(["rehearse", "--notice-after", "0"])

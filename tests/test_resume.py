@@ -7,13 +7,13 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 
 from spotsafe import EXIT_PREEMPTED
 from spotsafe.resume import Supervisor, exit_status, main, supervise
+from tests.helpers import wait_until
 
 PY = sys.executable
 
@@ -121,11 +121,12 @@ def test_sigterm_is_forwarded_and_child_status_returned(tmp_path: Path) -> None:
         stderr=subprocess.PIPE,
         text=True,
     )
-    deadline = time.monotonic() + 30
-    while not ready.exists():
-        assert time.monotonic() < deadline
-        assert proc.poll() is None
-        time.sleep(0.05)
+
+    def child_ready() -> bool:
+        assert proc.poll() is None, "the supervisor exited early"
+        return ready.exists()
+
+    wait_until(child_ready, 30, what="the child to start")
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == EXIT_PREEMPTED

@@ -23,6 +23,7 @@ import spotsafe
 from spotsafe import EXIT_PREEMPTED, Run
 from spotsafe.checkpoint import Checkpointer
 from spotsafe.interruption import InterruptionWatcher
+from tests.helpers import wait_until
 
 N_ITEMS, BATCH = 60, 8  # 8 batches an epoch, the last one short
 PER_EPOCH = 8
@@ -307,12 +308,12 @@ def run_child(tmp_path: Path, store: Path, out: Path, env: dict[str, str], init:
 
 
 def wait_ready(out: Path, proc: subprocess.Popen[str]) -> None:
-    deadline = time.monotonic() + 60
-    while not Path(str(out) + ".ready").exists():
+    def ready() -> bool:
         if proc.poll() is not None:
             raise AssertionError(proc.communicate()[1])
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+        return Path(str(out) + ".ready").exists()
+
+    wait_until(ready, 60, what=f"{out}.ready")
 
 
 @pytest.mark.slow

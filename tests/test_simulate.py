@@ -325,8 +325,18 @@ def test_main_delegates_rehearse(monkeypatch: pytest.MonkeyPatch) -> None:
     module = types.ModuleType("spotsafe.rehearse")
     module.main = lambda argv: seen.append(list(argv)) or 7  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "spotsafe.rehearse", module)
-    assert main(["rehearse", "--notice-after", "5", "--", "python", "train.py"]) == 7
-    assert seen == [["--notice-after", "5", "--", "python", "train.py"]]
+    from spotsafe.cli import main as cli_main
+    from spotsafe.cli import simulate_main
+
+    assert simulate_main(["rehearse", "--notice-after", "5", "--", "python", "train.py"]) == 7
+    assert cli_main(["simulate", "rehearse", "--notice-after", "5"]) == 7
+    assert seen == [["--notice-after", "5", "--", "python", "train.py"], ["--notice-after", "5"]]
+
+
+def test_simulators_do_not_import_the_rehearsal_or_torch() -> None:
+    code = "import sys, spotsafe.simulate; print(sorted(m for m in ('spotsafe.rehearse', 'torch') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_cli_subprocess_armed_over_http(http: requests.Session) -> None:

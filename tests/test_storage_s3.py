@@ -20,6 +20,7 @@ import pytest
 from spotsafe.errors import StoreError
 from spotsafe.storage import open_store
 from spotsafe.storages.s3 import S3Store, parse_s3_url
+from tests.helpers import wait_until
 from tests.s3server import *  # noqa: F403
 from tests.s3server import FaultProxy
 
@@ -46,13 +47,14 @@ def _kill_9_when(script: str, args: list[str], ready: Any, timeout: float = 60, 
         [sys.executable, "-c", script, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
     try:
-        deadline = time.monotonic() + timeout
-        while not ready():
+
+        def reached() -> bool:
             assert proc.poll() is None, f"{proc.communicate()}"
-            assert time.monotonic() < deadline
             if tick is not None:
                 tick()
-            time.sleep(0.02)
+            return bool(ready())
+
+        wait_until(reached, timeout, interval=0.02, what="the writer to reach the kill point")
         proc.send_signal(signal.SIGKILL)
         out, _ = proc.communicate(timeout=10)
     finally:

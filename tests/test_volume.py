@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import struct
 import subprocess
 import sys
@@ -45,24 +44,12 @@ FAST = Timeouts(poll=0.05, attach=5, detach=5, force_detach_after=0.3, device=3,
 # --------------------------------------------------------------------------- helpers
 
 
-def _root_reason() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (losetup, mount, mkfs)"
-    for tool in ("losetup", "blkid", "mount", "umount", "mkfs.ext4"):
-        if shutil.which(tool) is None:
-            return f"needs {tool}"
-    return None
-
-
-needs_root = pytest.mark.skipif(_root_reason() is not None, reason=_root_reason() or "")
-
-
 @pytest.fixture
 def loopdev(tmp_path: Path) -> Iterator[Callable[..., str]]:
-    """Factory: a loop device over a sparse file in tmp_path. Teardown unmounts and frees them."""
-    reason = _root_reason()
-    if reason:
-        pytest.skip(reason)
+    """Factory: a loop device over a sparse file in tmp_path. Teardown unmounts and frees them.
+
+    Only for ``@pytest.mark.root`` tests: the marker's hook in conftest skips them where
+    root or the tools are missing."""
     made: list[str] = []
 
     def make(size_mb: int = 16, name: str = "disk") -> str:

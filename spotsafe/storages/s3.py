@@ -1,8 +1,12 @@
 """S3 (and S3-compatible: MinIO, Ceph, R2...) store on boto3, built for large checkpoints.
 
-- Files larger than ``part_size`` go up as a parallel multipart upload whose parts are
-  slices of the caller's buffers (memoryviews: no copy, no temp file). Any failure
-  aborts the upload, so no half-written object and no billed debris is left.
+- Checkpoint payloads go up as segments of ``part_size`` bytes (``segment_size``),
+  each a single PUT, in parallel, straight from the caller's buffers (memoryviews: no
+  copy, no temp file); :meth:`S3Store.write_files`. No multipart upload is involved, so
+  a writer killed mid-save leaves plain objects without a manifest, nothing to abort.
+- A single large file (a mirror's upload, a DCP shard) written with ``write_file``
+  goes up as a parallel multipart upload of the same slices; any failure aborts it,
+  so no half-written object and no billed debris is left.
 - Reads are parallel ranged GETs straight into one preallocated buffer, all pinned to
   the same object version with ``If-Match``.
 - Every call has explicit connect/read timeouts. Throttling (503 SlowDown), 500s,

@@ -1,0 +1,40 @@
+"""Small helpers shared by the tests."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+#: What a ``root``-marked test needs besides root itself.
+ROOT_TOOLS = ("losetup", "blkid", "mount", "umount", "mkfs.ext4")
+
+
+def wait_until(predicate: Callable[[], T], timeout: float, *, interval: float = 0.05, what: str = "") -> T:
+    """Call ``predicate`` until it returns something truthy, and return that.
+
+    Raises AssertionError naming ``what`` after ``timeout`` seconds. ``predicate`` may
+    itself raise (an AssertionError when a watched process died, say): that ends the wait.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what or predicate}")
+        time.sleep(interval)
+
+
+def root_unavailable() -> str | None:
+    """Why a ``root``-marked test cannot run here, or None when it can."""
+    if os.geteuid() != 0:
+        return "needs root (losetup, mount, mkfs)"
+    for tool in ROOT_TOOLS:
+        if shutil.which(tool) is None:
+            return f"needs {tool}"
+    return None
