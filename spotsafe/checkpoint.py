@@ -43,7 +43,10 @@ from spotsafe.errors import (
     SpotsafeError,
     StateError,
     StateMismatch,
+    StoreError,
+    WriterFenced,
 )
+from spotsafe.lease import GENERATION_KEY, Lease, is_ghost, takeovers
 from spotsafe.state import Blob, FlatState, MapLocation, blob_from_buffer, flatten, unflatten
 from spotsafe.storage import Store, open_store
 
@@ -206,9 +209,13 @@ class CheckpointInfo:
     size: int  # total bytes of its files
     world_size: int
     metadata: dict[str, Any]
+    #: The writer lease generation that committed it (None: written without a lease).
+    generation: int | None = None
 
     @classmethod
     def from_manifest(cls, store: Store, name: str, m: Manifest) -> CheckpointInfo:
+        metadata = dict(m.metadata)
+        generation = metadata.pop(GENERATION_KEY, None)
         return cls(
             step=m.step,
             epoch=m.epoch,
@@ -218,7 +225,8 @@ class CheckpointInfo:
             url=f"{store.url.rstrip('/')}/{name}",
             size=m.size,
             world_size=m.world_size,
-            metadata=dict(m.metadata),
+            metadata=metadata,
+            generation=generation if isinstance(generation, int) and not isinstance(generation, bool) else None,
         )
 
 
@@ -438,15 +446,34 @@ def _read_back_to_back(store: Store, directory: str, files: Sequence[FileEntry],
     return data
 
 
-def commit_manifest(store: Store, directory: str, manifest: Manifest) -> None:
-    """Step 3: publish the manifest, atomically and durably: the checkpoint now exists."""
+def commit_manifest(store: Store, directory: str, manifest: Manifest, lease: Lease | None = None) -> None:
+    """Step 3: publish the manifest, atomically and durably: the checkpoint now exists.
+
+    It checks before it speaks: every file the manifest names must exist with its
+    recorded size (else :class:`~spotsafe.errors.StoreError`), and with a ``lease``
+    the writer must still hold the store, before and after the commit (else
+    :class:`~spotsafe.errors.WriterFenced`: a manifest a superseded writer managed to
+    publish records its generation, and readers skip it by the ghost rule).
+    """
+    try:
+        _check_sizes(store, directory, manifest.files)
+    except CheckpointCorrupt as e:
+        raise StoreError(f"not committing {store.url.rstrip('/')}/{directory}: {e}") from e
+    if lease is not None:
+        lease.check()
+        if manifest.metadata.get(GENERATION_KEY) != lease.generation:
+            raise ValueError(f"the manifest of {directory} does not carry the lease generation {lease.generation}")
     store.commit_file(f"{directory}/{MANIFEST}", manifest.to_json())
+    if lease is not None:
+        lease.check()
 
 
 def _plain_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
     if metadata is None:
         return {}
     out = dict(metadata)
+    if GENERATION_KEY in out:
+        raise ValueError(f"checkpoint metadata key {GENERATION_KEY!r} is reserved by spotsafe (the writer generation)")
     try:
         plain: dict[str, Any] = json.loads(json.dumps(out, allow_nan=False))
         return plain
@@ -506,6 +533,8 @@ class Checkpointer:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._closed = False
+        #: The writer lease, taken by the first save (or :meth:`acquire`); readers never take it.
+        self.lease: Lease | None = None
         _live.add(self)
 
     def __repr__(self) -> str:
@@ -516,6 +545,32 @@ class Checkpointer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    # -- the writer lease ---------------------------------------------------------
+    def acquire(self, timeout: float | None = None) -> int:
+        """Take this store's writer lease (waiting while a live writer holds it); the generation.
+
+        :meth:`save` does it on its first call; :class:`spotsafe.Run` does it before it
+        restores, so it resumes from everything the previous writer committed. Raises
+        :class:`~spotsafe.errors.LeaseTimeout` after ``timeout`` seconds (None: wait as
+        long as the holder stays alive), :class:`~spotsafe.errors.WriterFenced` when this
+        Checkpointer's lease was superseded (it never takes the store back).
+        """
+        if self._closed:
+            raise SpotsafeError(f"{self.store.url}: this Checkpointer is closed")
+        if self.lease is None:
+            self.lease = Lease(self.store)
+        if self.lease.generation is None and self.lease.record is not None:
+            raise WriterFenced(f"{self.store.url}: this Checkpointer released its writer lease")
+        return self.lease.acquire(self._newest_step, timeout=timeout)
+
+    def _newest_step(self) -> int | None:
+        infos = self._scan(strict=False)
+        return infos[-1].step if infos else None
+
+    def _generation_meta(self, meta: dict[str, Any]) -> dict[str, Any]:
+        assert self.lease is not None and self.lease.generation is not None
+        return {**meta, GENERATION_KEY: self.lease.generation}
 
     # -- saving -----------------------------------------------------------------
     def save(
@@ -547,6 +602,9 @@ class Checkpointer:
         meta = _plain_metadata(metadata)
         with self._lock:
             self.wait()
+            if self.lease is None or not self.lease.held:
+                self.acquire()  # the first save waits for the store (raises when superseded)
+            meta = self._generation_meta(meta)
             when = datetime.now(timezone.utc)
             run_async = self.async_ if async_ is None else async_
             t0 = _time.perf_counter()
@@ -600,15 +658,17 @@ class Checkpointer:
                 files=tuple(files),
                 metadata=meta,
             )
-            commit_manifest(self.store, name, manifest)
+            commit_manifest(self.store, name, manifest, self.lease)
             t2 = _time.perf_counter()
-        except BaseException:
-            # Free the space now (a full disk is the usual cause); never touch a committed step.
-            try:
-                if self.store.file_size(f"{name}/{MANIFEST}") is None:
-                    self.store.delete_dir(name)
-            except Exception:  # noqa: BLE001, S110 - the original error matters more
-                pass
+        except BaseException as e:
+            # Free the space now (a full disk is the usual cause); never touch a committed step,
+            # and a superseded writer touches nothing: the new one may be writing this very step.
+            if not isinstance(e, WriterFenced) and self.lease is not None and self.lease.held:
+                try:
+                    if self.store.file_size(f"{name}/{MANIFEST}") is None:
+                        self.store.delete_dir(name)
+                except Exception:  # noqa: BLE001, S110 - the original error matters more
+                    pass
             raise
         self.last_saved = CheckpointInfo.from_manifest(self.store, name, manifest)
         log.info("spotsafe: saved %s (%s, %d bytes)", self.last_saved.url, reason, manifest.size)
@@ -645,7 +705,15 @@ class Checkpointer:
         return True
 
     def _cleanup(self, skip: str) -> None:
-        """Remove what killed saves left: temp files, and step dirs that never got a manifest."""
+        """Remove what killed saves left: temp files, and step dirs that never got a manifest.
+
+        Only the lease holder cleans, and only what is provably dead: a directory without
+        a manifest was left by an earlier generation (fenced: it can never commit) or by a
+        failed save of this one; ``skip`` is the save in hand (every rank's files of it).
+        """
+        if self.lease is None or self.lease.generation is None:
+            raise WriterFenced(f"{self.store.url}: cleaning up needs the writer lease (Checkpointer.acquire)")
+        self.lease.check()
         self.store.cleanup_incomplete()
         for name in self.store.listdir(""):
             if _NAME.match(name) and name != skip and self.store.file_size(f"{name}/{MANIFEST}") is None:
@@ -653,7 +721,13 @@ class Checkpointer:
                 self.store.delete_dir(name)
 
     def _retain(self, just_saved: int) -> None:
-        scanned = self._scan_manifests(strict=True)
+        if self.lease is not None:
+            self.lease.check()  # a superseded writer must not prune the new writer's checkpoints
+        scanned, ghosts = self._scan_all(strict=True)
+        for ghost in ghosts:  # committed by a superseded writer after the takeover: provably dead
+            if ghost.step != just_saved:
+                log.warning("spotsafe: removing %s, committed by a superseded writer", ghost.url)
+                self.store.delete_dir(ghost.name)
         infos = [info for info, _ in scanned]
         if len(infos) <= self.keep_last:
             return
@@ -699,6 +773,14 @@ class Checkpointer:
 
     def _scan_manifests(self, strict: bool = True) -> list[tuple[CheckpointInfo, Manifest]]:
         """As :meth:`_scan`, with each manifest, so callers need not read it again."""
+        return self._scan_all(strict)[0]
+
+    def _scan_all(self, strict: bool = True) -> tuple[list[tuple[CheckpointInfo, Manifest]], list[CheckpointInfo]]:
+        """Committed checkpoints with their manifests, and the ghosts left out of them.
+
+        A ghost is a checkpoint a superseded writer committed after a newer generation
+        took the store over (spotsafe.lease): it is not part of the run's history.
+        """
         out = []
         for name, m in self.scan():
             if isinstance(m, Manifest):
@@ -707,7 +789,26 @@ class Checkpointer:
                 raise m
             elif isinstance(m, CheckpointCorrupt):
                 log.warning("spotsafe: ignoring %s: %s", name, m)
-        return out
+        fenced = [i.generation for i, _ in out if i.generation is not None]
+        if not fenced:
+            return out, []
+        try:
+            later = takeovers(self.store, min(fenced))
+        except SpotsafeError as e:
+            log.warning("spotsafe: cannot read the writer leases of %s: %s", self.store.url, e)
+            return out, []
+        kept, ghosts = [], []
+        for info, m in out:
+            if is_ghost(info.generation, info.step, later):
+                log.warning(
+                    "spotsafe: ignoring %s: committed by writer generation %s after a newer one took the store over",
+                    info.url,
+                    info.generation,
+                )
+                ghosts.append(info)
+            else:
+                kept.append((info, m))
+        return kept, ghosts
 
     def list(self) -> list[CheckpointInfo]:
         """Committed checkpoints (their manifest parses), oldest first.
@@ -924,6 +1025,8 @@ class Checkpointer:
     def mark_complete(self, step: int, metadata: Mapping[str, Any] | None = None) -> None:
         """Record that the run finished at ``step`` (a small committed file at the store root)."""
         self.wait()
+        if self.lease is not None:
+            self.lease.check()
         doc = {
             "format": "spotsafe-complete",
             "format_version": 1,
@@ -962,7 +1065,11 @@ class Checkpointer:
             self._closed = True
             self._buffer.release()
             _live.discard(self)
-            self.store.close()
+            try:
+                if self.lease is not None:
+                    self.lease.release()
+            finally:
+                self.store.close()
 
 
 def format_age(t: datetime, now: float | None = None) -> str:

@@ -40,7 +40,7 @@ from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from spotsafe.errors import CheckpointCorrupt, DistributedError, UnsafeCheckpoint
+from spotsafe.errors import CheckpointCorrupt, DistributedError, UnsafeCheckpoint, WriterFenced
 
 if TYPE_CHECKING:
     from spotsafe.interruption import Notice
@@ -978,11 +978,14 @@ def _commit_collectively(
             if commit is not None:
                 commit(list(files))
         except BaseException as e:
-            ctx.broadcast_object(("error", f"{type(e).__name__}: {e}"))
+            kind = "fenced" if isinstance(e, WriterFenced) else "error"
+            ctx.broadcast_object((kind, f"{type(e).__name__}: {e}"))
             raise
         ctx.broadcast_object(("ok", files))
         return files
     outcome = ctx.broadcast_object(None)
+    if outcome[0] == "fenced":  # every rank stops the same way: another instance owns the store
+        raise WriterFenced(f"{what}: {outcome[1]}")
     if outcome[0] != "ok":
         raise DistributedError(f"{what}: rank 0 failed to commit: {outcome[1]}")
     return list(outcome[1])

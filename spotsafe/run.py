@@ -29,13 +29,13 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime, timezone
 from datetime import timedelta as _timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 
-from spotsafe import EXIT_PREEMPTED
+from spotsafe import EXIT_FENCED, EXIT_PREEMPTED
 from spotsafe.data import ResumableLoader, derive_epoch_seed, draw_epoch_seed
-from spotsafe.errors import SpotsafeError
+from spotsafe.errors import SpotsafeError, WriterFenced
 from spotsafe.settings import Settings
 
 if TYPE_CHECKING:
@@ -193,6 +193,10 @@ class Run:
                 agree_every,
                 sharded="model" in self._objects and _is_sharded_state(self._objects["model"]),
             )
+            if self._ddp is None or self._ddp.ctx.is_coordinator:
+                # Before restoring: the run resumes from everything the previous writer committed,
+                # and a writer still alive on another instance keeps the store until it lets go.
+                self.checkpointer.acquire()
             self._restore(map_location)
             if self._ddp is not None:
                 self._ddp.cleanup()
@@ -283,8 +287,32 @@ class Run:
         """Count one optimizer step; save when due; handle a notice.
 
         On a final notice with ``exit_on_notice`` this does not return: it saves,
-        waits until durable and exits with :data:`spotsafe.EXIT_PREEMPTED`.
+        waits until durable and exits with :data:`spotsafe.EXIT_PREEMPTED`. When
+        another instance took the store over (:class:`~spotsafe.errors.WriterFenced`)
+        it exits with :data:`spotsafe.EXIT_FENCED` (or, without ``exit_on_notice``,
+        raises).
         """
+        try:
+            self._step(**metrics)
+        except WriterFenced as e:
+            self._on_fenced(e)
+
+    def _on_fenced(self, error: WriterFenced) -> NoReturn:
+        """Another instance owns the store: stop writing, never restart here."""
+        log.error("%s; stopping at step %d (exit %d: not restarted)", error, self.step_count, EXIT_FENCED)
+        emit_event("fenced", step=self.step_count, error=str(error))
+        self._should_stop = True
+        try:
+            self.close()
+        except Exception as e:  # noqa: BLE001 - a save in flight fails the same way; already reported
+            log.info("closing the superseded run: %s", e)
+        if not self.exit_on_notice:
+            raise error
+        sys.stdout.flush()
+        sys.stderr.flush()
+        sys.exit(EXIT_FENCED)
+
+    def _step(self, **metrics: Any) -> None:
         if self._rehearsal_steps is not None and self._rehearsal_at is None:
             self._rehearsal_at = self.step_count + self._rehearsal_steps  # counted from where it resumed
         self.step_count += 1
@@ -308,13 +336,22 @@ class Run:
 
     def save(self, reason: Reason = "manual", *, async_: bool | None = None) -> None:
         """Checkpoint now (``reason`` as in the manifest)."""
-        self._save(reason, async_=async_)
+        try:
+            self._save(reason, async_=async_)
+        except WriterFenced as e:
+            self._on_fenced(e)
 
     def finish(self, metadata: Mapping[str, Any] | None = None) -> bool:
         """Write a final checkpoint and mark the run complete; then release everything.
 
         Returns False (and marks nothing) when the run was stopped by a notice.
         """
+        try:
+            return self._finish(metadata)
+        except WriterFenced as e:
+            self._on_fenced(e)
+
+    def _finish(self, metadata: Mapping[str, Any] | None) -> bool:
         if self._should_stop:
             log.warning("run stopped by a notice at step %d: not marking it complete", self.step_count)
             self.close()
@@ -438,6 +475,12 @@ class Run:
         emit_event("resumed", step=self.step_count, epoch=self.epoch, batch=self.batch, url=where)
 
     def _end_epoch(self) -> None:
+        try:
+            self._next_epoch()
+        except WriterFenced as e:
+            self._on_fenced(e)
+
+    def _next_epoch(self) -> None:
         self.epoch += 1
         self.batch = 0
         self._epoch_seed = None
@@ -768,6 +811,13 @@ class _MultiRank:
         def write() -> list[Any]:
             return C.write_rank_files(store, name, snap, rank=self.ctx.rank)
 
+        lease = self.checkpointer.lease
+        if self.ctx.is_coordinator:
+            from spotsafe.lease import GENERATION_KEY
+
+            assert lease is not None and lease.generation is not None
+            meta[GENERATION_KEY] = lease.generation
+
         def commit(files: list[Any]) -> None:
             all_files = tuple(files) + tuple(dcp_files)
             manifest = C.Manifest(
@@ -780,7 +830,7 @@ class _MultiRank:
                 files=all_files,
                 metadata=meta,
             )
-            C.commit_manifest(store, name, manifest)
+            C.commit_manifest(store, name, manifest, lease)
 
         timeout = self.timeout
 
