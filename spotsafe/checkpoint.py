@@ -455,14 +455,14 @@ def commit_manifest(store: Store, directory: str, manifest: Manifest, lease: Lea
     :class:`~spotsafe.errors.WriterFenced`: a manifest a superseded writer managed to
     publish records its generation, and readers skip it by the ghost rule).
     """
+    if lease is not None:
+        lease.check()  # first: a superseded writer's files may have been cleaned up by its successor
+        if manifest.metadata.get(GENERATION_KEY) != lease.generation:
+            raise ValueError(f"the manifest of {directory} does not carry the lease generation {lease.generation}")
     try:
         _check_sizes(store, directory, manifest.files)
     except CheckpointCorrupt as e:
         raise StoreError(f"not committing {store.url.rstrip('/')}/{directory}: {e}") from e
-    if lease is not None:
-        lease.check()
-        if manifest.metadata.get(GENERATION_KEY) != lease.generation:
-            raise ValueError(f"the manifest of {directory} does not carry the lease generation {lease.generation}")
     store.commit_file(f"{directory}/{MANIFEST}", manifest.to_json())
     if lease is not None:
         lease.check()
