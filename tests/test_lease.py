@@ -354,3 +354,127 @@ def test_lease_acquire_timeout_names_the_store(tmp_path: Path) -> None:
     finally:
         holder.kill()
         holder.communicate()
+
+
+# ----------------------------------------------------------------------------- Run and the supervisor
+
+#: A training script for ``python -m spotsafe.resume``: deterministic, saves every 7 steps.
+TRAIN = textwrap.dedent("""
+    import os, sys, time, torch
+    from pathlib import Path
+    from torch import nn
+    import spotsafe
+    torch.manual_seed(0 if len(sys.argv) < 3 else int(sys.argv[2]))
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    g = torch.Generator().manual_seed(42)
+    ds = torch.utils.data.TensorDataset(torch.randn(64, 6, generator=g), torch.randint(0, 3, (64,), generator=g))
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, shuffle=True)
+    run = spotsafe.Run(model=model, optimizer=opt, every_steps=int(os.environ.get("EVERY", "7")))
+    Path(sys.argv[1] + ".ready").write_text(str(os.getpid()))
+    for epoch in run.epochs(int(os.environ.get("EPOCHS", "6"))):
+        for x, y in run.batches(loader):
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad(); loss.backward(); opt.step()
+            time.sleep(float(os.environ.get("STEP_SLEEP", "0")))
+            run.step()
+    run.finish()
+    torch.save(model.state_dict(), sys.argv[1])
+""")
+
+
+def supervise(tmp_path: Path, store: Path, out: Path, env: dict[str, str], log: Path) -> subprocess.Popen[str]:
+    script = tmp_path / "train.py"
+    script.write_text(TRAIN)
+    cmd = [sys.executable, "-m", "spotsafe.resume", "--store", str(store), "--backoff", "0"]
+    with open(log, "w") as f:
+        return subprocess.Popen([*cmd, "--", sys.executable, str(script), str(out)], text=True, stderr=f, env=env)
+
+
+def events_of(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.mark.slow
+def test_capacity_rebalance_overlap_through_the_supervisor_ends_bit_identical(tmp_path: Path) -> None:
+    """The old instance gets a rebalance recommendation, its replacement starts and waits for the
+    store, the old one gets the terminate notice, saves and lets go; the replacement resumes there."""
+    from spotsafe.simulate import AWSSimulator
+
+    # Long enough (with STEP_SLEEP) for the overlap to happen mid-run; one thread: CI has two cores.
+    epochs = {"EPOCHS": "12", "EVERY": "25", "OMP_NUM_THREADS": "1"}
+    ref = supervise(
+        tmp_path,
+        tmp_path / "ref",
+        tmp_path / "ref.pt",
+        {**os.environ, **epochs, "SPOTSAFE_SOURCES": "none"},
+        tmp_path / "r",
+    )
+    assert ref.wait(timeout=180) == 0, (tmp_path / "r").read_text()
+
+    old_events, new_events = tmp_path / "old.jsonl", tmp_path / "new.jsonl"
+    with AWSSimulator() as sim:
+        old_env = {
+            **os.environ,
+            **epochs,
+            "SPOTSAFE_EVENTS": str(old_events),
+            "SPOTSAFE_SOURCES": "aws",
+            "AWS_EC2_METADATA_SERVICE_ENDPOINT": sim.endpoint,
+            "STEP_SLEEP": "0.1",
+        }
+        old = supervise(tmp_path, tmp_path / "store", tmp_path / "old.pt", old_env, tmp_path / "o")
+        new: subprocess.Popen[str] | None = None
+        try:
+            wait_for("the old instance to train", Path(str(tmp_path / "old.pt") + ".ready").exists, old)
+            sim.arm_rebalance()
+            wait_for("the rebalance checkpoint", lambda: any(e["event"] == "rebalance" for e in events_of(old_events)))
+            # The replacement boots while the old instance still trains: it waits for the store.
+            new_env = {**os.environ, **epochs, "SPOTSAFE_EVENTS": str(new_events), "SPOTSAFE_SOURCES": "none"}
+            new = supervise(tmp_path, tmp_path / "store", tmp_path / "new.pt", new_env, tmp_path / "n")
+            wait_for("the replacement to wait", lambda: "is being written by" in (tmp_path / "n").read_text(), new)
+            assert events_of(new_events) == []  # it has neither restored nor started
+            sim.arm("terminate")
+            assert old.wait(timeout=120) == spotsafe.EXIT_PREEMPTED, (tmp_path / "o").read_text()
+            assert new.wait(timeout=180) == 0, (tmp_path / "n").read_text()
+        finally:
+            for proc in (old, new):
+                if proc is not None and proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+    durable = [e for e in events_of(old_events) if e["event"] == "durable"]
+    resumed = [e for e in events_of(new_events) if e["event"] == "resumed"]
+    assert len(durable) == 1 and len(resumed) == 1
+    assert resumed[0]["step"] == durable[0]["step"]  # nothing anyone was told is durable was lost
+    a, b = torch.load(tmp_path / "ref.pt"), torch.load(tmp_path / "new.pt")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_a_superseded_run_exits_77_and_the_supervisor_does_not_restart_it(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    env = {
+        **os.environ,
+        "SPOTSAFE_SOURCES": "none",
+        "STEP_SLEEP": "0.05",
+        "EPOCHS": "50",
+        "SPOTSAFE_LEASE_SECONDS": "2",
+    }
+    sup = supervise(tmp_path, store, tmp_path / "old.pt", env, tmp_path / "o")
+    try:
+        ready = Path(str(tmp_path / "old.pt") + ".ready")
+        wait_for("the run to train", ready.exists, sup)
+        child = int(ready.read_text())
+        os.kill(child, signal.SIGSTOP)  # a stopped instance...
+        with Checkpointer(store, async_=False, keep_last=10) as new:
+            new.acquire()  # ...whose store is taken over once its lease ran out
+            new.save(10_000, {"w": torch.ones(3)})
+            os.kill(child, signal.SIGCONT)  # ...then comes back
+            assert sup.wait(timeout=60) == spotsafe.EXIT_FENCED
+            log = (tmp_path / "o").read_text()
+            assert "superseded" in log and "not restarting" in log and "restart 1" not in log, log
+            latest = new.latest(verify=True)
+            assert latest is not None and latest.step == 10_000
+    finally:
+        if sup.poll() is None:
+            sup.kill()
+            sup.wait()
