@@ -53,6 +53,8 @@ from spotsafe.storage import Store, open_store
 if TYPE_CHECKING:
     from typing_extensions import Self
 
+    from spotsafe.distributed.context import DistContext
+
 log = logging.getLogger("spotsafe.checkpoint")
 
 T = TypeVar("T")
@@ -502,6 +504,15 @@ class Checkpointer:
     ``store``/``local``/``remote``/``storage_options`` go to
     :func:`spotsafe.storage.open_store`: a path on the persistent volume, an
     ``s3://`` URL, or ``local=`` and ``remote=`` for a mirror.
+
+    Under ``torchrun`` pass ``dist`` (a :class:`spotsafe.distributed.DistContext`,
+    or ``"auto"`` to detect it; built on every rank, it is a collective) and call
+    every method on every rank: :meth:`save` is then collective (rank 0 writes the
+    replicated state, every rank the keys in ``per_rank`` and its shards of any
+    :class:`~spotsafe.distributed.ShardedState`; rank 0 holds the writer lease and
+    commits the manifest once every rank's files are durable), and
+    :meth:`load`/:meth:`restore` pick the same step on every rank, falling back
+    together past a checkpoint damaged for any rank.
     """
 
     def __init__(
@@ -514,6 +525,8 @@ class Checkpointer:
         keep_last: int = 3,
         keep_every: int | None = None,
         async_: bool = True,
+        dist: DistContext | Literal["auto"] | None = None,
+        per_rank: Sequence[str] = (),
     ) -> None:
         if not isinstance(keep_last, int) or keep_last < 1:
             raise ValueError(f"keep_last must be an int >= 1, not {keep_last!r}")
@@ -535,6 +548,17 @@ class Checkpointer:
         self._closed = False
         #: The writer lease, taken by the first save (or :meth:`acquire`); readers never take it.
         self.lease: Lease | None = None
+        if dist == "auto":
+            from spotsafe.distributed.context import DistContext
+
+            dist = DistContext.detect()
+        #: The process-group context of a multi-rank run (None: this process alone).
+        self.dist: DistContext | None = dist
+        #: Keys of a saved state that differ per rank (written by every rank; the rest by rank 0).
+        self.per_rank = tuple(per_rank)
+        #: Seconds a collective save waits at its barrier for a missing rank (None: the group's
+        #: timeout); spotsafe.Run sets it to the time left before a notice's deadline.
+        self.barrier_timeout: float | None = None
         _live.add(self)
 
     def __repr__(self) -> str:
@@ -558,6 +582,17 @@ class Checkpointer:
         """
         if self._closed:
             raise SpotsafeError(f"{self.store.url}: this Checkpointer is closed")
+        generation = self._acquire(timeout) if self._coordinator else None
+        if self.dist is not None and self.dist.world_size > 1:  # every rank leaves together, holder known
+            generation = self.dist.broadcast_object(generation)
+        assert generation is not None
+        return int(generation)
+
+    @property
+    def _coordinator(self) -> bool:
+        return self.dist is None or self.dist.is_coordinator
+
+    def _acquire(self, timeout: float | None = None) -> int:
         if self.lease is None:
             self.lease = Lease(self.store)
         if self.lease.generation is None and self.lease.record is not None:
@@ -601,19 +636,28 @@ class Checkpointer:
             raise SpotsafeError(f"{self.store.url}: this Checkpointer is closed")
         meta = _plain_metadata(metadata)
         with self._lock:
-            self.wait()
-            if self.lease is None or not self.lease.held:
-                self.acquire()  # the first save waits for the store (raises when superseded)
-            meta = self._generation_meta(meta)
+            self.wait()  # one save at a time: a collective save's barriers must not interleave
+            if self._coordinator:
+                if self.lease is None or not self.lease.held:
+                    self._acquire()  # the first save waits for the store (raises when superseded)
+                meta = self._generation_meta(meta)
             when = datetime.now(timezone.utc)
             run_async = self.async_ if async_ is None else async_
             t0 = _time.perf_counter()
+            dcp_files: list[FileEntry] = []
+            ctx = self.dist
+            if ctx is not None:
+                state, dcp_files = self._save_sharded(step, state)
+                state = state if ctx.is_coordinator else {k: v for k, v in state.items() if k in self.per_rank}
             # A sync save writes straight from the tensors: the caller is blocked, they cannot change.
             snap = snapshot(state, self._buffer, copy=run_async)
             timings = {"snapshot_s": _time.perf_counter() - t0}
 
             def persist() -> None:
-                self._persist(step, epoch, reason, when, meta, snap, timings, background_retention=not run_async)
+                if ctx is None:
+                    self._persist(step, epoch, reason, when, meta, snap, timings, background_retention=not run_async)
+                else:
+                    self._persist_ranks(ctx, step, epoch, reason, when, meta, snap, dcp_files, timings)
 
             if not run_async:
                 persist()  # durable when this returns; pruning old checkpoints goes on in the background
@@ -621,6 +665,64 @@ class Checkpointer:
             thread = threading.Thread(target=self._run, args=(persist,), name=f"spotsafe-save-{step}", daemon=True)
             self._thread = thread
             thread.start()
+
+    def _save_sharded(self, step: int, state: Mapping[str, Any]) -> tuple[Mapping[str, Any], list[FileEntry]]:
+        """Every rank writes its shards of any ShardedState through DCP (collective); the rest of ``state``."""
+        from spotsafe.distributed.sharded import ShardedState
+
+        sharded = {k: v.state_dict() for k, v in state.items() if isinstance(v, ShardedState)}
+        if not sharded:
+            return state, []
+        from spotsafe.distributed.dcp import save_sharded
+
+        records = save_sharded(sharded, self.store, checkpoint_name(step), ctx=self.dist, timeout=self.barrier_timeout)
+        rest = {k: v for k, v in state.items() if not isinstance(v, ShardedState)}
+        return rest, [FileEntry(r.path, r.size, r.checksum, "dcp", 0) for r in records]
+
+    def _persist_ranks(
+        self,
+        ctx: DistContext,
+        step: int,
+        epoch: int | None,
+        reason: str,
+        when: datetime,
+        meta: dict[str, Any],
+        snap: Snapshot,
+        dcp_files: Sequence[FileEntry],
+        timings: dict[str, float],
+    ) -> None:
+        """The collective save: every rank's files durable → barrier → rank 0 commits (fenced) → outcome shared."""
+        from spotsafe.distributed.commit import persist_rank_files
+
+        name = checkpoint_name(step)
+        t0 = _time.perf_counter()
+
+        def write() -> list[FileEntry]:
+            if ctx.is_coordinator:  # a failure here is voted on like a failed write: nobody waits
+                self._cleanup(skip=name)
+            return write_rank_files(self.store, name, snap, rank=ctx.rank)
+
+        def commit(files: list[FileEntry]) -> None:
+            all_files = (*files, *dcp_files)
+            manifest = Manifest(
+                format_version=format_version_for(all_files),
+                step=step,
+                epoch=epoch,
+                reason=reason,  # type: ignore[arg-type]
+                time=when,
+                world_size=ctx.world_size,
+                files=tuple(all_files),
+                metadata=meta,
+            )
+            commit_manifest(self.store, name, manifest, self.lease)
+            self.last_saved = CheckpointInfo.from_manifest(self.store, name, manifest)
+
+        what = f"checkpoint {self.store.url.rstrip('/')}/{name}"
+        persist_rank_files(ctx, write, commit, timeout=self.barrier_timeout, what=what)
+        timings["write_s"] = _time.perf_counter() - t0
+        self.last_timings = timings
+        if ctx.is_coordinator:
+            self._retain_timed(step, timings)
 
     def _run(self, job: Callable[[], None]) -> None:
         try:
@@ -976,7 +1078,11 @@ class Checkpointer:
         ``info`` None means the newest intact checkpoint: damaged ones are
         logged and skipped. A given ``info`` (or step) that is damaged raises
         :class:`CheckpointCorrupt`. ``verify`` checks every file's checksum first.
+        With ``dist`` (several ranks), every rank gets the same step: rank 0's state
+        with this rank's own ``per_rank`` keys.
         """
+        if self.dist is not None and self.dist.world_size > 1:
+            return self._restore_ranks(self.dist, info, {}, map_location)
         if info is not None:
             resolved = self._resolve(info)
             state = self._load_one(resolved, map_location, verify)
@@ -1009,6 +1115,8 @@ class Checkpointer:
         for key, obj in objects.items():
             if not callable(getattr(obj, "load_state_dict", None)):
                 raise TypeError(f"objects[{key!r}] ({type(obj).__name__}) has no load_state_dict()")
+        if self.dist is not None:
+            return self._restore_ranks(self.dist, info, objects, map_location)
         state = self.load(info, map_location=map_location)
         assert self.last_loaded is not None
         missing = [k for k in objects if k not in state]
@@ -1020,6 +1128,78 @@ class Checkpointer:
         for key, obj in objects.items():
             obj.load_state_dict(rest.pop(key))
         return rest
+
+    def _restore_ranks(
+        self,
+        ctx: DistContext,
+        info: CheckpointInfo | int | None,
+        objects: Mapping[str, Any],
+        map_location: MapLocation,
+    ) -> dict[str, Any]:
+        """:meth:`restore` on every rank: the same step everywhere, damaged-for-anyone skipped by all."""
+        from spotsafe.distributed.commit import failed_ranks, merge_rank_state
+        from spotsafe.distributed.sharded import ShardedState
+        from spotsafe.errors import DistributedError
+
+        # Every rank walks rank 0's list, newest first.
+        if info is not None:
+            steps = [info.step if isinstance(info, CheckpointInfo) else int(info)]
+        else:
+            steps = ctx.broadcast_object([i.step for i in self.list()] if ctx.is_coordinator else None)
+        sharded = {k: o for k, o in objects.items() if isinstance(o, ShardedState)}
+        plain = {k: o for k, o in objects.items() if k not in sharded}
+        damaged: list[str] = []
+        for step in reversed(steps):
+            error: Exception | None = None
+            state: dict[str, Any] = {}
+            try:
+                resolved = self._resolve(int(step))
+                state = merge_rank_state(
+                    lambda r: self._load_one(resolved, map_location, True, rank=r),  # noqa: B023 - called at once
+                    ctx.rank,
+                    resolved.world_size,
+                    self.per_rank,
+                )
+            except (CheckpointCorrupt, CheckpointNotFound) as e:
+                error = e
+            failed = failed_ranks(ctx, error is not None)
+            if not failed and sharded:
+                from spotsafe.distributed.dcp import load_sharded
+
+                dcp = [f for f in self._manifest(resolved.name).files if f.role == "dcp"]
+                target = {k: o.state_dict() for k, o in sharded.items()}
+                try:
+                    if not dcp:
+                        raise CheckpointCorrupt(f"{resolved.url}: holds no sharded (DCP) state for {sorted(sharded)}")
+                    load_sharded(target, self.store, resolved.name, ctx=ctx, files=dcp)  # type: ignore[arg-type]  # FileEntry has the path/size/checksum load_sharded reads
+                except (CheckpointCorrupt, DistributedError) as e:
+                    error = e
+                failed = failed_ranks(ctx, error is not None)
+                if not failed:
+                    for k, o in sharded.items():
+                        o.load_state_dict(target[k])
+            if failed:
+                if info is not None:
+                    raise CheckpointCorrupt(f"checkpoint step {step} is damaged for rank(s) {failed}: {error}")
+                log.error(
+                    "checkpoint step %s is damaged for rank(s) %s; every rank falls back to the previous one: %s",
+                    step,
+                    failed,
+                    error,
+                )
+                damaged.append(f"step {step} (ranks {failed})")
+                continue
+            missing = [k for k in plain if k not in state]
+            if missing:
+                raise StateMismatch(
+                    f"{resolved.url}: holds no state for {missing} (it holds {sorted(map(str, state))})"
+                )
+            for key, obj in plain.items():
+                obj.load_state_dict(state.pop(key))
+            self.last_loaded = resolved
+            return state
+        detail = f"; damaged: {', '.join(damaged)}" if damaged else ""
+        raise CheckpointNotFound(f"{self.store.url}: no intact checkpoint{detail}")
 
     # -- completion -------------------------------------------------------------
     def mark_complete(self, step: int, metadata: Mapping[str, Any] | None = None) -> None:
