@@ -666,6 +666,23 @@ class Checkpointer:
             self._thread = thread
             thread.start()
 
+    def _raise_fenced(self, error: BaseException) -> None:
+        """Raise WriterFenced (from ``error``) when a save failed because another writer took over.
+
+        The successor removes a superseded writer's unfinished files, so the old writer's
+        save often fails on a missing file first: it must still stop as fenced, not crash.
+        """
+        if isinstance(error, WriterFenced):
+            raise error
+        if self.lease is None or self.lease.generation is None or not isinstance(error, Exception):
+            return
+        try:
+            self.lease.check()
+        except WriterFenced as fenced:
+            raise fenced from error
+        except Exception:  # noqa: BLE001, S110 - cannot tell: the save's own error is the one to raise
+            pass
+
     def _save_sharded(self, step: int, state: Mapping[str, Any]) -> tuple[Mapping[str, Any], list[FileEntry]]:
         """Every rank writes its shards of any ShardedState through DCP (collective); the rest of ``state``."""
         from spotsafe.distributed.sharded import ShardedState
@@ -718,7 +735,12 @@ class Checkpointer:
             self.last_saved = CheckpointInfo.from_manifest(self.store, name, manifest)
 
         what = f"checkpoint {self.store.url.rstrip('/')}/{name}"
-        persist_rank_files(ctx, write, commit, timeout=self.barrier_timeout, what=what)
+        try:
+            persist_rank_files(ctx, write, commit, timeout=self.barrier_timeout, what=what)
+        except BaseException as e:
+            if ctx.is_coordinator:
+                self._raise_fenced(e)
+            raise
         timings["write_s"] = _time.perf_counter() - t0
         self.last_timings = timings
         if ctx.is_coordinator:
@@ -763,9 +785,10 @@ class Checkpointer:
             commit_manifest(self.store, name, manifest, self.lease)
             t2 = _time.perf_counter()
         except BaseException as e:
+            self._raise_fenced(e)
             # Free the space now (a full disk is the usual cause); never touch a committed step,
             # and a superseded writer touches nothing: the new one may be writing this very step.
-            if not isinstance(e, WriterFenced) and self.lease is not None and self.lease.held:
+            if self.lease is not None and self.lease.held:
                 try:
                     if self.store.file_size(f"{name}/{MANIFEST}") is None:
                         self.store.delete_dir(name)

@@ -495,6 +495,7 @@ def test_the_ddp_example_runs_under_torchrun_and_resumes_in_one_process(tmp_path
     assert "done:" in proc.stdout and "on 1 rank(s)" in proc.stdout
 
 
+@pytest.mark.slow
 def test_torchrun_job_waits_for_the_store_then_every_rank_stops_77_once_superseded(tmp_path: Path) -> None:
     """2 ranks: rank 0 takes the writer lease (after the live holder lets go); when another
     instance takes the store over mid-run, the next commit is fenced and every rank stops."""

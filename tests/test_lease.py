@@ -478,3 +478,33 @@ def test_a_superseded_run_exits_77_and_the_supervisor_does_not_restart_it(tmp_pa
         if sup.poll() is None:
             sup.kill()
             sup.wait()
+
+
+def test_a_superseded_writer_whose_files_were_cleaned_up_stops_as_fenced_not_crashed(tmp_path: Path) -> None:
+    """The successor removes the old writer's unfinished step; the old save then fails on its
+    files first, and must still report WriterFenced (Run: exit 77, not a crash to restart)."""
+    import threading
+
+    gate = threading.Event()
+
+    class Gated(LocalStore):
+        def write_file(self, path: str, buffers: Sequence[Buffer]) -> None:
+            if path.endswith(".json") and not (self.root / path).parent.exists():
+                raise StoreError(2, f"{path}: its directory vanished")  # as an object store would fail
+            super().write_file(path, buffers)
+            if path.endswith(".bin"):
+                gate.wait(60)
+
+    old = Checkpointer(Gated(tmp_path), async_=True)
+    old.save(1, {"w": torch.zeros(1000)})
+    wait_for("the old save to be mid-write", lambda: any((tmp_path / checkpoint_name(1)).glob("*.bin")))
+    with Checkpointer(tmp_path, async_=False) as new:
+        new.save(2, {"w": torch.ones(1000)})  # takes over; its cleanup removes the unfinished step 1
+        assert not (tmp_path / checkpoint_name(1)).exists()
+        gate.set()
+        with pytest.raises(WriterFenced) as caught:
+            old.wait()
+        assert isinstance(caught.value.__cause__, StoreError)
+        assert [i.step for i in new.list()] == [2]
+    old._closed = True  # superseded: nothing to release
+    old.store.close()
