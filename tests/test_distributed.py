@@ -13,7 +13,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime
@@ -35,6 +34,7 @@ from spotsafe.distributed import (
 from spotsafe.errors import CheckpointCorrupt, DistributedError, UnsafeCheckpoint
 from spotsafe.storage import open_store
 from spotsafe.storages.local import LocalStore
+from tests.helpers import wait_until
 from tests.s3server import *  # noqa: F403
 
 WORKERS = Path(__file__).parent / "dist_workers"
@@ -515,11 +515,11 @@ def test_torchrun_job_waits_for_the_store_then_every_rank_stops_77_once_supersed
     try:
 
         def wait(what: str, cond: Callable[[], bool], timeout: float = 120) -> None:
-            end = time.monotonic() + timeout
-            while not cond():
+            def ready() -> bool:
                 assert job.poll() is None, f"the job exited before {what}: {(tmp_path / 'job.log').read_text()}"
-                assert time.monotonic() < end, f"timed out waiting for {what}"
-                time.sleep(0.05)
+                return cond()
+
+            wait_until(ready, timeout, what=what)
 
         wait("rank 0 to wait for the lease", lambda: "is being written by" in (tmp_path / "job.log").read_text())
         assert not (out / "seen-w2-r0.jsonl").exists() or _seen(out, "w2-r0") == []  # nobody trained yet

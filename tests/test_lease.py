@@ -28,6 +28,7 @@ from spotsafe.lease import GENERATION_KEY, LEASE_DIR, Lease, generations, read_r
 from spotsafe.storage import Buffer, Store, open_store
 from spotsafe.storages.local import LocalStore
 from spotsafe.storages.mirror import MirrorStore
+from tests.helpers import wait_until
 from tests.s3server import *  # noqa: F403
 
 #: A subprocess writer: saves ``steps`` synchronously; pauses (announced by a file) in the
@@ -51,6 +52,15 @@ WRITER = textwrap.dedent("""
             (marks / "writing").write_text(path)
             time.sleep(cfg.get("pause", 2.0))
     store.write_file = write_file
+    if cfg.get("run"):  # a spotsafe.Run: steps, then a manual save of run_steps (paused mid-write)
+        import spotsafe
+        torch.manual_seed(0)
+        run = spotsafe.Run(store, model=torch.nn.Linear(3, 2), watch=False, every_steps=10_000, async_=False)
+        for _ in range(cfg["run_steps"]):
+            run.step()
+        run.save()
+        run.close()
+        sys.exit(0)
     ckpt = Checkpointer(store, async_=False, keep_last=10)
     try:
         for step in cfg["steps"]:
@@ -106,12 +116,12 @@ def start_writer(tmp_path: Path, spec: StoreSpec, **cfg: Any) -> subprocess.Pope
 def wait_for(
     what: str, cond: Callable[[], bool], proc: subprocess.Popen[str] | None = None, timeout: float = 60
 ) -> None:
-    end = time.monotonic() + timeout
-    while not cond():
+    def ready() -> bool:
         if proc is not None and proc.poll() is not None:
             raise AssertionError(f"the writer exited ({proc.returncode}) before {what}: {proc.communicate()[1]}")
-        assert time.monotonic() < end, f"timed out waiting for {what}"
-        time.sleep(0.02)
+        return cond()
+
+    wait_until(ready, timeout, what=what)
 
 
 def weights(ckpt: Checkpointer, step: int) -> float:
@@ -261,6 +271,24 @@ def test_a_save_waits_for_a_live_writer_instead_of_destroying_its_checkpoint(tmp
             assert weights(a, step) == step
         assert a.lease is not None and a.lease.generation == 2
         a.store.flush(timeout=60)
+
+
+def test_a_run_constructed_while_another_process_is_mid_save_waits_and_resumes_from_it(tmp_path: Path) -> None:
+    from spotsafe import Run
+
+    spec = {"store": str(tmp_path / "store")}
+    writer = start_writer(tmp_path, spec, run=True, run_steps=5, pause_step=5, pause=2.0)
+    wait_for("the writer's Run to be mid-save", (tmp_path / "marks" / "writing").exists, writer)
+    model = torch.nn.Linear(3, 2)
+    run = Run(tmp_path / "store", model=model, watch=False)  # waits for the writer to commit and let go
+    try:
+        _, err = writer.communicate(timeout=60)
+        assert writer.returncode == 0, err
+        assert run.step_count == 5 and run.resumed_from is not None and run.resumed_from.step == 5
+        assert run.checkpointer.lease is not None and run.checkpointer.lease.generation == 2
+        run.checkpointer.check(run.resumed_from)  # the writer's checkpoint is whole
+    finally:
+        run.close()
 
 
 def test_a_frozen_writer_superseded_then_woken_raises_and_leaves_the_new_writers_checkpoints(
