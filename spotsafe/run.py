@@ -310,6 +310,12 @@ class Run:
             log.info("closing the superseded run: %s", e)
         if not self.exit_on_notice:
             raise error
+        if self._ddp is not None:  # every rank learnt it from the same collective save: leave gloo together
+            try:
+                self._ddp.agreement.drain(self.step_count)
+            except Exception as e:  # noqa: BLE001 - leaving anyway
+                log.info("draining the notice agreement: %s", e)
+            self._ddp.ctx.leave()
         sys.stdout.flush()
         sys.stderr.flush()
         sys.exit(EXIT_FENCED)
