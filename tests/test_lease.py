@@ -405,6 +405,12 @@ TRAIN = textwrap.dedent("""
             loss = nn.functional.cross_entropy(model(x), y)
             opt.zero_grad(); loss.backward(); opt.step()
             time.sleep(float(os.environ.get("STEP_SLEEP", "0")))
+            hold = os.environ.get("HOLD_FILE")
+            while hold and run.step_count >= int(os.environ["HOLD_AT"]) and os.path.exists(hold):
+                notice = run.watcher.notice if run.watcher is not None else None
+                if notice is not None and notice.is_final:
+                    break  # the terminate notice: handled at the next step
+                time.sleep(0.05)
             run.step()
     run.finish()
     torch.save(model.state_dict(), sys.argv[1])
@@ -448,8 +454,13 @@ def test_capacity_rebalance_overlap_through_the_supervisor_ends_bit_identical(tm
             "SPOTSAFE_EVENTS": str(old_events),
             "SPOTSAFE_SOURCES": "aws",
             "AWS_EC2_METADATA_SERVICE_ENDPOINT": sim.endpoint,
-            "STEP_SLEEP": "0.1",
+            "STEP_SLEEP": "0.05",
+            # However slow the machine, the old instance is still mid-run when the terminate notice
+            # comes: it pauses at step 100 (alive, renewing its lease) until that notice appears.
+            "HOLD_FILE": str(tmp_path / "hold"),
+            "HOLD_AT": "100",
         }
+        (tmp_path / "hold").write_text("")
         old = supervise(tmp_path, tmp_path / "store", tmp_path / "old.pt", old_env, tmp_path / "o")
         new: subprocess.Popen[str] | None = None
         try:
@@ -472,6 +483,7 @@ def test_capacity_rebalance_overlap_through_the_supervisor_ends_bit_identical(tm
     durable = [e for e in events_of(old_events) if e["event"] == "durable"]
     resumed = [e for e in events_of(new_events) if e["event"] == "resumed"]
     assert len(durable) == 1 and len(resumed) == 1
+    assert durable[0]["step"] < 12 * 16  # the overlap happened mid-run
     assert resumed[0]["step"] == durable[0]["step"]  # nothing anyone was told is durable was lost
     a, b = torch.load(tmp_path / "ref.pt"), torch.load(tmp_path / "new.pt")
     for k in a:
