@@ -18,6 +18,10 @@ except _metadata.PackageNotFoundError:  # a source tree that was never installed
 #: Exit status of a process that saved its state on a preemption notice:
 #: EX_TEMPFAIL, "state is safe, run me again elsewhere".
 EXIT_PREEMPTED = 75
+#: Exit status of a ``spotsafe.Run`` whose writer lease was taken over by another instance
+#: (EX_NOPERM: "this process may no longer write the store"). ``python -m spotsafe.resume``
+#: does not restart it: the run lives on in the instance that took over.
+EXIT_FENCED = 77
 
 _LAZY = {
     "Run": "spotsafe.run",
@@ -34,9 +38,12 @@ _LAZY = {
     "StateMismatch": "spotsafe.errors",
     "FormatVersionError": "spotsafe.errors",
     "DistributedError": "spotsafe.errors",
+    "WriterFenced": "spotsafe.errors",
+    "LeaseTimeout": "spotsafe.errors",
 }
 
 __all__ = [
+    "EXIT_FENCED",
     "EXIT_PREEMPTED",
     "CheckpointCorrupt",
     "CheckpointInfo",
@@ -45,6 +52,7 @@ __all__ = [
     "DistributedError",
     "FormatVersionError",
     "InterruptionWatcher",
+    "LeaseTimeout",
     "Notice",
     "RNGState",
     "Run",
@@ -52,6 +60,7 @@ __all__ = [
     "StateError",
     "StateMismatch",
     "StoreError",
+    "WriterFenced",
     "__version__",
 ]
 
@@ -62,10 +71,12 @@ if TYPE_CHECKING:
         CheckpointNotFound,
         DistributedError,
         FormatVersionError,
+        LeaseTimeout,
         SpotsafeError,
         StateError,
         StateMismatch,
         StoreError,
+        WriterFenced,
     )
     from spotsafe.interruption import InterruptionWatcher, Notice
     from spotsafe.run import Run

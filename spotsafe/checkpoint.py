@@ -43,12 +43,17 @@ from spotsafe.errors import (
     SpotsafeError,
     StateError,
     StateMismatch,
+    StoreError,
+    WriterFenced,
 )
+from spotsafe.lease import GENERATION_KEY, Lease, is_ghost, takeovers
 from spotsafe.state import Blob, FlatState, MapLocation, blob_from_buffer, flatten, unflatten
 from spotsafe.storage import Store, open_store
 
 if TYPE_CHECKING:
     from typing_extensions import Self
+
+    from spotsafe.distributed.context import DistContext
 
 log = logging.getLogger("spotsafe.checkpoint")
 
@@ -206,9 +211,13 @@ class CheckpointInfo:
     size: int  # total bytes of its files
     world_size: int
     metadata: dict[str, Any]
+    #: The writer lease generation that committed it (None: written without a lease).
+    generation: int | None = None
 
     @classmethod
     def from_manifest(cls, store: Store, name: str, m: Manifest) -> CheckpointInfo:
+        metadata = dict(m.metadata)
+        generation = metadata.pop(GENERATION_KEY, None)
         return cls(
             step=m.step,
             epoch=m.epoch,
@@ -218,7 +227,8 @@ class CheckpointInfo:
             url=f"{store.url.rstrip('/')}/{name}",
             size=m.size,
             world_size=m.world_size,
-            metadata=dict(m.metadata),
+            metadata=metadata,
+            generation=generation if isinstance(generation, int) and not isinstance(generation, bool) else None,
         )
 
 
@@ -438,15 +448,34 @@ def _read_back_to_back(store: Store, directory: str, files: Sequence[FileEntry],
     return data
 
 
-def commit_manifest(store: Store, directory: str, manifest: Manifest) -> None:
-    """Step 3: publish the manifest, atomically and durably: the checkpoint now exists."""
+def commit_manifest(store: Store, directory: str, manifest: Manifest, lease: Lease | None = None) -> None:
+    """Step 3: publish the manifest, atomically and durably: the checkpoint now exists.
+
+    It checks before it speaks: every file the manifest names must exist with its
+    recorded size (else :class:`~spotsafe.errors.StoreError`), and with a ``lease``
+    the writer must still hold the store, before and after the commit (else
+    :class:`~spotsafe.errors.WriterFenced`: a manifest a superseded writer managed to
+    publish records its generation, and readers skip it by the ghost rule).
+    """
+    if lease is not None:
+        lease.check()  # first: a superseded writer's files may have been cleaned up by its successor
+        if manifest.metadata.get(GENERATION_KEY) != lease.generation:
+            raise ValueError(f"the manifest of {directory} does not carry the lease generation {lease.generation}")
+    try:
+        _check_sizes(store, directory, manifest.files)
+    except CheckpointCorrupt as e:
+        raise StoreError(f"not committing {store.url.rstrip('/')}/{directory}: {e}") from e
     store.commit_file(f"{directory}/{MANIFEST}", manifest.to_json())
+    if lease is not None:
+        lease.check()
 
 
 def _plain_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
     if metadata is None:
         return {}
     out = dict(metadata)
+    if GENERATION_KEY in out:
+        raise ValueError(f"checkpoint metadata key {GENERATION_KEY!r} is reserved by spotsafe (the writer generation)")
     try:
         plain: dict[str, Any] = json.loads(json.dumps(out, allow_nan=False))
         return plain
@@ -475,6 +504,15 @@ class Checkpointer:
     ``store``/``local``/``remote``/``storage_options`` go to
     :func:`spotsafe.storage.open_store`: a path on the persistent volume, an
     ``s3://`` URL, or ``local=`` and ``remote=`` for a mirror.
+
+    Under ``torchrun`` pass ``dist`` (a :class:`spotsafe.distributed.DistContext`,
+    or ``"auto"`` to detect it; built on every rank, it is a collective) and call
+    every method on every rank: :meth:`save` is then collective (rank 0 writes the
+    replicated state, every rank the keys in ``per_rank`` and its shards of any
+    :class:`~spotsafe.distributed.ShardedState`; rank 0 holds the writer lease and
+    commits the manifest once every rank's files are durable), and
+    :meth:`load`/:meth:`restore` pick the same step on every rank, falling back
+    together past a checkpoint damaged for any rank.
     """
 
     def __init__(
@@ -487,6 +525,8 @@ class Checkpointer:
         keep_last: int = 3,
         keep_every: int | None = None,
         async_: bool = True,
+        dist: DistContext | Literal["auto"] | None = None,
+        per_rank: Sequence[str] = (),
     ) -> None:
         if not isinstance(keep_last, int) or keep_last < 1:
             raise ValueError(f"keep_last must be an int >= 1, not {keep_last!r}")
@@ -506,6 +546,19 @@ class Checkpointer:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._closed = False
+        #: The writer lease, taken by the first save (or :meth:`acquire`); readers never take it.
+        self.lease: Lease | None = None
+        if dist == "auto":
+            from spotsafe.distributed.context import DistContext
+
+            dist = DistContext.detect()
+        #: The process-group context of a multi-rank run (None: this process alone).
+        self.dist: DistContext | None = dist
+        #: Keys of a saved state that differ per rank (written by every rank; the rest by rank 0).
+        self.per_rank = tuple(per_rank)
+        #: Seconds a collective save waits at its barrier for a missing rank (None: the group's
+        #: timeout); spotsafe.Run sets it to the time left before a notice's deadline.
+        self.barrier_timeout: float | None = None
         _live.add(self)
 
     def __repr__(self) -> str:
@@ -516,6 +569,43 @@ class Checkpointer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    # -- the writer lease ---------------------------------------------------------
+    def acquire(self, timeout: float | None = None) -> int:
+        """Take this store's writer lease (waiting while a live writer holds it); the generation.
+
+        :meth:`save` does it on its first call; :class:`spotsafe.Run` does it before it
+        restores, so it resumes from everything the previous writer committed. Raises
+        :class:`~spotsafe.errors.LeaseTimeout` after ``timeout`` seconds (None: wait as
+        long as the holder stays alive), :class:`~spotsafe.errors.WriterFenced` when this
+        Checkpointer's lease was superseded (it never takes the store back).
+        """
+        if self._closed:
+            raise SpotsafeError(f"{self.store.url}: this Checkpointer is closed")
+        generation = self._acquire(timeout) if self._coordinator else None
+        if self.dist is not None and self.dist.world_size > 1:  # every rank leaves together, holder known
+            generation = self.dist.broadcast_object(generation)
+        assert generation is not None
+        return int(generation)
+
+    @property
+    def _coordinator(self) -> bool:
+        return self.dist is None or self.dist.is_coordinator
+
+    def _acquire(self, timeout: float | None = None) -> int:
+        if self.lease is None:
+            self.lease = Lease(self.store)
+        if self.lease.generation is None and self.lease.record is not None:
+            raise WriterFenced(f"{self.store.url}: this Checkpointer released its writer lease")
+        return self.lease.acquire(self._newest_step, timeout=timeout)
+
+    def _newest_step(self) -> int | None:
+        infos = self._scan(strict=False)
+        return infos[-1].step if infos else None
+
+    def _generation_meta(self, meta: dict[str, Any]) -> dict[str, Any]:
+        assert self.lease is not None and self.lease.generation is not None
+        return {**meta, GENERATION_KEY: self.lease.generation}
 
     # -- saving -----------------------------------------------------------------
     def save(
@@ -546,16 +636,28 @@ class Checkpointer:
             raise SpotsafeError(f"{self.store.url}: this Checkpointer is closed")
         meta = _plain_metadata(metadata)
         with self._lock:
-            self.wait()
+            self.wait()  # one save at a time: a collective save's barriers must not interleave
+            if self._coordinator:
+                if self.lease is None or not self.lease.held:
+                    self._acquire()  # the first save waits for the store (raises when superseded)
+                meta = self._generation_meta(meta)
             when = datetime.now(timezone.utc)
             run_async = self.async_ if async_ is None else async_
             t0 = _time.perf_counter()
+            dcp_files: list[FileEntry] = []
+            ctx = self.dist
+            if ctx is not None:
+                state, dcp_files = self._save_sharded(step, state)
+                state = state if ctx.is_coordinator else {k: v for k, v in state.items() if k in self.per_rank}
             # A sync save writes straight from the tensors: the caller is blocked, they cannot change.
             snap = snapshot(state, self._buffer, copy=run_async)
             timings = {"snapshot_s": _time.perf_counter() - t0}
 
             def persist() -> None:
-                self._persist(step, epoch, reason, when, meta, snap, timings, background_retention=not run_async)
+                if ctx is None:
+                    self._persist(step, epoch, reason, when, meta, snap, timings, background_retention=not run_async)
+                else:
+                    self._persist_ranks(ctx, step, epoch, reason, when, meta, snap, dcp_files, timings)
 
             if not run_async:
                 persist()  # durable when this returns; pruning old checkpoints goes on in the background
@@ -563,6 +665,86 @@ class Checkpointer:
             thread = threading.Thread(target=self._run, args=(persist,), name=f"spotsafe-save-{step}", daemon=True)
             self._thread = thread
             thread.start()
+
+    def _raise_fenced(self, error: BaseException) -> None:
+        """Raise WriterFenced (from ``error``) when a save failed because another writer took over.
+
+        The successor removes a superseded writer's unfinished files, so the old writer's
+        save often fails on a missing file first: it must still stop as fenced, not crash.
+        """
+        if isinstance(error, WriterFenced):
+            raise error
+        if self.lease is None or self.lease.generation is None or not isinstance(error, Exception):
+            return
+        try:
+            self.lease.check()
+        except WriterFenced as fenced:
+            raise fenced from error
+        except Exception:  # noqa: BLE001, S110 - cannot tell: the save's own error is the one to raise
+            pass
+
+    def _save_sharded(self, step: int, state: Mapping[str, Any]) -> tuple[Mapping[str, Any], list[FileEntry]]:
+        """Every rank writes its shards of any ShardedState through DCP (collective); the rest of ``state``."""
+        from spotsafe.distributed.sharded import ShardedState
+
+        sharded = {k: v.state_dict() for k, v in state.items() if isinstance(v, ShardedState)}
+        if not sharded:
+            return state, []
+        from spotsafe.distributed.dcp import save_sharded
+
+        records = save_sharded(sharded, self.store, checkpoint_name(step), ctx=self.dist, timeout=self.barrier_timeout)
+        rest = {k: v for k, v in state.items() if not isinstance(v, ShardedState)}
+        return rest, [FileEntry(r.path, r.size, r.checksum, "dcp", 0) for r in records]
+
+    def _persist_ranks(
+        self,
+        ctx: DistContext,
+        step: int,
+        epoch: int | None,
+        reason: str,
+        when: datetime,
+        meta: dict[str, Any],
+        snap: Snapshot,
+        dcp_files: Sequence[FileEntry],
+        timings: dict[str, float],
+    ) -> None:
+        """The collective save: every rank's files durable → barrier → rank 0 commits (fenced) → outcome shared."""
+        from spotsafe.distributed.commit import persist_rank_files
+
+        name = checkpoint_name(step)
+        t0 = _time.perf_counter()
+
+        def write() -> list[FileEntry]:
+            if ctx.is_coordinator:  # a failure here is voted on like a failed write: nobody waits
+                self._cleanup(skip=name)
+            return write_rank_files(self.store, name, snap, rank=ctx.rank)
+
+        def commit(files: list[FileEntry]) -> None:
+            all_files = (*files, *dcp_files)
+            manifest = Manifest(
+                format_version=format_version_for(all_files),
+                step=step,
+                epoch=epoch,
+                reason=reason,  # type: ignore[arg-type]
+                time=when,
+                world_size=ctx.world_size,
+                files=tuple(all_files),
+                metadata=meta,
+            )
+            commit_manifest(self.store, name, manifest, self.lease)
+            self.last_saved = CheckpointInfo.from_manifest(self.store, name, manifest)
+
+        what = f"checkpoint {self.store.url.rstrip('/')}/{name}"
+        try:
+            persist_rank_files(ctx, write, commit, timeout=self.barrier_timeout, what=what)
+        except BaseException as e:
+            if ctx.is_coordinator:
+                self._raise_fenced(e)
+            raise
+        timings["write_s"] = _time.perf_counter() - t0
+        self.last_timings = timings
+        if ctx.is_coordinator:
+            self._retain_timed(step, timings)
 
     def _run(self, job: Callable[[], None]) -> None:
         try:
@@ -600,15 +782,18 @@ class Checkpointer:
                 files=tuple(files),
                 metadata=meta,
             )
-            commit_manifest(self.store, name, manifest)
+            commit_manifest(self.store, name, manifest, self.lease)
             t2 = _time.perf_counter()
-        except BaseException:
-            # Free the space now (a full disk is the usual cause); never touch a committed step.
-            try:
-                if self.store.file_size(f"{name}/{MANIFEST}") is None:
-                    self.store.delete_dir(name)
-            except Exception:  # noqa: BLE001, S110 - the original error matters more
-                pass
+        except BaseException as e:
+            self._raise_fenced(e)
+            # Free the space now (a full disk is the usual cause); never touch a committed step,
+            # and a superseded writer touches nothing: the new one may be writing this very step.
+            if self.lease is not None and self.lease.held:
+                try:
+                    if self.store.file_size(f"{name}/{MANIFEST}") is None:
+                        self.store.delete_dir(name)
+                except Exception:  # noqa: BLE001, S110 - the original error matters more
+                    pass
             raise
         self.last_saved = CheckpointInfo.from_manifest(self.store, name, manifest)
         log.info("spotsafe: saved %s (%s, %d bytes)", self.last_saved.url, reason, manifest.size)
@@ -645,7 +830,15 @@ class Checkpointer:
         return True
 
     def _cleanup(self, skip: str) -> None:
-        """Remove what killed saves left: temp files, and step dirs that never got a manifest."""
+        """Remove what killed saves left: temp files, and step dirs that never got a manifest.
+
+        Only the lease holder cleans, and only what is provably dead: a directory without
+        a manifest was left by an earlier generation (fenced: it can never commit) or by a
+        failed save of this one; ``skip`` is the save in hand (every rank's files of it).
+        """
+        if self.lease is None or self.lease.generation is None:
+            raise WriterFenced(f"{self.store.url}: cleaning up needs the writer lease (Checkpointer.acquire)")
+        self.lease.check()
         self.store.cleanup_incomplete()
         for name in self.store.listdir(""):
             if _NAME.match(name) and name != skip and self.store.file_size(f"{name}/{MANIFEST}") is None:
@@ -653,7 +846,13 @@ class Checkpointer:
                 self.store.delete_dir(name)
 
     def _retain(self, just_saved: int) -> None:
-        scanned = self._scan_manifests(strict=True)
+        if self.lease is not None:
+            self.lease.check()  # a superseded writer must not prune the new writer's checkpoints
+        scanned, ghosts = self._scan_all(strict=True)
+        for ghost in ghosts:  # committed by a superseded writer after the takeover: provably dead
+            if ghost.step != just_saved:
+                log.warning("spotsafe: removing %s, committed by a superseded writer", ghost.url)
+                self.store.delete_dir(ghost.name)
         infos = [info for info, _ in scanned]
         if len(infos) <= self.keep_last:
             return
@@ -699,6 +898,14 @@ class Checkpointer:
 
     def _scan_manifests(self, strict: bool = True) -> list[tuple[CheckpointInfo, Manifest]]:
         """As :meth:`_scan`, with each manifest, so callers need not read it again."""
+        return self._scan_all(strict)[0]
+
+    def _scan_all(self, strict: bool = True) -> tuple[list[tuple[CheckpointInfo, Manifest]], list[CheckpointInfo]]:
+        """Committed checkpoints with their manifests, and the ghosts left out of them.
+
+        A ghost is a checkpoint a superseded writer committed after a newer generation
+        took the store over (spotsafe.lease): it is not part of the run's history.
+        """
         out = []
         for name, m in self.scan():
             if isinstance(m, Manifest):
@@ -707,7 +914,26 @@ class Checkpointer:
                 raise m
             elif isinstance(m, CheckpointCorrupt):
                 log.warning("spotsafe: ignoring %s: %s", name, m)
-        return out
+        fenced = [i.generation for i, _ in out if i.generation is not None]
+        if not fenced:
+            return out, []
+        try:
+            later = takeovers(self.store, min(fenced))
+        except SpotsafeError as e:
+            log.warning("spotsafe: cannot read the writer leases of %s: %s", self.store.url, e)
+            return out, []
+        kept, ghosts = [], []
+        for info, m in out:
+            if is_ghost(info.generation, info.step, later):
+                log.warning(
+                    "spotsafe: ignoring %s: committed by writer generation %s after a newer one took the store over",
+                    info.url,
+                    info.generation,
+                )
+                ghosts.append(info)
+            else:
+                kept.append((info, m))
+        return kept, ghosts
 
     def list(self) -> list[CheckpointInfo]:
         """Committed checkpoints (their manifest parses), oldest first.
@@ -875,7 +1101,11 @@ class Checkpointer:
         ``info`` None means the newest intact checkpoint: damaged ones are
         logged and skipped. A given ``info`` (or step) that is damaged raises
         :class:`CheckpointCorrupt`. ``verify`` checks every file's checksum first.
+        With ``dist`` (several ranks), every rank gets the same step: rank 0's state
+        with this rank's own ``per_rank`` keys.
         """
+        if self.dist is not None and self.dist.world_size > 1:
+            return self._restore_ranks(self.dist, info, {}, map_location)
         if info is not None:
             resolved = self._resolve(info)
             state = self._load_one(resolved, map_location, verify)
@@ -908,6 +1138,8 @@ class Checkpointer:
         for key, obj in objects.items():
             if not callable(getattr(obj, "load_state_dict", None)):
                 raise TypeError(f"objects[{key!r}] ({type(obj).__name__}) has no load_state_dict()")
+        if self.dist is not None:
+            return self._restore_ranks(self.dist, info, objects, map_location)
         state = self.load(info, map_location=map_location)
         assert self.last_loaded is not None
         missing = [k for k in objects if k not in state]
@@ -920,10 +1152,84 @@ class Checkpointer:
             obj.load_state_dict(rest.pop(key))
         return rest
 
+    def _restore_ranks(
+        self,
+        ctx: DistContext,
+        info: CheckpointInfo | int | None,
+        objects: Mapping[str, Any],
+        map_location: MapLocation,
+    ) -> dict[str, Any]:
+        """:meth:`restore` on every rank: the same step everywhere, damaged-for-anyone skipped by all."""
+        from spotsafe.distributed.commit import failed_ranks, merge_rank_state
+        from spotsafe.distributed.sharded import ShardedState
+        from spotsafe.errors import DistributedError
+
+        # Every rank walks rank 0's list, newest first.
+        if info is not None:
+            steps = [info.step if isinstance(info, CheckpointInfo) else int(info)]
+        else:
+            steps = ctx.broadcast_object([i.step for i in self.list()] if ctx.is_coordinator else None)
+        sharded = {k: o for k, o in objects.items() if isinstance(o, ShardedState)}
+        plain = {k: o for k, o in objects.items() if k not in sharded}
+        damaged: list[str] = []
+        for step in reversed(steps):
+            error: Exception | None = None
+            state: dict[str, Any] = {}
+            try:
+                resolved = self._resolve(int(step))
+                state = merge_rank_state(
+                    lambda r: self._load_one(resolved, map_location, True, rank=r),  # noqa: B023 - called at once
+                    ctx.rank,
+                    resolved.world_size,
+                    self.per_rank,
+                )
+            except (CheckpointCorrupt, CheckpointNotFound) as e:
+                error = e
+            failed = failed_ranks(ctx, error is not None)
+            if not failed and sharded:
+                from spotsafe.distributed.dcp import load_sharded
+
+                dcp = [f for f in self._manifest(resolved.name).files if f.role == "dcp"]
+                target = {k: o.state_dict() for k, o in sharded.items()}
+                try:
+                    if not dcp:
+                        raise CheckpointCorrupt(f"{resolved.url}: holds no sharded (DCP) state for {sorted(sharded)}")
+                    load_sharded(target, self.store, resolved.name, ctx=ctx, files=dcp)  # type: ignore[arg-type]  # FileEntry has the path/size/checksum load_sharded reads
+                except (CheckpointCorrupt, DistributedError) as e:
+                    error = e
+                failed = failed_ranks(ctx, error is not None)
+                if not failed:
+                    for k, o in sharded.items():
+                        o.load_state_dict(target[k])
+            if failed:
+                if info is not None:
+                    raise CheckpointCorrupt(f"checkpoint step {step} is damaged for rank(s) {failed}: {error}")
+                log.error(
+                    "checkpoint step %s is damaged for rank(s) %s; every rank falls back to the previous one: %s",
+                    step,
+                    failed,
+                    error,
+                )
+                damaged.append(f"step {step} (ranks {failed})")
+                continue
+            missing = [k for k in plain if k not in state]
+            if missing:
+                raise StateMismatch(
+                    f"{resolved.url}: holds no state for {missing} (it holds {sorted(map(str, state))})"
+                )
+            for key, obj in plain.items():
+                obj.load_state_dict(state.pop(key))
+            self.last_loaded = resolved
+            return state
+        detail = f"; damaged: {', '.join(damaged)}" if damaged else ""
+        raise CheckpointNotFound(f"{self.store.url}: no intact checkpoint{detail}")
+
     # -- completion -------------------------------------------------------------
     def mark_complete(self, step: int, metadata: Mapping[str, Any] | None = None) -> None:
         """Record that the run finished at ``step`` (a small committed file at the store root)."""
         self.wait()
+        if self.lease is not None:
+            self.lease.check()
         doc = {
             "format": "spotsafe-complete",
             "format_version": 1,
@@ -962,7 +1268,11 @@ class Checkpointer:
             self._closed = True
             self._buffer.release()
             _live.discard(self)
-            self.store.close()
+            try:
+                if self.lease is not None:
+                    self.lease.release()
+            finally:
+                self.store.close()
 
 
 def format_age(t: datetime, now: float | None = None) -> str:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
+import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
@@ -203,3 +204,108 @@ class ResumableLoader:
         if self.kind == "stateful":
             return dict(self.loader.state_dict())  # type: ignore[attr-defined]
         return None
+
+
+def resplit(consumed: int, total: int, world_size: int, rank: int, *, drop_last: bool = False) -> list[int]:
+    """Positions (into an epoch's global order of ``total`` samples) that ``rank`` still reads.
+
+    Samples are dealt round-robin (position ``consumed + rank + k * world_size``)
+    as ``DistributedSampler`` does, so after every rank has read ``n`` samples the
+    ones read are exactly positions ``[start, start + n * world_size)``: the
+    global count is enough to resume on any world size with no sample lost or
+    repeated (except the padding ``DistributedSampler`` also adds to even the
+    ranks out, or drops with ``drop_last``).
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world size {world_size}")
+    remaining = max(total - consumed, 0)
+    positions = list(range(consumed, consumed + remaining))
+    if drop_last:
+        usable = (remaining // world_size) * world_size
+        positions = positions[:usable]
+    elif positions and remaining % world_size:
+        pad = world_size - remaining % world_size
+        positions += (positions * math.ceil(pad / len(positions)))[:pad]
+    return positions[rank::world_size]
+
+
+class ElasticDistributedSampler:
+    """``DistributedSampler`` that can start mid-epoch at a global sample count, on any world size.
+
+    With ``start=0`` it yields exactly what ``torch.utils.data.DistributedSampler``
+    yields (same permutation from ``seed + epoch``, same round-robin split, same
+    padding), so it is a drop-in. ``set_position(epoch, consumed)`` makes the
+    next iteration skip the first ``consumed`` samples of the epoch's global
+    order (as many as *all* ranks together consumed) and deal the rest over
+    the current world size. The next ``set_epoch`` starts from 0 again.
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+    ) -> None:
+        if num_replicas is None or rank is None:
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                num_replicas = dist.get_world_size() if num_replicas is None else num_replicas
+                rank = dist.get_rank() if rank is None else rank
+            else:
+                num_replicas = 1 if num_replicas is None else num_replicas
+                rank = 0 if rank is None else rank
+        self.dataset = dataset
+        self.num_replicas = int(num_replicas)
+        self.rank = int(rank)
+        self.shuffle = shuffle
+        self.seed = seed
+        self.drop_last = drop_last
+        self.epoch = 0
+        self.start = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.start = 0
+        self.epoch = epoch
+
+    def set_position(self, epoch: int, consumed: int) -> None:
+        """Resume inside ``epoch`` after ``consumed`` samples of it (summed over all ranks)."""
+        self.epoch = epoch
+        self.start = max(int(consumed), 0)
+
+    def _order(self) -> list[int]:
+        import torch
+
+        n = len(self.dataset)
+        if self.shuffle:
+            g = torch.Generator()
+            g.manual_seed(self.seed + self.epoch)
+            return torch.randperm(n, generator=g).tolist()
+        return list(range(n))
+
+    def __iter__(self) -> Iterator[int]:
+        order = self._order()
+        n = len(order)
+        if self.drop_last and n % self.num_replicas:
+            n = (n // self.num_replicas) * self.num_replicas
+            order = order[:n]
+        elif not self.drop_last and n % self.num_replicas and self.start == 0:
+            # exactly DistributedSampler's padding
+            pad = self.num_replicas - n % self.num_replicas
+            order = order + (order * math.ceil(pad / n))[:pad]
+            n = len(order)
+        positions = resplit(self.start, n, self.num_replicas, self.rank, drop_last=self.drop_last)
+        return iter([order[p] for p in positions])
+
+    def __len__(self) -> int:
+        n = len(self.dataset)
+        if self.drop_last:
+            n = (n // self.num_replicas) * self.num_replicas
+        remaining = max(n - self.start, 0)
+        if self.drop_last:
+            return remaining // self.num_replicas
+        return math.ceil(remaining / self.num_replicas)

@@ -46,6 +46,19 @@ class DistributedError(SpotsafeError, RuntimeError):
     """Ranks failed to agree or to finish a collective checkpoint in time."""
 
 
+class WriterFenced(SpotsafeError, PermissionError):
+    """This writer's lease on the store was taken over by a newer generation (or released).
+
+    A superseded writer never commits a manifest: its save raises this instead.
+    ``spotsafe.Run`` then exits with :data:`spotsafe.EXIT_FENCED`, which
+    ``python -m spotsafe.resume`` does not restart (another instance owns the run now).
+    """
+
+
+class LeaseTimeout(SpotsafeError, TimeoutError):
+    """The store's writer lease stayed with a live holder for longer than the caller would wait."""
+
+
 class MissingDependency(SpotsafeError, ImportError):
     """An optional dependency is not installed; the message names the extra."""
 

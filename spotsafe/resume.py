@@ -8,6 +8,9 @@ uses it); the child's output goes straight to this process's stdout/stderr. Then
 - exit 0: done, exit 0;
 - exit 75 (:data:`spotsafe.EXIT_PREEMPTED`): the state is safe and this instance is
   going away: exit 75 without restarting;
+- exit 77 (:data:`spotsafe.EXIT_FENCED`): another instance took the store's writer
+  lease over (a capacity-rebalance replacement, say): the run lives on there; exit 77
+  without restarting;
 - any other exit (a crash, a kill): restart the command (it resumes from the newest
   checkpoint) after a backoff, up to ``--max-restarts`` times, then fail loudly;
 - a run already marked complete in the store: do nothing, say so, exit 0;
@@ -31,7 +34,7 @@ from datetime import datetime, timezone
 from types import FrameType
 from typing import Any, TextIO
 
-from spotsafe import EXIT_PREEMPTED
+from spotsafe import EXIT_FENCED, EXIT_PREEMPTED
 
 #: Exit status when the command kept crashing (EX_SOFTWARE).
 EXIT_GAVE_UP = 70
@@ -105,6 +108,12 @@ class Supervisor:
             status = self.launch_once()
             if status == 0:
                 return 0
+            if status == EXIT_FENCED:
+                _say(
+                    f"another instance took the store over (exit {EXIT_FENCED}): the run goes on there; "
+                    "not restarting on this instance"
+                )
+                return EXIT_FENCED
             if status != EXIT_PREEMPTED and self.preempted is not None and self._safe_preempted(started):
                 _say(
                     f"the command exited with status {status}, but the run saved a checkpoint on a "

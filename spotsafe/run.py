@@ -29,13 +29,13 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime, timezone
 from datetime import timedelta as _timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 
-from spotsafe import EXIT_PREEMPTED
+from spotsafe import EXIT_FENCED, EXIT_PREEMPTED
 from spotsafe.data import ResumableLoader, derive_epoch_seed, draw_epoch_seed
-from spotsafe.errors import SpotsafeError
+from spotsafe.errors import SpotsafeError, WriterFenced
 from spotsafe.settings import Settings
 
 if TYPE_CHECKING:
@@ -182,20 +182,26 @@ class Run:
             # FSDP2 / DTensor parameters: model and optimizer go through torch.distributed.checkpoint.
             self._objects["model"] = ShardedState(model, self._objects.pop("optimizer", None))
 
-        self.checkpointer: Checkpointer = Checkpointer(
-            store, storage_options=storage_options, keep_last=keep_last, async_=async_
-        )
         #: The multi-rank path (torch.distributed initialized with world size > 1), else None.
-        self._ddp: _MultiRank | None = None
+        self._ddp: _MultiRank | None = _MultiRank.detect(
+            agree_every, sharded="model" in self._objects and _is_sharded_state(self._objects["model"])
+        )
+        from spotsafe.distributed import RANK_KEYS
+
+        # One commit path for one or many ranks: the Checkpointer gets the process-group context.
+        self.checkpointer: Checkpointer = Checkpointer(
+            store,
+            storage_options=storage_options,
+            keep_last=keep_last,
+            async_=async_,
+            dist=self._ddp.ctx if self._ddp is not None else None,
+            per_rank=RANK_KEYS,
+        )
         try:
-            self._ddp = _MultiRank.detect(
-                self.checkpointer,
-                agree_every,
-                sharded="model" in self._objects and _is_sharded_state(self._objects["model"]),
-            )
+            # Before restoring: the run resumes from everything the previous writer committed, and a
+            # writer still alive on another instance keeps the store until it lets go (rank 0 holds it).
+            self.checkpointer.acquire()
             self._restore(map_location)
-            if self._ddp is not None:
-                self._ddp.cleanup()
         except BaseException:
             self.checkpointer.close()
             raise
@@ -283,8 +289,38 @@ class Run:
         """Count one optimizer step; save when due; handle a notice.
 
         On a final notice with ``exit_on_notice`` this does not return: it saves,
-        waits until durable and exits with :data:`spotsafe.EXIT_PREEMPTED`.
+        waits until durable and exits with :data:`spotsafe.EXIT_PREEMPTED`. When
+        another instance took the store over (:class:`~spotsafe.errors.WriterFenced`)
+        it exits with :data:`spotsafe.EXIT_FENCED` (or, without ``exit_on_notice``,
+        raises).
         """
+        try:
+            self._step(**metrics)
+        except WriterFenced as e:
+            self._on_fenced(e)
+
+    def _on_fenced(self, error: WriterFenced) -> NoReturn:
+        """Another instance owns the store: stop writing, never restart here."""
+        log.error("%s; stopping at step %d (exit %d: not restarted)", error, self.step_count, EXIT_FENCED)
+        emit_event("fenced", step=self.step_count, error=str(error))
+        self._should_stop = True
+        try:
+            self.close()
+        except Exception as e:  # noqa: BLE001 - a save in flight fails the same way; already reported
+            log.info("closing the superseded run: %s", e)
+        if not self.exit_on_notice:
+            raise error
+        if self._ddp is not None:  # every rank learnt it from the same collective save: leave gloo together
+            try:
+                self._ddp.agreement.drain(self.step_count)
+            except Exception as e:  # noqa: BLE001 - leaving anyway
+                log.info("draining the notice agreement: %s", e)
+            self._ddp.ctx.leave()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        sys.exit(EXIT_FENCED)
+
+    def _step(self, **metrics: Any) -> None:
         if self._rehearsal_steps is not None and self._rehearsal_at is None:
             self._rehearsal_at = self.step_count + self._rehearsal_steps  # counted from where it resumed
         self.step_count += 1
@@ -308,20 +344,28 @@ class Run:
 
     def save(self, reason: Reason = "manual", *, async_: bool | None = None) -> None:
         """Checkpoint now (``reason`` as in the manifest)."""
-        self._save(reason, async_=async_)
+        try:
+            self._save(reason, async_=async_)
+        except WriterFenced as e:
+            self._on_fenced(e)
 
     def finish(self, metadata: Mapping[str, Any] | None = None) -> bool:
         """Write a final checkpoint and mark the run complete; then release everything.
 
         Returns False (and marks nothing) when the run was stopped by a notice.
         """
+        try:
+            return self._finish(metadata)
+        except WriterFenced as e:
+            self._on_fenced(e)
+
+    def _finish(self, metadata: Mapping[str, Any] | None) -> bool:
         if self._should_stop:
             log.warning("run stopped by a notice at step %d: not marking it complete", self.step_count)
             self.close()
             return False
-        self.checkpointer.wait()
+        self.checkpointer.wait()  # a periodic save of this very step may still be in flight
         if self._ddp is not None:
-            self._ddp.wait()  # a periodic save of this very step may still be in flight
             self._ddp.agreement.drain(self.step_count)  # the run is over: a late notice changes nothing
         if self._saved_step != self.step_count:
             self._save("final", async_=False)
@@ -343,11 +387,7 @@ class Run:
         self._closed = True
         atexit.unregister(self._atexit)
         try:
-            try:
-                if self._ddp is not None:
-                    self._ddp.wait()
-            finally:
-                self.checkpointer.close()
+            self.checkpointer.close()
         finally:
             if self._owns_watcher and self.watcher is not None:
                 self.watcher.stop()
@@ -394,11 +434,8 @@ class Run:
         objects.update(stateful)
         # RNGs last: nothing after it may draw from them before training continues.
         objects["rng"] = self._rng
-        if self._ddp is not None:
-            rest = self._ddp.restore(objects, map_location)
-        else:
-            # None: the newest intact checkpoint, falling back past corrupt ones.
-            rest = self.checkpointer.restore(None, objects, map_location=map_location)
+        # None: the newest intact checkpoint, falling back past corrupt ones (on every rank together).
+        rest = self.checkpointer.restore(None, objects, map_location=map_location)
         run_state = rest.pop(RUN_STATE_KEY, None)
         if not isinstance(run_state, Mapping):
             raise RunStateError(
@@ -438,6 +475,12 @@ class Run:
         emit_event("resumed", step=self.step_count, epoch=self.epoch, batch=self.batch, url=where)
 
     def _end_epoch(self) -> None:
+        try:
+            self._next_epoch()
+        except WriterFenced as e:
+            self._on_fenced(e)
+
+    def _next_epoch(self) -> None:
         self.epoch += 1
         self.batch = 0
         self._epoch_seed = None
@@ -449,15 +492,9 @@ class Run:
 
     def _save(self, reason: Reason, *, async_: bool | None) -> None:
         metadata = {"batch": self.batch, "metrics": _plain_metrics(self.metrics)}
-        if self._ddp is not None:
-            run_async = self.checkpointer.async_ if async_ is None else async_
-            self._ddp.save(
-                self.step_count, self._state(), epoch=self.epoch, reason=reason, metadata=metadata, async_=run_async
-            )
-        else:
-            self.checkpointer.save(
-                self.step_count, self._state(), epoch=self.epoch, reason=reason, async_=async_, metadata=metadata
-            )
+        self.checkpointer.save(
+            self.step_count, self._state(), epoch=self.epoch, reason=reason, async_=async_, metadata=metadata
+        )
         self._saved_step = self.step_count
         self._save_due = False
         self._last_save = time.monotonic()
@@ -485,9 +522,12 @@ class Run:
         return True
 
     def _on_final_notice(self, notice: Notice) -> None:
-        self._final_save(
-            notice.deadline, source=notice.source, action=notice.action, detected_at=notice.detected_at.timestamp()
-        )
+        try:
+            self._final_save(
+                notice.deadline, source=notice.source, action=notice.action, detected_at=notice.detected_at.timestamp()
+            )
+        except WriterFenced as e:
+            self._on_fenced(e)
 
     def _final_save(self, deadline: datetime | None, *, source: str, action: str, detected_at: float) -> None:
         t0 = time.monotonic()
@@ -515,11 +555,11 @@ class Run:
         )
         self.store.set_deadline(deadline)
         if self._ddp is not None:  # a rank lost now must not hold the others past the deadline
-            self._ddp.timeout = max(10.0, min(left, self._ddp.ctx.timeout))
+            self.checkpointer.barrier_timeout = max(10.0, min(left, self._ddp.ctx.timeout))
         try:  # an in-flight periodic save first; if it failed, the notice save must still run
             self.checkpointer.wait()
-            if self._ddp is not None:
-                self._ddp.wait()
+        except WriterFenced:
+            raise  # another instance owns the store: no notice save here
         except Exception as e:  # noqa: BLE001 - logged; the notice save below matters more
             log.error("an earlier background save failed (%s); saving step %d on the notice anyway", e, self.step_count)
             self._saved_step = None
@@ -614,34 +654,25 @@ def _plain_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
 
 
 class _MultiRank:
-    """Run's path when torch.distributed runs several ranks (DDP-style replicated state).
+    """Run's loop-side state when torch.distributed runs several ranks: the context and the agreement.
 
-    Saves are collective and synchronous: rank 0 writes everything, every other rank
-    only its own RNG streams and data position (``spotsafe.distributed.RANK_KEYS``);
-    after every rank's files are durable (a monitored barrier), rank 0 commits the
-    manifest. A notice seen by any rank is agreed by all at the same step
-    (:class:`spotsafe.distributed.NoticeAgreement`). Resuming on another world size
-    takes rank ``r mod old`` RNG streams and rescales the batch position.
+    Saves and restores are the Checkpointer's own (it holds the context): rank 0 writes
+    everything, every other rank only its own RNG streams and data position
+    (``spotsafe.distributed.RANK_KEYS``); after every rank's files are durable (a
+    monitored barrier), rank 0 commits the manifest. A notice seen by any rank is
+    agreed by all at the same step (:class:`spotsafe.distributed.NoticeAgreement`).
+    Resuming on another world size takes rank ``r mod old`` RNG streams and rescales
+    the batch position.
     """
 
-    def __init__(self, ctx: Any, checkpointer: Checkpointer, agree_every: int | str = "auto") -> None:
-        from spotsafe.checkpoint import SnapshotBuffer
+    def __init__(self, ctx: Any, agree_every: int | str = "auto") -> None:
         from spotsafe.distributed import NoticeAgreement
 
         self.ctx = ctx
-        self.checkpointer = checkpointer
         self.agreement = NoticeAgreement(ctx, every=agree_every)  # type: ignore[arg-type]
-        self._buffer = SnapshotBuffer()
-        #: Seconds the commit barrier waits for a missing rank (None: the gloo group's timeout);
-        #: a notice sets it to the time left before its deadline.
-        self.timeout: float | None = None
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
 
     @classmethod
-    def detect(
-        cls, checkpointer: Checkpointer, agree_every: int | str = "auto", *, sharded: bool = False
-    ) -> _MultiRank | None:
+    def detect(cls, agree_every: int | str = "auto", *, sharded: bool = False) -> _MultiRank | None:
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()):
@@ -651,154 +682,4 @@ class _MultiRank:
         from spotsafe.distributed import DistContext
 
         ctx = DistContext.detect()
-        return None if ctx is None else cls(ctx, checkpointer, agree_every)
-
-    def restore(self, objects: Mapping[str, Any], map_location: Any) -> dict[str, Any]:
-        from spotsafe.distributed import (
-            RANK_KEYS,
-            FileRecord,
-            ShardedState,
-            failed_ranks,
-            load_sharded,
-            merge_rank_state,
-        )
-        from spotsafe.errors import CheckpointCorrupt, CheckpointNotFound, DistributedError
-
-        ckpt = self.checkpointer
-        # Every rank must restore the same step: all walk rank 0's list, newest first, and
-        # skip together a checkpoint whose files are damaged for any rank.
-        steps = self.ctx.broadcast_object([i.step for i in ckpt.list()] if self.ctx.is_coordinator else None)
-        sharded = {k: o for k, o in objects.items() if isinstance(o, ShardedState)}
-        plain = {k: o for k, o in objects.items() if k not in sharded}
-        damaged: list[str] = []
-        for step in reversed(steps):
-            error: Exception | None = None
-            state: dict[str, Any] = {}
-            try:
-                info = ckpt._resolve(int(step))
-                state = merge_rank_state(
-                    lambda r: ckpt._load_one(info, map_location, True, rank=r),  # noqa: B023 - called at once
-                    self.ctx.rank,
-                    info.world_size,
-                    RANK_KEYS,
-                )
-            except (CheckpointCorrupt, CheckpointNotFound) as e:
-                error = e
-            failed = failed_ranks(self.ctx, error is not None)
-            if not failed and sharded:
-                records = [
-                    FileRecord(f.path, f.size, f.checksum) for f in ckpt._manifest(info.name).files if f.role == "dcp"
-                ]
-                target = {k: o.state_dict() for k, o in sharded.items()}
-                try:
-                    if not records:
-                        raise CheckpointCorrupt(f"{info.url}: holds no sharded (DCP) state for {sorted(sharded)}")
-                    load_sharded(target, ckpt.store, info.name, ctx=self.ctx, files=records)
-                except (CheckpointCorrupt, DistributedError) as e:
-                    error = e
-                failed = failed_ranks(self.ctx, error is not None)
-                if not failed:
-                    for k, o in sharded.items():
-                        o.load_state_dict(target[k])
-            if failed:
-                log.error(
-                    "checkpoint step %s is damaged for rank(s) %s; every rank falls back to the previous one: %s",
-                    step,
-                    failed,
-                    error,
-                )
-                damaged.append(f"step {step} (ranks {failed})")
-                continue
-            missing = [k for k in plain if k not in state]
-            if missing:
-                raise RunStateError(f"{info.url}: holds no state for {missing}")
-            for key, obj in plain.items():
-                obj.load_state_dict(state.pop(key))
-            ckpt.last_loaded = info
-            return state
-        detail = f"; damaged: {', '.join(damaged)}" if damaged else ""
-        raise CheckpointNotFound(f"{ckpt.store.url}: no intact checkpoint{detail}")
-
-    def cleanup(self) -> None:
-        """Rank 0 removes debris of killed saves once, before any rank writes."""
-        if self.ctx.is_coordinator:
-            self.checkpointer._cleanup(skip="")
-        self.ctx.barrier(what="cleaning up incomplete checkpoints")
-
-    def wait(self) -> None:
-        """Wait for the save in flight (its collectives run on the checkpoint group); re-raise its error."""
-        thread = self._thread
-        if thread is not None:
-            thread.join()
-            self._thread = None
-        error, self._error = self._error, None
-        if error is not None:
-            raise error
-
-    def save(
-        self,
-        step: int,
-        state: Mapping[str, Any],
-        *,
-        epoch: int,
-        reason: str,
-        metadata: Mapping[str, Any],
-        async_: bool = False,
-    ) -> None:
-        from spotsafe import checkpoint as C
-        from spotsafe.distributed import RANK_KEYS, ShardedState, persist_rank_files, rank_state, save_sharded
-
-        # One save at a time: its collectives must not interleave with the next one's.
-        self.wait()
-        store = self.checkpointer.store
-        name = C.checkpoint_name(step)
-        when = datetime.now(timezone.utc)
-        what = f"checkpoint {store.url.rstrip('/')}/{name}"
-        dcp_files: list[Any] = []
-        sharded = {k: v.state_dict() for k, v in state.items() if isinstance(v, ShardedState)}
-        if sharded:
-            # Every rank writes its shards through DCP; the manifest below lists them too.
-            records = save_sharded(sharded, store, name, ctx=self.ctx, timeout=self.timeout)
-            dcp_files = [C.FileEntry(r.path, r.size, r.checksum, "dcp", 0) for r in records]
-            state = {k: v for k, v in state.items() if not isinstance(v, ShardedState)}
-        # async: copy into the reusable buffer now (the only stall), write and commit in the background
-        snap = C.snapshot(rank_state(state, self.ctx, RANK_KEYS), self._buffer, copy=async_)
-        meta = json.loads(json.dumps(dict(metadata)))
-
-        def write() -> list[Any]:
-            return C.write_rank_files(store, name, snap, rank=self.ctx.rank)
-
-        def commit(files: list[Any]) -> None:
-            all_files = tuple(files) + tuple(dcp_files)
-            manifest = C.Manifest(
-                format_version=C.format_version_for(all_files),
-                step=step,
-                epoch=epoch,
-                reason=reason,  # type: ignore[arg-type]
-                time=when,
-                world_size=self.ctx.world_size,
-                files=all_files,
-                metadata=meta,
-            )
-            C.commit_manifest(store, name, manifest)
-
-        timeout = self.timeout
-
-        def persist() -> None:
-            persist_rank_files(self.ctx, write, commit, timeout=timeout, what=what)
-            if self.ctx.is_coordinator:
-                self.checkpointer._retain(step)
-
-        if not async_:
-            persist()
-            return
-
-        def background() -> None:
-            try:
-                persist()
-            except BaseException as e:  # noqa: BLE001 - kept and re-raised by wait()/the next save
-                log.error("spotsafe: background checkpoint save of step %d failed: %s", step, e)
-                self._error = e
-
-        self._thread = threading.Thread(target=background, name=f"spotsafe-save-{step}", daemon=True)
-        self._thread.start()
+        return None if ctx is None else cls(ctx, agree_every)

@@ -73,6 +73,12 @@ class Settings:
     #: this many steps since it started (or resumed) as a "reached" event, and the rehearsal
     #: then makes the notice appear.
     rehearsal_after_steps: int | None = None
+    #: SPOTSAFE_LEASE_SECONDS: how long a writer's lease on a store lasts without renewal
+    #: (default 60). The holder renews every third of it; a replacement takes over a lease
+    #: left unrenewed this long. 60 s is half of AWS's two-minute notice and twice GCP's and
+    #: Azure's 30 s: a replacement that boots while the old instance dies unannounced waits at
+    #: most a minute, yet a live writer survives two missed renewals (a slow S3 PUT, a GC pause).
+    lease_seconds: float = 60.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -87,4 +93,5 @@ class Settings:
             signal_grace=_seconds(env, "SPOTSAFE_SIGNAL_GRACE", 30.0),
             events=env.get("SPOTSAFE_EVENTS") or None,
             rehearsal_after_steps=_steps(env, "SPOTSAFE_REHEARSAL_AFTER_STEPS"),
+            lease_seconds=_seconds(env, "SPOTSAFE_LEASE_SECONDS", 60.0),
         )

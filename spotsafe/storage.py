@@ -11,16 +11,19 @@ Implementations live in :mod:`spotsafe.storages`.
 
 from __future__ import annotations
 
+import logging
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from spotsafe.errors import CheckpointCorrupt
+from spotsafe.errors import CheckpointCorrupt, CheckpointNotFound
 
 if TYPE_CHECKING:
     from typing_extensions import Self
+
+log = logging.getLogger(__name__)
 
 Buffer = bytes | bytearray | memoryview
 
@@ -70,6 +73,25 @@ class Store(ABC):
         the same directory, fsync, ``os.replace``, fsync the directory. Object stores:
         one PUT.
         """
+
+    def create_file(self, path: str, data: bytes) -> bool:
+        """Publish a small file atomically *only if* nothing exists at ``path``; False when something does.
+
+        The writer lease's takeover (:mod:`spotsafe.lease`) rests on it: of several
+        writers creating the same generation, exactly one wins. Local: temp file +
+        ``link`` (fails with EEXIST); S3: a PUT with ``If-None-Match: *``. This
+        default, for filesystems that offer neither, is best effort: look, write,
+        read back (the loser of a race usually sees the winner's bytes); it warns
+        once, loudly.
+        """
+        _warn_best_effort(self)
+        if self.file_size(path) is not None:
+            return False
+        self.commit_file(path, data)
+        try:
+            return bytes(self.read_file(path)) == bytes(data)
+        except CheckpointNotFound:
+            return False
 
     @abstractmethod
     def read_file(self, path: str) -> memoryview:
@@ -140,6 +162,21 @@ class Store(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r})"
+
+
+_warned: set[str] = set()
+
+
+def _warn_best_effort(store: Store) -> None:
+    if store.url in _warned:
+        return
+    _warned.add(store.url)
+    log.warning(
+        "%s: this filesystem offers no atomic create-if-absent; writer fencing is best effort here "
+        "(two instances starting within the same second could both take the lease). "
+        "Use a local path, s3:// or a mirror for strict fencing (docs/storage.md).",
+        store.url,
+    )
 
 
 def open_store(

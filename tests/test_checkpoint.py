@@ -432,7 +432,8 @@ def test_keep_last_and_keep_every(tmp_path: Path) -> None:
             c.save(step, state_for(step, 10))
         c.wait()
         assert [i.step for i in c.list()] == [4, 8, 9, 10]
-    assert sorted(p.name for p in tmp_path.iterdir()) == [checkpoint_name(s) for s in (4, 8, 9, 10)]
+    # Beside the checkpoints only the writer lease (spotsafe.lease) remains.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lease"] + [checkpoint_name(s) for s in (4, 8, 9, 10)]
 
 
 def test_retention_never_deletes_the_newest_intact(tmp_path: Path) -> None:

@@ -13,6 +13,8 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
@@ -32,6 +34,7 @@ from spotsafe.distributed import (
 from spotsafe.errors import CheckpointCorrupt, DistributedError, UnsafeCheckpoint
 from spotsafe.storage import open_store
 from spotsafe.storages.local import LocalStore
+from tests.helpers import wait_until
 from tests.s3server import *  # noqa: F403
 
 WORKERS = Path(__file__).parent / "dist_workers"
@@ -372,6 +375,12 @@ def test_run_under_torchrun_notice_on_one_rank_resume_bit_identical_and_on_one_r
     assert manifest["reason"] == "notice"
     assert manifest["world_size"] == 2
     assert sorted({f["rank"] for f in manifest["files"]}) == [0, 1]
+    # rank 0 held the writer lease (generation 1) and let go on exit 75: a replacement takes over at once
+    from spotsafe.lease import read_record
+
+    assert manifest["metadata"]["spotsafe_generation"] == 1
+    record = read_record(LocalStore(cut / "store"), 1)
+    assert record is not None and record.released
     # keep a copy of the interrupted store for the 2 -> 1 resume
     shutil.copytree(cut / "store", tmp_path / "store1")
 
@@ -484,3 +493,69 @@ def test_the_ddp_example_runs_under_torchrun_and_resumes_in_one_process(tmp_path
     assert proc.returncode == 0, f"{story(proc)}"
     assert "of a 2-rank run" in proc.stdout
     assert "done:" in proc.stdout and "on 1 rank(s)" in proc.stdout
+
+
+@pytest.mark.slow
+def test_torchrun_job_waits_for_the_store_then_every_rank_stops_77_once_superseded(tmp_path: Path) -> None:
+    """2 ranks: rank 0 takes the writer lease (after the live holder lets go); when another
+    instance takes the store over mid-run, the next commit is fenced and every rank stops."""
+    from spotsafe.checkpoint import Checkpointer
+    from spotsafe.lease import Lease, LeaseRecord, generations, lease_path, read_record
+
+    store, out = tmp_path / "store", tmp_path / "out"
+    holder = Lease(LocalStore(store), seconds=60)
+    holder.acquire()  # another live instance holds the store
+    env = dict(os.environ, OMP_NUM_THREADS="1", STEP_SLEEP="0.3")
+    env.pop("SPOTSAFE_STORE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    with open(tmp_path / "job.log", "w") as log:
+        job = subprocess.Popen(
+            [*cmd, str(WORKERS / "run_ddp.py"), str(out), str(store), "0", "-1"], stderr=log, env=env
+        )
+    try:
+
+        def wait(what: str, cond: Callable[[], bool], timeout: float = 120) -> None:
+            def ready() -> bool:
+                assert job.poll() is None, f"the job exited before {what}: {(tmp_path / 'job.log').read_text()}"
+                return cond()
+
+            wait_until(ready, timeout, what=what)
+
+        wait("rank 0 to wait for the lease", lambda: "is being written by" in (tmp_path / "job.log").read_text())
+        assert not (out / "seen-w2-r0.jsonl").exists() or _seen(out, "w2-r0") == []  # nobody trained yet
+        holder.release()
+        wait("a first checkpoint", lambda: any((store / d / "manifest.json").exists() for d in os.listdir(store)))
+        # Another instance takes the store over (the job's host looked partitioned to it).
+        with Checkpointer(store) as reader:
+            base = reader.list()[-1].step
+        gen = generations(LocalStore(store))[-1]
+        assert gen == 2
+        taken = read_record(LocalStore(store), gen)
+        assert taken is not None
+        record: LeaseRecord = replace(taken, generation=gen + 1, pid=os.getpid(), base_step=base, token="test")
+        assert LocalStore(store).create_file(lease_path(gen + 1), record.to_json())
+        assert job.wait(timeout=120) != 0
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait()
+    log_text = (tmp_path / "job.log").read_text()
+    codes = re.findall(r"exitcode\s*:\s*(-?\d+)", log_text)
+    assert "77" in codes and set(codes) <= {"77", "-15"}, log_text[-4000:]
+    assert [e["event"] for e in _events(out, "w2-r0")][-1] == "fenced"
+    with Checkpointer(store) as reader:
+        infos = reader.list()
+        assert infos and all(i.step <= base for i in infos)  # nothing the fenced job wrote later counts
+        for info in infos:
+            reader.check(info)
+
+
+def test_a_checkpointer_alone_saves_and_restores_collectively_under_torchrun(tmp_path: Path) -> None:
+    proc = torchrun("ckpt_alone.py", tmp_path / "out", tmp_path / "store")
+    assert proc.returncode == 0, f"{story(proc)}"
+    found = results(tmp_path / "out", "alone")
+    # every rank restored the same (newest) step, the replicated model, and its own per-rank value
+    assert [(r["step"], r["weight"], r["mine"]) for r in found] == [(3, 3.0, 3), (3, 3.0, 103)]
+    assert [r["generation"] for r in found] == [1, None]  # rank 0 alone holds the writer lease
+    manifest = json.loads((tmp_path / "store" / "step-000000000003" / "manifest.json").read_text())
+    assert manifest["world_size"] == 2 and sorted({f["rank"] for f in manifest["files"]}) == [0, 1]

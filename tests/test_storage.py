@@ -193,6 +193,14 @@ class StoreConformance:
         store.delete_dir("step-000000000001")  # already gone: no error
         store.delete_dir("never-existed")
 
+    def test_create_file_is_exclusive(self, store: Store) -> None:
+        # The writer lease's takeover: of two creators of one path, exactly one wins.
+        assert store.create_file("lease/gen-000000000001.json", b'{"who": "a"}') is True
+        assert store.create_file("lease/gen-000000000001.json", b'{"who": "b"}') is False
+        assert bytes(store.read_file("lease/gen-000000000001.json")) == b'{"who": "a"}'
+        assert store.create_file("lease/gen-000000000002.json", b'{"who": "b"}') is True
+        assert sorted(store.listdir("lease")) == ["gen-000000000001.json", "gen-000000000002.json"]
+
     def test_cleanup_incomplete_keeps_committed_files(self, store: Store) -> None:
         store.write_file("step-000000000005/a.bin", [b"payload"])
         store.commit_file("step-000000000005/manifest.json", b"{}")

@@ -211,6 +211,7 @@ def test_checkpointer_mirror_restores_from_s3_onto_an_empty_disk(
         ckpt.mark_complete(3)
     prefixes = s3_client.list_objects_v2(Bucket=s3_bucket, Prefix="runs/m/", Delimiter="/")
     assert sorted(p["Prefix"] for p in prefixes.get("CommonPrefixes", [])) == [
+        "runs/m/lease/",  # the writer lease lives on both tiers
         "runs/m/step-000000000002/",
         "runs/m/step-000000000003/",
     ]  # retention applied to the remote tier too

@@ -147,6 +147,40 @@ class LocalStore(Store):
     def commit_file(self, path: str, data: bytes) -> None:
         self._write_durably(self._full(path), [data], sync_dir=True)
 
+    def create_file(self, path: str, data: bytes) -> bool:
+        # Whole content under a temp name first, then link(): atomic and exclusive (EEXIST),
+        # also on NFS/EFS, so no reader ever sees a half-written lease.
+        target = self._full(path)
+        self._makedirs(target.parent)
+        temp = self._temp(target)
+        with self._lock:
+            self._active.add(temp)
+        try:
+            try:
+                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+                try:
+                    view = memoryview(data)
+                    pos = 0
+                    while pos < len(view):
+                        pos += os.write(fd, view[pos:])
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.link(temp, target)
+            except FileExistsError:
+                return False
+            except OSError as e:
+                raise self._error("create", target, e) from e
+            _fsync_dir(target.parent)
+            return True
+        finally:
+            try:
+                temp.unlink()
+            except OSError:
+                pass
+            with self._lock:
+                self._active.discard(temp)
+
     def read_file(self, path: str) -> memoryview:
         full = self._full(path)
         try:

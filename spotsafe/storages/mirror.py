@@ -24,11 +24,11 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from spotsafe.errors import CheckpointNotFound, StoreError
+from spotsafe.errors import CheckpointNotFound, StoreError, WriterFenced
 from spotsafe.storage import Buffer, Store
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,9 @@ class MirrorStore(Store):
         self._failures = 0
         self._uploaded: set[str] = set()  # files of the job in hand already on the remote
         self._uploaded_for: _Job | None = None
+        #: Set by the writer lease (spotsafe.lease): raises WriterFenced when a newer writer
+        #: owns the remote; asked before every commit on the remote tier.
+        self.fence: Callable[[], None] | None = None
         self._thread = threading.Thread(target=self._run, name=f"spotsafe-mirror-upload({remote.url})", daemon=True)
         self._thread.start()
 
@@ -105,11 +108,18 @@ class MirrorStore(Store):
             self._queue = collections.deque(j for j in self._queue if not (j.kind == "upload" and _under(j.path, path)))
         self._enqueue(_Job("delete", path))
 
+    def create_file(self, path: str, data: bytes) -> bool:
+        # The remote first: it is what other instances see.
+        return self.remote.create_file(path, data) and self.local.create_file(path, data)
+
     def _enqueue(self, job: _Job) -> None:
         if self._closed:
             raise StoreError(f"{self!r}: store is closed")
         with self._cond:
-            if job not in self._queue:
+            # The job in hand (the head while busy) read its files already: a re-save of the
+            # same step must go up again after it, so only jobs still waiting count as duplicates.
+            waiting = list(self._queue)[1:] if self._busy is not None else list(self._queue)
+            if job not in waiting:
                 self._queue.append(job)
             self._cond.notify_all()
 
@@ -188,8 +198,17 @@ class MirrorStore(Store):
         self.remote.cleanup_incomplete()
         for name in sorted(self.local.listdir("")):
             manifest = f"{name}/{MANIFEST}"
-            if self.local.file_size(manifest) is not None and self.remote.file_size(manifest) is None:
+            if self.local.file_size(manifest) is None:
+                continue
+            try:
+                remote = bytes(self.remote.read_file(manifest))
+            except CheckpointNotFound:
                 log.info("%s: %s was never uploaded; queueing it", self.remote.url, name)
+                self._enqueue(_Job("upload", manifest))
+                continue
+            # Content, not presence: a step re-saved after its first upload differs here.
+            if remote != bytes(self.local.read_file(manifest)):
+                log.info("%s: the remote copy of %s is an older version; queueing the upload", self.remote.url, name)
                 self._enqueue(_Job("upload", manifest))
 
     def set_deadline(self, deadline: datetime | None) -> None:
@@ -285,13 +304,16 @@ class MirrorStore(Store):
             self._resync()
             return
         if job.kind == "delete":
+            if self._fenced(job):
+                return  # a superseded writer's retention must not prune the new writer's remote copies
             self.remote.delete_dir(job.path)
             with self._cond:
                 if not any(j.kind == "delete" and j.path == job.path for j in list(self._queue)[1:]):
                     self._deleting.discard(job.path)
             return
         if "/" not in job.path:  # a top-level file (e.g. the completion marker)
-            self.remote.commit_file(job.path, bytes(self.local.read_file(job.path)))
+            if not self._fenced(job):
+                self.remote.commit_file(job.path, bytes(self.local.read_file(job.path)))
             return
         directory = job.path.rsplit("/", 1)[0]
         try:
@@ -311,7 +333,21 @@ class MirrorStore(Store):
             if self.local.file_size(job.path) is None:
                 return  # retention deleted it locally meanwhile; its remote delete is queued
             raise
+        if self._fenced(job):
+            return
         self.remote.commit_file(job.path, manifest)  # last: the remote commit point
+
+    def _fenced(self, job: _Job) -> bool:
+        """True (logged) when a newer writer owns the remote: this upload must not commit there."""
+        fence = self.fence
+        if fence is None:
+            return False
+        try:
+            fence()
+        except WriterFenced as e:
+            log.error("%s: not uploading %s: %s", self.remote.url, job.path, e)
+            return True
+        return False
 
     def _walk(self, directory: str) -> list[str]:
         files: list[str] = []

@@ -205,6 +205,7 @@ class S3Store(Store):
         self._deadline: float | None = None  # time.monotonic() value
         self._own_uploads: set[str] = set()
         self._warned_uploads = False
+        self._no_conditional = False  # the server refused If-None-Match (501): best effort
         self._lock = threading.Lock()
         self._closed = False
         self._created = datetime.now(timezone.utc)
@@ -502,6 +503,34 @@ class S3Store(Store):
             )
         except Exception as e:
             raise self._error(path, "commit (PUT)", e) from e
+
+    def create_file(self, path: str, data: bytes) -> bool:
+        """One PUT with ``If-None-Match: *``: S3 (since 2024), MinIO and moto refuse it when the key exists."""
+        from botocore.exceptions import ClientError
+
+        if self._no_conditional:
+            return super().create_file(path, data)
+        try:
+            self._call(
+                "PUT If-None-Match",
+                self._client.put_object,
+                Bucket=self.bucket,
+                Key=self._key(path),
+                Body=bytes(data),
+                IfNoneMatch="*",
+            )
+        except ClientError as e:
+            code = _code(e)
+            if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+                return False
+            if code in ("NotImplemented", "501"):
+                self._no_conditional = True
+                log.warning("%s: the server does not support conditional writes (If-None-Match)", self.url)
+                return super().create_file(path, data)
+            raise self._error(path, "create (conditional PUT)", e) from e
+        except Exception as e:
+            raise self._error(path, "create (conditional PUT)", e) from e
+        return True
 
     def write_file(self, path: str, buffers: Sequence[Buffer]) -> None:
         views, offsets, total = _as_bytes_views(buffers)

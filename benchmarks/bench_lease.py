@@ -1,0 +1,168 @@
+"""What writer fencing costs per save, side by side with the same save unfenced, in one run.
+
+A fenced save (spotsafe.lease) adds, per save: a look for the next generation's lease
+file before cleaning up, before the commit and after it (a ``stat`` locally, a HEAD on
+S3), and the commit's check that every file exists with its size (one listing). The
+lease itself is taken once, by the first save, and renewed by a background thread.
+
+Contenders, interleaved, order rotated every round, each in its own fresh store:
+
+- ``fenced``: ``Checkpointer.save`` as shipped;
+- ``unfenced``: the same, with the lease checks and the commit's size check made no-ops
+  (what a save cost before fencing).
+
+Printed: the median synchronous save (the on-notice path) of each, the median of the
+per-round ratios fenced / unfenced with its spread, the time spent in the checks
+themselves, and the stall of an async (periodic) save for each.
+
+Run: ``python benchmarks/bench_lease.py [--size-mib 64] [--repeats 9] [--s3]`` (``--s3``
+adds the same on moto's S3 server on loopback; needs ``spotsafe[s3]`` and moto[server]).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import spotsafe.checkpoint as C
+import spotsafe.lease as L
+from spotsafe.checkpoint import Checkpointer
+
+_spent = [0.0]
+
+
+def _timed(fn: Callable[..., Any]) -> Callable[..., Any]:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _spent[0] += time.perf_counter() - t0
+
+    return wrapper
+
+
+@contextlib.contextmanager
+def mode(name: str) -> Iterator[None]:
+    check, sizes = L.Lease.check, C._check_sizes
+    if name == "unfenced":
+        L.Lease.check = lambda self: None  # type: ignore[method-assign]
+        C._check_sizes = lambda *a, **k: None
+    else:
+        L.Lease.check = _timed(check)  # type: ignore[method-assign]
+        C._check_sizes = _timed(sizes)
+    try:
+        yield
+    finally:
+        L.Lease.check, C._check_sizes = check, sizes  # type: ignore[method-assign]
+
+
+def state(size_mib: int) -> dict[str, Any]:
+    torch.manual_seed(0)
+    n = max(1, (size_mib << 20) // 4 // 8)
+    return {f"layer{i}": torch.randn(n) for i in range(8)}
+
+
+def measure(open_store: Callable[[str], Any], size_mib: int, repeats: int) -> None:
+    st = state(size_mib)
+    names = ["fenced", "unfenced"]
+    ckpts = {n: Checkpointer(open_store(n), keep_last=2, async_=False) for n in names}
+    sync: dict[str, list[float]] = {n: [] for n in names}
+    stall: dict[str, list[float]] = {n: [] for n in names}
+    checks: list[float] = []
+    ratios: list[float] = []
+    try:
+        for n in names:  # the lease is taken once, by the first save: not part of the figures
+            with mode(n):
+                ckpts[n].save(0, st)
+        step = 1
+        for r in range(repeats):
+            order = names if r % 2 == 0 else names[::-1]
+            got: dict[str, float] = {}
+            for n in order:
+                with mode(n):
+                    _spent[0] = 0.0
+                    ckpts[n].wait()
+                    t0 = time.perf_counter()
+                    ckpts[n].save(step, st)
+                    got[n] = time.perf_counter() - t0
+                    if n == "fenced":
+                        checks.append(_spent[0])
+                    ckpts[n].wait()
+                    t0 = time.perf_counter()
+                    ckpts[n].save(step + 1, st, async_=True)
+                    stall[n].append(time.perf_counter() - t0)
+                    ckpts[n].wait()
+                sync[n].append(got[n])
+            ratios.append(got["fenced"] / got["unfenced"])
+            step += 2
+    finally:
+        for c in ckpts.values():
+            c.close()
+    med = statistics.median
+    print(f"  sync save   fenced {med(sync['fenced']) * 1e3:8.1f} ms   unfenced {med(sync['unfenced']) * 1e3:8.1f} ms")
+    print(
+        f"  ratio fenced/unfenced (median of per-round ratios) {med(ratios):.3f}x "
+        f"(spread {min(ratios):.3f}-{max(ratios):.3f})"
+    )
+    print(
+        f"  the checks themselves: {med(checks) * 1e3:.2f} ms per save "
+        f"({med(checks) / med(sync['fenced']) * 100:.1f}% of the fenced save)"
+    )
+    print(
+        f"  async save stall   fenced {med(stall['fenced']) * 1e3:7.2f} ms   "
+        f"unfenced {med(stall['unfenced']) * 1e3:7.2f} ms"
+    )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size-mib", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=9)
+    p.add_argument("--dir", default=None, help="where the local stores go (default: a temp dir on /tmp)")
+    p.add_argument("--s3", action="store_true", help="also on moto's S3 server on loopback")
+    args = p.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="bench-lease-", dir=args.dir))
+    try:
+        print(f"local directory ({root}), {args.size_mib} MiB state, {args.repeats} rounds")
+        measure(lambda n: str(root / n), args.size_mib, args.repeats)
+        if args.s3:
+            import boto3
+            from moto.server import ThreadedMotoServer
+
+            for key, value in (
+                ("AWS_ACCESS_KEY_ID", "x"),
+                ("AWS_SECRET_ACCESS_KEY", "x"),
+                ("AWS_DEFAULT_REGION", "us-east-1"),
+            ):
+                os.environ.setdefault(key, value)
+            os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
+            server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+            server.start()
+            host, port = server.get_host_and_port()
+            endpoint = f"http://{host}:{port}"
+            try:
+                boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench-lease")
+                opts = {"endpoint_url": endpoint, "region_name": "us-east-1"}
+                from spotsafe.storages.s3 import S3Store
+
+                print(f"S3 on moto ({endpoint}), {args.size_mib} MiB state, {args.repeats} rounds")
+                measure(lambda n: S3Store(f"s3://bench-lease/{n}", opts), args.size_mib, args.repeats)
+            finally:
+                server.stop()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
