@@ -38,7 +38,7 @@ from spotsafe.volume import Identity, Timeouts, VolumeManager
 from tests.ec2server import *  # noqa: F403
 from tests.ec2server import AMI, IAMEnforcingServer, run_instance, unique_tag
 
-FAST = Timeouts(poll=0.05, attach=5, detach=5, force_detach_after=0.3, device=3, snapshot=10, create=10)
+FAST = Timeouts(poll=0.05, attach=5, detach=5, force_detach_after=0.3, device=3, snapshot=10, create=10, settle=0.2)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -162,9 +162,23 @@ def test_find_two_matching_is_ambiguous_unless_one_is_attached_here(scene: Scene
     assert scene.manager.find(tags=scene.tag).volume_id == scene.volume_id
 
 
-def test_find_skips_a_volume_superseded_by_a_move_copy(scene: Scene) -> None:
-    copy = create_volume(scene.ec2, "us-east-1c", {**scene.tag, vol.TAG_MOVED_FROM: scene.volume_id})
+def test_find_skips_a_volume_superseded_by_a_committed_move_copy(scene: Scene) -> None:
+    copy = create_volume(
+        scene.ec2, "us-east-1c", {**scene.tag, vol.TAG_MOVED_FROM: scene.volume_id, vol.TAG_MOVE_DONE: "1"}
+    )
     assert scene.manager.find(tags=scene.tag).volume_id == copy
+
+
+def test_an_uncommitted_copy_and_its_source_are_one_volume(scene: Scene) -> None:
+    # The copy was never mounted: the source (here, in 1b) is the run's volume, the copy is to abandon.
+    copy = create_volume(scene.ec2, "us-east-1c", {**scene.tag, vol.TAG_MOVED_FROM: scene.volume_id})
+    r = scene.manager.resolve(tags=scene.tag)
+    assert r.volume.volume_id == scene.volume_id and r.source is None
+    assert [c.volume_id for c in r.copies] == [copy]
+    # Seen from the copy's zone, the copy is adopted (its mount will retire the source).
+    there = VolumeManager(scene.ec2, Identity(run_instance(scene.ec2, "us-east-1c"), "us-east-1c", "us-east-1"))
+    r = there.resolve(tags=scene.tag)
+    assert r.volume.volume_id == copy and r.source is not None and r.source.volume_id == scene.volume_id
 
 
 # --------------------------------------------------------------------------- attaching
@@ -521,6 +535,8 @@ def _cli(scene: Scene, *args: str) -> list[str]:
         "0.2",
         "--device-timeout",
         "1",
+        "--claim-settle",
+        "0.2",
         "-q",
     ]
 
@@ -547,8 +563,8 @@ def test_cli_exit_codes_name_each_failure(cli_env: Scene, capsys: pytest.Capture
     assert vol.main(_cli(s, "attach", "--volume-id", far)) == vol.EXIT_WRONG_ZONE
     err = capsys.readouterr().err
     assert far in err and "us-east-1a" in err and "--move" in err
+    s.ec2.attach_volume(VolumeId=far, InstanceId=run_instance(s.ec2, "us-east-1a"), Device="/dev/sdf")
     other = run_instance(s.ec2, s.az)
-    s.ec2.attach_volume(VolumeId=far, InstanceId=other, Device="/dev/sdf")
     busy = create_volume(s.ec2, s.az, {"spotsafe-run": unique_tag()})
     s.ec2.attach_volume(VolumeId=busy, InstanceId=other, Device="/dev/sdg")
     assert vol.main(_cli(s, "attach", "--volume-id", busy)) == vol.EXIT_BUSY
@@ -708,7 +724,7 @@ def test_finish_cancels_a_persistent_spot_request(ec2_server: Any, ec2: Any) -> 
 
 
 @pytest.mark.root
-def test_cli_move_then_mount_retires_the_old_volume_only_after_the_mount(
+def test_cli_first_use_in_another_zone_moves_formats_mounts_and_retires(
     cli_env: Scene, loopdev: Callable[..., str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     s = cli_env
@@ -727,15 +743,15 @@ def test_cli_move_then_mount_retires_the_old_volume_only_after_the_mount(
     assert describe(s.ec2, old_id)["State"] == "available"  # kept until the copy is mounted
     mnt = str(tmp_path / "mnt")
     try:
-        # The copy carries the tags but not spotsafe-new: a moved volume has data, mkfs must be explicit.
-        assert vol.main(_cli(s, "mount", "--tag", f"spotsafe-run={run}", "--mountpoint", mnt)) == vol.EXIT_NO_FILESYSTEM
-        assert describe(s.ec2, old_id)["State"] == "available"
-        assert vol.main(_cli(s, "mount", "--tag", f"spotsafe-run={run}", "--mountpoint", mnt, "--mkfs")) == 0
+        # Case 1: the docs' first-use recipe with the first instance in another zone. The copy
+        # of a never-formatted volume keeps spotsafe-new, so the first mount may format it.
+        assert vol.main(_cli(s, "mount", "--tag", f"spotsafe-run={run}", "--mountpoint", mnt)) == 0
+        assert vol.filesystem_type(dev) == "ext4"
         with pytest.raises(VolumeNotFound):
             s.manager.describe(old_id)
         new = s.manager.find(tags={"spotsafe-run": run})
         assert new.availability_zone == s.az and new.instance_id == s.instance_id
-        assert vol.TAG_MOVED_FROM not in new.tags
+        assert vol.TAG_MOVED_FROM not in new.tags and vol.TAG_NEW not in new.tags
     finally:
         vol.unmount(mnt)
 
