@@ -356,6 +356,30 @@ def test_find_device_xen_name_and_xvd_twin(tmp_path: Path) -> None:
     ) == os.path.realpath(target)
 
 
+def test_find_device_on_xen_with_nvme_instance_storage_uses_the_xvd_name(tmp_path: Path) -> None:
+    # i3 / f1: Xen, with local NVMe instance-store disks. EBS is /dev/xvdf there, not NVMe.
+    for i, name in enumerate(("nvme0n1", "nvme1n1")):
+        fake_nvme(tmp_path, f"AWS{i:017d}", "/dev/null", name=name)
+        (tmp_path / "sys" / "block" / name / "device" / "model").write_text("Amazon EC2 NVMe Instance Storage\n")
+    target = some_block_device()
+    (tmp_path / "dev" / "xvdf").symlink_to(target)
+    found = vol.find_device(
+        "vol-0123456789abcdef0", "/dev/sdf", sys_root=str(tmp_path / "sys"), dev_root=str(tmp_path / "dev"), timeout=0
+    )
+    assert found == os.path.realpath(target)
+    # An EBS NVMe disk (the Nitro root volume) next to them: Nitro, the name is not trusted.
+    fake_nvme(tmp_path, "vol0ffffffffffffffff", "/dev/null", name="nvme2n1")
+    (tmp_path / "sys" / "block" / "nvme2n1" / "device" / "model").write_text("Amazon Elastic Block Store\n")
+    with pytest.raises(VolumeDeviceNotFound):
+        vol.find_device(
+            "vol-0123456789abcdef0",
+            "/dev/sdf",
+            sys_root=str(tmp_path / "sys"),
+            dev_root=str(tmp_path / "dev"),
+            timeout=0,
+        )
+
+
 def test_find_device_on_nitro_ignores_a_stale_sdx_name(tmp_path: Path) -> None:
     # On NVMe instances /dev/sdf may be another disk's alias: only the serial counts.
     fake_nvme(tmp_path, "vol0ffffffffffffffff", some_block_device(), name="nvme0n1")

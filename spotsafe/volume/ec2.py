@@ -79,7 +79,7 @@ TAG_MOVED_BY = "spotsafe-moved-by"
 TAG_MOVE_DONE = "spotsafe-move-done"
 #: On a volume being moved: ``<instance id> <zone> <unix time>`` of the one mover.
 TAG_CLAIM = "spotsafe-move-claim"
-#: On periodic snapshots (``snapshot`` command): the id of the volume they are of.
+#: On periodic snapshots (``snapshot`` command): ``<volume id> <unix time>``.
 TAG_PERIODIC = "spotsafe-periodic"
 #: On a volume made by create-or-restore: ``<instance id> <unix time>`` of its creator.
 TAG_CREATED_BY = "spotsafe-created-by"
@@ -322,6 +322,28 @@ def _user_tags(tags: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in tags.items() if not k.startswith("aws:") and k not in _OWN_TAGS}
 
 
+def _creation_order(v: VolumeInfo) -> tuple[int, float, str]:
+    """Sort key of create-or-restore's election: an existing volume first, then the oldest creation."""
+    c = v.tags.get(TAG_CREATED_BY, "").split()
+    if len(c) != 2:  # not made by create-or-restore
+        return (0, 0.0, v.volume_id)
+    try:
+        return (1, float(c[1]), v.volume_id)
+    except ValueError:
+        return (1, 0.0, v.volume_id)
+
+
+def _snapshot_order(s: Mapping[str, Any]) -> tuple[Any, float, str]:
+    """Oldest first: EC2's start time, then the time in the periodic tag (finer than some APIs report)."""
+    tags = {t["Key"]: t["Value"] for t in s.get("Tags", []) or []}
+    parts = tags.get(TAG_PERIODIC, "").split()
+    try:
+        fine = float(parts[1]) if len(parts) == 2 else 0.0
+    except ValueError:
+        fine = 0.0
+    return (s.get("StartTime"), fine, str(s["SnapshotId"]))
+
+
 def _describe_selector(volume_id: str | None, tags: Mapping[str, str] | None) -> str:
     if volume_id:
         return volume_id
@@ -484,6 +506,12 @@ class VolumeManager:
         for v in vols:
             if is_uncommitted_copy(v):
                 copies.setdefault(v.moved_from or "", []).append(v)
+        # Volumes made at once by create-or-restore: the oldest creation is the run's, the
+        # others are being deleted by their creators.
+        created = [v for v in roots if _creation_order(v)[0] == 1]
+        if len(created) > 1:
+            first = min(created, key=_creation_order)
+            roots = [v for v in roots if v is first or v not in created]
         groups = [(root, copies.get(root.volume_id, [])) for root in roots]
         if not groups:  # only copies of superseded volumes: a chain; take the copies as roots
             groups = [(v, []) for v in vols if v.volume_id not in superseded]
@@ -598,14 +626,21 @@ class VolumeManager:
         if c is None or c.instance_id != self.instance_id:
             raise VolumeBusy(f"lost the move claim on {volume_id} to {c.instance_id if c else 'nobody'} before {what}")
 
-    def release_claim(self, volume_id: str, claim: Claim | None = None) -> None:
-        """Remove this instance's claim from ``volume_id`` (a no-op when it is someone else's)."""
+    def release_claim(self, volume_id: str, claim: Claim | None = None, *, stale_too: bool = False) -> None:
+        """Remove this instance's claim from ``volume_id`` (a no-op when it is someone else's).
+
+        With ``stale_too`` also a claim that no longer counts (its instance is gone, or
+        it is older than ``timeouts.claim_ttl``). The delete names the value, which EC2
+        honours only while the tag still has it: a claim written meanwhile stays.
+        """
         try:
             v = self.describe(volume_id)
         except VolumeNotFound:
             return
         c = Claim.parse(v.tags.get(TAG_CLAIM))
-        if c is None or c.instance_id != self.instance_id or (claim is not None and c != claim):
+        if c is None or (claim is not None and c != claim):
+            return
+        if c.instance_id != self.instance_id and not (stale_too and self.claim_holder(v) is None):
             return
         self._call(
             "delete_tags",
@@ -804,7 +839,10 @@ class VolumeManager:
 
         Never a committed copy, never one attached to a live instance (:class:`VolumeBusy`).
         """
-        copy = self.describe(copy.volume_id)
+        try:
+            copy = self.describe(copy.volume_id)
+        except VolumeNotFound:
+            return []  # abandoned already (idempotent)
         if copy.move_committed or copy.moved_from is None:
             raise VolumeError(f"{copy.volume_id} is not an uncommitted move copy: not deleting it")
         if copy.instance_id == self.instance_id:
@@ -959,18 +997,8 @@ class VolumeManager:
             what=f"create {what} in {self.availability_zone}",
         )
         self._sleep(self.timeouts.settle)
-
-        def order(v: VolumeInfo) -> tuple[int, float, str]:
-            c = v.tags.get(TAG_CREATED_BY, "").split()
-            if len(c) != 2:  # not made by create-or-restore: an existing volume always wins
-                return (0, 0.0, v.volume_id)
-            try:
-                return (1, float(c[1]), v.volume_id)
-            except ValueError:
-                return (1, 0.0, v.volume_id)
-
         vols = self._tagged(tags, what)
-        winner = min(vols, key=order) if vols else mine
+        winner = min(vols, key=_creation_order) if vols else mine
         if winner.volume_id != mine.volume_id:
             log.info(
                 "%s was created at the same time by another instance: deleting mine (%s)",
@@ -995,7 +1023,7 @@ class VolumeManager:
         filters.append({"Name": "tag-key", "Values": [TAG_PERIODIC]})
         r = self._call("describe_snapshots", "list periodic snapshots", OwnerIds=["self"], Filters=filters)
         snaps: list[dict[str, Any]] = list(r.get("Snapshots", []))
-        return sorted(snaps, key=lambda s: (s.get("StartTime"), s["SnapshotId"]))
+        return sorted(snaps, key=_snapshot_order)
 
     def snapshot(self, volume: VolumeInfo, *, keep: int = 2) -> str | None:
         """Start an incremental snapshot of ``volume`` and delete all but the newest ``keep`` completed ones.
@@ -1019,7 +1047,10 @@ class VolumeManager:
             VolumeId=volume.volume_id,
             Description=f"spotsafe: periodic snapshot of {volume.volume_id}",
             TagSpecifications=[
-                {"ResourceType": "snapshot", "Tags": _tag_list({**run_tags, TAG_PERIODIC: volume.volume_id})}
+                {
+                    "ResourceType": "snapshot",
+                    "Tags": _tag_list({**run_tags, TAG_PERIODIC: f"{volume.volume_id} {self._clock():.3f}"}),
+                }
             ],
         )
         snap_id = str(r["SnapshotId"])
@@ -1112,7 +1143,8 @@ class VolumeManager:
             # The source is here and an earlier move never finished: it stays the run's volume.
             for c in r.copies:
                 self.abandon(c)
-            self.release_claim(volume.volume_id)
+        if volume.availability_zone == self.availability_zone and TAG_CLAIM in volume.tags:
+            self.release_claim(volume.volume_id, stale_too=True)
         volume = self.wait_detached(volume)
         if volume.state == "creating":
             volume = self._wait_available(volume)
