@@ -94,6 +94,11 @@ def test_script_is_strict_bash_with_overridable_settings() -> None:
         assert f': "${{{name}:=' in text
 
 
+def test_unit_counts_a_preemption_as_a_success() -> None:
+    lines = UNIT.read_text().splitlines()
+    assert "SuccessExitStatus=75" in lines and "RestartPreventExitStatus=75" in lines
+
+
 def test_embedded_unit_equals_the_unit_file() -> None:
     text = SCRIPT.read_text()
     start = text.index("<<'UNIT'\n") + len("<<'UNIT'\n")
@@ -337,6 +342,7 @@ def test_boot_under_systemd_installs_the_unit_and_its_phases_work(sandbox: Sandb
     install = sb.env["SPOTSAFE_INSTALL_PATH"]
     assert f"User={sb.env['SPOTSAFE_USER']}\n" in dropin
     assert f"RequiresMountsFor={sb.mount}\n" in dropin
+    assert "StartLimitAction=poweroff\n" in dropin  # a unit that keeps failing shuts the instance down
     assert f"ExecStart={install} train\n" in dropin and f"ExecStopPost=+{install} after-train\n" in dropin
     assert [s for s in _steps(sb.steps) if s.startswith("second")] == []  # nothing trained yet
 
@@ -371,15 +377,23 @@ def test_boot_under_systemd_installs_the_unit_and_its_phases_work(sandbox: Sandb
     assert p.returncode == 0, f"{p.stdout + p.stderr}"
     assert "staying up" in p.stderr
     assert not (sb.root / "shutdown-called").exists()
-    # A failed run is never "finished", whatever the settings.
+    # A failed run is never "finished" (the spot request stays), whatever the settings; with
+    # the shutdown on failure turned off the instance also stays up to be looked at.
     p = subprocess.run(
         [install, "after-train"],
-        env={**unit_env, "EXIT_STATUS": "1", "SERVICE_RESULT": "exit-code", "SPOTSAFE_SHUTDOWN_WHEN_DONE": "1"},
+        env={
+            **unit_env,
+            "EXIT_CODE": "exited",
+            "EXIT_STATUS": "1",
+            "SERVICE_RESULT": "exit-code",
+            "SPOTSAFE_SHUTDOWN_WHEN_DONE": "1",
+            "SPOTSAFE_SHUTDOWN_ON_FAILURE": "0",
+        },
         capture_output=True,
         text=True,
         timeout=120,
     )
-    assert p.returncode == 0 and "not finishing" in p.stderr
+    assert p.returncode == 0 and "staying up" in p.stderr, f"{p.stderr}"
     assert not (sb.root / "shutdown-called").exists()
     assert _spot_request_open(sb)
 
@@ -394,3 +408,279 @@ def test_boot_fails_with_the_volume_exit_code(sandbox: Sandbox) -> None:
     assert "spotsafe-run=does-not-exist" in out
     assert (sandbox.root / "shutdown-called").exists()  # no idle GPU after a failed boot
     assert vol.mounted_at(str(sandbox.mount)) is None
+
+
+# --------------------------------------------------------------------------- fast phases (no root)
+
+
+def _bare_env(tmp_path: Path, **overrides: str) -> dict[str, str]:
+    """The script's paths under tmp_path; nothing reachable (conftest's closed loopback endpoints)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SPOTSAFE_") and k != "PYTHONPATH"}
+    env.update(
+        {
+            "SPOTSAFE_RUN": "r",
+            "SPOTSAFE_USER": getpass.getuser(),
+            "SPOTSAFE_MOUNT": str(tmp_path / "mnt"),
+            "SPOTSAFE_SHUTDOWN_CMD": f"touch {tmp_path}/shutdown-called",
+            "SPOTSAFE_ETC": str(tmp_path / "etc"),
+            "SPOTSAFE_INSTALL_PATH": str(tmp_path / "sbin" / "spotsafe-boot"),
+            "SPOTSAFE_UNIT_DIR": str(tmp_path / "systemd"),
+            "SPOTSAFE_PER_BOOT_DIR": str(tmp_path / "per-boot"),
+            "SPOTSAFE_BOOT_LOG": str(tmp_path / "boot.log"),
+            "SPOTSAFE_VOLUME_ARGS": "--metadata-retry-for 0 --metadata-timeout 0.5",
+        }
+    )
+    env.update(overrides)
+    return env
+
+
+def _run_script(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["bash", str(SCRIPT), *args], env=env, cwd="/", capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.mark.parametrize(
+    ("status", "how", "shuts_down"),
+    [
+        ("3", "exited", True),  # the supervisor gave up after its restarts (with the command's status)
+        ("3", "off", False),  # the documented opt-out: keep the instance up to look at it
+        ("75", "exited", False),  # preempted, state safe
+        ("9", "killed", False),  # the supervisor itself was killed: systemd restarts the unit
+        ("3", "foreground", True),  # SPOTSAFE_SKIP_SYSTEMD=1: nothing restarts it
+    ],
+)
+def test_after_train_shuts_down_a_crash_looping_run(tmp_path: Path, status: str, how: str, shuts_down: bool) -> None:
+    env = _bare_env(
+        tmp_path,
+        SPOTSAFE_PYTHON=sys.executable,
+        EXIT_CODE="killed" if how == "killed" else "exited",
+        EXIT_STATUS=status,
+        SERVICE_RESULT="exit-code",
+    )
+    args = ["after-train"]
+    if how == "off":
+        env["SPOTSAFE_SHUTDOWN_ON_FAILURE"] = "0"
+    if how == "foreground":
+        args += [status, "foreground"]
+    p = _run_script(env, *args)
+    assert p.returncode == 0, f"{p.stdout + p.stderr}"
+    assert (tmp_path / "shutdown-called").exists() == shuts_down, f"{p.stderr}"
+    if how in ("exited", "foreground") and status != "75":
+        assert f"gave up (exit {status})" in p.stderr
+    if how == "off":
+        assert "staying up" in p.stderr
+
+
+def test_default_user_follows_the_distribution(tmp_path: Path) -> None:
+    osr = tmp_path / "os-release"
+    env = _bare_env(tmp_path, SPOTSAFE_OS_RELEASE=str(osr))
+    del env["SPOTSAFE_USER"]
+    for text, user in (
+        ('NAME="Amazon Linux"\nID="amzn"\nID_LIKE="centos rhel fedora"\n', "ec2-user"),
+        ("ID=ubuntu\nID_LIKE=debian\n", "ubuntu"),
+        ("ID=debian\n", "admin"),
+    ):
+        osr.write_text(text)
+        p = _run_script(env, "settings")
+        assert p.returncode == 0, f"{p.stderr}"
+        assert f"SPOTSAFE_USER='{user}'" in p.stdout.splitlines()
+    p = _run_script({**env, "SPOTSAFE_USER": "trainer"}, "settings")
+    assert "SPOTSAFE_USER='trainer'" in p.stdout.splitlines()
+
+
+@pytest.fixture
+def bare_python(tmp_path: Path) -> str:
+    """A python without spotsafe or boto3 (a fresh instance's)."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    return str(venv / "bin" / "python")
+
+
+@pytest.mark.parametrize(
+    ("spec", "sha", "message"),
+    [
+        ("", "", "set SPOTSAFE_PYTHON"),
+        ("spotsafe[aws]", "", "not code you control"),
+        ("git+https://example.invalid/spotsafe.git@main", "", "not pinned"),
+        ("WHEEL", "", "SPOTSAFE_PIP_SHA256"),
+        ("WHEEL", "0" * 64, "refusing to install it"),
+    ],
+)
+def test_install_refuses_code_that_is_not_pinned(
+    tmp_path: Path, bare_python: str, spec: str, sha: str, message: str
+) -> None:
+    wheel = tmp_path / "spotsafe-0.0.0-py3-none-any.whl"
+    wheel.write_bytes(b"not the wheel you built")
+    env = _bare_env(
+        tmp_path,
+        SPOTSAFE_PYTHON=bare_python,
+        SPOTSAFE_PIP_SPEC=spec.replace("WHEEL", f"file://{wheel}"),
+        SPOTSAFE_PIP_SHA256=sha,
+    )
+    p = _run_script(env, "boot")
+    out = p.stdout + p.stderr
+    assert p.returncode != 0, f"{out}"
+    assert message in out, f"{out}"
+    assert "installing spotsafe from" not in out  # refused before pip ran
+    assert (tmp_path / "shutdown-called").exists()  # a failed boot does not idle
+
+
+@pytest.mark.slow
+def test_install_from_a_pinned_wheel(tmp_path: Path) -> None:
+    dist = tmp_path / "dist"
+    p = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), str(ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if p.returncode != 0:
+        pytest.skip(f"cannot build a wheel here: {p.stderr[-500:]}")
+    wheel = next(dist.glob("spotsafe-*.whl"))
+    import hashlib
+
+    sha = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    venv = tmp_path / "venv"
+    # A fresh venv (pip from ensurepip, offline): spotsafe comes from the checked wheel only.
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    env = _bare_env(
+        tmp_path,
+        SPOTSAFE_VENV=str(venv),
+        SPOTSAFE_PIP_SPEC=f"file://{wheel}",
+        SPOTSAFE_PIP_SHA256=sha,
+        SPOTSAFE_PIP_ARGS="--no-deps --no-index",  # nothing may leave this machine: no dependencies
+    )
+    p = _run_script(env, "boot", timeout=300)
+    out = p.stdout + p.stderr
+    assert f"installing spotsafe from file://{wheel}" in out, f"{out}"
+    where = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", "import spotsafe; print(spotsafe.__file__)"],
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert where.startswith(str(venv)), where
+    # Without its dependencies (--no-deps here) the boot stops with a clear message, and shuts down.
+    assert p.returncode == 1 and "cannot import spotsafe and boto3" in out, f"{out}"
+    assert out.count("shutting down rather than idling") == 1
+    assert (tmp_path / "shutdown-called").exists()
+
+
+# --------------------------------------------------------------------------- end to end, more (root)
+
+
+@pytest.mark.root
+def test_boot_of_a_crash_looping_run_ends_in_a_shut_down_instance(sandbox: Sandbox) -> None:
+    p = sandbox.boot(
+        SPOTSAFE_SKIP_SYSTEMD="1", SPOTSAFE_MKFS="1", SPOTSAFE_TRAIN_COMMAND="false", SPOTSAFE_MAX_RESTARTS="0"
+    )
+    out = p.stdout + p.stderr
+    assert p.returncode == 1, f"{out}"  # the command's status, after the supervisor gave up
+    assert "gave up (exit 1)" in out
+    assert (sandbox.root / "shutdown-called").exists()
+    assert _spot_request_open(sandbox)  # not "finished": a replacement may retry from the checkpoint
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_first_boot_in_another_zone_moves_formats_pins_and_keeps_old_on_request(
+    tmp_path: Path, ec2_server: Any, ec2: Any
+) -> None:
+    """Cases 1 and 7 and the pinned code, as cloud-init would run the script (systemctl faked)."""
+    from spotsafe.simulate import AWSSimulator
+    from tests.ec2faithful import BlockStore, activate
+    from tests.test_volume import _root_reason
+
+    reason = _root_reason()
+    if reason or shutil.which("git") is None:
+        pytest.skip(reason or "needs git")
+    store = BlockStore(tmp_path / "bs", real=True, size_mb=32)
+    activate(store)
+    run = unique_tag()
+    old = ec2.create_volume(
+        AvailabilityZone="us-east-1a",
+        Size=1,
+        VolumeType="gp3",
+        TagSpecifications=[
+            {
+                "ResourceType": "volume",
+                "Tags": [{"Key": "spotsafe-run", "Value": run}, {"Key": vol.TAG_NEW, "Value": "true"}],
+            }
+        ],
+    )["VolumeId"]
+    iid = ec2.run_instances(
+        ImageId=AMI, MinCount=1, MaxCount=1, InstanceType="g5.xlarge", Placement={"AvailabilityZone": "us-east-1b"}
+    )["Instances"][0]["InstanceId"]
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "train.py").write_text("print('v1')\n")
+    remote = tmp_path / "remote.git"
+    _git("init", "-q", "--bare", "-b", "main", str(remote), cwd=tmp_path)
+    _git("init", "-q", "-b", "main", cwd=work)
+    _git("add", "train.py", cwd=work)
+    _git("commit", "-q", "-m", "v1", cwd=work)
+    _git("push", "-q", str(remote), "main", cwd=work)
+    v1 = _git("rev-parse", "HEAD", cwd=work)
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    calls = tmp_path / "systemctl.calls"
+    (bindir / "systemctl").write_text(f'#!/bin/sh\necho "$*" >> {calls}\n')
+    (bindir / "systemctl").chmod(0o755)
+    sim = AWSSimulator(instance_id=iid, availability_zone="us-east-1b").start()
+    mount = tmp_path / "mnt"
+    env = {
+        **_bare_env(tmp_path),
+        "PATH": f"{bindir}:{os.environ['PATH']}",
+        "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
+        "AWS_EC2_METADATA_SERVICE_ENDPOINT": sim.endpoint,
+        "AWS_ENDPOINT_URL_EC2": ec2_server.endpoint,
+        "AWS_ENDPOINT_URL": ec2_server.endpoint,
+        "SPOTSAFE_RUN": run,
+        "SPOTSAFE_MOUNT": str(mount),
+        "SPOTSAFE_REPO": f"file://{remote}",
+        "SPOTSAFE_PYTHON": sys.executable,
+        "SPOTSAFE_FSTAB": "0",
+        "SPOTSAFE_KEEP_OLD": "1",
+        "SPOTSAFE_VOLUME_ARGS": f"--sys-root {store.sys_root(iid)} --dev-root {store.dev_root(iid)} "
+        "--poll-interval 0.1 --claim-settle 0.2 --metadata-timeout 10",
+    }
+    try:
+        p = _run_script(env, "boot", timeout=300)
+        out = p.stdout + p.stderr
+        assert p.returncode == 0, f"{out}"
+        # Case 1: moved into 1b and formatted without SPOTSAFE_MKFS (the copy kept spotsafe-new).
+        m = vol.mounted_at(str(mount))
+        assert m is not None and m.fstype == "ext4"
+        mgr = vol.VolumeManager(ec2, vol.Identity(iid, "us-east-1b", "us-east-1"))
+        copy = mgr.find(tags={"spotsafe-run": run})
+        assert copy.availability_zone == "us-east-1b" and copy.move_committed and vol.TAG_NEW not in copy.tags
+        # Case 7: SPOTSAFE_KEEP_OLD=1 reached mount: the old volume is kept (and superseded).
+        assert ec2.describe_volumes(VolumeIds=[old])["Volumes"][0]["State"] == "available"
+        assert calls.read_text().splitlines() == ["daemon-reload", "start --no-block spotsafe-train.service"]
+        code = mount / "code" / run
+        assert _git("rev-parse", "HEAD", cwd=code) == v1
+        assert (mount / ".spotsafe" / f"{run}.code").read_text() == f"main {v1}\n"
+
+        # main moves on; the instance reboots: the run keeps its code, the old volume goes now.
+        (work / "train.py").write_text("print('v2')\n")
+        _git("commit", "-q", "-am", "v2", cwd=work)
+        _git("push", "-q", str(remote), "main", cwd=work)
+        p = _run_script({**env, "SPOTSAFE_KEEP_OLD": "0"}, "boot", timeout=300)
+        out = p.stdout + p.stderr
+        assert p.returncode == 0, f"{out}"
+        assert _git("rev-parse", "HEAD", cwd=code) == v1
+        assert "pinned when the run started" in out
+        assert (
+            ec2.describe_volumes(Filters=[{"Name": "tag:spotsafe-run", "Values": [run]}])["Volumes"][0]["VolumeId"]
+            == copy.volume_id
+        )
+        assert len(ec2.describe_volumes(Filters=[{"Name": "tag:spotsafe-run", "Values": [run]}])["Volumes"]) == 1
+    finally:
+        sim.shutdown()
+        if vol.mounted_at(str(mount)) is not None:
+            subprocess.run(["umount", "-l", str(mount)], check=False)
+        activate(None)
+        store.close()

@@ -130,6 +130,8 @@ die() {
 
 on_error() {
   local rc=$? line=$1
+  # In a subshell (a command substitution inherits the trap with set -E): the main shell reports.
+  if [ "${BASHPID}" != "$$" ]; then exit "${rc}"; fi
   trap - ERR
   log "failed (exit ${rc}) at line ${line}; see the messages above"
   if [ "${phase}" = boot ]; then shutdown_on_failure "boot failed with exit ${rc}"; fi
@@ -399,8 +401,8 @@ Description=spotsafe training run (resumes from its newest checkpoint)
 Wants=network-online.target
 After=network-online.target
 # Crash loops are bounded: python -m spotsafe.resume already restarts the command. When
-# it gives up (exit 70) the instance shuts down (after-train); so it does when systemd's
-# own limit is hit (StartLimitAction=poweroff in the drop-in, SPOTSAFE_SHUTDOWN_ON_FAILURE=1).
+# it gives up the instance shuts down (after-train); so it does when systemd's own limit is
+# hit (StartLimitAction=poweroff in the drop-in). Both only with SPOTSAFE_SHUTDOWN_ON_FAILURE=1.
 StartLimitIntervalSec=3600
 StartLimitBurst=5
 
@@ -529,18 +531,17 @@ phase_after_train() {
       log "training stopped for the interruption with its state safe (exit 75): the replacement resumes it"
       return 0
       ;;
-    70)
-      # python -m spotsafe.resume restarted the command SPOTSAFE_MAX_RESTARTS times: a GPU
-      # idling behind a crash loop bills by the hour.
-      log "the training command kept crashing; the supervisor gave up (exit 70)"
-      shutdown_on_failure "the run crash-loops"
-      return 0
-      ;;
     *)
-      log "training ended with ${rc:-unknown status} (${SERVICE_RESULT:-}): not finishing"
-      # Under systemd the unit restarts it (and StartLimitAction bounds that); in the
-      # foreground nothing would: the same as a crash loop.
-      if [ "${how}" = foreground ]; then shutdown_on_failure "training failed with exit ${rc}"; fi
+      if [ "${how}" = foreground ] || [ "${EXIT_CODE:-exited}" = exited ]; then
+        # python -m spotsafe.resume exits on its own only after SPOTSAFE_MAX_RESTARTS restarts
+        # of the command (with the command's status): a GPU idling behind a crash loop bills by the hour.
+        log "the training command kept crashing: the supervisor gave up (exit ${rc})"
+        shutdown_on_failure "the run crash-loops"
+      else
+        # The supervisor itself was killed (${EXIT_CODE}: OOM, a signal): systemd restarts the
+        # unit, and StartLimitAction=poweroff bounds that.
+        log "training ended by ${EXIT_CODE} ${rc} (${SERVICE_RESULT:-}): systemd restarts it"
+      fi
       return 0
       ;;
   esac
