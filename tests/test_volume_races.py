@@ -9,7 +9,9 @@ bytes, a copy made from it carries the snapshot's.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -379,3 +381,41 @@ def test_a_move_measured_on_the_fakes_carries_the_data(ec2: Any, real_store: Blo
     print(f"move on the fakes (claim settle 0.3 s, 32 MiB volume): {moved:.2f} s")
     subprocess.run(["sync"], check=False)
     assert tagged(ec2, tag) == [a.volume.volume_id]
+
+
+def test_cli_snapshot_every_repeats_until_sigterm(ec2: Any, ec2_server: Any, store: BlockStore, tmp_path: Path) -> None:
+    from spotsafe.simulate import AWSSimulator
+
+    tag = {"spotsafe-run": unique_tag()}
+    m = instance(ec2, store, "us-east-1b")
+    a = m.attach(tags=tag, create_size=1)
+    sim = AWSSimulator(instance_id=m.instance_id, availability_zone="us-east-1b").start()
+    env = {
+        **os.environ,
+        "AWS_EC2_METADATA_SERVICE_ENDPOINT": sim.endpoint,
+        "AWS_ENDPOINT_URL_EC2": ec2_server.endpoint,
+        "AWS_ENDPOINT_URL": ec2_server.endpoint,
+    }
+    cmd = [sys.executable, "-m", "spotsafe.volume", "snapshot", "--tag", f"spotsafe-run={tag['spotsafe-run']}"]
+    cmd += ["--every", "0.3", "--keep", "1", "--metadata-timeout", "10", "-q"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def periodic() -> list[dict[str, Any]]:
+        r = ec2.describe_snapshots(OwnerIds=["self"], Filters=[{"Name": "tag-key", "Values": [vol.TAG_PERIODIC]}])
+        return [s for s in r["Snapshots"] if s["VolumeId"] == a.volume.volume_id]
+
+    try:
+        deadline = time.monotonic() + 60
+        while len(periodic()) < 2 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        assert len(periodic()) == 2  # a third one deletes the first: keep=1 besides the newest
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        sim.shutdown()
+    assert proc.returncode == 0, err
+    assert len(out.split()) >= 2 and all(s.startswith("snap-") for s in out.split())
+    assert 1 <= len(periodic()) <= 2
