@@ -26,7 +26,8 @@ from spotsafe.volume import Attachment, Identity, Timeouts, VolumeManager
 from tests.ec2faithful import BlockStore, activate
 from tests.ec2server import *  # noqa: F403
 from tests.ec2server import REGION, run_instance, unique_tag
-from tests.test_volume import _root_reason, create_volume, some_block_device
+from tests.helpers import wait_until
+from tests.test_volume import create_volume, some_block_device
 
 RACE = Timeouts(poll=0.05, attach=5, detach=3, force_detach_after=0.2, device=3, snapshot=10, create=10, settle=0.3)
 
@@ -45,10 +46,7 @@ def store(tmp_path: Path) -> Iterator[BlockStore]:
 
 @pytest.fixture
 def real_store(tmp_path: Path) -> Iterator[BlockStore]:
-    """A block store whose volumes and snapshots hold data (loop devices): root only."""
-    reason = _root_reason()
-    if reason:
-        pytest.skip(reason)
+    """A block store whose volumes and snapshots hold data (loop devices): for ``root``-marked tests."""
     bs = BlockStore(tmp_path / "bs", real=True, size_mb=32)
     activate(bs)
     try:
@@ -405,9 +403,12 @@ def test_cli_snapshot_every_repeats_until_sigterm(ec2: Any, ec2_server: Any, sto
         return [s for s in r["Snapshots"] if s["VolumeId"] == a.volume.volume_id]
 
     try:
-        deadline = time.monotonic() + 60
-        while len(periodic()) < 2 and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.1)
+
+        def two() -> bool:
+            assert proc.poll() is None, "the snapshot loop died"
+            return len(periodic()) >= 2
+
+        wait_until(two, 60, interval=0.1, what="two periodic snapshots")
         assert len(periodic()) == 2  # a third one deletes the first: keep=1 besides the newest
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=60)
