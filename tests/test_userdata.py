@@ -545,8 +545,13 @@ def test_install_refuses_code_that_is_not_pinned(
 @pytest.mark.slow
 def test_install_from_a_pinned_wheel(tmp_path: Path) -> None:
     dist = tmp_path / "dist"
+    # Build from a copy: setuptools leaves build/ and *.egg-info in the tree it builds.
+    src = tmp_path / "src"
+    shutil.copytree(ROOT / "spotsafe", src / "spotsafe", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
     p = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), str(src)],
         capture_output=True,
         text=True,
         timeout=300,

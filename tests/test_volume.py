@@ -37,6 +37,7 @@ from spotsafe.errors import (
 from spotsafe.volume import Identity, Timeouts, VolumeManager
 from tests.ec2server import *  # noqa: F403
 from tests.ec2server import AMI, IAMEnforcingServer, run_instance, unique_tag
+from tests.helpers import wait_until
 
 FAST = Timeouts(poll=0.05, attach=5, detach=5, force_detach_after=0.3, device=3, snapshot=10, create=10, settle=0.2)
 
@@ -478,6 +479,39 @@ def test_partitioned_device_is_never_formatted(loopdev: Callable[..., str], tmp_
 
 
 @pytest.mark.root
+def test_a_partitioned_volume_mounts_its_one_filesystem(tmp_path: Path) -> None:
+    img = tmp_path / "parted.img"
+    with open(img, "wb") as f:
+        f.truncate(32 << 20)
+    # An MBR with one Linux partition from sector 2048 to the end.
+    entry = struct.pack("<B3sB3sII", 0, b"\0\0\0", 0x83, b"\0\0\0", 2048, (32 << 11) - 2048)
+    with open(img, "r+b") as f:
+        f.seek(446)
+        f.write(entry)
+        f.seek(510)
+        f.write(b"\x55\xaa")
+    # -P: the kernel scans the partition table, as it does for an EBS disk.
+    dev = subprocess.run(
+        ["losetup", "--find", "--show", "-P", str(img)], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    mnt = tmp_path / "mnt"
+    try:
+        if not vol.partitions_of(dev):  # some kernels leave the scan of a loop device to partx
+            subprocess.run(["partx", "-a", dev], capture_output=True, check=False)
+        parts = wait_until(lambda: vol.partitions_of(dev), 10, what=f"the partitions of {dev}")
+        assert parts == [f"{dev}p1"]
+        subprocess.run(["mkfs.ext4", "-q", parts[0]], check=True)
+        r = vol.mount(dev, str(mnt), mkfs=True)
+        assert r.device == parts[0] and r.formatted is False and r.fstype == "ext4"
+        assert vol.mountpoints_of(dev) == [str(mnt)]
+        assert vol.mount(dev, str(mnt)).already_mounted is True  # idempotent through the whole disk
+        assert vol.probe(dev).get("PTTYPE") == "dos"  # the table was not touched
+    finally:
+        vol.unmount(str(mnt))
+        subprocess.run(["losetup", "-d", dev], check=False)
+
+
+@pytest.mark.root
 def test_mountpoint_holding_another_device_is_an_error(loopdev: Callable[..., str], tmp_path: Path) -> None:
     a, b = loopdev(name="a"), loopdev(name="b")
     mnt = tmp_path / "mnt"
@@ -702,6 +736,11 @@ def test_documented_iam_policy_allows_the_whole_flow(iam_server: IAMEnforcingSer
         stop.set()
         t.join()
     assert mgr.retire_superseded(a.volume)[0] == old_id
+    # Periodic snapshots and create-or-restore under the same document.
+    assert mgr.snapshot(mgr.describe(a.volume.volume_id), keep=1)
+    assert mgr.latest_snapshot(tag) is not None
+    made = mgr.create_or_restore({"spotsafe-run": unique_tag()}, size=1)
+    assert made.tags[vol.TAG_NEW] == "true"
     assert mgr.detach(mgr.describe(a.volume.volume_id)).instance_id is None
     assert vol.finish(mgr.identity, ec2=ec2, autoscaling=iam_server.client("autoscaling", keys)) == []
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import re
@@ -18,11 +19,13 @@ __all__ = [
     "DEFAULT_FSTYPE",
     "DEFAULT_MOUNTPOINT",
     "MountResult",
+    "filesystem_device",
     "filesystem_type",
     "is_blank",
     "mount",
     "mounted_at",
     "mountpoints_of",
+    "partitions_of",
     "probe",
     "unmount",
 ]
@@ -127,10 +130,43 @@ def mounted_at(mountpoint: str) -> _MountEntry | None:
     return found
 
 
+def partitions_of(device: str, sys_root: str = "/sys") -> list[str]:
+    """The partitions of a whole-disk ``device`` (``/dev/nvme1n1p1``, …), from sysfs; [] when none."""
+    name = os.path.basename(os.path.realpath(device))
+    found: list[str] = []
+    for part_file in sorted(glob.glob(os.path.join(sys_root, "class", "block", name, name + "*", "partition"))):
+        part = os.path.join(os.path.dirname(os.path.realpath(device)), os.path.basename(os.path.dirname(part_file)))
+        if is_block_device(part):
+            found.append(part)
+    return found
+
+
 def mountpoints_of(device: str) -> list[str]:
-    """Where ``device`` is mounted now."""
-    mm = _majmin(device)
-    return [m.mountpoint for m in _mounts() if m.majmin == mm]
+    """Where ``device`` (or one of its partitions) is mounted now."""
+    mms = {_majmin(d) for d in (device, *partitions_of(device))}
+    return [m.mountpoint for m in _mounts() if m.majmin in mms]
+
+
+def filesystem_device(device: str) -> str:
+    """The device holding the volume's filesystem: ``device`` itself, or its one partition with a filesystem.
+
+    A partitioned volume (a partition table on the whole device, as some images and
+    tools make) is mounted through its partition when exactly one partition has a
+    filesystem; with several, :class:`VolumeNotBlank` names them (pass ``--device``).
+    """
+    info = probe(device)
+    if info.get("TYPE") or not info.get("PTTYPE"):
+        return device
+    with_fs = [(p, t) for p in partitions_of(device) if (t := probe(p).get("TYPE"))]
+    if len(with_fs) == 1:
+        log.info("%s has a %s partition table: its filesystem is on %s", device, info["PTTYPE"], with_fs[0][0])
+        return with_fs[0][0]
+    if len(with_fs) > 1:
+        listing = ", ".join(f"{p} ({t})" for p, t in with_fs)
+        raise VolumeNotBlank(
+            f"{device} has {len(with_fs)} partitions with a filesystem ({listing}): pass --device with the one to mount"
+        )
+    return device
 
 
 def _chown(path: str, owner: str) -> None:
@@ -206,6 +242,7 @@ def mount(
     """
     if not is_block_device(device):
         raise VolumeDeviceNotFound(f"{device} is not a block device")
+    device = filesystem_device(device)
     mountpoint = os.path.abspath(mountpoint)
     current = mounted_at(mountpoint)
     formatted = False
@@ -225,8 +262,8 @@ def mount(
         if detected is None:
             if info.get("PTTYPE"):
                 raise VolumeNotBlank(
-                    f"{device} has a {info['PTTYPE']} partition table and no filesystem on the whole "
-                    "device: mount the partition itself (--device …p1); spotsafe never formats it"
+                    f"{device} has a {info['PTTYPE']} partition table and no partition with a filesystem "
+                    "(nor one on the whole device): spotsafe never formats it"
                 )
             if not is_blank(device):
                 raise VolumeNotBlank(
