@@ -56,10 +56,13 @@ def real_store(tmp_path: Path) -> Iterator[BlockStore]:
         bs.close()
 
 
-def instance(ec2: Any, store: BlockStore, az: str, timeouts: Timeouts = RACE) -> VolumeManager:
+def instance(
+    ec2: Any, store: BlockStore, az: str, timeouts: Timeouts = RACE, *, client: Callable[[Any], Any] | None = None
+) -> VolumeManager:
+    """An instance in ``az`` and its VolumeManager (over ``client(ec2)`` when given: a fault injector)."""
     iid = run_instance(ec2, az)
     return VolumeManager(
-        ec2,
+        client(ec2) if client else ec2,
         Identity(iid, az, REGION),
         timeouts=timeouts,
         sys_root=store.sys_root(iid),
@@ -409,7 +412,6 @@ def test_cli_snapshot_every_repeats_until_sigterm(ec2: Any, ec2_server: Any, sto
             return len(periodic()) >= 2
 
         wait_until(two, 60, interval=0.1, what="two periodic snapshots")
-        assert len(periodic()) == 2  # a third one deletes the first: keep=1 besides the newest
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=60)
     finally:
@@ -419,4 +421,61 @@ def test_cli_snapshot_every_repeats_until_sigterm(ec2: Any, ec2_server: Any, sto
         sim.shutdown()
     assert proc.returncode == 0, err
     assert len(out.split()) >= 2 and all(s.startswith("snap-") for s in out.split())
-    assert 1 <= len(periodic()) <= 2
+    # Each round ends with keep=1 completed snapshot besides the newest: the older ones are gone.
+    assert len(periodic()) == 2
+
+
+class Interleave:
+    """The real client; ``before(op)`` runs just before the named call (another instance acting then)."""
+
+    def __init__(self, client: Any, op: str, before: Callable[[], None]) -> None:
+        self._client, self._op, self._before = client, op, before
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if name != self._op:
+            return attr
+
+        def call(**kw: Any) -> Any:
+            self._before()
+            return attr(**kw)
+
+        return call
+
+
+def test_a_mover_yields_to_an_attach_in_the_source_zone_that_came_after_its_claim(ec2: Any, store: BlockStore) -> None:
+    tag = {"spotsafe-run": unique_tag()}
+    source = create_volume(ec2, "us-east-1a", tag)
+    local = run_instance(ec2, "us-east-1a")  # checked for a claim before the mover wrote one
+    m = instance(
+        ec2,
+        store,
+        "us-east-1b",
+        client=lambda c: Interleave(
+            c, "create_snapshot", lambda: c.attach_volume(VolumeId=source, InstanceId=local, Device="/dev/sdf")
+        ),
+    )
+    with pytest.raises(VolumeBusy, match="during the move"):
+        m.attach(tags=tag, move=True)
+    assert copies_of(ec2, source) == []  # no second run's volume
+    assert vol.TAG_CLAIM not in m.describe(source).tags  # the failed move let go of its claim
+
+
+def test_an_attach_yields_to_a_claim_written_while_it_attached(ec2: Any, store: BlockStore) -> None:
+    tag = {"spotsafe-run": unique_tag()}
+    source = create_volume(ec2, "us-east-1a", tag)
+    mover = run_instance(ec2, "us-east-1b")
+    claim = vol.Claim(mover, "us-east-1b", float(int(time.time())))
+    z = instance(
+        ec2,
+        store,
+        "us-east-1a",
+        client=lambda c: Interleave(
+            c,
+            "attach_volume",
+            lambda: c.create_tags(Resources=[source], Tags=[{"Key": vol.TAG_CLAIM, "Value": claim.render()}]),
+        ),
+    )
+    with pytest.raises(VolumeBusy, match="being moved"):
+        z.attach(tags=tag)
+    assert ec2.describe_volumes(VolumeIds=[source])["Volumes"][0]["Attachments"] == []

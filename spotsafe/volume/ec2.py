@@ -782,6 +782,14 @@ class VolumeManager:
             self._wait_snapshot(snap_id)
             log.info("snapshot %s of %s completed in %.1f s", snap_id, volume.volume_id, time.monotonic() - t0)
             self.verify_claim(volume.volume_id, "creating the copy")
+            # An instance in the volume's zone may have attached it after our claim (it checked
+            # for a claim before we wrote ours): it is the run now, no copy.
+            now = self.describe(volume.volume_id)
+            if now.instance_id not in (None, self.instance_id) and self._alive(now.instance_id or ""):
+                raise VolumeBusy(
+                    f"volume {volume.volume_id} was attached to {now.instance_id} (alive) during the move: "
+                    "that instance runs it; not copying"
+                )
             new = self._create(
                 volume,
                 here,
@@ -1158,6 +1166,15 @@ class VolumeManager:
             Device=name,
         )
         volume = self._wait_attached(volume)
+        # A mover elsewhere may have claimed it after we looked (it checks for an attachment
+        # after claiming, we check for a claim after attaching: one of us sees the other).
+        holder = self.claim_holder(volume)
+        if holder is not None:
+            self.detach(volume)
+            raise VolumeBusy(
+                f"volume {volume.volume_id} is being moved to {holder.availability_zone} by {holder.instance_id} "
+                "(alive), which claimed it while it was attached here: detached it again"
+            )
         device = self.find_device(volume, wait=wait_device)
         log.info("volume %s attached as %s", volume.volume_id, device)
         return Attachment(volume, device, True, moved_from, created)
