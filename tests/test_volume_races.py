@@ -479,3 +479,22 @@ def test_an_attach_yields_to_a_claim_written_while_it_attached(ec2: Any, store: 
     with pytest.raises(VolumeBusy, match="being moved"):
         z.attach(tags=tag)
     assert ec2.describe_volumes(VolumeIds=[source])["Volumes"][0]["Attachments"] == []
+
+
+def test_a_slow_claim_write_is_withdrawn_and_retried(
+    ec2: Any, store: BlockStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    tag = {"spotsafe-run": unique_tag()}
+    source = create_volume(ec2, "us-east-1a", tag)
+    slow = [True]
+
+    def stall() -> None:  # the first claim write lands after more than half the settle time
+        if slow:
+            slow.clear()
+            time.sleep(RACE.settle)
+
+    m = instance(ec2, store, "us-east-1b", client=lambda c: Interleave(c, "create_tags", stall))
+    a = m.attach(tags=tag, move=True)
+    assert a.moved_from == source and not slow
+    assert any("was slow: withdrawing" in r.getMessage() for r in caplog.records)
+    assert copies_of(ec2, source) == [a.volume.volume_id]
