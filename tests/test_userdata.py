@@ -646,8 +646,10 @@ def test_first_boot_in_another_zone_moves_formats_pins_and_keeps_old_on_request(
     bindir = tmp_path / "bin"
     bindir.mkdir()
     calls = tmp_path / "systemctl.calls"
-    (bindir / "systemctl").write_text(f'#!/bin/sh\necho "$*" >> {calls}\n')
-    (bindir / "systemctl").chmod(0o755)
+    for tool in ("systemctl", "systemd-run"):
+        # Record what is asked of systemd; "is-active" answers no.
+        (bindir / tool).write_text(f'#!/bin/sh\necho "{tool} $*" >> {calls}\ncase "$1" in is-active) exit 3 ;; esac\n')
+        (bindir / tool).chmod(0o755)
     sim = AWSSimulator(instance_id=iid, availability_zone="us-east-1b").start()
     mount = tmp_path / "mnt"
     env = {
@@ -663,6 +665,7 @@ def test_first_boot_in_another_zone_moves_formats_pins_and_keeps_old_on_request(
         "SPOTSAFE_PYTHON": sys.executable,
         "SPOTSAFE_FSTAB": "0",
         "SPOTSAFE_KEEP_OLD": "1",
+        "SPOTSAFE_SNAPSHOT_EVERY": "3600",
         "SPOTSAFE_VOLUME_ARGS": f"--sys-root {store.sys_root(iid)} --dev-root {store.dev_root(iid)} "
         "--poll-interval 0.1 --claim-settle 0.2 --metadata-timeout 10",
     }
@@ -678,7 +681,15 @@ def test_first_boot_in_another_zone_moves_formats_pins_and_keeps_old_on_request(
         assert copy.availability_zone == "us-east-1b" and copy.move_committed and vol.TAG_NEW not in copy.tags
         # Case 7: SPOTSAFE_KEEP_OLD=1 reached mount: the old volume is kept (and superseded).
         assert ec2.describe_volumes(VolumeIds=[old])["Volumes"][0]["State"] == "available"
-        assert calls.read_text().splitlines() == ["daemon-reload", "start --no-block spotsafe-train.service"]
+        install = env["SPOTSAFE_INSTALL_PATH"]
+        assert calls.read_text().splitlines() == [
+            "systemctl daemon-reload",
+            "systemctl start --no-block spotsafe-train.service",
+            "systemctl is-active --quiet spotsafe-snapshots.service",
+            f"systemd-run --unit=spotsafe-snapshots --collect --no-block "
+            f"--property=EnvironmentFile={env['SPOTSAFE_ETC']}/spotsafe.env {install} snapshots",
+        ]
+        assert "SPOTSAFE_SNAPSHOT_EVERY='3600'" in (tmp_path / "etc" / "spotsafe.env").read_text()
         code = mount / "code" / run
         assert _git("rev-parse", "HEAD", cwd=code) == v1
         assert (mount / ".spotsafe" / f"{run}.code").read_text() == f"main {v1}\n"

@@ -449,10 +449,16 @@ DROPIN
   systemctl start --no-block spotsafe-train.service
   log "started spotsafe-train.service (journalctl -u spotsafe-train -f)"
   if [ "${SPOTSAFE_SNAPSHOT_EVERY}" != 0 ]; then
-    # A transient unit for this boot: incremental snapshots while the run trains.
-    systemd-run --unit=spotsafe-snapshots --collect --no-block \
-      --property=EnvironmentFile="${SPOTSAFE_ETC}/spotsafe.env" "${SPOTSAFE_INSTALL_PATH}" snapshots
-    log "started spotsafe-snapshots (every ${SPOTSAFE_SNAPSHOT_EVERY} s, keeping ${SPOTSAFE_SNAPSHOT_KEEP})"
+    # A transient unit for this boot: incremental snapshots while the run trains. Never a
+    # reason to fail the boot: training goes on without them.
+    if systemctl is-active --quiet spotsafe-snapshots.service; then
+      log "spotsafe-snapshots is already running"
+    elif systemd-run --unit=spotsafe-snapshots --collect --no-block \
+      --property=EnvironmentFile="${SPOTSAFE_ETC}/spotsafe.env" "${SPOTSAFE_INSTALL_PATH}" snapshots; then
+      log "started spotsafe-snapshots (every ${SPOTSAFE_SNAPSHOT_EVERY} s, keeping ${SPOTSAFE_SNAPSHOT_KEEP})"
+    else
+      log "warning: could not start spotsafe-snapshots; training without periodic snapshots"
+    fi
   fi
 }
 
