@@ -15,6 +15,7 @@ from __future__ import annotations
 import getpass
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -27,6 +28,7 @@ import pytest
 from spotsafe import volume as vol
 from tests.ec2server import *  # noqa: F403
 from tests.ec2server import AMI, unique_tag
+from tests.helpers import wait_until
 from tests.test_volume import fake_nvme, loopdev  # noqa: F401  (fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -714,3 +716,56 @@ def test_first_boot_in_another_zone_moves_formats_pins_and_keeps_old_on_request(
             subprocess.run(["umount", "-l", str(mount)], check=False)
         activate(None)
         store.close()
+
+
+def _descendant_named(pid: int, name: str) -> bool:
+    """True when a process named ``name`` descends from ``pid`` (read from /proc)."""
+    parents: dict[int, int] = {}
+    names: dict[int, str] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        comm = text[text.index("(") + 1 : text.rindex(")")]
+        fields = text[text.rindex(")") + 2 :].split()
+        child = int(stat.parent.name)
+        parents[child], names[child] = int(fields[1]), comm
+    for child, comm in names.items():
+        if comm != name:
+            continue
+        up = parents.get(child)
+        while up is not None and up > 1:
+            if up == pid:
+                return True
+            up = parents.get(up)
+    return False
+
+
+def test_a_stopped_run_is_not_taken_for_a_crash_loop(tmp_path: Path) -> None:
+    """systemctl stop (or a shutdown) signals the train phase: its exit is a stop, not a reason to power off."""
+    (tmp_path / "mnt").mkdir()
+    env = _bare_env(
+        tmp_path, SPOTSAFE_PYTHON=sys.executable, SPOTSAFE_TRAIN_COMMAND="sleep 60", SPOTSAFE_MAX_RESTARTS="0"
+    )
+    env["PYTHONPATH"] = os.environ.get("PYTHONPATH", "")
+    log = tmp_path / "mnt" / "logs" / "r.log"
+    p = subprocess.Popen(
+        ["bash", str(SCRIPT), "train"], env=env, cwd="/", stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        wait_until(lambda: log.exists() and "spotsafe.resume" in log.read_text(), 60, what="the train phase")
+        # The supervisor has started the command (so its signal handler is in place): sleep runs.
+        wait_until(lambda: _descendant_named(p.pid, "sleep"), 60, what="the training command")
+        p.send_signal(signal.SIGTERM)
+        p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    assert p.returncode not in (0, 75)
+    assert (tmp_path / "mnt" / "logs" / ".r.stopped").exists()
+    a = _run_script({**env, "EXIT_CODE": "exited", "EXIT_STATUS": str(p.returncode)}, "after-train")
+    assert "training was stopped" in a.stderr, f"{a.stderr}"
+    assert not (tmp_path / "shutdown-called").exists()
+    assert not (tmp_path / "mnt" / "logs" / ".r.stopped").exists()

@@ -521,8 +521,21 @@ phase_train() {
   cd "${SPOTSAFE_CODE_DIR}" 2>/dev/null || cd "${SPOTSAFE_MOUNT}"
   exec > >(tee -a "${SPOTSAFE_LOG_DIR}/${SPOTSAFE_RUN}.log") 2>&1
   log "python -m spotsafe.resume --store ${SPOTSAFE_STORE} -- ${SPOTSAFE_TRAIN_COMMAND} (in $(pwd))"
-  exec "${SPOTSAFE_PYTHON}" -m spotsafe.resume --store "${SPOTSAFE_STORE}" \
-    --max-restarts "${SPOTSAFE_MAX_RESTARTS}" -- /bin/bash -c "exec ${SPOTSAFE_TRAIN_COMMAND}"
+  local stop_mark="${SPOTSAFE_LOG_DIR}/.${SPOTSAFE_RUN}.stopped" rc=0 pid
+  rm -f "${stop_mark}"
+  "${SPOTSAFE_PYTHON}" -m spotsafe.resume --store "${SPOTSAFE_STORE}" \
+    --max-restarts "${SPOTSAFE_MAX_RESTARTS}" -- /bin/bash -c "exec ${SPOTSAFE_TRAIN_COMMAND}" &
+  pid=$!
+  # A stop (systemctl stop, a shutdown: KillMode=mixed signals this shell only) is handed to
+  # the supervisor, which hands it to the training process for its last checkpoint; the mark
+  # tells after-train that this exit is a stop, not a crash loop to shut down for.
+  trap 'touch "${stop_mark}"; kill -TERM "${pid}" 2> /dev/null || true' TERM INT
+  while true; do
+    rc=0
+    wait "${pid}" || rc=$?
+    if ! kill -0 "${pid}" 2> /dev/null; then break; fi
+  done
+  exit "${rc}"
 }
 
 # As root after the training process ended (the unit's ExecStopPost): finish a completed run.
@@ -538,7 +551,10 @@ phase_after_train() {
       return 0
       ;;
     *)
-      if [ "${how}" = foreground ] || [ "${EXIT_CODE:-exited}" = exited ]; then
+      if [ -f "${SPOTSAFE_LOG_DIR}/.${SPOTSAFE_RUN}.stopped" ]; then
+        rm -f "${SPOTSAFE_LOG_DIR}/.${SPOTSAFE_RUN}.stopped"
+        log "training was stopped (exit ${rc}): not a crash, nothing to do"
+      elif [ "${how}" = foreground ] || [ "${EXIT_CODE:-exited}" = exited ]; then
         # python -m spotsafe.resume exits on its own only after SPOTSAFE_MAX_RESTARTS restarts
         # of the command (with the command's status): a GPU idling behind a crash loop bills by the hour.
         log "the training command kept crashing: the supervisor gave up (exit ${rc})"
