@@ -23,8 +23,9 @@
 # (SPOTSAFE_SHUTDOWN_ON_FAILURE=1, the default; 0 keeps the instance up to debug it).
 #
 # Settings are environment variables, each ${VAR:-default} below: edit them here, or set
-# them before this text (what `spotsafe launch` does). The phases (the systemd unit calls
-# the last two): spot-boot.sh [boot|settings|train|after-train].
+# them before this text (what `spotsafe launch` does). The phases: spot-boot.sh
+# [boot|settings|train|after-train|snapshots] (the unit runs train and after-train, the
+# transient spotsafe-snapshots unit runs snapshots).
 # Logs: /var/log/spotsafe-boot.log, journalctl -u spotsafe-train, $SPOTSAFE_LOG_DIR/<run>.log.
 set -euo pipefail
 
