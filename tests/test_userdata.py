@@ -115,6 +115,35 @@ def test_unit_file_passes_systemd_analyze(tmp_path: Path) -> None:
     # verify checks that ExecStart exists; point it at the script itself.
     unit = tmp_path / "spotsafe-train.service"
     unit.write_text(UNIT.read_text().replace("/usr/local/sbin/spotsafe-boot", str(SCRIPT)))
+    _verify(tool, unit)
+    # With the drop-in the script writes (verify reads drop-ins only from system paths:
+    # its lines go into their sections of one file).
+    text = SCRIPT.read_text()
+    start = text.index("<<DROPIN\n") + len("<<DROPIN\n")
+    dropin = text[start : text.index("\nDROPIN\n", start)]
+    env = tmp_path / "spotsafe.env"
+    env.write_text("SPOTSAFE_RUN='r'\n")
+    values = {
+        "${SPOTSAFE_MOUNT}": str(tmp_path),
+        "${on_limit}": "poweroff",
+        "${SPOTSAFE_USER}": "root",
+        "${SPOTSAFE_ETC}/spotsafe.env": str(env),
+        "${SPOTSAFE_INSTALL_PATH}": str(SCRIPT),
+    }
+    for name, value in values.items():
+        dropin = dropin.replace(name, value)
+    assert "${" not in dropin, dropin
+    unit_dropin, _, service_dropin = dropin.partition("[Service]\n")
+    unit_lines = unit_dropin.replace("[Unit]\n", "").strip()
+    # In order, as systemd reads a drop-in after the unit: the empty ExecStart= resets the list.
+    merged = unit.read_text().replace("[Unit]\n", f"[Unit]\n{unit_lines}\n", 1)
+    merged = merged.replace("\n[Install]\n", f"\n{service_dropin.strip()}\n\n[Install]\n", 1)
+    unit.write_text(merged)
+    assert "StartLimitAction=poweroff" in merged and "SuccessExitStatus=75" in merged
+    _verify(tool, unit)
+
+
+def _verify(tool: str, unit: Path) -> None:
     p = subprocess.run([tool, "verify", str(unit)], capture_output=True, text=True, timeout=60)
     out = p.stdout + p.stderr
     assert p.returncode == 0, f"{out}"
@@ -596,6 +625,7 @@ def test_install_from_a_pinned_wheel(tmp_path: Path) -> None:
 
 
 @pytest.mark.root
+@pytest.mark.slow
 def test_boot_of_a_crash_looping_run_ends_in_a_shut_down_instance(sandbox: Sandbox) -> None:
     p = sandbox.boot(
         SPOTSAFE_SKIP_SYSTEMD="1", SPOTSAFE_MKFS="1", SPOTSAFE_TRAIN_COMMAND="false", SPOTSAFE_MAX_RESTARTS="0"
