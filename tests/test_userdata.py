@@ -628,13 +628,30 @@ def test_install_from_a_pinned_wheel(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_boot_of_a_crash_looping_run_ends_in_a_shut_down_instance(sandbox: Sandbox) -> None:
     p = sandbox.boot(
-        SPOTSAFE_SKIP_SYSTEMD="1", SPOTSAFE_MKFS="1", SPOTSAFE_TRAIN_COMMAND="false", SPOTSAFE_MAX_RESTARTS="0"
+        SPOTSAFE_SKIP_SYSTEMD="1",
+        SPOTSAFE_MKFS="1",
+        SPOTSAFE_TRAIN_COMMAND="false",
+        SPOTSAFE_MAX_RESTARTS="0",
+        SPOTSAFE_SNAPSHOT_EVERY="3600",  # the foreground snapshot loop runs beside training, and stops with it
     )
     out = p.stdout + p.stderr
     assert p.returncode == 1, f"{out}"  # the command's status, after the supervisor gave up
     assert "gave up (exit 1)" in out
     assert (sandbox.root / "shutdown-called").exists()
     assert _spot_request_open(sandbox)  # not "finished": a replacement may retry from the checkpoint
+    assert "periodic snapshots every 3600 s beside training" in out
+    run = sandbox.env["SPOTSAFE_RUN"]
+    assert not [c for c in _cmdlines() if "spotsafe.volume" in c and "snapshot" in c and run in c]
+
+
+def _cmdlines() -> list[str]:
+    found = []
+    for f in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            found.append(f.read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+        except OSError:
+            continue
+    return found
 
 
 @pytest.mark.root

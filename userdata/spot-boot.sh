@@ -486,6 +486,7 @@ phase_boot() {
     if [ "${SPOTSAFE_SNAPSHOT_EVERY}" != 0 ]; then
       "${SPOTSAFE_INSTALL_PATH}" snapshots &
       snapshots=$!
+      log "periodic snapshots every ${SPOTSAFE_SNAPSHOT_EVERY} s beside training (pid ${snapshots})"
     fi
     as_user "${SPOTSAFE_INSTALL_PATH}" train || rc=$?
     if [ -n "${snapshots}" ]; then
