@@ -7,6 +7,9 @@ Use from a test module with ``from tests.ec2server import *  # noqa: F403``; the
   state is shared within the module: tests use unique tags (see ``unique_tag``).
 - ``ec2`` (function): a boto3 EC2 client on it.
 - ``launch(az)`` (function): run an instance in an availability zone, return its id.
+- The server's EBS is made EC2-faithful where the volume tool's races need it
+  (atomic, zone-checked attach; data in snapshots and volumes with a block store):
+  see tests/ec2faithful.py.
 - :class:`IAMEnforcingServer`: moto in a child process with IAM checks on, so a request
   the caller's policy does not allow is refused as AWS would (AccessDenied).
 
@@ -51,6 +54,9 @@ class EC2Server:
         self.endpoint = ""
 
     def start(self) -> EC2Server:
+        from tests.ec2faithful import install
+
+        install()  # atomic, zone-checked attach as on EC2 (moto alone allows two attachments)
         self._server.start()
         host, port = self._server.get_host_and_port()
         self.endpoint = f"http://{host}:{port}"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import getpass
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -27,6 +28,7 @@ import pytest
 from spotsafe import volume as vol
 from tests.ec2server import *  # noqa: F403
 from tests.ec2server import AMI, unique_tag
+from tests.helpers import wait_until
 from tests.test_volume import fake_nvme, loopdev  # noqa: F401  (fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,6 +96,11 @@ def test_script_is_strict_bash_with_overridable_settings() -> None:
         assert f': "${{{name}:=' in text
 
 
+def test_unit_counts_a_preemption_as_a_success() -> None:
+    lines = UNIT.read_text().splitlines()
+    assert "SuccessExitStatus=75" in lines and "RestartPreventExitStatus=75" in lines
+
+
 def test_embedded_unit_equals_the_unit_file() -> None:
     text = SCRIPT.read_text()
     start = text.index("<<'UNIT'\n") + len("<<'UNIT'\n")
@@ -108,6 +115,35 @@ def test_unit_file_passes_systemd_analyze(tmp_path: Path) -> None:
     # verify checks that ExecStart exists; point it at the script itself.
     unit = tmp_path / "spotsafe-train.service"
     unit.write_text(UNIT.read_text().replace("/usr/local/sbin/spotsafe-boot", str(SCRIPT)))
+    _verify(tool, unit)
+    # With the drop-in the script writes (verify reads drop-ins only from system paths:
+    # its lines go into their sections of one file).
+    text = SCRIPT.read_text()
+    start = text.index("<<DROPIN\n") + len("<<DROPIN\n")
+    dropin = text[start : text.index("\nDROPIN\n", start)]
+    env = tmp_path / "spotsafe.env"
+    env.write_text("SPOTSAFE_RUN='r'\n")
+    values = {
+        "${SPOTSAFE_MOUNT}": str(tmp_path),
+        "${on_limit}": "poweroff",
+        "${SPOTSAFE_USER}": "root",
+        "${SPOTSAFE_ETC}/spotsafe.env": str(env),
+        "${SPOTSAFE_INSTALL_PATH}": str(SCRIPT),
+    }
+    for name, value in values.items():
+        dropin = dropin.replace(name, value)
+    assert "${" not in dropin, dropin
+    unit_dropin, _, service_dropin = dropin.partition("[Service]\n")
+    unit_lines = unit_dropin.replace("[Unit]\n", "").strip()
+    # In order, as systemd reads a drop-in after the unit: the empty ExecStart= resets the list.
+    merged = unit.read_text().replace("[Unit]\n", f"[Unit]\n{unit_lines}\n", 1)
+    merged = merged.replace("\n[Install]\n", f"\n{service_dropin.strip()}\n\n[Install]\n", 1)
+    unit.write_text(merged)
+    assert "StartLimitAction=poweroff" in merged and "SuccessExitStatus=75" in merged
+    _verify(tool, unit)
+
+
+def _verify(tool: str, unit: Path) -> None:
     p = subprocess.run([tool, "verify", str(unit)], capture_output=True, text=True, timeout=60)
     out = p.stdout + p.stderr
     assert p.returncode == 0, f"{out}"
@@ -130,7 +166,7 @@ class Sandbox:
     steps: Path
     first_commit: str
 
-    def populate(self) -> None:
+    def populate(self) -> int:
         """The volume's content: an ext4 filesystem and a run that checkpointed at step 4, died at step 5."""
         subprocess.run(["mkfs.ext4", "-q", self.device], check=True)
         pre = self.root / "pre"
@@ -156,6 +192,21 @@ class Sandbox:
         finally:
             subprocess.run(["umount", str(pre)], check=True)
         assert _steps(self.steps) == [f"first {i}" for i in range(1, 6)]
+        # The newest checkpoint: step 4, or step 2 when Run deferred the step-4 save behind a
+        # save still in flight (spotsafe.Run never stalls the loop for a periodic save).
+        from spotsafe.checkpoint import Checkpointer
+
+        subprocess.run(["mount", self.device, str(pre)], check=True)
+        try:
+            ckpt = Checkpointer(str(pre / self.env["SPOTSAFE_RUN"]))
+            try:
+                info = ckpt.latest()
+                assert info is not None
+                return int(info.step)
+            finally:
+                ckpt.close()
+        finally:
+            subprocess.run(["umount", str(pre)], check=True)
 
     def boot(self, *args: str, **overrides: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -278,7 +329,8 @@ def _spot_request_open(sb: Sandbox) -> bool:
 @pytest.mark.slow
 def test_boot_attaches_mounts_resumes_completes_and_shuts_down(sandbox: Sandbox) -> None:
     sb = sandbox
-    sb.populate()
+    saved = sb.populate()
+    assert saved in (2, 4)
     p = sb.boot(SPOTSAFE_SKIP_SYSTEMD="1")
     out = p.stdout + p.stderr
     assert p.returncode == 0, f"{out}"
@@ -288,8 +340,8 @@ def test_boot_attaches_mounts_resumes_completes_and_shuts_down(sandbox: Sandbox)
     assert sb.ec2.describe_volumes(VolumeIds=[sb.volume_id])["Volumes"][0]["Attachments"][0]["State"] == "attached"
     # Training resumed from the step-4 checkpoint on the volume, not from scratch, and finished.
     second = [s for s in _steps(sb.steps) if s.startswith("second")]
-    assert second == [f"second {i}" for i in range(5, 13)]
-    assert "resumed from 4" in out
+    assert second == [f"second {i}" for i in range(saved + 1, 13)], f"{out}"
+    assert f"resumed from {saved}" in out
     assert _is_complete(sb.store)
     # The code came from the git remote; logs went to the volume too.
     code = sb.mount / "code" / sb.env["SPOTSAFE_RUN"]
@@ -309,7 +361,7 @@ def test_boot_attaches_mounts_resumes_completes_and_shuts_down(sandbox: Sandbox)
     p = sb.boot(SPOTSAFE_SKIP_SYSTEMD="1")
     assert p.returncode == 0, f"{p.stdout + p.stderr}"
     assert "complete: not restarting it" in p.stderr + p.stdout
-    assert [s for s in _steps(sb.steps) if s.startswith("second")] == [f"second {i}" for i in range(5, 13)]
+    assert [s for s in _steps(sb.steps) if s.startswith("second")] == [f"second {i}" for i in range(saved + 1, 13)]
     assert (sb.root / "shutdown-called").exists()
     assert vol.mounted_at(str(sb.mount)) is not None
 
@@ -337,6 +389,7 @@ def test_boot_under_systemd_installs_the_unit_and_its_phases_work(sandbox: Sandb
     install = sb.env["SPOTSAFE_INSTALL_PATH"]
     assert f"User={sb.env['SPOTSAFE_USER']}\n" in dropin
     assert f"RequiresMountsFor={sb.mount}\n" in dropin
+    assert "StartLimitAction=poweroff\n" in dropin  # a unit that keeps failing shuts the instance down
     assert f"ExecStart={install} train\n" in dropin and f"ExecStopPost=+{install} after-train\n" in dropin
     assert [s for s in _steps(sb.steps) if s.startswith("second")] == []  # nothing trained yet
 
@@ -371,15 +424,23 @@ def test_boot_under_systemd_installs_the_unit_and_its_phases_work(sandbox: Sandb
     assert p.returncode == 0, f"{p.stdout + p.stderr}"
     assert "staying up" in p.stderr
     assert not (sb.root / "shutdown-called").exists()
-    # A failed run is never "finished", whatever the settings.
+    # A failed run is never "finished" (the spot request stays), whatever the settings; with
+    # the shutdown on failure turned off the instance also stays up to be looked at.
     p = subprocess.run(
         [install, "after-train"],
-        env={**unit_env, "EXIT_STATUS": "1", "SERVICE_RESULT": "exit-code", "SPOTSAFE_SHUTDOWN_WHEN_DONE": "1"},
+        env={
+            **unit_env,
+            "EXIT_CODE": "exited",
+            "EXIT_STATUS": "1",
+            "SERVICE_RESULT": "exit-code",
+            "SPOTSAFE_SHUTDOWN_WHEN_DONE": "1",
+            "SPOTSAFE_SHUTDOWN_ON_FAILURE": "0",
+        },
         capture_output=True,
         text=True,
         timeout=120,
     )
-    assert p.returncode == 0 and "not finishing" in p.stderr
+    assert p.returncode == 0 and "staying up" in p.stderr, f"{p.stderr}"
     assert not (sb.root / "shutdown-called").exists()
     assert _spot_request_open(sb)
 
@@ -394,3 +455,364 @@ def test_boot_fails_with_the_volume_exit_code(sandbox: Sandbox) -> None:
     assert "spotsafe-run=does-not-exist" in out
     assert (sandbox.root / "shutdown-called").exists()  # no idle GPU after a failed boot
     assert vol.mounted_at(str(sandbox.mount)) is None
+
+
+# --------------------------------------------------------------------------- fast phases (no root)
+
+
+def _bare_env(tmp_path: Path, **overrides: str) -> dict[str, str]:
+    """The script's paths under tmp_path; nothing reachable (conftest's closed loopback endpoints)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SPOTSAFE_") and k != "PYTHONPATH"}
+    env.update(
+        {
+            "SPOTSAFE_RUN": "r",
+            "SPOTSAFE_USER": getpass.getuser(),
+            "SPOTSAFE_MOUNT": str(tmp_path / "mnt"),
+            "SPOTSAFE_SHUTDOWN_CMD": f"touch {tmp_path}/shutdown-called",
+            "SPOTSAFE_ETC": str(tmp_path / "etc"),
+            "SPOTSAFE_INSTALL_PATH": str(tmp_path / "sbin" / "spotsafe-boot"),
+            "SPOTSAFE_UNIT_DIR": str(tmp_path / "systemd"),
+            "SPOTSAFE_PER_BOOT_DIR": str(tmp_path / "per-boot"),
+            "SPOTSAFE_BOOT_LOG": str(tmp_path / "boot.log"),
+            "SPOTSAFE_VOLUME_ARGS": "--metadata-retry-for 0 --metadata-timeout 0.5",
+        }
+    )
+    env.update(overrides)
+    return env
+
+
+def _run_script(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["bash", str(SCRIPT), *args], env=env, cwd="/", capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.mark.parametrize(
+    ("status", "how", "shuts_down"),
+    [
+        ("3", "exited", True),  # the supervisor gave up after its restarts (with the command's status)
+        ("3", "off", False),  # the documented opt-out: keep the instance up to look at it
+        ("75", "exited", False),  # preempted, state safe
+        ("9", "killed", False),  # the supervisor itself was killed: systemd restarts the unit
+        ("3", "foreground", True),  # SPOTSAFE_SKIP_SYSTEMD=1: nothing restarts it
+    ],
+)
+def test_after_train_shuts_down_a_crash_looping_run(tmp_path: Path, status: str, how: str, shuts_down: bool) -> None:
+    env = _bare_env(
+        tmp_path,
+        SPOTSAFE_PYTHON=sys.executable,
+        EXIT_CODE="killed" if how == "killed" else "exited",
+        EXIT_STATUS=status,
+        SERVICE_RESULT="exit-code",
+    )
+    args = ["after-train"]
+    if how == "off":
+        env["SPOTSAFE_SHUTDOWN_ON_FAILURE"] = "0"
+    if how == "foreground":
+        args += [status, "foreground"]
+    p = _run_script(env, *args)
+    assert p.returncode == 0, f"{p.stdout + p.stderr}"
+    assert (tmp_path / "shutdown-called").exists() == shuts_down, f"{p.stderr}"
+    if how in ("exited", "foreground") and status != "75":
+        assert f"gave up (exit {status})" in p.stderr
+    if how == "off":
+        assert "staying up" in p.stderr
+
+
+def test_default_user_follows_the_distribution(tmp_path: Path) -> None:
+    osr = tmp_path / "os-release"
+    env = _bare_env(tmp_path, SPOTSAFE_OS_RELEASE=str(osr))
+    del env["SPOTSAFE_USER"]
+    for text, user in (
+        ('NAME="Amazon Linux"\nID="amzn"\nID_LIKE="centos rhel fedora"\n', "ec2-user"),
+        ("ID=ubuntu\nID_LIKE=debian\n", "ubuntu"),
+        ("ID=debian\n", "admin"),
+    ):
+        osr.write_text(text)
+        p = _run_script(env, "settings")
+        assert p.returncode == 0, f"{p.stderr}"
+        assert f"SPOTSAFE_USER='{user}'" in p.stdout.splitlines()
+    p = _run_script({**env, "SPOTSAFE_USER": "trainer"}, "settings")
+    assert "SPOTSAFE_USER='trainer'" in p.stdout.splitlines()
+
+
+@pytest.fixture
+def bare_python(tmp_path: Path) -> str:
+    """A python without spotsafe or boto3 (a fresh instance's)."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    return str(venv / "bin" / "python")
+
+
+@pytest.mark.parametrize(
+    ("spec", "sha", "message"),
+    [
+        ("", "", "set SPOTSAFE_PYTHON"),
+        ("spotsafe[aws]", "", "not code you control"),
+        ("git+https://example.invalid/spotsafe.git@main", "", "not pinned"),
+        ("WHEEL", "", "SPOTSAFE_PIP_SHA256"),
+        ("WHEEL", "0" * 64, "refusing to install it"),
+    ],
+)
+def test_install_refuses_code_that_is_not_pinned(
+    tmp_path: Path, bare_python: str, spec: str, sha: str, message: str
+) -> None:
+    wheel = tmp_path / "spotsafe-0.0.0-py3-none-any.whl"
+    wheel.write_bytes(b"not the wheel you built")
+    env = _bare_env(
+        tmp_path,
+        SPOTSAFE_PYTHON=bare_python,
+        SPOTSAFE_PIP_SPEC=spec.replace("WHEEL", f"file://{wheel}"),
+        SPOTSAFE_PIP_SHA256=sha,
+    )
+    p = _run_script(env, "boot")
+    out = p.stdout + p.stderr
+    assert p.returncode != 0, f"{out}"
+    assert message in out, f"{out}"
+    assert "installing spotsafe from" not in out  # refused before pip ran
+    assert (tmp_path / "shutdown-called").exists()  # a failed boot does not idle
+
+
+@pytest.mark.slow
+def test_install_from_a_pinned_wheel(tmp_path: Path) -> None:
+    dist = tmp_path / "dist"
+    # Build from a copy: setuptools leaves build/ and *.egg-info in the tree it builds.
+    src = tmp_path / "src"
+    shutil.copytree(ROOT / "spotsafe", src / "spotsafe", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    p = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), str(src)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if p.returncode != 0:
+        pytest.skip(f"cannot build a wheel here: {p.stderr[-500:]}")
+    wheel = next(dist.glob("spotsafe-*.whl"))
+    import hashlib
+
+    sha = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    venv = tmp_path / "venv"
+    # A fresh venv (pip from ensurepip, offline): spotsafe comes from the checked wheel only.
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    env = _bare_env(
+        tmp_path,
+        SPOTSAFE_VENV=str(venv),
+        SPOTSAFE_PIP_SPEC=f"file://{wheel}",
+        SPOTSAFE_PIP_SHA256=sha,
+        SPOTSAFE_PIP_ARGS="--no-deps --no-index",  # nothing may leave this machine: no dependencies
+    )
+    p = _run_script(env, "boot", timeout=300)
+    out = p.stdout + p.stderr
+    assert f"installing spotsafe from file://{wheel}" in out, f"{out}"
+    where = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", "import spotsafe; print(spotsafe.__file__)"],
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert where.startswith(str(venv)), where
+    # Without its dependencies (--no-deps here) the boot stops with a clear message, and shuts down.
+    assert p.returncode == 1 and "cannot import spotsafe and boto3" in out, f"{out}"
+    assert out.count("shutting down rather than idling") == 1
+    assert (tmp_path / "shutdown-called").exists()
+
+
+# --------------------------------------------------------------------------- end to end, more (root)
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_boot_of_a_crash_looping_run_ends_in_a_shut_down_instance(sandbox: Sandbox) -> None:
+    p = sandbox.boot(
+        SPOTSAFE_SKIP_SYSTEMD="1",
+        SPOTSAFE_MKFS="1",
+        SPOTSAFE_TRAIN_COMMAND="false",
+        SPOTSAFE_MAX_RESTARTS="0",
+        SPOTSAFE_SNAPSHOT_EVERY="3600",  # the foreground snapshot loop runs beside training, and stops with it
+    )
+    out = p.stdout + p.stderr
+    assert p.returncode == 1, f"{out}"  # the command's status, after the supervisor gave up
+    assert "gave up (exit 1)" in out
+    assert (sandbox.root / "shutdown-called").exists()
+    assert _spot_request_open(sandbox)  # not "finished": a replacement may retry from the checkpoint
+    assert "periodic snapshots every 3600 s beside training" in out
+    run = sandbox.env["SPOTSAFE_RUN"]
+    assert not [c for c in _cmdlines() if "spotsafe.volume" in c and "snapshot" in c and run in c]
+
+
+def _cmdlines() -> list[str]:
+    found = []
+    for f in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            found.append(f.read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_first_boot_in_another_zone_moves_formats_pins_and_keeps_old_on_request(
+    tmp_path: Path, ec2_server: Any, ec2: Any
+) -> None:
+    """Cases 1 and 7 and the pinned code, as cloud-init would run the script (systemctl faked)."""
+    from spotsafe.simulate import AWSSimulator
+    from tests.ec2faithful import BlockStore, activate
+
+    if shutil.which("git") is None:
+        pytest.skip("needs git")
+    store = BlockStore(tmp_path / "bs", real=True, size_mb=32)
+    activate(store)
+    run = unique_tag()
+    old = ec2.create_volume(
+        AvailabilityZone="us-east-1a",
+        Size=1,
+        VolumeType="gp3",
+        TagSpecifications=[
+            {
+                "ResourceType": "volume",
+                "Tags": [{"Key": "spotsafe-run", "Value": run}, {"Key": vol.TAG_NEW, "Value": "true"}],
+            }
+        ],
+    )["VolumeId"]
+    iid = ec2.run_instances(
+        ImageId=AMI, MinCount=1, MaxCount=1, InstanceType="g5.xlarge", Placement={"AvailabilityZone": "us-east-1b"}
+    )["Instances"][0]["InstanceId"]
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "train.py").write_text("print('v1')\n")
+    remote = tmp_path / "remote.git"
+    _git("init", "-q", "--bare", "-b", "main", str(remote), cwd=tmp_path)
+    _git("init", "-q", "-b", "main", cwd=work)
+    _git("add", "train.py", cwd=work)
+    _git("commit", "-q", "-m", "v1", cwd=work)
+    _git("push", "-q", str(remote), "main", cwd=work)
+    v1 = _git("rev-parse", "HEAD", cwd=work)
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    calls = tmp_path / "systemctl.calls"
+    for tool in ("systemctl", "systemd-run"):
+        # Record what is asked of systemd; "is-active" answers no.
+        (bindir / tool).write_text(f'#!/bin/sh\necho "{tool} $*" >> {calls}\ncase "$1" in is-active) exit 3 ;; esac\n')
+        (bindir / tool).chmod(0o755)
+    sim = AWSSimulator(instance_id=iid, availability_zone="us-east-1b").start()
+    mount = tmp_path / "mnt"
+    env = {
+        **_bare_env(tmp_path),
+        "PATH": f"{bindir}:{os.environ['PATH']}",
+        "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
+        "AWS_EC2_METADATA_SERVICE_ENDPOINT": sim.endpoint,
+        "AWS_ENDPOINT_URL_EC2": ec2_server.endpoint,
+        "AWS_ENDPOINT_URL": ec2_server.endpoint,
+        "SPOTSAFE_RUN": run,
+        "SPOTSAFE_MOUNT": str(mount),
+        "SPOTSAFE_REPO": f"file://{remote}",
+        "SPOTSAFE_PYTHON": sys.executable,
+        "SPOTSAFE_FSTAB": "0",
+        "SPOTSAFE_KEEP_OLD": "1",
+        "SPOTSAFE_SNAPSHOT_EVERY": "3600",
+        "SPOTSAFE_VOLUME_ARGS": f"--sys-root {store.sys_root(iid)} --dev-root {store.dev_root(iid)} "
+        "--poll-interval 0.1 --claim-settle 0.2 --metadata-timeout 10",
+    }
+    try:
+        p = _run_script(env, "boot", timeout=300)
+        out = p.stdout + p.stderr
+        assert p.returncode == 0, f"{out}"
+        # Case 1: moved into 1b and formatted without SPOTSAFE_MKFS (the copy kept spotsafe-new).
+        m = vol.mounted_at(str(mount))
+        assert m is not None and m.fstype == "ext4"
+        mgr = vol.VolumeManager(ec2, vol.Identity(iid, "us-east-1b", "us-east-1"))
+        copy = mgr.find(tags={"spotsafe-run": run})
+        assert copy.availability_zone == "us-east-1b" and copy.move_committed and vol.TAG_NEW not in copy.tags
+        # Case 7: SPOTSAFE_KEEP_OLD=1 reached mount: the old volume is kept (and superseded).
+        assert ec2.describe_volumes(VolumeIds=[old])["Volumes"][0]["State"] == "available"
+        install = env["SPOTSAFE_INSTALL_PATH"]
+        assert calls.read_text().splitlines() == [
+            "systemctl daemon-reload",
+            "systemctl start --no-block spotsafe-train.service",
+            "systemctl is-active --quiet spotsafe-snapshots.service",
+            f"systemd-run --unit=spotsafe-snapshots --collect --no-block "
+            f"--property=EnvironmentFile={env['SPOTSAFE_ETC']}/spotsafe.env {install} snapshots",
+        ]
+        assert "SPOTSAFE_SNAPSHOT_EVERY='3600'" in (tmp_path / "etc" / "spotsafe.env").read_text()
+        code = mount / "code" / run
+        assert _git("rev-parse", "HEAD", cwd=code) == v1
+        assert (mount / ".spotsafe" / f"{run}.code").read_text() == f"main {v1}\n"
+
+        # main moves on; the instance reboots: the run keeps its code, the old volume goes now.
+        (work / "train.py").write_text("print('v2')\n")
+        _git("commit", "-q", "-am", "v2", cwd=work)
+        _git("push", "-q", str(remote), "main", cwd=work)
+        p = _run_script({**env, "SPOTSAFE_KEEP_OLD": "0"}, "boot", timeout=300)
+        out = p.stdout + p.stderr
+        assert p.returncode == 0, f"{out}"
+        assert _git("rev-parse", "HEAD", cwd=code) == v1
+        assert "pinned when the run started" in out
+        assert (
+            ec2.describe_volumes(Filters=[{"Name": "tag:spotsafe-run", "Values": [run]}])["Volumes"][0]["VolumeId"]
+            == copy.volume_id
+        )
+        assert len(ec2.describe_volumes(Filters=[{"Name": "tag:spotsafe-run", "Values": [run]}])["Volumes"]) == 1
+    finally:
+        sim.shutdown()
+        if vol.mounted_at(str(mount)) is not None:
+            subprocess.run(["umount", "-l", str(mount)], check=False)
+        activate(None)
+        store.close()
+
+
+def _descendant_named(pid: int, name: str) -> bool:
+    """True when a process named ``name`` descends from ``pid`` (read from /proc)."""
+    parents: dict[int, int] = {}
+    names: dict[int, str] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        comm = text[text.index("(") + 1 : text.rindex(")")]
+        fields = text[text.rindex(")") + 2 :].split()
+        child = int(stat.parent.name)
+        parents[child], names[child] = int(fields[1]), comm
+    for child, comm in names.items():
+        if comm != name:
+            continue
+        up = parents.get(child)
+        while up is not None and up > 1:
+            if up == pid:
+                return True
+            up = parents.get(up)
+    return False
+
+
+def test_a_stopped_run_is_not_taken_for_a_crash_loop(tmp_path: Path) -> None:
+    """systemctl stop (or a shutdown) signals the train phase: its exit is a stop, not a reason to power off."""
+    (tmp_path / "mnt").mkdir()
+    env = _bare_env(
+        tmp_path, SPOTSAFE_PYTHON=sys.executable, SPOTSAFE_TRAIN_COMMAND="sleep 60", SPOTSAFE_MAX_RESTARTS="0"
+    )
+    env["PYTHONPATH"] = os.environ.get("PYTHONPATH", "")
+    log = tmp_path / "mnt" / "logs" / "r.log"
+    p = subprocess.Popen(
+        ["bash", str(SCRIPT), "train"], env=env, cwd="/", stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        wait_until(lambda: log.exists() and "spotsafe.resume" in log.read_text(), 60, what="the train phase")
+        # The supervisor has started the command (so its signal handler is in place): sleep runs.
+        wait_until(lambda: _descendant_named(p.pid, "sleep"), 60, what="the training command")
+        p.send_signal(signal.SIGTERM)
+        p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    assert p.returncode not in (0, 75)
+    assert (tmp_path / "mnt" / "logs" / ".r.stopped").exists()
+    a = _run_script({**env, "EXIT_CODE": "exited", "EXIT_STATUS": str(p.returncode)}, "after-train")
+    assert "training was stopped" in a.stderr, f"{a.stderr}"
+    assert not (tmp_path / "shutdown-called").exists()
+    assert not (tmp_path / "mnt" / "logs" / ".r.stopped").exists()

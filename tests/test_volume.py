@@ -37,8 +37,9 @@ from spotsafe.errors import (
 from spotsafe.volume import Identity, Timeouts, VolumeManager
 from tests.ec2server import *  # noqa: F403
 from tests.ec2server import AMI, IAMEnforcingServer, run_instance, unique_tag
+from tests.helpers import wait_until
 
-FAST = Timeouts(poll=0.05, attach=5, detach=5, force_detach_after=0.3, device=3, snapshot=10, create=10)
+FAST = Timeouts(poll=0.05, attach=5, detach=5, force_detach_after=0.3, device=3, snapshot=10, create=10, settle=0.2)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -162,9 +163,23 @@ def test_find_two_matching_is_ambiguous_unless_one_is_attached_here(scene: Scene
     assert scene.manager.find(tags=scene.tag).volume_id == scene.volume_id
 
 
-def test_find_skips_a_volume_superseded_by_a_move_copy(scene: Scene) -> None:
-    copy = create_volume(scene.ec2, "us-east-1c", {**scene.tag, vol.TAG_MOVED_FROM: scene.volume_id})
+def test_find_skips_a_volume_superseded_by_a_committed_move_copy(scene: Scene) -> None:
+    copy = create_volume(
+        scene.ec2, "us-east-1c", {**scene.tag, vol.TAG_MOVED_FROM: scene.volume_id, vol.TAG_MOVE_DONE: "1"}
+    )
     assert scene.manager.find(tags=scene.tag).volume_id == copy
+
+
+def test_an_uncommitted_copy_and_its_source_are_one_volume(scene: Scene) -> None:
+    # The copy was never mounted: the source (here, in 1b) is the run's volume, the copy is to abandon.
+    copy = create_volume(scene.ec2, "us-east-1c", {**scene.tag, vol.TAG_MOVED_FROM: scene.volume_id})
+    r = scene.manager.resolve(tags=scene.tag)
+    assert r.volume.volume_id == scene.volume_id and r.source is None
+    assert [c.volume_id for c in r.copies] == [copy]
+    # Seen from the copy's zone, the copy is adopted (its mount will retire the source).
+    there = VolumeManager(scene.ec2, Identity(run_instance(scene.ec2, "us-east-1c"), "us-east-1c", "us-east-1"))
+    r = there.resolve(tags=scene.tag)
+    assert r.volume.volume_id == copy and r.source is not None and r.source.volume_id == scene.volume_id
 
 
 # --------------------------------------------------------------------------- attaching
@@ -342,6 +357,30 @@ def test_find_device_xen_name_and_xvd_twin(tmp_path: Path) -> None:
     ) == os.path.realpath(target)
 
 
+def test_find_device_on_xen_with_nvme_instance_storage_uses_the_xvd_name(tmp_path: Path) -> None:
+    # i3 / f1: Xen, with local NVMe instance-store disks. EBS is /dev/xvdf there, not NVMe.
+    for i, name in enumerate(("nvme0n1", "nvme1n1")):
+        fake_nvme(tmp_path, f"AWS{i:017d}", "/dev/null", name=name)
+        (tmp_path / "sys" / "block" / name / "device" / "model").write_text("Amazon EC2 NVMe Instance Storage\n")
+    target = some_block_device()
+    (tmp_path / "dev" / "xvdf").symlink_to(target)
+    found = vol.find_device(
+        "vol-0123456789abcdef0", "/dev/sdf", sys_root=str(tmp_path / "sys"), dev_root=str(tmp_path / "dev"), timeout=0
+    )
+    assert found == os.path.realpath(target)
+    # An EBS NVMe disk (the Nitro root volume) next to them: Nitro, the name is not trusted.
+    fake_nvme(tmp_path, "vol0ffffffffffffffff", "/dev/null", name="nvme2n1")
+    (tmp_path / "sys" / "block" / "nvme2n1" / "device" / "model").write_text("Amazon Elastic Block Store\n")
+    with pytest.raises(VolumeDeviceNotFound):
+        vol.find_device(
+            "vol-0123456789abcdef0",
+            "/dev/sdf",
+            sys_root=str(tmp_path / "sys"),
+            dev_root=str(tmp_path / "dev"),
+            timeout=0,
+        )
+
+
 def test_find_device_on_nitro_ignores_a_stale_sdx_name(tmp_path: Path) -> None:
     # On NVMe instances /dev/sdf may be another disk's alias: only the serial counts.
     fake_nvme(tmp_path, "vol0ffffffffffffffff", some_block_device(), name="nvme0n1")
@@ -440,6 +479,39 @@ def test_partitioned_device_is_never_formatted(loopdev: Callable[..., str], tmp_
 
 
 @pytest.mark.root
+def test_a_partitioned_volume_mounts_its_one_filesystem(tmp_path: Path) -> None:
+    img = tmp_path / "parted.img"
+    with open(img, "wb") as f:
+        f.truncate(32 << 20)
+    # An MBR with one Linux partition from sector 2048 to the end.
+    entry = struct.pack("<B3sB3sII", 0, b"\0\0\0", 0x83, b"\0\0\0", 2048, (32 << 11) - 2048)
+    with open(img, "r+b") as f:
+        f.seek(446)
+        f.write(entry)
+        f.seek(510)
+        f.write(b"\x55\xaa")
+    # -P: the kernel scans the partition table, as it does for an EBS disk.
+    dev = subprocess.run(
+        ["losetup", "--find", "--show", "-P", str(img)], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    mnt = tmp_path / "mnt"
+    try:
+        if not vol.partitions_of(dev):  # some kernels leave the scan of a loop device to partx
+            subprocess.run(["partx", "-a", dev], capture_output=True, check=False)
+        parts = wait_until(lambda: vol.partitions_of(dev), 10, what=f"the partitions of {dev}")
+        assert parts == [f"{dev}p1"]
+        subprocess.run(["mkfs.ext4", "-q", parts[0]], check=True)
+        r = vol.mount(dev, str(mnt), mkfs=True)
+        assert r.device == parts[0] and r.formatted is False and r.fstype == "ext4"
+        assert vol.mountpoints_of(dev) == [str(mnt)]
+        assert vol.mount(dev, str(mnt)).already_mounted is True  # idempotent through the whole disk
+        assert vol.probe(dev).get("PTTYPE") == "dos"  # the table was not touched
+    finally:
+        vol.unmount(str(mnt))
+        subprocess.run(["losetup", "-d", dev], check=False)
+
+
+@pytest.mark.root
 def test_mountpoint_holding_another_device_is_an_error(loopdev: Callable[..., str], tmp_path: Path) -> None:
     a, b = loopdev(name="a"), loopdev(name="b")
     mnt = tmp_path / "mnt"
@@ -521,6 +593,8 @@ def _cli(scene: Scene, *args: str) -> list[str]:
         "0.2",
         "--device-timeout",
         "1",
+        "--claim-settle",
+        "0.2",
         "-q",
     ]
 
@@ -547,8 +621,8 @@ def test_cli_exit_codes_name_each_failure(cli_env: Scene, capsys: pytest.Capture
     assert vol.main(_cli(s, "attach", "--volume-id", far)) == vol.EXIT_WRONG_ZONE
     err = capsys.readouterr().err
     assert far in err and "us-east-1a" in err and "--move" in err
+    s.ec2.attach_volume(VolumeId=far, InstanceId=run_instance(s.ec2, "us-east-1a"), Device="/dev/sdf")
     other = run_instance(s.ec2, s.az)
-    s.ec2.attach_volume(VolumeId=far, InstanceId=other, Device="/dev/sdf")
     busy = create_volume(s.ec2, s.az, {"spotsafe-run": unique_tag()})
     s.ec2.attach_volume(VolumeId=busy, InstanceId=other, Device="/dev/sdg")
     assert vol.main(_cli(s, "attach", "--volume-id", busy)) == vol.EXIT_BUSY
@@ -662,6 +736,11 @@ def test_documented_iam_policy_allows_the_whole_flow(iam_server: IAMEnforcingSer
         stop.set()
         t.join()
     assert mgr.retire_superseded(a.volume)[0] == old_id
+    # Periodic snapshots and create-or-restore under the same document.
+    assert mgr.snapshot(mgr.describe(a.volume.volume_id), keep=1)
+    assert mgr.latest_snapshot(tag) is not None
+    made = mgr.create_or_restore({"spotsafe-run": unique_tag()}, size=1)
+    assert made.tags[vol.TAG_NEW] == "true"
     assert mgr.detach(mgr.describe(a.volume.volume_id)).instance_id is None
     assert vol.finish(mgr.identity, ec2=ec2, autoscaling=iam_server.client("autoscaling", keys)) == []
 
@@ -708,7 +787,7 @@ def test_finish_cancels_a_persistent_spot_request(ec2_server: Any, ec2: Any) -> 
 
 
 @pytest.mark.root
-def test_cli_move_then_mount_retires_the_old_volume_only_after_the_mount(
+def test_cli_first_use_in_another_zone_moves_formats_mounts_and_retires(
     cli_env: Scene, loopdev: Callable[..., str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     s = cli_env
@@ -727,15 +806,15 @@ def test_cli_move_then_mount_retires_the_old_volume_only_after_the_mount(
     assert describe(s.ec2, old_id)["State"] == "available"  # kept until the copy is mounted
     mnt = str(tmp_path / "mnt")
     try:
-        # The copy carries the tags but not spotsafe-new: a moved volume has data, mkfs must be explicit.
-        assert vol.main(_cli(s, "mount", "--tag", f"spotsafe-run={run}", "--mountpoint", mnt)) == vol.EXIT_NO_FILESYSTEM
-        assert describe(s.ec2, old_id)["State"] == "available"
-        assert vol.main(_cli(s, "mount", "--tag", f"spotsafe-run={run}", "--mountpoint", mnt, "--mkfs")) == 0
+        # Case 1: the docs' first-use recipe with the first instance in another zone. The copy
+        # of a never-formatted volume keeps spotsafe-new, so the first mount may format it.
+        assert vol.main(_cli(s, "mount", "--tag", f"spotsafe-run={run}", "--mountpoint", mnt)) == 0
+        assert vol.filesystem_type(dev) == "ext4"
         with pytest.raises(VolumeNotFound):
             s.manager.describe(old_id)
         new = s.manager.find(tags={"spotsafe-run": run})
         assert new.availability_zone == s.az and new.instance_id == s.instance_id
-        assert vol.TAG_MOVED_FROM not in new.tags
+        assert vol.TAG_MOVED_FROM not in new.tags and vol.TAG_NEW not in new.tags
     finally:
         vol.unmount(mnt)
 

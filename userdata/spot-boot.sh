@@ -3,19 +3,29 @@
 #
 # On every boot (the first through cloud-init user data, later ones through a copy it
 # installs in cloud-init's per-boot directory) it:
-#   1. makes sure a Python with spotsafe[aws] is there (SPOTSAFE_PYTHON, or a venv it creates);
+#   1. makes sure a Python with spotsafe[aws] is there (SPOTSAFE_PYTHON, or a venv it creates
+#      and fills from SPOTSAFE_PIP_SPEC: a git URL pinned to a commit, or a wheel with its sha256);
 #   2. attaches the run's persistent EBS volume (found by tag; copied into this zone if it
-#      is elsewhere and SPOTSAFE_MOVE=1) and mounts it (a filesystem is created only on a
-#      blank volume, and only with SPOTSAFE_MKFS=1 or the tag spotsafe-new=true);
+#      is elsewhere and SPOTSAFE_MOVE=1; created, or restored from its newest snapshot, when
+#      none exists and SPOTSAFE_CREATE_SIZE is set) and mounts it (a filesystem is created only
+#      on a blank volume, and only with SPOTSAFE_MKFS=1 or the tag spotsafe-new=true);
 #   3. stops there if the run is already complete (and, if SPOTSAFE_SHUTDOWN_WHEN_DONE=1,
 #      tells the Auto Scaling group / spot request to stop replacing it and shuts down);
-#   4. clones or updates the training code with git;
+#   4. checks out the training code with git: the commit the run started with (pinned on the
+#      volume), so a resumed run never changes code mid-way;
 #   5. starts the systemd unit spotsafe-train.service, which runs
 #        python -m spotsafe.resume --store $SPOTSAFE_STORE -- $SPOTSAFE_TRAIN_COMMAND
-#      as the training user (restart policy; logs to journald and to the volume).
+#      as the training user (restart policy; logs to journald and to the volume), and with
+#      SPOTSAFE_SNAPSHOT_EVERY>0 a transient unit taking incremental snapshots of the volume.
 #
-# Edit the settings below, or set them in the environment: each is ${VAR:-default}.
-# Phases (what the systemd unit calls): spot-boot.sh [boot|train|after-train].
+# Every boot ends in one of: training, a complete run (stay up, or finish and shut down),
+# or a shut-down instance: when this script fails or the training command keeps crashing
+# (SPOTSAFE_SHUTDOWN_ON_FAILURE=1, the default; 0 keeps the instance up to debug it).
+#
+# Settings are environment variables, each ${VAR:-default} below: edit them here, or set
+# them before this text (what `spotsafe launch` does). The phases: spot-boot.sh
+# [boot|settings|train|after-train|snapshots] (the unit runs train and after-train, the
+# transient spotsafe-snapshots unit runs snapshots).
 # Logs: /var/log/spotsafe-boot.log, journalctl -u spotsafe-train, $SPOTSAFE_LOG_DIR/<run>.log.
 set -euo pipefail
 
@@ -25,14 +35,22 @@ set -euo pipefail
 : "${SPOTSAFE_VOLUME_ID:=}"                                # or its id (wins over the tag)
 : "${SPOTSAFE_REGION:=}"                                   # empty: this instance's region, from IMDS
 : "${SPOTSAFE_MOVE:=1}"                                    # 1: snapshot-copy the volume here if it is in another zone
+: "${SPOTSAFE_KEEP_OLD:=0}"                                # 1: after a move, keep the old volume and snapshot
 : "${SPOTSAFE_MKFS:=0}"                                    # 1: allow creating a filesystem on a BLANK volume
+: "${SPOTSAFE_CREATE_SIZE:=}"                              # GiB: no volume? restore the newest snapshot, else create blank
+: "${SPOTSAFE_CREATE_TYPE:=gp3}"                           # volume type for SPOTSAFE_CREATE_SIZE
+: "${SPOTSAFE_SNAPSHOT_EVERY:=0}"                          # seconds between incremental snapshots while training (0: none)
+: "${SPOTSAFE_SNAPSHOT_KEEP:=2}"                           # completed periodic snapshots kept
 : "${SPOTSAFE_DEVICE:=}"                                   # device name for attach; empty: first free /dev/sdf..sdp
 : "${SPOTSAFE_MOUNT:=/mnt/spotsafe}"                       # mount point of the volume
 : "${SPOTSAFE_FSTAB:=1}"                                   # 1: add an fstab entry (UUID, nofail)
-: "${SPOTSAFE_USER:=ubuntu}"                               # the training user: owns the mount, runs training
+: "${SPOTSAFE_OS_RELEASE:=/etc/os-release}"                # read to pick the default user
+: "${SPOTSAFE_USER:=}"                                     # the training user; empty: ec2-user on Amazon Linux, else ubuntu/admin
 : "${SPOTSAFE_REPO:=}"                                     # git URL of the training code; empty: no fetch
-: "${SPOTSAFE_REF:=main}"                                  # branch, tag or commit to run
+: "${SPOTSAFE_REF:=main}"                                  # branch, tag or commit to start the run with
 : "${SPOTSAFE_CODE_DIR:=${SPOTSAFE_MOUNT}/code/${SPOTSAFE_RUN}}"  # checkout (on the volume: survives instances)
+: "${SPOTSAFE_CODE_PIN:=1}"                                # 1: a resumed run keeps the commit it started with
+: "${SPOTSAFE_CODE_PIN_FILE:=${SPOTSAFE_MOUNT}/.spotsafe/${SPOTSAFE_RUN}.code}"  # "<ref> <commit>" of the run
 : "${SPOTSAFE_REQUIREMENTS:=}"                             # e.g. requirements.txt (in the checkout): pip-installed
 : "${SPOTSAFE_TRAIN_COMMAND:=python train.py}"             # run in the checkout by python -m spotsafe.resume
 : "${SPOTSAFE_STORE:=${SPOTSAFE_MOUNT}/${SPOTSAFE_RUN}}"   # checkpoint store of the run
@@ -40,12 +58,15 @@ set -euo pipefail
 : "${SPOTSAFE_MAX_RESTARTS:=3}"                            # crashes python -m spotsafe.resume retries
 : "${SPOTSAFE_PYTHON:=}"                                   # a python with spotsafe[aws]; empty: SPOTSAFE_VENV
 : "${SPOTSAFE_VENV:=/opt/spotsafe/venv}"                   # created when SPOTSAFE_PYTHON is empty
-: "${SPOTSAFE_PIP_SPEC:=spotsafe[aws]}"                    # pip-installed where spotsafe is missing (a git URL works)
+: "${SPOTSAFE_PIP_SPEC:=}"                                 # where spotsafe is missing: git+https://…@<commit> or a .whl URL
+: "${SPOTSAFE_PIP_SHA256:=}"                               # the wheel's sha256 (required for a .whl)
+: "${SPOTSAFE_PIP_ARGS:=}"                                 # extra pip arguments (e.g. --index-url of a mirror)
 : "${SPOTSAFE_SHUTDOWN_WHEN_DONE:=0}"                      # 1: when the run is complete, stop replacement + shut down
-: "${SPOTSAFE_SHUTDOWN_ON_FAILURE:=0}"                     # 1: shut down when this script fails (no idle GPU)
+: "${SPOTSAFE_SHUTDOWN_ON_FAILURE:=1}"                     # 1: a failed boot or a crash-looping run shuts down
 : "${SPOTSAFE_SHUTDOWN_CMD:=shutdown -h now}"
 : "${SPOTSAFE_SKIP_SYSTEMD:=0}"                            # 1: run training in the foreground instead of systemd
-: "${SPOTSAFE_VOLUME_ARGS:=}"                              # extra arguments to python -m spotsafe.volume
+: "${SPOTSAFE_VOLUME_ARGS:=}"                              # extra arguments to every python -m spotsafe.volume call
+: "${SPOTSAFE_MOUNT_ARGS:=}"                               # extra arguments to python -m spotsafe.volume mount only
 # Where things are installed (the unit file names the first two).
 : "${SPOTSAFE_ETC:=/etc/spotsafe}"
 : "${SPOTSAFE_INSTALL_PATH:=/usr/local/sbin/spotsafe-boot}"
@@ -55,13 +76,31 @@ set -euo pipefail
 
 # Everything above reaches the python steps and the unit's environment file.
 SETTINGS=(
-  SPOTSAFE_RUN SPOTSAFE_VOLUME_TAG SPOTSAFE_VOLUME_ID SPOTSAFE_REGION SPOTSAFE_MOVE SPOTSAFE_MKFS
-  SPOTSAFE_DEVICE SPOTSAFE_MOUNT SPOTSAFE_FSTAB SPOTSAFE_USER SPOTSAFE_REPO SPOTSAFE_REF
-  SPOTSAFE_CODE_DIR SPOTSAFE_REQUIREMENTS SPOTSAFE_TRAIN_COMMAND SPOTSAFE_STORE SPOTSAFE_LOG_DIR
-  SPOTSAFE_MAX_RESTARTS SPOTSAFE_PYTHON SPOTSAFE_VENV SPOTSAFE_PIP_SPEC SPOTSAFE_SHUTDOWN_WHEN_DONE
-  SPOTSAFE_SHUTDOWN_ON_FAILURE SPOTSAFE_SHUTDOWN_CMD SPOTSAFE_SKIP_SYSTEMD SPOTSAFE_VOLUME_ARGS
+  SPOTSAFE_RUN SPOTSAFE_VOLUME_TAG SPOTSAFE_VOLUME_ID SPOTSAFE_REGION SPOTSAFE_MOVE SPOTSAFE_KEEP_OLD
+  SPOTSAFE_MKFS SPOTSAFE_CREATE_SIZE SPOTSAFE_CREATE_TYPE SPOTSAFE_SNAPSHOT_EVERY SPOTSAFE_SNAPSHOT_KEEP
+  SPOTSAFE_DEVICE SPOTSAFE_MOUNT SPOTSAFE_FSTAB SPOTSAFE_OS_RELEASE SPOTSAFE_USER SPOTSAFE_REPO SPOTSAFE_REF
+  SPOTSAFE_CODE_DIR SPOTSAFE_CODE_PIN SPOTSAFE_CODE_PIN_FILE SPOTSAFE_REQUIREMENTS SPOTSAFE_TRAIN_COMMAND
+  SPOTSAFE_STORE SPOTSAFE_LOG_DIR SPOTSAFE_MAX_RESTARTS SPOTSAFE_PYTHON SPOTSAFE_VENV SPOTSAFE_PIP_SPEC
+  SPOTSAFE_PIP_SHA256 SPOTSAFE_PIP_ARGS SPOTSAFE_SHUTDOWN_WHEN_DONE SPOTSAFE_SHUTDOWN_ON_FAILURE
+  SPOTSAFE_SHUTDOWN_CMD SPOTSAFE_SKIP_SYSTEMD SPOTSAFE_VOLUME_ARGS SPOTSAFE_MOUNT_ARGS
   SPOTSAFE_ETC SPOTSAFE_INSTALL_PATH SPOTSAFE_UNIT_DIR SPOTSAFE_PER_BOOT_DIR SPOTSAFE_BOOT_LOG
 )
+
+# The training user: ec2-user on Amazon Linux (and RHEL-likes), ubuntu on Ubuntu, admin on Debian.
+if [ -z "${SPOTSAFE_USER}" ]; then
+  _os_id=$(sed -n 's/^\(ID\|ID_LIKE\)=//p' "${SPOTSAFE_OS_RELEASE}" 2> /dev/null | tr -d "\"'" | tr '\n' ' ' || true)
+  case " ${_os_id} " in
+    *" amzn "* | *" rhel "* | *" fedora "* | *" centos "*) SPOTSAFE_USER="ec2-user" ;;
+    *" ubuntu "*) SPOTSAFE_USER="ubuntu" ;;
+    *" debian "*) SPOTSAFE_USER="admin" ;;
+    *)
+      for _u in ec2-user ubuntu admin; do
+        if id -u "${_u}" > /dev/null 2>&1; then SPOTSAFE_USER=${_u}; break; fi
+      done
+      ;;
+  esac
+  : "${SPOTSAFE_USER:=root}"
+fi
 # shellcheck disable=SC2163  # exporting the variables the array names
 for _name in "${SETTINGS[@]}"; do export "${_name}"; done
 
@@ -69,16 +108,34 @@ for _name in "${SETTINGS[@]}"; do export "${_name}"; done
 phase="${1:-boot}"
 
 log() { printf '%s spot-boot[%s]: %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "${phase}" "$*" >&2; }
-die() { log "error: $*"; exit 1; }
+# A failed boot: shut down rather than leave a GPU idling (unless SPOTSAFE_SHUTDOWN_ON_FAILURE=0).
+shutdown_on_failure() {
+  if [ "${SPOTSAFE_SHUTDOWN_ON_FAILURE}" = 1 ]; then
+    log "SPOTSAFE_SHUTDOWN_ON_FAILURE=1: shutting down rather than idling ($1)"
+    sync || true
+    # shellcheck disable=SC2086  # the command is meant to be split into words
+    ${SPOTSAFE_SHUTDOWN_CMD} || true
+  else
+    log "SPOTSAFE_SHUTDOWN_ON_FAILURE=0: staying up for you to look ($1)"
+  fi
+}
+
+die() {
+  local rc=1
+  if [ "$#" -gt 1 ] && [[ "$1" =~ ^[0-9]+$ ]]; then rc=$1; shift; fi
+  log "error: $*"
+  trap - ERR
+  if [ "${phase}" = boot ]; then shutdown_on_failure "boot failed"; fi
+  exit "${rc}"
+}
 
 on_error() {
   local rc=$? line=$1
+  # In a subshell (a command substitution inherits the trap with set -E): the main shell reports.
+  if [ "${BASHPID}" != "$$" ]; then exit "${rc}"; fi
+  trap - ERR
   log "failed (exit ${rc}) at line ${line}; see the messages above"
-  if [ "${SPOTSAFE_SHUTDOWN_ON_FAILURE}" = 1 ] && [ "${phase}" = boot ]; then
-    log "SPOTSAFE_SHUTDOWN_ON_FAILURE=1: shutting down rather than idling"
-    # shellcheck disable=SC2086  # the command is meant to be split into words
-    ${SPOTSAFE_SHUTDOWN_CMD} || true
-  fi
+  if [ "${phase}" = boot ]; then shutdown_on_failure "boot failed with exit ${rc}"; fi
   exit "${rc}"
 }
 
@@ -121,20 +178,78 @@ install_packages() {
   fi
 }
 
+# Fetch a wheel (s3://, https://, file:// or a path) into $1, checking SPOTSAFE_PIP_SHA256.
+fetch_wheel() {
+  local dest=$1 url=${SPOTSAFE_PIP_SPEC%%#*} sum
+  if ! [[ "${SPOTSAFE_PIP_SHA256}" =~ ^[0-9a-f]{64}$ ]]; then
+    die "SPOTSAFE_PIP_SPEC is a wheel (${url}): set SPOTSAFE_PIP_SHA256 to its sha256 (sha256sum FILE) so only that build is installed"
+  fi
+  case "${url}" in
+    s3://*)
+      command -v aws > /dev/null || die "cannot fetch ${url}: no aws command (install the AWS CLI, or use an https URL)"
+      aws s3 cp --only-show-errors "${url}" "${dest}" || die "cannot fetch ${url} (is s3:GetObject allowed to the instance role?)"
+      ;;
+    https://* | http://*)
+      curl --fail --silent --show-error --location --retry 3 -o "${dest}" "${url}" || die "cannot fetch ${url}"
+      ;;
+    *)
+      cp "${url#file://}" "${dest}" || die "cannot read ${url}"
+      ;;
+  esac
+  sum=$(sha256sum "${dest}" | cut -d' ' -f1)
+  if [ "${sum}" != "${SPOTSAFE_PIP_SHA256}" ]; then
+    die "${url} has sha256 ${sum}, not SPOTSAFE_PIP_SHA256=${SPOTSAFE_PIP_SHA256}: refusing to install it"
+  fi
+}
+
+# Install spotsafe[aws] for SPOTSAFE_PYTHON from code the user controls, pinned: a git URL at
+# a full commit id, or a wheel checked against its sha256. A bare package name is refused:
+# cloud-init runs this as root, and a name on a public index can be anyone's code.
+install_spotsafe() {
+  local spec=${SPOTSAFE_PIP_SPEC} pip_args=() target wheel_dir
+  read -r -a pip_args <<< "${SPOTSAFE_PIP_ARGS}"
+  case "${spec}" in
+    "")
+      die "${SPOTSAFE_PYTHON} has no spotsafe: set SPOTSAFE_PYTHON to a python that has spotsafe[aws], or SPOTSAFE_PIP_SPEC to git+https://…/spotsafe@<commit> or a wheel URL with SPOTSAFE_PIP_SHA256"
+      ;;
+    *git+*)
+      if ! [[ "${spec%%#*}" =~ @[0-9a-f]{40}$ ]]; then
+        die "SPOTSAFE_PIP_SPEC=${spec} is not pinned: end the git URL with @<full 40-hex commit id>"
+      fi
+      target=${spec}
+      if [[ "${spec}" != *" @ "* ]]; then target="spotsafe[aws] @ ${spec}"; fi
+      ;;
+    *.whl | *.whl#*)
+      wheel_dir=$(mktemp -d)
+      local name=${spec%%#*}
+      name=${name##*/}
+      fetch_wheel "${wheel_dir}/${name}"
+      target="${wheel_dir}/${name}[aws]"
+      ;;
+    *)
+      die "SPOTSAFE_PIP_SPEC=${spec} is not code you control, pinned: use git+https://…/spotsafe@<commit> or a .whl URL with SPOTSAFE_PIP_SHA256"
+      ;;
+  esac
+  log "installing spotsafe from ${spec} for ${SPOTSAFE_PYTHON}"
+  "${SPOTSAFE_PYTHON}" -m pip install --quiet "${pip_args[@]}" "${target}" \
+    || die "pip could not install ${spec} (see above)"
+  if [ -n "${wheel_dir:-}" ]; then rm -rf "${wheel_dir}"; fi
+}
+
 # A python that has spotsafe[aws]: SPOTSAFE_PYTHON (e.g. a Deep Learning AMI's conda env),
-# else a venv made once at SPOTSAFE_VENV; SPOTSAFE_PIP_SPEC is installed where missing.
+# else a venv made once at SPOTSAFE_VENV, filled from SPOTSAFE_PIP_SPEC.
 ensure_python() {
   if [ -z "${SPOTSAFE_PYTHON}" ]; then
     SPOTSAFE_PYTHON="${SPOTSAFE_VENV}/bin/python"
     if [ ! -x "${SPOTSAFE_PYTHON}" ]; then
       log "creating a virtual environment at ${SPOTSAFE_VENV}"
       python3 -m venv "${SPOTSAFE_VENV}" 2> /dev/null \
-        || { install_packages python3-venv && python3 -m venv "${SPOTSAFE_VENV}"; }
+        || { install_packages python3-venv && python3 -m venv "${SPOTSAFE_VENV}"; } \
+        || die "cannot create a virtual environment at ${SPOTSAFE_VENV}"
     fi
   fi
   if ! "${SPOTSAFE_PYTHON}" -c 'import spotsafe.volume, boto3' 2> /dev/null; then
-    log "installing ${SPOTSAFE_PIP_SPEC} for ${SPOTSAFE_PYTHON}"
-    "${SPOTSAFE_PYTHON}" -m pip install --quiet "${SPOTSAFE_PIP_SPEC}"
+    install_spotsafe
   fi
   "${SPOTSAFE_PYTHON}" -c 'import spotsafe.volume, boto3' \
     || die "${SPOTSAFE_PYTHON} cannot import spotsafe and boto3: set SPOTSAFE_PYTHON or SPOTSAFE_PIP_SPEC"
@@ -184,14 +299,20 @@ write_env() {
 }
 
 attach_and_mount() {
-  local device mount_args=() move_args=()
-  if [ "${SPOTSAFE_MOVE}" = 1 ]; then move_args=(--move); fi
-  if [ -n "${SPOTSAFE_DEVICE}" ]; then move_args+=(--device "${SPOTSAFE_DEVICE}"); fi
+  local device attach_args=() mount_args=() extra=()
+  if [ "${SPOTSAFE_MOVE}" = 1 ]; then attach_args=(--move); fi
+  if [ -n "${SPOTSAFE_DEVICE}" ]; then attach_args+=(--device "${SPOTSAFE_DEVICE}"); fi
+  if [ -n "${SPOTSAFE_CREATE_SIZE}" ]; then
+    attach_args+=(--create-size "${SPOTSAFE_CREATE_SIZE}" --create-type "${SPOTSAFE_CREATE_TYPE}")
+  fi
   log "attaching the volume (${SPOTSAFE_VOLUME_ID:-${SPOTSAFE_VOLUME_TAG}})"
-  device=$("${SPOTSAFE_PYTHON}" -m spotsafe.volume attach "${VOLUME_SELECTOR[@]}" "${move_args[@]}" "${AWS_ARGS[@]}")
+  device=$("${SPOTSAFE_PYTHON}" -m spotsafe.volume attach "${VOLUME_SELECTOR[@]}" "${attach_args[@]}" "${AWS_ARGS[@]}")
   mount_args=(--device "${device}" --mountpoint "${SPOTSAFE_MOUNT}" --owner "${SPOTSAFE_USER}")
   if [ "${SPOTSAFE_FSTAB}" = 1 ]; then mount_args+=(--fstab); fi
   if [ "${SPOTSAFE_MKFS}" = 1 ]; then mount_args+=(--mkfs); fi
+  if [ "${SPOTSAFE_KEEP_OLD}" = 1 ]; then mount_args+=(--keep-old); fi
+  read -r -a extra <<< "${SPOTSAFE_MOUNT_ARGS}"
+  mount_args+=("${extra[@]}")
   log "mounting ${device} at ${SPOTSAFE_MOUNT}"
   "${SPOTSAFE_PYTHON}" -m spotsafe.volume mount "${VOLUME_SELECTOR[@]}" "${mount_args[@]}" "${AWS_ARGS[@]}" > /dev/null
   as_user mkdir -p "${SPOTSAFE_STORE}" "${SPOTSAFE_LOG_DIR}"
@@ -204,19 +325,45 @@ is_complete() {
   grep -q '^complete: yes' <<< "${status}"
 }
 
+# The training code: the first boot of a run resolves SPOTSAFE_REF to a commit and records
+# "<ref> <commit>" on the volume (SPOTSAFE_CODE_PIN_FILE); later boots check out that commit,
+# whatever the branch did since, so a resumed run never changes code mid-way. Changing
+# SPOTSAFE_REF (in the launch settings) moves the run to the new ref on its next boot.
 fetch_code() {
+  local pinned_ref="" pinned_commit="" commit
   if [ -z "${SPOTSAFE_REPO}" ]; then return 0; fi
   if ! command -v git > /dev/null; then install_packages git; fi
   if [ -d "${SPOTSAFE_CODE_DIR}/.git" ]; then
-    log "updating ${SPOTSAFE_CODE_DIR} to ${SPOTSAFE_REF}"
+    log "updating ${SPOTSAFE_CODE_DIR}"
   else
     log "cloning ${SPOTSAFE_REPO} into ${SPOTSAFE_CODE_DIR}"
     as_user mkdir -p "$(dirname "${SPOTSAFE_CODE_DIR}")"
     as_user git clone --quiet "${SPOTSAFE_REPO}" "${SPOTSAFE_CODE_DIR}"
   fi
-  as_user git -C "${SPOTSAFE_CODE_DIR}" fetch --quiet origin "${SPOTSAFE_REF}"
-  as_user git -C "${SPOTSAFE_CODE_DIR}" checkout --quiet --force FETCH_HEAD
-  log "code at $(as_user git -C "${SPOTSAFE_CODE_DIR}" rev-parse HEAD)"
+  if [ "${SPOTSAFE_CODE_PIN}" = 1 ] && [ -f "${SPOTSAFE_CODE_PIN_FILE}" ]; then
+    read -r pinned_ref pinned_commit < "${SPOTSAFE_CODE_PIN_FILE}" || true
+  fi
+  if [ -n "${pinned_commit}" ] && [ "${pinned_ref}" = "${SPOTSAFE_REF}" ]; then
+    if ! as_user git -C "${SPOTSAFE_CODE_DIR}" cat-file -e "${pinned_commit}^{commit}" 2> /dev/null; then
+      as_user git -C "${SPOTSAFE_CODE_DIR}" fetch --quiet origin "${pinned_commit}" \
+        || die "the run's pinned commit ${pinned_commit} (${SPOTSAFE_CODE_PIN_FILE}) is not in ${SPOTSAFE_REPO}"
+    fi
+    as_user git -C "${SPOTSAFE_CODE_DIR}" checkout --quiet --force "${pinned_commit}"
+    log "code at ${pinned_commit}: pinned when the run started on ${pinned_ref} (delete ${SPOTSAFE_CODE_PIN_FILE} or change SPOTSAFE_REF to move on)"
+  else
+    if [ -n "${pinned_commit}" ]; then
+      log "SPOTSAFE_REF is now ${SPOTSAFE_REF} (the run started on ${pinned_ref}): moving the run to it"
+    fi
+    as_user git -C "${SPOTSAFE_CODE_DIR}" fetch --quiet origin "${SPOTSAFE_REF}"
+    as_user git -C "${SPOTSAFE_CODE_DIR}" checkout --quiet --force FETCH_HEAD
+    commit=$(as_user git -C "${SPOTSAFE_CODE_DIR}" rev-parse HEAD)
+    if [ "${SPOTSAFE_CODE_PIN}" = 1 ]; then
+      mkdir -p "$(dirname "${SPOTSAFE_CODE_PIN_FILE}")"
+      printf '%s %s\n' "${SPOTSAFE_REF}" "${commit}" > "${SPOTSAFE_CODE_PIN_FILE}.tmp"
+      mv -f "${SPOTSAFE_CODE_PIN_FILE}.tmp" "${SPOTSAFE_CODE_PIN_FILE}"
+    fi
+    log "code at ${commit} (${SPOTSAFE_REF})"
+  fi
   if [ -n "${SPOTSAFE_REQUIREMENTS}" ]; then
     "${SPOTSAFE_PYTHON}" -m pip install --quiet -r "${SPOTSAFE_CODE_DIR}/${SPOTSAFE_REQUIREMENTS}"
   fi
@@ -254,7 +401,9 @@ install_unit() {
 Description=spotsafe training run (resumes from its newest checkpoint)
 Wants=network-online.target
 After=network-online.target
-# Crash loops are bounded: python -m spotsafe.resume already restarts the command.
+# Crash loops are bounded: python -m spotsafe.resume already restarts the command. When
+# it gives up the instance shuts down (after-train); so it does when systemd's own limit is
+# hit (StartLimitAction=poweroff in the drop-in). Both only with SPOTSAFE_SHUTDOWN_ON_FAILURE=1.
 StartLimitIntervalSec=3600
 StartLimitBurst=5
 
@@ -273,16 +422,20 @@ KillMode=mixed
 TimeoutStopSec=110
 Restart=on-failure
 RestartSec=30
-# 75: the state is safe and this instance is being taken away: nothing to restart here.
+# 75: the state is safe and this instance is being taken away: a success, nothing to restart.
+SuccessExitStatus=75
 RestartPreventExitStatus=75
 SyslogIdentifier=spotsafe-train
 
 [Install]
 WantedBy=multi-user.target
 UNIT
+  local on_limit=none
+  if [ "${SPOTSAFE_SHUTDOWN_ON_FAILURE}" = 1 ]; then on_limit=poweroff; fi
   cat > "${unit}.d/spotsafe.conf" <<DROPIN
 [Unit]
 RequiresMountsFor=${SPOTSAFE_MOUNT}
+StartLimitAction=${on_limit}
 
 [Service]
 User=${SPOTSAFE_USER}
@@ -296,6 +449,18 @@ DROPIN
   # --no-block: this script runs inside cloud-init's own boot job.
   systemctl start --no-block spotsafe-train.service
   log "started spotsafe-train.service (journalctl -u spotsafe-train -f)"
+  if [ "${SPOTSAFE_SNAPSHOT_EVERY}" != 0 ]; then
+    # A transient unit for this boot: incremental snapshots while the run trains. Never a
+    # reason to fail the boot: training goes on without them.
+    if systemctl is-active --quiet spotsafe-snapshots.service; then
+      log "spotsafe-snapshots is already running"
+    elif systemd-run --unit=spotsafe-snapshots --collect --no-block \
+      --property=EnvironmentFile="${SPOTSAFE_ETC}/spotsafe.env" "${SPOTSAFE_INSTALL_PATH}" snapshots; then
+      log "started spotsafe-snapshots (every ${SPOTSAFE_SNAPSHOT_EVERY} s, keeping ${SPOTSAFE_SNAPSHOT_KEEP})"
+    else
+      log "warning: could not start spotsafe-snapshots; training without periodic snapshots"
+    fi
+  fi
 }
 
 # ----------------------------------------------------------------- phases
@@ -317,12 +482,35 @@ phase_boot() {
   write_env
   if [ "${SPOTSAFE_SKIP_SYSTEMD}" = 1 ]; then
     log "SPOTSAFE_SKIP_SYSTEMD=1: training in the foreground"
-    local rc=0
+    local rc=0 snapshots=""
+    if [ "${SPOTSAFE_SNAPSHOT_EVERY}" != 0 ]; then
+      "${SPOTSAFE_INSTALL_PATH}" snapshots &
+      snapshots=$!
+      log "periodic snapshots every ${SPOTSAFE_SNAPSHOT_EVERY} s beside training (pid ${snapshots})"
+    fi
     as_user "${SPOTSAFE_INSTALL_PATH}" train || rc=$?
-    "${SPOTSAFE_INSTALL_PATH}" after-train "${rc}"
+    if [ -n "${snapshots}" ]; then
+      kill -TERM "${snapshots}" 2> /dev/null || true
+      wait "${snapshots}" || true
+    fi
+    "${SPOTSAFE_INSTALL_PATH}" after-train "${rc}" foreground
     return "${rc}"
   fi
   install_unit
+}
+
+# Incremental snapshots of the volume every SPOTSAFE_SNAPSHOT_EVERY seconds, until SIGTERM.
+phase_snapshots() {
+  ensure_python
+  aws_args
+  exec "${SPOTSAFE_PYTHON}" -m spotsafe.volume snapshot "${VOLUME_SELECTOR[@]}" \
+    --every "${SPOTSAFE_SNAPSHOT_EVERY}" --keep "${SPOTSAFE_SNAPSHOT_KEEP}" "${AWS_ARGS[@]}"
+}
+
+# The settings as this script resolved them (NAME='value' lines, the environment file's format).
+phase_settings() {
+  local name
+  for name in "${SETTINGS[@]}"; do printf "%s='%s'\n" "${name}" "${!name}"; done
 }
 
 # As the training user (the unit's ExecStart): the supervisor, output to journald and the volume.
@@ -335,19 +523,52 @@ phase_train() {
   cd "${SPOTSAFE_CODE_DIR}" 2>/dev/null || cd "${SPOTSAFE_MOUNT}"
   exec > >(tee -a "${SPOTSAFE_LOG_DIR}/${SPOTSAFE_RUN}.log") 2>&1
   log "python -m spotsafe.resume --store ${SPOTSAFE_STORE} -- ${SPOTSAFE_TRAIN_COMMAND} (in $(pwd))"
-  exec "${SPOTSAFE_PYTHON}" -m spotsafe.resume --store "${SPOTSAFE_STORE}" \
-    --max-restarts "${SPOTSAFE_MAX_RESTARTS}" -- /bin/bash -c "exec ${SPOTSAFE_TRAIN_COMMAND}"
+  local stop_mark="${SPOTSAFE_LOG_DIR}/.${SPOTSAFE_RUN}.stopped" rc=0 pid
+  rm -f "${stop_mark}"
+  "${SPOTSAFE_PYTHON}" -m spotsafe.resume --store "${SPOTSAFE_STORE}" \
+    --max-restarts "${SPOTSAFE_MAX_RESTARTS}" -- /bin/bash -c "exec ${SPOTSAFE_TRAIN_COMMAND}" &
+  pid=$!
+  # A stop (systemctl stop, a shutdown: KillMode=mixed signals this shell only) is handed to
+  # the supervisor, which hands it to the training process for its last checkpoint; the mark
+  # tells after-train that this exit is a stop, not a crash loop to shut down for.
+  trap 'touch "${stop_mark}"; kill -TERM "${pid}" 2> /dev/null || true' TERM INT
+  while true; do
+    rc=0
+    wait "${pid}" || rc=$?
+    if ! kill -0 "${pid}" 2> /dev/null; then break; fi
+  done
+  exit "${rc}"
 }
 
 # As root after the training process ended (the unit's ExecStopPost): finish a completed run.
 phase_after_train() {
-  local rc="${2:-${EXIT_STATUS:-}}"
+  # $2: the training's exit status (foreground), else systemd's EXIT_STATUS; $3: "foreground".
+  local rc="${2:-${EXIT_STATUS:-}}" how="${3:-systemd}"
   if [ -z "${SPOTSAFE_PYTHON}" ]; then SPOTSAFE_PYTHON="${SPOTSAFE_VENV}/bin/python"; fi
   aws_args
-  if [ "${rc}" != 0 ]; then
-    log "training ended with ${rc:-unknown status} (${SERVICE_RESULT:-}): not finishing"
-    return 0
-  fi
+  case "${rc}" in
+    0) ;;
+    75)
+      log "training stopped for the interruption with its state safe (exit 75): the replacement resumes it"
+      return 0
+      ;;
+    *)
+      if [ -f "${SPOTSAFE_LOG_DIR}/.${SPOTSAFE_RUN}.stopped" ]; then
+        rm -f "${SPOTSAFE_LOG_DIR}/.${SPOTSAFE_RUN}.stopped"
+        log "training was stopped (exit ${rc}): not a crash, nothing to do"
+      elif [ "${how}" = foreground ] || [ "${EXIT_CODE:-exited}" = exited ]; then
+        # python -m spotsafe.resume exits on its own only after SPOTSAFE_MAX_RESTARTS restarts
+        # of the command (with the command's status): a GPU idling behind a crash loop bills by the hour.
+        log "the training command kept crashing: the supervisor gave up (exit ${rc})"
+        shutdown_on_failure "the run crash-loops"
+      else
+        # The supervisor itself was killed (${EXIT_CODE}: OOM, a signal): systemd restarts the
+        # unit, and StartLimitAction=poweroff bounds that.
+        log "training ended by ${EXIT_CODE} ${rc} (${SERVICE_RESULT:-}): systemd restarts it"
+      fi
+      return 0
+      ;;
+  esac
   if is_complete; then
     finish_run
   else
@@ -361,5 +582,7 @@ case "${phase}" in
   boot) phase_boot ;;
   train) phase_train ;;
   after-train) phase_after_train "$@" ;;
-  *) die "unknown phase ${phase}: use boot, train or after-train" ;;
+  snapshots) phase_snapshots ;;
+  settings) phase_settings ;;
+  *) die "unknown phase ${phase}: use boot, settings, train, after-train or snapshots" ;;
 esac
