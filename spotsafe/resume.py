@@ -341,6 +341,10 @@ def supervise(
             return 0
     child_env = dict(os.environ if env is None else env)
     child_env["SPOTSAFE_STORE"] = store
+    # issue 18: torchrun's agent-shared TCPStore does not publish the new round's MASTER_ADDR when
+    # a node joins a running job (the joiner waits 60 s and fails; pytorch/pytorch#135712 for restarts):
+    # the workers get their own store, as before torch 2.5.
+    child_env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     sup = Supervisor(
         command,
         env=child_env,
