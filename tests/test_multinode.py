@@ -270,9 +270,10 @@ def test_two_nodes_notice_on_one_survivor_continues_then_a_replacement_joins(tmp
         doomed="B",
         joiner="C",
         nnodes="1:2",
-        # A holds alone (world 1) until a node joins, at a batch where the 1 -> 2 re-split is exact
-        # (2 divides the global batch count); B holds at world 2 until its own notice
-        holds={"A": "1 1 2", "B": "2 3 1"},
+        # A holds alone (world 1) until a node joins, so that it saves at an odd batch (2 does not
+        # divide the global batch count: the re-split must be at the sample count); B holds at
+        # world 2 until its own notice
+        holds={"A": "1 1 2 1", "B": "2 3 1 0"},
     )
 
 
@@ -284,5 +285,6 @@ def test_three_nodes_the_rendezvous_host_is_preempted_two_carry_on_a_third_joins
         doomed="A",  # A started first: its torchrun hosts the c10d store, and it goes away
         joiner="D",
         nnodes="2:3",
-        holds={"A": "3 2 2", "B": "2 1 3", "C": "2 1 3"},
+        # every world change at a batch count the new world size does not divide
+        holds={"A": "3 2 2 1", "B": "2 1 3 1", "C": "2 1 3 1"},
     )

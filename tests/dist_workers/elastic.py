@@ -7,11 +7,13 @@ on each "node" (one process per node, all on loopback), each node with its own A
 metadata simulator in its environment. The Run watches it and SIGTERM as usual.
 
 Every step is logged to ``OUT/seen-NODE.jsonl`` (time, world size, rank, the launch
-it belongs to, the dataset indices). ``OUT/hold-NODE`` (lines of ``WORLD MINSTEPS MOD``) makes
-the worker pause after a step, while its own watcher has no notice, once it has
+it belongs to, the dataset indices). ``OUT/hold-NODE`` (lines of ``WORLD MINSTEPS MOD REM``)
+makes the worker pause after a step, while its own watcher has no notice, once it has
 taken MINSTEPS steps in this launch on a world of WORLD ranks, at a batch such that
-the save a notice then causes lands on a batch number divisible by MOD (the
-notice is acted on one step later on one rank, two with several: ``agree_every=1``).
+the save a notice then causes lands on a batch number equal to REM modulo MOD (the
+notice is acted on one step later on one rank, two with several: ``agree_every=1``),
+so a test can choose world changes where the new world size does not divide the
+global batch count.
 It writes ``OUT/held-NODE`` when it starts waiting, so the test knows when to act.
 """
 
@@ -81,7 +83,13 @@ def main() -> None:
             specs = [text.split() for text in hold_file.read_text().splitlines()] if hold_file.exists() else []
             for spec in specs:
                 target = run.batch + lead
-                if world != int(spec[0]) or taken < int(spec[1]) or target % int(spec[2]) or target > len(loader):
+                rem = int(spec[3]) if len(spec) > 3 else 0
+                if (
+                    world != int(spec[0])
+                    or taken < int(spec[1])
+                    or target % int(spec[2]) != rem
+                    or target > len(loader)
+                ):
                     continue
                 if run.watcher is None or run.watcher.notice is not None:
                     break
