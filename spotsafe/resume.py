@@ -140,10 +140,11 @@ class Supervisor:
                 if self.relaunches == 0 or (mark is not None and mark != free_at):
                     free_at = mark
                     self.relaunches += 1
+                    restarts = 0  # the run moved on: --max-restarts counts crashes since
+                    where = f" (its newest checkpoint: step {mark})" if mark is not None else ""
                     _say(
-                        f"the job stopped for a notice on another node (its newest checkpoint: step {mark}); "
-                        "this instance is healthy: relaunching now so the survivors carry on "
-                        f"(relaunch {self.relaunches})"
+                        f"the job stopped for a notice on another node{where}; this instance is healthy: "
+                        f"relaunching now so the survivors carry on (relaunch {self.relaunches})"
                     )
                     continue
                 _say(
