@@ -127,6 +127,37 @@ def test_peer_notices_without_progress_are_counted_as_failures(
     assert "GIVING UP" in err
 
 
+def test_a_signal_to_the_supervisor_stops_it_even_on_quiet_metadata(tmp_path: Path) -> None:
+    """systemctl stop / Kubernetes: the supervisor's own SIGTERM is proof enough; no relaunch."""
+    ready, count = tmp_path / "ready", tmp_path / "count"
+    child = tmp_path / "child.py"
+    child.write_text(
+        textwrap.dedent(f"""
+        import signal, sys, time
+        from pathlib import Path
+        f = Path({str(count)!r})
+        f.write_text(str(int(f.read_text()) + 1 if f.exists() else 1))
+        signal.signal(signal.SIGTERM, lambda *a: sys.exit({EXIT_PREEMPTED}))
+        Path({str(ready)!r}).write_text("1")
+        time.sleep(60)
+    """)
+    )
+    with AWSSimulator() as sim:
+        env = {**os.environ, **simulated_environment(sim)}
+        proc = subprocess.Popen(
+            [PY, "-m", "spotsafe.resume", "--store", str(tmp_path / "store"), "--", PY, str(child)],
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        wait_until(lambda: proc.poll() is None and ready.exists(), 30, what="the child to start")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == EXIT_PREEMPTED, err
+    assert count.read_text() == "1"
+    assert "relaunching" not in err
+
+
 def test_killed_child_status_and_restart(tmp_path: Path) -> None:
     cmd = script(
         tmp_path,
