@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -110,8 +111,10 @@ def check(env: Mapping[str, str] | None = None, *, timeout: float = 1.0, probe_t
     threads = [threading.Thread(target=ask, args=(n,), name=f"spotsafe-node-{n}", daemon=True) for n in names]
     for t in threads:
         t.start()
+    # Connect and read timeouts bound each request, not a DNS lookup: one overall deadline does.
+    deadline = time.monotonic() + probe_timeout + 2 * timeout + 0.5
     for t in threads:
-        t.join(probe_timeout + 2 * timeout + 0.5)
+        t.join(max(0.0, deadline - time.monotonic()))
     with guard:
         seen = dict(results)
     answered = tuple(n for n, r in seen.items() if not isinstance(r, Exception))
