@@ -76,6 +76,25 @@ def _sampler_generator(loader: DataLoader[Any]) -> torch.Generator | None:
     return None
 
 
+def _split_sampler(loader: DataLoader[Any]) -> Any | None:
+    """The loader's ``DistributedSampler`` when it is batched plainly (``batch_size=B``), else None.
+
+    Only then is the global order of an epoch known (the same permutation on every
+    world size, dealt round-robin), so an epoch can continue on another world size
+    at an exact global sample count.
+    """
+    from torch.utils.data import BatchSampler, DistributedSampler
+
+    from spotsafe.distributed import ElasticDistributedSampler
+
+    sampler = loader.sampler
+    if not isinstance(sampler, (DistributedSampler, ElasticDistributedSampler)):
+        return None
+    if loader.batch_size is None or type(loader.batch_sampler) is not BatchSampler:
+        return None
+    return sampler
+
+
 class ResumableLoader:
     """Iterates one loader an epoch at a time, starting at any batch of the epoch.
 
@@ -125,6 +144,43 @@ class ResumableLoader:
     def __len__(self) -> int:
         return len(self.loader)  # type: ignore[arg-type]
 
+    @property
+    def batch_size(self) -> int | None:
+        """Per-rank batch size when an epoch can be re-split at a global sample count, else None.
+
+        True for a map-style DataLoader over a ``DistributedSampler`` (or
+        :class:`spotsafe.distributed.ElasticDistributedSampler`) with ``batch_size=B``.
+        """
+        loader = self.loader
+        if self.kind != "planned" or not isinstance(loader, DataLoader) or _split_sampler(loader) is None:
+            return None
+        return loader.batch_size
+
+    def _resplit_plan(self, epoch: int, offset: int) -> list[Any]:
+        """This rank's batches of ``epoch`` after the first ``offset`` samples of its global order."""
+        from spotsafe.distributed import ElasticDistributedSampler
+
+        loader = self.loader
+        assert isinstance(loader, DataLoader) and loader.batch_size is not None
+        ds = _split_sampler(loader)
+        assert ds is not None
+        elastic = ElasticDistributedSampler(
+            ds.dataset,
+            num_replicas=ds.num_replicas,
+            rank=ds.rank,
+            shuffle=ds.shuffle,
+            seed=ds.seed,
+            drop_last=ds.drop_last,
+        )
+        elastic.set_position(epoch, offset)
+        indices = list(elastic)
+        size = loader.batch_size
+        batches = [indices[i : i + size] for i in range(0, len(indices), size)]
+        if loader.drop_last and batches and len(batches[-1]) < size:
+            batches.pop()
+        self.sampler_state = None
+        return batches
+
     # -- planning -----------------------------------------------------------------
 
     def plan(self, *, epoch: int, epoch_seed: int, sampler_state: torch.Tensor | None = None) -> list[Any]:
@@ -164,11 +220,22 @@ class ResumableLoader:
         start: int = 0,
         sampler_state: torch.Tensor | None = None,
         loader_state: Mapping[str, Any] | None = None,
+        offset: int = 0,
     ) -> Iterator[Any]:
-        """Batches of ``epoch`` from batch number ``start`` (0-based) on."""
+        """Batches of ``epoch`` from batch number ``start`` (0-based) on.
+
+        ``offset`` (only where :attr:`batch_size` is not None): the epoch was re-split
+        after that many samples of its global order (read on another world size);
+        ``start`` then counts batches from there.
+        """
         if self.kind == "planned":
             assert self._planned is not None
-            batches = self.plan(epoch=epoch, epoch_seed=epoch_seed, sampler_state=sampler_state)
+            if offset > 0:
+                if self.batch_size is None:
+                    raise ValueError(f"{self.loader!r} cannot continue an epoch at a global sample count")
+                batches = self._resplit_plan(epoch, offset)
+            else:
+                batches = self.plan(epoch=epoch, epoch_seed=epoch_seed, sampler_state=sampler_state)
             self._plan_sampler.plan = batches[start:]
             if not self._plan_sampler.plan:
                 return iter(())

@@ -6,11 +6,17 @@ It runs the command with ``SPOTSAFE_STORE`` set (so ``spotsafe.Run()`` with no s
 uses it); the child's output goes straight to this process's stdout/stderr. Then:
 
 - exit 0: done, exit 0;
-- exit 75 (:data:`spotsafe.EXIT_PREEMPTED`): the state is safe and this instance is
-  going away: exit 75 without restarting;
 - exit 77 (:data:`spotsafe.EXIT_FENCED`): another instance took the store's writer
   lease over (a capacity-rebalance replacement, say): the run lives on there; exit 77
   without restarting;
+- exit 75 (:data:`spotsafe.EXIT_PREEMPTED`), or any exit of a launch during which the
+  run committed a notice checkpoint (torchrun reports its workers' 75 as 1): the state
+  is safe and the job stopped for a notice. Whose? The supervisor asks its own
+  instance (:mod:`spotsafe.node`; a signal to the supervisor is proof too):
+  this instance is going away: exit 75 without restarting; this instance is healthy
+  (another node of a multi-node job was preempted): relaunch at once, no backoff, so
+  torchrun re-rendezvous with the survivors; nothing here can tell (no metadata
+  source answers): exit 75, as before;
 - any other exit (a crash, a kill): restart the command (it resumes from the newest
   checkpoint) after a backoff, up to ``--max-restarts`` times, then fail loudly;
 - a run already marked complete in the store: do nothing, say so, exit 0;
@@ -35,6 +41,8 @@ from types import FrameType
 from typing import Any, TextIO
 
 from spotsafe import EXIT_FENCED, EXIT_PREEMPTED
+from spotsafe.node import InstanceState
+from spotsafe.node import check as check_instance
 
 #: Exit status when the command kept crashing (EX_SOFTWARE).
 EXIT_GAVE_UP = 70
@@ -64,8 +72,16 @@ class Supervisor:
     #: ``preempted(since)``: True when the run saved a notice checkpoint after ``since``
     #: (UTC): a launcher such as torchrun turns its workers' 75 into 1, the store does not lie.
     preempted: Callable[[datetime], bool] | None = None
+    #: ``instance()``: this instance's own metadata, asked fresh (:func:`spotsafe.node.check`);
+    #: None: a preempted launch always means this instance is going away.
+    instance: Callable[[], InstanceState] | None = None
+    #: ``progress()``: the newest checkpoint's step (None: none): a relaunch after another
+    #: node's notice is free only when the run moved on since the previous one.
+    progress: Callable[[], int | None] | None = None
     #: returncodes of every launch, in order
     history: list[int] = field(default_factory=list)
+    #: Relaunches at once because another node's notice stopped the job (multi-node).
+    relaunches: int = 0
     _child: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     _stopping: threading.Event = field(default_factory=threading.Event, repr=False)
     _forwarded: int | None = field(default=None, repr=False)
@@ -103,6 +119,7 @@ class Supervisor:
     def run(self) -> int:
         """Launch, restarting after crashes; the final exit status."""
         restarts = 0
+        free_at: int | None = None  # the progress mark of the last free relaunch
         while True:
             started = datetime.now(timezone.utc)
             status = self.launch_once()
@@ -121,10 +138,29 @@ class Supervisor:
                 )
                 status = EXIT_PREEMPTED
             if status == EXIT_PREEMPTED:
+                # --- issue 18: whose notice? Only this instance's own stops this node. ---
+                if self._stopping.is_set() or not self._healthy():
+                    _say(
+                        f"the run saved its state on a preemption notice (exit {EXIT_PREEMPTED}); "
+                        "not restarting on this instance"
+                    )
+                    return EXIT_PREEMPTED
+                mark = self._safe_progress()
+                if self.relaunches == 0 or (mark is not None and mark != free_at):
+                    free_at = mark
+                    self.relaunches += 1
+                    restarts = 0  # the run moved on: --max-restarts counts crashes since
+                    where = f" (its newest checkpoint: step {mark})" if mark is not None else ""
+                    _say(
+                        f"the job stopped for a notice on another node{where}; this instance is healthy: "
+                        f"relaunching now so the survivors carry on (relaunch {self.relaunches})"
+                    )
+                    continue
                 _say(
-                    f"the run saved its state on a preemption notice (exit {EXIT_PREEMPTED}); not restarting on this instance"
+                    "the job stopped for a notice again without training past step "
+                    f"{mark}: counting it as a failed launch"
                 )
-                return EXIT_PREEMPTED
+                # --- end issue 18 ---
             if self._stopping.is_set():
                 _say(f"stopped by signal {self._forwarded}; the command exited with status {status}")
                 return status
@@ -140,6 +176,33 @@ class Supervisor:
             _say(f"the command exited with status {status}; restart {restarts}/{self.max_restarts} in {delay:g} s")
             if self._stopping.wait(delay):
                 return status
+
+    def _healthy(self) -> bool:
+        """True only when this instance's own metadata answers and announces nothing."""
+        if self.instance is None:
+            return False
+        try:
+            state = self.instance()
+        except Exception as e:  # noqa: BLE001 - cannot tell: keep the conservative reading
+            _say(f"could not ask this instance's metadata whether it is going away: {e}")
+            return False
+        if state.verdict == "doomed":
+            _say(f"this instance is going away ({state.detail})")
+            return False
+        if state.verdict == "unknown":
+            _say(f"no metadata source of this instance answers ({state.detail}): taking the notice as its own")
+            return False
+        _say(f"this instance is not going away ({state.detail})")
+        return True
+
+    def _safe_progress(self) -> int | None:
+        if self.progress is None:
+            return None
+        try:
+            return self.progress()
+        except Exception as e:  # noqa: BLE001 - an unreadable store: no progress known
+            _say(f"could not read the store's newest checkpoint: {e}")
+            return None
 
     def _safe_preempted(self, since: datetime) -> bool:
         assert self.preempted is not None
@@ -160,6 +223,18 @@ def notice_checkpoint_since(store: str, since: datetime) -> bool:
     finally:
         ckpt.close()
     return bool(infos) and infos[-1].reason == "notice" and infos[-1].time >= since
+
+
+def newest_step(store: str) -> int | None:
+    """The step of the newest committed checkpoint in ``store``, or None."""
+    from spotsafe.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(store)
+    try:
+        infos = ckpt.list()
+    finally:
+        ckpt.close()
+    return infos[-1].step if infos else None
 
 
 def completion(store: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
@@ -276,12 +351,18 @@ def supervise(
             return 0
     child_env = dict(os.environ if env is None else env)
     child_env["SPOTSAFE_STORE"] = store
+    # issue 18: torchrun's agent-shared TCPStore does not publish the new round's MASTER_ADDR when
+    # a node joins a running job (the joiner waits 60 s and fails; pytorch/pytorch#135712 for restarts):
+    # the workers get their own store, as before torch 2.5.
+    child_env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     sup = Supervisor(
         command,
         env=child_env,
         max_restarts=max_restarts,
         backoff=backoff,
         preempted=lambda since: notice_checkpoint_since(store, since),
+        instance=lambda: check_instance(child_env),
+        progress=lambda: newest_step(store),
     )
 
     def handler(signum: int, frame: FrameType | None) -> None:

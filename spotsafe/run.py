@@ -152,8 +152,13 @@ class Run:
         self.resumed_from: CheckpointInfo | None = None
         self.step_count = 0
         self.epoch = 0
-        #: Batches of the current epoch already handed out (where a resume continues).
+        #: Batches of the current epoch already handed out (where a resume continues); after a
+        #: world-size change mid-epoch, counted from the re-split (``_offset``).
         self.batch = 0
+        #: Samples of the current epoch's global order read before it was re-split over a new
+        #: world size (0: not re-split); ``_resplit``: (old world size, old batch) to apply.
+        self._offset = 0
+        self._resplit: tuple[int, int] | None = None
         self.seed = seed
         self._epoch_seed: int | None = None
         self._sampler_state: torch.Tensor | None = None
@@ -264,12 +269,15 @@ class Run:
             self._sampler_state = None
             self._loader_state = None
             self.batch = 0
+        if self._resplit is not None:
+            self._apply_resplit(rl)
         iterator = rl.epoch(
             epoch=self.epoch,
             epoch_seed=self._epoch_seed,
             start=self.batch,
             sampler_state=self._sampler_state,
             loader_state=self._loader_state,
+            offset=self._offset,
         )
         self._sampler_state = rl.sampler_state
         try:
@@ -415,6 +423,7 @@ class Run:
             "sampler_state": self._sampler_state,
             "loader_state": loader_state,
             "world_size": self._ddp.ctx.world_size if self._ddp is not None else 1,
+            "offset": self._offset,
         }
 
     def _state(self) -> dict[str, Any]:
@@ -454,15 +463,19 @@ class Run:
         self.step_count = int(run_state["step"])
         self.epoch = int(run_state["epoch"])
         self.batch = int(run_state["batch"])
+        self._offset = int(run_state.get("offset") or 0)
         old_world = int(run_state.get("world_size") or 1)
         new_world = self._ddp.ctx.world_size if self._ddp is not None else 1
         if old_world != new_world:
             from spotsafe.distributed import rescale_batch
 
             # DistributedSampler deals one permutation round-robin: the global count of
-            # batches read is what carries over to another number of ranks.
+            # samples read is what carries over to another number of ranks. batches()
+            # re-splits the epoch at that count when the loader allows; otherwise the
+            # batch position is rescaled (exact when the new world size divides it).
+            self._resplit = (old_world, self.batch)
             self.batch = rescale_batch(self.batch, old_world, new_world)
-            log.info("world size %d -> %d: batch position rescaled to %d", old_world, new_world, self.batch)
+            log.info("world size %d -> %d: the interrupted epoch is re-split", old_world, new_world)
         if self.seed is None and run_state.get("seed") is not None:
             self.seed = int(run_state["seed"])
         self._epoch_seed = None if run_state.get("epoch_seed") is None else int(run_state["epoch_seed"])
@@ -474,6 +487,23 @@ class Run:
         log.info("resuming from step %d (epoch %d, batch %d) at %s", self.step_count, self.epoch, self.batch, where)
         emit_event("resumed", step=self.step_count, epoch=self.epoch, batch=self.batch, url=where)
 
+    def _apply_resplit(self, rl: ResumableLoader) -> None:
+        """Continue the restored epoch on this world size at the exact global sample count."""
+        assert self._resplit is not None
+        old_world, old_batch = self._resplit
+        self._resplit = None
+        size = rl.batch_size
+        if size is None:  # not a DistributedSampler loader: keep the rescaled batch position
+            if self._offset:
+                raise RunStateError(
+                    f"{self.store.url}: the checkpoint continues a re-split epoch, which needs a "
+                    "DataLoader over a DistributedSampler with batch_size set"
+                )
+            return
+        self._offset += old_batch * old_world * size
+        self.batch = 0
+        log.info("epoch %d continues after %d samples of its global order", self.epoch, self._offset)
+
     def _end_epoch(self) -> None:
         try:
             self._next_epoch()
@@ -483,6 +513,8 @@ class Run:
     def _next_epoch(self) -> None:
         self.epoch += 1
         self.batch = 0
+        self._offset = 0
+        self._resplit = None
         self._epoch_seed = None
         self._sampler_state = None
         self._loader_state = None

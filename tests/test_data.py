@@ -146,3 +146,35 @@ def test_seeds() -> None:
     a = draw_epoch_seed()
     torch.manual_seed(3)
     assert draw_epoch_seed() == a
+
+
+@pytest.mark.parametrize(("old", "new", "batches"), [(2, 3, 3), (3, 2, 1), (1, 2, 5), (3, 4, 2), (2, 2, 3)])
+def test_an_epoch_resplit_at_a_global_sample_count_reads_every_sample_once(old: int, new: int, batches: int) -> None:
+    """``offset``: the epoch continues on another world size after exactly the samples read on the old one."""
+    data = list(range(48))
+
+    def loader(world: int, rank: int) -> DataLoader[Any]:
+        return DataLoader(data, batch_size=4, sampler=DistributedSampler(data, world, rank, shuffle=True, seed=3))  # type: ignore[arg-type]
+
+    before = [
+        i
+        for r in range(old)
+        for b in list(ResumableLoader(loader(old, r)).epoch(epoch=5, epoch_seed=0))[:batches]
+        for i in b.tolist()
+    ]
+    offset = batches * old * 4
+    rls = [ResumableLoader(loader(new, r)) for r in range(new)]
+    assert {rl.batch_size for rl in rls} == {4}
+    after = [i for rl in rls for b in rl.epoch(epoch=5, epoch_seed=0, offset=offset) for i in b.tolist()]
+    assert sorted(before + after) == data
+    # a second interruption inside the re-split epoch: start counts batches from the offset
+    rest = [i for rl in rls for b in rl.epoch(epoch=5, epoch_seed=0, offset=offset, start=1) for i in b.tolist()]
+    first = [i for rl in rls for b in list(rl.epoch(epoch=5, epoch_seed=0, offset=offset))[:1] for i in b.tolist()]
+    assert sorted(before + first + rest) == data
+
+
+def test_an_offset_needs_a_distributed_sampler() -> None:
+    rl = ResumableLoader(DataLoader(list(range(8)), batch_size=2, shuffle=True))
+    assert rl.batch_size is None
+    with pytest.raises(ValueError, match="cannot continue an epoch at a global sample count"):
+        rl.epoch(epoch=0, epoch_seed=1, offset=4)

@@ -7,12 +7,14 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
 
 from spotsafe import EXIT_PREEMPTED
 from spotsafe.resume import Supervisor, exit_status, main, supervise
+from spotsafe.simulate import AWSSimulator, simulated_environment
 from tests.helpers import wait_until
 
 PY = sys.executable
@@ -79,6 +81,81 @@ def test_preempted_child_is_not_restarted(tmp_path: Path) -> None:
     )
     assert code == EXIT_PREEMPTED
     assert launches(tmp_path) == 1
+
+
+def test_healthy_instance_relaunches_at_once_after_another_nodes_notice(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Exit 75 on an instance whose own metadata answers and is quiet: another node's notice."""
+    cmd = script(tmp_path, COUNTER)
+    with AWSSimulator() as sim:
+        env = {**counter_env(tmp_path, f"{EXIT_PREEMPTED},0"), **simulated_environment(sim)}
+        t0 = time.monotonic()
+        code = supervise(cmd, str(tmp_path / "store"), env=env, backoff=60, check_complete=False)
+    assert code == 0
+    assert launches(tmp_path) == 2
+    assert time.monotonic() - t0 < 30  # no crash backoff (60 s) before the relaunch
+    err = capfd.readouterr().err
+    assert "this instance is not going away (aws: quiet)" in err
+    assert "relaunching now" in err
+
+
+def test_doomed_instance_exits_75_without_restarting(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    cmd = script(tmp_path, COUNTER)
+    with AWSSimulator() as sim:
+        sim.arm("terminate")
+        env = {**counter_env(tmp_path, f"{EXIT_PREEMPTED},0"), **simulated_environment(sim)}
+        code = supervise(cmd, str(tmp_path / "store"), env=env, backoff=0.01, check_complete=False)
+    assert code == EXIT_PREEMPTED
+    assert launches(tmp_path) == 1
+    assert "this instance is going away (aws: terminate notice)" in capfd.readouterr().err
+
+
+def test_peer_notices_without_progress_are_counted_as_failures(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A child that exits 75 at once forever on a quiet instance must not spin: one free relaunch,
+    then the crash rule (backoff, --max-restarts) until the run moves on."""
+    cmd = script(tmp_path, COUNTER)
+    with AWSSimulator() as sim:
+        env = {**counter_env(tmp_path, f"{EXIT_PREEMPTED}"), **simulated_environment(sim)}
+        code = supervise(cmd, str(tmp_path / "store"), env=env, max_restarts=2, backoff=0.01, check_complete=False)
+    assert code == EXIT_PREEMPTED
+    assert launches(tmp_path) == 4  # 1 + the free relaunch + 2 counted restarts
+    err = capfd.readouterr().err
+    assert "counting it as a failed launch" in err
+    assert "GIVING UP" in err
+
+
+def test_a_signal_to_the_supervisor_stops_it_even_on_quiet_metadata(tmp_path: Path) -> None:
+    """systemctl stop / Kubernetes: the supervisor's own SIGTERM is proof enough; no relaunch."""
+    ready, count = tmp_path / "ready", tmp_path / "count"
+    child = tmp_path / "child.py"
+    child.write_text(
+        textwrap.dedent(f"""
+        import signal, sys, time
+        from pathlib import Path
+        f = Path({str(count)!r})
+        f.write_text(str(int(f.read_text()) + 1 if f.exists() else 1))
+        signal.signal(signal.SIGTERM, lambda *a: sys.exit({EXIT_PREEMPTED}))
+        Path({str(ready)!r}).write_text("1")
+        time.sleep(60)
+    """)
+    )
+    with AWSSimulator() as sim:
+        env = {**os.environ, **simulated_environment(sim)}
+        proc = subprocess.Popen(
+            [PY, "-m", "spotsafe.resume", "--store", str(tmp_path / "store"), "--", PY, str(child)],
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        wait_until(lambda: proc.poll() is None and ready.exists(), 30, what="the child to start")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == EXIT_PREEMPTED, err
+    assert count.read_text() == "1"
+    assert "relaunching" not in err
 
 
 def test_killed_child_status_and_restart(tmp_path: Path) -> None:
