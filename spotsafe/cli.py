@@ -4,7 +4,8 @@
   integrity check (every file present with its size);
 - ``spotsafe verify STORE [--step N]``: the same with every checksum; exit status 1
   when any checkpoint is damaged;
-- ``spotsafe resume|volume|simulate ...``: delegate to ``python -m spotsafe.<name>``.
+- ``spotsafe resume|volume|simulate ...``: delegate to ``python -m spotsafe.<name>``;
+- ``spotsafe launch|status|down|price ...``: a spot trainer on AWS (spotsafe/launch.py).
 """
 
 from __future__ import annotations
@@ -150,7 +151,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, (_module, helptext) in _DELEGATES.items():
         sub.add_parser(name, help=helptext, add_help=False)
     sub.add_parser("simulate", help=_SIMULATE_HELP, add_help=False)
+    # -- launch, status, down, price: their parsers and logic live in spotsafe/launch.py
+    from spotsafe import launch as _launch
+
+    _launch.add_parsers(sub)
     ns = parser.parse_args(args)
+    if ns.command in _launch.COMMANDS:
+        return _launch.run_command(ns)
+    # -- end launch
     try:
         return _listing(
             ns.store,
