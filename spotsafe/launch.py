@@ -335,9 +335,9 @@ def instance_policy(spec: LaunchSpec) -> dict[str, Any]:
 
 
 def boot_script() -> str:
-    """The text of ``userdata/spot-boot.sh``: in the repository, or installed beside the package."""
+    """The text of ``userdata/spot-boot.sh`` (``spotsafe/userdata`` links to it; wheels carry it there)."""
     here = Path(__file__).resolve().parent
-    for cand in (here.parent / "userdata" / "spot-boot.sh", here / "userdata" / "spot-boot.sh"):
+    for cand in (here / "userdata" / "spot-boot.sh", here.parent / "userdata" / "spot-boot.sh"):
         if cand.is_file():
             return cand.read_text()
     raise LaunchError(f"userdata/spot-boot.sh is not found next to {here}: reinstall spotsafe from its repository")
@@ -658,12 +658,18 @@ class _Launch:
         self.result.policy = policy
         doc = json.dumps(policy, indent=2, sort_keys=True)
         try:
-            iam.get_role(RoleName=self.name)
+            role = iam.get_role(RoleName=self.name)["Role"]
             exists = True
         except Exception as e:
             if _code(e) != "NoSuchEntity":
                 raise LaunchError(f"GetRole {self.name}: {e}") from e
             exists = False
+        if exists and {"Key": TAG, "Value": self.spec.name} not in role.get("Tags", []):
+            # Launch tags the role as it creates it: an untagged one is somebody else's.
+            raise LaunchError(
+                f"IAM role {self.name} exists but is not tagged {TAG}={self.spec.name}: "
+                "not made by spotsafe launch for this run; pick another run name"
+            )
         if not exists:
             self.step("create", "iam role", self.name, "trusted by ec2.amazonaws.com")
             if self.apply:
@@ -894,6 +900,13 @@ class _Launch:
             if self.apply:
                 self._create_group(want)
             return
+        if {"Key": TAG, "Value": self.spec.name} not in [
+            {"Key": t["Key"], "Value": t["Value"]} for t in g.get("Tags", [])
+        ]:
+            raise LaunchError(
+                f"Auto Scaling group {self.name} exists but is not tagged {TAG}={self.spec.name}: "
+                "not made by spotsafe launch for this run; pick another run name"
+            )
         have = _group_settings(g)
         changed = sorted(k for k in want if _norm(want[k]) != _norm(have.get(k)))
         if g.get("DesiredCapacity") == 0:

@@ -195,6 +195,14 @@ def assert_launched(aws: L.Clients, spec: L.LaunchSpec, *, script: str | None = 
 # --------------------------------------------------------------------------- launch
 
 
+def test_the_package_carries_the_boot_script_unchanged() -> None:
+    import spotsafe
+
+    shipped = Path(spotsafe.__file__).parent / "userdata" / "spot-boot.sh"
+    assert shipped.read_text() == (ROOT / "userdata" / "spot-boot.sh").read_text() == L.boot_script()
+    assert '"userdata/*"' in (ROOT / "pyproject.toml").read_text()  # so that wheels carry it too
+
+
 def test_plan_without_yes_changes_nothing(aws: L.Clients) -> None:
     spec = vspec(unique_tag())
     r = L.launch(spec, aws)
@@ -398,6 +406,15 @@ def test_the_volume_zone_without_a_subnet_there_is_a_clear_error(aws: L.Clients)
     other = [s for s, z in _default_subnets(aws).items() if z != zone][:2]
     with pytest.raises(LaunchError, match=f"is in {zone} and none of the subnets is"):
         L.launch(vspec(spec.name, subnets=tuple(other)), aws)
+
+
+def test_a_same_named_role_of_someone_else_is_never_taken_over(aws: L.Clients) -> None:
+    spec = vspec(unique_tag())
+    aws.iam.create_role(RoleName=spec.resource_name, AssumeRolePolicyDocument=json.dumps(L._EC2_TRUST))
+    with pytest.raises(LaunchError, match="not tagged spotsafe-run="):
+        L.launch(spec, aws, apply=True)
+    assert aws.iam.list_role_policies(RoleName=spec.resource_name)["PolicyNames"] == []
+    aws.iam.delete_role(RoleName=spec.resource_name)
 
 
 # --------------------------------------------------------------------------- code pinning
