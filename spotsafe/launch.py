@@ -590,7 +590,17 @@ class LaunchResult:
 
 
 class _Launch:
-    def __init__(self, spec: LaunchSpec, aws: Clients, *, apply: bool, script: str | None, wait: float) -> None:
+    def __init__(
+        self,
+        spec: LaunchSpec,
+        aws: Clients,
+        *,
+        apply: bool,
+        script: str | None,
+        wait: float,
+        on_step: Callable[[Step], None] | None,
+    ) -> None:
+        self.on_step = on_step
         self.spec = spec
         self.aws = aws
         self.apply = apply
@@ -600,7 +610,10 @@ class _Launch:
         self.name = spec.resource_name
 
     def step(self, verb: Verb, kind: str, name: str, detail: str = "") -> None:
+        # Announced before it is done: an interrupted launch shows where it stopped.
         self.result.steps.append(Step(verb, kind, name, detail))
+        if self.on_step is not None:
+            self.on_step(self.result.steps[-1])
 
     # ---- the pieces, in dependency order
 
@@ -1059,15 +1072,17 @@ def launch(
     apply: bool = False,
     script: str | None = None,
     profile_wait: float = 120.0,
+    on_step: Callable[[Step], None] | None = None,
 ) -> LaunchResult:
     """Plan (``apply=False``: describes only) or create the run's resources; idempotent.
 
     ``script``: the boot script's text (default: ``userdata/spot-boot.sh``).
     ``profile_wait``: how long a fresh instance profile may take to become usable.
+    ``on_step``: called with each step as it is decided, before it is carried out.
     """
     spec.validate()
     aws = aws or Clients(spec.region)
-    return _Launch(spec, aws, apply=apply, script=script, wait=profile_wait).run()
+    return _Launch(spec, aws, apply=apply, script=script, wait=profile_wait, on_step=on_step).run()
 
 
 # --------------------------------------------------------------------------- what is left of a run
@@ -1179,6 +1194,7 @@ def down(
     store: str | None = None,
     timeout: float = 600.0,
     poll: float = 5.0,
+    on_step: Callable[[Step], None] | None = None,
 ) -> DownResult:
     """Delete what :func:`launch` created (plan only without ``apply``); keep the store unless asked.
 
@@ -1195,6 +1211,8 @@ def down(
 
     def step(verb: Verb, kind: str, what: str, detail: str = "") -> None:
         out.steps.append(Step(verb, kind, what, detail))
+        if on_step is not None:
+            on_step(out.steps[-1])
 
     g = _group(asg, res)
     if g is not None:
@@ -1209,6 +1227,7 @@ def down(
             )
     if apply:
         _wait_instances_gone(aws, name, timeout=timeout, poll=poll)
+        _wait_group_gone(asg, res, timeout=timeout, poll=poll)
     if _template(ec2, res) is not None:
         step("delete", "launch template", res)
         if apply:
@@ -1296,6 +1315,18 @@ def _wait_instances_gone(aws: Clients, name: str, *, timeout: float, poll: float
             return
         if time.monotonic() >= deadline:
             raise LaunchError(f"instances of run {name} still terminating after {timeout:.0f} s: {', '.join(alive)}")
+        time.sleep(poll)
+
+
+def _wait_group_gone(asg: Any, res: str, *, timeout: float, poll: float) -> None:
+    """Until DescribeAutoScalingGroups forgets the group ("Delete in progress" lasts minutes on AWS)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        r = _aws(f"DescribeAutoScalingGroups {res}", asg.describe_auto_scaling_groups, AutoScalingGroupNames=[res])
+        if not r.get("AutoScalingGroups"):
+            return
+        if time.monotonic() >= deadline:
+            raise LaunchError(f"auto scaling group {res} is still being deleted after {timeout:.0f} s")
         time.sleep(poll)
 
 
@@ -1494,10 +1525,14 @@ def add_parsers(sub: Any) -> None:
     p = sub.add_parser("launch", help="create a self-replacing spot trainer on AWS (plan only without --yes)")
     p.add_argument("name", help="the run's name: every resource is tagged spotsafe-run=NAME")
     p.add_argument("--store", help=f"s3://BUCKET/PREFIX, or with --volume-size a directory under {MOUNT}")
-    p.add_argument("--instance-types", required=True, type=_types, help="comma-separated, e.g. g5.xlarge,g6.xlarge")
+    p.add_argument("--instance-types", required=True, type=_types, metavar="T1,T2", help="e.g. g5.xlarge,g6.xlarge")
     p.add_argument("--image-id", required=True, help="the AMI (with a GPU driver and python3)")
     p.add_argument(
-        "--command", dest="train_command", required=True, help='the training command, e.g. "python train.py"'
+        "--command",
+        dest="train_command",
+        metavar="CMD",
+        required=True,
+        help='the training command, e.g. "python train.py"',
     )
     p.add_argument("--subnets", type=_types, default=(), help="comma-separated subnet ids (default: the default VPC's)")
     p.add_argument("--repo", help="git URL of the training code (cloned on the instance)")
@@ -1540,6 +1575,10 @@ def run_command(ns: Any, out: TextIO | None = None, *, session: Any | None = Non
 
 def _run_command(ns: Any, out: TextIO, session: Any | None) -> int:
     aws = Clients(ns.region, session=session)
+
+    def say(step: Step) -> None:
+        print(step, file=out, flush=True)
+
     if ns.command == "price":
         prices = spot_prices(aws.ec2, ns.instance_types)
         if not prices:
@@ -1555,9 +1594,7 @@ def _run_command(ns: Any, out: TextIO, session: Any | None) -> int:
         format_status(status(ns.name, aws), out)
         return 0
     if ns.command == "down":
-        d = down(ns.name, aws, apply=ns.yes, delete_store=ns.delete_store, store=ns.store)
-        for s in d.steps:
-            print(s, file=out)
+        d = down(ns.name, aws, apply=ns.yes, delete_store=ns.delete_store, store=ns.store, on_step=say)
         if not ns.yes:
             print("plan only: rerun with --yes to delete" if d.changes_planned else "nothing to delete", file=out)
             return 0
@@ -1594,9 +1631,7 @@ def _run_command(ns: Any, out: TextIO, session: Any | None) -> int:
         shutdown_when_done=not ns.keep_running_when_done,
         mount=ns.mount,
     )
-    result = launch(spec, aws, apply=ns.yes)
-    for s in result.steps:
-        print(s, file=out)
+    result = launch(spec, aws, apply=ns.yes, on_step=say)
     if not ns.yes:
         print("plan only: rerun with --yes to make these changes" if result.changes else "nothing to change", file=out)
     elif result.changes:
