@@ -394,8 +394,10 @@ def user_data(
         "# then userdata/spot-boot.sh unchanged. Settings already in the environment win.",
     ]
     for key, value in run_settings(spec, region=region, volume_id=volume_id, ref=ref):
-        lines.append(f'[ -n "${{{key}:-}}" ] || {key}={shlex.quote(value)}')
-        lines.append(f"export {key}")
+        # A string for `bash -c` later, quotes and all: not meant to be split or expanded here.
+        quiet = "# shellcheck disable=SC2016,SC2089,SC2090\n" if any(c in value for c in '"\\$`') else ""
+        lines.append(f'{quiet}[ -n "${{{key}:-}}" ] || {key}={shlex.quote(value)}')
+        lines.append(f"{quiet}export {key}")
     return "\n".join(lines) + "\n\n" + (boot_script() if script is None else script)
 
 

