@@ -173,10 +173,12 @@ class LaunchSpec:
     volume_size: int | None = None
     region: str | None = None
     security_groups: tuple[str, ...] = ()
-    #: The training user on the image (owns the mount, runs training).
-    user: str = "ubuntu"
+    #: The training user on the image (owns the mount, runs training); None: the boot script's default.
+    user: str | None = None
     #: How the instance installs spotsafe (SPOTSAFE_PIP_SPEC); None: the boot script's default.
     pip_spec: str | None = None
+    #: The sha256 of the wheel ``pip_spec`` names (SPOTSAFE_PIP_SHA256).
+    pip_sha256: str | None = None
     #: A python on the image that has spotsafe (SPOTSAFE_PYTHON); None: a venv.
     python: str | None = None
     #: A requirements file in the checkout, pip-installed on boot.
@@ -230,8 +232,10 @@ class LaunchSpec:
                 raise LaunchConfigError(f"{key}: {value!r} may not contain a single quote or a newline")
 
     def _settings_values(self) -> list[tuple[str, str]]:
-        out = [("--command", self.command), ("--store", self.store), ("--user", self.user)]
+        out = [("--command", self.command), ("--store", self.store)]
         for key, value in (
+            ("--user", self.user),
+            ("--pip-sha256", self.pip_sha256),
             ("--repo", self.repo),
             ("--ref", self.ref),
             ("--pip-spec", self.pip_spec),
@@ -350,7 +354,6 @@ def run_settings(spec: LaunchSpec, *, region: str, volume_id: str | None, ref: s
         ("SPOTSAFE_REGION", region),
         ("SPOTSAFE_STORE", spec.store),
         ("SPOTSAFE_TRAIN_COMMAND", spec.command),
-        ("SPOTSAFE_USER", spec.user),
         ("SPOTSAFE_SHUTDOWN_WHEN_DONE", "1" if spec.shutdown_when_done else "0"),
         # Never an idle GPU after a failed boot: the group replaces the instance.
         ("SPOTSAFE_SHUTDOWN_ON_FAILURE", "1"),
@@ -367,7 +370,9 @@ def run_settings(spec: LaunchSpec, *, region: str, volume_id: str | None, ref: s
     else:
         settings += [(NO_VOLUME_SETTING, "0"), ("SPOTSAFE_MOUNT", "/var/lib/spotsafe")]
     for key, value in (
+        ("SPOTSAFE_USER", spec.user),
         ("SPOTSAFE_PIP_SPEC", spec.pip_spec),
+        ("SPOTSAFE_PIP_SHA256", spec.pip_sha256),
         ("SPOTSAFE_PYTHON", spec.python),
         ("SPOTSAFE_REQUIREMENTS", spec.requirements),
     ):
@@ -1543,8 +1548,9 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--mount", default=MOUNT, help=f"volume mode: where the instance mounts it (default {MOUNT})")
     p.add_argument("--region", help="AWS region (default: the configured one)")
     p.add_argument("--security-groups", type=_types, default=(), help="comma-separated security group ids")
-    p.add_argument("--user", default="ubuntu", help="the training user on the image (default: ubuntu)")
-    p.add_argument("--pip-spec", help="how the instance installs spotsafe (SPOTSAFE_PIP_SPEC)")
+    p.add_argument("--user", help="the training user on the image (default: the boot script's)")
+    p.add_argument("--pip-spec", help="how the instance installs spotsafe: git+https://...@COMMIT or a wheel URL")
+    p.add_argument("--pip-sha256", help="the sha256 of the wheel --pip-spec names (SPOTSAFE_PIP_SHA256)")
     p.add_argument("--python", help="a python on the image that has spotsafe (SPOTSAFE_PYTHON)")
     p.add_argument("--requirements", help="a requirements file in the checkout, installed on boot")
     p.add_argument("--keep-running-when-done", action="store_true", help="do not scale to zero when the run completes")
@@ -1628,6 +1634,7 @@ def _run_command(ns: Any, out: TextIO, session: Any | None) -> int:
         security_groups=ns.security_groups,
         user=ns.user,
         pip_spec=ns.pip_spec,
+        pip_sha256=ns.pip_sha256,
         python=ns.python,
         requirements=ns.requirements,
         shutdown_when_done=not ns.keep_running_when_done,
