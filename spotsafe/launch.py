@@ -1448,6 +1448,14 @@ def _report_facts(store: str) -> tuple[dict[str, Any] | None, str | None]:
     return facts, None
 
 
+def _ago(t: datetime) -> str:
+    seconds = max(0.0, time.time() - t.timestamp())
+    for unit, n in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= n:
+            return f"{seconds / n:.1f} {unit}"
+    return f"{seconds:.0f} s"
+
+
 def format_status(st: Status, out: TextIO) -> None:
     print(f"run {st.name} ({st.region})", file=out)
     g = st.group
@@ -1493,12 +1501,9 @@ def format_status(st: Status, out: TextIO) -> None:
         if n is None:
             print(f"    no intact checkpoint yet ({st.checkpoints} listed)", file=out)
         else:
-            from spotsafe.checkpoint import _age
-
             epoch = "" if n.epoch is None else f", epoch {n.epoch}"
             print(
-                f"    newest checkpoint: step {n.step}{epoch} ({n.reason}, {_age(n.time, time.time())} ago); "
-                f"{st.checkpoints} kept",
+                f"    newest checkpoint: step {n.step}{epoch} ({n.reason}, {_ago(n.time)} ago); {st.checkpoints} kept",
                 file=out,
             )
         if st.complete is not None:
