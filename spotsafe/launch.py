@@ -1391,8 +1391,17 @@ class Status:
     prices: dict[tuple[str, str], float] = field(default_factory=dict)
 
 
-def status(name: str, aws: Clients, *, storage_options: dict[str, Any] | None = None) -> Status:
-    """The run's group and instances, its newest checkpoint and progress, and the report's facts."""
+def status(
+    name: str,
+    aws: Clients,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    on_demand_price: float | None = None,
+) -> Status:
+    """The run's group and instances, its newest checkpoint and progress, and the report's facts.
+
+    ``on_demand_price`` (USD per hour): what the report compares the spot cost with.
+    """
     check_name(name)
     res = PREFIX + name
     st = Status(name, aws.region)
@@ -1424,14 +1433,14 @@ def status(name: str, aws: Clients, *, storage_options: dict[str, Any] | None = 
                 ckpt.close()
         except (SpotsafeError, OSError) as e:
             st.store_error = str(e)
-        st.report, st.report_note = _report_facts(st.store)
+        st.report, st.report_note = _report_facts(st.store, on_demand_price)
     elif st.store:
         st.store_error = "on the run's EBS volume: readable from its instance (spotsafe ls there)"
     return st
 
 
-def _report_facts(store: str) -> tuple[dict[str, Any] | None, str | None]:
-    """``spotsafe report STORE --json`` where that capability exists (interruptions, cost)."""
+def _report_facts(store: str, on_demand_price: float | None = None) -> tuple[dict[str, Any] | None, str | None]:
+    """``spotsafe report STORE --json --lookup-prices`` where that capability exists (interruptions, cost)."""
     try:
         from spotsafe import report  # type: ignore[attr-defined,unused-ignore]  # built beside this module
     except ImportError:
@@ -1439,13 +1448,38 @@ def _report_facts(store: str) -> tuple[dict[str, Any] | None, str | None]:
     buf = io.StringIO()
     try:
         with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(io.StringIO()):
-            rc = report.main([store, "--json"])
+            argv = [store, "--json", "--lookup-prices"]
+            if on_demand_price is not None:
+                argv += ["--on-demand-price", str(on_demand_price)]
+            rc = report.main(argv)
+        if rc not in (0, None):
+            return None, f"interruptions and cost: spotsafe report exited {rc}"
         facts = json.loads(buf.getvalue())
     except Exception as e:  # noqa: BLE001 - the report is optional here: its failure is shown, not raised
         return None, f"interruptions and cost: spotsafe report failed ({e})"
-    if rc not in (0, None) or not isinstance(facts, dict):
-        return None, f"interruptions and cost: spotsafe report exited {rc}"
+    if not isinstance(facts, dict):
+        return None, "interruptions and cost: spotsafe report printed no facts"
     return facts, None
+
+
+def _cost_line(cost: Any) -> str | None:
+    """The report's cost facts in one line: spot spent, and on demand for the same hours."""
+    if not isinstance(cost, dict):
+        return None
+    billed = cost.get("billed_hours")
+    spot = cost.get("spot_cost")
+    parts = []
+    if isinstance(billed, (int, float)):
+        parts.append(f"{billed:.2f} instance-hours billed")
+    parts.append("spot cost unknown" if not isinstance(spot, (int, float)) else f"spot ${spot:.2f}")
+    same = cost.get("on_demand_cost_same_hours")
+    if isinstance(same, (int, float)):
+        saving = cost.get("savings")
+        tail = f", {saving * 100:.0f}% saved" if isinstance(saving, (int, float)) else ""
+        parts.append(f"on demand ${same:.2f} for the same hours{tail}")
+    else:
+        parts.append("on demand: pass --on-demand-price USD/h to compare")
+    return "cost: " + "; ".join(parts)
 
 
 def _ago(t: datetime) -> str:
@@ -1518,9 +1552,9 @@ def format_status(st: Status, out: TextIO) -> None:
             f"steps lost: {r.get('steps_lost', '?')}",
             file=out,
         )
-        cost = r.get("cost")
-        if isinstance(cost, dict) and cost:
-            print("    cost: " + ", ".join(f"{k} {v}" for k, v in cost.items()), file=out)
+        line = _cost_line(r.get("cost"))
+        if line:
+            print(f"    {line}", file=out)
     elif st.report_note:
         print(f"    {st.report_note}", file=out)
 
@@ -1563,6 +1597,7 @@ def add_parsers(sub: Any) -> None:
     p = sub.add_parser("status", help="a launched run: its instance, newest checkpoint, interruptions and cost")
     p.add_argument("name")
     p.add_argument("--region")
+    p.add_argument("--on-demand-price", type=float, help="USD per hour on demand, to compare the spot cost with")
     p = sub.add_parser("down", help="delete what launch created and list anything still tagged (plan without --yes)")
     p.add_argument("name")
     p.add_argument("--region")
@@ -1604,7 +1639,7 @@ def _run_command(ns: Any, out: TextIO, session: Any | None) -> int:
             print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip(), file=out)
         return 0
     if ns.command == "status":
-        format_status(status(ns.name, aws), out)
+        format_status(status(ns.name, aws, on_demand_price=ns.on_demand_price), out)
         return 0
     if ns.command == "down":
         d = down(ns.name, aws, apply=ns.yes, delete_store=ns.delete_store, store=ns.store, on_step=say)

@@ -646,6 +646,18 @@ def test_s3_status_shows_progress_and_down_deletes_only_the_prefix(
     assert aws.s3.get_object(Bucket=s3_bucket_name, Key="runs/other/keep.txt")["Body"].read() == b"not this run's"
 
 
+def test_status_cost_line_from_the_report_facts() -> None:
+    cost = {"billed_hours": 5.25, "spot_cost": 2.1, "on_demand_cost_same_hours": 5.28, "savings": 0.602}
+    assert L._cost_line(cost) == (
+        "cost: 5.25 instance-hours billed; spot $2.10; on demand $5.28 for the same hours, 60% saved"
+    )
+    cost = {"billed_hours": 1.0, "spot_cost": None, "on_demand_cost_same_hours": None, "savings": None}
+    assert L._cost_line(cost) == (
+        "cost: 1.00 instance-hours billed; spot cost unknown; on demand: pass --on-demand-price USD/h to compare"
+    )
+    assert L._cost_line(None) is None
+
+
 def test_status_of_a_run_that_is_not_there(aws: L.Clients, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["status", unique_tag(), "--region", REGION]) == 0
     assert "none (not launched, or taken down)" in capsys.readouterr().out
