@@ -1,11 +1,10 @@
-"""The ``spotsafe`` command.
+"""The ``spotsafe`` command (``launch``, ``status``, ``down``, ``price``: see spotsafe/launch.py).
 
 - ``spotsafe ls STORE``: the checkpoints in a store, newest last, with a quick
   integrity check (every file present with its size);
 - ``spotsafe verify STORE [--step N]``: the same with every checksum; exit status 1
   when any checkpoint is damaged;
-- ``spotsafe resume|volume|simulate ...``: delegate to ``python -m spotsafe.<name>``;
-- ``spotsafe launch|status|down|price ...``: a spot trainer on AWS (spotsafe/launch.py).
+- ``spotsafe resume|volume|simulate ...``: delegate to ``python -m spotsafe.<name>``.
 """
 
 from __future__ import annotations
