@@ -1512,7 +1512,7 @@ def format_status(st: Status, out: TextIO) -> None:
             inst = by_id.get(gi["InstanceId"], {})
             market = "spot" if inst.get("InstanceLifecycle") == "spot" else "on-demand"
             zone = gi.get("AvailabilityZone", "?")
-            itype = gi.get("InstanceType") or inst.get("InstanceType", "?")
+            itype = gi.get("InstanceType") or inst.get("InstanceType") or "?"
             price = st.prices.get((itype, zone))
             up = ""
             if isinstance(inst.get("LaunchTime"), datetime):
