@@ -173,6 +173,8 @@ class LaunchSpec:
     volume_size: int | None = None
     region: str | None = None
     security_groups: tuple[str, ...] = ()
+    #: An EC2 key pair for SSH (none: no key on the instances).
+    key_name: str | None = None
     #: The training user on the image (owns the mount, runs training); None: the boot script's default.
     user: str | None = None
     #: How the instance installs spotsafe (SPOTSAFE_PIP_SPEC); None: the boot script's default.
@@ -819,9 +821,13 @@ class _Launch:
             },
             "UserData": base64.b64encode(text.encode()).decode(),
             "TagSpecifications": [{"ResourceType": "instance", "Tags": _tags(self.spec.name)}],
+            # The boot script's shutdown (run complete, failed boot) ends the instance, not pauses it.
+            "InstanceInitiatedShutdownBehavior": "terminate",
         }
         if self.spec.security_groups:
             data["SecurityGroupIds"] = list(self.spec.security_groups)
+        if self.spec.key_name:
+            data["KeyName"] = self.spec.key_name
         return data
 
     def launch_template(self) -> None:
@@ -1587,6 +1593,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--mount", default=MOUNT, help=f"volume mode: where the instance mounts it (default {MOUNT})")
     p.add_argument("--region", help="AWS region (default: the configured one)")
     p.add_argument("--security-groups", type=_types, default=(), help="comma-separated security group ids")
+    p.add_argument("--key-name", help="an EC2 key pair, for SSH to the instances")
     p.add_argument("--user", help="the training user on the image (default: the boot script's)")
     p.add_argument("--pip-spec", help="how the instance installs spotsafe: git+https://...@COMMIT or a wheel URL")
     p.add_argument("--pip-sha256", help="the sha256 of the wheel --pip-spec names (SPOTSAFE_PIP_SHA256)")
@@ -1672,6 +1679,7 @@ def _run_command(ns: Any, out: TextIO, session: Any | None) -> int:
         volume_size=ns.volume_size,
         region=ns.region,
         security_groups=ns.security_groups,
+        key_name=ns.key_name,
         user=ns.user,
         pip_spec=ns.pip_spec,
         pip_sha256=ns.pip_sha256,

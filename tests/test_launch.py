@@ -150,6 +150,7 @@ def assert_launched(aws: L.Clients, spec: L.LaunchSpec, *, script: str | None = 
     assert data["MetadataOptions"]["HttpEndpoint"] == "enabled"
     assert data["MetadataOptions"]["HttpPutResponseHopLimit"] == 2
     assert "InstanceMarketOptions" not in data  # the group's policy makes them spot
+    assert data["InstanceInitiatedShutdownBehavior"] == "terminate"  # a finished run leaves no stopped instance
     text = base64.b64decode(data["UserData"]).decode()
     assert text.startswith("#!/usr/bin/env bash\n")
     assert text.endswith(L.boot_script() if script is None else script)  # the boot script, unchanged
