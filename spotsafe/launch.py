@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import gzip
 import io
 import json
 import re
@@ -55,6 +56,8 @@ PREFIX = "spotsafe-"
 POLICY_NAME = "spotsafe-run"
 #: Where the volume is mounted on the instance (the boot script's default).
 MOUNT = "/mnt/spotsafe"
+#: EC2's limit on user data, in bytes, before base64.
+USER_DATA_LIMIT = 16384
 #: A setting the packaged boot script must honour for a volume-less (S3) run.
 NO_VOLUME_SETTING = "SPOTSAFE_ATTACH"
 
@@ -406,6 +409,29 @@ def user_data(
         lines.append(f'{quiet}[ -n "${{{key}:-}}" ] || {key}={shlex.quote(value)}')
         lines.append(f"{quiet}export {key}")
     return "\n".join(lines) + "\n\n" + (boot_script() if script is None else script)
+
+
+def encode_user_data(text: str) -> str:
+    """Gzipped (cloud-init unpacks it) and base64-encoded, as a launch template takes it.
+
+    EC2 takes at most 16 KiB of user data and the boot script alone is larger; gzip
+    brings it to about a third. ``mtime=0``: the same text always encodes the same, so
+    a rerun of ``launch`` sees no change.
+    """
+    raw = gzip.compress(text.encode(), compresslevel=9, mtime=0)
+    if len(raw) > USER_DATA_LIMIT:
+        raise LaunchError(
+            f"the user data is {len(raw)} bytes gzipped, over EC2's {USER_DATA_LIMIT}: shorten the settings"
+        )
+    return base64.b64encode(raw).decode()
+
+
+def decode_user_data(b64: str) -> str:
+    """What cloud-init runs: the base64 user data, gunzipped when it is gzip."""
+    raw = base64.b64decode(b64)
+    if raw[:2] == b"\x1f\x8b":
+        raw = gzip.decompress(raw)
+    return raw.decode()
 
 
 def settings_from_user_data(text: str) -> dict[str, str]:
@@ -819,7 +845,7 @@ class _Launch:
                 # 2: a container on the instance can still reach IMDS (notices, identity).
                 "HttpPutResponseHopLimit": 2,
             },
-            "UserData": base64.b64encode(text.encode()).decode(),
+            "UserData": encode_user_data(text),
             "TagSpecifications": [{"ResourceType": "instance", "Tags": _tags(self.spec.name)}],
             # The boot script's shutdown (run complete, failed boot) ends the instance, not pauses it.
             "InstanceInitiatedShutdownBehavior": "terminate",
@@ -986,8 +1012,8 @@ def _norm(value: Any) -> Any:
 
 def _decode(b64: str) -> str:
     try:
-        return base64.b64decode(b64).decode()
-    except (ValueError, UnicodeDecodeError):
+        return decode_user_data(b64)
+    except (ValueError, OSError, EOFError):
         return ""
 
 

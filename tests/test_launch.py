@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import getpass
+import gzip
 import json
 import os
 import re
@@ -151,7 +152,11 @@ def assert_launched(aws: L.Clients, spec: L.LaunchSpec, *, script: str | None = 
     assert data["MetadataOptions"]["HttpPutResponseHopLimit"] == 2
     assert "InstanceMarketOptions" not in data  # the group's policy makes them spot
     assert data["InstanceInitiatedShutdownBehavior"] == "terminate"  # a finished run leaves no stopped instance
-    text = base64.b64decode(data["UserData"]).decode()
+    # Gzipped under EC2's 16 KiB limit (the boot script alone is over it); cloud-init unpacks it.
+    assert base64.b64decode(data["UserData"])[:2] == b"\x1f\x8b"
+    assert len(base64.b64decode(data["UserData"])) <= L.USER_DATA_LIMIT
+    text = gzip.decompress(base64.b64decode(data["UserData"])).decode()
+    assert L.decode_user_data(data["UserData"]) == text
     assert text.startswith("#!/usr/bin/env bash\n")
     assert text.endswith(L.boot_script() if script is None else script)  # the boot script, unchanged
     settings = L.settings_from_user_data(text)
@@ -243,9 +248,7 @@ def test_a_changed_command_is_a_new_template_version(aws: L.Clients) -> None:
     assert [(s.verb, s.kind) for s in plan.changes] == [("update", "launch template")]
     L.launch(changed, aws, apply=True)
     assert (
-        L.settings_from_user_data(base64.b64decode(_template_data(aws, spec)["UserData"]).decode())[
-            "SPOTSAFE_TRAIN_COMMAND"
-        ]
+        L.settings_from_user_data(L.decode_user_data(_template_data(aws, spec)["UserData"]))["SPOTSAFE_TRAIN_COMMAND"]
         == "python train.py --epochs 5"
     )
     assert L.launch(changed, aws, apply=True).changes == []
@@ -529,7 +532,7 @@ def test_a_rerun_keeps_the_code_pinned_while_the_branch_moves(aws: L.Clients, gi
     _git("push", "-q", url.removeprefix("file://"), "main", cwd=work)
     again = L.launch(spec, aws, apply=True)
     assert again.changes == [] and again.ref == first
-    settings = L.settings_from_user_data(base64.b64decode(_template_data(aws, spec)["UserData"]).decode())
+    settings = L.settings_from_user_data(L.decode_user_data(_template_data(aws, spec)["UserData"]))
     assert (settings["SPOTSAFE_REPO"], settings["SPOTSAFE_REF"]) == (url, first)
     # Asking for a commit moves it.
     second = _git("rev-parse", "HEAD", cwd=work)
