@@ -209,6 +209,12 @@ class LaunchSpec:
             raise LaunchConfigError(
                 f"--instance-types: give one or more types, e.g. g5.xlarge,g6.xlarge (got {self.instance_types!r})"
             )
+        if len(self.instance_types) > 40:
+            raise LaunchConfigError(
+                f"--instance-types: {len(self.instance_types)} types; an Auto Scaling group takes 40"
+            )
+        if len(self.store) > 256:
+            raise LaunchConfigError(f"--store: {len(self.store)} characters; a tag (where launch keeps it) takes 256")
         if not re.fullmatch(r"ami-[0-9a-f]+", self.image_id):
             raise LaunchConfigError(f"--image-id: {self.image_id!r} is not an AMI id (ami-...)")
         if not self.command.strip():

@@ -557,6 +557,8 @@ def test_a_rerun_keeps_the_code_pinned_while_the_branch_moves(aws: L.Clients, gi
         ({"command": "python train.py --name 'x'"}, "single quote"),
         ({"ref": "main"}, "--ref needs --repo"),
         ({"subnets": ("sn-1",)}, "not a subnet id"),
+        ({"instance_types": tuple(f"t{i}.large" for i in range(41))}, "takes 40"),
+        ({"store": "/mnt/spotsafe/" + "x" * 250}, "takes 256"),
     ],
 )
 def test_bad_input_is_refused_naming_the_flag(kw: dict[str, Any], match: str) -> None:
