@@ -999,7 +999,14 @@ class _Launch:
         while True:
             try:
                 self.aws.autoscaling.create_auto_scaling_group(
-                    AutoScalingGroupName=self.name, MinSize=1, MaxSize=1, DesiredCapacity=1, Tags=tags, **want
+                    AutoScalingGroupName=self.name,
+                    MinSize=1,
+                    DesiredCapacity=1,
+                    # One instance trains; the second place lets capacity rebalancing start the
+                    # replacement before it terminates the instance at risk (docs/launch.md).
+                    MaxSize=2,
+                    Tags=tags,
+                    **want,
                 )
                 return
             except Exception as e:

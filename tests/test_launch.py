@@ -174,7 +174,7 @@ def assert_launched(aws: L.Clients, spec: L.LaunchSpec, *, script: str | None = 
         assert "SPOTSAFE_VOLUME_ID" not in settings
     # The group: exactly one spot instance over the types, price-capacity-optimized, rebalancing.
     g = asg.describe_auto_scaling_groups(AutoScalingGroupNames=[res])["AutoScalingGroups"][0]
-    assert (g["MinSize"], g["MaxSize"], g["DesiredCapacity"]) == (1, 1, 1)
+    assert (g["MinSize"], g["DesiredCapacity"], g["MaxSize"]) == (1, 1, 2)  # max 2: room for a rebalance
     mip = g["MixedInstancesPolicy"]
     assert [o["InstanceType"] for o in mip["LaunchTemplate"]["Overrides"]] == list(spec.instance_types)
     assert mip["LaunchTemplate"]["LaunchTemplateSpecification"]["LaunchTemplateName"] == res
