@@ -532,6 +532,18 @@ def _aws(what: str, fn: Callable[..., Any], **kwargs: Any) -> Any:
         raise
 
 
+def _ours(tags: Iterable[dict[str, Any]], name: str) -> bool:
+    """True when ``tags`` (any AWS shape) include ``spotsafe-run=NAME``: launch made it for this run."""
+    return any(t.get("Key") == TAG and t.get("Value") == name for t in tags)
+
+
+def _not_ours(kind: str, res: str, name: str) -> LaunchError:
+    return LaunchError(
+        f"{kind} {res} exists but is not tagged {TAG}={name}: not made by spotsafe launch for this run; "
+        "pick another run name"
+    )
+
+
 def _tags(name: str, store: str | None = None) -> list[dict[str, str]]:
     tags = [{"Key": TAG, "Value": name}]
     if store is not None:
@@ -718,12 +730,9 @@ class _Launch:
             if _code(e) != "NoSuchEntity":
                 raise LaunchError(f"GetRole {self.name}: {e}") from e
             exists = False
-        if exists and {"Key": TAG, "Value": self.spec.name} not in role.get("Tags", []):
-            # Launch tags the role as it creates it: an untagged one is somebody else's.
-            raise LaunchError(
-                f"IAM role {self.name} exists but is not tagged {TAG}={self.spec.name}: "
-                "not made by spotsafe launch for this run; pick another run name"
-            )
+        if exists and not _ours(role.get("Tags", []), self.spec.name):
+            # Launch tags what it creates as it creates it: an untagged one is somebody else's.
+            raise _not_ours("IAM role", self.name, self.spec.name)
         if not exists:
             self.step("create", "iam role", self.name, "trusted by ec2.amazonaws.com")
             if self.apply:
@@ -771,6 +780,8 @@ class _Launch:
             if _code(e) != "NoSuchEntity":
                 raise LaunchError(f"GetInstanceProfile {self.name}: {e}") from e
             profile = None
+        if profile is not None and not _ours(profile.get("Tags", []), self.spec.name):
+            raise _not_ours("instance profile", self.name, self.spec.name)
         if profile is None:
             self.step("create", "instance profile", self.name)
             if self.apply:
@@ -864,6 +875,9 @@ class _Launch:
 
     def launch_template(self) -> None:
         ec2 = self.aws.ec2
+        lt = _template(ec2, self.name)
+        if lt is not None and not _ours(lt.get("Tags", []), self.spec.name):
+            raise _not_ours("launch template", self.name, self.spec.name)
         current = _template_data(ec2, self.name)
         ref = None
         if self.spec.repo:
@@ -958,13 +972,8 @@ class _Launch:
             if self.apply:
                 self._create_group(want)
             return
-        if {"Key": TAG, "Value": self.spec.name} not in [
-            {"Key": t["Key"], "Value": t["Value"]} for t in g.get("Tags", [])
-        ]:
-            raise LaunchError(
-                f"Auto Scaling group {self.name} exists but is not tagged {TAG}={self.spec.name}: "
-                "not made by spotsafe launch for this run; pick another run name"
-            )
+        if not _ours(g.get("Tags", []), self.spec.name):
+            raise _not_ours("Auto Scaling group", self.name, self.spec.name)
         have = _group_settings(g)
         changed = sorted(k for k in want if _norm(want[k]) != _norm(have.get(k)))
         if g.get("DesiredCapacity") == 0:
@@ -1198,7 +1207,7 @@ def tagged_resources(aws: Clients, name: str) -> list[Tagged]:
             if _code(e) != "NoSuchEntity":
                 raise LaunchError(f"{kind} {res}: {e}") from e
             continue
-        if {"Key": TAG, "Value": name} in got.get("Tags", []) or kind == "instance-profile":
+        if _ours(got.get("Tags", []), name):
             out.append(Tagged(kind, res))
     return out
 
@@ -1266,7 +1275,15 @@ def down(
         if on_step is not None:
             on_step(out.steps[-1])
 
+    def foreign(kind: str, tags: Iterable[dict[str, Any]]) -> bool:
+        if _ours(tags, name):
+            return False
+        step("note", kind, res, f"not tagged {TAG}={name}: not made by launch for this run, left alone")
+        return True
+
     g = _group(asg, res)
+    if g is not None and foreign("auto scaling group", g.get("Tags", [])):
+        g = None
     if g is not None:
         n = len(g.get("Instances", []))
         step("delete", "auto scaling group", res, f"terminates its {n} instance(s)")
@@ -1280,7 +1297,8 @@ def down(
     if apply:
         _wait_instances_gone(aws, name, timeout=timeout, poll=poll)
         _wait_group_gone(asg, res, timeout=timeout, poll=poll)
-    if _template(ec2, res) is not None:
+    lt = _template(ec2, res)
+    if lt is not None and not foreign("launch template", lt.get("Tags", [])):
         step("delete", "launch template", res)
         if apply:
             _aws(f"DeleteLaunchTemplate {res}", ec2.delete_launch_template, LaunchTemplateName=res)
@@ -1290,7 +1308,7 @@ def down(
         if _code(e) != "NoSuchEntity":
             raise LaunchError(f"GetInstanceProfile {res}: {e}") from e
         profile = None
-    if profile is not None:
+    if profile is not None and not foreign("instance profile", profile.get("Tags", [])):
         step("delete", "instance profile", res)
         if apply:
             for role in profile.get("Roles", []):
@@ -1302,8 +1320,7 @@ def down(
                 )
             _aws(f"DeleteInstanceProfile {res}", iam.delete_instance_profile, InstanceProfileName=res)
     try:
-        iam.get_role(RoleName=res)
-        has_role = True
+        has_role = not foreign("iam role", iam.get_role(RoleName=res)["Role"].get("Tags", []))
     except Exception as e:
         if _code(e) != "NoSuchEntity":
             raise LaunchError(f"GetRole {res}: {e}") from e

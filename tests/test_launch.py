@@ -447,6 +447,10 @@ def test_a_same_named_role_of_someone_else_is_never_taken_over(aws: L.Clients) -
     with pytest.raises(LaunchError, match="not tagged spotsafe-run="):
         L.launch(spec, aws, apply=True)
     assert aws.iam.list_role_policies(RoleName=spec.resource_name)["PolicyNames"] == []
+    # Nor is it deleted by down.
+    d = L.down(spec.name, aws, apply=True, poll=0.1)
+    assert [(s.verb, s.kind) for s in d.steps] == [("note", "iam role")]
+    assert aws.iam.get_role(RoleName=spec.resource_name)["Role"]["RoleName"] == spec.resource_name
     aws.iam.delete_role(RoleName=spec.resource_name)
 
 
