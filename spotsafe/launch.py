@@ -1296,7 +1296,8 @@ def down(
             )
     if apply:
         _wait_instances_gone(aws, name, timeout=timeout, poll=poll)
-        _wait_group_gone(asg, res, timeout=timeout, poll=poll)
+        if g is not None:
+            _wait_group_gone(asg, res, timeout=timeout, poll=poll)
     lt = _template(ec2, res)
     if lt is not None and not foreign("launch template", lt.get("Tags", [])):
         step("delete", "launch template", res)

@@ -447,10 +447,22 @@ def test_a_same_named_role_of_someone_else_is_never_taken_over(aws: L.Clients) -
     with pytest.raises(LaunchError, match="not tagged spotsafe-run="):
         L.launch(spec, aws, apply=True)
     assert aws.iam.list_role_policies(RoleName=spec.resource_name)["PolicyNames"] == []
-    # Nor is it deleted by down.
-    d = L.down(spec.name, aws, apply=True, poll=0.1)
-    assert [(s.verb, s.kind) for s in d.steps] == [("note", "iam role")]
+    # Nor is it, or a same-named group, deleted by down.
+    aws.ec2.create_launch_template(LaunchTemplateName=spec.resource_name, LaunchTemplateData={"ImageId": AMI})
+    aws.autoscaling.create_auto_scaling_group(
+        AutoScalingGroupName=spec.resource_name,
+        LaunchTemplate={"LaunchTemplateName": spec.resource_name},
+        MinSize=0,
+        MaxSize=1,
+        AvailabilityZones=["us-east-1a"],
+    )
+    d = L.down(spec.name, aws, apply=True, poll=0.1, timeout=5)
+    notes = [("note", "auto scaling group"), ("note", "launch template"), ("note", "iam role")]
+    assert [(s.verb, s.kind) for s in d.steps] == notes
     assert aws.iam.get_role(RoleName=spec.resource_name)["Role"]["RoleName"] == spec.resource_name
+    assert aws.autoscaling.describe_auto_scaling_groups(AutoScalingGroupNames=[spec.resource_name])["AutoScalingGroups"]
+    aws.autoscaling.delete_auto_scaling_group(AutoScalingGroupName=spec.resource_name, ForceDelete=True)
+    aws.ec2.delete_launch_template(LaunchTemplateName=spec.resource_name)
     aws.iam.delete_role(RoleName=spec.resource_name)
 
 
