@@ -716,6 +716,10 @@ def test_cli_launch_plans_then_creates(aws: L.Clients, capsys: pytest.CaptureFix
     assert_launched(aws, vspec(name, command="python train.py", volume_size=4))
     assert main([*args, "--yes"]) == 0
     assert "nothing changed" in capsys.readouterr().out
+    assert main(["status", name, "--region", REGION]) == 0
+    out = capsys.readouterr().out
+    assert "desired 1 (min 1, max 2)" in out and " 4 GiB in us-east-1" in out
+    assert "readable from its instance" in out  # a volume-mode store is on the volume
     assert main(["launch", "x y", *args[2:]]) == 2
     assert "run name 'x y'" in capsys.readouterr().err
     assert main(["down", name, "--region", REGION, "--yes", "--delete-store"]) == 0
