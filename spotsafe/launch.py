@@ -372,8 +372,9 @@ def run_settings(spec: LaunchSpec, *, region: str, volume_id: str | None, ref: s
     if spec.repo:
         settings += [("SPOTSAFE_REPO", spec.repo), ("SPOTSAFE_REF", ref or "HEAD")]
     if spec.volume_mode:
+        # No id: the boot script finds the volume by its tag spotsafe-run=NAME.
+        settings += [("SPOTSAFE_VOLUME_ID", volume_id)] if volume_id else []
         settings += [
-            ("SPOTSAFE_VOLUME_ID", volume_id or ""),
             # The group stays in the volume's zone: no moves (docs/launch.md, "Zones").
             ("SPOTSAFE_MOVE", "0"),
             ("SPOTSAFE_MOUNT", _mount(spec)),
@@ -1658,6 +1659,11 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--requirements", help="a requirements file in the checkout, installed on boot")
     p.add_argument("--keep-running-when-done", action="store_true", help="do not scale to zero when the run completes")
     p.add_argument("--yes", action="store_true", help="make the changes (without it: print the plan only)")
+    p.add_argument(
+        "--print-user-data",
+        action="store_true",
+        help="print the user data this run's launch template gets (for Terraform and the like), change nothing",
+    )
     p = sub.add_parser("status", help="a launched run: its instance, newest checkpoint, interruptions and cost")
     p.add_argument("name")
     p.add_argument("--region")
@@ -1745,6 +1751,11 @@ def _run_command(ns: Any, out: TextIO, session: Any | None) -> int:
         shutdown_when_done=not ns.keep_running_when_done,
         mount=ns.mount,
     )
+    if ns.print_user_data:
+        spec.validate()
+        ref = resolve_ref(spec.repo, spec.ref) if spec.repo else None
+        out.write(user_data(spec, region=aws.region, volume_id=None, ref=ref))
+        return 0
     result = launch(spec, aws, apply=ns.yes, on_step=say)
     if not ns.yes:
         print("plan only: rerun with --yes to make these changes" if result.changes else "nothing to change", file=out)

@@ -728,6 +728,20 @@ def test_cli_launch_plans_then_creates(aws: L.Clients, capsys: pytest.CaptureFix
 PLAN_ARGS = ["--image-id", AMI, "--command", "python train.py", "--volume-size", "4", "--region", REGION]
 
 
+def test_cli_prints_the_user_data_for_terraform_and_changes_nothing(
+    aws: L.Clients, capsys: pytest.CaptureFixture[str]
+) -> None:
+    name = unique_tag()
+    args = ["launch", name, "--instance-types", "g5.xlarge", *PLAN_ARGS, "--print-user-data", "--yes"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("#!/usr/bin/env bash\n") and text.endswith(L.boot_script())
+    settings = L.settings_from_user_data(text)
+    assert (settings["SPOTSAFE_RUN"], settings["SPOTSAFE_STORE"]) == (name, f"/mnt/spotsafe/{name}")
+    assert "SPOTSAFE_VOLUME_ID" not in settings  # the boot script finds the volume by its tag
+    assert L.tagged_resources(aws, name) == []
+
+
 def test_cli_subprocess_plan(server: EC2Server, tmp_path: Path) -> None:
     env = {**os.environ, "AWS_ENDPOINT_URL": server.endpoint, "PYTHONPATH": str(ROOT)}
     p = subprocess.run(
