@@ -1,4 +1,4 @@
-"""The ``spotsafe`` command.
+"""The ``spotsafe`` command (``launch``, ``status``, ``down``, ``price``: see spotsafe/launch.py).
 
 - ``spotsafe ls STORE``: the checkpoints in a store, newest last, with a quick
   integrity check (every file present with its size);
@@ -150,7 +150,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, (_module, helptext) in _DELEGATES.items():
         sub.add_parser(name, help=helptext, add_help=False)
     sub.add_parser("simulate", help=_SIMULATE_HELP, add_help=False)
+    # -- launch, status, down, price: their parsers and logic live in spotsafe/launch.py
+    from spotsafe import launch as _launch
+
+    _launch.add_parsers(sub)
     ns = parser.parse_args(args)
+    if ns.command in _launch.COMMANDS:
+        return _launch.run_command(ns)
+    # -- end launch
     try:
         return _listing(
             ns.store,

@@ -129,3 +129,14 @@ class VolumeMountError(VolumeError, OSError):
 
 class VolumeAWSError(VolumeError, OSError):
     """Another EC2 API failure (network, throttling, credentials)."""
+
+
+# Launch errors (spotsafe/launch.py): `spotsafe launch`, `status`, `down`, `price`.
+
+
+class LaunchConfigError(SpotsafeError, ValueError):
+    """A launch/status/down argument is unusable (the message names the flag and why)."""
+
+
+class LaunchError(SpotsafeError, RuntimeError):
+    """An AWS call of launch/status/down failed, or what it found cannot be used as is."""
