@@ -544,6 +544,7 @@ class Checkpointer:
         self._buffer = SnapshotBuffer()
         self._lock = threading.RLock()
         self._thread: threading.Thread | None = None
+        self._pruning = False  # the thread in _thread only prunes, after a synchronous save
         self._error: BaseException | None = None
         self._closed = False
         #: The writer lease, taken by the first save (or :meth:`acquire`); readers never take it.
@@ -663,7 +664,7 @@ class Checkpointer:
                 persist()  # durable when this returns; pruning old checkpoints goes on in the background
                 return
             thread = threading.Thread(target=self._run, args=(persist,), name=f"spotsafe-save-{step}", daemon=True)
-            self._thread = thread
+            self._thread, self._pruning = thread, False
             thread.start()
 
     def _raise_fenced(self, error: BaseException) -> None:
@@ -803,7 +804,7 @@ class Checkpointer:
             thread = threading.Thread(
                 target=self._retain_timed, args=(step, timings), name=f"spotsafe-retention-{step}", daemon=True
             )
-            self._thread = thread  # wait(), the next save() and exit wait for it
+            self._thread, self._pruning = thread, True  # wait(), the next save() and exit wait for it
             thread.start()
         else:
             self._retain_timed(step, timings)
@@ -815,6 +816,16 @@ class Checkpointer:
         except Exception as e:  # noqa: BLE001 - the checkpoint is committed: a failed prune must not say otherwise
             log.warning("spotsafe: pruning old checkpoints after %s failed: %s", checkpoint_name(step), e)
         timings["retention_s"] = _time.perf_counter() - t0
+
+    @property
+    def saving(self) -> bool:
+        """True while a save's write or commit runs in the background.
+
+        Pruning old checkpoints after a synchronous save does not count: that save is
+        durable already, and the next one may start (it waits for the pruning first).
+        """
+        thread = self._thread
+        return thread is not None and thread.is_alive() and not self._pruning
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait for the save in flight. True when none is left; re-raises its error once."""

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -426,3 +427,27 @@ def test_a_failed_periodic_save_does_not_stop_the_notice_save(tmp_path: Path) ->
     assert [(i.step, i.reason) for i in ckpt.list()] == [(2, "notice")]
     ckpt.close()
     run.close()
+
+
+def test_synchronous_periodic_saves_are_not_put_off_by_pruning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sync save is durable when step() returns; the pruning behind it must not defer the next one."""
+    from spotsafe.checkpoint import Checkpointer
+
+    real_retain = Checkpointer._retain
+    pruning = threading.Event()
+
+    def slow_retain(self: Checkpointer, step: int) -> None:
+        pruning.set()
+        time.sleep(1.0)  # a slow listing (S3, a busy disk) while the loop goes on
+        real_retain(self, step)
+
+    monkeypatch.setattr(Checkpointer, "_retain", slow_retain)
+    model, opt, _ = make_model(0)
+    run = Run(tmp_path, model=model, optimizer=opt, watch=False, every_steps=2, async_=False)
+    try:
+        for _ in range(4):
+            run.step()
+        assert pruning.is_set()
+        assert [i.step for i in run.checkpointer.list()] == [2, 4]  # step 4 saved at step 4, not later
+    finally:
+        run.close()
