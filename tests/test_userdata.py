@@ -326,6 +326,24 @@ def _spot_request_open(sb: Sandbox) -> bool:
 
 
 @pytest.mark.root
+def test_boot_without_a_volume_trains_into_its_store_and_attaches_nothing(sandbox: Sandbox) -> None:
+    """SPOTSAFE_ATTACH=0 (what `spotsafe launch` sets for an s3:// store): no attach, no mount."""
+    sb = sandbox
+    store = sb.root / "elsewhere" / "store"  # the boot script only hands the store on: a URL works alike
+    p = sb.boot(SPOTSAFE_SKIP_SYSTEMD="1", SPOTSAFE_ATTACH="0", SPOTSAFE_STORE=str(store), SPOTSAFE_SNAPSHOT_EVERY="60")
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, f"{out}"
+    log = (sb.root / "boot.log").read_text()
+    assert "SPOTSAFE_ATTACH=0: no volume" in log
+    assert "attaching the volume" not in log and "periodic snapshots" not in log
+    assert vol.mounted_at(str(sb.mount)) is None
+    assert sb.ec2.describe_volumes(VolumeIds=[sb.volume_id])["Volumes"][0]["Attachments"] == []
+    assert [s for s in _steps(sb.steps) if s.startswith("second")] == [f"second {i}" for i in range(1, 13)]
+    assert _is_complete(store)
+    assert "SPOTSAFE_ATTACH='0'" in (sb.root / "etc" / "spotsafe.env").read_text()
+
+
+@pytest.mark.root
 @pytest.mark.slow
 def test_boot_attaches_mounts_resumes_completes_and_shuts_down(sandbox: Sandbox) -> None:
     sb = sandbox

@@ -34,6 +34,7 @@ set -euo pipefail
 : "${SPOTSAFE_VOLUME_TAG:=spotsafe-run=${SPOTSAFE_RUN}}"   # KEY=VALUE that finds the volume
 : "${SPOTSAFE_VOLUME_ID:=}"                                # or its id (wins over the tag)
 : "${SPOTSAFE_REGION:=}"                                   # empty: this instance's region, from IMDS
+: "${SPOTSAFE_ATTACH:=1}"                                  # 0: no volume (an s3:// store); SPOTSAFE_MOUNT is a root-disk directory
 : "${SPOTSAFE_MOVE:=1}"                                    # 1: snapshot-copy the volume here if it is in another zone
 : "${SPOTSAFE_KEEP_OLD:=0}"                                # 1: after a move, keep the old volume and snapshot
 : "${SPOTSAFE_MKFS:=0}"                                    # 1: allow creating a filesystem on a BLANK volume
@@ -76,7 +77,7 @@ set -euo pipefail
 
 # Everything above reaches the python steps and the unit's environment file.
 SETTINGS=(
-  SPOTSAFE_RUN SPOTSAFE_VOLUME_TAG SPOTSAFE_VOLUME_ID SPOTSAFE_REGION SPOTSAFE_MOVE SPOTSAFE_KEEP_OLD
+  SPOTSAFE_RUN SPOTSAFE_VOLUME_TAG SPOTSAFE_VOLUME_ID SPOTSAFE_ATTACH SPOTSAFE_REGION SPOTSAFE_MOVE SPOTSAFE_KEEP_OLD
   SPOTSAFE_MKFS SPOTSAFE_CREATE_SIZE SPOTSAFE_CREATE_TYPE SPOTSAFE_SNAPSHOT_EVERY SPOTSAFE_SNAPSHOT_KEEP
   SPOTSAFE_DEVICE SPOTSAFE_MOUNT SPOTSAFE_FSTAB SPOTSAFE_OS_RELEASE SPOTSAFE_USER SPOTSAFE_REPO SPOTSAFE_REF
   SPOTSAFE_CODE_DIR SPOTSAFE_CODE_PIN SPOTSAFE_CODE_PIN_FILE SPOTSAFE_REQUIREMENTS SPOTSAFE_TRAIN_COMMAND
@@ -101,6 +102,8 @@ if [ -z "${SPOTSAFE_USER}" ]; then
   esac
   : "${SPOTSAFE_USER:=root}"
 fi
+# Without a volume there is nothing to snapshot.
+if [ "${SPOTSAFE_ATTACH}" != 1 ]; then SPOTSAFE_SNAPSHOT_EVERY=0; fi
 # shellcheck disable=SC2163  # exporting the variables the array names
 for _name in "${SETTINGS[@]}"; do export "${_name}"; done
 
@@ -318,6 +321,19 @@ attach_and_mount() {
   as_user mkdir -p "${SPOTSAFE_STORE}" "${SPOTSAFE_LOG_DIR}"
 }
 
+# SPOTSAFE_ATTACH=0 (the store is on S3): no volume to attach; the code checkout and the logs
+# live in SPOTSAFE_MOUNT on the root disk and go with the instance, the checkpoints do not.
+prepare_without_volume() {
+  log "SPOTSAFE_ATTACH=0: no volume; ${SPOTSAFE_MOUNT} is a directory on the root disk"
+  mkdir -p "${SPOTSAFE_MOUNT}"
+  chown "${SPOTSAFE_USER}" "${SPOTSAFE_MOUNT}"
+  as_user mkdir -p "${SPOTSAFE_LOG_DIR}"
+  case "${SPOTSAFE_STORE}" in
+    *://*) ;;
+    *) as_user mkdir -p "${SPOTSAFE_STORE}" ;;
+  esac
+}
+
 # True when the run's store holds a completion mark (python -m spotsafe.resume --status).
 is_complete() {
   local status
@@ -432,9 +448,11 @@ WantedBy=multi-user.target
 UNIT
   local on_limit=none
   if [ "${SPOTSAFE_SHUTDOWN_ON_FAILURE}" = 1 ]; then on_limit=poweroff; fi
+  local requires="# no volume (SPOTSAFE_ATTACH=0): nothing to wait for"
+  if [ "${SPOTSAFE_ATTACH}" = 1 ]; then requires="RequiresMountsFor=${SPOTSAFE_MOUNT}"; fi
   cat > "${unit}.d/spotsafe.conf" <<DROPIN
 [Unit]
-RequiresMountsFor=${SPOTSAFE_MOUNT}
+${requires}
 StartLimitAction=${on_limit}
 
 [Service]
@@ -472,7 +490,11 @@ phase_boot() {
   install_self
   ensure_python
   aws_args
-  attach_and_mount
+  if [ "${SPOTSAFE_ATTACH}" = 1 ]; then
+    attach_and_mount
+  else
+    prepare_without_volume
+  fi
   if is_complete; then
     log "the run in ${SPOTSAFE_STORE} is complete: not restarting it"
     finish_run
