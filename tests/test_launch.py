@@ -96,13 +96,6 @@ def sspec(name: str, bucket: str, **kw: Any) -> L.LaunchSpec:
     )
 
 
-#: Until userdata/spot-boot.sh can boot without a volume (a request to issue 14), S3-mode
-#: resource tests run with its text plus the one setting launch checks for.
-S3_READY_SCRIPT = L.boot_script().replace(
-    ': "${SPOTSAFE_MOVE:=1}"', ': "${SPOTSAFE_ATTACH:=1}"\n: "${SPOTSAFE_MOVE:=1}"', 1
-)
-
-
 def _default_subnets(aws: L.Clients) -> dict[str, str]:
     r = aws.ec2.describe_subnets(Filters=[{"Name": "default-for-az", "Values": ["true"]}])
     return {s["SubnetId"]: s["AvailabilityZone"] for s in r["Subnets"]}
@@ -301,7 +294,7 @@ def test_a_launch_interrupted_after_each_creation_completes_on_the_next_call(
     def make(name: str) -> L.LaunchSpec:
         return vspec(name) if mode == "volume" else sspec(name, s3_bucket_name)
 
-    script = None if mode == "volume" else S3_READY_SCRIPT
+    script = None if mode == "volume" else L.boot_script()
     full = CrashAfter(aws, None)
     L.launch(make(unique_tag()), full, apply=True, script=script)
     expected = ["create_role", "put_role_policy", "create_instance_profile", "add_role_to_instance_profile"]
@@ -356,8 +349,8 @@ def s3_bucket_name(aws: L.Clients) -> str:
 
 def test_s3_mode_spans_every_zone_with_a_policy_scoped_to_the_prefix(aws: L.Clients, s3_bucket_name: str) -> None:
     spec = sspec(unique_tag(), s3_bucket_name)
-    L.launch(spec, aws, apply=True, script=S3_READY_SCRIPT)
-    assert_launched(aws, spec, script=S3_READY_SCRIPT)
+    L.launch(spec, aws, apply=True, script=L.boot_script())
+    assert_launched(aws, spec, script=L.boot_script())
     policy = L.instance_policy(spec)
     resources = sorted(
         r
@@ -373,15 +366,6 @@ def test_s3_mode_spans_every_zone_with_a_policy_scoped_to_the_prefix(aws: L.Clie
     star = [a for st in policy["Statement"] if st["Resource"] == "*" for a in st["Action"]]
     assert star == ["autoscaling:DescribeAutoScalingInstances"]
     assert not any(a.startswith("ec2:") and "Volume" in a for st in policy["Statement"] for a in st["Action"])
-
-
-def test_s3_mode_is_refused_while_the_boot_script_needs_a_volume(aws: L.Clients, s3_bucket_name: str) -> None:
-    spec = sspec(unique_tag(), s3_bucket_name)
-    if L.NO_VOLUME_SETTING + ":=" in L.boot_script():
-        pytest.skip("the boot script runs without a volume now: S3 mode is allowed")
-    with pytest.raises(LaunchError, match="SPOTSAFE_ATTACH"):
-        L.launch(spec, aws, apply=True)
-    assert L.tagged_resources(aws, spec.name) == []
 
 
 def test_volume_goes_to_the_cheapest_zone_and_the_group_stays_there(aws: L.Clients) -> None:
@@ -634,7 +618,7 @@ def test_s3_status_shows_progress_and_down_deletes_only_the_prefix(
     from spotsafe.checkpoint import Checkpointer
 
     spec = sspec(unique_tag(), s3_bucket_name)
-    L.launch(spec, aws, apply=True, script=S3_READY_SCRIPT)
+    L.launch(spec, aws, apply=True, script=L.boot_script())
     ckpt = Checkpointer(spec.store)
     try:
         for step in (100, 200):
@@ -794,7 +778,7 @@ def test_operator_policy_allows_every_call_the_commands_make(
     import boto3
 
     calls.clear()  # the fixtures' own calls (the bucket) are not the commands'
-    for spec, script in ((vspec(unique_tag()), None), (sspec(unique_tag(), s3_bucket_name), S3_READY_SCRIPT)):
+    for spec, script in ((vspec(unique_tag()), None), (sspec(unique_tag(), s3_bucket_name), L.boot_script())):
         L.launch(spec, aws, script=script)
         L.launch(spec, aws, apply=True, script=script)
         L.launch(spec, aws, apply=True, script=script)
