@@ -544,6 +544,7 @@ class Checkpointer:
         self._buffer = SnapshotBuffer()
         self._lock = threading.RLock()
         self._thread: threading.Thread | None = None
+        self._retention: threading.Thread | None = None
         self._error: BaseException | None = None
         self._closed = False
         #: The writer lease, taken by the first save (or :meth:`acquire`); readers never take it.
@@ -804,6 +805,7 @@ class Checkpointer:
                 target=self._retain_timed, args=(step, timings), name=f"spotsafe-retention-{step}", daemon=True
             )
             self._thread = thread  # wait(), the next save() and exit wait for it
+            self._retention = thread  # ...but it is no save in flight (see save_in_flight)
             thread.start()
         else:
             self._retain_timed(step, timings)
@@ -815,6 +817,12 @@ class Checkpointer:
         except Exception as e:  # noqa: BLE001 - the checkpoint is committed: a failed prune must not say otherwise
             log.warning("spotsafe: pruning old checkpoints after %s failed: %s", checkpoint_name(step), e)
         timings["retention_s"] = _time.perf_counter() - t0
+
+    @property
+    def save_in_flight(self) -> bool:
+        """True while a background save is writing (a retention pass after a sync save does not count)."""
+        thread = self._thread
+        return thread is not None and thread.is_alive() and thread is not self._retention
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait for the save in flight. True when none is left; re-raises its error once."""

@@ -346,8 +346,9 @@ class Run:
         ):
             self._save_due = True
         # Never stall the loop behind a slow upload: while the previous save is still
-        # in flight, the due one waits for a later step (wait(0) also re-raises its error).
-        if self._save_due and self.checkpointer.wait(0):
+        # in flight, the due one waits for a later step. A pruning pass after a sync save is
+        # no reason to skip one (save() waits for it; it re-raises a failed save's error too).
+        if self._save_due and not self.checkpointer.save_in_flight:
             self._save("periodic", async_=None)
 
     def save(self, reason: Reason = "manual", *, async_: bool | None = None) -> None:
