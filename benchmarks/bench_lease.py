@@ -119,9 +119,11 @@ def measure(open_store: Callable[[str], Any], size_mib: int, repeats: int) -> No
         f"  the checks themselves: {med(checks) * 1e3:.2f} ms per save "
         f"({med(checks) / med(sync['fenced']) * 100:.1f}% of the fenced save)"
     )
+    stall_ratios = [f / u for f, u in zip(stall["fenced"], stall["unfenced"], strict=True)]
     print(
         f"  async save stall   fenced {med(stall['fenced']) * 1e3:7.2f} ms   "
-        f"unfenced {med(stall['unfenced']) * 1e3:7.2f} ms"
+        f"unfenced {med(stall['unfenced']) * 1e3:7.2f} ms   per-round ratio {med(stall_ratios):.3f}x "
+        f"(spread {min(stall_ratios):.3f}-{max(stall_ratios):.3f})"
     )
 
 

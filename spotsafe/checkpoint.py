@@ -544,7 +544,7 @@ class Checkpointer:
         self._buffer = SnapshotBuffer()
         self._lock = threading.RLock()
         self._thread: threading.Thread | None = None
-        self._pruning = False  # the thread in _thread only prunes, after a synchronous save
+        self._retention: threading.Thread | None = None
         self._error: BaseException | None = None
         self._closed = False
         #: The writer lease, taken by the first save (or :meth:`acquire`); readers never take it.
@@ -804,7 +804,8 @@ class Checkpointer:
             thread = threading.Thread(
                 target=self._retain_timed, args=(step, timings), name=f"spotsafe-retention-{step}", daemon=True
             )
-            self._thread, self._pruning = thread, True  # wait(), the next save() and exit wait for it
+            self._thread = thread  # wait(), the next save() and exit wait for it
+            self._retention = thread  # ...but it is no save in flight (see save_in_flight)
             thread.start()
         else:
             self._retain_timed(step, timings)
@@ -818,14 +819,10 @@ class Checkpointer:
         timings["retention_s"] = _time.perf_counter() - t0
 
     @property
-    def saving(self) -> bool:
-        """True while a save's write or commit runs in the background.
-
-        Pruning old checkpoints after a synchronous save does not count: that save is
-        durable already, and the next one may start (it waits for the pruning first).
-        """
+    def save_in_flight(self) -> bool:
+        """True while a background save is writing (a retention pass after a sync save does not count)."""
         thread = self._thread
-        return thread is not None and thread.is_alive() and not self._pruning
+        return thread is not None and thread.is_alive() and thread is not self._retention
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait for the save in flight. True when none is left; re-raises its error once."""

@@ -346,9 +346,9 @@ class Run:
         ):
             self._save_due = True
         # Never stall the loop behind a slow upload: while the previous save is still
-        # in flight, the due one waits for a later step (save() re-raises an earlier save's error).
-        # Pruning after a synchronous save is not in flight: that save is durable already.
-        if self._save_due and not self.checkpointer.saving:
+        # in flight, the due one waits for a later step. A pruning pass after a sync save is
+        # no reason to skip one (save() waits for it; it re-raises a failed save's error too).
+        if self._save_due and not self.checkpointer.save_in_flight:
             self._save("periodic", async_=None)
 
     def save(self, reason: Reason = "manual", *, async_: bool | None = None) -> None:
@@ -548,7 +548,7 @@ class Run:
         if not notice.is_final:
             log.warning("rebalance recommendation from %s: checkpointing at step %d", notice.source, self.step_count)
             emit_event("rebalance", step=self.step_count, source=notice.source)
-            if not self.checkpointer.saving and self._saved_step != self.step_count:
+            if not self.checkpointer.save_in_flight and self._saved_step != self.step_count:
                 self._save("rebalance", async_=None)
             return False
         self._on_final_notice(notice)
