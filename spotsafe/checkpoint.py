@@ -664,7 +664,7 @@ class Checkpointer:
                 persist()  # durable when this returns; pruning old checkpoints goes on in the background
                 return
             thread = threading.Thread(target=self._run, args=(persist,), name=f"spotsafe-save-{step}", daemon=True)
-            self._thread, self._pruning = thread, False
+            self._thread = thread
             thread.start()
 
     def _raise_fenced(self, error: BaseException) -> None:
