@@ -134,7 +134,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--store", help="checkpoint store: a path or URL (default: $SPOTSAFE_STORE or ./checkpoints/mnist_cnn)"
     )
-    p.add_argument("--every-seconds", type=float, default=60.0, help="periodic checkpoint interval")
+    p.add_argument(
+        "--every-seconds", type=float, help="fixed checkpoint interval (default: chosen automatically, every='auto')"
+    )
     p.add_argument("--every-steps", type=int, help="also checkpoint every N steps")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)

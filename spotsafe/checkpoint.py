@@ -667,6 +667,48 @@ class Checkpointer:
             self._thread = thread
             thread.start()
 
+    def persist_snapshot(
+        self,
+        step: int,
+        snap: Snapshot,
+        *,
+        epoch: int | None,
+        reason: Reason,
+        when: datetime,
+        metadata: Mapping[str, Any],
+        stall_s: float = 0.0,
+    ) -> None:
+        """Write and commit a snapshot taken earlier (:mod:`spotsafe.snapshot`) as ``step``, in the background.
+
+        The same write, fenced manifest-last commit and retention as :meth:`save`;
+        ``snap``'s memory must stay unchanged until :meth:`wait` returns. A failed earlier
+        save is logged, not raised: this path runs on a notice, when a checkpoint matters
+        most. Single process only (a multi-rank snapshot needs every rank's files).
+        """
+        if self.dist is not None:
+            raise SpotsafeError(f"{self.store.url}: persist_snapshot is for a single process, not {self.dist!r}")
+        if self._closed:
+            raise SpotsafeError(f"{self.store.url}: this Checkpointer is closed")
+        meta = _plain_metadata(metadata)
+        with self._lock:
+            try:
+                self.wait()
+            except WriterFenced:
+                raise
+            except Exception as e:  # noqa: BLE001 - logged; persisting this snapshot matters more now
+                log.error("spotsafe: an earlier background save failed (%s); persisting step %d anyway", e, step)
+            if self.lease is None or not self.lease.held:
+                self._acquire()
+            meta = self._generation_meta(meta)
+            timings = {"snapshot_s": stall_s}
+
+            def persist() -> None:
+                self._persist(step, epoch, reason, when, meta, snap, timings)
+
+            thread = threading.Thread(target=self._run, args=(persist,), name=f"spotsafe-snapshot-{step}", daemon=True)
+            self._thread = thread
+            thread.start()
+
     def _raise_fenced(self, error: BaseException) -> None:
         """Raise WriterFenced (from ``error``) when a save failed because another writer took over.
 

@@ -29,13 +29,14 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime, timezone
 from datetime import timedelta as _timedelta
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
 import torch
 
 from spotsafe import EXIT_FENCED, EXIT_PREEMPTED
 from spotsafe.data import ResumableLoader, derive_epoch_seed, draw_epoch_seed
 from spotsafe.errors import SpotsafeError, WriterFenced
+from spotsafe.interval import AutoInterval, History
 from spotsafe.settings import Settings
 
 if TYPE_CHECKING:
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
 
     from spotsafe.checkpoint import Checkpointer, CheckpointInfo, Reason
     from spotsafe.interruption import InterruptionWatcher, Notice
+    from spotsafe.snapshot import SnapshotKeeper
     from spotsafe.storage import Store
 
 log = logging.getLogger(__name__)
@@ -51,7 +53,8 @@ log = logging.getLogger(__name__)
 RUN_STATE_FORMAT = 1
 #: Key of the run's own counters in the checkpoint.
 RUN_STATE_KEY = "spotsafe"
-#: Periodic checkpoint interval when none of every_steps/every_seconds/every_epochs is given.
+#: Periodic checkpoint interval of ``every_seconds`` before spotsafe chose it itself (``every="auto"``,
+#: now the default); kept for callers that want the old fixed cadence.
 DEFAULT_EVERY_SECONDS = 600.0
 
 _RESERVED = ("model", "optimizer", "scheduler", "scaler", "rng", RUN_STATE_KEY)
@@ -102,6 +105,19 @@ class Run:
     ``seed``: the per-epoch shuffle seeds are derived from it; None draws each
     epoch's seed from torch's global RNG when the epoch starts (as a plain
     DataLoader does), so ``torch.manual_seed`` keeps runs reproducible.
+
+    ``every="auto"`` (the default when none of ``every_steps``/``every_seconds``/
+    ``every_epochs`` is given) persists at the interval the Young–Daly rule picks
+    from this run's measured save cost and the interruption rate: the store's
+    history once there is one, else ``interruption_rate`` (per hour, or a Spot
+    Advisor bucket such as ``"10-15%"``), else a pessimistic default; bounded to
+    [60 s, 30 min] and logged when it changes (:mod:`spotsafe.interval`).
+
+    ``snapshot_every``: steps between in-memory snapshots of the state (``"auto"``:
+    keep their stall under 2% of step time; None: off). On a notice that the
+    current step cannot meet, the newest one is persisted from a background thread
+    before the deadline (:mod:`spotsafe.snapshot`). Costs one more copy of the state
+    in host memory. Single-process runs only for now.
     """
 
     def __init__(
@@ -124,6 +140,9 @@ class Run:
         map_location: Any = None,
         async_: bool = True,
         agree_every: int | str = "auto",
+        every: Literal["auto"] | None = None,
+        interruption_rate: float | str | None = None,
+        snapshot_every: int | Literal["auto"] | None = "auto",
     ) -> None:
         from spotsafe.checkpoint import Checkpointer
         from spotsafe.state import RNGState
@@ -133,8 +152,16 @@ class Run:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if every_seconds is not None and every_seconds <= 0:
             raise ValueError(f"every_seconds must be > 0, got {every_seconds}")
-        if every_steps is None and every_seconds is None and every_epochs is None:
-            every_seconds = DEFAULT_EVERY_SECONDS
+        if every not in (None, "auto"):
+            raise ValueError(f"every must be 'auto' or None, not {every!r} (for a fixed interval use every_seconds)")
+        if every == "auto" and every_seconds is not None:
+            raise ValueError("every='auto' chooses the interval in seconds itself: do not also give every_seconds")
+        if every is None and every_steps is None and every_seconds is None and every_epochs is None:
+            every = "auto"
+        #: The automatic interval policy (``every="auto"``), else None.
+        self.interval: AutoInterval | None = AutoInterval(interruption_rate) if every == "auto" else None
+        if every != "auto" and interruption_rate is not None:
+            raise ValueError("interruption_rate only steers every='auto'")
         extra = dict(extra_state or {})
         clash = sorted(set(extra) & set(_RESERVED))
         if clash:
@@ -175,6 +202,11 @@ class Run:
         self._rehearsal_steps = Settings.from_env().rehearsal_after_steps
         self._rehearsal_at: int | None = None
         self._lock = threading.Lock()
+        #: What the store's checkpoints say about this run's past launches (restored on resume).
+        self._history = History()
+        self._launched = time.monotonic()
+        self._step_entered: float | None = None
+        self._save_observed = True
 
         self._objects: dict[str, Any] = {}
         for name, obj in (("model", model), ("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
@@ -211,6 +243,12 @@ class Run:
             self.checkpointer.close()
             raise
         self._last_save = time.monotonic()
+        #: The in-memory snapshots (single process, ``snapshot_every`` not None), else None.
+        self.snapshots: SnapshotKeeper | None = None
+        if snapshot_every is not None and self._ddp is None:
+            from spotsafe.snapshot import SnapshotKeeper
+
+            self.snapshots = SnapshotKeeper(self.checkpointer, snapshot_every, emit=emit_event)
 
         self.watcher: InterruptionWatcher | None
         self._owns_watcher = False
@@ -223,6 +261,8 @@ class Run:
             self.watcher = None
         else:
             self.watcher = watch
+        if self.snapshots is not None and self.watcher is not None:
+            self.snapshots.start(self.watcher)
         atexit.register(self._atexit)
 
     # -- public -------------------------------------------------------------------
@@ -339,17 +379,27 @@ class Run:
         if self._ddp is not None:
             self._step_multi_rank(self._ddp)
             return
+        entered = time.monotonic()
         if self._check_notice():
             return
+        idle = not self.checkpointer.save_in_flight
+        self._observe(entered, idle)
+        every_s = self._every_seconds()
         if (self.every_steps is not None and self.step_count % self.every_steps == 0) or (
-            self.every_seconds is not None and time.monotonic() - self._last_save >= self.every_seconds
+            every_s is not None and time.monotonic() - self._last_save >= every_s
         ):
             self._save_due = True
         # Never stall the loop behind a slow upload: while the previous save is still
         # in flight, the due one waits for a later step. A pruning pass after a sync save is
         # no reason to skip one (save() waits for it; it re-raises a failed save's error too).
-        if self._save_due and not self.checkpointer.save_in_flight:
+        saving = self._save_due and not self.checkpointer.save_in_flight
+        if saving:
             self._save("periodic", async_=None)
+        if self.snapshots is not None:
+            self.snapshots.after_step(
+                self.step_count, self._state, epoch=self.epoch, metadata=self._save_metadata, saving=saving
+            )
+        self._step_entered = time.monotonic()
 
     def save(self, reason: Reason = "manual", *, async_: bool | None = None) -> None:
         """Checkpoint now (``reason`` as in the manifest)."""
@@ -396,7 +446,11 @@ class Run:
         self._closed = True
         atexit.unregister(self._atexit)
         try:
-            self.checkpointer.close()
+            try:
+                if self.snapshots is not None:
+                    self.snapshots.close()
+            finally:
+                self.checkpointer.close()
         finally:
             if self._owns_watcher and self.watcher is not None:
                 self.watcher.stop()
@@ -425,6 +479,10 @@ class Run:
             "loader_state": loader_state,
             "world_size": self._ddp.ctx.world_size if self._ddp is not None else 1,
             "offset": self._offset,
+            # Seconds trained and interruptions over all launches so far: every="auto"'s rate estimate.
+            "history": History(
+                self._history.seconds + time.monotonic() - self._launched, self._history.interruptions
+            ).to_dict(),
         }
 
     def _state(self) -> dict[str, Any]:
@@ -484,6 +542,11 @@ class Run:
         self._loader_state = run_state.get("loader_state")
         self._saved_step = self.step_count
         self.resumed_from = info
+        # This launch resumes an unfinished run: the previous one was interrupted (a notice, a kill, a crash).
+        past = History.from_dict(run_state.get("history"))
+        self._history = History(past.seconds, past.interruptions + 1)
+        if self.interval is not None:
+            self.interval.observe_history(self._history)
         where = info.url if info is not None else self.store.url
         log.info("resuming from step %d (epoch %d, batch %d) at %s", self.step_count, self.epoch, self.batch, where)
         emit_event("resumed", step=self.step_count, epoch=self.epoch, batch=self.batch, url=where)
@@ -523,14 +586,20 @@ class Run:
             self.checkpointer.wait()
             self._save("periodic", async_=None)
 
+    def _save_metadata(self) -> dict[str, Any]:
+        return {"batch": self.batch, "metrics": _plain_metrics(self.metrics)}
+
     def _save(self, reason: Reason, *, async_: bool | None) -> None:
-        metadata = {"batch": self.batch, "metrics": _plain_metrics(self.metrics)}
+        metadata = self._save_metadata()
         self.checkpointer.save(
             self.step_count, self._state(), epoch=self.epoch, reason=reason, async_=async_, metadata=metadata
         )
         self._saved_step = self.step_count
         self._save_due = False
         self._last_save = time.monotonic()
+        self._save_observed = False
+        if self.snapshots is not None:
+            self.snapshots.saved(self.step_count)
 
     # -- notices ------------------------------------------------------------------
 
@@ -564,6 +633,8 @@ class Run:
 
     def _final_save(self, deadline: datetime | None, *, source: str, action: str, detected_at: float) -> None:
         t0 = time.monotonic()
+        if self.snapshots is not None:
+            self.snapshots.stand_down()  # the live state is saved here: the guard persists nothing more
         if deadline is None:  # a rank agreed without a deadline: assume the shortest platform notice
             deadline = _now() + _timedelta(seconds=30)
         left = (deadline - _now()).total_seconds()
@@ -636,11 +707,38 @@ class Run:
             sys.stderr.flush()
             sys.exit(EXIT_PREEMPTED)
 
+    def _every_seconds(self) -> float | None:
+        """The periodic interval in seconds now: fixed, automatic, or None (steps/epochs only)."""
+        if self.interval is not None:
+            return self.interval.seconds
+        return self.every_seconds
+
+    def _observe(self, entered: float, idle: bool) -> None:
+        """Feed the automatic interval: this step's duration, and the last save's cost once it landed."""
+        interval = self.interval
+        if interval is None:
+            return
+        if self._step_entered is not None:
+            interval.observe_step(entered - self._step_entered, saving=not idle)
+        if idle and not self._save_observed:
+            self._save_observed = True
+            # the hours trained so far, so a run that is rarely interrupted sees its rate fall
+            interval.observe_history(
+                History(self._history.seconds + time.monotonic() - self._launched, self._history.interruptions)
+            )
+            t = self.checkpointer.last_timings
+            if t:
+                interval.observe_save(t.get("snapshot_s", 0.0), t.get("write_s", 0.0) + t.get("commit_s", 0.0))
+
     def _step_multi_rank(self, ddp: _MultiRank) -> None:
         """step() on one of several ranks: every decision is taken by all ranks at the same step."""
         if self._should_stop:
             return
-        clock_due = self.every_seconds is not None and time.monotonic() - self._last_save >= self.every_seconds
+        entered = time.monotonic()
+        self._observe(entered, not self.checkpointer.save_in_flight)
+        self._step_entered = entered
+        every_s = self._every_seconds()
+        clock_due = every_s is not None and time.monotonic() - self._last_save >= every_s
         notice = self.watcher.notice if self.watcher is not None else None
         agreed = ddp.agreement.step(notice, self.step_count, due=clock_due)
         if agreed is not None and agreed.is_final:
