@@ -200,8 +200,9 @@ class SpotsafeCallback(pl.Callback):
                 len(self._loaders),
             )
             states = []
-        for loader, state in zip(self._loaders, states, strict=True):
-            loader.load_state_dict(state)
+        if states:
+            for loader, state in zip(self._loaders, states, strict=True):
+                loader.load_state_dict(state)
         combined.flattened = self._loaders
 
     # -- every step: save, notice ------------------------------------------------------
