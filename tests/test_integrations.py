@@ -37,8 +37,6 @@ TORCHRUN = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node
 BATCH = 4
 STEPS_PER_EPOCH = 8  # 32 samples, batch 4, one process (4 per rank under 2-rank DDP)
 
-pytestmark = pytest.mark.slow
-
 FRAMEWORKS = {
     "lightning": ("lightning", SCRIPTS / "lightning_train.py"),
     "transformers": ("transformers", SCRIPTS / "hf_train.py"),
@@ -136,6 +134,7 @@ def _notice_checkpoint(store: Path, steps_per_epoch: int, world_size: int = 1) -
     return newest.step
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("framework", ["lightning", "transformers", "accelerate"])
 def test_sigterm_then_aws_notice_then_finish_bit_identical(framework: str, tmp_path: Path) -> None:
     """Launch 1 gets SIGTERM (to the supervisor), launch 2 the AWS simulator's spot notice, both
@@ -175,6 +174,7 @@ def test_sigterm_then_aws_notice_then_finish_bit_identical(framework: str, tmp_p
     assert ref_fetched <= _fetched(out) <= ref_fetched + 2 * BATCH
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("framework", ["lightning", "transformers"])
 def test_ddp_notice_on_one_rank_bit_identical(framework: str, tmp_path: Path) -> None:
     """2-rank DDP (gloo) under torchrun: SIGTERM to rank 1 only; both ranks save at one agreed
@@ -198,3 +198,95 @@ def test_ddp_notice_on_one_rank_bit_identical(framework: str, tmp_path: Path) ->
     _assert_same(_reference(ref, tmp_path), torch.load(out / "weights.pt"))
     ref_fetched = _fetched(tmp_path / "ref")
     assert ref_fetched <= _fetched(out) <= ref_fetched + 2 * BATCH
+
+
+# ----------------------------------------------------------------------------- in-process checks
+
+
+class _Counting(torch.utils.data.Dataset):
+    def __init__(self, n: int) -> None:
+        self.n, self.loaded = n, 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        self.loaded += 1
+        return i
+
+
+def test_epoch_loader_continues_the_epoch_without_loading_consumed_batches() -> None:
+    from spotsafe.integrations.core import EpochLoader
+
+    torch.manual_seed(0)
+    first = EpochLoader(torch.utils.data.DataLoader(_Counting(40), batch_size=4, shuffle=True), lambda: 2)
+    whole = [b.tolist() for b in first]
+    first.trained = 6
+    state = first.state_dict()
+
+    data = _Counting(40)
+    torch.manual_seed(123)  # the global RNG has moved on: the saved epoch seed decides the order
+    resumed = EpochLoader(torch.utils.data.DataLoader(data, batch_size=4, shuffle=True), lambda: 2)
+    resumed.load_state_dict(state)
+    assert [b.tolist() for b in resumed] == whole[6:]
+    assert data.loaded == 16  # only the 4 remaining batches were loaded
+    # The saved position applies once: the next epoch starts from batch 0 with a new order.
+    assert len([b.tolist() for b in resumed]) == 10
+
+
+def test_epoch_loader_rejects_an_unknown_state_format() -> None:
+    from spotsafe.integrations.core import EpochLoader
+
+    loader = EpochLoader([1, 2], lambda: 0)
+    with pytest.raises(ValueError, match="format 7"):
+        loader.load_state_dict({"format": 7})
+
+
+def test_require_names_the_extra_to_install() -> None:
+    from spotsafe.integrations.core import require
+
+    with pytest.raises(ImportError, match=r"pip install 'spotsafe\[lightning\]'"):
+        require("spotsafe_no_such_framework", "lightning")
+
+
+@pytest.mark.parametrize("framework", ["lightning", "transformers"])
+def test_callback_without_a_store_fails_at_construction(framework: str) -> None:
+    pytest.importorskip(framework)
+    import importlib
+
+    cls = importlib.import_module(f"spotsafe.integrations.{framework}").SpotsafeCallback
+    with pytest.raises(ValueError, match="SPOTSAFE_STORE"):
+        cls()
+
+
+def test_accelerated_run_takes_its_objects_from_the_accelerator(tmp_path: Path) -> None:
+    pytest.importorskip("accelerate")
+    from accelerate import Accelerator
+
+    from spotsafe.integrations.accelerate import AcceleratedRun
+
+    with pytest.raises(TypeError, match="from the accelerator"):
+        AcceleratedRun(Accelerator(cpu=True), str(tmp_path), model=torch.nn.Linear(1, 1), watch=False)
+
+
+def test_hf_callback_added_after_construction_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("transformers")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from transformers import Trainer, TrainingArguments
+
+    from spotsafe.integrations.transformers import SpotsafeCallback
+
+    class Tiny(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(2, 1)
+
+        def forward(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"loss": ((self.lin(x).squeeze(-1) - labels) ** 2).mean()}
+
+    data = [{"x": torch.randn(2), "labels": torch.tensor(0.0)} for _ in range(4)]
+    args = TrainingArguments(str(tmp_path / "hf"), use_cpu=True, report_to="none", save_strategy="no", max_steps=1)
+    trainer = Trainer(model=Tiny(), args=args, train_dataset=data)  # type: ignore[arg-type]
+    trainer.add_callback(SpotsafeCallback(str(tmp_path / "store"), watch=False))
+    with pytest.raises(RuntimeError, match="callbacks=\\[SpotsafeCallback"):
+        trainer.train()
