@@ -32,7 +32,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
-from torch.utils.data import DataLoader, IterableDataset, Sampler
+from torch.utils.data import BatchSampler, DataLoader, IterableDataset, Sampler
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +208,13 @@ class ResumableLoader:
         # the global RNG: give it the epoch's seed and leave the global stream untouched.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(epoch_seed)
+            if type(index_sampler) is BatchSampler:
+                # torch's own BatchSampler yields consecutive chunks of one pass over its sampler:
+                # chunk that pass at C speed (its per-index Python loop is most of a 100k-batch plan).
+                flat = list(index_sampler.sampler)
+                size = index_sampler.batch_size
+                end = len(flat) - len(flat) % size if index_sampler.drop_last else len(flat)
+                return [flat[i : i + size] for i in range(0, end, size)]
             return [list(b) if isinstance(b, (list, tuple)) else b for b in index_sampler]
 
     # -- iteration ----------------------------------------------------------------
