@@ -24,6 +24,8 @@ checkpoint, so the replay does not depend on the global RNG's position on resume
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import itertools
 import logging
@@ -61,6 +63,19 @@ class _PlannedSampler(Sampler[Any]):
 
     def __len__(self) -> int:
         return len(self.plan)
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """No cyclic GC while a plan's 100k small lists are built: each would-be collection walks
+    the whole (framework-sized) heap, most of a plan's time otherwise; the lists hold no cycles."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _is_stateful_loader(loader: object) -> bool:
@@ -206,7 +221,7 @@ class ResumableLoader:
         index_sampler: Iterable[Any] = loader.batch_sampler if loader.batch_sampler is not None else loader.sampler
         # A sampler without its own generator (RandomSampler(generator=None)) draws from
         # the global RNG: give it the epoch's seed and leave the global stream untouched.
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), _gc_paused():
             torch.manual_seed(epoch_seed)
             if type(index_sampler) is BatchSampler:
                 # torch's own BatchSampler yields consecutive chunks of one pass over its sampler:
