@@ -17,7 +17,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from spotsafe.checkpoint import Checkpointer
 from spotsafe.simulate import AWSSimulator
 
 from .conftest import OFFLINE_ENV
+from .helpers import wait_until
 
 PY = sys.executable
 SCRIPTS = Path(__file__).parent / "integration_scripts"
@@ -62,15 +62,18 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def _wait_until(what: str, ready: Callable[[], bool], proc: subprocess.Popen[str], timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    while not ready():
+    def check() -> bool:
         if proc.poll() is not None:
             out = proc.stdout.read() if proc.stdout is not None else ""
             raise AssertionError(f"exited {proc.returncode} before {what}:\n{out[-4000:]}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
+        return ready()
+
+    try:
+        wait_until(check, timeout, interval=0.1, what=what)
+    except AssertionError:
+        proc.kill()
+        proc.communicate()
+        raise
 
 
 def _supervised(store: Path, command: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
