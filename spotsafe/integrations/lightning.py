@@ -19,7 +19,8 @@ After every optimizer step it may save (``every_steps``/``every_seconds``, defau
 every 600 s); on a notice (AWS/GCP/Azure metadata, SIGTERM) seen by any rank, every
 rank saves at one agreed step, waits until the checkpoint is durable and the process
 exits 75 (``spotsafe.EXIT_PREEMPTED``). Lightning's own SIGTERM handling (which
-raises on rank 0's say-so from inside a signal handler) is replaced while fitting.
+raises on rank 0's say-so from inside a signal handler) is replaced while fitting,
+when spotsafe watches SIGTERM (the default).
 At the end of ``fit`` the run gets a final checkpoint and is marked complete.
 """
 
@@ -142,7 +143,11 @@ class SpotsafeCallback(pl.Callback):
             self.session.close()
         self._state = _TrainerState(trainer)
         self.session = Session(self.store, self._state, key=STATE_KEY, **self._options)
-        self._sigterm = signal.getsignal(signal.SIGTERM)  # the watcher's handler (or whatever was there)
+        watcher = self.session.run.watcher
+        # The watcher's SIGTERM handler, to keep in place of Lightning's (None: SIGTERM is not spotsafe's).
+        self._sigterm = (
+            signal.getsignal(signal.SIGTERM) if watcher is not None and "signal" in watcher.sources else None
+        )
         self._last_step = trainer.global_step
         loaded = self._state.loaded
         self._state.loaded = None
