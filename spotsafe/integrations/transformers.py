@@ -151,6 +151,7 @@ class SpotsafeCallback(TrainerCallback):
         self.trainer: Any = None  # the transformers.Trainer it is attached to
         self.session: Session | None = None
         self._loaded: dict[str, Any] | None = None
+        self._marker: str | None = None
 
     @property
     def run(self) -> Any:
@@ -195,7 +196,7 @@ class SpotsafeCallback(TrainerCallback):
         # The Trainer's own resume path, reading from the restored checkpoint: it computes the
         # epoch and the batch to continue at from the TrainerState and skips at the sampler level.
         self._loaded = loaded
-        marker = tempfile.mkdtemp(prefix="spotsafe-hf-")
+        marker = self._marker = tempfile.mkdtemp(prefix="spotsafe-hf-")
         try:
             with open(os.path.join(marker, _TRAINER_STATE_NAME), "w", encoding="utf-8") as f:
                 f.write(str(loaded["trainer_state"]))
@@ -205,9 +206,14 @@ class SpotsafeCallback(TrainerCallback):
         finally:
             for name in _READERS:
                 trainer.__dict__.pop(name, None)
-            shutil.rmtree(marker, ignore_errors=True)
+            self._drop_marker()
             self._loaded = None
             self._close()
+
+    def _drop_marker(self) -> None:
+        marker, self._marker = self._marker, None
+        if marker is not None:
+            shutil.rmtree(marker, ignore_errors=True)
 
     def _close(self) -> None:
         session, self.session = self.session, None
@@ -223,6 +229,7 @@ class SpotsafeCallback(TrainerCallback):
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         t = self.trainer
         assert t is not None and self._loaded is not None
+        self._drop_marker()  # the Trainer has read the TrainerState from it: nothing reads it again
         t.optimizer.load_state_dict(self._loaded["optimizer"])
         if t.lr_scheduler is not None and "scheduler" in self._loaded:
             t.lr_scheduler.load_state_dict(self._loaded["scheduler"])
