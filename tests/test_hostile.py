@@ -1,0 +1,389 @@
+"""Hostile and broken stores: a damaged newest checkpoint costs a fallback, never a hang, a crash or a read outside.
+
+Every store here is built by the test: two good checkpoints (steps 100 and 200), then
+step 200 is damaged the way an attacker with write access to the bucket would, with
+sizes and checksums forged to match, so only the checks on what the files *claim*
+stand between it and the loader. Each case asserts that ``load(None)`` falls back to
+step 100 intact, that ``load(200)`` raises CheckpointCorrupt naming the cause, and
+that ``check()`` (what ``spotsafe verify`` runs) agrees with ``load()``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from spotsafe.checkpoint import MANIFEST, Checkpointer, checkpoint_name, checksum
+from spotsafe.errors import CheckpointCorrupt, CheckpointNotFound, StoreError
+
+GOOD, BAD = 100, 200
+
+
+def state_for(step: int) -> dict[str, Any]:
+    g = torch.Generator().manual_seed(step)
+    w = torch.randn(64, 8, generator=g)
+    return {
+        "w": w,
+        "t": w.t(),
+        "b": torch.arange(10, dtype=torch.int16),
+        "empty": torch.empty(0, 3),
+        "step": step,
+        "opt": {"state": {0: {"m": torch.ones(3)}}, "lr": 0.1, "betas": (0.9, 0.999)},
+        "size": torch.Size([2, 3]),
+        "nan": float("nan"),
+        "deep": {"a": [1, {"b": [2, 3]}]},
+    }
+
+
+def assert_good(state: dict[str, Any]) -> None:
+    expected = state_for(GOOD)
+    assert state["step"] == GOOD
+    assert torch.equal(state["w"], expected["w"])
+    assert torch.equal(state["t"], expected["t"])
+    assert state["opt"]["state"][0]["m"].tolist() == [1.0, 1.0, 1.0]
+    assert state["deep"] == expected["deep"]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Path:
+    root = tmp_path / "store"
+    with Checkpointer(root, async_=False) as c:
+        c.save(GOOD, state_for(GOOD), epoch=1)
+        c.save(BAD, state_for(BAD), epoch=2)
+    return root
+
+
+def manifest_of(root: Path, step: int = BAD) -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads((root / checkpoint_name(step) / MANIFEST).read_text())
+    return doc
+
+
+def write_manifest(root: Path, doc: Any, step: int = BAD) -> None:
+    (root / checkpoint_name(step) / MANIFEST).write_text(json.dumps(doc))
+
+
+def forge(root: Path, role: str, content: bytes, step: int = BAD) -> None:
+    """Replace the ``role`` file of ``step`` by ``content``, with the manifest's size and checksum forged to match."""
+    doc = manifest_of(root, step)
+    entry = next(f for f in doc["files"] if f["role"] == role)
+    path = root / checkpoint_name(step) / entry["path"]
+    path.unlink()
+    path.write_bytes(content)
+    entry["size"], entry["checksum"] = len(content), checksum(content)
+    write_manifest(root, doc, step)
+
+
+def tree_of(root: Path, step: int = BAD) -> dict[str, Any]:
+    entry = next(f for f in manifest_of(root, step)["files"] if f["role"] == "tree")
+    doc: dict[str, Any] = json.loads((root / checkpoint_name(step) / entry["path"]).read_bytes())
+    return doc
+
+
+def forge_tree(root: Path, mutate: Callable[[dict[str, Any]], Any]) -> None:
+    tree = tree_of(root)
+    mutate(tree)
+    forge(root, "tree", json.dumps(tree).encode())
+
+
+def assert_falls_back(root: Path, match: str, *, caplog: pytest.LogCaptureFixture | None = None) -> None:
+    """load(None) gives the intact step 100; load(200) and check(200) both refuse step 200 with ``match``."""
+    with Checkpointer(root) as c:
+        assert_good(c.load(None))
+        assert c.last_loaded is not None and c.last_loaded.step == GOOD
+        with pytest.raises(CheckpointCorrupt, match=match):
+            c.load(BAD)
+        with pytest.raises(CheckpointCorrupt, match=match):
+            c.check(checkpoint_name(BAD))  # spotsafe verify agrees with load()
+    if caplog is not None:
+        assert any("falling back" in r.getMessage() for r in caplog.records)
+
+
+def tensor_entry(tree: dict[str, Any]) -> dict[str, Any]:
+    """The tensor table entry of the 64x8 weight ``w``."""
+    return next(e for e in tree["tensors"] if e["shape"] == [64, 8] and e["stride"] == [8, 1])
+
+
+# ----------------------------------------------------------------------------- tree claims
+
+
+@pytest.mark.parametrize(
+    ("mutate", "match"),
+    [
+        (lambda t: tensor_entry(t).update(device="garbage"), "bad device"),
+        (lambda t: tensor_entry(t).update(shape=[-64, 8]), "bad shape"),
+        (lambda t: tensor_entry(t).update(stride=[8, -1]), "bad stride"),
+        (lambda t: tensor_entry(t).update(offset=-4), "bad offset"),
+        (lambda t: tensor_entry(t).update(shape=[64, 8, 1]), "3 dimensions but 2 strides"),
+        (lambda t: tensor_entry(t).update(dtype="__class__"), "unknown dtype"),
+        (lambda t: tensor_entry(t).update(shape=[1 << 40, 8]), "reaches past the end"),
+        # blob -1 (an empty tensor) claiming 8 GiB / 4 TiB: refused before anything is allocated.
+        (lambda t: tensor_entry(t).update(blob=-1, shape=[1 << 31, 1], stride=[1, 1]), "no bytes"),
+        (lambda t: tensor_entry(t).update(blob=-1, shape=[1 << 40, 1], stride=[1, 1]), "no bytes"),
+        (lambda t: t["tree"]["v"].update(nan={"T": "float", "v": "foo"}), "bad float node"),
+        (lambda t: t["tree"]["v"].update(size={"T": "size", "v": [2**80]}), "torch.Size"),
+        (lambda t: t["tree"]["v"].update(x={"T": "tensor", "id": 10**6}), "out of range"),
+        (lambda t: t["tree"]["v"].update(x={"T": "tensor", "id": True}), "out of range"),
+        (lambda t: t["tree"]["v"].update(x={"T": "device", "v": "cuda:garbage"}), "bad device"),
+        (lambda t: t["tree"]["v"].update(x={"T": "npscalar", "dtype": "O", "v": 1}), "NumPy scalar"),
+        (lambda t: t["tree"]["v"].update(x={"T": "int", "v": "0xzz"}), "bad int node"),
+        (lambda t: t["tree"]["v"].update(x={"T": "dict", "items": [[[1], 2], [{"T": "dict", "v": {}}, 3]]}), "unhash"),
+        (lambda t: t["tree"]["v"].update(x={"T": "pickle", "v": "80"}), "unknown node type"),
+        (lambda t: t.update(blobs=[[0, -8]]), "blob 0 size"),
+        (lambda t: t.update(blobs=[["0", 8]]), "blob 0 offset"),
+        (lambda t: t.update(blobs=[[1 << 60, 8]]), "blob 0 offset"),
+        (lambda t: t.update(tensors={"0": {}}), "no tensor table"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+def test_a_forged_tree_costs_a_fallback(
+    store: Path, mutate: Callable[[dict[str, Any]], Any], match: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    forge_tree(store, mutate)
+    caplog.set_level(logging.ERROR, "spotsafe.checkpoint")
+    assert_falls_back(store, match, caplog=caplog)
+
+
+def test_a_deeply_nested_tree_is_refused_not_a_recursion_error(store: Path) -> None:
+    def deep(t: dict[str, Any]) -> None:
+        node: Any = 1
+        for _ in range(900):  # JSON still parses this; building it recursively would not survive
+            node = [node]
+        t["tree"]["v"]["deep"] = node
+
+    forge_tree(store, deep)
+    assert_falls_back(store, "nested deeper than")
+    forge(store, "tree", b"[" * 100_000 + b"]" * 100_000)  # too deep even for the JSON parser
+    assert_falls_back(store, "nested too deeply|malformed tree")
+
+
+def test_a_blobless_tensor_never_allocates_its_claimed_shape(store: Path) -> None:
+    """The 4 TiB claim used to reach torch.empty_strided (a raw allocator error, or 8 GiB silently)."""
+    forge_tree(store, lambda t: tensor_entry(t).update(blob=-1, shape=[1 << 42], stride=[1]))
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with Checkpointer(store) as c, pytest.raises(CheckpointCorrupt, match="no bytes"):
+        c.load(BAD)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 256 << 10  # KiB: < 256 MiB
+
+
+# ----------------------------------------------------------------------------- manifest claims
+
+
+@pytest.mark.parametrize(
+    ("mutate", "match"),
+    [
+        (lambda m: m.update(step=True), "bad step"),
+        (lambda m: m.update(step=-1), "bad step"),
+        (lambda m: m.update(step=999_999), "directory of step 000000000200"),
+        (lambda m: m.update(epoch=float("nan")), "bad epoch"),
+        (lambda m: m.update(epoch={"a": 1}), "bad epoch"),
+        (lambda m: m.update(world_size=float("inf")), "bad world_size"),
+        (lambda m: m.update(world_size=float("-inf")), "bad world_size"),
+        (lambda m: m.update(world_size=-1), "bad world_size"),
+        (lambda m: m.update(time="9999-12-31T23:59:59-12:00"), "bad time"),
+        (lambda m: m.update(time=12), "bad time"),
+        (lambda m: m["files"][0].update(path="../step-000000000100/manifest.json"), "bad file entry 0: path"),
+        (lambda m: m["files"][0].update(path="/etc/passwd"), "bad file entry 0: path"),
+        (lambda m: m["files"][0].update(size=True), "bad file entry 0: size"),
+        (lambda m: m["files"][0].update(size=-1), "bad file entry 0: size"),
+        (lambda m: m["files"][0].update(checksum=None), "bad file entry 0: checksum"),
+        (lambda m: m["files"][0].update(rank=1), "bad file entry 0: rank"),
+        (lambda m: m["files"].append(dict(m["files"][0])), "listed twice"),
+        (lambda m: m.update(files={"a": 1}), "files is not a list"),
+        (lambda m: m.update(metadata=[]), "metadata is not an object"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+def test_a_lying_manifest_is_skipped(
+    store: Path, mutate: Callable[[dict[str, Any]], Any], match: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    doc = manifest_of(store)
+    mutate(doc)
+    write_manifest(store, doc)
+    caplog.set_level(logging.WARNING, "spotsafe.checkpoint")
+    with Checkpointer(store) as c:
+        assert [i.step for i in c.list()] == [GOOD]
+        assert c.latest() is not None and c.latest().step == GOOD  # type: ignore[union-attr]
+        assert_good(c.load(None))
+        with pytest.raises(CheckpointCorrupt, match=match):
+            c.load(BAD)
+    assert any(match.split(":")[0] in r.getMessage() for r in caplog.records)
+
+
+def test_deeply_nested_manifest_metadata_is_skipped(store: Path) -> None:
+    text = (store / checkpoint_name(BAD) / MANIFEST).read_text()
+    deep = '{"a":' * 100_000 + "1" + "}" * 100_000
+    (store / checkpoint_name(BAD) / MANIFEST).write_text(text.replace('"metadata": {}', f'"metadata": {deep}'))
+    with Checkpointer(store) as c:
+        assert [i.step for i in c.list()] == [GOOD]
+        assert_good(c.load(None))
+    doc = manifest_of(store, GOOD)
+    node: Any = 1
+    for _ in range(200):  # parses, but deeper than any real metadata
+        node = {"a": node}
+    doc["metadata"] = node
+    write_manifest(store, doc)
+    with Checkpointer(store) as c:
+        assert [i.step for i in c.list()] == [GOOD]
+
+
+def test_step_names_are_twelve_ascii_digits(store: Path) -> None:
+    arabic = "step-" + "\u0661" * 12  # Arabic-Indic digits match \d, and sort after every ASCII name
+    (store / arabic).mkdir()
+    doc = manifest_of(store)
+    (store / arabic / MANIFEST).write_text(json.dumps(doc))
+    (store / (checkpoint_name(BAD) + "\n")).mkdir()
+    with Checkpointer(store) as c:
+        assert [i.step for i in c.list()] == [GOOD, BAD]
+        assert c.latest().step == BAD  # type: ignore[union-attr]
+        with pytest.raises(ValueError, match="12 digits"):
+            c.save(10**12, {"x": 1})  # a 13-digit directory list() would never see
+        with pytest.raises(ValueError, match="step must be"):
+            checkpoint_name(10**12)
+
+
+def test_a_manifest_that_is_a_directory_is_skipped(store: Path) -> None:
+    m = store / checkpoint_name(BAD) / MANIFEST
+    m.unlink()
+    m.mkdir()
+    with Checkpointer(store, async_=False) as c:
+        assert [i.step for i in c.list()] == [GOOD]
+        assert_good(c.load(None))
+        c.save(300, state_for(300))  # the save's cleanup removes the broken directory, it does not fail
+        assert [i.step for i in c.list()] == [GOOD, 300]
+
+
+# ----------------------------------------------------------------------------- FIFOs and links
+
+
+def _unblock(path: Path) -> None:
+    """Open a FIFO for writing and close it, so a reader stuck on it (a regression) returns."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NONBLOCK)
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def run_bounded(fn: Callable[[], Any], seconds: float = 60.0) -> Any:
+    """``fn()`` in a thread; fails (instead of hanging the suite) when it does not return in time."""
+    out: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            out["value"] = fn()
+        except BaseException as e:
+            out["error"] = e
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), f"{fn} blocked for {seconds} s"
+    if "error" in out:
+        raise out["error"]
+    return out.get("value")
+
+
+@pytest.fixture
+def fifos() -> Iterator[list[Path]]:
+    made: list[Path] = []
+    yield made
+    for p in made:
+        _unblock(p)
+
+
+@pytest.mark.parametrize("role", ["manifest", "tree", "data"])
+@pytest.mark.parametrize("via_link", [False, True])
+def test_a_fifo_never_blocks(store: Path, fifos: list[Path], role: str, via_link: bool) -> None:
+    d = store / checkpoint_name(BAD)
+    target = d / MANIFEST if role == "manifest" else next(d.glob("*.json" if role == "tree" else "*.bin"))
+    if role == "tree":
+        target = next(p for p in d.glob("rank*.json"))
+    fifo = store.parent / "fifo" if via_link else target
+    target.unlink()
+    os.mkfifo(fifo)
+    fifos.append(fifo)
+    if via_link:
+        target.symlink_to(fifo if role != "manifest" else os.path.relpath(fifo, d))
+
+    def everything() -> None:
+        with Checkpointer(store) as c:
+            infos = c.list()
+            assert [i.step for i in infos] == ([GOOD] if role == "manifest" else [GOOD, BAD])
+            assert c.latest().step == GOOD  # type: ignore[union-attr]
+            assert_good(c.load(None))
+            if role != "manifest":
+                with pytest.raises(CheckpointCorrupt, match=r"not a regular file|out of the store|missing"):
+                    c.load(BAD)
+                with pytest.raises(CheckpointCorrupt):
+                    c.check(checkpoint_name(BAD))
+
+    run_bounded(everything)
+
+
+def test_data_linked_outside_the_store_is_not_read(store: Path, tmp_path: Path) -> None:
+    d = store / checkpoint_name(BAD)
+    data = next(d.glob("*.bin"))
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(data.read_bytes())  # same bytes: size and checksum match the manifest
+    data.unlink()
+    data.symlink_to(outside)
+    assert_falls_back(store, "out of the store|missing")
+
+
+def test_a_step_directory_linked_elsewhere_is_not_read(store: Path, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    (store / checkpoint_name(BAD)).rename(elsewhere)
+    (store / checkpoint_name(BAD)).symlink_to(elsewhere)
+    with Checkpointer(store, async_=False) as c:
+        assert_good(c.load(None))
+        with pytest.raises(CheckpointCorrupt, match="out of the store"):
+            c.load(BAD)
+        c.save(300, state_for(300))  # cleanup removes the link, never what it points at
+    assert (elsewhere / MANIFEST).is_file()
+
+
+def test_a_link_inside_the_store_is_followed(store: Path) -> None:
+    """Links that stay in the store (a store root reached through a link, too) are fine."""
+    link = store.parent / "link"
+    link.symlink_to(store)
+    with Checkpointer(link) as c:
+        assert c.load(BAD)["step"] == BAD
+
+
+def test_a_store_path_that_is_a_file_fails_at_once(tmp_path: Path) -> None:
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(StoreError, match="not a directory"):
+        Checkpointer(tmp_path / "f")
+    with pytest.raises(ValueError, match="empty"):
+        Checkpointer("")
+
+
+def test_corrupt_completion_record_is_a_checkpoint_corrupt(store: Path) -> None:
+    for content in (b"", b"{", b"[]", b"\xff\xfe"):
+        (store / "COMPLETE.json").write_bytes(content)
+        with Checkpointer(store) as c, pytest.raises(CheckpointCorrupt):
+            c.completion()
+    (store / "COMPLETE.json").unlink()
+    os.mkfifo(store / "COMPLETE.json")
+    try:
+        with Checkpointer(store) as c, pytest.raises(CheckpointCorrupt, match="not a regular file"):
+            run_bounded(c.completion)
+    finally:
+        _unblock(store / "COMPLETE.json")
+
+
+def test_nothing_left_raises_not_found(store: Path) -> None:
+    forge_tree(store, lambda t: tensor_entry(t).update(device="garbage"))
+    forge(store, "tree", b"{}", step=GOOD)
+    with Checkpointer(store) as c, pytest.raises(CheckpointNotFound, match="no intact checkpoint"):
+        c.load(None)
