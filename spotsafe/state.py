@@ -97,7 +97,11 @@ class FlatState:
 
 
 def _path(parent: str, key: object) -> str:
-    return f"{parent}.{key}" if parent else str(key)
+    try:
+        text = str(key)
+    except ValueError:  # an int too long to print in decimal
+        text = f"<{type(key).__name__} too long to print>"
+    return f"{parent}.{text}" if parent else text
 
 
 def to_plain(obj: Any) -> Any:
@@ -251,7 +255,7 @@ class _Flattener:
     def key(self, key: Any, path: str, depth: int) -> Any:
         if key is None or isinstance(key, (bool, int, float, str, tuple)):
             return self.value(key, path, depth)
-        raise StateError(f"{path}: dict key {key!r} of type {type(key).__name__} is not supported")
+        raise StateError(f"{path}: dict key {_path('', key)[:80]!r} of type {type(key).__name__} is not supported")
 
     def mapping(self, obj: Mapping[Any, Any], path: str, depth: int) -> dict[str, Any]:
         kind = "odict" if isinstance(obj, OrderedDict) else "dict"
