@@ -49,6 +49,7 @@ from spotsafe.imds import (
     _REBALANCE,
     _TERMINATION_TIME,
     AWSMetadata,
+    BodyTooLarge,
     _new_session,
     _parse_iso,
 )
@@ -219,16 +220,25 @@ class AWSSource(Source):
     def probe(self, timeout: float) -> bool:
         return self.metadata.probe(timeout)
 
+    def _text(self, path: str) -> str | None:
+        """The body at ``path`` (None: 404). A 200 over the size cap is a malformed body: its head."""
+        try:
+            return self.metadata.get_text(path)
+        except BodyTooLarge as e:
+            if e.status != 200:
+                raise
+            log.warning("%s: %s", path, e)
+            return e.head[:200]
+
     def poll(self, wait: float) -> Notice | None:
-        md = self.metadata
-        text = md.get_text(_INSTANCE_ACTION)
+        text = self._text(_INSTANCE_ACTION)
         if text is not None:
             return self._instance_action(text)
-        text = md.get_text(_TERMINATION_TIME)
+        text = self._text(_TERMINATION_TIME)
         if text is not None:
             return self._termination_time(text)
         if self.rebalance and not self._rebalance_seen:
-            text = md.get_text(_REBALANCE)
+            text = self._text(_REBALANCE)
             if text is not None:
                 self._rebalance_seen = True
                 return self._rebalance_notice(text)
@@ -242,7 +252,7 @@ class AWSSource(Source):
             doc = json.loads(text)
             action = str(doc["action"])
             deadline = _parse_iso(str(doc["time"]))
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, RecursionError) as e:
             log.warning("malformed %s body %r (%s): treating it as a terminate notice", _INSTANCE_ACTION, text[:200], e)
             return Notice("aws", "terminate", now + timedelta(seconds=AWS_NOTICE_SECONDS), now, text)
         if action not in ("terminate", "stop", "hibernate"):
@@ -264,7 +274,7 @@ class AWSSource(Source):
         payload: Any
         try:
             payload = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             log.warning("malformed %s body %r: still a rebalance recommendation", _REBALANCE, text[:200])
             payload = text
         return Notice("aws", "rebalance", now + timedelta(seconds=AWS_NOTICE_SECONDS), now, payload)
