@@ -189,7 +189,7 @@ class Manifest:
         unknown = set(d) - known
         if unknown:
             raise CheckpointCorrupt(f"{where}: unknown manifest fields {sorted(unknown)} for format version {version}")
-        missing = {"step", "reason", "time", "world_size", "files"} - set(d)
+        missing = {"step", "epoch", "reason", "time", "world_size", "files"} - set(d)
         if missing:
             raise CheckpointCorrupt(f"{where}: malformed manifest (missing {sorted(missing)})")
         step, epoch, world_size = d["step"], d.get("epoch"), d["world_size"]
@@ -218,7 +218,10 @@ class Manifest:
         except (ValueError, OverflowError) as e:
             raise CheckpointCorrupt(f"{where}: bad time {d['time'][:64]!r} ({e})") from e
         files = _file_entries(d["files"], version, world_size, where)
-        return cls(**{**d, "files": files, "time": t, "metadata": metadata})
+        try:
+            return cls(**{**d, "files": files, "time": t, "metadata": metadata})
+        except TypeError as e:  # every field is checked above; this is the net under it
+            raise CheckpointCorrupt(f"{where}: malformed manifest ({e})") from e
 
 
 def _is_int(x: object) -> TypeGuard[int]:
@@ -296,6 +299,20 @@ def _file_entries(raw: object, version: int, world_size: int, where: str) -> tup
         if offset is not None and (version < 2 or role != "data" or not _is_int(offset) or offset < 0):
             raise bad(f"offset {offset!r}")
         out.append(FileEntry(path, size, digest, role, rank, offset))
+    # Every rank saved one tree file and its payload: as one data file, or as segments that tile it exactly.
+    for rank in sorted({f.rank for f in out} | set(range(min(world_size, len(out) + 1)))):
+        trees = [f for f in out if f.rank == rank and f.role == "tree"]
+        datas = sorted((f for f in out if f.rank == rank and f.role == "data"), key=lambda f: f.offset or 0)
+        if len(trees) != 1 or not datas:
+            raise CheckpointCorrupt(f"{where}: no tree file and data for rank {rank} (world_size {world_size})")
+        if len(datas) > 1 or datas[0].offset is not None:
+            pos = 0
+            for f in datas:
+                if f.offset != pos:
+                    raise CheckpointCorrupt(
+                        f"{where}: data segment {f.path} at offset {f.offset}, expected {pos} (a gap or an overlap)"
+                    )
+                pos += f.size
     return tuple(out)
 
 
@@ -579,7 +596,8 @@ def _validate_trees(store: Store, directory: str, files: Sequence[FileEntry]) ->
                 raise CheckpointCorrupt(f"{where}: blob {i} out of range")
             return torch.empty(blobs[i].nbytes, dtype=torch.uint8, device="meta")
 
-        unflatten(desc, meta_blob, where=where, validate_only=True)
+        if not isinstance(unflatten(desc, meta_blob, where=where, validate_only=True), dict):
+            raise CheckpointCorrupt(f"{where}: the saved state is not a mapping")
 
 
 def commit_manifest(store: Store, directory: str, manifest: Manifest, lease: Lease | None = None) -> None:

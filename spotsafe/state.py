@@ -373,9 +373,25 @@ def resolve_device(device: str, map_location: MapLocation) -> torch.device:
     else:
         raise TypeError(f"map_location must be a device, a dict or a callable, not {type(map_location).__name__}")
     dev = torch.device(target)
-    if dev.type == "cuda" and not torch.cuda.is_available():
+    if dev.type in ("cpu", "meta"):
+        return dev
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise StateError(
+                f"the checkpoint holds tensors saved on {device} but CUDA is not available here: "
+                "pass map_location='cpu'"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise StateError(
+                f"the checkpoint holds tensors for {dev} but this machine has {torch.cuda.device_count()} CUDA "
+                "device(s): pass map_location (e.g. 'cuda:0' or 'cpu')"
+            )
+        return dev
+    backend = getattr(torch, dev.type, None)
+    available = getattr(backend, "is_available", None)
+    if not callable(available) or not available():
         raise StateError(
-            f"the checkpoint holds tensors saved on {device} but CUDA is not available here: pass map_location='cpu'"
+            f"the checkpoint holds tensors for {dev}, a device this machine does not have: pass map_location='cpu'"
         )
     return dev
 
@@ -450,6 +466,8 @@ def unflatten(
         if len(stride) != len(shape):
             raise CheckpointCorrupt(f"{w}: {len(shape)} dimensions but {len(stride)} strides")
         saved_on = _device_from_name(e.get("device"), w)
+        if saved_on.type == "meta":
+            raise CheckpointCorrupt(f"{w}: a meta tensor has no data (none is ever saved)")
         dev = torch.device("meta") if validate_only else resolve_device(str(saved_on), map_location)
         b = _corrupt_int(e.get("blob"), "blob", w, lo=-1)
         numel = math.prod(shape)
