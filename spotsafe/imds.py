@@ -2,7 +2,7 @@
 
 IMDSv2 tokens with IMDSv1 fallback; volatile values are properties that do I/O on
 every read, the identity is read once. Every request goes straight to the endpoint
-(no proxy from the environment, as botocore does for IMDS) and is bounded as a whole:
+(no proxy from the environment: nothing here reads the proxy variables, as botocore does for IMDS) and is bounded as a whole:
 
 - a **whole-request deadline** (``timeout``): connect, send, headers and body together;
   a server that trickles its answer a byte at a time is cut off at the deadline, where a
@@ -26,14 +26,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import cached_property
 from typing import Any
-from urllib.parse import urlsplit
-
-import requests
+from urllib.parse import urlencode, urlsplit
 
 from spotsafe.errors import MetadataError
 from spotsafe.settings import Settings
 
-__all__ = ["MAX_BODY", "AWSMetadata", "MetadataResponse"]
+__all__ = ["MAX_BODY", "AWSMetadata", "BodyTooLarge", "MetadataResponse", "http_request"]
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +55,6 @@ def _parse_iso(text: str) -> datetime:
         return parsed.astimezone(timezone.utc)
     except OverflowError as e:
         raise ValueError(f"{text[:64]!r} is out of range in UTC") from e
-
-
-def _new_session() -> requests.Session:
-    session = requests.Session()
-    # Metadata endpoints are link-local: a proxy from the environment must never see them.
-    session.trust_env = False
-    return session
 
 
 class BodyTooLarge(MetadataError):
@@ -140,13 +131,23 @@ class _Connection(http.client.HTTPConnection):
 
 
 def http_request(
-    method: str, url: str, headers: dict[str, str], timeout: float, max_body: int = MAX_BODY
+    method: str,
+    url: str,
+    headers: dict[str, str],
+    timeout: float,
+    max_body: int = MAX_BODY,
+    *,
+    params: dict[str, str] | None = None,
+    body: bytes | None = None,
 ) -> MetadataResponse:
     """One HTTP request bounded as a whole by ``timeout`` seconds; redirects are not followed.
 
-    Raises MetadataError: ``_NoAnswer`` when the server accepted the connection but did
-    not answer in time, :class:`BodyTooLarge` past ``max_body``.
+    What every metadata source uses (AWS, GCP, Azure). Raises MetadataError:
+    ``_NoAnswer`` when the server accepted the connection but did not answer in time,
+    :class:`BodyTooLarge` past ``max_body``.
     """
+    if params:
+        url += ("&" if "?" in url else "?") + urlencode(params)
     parts = urlsplit(url)
     if parts.scheme != "http" or not parts.hostname:
         raise MetadataError(f"{url}: metadata endpoints are plain http://host[:port] URLs")
@@ -161,7 +162,7 @@ def http_request(
         except OSError as e:
             raise MetadataError(f"{url}: no connection ({e})") from e
         try:
-            conn.request(method, path, headers={**headers, "Connection": "close"})
+            conn.request(method, path, body=body, headers={**headers, "Connection": "close"})
             r = conn.getresponse()
             length = r.getheader("Content-Length")
             if length is not None and length.isdigit() and int(length) > max_body:

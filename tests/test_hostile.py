@@ -10,6 +10,7 @@ that ``check()`` (what ``spotsafe verify`` runs) agrees with ``load()``.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -442,6 +443,10 @@ HOSTILE: list[Any] = [
 ]
 
 
+def _hostile(rng: random.Random) -> Any:
+    return copy.deepcopy(rng.choice(HOSTILE))  # never one object in two places (a cycle after the next edit)
+
+
 def _positions(doc: Any, limit: int = 5000) -> list[tuple[Any, Any]]:
     """(container, key) of every value in parsed JSON, found iteratively."""
     out: list[tuple[Any, Any]] = []
@@ -473,11 +478,11 @@ def mutate_json(doc: Any, rng: random.Random) -> Any:
     for _ in range(rng.randint(1, 3)):
         positions = _positions(doc)
         if not positions:
-            return rng.choice(HOSTILE)
+            return _hostile(rng)
         parent, key = rng.choice(positions)
         op = rng.random()
         if op < 0.55:
-            parent[key] = rng.choice(HOSTILE)
+            parent[key] = _hostile(rng)
         elif op < 0.65:
             parent[key] = _deep(rng.choice([50, 200, 900, 3000]))
         elif op < 0.75:
@@ -490,7 +495,7 @@ def mutate_json(doc: Any, rng: random.Random) -> Any:
         elif isinstance(parent, list):
             parent.insert(key, json.loads(json.dumps(parent[key])))  # duplicate an entry
         else:
-            parent["extra" + str(rng.randint(0, 9))] = rng.choice(HOSTILE)
+            parent["extra" + str(rng.randint(0, 9))] = _hostile(rng)
     return doc
 
 
