@@ -30,6 +30,7 @@ import logging
 import math
 import os
 import queue
+import re
 import selectors
 import signal
 import socket
@@ -362,6 +363,7 @@ class GCPSource(Source):
 
 
 _AZURE_EVENTS_API = "2020-07-01"
+_AZURE_VM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,79}")
 _AZURE_INSTANCE_API = "2021-02-01"
 
 
@@ -391,7 +393,8 @@ class AzureSource(Source):
     def _fetch_vm_name(self) -> str | None:
         url = f"{self.endpoint}/metadata/instance/compute/name"
         r = self._request("GET", url, {"api-version": _AZURE_INSTANCE_API, "format": "text"})
-        if r.status_code == 200 and r.text.strip():
+        # A VM name, not whatever a web server answering 200 to everything says (a captive portal's HTML).
+        if r.status_code == 200 and _AZURE_VM_NAME.fullmatch(r.text.strip()):
             return r.text.strip()
         return None
 

@@ -221,3 +221,20 @@ def test_timeout_is_validated() -> None:
     for bad in (0, -1, float("nan"), 1e9):
         with pytest.raises(ValueError, match="timeout"):
             AWSMetadata("http://127.0.0.1:9", timeout=bad)
+
+
+@pytest.mark.parametrize("provider", ["gcp", "azure"])
+def test_gcp_and_azure_requests_have_the_same_deadline(hostile: Hostile, provider: str) -> None:
+    from spotsafe.interruption import AzureSource, GCPSource
+
+    hostile.mode = "trickle-headers"
+    source = GCPSource(hostile.endpoint.removeprefix("http://"), timeout=1.0) if provider == "gcp" else None
+    source = source or AzureSource(hostile.endpoint, timeout=1.0)
+    t0 = time.monotonic()
+    assert source.probe(1.0) is False
+    with pytest.raises(MetadataError, match="no complete answer"):
+        source.poll(0.5)
+    assert time.monotonic() - t0 < 15
+    hostile.mode = "html"  # and a server answering 200 to everything passes as neither
+    assert GCPSource(hostile.endpoint.removeprefix("http://"), timeout=1.0).probe(1.0) is False
+    assert AzureSource(hostile.endpoint, timeout=1.0).probe(1.0) is False
