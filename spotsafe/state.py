@@ -566,7 +566,10 @@ def unflatten(
         if kind == "ndarray":
             np = _numpy_required(where)
             t = tensor(node.get("id"))
-            return t if validate_only else t.cpu().numpy()
+            if validate_only:
+                torch.empty(0, dtype=t.dtype).numpy()  # a dtype NumPy has, as the real conversion needs
+                return [t]  # unhashable, like the array load() builds (a dict key must fail alike)
+            return t.cpu().numpy()
         if kind == "npscalar":
             np = _numpy_required(where)
             try:

@@ -646,3 +646,52 @@ def test_fuzz_damaged_checkpoints_fall_back_thousands(store: Path, request: pyte
         pytest.skip("a few thousand fuzz cases: run with SPOTSAFE_SLOW=1 or -m slow")
     seen = run_fuzz(store, cases=4000, seed=20261201)
     assert seen.get(f"loaded {GOOD}", 0) > 1000, seen
+
+
+# ----------------------------------------------------------------------------- the tools on a hostile store
+
+
+def _run_store(root: Path) -> list[int]:
+    """A store written by Run, with at least two checkpoints; their steps."""
+    from spotsafe import Run
+
+    torch.manual_seed(0)
+    run = Run(root, model=torch.nn.Linear(2, 2), watch=False, every_steps=2, keep_last=10)
+    for _ in range(7):
+        run.step()
+    run.close()
+    with Checkpointer(root) as c:
+        steps = [i.step for i in c.list()]
+    assert len(steps) >= 2, steps
+    return steps
+
+
+@pytest.mark.parametrize("damage", ["fifo", "directory"])
+def test_run_ls_and_resume_status_survive_a_hostile_newest_manifest(
+    tmp_path: Path, fifos: list[Path], damage: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from spotsafe import Run
+    from spotsafe.cli import main as cli_main
+    from spotsafe.resume import status_text
+
+    root = tmp_path / "run"
+    *_, older, newest = _run_store(root)
+    manifest = root / checkpoint_name(newest) / MANIFEST
+    manifest.unlink()
+    if damage == "fifo":
+        os.mkfifo(manifest)
+        fifos.append(manifest)
+    else:
+        manifest.mkdir()  # used to kill Run() with ENODEV from mmap
+
+    def resume() -> int:
+        run = Run(root, model=torch.nn.Linear(2, 2), watch=False)
+        try:
+            return run.step_count
+        finally:
+            run.close()
+
+    assert run_bounded(resume) == older  # the intact older checkpoint
+    assert run_bounded(lambda: cli_main(["ls", str(root)])) == 0
+    assert checkpoint_name(older) in capsys.readouterr().out
+    assert f"newest: step {older}" in run_bounded(lambda: status_text(str(root)))
