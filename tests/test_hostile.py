@@ -656,9 +656,11 @@ def _run_store(root: Path) -> list[int]:
     from spotsafe import Run
 
     torch.manual_seed(0)
-    run = Run(root, model=torch.nn.Linear(2, 2), watch=False, every_steps=2, keep_last=10)
-    for _ in range(7):
-        run.step()
+    run = Run(root, model=torch.nn.Linear(2, 2), watch=False, keep_last=10)
+    for _ in range(2):
+        for _ in range(3):
+            run.step()
+        run.save(async_=False)
     run.close()
     with Checkpointer(root) as c:
         steps = [i.step for i in c.list()]
