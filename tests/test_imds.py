@@ -20,6 +20,7 @@ from spotsafe.errors import MetadataError
 from spotsafe.imds import MAX_BODY, AWSMetadata, BodyTooLarge
 from spotsafe.interruption import AWSSource, InterruptionWatcher
 from spotsafe.simulate import AWSSimulator
+from tests.helpers import wait_until
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -143,10 +144,7 @@ def test_the_watcher_outlives_a_trickling_endpoint_and_stops_at_once(hostile: Ho
     watcher = InterruptionWatcher([source], poll_interval=0.2, signals=())
     watcher.start()
     try:
-        deadline = time.monotonic() + 30
-        while len(hostile.requests) < 3 and time.monotonic() < deadline:  # it keeps polling: not stuck
-            time.sleep(0.05)
-        assert len(hostile.requests) >= 3
+        wait_until(lambda: len(hostile.requests) >= 3, 30, what="the watcher to keep polling")  # not stuck
         hostile.mode = "imds"  # the endpoint recovers and a notice is there: it is seen
         notice = watcher.wait(30)
         assert notice is not None and notice.action == "terminate" and notice.source == "aws"

@@ -407,11 +407,12 @@ def test_a_child_ignoring_sigterm_is_killed_after_the_deadline(tmp_path: Path) -
         text=True,
     )
     try:
-        deadline = time.monotonic() + 60
-        while not ready.exists():
-            assert time.monotonic() < deadline
+
+        def started() -> bool:
             assert proc.poll() is None
-            time.sleep(0.05)
+            return ready.exists()
+
+        wait_until(started, 60, what="the stubborn child to start")
         proc.send_signal(signal.SIGTERM)
         t0 = time.monotonic()
         _, err = proc.communicate(timeout=60)  # not the child's 600 s
