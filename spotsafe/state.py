@@ -568,7 +568,7 @@ def unflatten(
             t = tensor(node.get("id"))
             if validate_only:
                 torch.empty(0, dtype=t.dtype).numpy()  # a dtype NumPy has, as the real conversion needs
-                return [t]  # unhashable, like the array load() builds (a dict key must fail alike)
+                return _ArrayStandIn()  # unhashable, like the array load() builds (a dict key must fail alike)
             return t.cpu().numpy()
         if kind == "npscalar":
             np = _numpy_required(where)
@@ -604,6 +604,12 @@ def _typed_view(base: torch.Tensor, dtype: torch.dtype, itemsize: int) -> torch.
     return torch.empty(0, dtype=dtype, device=base.device).set_(
         base.untyped_storage(), start // itemsize, (base.numel() // itemsize,), (1,)
     )
+
+
+class _ArrayStandIn:
+    """What a validate-only unflatten puts where a NumPy array would be: unhashable, as an array is."""
+
+    __hash__ = None  # type: ignore[assignment]  # an array as a dict key must fail in validation as in a load
 
 
 def _hashable(key: Any) -> Any:
