@@ -179,7 +179,7 @@ class Manifest:
             raise CheckpointCorrupt(f"{where}: not a spotsafe manifest")
         version = d.get("format_version")
         if not _is_int(version) or version < 1:
-            raise CheckpointCorrupt(f"{where}: bad format_version {version!r}")
+            raise CheckpointCorrupt(f"{where}: bad format_version {_short(version)}")
         if version > FORMAT_VERSION:
             raise FormatVersionError(
                 f"{where}: checkpoint format version {version} is newer than this spotsafe "
@@ -188,31 +188,31 @@ class Manifest:
         known = {f.name for f in cls.__dataclass_fields__.values()}
         unknown = set(d) - known
         if unknown:
-            raise CheckpointCorrupt(f"{where}: unknown manifest fields {sorted(unknown)} for format version {version}")
+            raise CheckpointCorrupt(f"{where}: unknown manifest fields {_short(sorted(unknown))} for format version {version}")
         missing = {"step", "epoch", "reason", "time", "world_size", "files"} - set(d)
         if missing:
             raise CheckpointCorrupt(f"{where}: malformed manifest (missing {sorted(missing)})")
         step, epoch, world_size = d["step"], d.get("epoch"), d["world_size"]
         if not _is_int(step) or not 0 <= step <= MAX_STEP:
-            raise CheckpointCorrupt(f"{where}: bad step {step!r}")
+            raise CheckpointCorrupt(f"{where}: bad step {_short(step)}")
         if epoch is not None and (not _is_int(epoch) or epoch < 0):
-            raise CheckpointCorrupt(f"{where}: bad epoch {epoch!r}")
+            raise CheckpointCorrupt(f"{where}: bad epoch {_short(epoch)}")
         if not _is_int(world_size) or not 1 <= world_size <= MAX_WORLD_SIZE:
-            raise CheckpointCorrupt(f"{where}: bad world_size {world_size!r}")
+            raise CheckpointCorrupt(f"{where}: bad world_size {_short(world_size)}")
         if d["reason"] not in REASONS:
-            raise CheckpointCorrupt(f"{where}: unknown reason {d['reason']!r}")
+            raise CheckpointCorrupt(f"{where}: unknown reason {_short(d['reason'])}")
         for key in ("checksum_algorithm", "torch_version", "spotsafe_version"):
             if not isinstance(d.get(key, ""), str):
                 raise CheckpointCorrupt(f"{where}: {key} is not a string")
         if d.get("checksum_algorithm", CHECKSUM) != CHECKSUM:
-            raise CheckpointCorrupt(f"{where}: unknown checksum algorithm {d['checksum_algorithm']!r}")
+            raise CheckpointCorrupt(f"{where}: unknown checksum algorithm {_short(d['checksum_algorithm'])}")
         metadata = d.get("metadata", {})
         if not isinstance(metadata, dict):
             raise CheckpointCorrupt(f"{where}: metadata is not an object")
         if _depth(metadata) > MAX_METADATA_DEPTH:
             raise CheckpointCorrupt(f"{where}: metadata nested deeper than {MAX_METADATA_DEPTH} levels")
         if not isinstance(d["time"], str):
-            raise CheckpointCorrupt(f"{where}: bad time {d['time']!r}")
+            raise CheckpointCorrupt(f"{where}: bad time {_short(d['time'])}")
         try:
             t = _utc(datetime.fromisoformat(d["time"]))
         except (ValueError, OverflowError) as e:
@@ -222,6 +222,15 @@ class Manifest:
             return cls(**{**d, "files": files, "time": t, "metadata": metadata})
         except TypeError as e:  # every field is checked above; this is the net under it
             raise CheckpointCorrupt(f"{where}: malformed manifest ({e})") from e
+
+
+def _short(x: object, n: int = 80) -> str:
+    """``repr(x)`` cut to ``n`` characters: a hostile value must not become a megabyte log line."""
+    try:
+        text = repr(x)
+    except ValueError:  # an int too long to print
+        text = f"<{type(x).__name__} too long to print>"
+    return text if len(text) <= n else text[: n - 3] + "..."
 
 
 def _is_int(x: object) -> TypeGuard[int]:
