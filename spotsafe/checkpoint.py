@@ -188,7 +188,9 @@ class Manifest:
         known = {f.name for f in cls.__dataclass_fields__.values()}
         unknown = set(d) - known
         if unknown:
-            raise CheckpointCorrupt(f"{where}: unknown manifest fields {_short(sorted(unknown))} for format version {version}")
+            raise CheckpointCorrupt(
+                f"{where}: unknown manifest fields {_short(sorted(unknown))} for format version {version}"
+            )
         missing = {"step", "epoch", "reason", "time", "world_size", "files"} - set(d)
         if missing:
             raise CheckpointCorrupt(f"{where}: malformed manifest (missing {sorted(missing)})")

@@ -16,6 +16,7 @@ every read, the identity is read once. Every request goes straight to the endpoi
 from __future__ import annotations
 
 import http.client
+import ipaddress
 import json
 import logging
 import re
@@ -107,6 +108,34 @@ class _DeadlineSocket(socket.socket):
         super().sendall(*args, **kwargs)
 
 
+def _resolve(host: str, port: int | None, deadline: float) -> list[Any]:
+    """getaddrinfo bounded by ``deadline``: a name (metadata.google.internal) behind a stuck resolver
+    must not hold the caller; the lookup thread is left to the resolver's own timeout."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:  # a literal address: nothing to look up
+        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    out: list[Any] = []
+    errors: list[OSError] = []
+
+    def lookup() -> None:
+        try:
+            out.extend(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+        except OSError as e:
+            errors.append(e)
+
+    t = threading.Thread(target=lookup, name="spotsafe-resolve", daemon=True)
+    t.start()
+    t.join(max(0.0, deadline - time.monotonic()))
+    if t.is_alive():
+        raise TimeoutError(f"resolving {host} did not finish before the deadline")
+    if errors:
+        raise errors[0]
+    return out
+
+
 class _Connection(http.client.HTTPConnection):
     def __init__(self, host: str, port: int | None, deadline: float) -> None:
         super().__init__(host, port)
@@ -114,7 +143,7 @@ class _Connection(http.client.HTTPConnection):
 
     def connect(self) -> None:
         last: OSError | None = None
-        for family, kind, proto, _name, address in socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM):
+        for family, kind, proto, _name, address in _resolve(self.host, self.port, self._deadline):
             sock = _DeadlineSocket(family, kind, proto)
             sock.deadline = self._deadline
             try:

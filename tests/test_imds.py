@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -236,3 +236,26 @@ def test_gcp_and_azure_requests_have_the_same_deadline(hostile: Hostile, provide
     hostile.mode = "html"  # and a server answering 200 to everything passes as neither
     assert GCPSource(hostile.endpoint.removeprefix("http://"), timeout=1.0).probe(1.0) is False
     assert AzureSource(hostile.endpoint, timeout=1.0).probe(1.0) is False
+
+
+def test_a_stuck_name_lookup_is_within_the_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """metadata.google.internal behind a resolver that never answers (cannot be made real here: patched)."""
+    import socket
+
+    real = socket.getaddrinfo
+    release = threading.Event()
+
+    def stuck(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if host == "metadata.invalid":
+            release.wait(30)
+            raise socket.gaierror("gave up")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", stuck)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(MetadataError, match=r"resolving metadata\.invalid"):
+            AWSMetadata("http://metadata.invalid", timeout=0.5).get_text(ACTION)
+        assert time.monotonic() - t0 < 5
+    finally:
+        release.set()
