@@ -223,20 +223,26 @@ def test_a_lying_manifest_is_skipped(
 
 
 def test_deeply_nested_manifest_metadata_is_skipped(store: Path) -> None:
-    text = (store / checkpoint_name(BAD) / MANIFEST).read_text()
-    deep = '{"a":' * 100_000 + "1" + "}" * 100_000
-    (store / checkpoint_name(BAD) / MANIFEST).write_text(text.replace('"metadata": {}', f'"metadata": {deep}'))
+    path = store / checkpoint_name(BAD) / MANIFEST
+    text = path.read_text()
+    deep = '{"a":' * 100_000 + "1" + "}" * 100_000  # past the JSON parser's recursion limit
+    assert text.count('"metadata": {') == 1
+    path.write_text(text.replace('"metadata": {', '"metadata": {"deep": ' + deep + ", ", 1).replace(", }", "}"))
     with Checkpointer(store) as c:
         assert [i.step for i in c.list()] == [GOOD]
         assert_good(c.load(None))
-    doc = manifest_of(store, GOOD)
+    doc = json.loads(text)
     node: Any = 1
     for _ in range(200):  # parses, but deeper than any real metadata
         node = {"a": node}
-    doc["metadata"] = node
+    doc["metadata"]["deep"] = node
     write_manifest(store, doc)
     with Checkpointer(store) as c:
         assert [i.step for i in c.list()] == [GOOD]
+    doc["metadata"]["deep"] = {"a": {"b": [1, 2]}}  # and a shallow one is fine
+    write_manifest(store, doc)
+    with Checkpointer(store) as c:
+        assert [i.step for i in c.list()] == [GOOD, BAD]
 
 
 def test_step_names_are_twelve_ascii_digits(store: Path) -> None:
