@@ -30,7 +30,7 @@ import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Literal, TypeVar, get_args
+from typing import TYPE_CHECKING, Any, Literal, TypeGuard, TypeVar, get_args
 
 import torch
 import xxhash
@@ -47,7 +47,7 @@ from spotsafe.errors import (
     WriterFenced,
 )
 from spotsafe.lease import GENERATION_KEY, Lease, is_ghost, takeovers
-from spotsafe.state import Blob, FlatState, MapLocation, blob_from_buffer, flatten, unflatten
+from spotsafe.state import Blob, FlatState, MapLocation, blob_from_buffer, blobs_from_description, flatten, unflatten
 from spotsafe.storage import Store, open_store
 
 if TYPE_CHECKING:
@@ -69,7 +69,15 @@ MANIFEST = "manifest.json"
 COMPLETE = "COMPLETE.json"
 CHECKSUM = "xxh3_128"
 _HASH_CHUNK = 64 << 20
-_NAME = re.compile(r"^step-(\d{12})$")
+# ASCII digits only (``\\d`` also matches other scripts' digits) and exactly 12 of them.
+_NAME = re.compile(r"step-([0-9]{12})")
+#: The largest step a checkpoint directory name can hold (12 digits).
+MAX_STEP = 10**12 - 1
+MAX_WORLD_SIZE = 1 << 20
+#: Limits on what a manifest may claim; anything beyond is a damaged or hostile file.
+MAX_MANIFEST_BYTES = 64 << 20
+MAX_METADATA_DEPTH = 64
+MAX_FILE_SIZE = 1 << 50
 
 Reason = Literal["periodic", "notice", "final", "manual", "rebalance"]
 REASONS: tuple[str, ...] = get_args(Reason)
@@ -78,6 +86,8 @@ FileRole = Literal["data", "tree", "dcp"]
 
 def checkpoint_name(step: int) -> str:
     """The directory of the checkpoint at ``step``: zero-padded, so name order is step order."""
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= MAX_STEP:
+        raise ValueError(f"step must be an int within 0..{MAX_STEP}, not {step!r}")
     return f"step-{step:012d}"
 
 
@@ -151,16 +161,25 @@ class Manifest:
 
     @classmethod
     def from_json(cls, data: bytes | memoryview, where: str) -> Manifest:
-        """Parse and check a manifest. ``where`` (its path or URL) is named in every error."""
+        """Parse and check a manifest. ``where`` (its path or URL) is named in every error.
+
+        Everything it claims is checked before anyone uses it (types, ranges, file
+        names that stay in the checkpoint directory, nesting depth): a hostile or
+        damaged manifest raises :class:`CheckpointCorrupt`, never another error.
+        """
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise CheckpointCorrupt(f"{where}: {len(data)} bytes, more than any manifest ({MAX_MANIFEST_BYTES})")
         try:
             d = json.loads(bytes(data))
         except (UnicodeDecodeError, ValueError) as e:
             raise CheckpointCorrupt(f"{where}: manifest is not valid JSON ({e})") from e
+        except RecursionError as e:
+            raise CheckpointCorrupt(f"{where}: manifest is nested too deeply to be one") from e
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise CheckpointCorrupt(f"{where}: not a spotsafe manifest")
         version = d.get("format_version")
-        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-            raise CheckpointCorrupt(f"{where}: bad format_version {version!r}")
+        if not _is_int(version) or version < 1:
+            raise CheckpointCorrupt(f"{where}: bad format_version {_short(version)}")
         if version > FORMAT_VERSION:
             raise FormatVersionError(
                 f"{where}: checkpoint format version {version} is newer than this spotsafe "
@@ -169,33 +188,143 @@ class Manifest:
         known = {f.name for f in cls.__dataclass_fields__.values()}
         unknown = set(d) - known
         if unknown:
-            raise CheckpointCorrupt(f"{where}: unknown manifest fields {sorted(unknown)} for format version {version}")
-        try:
-            files = tuple(FileEntry(**f) for f in d["files"])
-            for f in files:
-                # DCP's files (sharded FSDP state, spotsafe.distributed.save_sharded) live one level down.
-                nested_ok = f.role == "dcp" and f.path.startswith("dcp/") and f.path.count("/") == 1
-                if f.role not in get_args(FileRole) or ("/" in f.path and not nested_ok) or f.path.startswith("."):
-                    raise ValueError(f"bad file entry {f}")
-                if not isinstance(f.size, int) or f.size < 0 or not isinstance(f.checksum, str):
-                    raise ValueError(f"bad file entry {f}")
-                if f.offset is not None and (
-                    version < 2 or f.role != "data" or not isinstance(f.offset, int) or f.offset < 0
-                ):
-                    raise ValueError(f"bad file entry {f}")
-            t = datetime.fromisoformat(d["time"])
-            m = cls(**{**d, "files": files, "time": _utc(t)})
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointCorrupt(f"{where}: malformed manifest ({e})") from e
-        if not isinstance(m.step, int) or m.step < 0:
-            raise CheckpointCorrupt(f"{where}: bad step {m.step!r}")
-        if m.reason not in REASONS:
-            raise CheckpointCorrupt(f"{where}: unknown reason {m.reason!r}")
-        if m.checksum_algorithm != CHECKSUM:
-            raise CheckpointCorrupt(f"{where}: unknown checksum algorithm {m.checksum_algorithm!r}")
-        if not isinstance(m.metadata, dict):
+            raise CheckpointCorrupt(
+                f"{where}: unknown manifest fields {_short(sorted(unknown))} for format version {version}"
+            )
+        missing = {"step", "epoch", "reason", "time", "world_size", "files"} - set(d)
+        if missing:
+            raise CheckpointCorrupt(f"{where}: malformed manifest (missing {sorted(missing)})")
+        step, epoch, world_size = d["step"], d.get("epoch"), d["world_size"]
+        if not _is_int(step) or not 0 <= step <= MAX_STEP:
+            raise CheckpointCorrupt(f"{where}: bad step {_short(step)}")
+        if epoch is not None and (not _is_int(epoch) or epoch < 0):
+            raise CheckpointCorrupt(f"{where}: bad epoch {_short(epoch)}")
+        if not _is_int(world_size) or not 1 <= world_size <= MAX_WORLD_SIZE:
+            raise CheckpointCorrupt(f"{where}: bad world_size {_short(world_size)}")
+        if d["reason"] not in REASONS:
+            raise CheckpointCorrupt(f"{where}: unknown reason {_short(d['reason'])}")
+        for key in ("checksum_algorithm", "torch_version", "spotsafe_version"):
+            if not isinstance(d.get(key, ""), str):
+                raise CheckpointCorrupt(f"{where}: {key} is not a string")
+        if d.get("checksum_algorithm", CHECKSUM) != CHECKSUM:
+            raise CheckpointCorrupt(f"{where}: unknown checksum algorithm {_short(d['checksum_algorithm'])}")
+        metadata = d.get("metadata", {})
+        if not isinstance(metadata, dict):
             raise CheckpointCorrupt(f"{where}: metadata is not an object")
-        return m
+        if _depth(metadata) > MAX_METADATA_DEPTH:
+            raise CheckpointCorrupt(f"{where}: metadata nested deeper than {MAX_METADATA_DEPTH} levels")
+        if not isinstance(d["time"], str):
+            raise CheckpointCorrupt(f"{where}: bad time {_short(d['time'])}")
+        try:
+            t = _utc(datetime.fromisoformat(d["time"]))
+        except (ValueError, OverflowError) as e:
+            raise CheckpointCorrupt(f"{where}: bad time {d['time'][:64]!r} ({e})") from e
+        files = _file_entries(d["files"], version, world_size, where)
+        try:
+            return cls(**{**d, "files": files, "time": t, "metadata": metadata})
+        except TypeError as e:  # every field is checked above; this is the net under it
+            raise CheckpointCorrupt(f"{where}: malformed manifest ({e})") from e
+
+
+def _short(x: object, n: int = 80) -> str:
+    """``repr(x)`` cut to ``n`` characters: a hostile value must not become a megabyte log line."""
+    try:
+        text = repr(x)
+    except ValueError:  # an int too long to print
+        text = f"<{type(x).__name__} too long to print>"
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def _is_int(x: object) -> TypeGuard[int]:
+    """A JSON integer (``true`` is not a step)."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _depth(value: Any) -> int:
+    """How deeply ``value`` (parsed JSON) nests lists and objects; iterative, so any depth is safe to ask."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        v, level = stack.pop()
+        if isinstance(v, dict):
+            children: Any = v.values()
+        elif isinstance(v, list):
+            children = v
+        else:
+            continue
+        deepest = max(deepest, level)
+        if deepest > MAX_METADATA_DEPTH:
+            return deepest
+        stack.extend((c, level + 1) for c in children)
+    return deepest
+
+
+_ENTRY_FIELDS = frozenset(FileEntry.__dataclass_fields__)
+_HEX128 = re.compile(r"[0-9a-f]{32}")
+_FILE_NAME = re.compile(r"[A-Za-z0-9_.\-]+")
+
+
+def _file_entries(raw: object, version: int, world_size: int, where: str) -> tuple[FileEntry, ...]:
+    """The manifest's ``files``, each checked: a name inside the checkpoint directory, sane numbers."""
+    if not isinstance(raw, list):
+        raise CheckpointCorrupt(f"{where}: files is not a list")
+    out: list[FileEntry] = []
+    seen: set[str] = set()
+    for i, f in enumerate(raw):
+
+        def bad(why: str, i: int = i) -> CheckpointCorrupt:
+            return CheckpointCorrupt(f"{where}: bad file entry {i}: {why}")
+
+        if not isinstance(f, dict):
+            raise bad("not an object")
+        if not {"path", "size", "checksum", "role"} <= set(f) <= _ENTRY_FIELDS:
+            raise bad(f"fields {sorted(f)}")
+        path, size, digest, role = f["path"], f["size"], f["checksum"], f["role"]
+        rank, offset = f.get("rank", 0), f.get("offset")
+        if role not in get_args(FileRole):
+            raise bad(f"role {role!r}")
+        if not isinstance(path, str) or len(path) > 255:
+            raise bad(f"path {str(path)[:80]!r}")
+        parts = path.split("/")
+        # DCP's files (sharded FSDP state, spotsafe.distributed.save_sharded) live one level down.
+        nested_ok = role == "dcp" and len(parts) == 2 and parts[0] == "dcp"
+        name = parts[-1]
+        hidden_ok = nested_ok and name == ".metadata"  # DCP's own metadata file; top-level dot names are temp files
+        if (
+            (len(parts) > 1 and not nested_ok)
+            or not _FILE_NAME.fullmatch(name)
+            or name in (".", "..")
+            or (name.startswith(".") and not hidden_ok)
+            or path == MANIFEST
+        ):
+            raise bad(f"path {path[:80]!r} (a plain file name inside the checkpoint directory)")
+        if path in seen:
+            raise bad(f"path {path!r} listed twice")
+        seen.add(path)
+        if not _is_int(size) or not 0 <= size <= MAX_FILE_SIZE:
+            raise bad(f"size {size!r}")
+        if not isinstance(digest, str) or not _HEX128.fullmatch(digest):
+            raise bad(f"checksum {str(digest)[:80]!r}")
+        if not _is_int(rank) or not 0 <= rank < world_size:
+            raise bad(f"rank {rank!r} (world_size {world_size})")
+        if offset is not None and (version < 2 or role != "data" or not _is_int(offset) or offset < 0):
+            raise bad(f"offset {offset!r}")
+        out.append(FileEntry(path, size, digest, role, rank, offset))
+    # Every rank saved one tree file and its payload: as one data file, or as segments that tile it exactly.
+    for rank in sorted({f.rank for f in out} | set(range(min(world_size, len(out) + 1)))):
+        trees = [f for f in out if f.rank == rank and f.role == "tree"]
+        datas = sorted((f for f in out if f.rank == rank and f.role == "data"), key=lambda f: f.offset or 0)
+        if len(trees) != 1 or not datas:
+            raise CheckpointCorrupt(f"{where}: no tree file and data for rank {rank} (world_size {world_size})")
+        if len(datas) > 1 or datas[0].offset is not None:
+            pos = 0
+            for f in datas:
+                if f.offset != pos:
+                    raise CheckpointCorrupt(
+                        f"{where}: data segment {f.path} at offset {f.offset}, expected {pos} (a gap or an overlap)"
+                    )
+                pos += f.size
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -448,6 +577,40 @@ def _read_back_to_back(store: Store, directory: str, files: Sequence[FileEntry],
     return data
 
 
+def _decode_tree(buf: memoryview | bytes, payload_size: int, where: str) -> tuple[dict[str, Any], list[Blob]]:
+    """A tree file's description and its blob table, each blob checked to lie in the payload."""
+    try:
+        desc = json.loads(bytes(buf))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CheckpointCorrupt(f"{where}: malformed tree file ({e})") from e
+    except RecursionError as e:
+        raise CheckpointCorrupt(f"{where}: malformed tree file (nested too deeply)") from e
+    if not isinstance(desc, dict):
+        raise CheckpointCorrupt(f"{where}: malformed tree file (not an object)")
+    return desc, blobs_from_description(desc, payload_size, where)
+
+
+def _validate_trees(store: Store, directory: str, files: Sequence[FileEntry]) -> None:
+    """Decode every rank's tree file and check all it claims against its payload, building nothing.
+
+    What :meth:`Checkpointer.load` checks before it builds a tensor, so a checkpoint
+    ``verify`` calls intact is one ``load`` can build.
+    """
+    base = f"{store.url.rstrip('/')}/{directory}"
+    for tree in (f for f in files if f.role == "tree"):
+        payload = sum(f.size for f in files if f.role == "data" and f.rank == tree.rank)
+        where = f"{base}/{tree.path}"
+        desc, blobs = _decode_tree(store.read_file(f"{directory}/{tree.path}"), payload, where)
+
+        def meta_blob(i: int, blobs: list[Blob] = blobs, where: str = where) -> torch.Tensor:
+            if not 0 <= i < len(blobs):
+                raise CheckpointCorrupt(f"{where}: blob {i} out of range")
+            return torch.empty(blobs[i].nbytes, dtype=torch.uint8, device="meta")
+
+        if not isinstance(unflatten(desc, meta_blob, where=where, validate_only=True), dict):
+            raise CheckpointCorrupt(f"{where}: the saved state is not a mapping")
+
+
 def commit_manifest(store: Store, directory: str, manifest: Manifest, lease: Lease | None = None) -> None:
     """Step 3: publish the manifest, atomically and durably: the checkpoint now exists.
 
@@ -627,8 +790,10 @@ class Checkpointer:
         error), then copies the state to CPU memory; when async, returns right
         after that copy and writes in a background thread.
         """
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"step must be an int >= 0, not {step!r}")
+        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= MAX_STEP:
+            raise ValueError(f"step must be an int within 0..{MAX_STEP} (12 digits), not {step!r}")
+        if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0):
+            raise ValueError(f"epoch must be None or an int >= 0, not {epoch!r}")
         if reason not in REASONS:
             raise ValueError(f"reason must be one of {REASONS}, not {reason!r}")
         if not isinstance(state, Mapping):
@@ -891,7 +1056,7 @@ class Checkpointer:
         self.lease.check()
         self.store.cleanup_incomplete()
         for name in self.store.listdir(""):
-            if _NAME.match(name) and name != skip and self.store.file_size(f"{name}/{MANIFEST}") is None:
+            if _NAME.fullmatch(name) and name != skip and self.store.file_size(f"{name}/{MANIFEST}") is None:
                 log.info("spotsafe: removing incomplete checkpoint %s/%s", self.store.url, name)
                 self.store.delete_dir(name)
 
@@ -931,11 +1096,15 @@ class Checkpointer:
             data = store.read_file(f"{name}/{MANIFEST}")
         except CheckpointNotFound as e:
             raise CheckpointNotFound(f"{where} does not exist") from e
-        return Manifest.from_json(data, where)
+        m = Manifest.from_json(data, where)
+        named = _NAME.fullmatch(name)
+        if named is not None and int(named.group(1)) != m.step:
+            raise CheckpointCorrupt(f"{where}: a manifest for step {m.step} in the directory of step {named.group(1)}")
+        return m
 
     def scan(self) -> Iterator[tuple[str, Manifest | SpotsafeError]]:
         """Every step directory, oldest first, with its manifest or why it has none usable."""
-        names = sorted(n for n in self.store.listdir("") if _NAME.match(n))
+        names = sorted(n for n in self.store.listdir("") if _NAME.fullmatch(n))
         for name in names:
             try:
                 # A mirror whose local manifest is damaged reads the remote one.
@@ -1036,6 +1205,7 @@ class Checkpointer:
         _check_sizes(store, name, m.files)
         if full:
             self._verify_files(store, name, list(m.files))
+            _validate_trees(store, name, m.files)
         return m
 
     def _verify_files(self, store: Store, name: str, files: Sequence[FileEntry], batch: int = 1 << 30) -> None:
@@ -1099,11 +1269,7 @@ class Checkpointer:
             data = self._read_segments(store, name, datas, verify)
             data_where = f"{base}/{datas[0].path} (+{len(datas) - 1} segments)"
         where = f"{base}/{trees[0].path}"
-        try:
-            desc = json.loads(bytes(tree_buf))
-            blobs = [Blob(int(o), int(n)) for o, n in desc["blobs"]]
-        except (ValueError, KeyError, TypeError) as e:
-            raise CheckpointCorrupt(f"{where}: malformed tree file ({e})") from e
+        desc, blobs = _decode_tree(tree_buf, len(data), where)
 
         def blob(i: int) -> torch.Tensor:
             if not 0 <= i < len(blobs):

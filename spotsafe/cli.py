@@ -2,8 +2,10 @@
 
 - ``spotsafe ls STORE``: the checkpoints in a store, newest last, with a quick
   integrity check (every file present with its size);
-- ``spotsafe verify STORE [--step N]``: the same with every checksum; exit status 1
-  when any checkpoint is damaged;
+- ``spotsafe verify STORE [--step N]``: the same with every checksum and every tree
+  decoded as ``load()`` would; exit status 1 when any checkpoint is damaged;
+- exit status 2 (both): the store cannot be used (a missing directory, a bad URL, an
+  unreachable bucket) or bad arguments, with one line naming the cause;
 - ``spotsafe resume|volume|simulate ...``: delegate to ``python -m spotsafe.<name>``.
 """
 
@@ -14,9 +16,15 @@ import importlib
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, TextIO
 
-from spotsafe.errors import SpotsafeError
+from spotsafe.errors import CheckpointCorrupt, FormatVersionError, SpotsafeError
+
+#: Exit statuses of ``ls`` and ``verify``: 0 all good; 1 something damaged (verify) or the
+#: asked-for step missing; 2 the store cannot be used (missing, a bad URL, unreachable) or bad arguments.
+EXIT_DAMAGED = 1
+EXIT_ERROR = 2
 
 _DELEGATES = {
     "resume": ("spotsafe.resume", "supervise a training command: restart it until it finishes"),
@@ -56,8 +64,19 @@ def _listing(store: str, *, full: bool, step: int | None, out: TextIO, storage_o
     from spotsafe.checkpoint import Checkpointer, CheckpointInfo, Manifest, format_age
     from spotsafe.errors import CheckpointNotFound
 
+    if not store.strip():
+        raise ValueError("the store is empty: give a path or a URL (an empty path would be the current directory)")
     ckpt = Checkpointer(store, storage_options=storage_options or None)
     try:
+        root = getattr(ckpt.store, "root", None)
+        if isinstance(root, Path) and not root.is_dir():
+            if full:  # nothing to verify is not "all intact"
+                print(
+                    f"spotsafe verify: {ckpt.store.url}: no such store (the directory does not exist)", file=sys.stderr
+                )
+                return EXIT_ERROR
+            print(f"{ckpt.store.url}: no checkpoints (the directory does not exist)", file=out)
+            return 0
         rows = [["NAME", "STEP", "EPOCH", "SIZE", "AGE", "REASON", "INTACT"]]
         bad = 0
         now = time.time()
@@ -95,18 +114,23 @@ def _listing(store: str, *, full: bool, step: int | None, out: TextIO, storage_o
             )
         if step is not None and not seen:
             print(f"spotsafe: {ckpt.store.url}: no committed checkpoint for step {step}", file=sys.stderr)
-            return 1
+            return EXIT_DAMAGED
         if len(rows) == 1:
             print(f"{ckpt.store.url}: no checkpoints", file=out)
         else:
             _table(rows, out)
-        done = ckpt.completion()
+        try:
+            done = ckpt.completion()
+        except (CheckpointCorrupt, FormatVersionError) as e:
+            print(f"spotsafe: completion record unreadable: {e}", file=sys.stderr)
+            done = None
+            bad += 1  # verify fails on it; ls reports it and goes on
         if done is not None:
             print(f"run complete at step {done.get('step')} ({done.get('time')})", file=out)
         # ls reports incomplete debris without failing; verify fails on anything damaged
         if full and bad:
             print(f"spotsafe verify: {bad} damaged or incomplete checkpoint(s) in {ckpt.store.url}", file=sys.stderr)
-            return 1
+            return EXIT_DAMAGED
         return 0
     finally:
         ckpt.close()
@@ -166,12 +190,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             out=sys.stdout,
             storage_options=_options(ns.option),
         )
-    except SpotsafeError as e:
+    except (SpotsafeError, ValueError, OSError) as e:
         print(f"spotsafe {ns.command}: {e}", file=sys.stderr)
-        return 2
-    except ValueError as e:
-        print(f"spotsafe {ns.command}: {e}", file=sys.stderr)
-        return 2
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

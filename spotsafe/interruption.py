@@ -30,6 +30,7 @@ import logging
 import math
 import os
 import queue
+import re
 import selectors
 import signal
 import socket
@@ -41,16 +42,16 @@ from datetime import datetime, timedelta, timezone
 from types import FrameType
 from typing import TYPE_CHECKING, Any, Literal, cast, get_args
 
-import requests
-
 from spotsafe.errors import MetadataError
 from spotsafe.imds import (
     _INSTANCE_ACTION,
     _REBALANCE,
     _TERMINATION_TIME,
     AWSMetadata,
-    _new_session,
+    BodyTooLarge,
+    MetadataResponse,
     _parse_iso,
+    http_request,
 )
 from spotsafe.settings import Settings
 
@@ -219,16 +220,25 @@ class AWSSource(Source):
     def probe(self, timeout: float) -> bool:
         return self.metadata.probe(timeout)
 
+    def _text(self, path: str) -> str | None:
+        """The body at ``path`` (None: 404). A 200 over the size cap is a malformed body: its head."""
+        try:
+            return self.metadata.get_text(path)
+        except BodyTooLarge as e:
+            if e.status != 200:
+                raise
+            log.warning("%s: %s", path, e)
+            return e.head[:200]
+
     def poll(self, wait: float) -> Notice | None:
-        md = self.metadata
-        text = md.get_text(_INSTANCE_ACTION)
+        text = self._text(_INSTANCE_ACTION)
         if text is not None:
             return self._instance_action(text)
-        text = md.get_text(_TERMINATION_TIME)
+        text = self._text(_TERMINATION_TIME)
         if text is not None:
             return self._termination_time(text)
         if self.rebalance and not self._rebalance_seen:
-            text = md.get_text(_REBALANCE)
+            text = self._text(_REBALANCE)
             if text is not None:
                 self._rebalance_seen = True
                 return self._rebalance_notice(text)
@@ -242,7 +252,7 @@ class AWSSource(Source):
             doc = json.loads(text)
             action = str(doc["action"])
             deadline = _parse_iso(str(doc["time"]))
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, RecursionError) as e:
             log.warning("malformed %s body %r (%s): treating it as a terminate notice", _INSTANCE_ACTION, text[:200], e)
             return Notice("aws", "terminate", now + timedelta(seconds=AWS_NOTICE_SECONDS), now, text)
         if action not in ("terminate", "stop", "hibernate"):
@@ -264,7 +274,7 @@ class AWSSource(Source):
         payload: Any
         try:
             payload = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             log.warning("malformed %s body %r: still a rebalance recommendation", _REBALANCE, text[:200])
             payload = text
         return Notice("aws", "rebalance", now + timedelta(seconds=AWS_NOTICE_SECONDS), now, payload)
@@ -284,35 +294,21 @@ class GCPSource(Source):
     name = "gcp"
     blocking = True
 
-    def __init__(
-        self, host: str | None = None, *, timeout: float = 1.0, session: requests.Session | None = None
-    ) -> None:
+    def __init__(self, host: str | None = None, *, timeout: float = 1.0) -> None:
         self.host = host or Settings.from_env().gcp_host
         self.base = f"http://{self.host}/computeMetadata/v1/"
         self.timeout = float(timeout)
-        self._session = session if session is not None else _new_session()
-        self._own_session = session is None
         self._etag: str | None = None
         self._etag_changed = True
 
     def __repr__(self) -> str:
         return f"GCPSource({self.host!r})"
 
-    def _get(
-        self, path: str, params: dict[str, str] | None = None, read_timeout: float | None = None
-    ) -> requests.Response:
+    def _get(self, path: str, params: dict[str, str] | None = None, wait: float = 0.0) -> MetadataResponse:
+        """GET ``path``, bounded as a whole by the timeout plus ``wait`` (a hanging GET's own wait)."""
         url = self.base + path
-        try:
-            r = self._session.get(
-                url,
-                params=params,
-                headers={"Metadata-Flavor": "Google"},
-                timeout=(self.timeout, self.timeout if read_timeout is None else read_timeout),
-            )
-        except requests.RequestException as e:
-            raise MetadataError(f"{url}: {e}") from e
-        if r.headers.get("Metadata-Flavor") != "Google":
-            r.close()
+        r = http_request("GET", url, {"Metadata-Flavor": "Google"}, self.timeout + wait, params=params)
+        if r.headers.get("metadata-flavor") != "Google":
             raise MetadataError(f"{url}: answered without the Metadata-Flavor: Google header (HTTP {r.status_code})")
         return r
 
@@ -320,8 +316,7 @@ class GCPSource(Source):
         saved = self.timeout
         self.timeout = timeout
         try:
-            with self._get("instance/id") as r:
-                return r.status_code == 200
+            return self._get("instance/id").status_code == 200
         except MetadataError as e:
             log.debug("no GCP metadata server at %s: %s", self.host, e)
             return False
@@ -331,15 +326,15 @@ class GCPSource(Source):
     def poll(self, wait: float) -> Notice | None:
         hang = max(1, math.ceil(wait))
         if self._etag is None:
-            params, read_timeout = None, self.timeout
+            params, extra = None, 0.0
         else:
             params = {"wait_for_change": "true", "timeout_sec": str(hang), "last_etag": self._etag}
-            read_timeout = hang + max(self.timeout, 2.0)
-        with self._get("instance/preempted", params, read_timeout) as r:
-            if r.status_code != 200:
-                raise MetadataError(f"{self.base}instance/preempted: HTTP {r.status_code}")
-            value = r.text.strip().upper()
-            etag = r.headers.get("ETag")
+            extra = hang + max(self.timeout, 2.0)
+        r = self._get("instance/preempted", params, extra)
+        if r.status_code != 200:
+            raise MetadataError(f"{self.base}instance/preempted: HTTP {r.status_code}")
+        value = r.text.strip().upper()
+        etag = r.headers.get("etag")
         if value not in ("TRUE", "FALSE"):
             # Nothing about an unreadable body says a preemption is coming: an error, not a notice.
             raise MetadataError(f"{self.base}instance/preempted: unexpected body {value[:100]!r}")
@@ -348,12 +343,12 @@ class GCPSource(Source):
         now = _utcnow()
         if value == "TRUE":
             return Notice("gcp", "terminate", now + timedelta(seconds=GCP_NOTICE_SECONDS), now, {"preempted": "TRUE"})
-        with self._get("instance/maintenance-event") as r:
-            if r.status_code == 404:
-                return None
-            if r.status_code != 200:
-                raise MetadataError(f"{self.base}instance/maintenance-event: HTTP {r.status_code}")
-            event = r.text.strip()
+        r = self._get("instance/maintenance-event")
+        if r.status_code == 404:
+            return None
+        if r.status_code != 200:
+            raise MetadataError(f"{self.base}instance/maintenance-event: HTTP {r.status_code}")
+        event = r.text.strip()
         if event == "TERMINATE_ON_HOST_MAINTENANCE":
             return Notice(
                 "gcp", "terminate", now + timedelta(seconds=GCP_NOTICE_SECONDS), now, {"maintenance-event": event}
@@ -366,12 +361,9 @@ class GCPSource(Source):
             return 0.0
         return interval - elapsed
 
-    def close(self) -> None:
-        if self._own_session:
-            self._session.close()
-
 
 _AZURE_EVENTS_API = "2020-07-01"
+_AZURE_VM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,79}")
 _AZURE_INSTANCE_API = "2021-02-01"
 
 
@@ -380,33 +372,30 @@ class AzureSource(Source):
 
     name = "azure"
 
-    def __init__(
-        self, endpoint: str | None = None, *, timeout: float = 1.0, session: requests.Session | None = None
-    ) -> None:
+    def __init__(self, endpoint: str | None = None, *, timeout: float = 1.0) -> None:
         self.endpoint = (endpoint or Settings.from_env().azure_endpoint).rstrip("/")
         self.events_url = f"{self.endpoint}/metadata/scheduledevents"
         self.timeout = float(timeout)
-        self._session = session if session is not None else _new_session()
-        self._own_session = session is None
         self.vm_name: str | None = None
         self.incarnation: int | None = None
 
     def __repr__(self) -> str:
         return f"AzureSource({self.endpoint!r})"
 
-    def _request(self, method: str, url: str, **kwargs: Any) -> requests.Response:
-        try:
-            return self._session.request(
-                method, url, headers={"Metadata": "true"}, timeout=(self.timeout, self.timeout), **kwargs
-            )
-        except requests.RequestException as e:
-            raise MetadataError(f"{url}: {e}") from e
+    def _request(self, method: str, url: str, params: dict[str, str], json_body: Any = None) -> MetadataResponse:
+        headers = {"Metadata": "true"}
+        body = None
+        if json_body is not None:
+            headers["Content-Type"] = "application/json"
+            body = json.dumps(json_body).encode()
+        return http_request(method, url, headers, self.timeout, params=params, body=body)
 
     def _fetch_vm_name(self) -> str | None:
         url = f"{self.endpoint}/metadata/instance/compute/name"
-        with self._request("GET", url, params={"api-version": _AZURE_INSTANCE_API, "format": "text"}) as r:
-            if r.status_code == 200 and r.text.strip():
-                return r.text.strip()
+        r = self._request("GET", url, {"api-version": _AZURE_INSTANCE_API, "format": "text"})
+        # A VM name, not whatever a web server answering 200 to everything says (a captive portal's HTML).
+        if r.status_code == 200 and _AZURE_VM_NAME.fullmatch(r.text.strip()):
+            return r.text.strip()
         return None
 
     def probe(self, timeout: float) -> bool:
@@ -425,13 +414,13 @@ class AzureSource(Source):
 
     def events(self) -> dict[str, Any]:
         """The current Scheduled Events document (``DocumentIncarnation``, ``Events``)."""
-        with self._request("GET", self.events_url, params={"api-version": _AZURE_EVENTS_API}) as r:
-            if r.status_code != 200:
-                raise MetadataError(f"{self.events_url}: HTTP {r.status_code}")
-            try:
-                doc = r.json()
-            except ValueError as e:
-                raise MetadataError(f"{self.events_url}: not JSON ({e}): {r.text[:200]!r}") from e
+        r = self._request("GET", self.events_url, {"api-version": _AZURE_EVENTS_API})
+        if r.status_code != 200:
+            raise MetadataError(f"{self.events_url}: HTTP {r.status_code}")
+        try:
+            doc = json.loads(r.text)
+        except (ValueError, RecursionError) as e:
+            raise MetadataError(f"{self.events_url}: not JSON ({e!r}): {r.text[:200]!r}") from e
         if not isinstance(doc, dict) or not isinstance(doc.get("Events"), list):
             raise MetadataError(f"{self.events_url}: no Events list in {str(doc)[:200]!r}")
         return doc
@@ -472,14 +461,10 @@ class AzureSource(Source):
         if not event_id:
             return
         body = {"StartRequests": [{"EventId": event_id}]}
-        with self._request("POST", self.events_url, params={"api-version": _AZURE_EVENTS_API}, json=body) as r:
-            if r.status_code not in (200, 201, 202, 204):
-                raise MetadataError(f"{self.events_url}: acknowledging {event_id} answered HTTP {r.status_code}")
+        r = self._request("POST", self.events_url, {"api-version": _AZURE_EVENTS_API}, body)
+        if r.status_code not in (200, 201, 202, 204):
+            raise MetadataError(f"{self.events_url}: acknowledging {event_id} answered HTTP {r.status_code}")
         log.info("acknowledged Azure event %s", event_id)
-
-    def close(self) -> None:
-        if self._own_session:
-            self._session.close()
 
 
 _PROVIDERS = ("aws", "gcp", "azure")

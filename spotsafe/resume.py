@@ -24,16 +24,24 @@ uses it); the child's output goes straight to this process's stdout/stderr. Then
   the supervisor waits for it and exits with its code.
 
 ``--status`` prints whether the run is complete and its newest checkpoint.
+
+A child still running ``--kill-after`` seconds after a forwarded signal (default: the
+signal notice's grace, ``SPOTSAFE_SIGNAL_GRACE``, plus 10 s) gets SIGKILL. A store
+that cannot be used (a bad URL, no bucket, a path that is a file) or bad arguments
+exit :data:`EXIT_USAGE` with one line naming the cause; an unreadable completion
+record is reported and the command runs (the checkpoints decide where it resumes).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -41,11 +49,16 @@ from types import FrameType
 from typing import Any, TextIO
 
 from spotsafe import EXIT_FENCED, EXIT_PREEMPTED
+from spotsafe.errors import CheckpointCorrupt, SpotsafeError
 from spotsafe.node import InstanceState
 from spotsafe.node import check as check_instance
 
 #: Exit status when the command kept crashing (EX_SOFTWARE).
 EXIT_GAVE_UP = 70
+#: Exit status for bad arguments or a store that cannot be used (as argparse's).
+EXIT_USAGE = 2
+#: Seconds past the signal notice's grace before a child that ignores the signal is killed.
+KILL_MARGIN = 10.0
 DEFAULT_MAX_RESTARTS = 3
 DEFAULT_BACKOFF = 5.0
 MAX_BACKOFF = 300.0
@@ -78,6 +91,8 @@ class Supervisor:
     #: ``progress()``: the newest checkpoint's step (None: none): a relaunch after another
     #: node's notice is free only when the run moved on since the previous one.
     progress: Callable[[], int | None] | None = None
+    #: Seconds a child may run on after a forwarded signal before it gets SIGKILL (None: never).
+    kill_after: float | None = None
     #: returncodes of every launch, in order
     history: list[int] = field(default_factory=list)
     #: Relaunches at once because another node's notice stopped the job (multi-node).
@@ -85,11 +100,14 @@ class Supervisor:
     _child: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     _stopping: threading.Event = field(default_factory=threading.Event, repr=False)
     _forwarded: int | None = field(default=None, repr=False)
+    _forwarded_at: float | None = field(default=None, repr=False)
 
     def forward(self, signum: int) -> None:
         """Pass a signal to the running child; no restart happens afterwards."""
         self._stopping.set()
         self._forwarded = signum
+        if self._forwarded_at is None:
+            self._forwarded_at = time.monotonic()
         child = self._child
         if child is not None and child.poll() is None:
             try:
@@ -109,12 +127,28 @@ class Supervisor:
         if self._stopping.is_set() and self._forwarded is not None:  # signal raced the launch
             child.send_signal(self._forwarded)
         try:
-            returncode = child.wait()
+            returncode = self._wait(child)
         finally:
             self._child = None
         status = exit_status(returncode)
         self.history.append(status)
         return status
+
+    def _wait(self, child: subprocess.Popen[bytes]) -> int:
+        """The child's returncode; SIGKILL once it outlives a forwarded signal by ``kill_after``."""
+        while True:
+            try:
+                return child.wait(timeout=0.2)
+            except subprocess.TimeoutExpired:
+                pass
+            since = self._forwarded_at
+            if self.kill_after is not None and since is not None and time.monotonic() - since >= self.kill_after:
+                _say(
+                    f"the command is still running {self.kill_after:g} s after signal {self._forwarded} "
+                    "(past the notice's deadline): killing it (SIGKILL)"
+                )
+                child.kill()
+                return child.wait()
 
     def run(self) -> int:
         """Launch, restarting after crashes; the final exit status."""
@@ -253,13 +287,20 @@ def status_text(store: str, storage_options: Mapping[str, Any] | None = None) ->
     from spotsafe.checkpoint import Checkpointer
 
     ckpt = Checkpointer(store, storage_options=storage_options)
+    unreadable = ""
     try:
-        done = ckpt.completion()
+        try:
+            done = ckpt.completion()
+        except CheckpointCorrupt as e:
+            done, unreadable = None, str(e)
         infos = ckpt.list()
     finally:
         ckpt.close()
     lines = [f"store: {store}"]
-    lines.append(f"complete: yes ({_describe(done)})" if done is not None else "complete: no")
+    if unreadable:
+        lines.append(f"complete: unknown (unreadable completion record: {unreadable})")
+    else:
+        lines.append(f"complete: yes ({_describe(done)})" if done is not None else "complete: no")
     if not infos:
         lines.append("checkpoints: none")
     else:
@@ -317,6 +358,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=DEFAULT_BACKOFF,
         help=f"seconds before the first restart, doubling each time (default {DEFAULT_BACKOFF:g})",
     )
+    parser.add_argument(
+        "--kill-after",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="SIGKILL the command this long after forwarding it a signal "
+        f"(default: SPOTSAFE_SIGNAL_GRACE + {KILL_MARGIN:g})",
+    )
     parser.add_argument("--status", action="store_true", help="print the run's state and exit")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- the training command")
     args = parser.parse_args(argv)
@@ -326,6 +375,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--store is required (or set SPOTSAFE_STORE)")
     if args.max_restarts < 0:
         parser.error("--max-restarts must be >= 0")
+    if not math.isfinite(args.backoff) or not 0 <= args.backoff <= MAX_BACKOFF:
+        parser.error(f"--backoff must be a number of seconds within 0..{MAX_BACKOFF:g}, not {args.backoff}")
+    if args.kill_after is not None and (not math.isfinite(args.kill_after) or args.kill_after <= 0):
+        parser.error(f"--kill-after must be a number of seconds > 0, not {args.kill_after}")
     if not args.status and not args.command:
         parser.error("give the training command after --")
     return args
@@ -339,13 +392,19 @@ def supervise(
     max_restarts: int = DEFAULT_MAX_RESTARTS,
     backoff: float = DEFAULT_BACKOFF,
     check_complete: bool = True,
+    kill_after: float | None = None,
 ) -> int:
     """The supervisor's work (what ``main`` does after parsing); returns the exit status.
 
     Installs SIGTERM/SIGINT forwarding while it runs when called from the main thread.
     """
     if check_complete:
-        done = completion(store)
+        try:
+            done = completion(store)
+        except CheckpointCorrupt as e:
+            # Unreadable, so not known to be complete: train (it resumes from the newest intact checkpoint).
+            _say(f"ignoring an unreadable completion record: {e}")
+            done = None
         if done is not None:
             _say(f"the run in {store} is already complete ({_describe(done)}); nothing to do", sys.stdout)
             return 0
@@ -363,6 +422,7 @@ def supervise(
         preempted=lambda since: notice_checkpoint_since(store, since),
         instance=lambda: check_instance(child_env),
         progress=lambda: newest_step(store),
+        kill_after=_default_kill_after() if kill_after is None else kill_after,
     )
 
     def handler(signum: int, frame: FrameType | None) -> None:
@@ -380,12 +440,32 @@ def supervise(
             signal.signal(num, old)
 
 
+def _default_kill_after() -> float:
+    from spotsafe.settings import Settings
+
+    return Settings.from_env().signal_grace + KILL_MARGIN
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.status:
-        print(status_text(args.store))
-        return 0
-    return supervise(args.command, args.store, max_restarts=args.max_restarts, backoff=args.backoff)
+    try:
+        if args.status:
+            print(status_text(args.store))
+            return 0
+        # The store is opened (and a bad URL, a missing bucket or a file for a path reported) before any launch.
+        _check_store(args.store)
+        return supervise(
+            args.command, args.store, max_restarts=args.max_restarts, backoff=args.backoff, kill_after=args.kill_after
+        )
+    except (SpotsafeError, ValueError, OSError) as e:
+        _say(f"cannot use the store {args.store!r}: {e}")
+        return EXIT_USAGE
+
+
+def _check_store(store: str) -> None:
+    from spotsafe.checkpoint import Checkpointer
+
+    Checkpointer(store).close()
 
 
 if __name__ == "__main__":

@@ -21,8 +21,10 @@ Anything else raises :class:`spotsafe.errors.StateError` naming its key path.
 
 from __future__ import annotations
 
+import enum
 import math
 import random
+import re
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -31,7 +33,7 @@ from typing import Any
 
 import torch
 
-from spotsafe.errors import CheckpointCorrupt, StateError
+from spotsafe.errors import CheckpointCorrupt, SpotsafeError, StateError
 
 #: Every blob starts at a multiple of this in the data file (and in the snapshot
 #: buffer): enough for any dtype and for cache-line aligned copies.
@@ -39,16 +41,26 @@ ALIGN = 64
 # A blob's start inside its storage is rounded down to this, so every view of
 # the storage keeps an offset that is a multiple of its own item size.
 _STORAGE_ALIGN = 16
+#: How deeply containers may nest in a saved state (each dict, list or tuple is a level).
+#: Checked at save (StateError) and at load (CheckpointCorrupt): no recursion limit is ever hit.
+MAX_DEPTH = 100
+#: Most dimensions a saved tensor may have (torch allows 64), and the largest size or stride claimed.
+MAX_DIMS = 64
+_MAX_DIM = 1 << 48
+#: Ints with more bits than this are saved as hex ({"T": "int"}): Python refuses to print
+#: (and JSON to read) decimal ints of over 4,300 digits.
+_BIG_INT_BITS = 13_000
+_HEX_INT = re.compile(r"-?0x[0-9a-f]+")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _dtype_from_name(name: str, where: str) -> torch.dtype:
-    value = getattr(torch, name, None) if isinstance(name, str) else None
+def _dtype_from_name(name: object, where: str) -> torch.dtype:
+    value = getattr(torch, name, None) if isinstance(name, str) and len(name) <= 64 else None
     if not isinstance(value, torch.dtype):
-        raise CheckpointCorrupt(f"{where}: unknown dtype {name!r}")
+        raise CheckpointCorrupt(f"{where}: unknown dtype {str(name)[:80]!r}")
     return value
 
 
@@ -85,30 +97,69 @@ class FlatState:
 
 
 def _path(parent: str, key: object) -> str:
-    return f"{parent}.{key}" if parent else str(key)
+    try:
+        text = str(key)
+    except ValueError:  # an int too long to print in decimal
+        text = f"<{type(key).__name__} too long to print>"
+    return f"{parent}.{text}" if parent else text
 
 
 def to_plain(obj: Any) -> Any:
-    """Replace every object with a ``state_dict()`` by that state dict (recursively)."""
+    """Replace every object with a ``state_dict()`` by that state dict (recursively).
+
+    Raises :class:`StateError` for what would not come back as it went in: a reference
+    cycle, nesting deeper than :data:`MAX_DEPTH`, a dict subclass (``defaultdict``,
+    ``Counter``: only ``dict`` and ``OrderedDict`` keep their type).
+    """
+    return _to_plain(obj, "", 0, set())
+
+
+def _to_plain(obj: Any, path: str, depth: int, active: set[int]) -> Any:
+    where = path or "<root>"
+    if depth > MAX_DEPTH:
+        raise StateError(f"{where}: the state is nested deeper than {MAX_DEPTH} levels")
     if isinstance(obj, torch.Tensor):
         return obj
     state_dict = getattr(obj, "state_dict", None)
     if callable(state_dict) and not isinstance(obj, type):
-        return to_plain(state_dict())
-    if isinstance(obj, Mapping):
-        out = {k: to_plain(v) for k, v in obj.items()}
-        if isinstance(obj, OrderedDict):
-            od: OrderedDict[Any, Any] = OrderedDict(out)
-            meta = getattr(obj, "_metadata", None)
-            if meta is not None:
-                od._metadata = meta  # type: ignore[attr-defined]
-            return od
-        return out
-    if isinstance(obj, list):
-        return [to_plain(v) for v in obj]
-    if isinstance(obj, tuple) and not isinstance(obj, torch.Size) and not hasattr(obj, "_fields"):
-        return tuple(to_plain(v) for v in obj)
-    return obj
+        if id(obj) in active:
+            raise StateError(f"{where}: a reference cycle (the object contains itself)")
+        active.add(id(obj))
+        try:
+            return _to_plain(state_dict(), path, depth, active)
+        finally:
+            active.discard(id(obj))
+    container = isinstance(obj, (Mapping, list)) or (isinstance(obj, tuple) and not isinstance(obj, torch.Size))
+    if not container:
+        return obj
+    if id(obj) in active:
+        raise StateError(f"{where}: a reference cycle (the container contains itself)")
+    active.add(id(obj))
+    try:
+        if isinstance(obj, Mapping):
+            if depth > 0 and type(obj) not in (dict, OrderedDict):
+                raise StateError(
+                    f"{where}: a {type(obj).__module__}.{type(obj).__qualname__} would come back as a plain dict "
+                    "(only dict and OrderedDict keep their type): save dict(...) of it instead"
+                )
+            out = {k: _to_plain(v, _path(path, k), depth + 1, active) for k, v in obj.items()}
+            if isinstance(obj, OrderedDict):
+                od: OrderedDict[Any, Any] = OrderedDict(out)
+                meta = getattr(obj, "_metadata", None)
+                if meta is not None:
+                    od._metadata = meta  # type: ignore[attr-defined]
+                return od
+            return out
+        if type(obj) is list:
+            return [_to_plain(v, _path(path, i), depth + 1, active) for i, v in enumerate(obj)]
+        if type(obj) is tuple:
+            return tuple(_to_plain(v, _path(path, i), depth + 1, active) for i, v in enumerate(obj))
+        raise StateError(
+            f"{where}: a {type(obj).__module__}.{type(obj).__qualname__} (a list or tuple subclass) would not come "
+            "back as one: save a plain list or tuple instead"
+        )
+    finally:
+        active.discard(id(obj))
 
 
 class _Flattener:
@@ -120,17 +171,32 @@ class _Flattener:
         self.keep: list[torch.Tensor] = []
 
     # -- values -------------------------------------------------------------
-    def value(self, obj: Any, path: str) -> Any:
+    def value(self, obj: Any, path: str, depth: int = 0) -> Any:
+        where = path or "<root>"
+        if depth > MAX_DEPTH:
+            raise StateError(f"{where}: the state is nested deeper than {MAX_DEPTH} levels")
         if type(obj).__module__ == "numpy":  # before float/int: np.float64 subclasses float
-            return self.numpy_value(obj, path)
-        if obj is None or isinstance(obj, (bool, str)):
+            return self.numpy_value(obj, path, depth)
+        if obj is None or type(obj) in (bool, str):
             return obj
-        if isinstance(obj, int):
-            return int(obj)
-        if isinstance(obj, float):
+        if type(obj) is int:
+            if obj.bit_length() > _BIG_INT_BITS:
+                return {"T": "int", "v": hex(obj)}
+            return obj
+        if type(obj) is float:
             if math.isfinite(obj):
-                return float(obj)
-            return {"T": "float", "v": repr(float(obj))}
+                return obj
+            return {"T": "float", "v": repr(obj)}
+        if isinstance(obj, enum.Enum):
+            raise StateError(
+                f"{where}: the enum member {obj!r} would come back as a plain value: save its .value or .name"
+            )
+        if isinstance(obj, (int, float, str)):
+            base = next(t for t in (bool, int, float, str) if isinstance(obj, t))
+            raise StateError(
+                f"{where}: a {type(obj).__module__}.{type(obj).__qualname__} would come back as a plain "
+                f"{base.__name__}: save {base.__name__}(...) of it instead"
+            )
         if isinstance(obj, torch.Tensor):
             return {"T": "tensor", "id": self.tensor(obj, path)}
         if isinstance(obj, torch.Size):
@@ -139,56 +205,71 @@ class _Flattener:
             return {"T": "dtype", "v": _dtype_name(obj)}
         if isinstance(obj, torch.device):
             return {"T": "device", "v": str(obj)}
-        if isinstance(obj, Mapping):
-            return self.mapping(obj, path)
-        if isinstance(obj, list):
-            return [self.value(v, _path(path, i)) for i, v in enumerate(obj)]
-        if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
-            return {"T": "tuple", "v": [self.value(v, _path(path, i)) for i, v in enumerate(obj)]}
+        if type(obj) in (dict, OrderedDict):
+            return self.mapping(obj, path, depth)
+        if type(obj) is list:
+            return [self.value(v, _path(path, i), depth + 1) for i, v in enumerate(obj)]
+        if type(obj) is tuple:
+            return {"T": "tuple", "v": [self.value(v, _path(path, i), depth + 1) for i, v in enumerate(obj)]}
+        if isinstance(obj, (Mapping, list, tuple)):
+            raise StateError(
+                f"{where}: a {type(obj).__module__}.{type(obj).__qualname__} would not come back as one "
+                "(only dict, OrderedDict, list and tuple keep their type): convert it first"
+            )
         if callable(obj):
             raise StateError(
-                f"{path or '<root>'}: a callable ({type(obj).__qualname__}) cannot be saved without pickle; "
+                f"{where}: a callable ({type(obj).__qualname__}) cannot be saved without pickle; "
                 "drop it from the state (e.g. a LambdaLR lambda: recreate the scheduler instead)"
             )
         raise StateError(
-            f"{path or '<root>'}: values of type {type(obj).__module__}.{type(obj).__qualname__} are not supported "
+            f"{where}: values of type {type(obj).__module__}.{type(obj).__qualname__} are not supported "
             "(allowed: tensors, None, bool, int, float, str, list, tuple, dict, torch.Size/dtype/device, NumPy "
             "arrays, and objects with state_dict())"
         )
 
-    def numpy_value(self, obj: Any, path: str) -> Any:
+    def numpy_value(self, obj: Any, path: str, depth: int) -> Any:
         import numpy as np
 
         where = path or "<root>"
-        if isinstance(obj, np.ndarray):
+        if type(obj) is np.ndarray:
             if obj.dtype.hasobject:
                 raise StateError(f"{where}: NumPy array of Python objects cannot be saved without pickle")
+            if not obj.dtype.isnative:
+                raise StateError(
+                    f"{where}: a NumPy array of non-native byte order ({obj.dtype.str}) cannot be saved as it is: "
+                    "save arr.astype(arr.dtype.newbyteorder('=')) instead"
+                )
+            # Not np.ascontiguousarray: it turns a 0-d array into shape (1,).
+            arr = obj if obj.flags.c_contiguous else obj.copy(order="C")
             try:
-                t = torch.from_numpy(np.ascontiguousarray(obj))
+                t = torch.from_numpy(arr)
             except TypeError as e:
                 raise StateError(f"{where}: NumPy dtype {obj.dtype} is not supported: {e}") from e
             return {"T": "ndarray", "id": self.tensor(t, path)}
-        if isinstance(obj, (np.bool_, np.integer, np.floating)):
-            return {"T": "npscalar", "dtype": obj.dtype.str, "v": self.value(obj.item(), path)}
+        if type(obj) in (np.bool_,) or (
+            isinstance(obj, (np.integer, np.floating)) and obj.dtype.kind in "iuf" and obj.dtype.itemsize <= 16
+        ):
+            return {"T": "npscalar", "dtype": obj.dtype.str, "v": self.value(obj.item(), path, depth + 1)}
         raise StateError(f"{where}: NumPy values of type {type(obj).__name__} are not supported")
 
-    def key(self, key: Any, path: str) -> Any:
-        if key is None or isinstance(key, (bool, int, float, str)):
-            return self.value(key, path)
-        if isinstance(key, tuple):
-            return self.value(key, path)
-        raise StateError(f"{path}: dict key {key!r} of type {type(key).__name__} is not supported")
+    def key(self, key: Any, path: str, depth: int) -> Any:
+        if key is None or isinstance(key, (bool, int, float, str, tuple)):
+            return self.value(key, path, depth)
+        raise StateError(f"{path}: dict key {_path('', key)[:80]!r} of type {type(key).__name__} is not supported")
 
-    def mapping(self, obj: Mapping[Any, Any], path: str) -> dict[str, Any]:
+    def mapping(self, obj: Mapping[Any, Any], path: str, depth: int) -> dict[str, Any]:
         kind = "odict" if isinstance(obj, OrderedDict) else "dict"
         out: dict[str, Any] = {"T": kind}
-        if all(isinstance(k, str) for k in obj):
-            out["v"] = {k: self.value(v, _path(path, k)) for k, v in obj.items()}
+        if all(type(k) is str for k in obj):
+            out["v"] = {k: self.value(v, _path(path, k), depth + 1) for k, v in obj.items()}
         else:
-            out["items"] = [[self.key(k, path or "<root>"), self.value(v, _path(path, k))] for k, v in obj.items()]
+            out["items"] = [
+                [self.key(k, path or "<root>", depth + 1), self.value(v, _path(path, k), depth + 1)]
+                for k, v in obj.items()
+            ]
         meta = getattr(obj, "_metadata", None)
         if meta is not None and isinstance(obj, OrderedDict):
-            out["meta"] = self.value(meta, _path(path, "_metadata"))
+            out["meta"] = self.value(meta, _path(path, "_metadata"), depth + 1)
         return out
 
     # -- tensors ------------------------------------------------------------
@@ -292,11 +373,52 @@ def resolve_device(device: str, map_location: MapLocation) -> torch.device:
     else:
         raise TypeError(f"map_location must be a device, a dict or a callable, not {type(map_location).__name__}")
     dev = torch.device(target)
-    if dev.type == "cuda" and not torch.cuda.is_available():
+    if dev.type in ("cpu", "meta"):
+        return dev
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise StateError(
+                f"the checkpoint holds tensors saved on {device} but CUDA is not available here: "
+                "pass map_location='cpu'"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise StateError(
+                f"the checkpoint holds tensors for {dev} but this machine has {torch.cuda.device_count()} CUDA "
+                "device(s): pass map_location (e.g. 'cuda:0' or 'cpu')"
+            )
+        return dev
+    backend = getattr(torch, dev.type, None)
+    available = getattr(backend, "is_available", None)
+    if not callable(available) or not available():
         raise StateError(
-            f"the checkpoint holds tensors saved on {device} but CUDA is not available here: pass map_location='cpu'"
+            f"the checkpoint holds tensors for {dev}, a device this machine does not have: pass map_location='cpu'"
         )
     return dev
+
+
+def _corrupt_int(x: object, what: str, where: str, lo: int = 0, hi: int = _MAX_DIM) -> int:
+    """``x`` as an int within ``lo..hi``, else CheckpointCorrupt naming ``what``."""
+    if isinstance(x, bool) or not isinstance(x, int) or not lo <= x <= hi:
+        raise CheckpointCorrupt(f"{where}: bad {what} {str(x)[:80]!r}")
+    return x
+
+
+def _corrupt_ints(x: object, what: str, where: str) -> list[int]:
+    if not isinstance(x, list) or len(x) > MAX_DIMS:
+        raise CheckpointCorrupt(f"{where}: bad {what} {str(x)[:80]!r}")
+    return [_corrupt_int(v, what, where) for v in x]
+
+
+def _device_from_name(name: object, where: str) -> torch.device:
+    if not isinstance(name, str) or len(name) > 64:
+        raise CheckpointCorrupt(f"{where}: bad device {str(name)[:80]!r}")
+    try:
+        return torch.device(name)
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise CheckpointCorrupt(f"{where}: bad device {name!r} ({e})") from e
+
+
+_SPECIAL_FLOATS = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
 
 def unflatten(
@@ -305,104 +427,170 @@ def unflatten(
     *,
     map_location: MapLocation = None,
     where: str = "checkpoint",
+    validate_only: bool = False,
 ) -> Any:
     """Build the tree again.
 
     ``blob_bytes(i)`` returns blob ``i`` as a flat CPU ``uint8`` tensor (typically
     a zero-copy view of the data file). ``where`` names the file in errors.
+
+    Everything the description claims (dtypes, shapes, strides, offsets, devices,
+    node types, nesting depth) is checked before it is used or allocated: a damaged
+    or hostile description raises :class:`CheckpointCorrupt`, never another error,
+    and never allocates more than its blobs. With ``validate_only`` the same checks
+    run on ``meta`` tensors (``blob_bytes`` may return meta tensors of the blobs'
+    sizes): nothing is read or built; what :meth:`Checkpointer.check` runs.
     """
-    try:
-        tensors_desc = description["tensors"]
-        tree = description["tree"]
-    except (KeyError, TypeError) as e:
-        raise CheckpointCorrupt(f"{where}: not a spotsafe tree description ({e})") from e
+    if not isinstance(description, Mapping):
+        raise CheckpointCorrupt(f"{where}: not a spotsafe tree description")
+    tensors_desc = description.get("tensors")
+    tree = description.get("tree")
+    if not isinstance(tensors_desc, list) or "tree" not in description:
+        raise CheckpointCorrupt(f"{where}: not a spotsafe tree description (no tensor table or tree)")
     moved: dict[tuple[int, str], torch.Tensor] = {}  # one copy per (blob, device): ties survive moves
     built: list[torch.Tensor | None] = [None] * len(tensors_desc)
 
-    def tensor(i: int) -> torch.Tensor:
-        if not isinstance(i, int) or not 0 <= i < len(tensors_desc):
-            raise CheckpointCorrupt(f"{where}: tensor reference {i!r} out of range")
+    def tensor(i: object) -> torch.Tensor:
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(tensors_desc):
+            raise CheckpointCorrupt(f"{where}: tensor reference {str(i)[:80]!r} out of range")
         done = built[i]
         if done is not None:
             return done
         e = tensors_desc[i]
-        try:
-            dtype = _dtype_from_name(e["dtype"], where)
-            shape = [int(s) for s in e["shape"]]
-            stride = [int(s) for s in e["stride"]]
-            dev = resolve_device(e["device"], map_location)
-            b = int(e["blob"])
-            if b < 0:
-                t = torch.empty_strided(shape, stride, dtype=dtype, device=dev)
-            else:
-                key = (b, str(dev))
-                base = moved.get(key)
-                if base is None:
-                    base = blob_bytes(b)
-                    if dev.type != "cpu":
-                        base = base.to(dev)
-                    moved[key] = base
-                itemsize = dtype.itemsize
-                off = int(e["offset"])
-                if off % itemsize:
-                    raise CheckpointCorrupt(f"{where}: tensor {i} offset {off} is not aligned to {itemsize}")
+        w = f"{where}: tensor {i}"
+        if not isinstance(e, dict):
+            raise CheckpointCorrupt(f"{w}: not an object")
+        dtype = _dtype_from_name(e.get("dtype"), w)
+        shape = _corrupt_ints(e.get("shape"), "shape", w)
+        stride = _corrupt_ints(e.get("stride"), "stride", w)
+        if len(stride) != len(shape):
+            raise CheckpointCorrupt(f"{w}: {len(shape)} dimensions but {len(stride)} strides")
+        saved_on = _device_from_name(e.get("device"), w)
+        if saved_on.type == "meta":
+            raise CheckpointCorrupt(f"{w}: a meta tensor has no data (none is ever saved)")
+        dev = torch.device("meta") if validate_only else resolve_device(str(saved_on), map_location)
+        b = _corrupt_int(e.get("blob"), "blob", w, lo=-1)
+        numel = math.prod(shape)
+        if b < 0:
+            # Only an empty tensor is saved without bytes: a claim of any other shape would allocate it.
+            if numel != 0:
+                raise CheckpointCorrupt(f"{w}: shape {shape} but no bytes in the data file")
+            t = torch.empty_strided(shape, stride, dtype=dtype, device=dev)
+        else:
+            key = (b, str(dev))
+            base = moved.get(key)
+            if base is None:
+                base = blob_bytes(b)
+                if dev.type != base.device.type:
+                    base = base.to(dev)
+                moved[key] = base
+            itemsize = dtype.itemsize
+            off = _corrupt_int(e.get("offset"), "offset", w, hi=base.numel())
+            if off % itemsize:
+                raise CheckpointCorrupt(f"{w}: offset {off} is not aligned to {itemsize}")
+            if numel > 0:
                 need = off // itemsize + sum((s - 1) * st for s, st in zip(shape, stride, strict=True)) + 1
-                if min(shape, default=1) > 0 and (need * itemsize > base.numel() or off < 0):
-                    raise CheckpointCorrupt(f"{where}: tensor {i} reaches past the end of its blob")
-                t = _typed_view(base, dtype, itemsize).as_strided(shape, stride, off // itemsize)
-        except (KeyError, TypeError, ValueError) as err:
-            if isinstance(err, CheckpointCorrupt):
-                raise
-            raise CheckpointCorrupt(f"{where}: bad entry for tensor {i}: {err}") from err
+                if need * itemsize > base.numel():
+                    raise CheckpointCorrupt(f"{w}: reaches past the end of its blob")
+            t = _typed_view(base, dtype, itemsize).as_strided(shape, stride, off // itemsize)
+        grad = bool(e.get("requires_grad")) and (t.is_floating_point() or t.is_complex())
         if e.get("param"):
-            t = torch.nn.Parameter(t, requires_grad=bool(e.get("requires_grad")))
-        elif e.get("requires_grad") and t.is_floating_point():
+            t = torch.nn.Parameter(t, requires_grad=grad)
+        elif grad:
             t.requires_grad_(True)
         built[i] = t
         return t
 
-    def value(node: Any) -> Any:
+    def items(node: dict[str, Any], depth: int) -> list[tuple[Any, Any]]:
+        if "v" in node:
+            v = node["v"]
+            if not isinstance(v, dict):
+                raise CheckpointCorrupt(f"{where}: a {node['T']} node whose v is not an object")
+            return [(k, value(x, depth + 1)) for k, x in v.items()]
+        pairs = node.get("items")
+        if not isinstance(pairs, list):
+            raise CheckpointCorrupt(f"{where}: a {node['T']} node without v or items")
+        out = []
+        for pair in pairs:
+            if not isinstance(pair, list) or len(pair) != 2:
+                raise CheckpointCorrupt(f"{where}: a {node['T']} item that is not a [key, value] pair")
+            k = _hashable(value(pair[0], depth + 1))
+            try:
+                hash(k)
+            except TypeError as err:
+                raise CheckpointCorrupt(f"{where}: an unhashable dict key {str(k)[:80]!r}") from err
+            out.append((k, value(pair[1], depth + 1)))
+        return out
+
+    def value(node: Any, depth: int) -> Any:
+        if depth > MAX_DEPTH:
+            raise CheckpointCorrupt(f"{where}: the tree is nested deeper than {MAX_DEPTH} levels")
         if node is None or isinstance(node, (bool, int, float, str)):
             return node
         if isinstance(node, list):
-            return [value(v) for v in node]
+            return [value(v, depth + 1) for v in node]
         if not isinstance(node, dict) or "T" not in node:
             raise CheckpointCorrupt(f"{where}: unexpected node {str(node)[:80]!r}")
         kind = node["T"]
+        v = node.get("v")
         if kind == "tensor":
-            return tensor(node["id"])
+            return tensor(node.get("id"))
         if kind in ("dict", "odict"):
-            if "v" in node:
-                items = [(k, value(v)) for k, v in node["v"].items()]
-            else:
-                items = [(_hashable(value(k)), value(v)) for k, v in node["items"]]
+            pairs = items(node, depth)
             if kind == "dict":
-                return dict(items)
-            od: OrderedDict[Any, Any] = OrderedDict(items)
+                return dict(pairs)
+            od: OrderedDict[Any, Any] = OrderedDict(pairs)
             if "meta" in node:
-                od._metadata = value(node["meta"])  # type: ignore[attr-defined]
+                od._metadata = value(node["meta"], depth + 1)  # type: ignore[attr-defined]
             return od
         if kind == "tuple":
-            return tuple(value(v) for v in node["v"])
+            if not isinstance(v, list):
+                raise CheckpointCorrupt(f"{where}: a tuple node whose v is not a list")
+            return tuple(value(x, depth + 1) for x in v)
         if kind == "float":
-            return float(node["v"])
+            if v not in _SPECIAL_FLOATS:
+                raise CheckpointCorrupt(f"{where}: bad float node {str(v)[:80]!r}")
+            return _SPECIAL_FLOATS[v]
+        if kind == "int":
+            if not isinstance(v, str) or not _HEX_INT.fullmatch(v):
+                raise CheckpointCorrupt(f"{where}: bad int node {str(v)[:80]!r}")
+            return int(v, 16)
         if kind == "size":
-            return torch.Size(int(d) for d in node["v"])
+            if not isinstance(v, list):
+                raise CheckpointCorrupt(f"{where}: bad torch.Size node {str(v)[:80]!r}")
+            return torch.Size(_corrupt_int(d, "torch.Size dimension", where, hi=(1 << 63) - 1) for d in v)
         if kind == "dtype":
-            return _dtype_from_name(node["v"], where)
+            return _dtype_from_name(v, where)
         if kind == "device":
-            return torch.device(node["v"])
+            return _device_from_name(v, where)
         if kind == "ndarray":
             np = _numpy_required(where)
-            return tensor(node["id"]).cpu().numpy()
+            t = tensor(node.get("id"))
+            if validate_only:
+                torch.empty(0, dtype=t.dtype).numpy()  # a dtype NumPy has, as the real conversion needs
+                return _ArrayStandIn()  # unhashable, like the array load() builds (a dict key must fail alike)
+            return t.cpu().numpy()
         if kind == "npscalar":
             np = _numpy_required(where)
-            return np.dtype(node["dtype"]).type(value(node["v"]))
-        raise CheckpointCorrupt(f"{where}: unknown node type {kind!r} (written by a newer spotsafe?)")
+            try:
+                dt = np.dtype(node.get("dtype"))
+            except (TypeError, ValueError) as err:
+                raise CheckpointCorrupt(f"{where}: bad NumPy scalar dtype {str(node.get('dtype'))[:80]!r}") from err
+            x = value(v, depth + 1)
+            if dt.kind not in "biuf" or dt.itemsize > 16 or not isinstance(x, (bool, int, float)):
+                raise CheckpointCorrupt(f"{where}: bad NumPy scalar {str(node)[:80]!r}")
+            try:
+                return dt.type(x)
+            except (OverflowError, ValueError, TypeError) as err:
+                raise CheckpointCorrupt(f"{where}: bad NumPy scalar {str(node)[:80]!r} ({err})") from err
+        raise CheckpointCorrupt(f"{where}: unknown node type {str(kind)[:80]!r} (written by a newer spotsafe?)")
 
     try:
-        return value(tree)
-    except (KeyError, TypeError, AttributeError) as e:
+        return value(tree, 0)
+    except SpotsafeError:
+        raise
+    except (KeyError, TypeError, AttributeError, ValueError, IndexError, OverflowError, RecursionError) as e:
+        # Everything above is checked; this is the net under it: a damaged tree is never another error.
         raise CheckpointCorrupt(f"{where}: malformed tree: {e!r}") from e
 
 
@@ -416,6 +604,12 @@ def _typed_view(base: torch.Tensor, dtype: torch.dtype, itemsize: int) -> torch.
     return torch.empty(0, dtype=dtype, device=base.device).set_(
         base.untyped_storage(), start // itemsize, (base.numel() // itemsize,), (1,)
     )
+
+
+class _ArrayStandIn:
+    """What a validate-only unflatten puts where a NumPy array would be: unhashable, as an array is."""
+
+    __hash__ = None  # type: ignore[assignment]  # an array as a dict key must fail in validation as in a load
 
 
 def _hashable(key: Any) -> Any:
@@ -441,7 +635,7 @@ def _numpy_required(where: str) -> Any:
 
 def blob_from_buffer(buffer: memoryview, blob: Blob, where: str) -> torch.Tensor:
     """Blob bytes as a CPU uint8 tensor: a zero-copy view of a writable buffer, else a copy."""
-    if blob.offset < 0 or blob.offset + blob.nbytes > len(buffer):
+    if blob.offset < 0 or blob.nbytes < 0 or blob.offset + blob.nbytes > len(buffer):
         raise CheckpointCorrupt(f"{where}: blob at {blob.offset}+{blob.nbytes} reaches past the end of the file")
     if blob.nbytes == 0:
         return torch.empty(0, dtype=torch.uint8)
@@ -451,6 +645,21 @@ def blob_from_buffer(buffer: memoryview, blob: Blob, where: str) -> torch.Tensor
             view = torch.frombuffer(buffer, dtype=torch.uint8, offset=blob.offset, count=blob.nbytes)
         return view.clone()  # never hand out a tensor a write would crash on
     return torch.frombuffer(buffer, dtype=torch.uint8, offset=blob.offset, count=blob.nbytes)
+
+
+def blobs_from_description(description: object, payload_size: int, where: str) -> list[Blob]:
+    """The blob table of a tree description, each range checked to lie inside ``payload_size`` bytes."""
+    raw = description.get("blobs") if isinstance(description, Mapping) else None
+    if not isinstance(raw, list):
+        raise CheckpointCorrupt(f"{where}: malformed tree file (no blob table)")
+    blobs: list[Blob] = []
+    for i, pair in enumerate(raw):
+        if not isinstance(pair, list) or len(pair) != 2:
+            raise CheckpointCorrupt(f"{where}: blob {i} is not an [offset, nbytes] pair")
+        offset = _corrupt_int(pair[0], f"blob {i} offset", where, hi=payload_size)
+        nbytes = _corrupt_int(pair[1], f"blob {i} size", where, hi=payload_size - offset)
+        blobs.append(Blob(offset, nbytes))
+    return blobs
 
 
 # ----------------------------------------------------------------------------- RNG

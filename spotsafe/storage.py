@@ -98,7 +98,9 @@ class Store(ABC):
         """The whole content of ``path`` as a read-only buffer (may be memory-mapped).
 
         Raises :class:`spotsafe.errors.CheckpointNotFound` (a FileNotFoundError) when
-        the file does not exist.
+        the file does not exist, and :class:`spotsafe.errors.CheckpointCorrupt` when it
+        is not a regular file inside the store (a FIFO, a device, a directory, a link
+        leading out): it is refused without blocking and without reading outside.
         """
 
     def read_files_into(self, items: Sequence[tuple[str, memoryview]]) -> None:

@@ -91,3 +91,58 @@ def test_python_dash_m_spotsafe(store: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "spotsafe"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert "ls" in r.stderr and "verify" in r.stderr
+
+
+# ----------------------------------------------------------------------------- hostile inputs
+
+
+def test_verify_on_a_missing_store_fails(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["verify", str(tmp_path / "does-not-exist")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_an_empty_store_argument_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    for command in ("ls", "verify"):
+        assert main([command, ""]) == 2
+        assert "empty" in capsys.readouterr().err
+
+
+def test_a_store_that_is_a_file_or_a_bad_url_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "file").write_text("x")
+    for store in (str(tmp_path / "file"), "garbage://x", "s3://"):
+        assert main(["ls", store]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_a_corrupt_completion_record_does_not_abort_ls(store: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (store / "COMPLETE.json").write_text("")
+    assert main(["ls", str(store)]) == 0
+    captured = capsys.readouterr()
+    assert "step-000000000200" in captured.out
+    assert "completion record unreadable" in captured.err
+    assert main(["verify", str(store)]) == 1
+
+
+def test_verify_agrees_with_load_on_a_forged_tree(store: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Checksums forged to match used to make verify say "yes (checksums)" for a checkpoint load() could not build."""
+    import json
+
+    from spotsafe.checkpoint import checksum
+    from spotsafe.errors import CheckpointCorrupt
+
+    d = store / checkpoint_name(200)
+    manifest = json.loads((d / MANIFEST).read_text())
+    entry = next(f for f in manifest["files"] if f["role"] == "tree")
+    tree = json.loads((d / entry["path"]).read_text())
+    tree["tensors"][0]["device"] = "garbage"
+    data = json.dumps(tree).encode()
+    (d / entry["path"]).write_bytes(data)
+    entry["size"], entry["checksum"] = len(data), checksum(data)
+    (d / MANIFEST).write_text(json.dumps(manifest))
+    assert main(["verify", str(store)]) == 1
+    out = capsys.readouterr().out
+    assert "yes (checksums)" in next(line for line in out.splitlines() if "step-000000000100" in line)
+    assert "bad device" in next(line for line in out.splitlines() if "step-000000000200" in line)
+    with Checkpointer(store) as c, pytest.raises(CheckpointCorrupt, match="bad device"):
+        c.load(200)

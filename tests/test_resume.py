@@ -384,3 +384,92 @@ def test_torchrun_preemption_then_resume_on_one_process(tmp_path: Path) -> None:
     ]
     after = [i for d in seen[1:] if d.get("epoch") == epoch for i in d["idx"]]
     assert sorted(before + after) == list(range(48))
+
+
+# ----------------------------------------------------------------------------- hostile inputs
+
+
+def test_a_child_ignoring_sigterm_is_killed_after_the_deadline(tmp_path: Path) -> None:
+    ready = tmp_path / "ready"
+    child = tmp_path / "stubborn.py"
+    child.write_text(
+        textwrap.dedent(f"""
+        import signal, time
+        from pathlib import Path
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        Path({str(ready)!r}).write_text("1")
+        time.sleep(600)
+    """)
+    )
+    proc = subprocess.Popen(
+        [PY, "-m", "spotsafe.resume", "--store", str(tmp_path / "store"), "--kill-after", "2", "--", PY, str(child)],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+
+        def started() -> bool:
+            assert proc.poll() is None
+            return ready.exists()
+
+        wait_until(started, 60, what="the stubborn child to start")
+        proc.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        _, err = proc.communicate(timeout=60)  # not the child's 600 s
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert time.monotonic() - t0 >= 1.5
+    assert proc.returncode == 128 + signal.SIGKILL
+    assert "SIGKILL" in err
+
+
+def test_the_kill_deadline_defaults_to_the_signal_grace(monkeypatch: pytest.MonkeyPatch) -> None:
+    from spotsafe.resume import KILL_MARGIN, _default_kill_after
+
+    monkeypatch.setenv("SPOTSAFE_SIGNAL_GRACE", "45")
+    assert _default_kill_after() == 45 + KILL_MARGIN
+
+
+@pytest.mark.parametrize("value", ["-5", "nan", "inf", "1e9"])
+def test_bad_backoff_is_rejected(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["--store", "/tmp/x", "--backoff", value, "--", "true"])
+    assert e.value.code == 2
+    assert "--backoff must be" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--store", "/tmp/x", "--kill-after", "0", "--", "true"])
+
+
+@pytest.mark.parametrize(
+    ("store", "match"), [("garbage://x", "Protocol not known"), ("s3://", "no bucket"), ("FILE", "not a directory")]
+)
+def test_an_unusable_store_is_one_line_and_exit_2(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], store: str, match: str
+) -> None:
+    if store == "FILE":
+        store = str(tmp_path / "file")
+        Path(store).write_text("x")
+    marker = tmp_path / "launched"
+    for argv in (["--store", store, "--", PY, "-c", f"open({str(marker)!r}, 'w')"], ["--store", store, "--status"]):
+        assert main(argv) == 2
+        err = capfd.readouterr().err
+        assert match in err and "Traceback" not in err
+        assert len(err.strip().splitlines()) == 1
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"{not json", b"[]"])
+def test_a_corrupt_completion_record_still_trains(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], content: bytes
+) -> None:
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "COMPLETE.json").write_bytes(content)
+    marker = tmp_path / "launched"
+    assert main(["--store", str(store), "--", PY, "-c", f"open({str(marker)!r}, 'w')"]) == 0
+    assert marker.exists()  # an empty COMPLETE.json used to crash the supervisor before it started training
+    assert "unreadable completion record" in capfd.readouterr().err
+    assert main(["--store", str(store), "--status"]) == 0
+    assert "complete: unknown (unreadable" in capfd.readouterr().out

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import collections
+import enum
 import random
+import types
 from collections import OrderedDict
 from typing import Any
 
@@ -12,7 +15,7 @@ import torch
 
 from spotsafe.checkpoint import SnapshotBuffer, snapshot
 from spotsafe.errors import StateError
-from spotsafe.state import RNGState, blob_from_buffer, flatten, to_plain, unflatten
+from spotsafe.state import MAX_DEPTH, RNGState, blob_from_buffer, flatten, to_plain, unflatten
 
 
 def roundtrip(state: Any, **kw: Any) -> Any:
@@ -363,3 +366,100 @@ def test_cuda_tensors_come_back_where_asked() -> None:
     assert torch.equal(out["t"], t)
     cpu = roundtrip({"t": t}, map_location="cpu")
     assert cpu["t"].device.type == "cpu"
+
+
+# ----------------------------------------------------------------------------- exact round trip or StateError
+
+
+def test_numpy_zero_d_and_scalars_keep_their_shape_and_type() -> None:
+    state = {
+        "zero_d": np.array(3.5),
+        "zero_d_int": np.array(7, dtype=np.int16),
+        "strided": np.arange(12).reshape(3, 4)[:, ::2],
+        "scalar": np.float32(1.5),
+        "flag": np.bool_(True),
+    }
+    out = roundtrip(state)
+    assert out["zero_d"].shape == () and out["zero_d"].dtype == np.float64 and float(out["zero_d"]) == 3.5
+    assert out["zero_d_int"].shape == () and out["zero_d_int"].dtype == np.int16
+    assert out["strided"].tolist() == state["strided"].tolist()
+    assert type(out["scalar"]) is np.float32 and type(out["flag"]) is np.bool_
+
+
+def test_huge_ints_round_trip() -> None:
+    big = 7**20_000  # ~17,000 decimal digits: more than Python prints or JSON reads as decimal
+    state = {"big": big, "neg": -big, "keys": {big: "k"}, "small": 2**64}
+    out = roundtrip(state)
+    assert out == state
+
+
+class Color(enum.IntEnum):
+    RED = 1
+
+
+class Mode(str, enum.Enum):
+    TRAIN = "train"
+
+
+class MyInt(int):
+    pass
+
+
+class MyList(list):  # type: ignore[type-arg]
+    pass
+
+
+@pytest.mark.parametrize(
+    ("value", "match"),
+    [
+        (collections.defaultdict(list, a=[1]), "defaultdict"),
+        (collections.Counter("aab"), "Counter"),
+        (types.MappingProxyType({"a": 1}), "mappingproxy"),
+        (Color.RED, "enum member"),
+        (Mode.TRAIN, "enum member"),
+        (MyInt(3), "plain int"),
+        (MyList([1]), "MyList"),
+        (collections.namedtuple("P", "x y")(1, 2), "P"),
+        (np.arange(4, dtype=">f4"), "byte order"),
+        (np.ma.masked_array([1, 2]), "MaskedArray"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+def test_what_would_not_round_trip_is_refused(value: Any, match: str) -> None:
+    with pytest.raises(StateError, match=match):
+        flatten({"x": {"inner": value}})
+
+
+def test_deep_and_self_referencing_nesting_is_a_state_error() -> None:
+    deep: Any = 1
+    for _ in range(800):
+        deep = [deep]
+    with pytest.raises(StateError, match="nested deeper than"):
+        flatten({"x": deep})
+    loop: list[Any] = [1]
+    loop.append(loop)
+    with pytest.raises(StateError, match="cycle"):
+        flatten({"x": loop})
+    d: dict[str, Any] = {}
+    d["self"] = d
+    with pytest.raises(StateError, match="cycle"):
+        flatten({"x": d})
+    ok: Any = 1
+    for _ in range(MAX_DEPTH - 2):
+        ok = [ok]
+    assert roundtrip({"x": ok}) == {"x": ok}  # the limit is generous, and what saves loads
+
+
+@pytest.mark.parametrize("async_", [True, False])
+def test_refused_values_fail_at_save_not_at_wait(tmp_path: Any, async_: bool) -> None:
+    from spotsafe.checkpoint import Checkpointer
+
+    loop: list[Any] = []
+    loop.append(loop)
+    with Checkpointer(tmp_path, async_=async_) as c:
+        for bad in (Color.RED, np.arange(3, dtype=">i4"), loop, collections.Counter("ab")):
+            with pytest.raises(StateError):
+                c.save(1, {"x": bad})
+        c.save(2, {"big": 10**5000})  # used to fail late, in the background write
+        assert c.wait() is True
+        assert c.load(2)["big"] == 10**5000

@@ -108,10 +108,17 @@ def test_cleanup_removes_dead_writers_temp_files_only(store: LocalStore) -> None
 
 def test_store_under_a_regular_file_fails_clearly(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("not a dir")
-    store = LocalStore(tmp_path / "file" / "runs")
+    for path in (tmp_path / "file", tmp_path / "file" / "runs"):
+        with pytest.raises(StoreError) as e:  # at once, not at the first save
+            LocalStore(path)
+        assert str(tmp_path / "file") in str(e.value)
+        assert "not a directory" in str(e.value)
+    # A path that becomes a file after the store was opened: the write names it.
+    store = LocalStore(tmp_path / "later" / "runs")
+    (tmp_path / "later").write_text("not a dir")
     with pytest.raises(StoreError) as e:
         store.write_file("step-1/data", [b"x"])
-    assert str(tmp_path / "file") in str(e.value)
+    assert str(tmp_path / "later") in str(e.value)
     assert "not a directory" in str(e.value)
 
 

@@ -637,3 +637,23 @@ def test_run_on_s3_survives_a_notice_and_resumes_bit_identically(
     for (k, a), b in zip(reference.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), f"{k} differs from the uninterrupted run"
     assert _uploads(s3_client, s3_bucket) == []
+
+
+def test_silent_endpoint_fails_in_seconds() -> None:
+    """An endpoint that accepts connections and never answers: one short wait, not 2 x read_timeout (60 s)."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)  # the kernel accepts; nobody ever reads or answers
+    try:
+        port = listener.getsockname()[1]
+        start = time.monotonic()
+        with pytest.raises(StoreError) as info:
+            S3Store("s3://bucket/run", {"endpoint_url": f"http://127.0.0.1:{port}"})
+        elapsed = time.monotonic() - start
+        assert elapsed < 20  # CHECK_TIMEOUT (5 s) and one attempt; was 120 s
+        assert "did not answer within 5 s" in str(info.value)
+        assert "s3://bucket/run" in str(info.value)
+    finally:
+        listener.close()

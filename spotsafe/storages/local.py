@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
-from spotsafe.errors import CheckpointNotFound, StoreError
+from spotsafe.errors import CheckpointCorrupt, CheckpointNotFound, StoreError
 from spotsafe.storage import Buffer, Store
 
 #: Largest single os.write: big enough to stream at disk speed, small enough to
@@ -38,6 +38,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISLNK, "a symbolic link"),
+    ):
+        if test(mode):
+            return name
+    return f"mode {mode:o}"
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -52,8 +66,18 @@ class LocalStore(Store):
     """A directory as a store. ``path`` need not exist yet; it is created on the first write."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.root = Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
+        text = os.fspath(path)
+        if not text.strip():
+            raise ValueError("the store path is empty (give a directory, e.g. /mnt/spotsafe/runs/exp1)")
+        self.root = Path(os.path.abspath(os.path.expanduser(text)))
         self.url = str(self.root)
+        # A path that is (or lies under) a regular file can never hold checkpoints: say so
+        # now, not at the first save minutes into training.
+        d = self.root
+        while not os.path.lexists(d) and d.parent != d:
+            d = d.parent
+        if os.path.exists(d) and not os.path.isdir(d):
+            raise StoreError(errno.ENOTDIR, f"{self.url}: cannot be a store: {d} is not a directory", str(d))
         self._active: set[Path] = set()  # temp files this store is writing right now
         self._lock = threading.Lock()
 
@@ -181,14 +205,47 @@ class LocalStore(Store):
             with self._lock:
                 self._active.discard(temp)
 
-    def read_file(self, path: str) -> memoryview:
+    def _inside(self, full: Path) -> Path:
+        """``full`` with every symbolic link resolved; CheckpointCorrupt when that leaves the store."""
+        real = Path(os.path.realpath(full))
+        root = Path(os.path.realpath(self.root))
+        if real != root and root not in real.parents:
+            raise CheckpointCorrupt(f"{full}: a symbolic link leads out of the store (to {real}); not read")
+        return real
+
+    def _open_regular(self, path: str) -> tuple[int, Path]:
+        """Open ``path`` for reading: a regular file inside the store, never blocking.
+
+        A FIFO, a device, a directory or a symbolic link leading out of the store is
+        refused (CheckpointCorrupt) before anything could block or read outside.
+        """
         full = self._full(path)
+        real = self._inside(full)
         try:
-            fd = os.open(full, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError as e:
+            st = os.lstat(real)
+        except (FileNotFoundError, NotADirectoryError) as e:
             raise CheckpointNotFound(errno.ENOENT, f"{full} does not exist", str(full)) from e
         except OSError as e:
             raise self._error("read", full, e) from e
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointCorrupt(f"{full}: not a regular file ({_kind(st.st_mode)}); not read")
+        try:
+            # O_NONBLOCK and O_NOFOLLOW: a file swapped for a FIFO or a link after the check still cannot hang or escape.
+            fd = os.open(real, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW)
+        except FileNotFoundError as e:
+            raise CheckpointNotFound(errno.ENOENT, f"{full} does not exist", str(full)) from e
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise CheckpointCorrupt(f"{full}: became a symbolic link while being opened; not read") from e
+            raise self._error("read", full, e) from e
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            os.close(fd)
+            raise CheckpointCorrupt(f"{full}: not a regular file ({_kind(mode)}); not read")
+        return fd, full
+
+    def read_file(self, path: str) -> memoryview:
+        fd, full = self._open_regular(path)
         try:
             size = os.fstat(fd).st_size
             if size == 0:
@@ -207,24 +264,36 @@ class LocalStore(Store):
         return memoryview(mm)
 
     def file_size(self, path: str) -> int | None:
+        full = self._full(path)
         try:
-            st = os.stat(self._full(path))
+            st = os.lstat(self._inside(full))
+        except CheckpointCorrupt:
+            return None  # outside the store: not a file of this store
         except (FileNotFoundError, NotADirectoryError):
             return None
         except OSError as e:
-            raise self._error("stat", self._full(path), e) from e
-        return st.st_size if stat.S_ISREG(st.st_mode) else None  # a directory is not a file
+            raise self._error("stat", full, e) from e
+        return st.st_size if stat.S_ISREG(st.st_mode) else None  # a directory, FIFO or device is not a file
 
     def delete_dir(self, path: str) -> None:
         full = self._full(path)
         if full == self.root:
             raise ValueError(f"{self.url}: refusing to delete the store root")
+        if full.is_symlink():
+            # A link planted in the store: remove the link, never what it points at.
+            try:
+                full.unlink()
+            except FileNotFoundError:
+                return
+            except OSError as e:
+                raise self._error("delete", full, e) from e
+            return
         manifest = full / "manifest.json"
         try:
             manifest.unlink()  # first: a half-deleted checkpoint must not look complete
             _fsync_dir(full)
-        except (FileNotFoundError, NotADirectoryError):
-            pass
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            pass  # nothing to unlink first (a "manifest" that is a directory goes with the rest)
         except OSError as e:
             raise self._error("delete", manifest, e) from e
         try:

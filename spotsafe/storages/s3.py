@@ -52,6 +52,10 @@ DEFAULT_MAX_CONCURRENCY = 16
 READ_CHUNK = 8 * MiB
 DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_READ_TIMEOUT = 60.0
+#: The bucket check when the store opens: connect and read each bounded by this (and
+#: by connect_timeout/read_timeout when lower), one attempt on a timeout, so an endpoint
+#: that accepts connections and never answers fails in seconds, not 2 x read_timeout.
+CHECK_TIMEOUT = 5.0
 DEFAULT_MAX_ATTEMPTS = 8
 
 #: Error codes worth another try: throttling and server-side trouble.
@@ -245,14 +249,23 @@ class S3Store(Store):
                 profile_name=opts.get("profile"),
             )
             self._client = session.client("s3", config=Config(**config_kwargs), **client_kwargs)
+            check_config = Config(**config_kwargs).merge(
+                Config(
+                    connect_timeout=min(config_kwargs["connect_timeout"], CHECK_TIMEOUT),
+                    read_timeout=min(config_kwargs["read_timeout"], CHECK_TIMEOUT),
+                )
+            )
+            check_client = session.client("s3", config=check_config, **client_kwargs)
         except Exception as e:  # bad profile, bad region, bad endpoint URL...
             raise StoreError(f"{self.url}: cannot create an S3 client: {e}") from e
         self._pool = ThreadPoolExecutor(max_workers=self.max_concurrency, thread_name_prefix="spotsafe-s3")
         try:
-            self._check_bucket()
+            self._check_bucket(check_client)
         except BaseException:
             self.close()
             raise
+        finally:
+            check_client.close()
 
     # ------------------------------------------------------------------ helpers
 
@@ -297,11 +310,22 @@ class S3Store(Store):
     def _error(self, path: str, action: str, e: BaseException) -> StoreError:
         return StoreError(f"{self._where(path)}: {action} failed: {_describe(e, self.endpoint)}")
 
-    def _check_bucket(self) -> None:
-        from botocore.exceptions import ClientError, NoCredentialsError
+    def _check_bucket(self, client: Any) -> None:
+        from botocore.exceptions import ClientError, NoCredentialsError, ReadTimeoutError
+
+        def head() -> Any:
+            try:
+                return client.head_bucket(Bucket=self.bucket)
+            except ReadTimeoutError as e:  # connected, no answer: not worth a second wait
+                raise _Silent(str(e)) from e
 
         try:
-            self._call("HEAD bucket", self._client.head_bucket, Bucket=self.bucket, attempts=2)
+            self._call("HEAD bucket", head, attempts=2)
+        except _Silent as e:
+            raise StoreError(
+                f"{self.url}: {self.endpoint} accepted the connection but did not answer within "
+                f"{client.meta.config.read_timeout:g} s"
+            ) from e
         except NoCredentialsError as e:
             raise StoreError(
                 f"{self.url}: no AWS credentials found (looked in the environment, "
@@ -741,6 +765,10 @@ class S3Store(Store):
         client = getattr(self, "_client", None)
         if client is not None:
             client.close()
+
+
+class _Silent(Exception):
+    """The bucket check's read timed out (never retried)."""
 
 
 def _code(e: BaseException) -> str:
