@@ -124,6 +124,7 @@ def test_unit_file_passes_systemd_analyze(tmp_path: Path) -> None:
     env = tmp_path / "spotsafe.env"
     env.write_text("SPOTSAFE_RUN='r'\n")
     values = {
+        "${requires}": f"RequiresMountsFor={tmp_path}",  # with a volume (SPOTSAFE_ATTACH=1)
         "${SPOTSAFE_MOUNT}": str(tmp_path),
         "${on_limit}": "poweroff",
         "${SPOTSAFE_USER}": "root",
