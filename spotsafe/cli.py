@@ -6,7 +6,9 @@
   decoded as ``load()`` would; exit status 1 when any checkpoint is damaged;
 - exit status 2 (both): the store cannot be used (a missing directory, a bad URL, an
   unreachable bucket) or bad arguments, with one line naming the cause;
-- ``spotsafe resume|volume|simulate ...``: delegate to ``python -m spotsafe.<name>``.
+- ``spotsafe report STORE [-o report.html] [--json] [--serve]``: the run's story
+  (launches, interruptions, redone steps, checkpoints, cost) from the store alone;
+- ``spotsafe resume|volume|simulate|report ...``: delegate to ``python -m spotsafe.<name>``.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ EXIT_ERROR = 2
 _DELEGATES = {
     "resume": ("spotsafe.resume", "supervise a training command: restart it until it finishes"),
     "volume": ("spotsafe.volume", "find, attach and mount the persistent EBS volume"),
+    "report": ("spotsafe.report", "the run's story from its store: HTML (-o), --json or --serve"),
 }
 _SIMULATE_HELP = "serve a simulated AWS/GCP/Azure metadata endpoint; rehearse an interruption"
 

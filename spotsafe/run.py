@@ -43,8 +43,10 @@ if TYPE_CHECKING:
     from typing_extensions import Self
 
     from spotsafe.checkpoint import Checkpointer, CheckpointInfo, Reason
+    from spotsafe.events import EventLog
     from spotsafe.interruption import InterruptionWatcher, Notice
     from spotsafe.snapshot import SnapshotKeeper
+    from spotsafe.report import LivePage
     from spotsafe.storage import Store
 
 log = logging.getLogger(__name__)
@@ -143,6 +145,7 @@ class Run:
         every: Literal["auto"] | None = None,
         interruption_rate: float | str | None = None,
         snapshot_every: int | Literal["auto"] | None = "auto",
+        report_every: float | None = 300.0,
     ) -> None:
         from spotsafe.checkpoint import Checkpointer
         from spotsafe.state import RNGState
@@ -162,6 +165,8 @@ class Run:
         self.interval: AutoInterval | None = AutoInterval(interruption_rate) if every == "auto" else None
         if every != "auto" and interruption_rate is not None:
             raise ValueError("interruption_rate only steers every='auto'")
+        if report_every is not None and report_every <= 0:
+            raise ValueError(f"report_every must be > 0 seconds or None, got {report_every}")
         extra = dict(extra_state or {})
         clash = sorted(set(extra) & set(_RESERVED))
         if clash:
@@ -210,6 +215,10 @@ class Run:
 
         self._objects: dict[str, Any] = {}
         for name, obj in (("model", model), ("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
+            if isinstance(obj, (Mapping, list, tuple)):  # several models / optimizers: {"G": g, "D": d}
+                from spotsafe.state import StateGroup
+
+                obj = StateGroup(name, obj)
             if obj is not None:
                 self._objects[name] = obj
         self._rng = RNGState()
@@ -234,14 +243,27 @@ class Run:
             dist=self._ddp.ctx if self._ddp is not None else None,
             per_rank=RANK_KEYS,
         )
+        #: This launch's events, kept in the store (spotsafe.events); rank 0 only records.
+        self.events: EventLog | None = None
+        self._live: LivePage | None = None
         try:
             # Before restoring: the run resumes from everything the previous writer committed, and a
             # writer still alive on another instance keeps the store until it lets go (rank 0 holds it).
             self.checkpointer.acquire()
+            self.events = self._start_events()
+            t_restore = time.monotonic()
             self._restore(map_location)
+            self._record_restore(time.monotonic() - t_restore)
         except BaseException:
+            if self.events is not None:
+                self.events.record("exit", status="failed to start", step=self.step_count)
+                self.events.close()
             self.checkpointer.close()
             raise
+        if report_every is not None and self.events is not None and self.events.enabled:
+            from spotsafe.report import LivePage
+
+            self._live = LivePage.start(self.store, every=report_every)
         self._last_save = time.monotonic()
         #: The in-memory snapshots (single process, ``snapshot_every`` not None), else None.
         self.snapshots: SnapshotKeeper | None = None
@@ -374,6 +396,8 @@ class Run:
         self.step_count += 1
         if metrics:
             self.metrics = metrics
+        if self.events is not None:
+            self.events.step(self.step_count, metrics, self.epoch)
         if self.step_count == self._rehearsal_at:
             emit_event("reached", step=self.step_count, epoch=self.epoch, batch=self.batch)
         if self._ddp is not None:
@@ -436,24 +460,59 @@ class Run:
             self._ddp.ctx.barrier(what="marking the run complete")
         log.info("run complete at step %d (epoch %d) in %s", self.step_count, self.epoch, self.store.url)
         emit_event("complete", step=self.step_count, epoch=self.epoch)
-        self.close()
+        self._record("exit", urgent=True, status="complete", code=0, step=self.step_count, epoch=self.epoch)
+        self.close(refresh_report=True)
         return True
 
-    def close(self) -> None:
-        """Wait for in-flight saves, stop the watcher (if the run built it), close the store."""
+    def close(self, *, refresh_report: bool = False) -> None:
+        """Wait for in-flight saves, stop the watcher (if the run built it), close the store.
+
+        Records this launch's exit in the store's events (``refresh_report``: and
+        writes the live report once more before closing).
+        """
         if self._closed:
             return
         self._closed = True
         atexit.unregister(self._atexit)
         try:
             try:
-                if self.snapshots is not None:
-                    self.snapshots.close()
+                try:
+                    if self.snapshots is not None:
+                        self.snapshots.close()
+                finally:
+                    self.checkpointer.wait()  # the last save's persist time goes into the events below
             finally:
+                self._close_events(refresh_report)
                 self.checkpointer.close()
         finally:
             if self._owns_watcher and self.watcher is not None:
                 self.watcher.stop()
+
+    @property
+    def purge_step(self) -> int | None:
+        """For ``SummaryWriter(log_dir, purge_step=run.purge_step)``: the restored step, None when fresh.
+
+        Log a step's scalars with ``global_step=run.step_count`` *before* calling
+        :meth:`step`; on resume TensorBoard then drops whatever the interrupted launch
+        logged past its last checkpoint, and the redone steps are logged once.
+        """
+        return self.step_count if self.resumed_from is not None else None
+
+    def log_image(self, tag: str, image: Any) -> str:
+        """Keep ``image`` (PNG bytes, or an ``HW``/``CHW`` tensor in [0, 1]) in the store; the report shows it.
+
+        Written in the background as ``media/<tag>-<step>.png`` (rank 0 only); returns that path.
+        """
+        from spotsafe.events import MEDIA_DIR, png_bytes
+
+        if not tag or not all(c.isalnum() or c in "-_." for c in tag):
+            raise ValueError(f"image tag must be letters, digits, '-', '_' or '.', not {tag!r}")
+        path = f"{MEDIA_DIR}/{tag}-{self.step_count:012d}.png"
+        if self.events is not None and self.events.enabled:
+            data = png_bytes(image)
+            self.events.put_file(path, data)
+            self._record("image", tag=tag, path=path, step=self.step_count, epoch=self.epoch, bytes=len(data))
+        return path
 
     def __enter__(self) -> Self:
         return self
@@ -591,9 +650,14 @@ class Run:
 
     def _save(self, reason: Reason, *, async_: bool | None) -> None:
         metadata = self._save_metadata()
+        if self.events is not None:
+            self.events.before_save()
+        t0 = time.perf_counter()
         self.checkpointer.save(
             self.step_count, self._state(), epoch=self.epoch, reason=reason, async_=async_, metadata=metadata
         )
+        if self.events is not None:
+            self.events.checkpoint(self.step_count, epoch=self.epoch, reason=reason, stall_s=time.perf_counter() - t0)
         self._saved_step = self.step_count
         self._save_due = False
         self._last_save = time.monotonic()
@@ -617,6 +681,7 @@ class Run:
         if not notice.is_final:
             log.warning("rebalance recommendation from %s: checkpointing at step %d", notice.source, self.step_count)
             emit_event("rebalance", step=self.step_count, source=notice.source)
+            self._record("rebalance", urgent=True, step=self.step_count, source=notice.source)
             if not self.checkpointer.save_in_flight and self._saved_step != self.step_count:
                 self._save("rebalance", async_=None)
             return False
@@ -652,6 +717,16 @@ class Run:
             step=self.step_count,
             epoch=self.epoch,
             batch=self.batch,
+            source=source,
+            action=action,
+            detected_at=detected_at,
+            deadline=deadline.timestamp(),
+        )
+        self._record(
+            "notice",
+            urgent=True,
+            step=self.step_count,
+            epoch=self.epoch,
             source=source,
             action=action,
             detected_at=detected_at,
@@ -694,10 +769,14 @@ class Run:
             flushed=flushed,
             left=left,
         )
+        self._record("durable", step=self.step_count, seconds=took, flushed=flushed, left=left)
+        if self.events is not None:
+            self.events.flush()  # the story so far is in the store before the instance goes
         if self.watcher is not None:
             self.watcher.acknowledge()
         self._should_stop = True
         if self.exit_on_notice:
+            self._record("exit", status="preempted", code=EXIT_PREEMPTED, step=self.step_count, epoch=self.epoch)
             self.close()
             if self._ddp is not None:
                 self._ddp.agreement.drain(self.step_count)
@@ -756,9 +835,68 @@ class Run:
                 "rebalance recommendation from rank %d: checkpointing at step %d", agreed.source_rank, self.step_count
             )
             emit_event("rebalance", step=self.step_count, source=f"rank {agreed.source_rank}")
+            self._record("rebalance", urgent=True, step=self.step_count, source=f"rank {agreed.source_rank}")
             due = True
         if due and self._saved_step != self.step_count:
             self._save("rebalance" if agreed is not None else "periodic", async_=None)
+
+    # -- events ---------------------------------------------------------------------
+
+    def _start_events(self) -> EventLog:
+        from spotsafe import __version__
+        from spotsafe.events import EventLog, process_start_time
+
+        coordinator = self._ddp is None or self._ddp.ctx.is_coordinator
+        events = EventLog(self.store, enabled=coordinator)
+        if coordinator:
+            events.record(
+                "launch",
+                urgent=True,
+                pid=os.getpid(),
+                process_started=process_start_time(),
+                store=self.store.url,
+                world_size=self._ddp.ctx.world_size if self._ddp is not None else 1,
+                spotsafe=__version__,
+                torch=torch.__version__,
+                python=sys.version.split()[0],
+            )
+            events.record_identity()
+            ckpt = self.checkpointer
+
+            def last_save() -> tuple[int, Mapping[str, float], int] | None:
+                info = ckpt.last_saved
+                return None if info is None else (info.step, ckpt.last_timings, info.size)
+
+            events.watch_saves(last_save)
+        return events
+
+    def _record(self, kind: str, *, urgent: bool = False, **fields: Any) -> None:
+        if self.events is not None:
+            self.events.record(kind, urgent=urgent, **fields)
+
+    def _record_restore(self, seconds: float) -> None:
+        info = self.resumed_from
+        self._record(
+            "restore",
+            urgent=True,
+            step=self.step_count,
+            epoch=self.epoch,
+            batch=self.batch,
+            checkpoint=None if info is None else info.name,
+            seconds=round(seconds, 6),
+        )
+
+    def _close_events(self, refresh_report: bool) -> None:
+        events = self.events
+        if events is None:
+            return
+        if events.exit_status is None:  # closed without finish() or a notice: a script that ended or crashed
+            exc = sys.exc_info()[1]
+            status = "error" if exc is not None and not isinstance(exc, SystemExit) else "closed"
+            events.record("exit", status=status, step=self.step_count, epoch=self.epoch)
+        events.close()
+        if self._live is not None:
+            self._live.close(refresh=refresh_report)
 
     def _atexit(self) -> None:
         # A script that ends (or crashes) without finish(): let an async save land.

@@ -376,6 +376,7 @@ class AWSSimulator(_Simulator):
         require_token: bool = False,
         instance_type: str = "g5.xlarge",
         account_id: str = "123456789012",
+        market: str = "spot",
     ) -> None:
         super().__init__(port=port, notice_after=notice_after)
         _check_action(action)
@@ -386,6 +387,8 @@ class AWSSimulator(_Simulator):
         self.require_token = require_token
         self.instance_type = instance_type
         self.account_id = account_id
+        #: What ``instance-life-cycle`` answers: "spot" or "on-demand".
+        self.market = market
         self.tokens_issued = 0
         self._tokens: dict[str, float] = {}  # token -> monotonic expiry
         self._itn: tuple[str, float, str] | None = None  # (action, visible at, time)
@@ -507,7 +510,7 @@ class AWSSimulator(_Simulator):
         text = {"Content-Type": "text/plain"}
         json_type = {"Content-Type": "application/json"}
         if path in ("/latest/meta-data", "/latest/meta-data/"):
-            listing = "ami-id\nevents/\nhostname\ninstance-id\ninstance-type\nlocal-ipv4\nplacement/\nspot/"
+            listing = "ami-id\nevents/\nhostname\ninstance-id\ninstance-life-cycle\ninstance-type\nlocal-ipv4\nplacement/\nspot/"
             return 200, text, listing
         values = {
             "/latest/meta-data/instance-id": self.instance_id,
@@ -517,6 +520,7 @@ class AWSSimulator(_Simulator):
             "/latest/meta-data/hostname": "ip-10-0-0-12.ec2.internal",
             "/latest/meta-data/placement/availability-zone": self.availability_zone,
             "/latest/meta-data/placement/region": self.region,
+            "/latest/meta-data/instance-life-cycle": self.market,
         }
         if path in values:
             return 200, text, values[path]

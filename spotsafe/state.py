@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from spotsafe.errors import CheckpointCorrupt, SpotsafeError, StateError
+from spotsafe.errors import CheckpointCorrupt, SpotsafeError, StateError, StateMismatch
 
 #: Every blob starts at a multiple of this in the data file (and in the snapshot
 #: buffer): enough for any dtype and for cache-line aligned copies.
@@ -725,3 +725,39 @@ class RNGState:
 
     def __repr__(self) -> str:
         return "RNGState()"
+
+
+class StateGroup:
+    """Several stateful objects saved and restored as one: ``{"G": netG, "D": netD}``.
+
+    ``spotsafe.Run(model={"G": g, "D": d}, optimizer={"G": opt_g, "D": opt_d})`` wraps
+    each mapping in one of these, so a GAN's two models and two optimizers go into a
+    checkpoint without the user merging state dicts by hand. A list or tuple is
+    keyed by position. Loading checks that the checkpoint holds exactly these names.
+    """
+
+    def __init__(self, what: str, objects: Mapping[str, Any] | list[Any] | tuple[Any, ...]) -> None:
+        items = dict(objects) if isinstance(objects, Mapping) else {str(i): o for i, o in enumerate(objects)}
+        if not items:
+            raise ValueError(f"{what}: an empty mapping or sequence holds nothing to save")
+        for key, obj in items.items():
+            if not isinstance(key, str):
+                raise TypeError(f"{what}: keys must be strings, not {key!r}")
+            if not callable(getattr(obj, "state_dict", None)) or not callable(getattr(obj, "load_state_dict", None)):
+                raise TypeError(f"{what}[{key!r}]: {type(obj).__name__} has no state_dict()/load_state_dict()")
+        self.what = what
+        self.objects: dict[str, Any] = items
+
+    def state_dict(self) -> dict[str, Any]:
+        return {key: obj.state_dict() for key, obj in self.objects.items()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if set(state) != set(self.objects):
+            raise StateMismatch(
+                f"{self.what}: the checkpoint holds {sorted(state)}, this run has {sorted(self.objects)}"
+            )
+        for key, obj in self.objects.items():
+            obj.load_state_dict(state[key])
+
+    def __repr__(self) -> str:
+        return f"StateGroup({self.what!r}, {sorted(self.objects)})"

@@ -311,9 +311,15 @@ class MirrorStore(Store):
                 if not any(j.kind == "delete" and j.path == job.path for j in list(self._queue)[1:]):
                     self._deleting.discard(job.path)
             return
-        if "/" not in job.path:  # a top-level file (e.g. the completion marker)
-            if not self._fenced(job):
-                self.remote.commit_file(job.path, bytes(self.local.read_file(job.path)))
+        if "/" not in job.path or not job.path.endswith(f"/{MANIFEST}"):
+            # A file of its own (the completion marker, an event object, an image): just it.
+            if self._fenced(job):
+                return
+            try:
+                data = bytes(self.local.read_file(job.path))
+            except CheckpointNotFound:
+                return  # deleted locally since: nothing to mirror
+            self.remote.commit_file(job.path, data)
             return
         directory = job.path.rsplit("/", 1)[0]
         try:
