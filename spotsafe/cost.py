@@ -76,7 +76,10 @@ def _client(region: str) -> Any:
         import boto3
     except ImportError as e:  # pragma: no cover - boto3 comes with the aws and s3 extras
         raise MissingDependency("looking up spot prices needs boto3: install spotsafe[aws]") from e
-    return boto3.client("ec2", region_name=region)
+    from botocore.config import Config
+
+    # a lookup is a nicety of the report: two tries, not botocore's patient default
+    return boto3.client("ec2", region_name=region, config=Config(retries={"max_attempts": 2}, connect_timeout=5))
 
 
 def spot_price_history(instance_type: str, zone: str, start: float, end: float, *, client: Any = None) -> float | None:
@@ -99,6 +102,8 @@ def spot_price_history(instance_type: str, zone: str, start: float, end: float, 
             EndTime=t1,
         ):
             for p in page.get("SpotPriceHistory", []):
+                if p.get("AvailabilityZone", zone) != zone:
+                    continue
                 when = p["Timestamp"]
                 if when.tzinfo is None:
                     when = when.replace(tzinfo=timezone.utc)
@@ -124,13 +129,17 @@ def spot_price_history(instance_type: str, zone: str, start: float, end: float, 
 def look_up(prices: Prices, launches: Sequence[Mapping[str, Any]], *, client: Any = None) -> list[str]:
     """Fill ``prices.looked_up`` for every launch with a known type and zone; problems as text."""
     problems: list[str] = []
+    clients: dict[str, Any] = {}
     for launch in launches:
         itype, zone = launch.get("instance_type"), launch.get("zone")
         if not isinstance(itype, str) or not isinstance(zone, str):
             continue
         start, end = float(launch.get("billed_from") or 0.0), float(launch.get("ended") or 0.0)
+        region = zone[:-1] if zone[-1:].isalpha() else zone
         try:
-            price = spot_price_history(itype, zone, start, end, client=client)
+            if client is None and region not in clients:
+                clients[region] = _client(region)
+            price = spot_price_history(itype, zone, start, end, client=client or clients[region])
         except PriceLookupError as e:
             problems.append(str(e))
             continue
@@ -162,7 +171,7 @@ def cost_of(launches: Sequence[Mapping[str, Any]], training_s: float, prices: Pr
     for launch in launches:
         price = prices.spot_for(launch)
         hours = float(launch.get("billed_s") or 0.0) / 3600
-        cost = None if price is None else round(price * hours, 6)
+        cost = None if price is None else round(price * hours, 10)
         if cost is None:
             known = False
         else:
@@ -171,7 +180,7 @@ def cost_of(launches: Sequence[Mapping[str, Any]], training_s: float, prices: Pr
             {"launch": launch.get("id"), "spot_price": price, "hours": round(hours, 6), "cost": cost}
         )
     if known and launches:
-        out["spot_cost"] = round(total, 6)
+        out["spot_cost"] = round(total, 10)
         out["price_source"] = prices.source
     if prices.on_demand is not None:
         out["on_demand_price"] = prices.on_demand

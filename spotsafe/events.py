@@ -184,7 +184,7 @@ class EventLog:
         self._step_time = 0.0
         self._next_point = 0
         self._last_point = -math.inf
-        self._recorded_step = -1
+        self._recorded_step = 0
         self._first_step = True
         # checkpoints whose background persist has not been seen finishing yet
         self._pending_saves: dict[int, dict[str, Any]] = {}
@@ -348,7 +348,7 @@ class EventLog:
                 self._failing = True
                 self._queue.extendleft(reversed([ev for ev in batch if ev["kind"] != "progress"]))
                 if batch[-1]["kind"] == "progress":
-                    self._recorded_step = -1
+                    self._recorded_step = 0  # the next batch records where the run is then
                 return False
             self._failing = False
             self._seq += 1

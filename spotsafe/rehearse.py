@@ -15,7 +15,10 @@
 3. the run checkpoints and exits 75; the rehearsal disarms the notice and runs the
    command again, the way a replacement instance's boot script would;
 4. prints what happened: the step interrupted at and resumed at, steps lost, and the
-   time from the notice appearing to the checkpoint being durable vs the deadline.
+   time from the notice appearing to the checkpoint being durable vs the deadline;
+5. writes the run's report (``spotsafe report``, from the events kept in the store)
+   and ends the summary with its path: ``report.html`` in the store given with
+   ``--store``, else ``spotsafe-report.html`` here (or ``--report PATH``).
 
 The run reports those facts through a JSON-lines events file (``SPOTSAFE_EVENTS``)
 that :class:`spotsafe.Run` appends to.
@@ -212,6 +215,7 @@ def rehearse(
         code = EXIT_PREEMPTED
         while code == EXIT_PREEMPTED:
             launches += 1
+            sim.instance_id = f"i-{launches:017x}"  # each launch is a replacement instance
             trigger: _StepTrigger | None = None
             env.pop(AFTER_STEPS_ENV, None)
             if launches <= preemptions and notice_after_steps is not None:
@@ -259,6 +263,32 @@ def rehearse(
     return Outcome(code, launches, appeared, read_events(events_path)), launched_at
 
 
+def write_rehearsal_report(store: str, output: str | None, *, kept: bool) -> str:
+    """Write the run's report; where it went (or why not), for the summary's last line."""
+    from spotsafe.errors import MissingDependency, SpotsafeError
+    from spotsafe.report import LIVE_REPORT, write_report
+    from spotsafe.storage import open_store
+
+    try:
+        if output is None and kept:
+            opened = open_store(store)
+            try:
+                _facts, page = write_report(opened)
+                opened.commit_file(LIVE_REPORT, page.encode())
+            finally:
+                opened.close()
+            if "://" not in store:
+                return os.path.abspath(os.path.join(store, LIVE_REPORT))
+            return f"{store.rstrip('/')}/{LIVE_REPORT}"
+        path = os.path.abspath(output or "spotsafe-report.html")
+        write_report(store, path)
+        return path
+    except MissingDependency as e:
+        return f"not written ({e})"
+    except (SpotsafeError, OSError, ValueError) as e:
+        return f"not written: {e}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m spotsafe.simulate rehearse",
@@ -293,6 +323,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--backoff", type=float, default=1.0, help="seconds before a restart after a crash")
     parser.add_argument("--events", help="keep the run's JSON-lines events file here (default: a temporary file)")
+    parser.add_argument(
+        "--report",
+        metavar="PATH",
+        help="write the HTML report here (default: report.html in the --store, else ./spotsafe-report.html)",
+    )
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- the training command")
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -322,15 +357,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             backoff=args.backoff,
             events_path=Path(args.events) if args.events else work / "events.jsonl",
         )
-        print(
-            summary(
-                outcome,
-                launched_at=launched_at,
-                store=store if temp is None else f"{store} (temporary)",
-                notice_after_steps=args.notice_after_steps,
-            ),
-            flush=True,
+        text = summary(
+            outcome,
+            launched_at=launched_at,
+            store=store if temp is None else f"{store} (temporary)",
+            notice_after_steps=args.notice_after_steps,
         )
+        where = write_rehearsal_report(store, args.report if args.report else None, kept=temp is None)
+        # the summary's last line names the report
+        lines = text.split("\n")
+        lines.insert(len(lines) - 1, f"report:             {where}")
+        print("\n".join(lines), flush=True)
         return outcome.exit_code
     finally:
         shutil.rmtree(work, ignore_errors=True)

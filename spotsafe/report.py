@@ -579,7 +579,7 @@ def render_html(
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
     ]
     if refresh_seconds:
-        parts.append(f'<meta http-equiv="refresh" content="{int(refresh_seconds)}">')
+        parts.append(f'<meta http-equiv="refresh" content="{max(1, round(refresh_seconds))}">')
     parts += [
         "<title>spotsafe report</title>",
         f"<style>{_CSS}</style>",
