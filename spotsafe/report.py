@@ -846,11 +846,14 @@ class LivePage:
                 return
 
     def close(self, *, refresh: bool = False) -> None:
-        """Stop the thread; ``refresh`` writes the page one last time first."""
+        """Stop the thread; ``refresh`` writes the page one last time, where one was written before.
+
+        (A run shorter than the first page's delay never had a live page: nothing to update.)
+        """
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join()
-        if refresh:
+        if refresh and self.written:
             self.refresh()
 
 
