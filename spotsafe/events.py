@@ -111,8 +111,7 @@ def _plain(value: Any) -> Any:
 
 
 def _json_default(value: Any) -> Any:
-    plain = _plain(value)
-    return plain if plain is not None else repr(value)
+    return _plain(value)  # a number, or null for what is not one (never a tensor's repr)
 
 
 def png_bytes(image: Any) -> bytes:

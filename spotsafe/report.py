@@ -813,9 +813,9 @@ class LivePage:
 
     @classmethod
     def start(cls, store: Store, *, every: float = 300.0) -> LivePage | None:
-        try:
-            _plotly()
-        except MissingDependency:
+        import importlib.util
+
+        if importlib.util.find_spec("plotly") is None:  # found, not imported: the thread imports it later
             log.info("spotsafe: no live report page (install spotsafe[report] for one)")
             return None
         page = cls(store, every=every)

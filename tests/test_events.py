@@ -205,3 +205,17 @@ def test_images_are_encoded_as_png(tmp_path: Path) -> None:
         png_bytes(torch.zeros(2, 3, 3))
     with pytest.raises(ValueError, match="PNG signature"):
         png_bytes(b"GIF89a")
+
+
+def test_the_mirror_uploads_events_a_dead_instance_left_on_its_disk(
+    tmp_path: Path, s3_bucket: str, s3_options: dict[str, Any]
+) -> None:
+    url = f"s3://{s3_bucket}/runs/resync"
+    disk = tmp_path / "disk"
+    with LocalStore(disk) as local:  # written locally; the instance died before the mirror uploaded them
+        _story(local)
+    with MirrorStore(LocalStore(disk), open_store(url, storage_options=s3_options)) as mirror:
+        mirror.cleanup_incomplete()  # what the next launch's first save does
+        assert mirror.flush(timeout=60)
+    with open_store(url, storage_options=s3_options) as s3:
+        assert [e["kind"] for e in read_events(s3)] == EXPECTED

@@ -34,6 +34,8 @@ from spotsafe.storage import Buffer, Store
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+#: Directories of immutable single files (spotsafe.events: events/, media/), resynced file by file.
+_OWN_FILES = ("events", "media")
 
 
 @dataclass(frozen=True)
@@ -210,6 +212,13 @@ class MirrorStore(Store):
             if remote != bytes(self.local.read_file(manifest)):
                 log.info("%s: the remote copy of %s is an older version; queueing the upload", self.remote.url, name)
                 self._enqueue(_Job("upload", manifest))
+        # The run's events and images (spotsafe.events): files of their own, never rewritten.
+        for directory in _OWN_FILES:
+            local = self.local.listdir(directory)
+            if local:
+                uploaded = set(self.remote.listdir(directory))
+                for name in sorted(set(local) - uploaded):
+                    self._enqueue(_Job("upload", f"{directory}/{name}"))
 
     def set_deadline(self, deadline: datetime | None) -> None:
         self._deadline = deadline  # close() stops waiting for uploads there
