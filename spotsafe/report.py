@@ -519,6 +519,13 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _exit_label(launch: Mapping[str, Any], *, last: bool) -> str:
+    exit_ = launch["exit"]
+    if exit_ is None:  # nothing said goodbye: a kill -9, a lost instance, or still training
+        return "running (or gone)" if last else "vanished (no exit recorded)"
+    return str(exit_["status"]) + ("" if exit_["code"] is None else f" ({exit_['code']})")
+
+
 def _between(a: float | None, b: float | None) -> str:
     return "–" if a is None or b is None else _fmt_s(b - a)
 
@@ -667,7 +674,7 @@ def render_html(
                     launch["resumed_step"],
                     _fmt_s(launch["restore_s"]),
                     launch["last_step"],
-                    "running" if launch["exit"] is None else f"{launch['exit']['status']} ({launch['exit']['code']})",
+                    _exit_label(launch, last=launch["index"] == len(facts["launches"]) - 1),
                     _fmt_s(launch["billed_s"]),
                     launch["checkpoints"],
                 ]
