@@ -6,7 +6,6 @@ import io
 import itertools
 import json
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,18 +28,8 @@ from spotsafe.events import (
 from spotsafe.storage import Store, open_store
 from spotsafe.storages.local import LocalStore
 from spotsafe.storages.mirror import MirrorStore
+from tests.helpers import wait_until
 from tests.s3server import *  # noqa: F403 - the moto S3 fixtures
-
-
-def poll(predicate: Callable[[], Any], timeout: float = 60.0, interval: float = 0.05) -> Any:
-    end = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise AssertionError("condition not reached in time")
-        time.sleep(interval)
 
 
 def _story(store: Store, *, flush_every: float = 3600.0) -> tuple[str, list[str]]:
@@ -143,7 +132,11 @@ def test_a_kill_minus_9_loses_at_most_what_was_not_yet_written(tmp_path: Path) -
         log.record("launch", pid=1)
         for step in range(1, 1500):
             log.step(step, {"loss": 1.0})
-        poll(lambda: any(e["step"] == 1499 for e in read_events(store) if e["kind"] in ("step", "progress")))
+        wait_until(
+            lambda: any(e["step"] == 1499 for e in read_events(store) if e["kind"] in ("step", "progress")),
+            120,
+            what="step 1499 in the store",
+        )
         # no close(): a killed process never gets to it; the store already knows step 1499
         log._stop.set()
         log._wake.set()

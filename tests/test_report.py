@@ -9,8 +9,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +22,7 @@ from spotsafe.report import LIVE_REPORT, make_server, write_report
 from spotsafe.storages.local import LocalStore
 from tests.chromium import PLOTS_READY, chromium_binary, render
 from tests.ec2server import *  # noqa: F403 - the moto EC2 fixtures
+from tests.helpers import wait_until
 
 pytest.importorskip("plotly")
 
@@ -47,17 +46,6 @@ TRAIN = textwrap.dedent("""
         run.log_image("samples", torch.rand(3, 8, 8))
     run.finish()
 """)
-
-
-def poll(predicate: Callable[[], Any], timeout: float = 120.0, interval: float = 0.1) -> Any:
-    end = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise AssertionError("condition not reached in time")
-        time.sleep(interval)
 
 
 def _facts(store: str | Path, *extra: str, capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
@@ -294,7 +282,7 @@ def test_the_live_page_is_refreshed_into_the_store_while_training(tmp_path: Path
         assert run._live is not None
         for _ in range(5):
             run.step(loss=1.0)
-        poll((store / LIVE_REPORT).exists)
+        wait_until((store / LIVE_REPORT).exists, 120, what="the live page in the store")
         first = (store / LIVE_REPORT).read_text()
         assert '<meta http-equiv="refresh" content="1">' in first  # never 0: that would reload without end
         assert "not complete" in first
