@@ -120,6 +120,13 @@ class Run:
     current step cannot meet, the newest one is persisted from a background thread
     before the deadline (:mod:`spotsafe.snapshot`). Costs one more copy of the state
     in host memory. Single-process runs only for now.
+
+    ``model``/``optimizer``/``scheduler``/``scaler`` also take a mapping (or list)
+    of such objects, e.g. a GAN's ``model={"G": g, "D": d}``: each is saved and
+    restored under its name. Every launch records its events in the store
+    (:mod:`spotsafe.events`; :attr:`events`), and every ``report_every`` seconds
+    (None: never) the report page is rewritten there as ``report.html``
+    (:mod:`spotsafe.report`, needs ``spotsafe[report]``).
     """
 
     def __init__(
