@@ -178,7 +178,7 @@ def test_redone_steps_after_a_kill_minus_9_are_counted(tmp_path: Path, capsys: p
     script = tmp_path / "train.py"
     script.write_text(
         textwrap.dedent("""
-        import os, signal, sys, torch
+        import os, signal, sys, time, torch
         import spotsafe
         torch.manual_seed(0)
         model = torch.nn.Linear(2, 2)
@@ -188,6 +188,7 @@ def test_redone_steps_after_a_kill_minus_9_are_counted(tmp_path: Path, capsys: p
         while run.step_count < 60:
             loss = model(torch.ones(1, 2)).sum()
             opt.zero_grad(); loss.backward(); opt.step()
+            time.sleep(0.01)  # each step takes at least 10 ms: the redone ones cost measurable time
             run.step(loss=loss.item())
             if run.step_count == 37 and not os.path.exists(killed):
                 open(killed, "w").close()
@@ -216,7 +217,8 @@ def test_redone_steps_after_a_kill_minus_9_are_counted(tmp_path: Path, capsys: p
     assert facts["steps_lost"] == redone
     assert facts["launches"][1]["steps_redone"] == redone
     assert facts["launches"][0]["exit"] is None  # it never got to say goodbye
-    assert facts["seconds_redone"] > 0
+    # from the first step back (resumed + 1) to step 37 again, each step at least 10 ms
+    assert facts["seconds_redone"] >= 0.01 * (redone - 1) - 0.001
 
 
 def test_cost_from_given_prices_and_from_describe_spot_price_history(
