@@ -45,8 +45,8 @@ if TYPE_CHECKING:
     from spotsafe.checkpoint import Checkpointer, CheckpointInfo, Reason
     from spotsafe.events import EventLog
     from spotsafe.interruption import InterruptionWatcher, Notice
-    from spotsafe.snapshot import SnapshotKeeper
     from spotsafe.report import LivePage
+    from spotsafe.snapshot import SnapshotKeeper
     from spotsafe.storage import Store
 
 log = logging.getLogger(__name__)
