@@ -245,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         def read_all(obj: Any) -> None:
             got = tensors_of(obj)
-            assert len(got) == len(sink), (len(got), len(sink))
+            assert len(got) == len(sink), f"{(len(got), len(sink))}"
             for sk, t in zip(sink, got, strict=True):
                 sk.copy_(t)
 

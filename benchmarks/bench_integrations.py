@@ -261,7 +261,7 @@ def _move_spotsafe(directory: Path, framework: str, target: int, total: int) -> 
     ckpt = Checkpointer(str(directory), async_=False)
     try:
         info = ckpt.latest()
-        assert info is not None and info.step == K, info
+        assert info is not None and info.step == K, f"{info}"
         tree = ckpt.load(info)
         delta = target - K
         if framework == "lightning":

@@ -541,7 +541,7 @@ def test_torchrun_job_waits_for_the_store_then_every_rank_stops_77_once_supersed
             job.wait()
     log_text = (tmp_path / "job.log").read_text()
     codes = re.findall(r"exitcode\s*:\s*(-?\d+)", log_text)
-    assert "77" in codes and set(codes) <= {"77", "-15"}, log_text[-4000:]
+    assert "77" in codes and set(codes) <= {"77", "-15"}, f"{log_text[-4000:]}"
     assert [e["event"] for e in _events(out, "w2-r0")][-1] == "fenced"
     with Checkpointer(store) as reader:
         infos = reader.list()

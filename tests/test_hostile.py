@@ -610,7 +610,7 @@ def run_fuzz(root: Path, cases: int, seed: int) -> dict[str, int]:
                 except ALLOWED as e:
                     outcome = type(e).__name__
                 except StateError as e:
-                    assert _needs_a_device(e), e
+                    assert _needs_a_device(e), f"{e}"
                     outcome = "needs a device"
                 else:
                     assert c.last_loaded is not None
@@ -637,8 +637,8 @@ def run_fuzz(root: Path, cases: int, seed: int) -> dict[str, int]:
 def test_fuzz_damaged_checkpoints_fall_back(store: Path) -> None:
     seen = run_fuzz(store, cases=300, seed=1313)
     # The generator reaches every outcome: the fallback, a damage that is still loadable, a refused step 200.
-    assert seen.get(f"loaded {GOOD}", 0) > 100, seen
-    assert seen.get(f"loaded {BAD}", 0) > 0, seen
+    assert seen.get(f"loaded {GOOD}", 0) > 100, f"{seen}"
+    assert seen.get(f"loaded {BAD}", 0) > 0, f"{seen}"
 
 
 def _slow_enabled(config: pytest.Config) -> bool:
@@ -651,7 +651,7 @@ def test_fuzz_damaged_checkpoints_fall_back_thousands(store: Path, request: pyte
     if not _slow_enabled(request.config):
         pytest.skip("a few thousand fuzz cases: run with SPOTSAFE_SLOW=1 or -m slow")
     seen = run_fuzz(store, cases=4000, seed=20261201)
-    assert seen.get(f"loaded {GOOD}", 0) > 1000, seen
+    assert seen.get(f"loaded {GOOD}", 0) > 1000, f"{seen}"
 
 
 # ----------------------------------------------------------------------------- the tools on a hostile store
@@ -670,7 +670,7 @@ def _run_store(root: Path) -> list[int]:
     run.close()
     with Checkpointer(root) as c:
         steps = [i.step for i in c.list()]
-    assert len(steps) >= 2, steps
+    assert len(steps) >= 2, f"{steps}"
     return steps
 
 

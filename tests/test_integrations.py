@@ -111,7 +111,7 @@ def _start_reference(command: list[str], tmp: Path, *args: str) -> subprocess.Po
 
 def _reference(proc: subprocess.Popen[str], tmp: Path) -> dict[str, torch.Tensor]:
     code, log = _finish(proc)
-    assert code == 0, log[-4000:]
+    assert code == 0, f"{log[-4000:]}"
     return torch.load(tmp / "ref" / "weights.pt")
 
 
@@ -153,7 +153,7 @@ def test_sigterm_then_aws_notice_then_finish_bit_identical(framework: str, tmp_p
     _wait_until("step 6", (out / "reached-6-0").exists, first)
     first.send_signal(signal.SIGTERM)  # as systemd stopping the boot service: forwarded to the script
     code, log = _finish(first)
-    assert code == EXIT_PREEMPTED, log[-4000:]
+    assert code == EXIT_PREEMPTED, f"{log[-4000:]}"
     assert "notice from signal" in log
     step1 = _notice_checkpoint(store, STEPS_PER_EPOCH)
 
@@ -163,13 +163,13 @@ def test_sigterm_then_aws_notice_then_finish_bit_identical(framework: str, tmp_p
         _wait_until("step 14", (out / "reached-14-0").exists, second)
         sim.arm("terminate")
         code, log = _finish(second)
-    assert code == EXIT_PREEMPTED, log[-4000:]
+    assert code == EXIT_PREEMPTED, f"{log[-4000:]}"
     assert "notice from aws" in log
     step2 = _notice_checkpoint(store, STEPS_PER_EPOCH)
     assert step2 > step1
 
     code, log = _finish(_supervised(store, [*command, str(out)], _env()))
-    assert code == 0, log[-4000:]
+    assert code == 0, f"{log[-4000:]}"
     _assert_same(_reference(ref, tmp_path), torch.load(out / "weights.pt"))
     ref_fetched = _fetched(tmp_path / "ref")
     # Two interrupted launches may each have loaded one batch ahead (prefetch); replaying
@@ -193,11 +193,11 @@ def test_ddp_notice_on_one_rank_bit_identical(framework: str, tmp_path: Path) ->
     _wait_until("rank 1 at step 5", marker.exists, first)
     os.kill(int(marker.read_text()), signal.SIGTERM)  # the notice reaches rank 1 only
     code, log = _finish(first)
-    assert code == EXIT_PREEMPTED, log[-4000:]
+    assert code == EXIT_PREEMPTED, f"{log[-4000:]}"
     _notice_checkpoint(store, STEPS_PER_EPOCH // 2, world_size=2)
 
     code, log = _finish(_supervised(store, [*command, str(out), "ddp"], _env()))
-    assert code == 0, log[-4000:]
+    assert code == 0, f"{log[-4000:]}"
     _assert_same(_reference(ref, tmp_path), torch.load(out / "weights.pt"))
     ref_fetched = _fetched(tmp_path / "ref")
     assert ref_fetched <= _fetched(out) <= ref_fetched + 2 * BATCH

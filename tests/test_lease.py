@@ -264,7 +264,7 @@ def test_a_save_waits_for_a_live_writer_instead_of_destroying_its_checkpoint(tmp
         a.save(400, {"w": torch.full((1000,), 400.0)})  # waits for B's lease: B is alive and renewing
         assert (tmp_path / "marks" / "saved-500").exists()  # only once B had committed and let go
         _, err = b.communicate(timeout=60)
-        assert b.returncode == 0, err
+        assert b.returncode == 0, f"{err}"
         assert [i.step for i in a.list()] == [400, 500]
         for step in (400, 500):
             a.check(checkpoint_name(step))  # every file there with its checksum
@@ -283,7 +283,7 @@ def test_a_run_constructed_while_another_process_is_mid_save_waits_and_resumes_f
     run = Run(tmp_path / "store", model=model, watch=False)  # waits for the writer to commit and let go
     try:
         _, err = writer.communicate(timeout=60)
-        assert writer.returncode == 0, err
+        assert writer.returncode == 0, f"{err}"
         assert run.step_count == 5 and run.resumed_from is not None and run.resumed_from.step == 5
         assert run.checkpointer.lease is not None and run.checkpointer.lease.generation == 2
         run.checkpointer.check(run.resumed_from)  # the writer's checkpoint is whole
@@ -305,7 +305,7 @@ def test_a_frozen_writer_superseded_then_woken_raises_and_leaves_the_new_writers
             new.save(3, {"w": torch.full((1000,), 3.0)})
             os.kill(old.pid, signal.SIGCONT)
             _, err = old.communicate(timeout=60)
-            assert old.returncode == 77 and "FENCED" in err and "superseded" in err, err
+            assert old.returncode == 77 and "FENCED" in err and "superseded" in err, f"{err}"
             assert [i.step for i in new.list()] == [1, 2, 3]
             assert new.store.file_size(f"{checkpoint_name(100)}/{MANIFEST}") is None
             for step in (1, 2, 3):
@@ -444,7 +444,7 @@ def test_capacity_rebalance_overlap_through_the_supervisor_ends_bit_identical(tm
         {**os.environ, **epochs, "SPOTSAFE_SOURCES": "none"},
         tmp_path / "r",
     )
-    assert ref.wait(timeout=180) == 0, (tmp_path / "r").read_text()
+    assert ref.wait(timeout=180) == 0, f"{(tmp_path / 'r').read_text()}"
 
     old_events, new_events = tmp_path / "old.jsonl", tmp_path / "new.jsonl"
     with AWSSimulator() as sim:
@@ -473,8 +473,8 @@ def test_capacity_rebalance_overlap_through_the_supervisor_ends_bit_identical(tm
             wait_for("the replacement to wait", lambda: "is being written by" in (tmp_path / "n").read_text(), new)
             assert events_of(new_events) == []  # it has neither restored nor started
             sim.arm("terminate")
-            assert old.wait(timeout=120) == spotsafe.EXIT_PREEMPTED, (tmp_path / "o").read_text()
-            assert new.wait(timeout=180) == 0, (tmp_path / "n").read_text()
+            assert old.wait(timeout=120) == spotsafe.EXIT_PREEMPTED, f"{(tmp_path / 'o').read_text()}"
+            assert new.wait(timeout=180) == 0, f"{(tmp_path / 'n').read_text()}"
         finally:
             for proc in (old, new):
                 if proc is not None and proc.poll() is None:
@@ -487,7 +487,7 @@ def test_capacity_rebalance_overlap_through_the_supervisor_ends_bit_identical(tm
     assert resumed[0]["step"] == durable[0]["step"]  # nothing anyone was told is durable was lost
     a, b = torch.load(tmp_path / "ref.pt"), torch.load(tmp_path / "new.pt")
     for k in a:
-        assert torch.equal(a[k], b[k]), k
+        assert torch.equal(a[k], b[k]), f"{k}"
 
 
 def test_a_superseded_run_exits_77_and_the_supervisor_does_not_restart_it(tmp_path: Path) -> None:
@@ -511,7 +511,7 @@ def test_a_superseded_run_exits_77_and_the_supervisor_does_not_restart_it(tmp_pa
             os.kill(child, signal.SIGCONT)  # ...then comes back
             assert sup.wait(timeout=60) == spotsafe.EXIT_FENCED
             log = (tmp_path / "o").read_text()
-            assert "superseded" in log and "not restarting" in log and "restart 1" not in log, log
+            assert "superseded" in log and "not restarting" in log and "restart 1" not in log, f"{log}"
             latest = new.latest(verify=True)
             assert latest is not None and latest.step == 10_000
     finally:

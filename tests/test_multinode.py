@@ -183,7 +183,7 @@ def lifecycle(
         t_notice = time.time()
         timings["start -> notice"] = time.monotonic() - t_start
         nodes[doomed].sim.arm("terminate")
-        assert nodes[doomed].wait() == EXIT_PREEMPTED, nodes[doomed].tail()
+        assert nodes[doomed].wait() == EXIT_PREEMPTED, f"{nodes[doomed].tail()}"
         timings["notice -> doomed supervisor exit"] = time.time() - t_notice
 
         # 2. the survivors carry the job on alone, then hold mid-epoch for the replacement
@@ -202,7 +202,7 @@ def lifecycle(
         t_join = time.time()
         nodes[joiner] = Node(joiner, out, store, port, nnodes)
         for name in [*survivors, joiner]:
-            assert nodes[name].wait() == 0, nodes[name].tail()
+            assert nodes[name].wait() == 0, f"{nodes[name].tail()}"
         larger = [e for e in seen(out) if e.get("world") == world and "step" in e and e["time"] > t_join]
         timings["replacement start -> larger world training"] = min(e["time"] for e in larger) - t_join
         timings["whole story"] = time.monotonic() - t_start
@@ -217,7 +217,7 @@ def lifecycle(
     assert "relaunching now" not in doomed_log
     for name in survivors:
         log = nodes[name].log.read_text()
-        assert "this instance is not going away (aws: quiet)" in log, log[-4000:]
+        assert "this instance is not going away (aws: quiet)" in log, f"{log[-4000:]}"
         assert "relaunching now" in log
 
     # --- the store: the notice checkpoint, the join's checkpoint, the completion

@@ -98,7 +98,7 @@ def rehearsed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         os.environ.clear()
         os.environ.update(env_before)
     out_path.write_text(proc.stdout)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"{proc.stdout + proc.stderr}"
     return {"store": store, "stdout": proc.stdout, "tmp": tmp}
 
 
@@ -132,7 +132,7 @@ def test_a_rehearsal_with_two_interruptions_gives_exact_facts(
             interruption[k]
             for k in ("notice_at", "durable_at", "exit_at", "next_launch_at", "restored_at", "first_step_back_at")
         ]
-        assert times == sorted(times), interruption
+        assert times == sorted(times), f"{interruption}"
         assert interruption["seconds_idle"] > 0
         assert interruption["deadline"] - interruption["durable_at"] > 60
     ck = facts["checkpoints"]

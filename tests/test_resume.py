@@ -153,7 +153,7 @@ def test_a_signal_to_the_supervisor_stops_it_even_on_quiet_metadata(tmp_path: Pa
         wait_until(lambda: proc.poll() is None and ready.exists(), 30, what="the child to start")
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
-    assert proc.returncode == EXIT_PREEMPTED, err
+    assert proc.returncode == EXIT_PREEMPTED, f"{err}"
     assert count.read_text() == "1"
     assert "relaunching" not in err
 

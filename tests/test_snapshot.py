@@ -67,7 +67,7 @@ def test_notice_shorter_than_a_step_persists_the_snapshot_before_the_kill(tmp_pa
     # The uninterrupted reference.
     ref = child(tmp_path, tmp_path / "ref", tmp_path / "ref.pt", 0)
     _, err = ref.communicate(timeout=120)
-    assert ref.returncode == 0, err
+    assert ref.returncode == 0, f"{err}"
 
     # Steps of 3 s (step 6: 8 s), a SIGTERM early in step 6 with 2 s of grace, SIGKILL at the deadline:
     # the step cannot reach run.step() in time, and no periodic save is due (every="auto" >= 60 s).
@@ -103,13 +103,13 @@ def test_notice_shorter_than_a_step_persists_the_snapshot_before_the_kill(tmp_pa
     proc.kill()
     _, err = proc.communicate(timeout=30)
     # It was still inside step 6 at the deadline (else the test proves nothing about the snapshot path).
-    assert proc.returncode == -signal.SIGKILL, err
+    assert proc.returncode == -signal.SIGKILL, f"{err}"
     assert killed_at >= deadline - 0.05
     assert Path(str(out) + ".step").read_text() == "5", "step 6 finished before the kill"
 
     ckpt = Checkpointer(tmp_path / "store")
     newest = ckpt.latest(verify=True)
-    assert newest is not None, err
+    assert newest is not None, f"{err}"
     assert (newest.step, newest.reason, newest.metadata.get("snapshot")) == (5, "notice", True)
     ckpt.close()
     recorded = [json.loads(line) for line in events.read_text().splitlines()]
@@ -120,12 +120,12 @@ def test_notice_shorter_than_a_step_persists_the_snapshot_before_the_kill(tmp_pa
     # The replacement (another init) resumes at most one snapshot behind and ends bit-identical.
     proc = child(tmp_path, tmp_path / "store", tmp_path / "b.pt", 99, SPOTSAFE_EVENTS=str(events))
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
+    assert proc.returncode == 0, f"{err}"
     resumed = [json.loads(line) for line in events.read_text().splitlines() if '"resumed"' in line]
     assert resumed[-1]["step"] == 5
     a, b = torch.load(tmp_path / "ref.pt"), torch.load(tmp_path / "b.pt")
     for k in a:
-        assert torch.equal(a[k], b[k]), k
+        assert torch.equal(a[k], b[k]), f"{k}"
 
 
 def quiet_watcher() -> InterruptionWatcher:
@@ -188,7 +188,7 @@ def test_a_stuck_step_gets_the_snapshot_persisted_before_the_deadline(tmp_path: 
     assert info is not None and (info.step, info.reason) == (4, "notice")
     saved = ckpt.load(info)["model"]
     for k, v in expected.items():
-        assert torch.equal(saved[k], v), k  # the state at step 4, not the live one
+        assert torch.equal(saved[k], v), f"{k}"  # the state at step 4, not the live one
     ckpt.close()
     run.step()  # the step ends: the Run saves step 5 on the notice as well
     assert run.should_stop
@@ -251,7 +251,7 @@ def test_persist_snapshot_commits_despite_an_earlier_failed_save_and_skips_stale
     assert info is not None and (info.step, info.epoch, info.metadata.get("snapshot")) == (7, 1, True)
     saved = ckpt.load(info)["model"]
     for k, v in expected.items():
-        assert torch.equal(saved[k], v), k
+        assert torch.equal(saved[k], v), f"{k}"
     # a regular save of a newer step started since: the held snapshot is stale, nothing is written
     keeper.saved(9)
     keeper.persisted = None

@@ -55,7 +55,7 @@ def test_two_models_and_two_optimizers_resume_bit_identically(tmp_path: Path) ->
     run.finish()
     for k, m in fresh_models.items():
         for n, p in m.state_dict().items():
-            assert torch.equal(p, expected[k][n]), (k, n)
+            assert torch.equal(p, expected[k][n]), f"{(k, n)}"
     assert torch.equal(fresh_opts["D"].state_dict()["state"][0]["momentum_buffer"], momentum)
     assert fresh_opts["G"].state_dict()["state"][0]["step"] == 10  # Adam's step count came back too
 

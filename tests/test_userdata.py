@@ -133,7 +133,7 @@ def test_unit_file_passes_systemd_analyze(tmp_path: Path) -> None:
     }
     for name, value in values.items():
         dropin = dropin.replace(name, value)
-    assert "${" not in dropin, dropin
+    assert "${" not in dropin, f"{dropin}"
     unit_dropin, _, service_dropin = dropin.partition("[Service]\n")
     unit_lines = unit_dropin.replace("[Unit]\n", "").strip()
     # In order, as systemd reads a drop-in after the unit: the empty ExecStart= resets the list.
@@ -633,7 +633,7 @@ def test_install_from_a_pinned_wheel(tmp_path: Path) -> None:
         text=True,
         check=True,
     ).stdout
-    assert where.startswith(str(venv)), where
+    assert where.startswith(str(venv)), f"{where}"
     # Without its dependencies (--no-deps here) the boot stops with a clear message, and shuts down.
     assert p.returncode == 1 and "cannot import spotsafe and boto3" in out, f"{out}"
     assert out.count("shutting down rather than idling") == 1

@@ -419,7 +419,7 @@ def test_cli_snapshot_every_repeats_until_sigterm(ec2: Any, ec2_server: Any, sto
             proc.kill()
             proc.communicate()
         sim.shutdown()
-    assert proc.returncode == 0, err
+    assert proc.returncode == 0, f"{err}"
     assert len(out.split()) >= 2 and all(s.startswith("snap-") for s in out.split())
     # Each round ends with keep=1 completed snapshot besides the newest: the older ones are gone.
     assert len(periodic()) == 2
