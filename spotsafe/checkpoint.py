@@ -48,7 +48,7 @@ from spotsafe.errors import (
 )
 from spotsafe.lease import GENERATION_KEY, Lease, is_ghost, takeovers
 from spotsafe.state import Blob, FlatState, MapLocation, blob_from_buffer, blobs_from_description, flatten, unflatten
-from spotsafe.storage import Store, open_store
+from spotsafe.storage import COMPLETE, Store, open_store, read_completion
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -66,7 +66,6 @@ T = TypeVar("T")
 FORMAT_VERSION = 2
 FORMAT = "spotsafe-checkpoint"
 MANIFEST = "manifest.json"
-COMPLETE = "COMPLETE.json"
 CHECKSUM = "xxh3_128"
 _HASH_CHUNK = 64 << 20
 # ASCII digits only (``\\d`` also matches other scripts' digits) and exactly 12 of them.
@@ -1453,22 +1452,7 @@ class Checkpointer:
 
     def completion(self) -> dict[str, Any] | None:
         """What :meth:`mark_complete` wrote, or None when the run has not finished."""
-        where = f"{self.store.url.rstrip('/')}/{COMPLETE}"
-        try:
-            data = self.store.read_file(COMPLETE)
-        except CheckpointNotFound:
-            return None
-        try:
-            doc = json.loads(bytes(data))
-        except ValueError as e:
-            raise CheckpointCorrupt(f"{where}: not valid JSON ({e})") from e
-        if not isinstance(doc, dict) or doc.get("format") != "spotsafe-complete":
-            raise CheckpointCorrupt(f"{where}: not a spotsafe completion record")
-        if doc.get("format_version", 0) > 1:
-            raise FormatVersionError(
-                f"{where}: completion format version {doc['format_version']} is newer than supported (1)"
-            )
-        return doc
+        return read_completion(self.store)
 
     def close(self) -> None:
         """Wait for the save in flight (re-raising its error), then close the store."""

@@ -34,9 +34,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from spotsafe.cost import Prices, cost_of, look_up
-from spotsafe.errors import CheckpointCorrupt, CheckpointNotFound, MissingDependency, SpotsafeError
+from spotsafe.errors import CheckpointNotFound, MissingDependency, SpotsafeError
 from spotsafe.events import MEDIA_DIR, EventReader
-from spotsafe.storage import Store, open_store
+from spotsafe.storage import Store, open_store, read_completion
 
 __all__ = ["LivePage", "build_facts", "main", "render_html", "write_report"]
 
@@ -46,7 +46,6 @@ REPORT_FORMAT = "spotsafe-report"
 REPORT_FORMAT_VERSION = 1
 #: Where the live page goes in the store.
 LIVE_REPORT = "report.html"
-COMPLETE = "COMPLETE.json"
 #: At most this many images are embedded (evenly spread over the run, the last always in).
 MAX_IMAGES = 24
 #: At most this many metrics get a curve.
@@ -285,15 +284,7 @@ class StoreReport:
         self._images: dict[str, bytes] = {}
 
     def completion(self) -> dict[str, Any] | None:
-        try:
-            data = self.store.read_file(COMPLETE)
-        except CheckpointNotFound:
-            return None
-        try:
-            doc = json.loads(bytes(data))
-        except ValueError as e:
-            raise CheckpointCorrupt(f"{self.store.url.rstrip('/')}/{COMPLETE}: not valid JSON ({e})") from e
-        return doc if isinstance(doc, dict) else None
+        return read_completion(self.store)
 
     def image(self, path: str) -> bytes | None:
         if path not in self._images:
