@@ -77,6 +77,14 @@ def _guarded_connect_ex(self: socket.socket, address: object) -> int:
     return _real_connect_ex(self, address)  # type: ignore[arg-type]
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under pytest-xdist, the ``root`` tests run one at a time on one worker: they share the
+    machine's loop devices and mount table."""
+    for item in items:
+        if item.get_closest_marker("root") is not None:
+            item.add_marker(pytest.mark.xdist_group("root"))
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
     """``@pytest.mark.root`` tests (loop devices, mount, mkfs) skip, saying why, where they cannot run."""
     if item.get_closest_marker("root") is not None:
