@@ -48,7 +48,7 @@ from spotsafe.errors import (
 )
 from spotsafe.lease import GENERATION_KEY, Lease, is_ghost, takeovers
 from spotsafe.state import Blob, FlatState, MapLocation, blob_from_buffer, blobs_from_description, flatten, unflatten
-from spotsafe.storage import COMPLETE, Store, open_store, read_completion
+from spotsafe.storage import COMPLETE, MAX_MANIFEST_BYTES, Store, open_store, read_completion
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -73,8 +73,8 @@ _NAME = re.compile(r"step-([0-9]{12})")
 #: The largest step a checkpoint directory name can hold (12 digits).
 MAX_STEP = 10**12 - 1
 MAX_WORLD_SIZE = 1 << 20
-#: Limits on what a manifest may claim; anything beyond is a damaged or hostile file.
-MAX_MANIFEST_BYTES = 64 << 20
+#: Limits on what a manifest may claim; anything beyond is a damaged or hostile file
+#: (its size: ``spotsafe.storage.MAX_MANIFEST_BYTES``).
 MAX_METADATA_DEPTH = 64
 MAX_FILE_SIZE = 1 << 50
 

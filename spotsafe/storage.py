@@ -237,6 +237,11 @@ def open_store(
 #: The run's completion record, at the top of the store (``Checkpointer.mark_complete``).
 COMPLETE = "COMPLETE.json"
 
+#: The most bytes a checkpoint's manifest may hold; a larger one is damaged or hostile.
+#: Here, not in :mod:`spotsafe.checkpoint`, so a store that reads over the network
+#: (S3) can refuse one from its size before downloading any of it.
+MAX_MANIFEST_BYTES = 64 << 20
+
 
 def read_completion(store: Store) -> dict[str, Any] | None:
     """The store's completion record, or None when the run has not finished.

@@ -9,7 +9,11 @@ fixtures ``moto_server``, ``s3_bucket``, ``s3_proxy``, ``s3_options``,
 - ``s3_proxy`` (function): :class:`FaultProxy` in front of the moto server. ``inject("503",
   count=3)`` makes the next three matching requests fail with 503 SlowDown; ``"500"``,
   ``"403"``, ``"501"`` (NotImplemented), ``"drop"`` (close without answering) and ``"reset"``
-  (TCP RST) too.
+  (TCP RST) too. Hostile ones, that hold a connection without ever timing out a socket
+  read: ``"trickle"`` (the real answer, its body one byte every ``trickle_interval``),
+  ``"slow-read"`` (reads the request body one byte every ``trickle_interval``, never
+  answers) and ``"hang"`` (reads the request, never answers); they let go when the
+  client closes or at :meth:`FaultProxy.stop_holding` / shutdown.
   ``delay`` slows every request; ``requests`` logs what went through.
 """
 
@@ -18,6 +22,7 @@ from __future__ import annotations
 import http.client
 import itertools
 import logging
+import select
 import socket
 import struct
 import threading
@@ -93,6 +98,8 @@ class FaultProxy:
         self.upstream = upstream.removeprefix("http://")
         self.requests: list[Request] = []
         self.delay = 0.0
+        self.trickle_interval = 0.5
+        self._holding = threading.Event()  # set: hostile faults let go of their connections
         self._faults: list[_Fault] = []
         self._lock = threading.Lock()
         proxy = self
@@ -118,13 +125,14 @@ class FaultProxy:
         return self
 
     def shutdown(self) -> None:
+        self.stop_holding()
         self._httpd.shutdown()
         self._thread.join()
         self._httpd.server_close()
 
     def inject(self, kind: str, count: int = 1, match: Callable[[str, str], bool] | None = None) -> None:
         """Fail the next ``count`` requests for which ``match(method, path)`` holds."""
-        if kind not in (*_ERROR_BODIES, "drop", "reset"):
+        if kind not in (*_ERROR_BODIES, "drop", "reset", "trickle", "slow-read", "hang"):
             raise ValueError(f"unknown fault {kind!r}")
         with self._lock:
             self._faults.append(_Fault(kind, count, match))
@@ -132,6 +140,10 @@ class FaultProxy:
     def clear(self) -> None:
         with self._lock:
             self._faults.clear()
+
+    def stop_holding(self) -> None:
+        """Let every connection held by a trickle, slow-read or hang fault go (its handler thread ends)."""
+        self._holding.set()
 
     @property
     def faults_left(self) -> int:
@@ -156,8 +168,12 @@ class FaultProxy:
 
     def _serve(self, h: BaseHTTPRequestHandler) -> None:
         length = int(h.headers.get("Content-Length") or 0)
-        body = h.rfile.read(length) if length else b""
         fault = self._take_fault(h.command, h.path)
+        if fault in ("slow-read", "hang"):
+            self.requests.append(Request(h.command, h.path, dict(h.headers.items()), fault))
+            self._hold(h, length, slow=fault == "slow-read")
+            return
+        body = h.rfile.read(length) if length else b""
         self.requests.append(Request(h.command, h.path, dict(h.headers.items()), fault))
         if self.delay:
             time.sleep(self.delay)
@@ -166,7 +182,7 @@ class FaultProxy:
                 h.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             h.close_connection = True  # closed without an answer
             return
-        if fault is not None:
+        if fault is not None and fault != "trickle":
             status, code, message = _ERROR_BODIES[fault]
             payload = (
                 f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code><Message>{message}</Message></Error>'
@@ -193,10 +209,38 @@ class FaultProxy:
             else:
                 h.send_header("Content-Length", str(len(data)))
             h.end_headers()
-            if h.command != "HEAD":
+            if fault == "trickle":
+                self._trickle(h, data)
+            elif h.command != "HEAD":
                 h.wfile.write(data)
         finally:
             conn.close()
+
+    def _trickle(self, h: BaseHTTPRequestHandler, data: bytes) -> None:
+        h.close_connection = True
+        try:
+            for i in range(len(data)):
+                if self._holding.wait(self.trickle_interval):
+                    return
+                h.wfile.write(data[i : i + 1])
+        except OSError:
+            return  # the client gave up
+
+    def _hold(self, h: BaseHTTPRequestHandler, length: int, *, slow: bool) -> None:
+        h.close_connection = True
+        sock = h.connection
+        try:
+            if slow:  # from the socket itself: rfile would take 8 KiB at a time
+                for _ in range(length):
+                    if self._holding.wait(self.trickle_interval) or not sock.recv(1):
+                        return
+            elif length:
+                h.rfile.read(length)
+            while not self._holding.wait(0.1):  # never answer; end when the client closes
+                if select.select([sock], [], [], 0)[0] and not sock.recv(1, socket.MSG_PEEK):
+                    return
+        except OSError:
+            return
 
 
 _names = itertools.count()

@@ -657,3 +657,205 @@ def test_silent_endpoint_fails_in_seconds() -> None:
         assert "s3://bucket/run" in str(info.value)
     finally:
         listener.close()
+
+
+# --------------------------------------------------------------------------- hostile endpoints: whole-call limits
+
+#: request_timeout in these tests; min_throughput is set so high that bytes add nothing.
+LIMIT = 2.0
+#: Past the limit: generous for a loaded 2-core CI, and far below what bounded these calls
+#: before (a hang: read_timeout, 30 s here, per attempt; a trickle: nothing at all).
+MARGIN = 6.0
+
+
+@pytest.fixture
+def hostile_options(s3_proxy_options: dict[str, Any]) -> dict[str, Any]:
+    return {**s3_proxy_options, "read_timeout": 30, "request_timeout": LIMIT, "min_throughput": 1 << 30}
+
+
+def _fails_in_time(fn: Any, *names: str) -> float:
+    """``fn()`` raises StoreError naming ``names``, the endpoint's limit, within LIMIT + MARGIN; seconds taken."""
+    start = time.monotonic()
+    with pytest.raises(StoreError) as info:
+        fn()
+    took = time.monotonic() - start
+    message = str(info.value)
+    assert LIMIT * 0.9 <= took < LIMIT + MARGIN, f"{took:.2f} s: {message}"
+    assert f"within its limit of {LIMIT:g}" in message and f"(request_timeout {LIMIT:g} s)" in message, message
+    for name in names:
+        assert name in message, f"{name!r} not in {message!r}"
+    return took
+
+
+def _client_threads() -> int:
+    """Threads on this side of the wire: the servers' per-connection handlers left out."""
+    return sum(1 for t in threading.enumerate() if not t.name.endswith("(process_request_thread)"))
+
+
+def _stacks() -> str:
+    import traceback
+
+    frames = sys._current_frames()
+    return "\n".join(
+        f"{t.name}:\n{''.join(traceback.format_stack(frames[t.ident]))}"
+        for t in threading.enumerate()
+        if t.ident in frames
+    )
+
+
+def _no_thread_left(store: S3Store, proxy: FaultProxy, baseline: int, close: Any = None, usable: bool = True) -> None:
+    """After the failure the store still works, closes at once, and every thread it started ends."""
+    proxy.clear()
+    if usable:
+        assert isinstance(store.listdir(""), list)  # the pool holds no poisoned connection
+    start = time.monotonic()
+    (close or store.close)()  # joins the pool's workers: would block behind one stuck on a socket
+    assert time.monotonic() - start < MARGIN
+    proxy.stop_holding()
+    wait_until(
+        lambda: _client_threads() <= baseline,
+        30,
+        what=f"the thread count to come back down to {baseline}: {_stacks()}",
+    )
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("spotsafe-s3")]
+
+
+def test_trickled_get_answers_fail_within_the_limit(
+    s3_bucket: str, s3_proxy: FaultProxy, hostile_options: dict[str, Any]
+) -> None:
+    """A manifest read, a ranged data read and a whole-file read trickled one byte every 0.5 s."""
+    import torch
+
+    from spotsafe.checkpoint import Checkpointer
+
+    baseline = _client_threads()
+    store = S3Store(f"s3://{s3_bucket}/run", hostile_options)
+    assert store._interruptible  # this botocore's connections can be shut by the watchdog
+    ckpt = Checkpointer(store)
+    ckpt.save(1, {"w": torch.arange(4096.0)}, async_=False)
+    store.write_file("blob.bin", [b"x" * 4096])
+
+    s3_proxy.inject("trickle", count=100, match=lambda m, p: m == "GET" and "manifest.json" in p)
+    took_manifest = _fails_in_time(lambda: ckpt.load(None), f"s3://{s3_bucket}/run/step-000000000001/manifest.json")
+    s3_proxy.clear()
+    s3_proxy.inject("trickle", count=100, match=lambda m, p: m == "GET" and ".bin" in p)
+    took_data = _fails_in_time(lambda: ckpt.load(1), "GET run/step-000000000001/", s3_proxy.endpoint)
+    took_file = _fails_in_time(lambda: store.read_file("blob.bin"), "GET run/blob.bin bytes 0-4095")
+    print(f"time to error: manifest {took_manifest:.2f} s, data {took_data:.2f} s, file {took_file:.2f} s")
+    _no_thread_left(store, s3_proxy, baseline, ckpt.close)
+
+
+def test_put_body_read_at_a_trickle_fails_within_the_limit(
+    s3_bucket: str, s3_proxy: FaultProxy, hostile_options: dict[str, Any]
+) -> None:
+    """The server takes a PUT body one byte every 0.5 s: the sender blocks in sendall, then is cut."""
+    baseline = _client_threads()
+    store = S3Store(f"s3://{s3_bucket}/run", {**hostile_options, "part_size": 8 * MiB})
+    s3_proxy.inject("slow-read", count=100, match=lambda m, p: m == "PUT")
+    data = _random(8 * MiB)  # more than the loopback socket buffers hold: sendall blocks
+    took_segment = _fails_in_time(
+        lambda: store.write_files([("step-000000000001/a.bin", [data])]), "PUT run/step-000000000001/a.bin"
+    )
+    took_commit = _fails_in_time(
+        lambda: store.commit_file("step-000000000001/manifest.json", b"{}"), "PUT run/step-000000000001/manifest.json"
+    )
+    print(f"time to error: PUT segment {took_segment:.2f} s, manifest commit {took_commit:.2f} s")
+    _no_thread_left(store, s3_proxy, baseline)
+
+
+def test_trickled_list_and_a_silent_endpoint_fail_within_the_limit(
+    s3_bucket: str, s3_proxy: FaultProxy, hostile_options: dict[str, Any]
+) -> None:
+    """A LIST page trickled; then an endpoint that answers the bucket check and nothing after it."""
+    import torch
+
+    from spotsafe import Run
+    from spotsafe.checkpoint import Checkpointer
+
+    baseline = _client_threads()
+    store = S3Store(f"s3://{s3_bucket}/run", hostile_options)
+    ckpt = Checkpointer(store)
+    ckpt.save(1, {"w": torch.ones(3)}, async_=False)
+    s3_proxy.inject("trickle", count=100, match=lambda m, p: m == "GET" and "list-type=2" in p)
+    took_list = _fails_in_time(lambda: Checkpointer(store).latest(), "LIST run/", s3_proxy.endpoint)
+    s3_proxy.clear()
+    s3_proxy.inject("hang", count=10_000)  # from here on: accepted, read, never answered
+    took_load = _fails_in_time(lambda: Checkpointer(store).load(None), "LIST run/")
+    took_run = _fails_in_time(lambda: Run(store, model=torch.nn.Linear(2, 2), watch=False), s3_proxy.endpoint)
+    with pytest.raises(StoreError, match="store is closed"):  # Run() closed the store it failed on
+        store.listdir("")
+    print(f"time to error: LIST {took_list:.2f} s, load(None) {took_load:.2f} s, Run() {took_run:.2f} s")
+    _no_thread_left(store, s3_proxy, baseline, ckpt.close, usable=False)
+
+
+def test_notice_deadline_cuts_a_call_in_flight(
+    s3_bucket: str, s3_proxy: FaultProxy, s3_proxy_options: dict[str, Any]
+) -> None:
+    """With a generous request_timeout, the notice's deadline (set mid-call) is the sooner limit."""
+    baseline = _client_threads()
+    store = S3Store(f"s3://{s3_bucket}/run", {**s3_proxy_options, "read_timeout": 30, "request_timeout": 600})
+    s3_proxy.inject("hang", count=100)
+    timer = threading.Timer(
+        0.5, lambda: store.set_deadline(datetime.now(timezone.utc) + timedelta(seconds=LIMIT - 0.5))
+    )
+    start = time.monotonic()
+    timer.start()
+    try:
+        with pytest.raises(StoreError) as info:
+            store.commit_file("step-000000000001/manifest.json", b"{}")
+    finally:
+        timer.join()
+    took = time.monotonic() - start
+    assert LIMIT * 0.9 <= took < LIMIT + MARGIN, f"{took:.2f} s: {info.value}"
+    assert "cut at the preemption notice's deadline" in str(info.value)
+    # Still alive past the deadline (it was an estimate): calls run again, one attempt each.
+    s3_proxy.clear()
+    s3_proxy.inject("503", count=1)
+    with pytest.raises(StoreError, match="SlowDown"):
+        store.commit_file("step-000000000001/manifest.json", b"{}")
+    assert s3_proxy.count("PUT", "manifest.json", fault=False) == 0  # the 503 was not retried
+    store.commit_file("step-000000000001/manifest.json", b"{}")
+    assert s3_proxy.count("PUT", "manifest.json", fault=False) == 1
+    _no_thread_left(store, s3_proxy, baseline)
+
+
+def test_a_manifest_over_the_cap_is_refused_from_its_head(
+    s3_bucket: str, s3_proxy: FaultProxy, s3_proxy_options: dict[str, Any], s3_client: Any
+) -> None:
+    import torch
+
+    from spotsafe.checkpoint import Checkpointer
+    from spotsafe.errors import CheckpointCorrupt
+    from spotsafe.storage import MAX_MANIFEST_BYTES
+
+    store = S3Store(f"s3://{s3_bucket}/run", s3_proxy_options)
+    ckpt = Checkpointer(store)
+    ckpt.save(1, {"w": torch.ones(3)}, async_=False)
+    huge = "run/step-000000000002/manifest.json"
+    s3_client.put_object(Bucket=s3_bucket, Key=huge, Body=b" " * (MAX_MANIFEST_BYTES + 1))
+    with pytest.raises(CheckpointCorrupt, match="more than any manifest"):
+        store.read_file("step-000000000002/manifest.json")
+    assert ckpt.load(None)["w"].tolist() == [1.0, 1.0, 1.0]  # falls back to step 1
+    assert s3_proxy.count("HEAD", "000002/manifest.json") >= 2
+    assert s3_proxy.count("GET", "000002/manifest.json") == 0  # not one byte of it downloaded
+    store.close()
+
+
+def test_without_the_connection_hook_calls_still_work_and_it_is_logged(
+    s3_bucket: str, s3_options: dict[str, Any], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A botocore whose pools are not where spotsafe looks: one warning, today's per-socket bounds, no breakage."""
+    from botocore.httpsession import URLLib3Session
+
+    original = URLLib3Session.__init__
+
+    def changed(self: Any, *args: Any, **kwargs: Any) -> None:  # its pool managers no longer share the dict
+        original(self, *args, **kwargs)
+        self._pool_classes_by_scheme = dict(self._pool_classes_by_scheme)
+
+    monkeypatch.setattr(URLLib3Session, "__init__", changed)
+    with S3Store(f"s3://{s3_bucket}/run", s3_options) as store:
+        assert not store._interruptible
+        store.write_file("a.bin", [b"abc"])
+        assert bytes(store.read_file("a.bin")) == b"abc"
+    assert "cannot bound whole S3 requests with this botocore" in caplog.text

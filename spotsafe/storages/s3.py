@@ -9,9 +9,13 @@
   so no half-written object and no billed debris is left.
 - Reads are parallel ranged GETs straight into one preallocated buffer, all pinned to
   the same object version with ``If-Match``.
-- Every call has explicit connect/read timeouts. Throttling (503 SlowDown), 500s,
-  timeouts and dropped connections are retried with jittered exponential backoff,
-  bounded by the deadline given to :meth:`S3Store.set_deadline` (a preemption notice's).
+- Every call has explicit connect/read timeouts per socket operation, and a limit on
+  the whole call, all its attempts and its streamed body included (``request_timeout``
+  plus the bytes it moves at ``min_throughput``; the preemption notice's deadline given
+  to :meth:`S3Store.set_deadline` when that is sooner): a watchdog thread shuts the
+  socket of an overdue call, so an endpoint that trickles bytes cannot hold a thread.
+  Throttling (503 SlowDown), 500s, timeouts and dropped connections are retried with
+  jittered exponential backoff within that limit.
 - The bucket is checked at construction (one HEAD), so a missing bucket, missing
   credentials, a denied access or an unreachable endpoint is a clear
   :class:`~spotsafe.errors.StoreError` naming the URL, not a hang at the first save.
@@ -26,6 +30,7 @@ import logging
 import mmap
 import os
 import random
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -34,7 +39,7 @@ from datetime import datetime, timezone
 from typing import Any, TypeVar
 
 from spotsafe.errors import CheckpointCorrupt, CheckpointNotFound, StoreError, require
-from spotsafe.storage import Buffer, Store
+from spotsafe.storage import MAX_MANIFEST_BYTES, Buffer, Store
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +57,16 @@ DEFAULT_MAX_CONCURRENCY = 16
 READ_CHUNK = 8 * MiB
 DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_READ_TIMEOUT = 60.0
+#: The whole-call limit (every attempt, the body streamed in or out included) is
+#: request_timeout + bytes moved / min_throughput. 120 s leaves room for one socket read
+#: timing out (read_timeout, 60 s) and a retry; 64 KiB/s per call is what each of the
+#: 16 parallel streams gets on a 8 Mbit/s link, so a healthy 32 MiB part (limit 632 s)
+#: never fails on any link a checkpoint can reasonably cross, while an endpoint that
+#: trickles bytes holds a call for minutes, not forever.
+DEFAULT_REQUEST_TIMEOUT = 120.0
+DEFAULT_MIN_THROUGHPUT = 64 * 1024
+#: A checkpoint's manifest: refused from its HEAD when larger than MAX_MANIFEST_BYTES.
+MANIFEST = "manifest.json"
 #: The bucket check when the store opens: connect and read each bounded by this (and
 #: by connect_timeout/read_timeout when lower), one attempt on a timeout, so an endpoint
 #: that accepts connections and never answers fails in seconds, not 2 x read_timeout.
@@ -91,6 +106,8 @@ _OPTIONS = frozenset(
         "max_concurrency",
         "connect_timeout",
         "read_timeout",
+        "request_timeout",
+        "min_throughput",
         "max_attempts",
     }
 )
@@ -185,7 +202,13 @@ class S3Store(Store):
     - ``config_kwargs``: passed to ``botocore.config.Config``;
     - ``key``, ``secret``, ``token``, ``profile``, ``anon``: credentials, when not from the chain;
     - ``part_size`` (bytes, default 32 MiB), ``max_concurrency`` (default 16): multipart tuning;
-    - ``connect_timeout`` (5 s), ``read_timeout`` (60 s), ``max_attempts`` (8): per-call limits.
+    - ``connect_timeout`` (5 s), ``read_timeout`` (60 s): each socket connect / read;
+    - ``request_timeout`` (120 s), ``min_throughput`` (64 KiB/s): each whole call, all its
+      attempts and its body included, gets ``request_timeout + bytes / min_throughput``
+      (a 32 MiB part: 632 s), or less when the deadline given to :meth:`set_deadline` is
+      sooner; past it the call's socket is shut and it raises
+      :class:`~spotsafe.errors.StoreError` naming the key, the endpoint and the limit;
+    - ``max_attempts`` (8): tries per call on transient errors.
     """
 
     def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None):
@@ -206,6 +229,12 @@ class S3Store(Store):
         if self.max_concurrency < 1:
             raise ValueError(f"{self.url}: max_concurrency must be >= 1")
         self.max_attempts = max(1, int(opts.get("max_attempts", DEFAULT_MAX_ATTEMPTS)))
+        self.request_timeout = float(opts.get("request_timeout", DEFAULT_REQUEST_TIMEOUT))
+        self.min_throughput = float(opts.get("min_throughput", DEFAULT_MIN_THROUGHPUT))
+        if not self.request_timeout > 0:  # also refuses NaN
+            raise ValueError(f"{self.url}: request_timeout must be > 0 seconds, not {self.request_timeout}")
+        if not self.min_throughput > 0:
+            raise ValueError(f"{self.url}: min_throughput must be > 0 bytes/s, not {self.min_throughput}")
         self._deadline: float | None = None  # time.monotonic() value
         self._own_uploads: set[str] = set()
         self._warned_uploads = False
@@ -259,6 +288,8 @@ class S3Store(Store):
         except Exception as e:  # bad profile, bad region, bad endpoint URL...
             raise StoreError(f"{self.url}: cannot create an S3 client: {e}") from e
         self._pool = ThreadPoolExecutor(max_workers=self.max_concurrency, thread_name_prefix="spotsafe-s3")
+        self._watchdog = _Watchdog(f"spotsafe-s3-watchdog({self.url})")
+        self._interruptible = _track_connections(self._client, self.url) and _track_connections(check_client, self.url)
         try:
             self._check_bucket(check_client)
         except BaseException:
@@ -288,24 +319,68 @@ class S3Store(Store):
         else:
             left = (deadline - datetime.now(timezone.utc)).total_seconds()
             self._deadline = time.monotonic() + left
+        self._watchdog.set_notice(self._deadline)  # calls in flight are bounded by it too
 
-    def _call(self, what: str, fn: Callable[..., T], /, *args: Any, attempts: int | None = None, **kwargs: Any) -> T:
-        """Run one S3 call with retries on transient failures, bounded by the deadline."""
-        limit = self.max_attempts if attempts is None else attempts
+    def _call(
+        self,
+        what: str,
+        fn: Callable[..., T],
+        /,
+        *args: Any,
+        attempts: int | None = None,
+        nbytes: int = 0,
+        **kwargs: Any,
+    ) -> T:
+        """Run one S3 call with retries on transient failures, within its whole-call limit.
+
+        ``fn`` does all the call's I/O (a streamed body read included) in this thread;
+        ``nbytes`` (what it sends or receives) widens the limit by ``nbytes / min_throughput``.
+        """
+        if self._closed:  # its watchdog is gone: nothing would bound the call
+            raise StoreError(f"{self.url}: store is closed")
+        tries = self.max_attempts if attempts is None else attempts
+        budget = self.request_timeout + nbytes / self.min_throughput
+        call = _Call(self._watchdog, time.monotonic() + budget)
+        if self._deadline is not None and self._deadline <= time.monotonic():
+            # Still running past the notice's deadline: it was an estimate (an assumed one, a
+            # rebalance). Refusing every call now would fail the run's own cleanup (the lease,
+            # a last save): one attempt, within the call's own limit, as before this deadline.
+            call.after_notice = True
+            tries = 1
+        outer = getattr(_local, "call", None)
+        _local.call = call
+        self._watchdog.watch(call)
         attempt = 0
-        while True:
-            attempt += 1
-            try:
-                return fn(*args, **kwargs)
-            except Exception as e:
-                if not _is_retryable(e) or attempt >= limit:
-                    raise
-                delay = min(5.0, 0.1 * 2 ** (attempt - 1)) * (0.5 + random.random())
-                if self._deadline is not None and time.monotonic() + delay >= self._deadline:
-                    log.warning("%s: %s failed (%s); deadline reached, not retrying", self.url, what, e)
-                    raise
-                log.info("%s: %s failed (%s); retry %d in %.2fs", self.url, what, e, attempt, delay)
-                time.sleep(delay)
+        try:
+            while True:
+                attempt += 1
+                try:
+                    return fn(*args, **kwargs)
+                except Exception as e:
+                    if call.expired or call.left() <= 0:  # its socket was shut, or a capped timeout fired
+                        raise self._overdue(what, call, nbytes) from e
+                    if not _is_retryable(e) or attempt >= tries:
+                        raise
+                    delay = min(5.0, 0.1 * 2 ** (attempt - 1)) * (0.5 + random.random())
+                    if delay >= call.left():
+                        log.warning("%s: %s failed (%s); no time left for a retry, not retrying", self.url, what, e)
+                        raise
+                    log.info("%s: %s failed (%s); retry %d in %.2fs", self.url, what, e, attempt, delay)
+                    time.sleep(delay)
+        finally:
+            self._watchdog.unwatch(call)
+            _local.call = outer
+
+    def _overdue(self, what: str, call: _Call, nbytes: int) -> StoreError:
+        if call.notice_first():
+            return _Overdue(
+                f"{what}: cut at the preemption notice's deadline (set_deadline), before {self.endpoint} completed it"
+            )
+        budget = self.request_timeout + nbytes / self.min_throughput
+        how = f"request_timeout {self.request_timeout:g} s"
+        if nbytes / self.min_throughput >= 0.05:
+            how += f" + {nbytes} bytes at min_throughput {self.min_throughput:g} bytes/s"
+        return _Overdue(f"{what}: {self.endpoint} did not complete it within its limit of {budget:.3g} s ({how})")
 
     def _error(self, path: str, action: str, e: BaseException) -> StoreError:
         return StoreError(f"{self._where(path)}: {action} failed: {_describe(e, self.endpoint)}")
@@ -354,7 +429,7 @@ class S3Store(Store):
         if delimited:
             kwargs["Delimiter"] = "/"
         while True:
-            page: dict[str, Any] = self._call("LIST", self._client.list_objects_v2, **kwargs)
+            page: dict[str, Any] = self._call(f"LIST {prefix or '/'}", self._client.list_objects_v2, **kwargs)
             yield page
             if not page.get("IsTruncated"):
                 return
@@ -379,7 +454,8 @@ class S3Store(Store):
         from botocore.exceptions import ClientError
 
         try:
-            head: dict[str, Any] = self._call("HEAD", self._client.head_object, Bucket=self.bucket, Key=self._key(path))
+            key = self._key(path)
+            head: dict[str, Any] = self._call(f"HEAD {key}", self._client.head_object, Bucket=self.bucket, Key=key)
             return head
         except ClientError as e:
             if _code(e) in ("404", "NoSuchKey", "NotFound"):
@@ -434,6 +510,12 @@ class S3Store(Store):
         if head is None:
             raise CheckpointNotFound(f"{self._where(path)}: no such object")
         size = int(head["ContentLength"])
+        if size > MAX_MANIFEST_BYTES and path.rpartition("/")[2] == MANIFEST:
+            # Refused from the HEAD, as the local store refuses one from its size: the
+            # ranges below come from this size and are pinned to this version (If-Match).
+            raise CheckpointCorrupt(
+                f"{self._where(path)}: {size} bytes, more than any manifest ({MAX_MANIFEST_BYTES}); not downloaded"
+            )
         etag = head.get("ETag")
         # Anonymous memory: the kernel zeroes pages as the download threads first touch
         # them, in parallel with the network, instead of bytearray zeroing it all up front.
@@ -445,7 +527,7 @@ class S3Store(Store):
                     self._get_range(path, etag, view, 0, size)
             else:
                 self._run_parallel([(self._get_range, (path, etag, view, start, end)) for start, end in ranges])
-        except CheckpointNotFound:
+        except (CheckpointNotFound, CheckpointCorrupt):
             raise
         except Exception as e:
             raise self._error(path, "download", e) from e
@@ -479,13 +561,18 @@ class S3Store(Store):
                     raise CheckpointCorrupt(f"{self._where(path)}: shorter than the {expect} bytes expected") from e
                 raise
             body = response["Body"]
+            got = int(response.get("ContentLength", -1))
             if expect is not None:
                 total = str(response.get("ContentRange", "")).rpartition("/")[2]
-                got = int(response.get("ContentLength", -1))
                 if (total.isdigit() and int(total) != expect) or got != end - start:
                     body.close()
                     size = total if total.isdigit() else "?"
                     raise CheckpointCorrupt(f"{self._where(path)}: {size} bytes, expected {expect}")
+            elif got != end - start:  # never more than asked for, whatever the server sends
+                body.close()
+                raise CheckpointCorrupt(
+                    f"{self._where(path)}: {got} bytes in the answer for bytes {start}-{end - 1}, not {end - start}"
+                )
             raw = getattr(body, "_raw_stream", None)
             fp = getattr(raw, "_fp", None)
             # Straight from the socket into the destination (http.client's readinto):
@@ -512,15 +599,16 @@ class S3Store(Store):
                 else:
                     body.close()
 
-        self._call(f"GET {path} [{start}:{end}]", once)
+        self._call(f"GET {self._key(path)} bytes {start}-{end - 1}", once, nbytes=end - start)
 
     # ------------------------------------------------------------------ writes
 
     def commit_file(self, path: str, data: bytes) -> None:
         try:
             self._call(
-                "PUT",
+                f"PUT {self._key(path)}",
                 self._client.put_object,
+                nbytes=len(data),
                 Bucket=self.bucket,
                 Key=self._key(path),
                 Body=bytes(data),
@@ -536,8 +624,9 @@ class S3Store(Store):
             return super().create_file(path, data)
         try:
             self._call(
-                "PUT If-None-Match",
+                f"PUT If-None-Match {self._key(path)}",
                 self._client.put_object,
+                nbytes=len(data),
                 Bucket=self.bucket,
                 Key=self._key(path),
                 Body=bytes(data),
@@ -570,7 +659,7 @@ class S3Store(Store):
             part_size *= 2
         try:
             upload_id = self._call(
-                "CreateMultipartUpload",
+                f"CreateMultipartUpload {key}",
                 self._client.create_multipart_upload,
                 Bucket=self.bucket,
                 Key=key,
@@ -588,7 +677,7 @@ class S3Store(Store):
                 ]
             )
             self._call(
-                "CompleteMultipartUpload",
+                f"CompleteMultipartUpload {key}",
                 self._client.complete_multipart_upload,
                 Bucket=self.bucket,
                 Key=key,
@@ -623,8 +712,9 @@ class S3Store(Store):
     def _put(self, path: str, views: Sequence[memoryview], offsets: Sequence[int], total: int) -> None:
         key = self._key(path)
         self._call(
-            f"PUT {path}",
+            f"PUT {key}",
             lambda: self._client.put_object(Bucket=self.bucket, Key=key, Body=_BuffersReader(views, offsets, 0, total)),
+            nbytes=total,
         )
 
     def _upload_part(
@@ -647,7 +737,7 @@ class S3Store(Store):
             )
             return str(response["ETag"])
 
-        return self._call(f"UploadPart {number}", once)
+        return self._call(f"UploadPart {number} of {key}", once, nbytes=end - start)
 
     def _run_parallel(self, tasks: Sequence[tuple[Callable[..., Any], tuple[Any, ...]]]) -> list[Any]:
         """Run tasks on the pool; results in order; on the first failure cancel the rest and raise."""
@@ -672,7 +762,7 @@ class S3Store(Store):
     def _abort(self, key: str, upload_id: str) -> None:
         try:
             self._call(
-                "AbortMultipartUpload",
+                f"AbortMultipartUpload {key}",
                 self._client.abort_multipart_upload,
                 Bucket=self.bucket,
                 Key=key,
@@ -687,7 +777,7 @@ class S3Store(Store):
         uploads: list[dict[str, Any]] = []
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
         while True:
-            page = self._call("ListMultipartUploads", self._client.list_multipart_uploads, **kwargs)
+            page = self._call(f"ListMultipartUploads {prefix or '/'}", self._client.list_multipart_uploads, **kwargs)
             uploads.extend(page.get("Uploads", ()))
             if not page.get("IsTruncated"):
                 return uploads
@@ -744,7 +834,7 @@ class S3Store(Store):
             for batch in [manifests] + [rest[i : i + 1000] for i in range(0, len(rest), 1000)]:
                 if batch:
                     response = self._call(
-                        "DeleteObjects",
+                        f"DeleteObjects under {prefix}",
                         self._client.delete_objects,
                         Bucket=self.bucket,
                         Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True},
@@ -762,6 +852,9 @@ class S3Store(Store):
             return
         self._closed = True
         self._pool.shutdown(wait=True, cancel_futures=True)
+        watchdog = getattr(self, "_watchdog", None)
+        if watchdog is not None:
+            watchdog.stop()
         client = getattr(self, "_client", None)
         if client is not None:
             client.close()
@@ -769,6 +862,182 @@ class S3Store(Store):
 
 class _Silent(Exception):
     """The bucket check's read timed out (never retried)."""
+
+
+class _Overdue(StoreError, TimeoutError):
+    """A call passed its whole-call limit (or the notice's deadline); never retried."""
+
+
+#: The call (if any) running in this thread, for the connections it opens or reuses.
+_local = threading.local()
+
+
+class _Call:
+    """One S3 call in flight, all its attempts: its limit and the connections it used."""
+
+    __slots__ = ("after_notice", "conns", "deadline", "expired", "watchdog")
+
+    def __init__(self, watchdog: _Watchdog, deadline: float) -> None:
+        self.watchdog = watchdog
+        self.deadline = deadline  # time.monotonic()
+        self.conns: list[Any] = []
+        self.expired = False
+        self.after_notice = False  # started past the notice's deadline: bounded by its own limit only
+
+    def due(self) -> float:
+        notice = None if self.after_notice else self.watchdog.notice
+        return self.deadline if notice is None else min(self.deadline, notice)
+
+    def left(self) -> float:
+        return self.due() - time.monotonic()
+
+    def notice_first(self) -> bool:
+        notice = None if self.after_notice else self.watchdog.notice
+        return notice is not None and notice < self.deadline
+
+    def adopt(self, conn: Any) -> None:
+        """``conn`` now carries this call's request (called in the call's thread)."""
+        conn._spotsafe_call = self
+        if conn not in self.conns:
+            self.conns.append(conn)
+        if self.expired:  # the limit passed between two steps: do not start another
+            raise TimeoutError("spotsafe: the call's time limit has passed")
+
+    def expire(self) -> None:
+        """Mark the call overdue and shut its sockets: a thread blocked in them returns at once."""
+        self.expired = True
+        for conn in list(self.conns):
+            sock = getattr(conn, "sock", None)
+            if getattr(conn, "_spotsafe_call", None) is not self or sock is None:
+                continue  # back in the pool and taken by another call, or not connected
+            try:
+                # socket.socket's own shutdown, also for an SSLSocket: shuts the TCP
+                # connection without touching the TLS state another thread is inside.
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+            except OSError:
+                pass  # already closed: nothing blocks on it
+
+
+class _Watchdog:
+    """A daemon thread that expires a store's overdue calls, sleeping until the next is due."""
+
+    def __init__(self, name: str) -> None:
+        self.notice: float | None = None  # the preemption notice's deadline, time.monotonic()
+        self._cond = threading.Condition()
+        self._calls: set[_Call] = set()
+        self._wake: float | None = None
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def watch(self, call: _Call) -> None:
+        with self._cond:
+            self._calls.add(call)
+            if self._wake is None or call.due() < self._wake:
+                self._cond.notify()
+
+    def unwatch(self, call: _Call) -> None:
+        with self._cond:
+            self._calls.discard(call)
+
+    def set_notice(self, deadline: float | None) -> None:
+        with self._cond:
+            self.notice = deadline
+            self._cond.notify()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def _run(self) -> None:
+        with self._cond:
+            while not self._stopped:
+                now = time.monotonic()
+                self._wake = None
+                for call in list(self._calls):
+                    due = call.due()
+                    if due <= now:
+                        self._calls.discard(call)
+                        call.expire()
+                    elif self._wake is None or due < self._wake:
+                        self._wake = due
+                self._cond.wait(None if self._wake is None else self._wake - now)
+
+
+_POOLS: dict[str, type] | None = None
+
+
+def _tracking_pools() -> dict[str, type]:
+    """botocore's pool classes, with connections that join the call running in their thread."""
+    global _POOLS
+    if _POOLS is None:
+        from botocore.awsrequest import (
+            AWSHTTPConnection,
+            AWSHTTPConnectionPool,
+            AWSHTTPSConnection,
+            AWSHTTPSConnectionPool,
+        )
+
+        class Tracking:
+            def connect(self) -> None:
+                call: _Call | None = getattr(_local, "call", None)
+                if call is not None:
+                    call.adopt(self)
+                    timeout = getattr(self, "timeout", None)
+                    if isinstance(timeout, (int, float)):  # connect no longer than the call has left
+                        self.timeout = max(0.001, min(float(timeout), call.left()))
+                cast_super: Any = super()
+                cast_super.connect()
+
+            def request(self, *args: Any, **kwargs: Any) -> Any:
+                call: _Call | None = getattr(_local, "call", None)
+                if call is not None:
+                    call.adopt(self)
+                cast_super: Any = super()
+                return cast_super.request(*args, **kwargs)
+
+        http = type("SpotsafeHTTPConnection", (Tracking, AWSHTTPConnection), {})
+        https = type("SpotsafeHTTPSConnection", (Tracking, AWSHTTPSConnection), {})
+        _POOLS = {
+            "http": type("SpotsafeHTTPConnectionPool", (AWSHTTPConnectionPool,), {"ConnectionCls": http}),
+            "https": type("SpotsafeHTTPSConnectionPool", (AWSHTTPSConnectionPool,), {"ConnectionCls": https}),
+        }
+    return _POOLS
+
+
+def _track_connections(client: Any, url: str) -> bool:
+    """Make ``client``'s connections interruptible by the watchdog; False (logged) if this botocore differs.
+
+    botocore offers no public hook for its connection class: its URLLib3Session keeps
+    the pool classes in ``_pool_classes_by_scheme`` (shared with its pool managers).
+    If that changes, calls are bounded as before (per socket operation, by attempts,
+    and between attempts by the whole-call limit) and a trickling endpoint can hold one.
+    """
+    try:
+        from botocore.awsrequest import AWSHTTPConnectionPool, AWSHTTPSConnectionPool
+
+        session = client._endpoint.http_session
+        pools = session._pool_classes_by_scheme
+        manager = session._manager
+        if (
+            pools.get("http") is not AWSHTTPConnectionPool
+            or pools.get("https") is not AWSHTTPSConnectionPool
+            or manager.pool_classes_by_scheme is not pools
+        ):
+            raise TypeError(f"unexpected connection pools {pools!r}")
+        pools.update(_tracking_pools())
+        return True
+    except Exception as e:  # noqa: BLE001 - degrade to per-operation timeouts, loudly
+        log.warning(
+            "%s: cannot bound whole S3 requests with this botocore (%s); each socket operation is "
+            "still bounded by connect_timeout/read_timeout, but an endpoint trickling bytes can hold a call",
+            url,
+            e,
+        )
+        return False
 
 
 def _code(e: BaseException) -> str:
@@ -817,6 +1086,8 @@ def _describe(e: BaseException, endpoint: str) -> str:
         ReadTimeoutError,
     )
 
+    if isinstance(e, _Overdue):
+        return str(e)
     if isinstance(e, NoCredentialsError):
         return "no AWS credentials found (environment, shared config, instance role)"
     if isinstance(e, (EndpointConnectionError, ConnectTimeoutError)):
