@@ -712,11 +712,10 @@ def _no_thread_left(store: S3Store, proxy: FaultProxy, baseline: int, close: Any
     (close or store.close)()  # joins the pool's workers: would block behind one stuck on a socket
     assert time.monotonic() - start < MARGIN
     proxy.stop_holding()
-    wait_until(
-        lambda: _client_threads() <= baseline,
-        30,
-        what=f"the thread count to come back down to {baseline}: {_stacks()}",
-    )
+    try:
+        wait_until(lambda: _client_threads() <= baseline, 30, what=f"the thread count to come back down to {baseline}")
+    except AssertionError as e:
+        raise AssertionError(f"{e}; threads left:\n{_stacks()}") from None
     assert not [t.name for t in threading.enumerate() if t.name.startswith("spotsafe-s3")]
 
 
@@ -859,3 +858,11 @@ def test_without_the_connection_hook_calls_still_work_and_it_is_logged(
         store.write_file("a.bin", [b"abc"])
         assert bytes(store.read_file("a.bin")) == b"abc"
     assert "cannot bound whole S3 requests with this botocore" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("option", "value"), [("request_timeout", 0), ("request_timeout", float("nan")), ("min_throughput", -1)]
+)
+def test_bad_request_limits_are_refused(option: str, value: float) -> None:
+    with pytest.raises(ValueError, match=f"s3://bucket/run: {option} must be > 0"):
+        S3Store("s3://bucket/run", {"endpoint_url": "http://127.0.0.1:9", option: value})

@@ -679,6 +679,7 @@ class S3Store(Store):
             self._call(
                 f"CompleteMultipartUpload {key}",
                 self._client.complete_multipart_upload,
+                nbytes=total,  # S3 assembles the parts before it answers: minutes for a large object
                 Bucket=self.bucket,
                 Key=key,
                 UploadId=upload_id,
