@@ -33,6 +33,7 @@ import random
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from datetime import datetime, timezone
@@ -289,6 +290,7 @@ class S3Store(Store):
             raise StoreError(f"{self.url}: cannot create an S3 client: {e}") from e
         self._pool = ThreadPoolExecutor(max_workers=self.max_concurrency, thread_name_prefix="spotsafe-s3")
         self._watchdog = _Watchdog(f"spotsafe-s3-watchdog({self.url})")
+        weakref.finalize(self, self._watchdog.stop)  # a store dropped unclosed does not leave it behind
         self._interruptible = _track_connections(self._client, self.url) and _track_connections(check_client, self.url)
         try:
             self._check_bucket(check_client)
