@@ -589,6 +589,29 @@ def _decode_tree(buf: memoryview | bytes, payload_size: int, where: str) -> tupl
     return desc, blobs_from_description(desc, payload_size, where)
 
 
+def _read_listed_file(store: Store, directory: str, f: FileEntry) -> memoryview:
+    """The whole of ``f``, a file the manifest lists, after its size is checked against the listing.
+
+    The size is asked first (a stat; a HEAD on an object store) and must be the one the
+    manifest gives: a file planted bigger than its entry (a hostile store) is refused
+    before a byte of it is read into memory.
+    """
+    where = f"{store.url.rstrip('/')}/{directory}/{f.path}"
+    path = f"{directory}/{f.path}"
+    try:
+        size = store.file_size(path)
+        if size is None:
+            raise CheckpointNotFound(where)
+        if size != f.size:
+            raise CheckpointCorrupt(f"{where}: {size} bytes, the manifest says {f.size}")
+        buf = store.read_file(path)
+    except CheckpointNotFound as e:
+        raise CheckpointCorrupt(f"{where}: missing (the manifest lists it)") from e
+    if len(buf) != f.size:
+        raise CheckpointCorrupt(f"{where}: {len(buf)} bytes, the manifest says {f.size}")
+    return buf
+
+
 def _validate_trees(store: Store, directory: str, files: Sequence[FileEntry]) -> None:
     """Decode every rank's tree file and check all it claims against its payload, building nothing.
 
@@ -599,7 +622,7 @@ def _validate_trees(store: Store, directory: str, files: Sequence[FileEntry]) ->
     for tree in (f for f in files if f.role == "tree"):
         payload = sum(f.size for f in files if f.role == "data" and f.rank == tree.rank)
         where = f"{base}/{tree.path}"
-        desc, blobs = _decode_tree(store.read_file(f"{directory}/{tree.path}"), payload, where)
+        desc, blobs = _decode_tree(_read_listed_file(store, directory, tree), payload, where)
 
         def meta_blob(i: int, blobs: list[Blob] = blobs, where: str = where) -> torch.Tensor:
             if not 0 <= i < len(blobs):
@@ -1282,12 +1305,7 @@ class Checkpointer:
 
     def _read_one(self, store: Store, name: str, f: FileEntry, verify: bool) -> memoryview:
         base = f"{store.url.rstrip('/')}/{name}"
-        try:
-            buf = store.read_file(f"{name}/{f.path}")
-        except CheckpointNotFound as e:
-            raise CheckpointCorrupt(f"{base}/{f.path}: missing (the manifest lists it)") from e
-        if len(buf) != f.size:
-            raise CheckpointCorrupt(f"{base}/{f.path}: {len(buf)} bytes, the manifest says {f.size}")
+        buf = _read_listed_file(store, name, f)
         if verify:
             _check_checksum(base, f, buf)
         return buf

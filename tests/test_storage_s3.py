@@ -840,6 +840,29 @@ def test_a_manifest_over_the_cap_is_refused_from_its_head(
     store.close()
 
 
+def test_a_tree_file_planted_bigger_than_its_entry_is_refused_before_download(
+    s3_bucket: str, s3_proxy: FaultProxy, s3_proxy_options: dict[str, Any], s3_client: Any
+) -> None:
+    """A hostile store swaps a tree file for a big object: refused from its size, never read into memory."""
+    import torch
+
+    from spotsafe.checkpoint import Checkpointer
+
+    store = S3Store(f"s3://{s3_bucket}/run", s3_proxy_options)
+    ckpt = Checkpointer(store)
+    ckpt.save(1, {"w": torch.ones(3)}, async_=False)
+    ckpt.save(2, {"w": torch.full((3,), 2.0)}, async_=False)
+    listing = s3_client.list_objects_v2(Bucket=s3_bucket, Prefix="run/step-000000000002/")
+    trees = [o["Key"] for o in listing.get("Contents", ()) if o["Key"].endswith(".json") and "/rank" in o["Key"]]
+    assert len(trees) == 1, f"expected one tree file, found {trees}"
+    s3_client.put_object(Bucket=s3_bucket, Key=trees[0], Body=b"\0" * (8 << 20))
+    tree_name = trees[0].rpartition("/")[2]
+    assert ckpt.load(None)["w"].tolist() == [1.0, 1.0, 1.0], "did not fall back to step 1"
+    assert s3_proxy.count("GET", tree_name) == 0, f"{s3_proxy.count('GET', tree_name)} GETs of the planted tree"
+    assert ckpt.latest(verify=True).step == 1, "verify called the planted checkpoint intact"
+    store.close()
+
+
 def test_without_the_connection_hook_calls_still_work_and_it_is_logged(
     s3_bucket: str, s3_options: dict[str, Any], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
