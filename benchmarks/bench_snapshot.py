@@ -1,20 +1,26 @@
 """What the in-memory snapshot cadence costs a training loop (target: <= 2% of step time).
 
-    python benchmarks/bench_snapshot.py [--repeats 3] [--mnist-steps 400] [--big-steps 40] [--big-step-s 0.5]
+    python benchmarks/bench_snapshot.py [--repeats 3] [--mnist-steps 400]
+        [--big-step-s 0.5] [--big-intervals 3] [--big-max-steps 2000] [--skip-mnist] [--skip-big]
 
-Two loops, each run side by side through ``spotsafe.Run`` with snapshots off
-(``snapshot_every=None``) and on (``"auto"``, the default), no periodic save due,
-order rotated every repeat:
-
-1. The MNIST example's CNN and loop (batch 32, Adadelta, synthetic data): real
-   CPU training steps.
-2. A 1 GiB model-like state (the checkpoint benchmark's 352 tensors) with a step
-   of ``--big-step-s`` seconds during which the CPU waits, as it does for a GPU step.
-
-Printed per loop: the median of per-repeat throughput ratios (on/off) and the
-snapshot stall as a fraction of training time (the keeper's own accounting: the
-seconds ``step()`` spent copying, over the loop's wall time), and the cadence
-``auto`` chose.
+1. The MNIST example's CNN and loop (batch 32, Adadelta, synthetic data): real CPU
+   training steps, run side by side through ``spotsafe.Run`` with snapshots off
+   (``snapshot_every=None``) and on (``"auto"``, the default), no periodic save due,
+   order rotated every repeat. Printed: the median of per-repeat throughput ratios
+   (on/off) and the snapshot stall as a share of training time (the keeper's own
+   accounting), and the cadence ``auto`` chose.
+2. A 1 GiB model-like state (the checkpoint benchmark's 352 tensors) with steps of
+   ``--big-step-s`` seconds in which the CPU waits (as it does for a GPU step), in
+   steady state. At a 2% budget a snapshot interval lasts ~50 copies' time (10-15 s
+   for a 1 GiB copy on a quiet machine, minutes on a starved one), so a fixed step
+   count either never leaves the first snapshot (which also allocates and faults in
+   the buffer) or costs long runs. Here the first snapshot is accounted apart (its
+   allocation and its copy), and the steady window starts right after it and ends
+   after ``--big-intervals`` more snapshots. In that window the overhead is
+   measured from the loop's side: the time ``run.step()`` took, minus what it takes
+   on steps without a snapshot (their median), over the window's wall time; and the
+   keeper's own accounting beside it. No "off" run: a 2% difference in throughput
+   is inside this machine's noise, and the loop-side excess measures it directly.
 """
 
 from __future__ import annotations
@@ -79,22 +85,59 @@ class Big:
         self.state = sd
 
 
-def big(snapshots: bool, steps: int, step_s: float, store: str, model: Big) -> tuple[float, float, int, int, float]:
-    run = spotsafe.Run(store, model=model, every_steps=10**9, watch=False, snapshot_every="auto" if snapshots else None)
+def big_steady(model: Big, step_s: float, intervals: int, max_steps: int, store: str) -> dict[str, float]:
+    """The 1 GiB loop until ``intervals`` snapshots after the first; the steady window's overhead."""
+    run = spotsafe.Run(store, model=model, every_steps=10**9, watch=False, snapshot_every="auto")
+    keeper = run.snapshots
+    assert keeper is not None
     weights = next(iter(model.state.values()))
-    t0 = time.perf_counter()
-    for _ in range(steps):
+    step_times: list[tuple[float, bool]] = []  # (seconds in run.step(), took a snapshot) in the steady window
+    window_start = window_end = 0.0
+    first: dict[str, float] = {}
+    stall_before = 0.0
+    steps = 0
+    while steps < max_steps:
         end = time.perf_counter() + step_s
         weights.add_(1.0)  # the "optimizer step"
         while time.perf_counter() < end:
             time.sleep(0.005)  # the CPU waits for the device
+        taken = keeper.taken
+        t0 = time.perf_counter()
         run.step()
-    wall = time.perf_counter() - t0
-    keeper = run.snapshots
-    stall, every, taken = (keeper.stall_total_s, keeper.every, keeper.taken) if keeper else (0.0, 0, 0)
-    first = keeper.first_stall_s if keeper else 0.0
+        t1 = time.perf_counter()
+        steps += 1
+        snapped = keeper.taken > taken
+        if keeper.taken == 1 and snapped:
+            first = {"stall": t1 - t0, "alloc": keeper.alloc_total_s, "every": keeper.every}
+            window_start = t1
+            stall_before = keeper.stall_total_s
+            continue
+        if window_start:
+            step_times.append((t1 - t0, snapped))
+            if keeper.taken >= 1 + intervals:
+                window_end = t1
+                break
+    if not window_end:
+        window_end = time.perf_counter()
+    plain = [t for t, snapped in step_times if not snapped]
+    base = statistics.median(plain) if plain else 0.0
+    excess = sum(t - base for t in (t for t, _ in step_times))
+    wall = window_end - window_start
+    snaps = keeper.taken - 1
+    result = {
+        "first_stall": first.get("stall", 0.0),
+        "first_alloc": first.get("alloc", 0.0),
+        "every": float(keeper.every),
+        "steps": float(steps),
+        "snapshots": float(snaps),
+        "copy": (keeper.stall_total_s - stall_before) / snaps if snaps else float("nan"),
+        "wall": wall,
+        "step": statistics.median(t for t, _ in step_times) + step_s if step_times else step_s,
+        "overhead": excess / wall if wall > 0 else float("nan"),
+        "accounted": (keeper.stall_total_s - stall_before) / wall if wall > 0 else float("nan"),
+    }
     run.close()
-    return steps / wall, stall / wall, every, taken, first / wall
+    return result
 
 
 def compare(name: str, repeats: int, fn: Callable[[bool, str], tuple[float, float, int, int, float]]) -> None:
@@ -128,15 +171,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--mnist-steps", type=int, default=400)
-    ap.add_argument("--big-steps", type=int, default=40)
     ap.add_argument("--big-step-s", type=float, default=0.5)
+    ap.add_argument("--big-intervals", type=int, default=3, help="snapshots after the first in the steady window")
+    ap.add_argument("--big-max-steps", type=int, default=2000)
+    ap.add_argument("--skip-mnist", action="store_true")
+    ap.add_argument("--skip-big", action="store_true")
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    with tempfile.TemporaryDirectory(prefix="spotsafe-warm-", dir=".") as tmp:
-        mnist(False, 20, tmp)  # warm up kernels
-    compare("mnist", args.repeats, lambda on, store: mnist(on, args.mnist_steps, store))
-    model = Big()
-    compare("1GiB", args.repeats, lambda on, store: big(on, args.big_steps, args.big_step_s, store, model))
+    if not args.skip_mnist:
+        with tempfile.TemporaryDirectory(prefix="spotsafe-warm-", dir=".") as tmp:
+            mnist(False, 20, tmp)  # warm up kernels
+        compare("mnist", args.repeats, lambda on, store: mnist(on, args.mnist_steps, store))
+    if not args.skip_big:
+        model = Big()
+        with tempfile.TemporaryDirectory(prefix="spotsafe-bench-", dir=".") as tmp:
+            r = big_steady(model, args.big_step_s, args.big_intervals, args.big_max_steps, f"{tmp}/big")
+        print(
+            f"[1GiB] first snapshot {r['first_stall']:.2f} s (of which allocating + faulting in the buffer "
+            f"{r['first_alloc']:.2f} s), then every {r['every']:.0f} steps; steady window: {r['snapshots']:.0f} "
+            f"snapshots over {r['wall']:.1f} s ({r['steps']:.0f} steps in all, step {r['step']:.3f} s), "
+            f"copy {r['copy']:.3f} s each",
+            flush=True,
+        )
+        print(
+            f"[1GiB] steady-state snapshot overhead {100 * r['overhead']:.2f}% of step time measured by the loop "
+            f"(run.step() time above its median on steps without a snapshot, over the window's wall time); "
+            f"{100 * r['accounted']:.2f}% by the keeper's own accounting (target <= 2%)",
+            flush=True,
+        )
     return 0
 
 

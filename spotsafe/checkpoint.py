@@ -39,6 +39,7 @@ import spotsafe
 from spotsafe.errors import (
     CheckpointCorrupt,
     CheckpointNotFound,
+    DistributedError,
     FormatVersionError,
     SpotsafeError,
     StateError,
@@ -53,6 +54,7 @@ from spotsafe.storage import COMPLETE, MAX_MANIFEST_BYTES, Store, open_store, re
 if TYPE_CHECKING:
     from typing_extensions import Self
 
+    from spotsafe.distributed.board import NoticeBoard
     from spotsafe.distributed.context import DistContext
 
 log = logging.getLogger("spotsafe.checkpoint")
@@ -383,6 +385,19 @@ class SnapshotBuffer:
         assert self._view is not None
         return self._tensor[:nbytes], self._view[:nbytes]
 
+    def reserve(self, nbytes: int) -> bool:
+        """Make room for ``nbytes`` now, every page faulted in; True when it had to allocate.
+
+        The in-memory snapshots call it before timing a copy: allocating and faulting in
+        1 GiB costs several times the copy itself, once; counted into the copy it would
+        space the snapshots as if every copy were that slow.
+        """
+        if self._tensor is not None and self._tensor.numel() >= nbytes:
+            return False
+        t, _ = self.get(nbytes)
+        t.zero_()
+        return True
+
     def release(self) -> None:
         self._tensor = self._view = None
 
@@ -399,10 +414,30 @@ class Snapshot:
     parts: list[memoryview]  # concatenated, they are the data file
     blobs: list[Blob]
     keepalive: list[Any] = field(repr=False)  # what the memory under ``parts`` belongs to
+    #: CUDA events recorded after device-to-host copies issued on side streams (empty: the bytes are there).
+    pending: list[Any] = field(default_factory=list, repr=False)
+    #: (start, end) timing events of those copies, one pair per device, for the copy's device time.
+    timing: list[tuple[Any, Any]] = field(default_factory=list, repr=False)
 
     @property
     def nbytes(self) -> int:
         return sum(len(p) for p in self.parts)
+
+    @property
+    def ready(self) -> bool:
+        """True once every device-to-host copy has landed in host memory (always, without side streams)."""
+        return all(e.query() for e in self.pending)
+
+    def wait(self) -> None:
+        """Block until the host memory under ``parts`` holds the copied bytes (side-stream copies done)."""
+        for event in self.pending:
+            event.synchronize()
+
+    def device_seconds(self) -> float | None:
+        """Seconds the side-stream copies took on the device (the longest device), once done; else None."""
+        if not self.timing or not all(end.query() for _, end in self.timing):
+            return None
+        return float(max(start.elapsed_time(end) for start, end in self.timing)) / 1000.0
 
 
 def _memory(t: torch.Tensor) -> memoryview:
@@ -413,7 +448,13 @@ def _memory(t: torch.Tensor) -> memoryview:
     return memoryview((ctypes.c_ubyte * n).from_address(t.data_ptr())).cast("B")
 
 
-def snapshot(state: Mapping[str, Any] | FlatState, buffer: SnapshotBuffer, *, copy: bool = True) -> Snapshot:
+def snapshot(
+    state: Mapping[str, Any] | FlatState,
+    buffer: SnapshotBuffer,
+    *,
+    copy: bool = True,
+    streams: SideStreams | None = None,
+) -> Snapshot:
     """Step 1: capture ``state`` for writing.
 
     With ``copy`` every tensor's bytes are copied into ``buffer`` (the async
@@ -421,25 +462,86 @@ def snapshot(state: Mapping[str, Any] | FlatState, buffer: SnapshotBuffer, *, co
     a state that is all on the CPU is written from the tensors' own memory (the
     sync case: the caller waits for the write); device tensors still go through
     the (pinned) buffer.
+
+    Device tensors are copied with ``non_blocking=True``. Without ``streams`` the
+    copies go on the current stream and ``torch.cuda.synchronize()`` waits for them.
+    With ``streams`` (:class:`SideStreams`, the in-memory snapshots' path) each
+    device's copies go on a dedicated side stream that first waits for the current
+    (compute) stream, the compute stream then waits for the copies' event before
+    its next kernels (so a later optimizer step cannot overwrite a tensor mid-copy),
+    and this returns without blocking the host: :attr:`Snapshot.pending` holds the
+    events, and :meth:`Snapshot.wait` (called by :func:`write_rank_files`) blocks
+    until the bytes are in host memory.
     """
     flat = state if isinstance(state, FlatState) else flatten(state)
     if not copy and all(src.device.type == "cpu" for src in flat.sources):
         return _zero_copy(flat)
     dst, view = buffer.get(flat.nbytes)
-    cuda = False
+    devices: set[torch.device] = set()
     pos = 0
     for blob, src in zip(flat.blobs, flat.sources, strict=True):
         if blob.offset > pos:
             dst[pos : blob.offset].zero_()  # alignment padding: keep files deterministic
         if blob.nbytes:
-            cuda |= src.is_cuda
-            dst[blob.offset : blob.offset + blob.nbytes].copy_(src, non_blocking=src.is_cuda)
+            out = dst[blob.offset : blob.offset + blob.nbytes]
+            if src.is_cuda and streams is not None:
+                stream = streams.begin(src.device)
+                with torch.cuda.stream(stream):
+                    out.copy_(src, non_blocking=True)
+                src.record_stream(stream)  # its memory is not reused before the copy is done
+                devices.add(src.device)
+            else:
+                if src.is_cuda:
+                    devices.add(src.device)
+                out.copy_(src, non_blocking=src.is_cuda)
         pos = blob.offset + blob.nbytes
     if pos < flat.nbytes:
         dst[pos:].zero_()
-    if cuda:
+    snap = Snapshot(flat.description(), [view], list(flat.blobs), [dst, buffer])
+    if devices and streams is None:
         torch.cuda.synchronize()
-    return Snapshot(flat.description(), [view], list(flat.blobs), [dst, buffer])
+    elif devices and streams is not None:
+        snap.pending, snap.timing = streams.end()
+    return snap
+
+
+class SideStreams:
+    """One CUDA side stream per device for the in-memory snapshots' device-to-host copies.
+
+    :meth:`begin` (per copy) makes the device's side stream wait for the compute
+    stream's work so far (once per snapshot) and records a timing event;
+    :meth:`end` records each device's completion event, makes the compute stream
+    wait for it (nothing on the device can change a tensor before its copy is done;
+    the host does not block) and returns ``(events, timing pairs)``.
+    """
+
+    def __init__(self) -> None:
+        self._streams: dict[torch.device, Any] = {}
+        self._open: dict[torch.device, Any] = {}  # device -> start event of the snapshot under way
+
+    def begin(self, device: torch.device) -> Any:
+        stream = self._streams.get(device)
+        if stream is None:
+            stream = self._streams[device] = torch.cuda.Stream(device=device)  # type: ignore[no-untyped-call]  # torch leaves it untyped
+        if device not in self._open:
+            stream.wait_stream(torch.cuda.current_stream(device))
+            start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]  # torch leaves it untyped
+            start.record(stream)
+            self._open[device] = start
+        return stream
+
+    def end(self) -> tuple[list[Any], list[tuple[Any, Any]]]:
+        events: list[Any] = []
+        timing: list[tuple[Any, Any]] = []
+        for device, start in self._open.items():
+            stream = self._streams[device]
+            done = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]  # torch leaves it untyped
+            done.record(stream)
+            torch.cuda.current_stream(device).wait_event(done)
+            events.append(done)
+            timing.append((start, done))
+        self._open.clear()
+        return events, timing
 
 
 def _zero_copy(flat: FlatState) -> Snapshot:
@@ -506,6 +608,7 @@ def write_rank_files(store: Store, directory: str, snap: Snapshot, *, rank: int 
     File names carry a random token, so re-saving a step that is already committed
     never touches the files its manifest names until the new manifest replaces it.
     """
+    snap.wait()  # side-stream device-to-host copies: their bytes must be in host memory before any read
     token = uuid.uuid4().hex[:8]
     tree_name = f"rank{rank:05d}.{token}.json"
     segment = store.segment_size
@@ -745,6 +848,9 @@ class Checkpointer:
         #: Seconds a collective save waits at its barrier for a missing rank (None: the group's
         #: timeout); spotsafe.Run sets it to the time left before a notice's deadline.
         self.barrier_timeout: float | None = None
+        #: Step directories a snapshot persist is writing outside the save lock: cleanup leaves them alone.
+        self._protected: set[str] = set()
+        self._lock_protected = threading.Lock()
         _live.add(self)
 
     def __repr__(self) -> str:
@@ -895,6 +1001,91 @@ class Checkpointer:
             thread = threading.Thread(target=self._run, args=(persist,), name=f"spotsafe-snapshot-{step}", daemon=True)
             self._thread = thread
             thread.start()
+
+    def persist_snapshot_ranks(
+        self,
+        step: int,
+        snap: Snapshot,
+        board: NoticeBoard,
+        *,
+        epoch: int | None,
+        reason: Reason,
+        when: datetime,
+        metadata: Mapping[str, Any],
+        timeout: float,
+        stall_s: float = 0.0,
+    ) -> bool:
+        """Every rank's part of a snapshot taken at ``step`` is written, then rank 0 commits it; returns on commit.
+
+        The multi-rank counterpart of :meth:`persist_snapshot`, run by every rank's
+        snapshot guard in its own thread (all of them for the same ``step``) while the
+        training threads may be inside a step or in a collective save. So it takes no
+        process-group collective and not the save lock: each rank writes its files
+        (durable on return), posts their entries on ``board``; rank 0 waits for every
+        rank's entries, commits the manifest (fenced, sizes checked, manifest last) and
+        posts the outcome. A rank that fails or never posts within ``timeout`` seconds
+        leaves nothing committed. True when committed (on every rank: rank 0's outcome).
+        """
+        ctx = self.dist
+        if ctx is None:
+            raise SpotsafeError(f"{self.store.url}: persist_snapshot_ranks needs a multi-rank Checkpointer")
+        if self._closed:
+            raise SpotsafeError(f"{self.store.url}: this Checkpointer is closed")
+        meta = _plain_metadata(metadata)
+        name = checkpoint_name(step)
+        end = _time.monotonic() + timeout
+        key = f"snapshot-{step:012d}"
+        with self._lock_protected:
+            self._protected.add(name)
+        try:
+            t0 = _time.perf_counter()
+            try:
+                mine: Any = [asdict(f) for f in write_rank_files(self.store, name, snap, rank=ctx.rank)]
+            except Exception as e:  # posted for rank 0 (nothing is committed), then re-raised
+                board.post(f"{key}/files/{ctx.rank}", {"error": f"{type(e).__name__}: {e}"})
+                raise
+            written = _time.perf_counter()
+            if not ctx.is_coordinator:
+                board.post(f"{key}/files/{ctx.rank}", mine)
+                outcome = board.wait([f"{key}/outcome"], end - _time.monotonic())[0]
+                if outcome != "ok":
+                    raise DistributedError(f"checkpoint {self.store.url}/{name}: rank 0 did not commit: {outcome}")
+                return True
+            parts = board.wait([f"{key}/files/{r}" for r in range(1, ctx.world_size)], end - _time.monotonic())
+            try:
+                failed = {r + 1: p["error"] for r, p in enumerate(parts) if isinstance(p, dict)}
+                if failed:
+                    who = "; ".join(f"rank {r}: {why}" for r, why in sorted(failed.items()))
+                    raise DistributedError(f"checkpoint {self.store.url}/{name}: not committed: {who}")
+                files = [FileEntry(**f) for p in [mine, *parts] for f in p]
+                if self.lease is None or not self.lease.held:
+                    self._acquire(timeout=max(end - _time.monotonic(), 0.0))
+                manifest = Manifest(
+                    format_version=format_version_for(files),
+                    step=step,
+                    epoch=epoch,
+                    reason=reason,
+                    time=when,
+                    world_size=ctx.world_size,
+                    files=tuple(files),
+                    metadata=self._generation_meta(meta),
+                )
+                commit_manifest(self.store, name, manifest, self.lease)
+            except BaseException as e:
+                board.post(f"{key}/outcome", f"{type(e).__name__}: {e}")
+                self._raise_fenced(e)
+                raise
+            board.post(f"{key}/outcome", "ok")
+            done = _time.perf_counter()
+            self.last_saved = CheckpointInfo.from_manifest(self.store, name, manifest)
+            log.info("spotsafe: saved %s (%s snapshot of %d ranks)", self.last_saved.url, reason, ctx.world_size)
+            timings = {"snapshot_s": stall_s, "write_s": written - t0, "commit_s": done - written}
+            self.last_timings = timings
+            self._retain_timed(step, timings)
+            return True
+        finally:
+            with self._lock_protected:
+                self._protected.discard(name)
 
     def _raise_fenced(self, error: BaseException) -> None:
         """Raise WriterFenced (from ``error``) when a save failed because another writer took over.
@@ -1078,6 +1269,10 @@ class Checkpointer:
         self.lease.check()
         self.store.cleanup_incomplete()
         for name in self.store.listdir(""):
+            with self._lock_protected:
+                protected = name in self._protected
+            if protected:
+                continue  # a snapshot persist is writing it right now (persist_snapshot_ranks)
             if _NAME.fullmatch(name) and name != skip and self.store.file_size(f"{name}/{MANIFEST}") is None:
                 log.info("spotsafe: removing incomplete checkpoint %s/%s", self.store.url, name)
                 self.store.delete_dir(name)

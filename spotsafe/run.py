@@ -119,7 +119,9 @@ class Run:
     keep their stall under 2% of step time; None: off). On a notice that the
     current step cannot meet, the newest one is persisted from a background thread
     before the deadline (:mod:`spotsafe.snapshot`). Costs one more copy of the state
-    in host memory. Single-process runs only for now.
+    in host memory (two under torchrun: ranks run up to a step apart); under torchrun
+    every rank snapshots the same steps and a notice on one rank makes every rank
+    persist the same one (not for sharded FSDP state).
 
     ``model``/``optimizer``/``scheduler``/``scaler`` also take a mapping (or list)
     of such objects, e.g. a GAN's ``model={"G": g, "D": d}``: each is saved and
@@ -272,12 +274,21 @@ class Run:
 
             self._live = LivePage.start(self.store, every=report_every)
         self._last_save = time.monotonic()
-        #: The in-memory snapshots (single process, ``snapshot_every`` not None), else None.
+        #: The in-memory snapshots (``snapshot_every`` not None; not for sharded state), else None.
         self.snapshots: SnapshotKeeper | None = None
-        if snapshot_every is not None and self._ddp is None:
+        if snapshot_every is not None:
             from spotsafe.snapshot import SnapshotKeeper
 
-            self.snapshots = SnapshotKeeper(self.checkpointer, snapshot_every, emit=emit_event)
+            if self._ddp is None:
+                self.snapshots = SnapshotKeeper(self.checkpointer, snapshot_every, emit=emit_event)
+            elif _is_sharded_state(self._objects.get("model")):
+                log.info("sharded state (saved through DCP): no in-memory snapshots; notices are handled at step()")
+            else:
+                from spotsafe.distributed.board import NoticeBoard
+
+                # A collective (rank 0's prefix is broadcast): every rank builds its Run with the same arguments.
+                board = NoticeBoard.open(self._ddp.ctx)
+                self.snapshots = SnapshotKeeper(self.checkpointer, snapshot_every, emit=emit_event, board=board)
 
         self.watcher: InterruptionWatcher | None
         self._owns_watcher = False
@@ -290,8 +301,8 @@ class Run:
             self.watcher = None
         else:
             self.watcher = watch
-        if self.snapshots is not None and self.watcher is not None:
-            self.snapshots.start(self.watcher)
+        if self.snapshots is not None:
+            self.snapshots.start(self.watcher)  # several ranks: it also watches for a peer's notice
         atexit.register(self._atexit)
 
     # -- public -------------------------------------------------------------------
@@ -826,7 +837,12 @@ class Run:
         every_s = self._every_seconds()
         clock_due = every_s is not None and time.monotonic() - self._last_save >= every_s
         notice = self.watcher.notice if self.watcher is not None else None
-        agreed = ddp.agreement.step(notice, self.step_count, due=clock_due)
+        keeper = self.snapshots
+        wish = keeper.proposal() if keeper is not None else 0
+        agreed = ddp.agreement.step(notice, self.step_count, due=clock_due, snapshot_every=wish)
+        if keeper is not None:
+            keeper.agree(ddp.agreement.snapshot_every)  # the same value after the same call on every rank
+            keeper.lag_steps = ddp.agreement.bound_steps()
         if agreed is not None and agreed.is_final:
             local = notice if notice is not None and notice.is_final else None
             self._final_save(
@@ -844,8 +860,19 @@ class Run:
             emit_event("rebalance", step=self.step_count, source=f"rank {agreed.source_rank}")
             self._record("rebalance", urgent=True, step=self.step_count, source=f"rank {agreed.source_rank}")
             due = True
-        if due and self._saved_step != self.step_count:
+        saving = due and self._saved_step != self.step_count
+        if saving:
             self._save("rebalance" if agreed is not None else "periodic", async_=None)
+        if keeper is not None:
+            keeper.after_step(
+                self.step_count, self._rank_state, epoch=self.epoch, metadata=self._save_metadata, saving=saving
+            )
+
+    def _rank_state(self) -> dict[str, Any]:
+        """What this rank writes of the state (rank 0: all of it; the others: their RNGs and data position)."""
+        from spotsafe.distributed import RANK_KEYS, rank_state
+
+        return rank_state(self._state(), self._ddp.ctx if self._ddp is not None else None, RANK_KEYS)
 
     # -- events ---------------------------------------------------------------------
 

@@ -13,9 +13,22 @@ a durable checkpoint at most one snapshot old exists before the deadline while
 the training thread is still inside its step.
 
 Cost: one more copy of the state in host memory (pinned when CUDA is present),
-and the copy's stall every ``every`` steps. Multi-rank runs (torch.distributed
-with several ranks) do not take snapshots yet: their notice path is the agreed
-save at a step boundary.
+and the copy's stall every ``every`` steps.
+
+Multi-rank runs (torch.distributed with several ranks, replicated state as under
+DDP) take their snapshots at the same steps on every rank: the cadence rides on
+the notice agreement's reduce (:attr:`NoticeAgreement.snapshot_every`, the largest
+rank's wish), switched at the same call everywhere. A notice seen by one rank
+reaches the others through a :class:`~spotsafe.distributed.board.NoticeBoard`
+(small keys in the job's own c10d store, polled by every rank's guard thread), not
+through a collective: the training threads may be inside a step or a collective
+save. The guards exchange the steps they hold, agree on the newest one all of them
+hold, and persist it with :meth:`Checkpointer.persist_snapshot_ranks` (every rank's
+files durable, then rank 0 commits the manifest). Ranks run up to a step apart (a
+rank may have taken snapshot ``s`` while another is still inside step ``s``), so each
+rank keeps its two newest snapshots: two copies of what it writes in host memory
+(rank 0 writes the replicated state; the others only their RNG streams and data
+position). Sharded (FSDP/DCP) state takes no snapshots.
 """
 
 from __future__ import annotations
@@ -31,10 +44,15 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Literal
 
-from spotsafe.checkpoint import Snapshot, SnapshotBuffer, snapshot
+import torch
+
+from spotsafe.checkpoint import SideStreams, Snapshot, SnapshotBuffer, snapshot
+from spotsafe.errors import DistributedError
+from spotsafe.state import flatten
 
 if TYPE_CHECKING:
     from spotsafe.checkpoint import Checkpointer
+    from spotsafe.distributed.board import NoticeBoard
     from spotsafe.interruption import InterruptionWatcher, Notice
 
 log = logging.getLogger("spotsafe.snapshot")
@@ -76,6 +94,12 @@ class SnapshotKeeper:
     copy times to keep the stall under ``budget`` of step time) or None (off).
     The Run calls :meth:`after_step` at every step boundary, :meth:`saved` when it
     starts a regular save, and :meth:`stand_down` when its own notice save begins.
+
+    With ``board`` (a multi-rank run) the keeper snapshots at the steps every rank
+    agreed on (``step % every == 0``, ``every`` set by :meth:`agree` at the same call
+    on every rank from :meth:`proposal`), keeps its two newest snapshots, and its
+    guard persists the newest step every rank holds when any rank's notice leaves
+    too little time (see the module doc).
     """
 
     def __init__(
@@ -85,6 +109,7 @@ class SnapshotKeeper:
         *,
         budget: float = DEFAULT_BUDGET,
         emit: Emit | None = None,
+        board: NoticeBoard | None = None,
     ) -> None:
         if every != "auto" and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
             raise ValueError(f"snapshot_every must be 'auto', None or an int >= 1, not {every!r}")
@@ -96,16 +121,24 @@ class SnapshotKeeper:
         self.every: int = 1 if every == "auto" else int(every)
         self.budget = budget
         self._emit = emit
-        self._buffer = SnapshotBuffer()
+        self._board = board
+        #: Snapshots kept: the newest, and under several ranks the one before (a peer may not have the newest yet).
+        self.depth = 1 if board is None else 2
+        self._buffers = [SnapshotBuffer() for _ in range(self.depth)]
+        #: CUDA present: device tensors are copied on side streams (pinned buffers, non-blocking), else None.
+        self._streams: SideStreams | None = SideStreams() if torch.cuda.is_available() else None
+        self._ring: list[HeldSnapshot | None] = [None] * self.depth
         self._lock = threading.Lock()
-        self._held: HeldSnapshot | None = None
         self._persisting = False
+        #: Multi-rank: this rank's wish for ``every`` (auto), sent in the agreement's reduce.
+        self._want = self.every
+        #: Steps a notice may take to be agreed at step() after it is seen (the agreement's bound).
+        self.lag_steps = 0
         #: Newest step a regular save was started for (a held snapshot at or before it is moot).
         self._saved_step = -1
         self._since = 0
         self._step_times: deque[float] = deque(maxlen=_WINDOW)
         self._copy_s: float | None = None
-        self._copy_cold = False
         #: monotonic time the current step began (the end of the previous step())
         self._step_began = time.monotonic()
         self._stand_down = threading.Event()
@@ -118,14 +151,27 @@ class SnapshotKeeper:
         self.stall_total_s = 0.0
         #: The first snapshot's stall (it also allocates the buffer): a one-off, not the cadence's cost.
         self.first_stall_s = 0.0
+        #: Seconds of those stalls spent allocating and faulting in buffers (one-offs, in ``stall_total_s`` too).
+        self.alloc_total_s = 0.0
 
     # -- the training thread ----------------------------------------------------------
 
     @property
+    def _held(self) -> HeldSnapshot | None:
+        """The newest snapshot in memory."""
+        held = [h for h in self._ring if h is not None]
+        return max(held, key=lambda h: h.step) if held else None
+
+    @property
     def held_step(self) -> int | None:
-        """Step of the snapshot in memory, or None."""
+        """Step of the newest snapshot in memory, or None."""
         held = self._held
         return None if held is None else held.step
+
+    @property
+    def held_steps(self) -> list[int]:
+        """Steps of every snapshot in memory, oldest first."""
+        return sorted(h.step for h in self._ring if h is not None)
 
     @property
     def step_time(self) -> float | None:
@@ -134,8 +180,18 @@ class SnapshotKeeper:
 
     @property
     def nbytes(self) -> int:
-        """Host memory the snapshot buffer holds."""
-        return self._buffer.capacity
+        """Host memory the snapshot buffers hold."""
+        return sum(b.capacity for b in self._buffers)
+
+    def proposal(self) -> int:
+        """Multi-rank: the ``every`` this rank wishes for (auto: from its own copy and step times)."""
+        return self._want if self.auto else self.every
+
+    def agree(self, every: int) -> None:
+        """Multi-rank: the ``every`` all ranks agreed on, applied at the same step everywhere (0: none yet)."""
+        if every >= 1 and every != self.every:
+            log.info("snapshot every %d steps (was %d), as agreed by every rank", every, self.every)
+            self.every = every
 
     def after_step(
         self,
@@ -155,7 +211,11 @@ class SnapshotKeeper:
                 self._saved_step = max(self._saved_step, step)
                 self._since = 0
                 return
-            if self._since < self.every or self._stand_down.is_set():
+            if self._stand_down.is_set():
+                return
+            # Several ranks: the same steps everywhere (the step count and ``every`` are the same on each).
+            due = step % self.every == 0 if self._board is not None else self._since >= self.every
+            if not due:
                 return
             self._take(step, state, epoch, metadata)
         finally:
@@ -173,29 +233,50 @@ class SnapshotKeeper:
         metadata: Callable[[], Mapping[str, Any]],
     ) -> None:
         with self._lock:
-            if self._persisting:  # the buffer is being written: keep it as it is
+            if self._persisting:  # a buffer is being written: keep them as they are
                 return
-            capacity = self._buffer.capacity
+            previous = self._held
+            # Overwrite the oldest slot (or an empty one): the newest stays until this copy is complete.
+            slot = self._free_slot()
+            buffer = self._buffers[slot]
+            self._ring[slot] = None
             t0 = time.perf_counter()
-            snap = snapshot(state(), self._buffer, copy=True)
+            flat = flatten(state())
+            t1 = time.perf_counter()
+            # Allocating and faulting in the buffer (the first snapshot, or a state that grew) is a one-off:
+            # timed apart, so the cadence is set by what every later copy costs, from the first snapshot on.
+            allocated = buffer.reserve(flat.nbytes)
+            alloc_s = time.perf_counter() - t1
+            snap = snapshot(flat, buffer, copy=True, streams=self._streams)
             stall = time.perf_counter() - t0
             meta = {**dict(metadata()), "snapshot": True}
-            self._held = HeldSnapshot(step, epoch, meta, datetime.now(timezone.utc), snap, stall)
+            self._ring[slot] = HeldSnapshot(step, epoch, meta, datetime.now(timezone.utc), snap, stall)
         self._since = 0
         self.taken += 1
         self.stall_total_s += stall
+        if allocated:
+            self.alloc_total_s += alloc_s
         if self.taken == 1:
             self.first_stall_s = stall
-        if self._buffer.capacity != capacity:
-            # This copy also paid for allocating (and faulting in) the buffer: an upper bound on what the
-            # next ones cost. Space them by it now (no second full copy right away); a warm copy replaces it.
-            self._copy_s, self._copy_cold = stall, True
-        elif self._copy_s is None or self._copy_cold:
-            self._copy_s, self._copy_cold = stall, False
-        else:
-            self._copy_s = 0.7 * self._copy_s + 0.3 * stall
+        # On a GPU the host only queues the copies; the compute stream waits for them, so their device
+        # time (known once the previous snapshot's copies are done) is the cost the cadence must budget.
+        cost = stall - (alloc_s if allocated else 0.0)
+        device_s = previous.snap.device_seconds() if previous is not None else None
+        if device_s is not None:
+            cost = max(cost, device_s)
+        self._copy_s = cost if self._copy_s is None else 0.7 * self._copy_s + 0.3 * cost
         if self.auto:
             self._retune()
+
+    def _free_slot(self) -> int:
+        """The ring slot to overwrite: an empty one, else the oldest snapshot's."""
+        oldest, oldest_step = 0, None
+        for i, held in enumerate(self._ring):
+            if held is None:
+                return i
+            if oldest_step is None or held.step < oldest_step:
+                oldest, oldest_step = i, held.step
+        return oldest
 
     def _retune(self) -> None:
         step_s = self.step_time
@@ -203,6 +284,9 @@ class SnapshotKeeper:
             return
         want = math.ceil(self._copy_s / (self.budget * max(step_s, 1e-6)))
         want = min(MAX_EVERY, max(MIN_EVERY, want))
+        if self._board is not None:
+            self._want = want  # proposed in the agreement; every rank switches at the same step (agree())
+            return
         if want != self.every and abs(want - self.every) > 0.2 * self.every:
             log.info(
                 "snapshot every %d steps (was %d): copy %.4f s, step %.4f s, budget %.0f%%",
@@ -216,11 +300,12 @@ class SnapshotKeeper:
 
     # -- the guard ------------------------------------------------------------------
 
-    def start(self, watcher: InterruptionWatcher) -> None:
-        """Start the guard thread: it waits for a final notice from ``watcher``."""
-        if self._guard is not None:
+    def start(self, watcher: InterruptionWatcher | None) -> None:
+        """Start the guard thread: it waits for a final notice from ``watcher`` (and, multi-rank, from a peer)."""
+        if self._guard is not None or (watcher is None and self._board is None):
             return
-        self._guard = threading.Thread(target=self._watch, args=(watcher,), name="spotsafe-snapshot-guard", daemon=True)
+        target = self._watch if self._board is None else self._watch_ranks
+        self._guard = threading.Thread(target=target, args=(watcher,), name="spotsafe-snapshot-guard", daemon=True)
         self._guard.start()
 
     def stand_down(self) -> None:
@@ -236,11 +321,13 @@ class SnapshotKeeper:
             guard.join()
         self._guard = None
         with self._lock:
-            self._held = None
+            self._ring = [None] * self.depth
             if not self._persisting:
-                self._buffer.release()
+                for buffer in self._buffers:
+                    buffer.release()
 
-    def _watch(self, watcher: InterruptionWatcher) -> None:
+    def _watch(self, watcher: InterruptionWatcher | None) -> None:
+        assert watcher is not None
         while not self._stop.is_set():
             notice = watcher.wait(0.5, final=True)
             if notice is None:
@@ -259,7 +346,8 @@ class SnapshotKeeper:
         elapsed = time.monotonic() - self._step_began
         # A step already running longer than usual (an evaluation pass?) may run as long again.
         remaining = step_s - elapsed if elapsed < step_s else step_s
-        return remaining + self._save_s()
+        # Several ranks: the notice is acted on only once every rank agreed on it, up to lag_steps later.
+        return remaining + self.lag_steps * step_s + self._save_s()
 
     def _save_s(self) -> float:
         """Seconds a save of the live state at step() would take: the last one's, with room to spare."""
@@ -331,6 +419,134 @@ class SnapshotKeeper:
                     seconds=took,
                     flushed=flushed,
                     left=notice.time_left(),
+                )
+        finally:
+            with self._lock:
+                self._persisting = False
+
+    # -- several ranks ----------------------------------------------------------------
+
+    def _watch_ranks(self, watcher: InterruptionWatcher | None) -> None:
+        """The guard of one rank of several: its own notice, or a peer's marker on the board."""
+        board = self._board
+        assert board is not None
+        local: Notice | None = None
+        warned = False
+        while not self._stop.is_set():
+            if local is None and watcher is not None:
+                local = watcher.wait(board.poll_interval, final=True)
+            elif self._stop.wait(board.poll_interval):
+                return
+            try:
+                marker = board.read("notice")
+                # Until the Run's own (agreed) notice save begins, this rank may be the one to call it.
+                if (
+                    marker is None
+                    and local is not None
+                    and not self._stand_down.is_set()
+                    and self._needed_s() + MARGIN_S >= local.time_left()
+                ):
+                    marker = {
+                        "rank": board.rank,
+                        "deadline": local.deadline.timestamp(),
+                        "detected": local.detected_at.timestamp(),
+                        "source": local.source,
+                    }
+                    board.post("notice", marker)
+            except DistributedError as e:  # the store went away (the job is ending): keep trying until closed
+                if not warned:
+                    log.warning("spotsafe: the snapshot guard cannot reach the job's store: %s", e)
+                    warned = True
+                continue
+            if marker is None:
+                continue
+            # A marker commits every rank's guard, even after its Run began the agreed save: peers count on it.
+            deadline = float(marker["deadline"])
+            if local is not None:
+                deadline = min(deadline, local.deadline.timestamp())
+            try:
+                self._persist_agreed(
+                    datetime.fromtimestamp(deadline, timezone.utc), int(marker["rank"]), float(marker["detected"])
+                )
+            except Exception:  # the Run's own notice path still runs: log and go on
+                log.exception("spotsafe: persisting the in-memory snapshot with the other ranks failed")
+            return
+
+    def _persist_agreed(self, deadline: datetime, source_rank: int, detected_at: float) -> None:
+        """Agree with every rank on the newest step all of them hold, and persist it together.
+
+        ``detected_at``: when the source rank saw the notice (a UTC timestamp), for the time-to-durable figure.
+        """
+        board = self._board
+        assert board is not None
+        detected = time.monotonic()
+
+        def left() -> float:
+            return (deadline - datetime.now(timezone.utc)).total_seconds()
+
+        with self._lock:
+            self._persisting = True  # frozen: what this rank announces below stays in memory
+            held = {h.step: h for h in self._ring if h is not None}
+        try:
+            everyone = board.gather("held", {"steps": sorted(held), "saved": self._saved_step}, max(left(), 0.0))
+            common = set.intersection(*(set(e["steps"]) for e in everyone))
+            floor = min(int(e["saved"]) for e in everyone)  # every rank began a regular save of this step or later
+            candidates = [s for s in common if s > floor]
+            if not candidates:
+                log.warning(
+                    "spotsafe: notice from rank %d with %.1f s left; no in-memory snapshot step held by every rank "
+                    "(here %s) is newer than the last save: nothing to persist",
+                    source_rank,
+                    left(),
+                    sorted(held),
+                )
+                return
+            step = max(candidates)
+            h = held[step]
+            log.warning(
+                "spotsafe: notice from rank %d with %.1f s left; persisting the in-memory snapshot of step %d on "
+                "every rank now",
+                source_rank,
+                left(),
+                step,
+            )
+            store = self.checkpointer.store
+            store.set_deadline(deadline)
+            self.checkpointer.persist_snapshot_ranks(
+                step,
+                h.snap,
+                board,
+                epoch=h.epoch,
+                reason="notice",
+                when=h.when,
+                metadata=h.metadata,
+                timeout=max(left(), 0.0),
+                stall_s=h.stall_s,
+            )
+            flushed = store.flush(timeout=max(left(), 0.0))
+            took = time.monotonic() - detected
+            # From the source rank's notice (wall clocks: one host, or NTP-synchronized ones).
+            since_notice = time.time() - detected_at
+            self._saved_step = max(self._saved_step, step)
+            self.persisted = (step, took)
+            log.warning(
+                "spotsafe: snapshot of step %d durable on every rank %.2f s after rank %d saw the notice; %.1f s left",
+                step,
+                since_notice,
+                source_rank,
+                left(),
+            )
+            if self._emit is not None:
+                self._emit(
+                    "snapshot_durable",
+                    step=step,
+                    epoch=h.epoch,
+                    seconds=took,
+                    since_notice=since_notice,
+                    flushed=flushed,
+                    left=left(),
+                    rank=board.rank,
+                    source_rank=source_rank,
                 )
         finally:
             with self._lock:

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -17,7 +18,9 @@ import torch
 from torch import nn
 
 from spotsafe import Run
-from spotsafe.checkpoint import Checkpointer
+from spotsafe.checkpoint import Checkpointer, SnapshotBuffer, snapshot
+from spotsafe.distributed.board import NoticeBoard
+from spotsafe.errors import DistributedError
 from spotsafe.interruption import InterruptionWatcher, Notice
 from spotsafe.snapshot import SnapshotKeeper
 from tests.helpers import wait_until
@@ -124,6 +127,98 @@ def test_notice_shorter_than_a_step_persists_the_snapshot_before_the_kill(tmp_pa
     resumed = [json.loads(line) for line in events.read_text().splitlines() if '"resumed"' in line]
     assert resumed[-1]["step"] == 5
     a, b = torch.load(tmp_path / "ref.pt"), torch.load(tmp_path / "b.pt")
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k}"
+
+
+DDP_WORKER = Path(__file__).parent / "dist_workers" / "snapshot_ddp.py"
+
+
+def torchrun_job(out: Path, store: Path, **env: str) -> subprocess.Popen[str]:
+    """tests/dist_workers/snapshot_ddp.py under a 2-rank torchrun (gloo, CPU), in its own session."""
+    out.mkdir(parents=True, exist_ok=True)
+    full = {**os.environ, "OMP_NUM_THREADS": "1", "SPOTSAFE_SOURCES": "signal", **env}
+    full.pop("SPOTSAFE_STORE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    with open(out / "torchrun.log", "w") as log:  # the child keeps its own descriptor
+        return subprocess.Popen(
+            [*cmd, str(DDP_WORKER), str(out), str(store)],
+            env=full,
+            text=True,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            start_new_session=True,
+        )
+
+
+def finished(job: subprocess.Popen[str], out: Path, timeout: float = 180) -> None:
+    try:
+        code = job.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+        code = None
+    log = (out / "torchrun.log").read_text(errors="replace")
+    assert code == 0, f"torchrun exited {code}:\n{log[-6000:]}"
+
+
+def test_two_ranks_notice_on_one_persist_the_same_snapshot_before_the_kill(tmp_path: Path) -> None:
+    # The uninterrupted reference, at full speed, beside the interrupted run.
+    ref = torchrun_job(tmp_path / "ref", tmp_path / "ref-store")
+    # Steps of 0.5 s (from step 6: 10 s, longer than the deadline), agreement every step. SIGTERM to rank 1 alone early in step 6 with
+    # 2 s of grace, every process SIGKILLed at the deadline: no step() is reached again on either rank.
+    grace = 2.0
+    cut, store = tmp_path / "cut", tmp_path / "store"
+    job = torchrun_job(cut, store, STEP_SECONDS="0.5", LATE_STEP_SECONDS="10", SPOTSAFE_SIGNAL_GRACE=str(grace))
+    try:
+
+        def both_at_step_5() -> bool:
+            if job.poll() is not None:
+                raise AssertionError((cut / "torchrun.log").read_text(errors="replace")[-6000:])
+            steps = [cut / f"step-r{r}" for r in (0, 1)]
+            return all(p.exists() and p.read_text() == "5" for p in steps)
+
+        wait_until(both_at_step_5, 180, interval=0.01, what="both ranks done with step 5")
+        pids = [int((cut / f"pid-r{r}").read_text()) for r in (0, 1)]
+        time.sleep(0.2)
+        os.kill(pids[1], signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and job.poll() is None:
+            time.sleep(0.01)
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+        job.wait(60)
+    log = (cut / "torchrun.log").read_text(errors="replace")
+    # Both ranks were still inside step 6 at the deadline (else this proves nothing about the snapshot path).
+    assert [(cut / f"step-r{r}").read_text() for r in (0, 1)] == ["5", "5"], f"{log[-6000:]}"
+
+    ckpt = Checkpointer(store)
+    newest = ckpt.latest(verify=True)
+    assert newest is not None, f"{log[-6000:]}"
+    assert (newest.step, newest.reason, newest.metadata.get("snapshot")) == (5, "notice", True)
+    manifest = json.loads((store / newest.name / "manifest.json").read_text())
+    assert manifest["world_size"] == 2
+    assert sorted({f["rank"] for f in manifest["files"]}) == [0, 1]
+    ckpt.close()
+    for rank in (0, 1):
+        events = [json.loads(line) for line in (cut / f"events-r{rank}.jsonl").read_text().splitlines()]
+        durable = [e for e in events if e["event"] == "snapshot_durable"]
+        assert [(e["step"], e["source_rank"]) for e in durable] == [(5, 1)], f"rank {rank}: {events}"
+        assert durable[0]["since_notice"] < grace  # durable on both ranks before the deadline
+
+    # The relaunch resumes at step 5 on both ranks and ends bit-identical to the uninterrupted run.
+    again = tmp_path / "again"
+    finished(torchrun_job(again, store), again)
+    finished(ref, tmp_path / "ref")
+    for rank in (0, 1):
+        events = [json.loads(line) for line in (again / f"events-r{rank}.jsonl").read_text().splitlines()]
+        assert [e["step"] for e in events if e["event"] == "resumed"] == [5]
+    a = torch.load(tmp_path / "ref" / "weights.pt", weights_only=True)
+    b = torch.load(again / "weights.pt", weights_only=True)
+    assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k}"
 
@@ -258,5 +353,136 @@ def test_persist_snapshot_commits_despite_an_earlier_failed_save_and_skips_stale
     keeper._on_notice(Notice("test", "terminate", now + timedelta(seconds=30), now))
     assert keeper.persisted is None
     assert [i.step for i in ckpt.list()] == [7]
+    keeper.close()
+    ckpt.close()
+
+
+def two_rank_checkpointers(root: Path) -> tuple[list[Checkpointer], list[NoticeBoard]]:
+    """Rank 0's and rank 1's Checkpointer over one store and one board, in this process (no process group:
+    persist_snapshot_ranks takes no collective, only the board)."""
+    from torch.distributed import HashStore
+
+    from spotsafe.distributed import DistContext
+
+    shared = HashStore()
+    ckpts, boards = [], []
+    for rank in (0, 1):
+        ctx = DistContext(rank=rank, world_size=2, local_rank=rank, backend="gloo", group=None, agreement_group=None)
+        ckpts.append(Checkpointer(root, dist=ctx, per_rank=("rng",)))
+        boards.append(NoticeBoard(shared, "spotsafe/board/test", rank, 2))
+    return ckpts, boards
+
+
+def test_ranks_commit_a_snapshot_through_the_board_and_never_a_half_one(tmp_path: Path) -> None:
+    model, opt = small_model()
+    ckpts, boards = two_rank_checkpointers(tmp_path)
+    now = datetime.now(timezone.utc)
+    buffers = [SnapshotBuffer(), SnapshotBuffer()]
+    snaps = [
+        snapshot({"model": model, "optimizer": opt, "rng": torch.arange(3)}, buffers[0]),
+        snapshot({"rng": torch.arange(5)}, buffers[1]),
+    ]
+    errors: list[BaseException] = []
+
+    def persist(rank: int, step: int, timeout: float) -> None:
+        try:
+            ckpts[rank].persist_snapshot_ranks(
+                step, snaps[rank], boards[rank], epoch=0, reason="notice", when=now, metadata={}, timeout=timeout
+            )
+        except BaseException as e:  # checked by the test
+            errors.append(e)
+
+    threads = [threading.Thread(target=persist, args=(rank, 3, 30.0)) for rank in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    info = ckpts[0].latest(verify=True)
+    assert info is not None and info.step == 3
+    manifest = json.loads((tmp_path / info.name / "manifest.json").read_text())
+    assert (manifest["world_size"], sorted({f["rank"] for f in manifest["files"]})) == (2, [0, 1])
+    loaded = Checkpointer(tmp_path).load(info)  # one process reads rank 0's part
+    assert torch.equal(loaded["model"]["0.weight"], model.state_dict()["0.weight"])
+
+    # Rank 1 never posts its files (it died): rank 0 gives up at its timeout and commits nothing.
+    with pytest.raises(DistributedError, match="not posted"):
+        ckpts[0].persist_snapshot_ranks(
+            4, snaps[0], boards[0], epoch=0, reason="notice", when=now, metadata={}, timeout=0.5
+        )
+    assert not (tmp_path / "step-000000000004" / "manifest.json").exists()
+    # Rank 1's write fails: it says so on the board, rank 0 commits nothing and names it.
+    boards[1].post("snapshot-000000000005/files/1", {"error": "OSError: [Errno 28] No space left on device"})
+    with pytest.raises(DistributedError, match="rank 1: OSError"):
+        ckpts[0].persist_snapshot_ranks(
+            5, snaps[0], boards[0], epoch=0, reason="notice", when=now, metadata={}, timeout=5
+        )
+    assert not (tmp_path / "step-000000000005" / "manifest.json").exists()
+    assert [i.step for i in ckpts[0].list()] == [3]
+    for c in ckpts:
+        c.close()
+
+
+def test_under_several_ranks_the_keeper_snapshots_agreed_steps_and_keeps_two(tmp_path: Path) -> None:
+    from torch.distributed import HashStore
+
+    model, opt = small_model()
+    ckpt = Checkpointer(tmp_path)
+    board = NoticeBoard(HashStore(), "spotsafe/board/x", 0, 1)
+    keeper = SnapshotKeeper(ckpt, "auto", board=board)
+    state = {"model": model, "optimizer": opt}
+    for step in range(1, 4):
+        keeper.after_step(step, lambda: state, epoch=0, metadata=dict, saving=False)
+    assert keeper.held_steps == [2, 3]  # the newest two: a peer may still be one step behind
+    keeper.agree(3)  # the value the agreement's reduce handed every rank after the same call
+    for step in range(4, 10):
+        keeper.after_step(step, lambda: state, epoch=0, metadata=dict, saving=step == 9)
+    assert keeper.held_steps == [3, 6]  # step % 3 == 0 on every rank; 9 was a regular save
+    if not torch.cuda.is_available():  # the CPU path: plain copies, no side stream, nothing pending
+        assert keeper._streams is None
+        assert keeper._held is not None and keeper._held.snap.pending == []
+    keeper.close()
+    ckpt.close()
+    assert board.read("nothing") is None
+    board.post("k/0", {"a": 1})
+    assert board.gather("g", [1, 2], timeout=1) == [[1, 2]]
+    with pytest.raises(DistributedError, match="not posted"):
+        board.wait(["missing"], timeout=0.2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_a_gpu_the_snapshot_copies_on_a_side_stream_and_equals_the_device_state(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10)).cuda()
+    opt = torch.optim.Adam(model.parameters())
+
+    def gpu_step() -> None:
+        loss = model(torch.randn(256, 1024, device="cuda")).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    gpu_step()
+    expected_model = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    expected_avg = {i: s["exp_avg"].cpu().clone() for i, s in enumerate(opt.state.values())}
+    ckpt = Checkpointer(tmp_path)
+    keeper = SnapshotKeeper(ckpt, 1)
+    keeper.after_step(1, lambda: {"model": model, "optimizer": opt}, epoch=0, metadata=dict, saving=False)
+    held = keeper._held
+    assert held is not None and held.snap.pending, "the copies were not issued on a side stream"
+    for _ in range(5):  # queued at once: the compute stream must wait for the copies before changing a weight
+        gpu_step()
+    keeper._step_times.clear()  # no step time known: persist at once
+    now = datetime.now(timezone.utc)
+    keeper._on_notice(Notice("test", "terminate", now + timedelta(seconds=30), now))
+    assert keeper.persisted is not None and keeper.persisted[0] == 1
+    assert held.snap.ready and held.snap.device_seconds() is not None
+    saved = ckpt.load(ckpt.latest(verify=True))  # type: ignore[arg-type]
+    for k, v in expected_model.items():
+        assert torch.equal(saved["model"][k].cpu(), v), f"{k}"
+    avgs = [s["exp_avg"] for s in saved["optimizer"]["state"].values()]
+    for i, v in expected_avg.items():
+        assert torch.equal(avgs[i].cpu(), v), f"exp_avg {i}"
+    assert not torch.equal(model.state_dict()["0.weight"].cpu(), expected_model["0.weight"])  # the live state moved
     keeper.close()
     ckpt.close()

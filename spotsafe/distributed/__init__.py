@@ -11,6 +11,8 @@ per seam:
   (barrier, gather, rank 0 commits the manifest, outcome broadcast) and the DDP writer
   roles (:data:`RANK_KEYS`, :func:`source_rank`, :func:`rescale_batch`);
 - :mod:`spotsafe.distributed.sharded`: :class:`ShardedState` and :func:`is_sharded`;
+- :mod:`spotsafe.distributed.board`: ``NoticeBoard``, small keys in the job's own
+  c10d store for background threads (the snapshot guards' side channel);
 - :mod:`spotsafe.distributed.dcp`: :func:`save_sharded` / :func:`load_sharded` through
   ``torch.distributed.checkpoint`` into ``<step dir>/dcp/`` of any store (imported on
   first use: DCP takes seconds to import);

@@ -68,9 +68,11 @@ class NoticeAgreement:
 
     Call :meth:`step` on every rank once per training step, with that rank's
     local notice (``watcher.notice``). Every ``every`` calls, the ranks reduce a
-    5-element float64 tensor over the gloo agreement group (``all_reduce(MAX)``:
+    6-element float64 tensor over the gloo agreement group (``all_reduce(MAX)``:
     notice level, minus the deadline, minus the reporting rank, a "save due"
-    flag, rank 0's proposal for ``every``).
+    flag, rank 0's proposal for ``every``, the in-memory snapshot cadence each
+    rank wishes for). The largest snapshot wish becomes :attr:`snapshot_every` on
+    every rank after the same call, so every rank snapshots the same steps.
 
     With ``async_=True`` (default) the reduce is started at one check and waited
     at the next, so its latency overlaps ``every`` steps of compute. A notice that
@@ -113,6 +115,9 @@ class NoticeAgreement:
         self._due = False
         self._due_wish = False
         self._last_check: tuple[int, float] | None = None  # (calls, monotonic) at the last check
+        self._snapshot_wish = 0
+        #: Steps between in-memory snapshots every rank agreed on (the largest wish; 0: none agreed yet).
+        self.snapshot_every = 0
 
     @property
     def agreed(self) -> Agreement | None:
@@ -133,7 +138,14 @@ class NoticeAgreement:
             self._seen_deadline = min(self._seen_deadline, notice.deadline.timestamp())
         reporting = self.ctx.rank if self._seen_level > LEVEL_NONE else math.inf
         return torch.tensor(
-            [float(self._seen_level), -self._seen_deadline, -float(reporting), float(due), float(self._propose())],
+            [
+                float(self._seen_level),
+                -self._seen_deadline,
+                -float(reporting),
+                float(due),
+                float(self._propose()),
+                float(self._snapshot_wish),
+            ],
             dtype=torch.float64,
         )
 
@@ -169,6 +181,9 @@ class NoticeAgreement:
         proposal = int(t[4].item())
         if self.auto and proposal >= 1:
             self.every = proposal  # same value, same call, on every rank
+        snapshot_every = int(t[5].item())
+        if snapshot_every >= 1:
+            self.snapshot_every = snapshot_every  # likewise
         level = int(t[0].item())
         if level <= (self._agreed.level if self._agreed else LEVEL_NONE):
             return None
@@ -186,15 +201,19 @@ class NoticeAgreement:
         )
         return agreement
 
-    def step(self, notice: Notice | None, step: int | None = None, *, due: bool = False) -> Agreement | None:
+    def step(
+        self, notice: Notice | None, step: int | None = None, *, due: bool = False, snapshot_every: int = 0
+    ) -> Agreement | None:
         """Fold in this rank's notice; returns a *new* (stronger) agreement, else None.
 
         Must be called on every rank, the same number of times. ``step`` only labels
         the result (defaults to the number of calls so far). ``due`` is this rank's
         wish to save (e.g. rank 0's ``every_seconds`` clock); :meth:`take_due` tells
-        every rank, at the same step, that some rank asked.
+        every rank, at the same step, that some rank asked. ``snapshot_every`` is this
+        rank's wish for the snapshot cadence (0: none); see :attr:`snapshot_every`.
         """
         self._calls += 1
+        self._snapshot_wish = max(0, int(snapshot_every))
         label = self._calls if step is None else step
         if self._calls % self.every:
             self._due_wish = self._due_wish or due
