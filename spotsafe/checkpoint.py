@@ -602,11 +602,16 @@ def _segments(parts: Sequence[memoryview], size: int) -> list[list[memoryview]]:
     return pieces
 
 
-def write_rank_files(store: Store, directory: str, snap: Snapshot, *, rank: int = 0) -> list[FileEntry]:
+def write_rank_files(
+    store: Store, directory: str, snap: Snapshot, *, rank: int = 0, timings: dict[str, float] | None = None
+) -> list[FileEntry]:
     """Step 2: write one rank's data and tree files under ``directory``; returns their entries.
 
     File names carry a random token, so re-saving a step that is already committed
     never touches the files its manifest names until the new manifest replaces it.
+    ``timings`` (optional) receives where the time went: ``payload_s`` (the data
+    file(s), written and fsynced), ``hash_wait_s`` (waiting for the checksums after
+    that) and ``tree_s`` (the tree file).
     """
     snap.wait()  # side-stream device-to-host copies: their bytes must be in host memory before any read
     token = uuid.uuid4().hex[:8]
@@ -621,13 +626,16 @@ def write_rank_files(store: Store, directory: str, snap: Snapshot, *, rank: int 
         names = [f"rank{rank:05d}.{token}.bin"]
     hasher = _HashThread(pieces)
     hasher.start()  # overlaps the write: xxh3 runs at memory speed with the GIL released
+    t0 = _time.perf_counter()
     try:
         if len(pieces) == 1:
             store.write_file(f"{directory}/{names[0]}", pieces[0])
         else:
             store.write_files([(f"{directory}/{n}", p) for n, p in zip(names, pieces, strict=True)])
     finally:
+        t1 = _time.perf_counter()
         sums = hasher.digests()
+    t2 = _time.perf_counter()
     entries: list[FileEntry] = []
     offset = 0
     for n, piece, digest in zip(names, pieces, sums, strict=True):
@@ -636,6 +644,8 @@ def write_rank_files(store: Store, directory: str, snap: Snapshot, *, rank: int 
         offset += size
     tree = json.dumps(snap.description, separators=(",", ":"), allow_nan=False).encode()
     store.write_file(f"{directory}/{tree_name}", [tree])
+    if timings is not None:
+        timings.update(payload_s=t1 - t0, hash_wait_s=t2 - t1, tree_s=_time.perf_counter() - t2)
     return [*entries, FileEntry(tree_name, len(tree), checksum(tree), "tree", rank)]
 
 
@@ -827,8 +837,10 @@ class Checkpointer:
         self.last_loaded: CheckpointInfo | None = None
         self.last_saved: CheckpointInfo | None = None
         #: Seconds spent in each step of the last completed save: snapshot_s (the training stall),
-        #: write_s (data + tree files, fsynced), commit_s (manifest), retention_s (pruning old ones).
+        #: write_s (data + tree files, fsynced), commit_s (manifest), retention_s (pruning old ones);
+        #: ``last_write_parts`` splits write_s (one process): payload_s, hash_wait_s, tree_s (write_rank_files).
         self.last_timings: dict[str, float] = {}
+        self.last_write_parts: dict[str, float] = {}
         self._buffer = SnapshotBuffer()
         self._lock = threading.RLock()
         self._thread: threading.Thread | None = None
@@ -1190,8 +1202,9 @@ class Checkpointer:
         # Off the training thread: on an object store, listing costs round trips.
         self._cleanup(skip=name)
         t0 = _time.perf_counter()
+        parts: dict[str, float] = {}
         try:
-            files = write_rank_files(self.store, name, snap, rank=0)
+            files = write_rank_files(self.store, name, snap, rank=0, timings=parts)
             t1 = _time.perf_counter()
             manifest = Manifest(
                 format_version=format_version_for(files),
@@ -1220,6 +1233,7 @@ class Checkpointer:
         log.info("spotsafe: saved %s (%s, %d bytes)", self.last_saved.url, reason, manifest.size)
         timings.update(write_s=t1 - t0, commit_s=t2 - t1)
         self.last_timings = timings
+        self.last_write_parts = parts
         if background_retention:
             thread = threading.Thread(
                 target=self._retain_timed, args=(step, timings), name=f"spotsafe-retention-{step}", daemon=True
