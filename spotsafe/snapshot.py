@@ -69,6 +69,8 @@ MARGIN_S = 1.0
 SAVE_SAFETY = 1.5
 #: Bytes per second assumed for a write before any save was measured (a slow network disk).
 SLOW_WRITE_BPS = 100e6
+#: Seconds close() waits for a multi-rank guard (its persist is bounded by the notice's deadline anyway).
+CLOSE_WAIT_S = 30.0
 #: Steps remembered for the step-time estimate.
 _WINDOW = 32
 
@@ -320,7 +322,10 @@ class SnapshotKeeper:
         self._stand_down.set()
         guard = self._guard
         if guard is not None and guard is not threading.current_thread():
-            guard.join()
+            # Several ranks: a request to a job store that stopped answering must not hang the exit.
+            guard.join(None if self._board is None else CLOSE_WAIT_S)
+            if guard.is_alive():
+                log.warning("spotsafe: the snapshot guard did not stop within %.0f s; leaving it", CLOSE_WAIT_S)
         self._guard = None
         with self._lock:
             self._ring = [None] * self.depth
