@@ -362,7 +362,8 @@ class SnapshotKeeper:
         if t:
             return SAVE_SAFETY * sum(t.get(k, 0.0) for k in ("snapshot_s", "write_s", "commit_s"))
         # Nothing measured yet: a copy plus a write at a slow disk's pace.
-        return SAVE_SAFETY * ((self._copy_s or 0.0) + self.nbytes / SLOW_WRITE_BPS) + MARGIN_S
+        one = max(b.capacity for b in self._buffers)  # one snapshot's bytes (two are kept under several ranks)
+        return SAVE_SAFETY * ((self._copy_s or 0.0) + one / SLOW_WRITE_BPS) + MARGIN_S
 
     def _on_notice(self, notice: Notice) -> None:
         detected = time.monotonic()
