@@ -151,12 +151,30 @@ def torchrun_job(out: Path, store: Path, **env: str) -> subprocess.Popen[str]:
         )
 
 
+def kill_job(job: subprocess.Popen[str], out: Path) -> None:
+    """SIGKILL torchrun and its workers (each worker runs in a session of its own: killpg misses them).
+
+    A worker is killed only while it is still torchrun's child, so a recycled pid is never hit.
+    """
+    if job.poll() is not None:
+        return
+    for pid_file in out.glob("pid-r*"):
+        try:
+            pid = int(pid_file.read_text())
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            if int(stat.rsplit(")", 1)[1].split()[1]) == job.pid:  # its parent is this torchrun
+                os.kill(pid, signal.SIGKILL)
+        except (OSError, ValueError, IndexError):
+            pass  # gone already
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait(60)
+
+
 def finished(job: subprocess.Popen[str], out: Path, timeout: float = 180) -> None:
     try:
         code = job.wait(timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(job.pid, signal.SIGKILL)
-        job.wait()
+        kill_job(job, out)
         code = None
     log = (out / "torchrun.log").read_text(errors="replace")
     assert code == 0, f"torchrun exited {code}:\n{log[-6000:]}"
@@ -165,6 +183,13 @@ def finished(job: subprocess.Popen[str], out: Path, timeout: float = 180) -> Non
 def test_two_ranks_notice_on_one_persist_the_same_snapshot_before_the_kill(tmp_path: Path) -> None:
     # The uninterrupted reference, at full speed, beside the interrupted run.
     ref = torchrun_job(tmp_path / "ref", tmp_path / "ref-store")
+    try:
+        _two_ranks_notice_on_one(tmp_path, ref)
+    finally:
+        kill_job(ref, tmp_path / "ref")
+
+
+def _two_ranks_notice_on_one(tmp_path: Path, ref: subprocess.Popen[str]) -> None:
     # Steps of 0.5 s (from step 6: 10 s, longer than the deadline), agreement every step. SIGTERM to rank 1 alone early in step 6 with
     # 2 s of grace, every process SIGKILLed at the deadline: no step() is reached again on either rank.
     grace = 2.0
@@ -188,9 +213,7 @@ def test_two_ranks_notice_on_one_persist_the_same_snapshot_before_the_kill(tmp_p
         for pid in pids:
             os.kill(pid, signal.SIGKILL)
     finally:
-        if job.poll() is None:
-            os.killpg(job.pid, signal.SIGKILL)
-        job.wait(60)
+        kill_job(job, cut)
     log = (cut / "torchrun.log").read_text(errors="replace")
     # Both ranks were still inside step 6 at the deadline (else this proves nothing about the snapshot path).
     assert [(cut / f"step-r{r}").read_text() for r in (0, 1)] == ["5", "5"], f"{log[-6000:]}"
@@ -211,7 +234,11 @@ def test_two_ranks_notice_on_one_persist_the_same_snapshot_before_the_kill(tmp_p
 
     # The relaunch resumes at step 5 on both ranks and ends bit-identical to the uninterrupted run.
     again = tmp_path / "again"
-    finished(torchrun_job(again, store), again)
+    relaunch = torchrun_job(again, store)
+    try:
+        finished(relaunch, again)
+    finally:
+        kill_job(relaunch, again)
     finished(ref, tmp_path / "ref")
     for rank in (0, 1):
         events = [json.loads(line) for line in (again / f"events-r{rank}.jsonl").read_text().splitlines()]
