@@ -513,3 +513,23 @@ def test_on_a_gpu_the_snapshot_copies_on_a_side_stream_and_equals_the_device_sta
     assert not torch.equal(model.state_dict()["0.weight"].cpu(), expected_model["0.weight"])  # the live state moved
     keeper.close()
     ckpt.close()
+
+
+def test_the_agreement_carries_the_snapshot_cadence_wish_in_its_reduce() -> None:
+    import torch.distributed as dist
+    from torch.distributed import HashStore
+
+    from spotsafe.distributed import DistContext, NoticeAgreement
+
+    # One rank in this process (the MAX over several ranks runs in the 2-rank test above).
+    dist.init_process_group("gloo", store=HashStore(), rank=0, world_size=1)
+    try:
+        ctx = DistContext(rank=0, world_size=1, local_rank=0, backend="gloo", group=None, agreement_group=None)
+        agreement = NoticeAgreement(ctx, every=1, async_=False)
+        assert agreement.snapshot_every == 0
+        agreement.step(None, 1, snapshot_every=7)
+        assert agreement.snapshot_every == 7
+        agreement.step(None, 2, snapshot_every=0)  # no wish this time: the agreed cadence stays
+        assert agreement.snapshot_every == 7
+    finally:
+        dist.destroy_process_group()
