@@ -61,9 +61,15 @@ class NoticeBoard:
         prefix = ctx.broadcast_object(f"spotsafe/board/{uuid.uuid4().hex}" if ctx.is_coordinator else None)
         # The job's own store: torch has no public accessor for it.
         store = distributed_c10d._get_default_store()
-        clone = getattr(store, "clone", None)
         # A clone is a new connection (torch >= 2.5): its requests never wait behind the process group's.
-        own = clone() if callable(clone) else store
+        # A store that cannot clone (older torch, some custom stores) is shared; c10d serializes its requests.
+        own = store
+        clone = getattr(store, "clone", None)
+        if callable(clone):
+            try:
+                own = clone()
+            except (RuntimeError, NotImplementedError) as e:
+                log.info("spotsafe: the job's store cannot be cloned (%s); the snapshot guards share it", e)
         return cls(own, str(prefix), ctx.rank, ctx.world_size)
 
     @property
