@@ -423,6 +423,7 @@ class SnapshotKeeper:
                 self._emit(
                     "snapshot_durable",
                     step=held.step,
+                    every=self.every,
                     epoch=held.epoch,
                     seconds=took,
                     flushed=flushed,
@@ -548,6 +549,7 @@ class SnapshotKeeper:
                 self._emit(
                     "snapshot_durable",
                     step=step,
+                    every=self.every,
                     epoch=h.epoch,
                     seconds=took,
                     since_notice=since_notice,
