@@ -63,6 +63,7 @@ def _train(tmp: Path, name: str, *, kill_at: int, purge: bool) -> Path:
     return root / "tb"
 
 
+@pytest.mark.slow
 def test_tensorboard_purge_step_keeps_each_step_once_across_a_kill(tmp_path: Path) -> None:
     straight = _scalars(_train(tmp_path, "straight", kill_at=-1, purge=True))
     resumed = _scalars(_train(tmp_path, "resumed", kill_at=37, purge=True))

@@ -263,6 +263,7 @@ def lifecycle(
     return timings
 
 
+@pytest.mark.slow
 def test_two_nodes_notice_on_one_survivor_continues_then_a_replacement_joins(tmp_path: Path) -> None:
     lifecycle(
         tmp_path,

@@ -120,6 +120,7 @@ def test_rehearsal_through_simulate_module(tmp_path: Path) -> None:
 LONG_TRAIN = TRAIN.replace("run.epochs(4)", "run.epochs(30)")  # 600 steps of ~20 ms
 
 
+@pytest.mark.slow
 def test_notice_after_steps_counts_from_where_each_instance_resumed(
     tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:

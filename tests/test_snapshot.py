@@ -66,6 +66,7 @@ def child(tmp_path: Path, store: Path, out: Path, init: int, **env: str) -> subp
     )
 
 
+@pytest.mark.slow
 def test_notice_shorter_than_a_step_persists_the_snapshot_before_the_kill(tmp_path: Path) -> None:
     # The uninterrupted reference.
     ref = child(tmp_path, tmp_path / "ref", tmp_path / "ref.pt", 0)
@@ -182,6 +183,7 @@ def finished(job: subprocess.Popen[str], out: Path, timeout: float = 180) -> Non
     assert code == 0, f"torchrun exited {code}:\n{log[-6000:]}"
 
 
+@pytest.mark.slow
 def test_two_ranks_notice_on_one_persist_the_same_snapshot_before_the_kill(tmp_path: Path) -> None:
     # Steps of 0.5 s (from step 6: 10 s, longer than the deadline), agreement every step. SIGTERM to rank 1 alone
     # early in step 6 with 2 s of grace, every process SIGKILLed at the deadline: no step() is reached again.
