@@ -191,6 +191,10 @@ def test_stateful_dataloader_resume_is_exact(tmp_path: Path, reference: Any) -> 
     sdl = pytest.importorskip("torchdata.stateful_dataloader")
 
     def loader() -> Any:
+        # Seeded before it is built, as a job does: the sampler seeds itself from the global RNG
+        # when built, which here would depend on the tests this process ran before (under xdist,
+        # any of them).
+        torch.manual_seed(7)
         return sdl.StatefulDataLoader(dataset(), batch_size=BATCH, shuffle=True)
 
     ref, ref_opt, _ = train(tmp_path / "ref", epochs=2, loader_factory=loader)
