@@ -78,11 +78,8 @@ def _guarded_connect_ex(self: socket.socket, address: object) -> int:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The ``slow`` tests (end-to-end runs of many processes) start first, so the workers end
-    together on short tests instead of one of them finishing a long run alone. Under
-    pytest-xdist, the ``root`` tests run one at a time on one worker: they share the machine's
-    loop devices and mount table."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: file order otherwise
+    """Under pytest-xdist, the ``root`` tests run one at a time on one worker: they share the
+    machine's loop devices and mount table."""
     for item in items:
         if item.get_closest_marker("root") is not None:
             item.add_marker(pytest.mark.xdist_group("root"))

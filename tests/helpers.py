@@ -38,3 +38,14 @@ def root_unavailable() -> str | None:
         if shutil.which(tool) is None:
             return f"needs {tool}"
     return None
+
+
+def slow_enabled(config: object) -> bool:
+    """Whether the opt-in long runs go too: ``SPOTSAFE_SLOW=1``, or ``pytest -m slow``.
+
+    A few tests that take minutes of both cores, second lines behind a shorter test of the
+    same path in the default run, skip otherwise, so the default run stays inside CI's budget.
+    """
+    getoption = getattr(config, "getoption", None)
+    markexpr = getoption("markexpr") if callable(getoption) else ""
+    return os.environ.get("SPOTSAFE_SLOW") == "1" or "slow" in str(markexpr or "")

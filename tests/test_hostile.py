@@ -26,6 +26,7 @@ import torch
 
 from spotsafe.checkpoint import MANIFEST, Checkpointer, checkpoint_name, checksum
 from spotsafe.errors import CheckpointCorrupt, CheckpointNotFound, FormatVersionError, StateError, StoreError
+from tests.helpers import slow_enabled
 
 GOOD, BAD = 100, 200
 
@@ -641,14 +642,10 @@ def test_fuzz_damaged_checkpoints_fall_back(store: Path) -> None:
     assert seen.get(f"loaded {BAD}", 0) > 0, f"{seen}"
 
 
-def _slow_enabled(config: pytest.Config) -> bool:
-    return os.environ.get("SPOTSAFE_SLOW") == "1" or "slow" in str(config.getoption("markexpr") or "")
-
-
 @pytest.mark.slow
 def test_fuzz_damaged_checkpoints_fall_back_thousands(store: Path, request: pytest.FixtureRequest) -> None:
     """A few thousand cases: SPOTSAFE_SLOW=1 pytest tests/test_hostile.py, or pytest -m slow."""
-    if not _slow_enabled(request.config):
+    if not slow_enabled(request.config):
         pytest.skip("a few thousand fuzz cases: run with SPOTSAFE_SLOW=1 or -m slow")
     seen = run_fuzz(store, cases=4000, seed=20261201)
     assert seen.get(f"loaded {GOOD}", 0) > 1000, f"{seen}"

@@ -27,7 +27,7 @@ from spotsafe import EXIT_PREEMPTED
 from spotsafe.checkpoint import Checkpointer
 from spotsafe.simulate import AWSSimulator, simulated_environment
 from tests.dist_workers import elastic
-from tests.helpers import wait_until
+from tests.helpers import slow_enabled, wait_until
 
 PY = sys.executable
 WORKER = Path(__file__).parent / "dist_workers" / "elastic.py"
@@ -279,7 +279,12 @@ def test_two_nodes_notice_on_one_survivor_continues_then_a_replacement_joins(tmp
 
 
 @pytest.mark.slow
-def test_three_nodes_the_rendezvous_host_is_preempted_two_carry_on_a_third_joins(tmp_path: Path) -> None:
+def test_three_nodes_the_rendezvous_host_is_preempted_two_carry_on_a_third_joins(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """The two-node test's path, plus the c10d store's host going away (opt-in: a minute of both cores)."""
+    if not slow_enabled(request.config):
+        pytest.skip("three torchrun nodes, a minute of both cores: run with SPOTSAFE_SLOW=1 or -m slow")
     lifecycle(
         tmp_path,
         first=["A", "B", "C"],
