@@ -8,6 +8,8 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
+import pytest
+
 T = TypeVar("T")
 
 #: What a ``root``-marked test needs besides root itself.
@@ -40,12 +42,10 @@ def root_unavailable() -> str | None:
     return None
 
 
-def slow_enabled(config: object) -> bool:
+def slow_enabled(config: pytest.Config) -> bool:
     """Whether the opt-in long runs go too: ``SPOTSAFE_SLOW=1``, or ``pytest -m slow``.
 
     A few tests that take minutes of both cores, second lines behind a shorter test of the
     same path in the default run, skip otherwise, so the default run stays inside CI's budget.
     """
-    getoption = getattr(config, "getoption", None)
-    markexpr = getoption("markexpr") if callable(getoption) else ""
-    return os.environ.get("SPOTSAFE_SLOW") == "1" or "slow" in str(markexpr or "")
+    return os.environ.get("SPOTSAFE_SLOW") == "1" or "slow" in str(config.getoption("markexpr") or "")

@@ -681,7 +681,8 @@ def _fails_in_time(fn: Any, *names: str) -> float:
     took = time.monotonic() - start
     message = str(info.value)
     assert LIMIT * 0.9 <= took < LIMIT + MARGIN, f"{took:.2f} s: {message}"
-    assert f"within its limit of {LIMIT:g}" in message and f"(request_timeout {LIMIT:g} s)" in message, message
+    assert f"within its limit of {LIMIT:g}" in message, f"the limit is not named in {message!r}"
+    assert f"(request_timeout {LIMIT:g} s)" in message, f"request_timeout is not named in {message!r}"
     for name in names:
         assert name in message, f"{name!r} not in {message!r}"
     return took
