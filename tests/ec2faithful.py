@@ -104,12 +104,15 @@ class BlockStore:
         name = next(f"nvme{i}n1" for i in range(1, 64) if f"nvme{i}n1" not in used)
         ctrl = sys_block / name / "device"
         ctrl.mkdir(parents=True)
-        (ctrl / "serial").write_text(volume_id.replace("-", "").ljust(20) + "\n")
         (ctrl / "model").write_text("Amazon Elastic Block Store\n")
+        # The device node before the serial that names it: a poller never finds a serial whose
+        # node is missing or stale.
         dev = Path(self.dev_root(instance_id))
         dev.mkdir(parents=True, exist_ok=True)
         (dev / name).unlink(missing_ok=True)
         (dev / name).symlink_to(target)
+        (ctrl / ".serial.new").write_text(volume_id.replace("-", "").ljust(20) + "\n")
+        (ctrl / ".serial.new").replace(ctrl / "serial")
         self._names[volume_id] = (instance_id, name)
 
     def on_detach(self, volume_id: str) -> None:

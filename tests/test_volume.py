@@ -81,13 +81,17 @@ def fake_nvme(root: Path, serial: str, target: str, *, name: str = "nvme1n1", pa
     sys_root, dev_root = root / "sys", root / "dev"
     ctrl = sys_root / "block" / name / "device"
     ctrl.mkdir(parents=True, exist_ok=True)
-    # the kernel pads the 20-byte serial field with spaces
-    (ctrl / "serial").write_text(serial.ljust(20) + "\n" if pad else serial + "\n")
     dev_root.mkdir(parents=True, exist_ok=True)
-    link = dev_root / name
-    if link.is_symlink():
-        link.unlink()
-    link.symlink_to(target)
+    # The code under test may be polling this tree from another thread: swap the link first and
+    # the serial last, each by rename, so a reader never pairs the new serial with the old target.
+    tmp_link = dev_root / f".{name}.new"
+    tmp_link.unlink(missing_ok=True)
+    tmp_link.symlink_to(target)
+    os.replace(tmp_link, dev_root / name)
+    # the kernel pads the 20-byte serial field with spaces
+    tmp_serial = ctrl / ".serial.new"
+    tmp_serial.write_text(serial.ljust(20) + "\n" if pad else serial + "\n")
+    os.replace(tmp_serial, ctrl / "serial")
     return str(sys_root), str(dev_root)
 
 
@@ -275,7 +279,8 @@ def _serve_device_for_new_volume(ec2: Any, old_id: str, root: Path, target: str,
         r = ec2.describe_volumes(Filters=[{"Name": f"tag:{vol.TAG_MOVED_FROM}", "Values": [old_id]}])
         for v in r["Volumes"]:
             if v.get("Attachments"):
-                fake_nvme(root, v["VolumeId"].replace("-", ""), target)
+                # The copy is a second disk beside the one the scene already has, as on EC2.
+                fake_nvme(root, v["VolumeId"].replace("-", ""), target, name="nvme2n1")
                 return
 
 
