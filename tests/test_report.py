@@ -54,6 +54,11 @@ def _facts(store: str | Path, *extra: str, capsys: pytest.CaptureFixture[str]) -
     return json.loads(capsys.readouterr().out)
 
 
+#: The tests that read ``rehearsed`` run on one xdist worker: the module fixture (a 20 s rehearsal)
+#: is built once per worker that needs it.
+SHARES_THE_REHEARSAL = pytest.mark.xdist_group("report-rehearsed")
+
+
 @pytest.fixture(scope="module")
 def rehearsed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """A rehearsal with two notices (three instances), and what it printed."""
@@ -102,6 +107,7 @@ def rehearsed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"store": store, "stdout": proc.stdout, "tmp": tmp}
 
 
+@SHARES_THE_REHEARSAL
 def test_a_rehearsal_with_two_interruptions_gives_exact_facts(
     rehearsed: dict[str, Any], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -146,6 +152,7 @@ def test_a_rehearsal_with_two_interruptions_gives_exact_facts(
     assert (store / LIVE_REPORT).read_text().startswith("<!DOCTYPE html>")
 
 
+@SHARES_THE_REHEARSAL
 def test_the_report_from_a_copy_of_the_store_is_identical(rehearsed: dict[str, Any]) -> None:
     copy = rehearsed["tmp"] / "copy"
     shutil.copytree(rehearsed["store"], copy)
@@ -160,6 +167,7 @@ def test_the_report_from_a_copy_of_the_store_is_identical(rehearsed: dict[str, A
     assert page_a.count('<img src="data:image/png;base64,') == 4  # one sample grid per epoch, inlined
 
 
+@SHARES_THE_REHEARSAL
 @pytest.mark.skipif(chromium_binary() is None, reason="chromium is not installed (.ci/run installs it)")
 def test_the_html_renders_offline_in_headless_chromium(rehearsed: dict[str, Any]) -> None:
     page = rehearsed["tmp"] / "report.html"
@@ -221,6 +229,7 @@ def test_redone_steps_after_a_kill_minus_9_are_counted(tmp_path: Path, capsys: p
     assert facts["seconds_redone"] >= 0.01 * (redone - 1) - 0.001
 
 
+@SHARES_THE_REHEARSAL
 def test_cost_from_given_prices_and_from_describe_spot_price_history(
     rehearsed: dict[str, Any],
     ec2_server: Any,
@@ -254,6 +263,7 @@ def test_cost_from_given_prices_and_from_describe_spot_price_history(
     assert "--price wants INSTANCE_TYPE=USD_PER_HOUR" in capsys.readouterr().err
 
 
+@SHARES_THE_REHEARSAL
 def test_serve_gives_a_page_that_refreshes_itself(rehearsed: dict[str, Any]) -> None:
     with LocalStore(rehearsed["store"]) as store:
         server = make_server(store, port=0, refresh_seconds=5)
