@@ -5,7 +5,10 @@ optimizer: 48 of 16 MiB, 48 of 4 MiB and 256 of 256 KiB. Every round, each write
 writes a *fresh* file (or checkpoint directory) and deletes the one from two
 rounds back, as ``keep_last=2`` does: a disk is often much slower on fresh blocks
 than on just-freed ones, so overwriting a baseline file in place is not the same
-work. The order of the writers rotates every round; each ratio is computed
+work. The order of the writers follows a Williams design (each writer at each
+position, and right after each other writer, equally often over ``2n`` rounds
+for ``n`` writers), so a writer that slows the next one down (a write just after
+a big write is slower here) cannot favour one contender; each ratio is computed
 within a round and the median of the per-round ratios is printed with its
 spread (min, quartiles, max), because a shared machine's noise is larger than the
 gaps measured here.
@@ -25,7 +28,7 @@ steps), a plain copy of the tensors into preallocated memory, load with and
 without verification vs ``torch.load(mmap=True)``, and (unless ``--no-dcp``)
 ``torch.distributed.checkpoint.async_save`` on a gloo group of one.
 
-Run: ``python benchmarks/bench_checkpoint.py [--scale 1] [--rounds 12] [--dir .bench] [--no-dcp]``.
+Run: ``python benchmarks/bench_checkpoint.py [--scale 1] [--rounds 10] [--dir .bench] [--no-dcp]``.
 The directory should be on the disk you care about (the repo's disk by default).
 """
 
@@ -106,10 +109,32 @@ def spread(values: Sequence[float]) -> str:
     return f"{v[0]:.2f} [{q1:.2f} {q3:.2f}] {v[-1]:.2f}"
 
 
+def williams_orders(n: int) -> list[list[int]]:
+    """Orders of ``n`` contenders, each at each position and after each other one equally often.
+
+    A Williams design: plain rotation (``k, k+1, ...``) keeps every contender behind the same
+    neighbour in every round, so a neighbour's after-effect (write-back, discards) lands on one
+    contender only. Row 0 is ``0, 1, n-1, 2, n-2, ...``, row ``r`` adds ``r`` mod ``n``; for odd
+    ``n`` the mirrored rows are added, so ``2n`` rounds balance it.
+    """
+    first, lo, hi = [0], 1, n - 1
+    while len(first) < n:
+        if len(first) % 2:
+            first.append(lo)
+            lo += 1
+        else:
+            first.append(hi)
+            hi -= 1
+    rows = [[(x + r) % n for x in first] for r in range(n)]
+    if n % 2:
+        rows += [row[::-1] for row in rows]
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--scale", type=float, default=1.0, help="state size: 1 = 1 GiB in 352 tensors")
-    ap.add_argument("--rounds", type=int, default=12)
+    ap.add_argument("--rounds", type=int, default=10, help="a multiple of 10 balances the order")
     ap.add_argument("--dir", default=str(Path(__file__).resolve().parent.parent / ".bench"))
     ap.add_argument("--no-dcp", action="store_true", help="skip torch.distributed.checkpoint")
     args = ap.parse_args(argv)
@@ -227,16 +252,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             record("snapshot notice-to-durable", time.perf_counter() - t1)
 
         contenders = [raw, ours_async, tsave, ours_sync, deadline]
-        # Interleaved and rotated, so that a neighbour's load or the disk's mood hits every contender alike.
+        # Interleaved in a balanced order, so that a neighbour's after-effects or the disk's mood hit
+        # every contender alike.
+        orders = williams_orders(len(contenders))
+        if rounds % len(orders):
+            print(f"note: {rounds} rounds do not balance the order; a multiple of {len(orders)} does")
         for i in range(rounds):
             current[0] = i + 1
             per_round.append({})
             t0 = time.perf_counter()
             plain_copy()
             record("plain copy", time.perf_counter() - t0)
-            k = i % len(contenders)
-            for fn in contenders[k:] + contenders[:k]:
-                fn()
+            for k in orders[i % len(orders)]:
+                contenders[k]()
         keeper.close()
         deadline_ckpt.close()
         sync.close()
