@@ -365,8 +365,17 @@ class CheckpointInfo:
 # ----------------------------------------------------------------------------- save steps
 
 
+#: The snapshot buffer starts on a page boundary, so a local store can write it with
+#: ``O_DIRECT`` straight from memory (:mod:`spotsafe.storages.local`).
+PAGE = 4096
+
+
 class SnapshotBuffer:
-    """One reusable CPU byte buffer (pinned when CUDA is present), grown when a state outgrows it."""
+    """One reusable CPU byte buffer (pinned when CUDA is present), grown when a state outgrows it.
+
+    It starts on a page boundary (one page more is allocated): a local store writes a
+    page-aligned buffer to disk with ``O_DIRECT``, without a copy into the page cache.
+    """
 
     def __init__(self, pin: bool | None = None) -> None:
         self.pin = torch.cuda.is_available() if pin is None else pin
@@ -380,7 +389,10 @@ class SnapshotBuffer:
     def get(self, nbytes: int) -> tuple[torch.Tensor, memoryview]:
         if self._tensor is None or self._tensor.numel() < nbytes:
             self._tensor = self._view = None  # free the old one before allocating
-            t = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=self.pin)
+            n = max(nbytes, 1)
+            whole = torch.empty(n + PAGE, dtype=torch.uint8, pin_memory=self.pin)
+            start = -whole.data_ptr() % PAGE
+            t = whole[start : start + n]  # the view keeps the allocation alive
             self._tensor, self._view = t, _memory(t)
         assert self._view is not None
         return self._tensor[:nbytes], self._view[:nbytes]

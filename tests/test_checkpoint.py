@@ -712,3 +712,40 @@ def test_a_manifest_lying_about_segment_sizes_is_refused_before_any_allocation(t
         path.write_text(json.dumps(doc))
         with pytest.raises(CheckpointCorrupt, match=f"{data[-1]['path']}: .* the manifest says {1 << 50}"):
             c.load(1, verify=False)
+
+
+@pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="O_DIRECT is Linux's")
+def test_an_async_save_writes_its_snapshot_buffer_to_disk_without_a_copy(tmp_path: Path) -> None:
+    """The async save's buffer starts on a page, so its data file goes past the page cache straight
+    from it (no bounce copy); a sync save's zero-copy tensors are staged, and still go direct."""
+    from spotsafe.checkpoint import PAGE, SnapshotBuffer
+
+    buf = SnapshotBuffer(pin=False)
+    for n in (1, 4095, 10 << 20):
+        _, view = buf.get(n)
+        addr = view_address(view)
+        assert addr % PAGE == 0, f"a {n}-byte snapshot buffer starts at {addr:#x}, not on a page"
+    state = {"w": torch.randn(4 << 20), "b": torch.randn(1000)}  # 16 MiB + a tail
+    ckpt = Checkpointer(tmp_path, keep_last=2)
+    try:
+        store = ckpt.store
+        assert isinstance(store, LocalStore)
+        ckpt.save(1, state)
+        ckpt.wait()
+        assert store.direct_bytes >= 16 << 20, f"only {store.direct_bytes} bytes went with O_DIRECT"
+        assert store.bounced_bytes == 0, f"{store.bounced_bytes} bytes of the snapshot buffer were copied again"
+        before = store.direct_bytes
+        ckpt.save(2, state, async_=False)
+        assert store.direct_bytes - before >= 16 << 20, "the sync save went through the page cache"
+        for step in (1, 2):
+            out = ckpt.load(step)
+            for key in state:
+                assert torch.equal(out[key], state[key]), f"step {step}: {key} differs"
+    finally:
+        ckpt.close()
+
+
+def view_address(view: memoryview) -> int:
+    import ctypes
+
+    return ctypes.addressof(ctypes.c_char.from_buffer(view))

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import gc
+import mmap
 import os
 import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from spotsafe.errors import CheckpointNotFound, StoreError
-from spotsafe.storage import open_store
-from spotsafe.storages.local import LocalStore
+from spotsafe.storage import Buffer, open_store
+from spotsafe.storages.local import BOUNCE_SIZE, DIRECT_ALIGN, DIRECT_MIN, LocalStore
 
 
 @pytest.fixture
@@ -161,3 +164,140 @@ def test_full_disk_fails_clearly_and_leaves_no_temp(mount_point: Path) -> None:
     assert "No space left on device" in str(e.value)
     assert os.listdir(mount_point / "step-1") == []  # the temp file is gone
     assert bytes(store.read_file("ok")) == b"x" * 1000
+
+
+# --------------------------------------------------------------------------- O_DIRECT payloads
+
+needs_o_direct = pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="O_DIRECT is Linux's")
+
+
+def _resident_pages(path: Path) -> tuple[int, int]:
+    """(pages of ``path`` in the page cache, pages in all), asked of the kernel with mincore(2)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    size = path.stat().st_size
+    page = mmap.PAGESIZE
+    pages = (size + page - 1) // page
+    with open(path, "rb") as f:
+        m = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)  # mapping alone faults nothing in
+    try:
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+        vec = (ctypes.c_ubyte * pages)()
+        if libc.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(size), vec) != 0:
+            raise OSError(ctypes.get_errno(), "mincore")
+        return sum(v & 1 for v in vec), pages
+    finally:
+        m.close()
+
+
+def _aligned(n: int) -> memoryview:
+    view = memoryview(mmap.mmap(-1, n))  # anonymous maps start on a page
+    view[:] = os.urandom(n)
+    return view
+
+
+@needs_o_direct
+def test_a_large_payload_goes_past_the_page_cache(tmp_path: Path) -> None:
+    """What a checkpoint must not do to a training job: push its dataset out of the page cache."""
+    data = _aligned(16 << 20)
+    direct, cached = LocalStore(tmp_path / "direct"), LocalStore(tmp_path / "cached", direct_io=False)
+    direct.write_file("step-1/data.bin", [data])
+    cached.write_file("step-1/data.bin", [data])
+    assert direct.direct_bytes == 16 << 20, f"{direct.direct_bytes} bytes went with O_DIRECT"
+    assert direct.bounced_bytes == 0, f"{direct.bounced_bytes} bytes of an aligned source were copied first"
+    assert cached.direct_bytes == 0, f"{cached.direct_bytes} bytes went with O_DIRECT"
+    resident, pages = _resident_pages(tmp_path / "direct" / "step-1" / "data.bin")
+    assert resident == 0, f"{resident} of {pages} pages of the O_DIRECT file are in the page cache"
+    # The control: the same write through the page cache leaves it there (so mincore sees pages).
+    resident, pages = _resident_pages(tmp_path / "cached" / "step-1" / "data.bin")
+    assert resident > pages // 2, f"only {resident} of {pages} pages of the buffered file are cached"
+    for store in (direct, cached):
+        assert bytes(store.read_file("step-1/data.bin")) == bytes(data), f"{store.url}: content differs"
+
+
+@needs_o_direct
+@pytest.mark.parametrize(
+    "shape",
+    ["aligned", "aligned with a tail", "unaligned", "mixed parts", "read-only bytes", "bounce-sized pieces"],
+)
+def test_o_direct_writes_any_buffers_byte_exact(tmp_path: Path, shape: str) -> None:
+    big = _aligned(20 << 20)
+    parts: list[Buffer] = {
+        "aligned": [big],
+        "aligned with a tail": [big[: (9 << 20) + 123]],
+        "unaligned": [big[7 : (12 << 20) + 5]],
+        "mixed parts": [big[: 3 * 4096], os.urandom(1000), big[4096 : 10 << 20], bytearray(os.urandom(5000))],
+        "read-only bytes": [os.urandom(9 << 20) + b"x"],
+        "bounce-sized pieces": [big[1 : BOUNCE_SIZE + 1], big[:BOUNCE_SIZE], big[5:4101]],
+    }[shape]
+    store = LocalStore(tmp_path)
+    store.write_file("f.bin", parts)
+    want = b"".join(bytes(memoryview(p).cast("B")) for p in parts)
+    got = (tmp_path / "f.bin").read_bytes()
+    assert len(got) == len(want), f"{len(got)} bytes written, {len(want)} given"
+    assert got == want, "the file's bytes differ from the buffers'"
+    assert store.direct_bytes == len(want) // DIRECT_ALIGN * DIRECT_ALIGN, "not every whole block went direct"
+
+
+@needs_o_direct
+def test_a_filesystem_that_refuses_o_direct_is_written_through_the_page_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every filesystem here takes O_DIRECT (tmpfs too, since Linux 6.6): refusing it is simulated.
+    real_open = os.open
+
+    def refusing_open(path: Any, flags: int, *args: Any) -> int:
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr("spotsafe.storages.local.os.open", refusing_open)
+    data = _aligned(DIRECT_MIN)
+    store = LocalStore(tmp_path)
+    store.write_file("f.bin", [data])
+    assert (tmp_path / "f.bin").read_bytes() == bytes(data), "the fallback's bytes differ"
+    assert store.direct_io is False, "the store keeps trying O_DIRECT after a refusal"
+    assert store.direct_bytes == 0, f"{store.direct_bytes} bytes claimed to be direct"
+
+
+@needs_o_direct
+def test_o_direct_refused_mid_file_starts_over_through_the_page_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from spotsafe.storages import local
+
+    def half_then_refuse(fd: int, buffers: Any, bounce: memoryview) -> int:
+        os.write(fd, b"partial garbage")
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(local, "_write_direct", half_then_refuse)
+    data = _aligned(DIRECT_MIN)
+    store = LocalStore(tmp_path)
+    store.write_file("f.bin", [data])
+    assert (tmp_path / "f.bin").read_bytes() == bytes(data), "the restart kept bytes of the refused attempt"
+    assert store.direct_io is False, "the store keeps trying O_DIRECT after a refusal"
+
+
+def test_spotsafe_direct_io_turns_it_off_and_a_bad_value_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SPOTSAFE_DIRECT_IO", "0")
+    store = LocalStore(tmp_path)
+    store.write_file("f.bin", [_aligned(DIRECT_MIN)])
+    assert store.direct_bytes == 0, "SPOTSAFE_DIRECT_IO=0 still wrote with O_DIRECT"
+    monkeypatch.setenv("SPOTSAFE_DIRECT_IO", "maybe")
+    with pytest.raises(ValueError, match="SPOTSAFE_DIRECT_IO must be 1 or 0, not 'maybe'"):
+        LocalStore(tmp_path)
+
+
+@needs_o_direct
+@pytest.mark.root
+def test_full_disk_during_an_o_direct_write_fails_clearly_and_leaves_no_temp(mount_point: Path) -> None:
+    _mount_tmpfs(mount_point, "size=16m")
+    store = LocalStore(mount_point)
+    store.write_file("ok", [b"x" * 1000])
+    with pytest.raises(StoreError) as e:
+        store.write_file("step-1/big.bin", [_aligned(20 << 20)])
+    assert e.value.errno == errno.ENOSPC, f"errno {e.value.errno}"
+    assert "No space left on device" in str(e.value)
+    assert os.listdir(mount_point / "step-1") == [], "a temp file is left"
+    assert bytes(store.read_file("ok")) == b"x" * 1000, "an earlier file was lost"
