@@ -994,13 +994,16 @@ class Checkpointer:
         when: datetime,
         metadata: Mapping[str, Any],
         stall_s: float = 0.0,
+        retain: bool = True,
     ) -> None:
         """Write and commit a snapshot taken earlier (:mod:`spotsafe.snapshot`) as ``step``, in the background.
 
-        The same write, fenced manifest-last commit and retention as :meth:`save`;
-        ``snap``'s memory must stay unchanged until :meth:`wait` returns. A failed earlier
-        save is logged, not raised: this path runs on a notice, when a checkpoint matters
-        most. Single process only (a multi-rank snapshot needs every rank's files).
+        The same write and fenced manifest-last commit as :meth:`save`, and its retention
+        unless ``retain`` is False (the deadline path leaves pruning to the next save, so
+        :meth:`wait` returns at the commit); ``snap``'s memory must stay unchanged until
+        :meth:`wait` returns. A failed earlier save is logged, not raised: this path runs on
+        a notice, when a checkpoint matters most. Single process only (a multi-rank
+        snapshot needs every rank's files).
         """
         if self.dist is not None:
             raise SpotsafeError(f"{self.store.url}: persist_snapshot is for a single process, not {self.dist!r}")
@@ -1020,7 +1023,7 @@ class Checkpointer:
             timings = {"snapshot_s": stall_s}
 
             def persist() -> None:
-                self._persist(step, epoch, reason, when, meta, snap, timings)
+                self._persist(step, epoch, reason, when, meta, snap, timings, retain=retain)
 
             thread = threading.Thread(target=self._run, args=(persist,), name=f"spotsafe-snapshot-{step}", daemon=True)
             self._thread = thread
@@ -1209,6 +1212,7 @@ class Checkpointer:
         timings: dict[str, float],
         *,
         background_retention: bool = False,
+        retain: bool = True,
     ) -> None:
         name = checkpoint_name(step)
         # Off the training thread: on an object store, listing costs round trips.
@@ -1246,6 +1250,8 @@ class Checkpointer:
         timings.update(write_s=t1 - t0, commit_s=t2 - t1)
         self.last_timings = timings
         self.last_write_parts = parts
+        if not retain:
+            return
         if background_retention:
             thread = threading.Thread(
                 target=self._retain_timed, args=(step, timings), name=f"spotsafe-retention-{step}", daemon=True

@@ -407,6 +407,7 @@ class SnapshotKeeper:
                 when=held.when,
                 metadata=held.metadata,
                 stall_s=held.stall_s,
+                retain=False,  # the deadline's seconds go to durability and the upload; the next save prunes
             )
             self.checkpointer.wait()
             took = time.monotonic() - detected

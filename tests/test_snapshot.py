@@ -408,6 +408,30 @@ def test_persist_snapshot_commits_despite_an_earlier_failed_save_and_skips_stale
     ckpt.close()
 
 
+def test_the_deadline_path_leaves_pruning_to_the_next_save(tmp_path: Path) -> None:
+    """On a notice the snapshot is durable at its commit: no old checkpoint is deleted in the
+    seconds the deadline leaves (they go to the commit and any upload); the next save prunes."""
+    model, opt = small_model()
+    ckpt = Checkpointer(tmp_path, keep_last=1)
+    keeper = SnapshotKeeper(ckpt, 1)
+    state = {"model": model, "optimizer": opt}
+    ckpt.save(3, state, async_=False)
+    keeper.saved(3)
+    keeper.after_step(5, lambda: state, epoch=0, metadata=dict, saving=False)
+    keeper._step_times.clear()  # no step time known: persist at once
+    now = datetime.now(timezone.utc)
+    keeper._on_notice(Notice("test", "terminate", now + timedelta(seconds=30), now))
+    assert keeper.persisted is not None, "the snapshot was not persisted"
+    steps = [i.step for i in ckpt.list()]
+    assert steps == [3, 5], f"after the notice's persist: {steps}"
+    ckpt.save(6, state, async_=False)
+    ckpt.wait()  # a sync save prunes in the background
+    steps = [i.step for i in ckpt.list()]
+    assert steps == [6], f"the next save kept {steps} with keep_last=1"
+    keeper.close()
+    ckpt.close()
+
+
 def two_rank_checkpointers(root: Path) -> tuple[list[Checkpointer], list[NoticeBoard]]:
     """Rank 0's and rank 1's Checkpointer over one store and one board, in this process (no process group:
     persist_snapshot_ranks takes no collective, only the board)."""
