@@ -301,3 +301,34 @@ def test_full_disk_during_an_o_direct_write_fails_clearly_and_leaves_no_temp(mou
     assert "No space left on device" in str(e.value)
     assert os.listdir(mount_point / "step-1") == [], "a temp file is left"
     assert bytes(store.read_file("ok")) == b"x" * 1000, "an earlier file was lost"
+
+
+def _file_pmd_mapped_kb(view: memoryview) -> int | None:
+    """FilePmdMapped of the mapping holding ``view``, from /proc/self/smaps; None where not reported."""
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(view))
+    lines = Path("/proc/self/smaps").read_text().splitlines()
+    inside = False
+    for line in lines:
+        head = line.split()[0]
+        if "-" in head and len(head.split("-")) == 2 and ":" not in head:
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= addr < hi
+        elif inside and line.startswith("FilePmdMapped:"):
+            return int(line.split()[1])
+    return None
+
+
+@needs_o_direct
+def test_a_read_maps_the_file_in_huge_pages_where_the_kernel_can(tmp_path: Path) -> None:
+    """A cold read (as on a new instance) maps 2 MiB page-cache folios whole, not 4 KiB pages."""
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not thp.exists() or "[never]" in thp.read_text():
+        pytest.skip("transparent huge pages are off on this kernel")
+    store = LocalStore(tmp_path)
+    store.write_file("data.bin", [_aligned(16 << 20)])  # O_DIRECT: nothing of it is cached yet
+    view = store.read_file("data.bin")
+    bytes(view)  # read every page
+    pmd_kb = _file_pmd_mapped_kb(view)
+    if pmd_kb is None:
+        pytest.skip("this kernel does not report FilePmdMapped")
+    assert pmd_kb >= 8 << 10, f"only {pmd_kb} KiB of 16 MiB mapped in huge pages"
