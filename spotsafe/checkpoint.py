@@ -50,6 +50,7 @@ from spotsafe.errors import (
 from spotsafe.lease import GENERATION_KEY, Lease, is_ghost, takeovers
 from spotsafe.state import Blob, FlatState, MapLocation, blob_from_buffer, blobs_from_description, flatten, unflatten
 from spotsafe.storage import COMPLETE, MAX_MANIFEST_BYTES, Store, open_store, read_completion
+from spotsafe.storages.local import DIRECT_ALIGN
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -365,16 +366,11 @@ class CheckpointInfo:
 # ----------------------------------------------------------------------------- save steps
 
 
-#: The snapshot buffer starts on a page boundary, so a local store can write it with
-#: ``O_DIRECT`` straight from memory (:mod:`spotsafe.storages.local`).
-PAGE = 4096
-
-
 class SnapshotBuffer:
     """One reusable CPU byte buffer (pinned when CUDA is present), grown when a state outgrows it.
 
-    It starts on a page boundary (one page more is allocated): a local store writes a
-    page-aligned buffer to disk with ``O_DIRECT``, without a copy into the page cache.
+    It starts on a :data:`~spotsafe.storages.local.DIRECT_ALIGN` boundary (that much more is
+    allocated): a local store writes such a buffer to disk with ``O_DIRECT``, without a copy.
     """
 
     def __init__(self, pin: bool | None = None) -> None:
@@ -390,8 +386,8 @@ class SnapshotBuffer:
         if self._tensor is None or self._tensor.numel() < nbytes:
             self._tensor = self._view = None  # free the old one before allocating
             n = max(nbytes, 1)
-            whole = torch.empty(n + PAGE, dtype=torch.uint8, pin_memory=self.pin)
-            start = -whole.data_ptr() % PAGE
+            whole = torch.empty(n + DIRECT_ALIGN, dtype=torch.uint8, pin_memory=self.pin)
+            start = -whole.data_ptr() % DIRECT_ALIGN
             t = whole[start : start + n]  # the view keeps the allocation alive
             self._tensor, self._view = t, _memory(t)
         assert self._view is not None

@@ -103,6 +103,11 @@ def _write_fully(fd: int, view: memoryview) -> None:
         pos += os.write(fd, view[pos : pos + WRITE_CHUNK])
 
 
+def _clear_direct(fd: int) -> None:
+    """Take ``O_DIRECT`` off an open file: what follows goes through the page cache."""
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~_O_DIRECT)
+
+
 def _write_buffered(fd: int, buffers: Sequence[Buffer]) -> None:
     for buf in buffers:
         _write_fully(fd, memoryview(buf).cast("B"))
@@ -141,7 +146,7 @@ def _write_direct(fd: int, buffers: Sequence[Buffer], bounce: memoryview) -> int
         _write_fully(fd, bounce[:whole])
         staged += whole
     if fill > whole:
-        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~_O_DIRECT)
+        _clear_direct(fd)
         _write_fully(fd, bounce[whole:fill])
     return staged
 
@@ -252,7 +257,7 @@ class LocalStore(Store):
             # Opened, but the filesystem (or a block size over DIRECT_ALIGN) refuses the writes:
             # start over through the page cache, and stop trying on this store.
             self.direct_io = False
-            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~_O_DIRECT)
+            _clear_direct(fd)
             os.ftruncate(fd, 0)
             os.lseek(fd, 0, os.SEEK_SET)
             _write_buffered(fd, buffers)
@@ -325,10 +330,7 @@ class LocalStore(Store):
             try:
                 fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
                 try:
-                    view = memoryview(data)
-                    pos = 0
-                    while pos < len(view):
-                        pos += os.write(fd, view[pos:])
+                    _write_fully(fd, memoryview(data).cast("B"))
                     os.fsync(fd)
                 finally:
                     os.close(fd)
