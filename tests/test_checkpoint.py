@@ -718,13 +718,15 @@ def test_a_manifest_lying_about_segment_sizes_is_refused_before_any_allocation(t
 def test_an_async_save_writes_its_snapshot_buffer_to_disk_without_a_copy(tmp_path: Path) -> None:
     """The async save's buffer starts on a page, so its data file goes past the page cache straight
     from it (no bounce copy); a sync save's zero-copy tensors are staged, and still go direct."""
-    from spotsafe.checkpoint import PAGE, SnapshotBuffer
+    from spotsafe.checkpoint import SnapshotBuffer
+    from spotsafe.storages.local import DIRECT_ALIGN, _address
 
     buf = SnapshotBuffer(pin=False)
     for n in (1, 4095, 10 << 20):
         _, view = buf.get(n)
-        addr = view_address(view)
-        assert addr % PAGE == 0, f"a {n}-byte snapshot buffer starts at {addr:#x}, not on a page"
+        addr = _address(view)
+        assert addr is not None, f"a {n}-byte snapshot buffer is not writable"
+        assert addr % DIRECT_ALIGN == 0, f"a {n}-byte snapshot buffer starts at {addr:#x}, not on a page"
     state = {"w": torch.randn(4 << 20), "b": torch.randn(1000)}  # 16 MiB + a tail
     ckpt = Checkpointer(tmp_path, keep_last=2)
     try:
@@ -743,9 +745,3 @@ def test_an_async_save_writes_its_snapshot_buffer_to_disk_without_a_copy(tmp_pat
                 assert torch.equal(out[key], state[key]), f"step {step}: {key} differs"
     finally:
         ckpt.close()
-
-
-def view_address(view: memoryview) -> int:
-    import ctypes
-
-    return ctypes.addressof(ctypes.c_char.from_buffer(view))

@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -153,17 +153,31 @@ def test_read_only_filesystem_fails_clearly(mount_point: Path) -> None:
 
 
 @pytest.mark.root
-def test_full_disk_fails_clearly_and_leaves_no_temp(mount_point: Path) -> None:
-    _mount_tmpfs(mount_point, "size=1m")
+@pytest.mark.parametrize(
+    ("tmpfs_size", "payload"),
+    [
+        pytest.param("1m", lambda: b"\0" * (2 << 20), id="through the page cache"),
+        pytest.param(
+            "16m",
+            lambda: _aligned(20 << 20),
+            id="O_DIRECT",
+            marks=pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="O_DIRECT is Linux's"),
+        ),
+    ],
+)
+def test_full_disk_fails_clearly_and_leaves_no_temp(
+    mount_point: Path, tmpfs_size: str, payload: Callable[[], Buffer]
+) -> None:
+    _mount_tmpfs(mount_point, f"size={tmpfs_size}")
     store = LocalStore(mount_point)
     store.write_file("ok", [b"x" * 1000])
     with pytest.raises(StoreError) as e:
-        store.write_file("step-1/big.bin", [b"\0" * (2 << 20)])
-    assert e.value.errno == errno.ENOSPC
+        store.write_file("step-1/big.bin", [payload()])
+    assert e.value.errno == errno.ENOSPC, f"errno {e.value.errno}"
     assert str(mount_point / "step-1" / "big.bin") in str(e.value)
     assert "No space left on device" in str(e.value)
-    assert os.listdir(mount_point / "step-1") == []  # the temp file is gone
-    assert bytes(store.read_file("ok")) == b"x" * 1000
+    assert os.listdir(mount_point / "step-1") == [], "a temp file is left"
+    assert bytes(store.read_file("ok")) == b"x" * 1000, "an earlier file was lost"
 
 
 # --------------------------------------------------------------------------- O_DIRECT payloads
@@ -287,20 +301,6 @@ def test_spotsafe_direct_io_turns_it_off_and_a_bad_value_is_named(
     monkeypatch.setenv("SPOTSAFE_DIRECT_IO", "maybe")
     with pytest.raises(ValueError, match="SPOTSAFE_DIRECT_IO must be 1 or 0, not 'maybe'"):
         LocalStore(tmp_path)
-
-
-@needs_o_direct
-@pytest.mark.root
-def test_full_disk_during_an_o_direct_write_fails_clearly_and_leaves_no_temp(mount_point: Path) -> None:
-    _mount_tmpfs(mount_point, "size=16m")
-    store = LocalStore(mount_point)
-    store.write_file("ok", [b"x" * 1000])
-    with pytest.raises(StoreError) as e:
-        store.write_file("step-1/big.bin", [_aligned(20 << 20)])
-    assert e.value.errno == errno.ENOSPC, f"errno {e.value.errno}"
-    assert "No space left on device" in str(e.value)
-    assert os.listdir(mount_point / "step-1") == [], "a temp file is left"
-    assert bytes(store.read_file("ok")) == b"x" * 1000, "an earlier file was lost"
 
 
 def _file_pmd_mapped_kb(view: memoryview) -> int | None:

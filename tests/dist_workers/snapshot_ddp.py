@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
+from _common import finish, init
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
@@ -28,8 +28,7 @@ import spotsafe
 def main() -> None:
     out, store = Path(sys.argv[1]), sys.argv[2]
     out.mkdir(parents=True, exist_ok=True)
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = init()
     os.environ["SPOTSAFE_EVENTS"] = str(out / f"events-r{rank}.jsonl")
     (out / f"pid-r{rank}").write_text(str(os.getpid()))
     step_s = float(os.environ.get("STEP_SECONDS", "0"))
@@ -58,8 +57,7 @@ def main() -> None:
     run.finish()
     if rank == 0:
         torch.save(net.state_dict(), out / "weights.pt")
-    dist.barrier()
-    dist.destroy_process_group()
+    finish()
 
 
 if __name__ == "__main__":
