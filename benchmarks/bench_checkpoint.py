@@ -23,7 +23,7 @@ Writers (all fsync before they count as done):
 - ``spotsafe persist``: an async ``Checkpointer.save``'s background write + fsync +
   manifest commit (``write_s + commit_s``), with the training stall reported apart;
 - ``spotsafe sync save``: ``Checkpointer.save(async_=False)`` (what a notice does);
-- ``snapshot persist``: the deadline path (:mod:`spotsafe.snapshot`): from the
+- ``snapshot persist``: the deadline path (:mod:`spotsafe.checkpoint.snapshots`): from the
   notice to the in-memory snapshot being durable (time-to-durable).
 
 Also reported: the in-memory snapshot's stall (the copy a Run takes every few
@@ -53,9 +53,9 @@ from typing import Any
 
 import torch
 
-from spotsafe.checkpoint import Checkpointer
-from spotsafe.interruption import Notice
-from spotsafe.snapshot import SnapshotKeeper
+from spotsafe.checkpoint.snapshots import SnapshotKeeper
+from spotsafe.checkpoint.writer import Checkpointer
+from spotsafe.cloud.watcher import Notice
 
 CHUNK = 32 << 20
 O_DIRECT: int = getattr(os, "O_DIRECT", 0)

@@ -36,7 +36,8 @@ def worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from spotsafe.distributed import DistContext, NoticeAgreement
+    from spotsafe.distributed.agreement import NoticeAgreement
+    from spotsafe.distributed.context import DistContext
 
     dist.init_process_group("gloo")
     ctx = DistContext.detect()

@@ -1,4 +1,4 @@
-"""What keeping the run's story (spotsafe.events) costs a training step.
+"""What keeping the run's story (spotsafe.story.events) costs a training step.
 
     python benchmarks/bench_events.py [--rounds 7] [--seconds 3] [--step-ms 10]
 
@@ -32,7 +32,7 @@ os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")  # no identity probe:
 import torch
 
 import spotsafe
-from spotsafe.events import EventLog
+from spotsafe.story.events import EventLog
 
 
 def make_run(root: Path, name: str, events: bool) -> spotsafe.Run:
@@ -82,7 +82,7 @@ def call_cost(run: spotsafe.Run, n: int) -> float:
 
 def writer_cost(root: Path, steps: int, repeats: int = 20) -> float:
     """Milliseconds the writer thread spends per batch of ``steps`` sampled steps (JSON + one commit)."""
-    from spotsafe.storages.local import LocalStore
+    from spotsafe.storage.local import LocalStore
 
     times = []
     with LocalStore(root / "writer") as store:

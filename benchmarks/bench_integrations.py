@@ -212,13 +212,13 @@ def _preimport() -> None:
     """Import what a resume imports lazily, before the clock starts: every contender's modules are loaded
     before ``fit``/``train`` is called (spotsafe's are imported on first use; without this the window
     would also time compiling them where bytecode is not cached, as under PYTHONDONTWRITEBYTECODE)."""
-    import spotsafe.checkpoint
+    import spotsafe.checkpoint.writer
+    import spotsafe.cloud.watcher
     import spotsafe.data
     import spotsafe.distributed
-    import spotsafe.interruption
     import spotsafe.run
     import spotsafe.state
-    import spotsafe.storages.local  # noqa: F401
+    import spotsafe.storage.local  # noqa: F401
 
 
 def _report(args: argparse.Namespace, marks: dict[str, Any]) -> None:
@@ -256,7 +256,7 @@ def _hf_state(text: str, target: int, total: int) -> str:
 
 
 def _move_spotsafe(directory: Path, framework: str, target: int, total: int) -> None:
-    from spotsafe.checkpoint import Checkpointer
+    from spotsafe.checkpoint.writer import Checkpointer
 
     ckpt = Checkpointer(str(directory), async_=False)
     try:

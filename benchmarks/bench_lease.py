@@ -1,6 +1,6 @@
 """What writer fencing costs per save, side by side with the same save unfenced, in one run.
 
-A fenced save (spotsafe.lease) adds, per save: a look for the next generation's lease
+A fenced save (spotsafe.checkpoint.lease) adds, per save: a look for the next generation's lease
 file before cleaning up, before the commit and after it (a ``stat`` locally, a HEAD on
 S3), and the commit's check that every file exists with its size (one listing). The
 lease itself is taken once, by the first save, and renewed by a background thread.
@@ -34,9 +34,9 @@ from typing import Any
 
 import torch
 
-import spotsafe.checkpoint as C
-import spotsafe.lease as L
-from spotsafe.checkpoint import Checkpointer
+import spotsafe.checkpoint.lease as L
+import spotsafe.checkpoint.writer as C
+from spotsafe.checkpoint.writer import Checkpointer
 
 _spent = [0.0]
 
@@ -156,7 +156,7 @@ def main() -> None:
             try:
                 boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench-lease")
                 opts = {"endpoint_url": endpoint, "region_name": "us-east-1"}
-                from spotsafe.storages.s3 import S3Store
+                from spotsafe.storage.s3 import S3Store
 
                 print(f"S3 on moto ({endpoint}), {args.size_mib} MiB state, {args.repeats} rounds")
                 measure(lambda n: S3Store(f"s3://bench-lease/{n}", opts), args.size_mib, args.repeats)

@@ -91,7 +91,7 @@ def plain(steps: int) -> tuple[float, float]:
 def with_run(steps: int, every_seconds: float, store: str) -> tuple[float, float, int]:
     """Steps per second through spotsafe.Run (saves awaited inside the timing): wall, CPU; saves made."""
     import spotsafe
-    from spotsafe.interruption import InterruptionWatcher
+    from spotsafe.cloud.watcher import InterruptionWatcher
 
     model, opt, sched, loader = setup()
     watcher = InterruptionWatcher(sources="signal", signals=()).start()
@@ -178,7 +178,7 @@ def torch_save_seconds(model: torch.nn.Module, opt: torch.optim.Optimizer, path:
 
 def one_notice(sim: Any, tmp: str, trial: int, rng: random.Random) -> dict[str, float]:
     import spotsafe
-    from spotsafe.interruption import InterruptionWatcher
+    from spotsafe.cloud.watcher import InterruptionWatcher
 
     events = os.path.join(tmp, f"events{trial}.jsonl")
     os.environ["SPOTSAFE_EVENTS"] = events
@@ -218,7 +218,7 @@ def one_notice(sim: Any, tmp: str, trial: int, rng: random.Random) -> dict[str, 
 
 
 def bench_notice(repeats: int) -> dict[str, float]:
-    from spotsafe.simulate import AWSSimulator
+    from spotsafe.rehearsal.simulators import AWSSimulator
 
     rng = random.Random(0)
     results = []

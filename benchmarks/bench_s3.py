@@ -121,8 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     import numpy as np
     import torch
 
-    from spotsafe.checkpoint import Checkpointer, checkpoint_name
-    from spotsafe.storages.s3 import S3Store
+    from spotsafe.checkpoint.writer import Checkpointer, checkpoint_name
+    from spotsafe.storage.s3 import S3Store
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="spotsafe-bench-s3-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from spotsafe import volume as vol
+from spotsafe.cloud.aws import volume as vol
 from tests.ec2faithful import BlockStore, activate
 from tests.ec2server import EC2Server, run_instance
 

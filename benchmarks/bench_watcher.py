@@ -3,7 +3,7 @@ the training process knows, side by side with the usual hand-written watcher.
 
     python benchmarks/bench_watcher.py [--repeats 7] [--peer-interval 5]
 
-For each provider a simulator (spotsafe.simulate, real HTTP on loopback) posts the
+For each provider a simulator (spotsafe.rehearsal.simulators, real HTTP on loopback) posts the
 notice at a random phase of the polling cycle; spotsafe's InterruptionWatcher with
 its defaults (2 s polling; GCP hanging GETs) and the peer, the loop the cloud docs
 show and most training scripts, SkyPilot-style sidecars and custom scripts carry
@@ -28,8 +28,8 @@ from collections.abc import Callable, Sequence
 
 import requests
 
-from spotsafe.interruption import AWSSource, AzureSource, GCPSource, InterruptionWatcher, Source
-from spotsafe.simulate import AWSSimulator, AzureSimulator, GCPSimulator
+from spotsafe.cloud.watcher import AWSSource, AzureSource, GCPSource, InterruptionWatcher, Source
+from spotsafe.rehearsal.simulators import AWSSimulator, AzureSimulator, GCPSimulator
 
 
 class PeerLoop:

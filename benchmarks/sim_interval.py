@@ -122,7 +122,7 @@ def measure(scale: float, directory: str, repeats: int = 5) -> tuple[float, floa
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_checkpoint import build_state
 
-    from spotsafe.checkpoint import Checkpointer
+    from spotsafe.checkpoint.writer import Checkpointer
 
     Path(directory).mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="sim-", dir=directory))

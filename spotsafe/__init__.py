@@ -7,29 +7,18 @@ use so that ``import spotsafe`` stays cheap for the CLI and the boot script.
 from __future__ import annotations
 
 import importlib
-from importlib import metadata as _metadata
 from typing import TYPE_CHECKING, Any
 
-try:
-    __version__ = _metadata.version("spotsafe")
-except _metadata.PackageNotFoundError:  # a source tree that was never installed
-    __version__ = "0+unknown"
-
-#: Exit status of a process that saved its state on a preemption notice:
-#: EX_TEMPFAIL, "state is safe, run me again elsewhere".
-EXIT_PREEMPTED = 75
-#: Exit status of a ``spotsafe.Run`` whose writer lease was taken over by another instance
-#: (EX_NOPERM: "this process may no longer write the store"). ``python -m spotsafe.resume``
-#: does not restart it: the run lives on in the instance that took over.
-EXIT_FENCED = 77
+from spotsafe.exitcodes import EXIT_FENCED, EXIT_PREEMPTED
+from spotsafe.version import __version__
 
 _LAZY = {
     "Run": "spotsafe.run",
-    "Checkpointer": "spotsafe.checkpoint",
-    "CheckpointInfo": "spotsafe.checkpoint",
+    "Checkpointer": "spotsafe.checkpoint.writer",
+    "CheckpointInfo": "spotsafe.checkpoint.writer",
     "RNGState": "spotsafe.state",
-    "InterruptionWatcher": "spotsafe.interruption",
-    "Notice": "spotsafe.interruption",
+    "InterruptionWatcher": "spotsafe.cloud.watcher",
+    "Notice": "spotsafe.cloud.watcher",
     "SpotsafeError": "spotsafe.errors",
     "CheckpointNotFound": "spotsafe.errors",
     "CheckpointCorrupt": "spotsafe.errors",
@@ -65,7 +54,8 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from spotsafe.checkpoint import Checkpointer, CheckpointInfo
+    from spotsafe.checkpoint.writer import Checkpointer, CheckpointInfo
+    from spotsafe.cloud.watcher import InterruptionWatcher, Notice
     from spotsafe.errors import (
         CheckpointCorrupt,
         CheckpointNotFound,
@@ -78,7 +68,6 @@ if TYPE_CHECKING:
         StoreError,
         WriterFenced,
     )
-    from spotsafe.interruption import InterruptionWatcher, Notice
     from spotsafe.run import Run
     from spotsafe.state import RNGState
 

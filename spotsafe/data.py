@@ -100,7 +100,7 @@ def _split_sampler(loader: DataLoader[Any]) -> Any | None:
     """
     from torch.utils.data import BatchSampler, DistributedSampler
 
-    from spotsafe.distributed import ElasticDistributedSampler
+    from spotsafe.data import ElasticDistributedSampler
 
     sampler = loader.sampler
     if not isinstance(sampler, (DistributedSampler, ElasticDistributedSampler)):
@@ -164,7 +164,7 @@ class ResumableLoader:
         """Per-rank batch size when an epoch can be re-split at a global sample count, else None.
 
         True for a map-style DataLoader over a ``DistributedSampler`` (or
-        :class:`spotsafe.distributed.ElasticDistributedSampler`) with ``batch_size=B``.
+        :class:`spotsafe.data.ElasticDistributedSampler`) with ``batch_size=B``.
         """
         loader = self.loader
         if self.kind != "planned" or not isinstance(loader, DataLoader) or _split_sampler(loader) is None:
@@ -173,7 +173,7 @@ class ResumableLoader:
 
     def _resplit_plan(self, epoch: int, offset: int) -> list[Any]:
         """This rank's batches of ``epoch`` after the first ``offset`` samples of its global order."""
-        from spotsafe.distributed import ElasticDistributedSampler
+        from spotsafe.data import ElasticDistributedSampler
 
         loader = self.loader
         assert isinstance(loader, DataLoader) and loader.batch_size is not None

@@ -12,7 +12,7 @@ uses it); the child's output goes straight to this process's stdout/stderr. Then
 - exit 75 (:data:`spotsafe.EXIT_PREEMPTED`), or any exit of a launch during which the
   run committed a notice checkpoint (torchrun reports its workers' 75 as 1): the state
   is safe and the job stopped for a notice. Whose? The supervisor asks its own
-  instance (:mod:`spotsafe.node`; a signal to the supervisor is proof too):
+  instance (:mod:`spotsafe.cloud.node`; a signal to the supervisor is proof too):
   this instance is going away: exit 75 without restarting; this instance is healthy
   (another node of a multi-node job was preempted): relaunch at once, no backoff, so
   torchrun re-rendezvous with the survivors; nothing here can tell (no metadata
@@ -48,10 +48,10 @@ from datetime import datetime, timezone
 from types import FrameType
 from typing import Any, TextIO
 
-from spotsafe import EXIT_FENCED, EXIT_PREEMPTED
+from spotsafe.cloud.node import InstanceState
+from spotsafe.cloud.node import check as check_instance
 from spotsafe.errors import CheckpointCorrupt, SpotsafeError
-from spotsafe.node import InstanceState
-from spotsafe.node import check as check_instance
+from spotsafe.exitcodes import EXIT_FENCED, EXIT_PREEMPTED
 
 #: Exit status when the command kept crashing (EX_SOFTWARE).
 EXIT_GAVE_UP = 70
@@ -85,7 +85,7 @@ class Supervisor:
     #: ``preempted(since)``: True when the run saved a notice checkpoint after ``since``
     #: (UTC): a launcher such as torchrun turns its workers' 75 into 1, the store does not lie.
     preempted: Callable[[datetime], bool] | None = None
-    #: ``instance()``: this instance's own metadata, asked fresh (:func:`spotsafe.node.check`);
+    #: ``instance()``: this instance's own metadata, asked fresh (:func:`spotsafe.cloud.node.check`);
     #: None: a preempted launch always means this instance is going away.
     instance: Callable[[], InstanceState] | None = None
     #: ``progress()``: the newest checkpoint's step (None: none): a relaunch after another
@@ -249,7 +249,7 @@ class Supervisor:
 
 def notice_checkpoint_since(store: str, since: datetime) -> bool:
     """True when the newest checkpoint in ``store`` was saved on a notice at or after ``since``."""
-    from spotsafe.checkpoint import Checkpointer
+    from spotsafe.checkpoint.writer import Checkpointer
 
     ckpt = Checkpointer(store)
     try:
@@ -261,7 +261,7 @@ def notice_checkpoint_since(store: str, since: datetime) -> bool:
 
 def newest_step(store: str) -> int | None:
     """The step of the newest committed checkpoint in ``store``, or None."""
-    from spotsafe.checkpoint import Checkpointer
+    from spotsafe.checkpoint.writer import Checkpointer
 
     ckpt = Checkpointer(store)
     try:
@@ -273,7 +273,7 @@ def newest_step(store: str) -> int | None:
 
 def completion(store: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
     """What ``Run.finish()`` wrote for the run in ``store``, or None."""
-    from spotsafe.checkpoint import Checkpointer
+    from spotsafe.checkpoint.writer import Checkpointer
 
     ckpt = Checkpointer(store, storage_options=storage_options)
     try:
@@ -284,7 +284,7 @@ def completion(store: str, storage_options: Mapping[str, Any] | None = None) -> 
 
 def status_text(store: str, storage_options: Mapping[str, Any] | None = None) -> str:
     """The run's state in a few lines: complete or not; the newest checkpoint."""
-    from spotsafe.checkpoint import Checkpointer
+    from spotsafe.checkpoint.writer import Checkpointer
 
     ckpt = Checkpointer(store, storage_options=storage_options)
     unreadable = ""
@@ -463,7 +463,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _check_store(store: str) -> None:
-    from spotsafe.checkpoint import Checkpointer
+    from spotsafe.checkpoint.writer import Checkpointer
 
     Checkpointer(store).close()
 

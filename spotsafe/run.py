@@ -33,21 +33,21 @@ from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
 import torch
 
-from spotsafe import EXIT_FENCED, EXIT_PREEMPTED
 from spotsafe.data import ResumableLoader, derive_epoch_seed, draw_epoch_seed
 from spotsafe.errors import SpotsafeError, WriterFenced
+from spotsafe.exitcodes import EXIT_FENCED, EXIT_PREEMPTED
 from spotsafe.interval import AutoInterval, History
 from spotsafe.settings import Settings
 
 if TYPE_CHECKING:
     from typing_extensions import Self
 
-    from spotsafe.checkpoint import Checkpointer, CheckpointInfo, Reason
-    from spotsafe.events import EventLog
-    from spotsafe.interruption import InterruptionWatcher, Notice
-    from spotsafe.report import LivePage
-    from spotsafe.snapshot import SnapshotKeeper
-    from spotsafe.storage import Store
+    from spotsafe.checkpoint.snapshots import SnapshotKeeper
+    from spotsafe.checkpoint.writer import Checkpointer, CheckpointInfo, Reason
+    from spotsafe.cloud.watcher import InterruptionWatcher, Notice
+    from spotsafe.storage.base import Store
+    from spotsafe.story.events import EventLog
+    from spotsafe.story.report import LivePage
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ class Run:
 
     On construction it restores the newest intact checkpoint in ``store`` (logging
     where it resumes from) or starts fresh. ``store`` is a local path (an EBS
-    mount), an fsspec URL (``s3://...``) or a :class:`spotsafe.storage.Store`; None
+    mount), an fsspec URL (``s3://...``) or a :class:`spotsafe.storage.base.Store`; None
     takes ``SPOTSAFE_STORE`` (set by ``python -m spotsafe.resume --store``).
 
     ``watch``: True builds ``InterruptionWatcher()`` (AWS, GCP, Azure, SIGTERM;
@@ -118,7 +118,7 @@ class Run:
     ``snapshot_every``: steps between in-memory snapshots of the state (``"auto"``:
     keep their stall under 2% of step time; None: off). On a notice that the
     current step cannot meet, the newest one is persisted from a background thread
-    before the deadline (:mod:`spotsafe.snapshot`). Costs one more copy of the state
+    before the deadline (:mod:`spotsafe.checkpoint.snapshots`). Costs one more copy of the state
     in host memory (two under torchrun: ranks run up to a step apart); under torchrun
     every rank snapshots the same steps and a notice on one rank makes every rank
     persist the same one (not for sharded FSDP state).
@@ -126,9 +126,9 @@ class Run:
     ``model``/``optimizer``/``scheduler``/``scaler`` also take a mapping (or list)
     of such objects, e.g. a GAN's ``model={"G": g, "D": d}``: each is saved and
     restored under its name. Every launch records its events in the store
-    (:mod:`spotsafe.events`; :attr:`events`), and every ``report_every`` seconds
+    (:mod:`spotsafe.story.events`; :attr:`events`), and every ``report_every`` seconds
     (None: never) the report page is rewritten there as ``report.html``
-    (:mod:`spotsafe.report`, needs ``spotsafe[report]``).
+    (:mod:`spotsafe.story.report`, needs ``spotsafe[report]``).
     """
 
     def __init__(
@@ -156,7 +156,7 @@ class Run:
         snapshot_every: int | Literal["auto"] | None = "auto",
         report_every: float | None = 300.0,
     ) -> None:
-        from spotsafe.checkpoint import Checkpointer
+        from spotsafe.checkpoint.writer import Checkpointer
         from spotsafe.state import RNGState
 
         for name, value in (("every_steps", every_steps), ("every_epochs", every_epochs)):
@@ -212,7 +212,7 @@ class Run:
         self._saved_step: int | None = None
         self._save_due = False
         self._handled: set[int] = set()
-        #: A rehearsal asks to be told after this many steps of this process (spotsafe.rehearse).
+        #: A rehearsal asks to be told after this many steps of this process (spotsafe.rehearsal.rehearse).
         self._rehearsal_steps = Settings.from_env().rehearsal_after_steps
         self._rehearsal_at: int | None = None
         self._lock = threading.Lock()
@@ -231,7 +231,7 @@ class Run:
             if obj is not None:
                 self._objects[name] = obj
         self._rng = RNGState()
-        from spotsafe.distributed import ShardedState, is_sharded
+        from spotsafe.distributed.sharded import ShardedState, is_sharded
 
         if model is not None and is_sharded(model):
             # FSDP2 / DTensor parameters: model and optimizer go through torch.distributed.checkpoint.
@@ -241,7 +241,7 @@ class Run:
         self._ddp: _MultiRank | None = _MultiRank.detect(
             agree_every, sharded="model" in self._objects and _is_sharded_state(self._objects["model"])
         )
-        from spotsafe.distributed import RANK_KEYS
+        from spotsafe.distributed.commit import RANK_KEYS
 
         # One commit path for one or many ranks: the Checkpointer gets the process-group context.
         self.checkpointer: Checkpointer = Checkpointer(
@@ -252,7 +252,7 @@ class Run:
             dist=self._ddp.ctx if self._ddp is not None else None,
             per_rank=RANK_KEYS,
         )
-        #: This launch's events, kept in the store (spotsafe.events); rank 0 only records.
+        #: This launch's events, kept in the store (spotsafe.story.events); rank 0 only records.
         self.events: EventLog | None = None
         self._live: LivePage | None = None
         try:
@@ -270,14 +270,14 @@ class Run:
             self.checkpointer.close()
             raise
         if report_every is not None and self.events is not None and self.events.enabled:
-            from spotsafe.report import LivePage
+            from spotsafe.story.report import LivePage
 
             self._live = LivePage.start(self.store, every=report_every)
         self._last_save = time.monotonic()
         #: The in-memory snapshots (``snapshot_every`` not None; not for sharded state), else None.
         self.snapshots: SnapshotKeeper | None = None
         if snapshot_every is not None:
-            from spotsafe.snapshot import SnapshotKeeper
+            from spotsafe.checkpoint.snapshots import SnapshotKeeper
 
             if self._ddp is None:
                 self.snapshots = SnapshotKeeper(self.checkpointer, snapshot_every, emit=emit_event)
@@ -293,7 +293,7 @@ class Run:
         self.watcher: InterruptionWatcher | None
         self._owns_watcher = False
         if watch is True:
-            from spotsafe.interruption import InterruptionWatcher
+            from spotsafe.cloud.watcher import InterruptionWatcher
 
             self.watcher = InterruptionWatcher().start()
             self._owns_watcher = True
@@ -521,7 +521,7 @@ class Run:
 
         Written in the background as ``media/<tag>-<step>.png`` (rank 0 only); returns that path.
         """
-        from spotsafe.events import MEDIA_DIR, png_bytes
+        from spotsafe.story.events import MEDIA_DIR, png_bytes
 
         if not tag or not all(c.isalnum() or c in "-_." for c in tag):
             raise ValueError(f"image tag must be letters, digits, '-', '_' or '.', not {tag!r}")
@@ -603,7 +603,7 @@ class Run:
         old_world = int(run_state.get("world_size") or 1)
         new_world = self._ddp.ctx.world_size if self._ddp is not None else 1
         if old_world != new_world:
-            from spotsafe.distributed import rescale_batch
+            from spotsafe.distributed.commit import rescale_batch
 
             # DistributedSampler deals one permutation round-robin: the global count of
             # samples read is what carries over to another number of ranks. batches()
@@ -870,15 +870,15 @@ class Run:
 
     def _rank_state(self) -> dict[str, Any]:
         """What this rank writes of the state (rank 0: all of it; the others: their RNGs and data position)."""
-        from spotsafe.distributed import RANK_KEYS, rank_state
+        from spotsafe.distributed.commit import RANK_KEYS, rank_state
 
         return rank_state(self._state(), self._ddp.ctx if self._ddp is not None else None, RANK_KEYS)
 
     # -- events ---------------------------------------------------------------------
 
     def _start_events(self) -> EventLog:
-        from spotsafe import __version__
-        from spotsafe.events import EventLog, process_start_time
+        from spotsafe.story.events import EventLog, process_start_time
+        from spotsafe.version import __version__
 
         coordinator = self._ddp is None or self._ddp.ctx.is_coordinator
         events = EventLog(self.store, enabled=coordinator)
@@ -941,7 +941,7 @@ class Run:
 
 
 def _is_sharded_state(obj: Any) -> bool:
-    from spotsafe.distributed import ShardedState
+    from spotsafe.distributed.sharded import ShardedState
 
     return isinstance(obj, ShardedState)
 
@@ -961,15 +961,15 @@ class _MultiRank:
 
     Saves and restores are the Checkpointer's own (it holds the context): rank 0 writes
     everything, every other rank only its own RNG streams and data position
-    (``spotsafe.distributed.RANK_KEYS``); after every rank's files are durable (a
+    (``spotsafe.distributed.commit.RANK_KEYS``); after every rank's files are durable (a
     monitored barrier), rank 0 commits the manifest. A notice seen by any rank is
-    agreed by all at the same step (:class:`spotsafe.distributed.NoticeAgreement`).
+    agreed by all at the same step (:class:`spotsafe.distributed.agreement.NoticeAgreement`).
     Resuming on another world size takes rank ``r mod old`` RNG streams and rescales
     the batch position.
     """
 
     def __init__(self, ctx: Any, agree_every: int | str = "auto") -> None:
-        from spotsafe.distributed import NoticeAgreement
+        from spotsafe.distributed.agreement import NoticeAgreement
 
         self.ctx = ctx
         self.agreement = NoticeAgreement(ctx, every=agree_every)  # type: ignore[arg-type]
@@ -982,7 +982,7 @@ class _MultiRank:
             return None
         if dist.get_world_size() < 2 and not sharded:  # sharded state needs DCP even on one rank
             return None
-        from spotsafe.distributed import DistContext
+        from spotsafe.distributed.context import DistContext
 
         ctx = DistContext.detect()
         return None if ctx is None else cls(ctx, agree_every)

@@ -1,4 +1,4 @@
-"""The Store conformance suite, for your own :class:`~spotsafe.storage.Store` backend.
+"""The Store conformance suite, for your own :class:`~spotsafe.storage.base.Store` backend.
 
 spotsafe runs it against every backend it ships (tests/test_storage.py). A backend that
 passes it can carry checkpoints. Use it as fsspec's abstract tests are used: a test
@@ -25,7 +25,7 @@ import random
 import pytest
 
 from spotsafe.errors import CheckpointNotFound
-from spotsafe.storage import Store
+from spotsafe.storage.base import Store
 
 __all__ = ["StoreConformance"]
 

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 import spotsafe
-from spotsafe.checkpoint import FORMAT_VERSION, MANIFEST, Checkpointer, checkpoint_name
+from spotsafe.checkpoint.writer import FORMAT_VERSION, MANIFEST, Checkpointer, checkpoint_name
 from spotsafe.errors import (
     CheckpointCorrupt,
     CheckpointNotFound,
@@ -34,8 +34,8 @@ from spotsafe.errors import (
     StoreError,
 )
 from spotsafe.state import RNGState
-from spotsafe.storage import Buffer
-from spotsafe.storages.local import LocalStore
+from spotsafe.storage.base import Buffer
+from spotsafe.storage.local import LocalStore
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -253,7 +253,7 @@ def test_pending_async_save_lands_at_interpreter_exit(tmp_path: Path) -> None:
     code = textwrap.dedent(
         f"""
         import torch
-        from spotsafe.checkpoint import Checkpointer
+        from spotsafe.checkpoint.writer import Checkpointer
         c = Checkpointer({str(tmp_path)!r})
         c.save(11, {{"w": torch.arange(2_000_000, dtype=torch.float32)}}, reason="final")
         # no wait(): the atexit hook must let the background write finish
@@ -287,7 +287,7 @@ def test_corruption_is_detected_and_falls_back(tmp_path: Path, caplog: pytest.Lo
         assert [i.step for i in c.list()] == [1, 3, 4, 5]  # garbage manifest: not a checkpoint
         assert c.latest().step == 5  # type: ignore[union-attr]  # sizes look right
         assert c.latest(verify=True).step == 1  # type: ignore[union-attr]
-        with caplog.at_level(logging.ERROR, logger="spotsafe.checkpoint"):
+        with caplog.at_level(logging.ERROR, logger="spotsafe.checkpoint.writer"):
             assert_state(c.load(), 1)
         assert "step-000000000005" in caplog.text and "checksum mismatch" in caplog.text
         assert c.last_loaded is not None and c.last_loaded.step == 1
@@ -390,7 +390,7 @@ def test_pickle_payloads_never_execute(tmp_path: Path, monkeypatch: pytest.Monke
             if f["role"] == "data":
                 (d / f["path"]).write_bytes(data)
                 f["size"] = len(data)
-                from spotsafe.checkpoint import checksum
+                from spotsafe.checkpoint.writer import checksum
 
                 f["checksum"] = checksum(data)
         (d / MANIFEST).write_text(json.dumps(manifest))
@@ -432,7 +432,7 @@ def test_keep_last_and_keep_every(tmp_path: Path) -> None:
             c.save(step, state_for(step, 10))
         c.wait()
         assert [i.step for i in c.list()] == [4, 8, 9, 10]
-    # Beside the checkpoints only the writer lease (spotsafe.lease) remains.
+    # Beside the checkpoints only the writer lease (spotsafe.checkpoint.lease) remains.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lease"] + [checkpoint_name(s) for s in (4, 8, 9, 10)]
 
 
@@ -524,7 +524,7 @@ ZYGOTE = textwrap.dedent(
     """
     import os, signal, sys
     import torch
-    from spotsafe.checkpoint import Checkpointer
+    from spotsafe.checkpoint.writer import Checkpointer
 
     def state(step):
         g = torch.Generator().manual_seed(step)
@@ -630,7 +630,7 @@ class SegmentingStore(LocalStore):
 
 
 def test_segments_cut_the_payload_without_copying() -> None:
-    from spotsafe.checkpoint import _segments
+    from spotsafe.checkpoint.writer import _segments
 
     rng = random.Random(7)
     for _ in range(50):
@@ -718,8 +718,8 @@ def test_a_manifest_lying_about_segment_sizes_is_refused_before_any_allocation(t
 def test_an_async_save_writes_its_snapshot_buffer_to_disk_without_a_copy(tmp_path: Path) -> None:
     """The async save's buffer starts on a page, so its data file goes past the page cache straight
     from it (no bounce copy); a sync save's zero-copy tensors are staged, and still go direct."""
-    from spotsafe.checkpoint import SnapshotBuffer
-    from spotsafe.storages.local import DIRECT_ALIGN, _address
+    from spotsafe.checkpoint.writer import SnapshotBuffer
+    from spotsafe.storage.local import DIRECT_ALIGN, _address
 
     buf = SnapshotBuffer(pin=False)
     for n in (1, 4095, 10 << 20):

@@ -56,7 +56,7 @@ def test_loopback_still_works() -> None:
 
 
 def test_signal_grace_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    from spotsafe.interruption import InterruptionWatcher
+    from spotsafe.cloud.watcher import InterruptionWatcher
 
     assert Settings.from_env().signal_grace == 30.0
     monkeypatch.setenv("SPOTSAFE_SIGNAL_GRACE", "90")

@@ -21,19 +21,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from spotsafe.distributed import (
-    DistContext,
-    ElasticDistributedSampler,
-    FileRecord,
-    load_sharded,
-    missing_ranks,
-    resplit,
-    save_sharded,
-    source_rank,
-)
+from spotsafe.data import ElasticDistributedSampler, resplit
+from spotsafe.distributed.commit import FileRecord, source_rank
+from spotsafe.distributed.context import DistContext, missing_ranks
+from spotsafe.distributed.dcp import load_sharded, save_sharded
 from spotsafe.errors import CheckpointCorrupt, DistributedError, UnsafeCheckpoint
-from spotsafe.storage import open_store
-from spotsafe.storages.local import LocalStore
+from spotsafe.storage.local import LocalStore
+from spotsafe.storage.registry import open_store
 from tests.helpers import wait_until
 from tests.s3server import *  # noqa: F403
 
@@ -376,7 +370,7 @@ def test_run_under_torchrun_notice_on_one_rank_resume_bit_identical_and_on_one_r
     assert manifest["world_size"] == 2
     assert sorted({f["rank"] for f in manifest["files"]}) == [0, 1]
     # rank 0 held the writer lease (generation 1) and let go on exit 75: a replacement takes over at once
-    from spotsafe.lease import read_record
+    from spotsafe.checkpoint.lease import read_record
 
     assert manifest["metadata"]["spotsafe_generation"] == 1
     record = read_record(LocalStore(cut / "store"), 1)
@@ -499,8 +493,8 @@ def test_the_ddp_example_runs_under_torchrun_and_resumes_in_one_process(tmp_path
 def test_torchrun_job_waits_for_the_store_then_every_rank_stops_77_once_superseded(tmp_path: Path) -> None:
     """2 ranks: rank 0 takes the writer lease (after the live holder lets go); when another
     instance takes the store over mid-run, the next commit is fenced and every rank stops."""
-    from spotsafe.checkpoint import Checkpointer
-    from spotsafe.lease import Lease, LeaseRecord, generations, lease_path, read_record
+    from spotsafe.checkpoint.lease import Lease, LeaseRecord, generations, lease_path, read_record
+    from spotsafe.checkpoint.writer import Checkpointer
 
     store, out = tmp_path / "store", tmp_path / "out"
     holder = Lease(LocalStore(store), seconds=60)

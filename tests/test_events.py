@@ -12,10 +12,14 @@ from typing import Any
 import pytest
 import torch
 
-from spotsafe.checkpoint import Checkpointer
-from spotsafe.cli import main as cli_main
+from spotsafe.checkpoint.writer import Checkpointer
+from spotsafe.cli.main import main as cli_main
 from spotsafe.errors import FormatVersionError, StoreError
-from spotsafe.events import (
+from spotsafe.storage.base import Store
+from spotsafe.storage.local import LocalStore
+from spotsafe.storage.mirror import MirrorStore
+from spotsafe.storage.registry import open_store
+from spotsafe.story.events import (
     DENSE_STEPS,
     EVENTS_DIR,
     EventLog,
@@ -25,9 +29,6 @@ from spotsafe.events import (
     read_events,
     stride,
 )
-from spotsafe.storage import Store, open_store
-from spotsafe.storages.local import LocalStore
-from spotsafe.storages.mirror import MirrorStore
 from tests.helpers import wait_until
 from tests.s3server import *  # noqa: F403 - the moto S3 fixtures
 

@@ -49,7 +49,7 @@ def test_example_uninterrupted_and_rehearsed_end_identically(tmp_path: Path) -> 
         [
             sys.executable,
             "-m",
-            "spotsafe.simulate",
+            "spotsafe.rehearsal.simulators",
             "rehearse",
             "--notice-after",
             "0",

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import torch
 
-from spotsafe.checkpoint import MANIFEST, Checkpointer, checkpoint_name, checksum
+from spotsafe.checkpoint.writer import MANIFEST, Checkpointer, checkpoint_name, checksum
 from spotsafe.errors import CheckpointCorrupt, CheckpointNotFound, FormatVersionError, StateError, StoreError
 from tests.helpers import slow_enabled
 
@@ -151,7 +151,7 @@ def test_a_forged_tree_costs_a_fallback(
     store: Path, mutate: Callable[[dict[str, Any]], Any], match: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     forge_tree(store, mutate)
-    caplog.set_level(logging.ERROR, "spotsafe.checkpoint")
+    caplog.set_level(logging.ERROR, "spotsafe.checkpoint.writer")
     assert_falls_back(store, match, caplog=caplog)
 
 
@@ -213,7 +213,7 @@ def test_a_lying_manifest_is_skipped(
     doc = manifest_of(store)
     mutate(doc)
     write_manifest(store, doc)
-    caplog.set_level(logging.WARNING, "spotsafe.checkpoint")
+    caplog.set_level(logging.WARNING, "spotsafe.checkpoint.writer")
     with Checkpointer(store) as c:
         assert [i.step for i in c.list()] == [GOOD]
         assert c.latest() is not None and c.latest().step == GOOD  # type: ignore[union-attr]
@@ -676,7 +676,7 @@ def test_run_ls_and_resume_status_survive_a_hostile_newest_manifest(
     tmp_path: Path, fifos: list[Path], damage: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from spotsafe import Run
-    from spotsafe.cli import main as cli_main
+    from spotsafe.cli.main import main as cli_main
     from spotsafe.resume import status_text
 
     root = tmp_path / "run"

@@ -24,8 +24,8 @@ import pytest
 import torch
 
 from spotsafe import EXIT_PREEMPTED
-from spotsafe.checkpoint import Checkpointer
-from spotsafe.simulate import AWSSimulator
+from spotsafe.checkpoint.writer import Checkpointer
+from spotsafe.rehearsal.simulators import AWSSimulator
 
 from .conftest import OFFLINE_ENV
 from .helpers import wait_until

@@ -14,8 +14,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from spotsafe.errors import MetadataError
-from spotsafe.interruption import (
+from spotsafe.cloud.watcher import (
     AWSMetadata,
     AWSSource,
     AzureSource,
@@ -25,7 +24,8 @@ from spotsafe.interruption import (
     _parse_iso,
     _parse_rfc1123,
 )
-from spotsafe.simulate import AWSSimulator, AzureSimulator, GCPSimulator
+from spotsafe.errors import MetadataError
+from spotsafe.rehearsal.simulators import AWSSimulator, AzureSimulator, GCPSimulator
 from tests.helpers import wait_until
 
 POLL = 0.2
@@ -616,7 +616,7 @@ def test_stop_is_idempotent_and_restartable(aws: AWSSimulator) -> None:
 SIGTERM_CHILD = textwrap.dedent(
     """
     import signal, sys, time
-    from spotsafe.interruption import InterruptionWatcher
+    from spotsafe.cloud.watcher import InterruptionWatcher
 
     with InterruptionWatcher(signal_grace=20) as watcher:
         print("ready", watcher.sources, flush=True)

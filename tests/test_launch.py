@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 
 from spotsafe import launch as L
-from spotsafe.cli import main
+from spotsafe.cli.main import main
 from spotsafe.errors import LaunchConfigError, LaunchError
 from tests.ec2server import AMI, EC2Server, IAMEnforcingServer, unique_tag
 from tests.test_volume import loopdev  # noqa: F401  (the fixture)
@@ -615,7 +615,7 @@ def test_s3_status_shows_progress_and_down_deletes_only_the_prefix(
 ) -> None:
     import torch
 
-    from spotsafe.checkpoint import Checkpointer
+    from spotsafe.checkpoint.writer import Checkpointer
 
     spec = sspec(unique_tag(), s3_bucket_name)
     L.launch(spec, aws, apply=True, script=L.boot_script())
@@ -636,7 +636,7 @@ def test_s3_status_shows_progress_and_down_deletes_only_the_prefix(
     assert "newest checkpoint: step 200" in out and "2 kept" in out
     assert f"store {spec.store}" in out
     try:
-        import spotsafe.report  # noqa: F401  (built by another change; status uses it when there)
+        import spotsafe.story.report  # noqa: F401  (built by another change; status uses it when there)
     except ImportError:
         assert "interruptions and cost: `spotsafe report` is not in this version" in out
     else:
@@ -866,7 +866,7 @@ def test_the_s3_instance_policy_allows_every_request_of_the_store_on_its_prefix_
     import boto3
     import torch
 
-    from spotsafe.checkpoint import Checkpointer
+    from spotsafe.checkpoint.writer import Checkpointer
 
     requests: list[tuple[str, str, str]] = []
 
@@ -995,7 +995,7 @@ def test_generated_user_data_boots_trains_and_scales_the_group_to_zero(
     loopdev: Callable[..., str],  # noqa: F811 - the fixture
 ) -> None:
     from spotsafe import volume as vol
-    from spotsafe.simulate import AWSSimulator
+    from spotsafe.rehearsal.simulators import AWSSimulator
     from tests.test_volume import fake_nvme
 
     if shutil.which("git") is None:

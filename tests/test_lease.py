@@ -22,12 +22,13 @@ import pytest
 import torch
 
 import spotsafe
-from spotsafe.checkpoint import MANIFEST, Checkpointer, Manifest, checkpoint_name, commit_manifest
+from spotsafe.checkpoint.lease import GENERATION_KEY, LEASE_DIR, Lease, generations, read_record
+from spotsafe.checkpoint.writer import MANIFEST, Checkpointer, Manifest, checkpoint_name, commit_manifest
 from spotsafe.errors import StoreError, WriterFenced
-from spotsafe.lease import GENERATION_KEY, LEASE_DIR, Lease, generations, read_record
-from spotsafe.storage import Buffer, Store, open_store
-from spotsafe.storages.local import LocalStore
-from spotsafe.storages.mirror import MirrorStore
+from spotsafe.storage.base import Buffer, Store
+from spotsafe.storage.local import LocalStore
+from spotsafe.storage.mirror import MirrorStore
+from spotsafe.storage.registry import open_store
 from tests.helpers import wait_until
 from tests.s3server import *  # noqa: F403
 
@@ -37,9 +38,9 @@ WRITER = textwrap.dedent("""
     import json, sys, time
     from pathlib import Path
     import torch
-    from spotsafe.checkpoint import Checkpointer
+    from spotsafe.checkpoint.writer import Checkpointer
     from spotsafe.errors import WriterFenced
-    from spotsafe.storage import open_store
+    from spotsafe.storage.base import open_store
 
     cfg = json.loads(sys.argv[1])
     marks = Path(cfg["marks"])
@@ -156,7 +157,7 @@ def test_readers_never_take_the_lease(tmp_path: Path, capsys: pytest.CaptureFixt
         c.save(1, {"w": torch.zeros(3)})
     before = sorted((tmp_path / LEASE_DIR).iterdir())
     snapshot = [p.read_bytes() for p in before]
-    from spotsafe.cli import main
+    from spotsafe.cli.main import main
 
     assert main(["ls", str(tmp_path)]) == 0
     assert main(["verify", str(tmp_path)]) == 0
@@ -433,7 +434,7 @@ def events_of(path: Path) -> list[dict[str, Any]]:
 def test_capacity_rebalance_overlap_through_the_supervisor_ends_bit_identical(tmp_path: Path) -> None:
     """The old instance gets a rebalance recommendation, its replacement starts and waits for the
     store, the old one gets the terminate notice, saves and lets go; the replacement resumes there."""
-    from spotsafe.simulate import AWSSimulator
+    from spotsafe.rehearsal.simulators import AWSSimulator
 
     # Long enough (with STEP_SLEEP) for the overlap to happen mid-run; one thread: CI has two cores.
     epochs = {"EPOCHS": "12", "EVERY": "25", "OMP_NUM_THREADS": "1"}

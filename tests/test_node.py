@@ -1,11 +1,11 @@
-"""spotsafe.node: the supervisor's own look at its own instance, against real metadata simulators."""
+"""spotsafe.cloud.node: the supervisor's own look at its own instance, against real metadata simulators."""
 
 from __future__ import annotations
 
 import pytest
 
-from spotsafe.node import check
-from spotsafe.simulate import AWSSimulator, GCPSimulator, simulated_environment
+from spotsafe.cloud.node import check
+from spotsafe.rehearsal.simulators import AWSSimulator, GCPSimulator, simulated_environment
 
 
 def test_quiet_aws_instance_is_healthy_and_an_armed_one_is_doomed(offline: dict[str, str]) -> None:

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from spotsafe.interruption import InterruptionWatcher
+from spotsafe.cloud.watcher import InterruptionWatcher
 from tests.helpers import wait_until
 
 IDLE_CPU_BOUND = 0.005  # of one core
@@ -81,7 +81,7 @@ def test_start_up_with_hanging_hosts_is_bounded(monkeypatch: pytest.MonkeyPatch)
 def test_start_up_in_a_fresh_process() -> None:
     code = (
         "import time; t = time.monotonic(); "
-        "from spotsafe.interruption import InterruptionWatcher; "
+        "from spotsafe.cloud.watcher import InterruptionWatcher; "
         "w = InterruptionWatcher().start(); print(round(time.monotonic() - t, 3), ','.join(w.sources)); w.stop()"
     )
     out = subprocess.run(

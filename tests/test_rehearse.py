@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from spotsafe import EXIT_PREEMPTED
-from spotsafe.rehearse import Outcome, main, read_events, summary
+from spotsafe.rehearsal.rehearse import Outcome, main, read_events, summary
 
 TRAIN = textwrap.dedent("""
     import time, torch
@@ -110,7 +110,7 @@ def test_summary_reports_lost_steps_and_missing_durability() -> None:
 
 
 def test_rehearsal_through_simulate_module(tmp_path: Path) -> None:
-    from spotsafe.cli import simulate_main
+    from spotsafe.rehearsal.cli import main as simulate_main
 
     with pytest.raises(SystemExit) as e:
         simulate_main(["rehearse", "--notice-after", "0"])

@@ -15,11 +15,11 @@ from typing import Any
 import pytest
 import requests
 
-from spotsafe.checkpoint import Checkpointer
-from spotsafe.cli import main as cli_main
-from spotsafe.events import read_events
-from spotsafe.report import LIVE_REPORT, make_server, write_report
-from spotsafe.storages.local import LocalStore
+from spotsafe.checkpoint.writer import Checkpointer
+from spotsafe.cli.main import main as cli_main
+from spotsafe.storage.local import LocalStore
+from spotsafe.story.events import read_events
+from spotsafe.story.report import LIVE_REPORT, make_server, write_report
 from tests.chromium import PLOTS_READY, chromium_binary, render
 from tests.ec2server import *  # noqa: F403 - the moto EC2 fixtures
 from tests.helpers import wait_until
@@ -80,7 +80,7 @@ def rehearsed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             [
                 sys.executable,
                 "-m",
-                "spotsafe.simulate",
+                "spotsafe.rehearsal.simulators",
                 "rehearse",
                 "--notice-after-steps",
                 "15",

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from spotsafe import EXIT_PREEMPTED
+from spotsafe.rehearsal.simulators import AWSSimulator, simulated_environment
 from spotsafe.resume import Supervisor, exit_status, main, supervise
-from spotsafe.simulate import AWSSimulator, simulated_environment
 from tests.helpers import wait_until
 
 PY = sys.executable
@@ -354,7 +354,7 @@ def test_torchrun_preemption_then_resume_on_one_process(tmp_path: Path) -> None:
     )
     assert first.returncode == EXIT_PREEMPTED, f"{first.stderr[-3000:]}"
     assert "treating it as preempted" in first.stderr
-    from spotsafe.checkpoint import Checkpointer
+    from spotsafe.checkpoint.writer import Checkpointer
 
     ckpt = Checkpointer(store)
     newest = ckpt.latest(verify=True)

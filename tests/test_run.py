@@ -22,8 +22,8 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import spotsafe
 from spotsafe import EXIT_PREEMPTED, Run
-from spotsafe.checkpoint import Checkpointer
-from spotsafe.interruption import InterruptionWatcher
+from spotsafe.checkpoint.writer import Checkpointer
+from spotsafe.cloud.watcher import InterruptionWatcher
 from tests.helpers import wait_until
 
 N_ITEMS, BATCH = 60, 8  # 8 batches an epoch, the last one short
@@ -323,7 +323,7 @@ def wait_ready(out: Path, proc: subprocess.Popen[str]) -> None:
 
 @pytest.mark.slow
 def test_aws_notice_in_subprocess_exits_75_and_resumes_exactly(tmp_path: Path) -> None:
-    from spotsafe.simulate import AWSSimulator
+    from spotsafe.rehearsal.simulators import AWSSimulator
 
     events = tmp_path / "events.jsonl"
     with AWSSimulator() as sim:
@@ -435,7 +435,7 @@ def test_a_failed_periodic_save_does_not_stop_the_notice_save(tmp_path: Path) ->
 
 def test_synchronous_periodic_saves_are_not_put_off_by_pruning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A sync save is durable when step() returns; the pruning behind it must not defer the next one."""
-    from spotsafe.checkpoint import Checkpointer
+    from spotsafe.checkpoint.writer import Checkpointer
 
     real_retain = Checkpointer._retain
     pruning = threading.Event()

@@ -9,15 +9,14 @@ import subprocess
 import sys
 import threading
 import time
-import types
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 
 import pytest
 import requests
 
-from spotsafe.interruption import _parse_iso, _parse_rfc1123
-from spotsafe.simulate import AWSSimulator, AzureSimulator, GCPSimulator, main, simulated_environment
+from spotsafe.cloud.watcher import _parse_iso, _parse_rfc1123
+from spotsafe.rehearsal.simulators import AWSSimulator, AzureSimulator, GCPSimulator, main, simulated_environment
 
 TTL = "X-aws-ec2-metadata-token-ttl-seconds"
 TOKEN = "X-aws-ec2-metadata-token"
@@ -322,11 +321,11 @@ def test_main_serves_and_prints_exports(capsys: pytest.CaptureFixture[str]) -> N
 
 def test_main_delegates_rehearse(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[list[str]] = []
-    module = types.ModuleType("spotsafe.rehearse")
-    module.main = lambda argv: seen.append(list(argv)) or 7  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "spotsafe.rehearse", module)
-    from spotsafe.cli import main as cli_main
-    from spotsafe.cli import simulate_main
+    from spotsafe.cli.main import main as cli_main
+    from spotsafe.rehearsal import rehearse
+    from spotsafe.rehearsal.cli import main as simulate_main
+
+    monkeypatch.setattr(rehearse, "main", lambda argv: seen.append(list(argv)) or 7)
 
     assert simulate_main(["rehearse", "--notice-after", "5", "--", "python", "train.py"]) == 7
     assert cli_main(["simulate", "rehearse", "--notice-after", "5"]) == 7
@@ -334,7 +333,7 @@ def test_main_delegates_rehearse(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_simulators_do_not_import_the_rehearsal_or_torch() -> None:
-    code = "import sys, spotsafe.simulate; print(sorted(m for m in ('spotsafe.rehearse', 'torch') if m in sys.modules))"
+    code = "import sys, spotsafe.rehearsal.simulators; print(sorted(m for m in ('spotsafe.rehearsal.rehearse', 'torch') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

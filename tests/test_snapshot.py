@@ -18,11 +18,11 @@ import torch
 from torch import nn
 
 from spotsafe import Run
-from spotsafe.checkpoint import Checkpointer, SnapshotBuffer, snapshot
+from spotsafe.checkpoint.snapshots import SnapshotKeeper
+from spotsafe.checkpoint.writer import Checkpointer, SnapshotBuffer, snapshot
+from spotsafe.cloud.watcher import InterruptionWatcher, Notice
 from spotsafe.distributed.board import NoticeBoard
 from spotsafe.errors import DistributedError
-from spotsafe.interruption import InterruptionWatcher, Notice
-from spotsafe.snapshot import SnapshotKeeper
 from tests.helpers import wait_until
 
 CHILD = textwrap.dedent("""
@@ -437,7 +437,7 @@ def two_rank_checkpointers(root: Path) -> tuple[list[Checkpointer], list[NoticeB
     persist_snapshot_ranks takes no collective, only the board)."""
     from torch.distributed import HashStore
 
-    from spotsafe.distributed import DistContext
+    from spotsafe.distributed.context import DistContext
 
     shared = HashStore()
     ckpts, boards = [], []
@@ -567,7 +567,8 @@ def test_the_agreement_carries_the_snapshot_cadence_wish_in_its_reduce() -> None
     import torch.distributed as dist
     from torch.distributed import HashStore
 
-    from spotsafe.distributed import DistContext, NoticeAgreement
+    from spotsafe.distributed.agreement import NoticeAgreement
+    from spotsafe.distributed.context import DistContext
 
     # One rank in this process (the MAX over several ranks runs in the 2-rank test above).
     dist.init_process_group("gloo", store=HashStore(), rank=0, world_size=1)

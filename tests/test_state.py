@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from spotsafe.checkpoint import SnapshotBuffer, snapshot
+from spotsafe.checkpoint.writer import SnapshotBuffer, snapshot
 from spotsafe.errors import StateError
 from spotsafe.state import MAX_DEPTH, RNGState, blob_from_buffer, flatten, to_plain, unflatten
 
@@ -452,7 +452,7 @@ def test_deep_and_self_referencing_nesting_is_a_state_error() -> None:
 
 @pytest.mark.parametrize("async_", [True, False])
 def test_refused_values_fail_at_save_not_at_wait(tmp_path: Any, async_: bool) -> None:
-    from spotsafe.checkpoint import Checkpointer
+    from spotsafe.checkpoint.writer import Checkpointer
 
     loop: list[Any] = []
     loop.append(loop)

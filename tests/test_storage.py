@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 
 from spotsafe.errors import StoreError
-from spotsafe.storage import Store, open_store
+from spotsafe.storage.base import Store
+from spotsafe.storage.registry import open_store
 from spotsafe.testing import StoreConformance
 from tests.s3server import *  # noqa: F403
 
@@ -29,7 +30,7 @@ MiB = 1024 * 1024
 class LocalFixtures:
     @pytest.fixture
     def store(self, tmp_path: Path) -> Iterator[Store]:
-        from spotsafe.storages.local import LocalStore
+        from spotsafe.storage.local import LocalStore
 
         with LocalStore(tmp_path / "store") as s:
             yield s
@@ -38,7 +39,7 @@ class LocalFixtures:
 class MemoryFixtures:
     @pytest.fixture
     def store(self) -> Iterator[Store]:
-        from spotsafe.storages.fsspec import FsspecStore
+        from spotsafe.storage.fsspec import FsspecStore
 
         url = f"memory://spotsafe-test/{uuid.uuid4().hex}"
         with FsspecStore(url) as s:
@@ -53,7 +54,7 @@ class MemoryFixtures:
 class S3Fixtures:
     @pytest.fixture
     def store(self, s3_bucket: str, s3_options: dict[str, Any]) -> Iterator[Store]:
-        from spotsafe.storages.s3 import S3Store
+        from spotsafe.storage.s3 import S3Store
 
         # Small parts so that the big-file cases really go multipart on moto.
         with S3Store(f"s3://{s3_bucket}/runs/a", {**s3_options, "part_size": 5 * MiB}) as s:
@@ -66,7 +67,7 @@ class FsspecS3Fixtures:
     @pytest.fixture
     def store(self, s3_bucket: str, s3_options: dict[str, Any]) -> Iterator[Store]:
         pytest.importorskip("s3fs")
-        from spotsafe.storages.fsspec import FsspecStore
+        from spotsafe.storage.fsspec import FsspecStore
 
         options = {
             "key": "testing",
@@ -81,9 +82,9 @@ class FsspecS3Fixtures:
 class MirrorFixtures:
     @pytest.fixture
     def store(self, tmp_path: Path, s3_bucket: str, s3_options: dict[str, Any]) -> Iterator[Store]:
-        from spotsafe.storages.local import LocalStore
-        from spotsafe.storages.mirror import MirrorStore
-        from spotsafe.storages.s3 import S3Store
+        from spotsafe.storage.local import LocalStore
+        from spotsafe.storage.mirror import MirrorStore
+        from spotsafe.storage.s3 import S3Store
 
         remote = S3Store(f"s3://{s3_bucket}/mirror", {**s3_options, "part_size": 5 * MiB})
         with MirrorStore(LocalStore(tmp_path / "local"), remote) as s:
@@ -114,10 +115,10 @@ class TestMirrorStore(StoreConformance, MirrorFixtures):
 
 
 def test_open_store_dispatches_by_scheme(tmp_path: Path, s3_bucket: str, s3_options: dict[str, Any]) -> None:
-    from spotsafe.storages.fsspec import FsspecStore
-    from spotsafe.storages.local import LocalStore
-    from spotsafe.storages.mirror import MirrorStore
-    from spotsafe.storages.s3 import S3Store
+    from spotsafe.storage.fsspec import FsspecStore
+    from spotsafe.storage.local import LocalStore
+    from spotsafe.storage.mirror import MirrorStore
+    from spotsafe.storage.s3 import S3Store
 
     with open_store(tmp_path / "a") as s:
         assert type(s) is LocalStore
@@ -134,7 +135,7 @@ def test_open_store_dispatches_by_scheme(tmp_path: Path, s3_bucket: str, s3_opti
 
 
 def test_fsspec_unknown_protocol_is_a_clear_error() -> None:
-    from spotsafe.storages.fsspec import FsspecStore
+    from spotsafe.storage.fsspec import FsspecStore
 
     with pytest.raises((StoreError, ImportError)) as info:
         FsspecStore("nosuchproto://bucket/run")
@@ -142,7 +143,7 @@ def test_fsspec_unknown_protocol_is_a_clear_error() -> None:
 
 
 def test_fsspec_file_url_round_trip(tmp_path: Path) -> None:
-    from spotsafe.storages.fsspec import FsspecStore
+    from spotsafe.storage.fsspec import FsspecStore
 
     with FsspecStore(f"file://{tmp_path}/fs") as s:
         s.write_file("step-000000000001/a.bin", [b"12", b"34"])
@@ -154,7 +155,7 @@ def test_fsspec_file_url_round_trip(tmp_path: Path) -> None:
 
 
 def test_fsspec_failed_write_leaves_no_file() -> None:
-    from spotsafe.storages.fsspec import FsspecStore
+    from spotsafe.storage.fsspec import FsspecStore
 
     url = f"memory://spotsafe-test/{uuid.uuid4().hex}"
     with FsspecStore(url) as s:

@@ -17,8 +17,9 @@ from typing import Any
 import pytest
 
 from spotsafe.errors import CheckpointNotFound, StoreError
-from spotsafe.storage import Buffer, open_store
-from spotsafe.storages.local import BOUNCE_SIZE, DIRECT_ALIGN, DIRECT_MIN, LocalStore
+from spotsafe.storage.base import Buffer
+from spotsafe.storage.local import BOUNCE_SIZE, DIRECT_ALIGN, DIRECT_MIN, LocalStore
+from spotsafe.storage.registry import open_store
 
 
 @pytest.fixture
@@ -61,7 +62,7 @@ def test_write_read_size_list(store: LocalStore) -> None:
 
 
 def test_large_write_spans_several_chunks(store: LocalStore, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("spotsafe.storages.local.WRITE_CHUNK", 1000)
+    monkeypatch.setattr("spotsafe.storage.local.WRITE_CHUNK", 1000)
     payload = os.urandom(10_500)
     store.write_file("big", [memoryview(payload)[:5000], memoryview(payload)[5000:]])
     assert bytes(store.read_file("big")) == payload
@@ -264,7 +265,7 @@ def test_a_filesystem_that_refuses_o_direct_is_written_through_the_page_cache(
             raise OSError(errno.EINVAL, "Invalid argument")
         return real_open(path, flags, *args)
 
-    monkeypatch.setattr("spotsafe.storages.local.os.open", refusing_open)
+    monkeypatch.setattr("spotsafe.storage.local.os.open", refusing_open)
     data = _aligned(DIRECT_MIN)
     store = LocalStore(tmp_path)
     store.write_file("f.bin", [data])
@@ -277,7 +278,7 @@ def test_a_filesystem_that_refuses_o_direct_is_written_through_the_page_cache(
 def test_o_direct_refused_mid_file_starts_over_through_the_page_cache(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from spotsafe.storages import local
+    from spotsafe.storage import local
 
     def half_then_refuse(fd: int, buffers: Any, bounce: memoryview) -> int:
         os.write(fd, b"partial garbage")

@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 
 from spotsafe.errors import CheckpointNotFound, StoreError
-from spotsafe.storage import Buffer, Store
-from spotsafe.storages.fsspec import FsspecStore
-from spotsafe.storages.local import LocalStore
-from spotsafe.storages.mirror import MirrorStore
+from spotsafe.storage.base import Buffer, Store
+from spotsafe.storage.fsspec import FsspecStore
+from spotsafe.storage.local import LocalStore
+from spotsafe.storage.mirror import MirrorStore
 from tests.s3server import *  # noqa: F403
 
 
@@ -196,7 +196,7 @@ def test_checkpointer_mirror_restores_from_s3_onto_an_empty_disk(
     tmp_path: Path, s3_bucket: str, s3_options: dict[str, Any], s3_client: Any
 ) -> None:
     torch = pytest.importorskip("torch")
-    from spotsafe.checkpoint import Checkpointer
+    from spotsafe.checkpoint.writer import Checkpointer
 
     model = torch.nn.Linear(16, 8)
     remote_url = f"s3://{s3_bucket}/runs/m"
@@ -231,7 +231,7 @@ def _save_steps_1_and_2(store: MirrorStore, model: Any) -> None:
     """Steps 1 and 2 (the model's bias filled with the step), on both tiers when this returns."""
     import torch
 
-    from spotsafe.checkpoint import Checkpointer
+    from spotsafe.checkpoint.writer import Checkpointer
 
     with Checkpointer(store, async_=False) as ckpt:
         for step in (1, 2):
@@ -245,7 +245,7 @@ def test_latest_sees_a_newer_checkpoint_that_only_the_remote_holds(tmp_path: Pat
     torch = pytest.importorskip("torch")
     import shutil
 
-    from spotsafe.checkpoint import Checkpointer
+    from spotsafe.checkpoint.writer import Checkpointer
 
     model = torch.nn.Linear(4, 2)
     _save_steps_1_and_2(MirrorStore(LocalStore(tmp_path / "a"), remote), model)
@@ -265,7 +265,7 @@ def test_a_damaged_local_copy_is_read_from_the_remote_not_skipped(
     tmp_path: Path, remote: RecordingStore, damage: str
 ) -> None:
     torch = pytest.importorskip("torch")
-    from spotsafe.checkpoint import Checkpointer
+    from spotsafe.checkpoint.writer import Checkpointer
 
     model = torch.nn.Linear(64, 32)
     _save_steps_1_and_2(MirrorStore(LocalStore(tmp_path / "ebs"), remote), model)
@@ -297,7 +297,7 @@ def test_a_damaged_local_copy_is_read_from_the_remote_not_skipped(
 
 def test_a_damaged_local_manifest_is_read_from_the_remote(tmp_path: Path, remote: RecordingStore) -> None:
     torch = pytest.importorskip("torch")
-    from spotsafe.checkpoint import Checkpointer
+    from spotsafe.checkpoint.writer import Checkpointer
 
     model = torch.nn.Linear(4, 2)
     _save_steps_1_and_2(MirrorStore(LocalStore(tmp_path / "ebs"), remote), model)

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from spotsafe.errors import StoreError
-from spotsafe.storage import open_store
-from spotsafe.storages.s3 import S3Store, parse_s3_url
+from spotsafe.storage.registry import open_store
+from spotsafe.storage.s3 import S3Store, parse_s3_url
 from tests.helpers import wait_until
 from tests.s3server import *  # noqa: F403
 from tests.s3server import FaultProxy
@@ -120,7 +120,7 @@ def test_botocore_checksums_can_be_turned_back_on(s3_bucket: str, s3_options: di
 
 
 def test_part_bodies_are_views_of_the_caller_buffers() -> None:
-    from spotsafe.storages.s3 import _as_bytes_views, _BuffersReader
+    from spotsafe.storage.s3 import _as_bytes_views, _BuffersReader
 
     views, offsets, total = _as_bytes_views([b"abc", b"", bytearray(b"defg"), memoryview(b"hij")])
     assert (offsets, total) == ([0, 3, 7], 10)
@@ -212,7 +212,7 @@ def test_kill_9_mid_upload_leaves_nothing_after_cleanup(
     script = textwrap.dedent(
         """
         import sys
-        from spotsafe.storages.s3 import S3Store
+        from spotsafe.storage.s3 import S3Store
         url, endpoint = sys.argv[1], sys.argv[2]
         store = S3Store(url, {"endpoint_url": endpoint, "part_size": 5 << 20, "max_concurrency": 2})
         store.cleanup_incomplete()
@@ -323,7 +323,7 @@ def test_bad_urls_and_options(s3_options: dict[str, Any]) -> None:
 
 def test_checkpointer_round_trip_over_s3(s3_bucket: str, s3_options: dict[str, Any], s3_client: Any) -> None:
     torch = pytest.importorskip("torch")
-    from spotsafe.checkpoint import Checkpointer
+    from spotsafe.checkpoint.writer import Checkpointer
 
     torch.manual_seed(0)
     model = torch.nn.Linear(64, 32)
@@ -371,7 +371,7 @@ def test_checkpoint_payload_goes_up_as_parallel_single_put_segments(
     torch = pytest.importorskip("torch")
     import json
 
-    from spotsafe.checkpoint import Checkpointer
+    from spotsafe.checkpoint.writer import Checkpointer
 
     state = _big_state(torch)
     url = f"s3://{s3_bucket}/seg"
@@ -410,7 +410,7 @@ def test_segmented_checkpoint_loads_from_a_local_copy_and_through_a_mirror(
     s3_bucket: str, s3_options: dict[str, Any], s3_client: Any, tmp_path: Path
 ) -> None:
     torch = pytest.importorskip("torch")
-    from spotsafe.checkpoint import Checkpointer
+    from spotsafe.checkpoint.writer import Checkpointer
 
     state = _big_state(torch, seed=3)
     url = f"s3://{s3_bucket}/copy"
@@ -438,7 +438,7 @@ def test_damaged_segment_is_named_and_load_falls_back(
     damage: str, s3_bucket: str, s3_options: dict[str, Any], s3_client: Any
 ) -> None:
     torch = pytest.importorskip("torch")
-    from spotsafe.checkpoint import Checkpointer
+    from spotsafe.checkpoint.writer import Checkpointer
     from spotsafe.errors import CheckpointCorrupt
 
     url = f"s3://{s3_bucket}/dmg"
@@ -476,7 +476,7 @@ def test_damaged_segment_is_named_and_load_falls_back(
 
 def test_segment_faults_are_retried(s3_bucket: str, s3_proxy: FaultProxy, s3_proxy_options: dict[str, Any]) -> None:
     torch = pytest.importorskip("torch")
-    from spotsafe.checkpoint import Checkpointer
+    from spotsafe.checkpoint.writer import Checkpointer
 
     state = _big_state(torch, seed=5)
     with Checkpointer(f"s3://{s3_bucket}/flaky", storage_options={**s3_proxy_options, "part_size": 5 * MiB}) as ckpt:
@@ -497,7 +497,7 @@ def test_kill_9_mid_segmented_save_leaves_no_checkpoint_and_the_next_save_cleans
     script = textwrap.dedent(
         """
         import sys, torch
-        from spotsafe.checkpoint import Checkpointer
+        from spotsafe.checkpoint.writer import Checkpointer
         url, endpoint = sys.argv[1], sys.argv[2]
         opts = {"endpoint_url": endpoint, "part_size": 5 << 20, "max_concurrency": 2}
         with Checkpointer(url, storage_options=opts) as ckpt:
@@ -520,7 +520,7 @@ def test_kill_9_mid_segmented_save_leaves_no_checkpoint_and_the_next_save_cleans
     s3_proxy.delay = 0.0
     assert b"first" in out and b"finished" not in out
     torch = pytest.importorskip("torch")
-    from spotsafe.checkpoint import Checkpointer
+    from spotsafe.checkpoint.writer import Checkpointer
 
     leftovers = s3_client.list_objects_v2(Bucket=s3_bucket, Prefix="killed/step-000000000002/").get("Contents", [])
     assert leftovers  # the dead writer's segments are there, without a manifest...
@@ -539,7 +539,7 @@ def test_a_server_without_multipart_listing_does_not_stop_saving(
     fault: str, s3_bucket: str, s3_proxy: FaultProxy, s3_proxy_options: dict[str, Any], caplog: pytest.LogCaptureFixture
 ) -> None:
     torch = pytest.importorskip("torch")
-    from spotsafe.checkpoint import Checkpointer
+    from spotsafe.checkpoint.writer import Checkpointer
 
     def lists_uploads(method: str, path: str) -> bool:
         return method == "GET" and "uploads" in path and "uploadId" not in path
@@ -559,7 +559,7 @@ def test_latest_and_retention_read_each_manifest_once(
     s3_bucket: str, s3_proxy: FaultProxy, s3_proxy_options: dict[str, Any]
 ) -> None:
     torch = pytest.importorskip("torch")
-    from spotsafe.checkpoint import Checkpointer
+    from spotsafe.checkpoint.writer import Checkpointer
 
     with Checkpointer(f"s3://{s3_bucket}/once", storage_options=s3_proxy_options, keep_last=3) as ckpt:
         for step in (1, 2, 3):
@@ -584,7 +584,7 @@ def test_run_on_s3_survives_a_notice_and_resumes_bit_identically(
     from torch import nn
 
     from spotsafe import EXIT_PREEMPTED, Run
-    from spotsafe.interruption import InterruptionWatcher
+    from spotsafe.cloud.watcher import InterruptionWatcher
 
     g = torch.Generator().manual_seed(0)
     data = torch.utils.data.TensorDataset(torch.randn(48, 512, generator=g), torch.randint(0, 512, (48,), generator=g))
@@ -726,7 +726,7 @@ def test_trickled_get_answers_fail_within_the_limit(
     """A manifest read, a ranged data read and a whole-file read trickled one byte every 0.5 s."""
     import torch
 
-    from spotsafe.checkpoint import Checkpointer
+    from spotsafe.checkpoint.writer import Checkpointer
 
     baseline = _client_threads()
     store = S3Store(f"s3://{s3_bucket}/run", hostile_options)
@@ -770,7 +770,7 @@ def test_trickled_list_and_a_silent_endpoint_fail_within_the_limit(
     import torch
 
     from spotsafe import Run
-    from spotsafe.checkpoint import Checkpointer
+    from spotsafe.checkpoint.writer import Checkpointer
 
     baseline = _client_threads()
     store = S3Store(f"s3://{s3_bucket}/run", hostile_options)
@@ -824,9 +824,9 @@ def test_a_manifest_over_the_cap_is_refused_from_its_head(
 ) -> None:
     import torch
 
-    from spotsafe.checkpoint import Checkpointer
+    from spotsafe.checkpoint.writer import Checkpointer
     from spotsafe.errors import CheckpointCorrupt
-    from spotsafe.storage import MAX_MANIFEST_BYTES
+    from spotsafe.storage.base import MAX_MANIFEST_BYTES
 
     store = S3Store(f"s3://{s3_bucket}/run", s3_proxy_options)
     ckpt = Checkpointer(store)
@@ -847,7 +847,7 @@ def test_a_tree_file_planted_bigger_than_its_entry_is_refused_before_download(
     """A hostile store swaps a tree file for a big object: refused from its size, never read into memory."""
     import torch
 
-    from spotsafe.checkpoint import Checkpointer
+    from spotsafe.checkpoint.writer import Checkpointer
 
     store = S3Store(f"s3://{s3_bucket}/run", s3_proxy_options)
     ckpt = Checkpointer(store)

@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from spotsafe import volume as vol
+from spotsafe.cloud.aws import volume as vol
 from tests.ec2server import *  # noqa: F403
 from tests.ec2server import AMI, unique_tag
 from tests.helpers import wait_until
@@ -195,7 +195,7 @@ class Sandbox:
         assert _steps(self.steps) == [f"first {i}" for i in range(1, 6)]
         # The newest checkpoint: step 4, or step 2 when Run deferred the step-4 save behind a
         # save still in flight (spotsafe.Run never stalls the loop for a periodic save).
-        from spotsafe.checkpoint import Checkpointer
+        from spotsafe.checkpoint.writer import Checkpointer
 
         subprocess.run(["mount", self.device, str(pre)], check=True)
         try:
@@ -234,7 +234,7 @@ def _steps(path: Path) -> list[str]:
 def sandbox(tmp_path: Path, ec2_server: Any, ec2: Any, loopdev: Callable[..., str]) -> Iterator[Sandbox]:  # noqa: F811 - the fixture
     if shutil.which("git") is None:
         pytest.skip("needs git")
-    from spotsafe.simulate import AWSSimulator
+    from spotsafe.rehearsal.simulators import AWSSimulator
 
     # The "instance": launched by a persistent spot request, as the boot script expects.
     r = ec2.request_spot_instances(
@@ -310,7 +310,7 @@ def sandbox(tmp_path: Path, ec2_server: Any, ec2: Any, loopdev: Callable[..., st
 
 
 def _is_complete(store: Path) -> bool:
-    from spotsafe.checkpoint import Checkpointer
+    from spotsafe.checkpoint.writer import Checkpointer
 
     ckpt = Checkpointer(str(store))
     try:
@@ -660,7 +660,7 @@ def test_boot_of_a_crash_looping_run_ends_in_a_shut_down_instance(sandbox: Sandb
     assert _spot_request_open(sandbox)  # not "finished": a replacement may retry from the checkpoint
     assert "periodic snapshots every 3600 s beside training" in out
     run = sandbox.env["SPOTSAFE_RUN"]
-    assert not [c for c in _cmdlines() if "spotsafe.volume" in c and "snapshot" in c and run in c]
+    assert not [c for c in _cmdlines() if "spotsafe.cloud.aws.volume" in c and "snapshot" in c and run in c]
 
 
 def _cmdlines() -> list[str]:
@@ -679,7 +679,7 @@ def test_first_boot_in_another_zone_moves_formats_pins_and_keeps_old_on_request(
     tmp_path: Path, ec2_server: Any, ec2: Any
 ) -> None:
     """Cases 1 and 7 and the pinned code, as cloud-init would run the script (systemctl faked)."""
-    from spotsafe.simulate import AWSSimulator
+    from spotsafe.rehearsal.simulators import AWSSimulator
     from tests.ec2faithful import BlockStore, activate
 
     if shutil.which("git") is None:

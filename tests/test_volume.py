@@ -1,4 +1,4 @@
-"""spotsafe.volume against real components: moto's EC2 server, an IMDS on loopback, loop devices.
+"""spotsafe.cloud.aws.volume against real components: moto's EC2 server, an IMDS on loopback, loop devices.
 
 EC2 calls go to moto (``ThreadedMotoServer`` on 127.0.0.1); instance identity comes
 from an IMDS served on 127.0.0.1; block devices are loop devices over files in
@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from spotsafe import volume as vol
+from spotsafe.cloud.aws.volume import Identity, Timeouts, VolumeManager
 from spotsafe.errors import (
     VolumeAmbiguous,
     VolumeBusy,
@@ -34,7 +35,6 @@ from spotsafe.errors import (
     VolumePermissionDenied,
     VolumeWrongZone,
 )
-from spotsafe.volume import Identity, Timeouts, VolumeManager
 from tests.ec2server import *  # noqa: F403
 from tests.ec2server import AMI, IAMEnforcingServer, run_instance, unique_tag
 from tests.helpers import wait_until
@@ -553,10 +553,10 @@ def test_fstab_entry_uses_uuid_and_nofail_once(loopdev: Callable[..., str], tmp_
 
 
 class LocalIMDS:
-    """The AWS simulator when spotsafe.simulate is there; its identity document is all we need."""
+    """The AWS simulator when spotsafe.rehearsal.simulators is there; its identity document is all we need."""
 
     def __init__(self, instance_id: str, az: str) -> None:
-        from spotsafe.simulate import AWSSimulator
+        from spotsafe.rehearsal.simulators import AWSSimulator
 
         self._sim = AWSSimulator(instance_id=instance_id, availability_zone=az).start()
         self.endpoint = self._sim.endpoint
@@ -570,7 +570,7 @@ def cli_env(scene: Scene, ec2_server: Any, monkeypatch: pytest.MonkeyPatch) -> I
     try:
         imds = LocalIMDS(scene.instance_id, scene.az)
     except ImportError:
-        pytest.skip("spotsafe.simulate is not there yet")
+        pytest.skip("spotsafe.rehearsal.simulators is not there yet")
     monkeypatch.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", imds.endpoint)
     monkeypatch.setenv("AWS_ENDPOINT_URL_EC2", ec2_server.endpoint)
     monkeypatch.setenv("AWS_ENDPOINT_URL", ec2_server.endpoint)  # any other service: moto, never AWS

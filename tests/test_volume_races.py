@@ -1,4 +1,4 @@
-"""spotsafe.volume under races and interruptions, against moto EC2 made EC2-faithful (tests/ec2faithful.py).
+"""spotsafe.cloud.aws.volume under races and interruptions, against moto EC2 made EC2-faithful (tests/ec2faithful.py).
 
 Several "instances" (moto instances, each with its own identity and its own /sys and
 /dev tree from the block store) run the real VolumeManager in threads at once. The
@@ -20,9 +20,9 @@ from typing import Any
 
 import pytest
 
-from spotsafe import volume as vol
+from spotsafe.cloud.aws import volume as vol
+from spotsafe.cloud.aws.volume import Attachment, Identity, Timeouts, VolumeManager
 from spotsafe.errors import VolumeBusy, VolumeNotFound, VolumeWrongZone
-from spotsafe.volume import Attachment, Identity, Timeouts, VolumeManager
 from tests.ec2faithful import BlockStore, activate
 from tests.ec2server import *  # noqa: F403
 from tests.ec2server import REGION, run_instance, unique_tag
@@ -312,7 +312,7 @@ def test_cleanup_failure_after_a_good_mount_only_warns(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from spotsafe.simulate import AWSSimulator
+    from spotsafe.rehearsal.simulators import AWSSimulator
 
     tag = {"spotsafe-run": unique_tag()}
     source = create_volume(ec2, "us-east-1a", tag)
@@ -322,7 +322,9 @@ def test_cleanup_failure_after_a_good_mount_only_warns(
     monkeypatch.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", sim.endpoint)
     monkeypatch.setenv("AWS_ENDPOINT_URL_EC2", ec2_server.endpoint)
     real_client = vol.ec2_client
-    monkeypatch.setattr("spotsafe.volume.cli.ec2_client", lambda *a, **kw: DeniesDeleteSnapshot(real_client(*a, **kw)))
+    monkeypatch.setattr(
+        "spotsafe.cloud.aws.volume.cli.ec2_client", lambda *a, **kw: DeniesDeleteSnapshot(real_client(*a, **kw))
+    )
     mnt = tmp_path / "mnt"
     common = [
         "--tag",
@@ -352,7 +354,7 @@ def test_cleanup_failure_after_a_good_mount_only_warns(
             VolumeManager(ec2, Identity(iid, "us-east-1b", REGION)).describe(source)
         assert len(move_snapshots(ec2, source)) == 1  # left behind, not fatal
         # With the permission back, the next mount (a reboot) finishes the cleanup.
-        monkeypatch.setattr("spotsafe.volume.cli.ec2_client", real_client)
+        monkeypatch.setattr("spotsafe.cloud.aws.volume.cli.ec2_client", real_client)
         assert vol.main(["mount", "--mountpoint", str(mnt), *common]) == 0
         assert move_snapshots(ec2, source) == []
         assert tagged(ec2, tag) == [copy.volume_id]
@@ -385,7 +387,7 @@ def test_a_move_measured_on_the_fakes_carries_the_data(ec2: Any, real_store: Blo
 
 
 def test_cli_snapshot_every_repeats_until_sigterm(ec2: Any, ec2_server: Any, store: BlockStore, tmp_path: Path) -> None:
-    from spotsafe.simulate import AWSSimulator
+    from spotsafe.rehearsal.simulators import AWSSimulator
 
     tag = {"spotsafe-run": unique_tag()}
     m = instance(ec2, store, "us-east-1b")

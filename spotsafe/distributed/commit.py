@@ -41,7 +41,7 @@ def source_rank(rank: int, old_world_size: int) -> int:
     return rank % old_world_size
 
 
-def _commit_collectively(
+def commit_collectively(
     ctx: DistContext | None,
     mine: list[Any],
     commit: Callable[[list[Any]], None] | None,
@@ -107,7 +107,7 @@ def persist_rank_files(
     if ctx is None or ctx.world_size == 1:
         if error is not None:
             raise error
-        return _commit_collectively(ctx, mine, commit, what)
+        return commit_collectively(ctx, mine, commit, what)
     ctx.barrier(timeout, what=what)
     failed = failed_ranks(ctx, error is not None)
     if failed:
@@ -119,7 +119,7 @@ def persist_rank_files(
             raise WriterFenced(f"{what}: rank 0's writer lease was superseded; nothing was committed")
         who = ", ".join(map(str, failed))
         raise DistributedError(f"{what}: rank(s) {who} failed to write their files; nothing was committed")
-    return _commit_collectively(ctx, mine, commit, what)
+    return commit_collectively(ctx, mine, commit, what)
 
 
 def failed_ranks(ctx: DistContext, failed: bool) -> list[int]:

@@ -28,13 +28,13 @@ from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
-from spotsafe.checkpoint import checksum
-from spotsafe.distributed.commit import FileRecord, _commit_collectively
+from spotsafe.checkpoint.writer import checksum
+from spotsafe.distributed.commit import FileRecord, commit_collectively
 from spotsafe.distributed.context import DistContext
 from spotsafe.errors import CheckpointCorrupt, DistributedError, UnsafeCheckpoint
 
 if TYPE_CHECKING:
-    from spotsafe.storage import Store
+    from spotsafe.storage.base import Store
 
 #: Directory, inside a checkpoint, that DCP writes sharded state into.
 DCP_DIR = "dcp"
@@ -61,7 +61,7 @@ class _Stream(io.BytesIO):
 
 
 class StoreFileSystem(FileSystemBase):
-    """DCP's file-system interface over a spotsafe :class:`~spotsafe.storage.Store`.
+    """DCP's file-system interface over a spotsafe :class:`~spotsafe.storage.base.Store`.
 
     Every file is written through ``store.write_file`` (durable on return, any
     backend: local EBS directory, S3, a mirror) and recorded with its size and
@@ -334,7 +334,7 @@ def save_sharded(
         FileRecord(path=r.path[len(prefix) :], size=r.size, checksum=r.checksum)
         for r in sorted(writer.store_fs.records.values(), key=lambda r: r.path)
     ]
-    return _commit_collectively(ctx, mine, commit, what)
+    return commit_collectively(ctx, mine, commit, what)
 
 
 def _unwrap(err: Any) -> Any:

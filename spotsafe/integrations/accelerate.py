@@ -39,7 +39,7 @@ require("accelerate", "accelerate")
 from accelerate.utils import send_to_device  # noqa: E402 - after the install hint above
 
 if TYPE_CHECKING:
-    from spotsafe.storage import Store
+    from spotsafe.storage.base import Store
 
 __all__ = ["AcceleratedRun"]
 

@@ -40,7 +40,7 @@ require("lightning", "lightning")
 import lightning.pytorch as pl  # noqa: E402 - after the install hint above
 
 if TYPE_CHECKING:
-    from spotsafe.storage import Store
+    from spotsafe.storage.base import Store
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class _TrainerState:
 class SpotsafeCallback(pl.Callback):
     """Checkpoint a Lightning run to a spotsafe store; resume it exactly; save and exit 75 on a notice.
 
-    ``store``: a local path, an fsspec URL (``s3://...``) or a :class:`spotsafe.storage.Store`;
+    ``store``: a local path, an fsspec URL (``s3://...``) or a :class:`spotsafe.storage.base.Store`;
     None takes ``SPOTSAFE_STORE`` (set by ``python -m spotsafe.resume --store``).
     ``every_steps``/``every_seconds``: periodic saves (default every 600 s), counted in
     optimizer steps (Lightning's ``global_step``). ``watch``: True watches AWS, GCP,

@@ -54,7 +54,7 @@ import transformers  # noqa: E402 - after the install hint above
 from transformers.trainer_callback import ExportableState, TrainerCallback  # noqa: E402
 
 if TYPE_CHECKING:
-    from spotsafe.storage import Store
+    from spotsafe.storage.base import Store
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def _find_trainer(callback: TrainerCallback) -> Any:
 class SpotsafeCallback(TrainerCallback):
     """Checkpoint a Hugging Face Trainer run to a spotsafe store; resume it exactly; save and exit 75 on a notice.
 
-    ``store``: a local path, an fsspec URL (``s3://...``) or a :class:`spotsafe.storage.Store`;
+    ``store``: a local path, an fsspec URL (``s3://...``) or a :class:`spotsafe.storage.base.Store`;
     None takes ``SPOTSAFE_STORE`` (set by ``python -m spotsafe.resume --store``).
     ``every_steps``/``every_seconds``: periodic saves (default every 600 s), counted in
     optimizer steps (``state.global_step``). ``watch``: True watches AWS, GCP, Azure

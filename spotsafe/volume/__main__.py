@@ -1,7 +1,7 @@
-"""``python -m spotsafe.volume``: see :mod:`spotsafe.volume.cli`."""
+"""``python -m spotsafe.volume``: see :mod:`spotsafe.cloud.aws.volume.cli`."""
 
 from __future__ import annotations
 
-from spotsafe.volume.cli import main
+from spotsafe.cloud.aws.volume.cli import main
 
 raise SystemExit(main())

@@ -10,8 +10,8 @@ from typing import Any
 
 import torch.distributed as dist
 
-from spotsafe.distributed import FileRecord
-from spotsafe.storage import Store
+from spotsafe.distributed.commit import FileRecord
+from spotsafe.storage.base import Store
 
 
 def init() -> tuple[int, int]:

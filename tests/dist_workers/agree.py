@@ -13,8 +13,9 @@ import torch
 import torch.distributed
 from _common import finish, init, report
 
-from spotsafe.distributed import DistContext, NoticeAgreement
-from spotsafe.interruption import Notice
+from spotsafe.cloud.watcher import Notice
+from spotsafe.distributed.agreement import NoticeAgreement
+from spotsafe.distributed.context import DistContext
 
 
 def run(

@@ -10,7 +10,7 @@ import sys
 import torch
 from _common import finish, init, report
 
-from spotsafe.checkpoint import Checkpointer
+from spotsafe.checkpoint.writer import Checkpointer
 
 
 def main() -> None:

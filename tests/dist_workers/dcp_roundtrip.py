@@ -14,8 +14,9 @@ from _common import finish, init, manifest_commit, manifest_files, out_dir, repo
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.fsdp import fully_shard
 
-from spotsafe.distributed import DistContext, load_sharded, save_sharded
-from spotsafe.storages.local import LocalStore
+from spotsafe.distributed.context import DistContext
+from spotsafe.distributed.dcp import load_sharded, save_sharded
+from spotsafe.storage.local import LocalStore
 
 
 def build(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:

@@ -23,10 +23,12 @@ from _common import finish, init, manifest_commit, report
 from torch.distributed.checkpoint.state_dict import get_state_dict
 from torch.distributed.fsdp import fully_shard
 
-from spotsafe.distributed import DistContext, FileRecord, persist_rank_files, save_sharded
+from spotsafe.distributed.commit import FileRecord, persist_rank_files
+from spotsafe.distributed.context import DistContext
+from spotsafe.distributed.dcp import save_sharded
 from spotsafe.errors import DistributedError
-from spotsafe.storage import Buffer
-from spotsafe.storages.local import LocalStore
+from spotsafe.storage.base import Buffer
+from spotsafe.storage.local import LocalStore
 
 
 class DyingStore(LocalStore):

@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import spotsafe
-from spotsafe.interruption import InterruptionWatcher
+from spotsafe.cloud.watcher import InterruptionWatcher
 
 EPOCHS, SAMPLES, BATCH = 3, 48, 4
 

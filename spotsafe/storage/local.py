@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from spotsafe.errors import CheckpointCorrupt, CheckpointNotFound, StoreError
-from spotsafe.storage import Buffer, Store
+from spotsafe.storage.base import Buffer, Store
 
 #: Largest single os.write: big enough to stream at disk speed, small enough to
 #: stay well under the kernel's 2 GiB per-call cap.

@@ -16,7 +16,7 @@ instance's own metadata, fresh, at the moment the supervisor must decide:
 A signal to the supervisor itself (SIGTERM from systemd, Kubernetes, SLURM) is its
 own proof and is handled by the supervisor, not here.
 
-The sources are chosen as :class:`spotsafe.interruption.InterruptionWatcher` chooses
+The sources are chosen as :class:`spotsafe.cloud.watcher.InterruptionWatcher` chooses
 them, from the environment given (the training command's, so a simulator set up for
 the child is the supervisor's instance too): ``SPOTSAFE_SOURCES`` names them (then
 they are asked directly), else AWS, GCP and Azure are probed with a short timeout
@@ -33,7 +33,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from spotsafe.interruption import AWSSource, AzureSource, GCPSource, Notice, Source
+from spotsafe.cloud.watcher import AWSSource, AzureSource, GCPSource, Notice, Source
 from spotsafe.settings import Settings
 
 __all__ = ["InstanceState", "Verdict", "check"]

@@ -46,14 +46,14 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from spotsafe.checkpoint import SideStreams, Snapshot, SnapshotBuffer, snapshot
+from spotsafe.checkpoint.writer import SideStreams, Snapshot, SnapshotBuffer, snapshot
 from spotsafe.errors import DistributedError
 from spotsafe.state import flatten
 
 if TYPE_CHECKING:
-    from spotsafe.checkpoint import Checkpointer
+    from spotsafe.checkpoint.writer import Checkpointer
+    from spotsafe.cloud.watcher import InterruptionWatcher, Notice
     from spotsafe.distributed.board import NoticeBoard
-    from spotsafe.interruption import InterruptionWatcher, Notice
 
 log = logging.getLogger("spotsafe.snapshot")
 

@@ -12,8 +12,8 @@ import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from spotsafe.cloud.aws.volume.devices import is_block_device
 from spotsafe.errors import VolumeDeviceNotFound, VolumeMountError, VolumeNoFilesystem, VolumeNotBlank
-from spotsafe.volume.devices import is_block_device
 
 __all__ = [
     "DEFAULT_FSTYPE",
@@ -34,7 +34,7 @@ log = logging.getLogger("spotsafe.volume")
 
 DEFAULT_MOUNTPOINT = "/mnt/spotsafe"
 DEFAULT_FSTYPE = "ext4"
-#: The tag that allows the first mount to format a blank volume (see :mod:`spotsafe.volume.ec2`).
+#: The tag that allows the first mount to format a blank volume (see :mod:`spotsafe.cloud.aws.volume.ec2`).
 TAG_NEW = "spotsafe-new"
 _BLANK_PROBE_BYTES = 1 << 20
 

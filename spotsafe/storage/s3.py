@@ -40,7 +40,7 @@ from datetime import datetime, timezone
 from typing import Any, TypeVar
 
 from spotsafe.errors import CheckpointCorrupt, CheckpointNotFound, StoreError, require
-from spotsafe.storage import MAX_MANIFEST_BYTES, Buffer, Store
+from spotsafe.storage.base import MAX_MANIFEST_BYTES, Buffer, Store
 
 log = logging.getLogger(__name__)
 

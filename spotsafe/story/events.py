@@ -44,7 +44,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from spotsafe.errors import CheckpointCorrupt, CheckpointNotFound, FormatVersionError, SpotsafeError
-from spotsafe.storage import Store
+from spotsafe.storage.base import Store
 
 __all__ = [
     "EVENTS_DIR",
@@ -469,8 +469,8 @@ def launch_identity(timeout: float = 0.5) -> dict[str, Any]:
     sources = [s.strip() for s in (settings.sources or "").split(",") if s.strip()]
     if settings.aws_disabled or (sources and "aws" not in sources and "auto" not in sources):
         return info
+    from spotsafe.cloud.aws.metadata import AWSMetadata
     from spotsafe.errors import MetadataError
-    from spotsafe.imds import AWSMetadata
 
     imds = AWSMetadata(timeout=timeout)
     try:

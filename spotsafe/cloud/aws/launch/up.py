@@ -282,7 +282,7 @@ def s3_location(store: str) -> tuple[str, str]:
 
 
 def _volume_statement(sid: str) -> dict[str, Any]:
-    from spotsafe import volume
+    from spotsafe.cloud.aws import volume
 
     for st in volume.IAM_POLICY["Statement"]:
         if st["Sid"] == sid:
@@ -351,7 +351,7 @@ def instance_policy(spec: LaunchSpec) -> dict[str, Any]:
 
 def boot_script() -> str:
     """The text of ``userdata/spot-boot.sh`` (``spotsafe/userdata`` links to it; wheels carry it there)."""
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parents[3]  # the spotsafe package: spotsafe/cloud/aws/launch/
     for cand in (here / "userdata" / "spot-boot.sh", here.parent / "userdata" / "spot-boot.sh"):
         if cand.is_file():
             return cand.read_text()
@@ -1484,7 +1484,7 @@ def status(
     st.volume = vols[0] if vols else None
     st.store = run_store(aws, name)
     if st.store and st.store.startswith("s3://"):
-        from spotsafe.checkpoint import Checkpointer
+        from spotsafe.checkpoint.writer import Checkpointer
 
         try:
             ckpt = Checkpointer(st.store, storage_options=storage_options)
@@ -1506,7 +1506,7 @@ def status(
 def _report_facts(store: str, on_demand_price: float | None = None) -> tuple[dict[str, Any] | None, str | None]:
     """``spotsafe report STORE --json --lookup-prices`` where that capability exists (interruptions, cost)."""
     try:
-        from spotsafe import report  # type: ignore[attr-defined,unused-ignore]  # built beside this module
+        from spotsafe.story import report
     except ImportError:
         return None, "interruptions and cost: `spotsafe report` is not in this version"
     buf = io.StringIO()

@@ -28,6 +28,26 @@ from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import Any
 
+from spotsafe.cloud.aws.volume.ec2 import (
+    IAM_POLICY,
+    TAG_NEW,
+    Identity,
+    Timeouts,
+    VolumeInfo,
+    VolumeManager,
+    _truthy,
+    ec2_client,
+    parse_tags,
+)
+from spotsafe.cloud.aws.volume.filesystem import (
+    DEFAULT_FSTYPE,
+    DEFAULT_MOUNTPOINT,
+    mount,
+    mounted_at,
+    mountpoints_of,
+    unmount,
+)
+from spotsafe.cloud.aws.volume.finish import finish
 from spotsafe.errors import (
     MetadataError,
     MissingDependency,
@@ -44,19 +64,6 @@ from spotsafe.errors import (
     VolumeTimeout,
     VolumeWrongZone,
 )
-from spotsafe.volume.ec2 import (
-    IAM_POLICY,
-    TAG_NEW,
-    Identity,
-    Timeouts,
-    VolumeInfo,
-    VolumeManager,
-    _truthy,
-    ec2_client,
-    parse_tags,
-)
-from spotsafe.volume.filesystem import DEFAULT_FSTYPE, DEFAULT_MOUNTPOINT, mount, mounted_at, mountpoints_of, unmount
-from spotsafe.volume.finish import finish
 
 __all__ = ["EXIT_CODES", "ExitCode", "exit_code", "main"]
 

@@ -1,6 +1,6 @@
 """A store on any fsspec filesystem (``gs://``, ``az://``, ``memory://``, ``file://``...).
 
-S3 has its own, faster backend (:mod:`spotsafe.storages.s3`); this one is the
+S3 has its own, faster backend (:mod:`spotsafe.storage.s3`); this one is the
 general fallback. It keeps the commit protocol with what every fsspec filesystem
 offers: data files are streamed with ``open("wb")`` (discarded and removed on
 failure), and the manifest is one ``pipe_file`` (a single PUT on object stores).
@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from spotsafe.errors import CheckpointNotFound, MissingDependency, StoreError
-from spotsafe.storage import Buffer, Store
+from spotsafe.storage.base import Buffer, Store
 
 log = logging.getLogger(__name__)
 

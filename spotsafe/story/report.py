@@ -6,7 +6,7 @@
     spotsafe report s3://bucket/runs/gan --json              # the same facts as JSON
     spotsafe report /mnt/spotsafe/gan --serve                # a local page that refreshes itself
 
-It reads the events every launch kept under ``events/`` (:mod:`spotsafe.events`),
+It reads the events every launch kept under ``events/`` (:mod:`spotsafe.story.events`),
 the completion marker and the images under ``media/``, and never takes a writer's
 lease or writes anything (except ``-o`` where asked). The HTML embeds plotly.js and
 every image: it opens offline and fetches nothing at view time. The same store, or
@@ -33,10 +33,12 @@ from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from spotsafe.cost import Prices, cost_of, look_up
+from spotsafe.checkpoint.completion import read_completion
 from spotsafe.errors import CheckpointNotFound, MissingDependency, SpotsafeError
-from spotsafe.events import MEDIA_DIR, EventReader
-from spotsafe.storage import Store, open_store, read_completion
+from spotsafe.storage.base import Store
+from spotsafe.storage.registry import open_store
+from spotsafe.story.cost import Prices, cost_of, look_up
+from spotsafe.story.events import MEDIA_DIR, EventReader
 
 __all__ = ["LivePage", "build_facts", "main", "render_html", "write_report"]
 

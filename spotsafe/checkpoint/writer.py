@@ -35,7 +35,8 @@ from typing import TYPE_CHECKING, Any, Literal, TypeGuard, TypeVar, get_args
 import torch
 import xxhash
 
-import spotsafe
+from spotsafe.checkpoint.completion import COMPLETE, read_completion
+from spotsafe.checkpoint.lease import GENERATION_KEY, Lease, is_ghost, takeovers
 from spotsafe.errors import (
     CheckpointCorrupt,
     CheckpointNotFound,
@@ -47,10 +48,11 @@ from spotsafe.errors import (
     StoreError,
     WriterFenced,
 )
-from spotsafe.lease import GENERATION_KEY, Lease, is_ghost, takeovers
 from spotsafe.state import Blob, FlatState, MapLocation, blob_from_buffer, blobs_from_description, flatten, unflatten
-from spotsafe.storage import COMPLETE, MAX_MANIFEST_BYTES, Store, open_store, read_completion
-from spotsafe.storages.local import DIRECT_ALIGN
+from spotsafe.storage.base import MAX_MANIFEST_BYTES, Store
+from spotsafe.storage.local import DIRECT_ALIGN
+from spotsafe.storage.registry import open_store
+from spotsafe.version import __version__
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -77,7 +79,7 @@ _NAME = re.compile(r"step-([0-9]{12})")
 MAX_STEP = 10**12 - 1
 MAX_WORLD_SIZE = 1 << 20
 #: Limits on what a manifest may claim; anything beyond is a damaged or hostile file
-#: (its size: ``spotsafe.storage.MAX_MANIFEST_BYTES``).
+#: (its size: ``spotsafe.storage.base.MAX_MANIFEST_BYTES``).
 MAX_METADATA_DEPTH = 64
 MAX_FILE_SIZE = 1 << 50
 
@@ -145,7 +147,7 @@ class Manifest:
     files: tuple[FileEntry, ...]
     checksum_algorithm: str = CHECKSUM
     torch_version: str = torch.__version__
-    spotsafe_version: str = spotsafe.__version__
+    spotsafe_version: str = __version__
     metadata: dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT
 
@@ -185,7 +187,7 @@ class Manifest:
         if version > FORMAT_VERSION:
             raise FormatVersionError(
                 f"{where}: checkpoint format version {version} is newer than this spotsafe "
-                f"{spotsafe.__version__} reads (up to {FORMAT_VERSION}); upgrade spotsafe to load it"
+                f"{__version__} reads (up to {FORMAT_VERSION}); upgrade spotsafe to load it"
             )
         known = {f.name for f in cls.__dataclass_fields__.values()}
         unknown = set(d) - known
@@ -288,7 +290,7 @@ def _file_entries(raw: object, version: int, world_size: int, where: str) -> tup
         if not isinstance(path, str) or len(path) > 255:
             raise bad(f"path {str(path)[:80]!r}")
         parts = path.split("/")
-        # DCP's files (sharded FSDP state, spotsafe.distributed.save_sharded) live one level down.
+        # DCP's files (sharded FSDP state, spotsafe.distributed.dcp.save_sharded) live one level down.
         nested_ok = role == "dcp" and len(parts) == 2 and parts[0] == "dcp"
         name = parts[-1]
         hidden_ok = nested_ok and name == ".metadata"  # DCP's own metadata file; top-level dot names are temp files
@@ -369,7 +371,7 @@ class CheckpointInfo:
 class SnapshotBuffer:
     """One reusable CPU byte buffer (pinned when CUDA is present), grown when a state outgrows it.
 
-    It starts on a :data:`~spotsafe.storages.local.DIRECT_ALIGN` boundary (that much more is
+    It starts on a :data:`~spotsafe.storage.local.DIRECT_ALIGN` boundary (that much more is
     allocated): a local store writes such a buffer to disk with ``O_DIRECT``, without a copy.
     """
 
@@ -808,14 +810,14 @@ class Checkpointer:
     """Saves, lists, verifies, loads and prunes checkpoints in one store.
 
     ``store``/``local``/``remote``/``storage_options`` go to
-    :func:`spotsafe.storage.open_store`: a path on the persistent volume, an
+    :func:`spotsafe.storage.registry.open_store`: a path on the persistent volume, an
     ``s3://`` URL, or ``local=`` and ``remote=`` for a mirror.
 
-    Under ``torchrun`` pass ``dist`` (a :class:`spotsafe.distributed.DistContext`,
+    Under ``torchrun`` pass ``dist`` (a :class:`spotsafe.distributed.context.DistContext`,
     or ``"auto"`` to detect it; built on every rank, it is a collective) and call
     every method on every rank: :meth:`save` is then collective (rank 0 writes the
     replicated state, every rank the keys in ``per_rank`` and its shards of any
-    :class:`~spotsafe.distributed.ShardedState`; rank 0 holds the writer lease and
+    :class:`~spotsafe.distributed.sharded.ShardedState`; rank 0 holds the writer lease and
     commits the manifest once every rank's files are durable), and
     :meth:`load`/:meth:`restore` pick the same step on every rank, falling back
     together past a checkpoint damaged for any rank.
@@ -992,7 +994,7 @@ class Checkpointer:
         stall_s: float = 0.0,
         retain: bool = True,
     ) -> None:
-        """Write and commit a snapshot taken earlier (:mod:`spotsafe.snapshot`) as ``step``, in the background.
+        """Write and commit a snapshot taken earlier (:mod:`spotsafe.checkpoint.snapshots`) as ``step``, in the background.
 
         The same write and fenced manifest-last commit as :meth:`save`, and its retention
         unless ``retain`` is False (the deadline path leaves pruning to the next save, so
@@ -1368,7 +1370,7 @@ class Checkpointer:
         """Committed checkpoints with their manifests, and the ghosts left out of them.
 
         A ghost is a checkpoint a superseded writer committed after a newer generation
-        took the store over (spotsafe.lease): it is not part of the run's history.
+        took the store over (spotsafe.checkpoint.lease): it is not part of the run's history.
         """
         out = []
         for name, m in self.scan():

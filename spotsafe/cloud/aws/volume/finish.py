@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from spotsafe.volume.ec2 import InstanceIdentity, _aws_error, _Calls, _client, _is_botocore_error, ec2_client
+from spotsafe.cloud.aws.volume.ec2 import InstanceIdentity, _aws_error, _Calls, _client, _is_botocore_error, ec2_client
 
 __all__ = ["finish"]
 

@@ -47,7 +47,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from spotsafe.errors import CheckpointNotFound, LeaseTimeout, SpotsafeError, WriterFenced
-from spotsafe.storage import Store
+from spotsafe.storage.base import Store
 
 log = logging.getLogger("spotsafe.lease")
 
@@ -211,7 +211,7 @@ class Lease:
         self.store = store
         self.seconds = float(seconds)
         self.poll = poll if poll is not None else min(1.0, self.seconds / 10)
-        from spotsafe.storages.mirror import MirrorStore
+        from spotsafe.storage.mirror import MirrorStore
 
         if isinstance(store, MirrorStore):
             self.tiers: list[Store] = [store.remote, store.local]

@@ -1,4 +1,4 @@
-"""The storage interface every backend honours, and the dispatch from a URL to a backend.
+"""The storage interface every backend honours (it imports nothing of spotsafe but its errors).
 
 A store is a flat namespace of files under one root, addressed by relative
 ``/``-separated paths (``step-000000001200/manifest.json``). The checkpointer
@@ -6,23 +6,22 @@ decides the layout; a store only moves bytes, durably. The interface is kept to
 what *every* backend (a local directory, S3, any fsspec filesystem, a mirror of
 two) can really do: nothing here may raise NotImplementedError.
 
-Implementations live in :mod:`spotsafe.storages`.
+Backends live beside this module; :mod:`spotsafe.storage.registry` picks one for a URL.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from spotsafe.errors import CheckpointCorrupt, CheckpointNotFound, FormatVersionError
+from spotsafe.errors import CheckpointCorrupt
 
 if TYPE_CHECKING:
     from typing_extensions import Self
+
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +77,7 @@ class Store(ABC):
     def create_file(self, path: str, data: bytes) -> bool:
         """Publish a small file atomically *only if* nothing exists at ``path``; False when something does.
 
-        The writer lease's takeover (:mod:`spotsafe.lease`) rests on it: of several
+        The writer lease's takeover (:mod:`spotsafe.checkpoint.lease`) rests on it: of several
         writers creating the same generation, exactly one wins. Local: temp file +
         ``link`` (fails with EEXIST); S3: a PUT with ``If-None-Match: *``. This
         default, for filesystems that offer neither, is best effort: look, write,
@@ -91,7 +90,7 @@ class Store(ABC):
         self.commit_file(path, data)
         try:
             return bytes(self.read_file(path)) == bytes(data)
-        except CheckpointNotFound:
+        except FileNotFoundError:  # spotsafe's CheckpointNotFound is one
             return False
 
     @abstractmethod
@@ -167,6 +166,12 @@ class Store(ABC):
         return f"{type(self).__name__}({self.url!r})"
 
 
+#: The most bytes a checkpoint's manifest may hold; a larger one is damaged or hostile.
+#: Here, not in :mod:`spotsafe.checkpoint.writer`, so a store that reads over the network
+#: (S3) can refuse one from its size before downloading any of it.
+MAX_MANIFEST_BYTES = 64 << 20
+
+
 _warned: set[str] = set()
 
 
@@ -180,89 +185,3 @@ def _warn_best_effort(store: Store) -> None:
         "Use a local path, s3:// or a mirror for strict fencing (docs/storage.md).",
         store.url,
     )
-
-
-def open_store(
-    store: str | os.PathLike[str] | Store | None = None,
-    *,
-    local: str | os.PathLike[str] | None = None,
-    remote: str | None = None,
-    storage_options: Mapping[str, Any] | None = None,
-) -> Store:
-    """Turn what a user wrote into a :class:`Store`.
-
-    - a :class:`Store` is returned as it is;
-    - a plain path or ``file://`` URL gives a local directory store (atomic rename commit);
-    - ``s3://`` gives the S3 store (checkpoint data as parallel single-PUT segments,
-      needs ``spotsafe[s3]``);
-    - any other fsspec URL (``gs://``, ``memory://``, ...) gives the generic fsspec store;
-    - ``local=`` and ``remote=`` together give a mirror: commit locally, upload in the background;
-    - nothing at all falls back to the ``SPOTSAFE_STORE`` environment variable.
-    """
-    if isinstance(store, Store):
-        return store
-    if local is not None or remote is not None:
-        if store is not None:
-            raise ValueError("give either a store or local=/remote=, not both")
-        if local is None or remote is None:
-            raise ValueError("a mirror needs both local= and remote=")
-        from spotsafe.storages.mirror import MirrorStore
-
-        return MirrorStore(open_store(local), open_store(remote, storage_options=storage_options))
-    if store is None:
-        from spotsafe.settings import Settings
-
-        store = Settings.from_env().store
-        if not store:
-            raise ValueError(
-                "no store given: pass a path or URL, or set SPOTSAFE_STORE "
-                "(python -m spotsafe.resume --store does that)"
-            )
-    text = os.fspath(store)
-    scheme = text.split("://", 1)[0].lower() if "://" in text else ""
-    if scheme in ("", "file", "local"):
-        from spotsafe.storages.local import LocalStore
-
-        path = text.split("://", 1)[1] if scheme else text
-        return LocalStore(path)
-    if scheme in ("s3", "s3a"):
-        from spotsafe.storages.s3 import S3Store
-
-        return S3Store(text, storage_options=storage_options)
-    from spotsafe.storages.fsspec import FsspecStore
-
-    return FsspecStore(text, storage_options=storage_options)
-
-
-#: The run's completion record, at the top of the store (``Checkpointer.mark_complete``).
-COMPLETE = "COMPLETE.json"
-
-#: The most bytes a checkpoint's manifest may hold; a larger one is damaged or hostile.
-#: Here, not in :mod:`spotsafe.checkpoint`, so a store that reads over the network
-#: (S3) can refuse one from its size before downloading any of it.
-MAX_MANIFEST_BYTES = 64 << 20
-
-
-def read_completion(store: Store) -> dict[str, Any] | None:
-    """The store's completion record, or None when the run has not finished.
-
-    Raises :class:`CheckpointCorrupt` for a record that is not one, and
-    :class:`FormatVersionError` for one newer than this spotsafe reads. Shared by the
-    checkpointer and the report, which must not import torch.
-    """
-    where = f"{store.url.rstrip('/')}/{COMPLETE}"
-    try:
-        data = store.read_file(COMPLETE)
-    except CheckpointNotFound:
-        return None
-    try:
-        doc = json.loads(bytes(data))
-    except ValueError as e:
-        raise CheckpointCorrupt(f"{where}: not valid JSON ({e})") from e
-    if not isinstance(doc, dict) or doc.get("format") != "spotsafe-complete":
-        raise CheckpointCorrupt(f"{where}: not a spotsafe completion record")
-    if doc.get("format_version", 0) > 1:
-        raise FormatVersionError(
-            f"{where}: completion format version {doc['format_version']} is newer than supported (1)"
-        )
-    return doc

@@ -29,12 +29,12 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from spotsafe.errors import CheckpointNotFound, StoreError, WriterFenced
-from spotsafe.storage import Buffer, Store
+from spotsafe.storage.base import Buffer, Store
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-#: Directories of immutable single files (spotsafe.events: events/, media/), resynced file by file.
+#: Directories of immutable single files (spotsafe.story.events: events/, media/), resynced file by file.
 _OWN_FILES = ("events", "media")
 
 
@@ -78,7 +78,7 @@ class MirrorStore(Store):
         self._failures = 0
         self._uploaded: set[str] = set()  # files of the job in hand already on the remote
         self._uploaded_for: _Job | None = None
-        #: Set by the writer lease (spotsafe.lease): raises WriterFenced when a newer writer
+        #: Set by the writer lease (spotsafe.checkpoint.lease): raises WriterFenced when a newer writer
         #: owns the remote; asked before every commit on the remote tier.
         self.fence: Callable[[], None] | None = None
         self._thread = threading.Thread(target=self._run, name=f"spotsafe-mirror-upload({remote.url})", daemon=True)
@@ -212,7 +212,7 @@ class MirrorStore(Store):
             if remote != bytes(self.local.read_file(manifest)):
                 log.info("%s: the remote copy of %s is an older version; queueing the upload", self.remote.url, name)
                 self._enqueue(_Job("upload", manifest))
-        # The run's events and images (spotsafe.events): files of their own, never rewritten.
+        # The run's events and images (spotsafe.story.events): files of their own, never rewritten.
         for directory in _OWN_FILES:
             local = self.local.listdir(directory)
             if local:

@@ -30,22 +30,10 @@ EXIT_ERROR = 2
 
 _DELEGATES = {
     "resume": ("spotsafe.resume", "supervise a training command: restart it until it finishes"),
-    "volume": ("spotsafe.volume", "find, attach and mount the persistent EBS volume"),
-    "report": ("spotsafe.report", "the run's story from its store: HTML (-o), --json or --serve"),
+    "volume": ("spotsafe.cloud.aws.volume.cli", "find, attach and mount the persistent EBS volume"),
+    "report": ("spotsafe.story.report", "the run's story from its store: HTML (-o), --json or --serve"),
 }
 _SIMULATE_HELP = "serve a simulated AWS/GCP/Azure metadata endpoint; rehearse an interruption"
-
-
-def simulate_main(argv: Sequence[str] | None = None) -> int:
-    """``python -m spotsafe.simulate``: ``rehearse ...`` runs a rehearsal, anything else a simulator."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] == "rehearse":
-        from spotsafe.rehearse import main as rehearse_main
-
-        return int(rehearse_main(args[1:]) or 0)
-    from spotsafe.simulate import main as serve_main
-
-    return int(serve_main(args) or 0)
 
 
 def _size(n: int) -> str:
@@ -64,7 +52,7 @@ def _table(rows: list[list[str]], out: TextIO) -> None:
 
 
 def _listing(store: str, *, full: bool, step: int | None, out: TextIO, storage_options: dict[str, Any]) -> int:
-    from spotsafe.checkpoint import Checkpointer, CheckpointInfo, Manifest, format_age
+    from spotsafe.checkpoint.writer import Checkpointer, CheckpointInfo, Manifest, format_age
     from spotsafe.errors import CheckpointNotFound
 
     if not store.strip():
@@ -155,7 +143,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         module = importlib.import_module(_DELEGATES[args[0]][0])
         return int(module.main(args[1:]) or 0)
     if args and args[0] == "simulate":
-        return simulate_main(args[1:])
+        from spotsafe.rehearsal import cli as rehearsal_cli
+
+        return rehearsal_cli.main(args[1:])
     parser = argparse.ArgumentParser(prog="spotsafe", description="Spot-interruption-proof PyTorch checkpoints.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, helptext in (
@@ -178,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sub.add_parser(name, help=helptext, add_help=False)
     sub.add_parser("simulate", help=_SIMULATE_HELP, add_help=False)
     # -- launch, status, down, price: their parsers and logic live in spotsafe/launch.py
-    from spotsafe import launch as _launch
+    from spotsafe.cloud.aws.launch import up as _launch
 
     _launch.add_parsers(sub)
     ns = parser.parse_args(args)

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from spotsafe import EXIT_PREEMPTED
+from spotsafe.exitcodes import EXIT_PREEMPTED
 from spotsafe.resume import DEFAULT_MAX_RESTARTS, supervise
 from spotsafe.settings import EVENTS_ENV
 
@@ -193,7 +193,7 @@ def rehearse(
     events_path: Path,
 ) -> tuple[Outcome, float]:
     """Run the rehearsal; the outcome and the first launch time."""
-    from spotsafe.simulate import AWSSimulator
+    from spotsafe.rehearsal.simulators import AWSSimulator
 
     sim = AWSSimulator().start()
     try:
@@ -266,8 +266,8 @@ def rehearse(
 def write_rehearsal_report(store: str, output: str | None, *, kept: bool) -> str:
     """Write the run's report; where it went (or why not), for the summary's last line."""
     from spotsafe.errors import MissingDependency, SpotsafeError
-    from spotsafe.report import LIVE_REPORT, write_report
-    from spotsafe.storage import open_store
+    from spotsafe.storage.registry import open_store
+    from spotsafe.story.report import LIVE_REPORT, write_report
 
     try:
         if output is None and kept:

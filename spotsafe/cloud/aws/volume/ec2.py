@@ -30,6 +30,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from spotsafe.cloud.aws.volume.devices import find_device
+from spotsafe.cloud.aws.volume.filesystem import TAG_NEW
 from spotsafe.errors import (
     MetadataError,
     VolumeAmbiguous,
@@ -41,8 +43,6 @@ from spotsafe.errors import (
     VolumeTimeout,
     VolumeWrongZone,
 )
-from spotsafe.volume.devices import find_device
-from spotsafe.volume.filesystem import TAG_NEW
 
 __all__ = [
     "DEVICE_NAMES",
@@ -162,7 +162,7 @@ _PERMISSION_CODES = frozenset({"UnauthorizedOperation", "AccessDenied", "AccessD
 
 
 class InstanceIdentity(Protocol):
-    """Who and where this instance is: :class:`spotsafe.imds.AWSMetadata` and :class:`Identity` fit."""
+    """Who and where this instance is: :class:`spotsafe.cloud.aws.metadata.AWSMetadata` and :class:`Identity` fit."""
 
     @property
     def instance_id(self) -> str: ...
@@ -418,7 +418,7 @@ class VolumeManager:
     """Finds, claims, moves, attaches and detaches the run's EBS volume for this instance.
 
     ``ec2`` is a boto3 EC2 client; ``identity`` anything with ``instance_id``,
-    ``availability_zone`` and ``region`` (:class:`Identity`, :class:`spotsafe.imds.AWSMetadata`).
+    ``availability_zone`` and ``region`` (:class:`Identity`, :class:`spotsafe.cloud.aws.metadata.AWSMetadata`).
     Every method does EC2 I/O; every wait is bounded by ``timeouts``.
     """
 
@@ -1188,7 +1188,7 @@ class VolumeManager:
         )
 
     def find_device(self, volume: VolumeInfo, *, wait: bool = True) -> str:
-        """The block device of an attached volume (see :func:`spotsafe.volume.devices.find_device`)."""
+        """The block device of an attached volume (see :func:`spotsafe.cloud.aws.volume.devices.find_device`)."""
         return find_device(
             volume.volume_id,
             volume.device_name,
@@ -1209,11 +1209,11 @@ class Identity:
 
     @classmethod
     def from_metadata(cls, endpoint: str | None = None, *, timeout: float = 2.0, retry_for: float = 0.0) -> Identity:
-        """Read it through :class:`spotsafe.imds.AWSMetadata`; raises MetadataError.
+        """Read it through :class:`spotsafe.cloud.aws.metadata.AWSMetadata`; raises MetadataError.
 
         ``retry_for``: keep trying this many seconds (IMDS can throttle, or lag early in a boot).
         """
-        from spotsafe.imds import AWSMetadata
+        from spotsafe.cloud.aws.metadata import AWSMetadata
 
         deadline = time.monotonic() + retry_for
         while True:

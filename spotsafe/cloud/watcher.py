@@ -42,8 +42,7 @@ from datetime import datetime, timedelta, timezone
 from types import FrameType
 from typing import TYPE_CHECKING, Any, Literal, cast, get_args
 
-from spotsafe.errors import MetadataError
-from spotsafe.imds import (
+from spotsafe.cloud.aws.metadata import (
     _INSTANCE_ACTION,
     _REBALANCE,
     _TERMINATION_TIME,
@@ -53,6 +52,7 @@ from spotsafe.imds import (
     _parse_iso,
     http_request,
 )
+from spotsafe.errors import MetadataError
 from spotsafe.settings import Settings
 
 if TYPE_CHECKING:
@@ -60,7 +60,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "NOTICE_FORMAT_VERSION",
-    "AWSMetadata",  # re-exported from spotsafe.imds
+    "AWSMetadata",  # re-exported from spotsafe.cloud.aws.metadata
     "AWSSource",
     "Action",
     "AzureSource",

@@ -1,0 +1,3 @@
+"""The ``spotsafe`` command, one module per family of subcommands."""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""Azure: Scheduled Events (Preempt) of a Spot VM."""
+
+from __future__ import annotations

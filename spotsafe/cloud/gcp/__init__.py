@@ -1,0 +1,3 @@
+"""Google Cloud: the preemption notice of a Spot VM."""
+
+from __future__ import annotations
