@@ -72,12 +72,19 @@ def test_completion_is_shown(store: Path, capsys: pytest.CaptureFixture[str]) ->
     assert "run complete at step 200" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("command", ["resume", "volume", "simulate"])
-def test_subcommands_delegate_to_their_modules(command: str, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    ("command", "module"),
+    [
+        ("resume", "spotsafe.resume"),
+        ("volume", "spotsafe.cloud.aws.volume.cli"),
+        ("simulate", "spotsafe.rehearsal.cli"),
+    ],
+)
+def test_subcommands_delegate_to_their_modules(command: str, module: str, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[Any] = []
-    fake = types.ModuleType(f"spotsafe.{command}")
+    fake = types.ModuleType(module)
     fake.main = lambda argv: calls.append(list(argv)) or 3  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, f"spotsafe.{command}", fake)
+    monkeypatch.setitem(sys.modules, module, fake)
     assert main([command, "--store", "/x", "--", "python", "train.py"]) == 3
     assert calls == [["--store", "/x", "--", "python", "train.py"]]
 

@@ -49,7 +49,7 @@ def test_example_uninterrupted_and_rehearsed_end_identically(tmp_path: Path) -> 
         [
             sys.executable,
             "-m",
-            "spotsafe.rehearsal.simulators",
+            "spotsafe.simulate",
             "rehearse",
             "--notice-after",
             "0",

@@ -27,8 +27,8 @@ from typing import Any
 
 import pytest
 
-from spotsafe import launch as L
 from spotsafe.cli.main import main
+from spotsafe.cloud.aws.launch import up as L
 from spotsafe.errors import LaunchConfigError, LaunchError
 from tests.ec2server import AMI, EC2Server, IAMEnforcingServer, unique_tag
 from tests.test_volume import loopdev  # noqa: F401  (the fixture)
@@ -917,7 +917,7 @@ def test_the_s3_instance_policy_allows_every_request_of_the_store_on_its_prefix_
 def test_the_volume_instance_policy_lets_the_instance_attach_and_finish(
     iam_server: IAMEnforcingServer, tmp_path: Path
 ) -> None:
-    from spotsafe import volume as vol
+    from spotsafe.cloud.aws import volume as vol
     from tests.test_volume import FAST, fake_nvme, some_block_device
 
     admin = iam_server.client("ec2", iam_server.admin)
@@ -994,7 +994,7 @@ def test_generated_user_data_boots_trains_and_scales_the_group_to_zero(
     tmp_path: Path,
     loopdev: Callable[..., str],  # noqa: F811 - the fixture
 ) -> None:
-    from spotsafe import volume as vol
+    from spotsafe.cloud.aws import volume as vol
     from spotsafe.rehearsal.simulators import AWSSimulator
     from tests.test_volume import fake_nvme
 

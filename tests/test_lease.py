@@ -40,7 +40,7 @@ WRITER = textwrap.dedent("""
     import torch
     from spotsafe.checkpoint.writer import Checkpointer
     from spotsafe.errors import WriterFenced
-    from spotsafe.storage.base import open_store
+    from spotsafe.storage.registry import open_store
 
     cfg = json.loads(sys.argv[1])
     marks = Path(cfg["marks"])

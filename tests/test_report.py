@@ -80,7 +80,7 @@ def rehearsed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             [
                 sys.executable,
                 "-m",
-                "spotsafe.rehearsal.simulators",
+                "spotsafe.simulate",
                 "rehearse",
                 "--notice-after-steps",
                 "15",

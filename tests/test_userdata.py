@@ -660,7 +660,7 @@ def test_boot_of_a_crash_looping_run_ends_in_a_shut_down_instance(sandbox: Sandb
     assert _spot_request_open(sandbox)  # not "finished": a replacement may retry from the checkpoint
     assert "periodic snapshots every 3600 s beside training" in out
     run = sandbox.env["SPOTSAFE_RUN"]
-    assert not [c for c in _cmdlines() if "spotsafe.cloud.aws.volume" in c and "snapshot" in c and run in c]
+    assert not [c for c in _cmdlines() if "spotsafe.volume" in c and "snapshot" in c and run in c]
 
 
 def _cmdlines() -> list[str]:

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from spotsafe import volume as vol
+from spotsafe.cloud.aws import volume as vol
 from spotsafe.cloud.aws.volume import Identity, Timeouts, VolumeManager
 from spotsafe.errors import (
     VolumeAmbiguous,

@@ -32,8 +32,11 @@ _DELEGATES = {
     "resume": ("spotsafe.resume", "supervise a training command: restart it until it finishes"),
     "volume": ("spotsafe.cloud.aws.volume.cli", "find, attach and mount the persistent EBS volume"),
     "report": ("spotsafe.story.report", "the run's story from its store: HTML (-o), --json or --serve"),
+    "simulate": (
+        "spotsafe.rehearsal.cli",
+        "serve a simulated AWS/GCP/Azure metadata endpoint; rehearse an interruption",
+    ),
 }
-_SIMULATE_HELP = "serve a simulated AWS/GCP/Azure metadata endpoint; rehearse an interruption"
 
 
 def _size(n: int) -> str:
@@ -142,10 +145,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args and args[0] in _DELEGATES:
         module = importlib.import_module(_DELEGATES[args[0]][0])
         return int(module.main(args[1:]) or 0)
-    if args and args[0] == "simulate":
-        from spotsafe.rehearsal import cli as rehearsal_cli
-
-        return rehearsal_cli.main(args[1:])
     parser = argparse.ArgumentParser(prog="spotsafe", description="Spot-interruption-proof PyTorch checkpoints.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, helptext in (
@@ -166,7 +165,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             p.add_argument("--step", type=int, default=None, help="verify only this step")
     for name, (_module, helptext) in _DELEGATES.items():
         sub.add_parser(name, help=helptext, add_help=False)
-    sub.add_parser("simulate", help=_SIMULATE_HELP, add_help=False)
     # -- launch, status, down, price: their parsers and logic live in spotsafe/launch.py
     from spotsafe.cloud.aws.launch import up as _launch
 
