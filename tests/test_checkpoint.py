@@ -719,7 +719,8 @@ def test_an_async_save_writes_its_snapshot_buffer_to_disk_without_a_copy(tmp_pat
     """The async save's buffer starts on a page, so its data file goes past the page cache straight
     from it (no bounce copy); a sync save's zero-copy tensors are staged, and still go direct."""
     from spotsafe.checkpoint.writer import SnapshotBuffer
-    from spotsafe.storage.local import DIRECT_ALIGN, _address
+    from spotsafe.storage.base import DIRECT_ALIGN
+    from spotsafe.storage.local import _address
 
     buf = SnapshotBuffer(pin=False)
     for n in (1, 4095, 10 << 20):

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 
 from spotsafe.errors import CheckpointNotFound, StoreError
-from spotsafe.storage.base import Buffer
-from spotsafe.storage.local import BOUNCE_SIZE, DIRECT_ALIGN, DIRECT_MIN, LocalStore
+from spotsafe.storage.base import DIRECT_ALIGN, Buffer
+from spotsafe.storage.local import BOUNCE_SIZE, DIRECT_MIN, LocalStore
 from spotsafe.storage.registry import open_store
 
 

@@ -211,16 +211,11 @@ class Lease:
         self.store = store
         self.seconds = float(seconds)
         self.poll = poll if poll is not None else min(1.0, self.seconds / 10)
-        from spotsafe.storage.mirror import MirrorStore
-
-        if isinstance(store, MirrorStore):
-            self.tiers: list[Store] = [store.remote, store.local]
-            #: The tier commits go to first (and are checked against on the save path).
-            self.primary: Store = store.local
-            store.fence = self._check_remote
-        else:
-            self.tiers = [store]
-            self.primary = store
+        #: The tier commits go to first (and are checked against on the save path).
+        self.primary: Store = store.tiers[0]
+        #: Every tier, the last committed to first: a takeover is decided on the remote tier of a mirror.
+        self.tiers: list[Store] = list(reversed(store.tiers))
+        store.set_fence(self._check_remote)
         self.generation: int | None = None
         self.record: LeaseRecord | None = None
         self._valid_until = 0.0  # boot clock

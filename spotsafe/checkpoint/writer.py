@@ -49,8 +49,7 @@ from spotsafe.errors import (
     WriterFenced,
 )
 from spotsafe.state import Blob, FlatState, MapLocation, blob_from_buffer, blobs_from_description, flatten, unflatten
-from spotsafe.storage.base import MAX_MANIFEST_BYTES, Store
-from spotsafe.storage.local import DIRECT_ALIGN
+from spotsafe.storage.base import DIRECT_ALIGN, MAX_MANIFEST_BYTES, Store
 from spotsafe.storage.registry import open_store
 from spotsafe.version import __version__
 
@@ -371,7 +370,7 @@ class CheckpointInfo:
 class SnapshotBuffer:
     """One reusable CPU byte buffer (pinned when CUDA is present), grown when a state outgrows it.
 
-    It starts on a :data:`~spotsafe.storage.local.DIRECT_ALIGN` boundary (that much more is
+    It starts on a :data:`~spotsafe.storage.base.DIRECT_ALIGN` boundary (that much more is
     allocated): a local store writes such a buffer to disk with ``O_DIRECT``, without a copy.
     """
 
@@ -1333,8 +1332,7 @@ class Checkpointer:
     # -- listing ----------------------------------------------------------------
     def _tiers(self) -> list[Store]:
         """Where a checkpoint can be read from: the store, then a mirror's remote copy."""
-        remote = getattr(self.store, "remote", None)
-        return [self.store, remote] if isinstance(remote, Store) else [self.store]
+        return [self.store, *self.store.tiers[1:]]
 
     def _manifest(self, name: str, store: Store | None = None) -> Manifest:
         store = store or self.store

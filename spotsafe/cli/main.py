@@ -18,7 +18,6 @@ import importlib
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, TextIO
 
 from spotsafe.errors import CheckpointCorrupt, FormatVersionError, SpotsafeError
@@ -62,8 +61,8 @@ def _listing(store: str, *, full: bool, step: int | None, out: TextIO, storage_o
         raise ValueError("the store is empty: give a path or a URL (an empty path would be the current directory)")
     ckpt = Checkpointer(store, storage_options=storage_options or None)
     try:
-        root = getattr(ckpt.store, "root", None)
-        if isinstance(root, Path) and not root.is_dir():
+        root = ckpt.store.local_dir
+        if root is not None and not root.is_dir():
             if full:  # nothing to verify is not "all intact"
                 print(
                     f"spotsafe verify: {ckpt.store.url}: no such store (the directory does not exist)", file=sys.stderr

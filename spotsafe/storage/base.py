@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from spotsafe.errors import CheckpointCorrupt
@@ -24,6 +25,11 @@ if TYPE_CHECKING:
 
 
 log = logging.getLogger(__name__)
+
+#: The alignment of memory address, file offset and length that ``O_DIRECT`` wants: 4096 suits
+#: every logical block size in use (512 and 4096 bytes). Staging buffers start on it so that a
+#: local store can write them past the page cache without a copy.
+DIRECT_ALIGN = 4096
 
 Buffer = bytes | bytearray | memoryview
 
@@ -38,6 +44,25 @@ class Store(ABC):
     #: size (an object store: one PUT each, in parallel, with no multipart assembly at
     #: the end). None: one file, whatever its size (a local disk gains nothing).
     segment_size: int | None = None
+
+    #: A directory on this machine that holds the store (a local store), or None.
+    local_dir: Path | None = None
+
+    @property
+    def tiers(self) -> tuple[Store, ...]:
+        """The stores a commit lands in, in commit order: ``(self,)``; a mirror's local then remote tier.
+
+        Readers fall back along them; the writer lease keeps a generation on each.
+        """
+        return (self,)
+
+    def set_fence(self, check: Callable[[], None]) -> None:  # noqa: B027 - optional: only background committers call it
+        """Have the store call ``check`` before it publishes a manifest on a tier of its own accord.
+
+        ``check`` raises :class:`spotsafe.errors.WriterFenced` when a newer writer owns the store.
+        Only a store that commits in the background (a mirror's upload) needs it; the default
+        does nothing.
+        """
 
     @abstractmethod
     def listdir(self, path: str = "") -> list[str]:

@@ -33,15 +33,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from spotsafe.errors import CheckpointCorrupt, CheckpointNotFound, StoreError
-from spotsafe.storage.base import Buffer, Store
+from spotsafe.storage.base import DIRECT_ALIGN, Buffer, Store
 
 #: Largest single os.write: big enough to stream at disk speed, small enough to
 #: stay well under the kernel's 2 GiB per-call cap.
 WRITE_CHUNK = 32 << 20
 
-#: ``O_DIRECT``'s alignment of memory address, file offset and length: 4096 suits every
-#: logical block size in use (512 and 4096 bytes).
-DIRECT_ALIGN = 4096
 #: Payload files at least this big are written with ``O_DIRECT``; smaller ones (trees,
 #: manifests, leases) through the page cache, where a copy costs less than a disk wait.
 DIRECT_MIN = 8 << 20
@@ -173,6 +170,7 @@ class LocalStore(Store):
             raise ValueError("the store path is empty (give a directory, e.g. /mnt/spotsafe/runs/exp1)")
         self.root = Path(os.path.abspath(os.path.expanduser(text)))
         self.url = str(self.root)
+        self.local_dir = self.root
         # A path that is (or lies under) a regular file can never hold checkpoints: say so
         # now, not at the first save minutes into training.
         d = self.root

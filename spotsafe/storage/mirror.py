@@ -352,6 +352,13 @@ class MirrorStore(Store):
             return
         self.remote.commit_file(job.path, manifest)  # last: the remote commit point
 
+    @property
+    def tiers(self) -> tuple[Store, ...]:
+        return (self.local, self.remote)
+
+    def set_fence(self, check: Callable[[], None]) -> None:
+        self.fence = check
+
     def _fenced(self, job: _Job) -> bool:
         """True (logged) when a newer writer owns the remote: this upload must not commit there."""
         fence = self.fence
