@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from spotsafe.cloud.watcher import InterruptionWatcher, Notice
     from spotsafe.storage.base import Store
     from spotsafe.story.events import EventLog
-    from spotsafe.story.report import LivePage
+    from spotsafe.story.live import LivePage
 
 log = logging.getLogger(__name__)
 
@@ -270,7 +270,7 @@ class Run:
             self.checkpointer.close()
             raise
         if report_every is not None and self.events is not None and self.events.enabled:
-            from spotsafe.story.report import LivePage
+            from spotsafe.story.live import LivePage
 
             self._live = LivePage.start(self.store, every=report_every)
         self._last_save = time.monotonic()

@@ -636,7 +636,7 @@ def test_s3_status_shows_progress_and_down_deletes_only_the_prefix(
     assert "newest checkpoint: step 200" in out and "2 kept" in out
     assert f"store {spec.store}" in out
     try:
-        import spotsafe.story.report  # noqa: F401  (built by another change; status uses it when there)
+        import spotsafe.story.cli  # noqa: F401  (built by another change; status uses it when there)
     except ImportError:
         assert "interruptions and cost: `spotsafe report` is not in this version" in out
     else:

@@ -30,7 +30,7 @@ EXIT_ERROR = 2
 _DELEGATES = {
     "resume": ("spotsafe.resume", "supervise a training command: restart it until it finishes"),
     "volume": ("spotsafe.cloud.aws.volume.cli", "find, attach and mount the persistent EBS volume"),
-    "report": ("spotsafe.story.report", "the run's story from its store: HTML (-o), --json or --serve"),
+    "report": ("spotsafe.story.cli", "the run's story from its store: HTML (-o), --json or --serve"),
     "simulate": (
         "spotsafe.rehearsal.cli",
         "serve a simulated AWS/GCP/Azure metadata endpoint; rehearse an interruption",

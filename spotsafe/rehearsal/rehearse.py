@@ -267,7 +267,7 @@ def write_rehearsal_report(store: str, output: str | None, *, kept: bool) -> str
     """Write the run's report; where it went (or why not), for the summary's last line."""
     from spotsafe.errors import MissingDependency, SpotsafeError
     from spotsafe.storage.registry import open_store
-    from spotsafe.story.report import LIVE_REPORT, write_report
+    from spotsafe.story.live import LIVE_REPORT, write_report
 
     try:
         if output is None and kept:

@@ -1506,7 +1506,7 @@ def status(
 def _report_facts(store: str, on_demand_price: float | None = None) -> tuple[dict[str, Any] | None, str | None]:
     """``spotsafe report STORE --json --lookup-prices`` where that capability exists (interruptions, cost)."""
     try:
-        from spotsafe.story import report
+        from spotsafe.story import cli as report_cli
     except ImportError:
         return None, "interruptions and cost: `spotsafe report` is not in this version"
     buf = io.StringIO()
@@ -1515,7 +1515,7 @@ def _report_facts(store: str, on_demand_price: float | None = None) -> tuple[dic
             argv = [store, "--json", "--lookup-prices"]
             if on_demand_price is not None:
                 argv += ["--on-demand-price", str(on_demand_price)]
-            rc = report.main(argv)
+            rc = report_cli.main(argv)
         if rc not in (0, None):
             return None, f"interruptions and cost: spotsafe report exited {rc}"
         facts = json.loads(buf.getvalue())

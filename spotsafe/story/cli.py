@@ -1,0 +1,138 @@
+"""``spotsafe report STORE``: the run's story, told from the store alone.
+
+::
+
+    spotsafe report s3://bucket/runs/gan -o report.html      # one self-contained HTML file
+    spotsafe report s3://bucket/runs/gan --json              # the same facts as JSON
+    spotsafe report /mnt/spotsafe/gan --serve                # a local page that refreshes itself
+
+It reads the events every launch kept under ``events/`` (:mod:`spotsafe.story.events`),
+the completion marker and the images under ``media/``, and never takes a writer's
+lease or writes anything (except ``-o`` where asked). The HTML embeds plotly.js and
+every image: it opens offline and fetches nothing at view time. The same store, or
+a copy of it, gives the same bytes. The facts are :mod:`spotsafe.story.facts`, the
+page :mod:`spotsafe.story.html`, the live page and the server :mod:`spotsafe.story.live`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from spotsafe.errors import SpotsafeError
+from spotsafe.storage.base import Store
+from spotsafe.storage.registry import open_store
+from spotsafe.story.cost import Prices
+from spotsafe.story.facts import StoreReport
+from spotsafe.story.html import render_html, require_plotly
+from spotsafe.story.live import embedded_images, make_server
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="spotsafe report",
+        description="The run's story from its store: launches, interruptions, redone steps, checkpoints, cost.",
+    )
+    parser.add_argument("store", help="a path or URL such as s3://bucket/run")
+    parser.add_argument("-o", "--output", help="write the HTML report here (default: report.html)")
+    parser.add_argument("--json", action="store_true", help="print the facts as JSON instead of writing HTML")
+    parser.add_argument("--serve", action="store_true", help="serve the report locally; the page refreshes itself")
+    parser.add_argument("--port", type=int, default=8765, help="port for --serve (default 8765; 0: any free one)")
+    parser.add_argument("--refresh", type=float, default=30.0, help="seconds between page refreshes with --serve")
+    parser.add_argument("--spot-price", type=float, help="USD per instance-hour of every launch")
+    parser.add_argument(
+        "--price", action="append", default=[], metavar="TYPE=USD", help="USD per hour of an instance type (repeatable)"
+    )
+    parser.add_argument("--on-demand-price", type=float, help="USD per hour on demand, to compare with")
+    parser.add_argument(
+        "--lookup-prices", action="store_true", help="ask EC2 DescribeSpotPriceHistory for each launch's spot price"
+    )
+    parser.add_argument(
+        "--option", action="append", default=[], metavar="KEY=VALUE", help="storage option (repeatable)"
+    )
+    return parser
+
+
+def _prices(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Prices | None:
+    """The prices the flags give; None where none was given (the cost then has no dollars)."""
+    for flag, value in (("--spot-price", args.spot_price), ("--on-demand-price", args.on_demand_price)):
+        if value is not None and value < 0:
+            parser.error(f"{flag} must be >= 0, not {value}")
+    try:
+        by_type = Prices.parse_type_prices(args.price)
+    except ValueError as e:
+        parser.error(str(e))
+    if args.spot_price is not None or by_type or args.on_demand_price is not None or args.lookup_prices:
+        return Prices(spot=args.spot_price, by_type=by_type, on_demand=args.on_demand_price)
+    return None
+
+
+def _storage_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    for pair in args.option:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            parser.error(f"--option wants KEY=VALUE, got {pair!r}")
+        options[key] = value
+    return options
+
+
+def _serve(store: Store, args: argparse.Namespace, prices: Prices | None) -> int:
+    require_plotly()
+    server = make_server(store, port=args.port, refresh_seconds=args.refresh, prices=prices)
+    port = server.server_address[1]
+    print(f"spotsafe report: serving {store.url} at http://127.0.0.1:{port}/ (Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+def _report(store: Store, args: argparse.Namespace, prices: Prices | None) -> int:
+    """The facts as JSON (``--json``), else the HTML page written to ``-o``."""
+    report = StoreReport(store)
+    facts, events = report.build(prices, lookup=args.lookup_prices)
+    if args.json:
+        print(json.dumps(facts, indent=1, sort_keys=True))
+        return 0
+    output = args.output or "report.html"
+    page = render_html(facts, events, embedded_images(report, events))
+    with open(output, "w", encoding="utf-8") as f:
+        f.write(page)
+    print(
+        f"spotsafe report: {output}: {len(facts['launches'])} launch(es), {len(facts['interruptions'])} "
+        f"interruption(s), {facts['steps_lost']} step(s) redone, {'complete' if facts['complete'] else 'not complete'} "
+        f"at step {facts['steps']}"
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    prices = _prices(parser, args)
+    options = _storage_options(parser, args)
+    try:
+        store = open_store(args.store, storage_options=options or None)
+    except (SpotsafeError, ValueError) as e:
+        print(f"spotsafe report: {e}", file=sys.stderr)
+        return 2
+    try:
+        return _serve(store, args, prices) if args.serve else _report(store, args, prices)
+    except (SpotsafeError, ValueError, OSError) as e:
+        print(f"spotsafe report: {e}", file=sys.stderr)
+        return 2
+    finally:
+        store.close()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
