@@ -28,7 +28,11 @@ from collections.abc import Callable, Sequence
 
 import requests
 
-from spotsafe.cloud.watcher import AWSSource, AzureSource, GCPSource, InterruptionWatcher, Source
+from spotsafe.cloud.aws.notices import AWSSource
+from spotsafe.cloud.azure.notices import AzureSource
+from spotsafe.cloud.gcp.notices import GCPSource
+from spotsafe.cloud.notice import Source
+from spotsafe.cloud.watcher import InterruptionWatcher
 from spotsafe.rehearsal.simulators import AWSSimulator, AzureSimulator, GCPSimulator
 
 
