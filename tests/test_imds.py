@@ -21,7 +21,7 @@ from spotsafe.cloud.aws.notices import AWSSource
 from spotsafe.cloud.http import MAX_BODY, BodyTooLarge
 from spotsafe.cloud.watcher import InterruptionWatcher
 from spotsafe.errors import MetadataError
-from spotsafe.rehearsal.simulators import AWSSimulator
+from spotsafe.rehearsal.simulators.aws import AWSSimulator
 from tests.helpers import wait_until
 
 if TYPE_CHECKING:

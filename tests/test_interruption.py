@@ -22,7 +22,9 @@ from spotsafe.cloud.notice import Notice
 from spotsafe.cloud.times import parse_iso, parse_rfc1123
 from spotsafe.cloud.watcher import InterruptionWatcher
 from spotsafe.errors import MetadataError
-from spotsafe.rehearsal.simulators import AWSSimulator, AzureSimulator, GCPSimulator
+from spotsafe.rehearsal.simulators.aws import AWSSimulator
+from spotsafe.rehearsal.simulators.azure import AzureSimulator
+from spotsafe.rehearsal.simulators.gcp import GCPSimulator
 from tests.helpers import wait_until
 
 POLL = 0.2

@@ -16,7 +16,11 @@ import pytest
 import requests
 
 from spotsafe.cloud.times import parse_iso, parse_rfc1123
-from spotsafe.rehearsal.simulators import AWSSimulator, AzureSimulator, GCPSimulator, main, simulated_environment
+from spotsafe.rehearsal.simulators.aws import AWSSimulator
+from spotsafe.rehearsal.simulators.azure import AzureSimulator
+from spotsafe.rehearsal.simulators.environment import simulated_environment
+from spotsafe.rehearsal.simulators.gcp import GCPSimulator
+from spotsafe.rehearsal.simulators.serve import main
 
 TTL = "X-aws-ec2-metadata-token-ttl-seconds"
 TOKEN = "X-aws-ec2-metadata-token"
@@ -333,7 +337,7 @@ def test_main_delegates_rehearse(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_simulators_do_not_import_the_rehearsal_or_torch() -> None:
-    code = "import sys, spotsafe.rehearsal.simulators; print(sorted(m for m in ('spotsafe.rehearsal.rehearse', 'torch') if m in sys.modules))"
+    code = "import sys, spotsafe.rehearsal.simulators.serve; print(sorted(m for m in ('spotsafe.rehearsal.rehearse', 'torch') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
