@@ -62,11 +62,13 @@ class AWSMetadata:
     it inside containers) or answers 403/404/405.
 
     Every request is bounded as a whole by ``timeout`` seconds, never follows a
-    redirect and reads at most :data:`spotsafe.cloud.http.MAX_BODY` bytes (see the module docstring).
+    redirect and reads at most :data:`spotsafe.cloud.http.MAX_BODY` bytes (see :mod:`spotsafe.cloud.http`).
 
     Volatile values (:attr:`instance_action`, :attr:`termination_time`,
     :attr:`rebalance_recommendation`) are properties that do I/O on every read;
-    :attr:`identity` is read once. Failures raise :class:`MetadataError` naming the URL.
+    :attr:`identity` is read once. Failures raise :class:`MetadataError` naming the URL;
+    a 200 whose body is not what the endpoint documents, :class:`MalformedAnswer` (it
+    carries the body: :class:`spotsafe.cloud.aws.notices.AWSSource` still makes it a notice).
     """
 
     def __init__(
