@@ -55,7 +55,7 @@ import torch
 
 from spotsafe.checkpoint.snapshots import SnapshotKeeper
 from spotsafe.checkpoint.writer import Checkpointer
-from spotsafe.cloud.watcher import Notice
+from spotsafe.cloud.notice import Notice
 
 CHUNK = 32 << 20
 O_DIRECT: int = getattr(os, "O_DIRECT", 0)

@@ -218,7 +218,7 @@ def one_notice(sim: Any, tmp: str, trial: int, rng: random.Random) -> dict[str, 
 
 
 def bench_notice(repeats: int) -> dict[str, float]:
-    from spotsafe.rehearsal.simulators import AWSSimulator
+    from spotsafe.rehearsal.simulators.aws import AWSSimulator
 
     rng = random.Random(0)
     results = []

@@ -28,8 +28,14 @@ from collections.abc import Callable, Sequence
 
 import requests
 
-from spotsafe.cloud.watcher import AWSSource, AzureSource, GCPSource, InterruptionWatcher, Source
-from spotsafe.rehearsal.simulators import AWSSimulator, AzureSimulator, GCPSimulator
+from spotsafe.cloud.aws.notices import AWSSource
+from spotsafe.cloud.azure.notices import AzureSource
+from spotsafe.cloud.gcp.notices import GCPSource
+from spotsafe.cloud.notice import Source
+from spotsafe.cloud.watcher import InterruptionWatcher
+from spotsafe.rehearsal.simulators.aws import AWSSimulator
+from spotsafe.rehearsal.simulators.azure import AzureSimulator
+from spotsafe.rehearsal.simulators.gcp import GCPSimulator
 
 
 class PeerLoop:

@@ -18,7 +18,7 @@ _LAZY = {
     "CheckpointInfo": "spotsafe.checkpoint.writer",
     "RNGState": "spotsafe.state",
     "InterruptionWatcher": "spotsafe.cloud.watcher",
-    "Notice": "spotsafe.cloud.watcher",
+    "Notice": "spotsafe.cloud.notice",
     "SpotsafeError": "spotsafe.errors",
     "CheckpointNotFound": "spotsafe.errors",
     "CheckpointCorrupt": "spotsafe.errors",
@@ -55,7 +55,8 @@ __all__ = [
 
 if TYPE_CHECKING:
     from spotsafe.checkpoint.writer import Checkpointer, CheckpointInfo
-    from spotsafe.cloud.watcher import InterruptionWatcher, Notice
+    from spotsafe.cloud.notice import Notice
+    from spotsafe.cloud.watcher import InterruptionWatcher
     from spotsafe.errors import (
         CheckpointCorrupt,
         CheckpointNotFound,

@@ -44,7 +44,8 @@ if TYPE_CHECKING:
 
     from spotsafe.checkpoint.snapshots import SnapshotKeeper
     from spotsafe.checkpoint.writer import Checkpointer, CheckpointInfo, Reason
-    from spotsafe.cloud.watcher import InterruptionWatcher, Notice
+    from spotsafe.cloud.notice import Notice
+    from spotsafe.cloud.watcher import InterruptionWatcher
     from spotsafe.storage.base import Store
     from spotsafe.story.events import EventLog
     from spotsafe.story.live import LivePage

@@ -16,10 +16,12 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from spotsafe.cloud.aws.metadata import MAX_BODY, AWSMetadata, BodyTooLarge
-from spotsafe.cloud.watcher import AWSSource, InterruptionWatcher
+from spotsafe.cloud.aws.metadata import AWSMetadata
+from spotsafe.cloud.aws.notices import AWSSource
+from spotsafe.cloud.http import MAX_BODY, BodyTooLarge
+from spotsafe.cloud.watcher import InterruptionWatcher
 from spotsafe.errors import MetadataError
-from spotsafe.rehearsal.simulators import AWSSimulator
+from spotsafe.rehearsal.simulators.aws import AWSSimulator
 from tests.helpers import wait_until
 
 if TYPE_CHECKING:
@@ -223,7 +225,8 @@ def test_timeout_is_validated() -> None:
 
 @pytest.mark.parametrize("provider", ["gcp", "azure"])
 def test_gcp_and_azure_requests_have_the_same_deadline(hostile: Hostile, provider: str) -> None:
-    from spotsafe.cloud.watcher import AzureSource, GCPSource
+    from spotsafe.cloud.azure.notices import AzureSource
+    from spotsafe.cloud.gcp.notices import GCPSource
 
     hostile.mode = "trickle-headers"
     source = GCPSource(hostile.endpoint.removeprefix("http://"), timeout=1.0) if provider == "gcp" else None

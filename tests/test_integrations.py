@@ -25,7 +25,7 @@ import torch
 
 from spotsafe import EXIT_PREEMPTED
 from spotsafe.checkpoint.writer import Checkpointer
-from spotsafe.rehearsal.simulators import AWSSimulator
+from spotsafe.rehearsal.simulators.aws import AWSSimulator
 
 from .conftest import OFFLINE_ENV
 from .helpers import wait_until

@@ -14,18 +14,17 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from spotsafe.cloud.watcher import (
-    AWSMetadata,
-    AWSSource,
-    AzureSource,
-    GCPSource,
-    InterruptionWatcher,
-    Notice,
-    _parse_iso,
-    _parse_rfc1123,
-)
+from spotsafe.cloud.aws.metadata import AWSMetadata
+from spotsafe.cloud.aws.notices import AWSSource
+from spotsafe.cloud.azure.notices import AzureSource
+from spotsafe.cloud.gcp.notices import GCPSource
+from spotsafe.cloud.notice import Notice
+from spotsafe.cloud.times import parse_iso, parse_rfc1123
+from spotsafe.cloud.watcher import InterruptionWatcher
 from spotsafe.errors import MetadataError
-from spotsafe.rehearsal.simulators import AWSSimulator, AzureSimulator, GCPSimulator
+from spotsafe.rehearsal.simulators.aws import AWSSimulator
+from spotsafe.rehearsal.simulators.azure import AzureSimulator
+from spotsafe.rehearsal.simulators.gcp import GCPSimulator
 from tests.helpers import wait_until
 
 POLL = 0.2
@@ -86,10 +85,10 @@ def test_notice_from_dict_refuses_unknown_version_and_fields() -> None:
 
 
 def test_time_parsers() -> None:
-    assert _parse_iso("2026-11-22T08:22:00Z") == datetime(2026, 11, 22, 8, 22, tzinfo=timezone.utc)
-    assert _parse_rfc1123("Mon, 19 Sep 2016 18:29:47 GMT") == datetime(2016, 9, 19, 18, 29, 47, tzinfo=timezone.utc)
+    assert parse_iso("2026-11-22T08:22:00Z") == datetime(2026, 11, 22, 8, 22, tzinfo=timezone.utc)
+    assert parse_rfc1123("Mon, 19 Sep 2016 18:29:47 GMT") == datetime(2016, 9, 19, 18, 29, 47, tzinfo=timezone.utc)
     with pytest.raises(ValueError):
-        _parse_rfc1123("next tuesday")
+        parse_rfc1123("next tuesday")
 
 
 # --------------------------------------------------------------------------- AWS client
@@ -229,7 +228,7 @@ def test_aws_notice_detected_within_one_poll_interval(aws_v2: AWSSimulator) -> N
     assert notice is not None
     assert latency < POLL + 0.5
     assert (notice.source, notice.action) == ("aws", "terminate")
-    assert notice.deadline == _parse_iso(aws_v2.state()["instance_action"]["time"])
+    assert notice.deadline == parse_iso(aws_v2.state()["instance_action"]["time"])
     assert 115 < (notice.deadline - notice.detected_at).total_seconds() <= 121
     assert notice.payload["action"] == "terminate"
 
@@ -318,7 +317,7 @@ def test_legacy_termination_time_fallback(aws: AWSSimulator) -> None:
         aws.arm("terminate")
         notice = watcher.wait(5)
     assert notice is not None and notice.action == "terminate"
-    assert notice.deadline == _parse_iso(aws.state()["instance_action"]["time"])
+    assert notice.deadline == parse_iso(aws.state()["instance_action"]["time"])
     assert "termination-time" in notice.payload
 
 
@@ -427,7 +426,7 @@ def test_azure_preempt_deadline_and_acknowledge(azure: AzureSimulator) -> None:
         assert time.monotonic() - scheduled < POLL + 0.5  # within one poll interval
         assert notice is not None and (notice.source, notice.action) == ("azure", "terminate")
         assert notice.payload["EventId"] == event_id
-        assert notice.deadline == _parse_rfc1123(azure.document()["Events"][0]["NotBefore"])
+        assert notice.deadline == parse_rfc1123(azure.document()["Events"][0]["NotBefore"])
         assert 55 < notice.time_left() <= 60
         watcher.acknowledge()
     assert azure.acknowledgements == [event_id]

@@ -995,7 +995,7 @@ def test_generated_user_data_boots_trains_and_scales_the_group_to_zero(
     loopdev: Callable[..., str],  # noqa: F811 - the fixture
 ) -> None:
     from spotsafe.cloud.aws import volume as vol
-    from spotsafe.rehearsal.simulators import AWSSimulator
+    from spotsafe.rehearsal.simulators.aws import AWSSimulator
     from tests.test_volume import fake_nvme
 
     if shutil.which("git") is None:

@@ -434,7 +434,7 @@ def events_of(path: Path) -> list[dict[str, Any]]:
 def test_capacity_rebalance_overlap_through_the_supervisor_ends_bit_identical(tmp_path: Path) -> None:
     """The old instance gets a rebalance recommendation, its replacement starts and waits for the
     store, the old one gets the terminate notice, saves and lets go; the replacement resumes there."""
-    from spotsafe.rehearsal.simulators import AWSSimulator
+    from spotsafe.rehearsal.simulators.aws import AWSSimulator
 
     # Long enough (with STEP_SLEEP) for the overlap to happen mid-run; one thread: CI has two cores.
     epochs = {"EPOCHS": "12", "EVERY": "25", "OMP_NUM_THREADS": "1"}

@@ -3,7 +3,7 @@ a replacement joins.
 
 Every "node" is one ``python -m spotsafe.resume -- torchrun --nnodes=MIN:MAX --rdzv-backend=c10d``
 process tree with one worker (tests/dist_workers/elastic.py) and its own AWS metadata
-simulator (spotsafe.rehearsal.simulators.AWSSimulator) in its environment, so a notice on one node's
+simulator (spotsafe.rehearsal.simulators.aws.AWSSimulator) in its environment, so a notice on one node's
 simulator is that instance's alone. Real torchrun, real c10d rendezvous, gloo on CPU.
 """
 
@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 from spotsafe import EXIT_PREEMPTED
 from spotsafe.checkpoint.writer import Checkpointer
-from spotsafe.rehearsal.simulators import AWSSimulator, simulated_environment
+from spotsafe.rehearsal.simulators.aws import AWSSimulator
+from spotsafe.rehearsal.simulators.environment import simulated_environment
 from tests.dist_workers import elastic
 from tests.helpers import slow_enabled, wait_until
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 from spotsafe.cloud.node import check
-from spotsafe.rehearsal.simulators import AWSSimulator, GCPSimulator, simulated_environment
+from spotsafe.rehearsal.simulators.aws import AWSSimulator
+from spotsafe.rehearsal.simulators.environment import simulated_environment
+from spotsafe.rehearsal.simulators.gcp import GCPSimulator
 
 
 def test_quiet_aws_instance_is_healthy_and_an_armed_one_is_doomed(offline: dict[str, str]) -> None:

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from spotsafe import EXIT_PREEMPTED
-from spotsafe.rehearsal.simulators import AWSSimulator, simulated_environment
+from spotsafe.rehearsal.simulators.aws import AWSSimulator
+from spotsafe.rehearsal.simulators.environment import simulated_environment
 from spotsafe.resume import Supervisor, exit_status, main, supervise
 from tests.helpers import wait_until
 

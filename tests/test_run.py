@@ -323,7 +323,7 @@ def wait_ready(out: Path, proc: subprocess.Popen[str]) -> None:
 
 @pytest.mark.slow
 def test_aws_notice_in_subprocess_exits_75_and_resumes_exactly(tmp_path: Path) -> None:
-    from spotsafe.rehearsal.simulators import AWSSimulator
+    from spotsafe.rehearsal.simulators.aws import AWSSimulator
 
     events = tmp_path / "events.jsonl"
     with AWSSimulator() as sim:

@@ -15,8 +15,12 @@ from datetime import datetime, timedelta, timezone
 import pytest
 import requests
 
-from spotsafe.cloud.watcher import _parse_iso, _parse_rfc1123
-from spotsafe.rehearsal.simulators import AWSSimulator, AzureSimulator, GCPSimulator, main, simulated_environment
+from spotsafe.cloud.times import parse_iso, parse_rfc1123
+from spotsafe.rehearsal.simulators.aws import AWSSimulator
+from spotsafe.rehearsal.simulators.azure import AzureSimulator
+from spotsafe.rehearsal.simulators.environment import simulated_environment
+from spotsafe.rehearsal.simulators.gcp import GCPSimulator
+from spotsafe.rehearsal.simulators.serve import main
 
 TTL = "X-aws-ec2-metadata-token-ttl-seconds"
 TOKEN = "X-aws-ec2-metadata-token"
@@ -99,7 +103,7 @@ def test_aws_arm_delay_time_and_rebalance_independence(http: requests.Session) -
         body = r.json()
         assert body["action"] == "terminate"
         expected = armed + timedelta(seconds=120.4)
-        assert abs((_parse_iso(body["time"]) - expected).total_seconds()) <= 1.5
+        assert abs((parse_iso(body["time"]) - expected).total_seconds()) <= 1.5
         assert get("/latest/meta-data/spot/termination-time").text == body["time"]
         assert get(ITN).json() == body  # the time is fixed once armed
         # rebalance is independent of the interruption notice
@@ -266,7 +270,7 @@ def test_azure_events_lifecycle(http: requests.Session) -> None:
         (event,) = doc["Events"]
         assert (event["EventId"], event["EventType"], event["EventStatus"]) == (event_id, "Preempt", "Scheduled")
         assert event["Resources"] == ["spotsafe-sim-vm"]
-        assert 28 <= (_parse_rfc1123(event["NotBefore"]) - _now()).total_seconds() <= 31
+        assert 28 <= (parse_rfc1123(event["NotBefore"]) - _now()).total_seconds() <= 31
         assert event["NotBefore"].endswith(" GMT")
         assert (
             http.post(
@@ -333,7 +337,7 @@ def test_main_delegates_rehearse(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_simulators_do_not_import_the_rehearsal_or_torch() -> None:
-    code = "import sys, spotsafe.rehearsal.simulators; print(sorted(m for m in ('spotsafe.rehearsal.rehearse', 'torch') if m in sys.modules))"
+    code = "import sys, spotsafe.rehearsal.simulators.serve; print(sorted(m for m in ('spotsafe.rehearsal.rehearse', 'torch') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

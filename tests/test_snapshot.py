@@ -20,7 +20,8 @@ from torch import nn
 from spotsafe import Run
 from spotsafe.checkpoint.snapshots import SnapshotKeeper
 from spotsafe.checkpoint.writer import Checkpointer, SnapshotBuffer, snapshot
-from spotsafe.cloud.watcher import InterruptionWatcher, Notice
+from spotsafe.cloud.notice import Notice
+from spotsafe.cloud.watcher import InterruptionWatcher
 from spotsafe.distributed.board import NoticeBoard
 from spotsafe.errors import DistributedError
 from tests.helpers import wait_until

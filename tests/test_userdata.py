@@ -234,7 +234,7 @@ def _steps(path: Path) -> list[str]:
 def sandbox(tmp_path: Path, ec2_server: Any, ec2: Any, loopdev: Callable[..., str]) -> Iterator[Sandbox]:  # noqa: F811 - the fixture
     if shutil.which("git") is None:
         pytest.skip("needs git")
-    from spotsafe.rehearsal.simulators import AWSSimulator
+    from spotsafe.rehearsal.simulators.aws import AWSSimulator
 
     # The "instance": launched by a persistent spot request, as the boot script expects.
     r = ec2.request_spot_instances(
@@ -679,7 +679,7 @@ def test_first_boot_in_another_zone_moves_formats_pins_and_keeps_old_on_request(
     tmp_path: Path, ec2_server: Any, ec2: Any
 ) -> None:
     """Cases 1 and 7 and the pinned code, as cloud-init would run the script (systemctl faked)."""
-    from spotsafe.rehearsal.simulators import AWSSimulator
+    from spotsafe.rehearsal.simulators.aws import AWSSimulator
     from tests.ec2faithful import BlockStore, activate
 
     if shutil.which("git") is None:

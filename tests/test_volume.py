@@ -556,7 +556,7 @@ class LocalIMDS:
     """The AWS simulator when spotsafe.rehearsal.simulators is there; its identity document is all we need."""
 
     def __init__(self, instance_id: str, az: str) -> None:
-        from spotsafe.rehearsal.simulators import AWSSimulator
+        from spotsafe.rehearsal.simulators.aws import AWSSimulator
 
         self._sim = AWSSimulator(instance_id=instance_id, availability_zone=az).start()
         self.endpoint = self._sim.endpoint

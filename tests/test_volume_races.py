@@ -312,7 +312,7 @@ def test_cleanup_failure_after_a_good_mount_only_warns(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from spotsafe.rehearsal.simulators import AWSSimulator
+    from spotsafe.rehearsal.simulators.aws import AWSSimulator
 
     tag = {"spotsafe-run": unique_tag()}
     source = create_volume(ec2, "us-east-1a", tag)
@@ -387,7 +387,7 @@ def test_a_move_measured_on_the_fakes_carries_the_data(ec2: Any, real_store: Blo
 
 
 def test_cli_snapshot_every_repeats_until_sigterm(ec2: Any, ec2_server: Any, store: BlockStore, tmp_path: Path) -> None:
-    from spotsafe.rehearsal.simulators import AWSSimulator
+    from spotsafe.rehearsal.simulators.aws import AWSSimulator
 
     tag = {"spotsafe-run": unique_tag()}
     m = instance(ec2, store, "us-east-1b")

@@ -52,7 +52,8 @@ from spotsafe.state import flatten
 
 if TYPE_CHECKING:
     from spotsafe.checkpoint.writer import Checkpointer
-    from spotsafe.cloud.watcher import InterruptionWatcher, Notice
+    from spotsafe.cloud.notice import Notice
+    from spotsafe.cloud.watcher import InterruptionWatcher
     from spotsafe.distributed.board import NoticeBoard
 
 log = logging.getLogger("spotsafe.snapshot")

@@ -33,7 +33,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from spotsafe.cloud.watcher import AWSSource, AzureSource, GCPSource, Notice, Source
+from spotsafe.cloud.aws.notices import AWSSource
+from spotsafe.cloud.azure.notices import AzureSource
+from spotsafe.cloud.gcp.notices import GCPSource
+from spotsafe.cloud.notice import Notice, Source
 from spotsafe.settings import Settings
 
 __all__ = ["InstanceState", "Verdict", "check"]

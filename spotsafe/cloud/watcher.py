@@ -18,454 +18,43 @@ short timeout, and only those that answer like the real service are polled. Off
 the cloud that settles in well under a second and then costs nothing: no thread
 polls anything; one thread sleeps until a signal or :meth:`stop` wakes it.
 
-Every metadata request goes straight to the endpoint: proxies from the
-environment are ignored (``Session.trust_env = False``), as botocore does for IMDS.
+The sources live with their clouds (:mod:`spotsafe.cloud.aws.notices`,
+:mod:`spotsafe.cloud.gcp.notices`, :mod:`spotsafe.cloud.azure.notices`); every
+metadata request is one :func:`spotsafe.cloud.http.http_request`, straight to the
+endpoint (proxies from the environment are ignored, as botocore does for IMDS).
 """
 
 from __future__ import annotations
 
-import email.utils
-import json
 import logging
-import math
 import os
 import queue
-import re
 import selectors
 import signal
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from types import FrameType
-from typing import TYPE_CHECKING, Any, Literal, cast, get_args
+from typing import TYPE_CHECKING, Any
 
-from spotsafe.cloud.aws.metadata import (
-    _INSTANCE_ACTION,
-    _REBALANCE,
-    _TERMINATION_TIME,
-    AWSMetadata,
-    BodyTooLarge,
-    MetadataResponse,
-    _parse_iso,
-    http_request,
-)
-from spotsafe.errors import MetadataError
+from spotsafe.cloud.aws.notices import AWSSource
+from spotsafe.cloud.azure.notices import AzureSource
+from spotsafe.cloud.gcp.notices import GCPSource
+from spotsafe.cloud.notice import Action, Notice, Source
+from spotsafe.cloud.times import utcnow
 from spotsafe.settings import Settings
 
 if TYPE_CHECKING:
     from typing_extensions import Self
 
-__all__ = [
-    "NOTICE_FORMAT_VERSION",
-    "AWSMetadata",  # re-exported from spotsafe.cloud.aws.metadata
-    "AWSSource",
-    "Action",
-    "AzureSource",
-    "GCPSource",
-    "InterruptionWatcher",
-    "Notice",
-    "Source",
-]
+__all__ = ["SIGNAL_GRACE_SECONDS", "InterruptionWatcher"]
 
 log = logging.getLogger(__name__)
 
-Action = Literal["terminate", "stop", "hibernate", "rebalance"]
-ACTIONS: tuple[str, ...] = get_args(Action)
-
-#: Version of :meth:`Notice.to_dict`'s layout; :meth:`Notice.from_dict` refuses others.
-NOTICE_FORMAT_VERSION = 1
-
-#: How long AWS gives between the interruption notice and the interruption.
-AWS_NOTICE_SECONDS = 120.0
-#: GCP gives 30 s between the preemption notice and the hard stop.
-GCP_NOTICE_SECONDS = 30.0
-#: An Azure event with an empty NotBefore has started; assume the 30 s Spot minimum.
-AZURE_NOTICE_SECONDS = 30.0
 #: systemd's and Kubernetes' default grace between SIGTERM and SIGKILL.
 SIGNAL_GRACE_SECONDS = 30.0  # the default of SPOTSAFE_SIGNAL_GRACE (spotsafe.settings)
-
-
-def _utcnow() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def _parse_rfc1123(text: str) -> datetime:
-    """An RFC 1123 time as Azure writes it (``Mon, 19 Sep 2016 18:29:47 GMT``), UTC-aware."""
-    parsed = email.utils.parsedate_to_datetime(text)
-    if parsed is None:  # older Pythons return None instead of raising
-        raise ValueError(f"not an RFC 1123 time: {text!r}")
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=timezone.utc)
-    return parsed.astimezone(timezone.utc)
-
-
-# --------------------------------------------------------------------------- the notice
-
-
-@dataclass(frozen=True)
-class Notice:
-    """This instance is going away (or, for ``rebalance``, is at elevated risk of it).
-
-    ``deadline`` is when the platform says it will act (for ``rebalance``, which has
-    none, the shortest interruption notice that could follow: detection + 120 s).
-    """
-
-    source: str
-    action: Action
-    deadline: datetime
-    detected_at: datetime
-    payload: Any = None
-    version: int = field(default=NOTICE_FORMAT_VERSION, compare=False)
-
-    def __post_init__(self) -> None:
-        if self.action not in ACTIONS:
-            raise ValueError(f"Notice action must be one of {ACTIONS}, not {self.action!r}")
-        for name in ("deadline", "detected_at"):
-            value = getattr(self, name)
-            if not isinstance(value, datetime) or value.tzinfo is None:
-                raise ValueError(f"Notice.{name} must be a timezone-aware datetime, not {value!r}")
-        if self.version != NOTICE_FORMAT_VERSION:
-            raise ValueError(f"Notice format version {self.version} is not {NOTICE_FORMAT_VERSION}")
-
-    @property
-    def is_final(self) -> bool:
-        """True unless this is only a rebalance recommendation (checkpoint, keep going)."""
-        return self.action != "rebalance"
-
-    def time_left(self, now: datetime | None = None) -> float:
-        """Seconds from ``now`` to the deadline, never below 0."""
-        now = now or _utcnow()
-        return max(0.0, (self.deadline - now).total_seconds())
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (times as ISO 8601); the payload must be JSON-serializable."""
-        data = asdict(self)
-        data["deadline"] = self.deadline.isoformat()
-        data["detected_at"] = self.detected_at.isoformat()
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Notice:
-        """The inverse of :meth:`to_dict`; an unknown version or field raises ValueError."""
-        version = data.get("version")
-        if version != NOTICE_FORMAT_VERSION:
-            raise ValueError(f"unknown Notice format version {version!r} (this spotsafe reads {NOTICE_FORMAT_VERSION})")
-        known = {"source", "action", "deadline", "detected_at", "payload", "version"}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown Notice fields {sorted(unknown)}")
-        return cls(
-            source=str(data["source"]),
-            action=cast(Action, data["action"]),
-            deadline=_parse_iso(str(data["deadline"])),
-            detected_at=_parse_iso(str(data["detected_at"])),
-            payload=data.get("payload"),
-        )
-
-
-# --------------------------------------------------------------------------- sources
-
-
-class Source:
-    """One place a notice can come from. Subclasses poll; :meth:`poll` may raise on
-    transient failures (the watcher logs, backs off and retries) and returns a Notice
-    only when the endpoint says the instance is going away."""
-
-    name: str = "?"
-    #: True when :meth:`poll` itself waits (a hanging GET) so no sleep is needed between polls.
-    blocking: bool = False
-
-    def probe(self, timeout: float) -> bool:
-        """Does this source exist here? Never raises; bounded by about ``timeout``."""
-        raise NotImplementedError
-
-    def poll(self, wait: float) -> Notice | None:
-        """One look; a blocking source may wait up to ``wait`` seconds for a change."""
-        raise NotImplementedError
-
-    def next_delay(self, elapsed: float, interval: float) -> float:
-        """Seconds to sleep before the next poll, given how long the last one took."""
-        return interval
-
-    def acknowledge(self, notice: Notice) -> None:
-        """Tell the platform the instance is ready to go (no-op unless it supports it)."""
-
-    def close(self) -> None:
-        """Release connections."""
-
-
-class AWSSource(Source):
-    """EC2 spot interruption notices and rebalance recommendations through IMDS."""
-
-    name = "aws"
-
-    def __init__(
-        self,
-        endpoint: str | None = None,
-        *,
-        rebalance: bool = True,
-        timeout: float = 1.0,
-        metadata: AWSMetadata | None = None,
-    ) -> None:
-        self.metadata = metadata if metadata is not None else AWSMetadata(endpoint, timeout=timeout)
-        self.rebalance = rebalance
-        self._rebalance_seen = False
-
-    def __repr__(self) -> str:
-        return f"AWSSource({self.metadata.endpoint!r})"
-
-    def probe(self, timeout: float) -> bool:
-        return self.metadata.probe(timeout)
-
-    def _text(self, path: str) -> str | None:
-        """The body at ``path`` (None: 404). A 200 over the size cap is a malformed body: its head."""
-        try:
-            return self.metadata.get_text(path)
-        except BodyTooLarge as e:
-            if e.status != 200:
-                raise
-            log.warning("%s: %s", path, e)
-            return e.head[:200]
-
-    def poll(self, wait: float) -> Notice | None:
-        text = self._text(_INSTANCE_ACTION)
-        if text is not None:
-            return self._instance_action(text)
-        text = self._text(_TERMINATION_TIME)
-        if text is not None:
-            return self._termination_time(text)
-        if self.rebalance and not self._rebalance_seen:
-            text = self._text(_REBALANCE)
-            if text is not None:
-                self._rebalance_seen = True
-                return self._rebalance_notice(text)
-        return None
-
-    def _instance_action(self, text: str) -> Notice:
-        now = _utcnow()
-        # A 200 here means "an interruption is scheduled" whatever the body says:
-        # a malformed body is a notice with the shortest AWS deadline, never silence.
-        try:
-            doc = json.loads(text)
-            action = str(doc["action"])
-            deadline = _parse_iso(str(doc["time"]))
-        except (ValueError, KeyError, TypeError, RecursionError) as e:
-            log.warning("malformed %s body %r (%s): treating it as a terminate notice", _INSTANCE_ACTION, text[:200], e)
-            return Notice("aws", "terminate", now + timedelta(seconds=AWS_NOTICE_SECONDS), now, text)
-        if action not in ("terminate", "stop", "hibernate"):
-            log.warning("unknown spot instance-action %r: treating it as terminate", action)
-            action = "terminate"
-        return Notice("aws", cast(Action, action), deadline, now, doc)
-
-    def _termination_time(self, text: str) -> Notice:
-        now = _utcnow()
-        try:
-            deadline = _parse_iso(text)
-        except ValueError:
-            log.warning("malformed %s body %r: treating it as a terminate notice", _TERMINATION_TIME, text[:200])
-            deadline = now + timedelta(seconds=AWS_NOTICE_SECONDS)
-        return Notice("aws", "terminate", deadline, now, {"termination-time": text.strip()})
-
-    def _rebalance_notice(self, text: str) -> Notice:
-        now = _utcnow()
-        payload: Any
-        try:
-            payload = json.loads(text)
-        except (ValueError, RecursionError):
-            log.warning("malformed %s body %r: still a rebalance recommendation", _REBALANCE, text[:200])
-            payload = text
-        return Notice("aws", "rebalance", now + timedelta(seconds=AWS_NOTICE_SECONDS), now, payload)
-
-    def close(self) -> None:
-        self.metadata.close()
-
-
-class GCPSource(Source):
-    """GCE preemption (``instance/preempted``) and host-maintenance termination.
-
-    ``preempted`` is watched with hanging GETs (``wait_for_change=true`` with the
-    last ETag, bounded by ``timeout_sec`` = the poll interval rounded up, so that
-    :meth:`InterruptionWatcher.stop` returns within about one poll interval).
-    """
-
-    name = "gcp"
-    blocking = True
-
-    def __init__(self, host: str | None = None, *, timeout: float = 1.0) -> None:
-        self.host = host or Settings.from_env().gcp_host
-        self.base = f"http://{self.host}/computeMetadata/v1/"
-        self.timeout = float(timeout)
-        self._etag: str | None = None
-        self._etag_changed = True
-
-    def __repr__(self) -> str:
-        return f"GCPSource({self.host!r})"
-
-    def _get(self, path: str, params: dict[str, str] | None = None, wait: float = 0.0) -> MetadataResponse:
-        """GET ``path``, bounded as a whole by the timeout plus ``wait`` (a hanging GET's own wait)."""
-        url = self.base + path
-        r = http_request("GET", url, {"Metadata-Flavor": "Google"}, self.timeout + wait, params=params)
-        if r.headers.get("metadata-flavor") != "Google":
-            raise MetadataError(f"{url}: answered without the Metadata-Flavor: Google header (HTTP {r.status_code})")
-        return r
-
-    def probe(self, timeout: float) -> bool:
-        saved = self.timeout
-        self.timeout = timeout
-        try:
-            return self._get("instance/id").status_code == 200
-        except MetadataError as e:
-            log.debug("no GCP metadata server at %s: %s", self.host, e)
-            return False
-        finally:
-            self.timeout = saved
-
-    def poll(self, wait: float) -> Notice | None:
-        hang = max(1, math.ceil(wait))
-        if self._etag is None:
-            params, extra = None, 0.0
-        else:
-            params = {"wait_for_change": "true", "timeout_sec": str(hang), "last_etag": self._etag}
-            extra = hang + max(self.timeout, 2.0)
-        r = self._get("instance/preempted", params, extra)
-        if r.status_code != 200:
-            raise MetadataError(f"{self.base}instance/preempted: HTTP {r.status_code}")
-        value = r.text.strip().upper()
-        etag = r.headers.get("etag")
-        if value not in ("TRUE", "FALSE"):
-            # Nothing about an unreadable body says a preemption is coming: an error, not a notice.
-            raise MetadataError(f"{self.base}instance/preempted: unexpected body {value[:100]!r}")
-        self._etag_changed = etag is not None and etag != self._etag
-        self._etag = etag
-        now = _utcnow()
-        if value == "TRUE":
-            return Notice("gcp", "terminate", now + timedelta(seconds=GCP_NOTICE_SECONDS), now, {"preempted": "TRUE"})
-        r = self._get("instance/maintenance-event")
-        if r.status_code == 404:
-            return None
-        if r.status_code != 200:
-            raise MetadataError(f"{self.base}instance/maintenance-event: HTTP {r.status_code}")
-        event = r.text.strip()
-        if event == "TERMINATE_ON_HOST_MAINTENANCE":
-            return Notice(
-                "gcp", "terminate", now + timedelta(seconds=GCP_NOTICE_SECONDS), now, {"maintenance-event": event}
-            )
-        return None
-
-    def next_delay(self, elapsed: float, interval: float) -> float:
-        # The hanging GET did the waiting; only a server that does not hang needs a pause.
-        if self._etag_changed or elapsed >= interval * 0.5:
-            return 0.0
-        return interval - elapsed
-
-
-_AZURE_EVENTS_API = "2020-07-01"
-_AZURE_VM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,79}")
-_AZURE_INSTANCE_API = "2021-02-01"
-
-
-class AzureSource(Source):
-    """Azure Scheduled Events: ``Preempt`` and ``Terminate`` events for this VM."""
-
-    name = "azure"
-
-    def __init__(self, endpoint: str | None = None, *, timeout: float = 1.0) -> None:
-        self.endpoint = (endpoint or Settings.from_env().azure_endpoint).rstrip("/")
-        self.events_url = f"{self.endpoint}/metadata/scheduledevents"
-        self.timeout = float(timeout)
-        self.vm_name: str | None = None
-        self.incarnation: int | None = None
-
-    def __repr__(self) -> str:
-        return f"AzureSource({self.endpoint!r})"
-
-    def _request(self, method: str, url: str, params: dict[str, str], json_body: Any = None) -> MetadataResponse:
-        headers = {"Metadata": "true"}
-        body = None
-        if json_body is not None:
-            headers["Content-Type"] = "application/json"
-            body = json.dumps(json_body).encode()
-        return http_request(method, url, headers, self.timeout, params=params, body=body)
-
-    def _fetch_vm_name(self) -> str | None:
-        url = f"{self.endpoint}/metadata/instance/compute/name"
-        r = self._request("GET", url, {"api-version": _AZURE_INSTANCE_API, "format": "text"})
-        # A VM name, not whatever a web server answering 200 to everything says (a captive portal's HTML).
-        if r.status_code == 200 and _AZURE_VM_NAME.fullmatch(r.text.strip()):
-            return r.text.strip()
-        return None
-
-    def probe(self, timeout: float) -> bool:
-        # The instance endpoint answers at once; the first scheduledevents call on a
-        # real VM may take minutes while the service starts, so it is not the probe.
-        saved = self.timeout
-        self.timeout = timeout
-        try:
-            self.vm_name = self._fetch_vm_name()
-            return self.vm_name is not None
-        except MetadataError as e:
-            log.debug("no Azure IMDS at %s: %s", self.endpoint, e)
-            return False
-        finally:
-            self.timeout = saved
-
-    def events(self) -> dict[str, Any]:
-        """The current Scheduled Events document (``DocumentIncarnation``, ``Events``)."""
-        r = self._request("GET", self.events_url, {"api-version": _AZURE_EVENTS_API})
-        if r.status_code != 200:
-            raise MetadataError(f"{self.events_url}: HTTP {r.status_code}")
-        try:
-            doc = json.loads(r.text)
-        except (ValueError, RecursionError) as e:
-            raise MetadataError(f"{self.events_url}: not JSON ({e!r}): {r.text[:200]!r}") from e
-        if not isinstance(doc, dict) or not isinstance(doc.get("Events"), list):
-            raise MetadataError(f"{self.events_url}: no Events list in {str(doc)[:200]!r}")
-        return doc
-
-    def poll(self, wait: float) -> Notice | None:
-        if self.vm_name is None:
-            try:
-                self.vm_name = self._fetch_vm_name()
-            except MetadataError as e:
-                log.debug("Azure VM name unavailable: %s", e)
-        doc = self.events()
-        self.incarnation = doc.get("DocumentIncarnation")
-        now = _utcnow()
-        for event in doc["Events"]:
-            if not isinstance(event, dict) or event.get("EventType") not in ("Preempt", "Terminate"):
-                continue
-            if event.get("EventStatus", "Scheduled") not in ("Scheduled", "Started"):
-                continue
-            resources = event.get("Resources") or []
-            if resources and self.vm_name is not None and self.vm_name not in resources:
-                continue  # another VM of the scale set or availability set
-            not_before = str(event.get("NotBefore") or "").strip()
-            try:
-                deadline = _parse_rfc1123(not_before) if not_before else now + timedelta(seconds=AZURE_NOTICE_SECONDS)
-            except (ValueError, TypeError):
-                log.warning(
-                    "malformed NotBefore %r in Azure event %s: assuming %d s",
-                    not_before,
-                    event.get("EventId"),
-                    AZURE_NOTICE_SECONDS,
-                )
-                deadline = now + timedelta(seconds=AZURE_NOTICE_SECONDS)
-            return Notice("azure", "terminate", deadline, now, event)
-        return None
-
-    def acknowledge(self, notice: Notice) -> None:
-        event_id = notice.payload.get("EventId") if isinstance(notice.payload, dict) else None
-        if not event_id:
-            return
-        body = {"StartRequests": [{"EventId": event_id}]}
-        r = self._request("POST", self.events_url, {"api-version": _AZURE_EVENTS_API}, body)
-        if r.status_code not in (200, 201, 202, 204):
-            raise MetadataError(f"{self.events_url}: acknowledging {event_id} answered HTTP {r.status_code}")
-        log.info("acknowledged Azure event %s", event_id)
-
 
 _PROVIDERS = ("aws", "gcp", "azure")
 
@@ -733,7 +322,7 @@ class InterruptionWatcher:
         It is accepted under the same rule as any other: it becomes :attr:`notice`
         unless a notice is already set (a final one replaces a rebalance).
         """
-        now = _utcnow()
+        now = utcnow()
         notice = Notice(source, action, now + timedelta(seconds=deadline_in), now)
         self._offer(notice)
         return notice
@@ -882,7 +471,7 @@ class InterruptionWatcher:
                 signal.signal(sig, signal.SIG_DFL)
                 signal.raise_signal(sig)
             return
-        self._signal_queue.put((signum, _utcnow()))
+        self._signal_queue.put((signum, utcnow()))
         self._wake()
         if callable(previous):
             previous(signum, frame)

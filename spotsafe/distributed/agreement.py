@@ -20,7 +20,7 @@ from spotsafe.distributed.context import DistContext
 from spotsafe.errors import DistributedError
 
 if TYPE_CHECKING:
-    from spotsafe.cloud.watcher import Notice
+    from spotsafe.cloud.notice import Notice
 
 log = logging.getLogger("spotsafe.distributed")
 

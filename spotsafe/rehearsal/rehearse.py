@@ -193,7 +193,7 @@ def rehearse(
     events_path: Path,
 ) -> tuple[Outcome, float]:
     """Run the rehearsal; the outcome and the first launch time."""
-    from spotsafe.rehearsal.simulators import AWSSimulator
+    from spotsafe.rehearsal.simulators.aws import AWSSimulator
 
     sim = AWSSimulator().start()
     try:

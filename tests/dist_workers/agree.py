@@ -13,7 +13,7 @@ import torch
 import torch.distributed
 from _common import finish, init, report
 
-from spotsafe.cloud.watcher import Notice
+from spotsafe.cloud.notice import Notice
 from spotsafe.distributed.agreement import NoticeAgreement
 from spotsafe.distributed.context import DistContext
 

@@ -1,216 +1,32 @@
 """A tiny EC2 instance metadata (IMDS) client, shared by the watcher and the volume tool.
 
-IMDSv2 tokens with IMDSv1 fallback; volatile values are properties that do I/O on
-every read, the identity is read once. Every request goes straight to the endpoint
-(no proxy from the environment: nothing here reads the proxy variables, as botocore does for IMDS) and is bounded as a whole:
-
-- a **whole-request deadline** (``timeout``): connect, send, headers and body together;
-  a server that trickles its answer a byte at a time is cut off at the deadline, where a
-  per-read timeout would wait for ever;
-- **no redirects**: a 3xx is an error, so the IMDSv2 token never leaves the endpoint;
-- a **body cap** (:data:`MAX_BODY`): IMDS answers are a few hundred bytes;
-- :meth:`AWSMetadata.probe` recognises the real service (a token with its TTL header,
-  an ``i-...`` instance id), not any HTTP server that answers 200.
+IMDSv2 tokens with IMDSv1 fallback; one typed property per endpoint: volatile values
+are properties that do I/O on every read, the identity is read once. Every request is
+one :func:`spotsafe.cloud.http.http_request`: straight to the endpoint, bounded as a
+whole, no redirects followed, at most :data:`spotsafe.cloud.http.MAX_BODY` bytes read.
+:meth:`AWSMetadata.probe` recognises the real service (a token with its TTL header, an
+``i-...`` instance id), not any HTTP server that answers 200.
 """
 
 from __future__ import annotations
 
-import http.client
-import ipaddress
 import json
 import logging
 import re
-import socket
 import threading
 import time
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from functools import cached_property
 from typing import Any
-from urllib.parse import urlencode, urlsplit
 
+from spotsafe.cloud.http import BodyTooLarge, MetadataResponse, NoAnswer, http_request
+from spotsafe.cloud.times import parse_iso
 from spotsafe.errors import MetadataError
 from spotsafe.settings import Settings
 
-__all__ = ["MAX_BODY", "AWSMetadata", "BodyTooLarge", "MetadataResponse", "http_request"]
+__all__ = ["AWSMetadata", "MalformedAnswer"]
 
 log = logging.getLogger(__name__)
-
-#: The most bytes of one metadata answer spotsafe reads; more is not an IMDS answer.
-MAX_BODY = 64 << 10
-
-
-def _parse_iso(text: str) -> datetime:
-    """An ISO 8601 time as AWS writes it (``2026-11-22T08:22:00Z``), UTC-aware.
-
-    ValueError for anything else, including a time that cannot be expressed in UTC
-    (``9999-12-31T23:59:59-12:00``).
-    """
-    value = text.strip()
-    if value.endswith(("Z", "z")):
-        value = value[:-1] + "+00:00"
-    parsed = datetime.fromisoformat(value)
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=timezone.utc)
-    try:
-        return parsed.astimezone(timezone.utc)
-    except OverflowError as e:
-        raise ValueError(f"{text[:64]!r} is out of range in UTC") from e
-
-
-class BodyTooLarge(MetadataError):
-    """An answer longer than :data:`MAX_BODY`; ``head`` holds its first bytes as text."""
-
-    def __init__(self, message: str, status: int, head: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.head = head
-
-
-class _NoAnswer(MetadataError):
-    """Connected, but no complete answer before the deadline."""
-
-
-@dataclass(frozen=True)
-class MetadataResponse:
-    """One metadata answer, read whole (at most :data:`MAX_BODY` bytes) before the deadline."""
-
-    status_code: int
-    headers: dict[str, str] = field(repr=False)
-    content: bytes = field(repr=False)
-
-    @property
-    def text(self) -> str:
-        return self.content.decode("utf-8", errors="replace")
-
-
-class _DeadlineSocket(socket.socket):
-    """A socket whose every send and receive is bounded by one deadline (time.monotonic())."""
-
-    deadline: float = 0.0
-
-    def _arm(self) -> None:
-        left = self.deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError("the whole-request deadline passed")
-        self.settimeout(left)
-
-    def recv_into(self, *args: Any, **kwargs: Any) -> int:
-        self._arm()
-        return super().recv_into(*args, **kwargs)
-
-    def recv(self, *args: Any, **kwargs: Any) -> bytes:
-        self._arm()
-        return super().recv(*args, **kwargs)
-
-    def sendall(self, *args: Any, **kwargs: Any) -> None:
-        self._arm()
-        super().sendall(*args, **kwargs)
-
-
-def _resolve(host: str, port: int | None, deadline: float) -> list[Any]:
-    """getaddrinfo bounded by ``deadline``: a name (metadata.google.internal) behind a stuck resolver
-    must not hold the caller; the lookup thread is left to the resolver's own timeout."""
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        pass
-    else:  # a literal address: nothing to look up
-        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    out: list[Any] = []
-    errors: list[OSError] = []
-
-    def lookup() -> None:
-        try:
-            out.extend(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
-        except OSError as e:
-            errors.append(e)
-
-    t = threading.Thread(target=lookup, name="spotsafe-resolve", daemon=True)
-    t.start()
-    t.join(max(0.0, deadline - time.monotonic()))
-    if t.is_alive():
-        raise TimeoutError(f"resolving {host} did not finish before the deadline")
-    if errors:
-        raise errors[0]
-    return out
-
-
-class _Connection(http.client.HTTPConnection):
-    def __init__(self, host: str, port: int | None, deadline: float) -> None:
-        super().__init__(host, port)
-        self._deadline = deadline
-
-    def connect(self) -> None:
-        last: OSError | None = None
-        for family, kind, proto, _name, address in _resolve(self.host, self.port, self._deadline):
-            sock = _DeadlineSocket(family, kind, proto)
-            sock.deadline = self._deadline
-            try:
-                sock._arm()
-                sock.connect(address)
-            except OSError as e:
-                sock.close()
-                last = e
-                continue
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.sock = sock
-            return
-        raise last or OSError(f"cannot resolve {self.host}")
-
-
-def http_request(
-    method: str,
-    url: str,
-    headers: dict[str, str],
-    timeout: float,
-    max_body: int = MAX_BODY,
-    *,
-    params: dict[str, str] | None = None,
-    body: bytes | None = None,
-) -> MetadataResponse:
-    """One HTTP request bounded as a whole by ``timeout`` seconds; redirects are not followed.
-
-    What every metadata source uses (AWS, GCP, Azure). Raises MetadataError:
-    ``_NoAnswer`` when the server accepted the connection but did not answer in time,
-    :class:`BodyTooLarge` past ``max_body``.
-    """
-    if params:
-        url += ("&" if "?" in url else "?") + urlencode(params)
-    parts = urlsplit(url)
-    if parts.scheme != "http" or not parts.hostname:
-        raise MetadataError(f"{url}: metadata endpoints are plain http://host[:port] URLs")
-    path = parts.path or "/"
-    if parts.query:
-        path += "?" + parts.query
-    deadline = time.monotonic() + timeout
-    conn = _Connection(parts.hostname, parts.port, deadline)
-    try:
-        try:
-            conn.connect()
-        except OSError as e:
-            raise MetadataError(f"{url}: no connection ({e})") from e
-        try:
-            conn.request(method, path, body=body, headers={**headers, "Connection": "close"})
-            r = conn.getresponse()
-            length = r.getheader("Content-Length")
-            if length is not None and length.isdigit() and int(length) > max_body:
-                head = r.read(min(max_body, 4096)).decode("utf-8", errors="replace")
-                raise BodyTooLarge(f"{url}: answered {length} bytes, more than {max_body}", r.status, head)
-            body = r.read(max_body + 1)
-            if len(body) > max_body:
-                head = body[:4096].decode("utf-8", errors="replace")
-                raise BodyTooLarge(f"{url}: answered more than {max_body} bytes", r.status, head)
-            return MetadataResponse(r.status, {k.lower(): v for k, v in r.getheaders()}, body)
-        except MetadataError:
-            raise
-        except TimeoutError as e:
-            raise _NoAnswer(f"{url}: no complete answer within {timeout:g} s") from e
-        except (OSError, http.client.HTTPException) as e:
-            raise MetadataError(f"{url}: {e!r}") from e
-    finally:
-        conn.close()
-
 
 _TOKEN_PATH = "/latest/api/token"
 _TOKEN_HEADER = "X-aws-ec2-metadata-token"
@@ -225,6 +41,18 @@ _TOKEN = re.compile(r"[A-Za-z0-9_=+/\-]{16,1024}")
 _INSTANCE_ID = re.compile(r"i-[0-9a-f]{8,17}")
 
 
+class MalformedAnswer(MetadataError):
+    """A 200 whose body is not what the endpoint documents (a body over the cap too).
+
+    ``body`` holds it (its first 200 characters when over the cap): a 200 on an interruption endpoint means
+    something is coming whatever it says, so the watcher still makes it a notice.
+    """
+
+    def __init__(self, message: str, body: str) -> None:
+        super().__init__(message)
+        self.body = body
+
+
 class AWSMetadata:
     """A tiny EC2 instance metadata (IMDS) client: IMDSv2 tokens, IMDSv1 fallback.
 
@@ -234,11 +62,13 @@ class AWSMetadata:
     it inside containers) or answers 403/404/405.
 
     Every request is bounded as a whole by ``timeout`` seconds, never follows a
-    redirect and reads at most :data:`MAX_BODY` bytes (see the module docstring).
+    redirect and reads at most :data:`spotsafe.cloud.http.MAX_BODY` bytes (see :mod:`spotsafe.cloud.http`).
 
     Volatile values (:attr:`instance_action`, :attr:`termination_time`,
     :attr:`rebalance_recommendation`) are properties that do I/O on every read;
-    :attr:`identity` is read once. Failures raise :class:`MetadataError` naming the URL.
+    :attr:`identity` is read once. Failures raise :class:`MetadataError` naming the URL;
+    a 200 whose body is not what the endpoint documents, :class:`MalformedAnswer` (it
+    carries the body: :class:`spotsafe.cloud.aws.notices.AWSSource` still makes it a notice).
     """
 
     def __init__(
@@ -279,7 +109,7 @@ class AWSMetadata:
         url = self.endpoint + _TOKEN_PATH
         try:
             r = http_request("PUT", url, {_TTL_HEADER: str(self.token_ttl)}, self.timeout)
-        except _NoAnswer:
+        except NoAnswer:
             # Connected but no answer: the PUT response's hop limit dropped it (containers).
             log.info("IMDSv2 token PUT to %s got no answer; falling back to IMDSv1", url)
             self._v1, self._token = True, None
@@ -316,7 +146,7 @@ class AWSMetadata:
 
         Bounded as a whole by ``timeout`` (default: the client's); a redirect is
         answered as it is, never followed; MetadataError on no answer or a body over
-        :data:`MAX_BODY` (:class:`BodyTooLarge`).
+        :data:`spotsafe.cloud.http.MAX_BODY` (:class:`BodyTooLarge`).
         """
         url = self.endpoint + path
         t = self.timeout if timeout is None else timeout
@@ -350,34 +180,68 @@ class AWSMetadata:
         except (ValueError, RecursionError) as e:
             raise MetadataError(f"{self.endpoint}{path}: not JSON ({e!r}): {text[:200]!r}") from e
 
+    def _answer(self, path: str) -> str | None:
+        """The body at ``path`` (None: 404); a 200 over the size cap is a :class:`MalformedAnswer`."""
+        try:
+            return self.get_text(path)
+        except BodyTooLarge as e:
+            if e.status != 200:
+                raise
+            raise MalformedAnswer(str(e), e.head[:200]) from e
+
+    def _answer_object(self, path: str) -> tuple[dict[str, Any], str] | None:
+        """The JSON object at ``path`` and its text (None: 404); MalformedAnswer for anything else."""
+        text = self._answer(path)
+        if text is None:
+            return None
+        try:
+            value = json.loads(text)
+        except (ValueError, RecursionError) as e:
+            raise MalformedAnswer(f"{self.endpoint}{path}: not JSON ({e!r}): {text[:200]!r}", text) from e
+        if not isinstance(value, dict):
+            raise MalformedAnswer(f"{self.endpoint}{path}: not a JSON object: {text[:200]!r}", text)
+        return value, text
+
     # -- volatile values (I/O on every read)
 
     @property
     def instance_action(self) -> dict[str, Any] | None:
-        """``{"action": ..., "time": ...}`` when a spot interruption is scheduled, else None."""
-        value = self._get_json(_INSTANCE_ACTION)
-        if value is not None and not isinstance(value, dict):
-            raise MetadataError(f"{self.endpoint}{_INSTANCE_ACTION}: not a JSON object: {str(value)[:200]!r}")
-        return value
+        """``{"action": ..., "time": ...}`` when a spot interruption is scheduled, else None.
+
+        ``time`` is checked to be an ISO 8601 time (read it with
+        :func:`spotsafe.cloud.times.parse_iso`); a 200 with any other body raises
+        :class:`MalformedAnswer`.
+        """
+        answer = self._answer_object(_INSTANCE_ACTION)
+        if answer is None:
+            return None
+        doc, text = answer
+        try:
+            str(doc["action"])
+            parse_iso(str(doc["time"]))
+        except (KeyError, ValueError) as e:
+            raise MalformedAnswer(
+                f"{self.endpoint}{_INSTANCE_ACTION}: no action and time ({e!r}): {text[:200]!r}", text
+            ) from e
+        return doc
 
     @property
     def termination_time(self) -> datetime | None:
-        """The legacy ``spot/termination-time``, or None."""
-        text = self.get_text(_TERMINATION_TIME)
+        """The legacy ``spot/termination-time``, or None; :class:`MalformedAnswer` for a bad time."""
+        text = self._answer(_TERMINATION_TIME)
         if text is None:
             return None
         try:
-            return _parse_iso(text)
+            return parse_iso(text)
         except ValueError as e:
-            raise MetadataError(f"{self.endpoint}{_TERMINATION_TIME}: bad time {text[:100]!r}") from e
+            raise MalformedAnswer(f"{self.endpoint}{_TERMINATION_TIME}: bad time {text[:100]!r}", text) from e
 
     @property
     def rebalance_recommendation(self) -> dict[str, Any] | None:
-        """``{"noticeTime": ...}`` once EC2 recommends rebalancing, else None."""
-        value = self._get_json(_REBALANCE)
-        if value is not None and not isinstance(value, dict):
-            raise MetadataError(f"{self.endpoint}{_REBALANCE}: not a JSON object: {str(value)[:200]!r}")
-        return value
+        """``{"noticeTime": ...}`` once EC2 recommends rebalancing, else None; :class:`MalformedAnswer`
+        for a body that is not a JSON object."""
+        answer = self._answer_object(_REBALANCE)
+        return None if answer is None else answer[0]
 
     # -- stable values (read once)
 
