@@ -54,10 +54,8 @@ def down(
 ) -> DownResult:
     """Delete what :func:`~spotsafe.cloud.aws.launch.up.launch` created (plan only without ``apply``).
 
-    The store is kept unless ``delete_store``. Order: the group (its instances
-    terminated), the launch template, the instance profile, the role; then, with
-    ``delete_store``, the volume or the store's objects. Afterwards lists what is still
-    tagged ``spotsafe-run=NAME``.
+    In the order the module's docstring gives; the store is kept unless ``delete_store``.
+    Afterwards (with ``apply``) lists what is still tagged ``spotsafe-run=NAME``.
     """
     check_name(name)
     teardown = _Teardown(name, aws, apply=apply, timeout=timeout, poll=poll, on_step=on_step)

@@ -63,7 +63,7 @@ def status(
     st.volume = vols[0] if vols else None
     st.store = run_store(aws, name)
     if st.store and st.store.startswith("s3://"):
-        from spotsafe.checkpoint.writer import Checkpointer
+        from spotsafe.checkpoint.writer import Checkpointer  # imports torch: only for an S3 store
 
         try:
             ckpt = Checkpointer(st.store, storage_options=storage_options)
