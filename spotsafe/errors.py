@@ -131,7 +131,7 @@ class VolumeAWSError(VolumeError, OSError):
     """Another EC2 API failure (network, throttling, credentials)."""
 
 
-# Launch errors (spotsafe/launch.py): `spotsafe launch`, `status`, `down`, `price`.
+# Launch errors (spotsafe/cloud/aws/launch/): `spotsafe launch`, `status`, `down`, `price`.
 
 
 class LaunchConfigError(SpotsafeError, ValueError):

@@ -28,7 +28,29 @@ from typing import Any
 import pytest
 
 from spotsafe.cli.main import main
-from spotsafe.cloud.aws.launch import up as L
+from spotsafe.cloud.aws.clients import TAG, TAG_STORE, Clients
+from spotsafe.cloud.aws.launch.down import down
+from spotsafe.cloud.aws.launch.resources import tagged_resources
+from spotsafe.cloud.aws.launch.spec import (
+    EC2_TRUST,
+    OPERATOR_POLICY,
+    POLICY_NAME,
+    TAG_NEW,
+    LaunchSpec,
+    instance_policy,
+    s3_location,
+)
+from spotsafe.cloud.aws.launch.status import cost_line, status
+from spotsafe.cloud.aws.launch.up import launch
+from spotsafe.cloud.aws.launch.userdata import (
+    USER_DATA_LIMIT,
+    boot_script,
+    decode_user_data,
+    resolve_ref,
+    settings_from_user_data,
+    user_data,
+)
+from spotsafe.cloud.aws.prices import spot_prices
 from spotsafe.errors import LaunchConfigError, LaunchError
 from tests.ec2server import AMI, EC2Server, IAMEnforcingServer, unique_tag
 from tests.test_volume import loopdev  # noqa: F401  (the fixture)
@@ -57,7 +79,7 @@ def calls() -> list[str]:
 
 
 @pytest.fixture
-def aws(server: EC2Server, monkeypatch: pytest.MonkeyPatch, calls: list[str]) -> L.Clients:
+def aws(server: EC2Server, monkeypatch: pytest.MonkeyPatch, calls: list[str]) -> Clients:
     import boto3
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", server.endpoint)
@@ -67,10 +89,10 @@ def aws(server: EC2Server, monkeypatch: pytest.MonkeyPatch, calls: list[str]) ->
         calls.append(f"{model.service_model.signing_name}:{model.name}")
 
     session.events.register("before-call", record)
-    return L.Clients(REGION, session=session)
+    return Clients(REGION, session=session)
 
 
-def vspec(name: str, **kw: Any) -> L.LaunchSpec:
+def vspec(name: str, **kw: Any) -> LaunchSpec:
     """A volume-mode run."""
     args: dict[str, Any] = {
         "name": name,
@@ -81,12 +103,12 @@ def vspec(name: str, **kw: Any) -> L.LaunchSpec:
         "volume_size": 8,
     }
     args.update(kw)
-    return L.LaunchSpec(**args)
+    return LaunchSpec(**args)
 
 
-def sspec(name: str, bucket: str, **kw: Any) -> L.LaunchSpec:
+def sspec(name: str, bucket: str, **kw: Any) -> LaunchSpec:
     """An S3-mode run."""
-    return L.LaunchSpec(
+    return LaunchSpec(
         name=name,
         store=f"s3://{bucket}/runs/{name}",
         instance_types=TYPES,
@@ -96,17 +118,17 @@ def sspec(name: str, bucket: str, **kw: Any) -> L.LaunchSpec:
     )
 
 
-def _default_subnets(aws: L.Clients) -> dict[str, str]:
+def _default_subnets(aws: Clients) -> dict[str, str]:
     r = aws.ec2.describe_subnets(Filters=[{"Name": "default-for-az", "Values": ["true"]}])
     return {s["SubnetId"]: s["AvailabilityZone"] for s in r["Subnets"]}
 
 
-def _template_data(aws: L.Clients, spec: L.LaunchSpec) -> dict[str, Any]:
+def _template_data(aws: Clients, spec: LaunchSpec) -> dict[str, Any]:
     r = aws.ec2.describe_launch_template_versions(LaunchTemplateName=spec.resource_name, Versions=["$Default"])
     return dict(r["LaunchTemplateVersions"][0]["LaunchTemplateData"])
 
 
-def assert_launched(aws: L.Clients, spec: L.LaunchSpec, *, script: str | None = None) -> dict[str, Any]:
+def assert_launched(aws: Clients, spec: LaunchSpec, *, script: str | None = None) -> dict[str, Any]:
     """The run's resources, exactly, with their settings; returns facts for further checks."""
     res = spec.resource_name
     iam, ec2, asg = aws.iam, aws.ec2, aws.autoscaling
@@ -117,16 +139,16 @@ def assert_launched(aws: L.Clients, spec: L.LaunchSpec, *, script: str | None = 
     assert trust["Statement"] == [
         {"Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"}, "Action": "sts:AssumeRole"}
     ]
-    assert {"Key": L.TAG, "Value": spec.name} in role["Tags"]
-    assert iam.list_role_policies(RoleName=res)["PolicyNames"] == [L.POLICY_NAME]
+    assert {"Key": TAG, "Value": spec.name} in role["Tags"]
+    assert iam.list_role_policies(RoleName=res)["PolicyNames"] == [POLICY_NAME]
     assert iam.list_attached_role_policies(RoleName=res)["AttachedPolicies"] == []
-    doc = iam.get_role_policy(RoleName=res, PolicyName=L.POLICY_NAME)["PolicyDocument"]
-    assert (json.loads(doc) if isinstance(doc, str) else doc) == L.instance_policy(spec)
+    doc = iam.get_role_policy(RoleName=res, PolicyName=POLICY_NAME)["PolicyDocument"]
+    assert (json.loads(doc) if isinstance(doc, str) else doc) == instance_policy(spec)
     # The instance profile holds the role.
     profile = iam.get_instance_profile(InstanceProfileName=res)["InstanceProfile"]
     assert [r["RoleName"] for r in profile["Roles"]] == [res]
     # The volume (volume mode only), in the zone the group is kept to.
-    vols = ec2.describe_volumes(Filters=[{"Name": f"tag:{L.TAG}", "Values": [spec.name]}])["Volumes"]
+    vols = ec2.describe_volumes(Filters=[{"Name": f"tag:{TAG}", "Values": [spec.name]}])["Volumes"]
     if spec.volume_mode:
         assert len(vols) == 1
         v = vols[0]
@@ -135,8 +157,8 @@ def assert_launched(aws: L.Clients, spec: L.LaunchSpec, *, script: str | None = 
         assert vols == []
     # The launch template: image, profile, IMDSv2 required, and the user data.
     lt = ec2.describe_launch_templates(LaunchTemplateNames=[res])["LaunchTemplates"][0]
-    assert {"Key": L.TAG, "Value": spec.name} in lt["Tags"]
-    assert {"Key": L.TAG_STORE, "Value": spec.store} in lt["Tags"]
+    assert {"Key": TAG, "Value": spec.name} in lt["Tags"]
+    assert {"Key": TAG_STORE, "Value": spec.store} in lt["Tags"]
     data = _template_data(aws, spec)
     assert data["ImageId"] == spec.image_id
     assert data["IamInstanceProfile"] == {"Name": res}
@@ -147,12 +169,12 @@ def assert_launched(aws: L.Clients, spec: L.LaunchSpec, *, script: str | None = 
     assert data["InstanceInitiatedShutdownBehavior"] == "terminate"  # a finished run leaves no stopped instance
     # Gzipped under EC2's 16 KiB limit (the boot script alone is over it); cloud-init unpacks it.
     assert base64.b64decode(data["UserData"])[:2] == b"\x1f\x8b"
-    assert len(base64.b64decode(data["UserData"])) <= L.USER_DATA_LIMIT
+    assert len(base64.b64decode(data["UserData"])) <= USER_DATA_LIMIT
     text = gzip.decompress(base64.b64decode(data["UserData"])).decode()
-    assert L.decode_user_data(data["UserData"]) == text
+    assert decode_user_data(data["UserData"]) == text
     assert text.startswith("#!/usr/bin/env bash\n")
-    assert text.endswith(L.boot_script() if script is None else script)  # the boot script, unchanged
-    settings = L.settings_from_user_data(text)
+    assert text.endswith(boot_script() if script is None else script)  # the boot script, unchanged
+    settings = settings_from_user_data(text)
     assert settings["SPOTSAFE_RUN"] == spec.name
     assert settings["SPOTSAFE_STORE"] == spec.store
     assert settings["SPOTSAFE_TRAIN_COMMAND"] == spec.command
@@ -176,7 +198,7 @@ def assert_launched(aws: L.Clients, spec: L.LaunchSpec, *, script: str | None = 
     assert dist["SpotAllocationStrategy"] == "price-capacity-optimized"
     assert (dist["OnDemandBaseCapacity"], dist["OnDemandPercentageAboveBaseCapacity"]) == (0, 0)
     assert g["CapacityRebalance"] is True
-    assert {t["Key"]: t["PropagateAtLaunch"] for t in g["Tags"]}[L.TAG] is True
+    assert {t["Key"]: t["PropagateAtLaunch"] for t in g["Tags"]}[TAG] is True
     subnets = _default_subnets(aws)
     zones = {subnets[s] for s in g["VPCZoneIdentifier"].split(",")}
     if spec.volume_mode:
@@ -184,7 +206,7 @@ def assert_launched(aws: L.Clients, spec: L.LaunchSpec, *, script: str | None = 
     else:
         assert zones == set(subnets.values())  # S3 mode spans every zone
     # Nothing else carries the run's tag.
-    kinds = sorted(t.kind for t in L.tagged_resources(aws, spec.name) if t.kind != "instance")
+    kinds = sorted(t.kind for t in tagged_resources(aws, spec.name) if t.kind != "instance")
     want = ["auto-scaling-group", "iam-role", "instance-profile", "launch-template"]
     assert kinds == sorted(want + (["volume"] if spec.volume_mode else []))
     assert len(g["Instances"]) == 1
@@ -198,13 +220,13 @@ def test_the_package_carries_the_boot_script_unchanged() -> None:
     import spotsafe
 
     shipped = Path(spotsafe.__file__).parent / "userdata" / "spot-boot.sh"
-    assert shipped.read_text() == (ROOT / "userdata" / "spot-boot.sh").read_text() == L.boot_script()
+    assert shipped.read_text() == (ROOT / "userdata" / "spot-boot.sh").read_text() == boot_script()
     assert '"userdata/*"' in (ROOT / "pyproject.toml").read_text()  # so that wheels carry it too
 
 
-def test_plan_without_yes_changes_nothing(aws: L.Clients) -> None:
+def test_plan_without_yes_changes_nothing(aws: Clients) -> None:
     spec = vspec(unique_tag())
-    r = L.launch(spec, aws)
+    r = launch(spec, aws)
     assert not r.applied
     assert [(s.verb, s.kind) for s in r.steps] == [
         ("create", "iam role"),
@@ -215,36 +237,36 @@ def test_plan_without_yes_changes_nothing(aws: L.Clients) -> None:
         ("create", "launch template"),
         ("create", "auto scaling group"),
     ]
-    assert L.tagged_resources(aws, spec.name) == []
+    assert tagged_resources(aws, spec.name) == []
 
 
-def test_launch_creates_exactly_the_resources_and_is_idempotent(aws: L.Clients) -> None:
+def test_launch_creates_exactly_the_resources_and_is_idempotent(aws: Clients) -> None:
     spec = vspec(unique_tag())
-    r = L.launch(spec, aws, apply=True)
+    r = launch(spec, aws, apply=True)
     assert r.applied and len(r.changes) == 7
     facts = assert_launched(aws, spec)
     assert r.volume_id == facts["volumes"][0]["VolumeId"]
-    assert facts["volumes"][0]["Tags"] and {"Key": L.TAG_NEW, "Value": "true"} in facts["volumes"][0]["Tags"]
+    assert facts["volumes"][0]["Tags"] and {"Key": TAG_NEW, "Value": "true"} in facts["volumes"][0]["Tags"]
     # A second run changes nothing: no new template version, no update anywhere.
-    again = L.launch(spec, aws, apply=True)
+    again = launch(spec, aws, apply=True)
     assert again.changes == []
     lt = aws.ec2.describe_launch_templates(LaunchTemplateNames=[spec.resource_name])["LaunchTemplates"][0]
     assert lt["LatestVersionNumber"] == 1
     assert_launched(aws, spec)
 
 
-def test_a_changed_command_is_a_new_template_version(aws: L.Clients) -> None:
+def test_a_changed_command_is_a_new_template_version(aws: Clients) -> None:
     spec = vspec(unique_tag())
-    L.launch(spec, aws, apply=True)
+    launch(spec, aws, apply=True)
     changed = vspec(spec.name, command="python train.py --epochs 5")
-    plan = L.launch(changed, aws)
+    plan = launch(changed, aws)
     assert [(s.verb, s.kind) for s in plan.changes] == [("update", "launch template")]
-    L.launch(changed, aws, apply=True)
+    launch(changed, aws, apply=True)
     assert (
-        L.settings_from_user_data(L.decode_user_data(_template_data(aws, spec)["UserData"]))["SPOTSAFE_TRAIN_COMMAND"]
+        settings_from_user_data(decode_user_data(_template_data(aws, spec)["UserData"]))["SPOTSAFE_TRAIN_COMMAND"]
         == "python train.py --epochs 5"
     )
-    assert L.launch(changed, aws, apply=True).changes == []
+    assert launch(changed, aws, apply=True).changes == []
 
 
 class Crash(Exception):
@@ -271,11 +293,11 @@ class _Crashing:
         return call
 
 
-class CrashAfter(L.Clients):
+class CrashAfter(Clients):
     """The test's clients, except that the process "dies" right after the Nth creating call."""
 
     def __init__(
-        self, base: L.Clients, crash_at: int | None, prefixes: tuple[str, ...] = ("create_", "put_", "add_", "modify_")
+        self, base: Clients, crash_at: int | None, prefixes: tuple[str, ...] = ("create_", "put_", "add_", "modify_")
     ) -> None:
         self.session, self.region, self._clients = base.session, base.region, {}
         self._base = base
@@ -289,14 +311,14 @@ class CrashAfter(L.Clients):
 
 @pytest.mark.parametrize("mode", ["volume", "s3"])
 def test_a_launch_interrupted_after_each_creation_completes_on_the_next_call(
-    aws: L.Clients, mode: str, s3_bucket_name: str
+    aws: Clients, mode: str, s3_bucket_name: str
 ) -> None:
-    def make(name: str) -> L.LaunchSpec:
+    def make(name: str) -> LaunchSpec:
         return vspec(name) if mode == "volume" else sspec(name, s3_bucket_name)
 
-    script = None if mode == "volume" else L.boot_script()
+    script = None if mode == "volume" else boot_script()
     full = CrashAfter(aws, None)
-    L.launch(make(unique_tag()), full, apply=True, script=script)
+    launch(make(unique_tag()), full, apply=True, script=script)
     expected = ["create_role", "put_role_policy", "create_instance_profile", "add_role_to_instance_profile"]
     expected += ["create_volume"] if mode == "volume" else []
     assert full.creations == [*expected, "create_launch_template", "create_auto_scaling_group"]
@@ -304,22 +326,22 @@ def test_a_launch_interrupted_after_each_creation_completes_on_the_next_call(
         spec = make(unique_tag())
         crashing = CrashAfter(aws, n)
         with pytest.raises(Crash):
-            L.launch(spec, crashing, apply=True, script=script)
+            launch(spec, crashing, apply=True, script=script)
         assert len(crashing.creations) == n
         resumed = CrashAfter(aws, None)
-        L.launch(spec, resumed, apply=True, script=script)
+        launch(spec, resumed, apply=True, script=script)
         # The next call creates exactly what was missing, nothing twice.
         assert resumed.creations == full.creations[n:], f"after a crash at {full.creations[n - 1]}"
         assert_launched(aws, spec, script=script)
-        assert L.launch(spec, aws, apply=True, script=script).changes == []
+        assert launch(spec, aws, apply=True, script=script).changes == []
 
 
-def test_a_down_interrupted_after_each_deletion_completes_on_the_next_call(aws: L.Clients) -> None:
+def test_a_down_interrupted_after_each_deletion_completes_on_the_next_call(aws: Clients) -> None:
     deleting = ("delete_", "remove_")
     spec = vspec(unique_tag())
-    L.launch(spec, aws, apply=True)
+    launch(spec, aws, apply=True)
     full = CrashAfter(aws, None, deleting)
-    L.down(spec.name, full, apply=True, delete_store=True, poll=0.1)
+    down(spec.name, full, apply=True, delete_store=True, poll=0.1)
     assert full.creations == [
         "delete_auto_scaling_group",
         "delete_launch_template",
@@ -331,27 +353,27 @@ def test_a_down_interrupted_after_each_deletion_completes_on_the_next_call(aws: 
     ]
     for n in range(1, len(full.creations) + 1):
         spec = vspec(unique_tag())
-        L.launch(spec, aws, apply=True)
+        launch(spec, aws, apply=True)
         with pytest.raises(Crash):
-            L.down(spec.name, CrashAfter(aws, n, deleting), apply=True, delete_store=True, poll=0.1)
+            down(spec.name, CrashAfter(aws, n, deleting), apply=True, delete_store=True, poll=0.1)
         resumed = CrashAfter(aws, None, deleting)
-        d = L.down(spec.name, resumed, apply=True, delete_store=True, poll=0.1)
+        d = down(spec.name, resumed, apply=True, delete_store=True, poll=0.1)
         assert resumed.creations == full.creations[n:], f"after a crash at {full.creations[n - 1]}"
-        assert d.left == [] and L.tagged_resources(aws, spec.name) == []
+        assert d.left == [] and tagged_resources(aws, spec.name) == []
 
 
 @pytest.fixture
-def s3_bucket_name(aws: L.Clients) -> str:
+def s3_bucket_name(aws: Clients) -> str:
     name = f"spotsafe-launch-{unique_tag()}"
     aws.s3.create_bucket(Bucket=name)
     return name
 
 
-def test_s3_mode_spans_every_zone_with_a_policy_scoped_to_the_prefix(aws: L.Clients, s3_bucket_name: str) -> None:
+def test_s3_mode_spans_every_zone_with_a_policy_scoped_to_the_prefix(aws: Clients, s3_bucket_name: str) -> None:
     spec = sspec(unique_tag(), s3_bucket_name)
-    L.launch(spec, aws, apply=True, script=L.boot_script())
-    assert_launched(aws, spec, script=L.boot_script())
-    policy = L.instance_policy(spec)
+    launch(spec, aws, apply=True, script=boot_script())
+    assert_launched(aws, spec, script=boot_script())
+    policy = instance_policy(spec)
     resources = sorted(
         r
         for st in policy["Statement"]
@@ -368,14 +390,14 @@ def test_s3_mode_spans_every_zone_with_a_policy_scoped_to_the_prefix(aws: L.Clie
     assert not any(a.startswith("ec2:") and "Volume" in a for st in policy["Statement"] for a in st["Action"])
 
 
-def test_volume_goes_to_the_cheapest_zone_and_the_group_stays_there(aws: L.Clients) -> None:
+def test_volume_goes_to_the_cheapest_zone_and_the_group_stays_there(aws: Clients) -> None:
     subnets = _default_subnets(aws)
     cheap_zone = sorted(set(subnets.values()))[2]
 
-    class Priced(L.Clients):
+    class Priced(Clients):
         """moto quotes one flat price everywhere: these prices differ by zone."""
 
-        def __init__(self, base: L.Clients) -> None:
+        def __init__(self, base: Clients) -> None:
             self.session, self.region, self._clients, self._base = base.session, base.region, {}, base
 
         def __call__(self, service: str) -> Any:
@@ -407,29 +429,29 @@ def test_volume_goes_to_the_cheapest_zone_and_the_group_stays_there(aws: L.Clien
             return EC2()
 
     spec = vspec(unique_tag())
-    r = L.launch(spec, Priced(aws), apply=True)
+    r = launch(spec, Priced(aws), apply=True)
     assert r.subnets[0].zone == cheap_zone and r.subnets[0].price == pytest.approx(0.2)
     facts = assert_launched(aws, spec)
     assert facts["volumes"][0]["AvailabilityZone"] == cheap_zone
     assert any("$0.2000/h" in str(s) for s in r.steps)
 
 
-def test_the_volume_zone_without_a_subnet_there_is_a_clear_error(aws: L.Clients) -> None:
+def test_the_volume_zone_without_a_subnet_there_is_a_clear_error(aws: Clients) -> None:
     spec = vspec(unique_tag())
-    L.launch(spec, aws, apply=True)
-    zone = aws.ec2.describe_volumes(Filters=[{"Name": f"tag:{L.TAG}", "Values": [spec.name]}])["Volumes"][0][
+    launch(spec, aws, apply=True)
+    zone = aws.ec2.describe_volumes(Filters=[{"Name": f"tag:{TAG}", "Values": [spec.name]}])["Volumes"][0][
         "AvailabilityZone"
     ]
     other = [s for s, z in _default_subnets(aws).items() if z != zone][:2]
     with pytest.raises(LaunchError, match=f"is in {zone} and none of the subnets is"):
-        L.launch(vspec(spec.name, subnets=tuple(other)), aws)
+        launch(vspec(spec.name, subnets=tuple(other)), aws)
 
 
-def test_a_same_named_role_of_someone_else_is_never_taken_over(aws: L.Clients) -> None:
+def test_a_same_named_role_of_someone_else_is_never_taken_over(aws: Clients) -> None:
     spec = vspec(unique_tag())
-    aws.iam.create_role(RoleName=spec.resource_name, AssumeRolePolicyDocument=json.dumps(L._EC2_TRUST))
+    aws.iam.create_role(RoleName=spec.resource_name, AssumeRolePolicyDocument=json.dumps(EC2_TRUST))
     with pytest.raises(LaunchError, match="not tagged spotsafe-run="):
-        L.launch(spec, aws, apply=True)
+        launch(spec, aws, apply=True)
     assert aws.iam.list_role_policies(RoleName=spec.resource_name)["PolicyNames"] == []
     # Nor is it, or a same-named group, deleted by down.
     aws.ec2.create_launch_template(LaunchTemplateName=spec.resource_name, LaunchTemplateData={"ImageId": AMI})
@@ -440,7 +462,7 @@ def test_a_same_named_role_of_someone_else_is_never_taken_over(aws: L.Clients) -
         MaxSize=1,
         AvailabilityZones=["us-east-1a"],
     )
-    d = L.down(spec.name, aws, apply=True, poll=0.1, timeout=5)
+    d = down(spec.name, aws, apply=True, poll=0.1, timeout=5)
     notes = [("note", "auto scaling group"), ("note", "launch template"), ("note", "iam role")]
     assert [(s.verb, s.kind) for s in d.steps] == notes
     assert aws.iam.get_role(RoleName=spec.resource_name)["Role"]["RoleName"] == spec.resource_name
@@ -458,8 +480,8 @@ def test_generated_user_data_is_shellcheck_clean_and_keeps_the_command_verbatim(
         dataclasses.replace(base, command="python train.py --glob '*.pt'").validate()
     spec_ = dataclasses.replace(base, command='python train.py --name "a b" --glob *.pt \\ $HOME `id`')
     spec_.validate()
-    text = L.user_data(spec_, region=REGION, volume_id="vol-1", ref="a" * 40)
-    assert L.settings_from_user_data(text)["SPOTSAFE_TRAIN_COMMAND"] == spec_.command
+    text = user_data(spec_, region=REGION, volume_id="vol-1", ref="a" * 40)
+    assert settings_from_user_data(text)["SPOTSAFE_TRAIN_COMMAND"] == spec_.command
     # What bash itself makes of the header: the exact command, nothing expanded.
     header = text[: text.index("\n\n")]
     p = subprocess.run(
@@ -512,31 +534,31 @@ def git_remote(tmp_path: Path) -> tuple[str, Path]:
 def test_resolve_ref_pins_branches_and_tags_to_commits(git_remote: tuple[str, Path]) -> None:
     url, work = git_remote
     head = _git("rev-parse", "HEAD", cwd=work)
-    assert L.resolve_ref(url, "main") == head
-    assert L.resolve_ref(url, None) == head
-    assert L.resolve_ref(url, "v1") == head  # the commit, not the annotated tag object
-    assert L.resolve_ref(url, "a" * 40) == "a" * 40
+    assert resolve_ref(url, "main") == head
+    assert resolve_ref(url, None) == head
+    assert resolve_ref(url, "v1") == head  # the commit, not the annotated tag object
+    assert resolve_ref(url, "a" * 40) == "a" * 40
     with pytest.raises(LaunchError, match="no branch or tag named 'nope'"):
-        L.resolve_ref(url, "nope")
+        resolve_ref(url, "nope")
     with pytest.raises(LaunchError, match="git ls-remote failed"):
-        L.resolve_ref(url + "-missing", "main")
+        resolve_ref(url + "-missing", "main")
 
 
-def test_a_rerun_keeps_the_code_pinned_while_the_branch_moves(aws: L.Clients, git_remote: tuple[str, Path]) -> None:
+def test_a_rerun_keeps_the_code_pinned_while_the_branch_moves(aws: Clients, git_remote: tuple[str, Path]) -> None:
     url, work = git_remote
     first = _git("rev-parse", "HEAD", cwd=work)
     spec = vspec(unique_tag(), repo=url, ref="main")
-    L.launch(spec, aws, apply=True)
+    launch(spec, aws, apply=True)
     (work / "train.py").write_text("print('v2')\n")
     _git("commit", "-q", "-am", "v2", cwd=work)
     _git("push", "-q", url.removeprefix("file://"), "main", cwd=work)
-    again = L.launch(spec, aws, apply=True)
+    again = launch(spec, aws, apply=True)
     assert again.changes == [] and again.ref == first
-    settings = L.settings_from_user_data(L.decode_user_data(_template_data(aws, spec)["UserData"]))
+    settings = settings_from_user_data(decode_user_data(_template_data(aws, spec)["UserData"]))
     assert (settings["SPOTSAFE_REPO"], settings["SPOTSAFE_REF"]) == (url, first)
     # Asking for a commit moves it.
     second = _git("rev-parse", "HEAD", cwd=work)
-    moved = L.launch(vspec(spec.name, repo=url, ref=second), aws, apply=True)
+    moved = launch(vspec(spec.name, repo=url, ref=second), aws, apply=True)
     assert [(s.verb, s.kind) for s in moved.changes] == [("update", "launch template")] and moved.ref == second
 
 
@@ -569,10 +591,10 @@ def test_bad_input_is_refused_naming_the_flag(kw: dict[str, Any], match: str) ->
 # --------------------------------------------------------------------------- status and down
 
 
-def test_down_deletes_everything_and_keeps_the_volume_unless_asked(aws: L.Clients) -> None:
+def test_down_deletes_everything_and_keeps_the_volume_unless_asked(aws: Clients) -> None:
     spec = vspec(unique_tag())
-    L.launch(spec, aws, apply=True)
-    plan = L.down(spec.name, aws)
+    launch(spec, aws, apply=True)
+    plan = down(spec.name, aws)
     assert [(s.verb, s.kind) for s in plan.steps] == [
         ("delete", "auto scaling group"),
         ("delete", "launch template"),
@@ -580,45 +602,45 @@ def test_down_deletes_everything_and_keeps_the_volume_unless_asked(aws: L.Client
         ("delete", "iam role"),
         ("keep", "ebs volume"),
     ]
-    assert len(L.tagged_resources(aws, spec.name)) >= 5  # the plan deleted nothing
-    d = L.down(spec.name, aws, apply=True, poll=0.1)
+    assert len(tagged_resources(aws, spec.name)) >= 5  # the plan deleted nothing
+    d = down(spec.name, aws, apply=True, poll=0.1)
     assert d.left == []
     assert [t.kind for t in d.kept] == ["volume"]
-    assert [t.kind for t in L.tagged_resources(aws, spec.name)] == ["volume"]
+    assert [t.kind for t in tagged_resources(aws, spec.name)] == ["volume"]
     # Again, now asked to delete the store: the volume goes too, and nothing is tagged.
-    d = L.down(spec.name, aws, apply=True, delete_store=True, poll=0.1)
+    d = down(spec.name, aws, apply=True, delete_store=True, poll=0.1)
     assert [(s.verb, s.kind) for s in d.steps] == [("delete", "ebs volume")]
     assert d.left == [] and d.kept == []
-    assert L.tagged_resources(aws, spec.name) == []
-    assert not L.down(spec.name, aws, apply=True, delete_store=True).changes_planned
+    assert tagged_resources(aws, spec.name) == []
+    assert not down(spec.name, aws, apply=True, delete_store=True).changes_planned
 
 
-def test_down_lists_what_is_still_tagged_and_fails(aws: L.Clients, capsys: pytest.CaptureFixture[str]) -> None:
+def test_down_lists_what_is_still_tagged_and_fails(aws: Clients, capsys: pytest.CaptureFixture[str]) -> None:
     spec = vspec(unique_tag())
-    L.launch(spec, aws, apply=True)
-    vid = aws.ec2.describe_volumes(Filters=[{"Name": f"tag:{L.TAG}", "Values": [spec.name]}])["Volumes"][0]["VolumeId"]
+    launch(spec, aws, apply=True)
+    vid = aws.ec2.describe_volumes(Filters=[{"Name": f"tag:{TAG}", "Values": [spec.name]}])["Volumes"][0]["VolumeId"]
     snap = aws.ec2.create_snapshot(
         VolumeId=vid,
-        TagSpecifications=[{"ResourceType": "snapshot", "Tags": [{"Key": L.TAG, "Value": spec.name}]}],
+        TagSpecifications=[{"ResourceType": "snapshot", "Tags": [{"Key": TAG, "Value": spec.name}]}],
     )["SnapshotId"]
     rc = main(["down", spec.name, "--region", REGION, "--yes", "--delete-store"])
     out = capsys.readouterr().out
     assert rc == 1, f"{out}"
-    assert f"still tagged {L.TAG}={spec.name}:" in out and f"snapshot {snap}" in out
+    assert f"still tagged {TAG}={spec.name}:" in out and f"snapshot {snap}" in out
     aws.ec2.delete_snapshot(SnapshotId=snap)
     assert main(["down", spec.name, "--region", REGION, "--yes"]) == 0
-    assert f"nothing tagged {L.TAG}={spec.name} is left" in capsys.readouterr().out
+    assert f"nothing tagged {TAG}={spec.name} is left" in capsys.readouterr().out
 
 
 def test_s3_status_shows_progress_and_down_deletes_only_the_prefix(
-    aws: L.Clients, s3_bucket_name: str, capsys: pytest.CaptureFixture[str]
+    aws: Clients, s3_bucket_name: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     import torch
 
     from spotsafe.checkpoint.writer import Checkpointer
 
     spec = sspec(unique_tag(), s3_bucket_name)
-    L.launch(spec, aws, apply=True, script=L.boot_script())
+    launch(spec, aws, apply=True, script=boot_script())
     ckpt = Checkpointer(spec.store)
     try:
         for step in (100, 200):
@@ -627,7 +649,7 @@ def test_s3_status_shows_progress_and_down_deletes_only_the_prefix(
     finally:
         ckpt.close()
     aws.s3.put_object(Bucket=s3_bucket_name, Key="runs/other/keep.txt", Body=b"not this run's")
-    st = L.status(spec.name, aws)
+    st = status(spec.name, aws)
     assert st.newest is not None and st.newest.step == 200
     assert st.checkpoints == 2 and st.store == spec.store
     assert main(["status", spec.name, "--region", REGION]) == 0
@@ -635,18 +657,13 @@ def test_s3_status_shows_progress_and_down_deletes_only_the_prefix(
     assert "price-capacity-optimized, capacity rebalancing" in out
     assert "newest checkpoint: step 200" in out and "2 kept" in out
     assert f"store {spec.store}" in out
-    try:
-        import spotsafe.story.cli  # noqa: F401  (built by another change; status uses it when there)
-    except ImportError:
-        assert "interruptions and cost: `spotsafe report` is not in this version" in out
-    else:
-        assert "interruptions: 0; launches:" in out or "interruptions and cost: spotsafe report" in out
+    assert "interruptions: 0; launches:" in out
     # down keeps the checkpoints unless asked...
-    d = L.down(spec.name, aws, apply=True, poll=0.1)
+    d = down(spec.name, aws, apply=True, poll=0.1)
     assert d.left == [] and ("keep", "store") in [(s.verb, s.kind) for s in d.steps]
     assert aws.s3.list_objects_v2(Bucket=s3_bucket_name, Prefix=f"runs/{spec.name}/")["KeyCount"] > 0
     # ...then deletes exactly the run's prefix (the store named by --store, the template being gone).
-    d = L.down(spec.name, aws, apply=True, delete_store=True, store=spec.store, poll=0.1)
+    d = down(spec.name, aws, apply=True, delete_store=True, store=spec.store, poll=0.1)
     assert d.left == []
     assert aws.s3.list_objects_v2(Bucket=s3_bucket_name, Prefix=f"runs/{spec.name}/")["KeyCount"] == 0
     assert aws.s3.get_object(Bucket=s3_bucket_name, Key="runs/other/keep.txt")["Body"].read() == b"not this run's"
@@ -654,17 +671,17 @@ def test_s3_status_shows_progress_and_down_deletes_only_the_prefix(
 
 def test_status_cost_line_from_the_report_facts() -> None:
     cost = {"billed_hours": 5.25, "spot_cost": 2.1, "on_demand_cost_same_hours": 5.28, "savings": 0.602}
-    assert L._cost_line(cost) == (
+    assert cost_line(cost) == (
         "cost: 5.25 instance-hours billed; spot $2.10; on demand $5.28 for the same hours, 60% saved"
     )
     cost = {"billed_hours": 1.0, "spot_cost": None, "on_demand_cost_same_hours": None, "savings": None}
-    assert L._cost_line(cost) == (
+    assert cost_line(cost) == (
         "cost: 1.00 instance-hours billed; spot cost unknown; on demand: pass --on-demand-price USD/h to compare"
     )
-    assert L._cost_line(None) is None
+    assert cost_line(None) is None
 
 
-def test_status_of_a_run_that_is_not_there(aws: L.Clients, capsys: pytest.CaptureFixture[str]) -> None:
+def test_status_of_a_run_that_is_not_there(aws: Clients, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["status", unique_tag(), "--region", REGION]) == 0
     assert "none (not launched, or taken down)" in capsys.readouterr().out
 
@@ -672,8 +689,8 @@ def test_status_of_a_run_that_is_not_there(aws: L.Clients, capsys: pytest.Captur
 # --------------------------------------------------------------------------- price
 
 
-def test_price_lists_each_zone_cheapest_first(aws: L.Clients, capsys: pytest.CaptureFixture[str]) -> None:
-    prices = L.spot_prices(aws.ec2, TYPES)
+def test_price_lists_each_zone_cheapest_first(aws: Clients, capsys: pytest.CaptureFixture[str]) -> None:
+    prices = spot_prices(aws.ec2, TYPES)
     assert {p.instance_type for p in prices} == set(TYPES)
     assert len({p.zone for p in prices}) >= 2
     assert [p.price for p in prices] == sorted(p.price for p in prices)
@@ -687,14 +704,14 @@ def test_price_lists_each_zone_cheapest_first(aws: L.Clients, capsys: pytest.Cap
 # --------------------------------------------------------------------------- the command line
 
 
-def test_cli_launch_plans_then_creates(aws: L.Clients, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_launch_plans_then_creates(aws: Clients, capsys: pytest.CaptureFixture[str]) -> None:
     name = unique_tag()
     args = ["launch", name, "--instance-types", ",".join(TYPES), "--image-id", AMI]
     args += ["--command", "python train.py", "--volume-size", "4", "--region", REGION]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "create  auto scaling group spotsafe-" + name in out and "plan only: rerun with --yes" in out
-    assert L.tagged_resources(aws, name) == []
+    assert tagged_resources(aws, name) == []
     assert main([*args, "--yes"]) == 0
     assert f"spotsafe down {name} --yes" in capsys.readouterr().out
     assert_launched(aws, vspec(name, command="python train.py", volume_size=4))
@@ -713,17 +730,17 @@ PLAN_ARGS = ["--image-id", AMI, "--command", "python train.py", "--volume-size",
 
 
 def test_cli_prints_the_user_data_for_terraform_and_changes_nothing(
-    aws: L.Clients, capsys: pytest.CaptureFixture[str]
+    aws: Clients, capsys: pytest.CaptureFixture[str]
 ) -> None:
     name = unique_tag()
     args = ["launch", name, "--instance-types", "g5.xlarge", *PLAN_ARGS, "--print-user-data", "--yes"]
     assert main(args) == 0
     text = capsys.readouterr().out
-    assert text.startswith("#!/usr/bin/env bash\n") and text.endswith(L.boot_script())
-    settings = L.settings_from_user_data(text)
+    assert text.startswith("#!/usr/bin/env bash\n") and text.endswith(boot_script())
+    settings = settings_from_user_data(text)
     assert (settings["SPOTSAFE_RUN"], settings["SPOTSAFE_STORE"]) == (name, f"/mnt/spotsafe/{name}")
     assert "SPOTSAFE_VOLUME_ID" not in settings  # the boot script finds the volume by its tag
-    assert L.tagged_resources(aws, name) == []
+    assert tagged_resources(aws, name) == []
 
 
 def test_cli_subprocess_plan(server: EC2Server, tmp_path: Path) -> None:
@@ -752,7 +769,7 @@ def _actions(policy: dict[str, Any]) -> list[tuple[str, Any]]:
 
 
 def test_no_policy_has_a_wildcard_action(s3_bucket_name: str) -> None:
-    for policy in (L.instance_policy(vspec("a")), L.instance_policy(sspec("a", s3_bucket_name)), L.OPERATOR_POLICY):
+    for policy in (instance_policy(vspec("a")), instance_policy(sspec("a", s3_bucket_name)), OPERATOR_POLICY):
         for action, _resource in _actions(policy):
             assert "*" not in action, f"{action}"
         assert all(st["Effect"] == "Allow" and "NotAction" not in st for st in policy["Statement"])
@@ -773,42 +790,42 @@ def _allowed(policy: dict[str, Any], action: str) -> bool:
 
 
 def test_operator_policy_allows_every_call_the_commands_make(
-    aws: L.Clients, calls: list[str], s3_bucket_name: str
+    aws: Clients, calls: list[str], s3_bucket_name: str
 ) -> None:
     import boto3
 
     calls.clear()  # the fixtures' own calls (the bucket) are not the commands'
-    for spec, script in ((vspec(unique_tag()), None), (sspec(unique_tag(), s3_bucket_name), L.boot_script())):
-        L.launch(spec, aws, script=script)
-        L.launch(spec, aws, apply=True, script=script)
-        L.launch(spec, aws, apply=True, script=script)
-        L.status(spec.name, aws)
+    for spec, script in ((vspec(unique_tag()), None), (sspec(unique_tag(), s3_bucket_name), boot_script())):
+        launch(spec, aws, script=script)
+        launch(spec, aws, apply=True, script=script)
+        launch(spec, aws, apply=True, script=script)
+        status(spec.name, aws)
         if not spec.volume_mode:
-            bucket, prefix = L.s3_location(spec.store)
+            bucket, prefix = s3_location(spec.store)
             boto3.client("s3", region_name=REGION).put_object(
                 Bucket=bucket, Key=f"{prefix}/step-000000000001/manifest.json", Body=b"{}"
             )
-        L.down(spec.name, aws)
-        L.down(spec.name, aws, apply=True, delete_store=True, poll=0.1)
-    L.spot_prices(aws.ec2, TYPES)
+        down(spec.name, aws)
+        down(spec.name, aws, apply=True, delete_store=True, poll=0.1)
+    spot_prices(aws.ec2, TYPES)
     made = {c if not c.startswith("s3:") else _S3_ACTIONS[c.split(":")[1]] for c in calls}
     assert len(made) > 25, f"{sorted(made)}"
-    missing = sorted(a for a in made if not _allowed(L.OPERATOR_POLICY, a))
+    missing = sorted(a for a in made if not _allowed(OPERATOR_POLICY, a))
     assert missing == []
     # And the policy holds nothing the commands never call, but for what AWS checks behind a call.
     implied = {"iam:PassRole", "iam:CreateServiceLinkedRole", "ec2:RunInstances", "ec2:CreateTags"}
     implied |= {"iam:TagRole", "iam:TagInstanceProfile", "autoscaling:CreateOrUpdateTags", "ec2:DescribeInstances"}
     implied |= {"s3:GetObject", "autoscaling:UpdateAutoScalingGroup", "ec2:CreateLaunchTemplateVersion"}
     implied |= {"ec2:ModifyLaunchTemplate", "ec2:DescribeSnapshots"}  # the last: only for a tagged snapshot
-    unused = sorted(a for a, _r in _actions(L.OPERATOR_POLICY) if a not in made and a not in implied)
+    unused = sorted(a for a, _r in _actions(OPERATOR_POLICY) if a not in made and a not in implied)
     assert unused == []
 
 
 def test_docs_carry_the_policies() -> None:
     doc = (ROOT / "docs" / "launch.md").read_text()
-    assert json.dumps(L.OPERATOR_POLICY, indent=2) in doc
-    assert json.dumps(L.instance_policy(sspec("mnist", "my-bucket")), indent=2) in doc
-    assert json.dumps(L.instance_policy(vspec("mnist")), indent=2) in doc
+    assert json.dumps(OPERATOR_POLICY, indent=2) in doc
+    assert json.dumps(instance_policy(sspec("mnist", "my-bucket")), indent=2) in doc
+    assert json.dumps(instance_policy(vspec("mnist")), indent=2) in doc
 
 
 @pytest.fixture(scope="module")
@@ -855,7 +872,7 @@ def _permits(policy: dict[str, Any], action: str, resource: str) -> bool:
 
 
 def test_the_s3_instance_policy_allows_every_request_of_the_store_on_its_prefix_only(
-    aws: L.Clients, s3_bucket_name: str, monkeypatch: pytest.MonkeyPatch
+    aws: Clients, s3_bucket_name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Every request the real S3 store makes (save, multipart, retention, load, completion) is allowed.
 
@@ -890,7 +907,7 @@ def test_the_s3_instance_policy_allows_every_request_of_the_store_on_its_prefix_
 
     monkeypatch.setattr(boto3.session, "Session", RecordingSession)
     spec = sspec(unique_tag(), s3_bucket_name)
-    policy = L.instance_policy(spec)
+    policy = instance_policy(spec)
     # Small parts: the payload goes up in several objects, as a real model's does.
     ckpt = Checkpointer(spec.store, keep_last=1, storage_options={"part_size": 5 << 20})
     try:
@@ -938,10 +955,10 @@ def test_the_volume_instance_policy_lets_the_instance_attach_and_finish(
     vid = admin.create_volume(
         AvailabilityZone="us-east-1b",
         Size=1,
-        TagSpecifications=[{"ResourceType": "volume", "Tags": [{"Key": L.TAG, "Value": name}]}],
+        TagSpecifications=[{"ResourceType": "volume", "Tags": [{"Key": TAG, "Value": name}]}],
     )["VolumeId"]
     sys_root, dev_root = fake_nvme(tmp_path, vid.replace("-", ""), some_block_device())
-    policy = L.instance_policy(spec)
+    policy = instance_policy(spec)
     group_arn = g["AutoScalingGroupARN"]
     assert _permits(policy, "autoscaling:UpdateAutoScalingGroup", group_arn)
     assert not _permits(policy, "autoscaling:UpdateAutoScalingGroup", group_arn.replace(spec.resource_name, "prod-web"))
@@ -989,7 +1006,7 @@ print("finished at step", run.step_count, flush=True)
 @pytest.mark.root
 @pytest.mark.slow
 def test_generated_user_data_boots_trains_and_scales_the_group_to_zero(
-    aws: L.Clients,
+    aws: Clients,
     server: EC2Server,
     tmp_path: Path,
     loopdev: Callable[..., str],  # noqa: F811 - the fixture
@@ -1023,7 +1040,7 @@ def test_generated_user_data_boots_trains_and_scales_the_group_to_zero(
         user=getpass.getuser(),
         python=sys.executable,
     )
-    L.launch(spec, aws, apply=True)
+    launch(spec, aws, apply=True)
     facts = assert_launched(aws, spec)
     g = facts["group"]
     iid, zone = g["Instances"][0]["InstanceId"], g["Instances"][0]["AvailabilityZone"]
@@ -1080,4 +1097,4 @@ def test_generated_user_data_boots_trains_and_scales_the_group_to_zero(
         sim.shutdown()
         if vol.mounted_at(str(mount)) is not None:
             subprocess.run(["umount", "-l", str(mount)], check=False)
-    assert L.down(name, aws, apply=True, delete_store=True, poll=0.1).left == []
+    assert down(name, aws, apply=True, delete_store=True, poll=0.1).left == []

@@ -1,4 +1,4 @@
-"""The ``spotsafe`` command (``launch``, ``status``, ``down``, ``price``: see spotsafe/launch.py).
+"""The ``spotsafe`` command (``launch``, ``status``, ``down``, ``price``: see spotsafe/cloud/aws/launch/cli.py).
 
 - ``spotsafe ls STORE``: the checkpoints in a store, newest last, with a quick
   integrity check (every file present with its size);
@@ -164,8 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             p.add_argument("--step", type=int, default=None, help="verify only this step")
     for name, (_module, helptext) in _DELEGATES.items():
         sub.add_parser(name, help=helptext, add_help=False)
-    # -- launch, status, down, price: their parsers and logic live in spotsafe/launch.py
-    from spotsafe.cloud.aws.launch import up as _launch
+    # -- launch, status, down, price: their parsers and logic live in spotsafe/cloud/aws/launch/cli.py
+    from spotsafe.cloud.aws.launch import cli as _launch
 
     _launch.add_parsers(sub)
     ns = parser.parse_args(args)

@@ -12,5 +12,3 @@ where a framework makes exactness impossible: docs/integrations.md.
 """
 
 from __future__ import annotations
-
-__all__: list[str] = []

@@ -3,8 +3,8 @@
 Prices come from the user (``--spot-price 0.45``, ``--price g5.xlarge=0.45``,
 ``--on-demand-price 1.006``) or, for the spot price, from EC2's
 ``DescribeSpotPriceHistory`` for each launch's instance type and zone over the time
-it ran (:func:`spot_price_history`; needs ``spotsafe[aws]`` and credentials that
-allow ``ec2:DescribeSpotPriceHistory``).
+it ran (:func:`spot_price_history`, through :func:`spotsafe.cloud.aws.prices.price_history`;
+needs ``spotsafe[aws]`` and credentials that allow ``ec2:DescribeSpotPriceHistory``).
 
 A launch is billed from its process start (the instance's boot before it is not
 seen by the run) to its last recorded event; the report says so.
@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from spotsafe.errors import MissingDependency, SpotsafeError
+from spotsafe.cloud.aws.prices import price_client, price_history
+from spotsafe.errors import SpotsafeError
 
 __all__ = ["Prices", "cost_of", "spot_price_history"]
 
@@ -71,45 +72,20 @@ class Prices:
         return self.spot
 
 
-def _client(region: str) -> Any:
-    try:
-        import boto3
-    except ImportError as e:  # pragma: no cover - boto3 comes with the aws and s3 extras
-        raise MissingDependency("looking up spot prices needs boto3: install spotsafe[aws]") from e
-    from botocore.config import Config
-
-    # a lookup is a nicety of the report: two tries, not botocore's patient default
-    return boto3.client("ec2", region_name=region, config=Config(retries={"max_attempts": 2}, connect_timeout=5))
-
-
 def spot_price_history(instance_type: str, zone: str, start: float, end: float, *, client: Any = None) -> float | None:
     """The time-weighted average spot price (USD/hour) of ``instance_type`` in ``zone`` over [start, end].
 
     Asks ``DescribeSpotPriceHistory`` (Linux/UNIX); None when EC2 has no price for it.
     """
     region = zone[:-1] if zone[-1:].isalpha() else zone
-    ec2 = client or _client(region)
+    ec2 = client or price_client(region)
     t0 = datetime.fromtimestamp(start, timezone.utc)
     t1 = datetime.fromtimestamp(max(end, start), timezone.utc)
-    points: list[tuple[float, float]] = []
     try:
-        paginator = ec2.get_paginator("describe_spot_price_history")
-        for page in paginator.paginate(
-            InstanceTypes=[instance_type],
-            AvailabilityZone=zone,
-            ProductDescriptions=["Linux/UNIX"],
-            StartTime=t0,
-            EndTime=t1,
-        ):
-            for p in page.get("SpotPriceHistory", []):
-                if p.get("AvailabilityZone", zone) != zone:
-                    continue
-                when = p["Timestamp"]
-                if when.tzinfo is None:
-                    when = when.replace(tzinfo=timezone.utc)
-                points.append((when.timestamp(), float(p["SpotPrice"])))
+        history = price_history(ec2, [instance_type], start=t0, end=t1, zone=zone)
     except Exception as e:  # botocore's errors are many; all mean: could not look it up
         raise PriceLookupError(f"DescribeSpotPriceHistory for {instance_type} in {zone}: {e}") from e
+    points = [(p.time.timestamp(), p.price) for p in history if p.zone == zone]
     if not points:
         return None
     points.sort()
@@ -138,7 +114,7 @@ def look_up(prices: Prices, launches: Sequence[Mapping[str, Any]], *, client: An
         region = zone[:-1] if zone[-1:].isalpha() else zone
         try:
             if client is None and region not in clients:
-                clients[region] = _client(region)
+                clients[region] = price_client(region)
             price = spot_price_history(itype, zone, start, end, client=client or clients[region])
         except PriceLookupError as e:
             problems.append(str(e))
