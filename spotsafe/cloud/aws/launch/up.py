@@ -282,9 +282,9 @@ def s3_location(store: str) -> tuple[str, str]:
 
 
 def _volume_statement(sid: str) -> dict[str, Any]:
-    from spotsafe.cloud.aws import volume
+    from spotsafe.cloud.aws.volume.model import IAM_POLICY
 
-    for st in volume.IAM_POLICY["Statement"]:
+    for st in IAM_POLICY["Statement"]:
         if st["Sid"] == sid:
             return json.loads(json.dumps(st))  # type: ignore[no-any-return]  # a deep copy of a dict
     raise KeyError(sid)  # pragma: no cover - the volume tool's policy names both
