@@ -59,6 +59,7 @@ class VolumeEC2:
         self.dev_root = dev_root
         self._sleep = sleep
         self._clock = clock
+        #: every EC2 call goes through this: a botocore error comes out as the VolumeError naming the call.
         self.calls = Calls(ec2)
 
     @property

@@ -136,7 +136,9 @@ IAM_POLICY: dict[str, Any] = {
     ],
 }
 
+#: Instance states in which an instance holds nothing any more.
 GONE_STATES = frozenset({"terminated", "stopped"})
+#: Volume states that no longer count as the run's volume.
 DEAD_VOLUME_STATES = frozenset({"deleting", "deleted", "error"})
 
 
@@ -183,7 +185,7 @@ class Timeouts:
 
 @dataclass(frozen=True)
 class VolumeInfo:
-    """One EBS volume as EC2 describes it (a point in time: refresh with :meth:`VolumeManager.describe`)."""
+    """One EBS volume as EC2 describes it (a point in time: refresh with :meth:`spotsafe.cloud.aws.volume.manager.VolumeManager.describe`)."""
 
     volume_id: str
     availability_zone: str
@@ -239,7 +241,7 @@ class VolumeInfo:
 
 @dataclass(frozen=True)
 class Attachment:
-    """What :meth:`VolumeManager.attach` did: the volume (after any move) and its block device."""
+    """What :meth:`spotsafe.cloud.aws.volume.manager.VolumeManager.attach` did: the volume (after any move) and its block device."""
 
     volume: VolumeInfo
     device: str  # the real block device path, e.g. /dev/nvme1n1
@@ -272,7 +274,7 @@ class Claim:
 
 @dataclass(frozen=True)
 class Resolved:
-    """The run's volume as :meth:`VolumeManager.resolve` chose it, with the other half of a move in flight."""
+    """The run's volume as :meth:`spotsafe.cloud.aws.volume.manager.VolumeManager.resolve` chose it, with the other half of a move in flight."""
 
     volume: VolumeInfo
     #: the volume the chosen one is (or was) a copy of, when a move is not committed yet.
@@ -296,6 +298,7 @@ def parse_tags(items: Iterable[str]) -> dict[str, str]:
 
 
 def tag_list(tags: Mapping[str, str]) -> list[dict[str, str]]:
+    """``{"k": "v"}`` -> EC2's ``[{"Key": "k", "Value": "v"}]``."""
     return [{"Key": k, "Value": v} for k, v in tags.items()]
 
 
@@ -316,6 +319,7 @@ def creation_order(v: VolumeInfo) -> tuple[int, float, str]:
 
 
 def describe_selector(volume_id: str | None, tags: Mapping[str, str] | None) -> str:
+    """How messages name the volume asked for: its id, or ``volume tagged k=v, ...``."""
     if volume_id:
         return volume_id
     return "volume tagged " + ", ".join(f"{k}={v}" for k, v in (tags or {}).items())
