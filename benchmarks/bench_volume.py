@@ -28,7 +28,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from spotsafe.cloud.aws import volume as vol
+from spotsafe.cloud.aws.volume.filesystem import mount, unmount
+from spotsafe.cloud.aws.volume.manager import VolumeManager
+from spotsafe.cloud.aws.volume.model import Identity, Timeouts
 from tests.ec2faithful import BlockStore, activate
 from tests.ec2server import EC2Server, run_instance
 
@@ -42,12 +44,12 @@ def _fill(store: BlockStore, ec2: Any, volume_id: str, az: str, mib: int, tmp: P
     dev = store.device_of(volume_id)
     assert dev is not None
     mnt = tmp / f"fill-{volume_id}"
-    vol.mount(dev, str(mnt), mkfs=True)
+    mount(dev, str(mnt), mkfs=True)
     with open(mnt / "ckpt.bin", "wb") as f:
         chunk = os.urandom(1 << 20)
         for _ in range(mib):
             f.write(chunk)
-    vol.unmount(str(mnt))
+    unmount(str(mnt))
     ec2.stop_instances(InstanceIds=[iid])
 
 
@@ -63,10 +65,10 @@ def _one(ec2: Any, store: BlockStore, kind: str, mib: int, settle: float, tmp: P
     )["VolumeId"]
     _fill(store, ec2, vid, data_az, mib, tmp)
     iid = run_instance(ec2, here)
-    mgr = vol.VolumeManager(
+    mgr = VolumeManager(
         ec2,
-        vol.Identity(iid, here, REGION),
-        timeouts=vol.Timeouts(poll=0.05, settle=settle, force_detach_after=0.2, device=30),
+        Identity(iid, here, REGION),
+        timeouts=Timeouts(poll=0.05, settle=settle, force_detach_after=0.2, device=30),
         sys_root=store.sys_root(iid),
         dev_root=store.dev_root(iid),
     )

@@ -934,7 +934,9 @@ def test_the_s3_instance_policy_allows_every_request_of_the_store_on_its_prefix_
 def test_the_volume_instance_policy_lets_the_instance_attach_and_finish(
     iam_server: IAMEnforcingServer, tmp_path: Path
 ) -> None:
-    from spotsafe.cloud.aws import volume as vol
+    from spotsafe.cloud.aws.volume.finish import finish
+    from spotsafe.cloud.aws.volume.manager import VolumeManager
+    from spotsafe.cloud.aws.volume.model import Identity
     from tests.test_volume import FAST, fake_nvme, some_block_device
 
     admin = iam_server.client("ec2", iam_server.admin)
@@ -968,11 +970,11 @@ def test_the_volume_instance_policy_lets_the_instance_attach_and_finish(
             st["Resource"] = "*"
     keys = iam_server.keys_for(policy)
     ec2 = iam_server.client("ec2", keys)
-    me = vol.Identity(iid, "us-east-1b", REGION)
-    mgr = vol.VolumeManager(ec2, me, timeouts=FAST, sys_root=sys_root, dev_root=dev_root)
+    me = Identity(iid, "us-east-1b", REGION)
+    mgr = VolumeManager(ec2, me, timeouts=FAST, sys_root=sys_root, dev_root=dev_root)
     a = mgr.attach(volume_id=vid)
     assert a.volume.instance_id == iid
-    done = vol.finish(me, ec2=ec2, autoscaling=iam_server.client("autoscaling", keys), spot=False)
+    done = finish(me, ec2=ec2, autoscaling=iam_server.client("autoscaling", keys), spot=False)
     assert done == [f"auto scaling group {spec.resource_name}: desired capacity 0"]
     # What the policy leaves out is refused: no zone moves in volume mode.
     with pytest.raises(Exception, match=r"AccessDenied|UnauthorizedOperation|not authorized"):
@@ -1011,7 +1013,7 @@ def test_generated_user_data_boots_trains_and_scales_the_group_to_zero(
     tmp_path: Path,
     loopdev: Callable[..., str],  # noqa: F811 - the fixture
 ) -> None:
-    from spotsafe.cloud.aws import volume as vol
+    from spotsafe.cloud.aws.volume.filesystem import mounted_at
     from spotsafe.rehearsal.simulators.aws import AWSSimulator
     from tests.test_volume import fake_nvme
 
@@ -1083,7 +1085,7 @@ def test_generated_user_data_boots_trains_and_scales_the_group_to_zero(
         assert f"python -m spotsafe.resume --store {spec.store} -- {spec.command}" in out
         assert f"store {spec.store}" in out and "finished at step 6" in out
         assert _git("rev-parse", "HEAD", cwd=mount / "code" / name) == commit
-        assert (mount / name).is_dir() and vol.mounted_at(str(mount)) is not None
+        assert (mount / name).is_dir() and mounted_at(str(mount)) is not None
         # Complete: the group is scaled to zero and the instance shut down.
         g = aws.autoscaling.describe_auto_scaling_groups(AutoScalingGroupNames=[spec.resource_name])[
             "AutoScalingGroups"
@@ -1095,6 +1097,6 @@ def test_generated_user_data_boots_trains_and_scales_the_group_to_zero(
         assert f"SPOTSAFE_TRAIN_COMMAND='{spec.command}'" in env_file
     finally:
         sim.shutdown()
-        if vol.mounted_at(str(mount)) is not None:
+        if mounted_at(str(mount)) is not None:
             subprocess.run(["umount", "-l", str(mount)], check=False)
     assert down(name, aws, apply=True, delete_store=True, poll=0.1).left == []

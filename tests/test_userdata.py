@@ -25,7 +25,10 @@ from typing import Any
 
 import pytest
 
-from spotsafe.cloud.aws import volume as vol
+from spotsafe.cloud.aws.volume.cli import ExitCode
+from spotsafe.cloud.aws.volume.filesystem import filesystem_type, majmin, mounted_at
+from spotsafe.cloud.aws.volume.manager import VolumeManager
+from spotsafe.cloud.aws.volume.model import TAG_NEW, Identity
 from tests.ec2server import *  # noqa: F403
 from tests.ec2server import AMI, unique_tag
 from tests.helpers import wait_until
@@ -305,7 +308,7 @@ def sandbox(tmp_path: Path, ec2_server: Any, ec2: Any, loopdev: Callable[..., st
         yield Sandbox(tmp_path, env, ec2, volume_id, device, request_id, mount, mount / run, steps, first_commit)
     finally:
         sim.shutdown()
-        if vol.mounted_at(str(mount)) is not None:
+        if mounted_at(str(mount)) is not None:
             subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
@@ -337,7 +340,7 @@ def test_boot_without_a_volume_trains_into_its_store_and_attaches_nothing(sandbo
     log = (sb.root / "boot.log").read_text()
     assert "SPOTSAFE_ATTACH=0: no volume" in log
     assert "attaching the volume" not in log and "periodic snapshots" not in log
-    assert vol.mounted_at(str(sb.mount)) is None
+    assert mounted_at(str(sb.mount)) is None
     assert sb.ec2.describe_volumes(VolumeIds=[sb.volume_id])["Volumes"][0]["Attachments"] == []
     assert [s for s in _steps(sb.steps) if s.startswith("second")] == [f"second {i}" for i in range(1, 13)]
     assert _is_complete(store)
@@ -354,8 +357,8 @@ def test_boot_attaches_mounts_resumes_completes_and_shuts_down(sandbox: Sandbox)
     out = p.stdout + p.stderr
     assert p.returncode == 0, f"{out}"
     # The loop device is mounted where asked, found through the NVMe serial of the volume.
-    m = vol.mounted_at(str(sb.mount))
-    assert m is not None and m.majmin == vol._majmin(sb.device)
+    m = mounted_at(str(sb.mount))
+    assert m is not None and m.majmin == majmin(sb.device)
     assert sb.ec2.describe_volumes(VolumeIds=[sb.volume_id])["Volumes"][0]["Attachments"][0]["State"] == "attached"
     # Training resumed from the step-4 checkpoint on the volume, not from scratch, and finished.
     second = [s for s in _steps(sb.steps) if s.startswith("second")]
@@ -382,7 +385,7 @@ def test_boot_attaches_mounts_resumes_completes_and_shuts_down(sandbox: Sandbox)
     assert "complete: not restarting it" in p.stderr + p.stdout
     assert [s for s in _steps(sb.steps) if s.startswith("second")] == [f"second {i}" for i in range(saved + 1, 13)]
     assert (sb.root / "shutdown-called").exists()
-    assert vol.mounted_at(str(sb.mount)) is not None
+    assert mounted_at(str(sb.mount)) is not None
 
 
 @pytest.mark.root
@@ -397,10 +400,10 @@ def test_boot_under_systemd_installs_the_unit_and_its_phases_work(sandbox: Sandb
     (bindir / "systemctl").chmod(0o755)
     path = f"{bindir}:{sb.env['PATH']}"
     # A blank volume: the first boot may format it (SPOTSAFE_MKFS=1), the run starts from step 1.
-    assert vol.filesystem_type(sb.device) is None
+    assert filesystem_type(sb.device) is None
     p = sb.boot(PATH=path, SPOTSAFE_SHUTDOWN_WHEN_DONE="0", SPOTSAFE_MKFS="1")
     assert p.returncode == 0, f"{p.stdout + p.stderr}"
-    assert vol.filesystem_type(sb.device) == "ext4"
+    assert filesystem_type(sb.device) == "ext4"
     assert calls.read_text().splitlines() == ["daemon-reload", "start --no-block spotsafe-train.service"]
     unit_dir = sb.root / "systemd"
     assert (unit_dir / "spotsafe-train.service").read_text() == UNIT.read_text()
@@ -470,10 +473,10 @@ def test_boot_fails_with_the_volume_exit_code(sandbox: Sandbox) -> None:
         SPOTSAFE_SKIP_SYSTEMD="1", SPOTSAFE_VOLUME_TAG="spotsafe-run=does-not-exist", SPOTSAFE_SHUTDOWN_ON_FAILURE="1"
     )
     out = p.stdout + p.stderr  # the boot phase sends both to its log through tee
-    assert p.returncode == vol.EXIT_NOT_FOUND, f"{out}"
+    assert p.returncode == ExitCode.NOT_FOUND, f"{out}"
     assert "spotsafe-run=does-not-exist" in out
     assert (sandbox.root / "shutdown-called").exists()  # no idle GPU after a failed boot
-    assert vol.mounted_at(str(sandbox.mount)) is None
+    assert mounted_at(str(sandbox.mount)) is None
 
 
 # --------------------------------------------------------------------------- fast phases (no root)
@@ -694,7 +697,7 @@ def test_first_boot_in_another_zone_moves_formats_pins_and_keeps_old_on_request(
         TagSpecifications=[
             {
                 "ResourceType": "volume",
-                "Tags": [{"Key": "spotsafe-run", "Value": run}, {"Key": vol.TAG_NEW, "Value": "true"}],
+                "Tags": [{"Key": "spotsafe-run", "Value": run}, {"Key": TAG_NEW, "Value": "true"}],
             }
         ],
     )["VolumeId"]
@@ -742,11 +745,11 @@ def test_first_boot_in_another_zone_moves_formats_pins_and_keeps_old_on_request(
         out = p.stdout + p.stderr
         assert p.returncode == 0, f"{out}"
         # Case 1: moved into 1b and formatted without SPOTSAFE_MKFS (the copy kept spotsafe-new).
-        m = vol.mounted_at(str(mount))
+        m = mounted_at(str(mount))
         assert m is not None and m.fstype == "ext4"
-        mgr = vol.VolumeManager(ec2, vol.Identity(iid, "us-east-1b", "us-east-1"))
+        mgr = VolumeManager(ec2, Identity(iid, "us-east-1b", "us-east-1"))
         copy = mgr.find(tags={"spotsafe-run": run})
-        assert copy.availability_zone == "us-east-1b" and copy.move_committed and vol.TAG_NEW not in copy.tags
+        assert copy.availability_zone == "us-east-1b" and copy.move_committed and TAG_NEW not in copy.tags
         # Case 7: SPOTSAFE_KEEP_OLD=1 reached mount: the old volume is kept (and superseded).
         assert ec2.describe_volumes(VolumeIds=[old])["Volumes"][0]["State"] == "available"
         install = env["SPOTSAFE_INSTALL_PATH"]
@@ -778,7 +781,7 @@ def test_first_boot_in_another_zone_moves_formats_pins_and_keeps_old_on_request(
         assert len(ec2.describe_volumes(Filters=[{"Name": "tag:spotsafe-run", "Values": [run]}])["Volumes"]) == 1
     finally:
         sim.shutdown()
-        if vol.mounted_at(str(mount)) is not None:
+        if mounted_at(str(mount)) is not None:
             subprocess.run(["umount", "-l", str(mount)], check=False)
         activate(None)
         store.close()

@@ -22,8 +22,29 @@ from typing import Any
 
 import pytest
 
-from spotsafe.cloud.aws import volume as vol
-from spotsafe.cloud.aws.volume import Identity, Timeouts, VolumeManager
+from spotsafe.cloud.aws.volume.cli import ExitCode, exit_code, main
+from spotsafe.cloud.aws.volume.devices import NITRO_BY_ID_PREFIX, find_device, is_block_device
+from spotsafe.cloud.aws.volume.filesystem import (
+    filesystem_type,
+    is_blank,
+    mount,
+    mounted_at,
+    mountpoints_of,
+    partitions_of,
+    probe,
+    unmount,
+)
+from spotsafe.cloud.aws.volume.finish import finish
+from spotsafe.cloud.aws.volume.manager import VolumeManager
+from spotsafe.cloud.aws.volume.model import (
+    IAM_POLICY,
+    TAG_MOVE_DONE,
+    TAG_MOVE_SNAPSHOT,
+    TAG_MOVED_FROM,
+    TAG_NEW,
+    Identity,
+    Timeouts,
+)
 from spotsafe.errors import (
     VolumeAmbiguous,
     VolumeBusy,
@@ -69,7 +90,7 @@ def loopdev(tmp_path: Path) -> Iterator[Callable[..., str]]:
     finally:
         for dev in made:
             try:
-                for mp in vol.mountpoints_of(dev):
+                for mp in mountpoints_of(dev):
                     subprocess.run(["umount", "-l", mp], check=False)
             except OSError:
                 pass
@@ -97,7 +118,7 @@ def fake_nvme(root: Path, serial: str, target: str, *, name: str = "nvme1n1", pa
 
 def some_block_device() -> str:
     for cand in sorted(Path("/dev").glob("loop[0-9]*")):
-        if vol._is_block_device(str(cand)):
+        if is_block_device(str(cand)):
             return str(cand)
     pytest.skip("no block device to point the fake /sys tree at")
 
@@ -168,15 +189,13 @@ def test_find_two_matching_is_ambiguous_unless_one_is_attached_here(scene: Scene
 
 
 def test_find_skips_a_volume_superseded_by_a_committed_move_copy(scene: Scene) -> None:
-    copy = create_volume(
-        scene.ec2, "us-east-1c", {**scene.tag, vol.TAG_MOVED_FROM: scene.volume_id, vol.TAG_MOVE_DONE: "1"}
-    )
+    copy = create_volume(scene.ec2, "us-east-1c", {**scene.tag, TAG_MOVED_FROM: scene.volume_id, TAG_MOVE_DONE: "1"})
     assert scene.manager.find(tags=scene.tag).volume_id == copy
 
 
 def test_an_uncommitted_copy_and_its_source_are_one_volume(scene: Scene) -> None:
     # The copy was never mounted: the source (here, in 1b) is the run's volume, the copy is to abandon.
-    copy = create_volume(scene.ec2, "us-east-1c", {**scene.tag, vol.TAG_MOVED_FROM: scene.volume_id})
+    copy = create_volume(scene.ec2, "us-east-1c", {**scene.tag, TAG_MOVED_FROM: scene.volume_id})
     r = scene.manager.resolve(tags=scene.tag)
     assert r.volume.volume_id == scene.volume_id and r.source is None
     assert [c.volume_id for c in r.copies] == [copy]
@@ -276,7 +295,7 @@ def test_wrong_zone_without_move_is_refused(scene: Scene) -> None:
 def _serve_device_for_new_volume(ec2: Any, old_id: str, root: Path, target: str, stop: threading.Event) -> None:
     """Like the kernel: the device of the move copy appears once EC2 has attached it."""
     while not stop.wait(0.05):
-        r = ec2.describe_volumes(Filters=[{"Name": f"tag:{vol.TAG_MOVED_FROM}", "Values": [old_id]}])
+        r = ec2.describe_volumes(Filters=[{"Name": f"tag:{TAG_MOVED_FROM}", "Values": [old_id]}])
         for v in r["Volumes"]:
             if v.get("Attachments"):
                 # The copy is a second disk beside the one the scene already has, as on EC2.
@@ -304,9 +323,9 @@ def test_move_copies_into_this_zone_and_retires_the_old_one_after_mount(scene: S
     assert new.availability_zone == scene.az
     assert new.size == 3
     assert new.tags["spotsafe-run"] == scene.tag["spotsafe-run"] and new.tags["team"] == "vision"
-    assert new.tags[vol.TAG_MOVED_FROM] == old_id
+    assert new.tags[TAG_MOVED_FROM] == old_id
     assert new.instance_id == scene.instance_id
-    snap = new.tags[vol.TAG_MOVE_SNAPSHOT]
+    snap = new.tags[TAG_MOVE_SNAPSHOT]
     assert scene.ec2.describe_snapshots(SnapshotIds=[snap])["Snapshots"][0]["VolumeId"] == old_id
     # Until the mount succeeded the old volume is kept.
     assert describe(scene.ec2, old_id)["State"] == "available"
@@ -317,7 +336,7 @@ def test_move_copies_into_this_zone_and_retires_the_old_one_after_mount(scene: S
     assert deleted == [old_id, snap]
     with pytest.raises(VolumeNotFound):
         scene.manager.describe(old_id)
-    assert vol.TAG_MOVED_FROM not in scene.manager.describe(new.volume_id).tags
+    assert TAG_MOVED_FROM not in scene.manager.describe(new.volume_id).tags
     assert scene.manager.retire_superseded(scene.manager.describe(new.volume_id)) == []
 
 
@@ -336,7 +355,7 @@ def test_find_device_by_nvme_serial_among_several(tmp_path: Path) -> None:
     target = some_block_device()
     fake_nvme(tmp_path, "vol0aaaaaaaaaaaaaaaa", "/dev/null", name="nvme0n1")
     sys_root, dev_root = fake_nvme(tmp_path, "vol0123456789abcdef0", target, name="nvme2n1", pad=False)
-    assert vol.find_device(
+    assert find_device(
         "vol-0123456789abcdef0", "/dev/sdf", sys_root=sys_root, dev_root=dev_root, timeout=0
     ) == os.path.realpath(target)
 
@@ -345,9 +364,9 @@ def test_find_device_prefers_udev_by_id_link(tmp_path: Path) -> None:
     target = some_block_device()
     by_id = tmp_path / "dev" / "disk" / "by-id"
     by_id.mkdir(parents=True)
-    (by_id / (vol.NITRO_BY_ID_PREFIX + "vol0123456789abcdef0")).symlink_to(target)
+    (by_id / (NITRO_BY_ID_PREFIX + "vol0123456789abcdef0")).symlink_to(target)
     (tmp_path / "sys" / "block").mkdir(parents=True)
-    assert vol.find_device(
+    assert find_device(
         "vol-0123456789abcdef0", None, sys_root=str(tmp_path / "sys"), dev_root=str(tmp_path / "dev"), timeout=0
     ) == os.path.realpath(target)
 
@@ -357,7 +376,7 @@ def test_find_device_xen_name_and_xvd_twin(tmp_path: Path) -> None:
     (tmp_path / "sys" / "block" / "xvda").mkdir(parents=True)
     (tmp_path / "dev").mkdir()
     (tmp_path / "dev" / "xvdf").symlink_to(target)
-    assert vol.find_device(
+    assert find_device(
         "vol-0123", "/dev/sdf", sys_root=str(tmp_path / "sys"), dev_root=str(tmp_path / "dev"), timeout=0
     ) == os.path.realpath(target)
 
@@ -369,7 +388,7 @@ def test_find_device_on_xen_with_nvme_instance_storage_uses_the_xvd_name(tmp_pat
         (tmp_path / "sys" / "block" / name / "device" / "model").write_text("Amazon EC2 NVMe Instance Storage\n")
     target = some_block_device()
     (tmp_path / "dev" / "xvdf").symlink_to(target)
-    found = vol.find_device(
+    found = find_device(
         "vol-0123456789abcdef0", "/dev/sdf", sys_root=str(tmp_path / "sys"), dev_root=str(tmp_path / "dev"), timeout=0
     )
     assert found == os.path.realpath(target)
@@ -377,7 +396,7 @@ def test_find_device_on_xen_with_nvme_instance_storage_uses_the_xvd_name(tmp_pat
     fake_nvme(tmp_path, "vol0ffffffffffffffff", "/dev/null", name="nvme2n1")
     (tmp_path / "sys" / "block" / "nvme2n1" / "device" / "model").write_text("Amazon Elastic Block Store\n")
     with pytest.raises(VolumeDeviceNotFound):
-        vol.find_device(
+        find_device(
             "vol-0123456789abcdef0",
             "/dev/sdf",
             sys_root=str(tmp_path / "sys"),
@@ -391,7 +410,7 @@ def test_find_device_on_nitro_ignores_a_stale_sdx_name(tmp_path: Path) -> None:
     fake_nvme(tmp_path, "vol0ffffffffffffffff", some_block_device(), name="nvme0n1")
     (tmp_path / "dev" / "sdf").symlink_to(some_block_device())
     with pytest.raises(VolumeDeviceNotFound, match="vol0123456789abcdef0"):
-        vol.find_device(
+        find_device(
             "vol-0123456789abcdef0",
             "/dev/sdf",
             sys_root=str(tmp_path / "sys"),
@@ -408,7 +427,7 @@ def test_find_device_waits_for_the_device_to_appear(tmp_path: Path) -> None:
     timer.start()
     try:
         t0 = time.monotonic()
-        found = vol.find_device(
+        found = find_device(
             "vol-0123456789abcdef0",
             None,
             sys_root=str(tmp_path / "sys"),
@@ -429,9 +448,9 @@ def test_find_device_waits_for_the_device_to_appear(tmp_path: Path) -> None:
 def test_blank_device_is_not_formatted_without_permission(loopdev: Callable[..., str], tmp_path: Path) -> None:
     dev = loopdev()
     with pytest.raises(VolumeNoFilesystem, match="--mkfs"):
-        vol.mount(dev, str(tmp_path / "mnt"))
-    assert vol.filesystem_type(dev) is None
-    assert vol.is_blank(dev)
+        mount(dev, str(tmp_path / "mnt"))
+    assert filesystem_type(dev) is None
+    assert is_blank(dev)
 
 
 @pytest.mark.root
@@ -440,18 +459,18 @@ def test_mkfs_on_blank_then_mount_is_idempotent_and_never_reformats(
 ) -> None:
     dev = loopdev()
     mnt = tmp_path / "mnt"
-    r = vol.mount(dev, str(mnt), mkfs=True)
+    r = mount(dev, str(mnt), mkfs=True)
     assert r.formatted is True and r.already_mounted is False and r.fstype == "ext4"
-    assert vol.mounted_at(str(mnt)) is not None
+    assert mounted_at(str(mnt)) is not None
     (mnt / "ckpt.bin").write_bytes(b"precious")
-    again = vol.mount(dev, str(mnt), mkfs=True)
+    again = mount(dev, str(mnt), mkfs=True)
     assert again.formatted is False and again.already_mounted is True and again.uuid == r.uuid
-    assert vol.unmount(str(mnt)) is True
-    assert vol.unmount(str(mnt)) is False
-    third = vol.mount(dev, str(mnt), mkfs=True)
+    assert unmount(str(mnt)) is True
+    assert unmount(str(mnt)) is False
+    third = mount(dev, str(mnt), mkfs=True)
     assert third.formatted is False and third.uuid == r.uuid
     assert (mnt / "ckpt.bin").read_bytes() == b"precious"
-    vol.unmount(str(mnt))
+    unmount(str(mnt))
 
 
 @pytest.mark.root
@@ -462,7 +481,7 @@ def test_data_without_a_filesystem_is_never_formatted(loopdev: Callable[..., str
         f.seek(8192)
         f.write(payload)
     with pytest.raises(VolumeNotBlank, match="not blank"):
-        vol.mount(dev, str(tmp_path / "mnt"), mkfs=True)
+        mount(dev, str(tmp_path / "mnt"), mkfs=True)
     with open(dev, "rb") as f:
         f.seek(8192)
         assert f.read(4096) == payload
@@ -479,8 +498,8 @@ def test_partitioned_device_is_never_formatted(loopdev: Callable[..., str], tmp_
         f.seek(510)
         f.write(b"\x55\xaa")
     with pytest.raises(VolumeNotBlank, match="dos partition table"):
-        vol.mount(dev, str(tmp_path / "mnt"), mkfs=True)
-    assert vol.probe(dev).get("PTTYPE") == "dos"
+        mount(dev, str(tmp_path / "mnt"), mkfs=True)
+    assert probe(dev).get("PTTYPE") == "dos"
 
 
 @pytest.mark.root
@@ -501,18 +520,18 @@ def test_a_partitioned_volume_mounts_its_one_filesystem(tmp_path: Path) -> None:
     ).stdout.strip()
     mnt = tmp_path / "mnt"
     try:
-        if not vol.partitions_of(dev):  # some kernels leave the scan of a loop device to partx
+        if not partitions_of(dev):  # some kernels leave the scan of a loop device to partx
             subprocess.run(["partx", "-a", dev], capture_output=True, check=False)
-        parts = wait_until(lambda: vol.partitions_of(dev), 10, what=f"the partitions of {dev}")
+        parts = wait_until(lambda: partitions_of(dev), 10, what=f"the partitions of {dev}")
         assert parts == [f"{dev}p1"]
         subprocess.run(["mkfs.ext4", "-q", parts[0]], check=True)
-        r = vol.mount(dev, str(mnt), mkfs=True)
+        r = mount(dev, str(mnt), mkfs=True)
         assert r.device == parts[0] and r.formatted is False and r.fstype == "ext4"
-        assert vol.mountpoints_of(dev) == [str(mnt)]
-        assert vol.mount(dev, str(mnt)).already_mounted is True  # idempotent through the whole disk
-        assert vol.probe(dev).get("PTTYPE") == "dos"  # the table was not touched
+        assert mountpoints_of(dev) == [str(mnt)]
+        assert mount(dev, str(mnt)).already_mounted is True  # idempotent through the whole disk
+        assert probe(dev).get("PTTYPE") == "dos"  # the table was not touched
     finally:
-        vol.unmount(str(mnt))
+        unmount(str(mnt))
         subprocess.run(["losetup", "-d", dev], check=False)
 
 
@@ -520,13 +539,13 @@ def test_a_partitioned_volume_mounts_its_one_filesystem(tmp_path: Path) -> None:
 def test_mountpoint_holding_another_device_is_an_error(loopdev: Callable[..., str], tmp_path: Path) -> None:
     a, b = loopdev(name="a"), loopdev(name="b")
     mnt = tmp_path / "mnt"
-    vol.mount(a, str(mnt), mkfs=True)
+    mount(a, str(mnt), mkfs=True)
     try:
         with pytest.raises(VolumeMountError, match="already has"):
-            vol.mount(b, str(mnt), mkfs=True)
-        assert vol.filesystem_type(b) is None  # the refused device was not touched
+            mount(b, str(mnt), mkfs=True)
+        assert filesystem_type(b) is None  # the refused device was not touched
     finally:
-        vol.unmount(str(mnt))
+        unmount(str(mnt))
 
 
 @pytest.mark.root
@@ -535,7 +554,7 @@ def test_fstab_entry_uses_uuid_and_nofail_once(loopdev: Callable[..., str], tmp_
     fstab = tmp_path / "fstab"
     fstab.write_text("LABEL=root / ext4 defaults 0 1")  # no trailing newline
     mnt = str(tmp_path / "mnt")
-    r = vol.mount(dev, mnt, mkfs=True, fstab=True, fstab_path=str(fstab), owner="nobody")
+    r = mount(dev, mnt, mkfs=True, fstab=True, fstab_path=str(fstab), owner="nobody")
     try:
         assert r.fstab_added is True
         lines = fstab.read_text().splitlines()
@@ -543,10 +562,10 @@ def test_fstab_entry_uses_uuid_and_nofail_once(loopdev: Callable[..., str], tmp_
         import pwd
 
         assert os.stat(mnt).st_uid == pwd.getpwnam("nobody").pw_uid
-        assert vol.mount(dev, mnt, fstab=True, fstab_path=str(fstab)).fstab_added is False
+        assert mount(dev, mnt, fstab=True, fstab_path=str(fstab)).fstab_added is False
         assert len(fstab.read_text().splitlines()) == 2
     finally:
-        vol.unmount(mnt)
+        unmount(mnt)
 
 
 # --------------------------------------------------------------------------- command line
@@ -607,12 +626,12 @@ def _cli(scene: Scene, *args: str) -> list[str]:
 def test_cli_attach_prints_the_device_then_status(cli_env: Scene, capsys: pytest.CaptureFixture[str]) -> None:
     s = cli_env
     tag = "spotsafe-run=" + s.tag["spotsafe-run"]
-    assert vol.main(_cli(s, "attach", "--tag", tag)) == 0
+    assert main(_cli(s, "attach", "--tag", tag)) == 0
     device = capsys.readouterr().out.strip()
     assert device == os.path.realpath(os.path.join(s.dev_root, "nvme1n1"))
-    assert vol.main(_cli(s, "attach", "--tag", tag)) == 0
+    assert main(_cli(s, "attach", "--tag", tag)) == 0
     assert capsys.readouterr().out.strip() == device
-    assert vol.main(_cli(s, "status", "--tag", tag, "--json")) == 0
+    assert main(_cli(s, "status", "--tag", tag, "--json")) == 0
     st = json.loads(capsys.readouterr().out)
     assert st["attached_here"] is True and st["device"] == device
     assert st["volume"]["volume_id"] == s.volume_id and st["instance_id"] == s.instance_id
@@ -620,28 +639,26 @@ def test_cli_attach_prints_the_device_then_status(cli_env: Scene, capsys: pytest
 
 def test_cli_exit_codes_name_each_failure(cli_env: Scene, capsys: pytest.CaptureFixture[str]) -> None:
     s = cli_env
-    assert vol.main(_cli(s, "attach", "--tag", "spotsafe-run=absent")) == vol.EXIT_NOT_FOUND
+    assert main(_cli(s, "attach", "--tag", "spotsafe-run=absent")) == ExitCode.NOT_FOUND
     assert "spotsafe-run=absent" in capsys.readouterr().err
     far = create_volume(s.ec2, "us-east-1a", {"spotsafe-run": unique_tag()})
-    assert vol.main(_cli(s, "attach", "--volume-id", far)) == vol.EXIT_WRONG_ZONE
+    assert main(_cli(s, "attach", "--volume-id", far)) == ExitCode.WRONG_ZONE
     err = capsys.readouterr().err
     assert far in err and "us-east-1a" in err and "--move" in err
     s.ec2.attach_volume(VolumeId=far, InstanceId=run_instance(s.ec2, "us-east-1a"), Device="/dev/sdf")
     other = run_instance(s.ec2, s.az)
     busy = create_volume(s.ec2, s.az, {"spotsafe-run": unique_tag()})
     s.ec2.attach_volume(VolumeId=busy, InstanceId=other, Device="/dev/sdg")
-    assert vol.main(_cli(s, "attach", "--volume-id", busy)) == vol.EXIT_BUSY
-    assert vol.main(_cli(s, "attach", "--tag", "bad-tag")) == vol.EXIT_USAGE
+    assert main(_cli(s, "attach", "--volume-id", busy)) == ExitCode.BUSY
+    assert main(_cli(s, "attach", "--tag", "bad-tag")) == ExitCode.USAGE
 
 
 def test_cli_without_imds_is_a_metadata_error(capsys: pytest.CaptureFixture[str]) -> None:
     # conftest points IMDS at a closed loopback port: like running off EC2.
     t0 = time.monotonic()
     assert (
-        vol.main(
-            ["attach", "--tag", "spotsafe-run=x", "--metadata-timeout", "0.5", "--metadata-retry-for", "2.5", "-q"]
-        )
-        == vol.EXIT_METADATA
+        main(["attach", "--tag", "spotsafe-run=x", "--metadata-timeout", "0.5", "--metadata-retry-for", "2.5", "-q"])
+        == ExitCode.METADATA
     )
     assert 1.5 <= time.monotonic() - t0 < 10  # retried, bounded
     assert "127.0.0.1:9" in capsys.readouterr().err
@@ -656,23 +673,23 @@ def test_cli_mount_needs_mkfs_or_the_new_tag_then_clears_it(
     fake_nvme(tmp_path, s.volume_id.replace("-", ""), dev)
     tag = "spotsafe-run=" + s.tag["spotsafe-run"]
     mnt = str(tmp_path / "mnt")
-    assert vol.main(_cli(s, "attach", "--tag", tag)) == 0
-    assert vol.main(_cli(s, "mount", "--tag", tag, "--mountpoint", mnt)) == vol.EXIT_NO_FILESYSTEM
-    assert vol.filesystem_type(dev) is None
-    s.ec2.create_tags(Resources=[s.volume_id], Tags=[{"Key": vol.TAG_NEW, "Value": "true"}])
+    assert main(_cli(s, "attach", "--tag", tag)) == 0
+    assert main(_cli(s, "mount", "--tag", tag, "--mountpoint", mnt)) == ExitCode.NO_FILESYSTEM
+    assert filesystem_type(dev) is None
+    s.ec2.create_tags(Resources=[s.volume_id], Tags=[{"Key": TAG_NEW, "Value": "true"}])
     try:
         capsys.readouterr()
-        assert vol.main(_cli(s, "mount", "--tag", tag, "--mountpoint", mnt)) == 0
+        assert main(_cli(s, "mount", "--tag", tag, "--mountpoint", mnt)) == 0
         assert capsys.readouterr().out.strip() == mnt
-        assert vol.filesystem_type(dev) == "ext4"
+        assert filesystem_type(dev) == "ext4"
         tags = {t["Key"] for t in describe(s.ec2, s.volume_id).get("Tags", [])}
-        assert vol.TAG_NEW not in tags
-        assert vol.main(_cli(s, "mount", "--tag", tag, "--mountpoint", mnt)) == 0  # idempotent
-        assert vol.main(_cli(s, "detach", "--tag", tag)) == 0
-        assert vol.mounted_at(mnt) is None
+        assert TAG_NEW not in tags
+        assert main(_cli(s, "mount", "--tag", tag, "--mountpoint", mnt)) == 0  # idempotent
+        assert main(_cli(s, "detach", "--tag", tag)) == 0
+        assert mounted_at(mnt) is None
         assert describe(s.ec2, s.volume_id)["State"] == "available"
     finally:
-        vol.unmount(mnt)
+        unmount(mnt)
 
 
 def test_cli_subprocess_status_without_volume(tmp_path: Path) -> None:
@@ -704,7 +721,7 @@ def test_iam_denial_is_a_permission_error_naming_the_call(iam_server: IAMEnforci
     tag = {"spotsafe-run": unique_tag()}
     vid = create_volume(admin, "us-east-1b", tag)
     sys_root, dev_root = fake_nvme(tmp_path, vid.replace("-", ""), some_block_device())
-    policy = json.loads(json.dumps(vol.IAM_POLICY))
+    policy = json.loads(json.dumps(IAM_POLICY))
     for st in policy["Statement"]:
         st["Action"] = [a for a in st["Action"] if a != "ec2:AttachVolume"]
     weak = iam_server.client("ec2", iam_server.keys_for(policy))
@@ -713,7 +730,7 @@ def test_iam_denial_is_a_permission_error_naming_the_call(iam_server: IAMEnforci
     )
     with pytest.raises(VolumePermissionDenied, match="attach_volume") as e:
         mgr.attach(tags=tag)
-    assert vol.exit_code(e.value) == vol.EXIT_PERMISSION
+    assert exit_code(e.value) == ExitCode.PERMISSION
 
 
 def test_documented_iam_policy_allows_the_whole_flow(iam_server: IAMEnforcingServer, tmp_path: Path) -> None:
@@ -721,7 +738,7 @@ def test_documented_iam_policy_allows_the_whole_flow(iam_server: IAMEnforcingSer
     iid = run_instance(admin, "us-east-1b")
     tag = {"spotsafe-run": unique_tag()}
     old_id = create_volume(admin, "us-east-1a", tag)
-    keys = iam_server.keys_for(vol.IAM_POLICY)
+    keys = iam_server.keys_for(IAM_POLICY)
     ec2 = iam_server.client("ec2", keys)
     stop = threading.Event()
     t = threading.Thread(
@@ -745,14 +762,14 @@ def test_documented_iam_policy_allows_the_whole_flow(iam_server: IAMEnforcingSer
     assert mgr.snapshot(mgr.describe(a.volume.volume_id), keep=1)
     assert mgr.latest_snapshot(tag) is not None
     made = mgr.create_or_restore({"spotsafe-run": unique_tag()}, size=1)
-    assert made.tags[vol.TAG_NEW] == "true"
+    assert made.tags[TAG_NEW] == "true"
     assert mgr.detach(mgr.describe(a.volume.volume_id)).instance_id is None
-    assert vol.finish(mgr.identity, ec2=ec2, autoscaling=iam_server.client("autoscaling", keys)) == []
+    assert finish(mgr.identity, ec2=ec2, autoscaling=iam_server.client("autoscaling", keys)) == []
 
 
 def test_docs_carry_the_tested_iam_policy() -> None:
     doc = (Path(__file__).parent.parent / "docs" / "volume.md").read_text()
-    assert json.dumps(vol.IAM_POLICY, indent=2) in doc
+    assert json.dumps(IAM_POLICY, indent=2) in doc
 
 
 # --------------------------------------------------------------------------- finish
@@ -773,7 +790,7 @@ def test_finish_scales_the_group_to_zero(ec2_server: Any, ec2: Any) -> None:
     iid = asg.describe_auto_scaling_groups(AutoScalingGroupNames=[name])["AutoScalingGroups"][0]["Instances"][0][
         "InstanceId"
     ]
-    done = vol.finish(Identity(iid, "us-east-1b", "us-east-1"), ec2=ec2, autoscaling=asg)
+    done = finish(Identity(iid, "us-east-1b", "us-east-1"), ec2=ec2, autoscaling=asg)
     assert done == [f"auto scaling group {name}: desired capacity 0"]
     g = asg.describe_auto_scaling_groups(AutoScalingGroupNames=[name])["AutoScalingGroups"][0]
     assert (g["MinSize"], g["DesiredCapacity"]) == (0, 0)
@@ -785,7 +802,7 @@ def test_finish_cancels_a_persistent_spot_request(ec2_server: Any, ec2: Any) -> 
     )
     rid = r["SpotInstanceRequests"][0]["SpotInstanceRequestId"]
     iid = ec2.describe_spot_instance_requests(SpotInstanceRequestIds=[rid])["SpotInstanceRequests"][0]["InstanceId"]
-    done = vol.finish(Identity(iid, "us-east-1b", "us-east-1"), ec2=ec2, autoscaling=ec2_server.client("autoscaling"))
+    done = finish(Identity(iid, "us-east-1b", "us-east-1"), ec2=ec2, autoscaling=ec2_server.client("autoscaling"))
     assert done == [f"spot request {rid}: cancelled"]
     left = ec2.describe_spot_instance_requests(Filters=[{"Name": "instance-id", "Values": [iid]}])
     assert [q["State"] for q in left["SpotInstanceRequests"] if q["State"] in ("open", "active")] == []
@@ -797,13 +814,13 @@ def test_cli_first_use_in_another_zone_moves_formats_mounts_and_retires(
 ) -> None:
     s = cli_env
     run = unique_tag()
-    old_id = create_volume(s.ec2, "us-east-1a", {"spotsafe-run": run, vol.TAG_NEW: "true"})
+    old_id = create_volume(s.ec2, "us-east-1a", {"spotsafe-run": run, TAG_NEW: "true"})
     dev = loopdev()
     stop = threading.Event()
     t = threading.Thread(target=_serve_device_for_new_volume, args=(s.ec2, old_id, tmp_path, dev, stop), daemon=True)
     t.start()
     try:
-        assert vol.main(_cli(s, "attach", "--tag", f"spotsafe-run={run}", "--move")) == 0
+        assert main(_cli(s, "attach", "--tag", f"spotsafe-run={run}", "--move")) == 0
     finally:
         stop.set()
         t.join()
@@ -813,15 +830,15 @@ def test_cli_first_use_in_another_zone_moves_formats_mounts_and_retires(
     try:
         # Case 1: the docs' first-use recipe with the first instance in another zone. The copy
         # of a never-formatted volume keeps spotsafe-new, so the first mount may format it.
-        assert vol.main(_cli(s, "mount", "--tag", f"spotsafe-run={run}", "--mountpoint", mnt)) == 0
-        assert vol.filesystem_type(dev) == "ext4"
+        assert main(_cli(s, "mount", "--tag", f"spotsafe-run={run}", "--mountpoint", mnt)) == 0
+        assert filesystem_type(dev) == "ext4"
         with pytest.raises(VolumeNotFound):
             s.manager.describe(old_id)
         new = s.manager.find(tags={"spotsafe-run": run})
         assert new.availability_zone == s.az and new.instance_id == s.instance_id
-        assert vol.TAG_MOVED_FROM not in new.tags and vol.TAG_NEW not in new.tags
+        assert TAG_MOVED_FROM not in new.tags and TAG_NEW not in new.tags
     finally:
-        vol.unmount(mnt)
+        unmount(mnt)
 
 
 class ForgetsInstance:

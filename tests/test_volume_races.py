@@ -20,8 +20,22 @@ from typing import Any
 
 import pytest
 
-from spotsafe.cloud.aws import volume as vol
-from spotsafe.cloud.aws.volume import Attachment, Identity, Timeouts, VolumeManager
+from spotsafe.cloud.aws.clients import ec2_client
+from spotsafe.cloud.aws.volume.cli import main
+from spotsafe.cloud.aws.volume.filesystem import mount, unmount
+from spotsafe.cloud.aws.volume.manager import VolumeManager
+from spotsafe.cloud.aws.volume.model import (
+    TAG_CLAIM,
+    TAG_MOVE_SNAPSHOT,
+    TAG_MOVED_FROM,
+    TAG_NEW,
+    TAG_PERIODIC,
+    Attachment,
+    Claim,
+    Identity,
+    Timeouts,
+    VolumeInfo,
+)
 from spotsafe.errors import VolumeBusy, VolumeNotFound, VolumeWrongZone
 from tests.ec2faithful import BlockStore, activate
 from tests.ec2server import *  # noqa: F403
@@ -71,7 +85,7 @@ def instance(
 
 
 def copies_of(ec2: Any, volume_id: str) -> list[str]:
-    r = ec2.describe_volumes(Filters=[{"Name": f"tag:{vol.TAG_MOVED_FROM}", "Values": [volume_id]}])
+    r = ec2.describe_volumes(Filters=[{"Name": f"tag:{TAG_MOVED_FROM}", "Values": [volume_id]}])
     return sorted(v["VolumeId"] for v in r["Volumes"])
 
 
@@ -153,16 +167,16 @@ def test_concurrent_moves_make_exactly_one_copy(ec2: Any, store: BlockStore) -> 
     assert move_snapshots(ec2, source) == []
 
 
-def move_snapshots_before(copy: vol.VolumeInfo) -> list[str]:
-    return [copy.tags[vol.TAG_MOVE_SNAPSHOT]]
+def move_snapshots_before(copy: VolumeInfo) -> list[str]:
+    return [copy.tags[TAG_MOVE_SNAPSHOT]]
 
 
 def test_a_claim_by_a_gone_instance_is_taken_over(ec2: Any, store: BlockStore) -> None:
     tag = {"spotsafe-run": unique_tag()}
     source = create_volume(ec2, "us-east-1a", tag)
     dead = instance(ec2, store, "us-east-1c")
-    claim = vol.Claim(dead.instance_id, "us-east-1c", float(int(time.time())))
-    ec2.create_tags(Resources=[source], Tags=[{"Key": vol.TAG_CLAIM, "Value": claim.render()}])
+    claim = Claim(dead.instance_id, "us-east-1c", float(int(time.time())))
+    ec2.create_tags(Resources=[source], Tags=[{"Key": TAG_CLAIM, "Value": claim.render()}])
     mover = instance(ec2, store, "us-east-1b")
     assert mover.claim_holder(mover.describe(source)) == claim  # alive: it counts
     reclaim(ec2, dead)
@@ -180,7 +194,7 @@ def interrupted_move(ec2: Any, store: BlockStore, tag: dict[str, str]) -> tuple[
     x = instance(ec2, store, "us-east-1b")
     a = x.attach(tags=tag, move=True)
     reclaim(ec2, x)
-    return source, a.volume.volume_id, a.volume.tags[vol.TAG_MOVE_SNAPSHOT]
+    return source, a.volume.volume_id, a.volume.tags[TAG_MOVE_SNAPSHOT]
 
 
 def test_interrupted_move_converges_on_the_source_in_its_zone(ec2: Any, store: BlockStore) -> None:
@@ -194,7 +208,7 @@ def test_interrupted_move_converges_on_the_source_in_its_zone(ec2: Any, store: B
     assert move_snapshots(ec2, source) == []
     with pytest.raises(VolumeNotFound):
         y.describe(copy)
-    assert vol.TAG_CLAIM not in y.describe(source).tags
+    assert TAG_CLAIM not in y.describe(source).tags
     # The next instance, in a third zone, sees one volume (the issue's Z exited 4 here).
     z = instance(ec2, store, "us-east-1c")
     assert z.find(tags=tag).volume_id == source
@@ -248,7 +262,7 @@ def test_create_or_restore_is_opt_in_and_one_creator_wins(ec2: Any, store: Block
     assert len(won) == 1, f"{results}"
     assert all(isinstance(r, VolumeBusy) for r in results if r is not won[0]), f"{results}"
     assert tagged(ec2, tag) == [won[0].volume.volume_id]
-    assert won[0].volume.tags[vol.TAG_NEW] == "true" and won[0].volume.size == 2
+    assert won[0].volume.tags[TAG_NEW] == "true" and won[0].volume.size == 2
 
 
 def test_periodic_snapshots_keep_the_newest_and_restore_from_it(ec2: Any, store: BlockStore) -> None:
@@ -266,7 +280,7 @@ def test_periodic_snapshots_keep_the_newest_and_restore_from_it(ec2: Any, store:
     m.detach(m.describe(a.volume.volume_id))
     ec2.delete_volume(VolumeId=a.volume.volume_id)
     b = instance(ec2, store, "us-east-1c").attach(tags=tag, create_size=1)
-    assert b.volume.snapshot_id == snaps[-1] and vol.TAG_NEW not in b.volume.tags and b.created
+    assert b.volume.snapshot_id == snaps[-1] and TAG_NEW not in b.volume.tags and b.created
 
 
 # --------------------------------------------------------------------------- with data (root)
@@ -279,9 +293,9 @@ def _mkfs_with(store: BlockStore, ec2: Any, volume_id: str, az: str, payload: by
     dev = store.device_of(volume_id)
     assert dev is not None
     mnt = tmp / f"mnt-{iid}"
-    vol.mount(dev, str(mnt), mkfs=True)
+    mount(dev, str(mnt), mkfs=True)
     (mnt / "ckpt.bin").write_bytes(payload)
-    vol.unmount(str(mnt))
+    unmount(str(mnt))
     ec2.terminate_instances(InstanceIds=[iid])
 
 
@@ -321,7 +335,7 @@ def test_cleanup_failure_after_a_good_mount_only_warns(
     sim = AWSSimulator(instance_id=iid, availability_zone="us-east-1b").start()
     monkeypatch.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", sim.endpoint)
     monkeypatch.setenv("AWS_ENDPOINT_URL_EC2", ec2_server.endpoint)
-    real_client = vol.ec2_client
+    real_client = ec2_client
     monkeypatch.setattr(
         "spotsafe.cloud.aws.volume.cli.ec2_client", lambda *a, **kw: DeniesDeleteSnapshot(real_client(*a, **kw))
     )
@@ -341,9 +355,9 @@ def test_cleanup_failure_after_a_good_mount_only_warns(
         "10",
     ]
     try:
-        assert vol.main(["attach", "--move", *common]) == 0
+        assert main(["attach", "--move", *common]) == 0
         caplog.clear()
-        assert vol.main(["mount", "--mountpoint", str(mnt), *common]) == 0
+        assert main(["mount", "--mountpoint", str(mnt), *common]) == 0
         warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
         assert any("could not retire" in w and "DeleteSnapshot" in w for w in warned), f"{warned}"
         # The data crossed zones through the snapshot; training may start.
@@ -355,11 +369,11 @@ def test_cleanup_failure_after_a_good_mount_only_warns(
         assert len(move_snapshots(ec2, source)) == 1  # left behind, not fatal
         # With the permission back, the next mount (a reboot) finishes the cleanup.
         monkeypatch.setattr("spotsafe.cloud.aws.volume.cli.ec2_client", real_client)
-        assert vol.main(["mount", "--mountpoint", str(mnt), *common]) == 0
+        assert main(["mount", "--mountpoint", str(mnt), *common]) == 0
         assert move_snapshots(ec2, source) == []
         assert tagged(ec2, tag) == [copy.volume_id]
     finally:
-        vol.unmount(str(mnt))
+        unmount(str(mnt))
         sim.shutdown()
 
 
@@ -375,12 +389,12 @@ def test_a_move_measured_on_the_fakes_carries_the_data(ec2: Any, real_store: Blo
     moved = time.monotonic() - t0
     mnt = tmp_path / "mnt"
     try:
-        r = vol.mount(a.device, str(mnt))
+        r = mount(a.device, str(mnt))
         assert r.formatted is False
         assert (mnt / "ckpt.bin").read_bytes() == payload
         m.retire_superseded(m.describe(a.volume.volume_id))
     finally:
-        vol.unmount(str(mnt))
+        unmount(str(mnt))
     print(f"move on the fakes (claim settle 0.3 s, 32 MiB volume): {moved:.2f} s")
     subprocess.run(["sync"], check=False)
     assert tagged(ec2, tag) == [a.volume.volume_id]
@@ -404,7 +418,7 @@ def test_cli_snapshot_every_repeats_until_sigterm(ec2: Any, ec2_server: Any, sto
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def periodic() -> list[dict[str, Any]]:
-        r = ec2.describe_snapshots(OwnerIds=["self"], Filters=[{"Name": "tag-key", "Values": [vol.TAG_PERIODIC]}])
+        r = ec2.describe_snapshots(OwnerIds=["self"], Filters=[{"Name": "tag-key", "Values": [TAG_PERIODIC]}])
         return [s for s in r["Snapshots"] if s["VolumeId"] == a.volume.volume_id]
 
     try:
@@ -460,14 +474,14 @@ def test_a_mover_yields_to_an_attach_in_the_source_zone_that_came_after_its_clai
     with pytest.raises(VolumeBusy, match="during the move"):
         m.attach(tags=tag, move=True)
     assert copies_of(ec2, source) == []  # no second run's volume
-    assert vol.TAG_CLAIM not in m.describe(source).tags  # the failed move let go of its claim
+    assert TAG_CLAIM not in m.describe(source).tags  # the failed move let go of its claim
 
 
 def test_an_attach_yields_to_a_claim_written_while_it_attached(ec2: Any, store: BlockStore) -> None:
     tag = {"spotsafe-run": unique_tag()}
     source = create_volume(ec2, "us-east-1a", tag)
     mover = run_instance(ec2, "us-east-1b")
-    claim = vol.Claim(mover, "us-east-1b", float(int(time.time())))
+    claim = Claim(mover, "us-east-1b", float(int(time.time())))
     z = instance(
         ec2,
         store,
@@ -475,7 +489,7 @@ def test_an_attach_yields_to_a_claim_written_while_it_attached(ec2: Any, store: 
         client=lambda c: Interleave(
             c,
             "attach_volume",
-            lambda: c.create_tags(Resources=[source], Tags=[{"Key": vol.TAG_CLAIM, "Value": claim.render()}]),
+            lambda: c.create_tags(Resources=[source], Tags=[{"Key": TAG_CLAIM, "Value": claim.render()}]),
         ),
     )
     with pytest.raises(VolumeBusy, match="being moved"):

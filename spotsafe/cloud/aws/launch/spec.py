@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from spotsafe.cloud.aws.volume.ec2 import IAM_POLICY as VOLUME_POLICY
+from spotsafe.cloud.aws.volume.model import IAM_POLICY as VOLUME_POLICY
 from spotsafe.errors import LaunchConfigError
 
 #: On a volume launch creates: the first boot may format it (the volume tool clears it).

@@ -28,17 +28,7 @@ from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import Any
 
-from spotsafe.cloud.aws.volume.ec2 import (
-    IAM_POLICY,
-    TAG_NEW,
-    Identity,
-    Timeouts,
-    VolumeInfo,
-    VolumeManager,
-    _truthy,
-    ec2_client,
-    parse_tags,
-)
+from spotsafe.cloud.aws.clients import ec2_client, truthy
 from spotsafe.cloud.aws.volume.filesystem import (
     DEFAULT_FSTYPE,
     DEFAULT_MOUNTPOINT,
@@ -48,6 +38,8 @@ from spotsafe.cloud.aws.volume.filesystem import (
     unmount,
 )
 from spotsafe.cloud.aws.volume.finish import finish
+from spotsafe.cloud.aws.volume.manager import VolumeManager
+from spotsafe.cloud.aws.volume.model import IAM_POLICY, TAG_NEW, Identity, Timeouts, VolumeInfo, parse_tags
 from spotsafe.errors import (
     MetadataError,
     MissingDependency,
@@ -207,7 +199,7 @@ def _cmd_mount(args: argparse.Namespace) -> int:
                 f"mount: volume {volume.volume_id} is not attached to this instance ({mgr.instance_id}); "
                 "run `python -m spotsafe.volume attach` first"
             )
-        mkfs = mkfs or _truthy(volume.tags.get(TAG_NEW))
+        mkfs = mkfs or truthy(volume.tags.get(TAG_NEW))
         if device is None:
             device = mgr.find_device(volume)
     if device is None:
@@ -235,7 +227,7 @@ def _cmd_mount(args: argparse.Namespace) -> int:
         if TAG_NEW in volume.tags:
             # It has a filesystem now: the permission to format is spent.
             try:
-                mgr._call(
+                mgr.calls(
                     "delete_tags", f"untag {volume.volume_id}", Resources=[volume.volume_id], Tags=[{"Key": TAG_NEW}]
                 )
             except VolumeError as e:

@@ -32,9 +32,6 @@ def is_block_device(path: str) -> bool:
         return False
 
 
-_is_block_device = is_block_device
-
-
 def _read(path: str) -> str | None:
     try:
         with open(path, encoding="ascii", errors="replace") as f:

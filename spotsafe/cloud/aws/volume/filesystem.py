@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from spotsafe.cloud.aws.volume.devices import is_block_device
+from spotsafe.cloud.aws.volume.model import TAG_NEW
 from spotsafe.errors import VolumeDeviceNotFound, VolumeMountError, VolumeNoFilesystem, VolumeNotBlank
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "filesystem_device",
     "filesystem_type",
     "is_blank",
+    "majmin",
     "mount",
     "mounted_at",
     "mountpoints_of",
@@ -34,8 +36,6 @@ log = logging.getLogger("spotsafe.volume")
 
 DEFAULT_MOUNTPOINT = "/mnt/spotsafe"
 DEFAULT_FSTYPE = "ext4"
-#: The tag that allows the first mount to format a blank volume (see :mod:`spotsafe.cloud.aws.volume.ec2`).
-TAG_NEW = "spotsafe-new"
 _BLANK_PROBE_BYTES = 1 << 20
 
 
@@ -115,7 +115,8 @@ def _mounts() -> list[_MountEntry]:
     return entries
 
 
-def _majmin(device: str) -> str:
+def majmin(device: str) -> str:
+    """``MAJOR:MINOR`` of a device node (following links), as /proc/self/mountinfo names a mount's device."""
     st = os.stat(device)
     return f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
 
@@ -143,7 +144,7 @@ def partitions_of(device: str, sys_root: str = "/sys") -> list[str]:
 
 def mountpoints_of(device: str) -> list[str]:
     """Where ``device`` (or one of its partitions) is mounted now."""
-    mms = {_majmin(d) for d in (device, *partitions_of(device))}
+    mms = {majmin(d) for d in (device, *partitions_of(device))}
     return [m.mountpoint for m in _mounts() if m.majmin in mms]
 
 
@@ -247,7 +248,7 @@ def mount(
     current = mounted_at(mountpoint)
     formatted = False
     if current is not None:
-        if current.majmin != _majmin(device):
+        if current.majmin != majmin(device):
             raise VolumeMountError(
                 f"{mountpoint} already has {current.source} mounted ({current.fstype}), not {device}"
             )

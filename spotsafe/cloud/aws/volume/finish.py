@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from spotsafe.cloud.aws.volume.ec2 import InstanceIdentity, _aws_error, _Calls, _client, _is_botocore_error, ec2_client
+from spotsafe.cloud.aws.clients import Calls, aws_error, client, ec2_client, is_botocore_error
+from spotsafe.cloud.aws.volume.model import InstanceIdentity
 
 __all__ = ["finish"]
 
@@ -27,7 +28,7 @@ def finish(
     done: list[str] = []
     iid = identity.instance_id
     if asg:
-        autoscaling = autoscaling or _client("autoscaling", identity.region)
+        autoscaling = autoscaling or client("autoscaling", identity.region)
         try:
             r = autoscaling.describe_auto_scaling_instances(InstanceIds=[iid])
             groups = {i["AutoScalingGroupName"] for i in r.get("AutoScalingInstances", [])}
@@ -35,11 +36,11 @@ def finish(
                 autoscaling.update_auto_scaling_group(AutoScalingGroupName=name, MinSize=0, DesiredCapacity=0)
                 done.append(f"auto scaling group {name}: desired capacity 0")
         except Exception as e:
-            if _is_botocore_error(e):
-                raise _aws_error(e, f"scale down the auto scaling group of {iid}") from e
+            if is_botocore_error(e):
+                raise aws_error(e, f"scale down the auto scaling group of {iid}") from e
             raise
     if spot:
-        calls = _Calls(ec2 or ec2_client(identity.region))
+        calls = Calls(ec2 or ec2_client(identity.region))
         r = calls(
             "describe_spot_instance_requests",
             f"find the spot request of {iid}",
