@@ -1,4 +1,4 @@
-"""One conformance suite for every Store backend (the contract in spotsafe/storage.py).
+"""One conformance suite for every Store backend (the contract in spotsafe/storage/base.py).
 
 Each backend gets a fixtures class providing ``store``; the test classes combine the
 suite with a fixtures class, as fsspec's ``tests/abstract`` does. A backend that

@@ -15,7 +15,7 @@
   to :meth:`S3Store.set_deadline` when that is sooner): a watchdog thread shuts the
   socket of an overdue call, so an endpoint that trickles bytes cannot hold a thread.
   Throttling (503 SlowDown), 500s, timeouts and dropped connections are retried with
-  jittered exponential backoff within that limit.
+  jittered exponential backoff within that limit. That machinery is :mod:`spotsafe.storage.s3_calls`.
 - The bucket is checked at construction (one HEAD), so a missing bucket, missing
   credentials, a denied access or an unreachable endpoint is a clear
   :class:`~spotsafe.errors.StoreError` naming the URL, not a hang at the first save.
