@@ -29,6 +29,8 @@ _LAZY = {
     "DistributedError": "spotsafe.errors",
     "WriterFenced": "spotsafe.errors",
     "LeaseTimeout": "spotsafe.errors",
+    "Store": "spotsafe.storage.base",
+    "open_store": "spotsafe.storage.registry",
 }
 
 __all__ = [
@@ -48,9 +50,11 @@ __all__ = [
     "SpotsafeError",
     "StateError",
     "StateMismatch",
+    "Store",
     "StoreError",
     "WriterFenced",
     "__version__",
+    "open_store",
 ]
 
 if TYPE_CHECKING:
@@ -71,6 +75,8 @@ if TYPE_CHECKING:
     )
     from spotsafe.run import Run
     from spotsafe.state import RNGState
+    from spotsafe.storage.base import Store
+    from spotsafe.storage.registry import open_store
 
 
 def __getattr__(name: str) -> Any:

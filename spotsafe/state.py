@@ -421,6 +421,175 @@ def _device_from_name(name: object, where: str) -> torch.device:
 _SPECIAL_FLOATS = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
 
+class _Unflattener:
+    """Builds a tree back from its description, checking every claim before it is used (see :func:`unflatten`)."""
+
+    def __init__(
+        self,
+        tensors_desc: list[Any],
+        blob_bytes: Callable[[int], torch.Tensor],
+        map_location: MapLocation,
+        where: str,
+        validate_only: bool,
+    ) -> None:
+        self.tensors_desc = tensors_desc
+        self.blob_bytes = blob_bytes
+        self.map_location = map_location
+        self.where = where
+        self.validate_only = validate_only
+        self.moved: dict[tuple[int, str], torch.Tensor] = {}  # one copy per (blob, device): ties survive moves
+        self.built: list[torch.Tensor | None] = [None] * len(tensors_desc)
+
+    def tensor(self, i: object) -> torch.Tensor:
+        """Tensor ``i`` of the table, built once (every reference to it gets the same tensor)."""
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(self.tensors_desc):
+            raise CheckpointCorrupt(f"{self.where}: tensor reference {str(i)[:80]!r} out of range")
+        done = self.built[i]
+        if done is not None:
+            return done
+        e = self.tensors_desc[i]
+        w = f"{self.where}: tensor {i}"
+        if not isinstance(e, dict):
+            raise CheckpointCorrupt(f"{w}: not an object")
+        t = self.built[i] = self.build_tensor(e, w)
+        return t
+
+    def build_tensor(self, e: dict[str, Any], w: str) -> torch.Tensor:
+        """The tensor entry ``e`` describes, on its device: a view of its blob, checked to lie inside it."""
+        dtype = _dtype_from_name(e.get("dtype"), w)
+        shape = _corrupt_ints(e.get("shape"), "shape", w)
+        stride = _corrupt_ints(e.get("stride"), "stride", w)
+        if len(stride) != len(shape):
+            raise CheckpointCorrupt(f"{w}: {len(shape)} dimensions but {len(stride)} strides")
+        saved_on = _device_from_name(e.get("device"), w)
+        if saved_on.type == "meta":
+            raise CheckpointCorrupt(f"{w}: a meta tensor has no data (none is ever saved)")
+        dev = torch.device("meta") if self.validate_only else resolve_device(str(saved_on), self.map_location)
+        b = _corrupt_int(e.get("blob"), "blob", w, lo=-1)
+        numel = math.prod(shape)
+        if b < 0:
+            # Only an empty tensor is saved without bytes: a claim of any other shape would allocate it.
+            if numel != 0:
+                raise CheckpointCorrupt(f"{w}: shape {shape} but no bytes in the data file")
+            t = torch.empty_strided(shape, stride, dtype=dtype, device=dev)
+        else:
+            key = (b, str(dev))
+            base = self.moved.get(key)
+            if base is None:
+                base = self.blob_bytes(b)
+                if dev.type != base.device.type:
+                    base = base.to(dev)
+                self.moved[key] = base
+            itemsize = dtype.itemsize
+            off = _corrupt_int(e.get("offset"), "offset", w, hi=base.numel())
+            if off % itemsize:
+                raise CheckpointCorrupt(f"{w}: offset {off} is not aligned to {itemsize}")
+            if numel > 0:
+                need = off // itemsize + sum((s - 1) * st for s, st in zip(shape, stride, strict=True)) + 1
+                if need * itemsize > base.numel():
+                    raise CheckpointCorrupt(f"{w}: reaches past the end of its blob")
+            t = _typed_view(base, dtype, itemsize).as_strided(shape, stride, off // itemsize)
+        grad = bool(e.get("requires_grad")) and (t.is_floating_point() or t.is_complex())
+        if e.get("param"):
+            t = torch.nn.Parameter(t, requires_grad=grad)
+        elif grad:
+            t.requires_grad_(True)
+        return t
+
+    def items(self, node: dict[str, Any], depth: int) -> list[tuple[Any, Any]]:
+        """The (key, value) pairs of a dict node: ``v`` (str keys) or ``items`` (keys of any saved type)."""
+        if "v" in node:
+            v = node["v"]
+            if not isinstance(v, dict):
+                raise CheckpointCorrupt(f"{self.where}: a {node['T']} node whose v is not an object")
+            return [(k, self.value(x, depth + 1)) for k, x in v.items()]
+        pairs = node.get("items")
+        if not isinstance(pairs, list):
+            raise CheckpointCorrupt(f"{self.where}: a {node['T']} node without v or items")
+        out = []
+        for pair in pairs:
+            if not isinstance(pair, list) or len(pair) != 2:
+                raise CheckpointCorrupt(f"{self.where}: a {node['T']} item that is not a [key, value] pair")
+            k = _hashable(self.value(pair[0], depth + 1))
+            try:
+                hash(k)
+            except TypeError as err:
+                raise CheckpointCorrupt(f"{self.where}: an unhashable dict key {str(k)[:80]!r}") from err
+            out.append((k, self.value(pair[1], depth + 1)))
+        return out
+
+    def value(self, node: Any, depth: int) -> Any:
+        """The value of ``node``: plain JSON as it is, containers and tensors built again."""
+        if depth > MAX_DEPTH:
+            raise CheckpointCorrupt(f"{self.where}: the tree is nested deeper than {MAX_DEPTH} levels")
+        if node is None or isinstance(node, (bool, int, float, str)):
+            return node
+        if isinstance(node, list):
+            return [self.value(v, depth + 1) for v in node]
+        if not isinstance(node, dict) or "T" not in node:
+            raise CheckpointCorrupt(f"{self.where}: unexpected node {str(node)[:80]!r}")
+        kind = node["T"]
+        v = node.get("v")
+        if kind == "tensor":
+            return self.tensor(node.get("id"))
+        if kind in ("dict", "odict"):
+            pairs = self.items(node, depth)
+            if kind == "dict":
+                return dict(pairs)
+            od: OrderedDict[Any, Any] = OrderedDict(pairs)
+            if "meta" in node:
+                od._metadata = self.value(node["meta"], depth + 1)  # type: ignore[attr-defined]
+            return od
+        if kind == "tuple":
+            if not isinstance(v, list):
+                raise CheckpointCorrupt(f"{self.where}: a tuple node whose v is not a list")
+            return tuple(self.value(x, depth + 1) for x in v)
+        if kind in ("ndarray", "npscalar"):
+            return self.numpy_value(kind, node, v, depth)
+        return self.special_value(kind, v)
+
+    def special_value(self, kind: Any, v: Any) -> Any:
+        """A value JSON has no plain form for: nan/inf, a huge int, torch.Size, torch.dtype, torch.device."""
+        if kind == "float":
+            if v not in _SPECIAL_FLOATS:
+                raise CheckpointCorrupt(f"{self.where}: bad float node {str(v)[:80]!r}")
+            return _SPECIAL_FLOATS[v]
+        if kind == "int":
+            if not isinstance(v, str) or not _HEX_INT.fullmatch(v):
+                raise CheckpointCorrupt(f"{self.where}: bad int node {str(v)[:80]!r}")
+            return int(v, 16)
+        if kind == "size":
+            if not isinstance(v, list):
+                raise CheckpointCorrupt(f"{self.where}: bad torch.Size node {str(v)[:80]!r}")
+            return torch.Size(_corrupt_int(d, "torch.Size dimension", self.where, hi=(1 << 63) - 1) for d in v)
+        if kind == "dtype":
+            return _dtype_from_name(v, self.where)
+        if kind == "device":
+            return _device_from_name(v, self.where)
+        raise CheckpointCorrupt(f"{self.where}: unknown node type {str(kind)[:80]!r} (written by a newer spotsafe?)")
+
+    def numpy_value(self, kind: str, node: dict[str, Any], v: Any, depth: int) -> Any:
+        """A NumPy array (from its tensor) or scalar (from its dtype and plain value)."""
+        np = _numpy_required(self.where)
+        if kind == "ndarray":
+            t = self.tensor(node.get("id"))
+            if self.validate_only:
+                torch.empty(0, dtype=t.dtype).numpy()  # a dtype NumPy has, as the real conversion needs
+                return _ArrayStandIn()  # unhashable, like the array load() builds (a dict key must fail alike)
+            return t.cpu().numpy()
+        try:
+            dt = np.dtype(node.get("dtype"))
+        except (TypeError, ValueError) as err:
+            raise CheckpointCorrupt(f"{self.where}: bad NumPy scalar dtype {str(node.get('dtype'))[:80]!r}") from err
+        x = self.value(v, depth + 1)
+        if dt.kind not in "biuf" or dt.itemsize > 16 or not isinstance(x, (bool, int, float)):
+            raise CheckpointCorrupt(f"{self.where}: bad NumPy scalar {str(node)[:80]!r}")
+        try:
+            return dt.type(x)
+        except (OverflowError, ValueError, TypeError) as err:
+            raise CheckpointCorrupt(f"{self.where}: bad NumPy scalar {str(node)[:80]!r} ({err})") from err
+
+
 def unflatten(
     description: Mapping[str, Any],
     blob_bytes: Callable[[int], torch.Tensor],
@@ -447,146 +616,9 @@ def unflatten(
     tree = description.get("tree")
     if not isinstance(tensors_desc, list) or "tree" not in description:
         raise CheckpointCorrupt(f"{where}: not a spotsafe tree description (no tensor table or tree)")
-    moved: dict[tuple[int, str], torch.Tensor] = {}  # one copy per (blob, device): ties survive moves
-    built: list[torch.Tensor | None] = [None] * len(tensors_desc)
-
-    def tensor(i: object) -> torch.Tensor:
-        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(tensors_desc):
-            raise CheckpointCorrupt(f"{where}: tensor reference {str(i)[:80]!r} out of range")
-        done = built[i]
-        if done is not None:
-            return done
-        e = tensors_desc[i]
-        w = f"{where}: tensor {i}"
-        if not isinstance(e, dict):
-            raise CheckpointCorrupt(f"{w}: not an object")
-        dtype = _dtype_from_name(e.get("dtype"), w)
-        shape = _corrupt_ints(e.get("shape"), "shape", w)
-        stride = _corrupt_ints(e.get("stride"), "stride", w)
-        if len(stride) != len(shape):
-            raise CheckpointCorrupt(f"{w}: {len(shape)} dimensions but {len(stride)} strides")
-        saved_on = _device_from_name(e.get("device"), w)
-        if saved_on.type == "meta":
-            raise CheckpointCorrupt(f"{w}: a meta tensor has no data (none is ever saved)")
-        dev = torch.device("meta") if validate_only else resolve_device(str(saved_on), map_location)
-        b = _corrupt_int(e.get("blob"), "blob", w, lo=-1)
-        numel = math.prod(shape)
-        if b < 0:
-            # Only an empty tensor is saved without bytes: a claim of any other shape would allocate it.
-            if numel != 0:
-                raise CheckpointCorrupt(f"{w}: shape {shape} but no bytes in the data file")
-            t = torch.empty_strided(shape, stride, dtype=dtype, device=dev)
-        else:
-            key = (b, str(dev))
-            base = moved.get(key)
-            if base is None:
-                base = blob_bytes(b)
-                if dev.type != base.device.type:
-                    base = base.to(dev)
-                moved[key] = base
-            itemsize = dtype.itemsize
-            off = _corrupt_int(e.get("offset"), "offset", w, hi=base.numel())
-            if off % itemsize:
-                raise CheckpointCorrupt(f"{w}: offset {off} is not aligned to {itemsize}")
-            if numel > 0:
-                need = off // itemsize + sum((s - 1) * st for s, st in zip(shape, stride, strict=True)) + 1
-                if need * itemsize > base.numel():
-                    raise CheckpointCorrupt(f"{w}: reaches past the end of its blob")
-            t = _typed_view(base, dtype, itemsize).as_strided(shape, stride, off // itemsize)
-        grad = bool(e.get("requires_grad")) and (t.is_floating_point() or t.is_complex())
-        if e.get("param"):
-            t = torch.nn.Parameter(t, requires_grad=grad)
-        elif grad:
-            t.requires_grad_(True)
-        built[i] = t
-        return t
-
-    def items(node: dict[str, Any], depth: int) -> list[tuple[Any, Any]]:
-        if "v" in node:
-            v = node["v"]
-            if not isinstance(v, dict):
-                raise CheckpointCorrupt(f"{where}: a {node['T']} node whose v is not an object")
-            return [(k, value(x, depth + 1)) for k, x in v.items()]
-        pairs = node.get("items")
-        if not isinstance(pairs, list):
-            raise CheckpointCorrupt(f"{where}: a {node['T']} node without v or items")
-        out = []
-        for pair in pairs:
-            if not isinstance(pair, list) or len(pair) != 2:
-                raise CheckpointCorrupt(f"{where}: a {node['T']} item that is not a [key, value] pair")
-            k = _hashable(value(pair[0], depth + 1))
-            try:
-                hash(k)
-            except TypeError as err:
-                raise CheckpointCorrupt(f"{where}: an unhashable dict key {str(k)[:80]!r}") from err
-            out.append((k, value(pair[1], depth + 1)))
-        return out
-
-    def value(node: Any, depth: int) -> Any:
-        if depth > MAX_DEPTH:
-            raise CheckpointCorrupt(f"{where}: the tree is nested deeper than {MAX_DEPTH} levels")
-        if node is None or isinstance(node, (bool, int, float, str)):
-            return node
-        if isinstance(node, list):
-            return [value(v, depth + 1) for v in node]
-        if not isinstance(node, dict) or "T" not in node:
-            raise CheckpointCorrupt(f"{where}: unexpected node {str(node)[:80]!r}")
-        kind = node["T"]
-        v = node.get("v")
-        if kind == "tensor":
-            return tensor(node.get("id"))
-        if kind in ("dict", "odict"):
-            pairs = items(node, depth)
-            if kind == "dict":
-                return dict(pairs)
-            od: OrderedDict[Any, Any] = OrderedDict(pairs)
-            if "meta" in node:
-                od._metadata = value(node["meta"], depth + 1)  # type: ignore[attr-defined]
-            return od
-        if kind == "tuple":
-            if not isinstance(v, list):
-                raise CheckpointCorrupt(f"{where}: a tuple node whose v is not a list")
-            return tuple(value(x, depth + 1) for x in v)
-        if kind == "float":
-            if v not in _SPECIAL_FLOATS:
-                raise CheckpointCorrupt(f"{where}: bad float node {str(v)[:80]!r}")
-            return _SPECIAL_FLOATS[v]
-        if kind == "int":
-            if not isinstance(v, str) or not _HEX_INT.fullmatch(v):
-                raise CheckpointCorrupt(f"{where}: bad int node {str(v)[:80]!r}")
-            return int(v, 16)
-        if kind == "size":
-            if not isinstance(v, list):
-                raise CheckpointCorrupt(f"{where}: bad torch.Size node {str(v)[:80]!r}")
-            return torch.Size(_corrupt_int(d, "torch.Size dimension", where, hi=(1 << 63) - 1) for d in v)
-        if kind == "dtype":
-            return _dtype_from_name(v, where)
-        if kind == "device":
-            return _device_from_name(v, where)
-        if kind == "ndarray":
-            np = _numpy_required(where)
-            t = tensor(node.get("id"))
-            if validate_only:
-                torch.empty(0, dtype=t.dtype).numpy()  # a dtype NumPy has, as the real conversion needs
-                return _ArrayStandIn()  # unhashable, like the array load() builds (a dict key must fail alike)
-            return t.cpu().numpy()
-        if kind == "npscalar":
-            np = _numpy_required(where)
-            try:
-                dt = np.dtype(node.get("dtype"))
-            except (TypeError, ValueError) as err:
-                raise CheckpointCorrupt(f"{where}: bad NumPy scalar dtype {str(node.get('dtype'))[:80]!r}") from err
-            x = value(v, depth + 1)
-            if dt.kind not in "biuf" or dt.itemsize > 16 or not isinstance(x, (bool, int, float)):
-                raise CheckpointCorrupt(f"{where}: bad NumPy scalar {str(node)[:80]!r}")
-            try:
-                return dt.type(x)
-            except (OverflowError, ValueError, TypeError) as err:
-                raise CheckpointCorrupt(f"{where}: bad NumPy scalar {str(node)[:80]!r} ({err})") from err
-        raise CheckpointCorrupt(f"{where}: unknown node type {str(kind)[:80]!r} (written by a newer spotsafe?)")
-
+    builder = _Unflattener(tensors_desc, blob_bytes, map_location, where, validate_only)
     try:
-        return value(tree, 0)
+        return builder.value(tree, 0)
     except SpotsafeError:
         raise
     except (KeyError, TypeError, AttributeError, ValueError, IndexError, OverflowError, RecursionError) as e:

@@ -1,4 +1,4 @@
-"""One conformance suite for every Store backend (the contract in spotsafe/storage.py).
+"""One conformance suite for every Store backend (the contract in spotsafe/storage/base.py).
 
 Each backend gets a fixtures class providing ``store``; the test classes combine the
 suite with a fixtures class, as fsspec's ``tests/abstract`` does. A backend that
@@ -8,6 +8,8 @@ passes here can carry checkpoints.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -132,6 +134,46 @@ def test_open_store_dispatches_by_scheme(tmp_path: Path, s3_bucket: str, s3_opti
     with open_store(local=tmp_path / "c", remote=f"s3://{s3_bucket}/run", storage_options=s3_options) as s:
         assert type(s) is MirrorStore
         assert s.listdir("") == ["x"]  # the remote tier is visible through the mirror
+
+
+def test_register_store_adds_a_scheme(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from spotsafe.storage import registry
+    from spotsafe.storage.local import LocalStore
+
+    monkeypatch.setattr(registry, "BACKENDS", dict(registry.BACKENDS))  # this test's registrations end with it
+    calls: list[tuple[str, Any]] = []
+
+    def factory(url: str, storage_options: Any) -> Store:
+        calls.append((url, storage_options))
+        return LocalStore(tmp_path / url.split("://", 1)[1])
+
+    registry.register_store("MyFS", factory)
+    with open_store("myfs://runs/a", storage_options={"token": "t"}) as s:
+        assert type(s) is LocalStore and s.root == tmp_path / "runs" / "a"
+    assert calls == [("myfs://runs/a", {"token": "t"})]
+    with open_store(local=tmp_path / "l", remote="myfs://runs/b") as s:  # a mirror's remote tier too
+        assert [type(t) for t in s.tiers] == [LocalStore, LocalStore]
+    assert calls[-1] == ("myfs://runs/b", None)
+    with pytest.raises(ValueError, match="not a URL scheme"):
+        registry.register_store("myfs://", factory)
+
+
+def test_open_store_of_a_path_imports_no_optional_dependency(tmp_path: Path) -> None:
+    code = (
+        "import sys, spotsafe; spotsafe.open_store(sys.argv[1]).close(); "
+        "print(sorted(m for m in ('boto3', 'botocore', 'fsspec', 's3fs') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "s")], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_store_and_open_store_are_public_api() -> None:
+    import spotsafe
+    from spotsafe.storage import registry
+
+    assert spotsafe.Store is Store
+    assert spotsafe.open_store is registry.open_store
+    assert {"Store", "open_store"} <= set(spotsafe.__all__)
 
 
 def test_fsspec_unknown_protocol_is_a_clear_error() -> None:

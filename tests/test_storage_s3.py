@@ -120,15 +120,15 @@ def test_botocore_checksums_can_be_turned_back_on(s3_bucket: str, s3_options: di
 
 
 def test_part_bodies_are_views_of_the_caller_buffers() -> None:
-    from spotsafe.storage.s3 import _as_bytes_views, _BuffersReader
+    from spotsafe.storage.buffers import BuffersReader, as_bytes_views
 
-    views, offsets, total = _as_bytes_views([b"abc", b"", bytearray(b"defg"), memoryview(b"hij")])
+    views, offsets, total = as_bytes_views([b"abc", b"", bytearray(b"defg"), memoryview(b"hij")])
     assert (offsets, total) == ([0, 3, 7], 10)
-    part = _BuffersReader(views, offsets, 2, 9)  # "cdefghi", across three buffers
+    part = BuffersReader(views, offsets, 2, 9)  # "cdefghi", across three buffers
     assert len(part) == 7
     assert bytes(part.read(1)) == b"c"
     assert bytes(part.read(3)) == b"def"  # inside one buffer: a view, no copy
-    assert isinstance(_BuffersReader(views, offsets, 3, 7).read(4), memoryview)
+    assert isinstance(BuffersReader(views, offsets, 3, 7).read(4), memoryview)
     assert bytes(part.read()) == b"ghi"
     assert part.read() == b""
     assert part.seek(0) == 0

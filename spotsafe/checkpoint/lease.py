@@ -47,9 +47,11 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from spotsafe.errors import CheckpointNotFound, LeaseTimeout, SpotsafeError, WriterFenced
+from spotsafe.processes import boot_id, pid_alive, process_start
+from spotsafe.settings import Settings
 from spotsafe.storage.base import Store
 
-log = logging.getLogger("spotsafe.lease")
+log = logging.getLogger(__name__)
 
 LEASE_DIR = "lease"
 FORMAT = "spotsafe-lease"
@@ -71,33 +73,6 @@ def _boot_clock() -> float:
     """Seconds on a clock that keeps counting while the process is stopped or the machine suspended."""
     clock = getattr(time, "CLOCK_BOOTTIME", None)
     return time.clock_gettime(clock) if clock is not None else time.monotonic()
-
-
-def _boot_id() -> str:
-    try:
-        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
-
-
-def _process_start(pid: int) -> str:
-    """The start time of ``pid`` (clock ticks since boot), so a recycled pid is told apart."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return ""
-
-
-def _pid_alive(pid: int, start: str) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return not start or _process_start(pid) in ("", start)
 
 
 @dataclass(frozen=True)
@@ -203,8 +178,6 @@ class Lease:
 
     def __init__(self, store: Store, *, seconds: float | None = None, poll: float | None = None) -> None:
         if seconds is None:
-            from spotsafe.settings import Settings
-
             seconds = Settings.from_env().lease_seconds
         if seconds <= 0:
             raise ValueError(f"lease seconds must be > 0, not {seconds!r}")
@@ -282,8 +255,8 @@ class Lease:
             generation=generation,
             host=socket.gethostname(),
             pid=os.getpid(),
-            boot_id=_boot_id(),
-            process_start=_process_start(os.getpid()),
+            boot_id=boot_id(),
+            process_start=process_start(os.getpid()),
             token=self._token,
             acquired=now,
             renewed=now,
@@ -315,7 +288,7 @@ class Lease:
         now = datetime.now(timezone.utc)
         if now > record.expires + timedelta(seconds=record.lease_seconds):
             return True  # stale even allowing a lease period of clock skew
-        same_machine = record.boot_id and record.boot_id == _boot_id()
+        same_machine = record.boot_id and record.boot_id == boot_id()
         if same_machine and record.pid == os.getpid():
             with _HELD_LOCK:
                 holder = _HELD.get((tier.url, record.generation))
@@ -327,7 +300,7 @@ class Lease:
                 record.generation,
             )
             return True
-        if same_machine and not _pid_alive(record.pid, record.process_start):
+        if same_machine and not pid_alive(record.pid, record.process_start):
             return True
         # Silent for a whole lease period on this process's own clock: no skew involved.
         key = (tier.url, record.generation)

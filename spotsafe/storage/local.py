@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from spotsafe.errors import CheckpointCorrupt, CheckpointNotFound, StoreError
+from spotsafe.processes import pid_alive
 from spotsafe.storage.base import DIRECT_ALIGN, Buffer, Store
 
 #: Largest single os.write: big enough to stream at disk speed, small enough to
@@ -146,16 +147,6 @@ def _write_direct(fd: int, buffers: Sequence[Buffer], bounce: memoryview) -> int
         _clear_direct(fd)
         _write_fully(fd, bounce[whole:fill])
     return staged
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class LocalStore(Store):
@@ -463,7 +454,7 @@ class LocalStore(Store):
                     continue
                 full = Path(dirpath) / name
                 pid = int(m.group("pid"))
-                if full in active or (pid != me and _pid_alive(pid)):
+                if full in active or (pid != me and pid_alive(pid)):
                     continue
                 try:
                     full.unlink()

@@ -15,7 +15,7 @@
   to :meth:`S3Store.set_deadline` when that is sooner): a watchdog thread shuts the
   socket of an overdue call, so an endpoint that trickles bytes cannot hold a thread.
   Throttling (503 SlowDown), 500s, timeouts and dropped connections are retried with
-  jittered exponential backoff within that limit.
+  jittered exponential backoff within that limit. That machinery is :mod:`spotsafe.storage.s3_calls`.
 - The bucket is checked at construction (one HEAD), so a missing bucket, missing
   credentials, a denied access or an unreachable endpoint is a clear
   :class:`~spotsafe.errors.StoreError` naming the URL, not a hang at the first save.
@@ -25,12 +25,10 @@ Credentials come from boto3's standard chain (environment, profile, instance rol
 
 from __future__ import annotations
 
-import bisect
 import logging
 import mmap
 import os
 import random
-import socket
 import threading
 import time
 import weakref
@@ -41,6 +39,16 @@ from typing import Any, TypeVar
 
 from spotsafe.errors import CheckpointCorrupt, CheckpointNotFound, StoreError, require
 from spotsafe.storage.base import MAX_MANIFEST_BYTES, Buffer, Store
+from spotsafe.storage.buffers import BuffersReader, as_bytes_views
+from spotsafe.storage.s3_calls import (
+    Call,
+    Overdue,
+    Watchdog,
+    describe_error,
+    error_code,
+    is_retryable,
+    track_connections,
+)
 
 log = logging.getLogger(__name__)
 
@@ -73,23 +81,6 @@ MANIFEST = "manifest.json"
 #: that accepts connections and never answers fails in seconds, not 2 x read_timeout.
 CHECK_TIMEOUT = 5.0
 DEFAULT_MAX_ATTEMPTS = 8
-
-#: Error codes worth another try: throttling and server-side trouble.
-RETRYABLE_CODES = frozenset(
-    {
-        "SlowDown",
-        "Throttling",
-        "ThrottlingException",
-        "RequestTimeout",
-        "RequestTimeTooSkewed",
-        "InternalError",
-        "ServiceUnavailable",
-        "500",
-        "502",
-        "503",
-        "504",
-    }
-)
 
 #: storage_options keys understood here (s3fs's names where s3fs has one).
 _OPTIONS = frozenset(
@@ -125,74 +116,6 @@ def parse_s3_url(url: str) -> tuple[str, str]:
     return bucket, prefix.strip("/")
 
 
-class _BuffersReader:
-    """A seekable, read-only file over ``[start, end)`` of a list of buffers.
-
-    botocore wants a file-like body; this one serves the bytes of a multipart part
-    straight from the caller's memoryviews, crossing buffer boundaries as needed,
-    without ever materialising the part.
-    """
-
-    def __init__(self, views: Sequence[memoryview], offsets: Sequence[int], start: int, end: int):
-        self._views = views
-        self._offsets = offsets  # offsets[i] = absolute start of views[i]
-        self._start = start
-        self._end = end
-        self._pos = start
-
-    def __len__(self) -> int:
-        return self._end - self._start
-
-    def tell(self) -> int:
-        return self._pos - self._start
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        base = {0: self._start, 1: self._pos, 2: self._end}[whence]
-        self._pos = min(max(base + offset, self._start), self._end)
-        return self.tell()
-
-    def seekable(self) -> bool:
-        return True
-
-    def readable(self) -> bool:
-        return True
-
-    def read(self, n: int | None = -1) -> memoryview | bytes:
-        # A slice of the caller's buffer, not a copy: http.client sends it as it is
-        # (sendall takes any buffer), and hashlib/zlib take it for checksums.
-        if n is None or n < 0:
-            n = self._end - self._pos
-        n = min(n, self._end - self._pos)
-        if n <= 0:
-            return b""
-        i = bisect.bisect_right(self._offsets, self._pos) - 1  # the buffer holding _pos
-        local = self._pos - self._offsets[i]
-        chunk = self._views[i][local : local + n]
-        self._pos += len(chunk)
-        if len(chunk) < n and i + 1 < len(self._views):
-            return bytes(chunk) + self.read(n - len(chunk))  # crossing buffers: rare, small
-        return chunk
-
-    def close(self) -> None:
-        pass
-
-
-def _as_bytes_views(buffers: Sequence[Buffer]) -> tuple[list[memoryview], list[int], int]:
-    views: list[memoryview] = []
-    offsets: list[int] = []
-    total = 0
-    for b in buffers:
-        v = memoryview(b)
-        if v.format != "B" or v.ndim != 1:
-            v = v.cast("B") if v.c_contiguous else memoryview(v.tobytes())
-        if len(v) == 0:
-            continue
-        views.append(v)
-        offsets.append(total)
-        total += len(v)
-    return views, offsets, total
-
-
 class S3Store(Store):
     """Checkpoints under ``s3://bucket/prefix``.
 
@@ -216,6 +139,30 @@ class S3Store(Store):
         self.url = url.rstrip("/")
         self.bucket, self.prefix = parse_s3_url(url)
         opts = dict(storage_options or {})
+        self._read_limits(opts)
+        self._deadline: float | None = None  # time.monotonic() value
+        self._own_uploads: set[str] = set()
+        self._warned_uploads = False
+        self._no_conditional = False  # the server refused If-None-Match (501): best effort
+        self._lock = threading.Lock()
+        self._closed = False
+        self._created = datetime.now(timezone.utc)
+
+        self._client, check_client = self._make_clients(opts)
+        self._pool = ThreadPoolExecutor(max_workers=self.max_concurrency, thread_name_prefix="spotsafe-s3")
+        self._watchdog = Watchdog(f"spotsafe-s3-watchdog({self.url})")
+        weakref.finalize(self, self._watchdog.stop)  # a store dropped unclosed does not leave it behind
+        self._interruptible = track_connections(self._client, self.url) and track_connections(check_client, self.url)
+        try:
+            self._check_bucket(check_client)
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            check_client.close()
+
+    def _read_limits(self, opts: Mapping[str, Any]) -> None:
+        """Part size, concurrency, attempts and call limits from ``storage_options``, checked."""
         unknown = sorted(set(opts) - _OPTIONS)
         if unknown:
             raise ValueError(f"{self.url}: unknown storage_options {unknown}; known: {sorted(_OPTIONS)}")
@@ -236,14 +183,9 @@ class S3Store(Store):
             raise ValueError(f"{self.url}: request_timeout must be > 0 seconds, not {self.request_timeout}")
         if not self.min_throughput > 0:
             raise ValueError(f"{self.url}: min_throughput must be > 0 bytes/s, not {self.min_throughput}")
-        self._deadline: float | None = None  # time.monotonic() value
-        self._own_uploads: set[str] = set()
-        self._warned_uploads = False
-        self._no_conditional = False  # the server refused If-None-Match (501): best effort
-        self._lock = threading.Lock()
-        self._closed = False
-        self._created = datetime.now(timezone.utc)
 
+    def _make_clients(self, opts: Mapping[str, Any]) -> tuple[Any, Any]:
+        """The store's boto3 client, and one with short timeouts for the bucket check (sets ``endpoint``)."""
         boto3 = require("boto3", "s3")
         from botocore import UNSIGNED
         from botocore.config import Config
@@ -278,7 +220,7 @@ class S3Store(Store):
                 aws_session_token=opts.get("token"),
                 profile_name=opts.get("profile"),
             )
-            self._client = session.client("s3", config=Config(**config_kwargs), **client_kwargs)
+            client = session.client("s3", config=Config(**config_kwargs), **client_kwargs)
             check_config = Config(**config_kwargs).merge(
                 Config(
                     connect_timeout=min(config_kwargs["connect_timeout"], CHECK_TIMEOUT),
@@ -288,17 +230,7 @@ class S3Store(Store):
             check_client = session.client("s3", config=check_config, **client_kwargs)
         except Exception as e:  # bad profile, bad region, bad endpoint URL...
             raise StoreError(f"{self.url}: cannot create an S3 client: {e}") from e
-        self._pool = ThreadPoolExecutor(max_workers=self.max_concurrency, thread_name_prefix="spotsafe-s3")
-        self._watchdog = _Watchdog(f"spotsafe-s3-watchdog({self.url})")
-        weakref.finalize(self, self._watchdog.stop)  # a store dropped unclosed does not leave it behind
-        self._interruptible = _track_connections(self._client, self.url) and _track_connections(check_client, self.url)
-        try:
-            self._check_bucket(check_client)
-        except BaseException:
-            self.close()
-            raise
-        finally:
-            check_client.close()
+        return client, check_client
 
     # ------------------------------------------------------------------ helpers
 
@@ -342,18 +274,15 @@ class S3Store(Store):
             raise StoreError(f"{self.url}: store is closed")
         tries = self.max_attempts if attempts is None else attempts
         budget = self.request_timeout + nbytes / self.min_throughput
-        call = _Call(self._watchdog, time.monotonic() + budget)
+        call = Call(self._watchdog, time.monotonic() + budget)
         if self._deadline is not None and self._deadline <= time.monotonic():
             # Still running past the notice's deadline: it was an estimate (an assumed one, a
             # rebalance). Refusing every call now would fail the run's own cleanup (the lease,
             # a last save): one attempt, within the call's own limit, as before this deadline.
             call.after_notice = True
             tries = 1
-        outer = getattr(_local, "call", None)
-        _local.call = call
-        self._watchdog.watch(call)
         attempt = 0
-        try:
+        with call.running():
             while True:
                 attempt += 1
                 try:
@@ -361,7 +290,7 @@ class S3Store(Store):
                 except Exception as e:
                     if call.expired or call.left() <= 0:  # its socket was shut, or a capped timeout fired
                         raise self._overdue(what, call, nbytes) from e
-                    if not _is_retryable(e) or attempt >= tries:
+                    if not is_retryable(e) or attempt >= tries:
                         raise
                     delay = min(5.0, 0.1 * 2 ** (attempt - 1)) * (0.5 + random.random())
                     if delay >= call.left():
@@ -369,23 +298,20 @@ class S3Store(Store):
                         raise
                     log.info("%s: %s failed (%s); retry %d in %.2fs", self.url, what, e, attempt, delay)
                     time.sleep(delay)
-        finally:
-            self._watchdog.unwatch(call)
-            _local.call = outer
 
-    def _overdue(self, what: str, call: _Call, nbytes: int) -> StoreError:
+    def _overdue(self, what: str, call: Call, nbytes: int) -> StoreError:
         if call.notice_first():
-            return _Overdue(
+            return Overdue(
                 f"{what}: cut at the preemption notice's deadline (set_deadline), before {self.endpoint} completed it"
             )
         budget = self.request_timeout + nbytes / self.min_throughput
         how = f"request_timeout {self.request_timeout:g} s"
         if nbytes / self.min_throughput >= 0.05:
             how += f" + {nbytes} bytes at min_throughput {self.min_throughput:g} bytes/s"
-        return _Overdue(f"{what}: {self.endpoint} did not complete it within its limit of {budget:.3g} s ({how})")
+        return Overdue(f"{what}: {self.endpoint} did not complete it within its limit of {budget:.3g} s ({how})")
 
     def _error(self, path: str, action: str, e: BaseException) -> StoreError:
-        return StoreError(f"{self._where(path)}: {action} failed: {_describe(e, self.endpoint)}")
+        return StoreError(f"{self._where(path)}: {action} failed: {describe_error(e, self.endpoint)}")
 
     def _check_bucket(self, client: Any) -> None:
         from botocore.exceptions import ClientError, NoCredentialsError, ReadTimeoutError
@@ -410,7 +336,7 @@ class S3Store(Store):
                 "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE, or attach a role"
             ) from e
         except ClientError as e:
-            code = _code(e)
+            code = error_code(e)
             if code in ("404", "NoSuchBucket", "NotFound"):
                 raise StoreError(f"{self.url}: bucket {self.bucket!r} does not exist at {self.endpoint}") from e
             if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
@@ -421,7 +347,7 @@ class S3Store(Store):
                 ) from e
             raise StoreError(f"{self.url}: cannot reach bucket {self.bucket!r}: {e}") from e
         except Exception as e:
-            raise StoreError(f"{self.url}: {_describe(e, self.endpoint)}") from e
+            raise StoreError(f"{self.url}: {describe_error(e, self.endpoint)}") from e
 
     # ------------------------------------------------------------------ reads
 
@@ -460,7 +386,7 @@ class S3Store(Store):
             head: dict[str, Any] = self._call(f"HEAD {key}", self._client.head_object, Bucket=self.bucket, Key=key)
             return head
         except ClientError as e:
-            if _code(e) in ("404", "NoSuchKey", "NotFound"):
+            if error_code(e) in ("404", "NoSuchKey", "NotFound"):
                 return None
             raise self._error(path, "HEAD", e) from e
         except Exception as e:
@@ -557,9 +483,9 @@ class S3Store(Store):
             try:
                 response = self._client.get_object(**kwargs)
             except ClientError as e:
-                if expect is not None and _code(e) in ("404", "NoSuchKey", "NotFound"):
+                if expect is not None and error_code(e) in ("404", "NoSuchKey", "NotFound"):
                     raise CheckpointNotFound(f"{self._where(path)}: no such object") from e
-                if expect is not None and _code(e) in ("416", "InvalidRange"):
+                if expect is not None and error_code(e) in ("416", "InvalidRange"):
                     raise CheckpointCorrupt(f"{self._where(path)}: shorter than the {expect} bytes expected") from e
                 raise
             body = response["Body"]
@@ -635,7 +561,7 @@ class S3Store(Store):
                 IfNoneMatch="*",
             )
         except ClientError as e:
-            code = _code(e)
+            code = error_code(e)
             if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
                 return False
             if code in ("NotImplemented", "501"):
@@ -648,7 +574,7 @@ class S3Store(Store):
         return True
 
     def write_file(self, path: str, buffers: Sequence[Buffer]) -> None:
-        views, offsets, total = _as_bytes_views(buffers)
+        views, offsets, total = as_bytes_views(buffers)
         key = self._key(path)
         if total <= self.part_size:
             try:
@@ -699,7 +625,7 @@ class S3Store(Store):
     def write_files(self, items: Sequence[tuple[str, Sequence[Buffer]]]) -> None:
         small: list[tuple[str, list[memoryview], list[int], int]] = []
         for path, buffers in items:
-            views, offsets, total = _as_bytes_views(buffers)
+            views, offsets, total = as_bytes_views(buffers)
             if total > self.part_size:
                 self.write_file(path, views)  # parallel parts of its own
             else:
@@ -716,7 +642,7 @@ class S3Store(Store):
         key = self._key(path)
         self._call(
             f"PUT {key}",
-            lambda: self._client.put_object(Bucket=self.bucket, Key=key, Body=_BuffersReader(views, offsets, 0, total)),
+            lambda: self._client.put_object(Bucket=self.bucket, Key=key, Body=BuffersReader(views, offsets, 0, total)),
             nbytes=total,
         )
 
@@ -736,7 +662,7 @@ class S3Store(Store):
                 Key=key,
                 UploadId=upload_id,
                 PartNumber=number,
-                Body=_BuffersReader(views, offsets, start, end),
+                Body=BuffersReader(views, offsets, start, end),
             )
             return str(response["ETag"])
 
@@ -801,7 +727,7 @@ class S3Store(Store):
         try:
             uploads = self._uploads(prefix)
         except Exception as e:
-            if _code(e) in ("NotImplemented", "501", "AccessDenied", "403"):
+            if error_code(e) in ("NotImplemented", "501", "AccessDenied", "403"):
                 # Some S3-compatible servers lack the call, and a narrow IAM policy may leave
                 # out s3:ListBucketMultipartUploads: neither is a reason to refuse saving.
                 if not self._warned_uploads:
@@ -810,7 +736,7 @@ class S3Store(Store):
                         "%s: cannot list multipart uploads (%s); stale ones left by killed "
                         "writers will not be aborted (a bucket lifecycle rule can)",
                         self.url,
-                        _code(e),
+                        error_code(e),
                     )
                 return
             raise self._error("", "listing multipart uploads", e) from e
@@ -865,239 +791,3 @@ class S3Store(Store):
 
 class _Silent(Exception):
     """The bucket check's read timed out (never retried)."""
-
-
-class _Overdue(StoreError, TimeoutError):
-    """A call passed its whole-call limit (or the notice's deadline); never retried."""
-
-
-#: The call (if any) running in this thread, for the connections it opens or reuses.
-_local = threading.local()
-
-
-class _Call:
-    """One S3 call in flight, all its attempts: its limit and the connections it used."""
-
-    __slots__ = ("after_notice", "conns", "deadline", "expired", "watchdog")
-
-    def __init__(self, watchdog: _Watchdog, deadline: float) -> None:
-        self.watchdog = watchdog
-        self.deadline = deadline  # time.monotonic()
-        self.conns: list[Any] = []
-        self.expired = False
-        self.after_notice = False  # started past the notice's deadline: bounded by its own limit only
-
-    def due(self) -> float:
-        notice = None if self.after_notice else self.watchdog.notice
-        return self.deadline if notice is None else min(self.deadline, notice)
-
-    def left(self) -> float:
-        return self.due() - time.monotonic()
-
-    def notice_first(self) -> bool:
-        notice = None if self.after_notice else self.watchdog.notice
-        return notice is not None and notice < self.deadline
-
-    def adopt(self, conn: Any) -> None:
-        """``conn`` now carries this call's request (called in the call's thread)."""
-        conn._spotsafe_call = self
-        if conn not in self.conns:
-            self.conns.append(conn)
-        if self.expired:  # the limit passed between two steps: do not start another
-            raise TimeoutError("spotsafe: the call's time limit has passed")
-
-    def expire(self) -> None:
-        """Mark the call overdue and shut its sockets: a thread blocked in them returns at once."""
-        self.expired = True
-        for conn in list(self.conns):
-            sock = getattr(conn, "sock", None)
-            if getattr(conn, "_spotsafe_call", None) is not self or sock is None:
-                continue  # back in the pool and taken by another call, or not connected
-            try:
-                # socket.socket's own shutdown, also for an SSLSocket: shuts the TCP
-                # connection without touching the TLS state another thread is inside.
-                socket.socket.shutdown(sock, socket.SHUT_RDWR)
-            except OSError:
-                pass  # already closed: nothing blocks on it
-
-
-class _Watchdog:
-    """A daemon thread that expires a store's overdue calls, sleeping until the next is due."""
-
-    def __init__(self, name: str) -> None:
-        self.notice: float | None = None  # the preemption notice's deadline, time.monotonic()
-        self._cond = threading.Condition()
-        self._calls: set[_Call] = set()
-        self._wake: float | None = None
-        self._stopped = False
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    def watch(self, call: _Call) -> None:
-        with self._cond:
-            self._calls.add(call)
-            if self._wake is None or call.due() < self._wake:
-                self._cond.notify()
-
-    def unwatch(self, call: _Call) -> None:
-        with self._cond:
-            self._calls.discard(call)
-
-    def set_notice(self, deadline: float | None) -> None:
-        with self._cond:
-            self.notice = deadline
-            self._cond.notify()
-
-    def stop(self) -> None:
-        with self._cond:
-            self._stopped = True
-            self._cond.notify()
-        if self._thread is not threading.current_thread():
-            self._thread.join()
-
-    def _run(self) -> None:
-        with self._cond:
-            while not self._stopped:
-                now = time.monotonic()
-                self._wake = None
-                for call in list(self._calls):
-                    due = call.due()
-                    if due <= now:
-                        self._calls.discard(call)
-                        call.expire()
-                    elif self._wake is None or due < self._wake:
-                        self._wake = due
-                self._cond.wait(None if self._wake is None else self._wake - now)
-
-
-_POOLS: dict[str, type] | None = None
-
-
-def _tracking_pools() -> dict[str, type]:
-    """botocore's pool classes, with connections that join the call running in their thread."""
-    global _POOLS
-    if _POOLS is None:
-        from botocore.awsrequest import (
-            AWSHTTPConnection,
-            AWSHTTPConnectionPool,
-            AWSHTTPSConnection,
-            AWSHTTPSConnectionPool,
-        )
-
-        class Tracking:
-            def connect(self) -> None:
-                call: _Call | None = getattr(_local, "call", None)
-                if call is not None:
-                    call.adopt(self)
-                    timeout = getattr(self, "timeout", None)
-                    if isinstance(timeout, (int, float)):  # connect no longer than the call has left
-                        self.timeout = max(0.001, min(float(timeout), call.left()))
-                cast_super: Any = super()
-                cast_super.connect()
-
-            def request(self, *args: Any, **kwargs: Any) -> Any:
-                call: _Call | None = getattr(_local, "call", None)
-                if call is not None:
-                    call.adopt(self)
-                cast_super: Any = super()
-                return cast_super.request(*args, **kwargs)
-
-        http = type("SpotsafeHTTPConnection", (Tracking, AWSHTTPConnection), {})
-        https = type("SpotsafeHTTPSConnection", (Tracking, AWSHTTPSConnection), {})
-        _POOLS = {
-            "http": type("SpotsafeHTTPConnectionPool", (AWSHTTPConnectionPool,), {"ConnectionCls": http}),
-            "https": type("SpotsafeHTTPSConnectionPool", (AWSHTTPSConnectionPool,), {"ConnectionCls": https}),
-        }
-    return _POOLS
-
-
-def _track_connections(client: Any, url: str) -> bool:
-    """Make ``client``'s connections interruptible by the watchdog; False (logged) if this botocore differs.
-
-    botocore offers no public hook for its connection class: its URLLib3Session keeps
-    the pool classes in ``_pool_classes_by_scheme`` (shared with its pool managers).
-    If that changes, calls are bounded as before (per socket operation, by attempts,
-    and between attempts by the whole-call limit) and a trickling endpoint can hold one.
-    """
-    try:
-        from botocore.awsrequest import AWSHTTPConnectionPool, AWSHTTPSConnectionPool
-
-        session = client._endpoint.http_session
-        pools = session._pool_classes_by_scheme
-        manager = session._manager
-        if (
-            pools.get("http") is not AWSHTTPConnectionPool
-            or pools.get("https") is not AWSHTTPSConnectionPool
-            or manager.pool_classes_by_scheme is not pools
-        ):
-            raise TypeError(f"unexpected connection pools {pools!r}")
-        pools.update(_tracking_pools())
-        return True
-    except Exception as e:  # noqa: BLE001 - degrade to per-operation timeouts, loudly
-        log.warning(
-            "%s: cannot bound whole S3 requests with this botocore (%s); each socket operation is "
-            "still bounded by connect_timeout/read_timeout, but an endpoint trickling bytes can hold a call",
-            url,
-            e,
-        )
-        return False
-
-
-def _code(e: BaseException) -> str:
-    response = getattr(e, "response", None) or {}
-    return str(response.get("Error", {}).get("Code", ""))
-
-
-def _is_retryable(e: BaseException) -> bool:
-    from botocore.exceptions import (
-        ClientError,
-        ConnectionClosedError,
-        ConnectTimeoutError,
-        EndpointConnectionError,
-        ReadTimeoutError,
-        ResponseStreamingError,
-    )
-
-    if isinstance(e, ClientError):
-        status = (getattr(e, "response", None) or {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
-        if _code(e) == "NotImplemented" or status == 501:
-            return False  # the server lacks the call: asking again will not help
-        return _code(e) in RETRYABLE_CODES or (isinstance(status, int) and status >= 500)
-    if isinstance(
-        e,
-        (
-            ConnectionClosedError,
-            EndpointConnectionError,
-            ConnectTimeoutError,
-            ReadTimeoutError,
-            ResponseStreamingError,
-            ConnectionError,
-            TimeoutError,
-        ),
-    ):
-        return True
-    if isinstance(e, StoreError) and "connection closed" in str(e):
-        return True
-    return type(e).__name__ in ("ProtocolError", "IncompleteRead")
-
-
-def _describe(e: BaseException, endpoint: str) -> str:
-    from botocore.exceptions import (
-        ConnectTimeoutError,
-        EndpointConnectionError,
-        NoCredentialsError,
-        ReadTimeoutError,
-    )
-
-    if isinstance(e, _Overdue):
-        return str(e)
-    if isinstance(e, NoCredentialsError):
-        return "no AWS credentials found (environment, shared config, instance role)"
-    if isinstance(e, (EndpointConnectionError, ConnectTimeoutError)):
-        return f"endpoint {endpoint} is unreachable ({e})"
-    if isinstance(e, ReadTimeoutError):
-        return f"endpoint {endpoint} did not answer in time ({e})"
-    code = _code(e)
-    if code in ("403", "AccessDenied"):
-        return f"access denied ({e})"
-    return f"{type(e).__name__}: {e}"
