@@ -15,7 +15,7 @@ from spotsafe.version import __version__
 _LAZY = {
     "Run": "spotsafe.run",
     "Checkpointer": "spotsafe.checkpoint.writer",
-    "CheckpointInfo": "spotsafe.checkpoint.writer",
+    "CheckpointInfo": "spotsafe.checkpoint.manifest",
     "RNGState": "spotsafe.state",
     "InterruptionWatcher": "spotsafe.cloud.watcher",
     "Notice": "spotsafe.cloud.watcher",
@@ -54,7 +54,8 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from spotsafe.checkpoint.writer import Checkpointer, CheckpointInfo
+    from spotsafe.checkpoint.manifest import CheckpointInfo
+    from spotsafe.checkpoint.writer import Checkpointer
     from spotsafe.cloud.watcher import InterruptionWatcher, Notice
     from spotsafe.errors import (
         CheckpointCorrupt,

@@ -1484,17 +1484,17 @@ def status(
     st.volume = vols[0] if vols else None
     st.store = run_store(aws, name)
     if st.store and st.store.startswith("s3://"):
-        from spotsafe.checkpoint.writer import Checkpointer
+        from spotsafe.checkpoint.catalog import Catalog
+        from spotsafe.checkpoint.completion import read_completion
+        from spotsafe.storage.registry import open_store
 
         try:
-            ckpt = Checkpointer(st.store, storage_options=storage_options)
-            try:
-                infos = ckpt.list()
+            with open_store(st.store, storage_options=storage_options) as opened:
+                catalog = Catalog(opened)
+                infos = catalog.list()
                 st.checkpoints = len(infos)
-                st.newest = ckpt.latest()
-                st.complete = ckpt.completion()
-            finally:
-                ckpt.close()
+                st.newest = catalog.latest()
+                st.complete = read_completion(opened)
         except (SpotsafeError, OSError) as e:
             st.store_error = str(e)
         st.report, st.report_note = _report_facts(st.store, on_demand_price)
