@@ -55,9 +55,6 @@ def _utc(dt: datetime) -> datetime:
     return dt.replace(tzinfo=timezone.utc) if dt.tzinfo is None else dt.astimezone(timezone.utc)
 
 
-# ----------------------------------------------------------------------------- manifest
-
-
 @dataclass(frozen=True)
 class FileEntry:
     """One file of a checkpoint, relative to its directory."""
