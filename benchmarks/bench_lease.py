@@ -34,8 +34,8 @@ from typing import Any
 
 import torch
 
+import spotsafe.checkpoint.files as F
 import spotsafe.checkpoint.lease as L
-import spotsafe.checkpoint.writer as C
 from spotsafe.checkpoint.writer import Checkpointer
 
 _spent = [0.0]
@@ -54,17 +54,17 @@ def _timed(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 @contextlib.contextmanager
 def mode(name: str) -> Iterator[None]:
-    check, sizes = L.Lease.check, C._check_sizes
+    check, sizes = L.Lease.check, F.check_sizes
     if name == "unfenced":
         L.Lease.check = lambda self: None  # type: ignore[method-assign]
-        C._check_sizes = lambda *a, **k: None
+        F.check_sizes = lambda *a, **k: None
     else:
         L.Lease.check = _timed(check)  # type: ignore[method-assign]
-        C._check_sizes = _timed(sizes)
+        F.check_sizes = _timed(sizes)
     try:
         yield
     finally:
-        L.Lease.check, C._check_sizes = check, sizes  # type: ignore[method-assign]
+        L.Lease.check, F.check_sizes = check, sizes  # type: ignore[method-assign]
 
 
 def state(size_mib: int) -> dict[str, Any]:

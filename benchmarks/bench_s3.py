@@ -121,7 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     import numpy as np
     import torch
 
-    from spotsafe.checkpoint.writer import Checkpointer, checkpoint_name
+    from spotsafe.checkpoint.manifest import checkpoint_name
+    from spotsafe.checkpoint.writer import Checkpointer
     from spotsafe.storage.s3 import S3Store
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="spotsafe-bench-s3-"))

@@ -15,7 +15,7 @@ from spotsafe.version import __version__
 _LAZY = {
     "Run": "spotsafe.run",
     "Checkpointer": "spotsafe.checkpoint.writer",
-    "CheckpointInfo": "spotsafe.checkpoint.writer",
+    "CheckpointInfo": "spotsafe.checkpoint.manifest",
     "RNGState": "spotsafe.state",
     "InterruptionWatcher": "spotsafe.cloud.watcher",
     "Notice": "spotsafe.cloud.notice",
@@ -58,7 +58,8 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from spotsafe.checkpoint.writer import Checkpointer, CheckpointInfo
+    from spotsafe.checkpoint.manifest import CheckpointInfo
+    from spotsafe.checkpoint.writer import Checkpointer
     from spotsafe.cloud.notice import Notice
     from spotsafe.cloud.watcher import InterruptionWatcher
     from spotsafe.errors import (

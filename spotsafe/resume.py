@@ -48,10 +48,12 @@ from datetime import datetime, timezone
 from types import FrameType
 from typing import Any, TextIO
 
+from spotsafe.checkpoint.completion import read_completion
 from spotsafe.cloud.node import InstanceState
 from spotsafe.cloud.node import check as check_instance
 from spotsafe.errors import CheckpointCorrupt, SpotsafeError
 from spotsafe.exitcodes import EXIT_FENCED, EXIT_PREEMPTED
+from spotsafe.storage.registry import open_store
 
 #: Exit status when the command kept crashing (EX_SOFTWARE).
 EXIT_GAVE_UP = 70
@@ -249,53 +251,39 @@ class Supervisor:
 
 def notice_checkpoint_since(store: str, since: datetime) -> bool:
     """True when the newest checkpoint in ``store`` was saved on a notice at or after ``since``."""
-    from spotsafe.checkpoint.writer import Checkpointer
+    from spotsafe.checkpoint.catalog import Catalog
 
-    ckpt = Checkpointer(store)
-    try:
-        infos = ckpt.list()
-    finally:
-        ckpt.close()
+    with open_store(store) as opened:
+        infos = Catalog(opened).list()
     return bool(infos) and infos[-1].reason == "notice" and infos[-1].time >= since
 
 
 def newest_step(store: str) -> int | None:
     """The step of the newest committed checkpoint in ``store``, or None."""
-    from spotsafe.checkpoint.writer import Checkpointer
+    from spotsafe.checkpoint.catalog import Catalog
 
-    ckpt = Checkpointer(store)
-    try:
-        infos = ckpt.list()
-    finally:
-        ckpt.close()
+    with open_store(store) as opened:
+        infos = Catalog(opened).list()
     return infos[-1].step if infos else None
 
 
 def completion(store: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
     """What ``Run.finish()`` wrote for the run in ``store``, or None."""
-    from spotsafe.checkpoint.writer import Checkpointer
-
-    ckpt = Checkpointer(store, storage_options=storage_options)
-    try:
-        return ckpt.completion()
-    finally:
-        ckpt.close()
+    with open_store(store, storage_options=storage_options) as opened:
+        return read_completion(opened)
 
 
 def status_text(store: str, storage_options: Mapping[str, Any] | None = None) -> str:
     """The run's state in a few lines: complete or not; the newest checkpoint."""
-    from spotsafe.checkpoint.writer import Checkpointer
+    from spotsafe.checkpoint.catalog import Catalog
 
-    ckpt = Checkpointer(store, storage_options=storage_options)
     unreadable = ""
-    try:
+    with open_store(store, storage_options=storage_options) as opened:
         try:
-            done = ckpt.completion()
+            done = read_completion(opened)
         except CheckpointCorrupt as e:
             done, unreadable = None, str(e)
-        infos = ckpt.list()
-    finally:
-        ckpt.close()
+        infos = Catalog(opened).list()
     lines = [f"store: {store}"]
     if unreadable:
         lines.append(f"complete: unknown (unreadable completion record: {unreadable})")
@@ -463,9 +451,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _check_store(store: str) -> None:
-    from spotsafe.checkpoint.writer import Checkpointer
-
-    Checkpointer(store).close()
+    open_store(store).close()
 
 
 if __name__ == "__main__":

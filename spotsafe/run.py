@@ -42,8 +42,9 @@ from spotsafe.settings import Settings
 if TYPE_CHECKING:
     from typing_extensions import Self
 
+    from spotsafe.checkpoint.manifest import CheckpointInfo, Reason
     from spotsafe.checkpoint.snapshots import SnapshotKeeper
-    from spotsafe.checkpoint.writer import Checkpointer, CheckpointInfo, Reason
+    from spotsafe.checkpoint.writer import Checkpointer
     from spotsafe.cloud.notice import Notice
     from spotsafe.cloud.watcher import InterruptionWatcher
     from spotsafe.storage.base import Store

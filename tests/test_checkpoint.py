@@ -25,7 +25,8 @@ import pytest
 import torch
 
 import spotsafe
-from spotsafe.checkpoint.writer import FORMAT_VERSION, MANIFEST, Checkpointer, checkpoint_name
+from spotsafe.checkpoint.manifest import FORMAT_VERSION, MANIFEST, checkpoint_name
+from spotsafe.checkpoint.writer import Checkpointer
 from spotsafe.errors import (
     CheckpointCorrupt,
     CheckpointNotFound,
@@ -287,7 +288,7 @@ def test_corruption_is_detected_and_falls_back(tmp_path: Path, caplog: pytest.Lo
         assert [i.step for i in c.list()] == [1, 3, 4, 5]  # garbage manifest: not a checkpoint
         assert c.latest().step == 5  # type: ignore[union-attr]  # sizes look right
         assert c.latest(verify=True).step == 1  # type: ignore[union-attr]
-        with caplog.at_level(logging.ERROR, logger="spotsafe.checkpoint.writer"):
+        with caplog.at_level(logging.ERROR, logger="spotsafe.checkpoint.catalog"):
             assert_state(c.load(), 1)
         assert "step-000000000005" in caplog.text and "checksum mismatch" in caplog.text
         assert c.last_loaded is not None and c.last_loaded.step == 1
@@ -390,7 +391,7 @@ def test_pickle_payloads_never_execute(tmp_path: Path, monkeypatch: pytest.Monke
             if f["role"] == "data":
                 (d / f["path"]).write_bytes(data)
                 f["size"] = len(data)
-                from spotsafe.checkpoint.writer import checksum
+                from spotsafe.checkpoint.files import checksum
 
                 f["checksum"] = checksum(data)
         (d / MANIFEST).write_text(json.dumps(manifest))
@@ -630,7 +631,7 @@ class SegmentingStore(LocalStore):
 
 
 def test_segments_cut_the_payload_without_copying() -> None:
-    from spotsafe.checkpoint.writer import _segments
+    from spotsafe.checkpoint.files import _segments
 
     rng = random.Random(7)
     for _ in range(50):
@@ -718,11 +719,11 @@ def test_a_manifest_lying_about_segment_sizes_is_refused_before_any_allocation(t
 def test_an_async_save_writes_its_snapshot_buffer_to_disk_without_a_copy(tmp_path: Path) -> None:
     """The async save's buffer starts on a page, so its data file goes past the page cache straight
     from it (no bounce copy); a sync save's zero-copy tensors are staged, and still go direct."""
-    from spotsafe.checkpoint.writer import SnapshotBuffer
+    from spotsafe.checkpoint.staging import StagingBuffer
     from spotsafe.storage.base import DIRECT_ALIGN
     from spotsafe.storage.local import _address
 
-    buf = SnapshotBuffer(pin=False)
+    buf = StagingBuffer(pin=False)
     for n in (1, 4095, 10 << 20):
         _, view = buf.get(n)
         addr = _address(view)

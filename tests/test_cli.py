@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 import torch
 
-from spotsafe.checkpoint.writer import MANIFEST, Checkpointer, checkpoint_name
+from spotsafe.checkpoint.manifest import MANIFEST, checkpoint_name
+from spotsafe.checkpoint.writer import Checkpointer
 from spotsafe.cli.main import main
 
 
@@ -135,7 +136,7 @@ def test_verify_agrees_with_load_on_a_forged_tree(store: Path, capsys: pytest.Ca
     """Checksums forged to match used to make verify say "yes (checksums)" for a checkpoint load() could not build."""
     import json
 
-    from spotsafe.checkpoint.writer import checksum
+    from spotsafe.checkpoint.files import checksum
     from spotsafe.errors import CheckpointCorrupt
 
     d = store / checkpoint_name(200)

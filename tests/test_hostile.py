@@ -24,7 +24,9 @@ from typing import Any
 import pytest
 import torch
 
-from spotsafe.checkpoint.writer import MANIFEST, Checkpointer, checkpoint_name, checksum
+from spotsafe.checkpoint.files import checksum
+from spotsafe.checkpoint.manifest import MANIFEST, checkpoint_name
+from spotsafe.checkpoint.writer import Checkpointer
 from spotsafe.errors import CheckpointCorrupt, CheckpointNotFound, FormatVersionError, StateError, StoreError
 from tests.helpers import slow_enabled
 
@@ -151,7 +153,7 @@ def test_a_forged_tree_costs_a_fallback(
     store: Path, mutate: Callable[[dict[str, Any]], Any], match: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     forge_tree(store, mutate)
-    caplog.set_level(logging.ERROR, "spotsafe.checkpoint.writer")
+    caplog.set_level(logging.ERROR, "spotsafe.checkpoint.catalog")
     assert_falls_back(store, match, caplog=caplog)
 
 
@@ -213,7 +215,7 @@ def test_a_lying_manifest_is_skipped(
     doc = manifest_of(store)
     mutate(doc)
     write_manifest(store, doc)
-    caplog.set_level(logging.WARNING, "spotsafe.checkpoint.writer")
+    caplog.set_level(logging.WARNING, "spotsafe.checkpoint.catalog")
     with Checkpointer(store) as c:
         assert [i.step for i in c.list()] == [GOOD]
         assert c.latest() is not None and c.latest().step == GOOD  # type: ignore[union-attr]

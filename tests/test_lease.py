@@ -22,8 +22,10 @@ import pytest
 import torch
 
 import spotsafe
+from spotsafe.checkpoint.files import commit_manifest
 from spotsafe.checkpoint.lease import GENERATION_KEY, LEASE_DIR, Lease, generations, read_record
-from spotsafe.checkpoint.writer import MANIFEST, Checkpointer, Manifest, checkpoint_name, commit_manifest
+from spotsafe.checkpoint.manifest import MANIFEST, Manifest, checkpoint_name
+from spotsafe.checkpoint.writer import Checkpointer
 from spotsafe.errors import StoreError, WriterFenced
 from spotsafe.storage.base import Buffer, Store
 from spotsafe.storage.local import LocalStore
@@ -194,7 +196,7 @@ def test_the_ghost_rule_hides_and_removes_a_commit_that_slipped_past_a_takeover(
     new.save(11, {"w": torch.full((4,), 11.0)})  # took over having seen step 10
     # The race the check cannot close alone: the old writer checked its lease just before the
     # takeover and its manifest (step 50, generation 1) landed just after it.
-    m = old._manifest(checkpoint_name(10))
+    m = old.catalog.manifest(checkpoint_name(10))
     store = LocalStore(tmp_path)
     for f in m.files:
         (tmp_path / checkpoint_name(50)).mkdir(exist_ok=True)

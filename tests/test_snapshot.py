@@ -19,7 +19,8 @@ from torch import nn
 
 from spotsafe import Run
 from spotsafe.checkpoint.snapshots import SnapshotKeeper
-from spotsafe.checkpoint.writer import Checkpointer, SnapshotBuffer, snapshot
+from spotsafe.checkpoint.staging import StagingBuffer, stage
+from spotsafe.checkpoint.writer import Checkpointer
 from spotsafe.cloud.notice import Notice
 from spotsafe.cloud.watcher import InterruptionWatcher
 from spotsafe.distributed.board import NoticeBoard
@@ -453,10 +454,10 @@ def test_ranks_commit_a_snapshot_through_the_board_and_never_a_half_one(tmp_path
     model, opt = small_model()
     ckpts, boards = two_rank_checkpointers(tmp_path)
     now = datetime.now(timezone.utc)
-    buffers = [SnapshotBuffer(), SnapshotBuffer()]
+    buffers = [StagingBuffer(), StagingBuffer()]
     snaps = [
-        snapshot({"model": model, "optimizer": opt, "rng": torch.arange(3)}, buffers[0]),
-        snapshot({"rng": torch.arange(5)}, buffers[1]),
+        stage({"model": model, "optimizer": opt, "rng": torch.arange(3)}, buffers[0]),
+        stage({"rng": torch.arange(5)}, buffers[1]),
     ]
     errors: list[BaseException] = []
 

@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 import torch
 
-from spotsafe.checkpoint.writer import SnapshotBuffer, snapshot
+from spotsafe.checkpoint.staging import StagingBuffer, stage
 from spotsafe.errors import StateError
 from spotsafe.state import MAX_DEPTH, RNGState, blob_from_buffer, flatten, to_plain, unflatten
 
 
 def roundtrip(state: Any, **kw: Any) -> Any:
-    snap = snapshot(flatten(state), SnapshotBuffer(pin=False))
+    snap = stage(flatten(state), StagingBuffer(pin=False))
     data = memoryview(bytearray(b"".join(snap.parts)))  # what a file read would give
-    zero_copy = snapshot(flatten(state), SnapshotBuffer(pin=False), copy=False)
+    zero_copy = stage(flatten(state), StagingBuffer(pin=False), copy=False)
     assert b"".join(zero_copy.parts) == bytes(data)  # the sync path writes the very same bytes
     return unflatten(snap.description, lambda i: blob_from_buffer(data, snap.blobs[i], "mem"), **kw)
 

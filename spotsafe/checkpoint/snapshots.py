@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from spotsafe.checkpoint.writer import SideStreams, Snapshot, SnapshotBuffer, snapshot
+from spotsafe.checkpoint.staging import SideStreams, StagedState, StagingBuffer, stage
 from spotsafe.errors import DistributedError
 from spotsafe.state import flatten
 
@@ -86,7 +86,7 @@ class HeldSnapshot:
     epoch: int | None
     metadata: dict[str, Any]
     when: datetime
-    snap: Snapshot
+    snap: StagedState
     stall_s: float
 
 
@@ -127,7 +127,7 @@ class SnapshotKeeper:
         self._board = board
         #: Snapshots kept: the newest, and under several ranks the one before (a peer may not have the newest yet).
         self.depth = 1 if board is None else 2
-        self._buffers = [SnapshotBuffer() for _ in range(self.depth)]
+        self._buffers = [StagingBuffer() for _ in range(self.depth)]
         #: CUDA present: device tensors are copied on side streams (pinned buffers, non-blocking), else None.
         self._streams: SideStreams | None = SideStreams() if torch.cuda.is_available() else None
         self._ring: list[HeldSnapshot | None] = [None] * self.depth
@@ -250,7 +250,7 @@ class SnapshotKeeper:
             # timed apart, so the cadence is set by what every later copy costs, from the first snapshot on.
             allocated = buffer.reserve(flat.nbytes)
             alloc_s = time.perf_counter() - t1
-            snap = snapshot(flat, buffer, copy=True, streams=self._streams)
+            snap = stage(flat, buffer, copy=True, streams=self._streams)
             stall = time.perf_counter() - t0
             meta = {**dict(metadata()), "snapshot": True}
             self._ring[slot] = HeldSnapshot(step, epoch, meta, datetime.now(timezone.utc), snap, stall)

@@ -18,9 +18,12 @@ import importlib
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from spotsafe.errors import CheckpointCorrupt, FormatVersionError, SpotsafeError
+if TYPE_CHECKING:
+    from datetime import datetime
+
+from spotsafe.errors import CheckpointCorrupt, CheckpointNotFound, FormatVersionError, SpotsafeError
 
 #: Exit statuses of ``ls`` and ``verify``: 0 all good; 1 something damaged (verify) or the
 #: asked-for step missing; 2 the store cannot be used (missing, a bad URL, unreachable) or bad arguments.
@@ -47,6 +50,15 @@ def _size(n: int) -> str:
     return f"{value:.1f} TiB"  # pragma: no cover
 
 
+def format_age(t: datetime, now: float | None = None) -> str:
+    """How long ago ``t`` was, for people: ``42s``, ``3.5m``, ``1.2h``, ``2.0d``."""
+    seconds = (now or time.time()) - t.timestamp()
+    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= n:
+            return f"{seconds / n:.1f}{unit}"
+    return f"{max(seconds, 0):.0f}s"
+
+
 def _table(rows: list[list[str]], out: TextIO) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
@@ -54,27 +66,30 @@ def _table(rows: list[list[str]], out: TextIO) -> None:
 
 
 def _listing(store: str, *, full: bool, step: int | None, out: TextIO, storage_options: dict[str, Any]) -> int:
-    from spotsafe.checkpoint.writer import Checkpointer, CheckpointInfo, Manifest, format_age
-    from spotsafe.errors import CheckpointNotFound
+    from spotsafe.checkpoint.catalog import Catalog
+    from spotsafe.checkpoint.completion import read_completion
+    from spotsafe.checkpoint.manifest import CheckpointInfo, Manifest
+    from spotsafe.storage.registry import open_store
 
     if not store.strip():
         raise ValueError("the store is empty: give a path or a URL (an empty path would be the current directory)")
-    ckpt = Checkpointer(store, storage_options=storage_options or None)
+    catalog = Catalog(open_store(store, storage_options=storage_options or None))
     try:
-        root = ckpt.store.local_dir
+        root = catalog.store.local_dir
         if root is not None and not root.is_dir():
             if full:  # nothing to verify is not "all intact"
                 print(
-                    f"spotsafe verify: {ckpt.store.url}: no such store (the directory does not exist)", file=sys.stderr
+                    f"spotsafe verify: {catalog.store.url}: no such store (the directory does not exist)",
+                    file=sys.stderr,
                 )
                 return EXIT_ERROR
-            print(f"{ckpt.store.url}: no checkpoints (the directory does not exist)", file=out)
+            print(f"{catalog.store.url}: no checkpoints (the directory does not exist)", file=out)
             return 0
         rows = [["NAME", "STEP", "EPOCH", "SIZE", "AGE", "REASON", "INTACT"]]
         bad = 0
         now = time.time()
         seen = 0
-        for name, m in ckpt.scan():
+        for name, m in catalog.scan():
             if not isinstance(m, Manifest):
                 if isinstance(m, CheckpointNotFound):
                     status = "no (incomplete: no manifest)"
@@ -88,12 +103,12 @@ def _listing(store: str, *, full: bool, step: int | None, out: TextIO, storage_o
                 continue
             seen += 1
             try:
-                ckpt.check(name, m, full=full)
+                catalog.check(name, m, full=full)
                 status = "yes (checksums)" if full else "yes (sizes)"
             except SpotsafeError as e:
                 status = f"NO: {e}"
                 bad += 1
-            info = CheckpointInfo.from_manifest(ckpt.store, name, m)
+            info = CheckpointInfo.from_manifest(catalog.store, name, m)
             rows.append(
                 [
                     name,
@@ -106,14 +121,14 @@ def _listing(store: str, *, full: bool, step: int | None, out: TextIO, storage_o
                 ]
             )
         if step is not None and not seen:
-            print(f"spotsafe: {ckpt.store.url}: no committed checkpoint for step {step}", file=sys.stderr)
+            print(f"spotsafe: {catalog.store.url}: no committed checkpoint for step {step}", file=sys.stderr)
             return EXIT_DAMAGED
         if len(rows) == 1:
-            print(f"{ckpt.store.url}: no checkpoints", file=out)
+            print(f"{catalog.store.url}: no checkpoints", file=out)
         else:
             _table(rows, out)
         try:
-            done = ckpt.completion()
+            done = read_completion(catalog.store)
         except (CheckpointCorrupt, FormatVersionError) as e:
             print(f"spotsafe: completion record unreadable: {e}", file=sys.stderr)
             done = None
@@ -122,11 +137,11 @@ def _listing(store: str, *, full: bool, step: int | None, out: TextIO, storage_o
             print(f"run complete at step {done.get('step')} ({done.get('time')})", file=out)
         # ls reports incomplete debris without failing; verify fails on anything damaged
         if full and bad:
-            print(f"spotsafe verify: {bad} damaged or incomplete checkpoint(s) in {ckpt.store.url}", file=sys.stderr)
+            print(f"spotsafe verify: {bad} damaged or incomplete checkpoint(s) in {catalog.store.url}", file=sys.stderr)
             return EXIT_DAMAGED
         return 0
     finally:
-        ckpt.close()
+        catalog.store.close()
 
 
 def _options(pairs: Sequence[str]) -> dict[str, Any]:

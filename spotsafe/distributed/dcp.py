@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
-from spotsafe.checkpoint.writer import checksum
+from spotsafe.checkpoint.files import checksum
 from spotsafe.distributed.commit import FileRecord, commit_collectively
 from spotsafe.distributed.context import DistContext
 from spotsafe.errors import CheckpointCorrupt, DistributedError, UnsafeCheckpoint

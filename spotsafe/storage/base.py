@@ -192,7 +192,7 @@ class Store(ABC):
 
 
 #: The most bytes a checkpoint's manifest may hold; a larger one is damaged or hostile.
-#: Here, not in :mod:`spotsafe.checkpoint.writer`, so a store that reads over the network
+#: Here, not in :mod:`spotsafe.checkpoint.manifest`, so a store that reads over the network
 #: (S3) can refuse one from its size before downloading any of it.
 MAX_MANIFEST_BYTES = 64 << 20
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, TextIO
 
+from spotsafe.checkpoint.completion import read_completion
 from spotsafe.cloud.aws.clients import Clients, aws_call
 from spotsafe.cloud.aws.launch.resources import find_group, run_store, run_volumes
 from spotsafe.cloud.aws.launch.spec import PREFIX, check_name
@@ -63,17 +64,14 @@ def status(
     st.volume = vols[0] if vols else None
     st.store = run_store(aws, name)
     if st.store and st.store.startswith("s3://"):
-        from spotsafe.checkpoint.writer import Checkpointer  # imports torch: only for an S3 store
+        from spotsafe.checkpoint.catalog import Catalog  # imports torch: only for an S3 store
 
         try:
-            ckpt = Checkpointer(st.store, storage_options=storage_options)
-            try:
-                infos = ckpt.list()
-                st.checkpoints = len(infos)
-                st.newest = ckpt.latest()
-                st.complete = ckpt.completion()
-            finally:
-                ckpt.close()
+            with open_store(st.store, storage_options=storage_options) as opened:
+                catalog = Catalog(opened)
+                st.checkpoints = len(catalog.list())
+                st.newest = catalog.latest()
+                st.complete = read_completion(opened)
         except (SpotsafeError, OSError) as e:
             st.store_error = str(e)
         st.report, st.report_note = report_facts(st.store, on_demand_price)

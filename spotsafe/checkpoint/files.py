@@ -1,0 +1,260 @@
+"""A checkpoint's files: hashing and writing one rank's files, reading and verifying them, the commit.
+
+A save is three steps, kept apart so that a distributed caller can run the first
+two on every rank and the third once, after a barrier:
+
+1. :func:`spotsafe.checkpoint.staging.stage` copies the state to host memory.
+2. :func:`write_rank_files` hashes those bytes (xxh3-128, overlapped with the write)
+   and writes them as one data file (or segments) plus a JSON tree file under
+   ``step-%012d/``.
+3. :func:`commit_manifest` publishes ``manifest.json`` last through
+   ``Store.commit_file`` (atomic). A directory without it does not exist for a reader.
+
+The readers here check what a manifest lists against what the store holds: sizes
+(:func:`check_sizes`), checksums (:func:`check_checksum`), tree files
+(:func:`decode_tree`, :func:`validate_trees`).
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import threading
+import time as _time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import xxhash
+
+from spotsafe.checkpoint.lease import GENERATION_KEY, Lease
+from spotsafe.checkpoint.manifest import MANIFEST, FileEntry, Manifest
+from spotsafe.checkpoint.staging import StagedState
+from spotsafe.errors import CheckpointCorrupt, CheckpointNotFound, StoreError
+from spotsafe.state import Blob, blobs_from_description, unflatten
+from spotsafe.storage.base import Store
+
+_HASH_CHUNK = 64 << 20
+
+
+def checksum(buffer: memoryview | bytes) -> str:
+    """xxh3-128 of ``buffer`` as hex (hashed in chunks; xxhash releases the GIL on large inputs)."""
+    return _hash_parts([memoryview(buffer).cast("B")])
+
+
+def _hash_parts(parts: Sequence[memoryview]) -> str:
+    """xxh3-128 of the concatenation of byte views ``parts``, hashed chunk by chunk."""
+    h = xxhash.xxh3_128()
+    for part in parts:
+        for i in range(0, len(part), _HASH_CHUNK):
+            h.update(part[i : i + _HASH_CHUNK])
+    return h.hexdigest()
+
+
+class _HashThread(threading.Thread):
+    """Checksums of several files' contents (each a list of byte views), off the writing thread."""
+
+    def __init__(self, files: list[list[memoryview]]) -> None:
+        super().__init__(name="spotsafe-checksum", daemon=True)
+        self.files = files
+        self.result: list[str] = []
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.result = [_hash_parts(parts) for parts in self.files]
+        except BaseException as e:  # noqa: BLE001 - handed to the writer thread
+            self.error = e
+
+    def digests(self) -> list[str]:
+        self.join()
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+def _segments(parts: Sequence[memoryview], size: int) -> list[list[memoryview]]:
+    """Cut the concatenation of ``parts`` into pieces of ``size`` bytes (the last may be shorter), without copying."""
+    pieces: list[list[memoryview]] = []
+    current: list[memoryview] = []
+    room = size
+    for part in parts:
+        while len(part):
+            take = part[:room]
+            current.append(take)
+            part = part[len(take) :]
+            room -= len(take)
+            if room == 0:
+                pieces.append(current)
+                current, room = [], size
+    if current:
+        pieces.append(current)
+    return pieces
+
+
+def write_rank_files(
+    store: Store, directory: str, staged: StagedState, *, rank: int = 0, timings: dict[str, float] | None = None
+) -> list[FileEntry]:
+    """Step 2: write one rank's data and tree files under ``directory``; returns their entries.
+
+    File names carry a random token, so re-saving a step that is already committed
+    never touches the files its manifest names until the new manifest replaces it.
+    ``timings`` (optional) receives where the time went: ``payload_s`` (the data
+    file(s), written and fsynced), ``hash_wait_s`` (waiting for the checksums after
+    that) and ``tree_s`` (the tree file).
+    """
+    staged.wait()  # side-stream device-to-host copies: their bytes must be in host memory before any read
+    token = uuid.uuid4().hex[:8]
+    tree_name = f"rank{rank:05d}.{token}.json"
+    segment = store.segment_size
+    if segment and staged.nbytes > segment:
+        # An object store: the payload as parallel single-PUT objects (format 2 segments).
+        pieces = _segments(staged.parts, segment)
+        names = [f"rank{rank:05d}.{token}.{k:05d}.bin" for k in range(len(pieces))]
+    else:
+        pieces = [list(staged.parts)]
+        names = [f"rank{rank:05d}.{token}.bin"]
+    hasher = _HashThread(pieces)
+    hasher.start()  # overlaps the write: xxh3 runs at memory speed with the GIL released
+    t0 = _time.perf_counter()
+    try:
+        if len(pieces) == 1:
+            store.write_file(f"{directory}/{names[0]}", pieces[0])
+        else:
+            store.write_files([(f"{directory}/{n}", p) for n, p in zip(names, pieces, strict=True)])
+    finally:
+        t1 = _time.perf_counter()
+        sums = hasher.digests()
+    t2 = _time.perf_counter()
+    entries: list[FileEntry] = []
+    offset = 0
+    for n, piece, digest in zip(names, pieces, sums, strict=True):
+        size = sum(len(v) for v in piece)
+        entries.append(FileEntry(n, size, digest, "data", rank, offset if len(pieces) > 1 else None))
+        offset += size
+    tree = json.dumps(staged.description, separators=(",", ":"), allow_nan=False).encode()
+    store.write_file(f"{directory}/{tree_name}", [tree])
+    if timings is not None:
+        timings.update(payload_s=t1 - t0, hash_wait_s=t2 - t1, tree_s=_time.perf_counter() - t2)
+    return [*entries, FileEntry(tree_name, len(tree), checksum(tree), "tree", rank)]
+
+
+def check_sizes(store: Store, directory: str, files: Sequence[FileEntry]) -> None:
+    """Raise :class:`CheckpointCorrupt` unless each of ``files`` exists with its manifest size."""
+    base = f"{store.url.rstrip('/')}/{directory}"
+    listed = store.file_sizes(directory)  # one listing, not a request per file
+    for f in files:
+        size = listed.get(f.path)
+        if size is None:  # not listed (a file one level down, a mirror's other tier): ask
+            size = store.file_size(f"{directory}/{f.path}")
+        if size is None:
+            raise CheckpointCorrupt(f"{base}/{f.path}: missing (the manifest lists it)")
+        if size != f.size:
+            raise CheckpointCorrupt(f"{base}/{f.path}: {size} bytes, the manifest says {f.size}")
+
+
+def check_checksum(base: str, f: FileEntry, data: memoryview) -> None:
+    """Raise :class:`CheckpointCorrupt` unless ``data`` (the file ``f`` under ``base``) has its manifest checksum."""
+    if checksum(data) != f.checksum:
+        raise CheckpointCorrupt(f"{base}/{f.path}: checksum mismatch (the file was modified or damaged)")
+
+
+def read_back_to_back(store: Store, directory: str, files: Sequence[FileEntry], verify: bool) -> memoryview:
+    """``files`` read in parallel into one private buffer, one after another (checksums checked when ``verify``)."""
+    base = f"{store.url.rstrip('/')}/{directory}"
+    total = sum(f.size for f in files)
+    # Anonymous memory: writable (tensors are built on it without a copy) and zeroed lazily.
+    data = memoryview(mmap.mmap(-1, total)) if total else memoryview(bytearray())
+    views: list[memoryview] = []
+    pos = 0
+    for f in files:
+        views.append(data[pos : pos + f.size])
+        pos += f.size
+    try:
+        store.read_files_into([(f"{directory}/{f.path}", v) for f, v in zip(files, views, strict=True)])
+    except CheckpointNotFound as e:
+        raise CheckpointCorrupt(f"{base}: a file the manifest lists is missing ({e})") from e
+    if verify:
+        for f, v in zip(files, views, strict=True):
+            check_checksum(base, f, v)
+    return data
+
+
+def decode_tree(buf: memoryview | bytes, payload_size: int, where: str) -> tuple[dict[str, Any], list[Blob]]:
+    """A tree file's description and its blob table, each blob checked to lie in the payload."""
+    try:
+        desc = json.loads(bytes(buf))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CheckpointCorrupt(f"{where}: malformed tree file ({e})") from e
+    except RecursionError as e:
+        raise CheckpointCorrupt(f"{where}: malformed tree file (nested too deeply)") from e
+    if not isinstance(desc, dict):
+        raise CheckpointCorrupt(f"{where}: malformed tree file (not an object)")
+    return desc, blobs_from_description(desc, payload_size, where)
+
+
+def read_listed_file(store: Store, directory: str, f: FileEntry) -> memoryview:
+    """The whole of ``f``, a file the manifest lists, after its size is checked against the listing.
+
+    The size is asked first (a stat; a HEAD on an object store) and must be the one the
+    manifest gives: a file planted bigger than its entry (a hostile store) is refused
+    before a byte of it is read into memory.
+    """
+    where = f"{store.url.rstrip('/')}/{directory}/{f.path}"
+    path = f"{directory}/{f.path}"
+    try:
+        size = store.file_size(path)
+        if size is None:
+            raise CheckpointNotFound(where)
+        if size != f.size:
+            raise CheckpointCorrupt(f"{where}: {size} bytes, the manifest says {f.size}")
+        buf = store.read_file(path)
+    except CheckpointNotFound as e:
+        raise CheckpointCorrupt(f"{where}: missing (the manifest lists it)") from e
+    if len(buf) != f.size:
+        raise CheckpointCorrupt(f"{where}: {len(buf)} bytes, the manifest says {f.size}")
+    return buf
+
+
+def validate_trees(store: Store, directory: str, files: Sequence[FileEntry]) -> None:
+    """Decode every rank's tree file and check all it claims against its payload, building nothing.
+
+    What :meth:`spotsafe.checkpoint.catalog.Catalog.load` checks before it builds a tensor, so a checkpoint
+    ``verify`` calls intact is one ``load`` can build.
+    """
+    base = f"{store.url.rstrip('/')}/{directory}"
+    for tree in (f for f in files if f.role == "tree"):
+        payload = sum(f.size for f in files if f.role == "data" and f.rank == tree.rank)
+        where = f"{base}/{tree.path}"
+        desc, blobs = decode_tree(read_listed_file(store, directory, tree), payload, where)
+
+        def meta_blob(i: int, blobs: list[Blob] = blobs, where: str = where) -> torch.Tensor:
+            if not 0 <= i < len(blobs):
+                raise CheckpointCorrupt(f"{where}: blob {i} out of range")
+            return torch.empty(blobs[i].nbytes, dtype=torch.uint8, device="meta")
+
+        if not isinstance(unflatten(desc, meta_blob, where=where, validate_only=True), dict):
+            raise CheckpointCorrupt(f"{where}: the saved state is not a mapping")
+
+
+def commit_manifest(store: Store, directory: str, manifest: Manifest, lease: Lease | None = None) -> None:
+    """Step 3: publish the manifest, atomically and durably: the checkpoint now exists.
+
+    It checks before it speaks: every file the manifest names must exist with its
+    recorded size (else :class:`~spotsafe.errors.StoreError`), and with a ``lease``
+    the writer must still hold the store, before and after the commit (else
+    :class:`~spotsafe.errors.WriterFenced`: a manifest a superseded writer managed to
+    publish records its generation, and readers skip it by the ghost rule).
+    """
+    if lease is not None:
+        lease.check()  # first: a superseded writer's files may have been cleaned up by its successor
+        if manifest.metadata.get(GENERATION_KEY) != lease.generation:
+            raise ValueError(f"the manifest of {directory} does not carry the lease generation {lease.generation}")
+    try:
+        check_sizes(store, directory, manifest.files)
+    except CheckpointCorrupt as e:
+        raise StoreError(f"not committing {store.url.rstrip('/')}/{directory}: {e}") from e
+    store.commit_file(f"{directory}/{MANIFEST}", manifest.to_json())
+    if lease is not None:
+        lease.check()
