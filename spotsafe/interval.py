@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import logging
 import math
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 log = logging.getLogger("spotsafe.interval")
@@ -181,3 +183,107 @@ class AutoInterval:
             source,
         )
         return new
+
+
+class Cadence:
+    """When a run's periodic save is due: every N steps, seconds or epochs, or at the automatic interval.
+
+    Checks the arguments as :class:`spotsafe.Run` takes them (none given: ``every="auto"``) and
+    keeps what the automatic interval learns from: step durations, save costs and the run's
+    history (seconds trained and interruptions over every launch, restored on resume).
+    """
+
+    def __init__(
+        self,
+        every_steps: int | None,
+        every_seconds: float | None,
+        every_epochs: int | None,
+        every: str | None,
+        interruption_rate: float | str | None,
+    ) -> None:
+        #: The automatic interval policy (``every="auto"``), else None.
+        self.interval = _interval_for(every_steps, every_seconds, every_epochs, every, interruption_rate)
+        self.every_steps = every_steps
+        self.every_seconds = every_seconds
+        self.every_epochs = every_epochs
+        #: ``time.monotonic()`` of the last save's start (or of the run's start).
+        self.last_save = time.monotonic()
+        #: When the current step began (None before the first).
+        self.step_entered: float | None = None
+        #: What the store's checkpoints say about this run's past launches (restored on resume).
+        self._past = History()
+        self._launched = time.monotonic()
+        self._save_observed = True
+
+    @property
+    def seconds(self) -> float | None:
+        """The periodic interval in seconds now: fixed, automatic, or None (steps/epochs only)."""
+        if self.interval is not None:
+            return self.interval.seconds
+        return self.every_seconds
+
+    def clock_due(self) -> bool:
+        """The interval in seconds has passed since the last save."""
+        every_s = self.seconds
+        return every_s is not None and time.monotonic() - self.last_save >= every_s
+
+    def step_due(self, step: int) -> bool:
+        return self.every_steps is not None and step % self.every_steps == 0
+
+    def epoch_due(self, epoch: int) -> bool:
+        return self.every_epochs is not None and epoch % self.every_epochs == 0
+
+    def history(self) -> History:
+        """Seconds trained and interruptions over all launches so far (this one's seconds included)."""
+        return History(self._past.seconds + time.monotonic() - self._launched, self._past.interruptions)
+
+    def resumed(self, past: History) -> None:
+        """This launch resumes an unfinished run: the previous one was interrupted (a notice, a kill, a crash)."""
+        self._past = History(past.seconds, past.interruptions + 1)
+        if self.interval is not None:
+            self.interval.observe_history(self._past)
+
+    def saved(self) -> None:
+        """A save started now."""
+        self.last_save = time.monotonic()
+        self._save_observed = False
+
+    def observe(self, entered: float, idle: bool, last_timings: Callable[[], Mapping[str, float]]) -> None:
+        """Feed the automatic interval: this step's duration, and the last save's cost once it landed."""
+        interval = self.interval
+        if interval is None:
+            return
+        if self.step_entered is not None:
+            interval.observe_step(entered - self.step_entered, saving=not idle)
+        if idle and not self._save_observed:
+            self._save_observed = True
+            # the hours trained so far, so a run that is rarely interrupted sees its rate fall
+            interval.observe_history(self.history())
+            t = last_timings()
+            if t:
+                interval.observe_save(t.get("snapshot_s", 0.0), t.get("write_s", 0.0) + t.get("commit_s", 0.0))
+
+
+def _interval_for(
+    every_steps: int | None,
+    every_seconds: float | None,
+    every_epochs: int | None,
+    every: str | None,
+    interruption_rate: float | str | None,
+) -> AutoInterval | None:
+    """Check the cadence arguments; the automatic interval policy when ``every`` is (or defaults to) "auto"."""
+    for name, value in (("every_steps", every_steps), ("every_epochs", every_epochs)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if every_seconds is not None and every_seconds <= 0:
+        raise ValueError(f"every_seconds must be > 0, got {every_seconds}")
+    if every not in (None, "auto"):
+        raise ValueError(f"every must be 'auto' or None, not {every!r} (for a fixed interval use every_seconds)")
+    if every == "auto" and every_seconds is not None:
+        raise ValueError("every='auto' chooses the interval in seconds itself: do not also give every_seconds")
+    if every is None and every_steps is None and every_seconds is None and every_epochs is None:
+        every = "auto"
+    interval = AutoInterval(interruption_rate) if every == "auto" else None
+    if every != "auto" and interruption_rate is not None:
+        raise ValueError("interruption_rate only steers every='auto'")
+    return interval

@@ -69,9 +69,9 @@ class Settings:
     signal_grace: float
     #: SPOTSAFE_EVENTS: a file spotsafe.Run appends JSON-lines events to (the rehearsal reads it).
     events: str | None
-    #: SPOTSAFE_REHEARSAL_AFTER_STEPS: set by the rehearsal; spotsafe.Run reports having taken
-    #: this many steps since it started (or resumed) as a "reached" event, and the rehearsal
-    #: then makes the notice appear.
+    #: SPOTSAFE_REHEARSAL_AFTER_STEPS: set by the rehearsal for the command: the notice appears once
+    #: the run has taken this many steps since it started (or resumed). The rehearsal counts them
+    #: itself, from the run's events file (spotsafe.rehearsal.rehearse).
     rehearsal_after_steps: int | None = None
     #: SPOTSAFE_LEASE_SECONDS: how long a writer's lease on a store lasts without renewal
     #: (default 60). The holder renews every third of it; a replacement takes over a lease

@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from spotsafe.checkpoint.notice import Durable, EventSink, save_before_deadline, seconds_left
 from spotsafe.checkpoint.staging import SideStreams, StagedState, StagingBuffer, stage
 from spotsafe.errors import DistributedError
 from spotsafe.state import flatten
@@ -74,8 +75,6 @@ SLOW_WRITE_BPS = 100e6
 CLOSE_WAIT_S = 30.0
 #: Steps remembered for the step-time estimate.
 _WINDOW = 32
-
-Emit = Callable[..., None]
 
 
 @dataclass
@@ -111,7 +110,7 @@ class SnapshotKeeper:
         every: int | Literal["auto"] = "auto",
         *,
         budget: float = DEFAULT_BUDGET,
-        emit: Emit | None = None,
+        recorder: EventSink | None = None,
         board: NoticeBoard | None = None,
     ) -> None:
         if every != "auto" and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
@@ -123,7 +122,7 @@ class SnapshotKeeper:
         #: Steps between snapshots now (auto: starts at 1 and adapts once a copy is measured).
         self.every: int = 1 if every == "auto" else int(every)
         self.budget = budget
-        self._emit = emit
+        self._recorder = recorder
         self._board = board
         #: Snapshots kept: the newest, and under several ranks the one before (a peer may not have the newest yet).
         self.depth = 1 if board is None else 2
@@ -398,39 +397,44 @@ class SnapshotKeeper:
             needed,
             held.step,
         )
-        self.checkpointer.store.set_deadline(notice.deadline)
-        try:
+        chosen: HeldSnapshot = held
+
+        def persist() -> None:
             self.checkpointer.persist_snapshot(
-                held.step,
-                held.snap,
-                epoch=held.epoch,
+                chosen.step,
+                chosen.snap,
+                epoch=chosen.epoch,
                 reason="notice",
-                when=held.when,
-                metadata=held.metadata,
-                stall_s=held.stall_s,
+                when=chosen.when,
+                metadata=chosen.metadata,
+                stall_s=chosen.stall_s,
                 retain=False,  # the deadline's seconds go to durability and the upload; the next save prunes
             )
             self.checkpointer.wait()
-            took = time.monotonic() - detected
-            flushed = self.checkpointer.store.flush(timeout=max(notice.time_left(), 0.0))
-            self._saved_step = max(self._saved_step, held.step)
-            self.persisted = (held.step, took)
+
+        def announce(durable: Durable) -> None:
+            took = durable.committed_s  # this guard counts from the notice to the commit
+            self._saved_step = max(self._saved_step, chosen.step)
+            self.persisted = (chosen.step, took)
             log.warning(
                 "spotsafe: snapshot of step %d durable %.2f s after the notice; %.1f s left",
-                held.step,
+                chosen.step,
                 took,
-                notice.time_left(),
+                durable.left_s,
             )
-            if self._emit is not None:
-                self._emit(
+            if self._recorder is not None:
+                self._recorder.emit(
                     "snapshot_durable",
-                    step=held.step,
+                    step=chosen.step,
                     every=self.every,
-                    epoch=held.epoch,
+                    epoch=chosen.epoch,
                     seconds=took,
-                    flushed=flushed,
-                    left=notice.time_left(),
+                    flushed=durable.flushed,
+                    left=durable.left_s,
                 )
+
+        try:
+            save_before_deadline(self.checkpointer.store, notice.deadline, persist, started=detected, announce=announce)
         finally:
             with self._lock:
                 self._persisting = False
@@ -493,7 +497,7 @@ class SnapshotKeeper:
         detected = time.monotonic()
 
         def left() -> float:
-            return (deadline - datetime.now(timezone.utc)).total_seconds()
+            return seconds_left(deadline)
 
         with self._lock:
             self._persisting = True  # frozen: what this rank announces below stays in memory
@@ -521,45 +525,48 @@ class SnapshotKeeper:
                 left(),
                 step,
             )
-            store = self.checkpointer.store
-            store.set_deadline(deadline)
-            self.checkpointer.persist_snapshot_ranks(
-                step,
-                h.snap,
-                board,
-                epoch=h.epoch,
-                reason="notice",
-                when=h.when,
-                metadata=h.metadata,
-                timeout=max(left(), 0.0),
-                stall_s=h.stall_s,
-            )
-            flushed = store.flush(timeout=max(left(), 0.0))
-            took = time.monotonic() - detected
-            # From the source rank's notice (wall clocks: one host, or NTP-synchronized ones).
-            since_notice = time.time() - detected_at
-            self._saved_step = max(self._saved_step, step)
-            self.persisted = (step, took)
-            log.warning(
-                "spotsafe: snapshot of step %d durable on every rank %.2f s after rank %d saw the notice; %.1f s left",
-                step,
-                since_notice,
-                source_rank,
-                left(),
-            )
-            if self._emit is not None:
-                self._emit(
-                    "snapshot_durable",
-                    step=step,
-                    every=self.every,
+
+            def persist() -> None:
+                self.checkpointer.persist_snapshot_ranks(
+                    step,
+                    h.snap,
+                    board,
                     epoch=h.epoch,
-                    seconds=took,
-                    since_notice=since_notice,
-                    flushed=flushed,
-                    left=left(),
-                    rank=board.rank,
-                    source_rank=source_rank,
+                    reason="notice",
+                    when=h.when,
+                    metadata=h.metadata,
+                    timeout=max(left(), 0.0),
+                    stall_s=h.stall_s,
                 )
+
+            def announce(durable: Durable) -> None:
+                # From the source rank's notice (wall clocks: one host, or NTP-synchronized ones).
+                since_notice = time.time() - detected_at
+                self._saved_step = max(self._saved_step, step)
+                self.persisted = (step, durable.took_s)
+                log.warning(
+                    "spotsafe: snapshot of step %d durable on every rank %.2f s after rank %d saw the notice; "
+                    "%.1f s left",
+                    step,
+                    since_notice,
+                    source_rank,
+                    durable.left_s,
+                )
+                if self._recorder is not None:
+                    self._recorder.emit(
+                        "snapshot_durable",
+                        step=step,
+                        every=self.every,
+                        epoch=h.epoch,
+                        seconds=durable.took_s,
+                        since_notice=since_notice,
+                        flushed=durable.flushed,
+                        left=durable.left_s,
+                        rank=board.rank,
+                        source_rank=source_rank,
+                    )
+
+            save_before_deadline(self.checkpointer.store, deadline, persist, started=detected, announce=announce)
         finally:
             with self._lock:
                 self._persisting = False

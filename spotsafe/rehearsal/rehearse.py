@@ -9,7 +9,7 @@
 2. runs the command through the resume supervisor with ``SPOTSAFE_STORE`` set to
    ``--store`` (or a temporary directory) and makes a spot interruption notice appear
    once the run has taken ``--notice-after-steps`` steps since it started or resumed
-   (it reports that through its events file, which the rehearsal watches), or
+   (counted from the ``step`` progress lines of its events file, which the rehearsal watches), or
    ``--notice-after`` seconds after launch. Steps land mid-training on a laptop and on
    an H100 alike; seconds do not;
 3. the run checkpoints and exits 75; the rehearsal disarms the notice and runs the
@@ -43,7 +43,8 @@ from spotsafe.exitcodes import EXIT_PREEMPTED
 from spotsafe.resume import DEFAULT_MAX_RESTARTS, supervise
 from spotsafe.settings import EVENTS_ENV
 
-#: Tells spotsafe.Run after how many steps to report (Settings.rehearsal_after_steps).
+#: The command learns the --notice-after-steps count (Settings.rehearsal_after_steps); the rehearsal
+#: counts the steps itself, from the run's events file.
 AFTER_STEPS_ENV = "SPOTSAFE_REHEARSAL_AFTER_STEPS"
 
 #: Where the other metadata sources point during a rehearsal: a closed loopback port.
@@ -140,7 +141,13 @@ def summary(outcome: Outcome, *, launched_at: float, store: str, notice_after_st
 
 
 class _StepTrigger(threading.Thread):
-    """Makes the notice appear when this launch's run reports (a "reached" event) its steps are done."""
+    """Makes the notice appear once this launch's run has taken ``steps`` steps since it started or resumed.
+
+    It watches the run's events file as any monitor could: a process's ``start`` or ``resumed``
+    line gives the step it began at, its ``step`` progress lines (a few a second at most) how far
+    it got. Once one has taken ``steps`` steps the trigger notes a ``reached`` line (the step it
+    counted to) in the file and the notice appears.
+    """
 
     def __init__(self, sim: Any, action: str, events_path: Path, steps: int, appeared: list[float]) -> None:
         super().__init__(name="spotsafe-rehearsal-trigger", daemon=True)
@@ -148,6 +155,8 @@ class _StepTrigger(threading.Thread):
         self.appeared = appeared
         self.done = threading.Event()
         self._offset = events_path.stat().st_size if events_path.exists() else 0
+        #: The step each of this launch's processes started or resumed at, by pid.
+        self._began: dict[Any, int] = {}
 
     def run(self) -> None:
         while not self.done.wait(0.02):
@@ -164,16 +173,35 @@ class _StepTrigger(threading.Thread):
                     event = json.loads(line)
                 except json.JSONDecodeError:
                     continue
-                if event.get("event") == "reached":  # only this launch's: read from its start on
+                target = self._target_reached(event)  # only this launch's: read from its start on
+                if target is not None:
+                    self._note_reached(event.get("pid"), target)
                     self.sim.arm(self.action, delay=0)
                     self.appeared.append(time.time())
                     print(
-                        f"spotsafe rehearsal: the run reached step {event.get('step')} ({self.steps} steps "
+                        f"spotsafe rehearsal: the run reached step {target} ({self.steps} steps "
                         f"in): the spot '{self.action}' notice appears now",
                         file=sys.stderr,
                         flush=True,
                     )
                     return
+
+    def _target_reached(self, event: dict[str, Any]) -> int | None:
+        """The step counted to, when ``event`` shows a process has taken ``steps`` steps; else None."""
+        kind, pid = event.get("event"), event.get("pid")
+        if kind in ("start", "resumed"):
+            self._began[pid] = int(event.get("step") or 0)
+            return None
+        began = self._began.get(pid)
+        if kind != "step" or began is None or int(event.get("step") or 0) < began + self.steps:
+            return None
+        return began + self.steps
+
+    def _note_reached(self, pid: Any, step: int) -> None:
+        """Append the ``reached`` line: the step the rehearsal counted to, before the notice appears."""
+        record = {"event": "reached", "time": time.time(), "pid": pid, "step": step}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
 
     def stop(self) -> None:
         self.done.set()
