@@ -8,6 +8,9 @@ machine. Two layers keep it so:
 2. in this process, ``socket.connect`` refuses any address outside loopback.
 
 tests/test_conftest.py proves both are in force.
+
+The shared fixtures (moto's S3, EC2 and IAM, the metadata simulators, loop devices) are
+in the plugins under tests/plugins/, registered here.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from collections.abc import Iterator
 import pytest
 
 from tests.helpers import root_unavailable
+
+pytest_plugins = ["tests.plugins.servers", "tests.plugins.devices"]
 
 #: A loopback port nothing listens on (the discard service is never run here):
 #: connections are refused at once, so auto-detection settles fast.

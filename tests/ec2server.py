@@ -1,12 +1,9 @@
 """A real EC2 API on loopback for tests: moto's server, plus an IAM-enforcing one in a subprocess.
 
-Use from a test module with ``from tests.ec2server import *  # noqa: F403``; the fixtures
-``ec2_server``, ``ec2`` and ``launch`` become available, or use the classes.
+The fixtures on these (``ec2_server``, ``ec2``, ``launch``, ``iam_server``) are in
+tests/plugins/servers.py: a test asks for them by name.
 
-- ``ec2_server`` (module): ``ThreadedMotoServer`` on 127.0.0.1 (an OS-chosen port). Its
-  state is shared within the module: tests use unique tags (see ``unique_tag``).
-- ``ec2`` (function): a boto3 EC2 client on it.
-- ``launch(az)`` (function): run an instance in an availability zone, return its id.
+- :class:`EC2Server`: ``ThreadedMotoServer`` on 127.0.0.1 (an OS-chosen port).
 - The server's EBS is made EC2-faithful where the volume tool's races need it
   (atomic, zone-checked attach; data in snapshots and volumes with a block store):
   see tests/ec2faithful.py.
@@ -23,20 +20,7 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable, Iterator
 from typing import Any
-
-import pytest
-
-__all__ = [
-    "AMI",
-    "EC2Server",
-    "IAMEnforcingServer",
-    "ec2",
-    "ec2_server",
-    "launch",
-    "unique_tag",
-]
 
 REGION = "us-east-1"
 #: An image moto knows in us-east-1 (run_instances checks nothing else).
@@ -146,30 +130,8 @@ def unique_tag() -> str:
     return f"run-{uuid.uuid4().hex[:8]}"
 
 
-@pytest.fixture(scope="module")
-def ec2_server() -> Iterator[EC2Server]:
-    server = EC2Server().start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-
-
-@pytest.fixture
-def ec2(ec2_server: EC2Server) -> Any:
-    return ec2_server.client("ec2")
-
-
 def run_instance(client: Any, az: str) -> str:
     r = client.run_instances(
         ImageId=AMI, MinCount=1, MaxCount=1, InstanceType="g5.xlarge", Placement={"AvailabilityZone": az}
     )
     return str(r["Instances"][0]["InstanceId"])
-
-
-@pytest.fixture
-def launch(ec2: Any) -> Callable[..., str]:
-    def _launch(az: str = "us-east-1a") -> str:
-        return run_instance(ec2, az)
-
-    return _launch

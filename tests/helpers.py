@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import time
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
+
+from spotsafe.cloud.watcher import InterruptionWatcher
 
 T = TypeVar("T")
 
@@ -49,3 +54,58 @@ def slow_enabled(config: pytest.Config) -> bool:
     same path in the default run, skip otherwise, so the default run stays inside CI's budget.
     """
     return os.environ.get("SPOTSAFE_SLOW") == "1" or "slow" in str(config.getoption("markexpr") or "")
+
+
+def git(*args: str, cwd: Path) -> str:
+    """Run ``git ARGS`` in ``cwd`` as a throwaway author; its stdout, stripped (raises if git fails)."""
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@example.invalid",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@example.invalid",
+    }
+    return subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def stop_child(proc: subprocess.Popen[Any], *, grace: float = 0.0) -> None:
+    """End a child a test started, if it still runs; reap it and close its pipes (unread output is dropped).
+
+    With ``grace``, SIGTERM first and that many seconds to exit; then SIGKILL.
+    """
+    if proc.poll() is None and grace > 0:
+        proc.terminate()
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass  # SIGKILL next
+    if proc.poll() is None:
+        proc.kill()
+    for stream in (proc.stdout, proc.stderr):
+        if stream is not None:
+            stream.close()
+    try:
+        if proc.stdin is not None:
+            proc.stdin.close()
+    except BrokenPipeError:
+        pass  # the child is gone: what was left unsent does not matter
+    finally:
+        proc.wait()
+
+
+@contextmanager
+def child(cmd: Sequence[str], *, grace: float = 0.0, **popen: Any) -> Iterator[subprocess.Popen[Any]]:
+    """``subprocess.Popen(cmd, **popen)`` that :func:`stop_child` ends and reaps however the block ends.
+
+    The block may wait for the child itself (``communicate``): after it, ``proc.returncode`` is the child's.
+    """
+    proc = subprocess.Popen(cmd, **popen)
+    try:
+        yield proc
+    finally:
+        stop_child(proc, grace=grace)
+
+
+def quiet_watcher() -> InterruptionWatcher:
+    """A watcher with no metadata source and no signal handler: nothing interrupts but the test."""
+    return InterruptionWatcher(sources="none", signals=())

@@ -1,12 +1,10 @@
 """A real S3 API on loopback for tests: moto's server, and a fault-injecting proxy.
 
-Use from a test module with ``from tests.s3server import *  # noqa: F403`` (the
-fixtures ``moto_server``, ``s3_bucket``, ``s3_proxy``, ``s3_options``,
-``s3_proxy_options`` and ``s3_client`` become available), or import the classes.
+The fixtures on these (``moto_server``, ``s3_client``, ``s3_bucket``, ``s3_options``,
+``s3_proxy``, ``s3_proxy_options``) are in tests/plugins/servers.py: a test asks for them by name.
 
-- ``moto_server`` (session): ``ThreadedMotoServer`` on 127.0.0.1, port chosen by the OS.
-- ``s3_bucket`` (function): a fresh bucket with a unique name.
-- ``s3_proxy`` (function): :class:`FaultProxy` in front of the moto server. ``inject("503",
+- :class:`MotoServer`: ``ThreadedMotoServer`` on 127.0.0.1, port chosen by the OS.
+- :class:`FaultProxy`: an HTTP proxy in front of the moto server. ``inject("503",
   count=3)`` makes the next three matching requests fail with 503 SlowDown; ``"500"``,
   ``"403"``, ``"501"`` (NotImplemented), ``"drop"`` (close without answering) and ``"reset"``
   (TCP RST) too. Hostile ones, that hold a connection without ever timing out a socket
@@ -20,30 +18,16 @@ fixtures ``moto_server``, ``s3_bucket``, ``s3_proxy``, ``s3_options``,
 from __future__ import annotations
 
 import http.client
-import itertools
 import logging
 import select
 import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-
-import pytest
-
-__all__ = [
-    "FaultProxy",
-    "MotoServer",
-    "moto_server",
-    "s3_bucket",
-    "s3_client",
-    "s3_options",
-    "s3_proxy",
-    "s3_proxy_options",
-]
 
 _ERROR_BODIES = {
     "503": (503, "SlowDown", "Please reduce your request rate."),
@@ -241,61 +225,3 @@ class FaultProxy:
                     return
         except OSError:
             return
-
-
-_names = itertools.count()
-
-
-@pytest.fixture(scope="session")
-def moto_server() -> Iterator[MotoServer]:
-    server = MotoServer().start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-
-
-@pytest.fixture
-def s3_client(moto_server: MotoServer, offline: dict[str, str]) -> Iterator[Any]:
-    """A plain boto3 client on the moto server (to look behind the store's back)."""
-    import boto3
-
-    client = boto3.client("s3", endpoint_url=moto_server.endpoint, region_name="us-east-1")
-    try:
-        yield client
-    finally:
-        client.close()
-
-
-@pytest.fixture
-def s3_bucket(s3_client: Any) -> str:
-    """A fresh, empty bucket name."""
-    name = f"spotsafe-test-{next(_names)}-{time.monotonic_ns() % 10**9}"
-    s3_client.create_bucket(Bucket=name)
-    return name
-
-
-@pytest.fixture
-def s3_options(moto_server: MotoServer) -> dict[str, Any]:
-    """storage_options that point a store straight at the moto server."""
-    return {"endpoint_url": moto_server.endpoint, "region_name": "us-east-1"}
-
-
-@pytest.fixture
-def s3_proxy(moto_server: MotoServer) -> Iterator[FaultProxy]:
-    proxy = FaultProxy(moto_server.endpoint).start()
-    try:
-        yield proxy
-    finally:
-        proxy.shutdown()
-
-
-@pytest.fixture
-def s3_proxy_options(s3_proxy: FaultProxy) -> dict[str, Any]:
-    """storage_options through the fault proxy, with short timeouts."""
-    return {
-        "endpoint_url": s3_proxy.endpoint,
-        "region_name": "us-east-1",
-        "connect_timeout": 2,
-        "read_timeout": 10,
-    }

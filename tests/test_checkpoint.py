@@ -37,6 +37,7 @@ from spotsafe.errors import (
 from spotsafe.state import RNGState
 from spotsafe.storage.base import Buffer
 from spotsafe.storage.local import LocalStore
+from tests.helpers import stop_child
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -586,10 +587,7 @@ def test_sigkill_at_random_instants_never_breaks_the_store(tmp_path: Path) -> No
                     start = latest.step + 1
                     steps_seen.append(latest.step)
     finally:
-        zygote.stdin.close()
-        zygote.kill()
-        zygote.wait()
-        zygote.stdout.close()
+        stop_child(zygote)
     print(f"kills: 30, resumed steps: {steps_seen}, kills that left debris: {debris_seen}")
     assert len(steps_seen) >= 20  # most runs got at least one checkpoint committed
     assert debris_seen >= 3  # and kills really landed mid-save

@@ -28,8 +28,7 @@ from spotsafe.distributed.dcp import load_sharded, save_sharded
 from spotsafe.errors import CheckpointCorrupt, DistributedError, UnsafeCheckpoint
 from spotsafe.storage.local import LocalStore
 from spotsafe.storage.registry import open_store
-from tests.helpers import wait_until
-from tests.s3server import *  # noqa: F403
+from tests.helpers import stop_child, wait_until
 
 WORKERS = Path(__file__).parent / "dist_workers"
 
@@ -530,9 +529,7 @@ def test_torchrun_job_waits_for_the_store_then_every_rank_stops_77_once_supersed
         assert LocalStore(store).create_file(lease_path(gen + 1), record.to_json())
         assert job.wait(timeout=120) != 0
     finally:
-        if job.poll() is None:
-            job.kill()
-            job.wait()
+        stop_child(job)
     log_text = (tmp_path / "job.log").read_text()
     codes = re.findall(r"exitcode\s*:\s*(-?\d+)", log_text)
     assert "77" in codes and set(codes) <= {"77", "-15"}, f"{log_text[-4000:]}"

@@ -30,7 +30,6 @@ from spotsafe.story.events import (
     stride,
 )
 from tests.helpers import wait_until
-from tests.s3server import *  # noqa: F403 - the moto S3 fixtures
 
 
 def _story(store: Store, *, flush_every: float = 3600.0) -> tuple[str, list[str]]:

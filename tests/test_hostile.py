@@ -33,7 +33,9 @@ from tests.helpers import slow_enabled
 GOOD, BAD = 100, 200
 
 
-def state_for(step: int) -> dict[str, Any]:
+def varied_state(step: int) -> dict[str, Any]:
+    """A state holding every kind of value a checkpoint carries (views, empty and int tensors, nested
+    optimizer state, a Size, nan), its tensors seeded by ``step``."""
     g = torch.Generator().manual_seed(step)
     w = torch.randn(64, 8, generator=g)
     return {
@@ -50,7 +52,7 @@ def state_for(step: int) -> dict[str, Any]:
 
 
 def assert_good(state: dict[str, Any]) -> None:
-    expected = state_for(GOOD)
+    expected = varied_state(GOOD)
     assert state["step"] == GOOD
     assert torch.equal(state["w"], expected["w"])
     assert torch.equal(state["t"], expected["t"])
@@ -62,8 +64,8 @@ def assert_good(state: dict[str, Any]) -> None:
 def store(tmp_path: Path) -> Path:
     root = tmp_path / "store"
     with Checkpointer(root, async_=False) as c:
-        c.save(GOOD, state_for(GOOD), epoch=1)
-        c.save(BAD, state_for(BAD), epoch=2)
+        c.save(GOOD, varied_state(GOOD), epoch=1)
+        c.save(BAD, varied_state(BAD), epoch=2)
     return root
 
 
@@ -270,7 +272,7 @@ def test_a_manifest_that_is_a_directory_is_skipped(store: Path) -> None:
     with Checkpointer(store, async_=False) as c:
         assert [i.step for i in c.list()] == [GOOD]
         assert_good(c.load(None))
-        c.save(300, state_for(300))  # the save's cleanup removes the broken directory, it does not fail
+        c.save(300, varied_state(300))  # the save's cleanup removes the broken directory, it does not fail
         assert [i.step for i in c.list()] == [GOOD, 300]
 
 
@@ -360,7 +362,7 @@ def test_a_step_directory_linked_elsewhere_is_not_read(store: Path, tmp_path: Pa
         assert_good(c.load(None))
         with pytest.raises(CheckpointCorrupt, match="out of the store"):
             c.load(BAD)
-        c.save(300, state_for(300))  # cleanup removes the link, never what it points at
+        c.save(300, varied_state(300))  # cleanup removes the link, never what it points at
     assert (elsewhere / MANIFEST).is_file()
 
 

@@ -28,7 +28,7 @@ from spotsafe.checkpoint.writer import Checkpointer
 from spotsafe.rehearsal.simulators.aws import AWSSimulator
 
 from .conftest import OFFLINE_ENV
-from .helpers import wait_until
+from .helpers import stop_child, wait_until
 
 PY = sys.executable
 SCRIPTS = Path(__file__).parent / "integration_scripts"
@@ -71,8 +71,7 @@ def _wait_until(what: str, ready: Callable[[], bool], proc: subprocess.Popen[str
     try:
         wait_until(check, timeout, interval=0.1, what=what)
     except AssertionError:
-        proc.kill()
-        proc.communicate()
+        stop_child(proc)
         raise
 
 

@@ -9,7 +9,6 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -25,34 +24,10 @@ from spotsafe.errors import MetadataError
 from spotsafe.rehearsal.simulators.aws import AWSSimulator
 from spotsafe.rehearsal.simulators.azure import AzureSimulator
 from spotsafe.rehearsal.simulators.gcp import GCPSimulator
-from tests.helpers import wait_until
+from tests.helpers import child, wait_until
 
 POLL = 0.2
 INSTANCE_ACTION = "/latest/meta-data/spot/instance-action"
-
-
-@pytest.fixture
-def aws() -> Iterator[AWSSimulator]:
-    with AWSSimulator() as sim:
-        yield sim
-
-
-@pytest.fixture
-def aws_v2() -> Iterator[AWSSimulator]:
-    with AWSSimulator(require_token=True) as sim:
-        yield sim
-
-
-@pytest.fixture
-def gcp() -> Iterator[GCPSimulator]:
-    with GCPSimulator() as sim:
-        yield sim
-
-
-@pytest.fixture
-def azure() -> Iterator[AzureSimulator]:
-    with AzureSimulator() as sim:
-        yield sim
 
 
 def _now() -> datetime:
@@ -631,14 +606,13 @@ SIGTERM_CHILD = textwrap.dedent(
 
 
 def test_sigterm_in_a_subprocess_does_not_abort_the_final_save() -> None:
-    proc = subprocess.Popen(
+    with child(
         [sys.executable, "-c", SIGTERM_CHILD],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env=os.environ.copy(),
-    )
-    try:
+    ) as proc:
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == "ready ('signal',)"
         proc.send_signal(signal.SIGTERM)
@@ -647,10 +621,6 @@ def test_sigterm_in_a_subprocess_does_not_abort_the_final_save() -> None:
         assert 18 <= int(line[3]) <= 20
         proc.send_signal(signal.SIGTERM)  # during the save
         out, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
     assert out.strip() == "saved", f"{err}"
     assert proc.returncode == 75, f"{err}"
 

@@ -21,7 +21,7 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +53,8 @@ from spotsafe.cloud.aws.launch.userdata import (
 from spotsafe.cloud.aws.prices import spot_prices
 from spotsafe.errors import LaunchConfigError, LaunchError
 from tests.ec2server import AMI, EC2Server, IAMEnforcingServer, unique_tag
-from tests.test_volume import loopdev  # noqa: F401  (the fixture)
+from tests.helpers import git
+from tests.volumes import FAST, fake_nvme, some_block_device
 
 REGION = "us-east-1"
 TYPES = ("g5.xlarge", "g6.xlarge")
@@ -63,15 +64,6 @@ ROOT = Path(__file__).resolve().parent.parent
 # --------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[EC2Server]:
-    s = EC2Server().start()
-    try:
-        yield s
-    finally:
-        s.shutdown()
-
-
 @pytest.fixture
 def calls() -> list[str]:
     """Every AWS operation the commands under test called, as ``service:Operation``."""
@@ -79,10 +71,10 @@ def calls() -> list[str]:
 
 
 @pytest.fixture
-def aws(server: EC2Server, monkeypatch: pytest.MonkeyPatch, calls: list[str]) -> Clients:
+def aws(ec2_server: EC2Server, monkeypatch: pytest.MonkeyPatch, calls: list[str]) -> Clients:
     import boto3
 
-    monkeypatch.setenv("AWS_ENDPOINT_URL", server.endpoint)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", ec2_server.endpoint)
     session = boto3.session.Session(region_name=REGION)
 
     def record(model: Any, **_: Any) -> None:
@@ -503,17 +495,6 @@ def test_generated_user_data_is_shellcheck_clean_and_keeps_the_command_verbatim(
 # --------------------------------------------------------------------------- code pinning
 
 
-def _git(*args: str, cwd: Path) -> str:
-    env = {
-        **os.environ,
-        "GIT_AUTHOR_NAME": "t",
-        "GIT_AUTHOR_EMAIL": "t@example.invalid",
-        "GIT_COMMITTER_NAME": "t",
-        "GIT_COMMITTER_EMAIL": "t@example.invalid",
-    }
-    return subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True, text=True).stdout.strip()
-
-
 @pytest.fixture
 def git_remote(tmp_path: Path) -> tuple[str, Path]:
     if shutil.which("git") is None:
@@ -521,19 +502,19 @@ def git_remote(tmp_path: Path) -> tuple[str, Path]:
     remote = tmp_path / "remote.git"
     work = tmp_path / "work"
     work.mkdir()
-    _git("init", "-q", "--bare", "-b", "main", str(remote), cwd=tmp_path)
-    _git("init", "-q", "-b", "main", cwd=work)
+    git("init", "-q", "--bare", "-b", "main", str(remote), cwd=tmp_path)
+    git("init", "-q", "-b", "main", cwd=work)
     (work / "train.py").write_text("print('v1')\n")
-    _git("add", "train.py", cwd=work)
-    _git("commit", "-q", "-m", "v1", cwd=work)
-    _git("tag", "-a", "v1", "-m", "v1", cwd=work)
-    _git("push", "-q", "--tags", str(remote), "main", cwd=work)
+    git("add", "train.py", cwd=work)
+    git("commit", "-q", "-m", "v1", cwd=work)
+    git("tag", "-a", "v1", "-m", "v1", cwd=work)
+    git("push", "-q", "--tags", str(remote), "main", cwd=work)
     return f"file://{remote}", work
 
 
 def test_resolve_ref_pins_branches_and_tags_to_commits(git_remote: tuple[str, Path]) -> None:
     url, work = git_remote
-    head = _git("rev-parse", "HEAD", cwd=work)
+    head = git("rev-parse", "HEAD", cwd=work)
     assert resolve_ref(url, "main") == head
     assert resolve_ref(url, None) == head
     assert resolve_ref(url, "v1") == head  # the commit, not the annotated tag object
@@ -546,18 +527,18 @@ def test_resolve_ref_pins_branches_and_tags_to_commits(git_remote: tuple[str, Pa
 
 def test_a_rerun_keeps_the_code_pinned_while_the_branch_moves(aws: Clients, git_remote: tuple[str, Path]) -> None:
     url, work = git_remote
-    first = _git("rev-parse", "HEAD", cwd=work)
+    first = git("rev-parse", "HEAD", cwd=work)
     spec = vspec(unique_tag(), repo=url, ref="main")
     launch(spec, aws, apply=True)
     (work / "train.py").write_text("print('v2')\n")
-    _git("commit", "-q", "-am", "v2", cwd=work)
-    _git("push", "-q", url.removeprefix("file://"), "main", cwd=work)
+    git("commit", "-q", "-am", "v2", cwd=work)
+    git("push", "-q", url.removeprefix("file://"), "main", cwd=work)
     again = launch(spec, aws, apply=True)
     assert again.changes == [] and again.ref == first
     settings = settings_from_user_data(decode_user_data(_template_data(aws, spec)["UserData"]))
     assert (settings["SPOTSAFE_REPO"], settings["SPOTSAFE_REF"]) == (url, first)
     # Asking for a commit moves it.
-    second = _git("rev-parse", "HEAD", cwd=work)
+    second = git("rev-parse", "HEAD", cwd=work)
     moved = launch(vspec(spec.name, repo=url, ref=second), aws, apply=True)
     assert [(s.verb, s.kind) for s in moved.changes] == [("update", "launch template")] and moved.ref == second
 
@@ -743,8 +724,8 @@ def test_cli_prints_the_user_data_for_terraform_and_changes_nothing(
     assert tagged_resources(aws, name) == []
 
 
-def test_cli_subprocess_plan(server: EC2Server, tmp_path: Path) -> None:
-    env = {**os.environ, "AWS_ENDPOINT_URL": server.endpoint, "PYTHONPATH": str(ROOT)}
+def test_cli_subprocess_plan(ec2_server: EC2Server, tmp_path: Path) -> None:
+    env = {**os.environ, "AWS_ENDPOINT_URL": ec2_server.endpoint, "PYTHONPATH": str(ROOT)}
     p = subprocess.run(
         [sys.executable, "-m", "spotsafe", "launch", unique_tag(), "--instance-types", "g5.xlarge", *PLAN_ARGS],
         capture_output=True,
@@ -826,15 +807,6 @@ def test_docs_carry_the_policies() -> None:
     assert json.dumps(OPERATOR_POLICY, indent=2) in doc
     assert json.dumps(instance_policy(sspec("mnist", "my-bucket")), indent=2) in doc
     assert json.dumps(instance_policy(vspec("mnist")), indent=2) in doc
-
-
-@pytest.fixture(scope="module")
-def iam_server() -> Iterator[IAMEnforcingServer]:
-    s = IAMEnforcingServer()
-    try:
-        yield s
-    finally:
-        s.shutdown()
 
 
 #: The IAM action and resource kind each S3 operation the store calls is authorised by.
@@ -937,7 +909,6 @@ def test_the_volume_instance_policy_lets_the_instance_attach_and_finish(
     from spotsafe.cloud.aws.volume.finish import finish
     from spotsafe.cloud.aws.volume.manager import VolumeManager
     from spotsafe.cloud.aws.volume.model import Identity
-    from tests.test_volume import FAST, fake_nvme, some_block_device
 
     admin = iam_server.client("ec2", iam_server.admin)
     asg_admin = iam_server.client("autoscaling", iam_server.admin)
@@ -1009,26 +980,25 @@ print("finished at step", run.step_count, flush=True)
 @pytest.mark.slow
 def test_generated_user_data_boots_trains_and_scales_the_group_to_zero(
     aws: Clients,
-    server: EC2Server,
+    ec2_server: EC2Server,
     tmp_path: Path,
-    loopdev: Callable[..., str],  # noqa: F811 - the fixture
+    loopdev: Callable[..., str],
 ) -> None:
     from spotsafe.cloud.aws.volume.filesystem import mounted_at
     from spotsafe.rehearsal.simulators.aws import AWSSimulator
-    from tests.test_volume import fake_nvme
 
     if shutil.which("git") is None:
         pytest.skip("needs git")
     # The user's code: a repository with train.py, pinned by launch.
     remote, work = tmp_path / "remote.git", tmp_path / "work"
     work.mkdir()
-    _git("init", "-q", "--bare", "-b", "main", str(remote), cwd=tmp_path)
-    _git("init", "-q", "-b", "main", cwd=work)
+    git("init", "-q", "--bare", "-b", "main", str(remote), cwd=tmp_path)
+    git("init", "-q", "-b", "main", cwd=work)
     (work / "train.py").write_text(TRAIN_PY)
-    _git("add", "train.py", cwd=work)
-    _git("commit", "-q", "-m", "train", cwd=work)
-    _git("push", "-q", str(remote), "main", cwd=work)
-    commit = _git("rev-parse", "HEAD", cwd=work)
+    git("add", "train.py", cwd=work)
+    git("commit", "-q", "-m", "train", cwd=work)
+    git("push", "-q", str(remote), "main", cwd=work)
+    commit = git("rev-parse", "HEAD", cwd=work)
 
     name = unique_tag()
     mount = tmp_path / "mnt"
@@ -1064,7 +1034,7 @@ def test_generated_user_data_boots_trains_and_scales_the_group_to_zero(
         "AWS_CONFIG_FILE": os.devnull,
         "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
         "AWS_EC2_METADATA_SERVICE_ENDPOINT": sim.endpoint,
-        "AWS_ENDPOINT_URL": server.endpoint,
+        "AWS_ENDPOINT_URL": ec2_server.endpoint,
         "PYTHONPATH": str(ROOT),
         # This machine is not an EC2 instance: where the script installs and what it cannot do here.
         "SPOTSAFE_SKIP_SYSTEMD": "1",
@@ -1084,7 +1054,7 @@ def test_generated_user_data_boots_trains_and_scales_the_group_to_zero(
         # The supervisor ran the run's command on the run's store, from the pinned checkout.
         assert f"python -m spotsafe.resume --store {spec.store} -- {spec.command}" in out
         assert f"store {spec.store}" in out and "finished at step 6" in out
-        assert _git("rev-parse", "HEAD", cwd=mount / "code" / name) == commit
+        assert git("rev-parse", "HEAD", cwd=mount / "code" / name) == commit
         assert (mount / name).is_dir() and mounted_at(str(mount)) is not None
         # Complete: the group is scaled to zero and the instance shut down.
         g = aws.autoscaling.describe_auto_scaling_groups(AutoScalingGroupNames=[spec.resource_name])[

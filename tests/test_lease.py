@@ -31,8 +31,7 @@ from spotsafe.storage.base import Buffer, Store
 from spotsafe.storage.local import LocalStore
 from spotsafe.storage.mirror import MirrorStore
 from spotsafe.storage.registry import open_store
-from tests.helpers import wait_until
-from tests.s3server import *  # noqa: F403
+from tests.helpers import stop_child, wait_until
 
 #: A subprocess writer: saves ``steps`` synchronously; pauses (announced by a file) in the
 #: middle of the save of ``pause_step``, after its data file is written and before the commit.
@@ -319,8 +318,7 @@ def test_a_frozen_writer_superseded_then_woken_raises_and_leaves_the_new_writers
     finally:
         if old.poll() is None:
             os.kill(old.pid, signal.SIGCONT)
-            old.kill()
-            old.communicate()
+        stop_child(old)
     if "remote" in spec:  # the remote tier holds the new writer's history too, never step 100
         with Checkpointer(spec["remote"], storage_options=spec["options"]) as remote:
             assert [i.step for i in remote.list()] == [1, 2, 3, 4]
@@ -383,8 +381,7 @@ def test_lease_acquire_timeout_names_the_store(tmp_path: Path) -> None:
         with pytest.raises(spotsafe.LeaseTimeout, match=str(tmp_path / "s")):
             lease.acquire(timeout=0.5)
     finally:
-        holder.kill()
-        holder.communicate()
+        stop_child(holder)
 
 
 # ----------------------------------------------------------------------------- Run and the supervisor
@@ -480,9 +477,8 @@ def test_capacity_rebalance_overlap_through_the_supervisor_ends_bit_identical(tm
             assert new.wait(timeout=180) == 0, f"{(tmp_path / 'n').read_text()}"
         finally:
             for proc in (old, new):
-                if proc is not None and proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
+                if proc is not None:
+                    stop_child(proc)
     durable = [e for e in events_of(old_events) if e["event"] == "durable"]
     resumed = [e for e in events_of(new_events) if e["event"] == "resumed"]
     assert len(durable) == 1 and len(resumed) == 1
@@ -518,9 +514,7 @@ def test_a_superseded_run_exits_77_and_the_supervisor_does_not_restart_it(tmp_pa
             latest = new.latest(verify=True)
             assert latest is not None and latest.step == 10_000
     finally:
-        if sup.poll() is None:
-            sup.kill()
-            sup.wait()
+        stop_child(sup)
 
 
 def test_a_superseded_writer_whose_files_were_cleaned_up_stops_as_fenced_not_crashed(tmp_path: Path) -> None:

@@ -28,7 +28,7 @@ from spotsafe.checkpoint.writer import Checkpointer
 from spotsafe.rehearsal.simulators.aws import AWSSimulator
 from spotsafe.rehearsal.simulators.environment import simulated_environment
 from tests.dist_workers import elastic
-from tests.helpers import slow_enabled, wait_until
+from tests.helpers import slow_enabled, stop_child, wait_until
 
 PY = sys.executable
 WORKER = Path(__file__).parent / "dist_workers" / "elastic.py"
@@ -97,13 +97,7 @@ class Node:
         return info if info["world"] == world and info["time"] > since else None
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_child(self.proc, grace=30)
         self._log.close()
         self.sim.shutdown()
 

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import pytest
 
 from spotsafe.cloud.watcher import InterruptionWatcher
-from tests.helpers import wait_until
+from tests.helpers import child, wait_until
 
 IDLE_CPU_BOUND = 0.005  # of one core
 
@@ -131,17 +131,17 @@ def test_idle_cpu_off_cloud() -> None:
 @pytest.fixture
 def aws_in_another_process() -> Iterator[str]:
     """The simulator's own CPU must not count: it runs in a child process."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "spotsafe.simulate", "aws"], stdout=subprocess.PIPE, text=True, env=os.environ.copy()
-    )
-    try:
+    with child(
+        [sys.executable, "-m", "spotsafe.simulate", "aws"],
+        grace=10,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=os.environ.copy(),
+    ) as proc:
         assert proc.stdout is not None
         line = proc.stdout.readline().strip()
         assert line.startswith("export AWS_EC2_METADATA_SERVICE_ENDPOINT=")
         yield line.split("=", 1)[1]
-    finally:
-        proc.terminate()
-        proc.communicate(timeout=10)
 
 
 def test_idle_cpu_while_polling_aws(aws_in_another_process: str, monkeypatch: pytest.MonkeyPatch) -> None:

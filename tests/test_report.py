@@ -21,7 +21,6 @@ from spotsafe.storage.local import LocalStore
 from spotsafe.story.events import read_events
 from spotsafe.story.live import LIVE_REPORT, make_server, write_report
 from tests.chromium import PLOTS_READY, chromium_binary, render
-from tests.ec2server import *  # noqa: F403 - the moto EC2 fixtures
 from tests.helpers import wait_until
 
 pytest.importorskip("plotly")

@@ -16,7 +16,7 @@ from spotsafe import EXIT_PREEMPTED
 from spotsafe.rehearsal.simulators.aws import AWSSimulator
 from spotsafe.rehearsal.simulators.environment import simulated_environment
 from spotsafe.resume import Supervisor, exit_status, main, supervise
-from tests.helpers import wait_until
+from tests.helpers import child, wait_until
 
 PY = sys.executable
 
@@ -392,8 +392,8 @@ def test_torchrun_preemption_then_resume_on_one_process(tmp_path: Path) -> None:
 
 def test_a_child_ignoring_sigterm_is_killed_after_the_deadline(tmp_path: Path) -> None:
     ready = tmp_path / "ready"
-    child = tmp_path / "stubborn.py"
-    child.write_text(
+    stubborn = tmp_path / "stubborn.py"
+    stubborn.write_text(
         textwrap.dedent(f"""
         import signal, time
         from pathlib import Path
@@ -402,12 +402,11 @@ def test_a_child_ignoring_sigterm_is_killed_after_the_deadline(tmp_path: Path) -
         time.sleep(600)
     """)
     )
-    proc = subprocess.Popen(
-        [PY, "-m", "spotsafe.resume", "--store", str(tmp_path / "store"), "--kill-after", "2", "--", PY, str(child)],
+    with child(
+        [PY, "-m", "spotsafe.resume", "--store", str(tmp_path / "store"), "--kill-after", "2", "--", PY, str(stubborn)],
         stderr=subprocess.PIPE,
         text=True,
-    )
-    try:
+    ) as proc:
 
         def started() -> bool:
             assert proc.poll() is None
@@ -417,10 +416,6 @@ def test_a_child_ignoring_sigterm_is_killed_after_the_deadline(tmp_path: Path) -
         proc.send_signal(signal.SIGTERM)
         t0 = time.monotonic()
         _, err = proc.communicate(timeout=60)  # not the child's 600 s
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
     assert time.monotonic() - t0 >= 1.5
     assert proc.returncode == 128 + signal.SIGKILL
     assert "SIGKILL" in err

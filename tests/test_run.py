@@ -23,8 +23,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 import spotsafe
 from spotsafe import EXIT_PREEMPTED, Run
 from spotsafe.checkpoint.writer import Checkpointer
-from spotsafe.cloud.watcher import InterruptionWatcher
-from tests.helpers import wait_until
+from tests.helpers import quiet_watcher, wait_until
 
 N_ITEMS, BATCH = 60, 8  # 8 batches an epoch, the last one short
 PER_EPOCH = 8
@@ -41,10 +40,6 @@ def make_model(init_seed: int) -> tuple[nn.Module, torch.optim.Optimizer, Any]:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=5, gamma=0.9)
     return model, opt, sched
-
-
-def quiet_watcher() -> InterruptionWatcher:
-    return InterruptionWatcher(sources="none", signals=())
 
 
 def train(

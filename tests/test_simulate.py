@@ -21,6 +21,7 @@ from spotsafe.rehearsal.simulators.azure import AzureSimulator
 from spotsafe.rehearsal.simulators.environment import simulated_environment
 from spotsafe.rehearsal.simulators.gcp import GCPSimulator
 from spotsafe.rehearsal.simulators.serve import main
+from tests.helpers import child
 
 TTL = "X-aws-ec2-metadata-token-ttl-seconds"
 TOKEN = "X-aws-ec2-metadata-token"
@@ -343,14 +344,13 @@ def test_simulators_do_not_import_the_rehearsal_or_torch() -> None:
 
 
 def test_cli_subprocess_armed_over_http(http: requests.Session) -> None:
-    proc = subprocess.Popen(
+    with child(
         [sys.executable, "-m", "spotsafe.simulate", "aws", "--require-token"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env=os.environ.copy(),
-    )
-    try:
+    ) as proc:
         assert proc.stdout is not None
         line = proc.stdout.readline().strip()
         assert line.startswith("export AWS_EC2_METADATA_SERVICE_ENDPOINT=http://127.0.0.1:")
@@ -362,8 +362,4 @@ def test_cli_subprocess_armed_over_http(http: requests.Session) -> None:
         assert json.loads(r.text)["action"] == "terminate"
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
     assert proc.returncode == 0, f"{err}"

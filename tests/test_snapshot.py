@@ -22,10 +22,9 @@ from spotsafe.checkpoint.snapshots import SnapshotKeeper
 from spotsafe.checkpoint.staging import StagingBuffer, stage
 from spotsafe.checkpoint.writer import Checkpointer
 from spotsafe.cloud.notice import Notice
-from spotsafe.cloud.watcher import InterruptionWatcher
 from spotsafe.distributed.board import NoticeBoard
 from spotsafe.errors import DistributedError
-from tests.helpers import wait_until
+from tests.helpers import quiet_watcher, wait_until
 
 CHILD = textwrap.dedent("""
     import os, sys, time, torch
@@ -274,10 +273,6 @@ def _two_ranks_notice_on_one(
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k}"
-
-
-def quiet_watcher() -> InterruptionWatcher:
-    return InterruptionWatcher(sources="none", signals=())
 
 
 def small_model() -> tuple[nn.Module, torch.optim.Optimizer]:

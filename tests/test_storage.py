@@ -21,7 +21,6 @@ from spotsafe.errors import StoreError
 from spotsafe.storage.base import Store
 from spotsafe.storage.registry import open_store
 from spotsafe.testing import StoreConformance
-from tests.s3server import *  # noqa: F403
 
 MiB = 1024 * 1024
 

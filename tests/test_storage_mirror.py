@@ -16,7 +16,6 @@ from spotsafe.storage.base import Buffer, Store
 from spotsafe.storage.fsspec import FsspecStore
 from spotsafe.storage.local import LocalStore
 from spotsafe.storage.mirror import MirrorStore
-from tests.s3server import *  # noqa: F403
 
 
 class RecordingStore(FsspecStore):

@@ -20,8 +20,7 @@ import pytest
 from spotsafe.errors import StoreError
 from spotsafe.storage.registry import open_store
 from spotsafe.storage.s3 import S3Store, parse_s3_url
-from tests.helpers import wait_until
-from tests.s3server import *  # noqa: F403
+from tests.helpers import child, wait_until
 from tests.s3server import FaultProxy
 
 MiB = 1024 * 1024
@@ -43,10 +42,7 @@ def _is_part(method: str, path: str) -> bool:
 def _kill_9_when(script: str, args: list[str], ready: Any, timeout: float = 60, tick: Any = None) -> bytes:
     """Run ``script`` with ``args`` in a fresh interpreter; SIGKILL it once ``ready()``; its stdout."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", script, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-    try:
+    with child([sys.executable, "-c", script, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
 
         def reached() -> bool:
             assert proc.poll() is None, f"{proc.communicate()}"
@@ -57,10 +53,6 @@ def _kill_9_when(script: str, args: list[str], ready: Any, timeout: float = 60, 
         wait_until(reached, timeout, interval=0.02, what="the writer to reach the kill point")
         proc.send_signal(signal.SIGKILL)
         out, _ = proc.communicate(timeout=10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
     assert proc.returncode == -signal.SIGKILL
     return out
 

@@ -29,10 +29,9 @@ from spotsafe.cloud.aws.volume.cli import ExitCode
 from spotsafe.cloud.aws.volume.filesystem import filesystem_type, majmin, mounted_at
 from spotsafe.cloud.aws.volume.manager import VolumeManager
 from spotsafe.cloud.aws.volume.model import TAG_NEW, Identity
-from tests.ec2server import *  # noqa: F403
 from tests.ec2server import AMI, unique_tag
-from tests.helpers import wait_until
-from tests.test_volume import fake_nvme, loopdev  # noqa: F401  (fixture)
+from tests.helpers import child, git, wait_until
+from tests.volumes import fake_nvme
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "userdata" / "spot-boot.sh"
@@ -218,23 +217,12 @@ class Sandbox:
         )
 
 
-def _git(*args: str, cwd: Path) -> str:
-    env = {
-        **os.environ,
-        "GIT_AUTHOR_NAME": "t",
-        "GIT_AUTHOR_EMAIL": "t@example.invalid",
-        "GIT_COMMITTER_NAME": "t",
-        "GIT_COMMITTER_EMAIL": "t@example.invalid",
-    }
-    return subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True, text=True).stdout.strip()
-
-
 def _steps(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
 
 @pytest.fixture
-def sandbox(tmp_path: Path, ec2_server: Any, ec2: Any, loopdev: Callable[..., str]) -> Iterator[Sandbox]:  # noqa: F811 - the fixture
+def sandbox(tmp_path: Path, ec2_server: Any, ec2: Any, loopdev: Callable[..., str]) -> Iterator[Sandbox]:
     if shutil.which("git") is None:
         pytest.skip("needs git")
     from spotsafe.rehearsal.simulators.aws import AWSSimulator
@@ -265,12 +253,12 @@ def sandbox(tmp_path: Path, ec2_server: Any, ec2: Any, loopdev: Callable[..., st
 
     # The code remote: a bare repository with train.py.
     remote = tmp_path / "remote.git"
-    _git("init", "-q", "--bare", "-b", "main", str(remote), cwd=tmp_path)
-    _git("init", "-q", "-b", "main", cwd=work)
-    _git("add", "train.py", cwd=work)
-    _git("commit", "-q", "-m", "train", cwd=work)
-    _git("push", "-q", str(remote), "main", cwd=work)
-    first_commit = _git("rev-parse", "HEAD", cwd=work)
+    git("init", "-q", "--bare", "-b", "main", str(remote), cwd=tmp_path)
+    git("init", "-q", "-b", "main", cwd=work)
+    git("add", "train.py", cwd=work)
+    git("commit", "-q", "-m", "train", cwd=work)
+    git("push", "-q", str(remote), "main", cwd=work)
+    first_commit = git("rev-parse", "HEAD", cwd=work)
 
     sys_root, dev_root = fake_nvme(tmp_path, volume_id.replace("-", ""), device)
     sim = AWSSimulator(instance_id=iid, availability_zone=az).start()
@@ -367,7 +355,7 @@ def test_boot_attaches_mounts_resumes_completes_and_shuts_down(sandbox: Sandbox)
     assert _is_complete(sb.store)
     # The code came from the git remote; logs went to the volume too.
     code = sb.mount / "code" / sb.env["SPOTSAFE_RUN"]
-    assert _git("rev-parse", "HEAD", cwd=code) == sb.first_commit
+    assert git("rev-parse", "HEAD", cwd=code) == sb.first_commit
     assert "finished at step 12" in (sb.mount / "logs" / f"{sb.env['SPOTSAFE_RUN']}.log").read_text()
     # Complete + SPOTSAFE_SHUTDOWN_WHEN_DONE=1: the spot request is cancelled, then shutdown.
     assert not _spot_request_open(sb)
@@ -708,12 +696,12 @@ def test_first_boot_in_another_zone_moves_formats_pins_and_keeps_old_on_request(
     work.mkdir()
     (work / "train.py").write_text("print('v1')\n")
     remote = tmp_path / "remote.git"
-    _git("init", "-q", "--bare", "-b", "main", str(remote), cwd=tmp_path)
-    _git("init", "-q", "-b", "main", cwd=work)
-    _git("add", "train.py", cwd=work)
-    _git("commit", "-q", "-m", "v1", cwd=work)
-    _git("push", "-q", str(remote), "main", cwd=work)
-    v1 = _git("rev-parse", "HEAD", cwd=work)
+    git("init", "-q", "--bare", "-b", "main", str(remote), cwd=tmp_path)
+    git("init", "-q", "-b", "main", cwd=work)
+    git("add", "train.py", cwd=work)
+    git("commit", "-q", "-m", "v1", cwd=work)
+    git("push", "-q", str(remote), "main", cwd=work)
+    v1 = git("rev-parse", "HEAD", cwd=work)
     bindir = tmp_path / "bin"
     bindir.mkdir()
     calls = tmp_path / "systemctl.calls"
@@ -762,17 +750,17 @@ def test_first_boot_in_another_zone_moves_formats_pins_and_keeps_old_on_request(
         ]
         assert "SPOTSAFE_SNAPSHOT_EVERY='3600'" in (tmp_path / "etc" / "spotsafe.env").read_text()
         code = mount / "code" / run
-        assert _git("rev-parse", "HEAD", cwd=code) == v1
+        assert git("rev-parse", "HEAD", cwd=code) == v1
         assert (mount / ".spotsafe" / f"{run}.code").read_text() == f"main {v1}\n"
 
         # main moves on; the instance reboots: the run keeps its code, the old volume goes now.
         (work / "train.py").write_text("print('v2')\n")
-        _git("commit", "-q", "-am", "v2", cwd=work)
-        _git("push", "-q", str(remote), "main", cwd=work)
+        git("commit", "-q", "-am", "v2", cwd=work)
+        git("push", "-q", str(remote), "main", cwd=work)
         p = _run_script({**env, "SPOTSAFE_KEEP_OLD": "0"}, "boot", timeout=300)
         out = p.stdout + p.stderr
         assert p.returncode == 0, f"{out}"
-        assert _git("rev-parse", "HEAD", cwd=code) == v1
+        assert git("rev-parse", "HEAD", cwd=code) == v1
         assert "pinned when the run started" in out
         assert (
             ec2.describe_volumes(Filters=[{"Name": "tag:spotsafe-run", "Values": [run]}])["Volumes"][0]["VolumeId"]
@@ -819,19 +807,14 @@ def test_a_stopped_run_is_not_taken_for_a_crash_loop(tmp_path: Path) -> None:
     )
     env["PYTHONPATH"] = os.environ.get("PYTHONPATH", "")
     log = tmp_path / "mnt" / "logs" / "r.log"
-    p = subprocess.Popen(
+    with child(
         ["bash", str(SCRIPT), "train"], env=env, cwd="/", stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    try:
+    ) as p:
         wait_until(lambda: log.exists() and "spotsafe.resume" in log.read_text(), 60, what="the train phase")
         # The supervisor has started the command (so its signal handler is in place): sleep runs.
         wait_until(lambda: _descendant_named(p.pid, "sleep"), 60, what="the training command")
         p.send_signal(signal.SIGTERM)
         p.communicate(timeout=60)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.communicate()
     assert p.returncode not in (0, 75)
     assert (tmp_path / "mnt" / "logs" / ".r.stopped").exists()
     a = _run_script({**env, "EXIT_CODE": "exited", "EXIT_STATUS": str(p.returncode)}, "after-train")

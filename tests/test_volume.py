@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from spotsafe.cloud.aws.volume.cli import ExitCode, exit_code, main
-from spotsafe.cloud.aws.volume.devices import NITRO_BY_ID_PREFIX, find_device, is_block_device
+from spotsafe.cloud.aws.volume.devices import NITRO_BY_ID_PREFIX, find_device
 from spotsafe.cloud.aws.volume.filesystem import (
     filesystem_type,
     is_blank,
@@ -56,81 +56,11 @@ from spotsafe.errors import (
     VolumePermissionDenied,
     VolumeWrongZone,
 )
-from tests.ec2server import *  # noqa: F403
 from tests.ec2server import AMI, IAMEnforcingServer, run_instance, unique_tag
 from tests.helpers import wait_until
-
-FAST = Timeouts(poll=0.05, attach=5, detach=5, force_detach_after=0.3, device=3, snapshot=10, create=10, settle=0.2)
-
+from tests.volumes import FAST, create_volume, fake_nvme, some_block_device
 
 # --------------------------------------------------------------------------- helpers
-
-
-@pytest.fixture
-def loopdev(tmp_path: Path) -> Iterator[Callable[..., str]]:
-    """Factory: a loop device over a sparse file in tmp_path. Teardown unmounts and frees them.
-
-    Only for ``@pytest.mark.root`` tests: the marker's hook in conftest skips them where
-    root or the tools are missing."""
-    made: list[str] = []
-
-    def make(size_mb: int = 16, name: str = "disk") -> str:
-        img = tmp_path / f"{name}-{len(made)}.img"
-        with open(img, "wb") as f:
-            f.truncate(size_mb << 20)
-        p = subprocess.run(["losetup", "--find", "--show", str(img)], capture_output=True, text=True)
-        if p.returncode != 0:
-            pytest.skip(f"losetup failed (no loop devices?): {p.stderr.strip()}")
-        dev = p.stdout.strip()
-        made.append(dev)
-        return dev
-
-    try:
-        yield make
-    finally:
-        for dev in made:
-            try:
-                for mp in mountpoints_of(dev):
-                    subprocess.run(["umount", "-l", mp], check=False)
-            except OSError:
-                pass
-            subprocess.run(["losetup", "-d", dev], check=False)
-
-
-def fake_nvme(root: Path, serial: str, target: str, *, name: str = "nvme1n1", pad: bool = True) -> tuple[str, str]:
-    """A /sys and /dev tree under ``root`` where NVMe disk ``name`` has ``serial`` and is ``target``."""
-    sys_root, dev_root = root / "sys", root / "dev"
-    ctrl = sys_root / "block" / name / "device"
-    ctrl.mkdir(parents=True, exist_ok=True)
-    dev_root.mkdir(parents=True, exist_ok=True)
-    # The code under test may be polling this tree from another thread: swap the link first and
-    # the serial last, each by rename, so a reader never pairs the new serial with the old target.
-    tmp_link = dev_root / f".{name}.new"
-    tmp_link.unlink(missing_ok=True)
-    tmp_link.symlink_to(target)
-    os.replace(tmp_link, dev_root / name)
-    # the kernel pads the 20-byte serial field with spaces
-    tmp_serial = ctrl / ".serial.new"
-    tmp_serial.write_text(serial.ljust(20) + "\n" if pad else serial + "\n")
-    os.replace(tmp_serial, ctrl / "serial")
-    return str(sys_root), str(dev_root)
-
-
-def some_block_device() -> str:
-    for cand in sorted(Path("/dev").glob("loop[0-9]*")):
-        if is_block_device(str(cand)):
-            return str(cand)
-    pytest.skip("no block device to point the fake /sys tree at")
-
-
-def create_volume(ec2: Any, az: str, tags: dict[str, str], size: int = 1) -> str:
-    r = ec2.create_volume(
-        AvailabilityZone=az,
-        Size=size,
-        VolumeType="gp3",
-        TagSpecifications=[{"ResourceType": "volume", "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}],
-    )
-    return str(r["VolumeId"])
 
 
 def describe(ec2: Any, volume_id: str) -> dict[str, Any]:
@@ -704,15 +634,6 @@ def test_cli_subprocess_status_without_volume(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- IAM
-
-
-@pytest.fixture(scope="module")
-def iam_server() -> Iterator[IAMEnforcingServer]:
-    server = IAMEnforcingServer()
-    try:
-        yield server
-    finally:
-        server.shutdown()
 
 
 def test_iam_denial_is_a_permission_error_naming_the_call(iam_server: IAMEnforcingServer, tmp_path: Path) -> None:

@@ -38,10 +38,9 @@ from spotsafe.cloud.aws.volume.model import (
 )
 from spotsafe.errors import VolumeBusy, VolumeNotFound, VolumeWrongZone
 from tests.ec2faithful import BlockStore, activate
-from tests.ec2server import *  # noqa: F403
 from tests.ec2server import REGION, run_instance, unique_tag
-from tests.helpers import wait_until
-from tests.test_volume import create_volume, some_block_device
+from tests.helpers import child, wait_until
+from tests.volumes import create_volume, some_block_device
 
 RACE = Timeouts(poll=0.05, attach=5, detach=3, force_detach_after=0.2, device=3, snapshot=10, create=10, settle=0.3)
 
@@ -415,25 +414,22 @@ def test_cli_snapshot_every_repeats_until_sigterm(ec2: Any, ec2_server: Any, sto
     }
     cmd = [sys.executable, "-m", "spotsafe.volume", "snapshot", "--tag", f"spotsafe-run={tag['spotsafe-run']}"]
     cmd += ["--every", "0.3", "--keep", "1", "--metadata-timeout", "10", "-q"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def periodic() -> list[dict[str, Any]]:
         r = ec2.describe_snapshots(OwnerIds=["self"], Filters=[{"Name": "tag-key", "Values": [TAG_PERIODIC]}])
         return [s for s in r["Snapshots"] if s["VolumeId"] == a.volume.volume_id]
 
     try:
+        with child(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
 
-        def two() -> bool:
-            assert proc.poll() is None, "the snapshot loop died"
-            return len(periodic()) >= 2
+            def two() -> bool:
+                assert proc.poll() is None, "the snapshot loop died"
+                return len(periodic()) >= 2
 
-        wait_until(two, 60, interval=0.1, what="two periodic snapshots")
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=60)
+            wait_until(two, 60, interval=0.1, what="two periodic snapshots")
+            proc.send_signal(signal.SIGTERM)
+            out, err = proc.communicate(timeout=60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
         sim.shutdown()
     assert proc.returncode == 0, f"{err}"
     assert len(out.split()) >= 2 and all(s.startswith("snap-") for s in out.split())

@@ -12,30 +12,15 @@ import sys
 from pathlib import Path
 
 import torch
-from torch.utils.data import Dataset
 from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainerCallback, TrainingArguments
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _data import Data
 from _pause import Fetches, Pause
 
 from spotsafe.integrations.transformers import SpotsafeCallback
 
-SAMPLES, BATCH, EPOCHS, SEQ = 32, 4, 3, 8
-
-
-class Data(Dataset):
-    def __init__(self, fetches: Fetches) -> None:
-        g = torch.Generator().manual_seed(1)
-        self.ids = torch.randint(0, 50, (SAMPLES, SEQ), generator=g)
-        self.labels = torch.randint(0, 2, (SAMPLES,), generator=g)
-        self.fetches = fetches
-
-    def __len__(self) -> int:
-        return SAMPLES
-
-    def __getitem__(self, i: int):
-        self.fetches.add(i)
-        return {"input_ids": self.ids[i], "labels": self.labels[i]}
+BATCH, EPOCHS, SEQ = 4, 3, 8
 
 
 class Scaffold(TrainerCallback):
@@ -79,7 +64,7 @@ def main() -> None:
     trainer = Trainer(
         model=model,
         args=args,
-        train_dataset=Data(Fetches(out, rank)),
+        train_dataset=Data(Fetches(out, rank), seq=SEQ),
         callbacks=[spotsafe_cb, Scaffold(Pause(out, rank), spotsafe_cb)],
     )
     trainer.train()

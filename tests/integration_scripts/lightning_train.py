@@ -13,29 +13,15 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _data import Data
 from _pause import Fetches, Pause
 
 from spotsafe.integrations.lightning import SpotsafeCallback
 
-SAMPLES, BATCH, EPOCHS = 32, 4, 3
-
-
-class Data(Dataset):
-    def __init__(self, fetches: Fetches) -> None:
-        g = torch.Generator().manual_seed(1)
-        self.x = torch.randn(SAMPLES, 6, generator=g)
-        self.y = torch.randint(0, 3, (SAMPLES,), generator=g)
-        self.fetches = fetches
-
-    def __len__(self) -> int:
-        return SAMPLES
-
-    def __getitem__(self, i: int):
-        self.fetches.add(i)
-        return self.x[i], self.y[i]
+BATCH, EPOCHS = 4, 3
 
 
 class Net(L.LightningModule):
