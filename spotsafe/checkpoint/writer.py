@@ -247,9 +247,13 @@ class Checkpointer:
             if not run_async:
                 persist()  # durable when this returns; pruning old checkpoints goes on in the background
                 return
-            thread = threading.Thread(target=self._run, args=(persist,), name=f"spotsafe-save-{step}", daemon=True)
-            self._thread = thread
-            thread.start()
+            self._start(persist, f"spotsafe-save-{step}")
+
+    def _start(self, persist: Callable[[], None], name: str) -> None:
+        """Run ``persist`` in the background (a named daemon thread); ``wait()`` joins it and re-raises."""
+        thread = threading.Thread(target=self._run, args=(persist,), name=name, daemon=True)
+        self._thread = thread
+        thread.start()
 
     def persist_snapshot(
         self,
@@ -292,9 +296,7 @@ class Checkpointer:
             def persist() -> None:
                 self._persist(step, epoch, reason, when, meta, snap, timings, retain=retain)
 
-            thread = threading.Thread(target=self._run, args=(persist,), name=f"spotsafe-snapshot-{step}", daemon=True)
-            self._thread = thread
-            thread.start()
+            self._start(persist, f"spotsafe-snapshot-{step}")
 
     def persist_snapshot_ranks(
         self,
