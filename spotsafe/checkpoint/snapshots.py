@@ -414,30 +414,40 @@ class SnapshotKeeper:
 
         def announce(durable: Durable) -> None:
             took = durable.committed_s  # this guard counts from the notice to the commit
-            self._saved_step = max(self._saved_step, chosen.step)
-            self.persisted = (chosen.step, took)
+            self._persisted(chosen.step, took)
             log.warning(
                 "spotsafe: snapshot of step %d durable %.2f s after the notice; %.1f s left",
                 chosen.step,
                 took,
                 durable.left_s,
             )
-            if self._recorder is not None:
-                self._recorder.emit(
-                    "snapshot_durable",
-                    step=chosen.step,
-                    every=self.every,
-                    epoch=chosen.epoch,
-                    seconds=took,
-                    flushed=durable.flushed,
-                    left=durable.left_s,
-                )
+            self._record_durable(chosen.step, chosen.epoch, took, durable)
 
         try:
             save_before_deadline(self.checkpointer.store, notice.deadline, persist, started=detected, announce=announce)
         finally:
             with self._lock:
                 self._persisting = False
+
+    def _persisted(self, step: int, took: float) -> None:
+        """The snapshot of ``step`` is durable, ``took`` seconds after the notice: a later one need not be."""
+        self._saved_step = max(self._saved_step, step)
+        self.persisted = (step, took)
+
+    def _record_durable(self, step: int, epoch: int | None, took: float, durable: Durable, **fields: Any) -> None:
+        """The ``snapshot_durable`` event (``fields``: the multi-rank agreement's own)."""
+        if self._recorder is None:
+            return
+        self._recorder.emit(
+            "snapshot_durable",
+            step=step,
+            every=self.every,
+            epoch=epoch,
+            seconds=took,
+            **fields,
+            flushed=durable.flushed,
+            left=durable.left_s,
+        )
 
     # -- several ranks ----------------------------------------------------------------
 
@@ -542,8 +552,7 @@ class SnapshotKeeper:
             def announce(durable: Durable) -> None:
                 # From the source rank's notice (wall clocks: one host, or NTP-synchronized ones).
                 since_notice = time.time() - detected_at
-                self._saved_step = max(self._saved_step, step)
-                self.persisted = (step, durable.took_s)
+                self._persisted(step, durable.took_s)
                 log.warning(
                     "spotsafe: snapshot of step %d durable on every rank %.2f s after rank %d saw the notice; "
                     "%.1f s left",
@@ -552,19 +561,15 @@ class SnapshotKeeper:
                     source_rank,
                     durable.left_s,
                 )
-                if self._recorder is not None:
-                    self._recorder.emit(
-                        "snapshot_durable",
-                        step=step,
-                        every=self.every,
-                        epoch=h.epoch,
-                        seconds=durable.took_s,
-                        since_notice=since_notice,
-                        flushed=durable.flushed,
-                        left=durable.left_s,
-                        rank=board.rank,
-                        source_rank=source_rank,
-                    )
+                self._record_durable(
+                    step,
+                    h.epoch,
+                    durable.took_s,
+                    durable,
+                    since_notice=since_notice,
+                    rank=board.rank,
+                    source_rank=source_rank,
+                )
 
             save_before_deadline(self.checkpointer.store, deadline, persist, started=detected, announce=announce)
         finally:
