@@ -100,8 +100,6 @@ def _split_sampler(loader: DataLoader[Any]) -> Any | None:
     """
     from torch.utils.data import BatchSampler, DistributedSampler
 
-    from spotsafe.data import ElasticDistributedSampler
-
     sampler = loader.sampler
     if not isinstance(sampler, (DistributedSampler, ElasticDistributedSampler)):
         return None
@@ -173,8 +171,6 @@ class ResumableLoader:
 
     def _resplit_plan(self, epoch: int, offset: int) -> list[Any]:
         """This rank's batches of ``epoch`` after the first ``offset`` samples of its global order."""
-        from spotsafe.data import ElasticDistributedSampler
-
         loader = self.loader
         assert isinstance(loader, DataLoader) and loader.batch_size is not None
         ds = _split_sampler(loader)

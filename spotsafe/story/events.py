@@ -43,7 +43,9 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any
 
-from spotsafe.errors import CheckpointCorrupt, CheckpointNotFound, FormatVersionError, SpotsafeError
+from spotsafe.cloud.aws.metadata import AWSMetadata
+from spotsafe.errors import CheckpointCorrupt, CheckpointNotFound, FormatVersionError, MetadataError, SpotsafeError
+from spotsafe.settings import Settings
 from spotsafe.storage.base import Store
 
 __all__ = [
@@ -462,16 +464,11 @@ def launch_identity(timeout: float = 0.5) -> dict[str, Any]:
     (``AWS_EC2_METADATA_DISABLED``, ``SPOTSAFE_SOURCES`` without ``aws``); off the cloud
     the probe fails within ``timeout``.
     """
-    from spotsafe.settings import Settings
-
     info: dict[str, Any] = {"host": socket.gethostname()}
     settings = Settings.from_env()
     sources = [s.strip() for s in (settings.sources or "").split(",") if s.strip()]
     if settings.aws_disabled or (sources and "aws" not in sources and "auto" not in sources):
         return info
-    from spotsafe.cloud.aws.metadata import AWSMetadata
-    from spotsafe.errors import MetadataError
-
     imds = AWSMetadata(timeout=timeout)
     try:
         if not imds.probe(timeout=timeout):
