@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
 import torch
@@ -34,6 +34,7 @@ import torch
 from spotsafe.checkpoint.notice import Durable, save_before_deadline, seconds_left
 from spotsafe.checkpoint.snapshots import SnapshotKeeper
 from spotsafe.checkpoint.writer import Checkpointer
+from spotsafe.cloud.times import utcnow
 from spotsafe.cloud.watcher import InterruptionWatcher
 from spotsafe.data import ResumableLoader, derive_epoch_seed, draw_epoch_seed
 from spotsafe.distributed.board import NoticeBoard
@@ -68,10 +69,6 @@ log = logging.getLogger(__name__)
 #: Periodic checkpoint interval of ``every_seconds`` before spotsafe chose it itself (``every="auto"``,
 #: now the default); kept for callers that want the old fixed cadence.
 DEFAULT_EVERY_SECONDS = 600.0
-
-
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 class Run:
@@ -669,7 +666,7 @@ class Run:
         if self.snapshots is not None:
             self.snapshots.stand_down()  # the live state is saved here: the guard persists nothing more
         if deadline is None:  # a rank agreed without a deadline: assume the shortest platform notice
-            deadline = _now() + timedelta(seconds=30)
+            deadline = utcnow() + timedelta(seconds=30)
         left = seconds_left(deadline)
         log.warning(
             "%s notice (%s) at step %d (epoch %d, batch %d): %.0f s to the deadline; checkpointing",
