@@ -1,8 +1,9 @@
 """What writer fencing costs per save, side by side with the same save unfenced, in one run.
 
-A fenced save (spotsafe.checkpoint.lease) adds, per save: a look for the next generation's lease
-file before cleaning up, before the commit and after it (a ``stat`` locally, a HEAD on
-S3), and the commit's check that every file exists with its size (one listing). The
+A fenced save (spotsafe.checkpoint.lease) adds, per save: a look for any newer generation's lease
+file before cleaning up, before the commit and after it (one listing of ``lease/``: a
+``readdir`` locally, a LIST on S3), and the commit's check that every file exists with its
+size (one listing). The
 lease itself is taken once, by the first save, and renewed by a background thread.
 
 Contenders, interleaved, order rotated every round, each in its own fresh store:

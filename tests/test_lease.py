@@ -6,7 +6,9 @@ on a local directory, on S3 (moto's server) and on a mirror of both.
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import random
 import signal
@@ -26,7 +28,7 @@ from spotsafe.checkpoint.files import commit_manifest
 from spotsafe.checkpoint.lease import GENERATION_KEY, LEASE_DIR, Lease, generations, read_record
 from spotsafe.checkpoint.manifest import MANIFEST, Manifest, checkpoint_name
 from spotsafe.checkpoint.writer import Checkpointer
-from spotsafe.errors import StoreError, WriterFenced
+from spotsafe.errors import CheckpointNotFound, LeaseTimeout, StoreError, WriterFenced
 from spotsafe.storage.base import Buffer, Store
 from spotsafe.storage.local import LocalStore
 from spotsafe.storage.mirror import MirrorStore
@@ -300,10 +302,11 @@ def test_a_frozen_writer_superseded_then_woken_raises_and_leaves_the_new_writers
     wait_for("the old writer to be mid-save", (tmp_path / "marks" / "writing").exists, old)
     os.kill(old.pid, signal.SIGSTOP)  # a stopped or partitioned instance: no renewals any more
     try:
+        stopped = time.monotonic()
         with Checkpointer(opened(spec), async_=False, keep_last=10) as new:
             t0 = time.monotonic()
             new.save(2, {"w": torch.full((1000,), 2.0)})  # waits out the 2 s lease of the silent holder
-            assert time.monotonic() - t0 >= 1.5
+            assert_silent_for_a_lease_period(new, stopped=stopped, looked=t0)
             new.save(3, {"w": torch.full((1000,), 3.0)})
             os.kill(old.pid, signal.SIGCONT)
             _, err = old.communicate(timeout=60)
@@ -322,6 +325,34 @@ def test_a_frozen_writer_superseded_then_woken_raises_and_leaves_the_new_writers
     if "remote" in spec:  # the remote tier holds the new writer's history too, never step 100
         with Checkpointer(spec["remote"], storage_options=spec["options"]) as remote:
             assert [i.step for i in remote.list()] == [1, 2, 3, 4]
+
+
+def assert_silent_for_a_lease_period(new: Checkpointer, *, stopped: float, looked: float) -> None:
+    """The takeover came a lease period after the stopped holder's last renewal, and says why.
+
+    Measured on the records (one machine, one wall clock), not only from the new writer's first
+    look: the holder may have gone silent well before that (a loaded machine took 3.4 s to open
+    the store), and then the wall-clock rule rightly takes over well within 1.5 s of that look.
+    A failure names the rule that allowed the takeover and the timings.
+    """
+    now = time.monotonic()
+    assert new.lease is not None and new.lease.generation == 2
+    why = new.lease.takeover or ""
+    holder = read_record(new.lease.tiers[0], 1)
+    taken = read_record(new.lease.tiers[0], 2)
+    assert holder is not None and taken is not None
+    silent = (taken.acquired - holder.renewed).total_seconds()
+    report = (
+        f"generation 2 taken {silent:.2f} s after generation 1 last renewed (lease {holder.lease_seconds:g} s; "
+        f"{now - stopped:.2f} s after the holder was stopped, {now - looked:.2f} s after the first look; "
+        f"{holder.renewals} renewals), because: {why}"
+    )
+    assert not holder.released, report
+    assert silent >= holder.lease_seconds, report  # whichever rule: never a holder that renewed within a period
+    if "unchanged for" in why:  # silence on the taker's clock: it waited out the lease since its first look
+        assert now - looked >= 1.5, report
+    else:  # or the record was stale by more than a period on the wall clock before the first look ended
+        assert "stale on the wall clock" in why and silent > 2 * holder.lease_seconds, report
 
 
 def test_kill_9_at_random_instants_of_a_takeover_leaves_the_store_usable(tmp_path: Path) -> None:
@@ -382,6 +413,129 @@ def test_lease_acquire_timeout_names_the_store(tmp_path: Path) -> None:
             lease.acquire(timeout=0.5)
     finally:
         stop_child(holder)
+
+
+#: A live writer in another process: takes the lease of a local store and renews it until stopped.
+HOLDER = textwrap.dedent("""
+    import sys, time
+    from spotsafe.checkpoint.lease import Lease
+    from spotsafe.storage.local import LocalStore
+    lease = Lease(LocalStore(sys.argv[1]), seconds=float(sys.argv[2]))
+    lease.acquire()
+    print("held", flush=True)
+    time.sleep(600)
+""")
+
+
+class FlakyLeaseReads(LocalStore):
+    """A disk (NFS, say) whose reads of lease records now and then fail with EIO or come back cut short."""
+
+    def __init__(self, path: Path, how: str) -> None:
+        super().__init__(path)
+        self.how = how
+        self.reads = 0
+        self.failed = 0
+
+    def read_file(self, path: str) -> memoryview:
+        data = super().read_file(path)
+        if path.startswith(f"{LEASE_DIR}/"):
+            self.reads += 1
+            if self.reads <= 4 or self.reads % 3 == 0:
+                self.failed += 1
+                if self.how == "error":
+                    raise StoreError(errno.EIO, f"{self.url}/{path}: read failed: Input/output error (injected)")
+                return memoryview(bytes(data)[: len(data) // 2])  # torn: a record cut mid-write
+        return data
+
+
+@pytest.mark.parametrize("how", ["error", "torn"])
+def test_a_failed_read_of_a_live_holders_lease_is_never_taken_for_expiry(
+    tmp_path: Path, how: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = tmp_path / "store"
+    period = 3.0
+    script = tmp_path / "holder.py"
+    script.write_text(HOLDER)
+    holder = subprocess.Popen(
+        [sys.executable, str(script), str(root), str(period)], text=True, stdout=subprocess.PIPE, env=dict(os.environ)
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        flaky = FlakyLeaseReads(root, how)
+        lease = Lease(flaky, seconds=period, poll=0.1)
+        # The holder is alive and renews every second: its failed reads are no expiry.
+        with caplog.at_level(logging.WARNING, logger="spotsafe.checkpoint.lease"), pytest.raises(LeaseTimeout):
+            lease.acquire(timeout=period)
+        assert flaky.failed >= 4 and generations(LocalStore(root)) == [1], lease.takeover
+        holder_record = read_record(LocalStore(root), 1)
+        assert holder_record is not None and holder_record.renewals >= 1  # it did renew meanwhile
+        cause = "Input/output error (injected)" if how == "error" else "unreadable writer lease"
+        problems = [r.getMessage() for r in caplog.records if cause in r.getMessage()]
+        assert 1 <= len(problems) <= 2, problems  # at most once per lease period
+        assert flaky.url in problems[0] and "generation 1" in problems[0], problems
+
+        # The holder really stops renewing: taken over a lease period after its last renewal.
+        os.kill(holder.pid, signal.SIGSTOP)
+        assert lease.acquire(timeout=30) == 2
+        assert lease.takeover is not None and "unchanged for" in lease.takeover, lease.takeover
+        last = read_record(LocalStore(root), 1)
+        taken = read_record(LocalStore(root), 2)
+        assert last is not None and taken is not None and not last.released
+        assert (taken.acquired - last.renewed).total_seconds() >= period, lease.takeover
+        lease.release()
+    finally:
+        stop_child(holder)
+
+
+def test_a_listed_but_missing_record_is_waited_out_for_a_lease_period_then_taken(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A generation whose record vanished (deleted by hand, copied by a sync without its file):
+    no deadlock, and no takeover before a live holder would have rewritten it."""
+
+    class Vanished(LocalStore):
+        def read_file(self, path: str) -> memoryview:
+            if path.startswith(f"{LEASE_DIR}/"):
+                raise CheckpointNotFound(f"{self.url}/{path}: no such file (as a sync left it)")
+            return super().read_file(path)
+
+    first = Lease(LocalStore(tmp_path), seconds=60)
+    first.acquire()
+    first._stop.set()  # this object stops renewing and is never released
+    lease = Lease(Vanished(tmp_path), seconds=1.0, poll=0.05)
+    t0 = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="spotsafe.checkpoint.lease"):
+        assert lease.acquire(timeout=30) == 2
+    assert time.monotonic() - t0 >= 1.0
+    assert lease.takeover is not None and "missing" in lease.takeover, lease.takeover
+    assert "generation 1" in caplog.text and "listed but missing" in caplog.text
+    lease.release()
+
+
+def test_a_writer_is_fenced_by_any_newer_generation_not_only_the_next(tmp_path: Path) -> None:
+    """A mirror whose tiers disagree about the top generation: the takeover skips g+1."""
+    remote = tmp_path / "remote"
+    old = Checkpointer(MirrorStore(LocalStore(tmp_path / "ebs-a"), LocalStore(remote)), async_=False)
+    old.save(1, {"w": torch.full((4,), 1.0)})
+    assert old.lease is not None and old.lease.generation == 1
+    # The replacement's own volume carries a generation 2 (released) of an earlier history.
+    for _ in (1, 2):
+        stale = Lease(LocalStore(tmp_path / "ebs-b"))
+        stale.acquire()
+        stale.release()
+    new = Lease(MirrorStore(LocalStore(tmp_path / "ebs-b"), LocalStore(remote)))
+    assert new.acquire() == 3  # one above the top of either tier (this process: at once)
+    assert generations(LocalStore(remote)) == [1, 3]  # no generation 2 where the old writer looks
+    with pytest.raises(WriterFenced, match="superseded by generation 3"):
+        old.lease.renew()
+    with pytest.raises(WriterFenced):
+        old.save(2, {"w": torch.full((4,), 2.0)})
+    for tier in ("ebs-a", "remote"):
+        assert not (tmp_path / tier / checkpoint_name(2) / MANIFEST).exists()
+    new.release()
+    new.store.close()
+    old._closed = True  # superseded: nothing to release
+    old.store.close()
 
 
 # ----------------------------------------------------------------------------- Run and the supervisor

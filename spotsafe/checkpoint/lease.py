@@ -15,11 +15,16 @@ that safe:
   every third of that in a background thread. "Stopped renewing" is judged on the
   taker's own clock (the file unchanged for a whole lease period since it first
   looked), or at once when the record is stale by more than a lease period on the
-  wall clock, or when the holder is a dead process on this very machine.
-- A writer of generation *g* is superseded as soon as ``gen-(g+1)`` exists. Before
-  each commit (and again after it) the checkpointer checks that file's absence and
-  that its own lease is still valid by its own boot clock; a superseded writer's
-  save raises :class:`~spotsafe.errors.WriterFenced` and never publishes a manifest.
+  wall clock, or when the holder is a dead process on this very machine. Only a
+  record that was read can say so: a failed read (an S3 500 after the retries, EIO or
+  ESTALE on NFS, a timeout) means wait and look again, logged once per lease period.
+  A record listed but missing, or unparseable (torn), counts as silent once it stayed
+  so, unchanged, for a whole lease period on the taker's clock.
+- A writer of generation *g* is superseded as soon as any generation above *g*
+  exists (not only ``gen-(g+1)``: a mirror whose tiers disagreed may skip one).
+  Before each commit (and again after it) the checkpointer lists ``lease/`` for one
+  and checks that its own lease is still valid by its own boot clock; a superseded
+  writer's save raises :class:`~spotsafe.errors.WriterFenced` and never publishes a manifest.
 - The check-then-commit window is closed for readers by the *ghost rule*: every
   manifest records its writer's generation, and each new generation records the
   newest step it saw when it took over (``base_step``). A manifest of generation *h*
@@ -129,6 +134,12 @@ def generations(store: Store) -> list[int]:
     return sorted(int(m.group(1)) for m in map(_NAME.match, store.listdir(LEASE_DIR)) if m)
 
 
+def _above(store: Store, generation: int) -> int | None:
+    """The newest generation above ``generation`` in ``store``, or None."""
+    gens = generations(store)
+    return gens[-1] if gens and gens[-1] > generation else None
+
+
 def read_record(store: Store, generation: int) -> LeaseRecord | None:
     """The record of ``generation``, or None when there is none."""
     try:
@@ -198,7 +209,12 @@ class Lease:
         self._thread: threading.Thread | None = None
         self._token = os.urandom(6).hex()
         self._seen: dict[tuple[str, int], tuple[tuple[Any, ...], float]] = {}
+        self._periods: dict[tuple[str, int], float] = {}  # the lease period each record read named
         self._last_log = 0.0
+        self._last_problem: float | None = None
+        #: Why this lease could take the store over (each tier's top generation: released,
+        #: silent, stale, dead, or none yet); set when taken, for logs and tests.
+        self.takeover: str | None = None
 
     def __repr__(self) -> str:
         return f"Lease({self.store.url!r}, generation={self.generation})"
@@ -236,20 +252,16 @@ class Lease:
         return got
 
     def _try_acquire(self) -> int | None:
-        tops: list[tuple[Store, int, LeaseRecord | None]] = []
+        tops: list[int] = []
+        reasons: list[str] = []
         for tier in self.tiers:
             gens = generations(tier)
             top = gens[-1] if gens else 0
-            try:
-                record = read_record(tier, top) if top else None
-            except SpotsafeError as e:
-                log.warning("spotsafe: %s; treating it as expired", e)
-                record = None
-            tops.append((tier, top, record))
-        for tier, _top, record in tops:
-            if record is not None and not self._free(tier, record):
-                return None
-        generation = max(top for _, top, _ in tops) + 1
+            tops.append(top)
+            reasons.append(self._judge(tier, top) if top else f"{tier.url}: no writer yet")
+        if any(not reason for reason in reasons):
+            return None  # every tier is judged each time: each tier's silence clock keeps running
+        generation = max(tops) + 1
         now = datetime.now(timezone.utc)
         record = LeaseRecord(
             generation=generation,
@@ -275,44 +287,101 @@ class Lease:
             self.generation = generation
             self.record = record
             self._valid_until = started + self.seconds
+            self.takeover = "; ".join(reasons)
         with _HELD_LOCK:
             for tier in self.tiers:
                 _HELD[(tier.url, generation)] = self
-        log.info("spotsafe: writer lease of %s taken: generation %d", self.store.url, generation)
+        log.info("spotsafe: writer lease of %s taken: generation %d (%s)", self.store.url, generation, self.takeover)
         return generation
 
-    def _free(self, tier: Store, record: LeaseRecord) -> bool:
-        """True when the holder of ``record`` is gone: released, dead, or silent for a lease period."""
+    def _judge(self, tier: Store, generation: int) -> str:
+        """Why ``generation``, the top one on ``tier``, may be taken over; "" while it must be waited for.
+
+        Only a record that was read says its holder is gone. A failed read says nothing (an
+        S3 500 after the retries, EIO/ESTALE on NFS, a timeout, a renewal replacing the object
+        between its HEAD and GET), nor does a record that cannot be parsed (torn mid-write, or
+        cut short on the way): wait and look again. A record listed but missing counts as
+        silent once it stayed missing for a whole lease period on this clock (see ``_missing``).
+        """
+        where = f"{tier.url.rstrip('/')}/{lease_path(generation)}"
+        try:
+            record = LeaseRecord.from_json(tier.read_file(lease_path(generation)), where)
+        except CheckpointNotFound:
+            return self._missing(tier, generation)
+        except Exception as e:  # noqa: BLE001 - no observation at all: never a reason to take over
+            self._problem(tier, generation, f"{e}")
+            return ""
+        self._periods[(tier.url, generation)] = record.lease_seconds
+        return self._free(tier, record)
+
+    def _missing(self, tier: Store, generation: int) -> str:
+        """A generation listed whose record is gone: free once it stayed gone for a lease period.
+
+        Waiting for it forever would deadlock the store (a record deleted by hand, a sync
+        tool that copied the listing and not the file). A live holder rewrites its record at
+        every renewal, a third of a period, so one missing for a whole period on this clock
+        is not renewed by anyone; should its writer still live, the new generation fences it.
+        The period is the longer of this lease's and the one the record named when last read.
+        """
+        key = (tier.url, generation)
+        period = max(self.seconds, self._periods.get(key, 0.0))
+        silent = self._silence(key, ("missing",))
+        if silent >= period:
+            return (
+                f"{tier.url}: generation {generation}: its record listed but missing for {silent:.1f} s on this clock"
+            )
+        self._problem(tier, generation, f"its record is listed but missing ({silent:.1f} s of {period:g} s)")
+        return ""
+
+    def _silence(self, key: tuple[str, int], state: tuple[Any, ...]) -> float:
+        """Seconds on this process's clock since ``key`` was first seen in ``state`` (0: it just changed)."""
+        clock = time.monotonic()
+        seen = self._seen.get(key)
+        if seen is None or seen[0] != state:
+            self._seen[key] = seen = (state, clock)
+        return clock - seen[1]
+
+    def _problem(self, tier: Store, generation: int, what: str) -> None:
+        """Log why the holder's record gave no answer: at most once per lease period."""
+        clock = time.monotonic()
+        if self._last_problem is None or clock - self._last_problem >= self.seconds:
+            self._last_problem = clock
+            log.warning(
+                "spotsafe: %s: cannot tell whether the writer of generation %d still holds the store: %s; "
+                "waiting and looking again (an unread lease is never taken for an expired one)",
+                tier.url,
+                generation,
+                what,
+            )
+
+    def _free(self, tier: Store, record: LeaseRecord) -> str:
+        """Why the holder of ``record`` is gone (released, dead, silent for a lease period); "" while it lives."""
+        name = f"{tier.url}: generation {record.generation}"
         if record.released:
-            return True
+            return f"{name}: released"
         now = datetime.now(timezone.utc)
         if now > record.expires + timedelta(seconds=record.lease_seconds):
-            return True  # stale even allowing a lease period of clock skew
+            # Stale even allowing a lease period of clock skew.
+            return f"{name}: renewed {record.renewed.isoformat()}, stale on the wall clock at {now.isoformat()}"
         same_machine = record.boot_id and record.boot_id == boot_id()
         if same_machine and record.pid == os.getpid():
             with _HELD_LOCK:
                 holder = _HELD.get((tier.url, record.generation))
             if holder is None or not holder.held:
-                return True  # an object of this process that is gone or superseded
+                return f"{name}: held by an object of this process that is gone or superseded"
             log.warning(
                 "spotsafe: another writer in this process holds %s (generation %d); taking it over",
                 tier.url,
                 record.generation,
             )
-            return True
+            return f"{name}: held by another writer of this process"
         if same_machine and not pid_alive(record.pid, record.process_start):
-            return True
+            return f"{name}: its holder, pid {record.pid} on this machine, is dead"
         # Silent for a whole lease period on this process's own clock: no skew involved.
-        key = (tier.url, record.generation)
-        state = (record.renewals, record.renewed, record.released)
-        seen = self._seen.get(key)
-        clock = time.monotonic()
-        if seen is None or seen[0] != state:
-            self._seen[key] = (state, clock)
-            seen = self._seen[key]
-        silent = clock - seen[1]
+        silent = self._silence((tier.url, record.generation), (record.renewals, record.renewed, record.released))
         if silent >= record.lease_seconds:
-            return True
+            return f"{name}: unchanged for {silent:.1f} s on this clock (lease {record.lease_seconds:g} s)"
+        clock = time.monotonic()
         if clock - self._last_log >= 30.0 or self._last_log == 0.0:
             self._last_log = clock
             log.warning(
@@ -326,7 +395,7 @@ class Lease:
                 record.lease_seconds,
                 silent,
             )
-        return False
+        return ""
 
     # -- holding ----------------------------------------------------------------
     def _write_all(self) -> None:
@@ -337,14 +406,19 @@ class Lease:
         for tier in self.tiers:
             tier.commit_file(lease_path(self.generation), record.to_json())
 
-    def _superseded(self, tier: Store) -> bool:
-        assert self.generation is not None
-        return tier.file_size(lease_path(self.generation + 1)) is not None
+    def _superseded(self, tier: Store) -> int | None:
+        """The newest generation above this writer's on ``tier``, or None (one listing of ``lease/``).
 
-    def _fence(self, tier: Store) -> WriterFenced:
+        Any generation above g supersedes g, not only g+1: a mirror whose tiers disagreed
+        about the top generation lets a takeover skip one.
+        """
+        assert self.generation is not None
+        return _above(tier, self.generation)
+
+    def _fence(self, tier: Store, newer: int) -> WriterFenced:
         error = WriterFenced(
             f"{tier.url}: this writer (generation {self.generation}) was superseded by generation "
-            f"{(self.generation or 0) + 1}: another instance owns the store now; nothing more is committed here"
+            f"{newer}: another instance owns the store now; nothing more is committed here"
         )
         with self._lock:
             if self._fenced is None:
@@ -360,8 +434,9 @@ class Lease:
             raise self._fenced
         started = _boot_clock()
         for tier in self.tiers:
-            if self._superseded(tier):
-                raise self._fence(tier)
+            newer = self._superseded(tier)
+            if newer is not None:
+                raise self._fence(tier, newer)
         with self._lock:
             self.record = replace(self.record, renewed=datetime.now(timezone.utc), renewals=self.record.renewals + 1)
         self._write_all()
@@ -379,8 +454,9 @@ class Lease:
             raise WriterFenced(f"{self.store.url}: this writer holds no lease (released or never taken)")
         if self._fenced is not None:
             raise self._fenced
-        if self._superseded(self.primary):
-            raise self._fence(self.primary)
+        newer = self._superseded(self.primary)
+        if newer is not None:
+            raise self._fence(self.primary, newer)
         margin = max(MIN_MARGIN, self.seconds / 10)
         if _boot_clock() > self._valid_until - margin:
             self.renew()
@@ -391,8 +467,9 @@ class Lease:
             return  # never took the lease (a reader's mirror): nothing to fence
         if self._fenced is not None:
             raise self._fenced
-        if self._superseded(self.tiers[0]):
-            raise self._fence(self.tiers[0])
+        newer = self._superseded(self.tiers[0])
+        if newer is not None:
+            raise self._fence(self.tiers[0], newer)
 
     def _start_renewing(self) -> None:
         ref = weakref.ref(self)
@@ -436,7 +513,7 @@ class Lease:
         released = replace(record, released=True, renewed=datetime.now(timezone.utc)).to_json()
         for tier in self.tiers:
             try:
-                if tier.file_size(lease_path(generation + 1)) is None:
+                if _above(tier, generation) is None:
                     tier.commit_file(lease_path(generation), released)
             except Exception as e:  # noqa: BLE001 - the lease then expires on its own
                 log.warning("spotsafe: releasing the writer lease of %s failed: %s", tier.url, e)
