@@ -47,7 +47,8 @@ def make_run(root: Path, name: str, events: bool) -> spotsafe.Run:
     )
     if run.events is not None:
         run.events.close()
-    run.events = EventLog(run.store, flush_every=1.0) if events else None
+    # The Run's recorder writes its store channel to this log (or to none): the contender under test.
+    run._recorder.events = EventLog(run.store, flush_every=1.0) if events else None
     if run.events is not None:
         run.events.record("launch", pid=os.getpid())
     return run
