@@ -48,6 +48,7 @@ from datetime import datetime, timezone
 from types import FrameType
 from typing import Any, TextIO
 
+from spotsafe import units
 from spotsafe.checkpoint.completion import read_completion
 from spotsafe.cloud.node import InstanceState
 from spotsafe.cloud.node import check as check_instance
@@ -299,7 +300,7 @@ def status_text(store: str, storage_options: Mapping[str, Any] | None = None) ->
         lines.append(f"checkpoints: {len(infos)}")
         lines.append(
             f"newest: step {newest.step} ({where}), reason {newest.reason}, "
-            f"{_age(age)} old, {newest.size} bytes, {newest.url}"
+            f"{units.age(age)} old, {newest.size} bytes, {newest.url}"
         )
     return "\n".join(lines)
 
@@ -312,15 +313,6 @@ def _describe(done: Mapping[str, Any]) -> str:
     if done.get("time"):
         parts.append(f"at {done['time']}")
     return ", ".join(parts)
-
-
-def _age(seconds: float) -> str:
-    seconds = max(seconds, 0.0)
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

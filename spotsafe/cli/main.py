@@ -21,8 +21,9 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
-    from datetime import datetime
+    pass
 
+from spotsafe import units
 from spotsafe.errors import CheckpointCorrupt, CheckpointNotFound, FormatVersionError, SpotsafeError
 
 #: Exit statuses of ``ls`` and ``verify``: 0 all good; 1 something damaged (verify) or the
@@ -39,24 +40,6 @@ _DELEGATES = {
         "serve a simulated AWS/GCP/Azure metadata endpoint; rehearse an interruption",
     ),
 }
-
-
-def _size(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TiB"  # pragma: no cover
-
-
-def format_age(t: datetime, now: float | None = None) -> str:
-    """How long ago ``t`` was, for people: ``42s``, ``3.5m``, ``1.2h``, ``2.0d``."""
-    seconds = (now or time.time()) - t.timestamp()
-    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= n:
-            return f"{seconds / n:.1f}{unit}"
-    return f"{max(seconds, 0):.0f}s"
 
 
 def _table(rows: list[list[str]], out: TextIO) -> None:
@@ -114,8 +97,8 @@ def _listing(store: str, *, full: bool, step: int | None, out: TextIO, storage_o
                     name,
                     str(info.step),
                     "-" if info.epoch is None else str(info.epoch),
-                    _size(info.size),
-                    format_age(info.time, now),
+                    units.size(info.size),
+                    units.age(now - info.time.timestamp()),
                     info.reason,
                     status,
                 ]

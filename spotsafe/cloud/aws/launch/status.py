@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, TextIO
 
+from spotsafe import units
 from spotsafe.checkpoint.completion import read_completion
 from spotsafe.cloud.aws.clients import Clients, aws_call
 from spotsafe.cloud.aws.launch.resources import find_group, run_store, run_volumes
@@ -117,14 +118,6 @@ def cost_line(cost: Any) -> str | None:
     return "cost: " + "; ".join(parts)
 
 
-def _ago(t: datetime) -> str:
-    seconds = max(0.0, time.time() - t.timestamp())
-    for unit, n in (("d", 86400), ("h", 3600), ("min", 60)):
-        if seconds >= n:
-            return f"{seconds / n:.1f} {unit}"
-    return f"{seconds:.0f} s"
-
-
 def format_status(st: Status, out: TextIO) -> None:
     print(f"run {st.name} ({st.region})", file=out)
     g = st.group
@@ -172,7 +165,7 @@ def format_status(st: Status, out: TextIO) -> None:
         else:
             epoch = "" if n.epoch is None else f", epoch {n.epoch}"
             print(
-                f"    newest checkpoint: step {n.step}{epoch} ({n.reason}, {_ago(n.time)} ago); {st.checkpoints} kept",
+                f"    newest checkpoint: step {n.step}{epoch} ({n.reason}, {units.age(time.time() - n.time.timestamp())} ago); {st.checkpoints} kept",
                 file=out,
             )
         if st.complete is not None:
