@@ -906,9 +906,9 @@ def test_the_s3_instance_policy_allows_every_request_of_the_store_on_its_prefix_
 def test_the_volume_instance_policy_lets_the_instance_attach_and_finish(
     iam_server: IAMEnforcingServer, tmp_path: Path
 ) -> None:
-    from spotsafe.cloud.aws.volume.finish import finish
     from spotsafe.cloud.aws.volume.manager import VolumeManager
     from spotsafe.cloud.aws.volume.model import Identity
+    from spotsafe.cloud.aws.volume.scale_down import scale_to_zero
 
     admin = iam_server.client("ec2", iam_server.admin)
     asg_admin = iam_server.client("autoscaling", iam_server.admin)
@@ -945,7 +945,7 @@ def test_the_volume_instance_policy_lets_the_instance_attach_and_finish(
     mgr = VolumeManager(ec2, me, timeouts=FAST, sys_root=sys_root, dev_root=dev_root)
     a = mgr.attach(volume_id=vid)
     assert a.volume.instance_id == iid
-    done = finish(me, ec2=ec2, autoscaling=iam_server.client("autoscaling", keys), spot=False)
+    done = scale_to_zero(me, ec2=ec2, autoscaling=iam_server.client("autoscaling", keys), spot=False)
     assert done == [f"auto scaling group {spec.resource_name}: desired capacity 0"]
     # What the policy leaves out is refused: no zone moves in volume mode.
     with pytest.raises(Exception, match=r"AccessDenied|UnauthorizedOperation|not authorized"):

@@ -34,7 +34,6 @@ from spotsafe.cloud.aws.volume.filesystem import (
     probe,
     unmount,
 )
-from spotsafe.cloud.aws.volume.finish import finish
 from spotsafe.cloud.aws.volume.manager import VolumeManager
 from spotsafe.cloud.aws.volume.model import (
     IAM_POLICY,
@@ -45,6 +44,7 @@ from spotsafe.cloud.aws.volume.model import (
     Identity,
     Timeouts,
 )
+from spotsafe.cloud.aws.volume.scale_down import scale_to_zero
 from spotsafe.errors import (
     VolumeAmbiguous,
     VolumeBusy,
@@ -685,7 +685,7 @@ def test_documented_iam_policy_allows_the_whole_flow(iam_server: IAMEnforcingSer
     made = mgr.create_or_restore({"spotsafe-run": unique_tag()}, size=1)
     assert made.tags[TAG_NEW] == "true"
     assert mgr.detach(mgr.describe(a.volume.volume_id)).instance_id is None
-    assert finish(mgr.identity, ec2=ec2, autoscaling=iam_server.client("autoscaling", keys)) == []
+    assert scale_to_zero(mgr.identity, ec2=ec2, autoscaling=iam_server.client("autoscaling", keys)) == []
 
 
 def test_docs_carry_the_tested_iam_policy() -> None:
@@ -711,7 +711,7 @@ def test_finish_scales_the_group_to_zero(ec2_server: Any, ec2: Any) -> None:
     iid = asg.describe_auto_scaling_groups(AutoScalingGroupNames=[name])["AutoScalingGroups"][0]["Instances"][0][
         "InstanceId"
     ]
-    done = finish(Identity(iid, "us-east-1b", "us-east-1"), ec2=ec2, autoscaling=asg)
+    done = scale_to_zero(Identity(iid, "us-east-1b", "us-east-1"), ec2=ec2, autoscaling=asg)
     assert done == [f"auto scaling group {name}: desired capacity 0"]
     g = asg.describe_auto_scaling_groups(AutoScalingGroupNames=[name])["AutoScalingGroups"][0]
     assert (g["MinSize"], g["DesiredCapacity"]) == (0, 0)
@@ -723,7 +723,9 @@ def test_finish_cancels_a_persistent_spot_request(ec2_server: Any, ec2: Any) -> 
     )
     rid = r["SpotInstanceRequests"][0]["SpotInstanceRequestId"]
     iid = ec2.describe_spot_instance_requests(SpotInstanceRequestIds=[rid])["SpotInstanceRequests"][0]["InstanceId"]
-    done = finish(Identity(iid, "us-east-1b", "us-east-1"), ec2=ec2, autoscaling=ec2_server.client("autoscaling"))
+    done = scale_to_zero(
+        Identity(iid, "us-east-1b", "us-east-1"), ec2=ec2, autoscaling=ec2_server.client("autoscaling")
+    )
     assert done == [f"spot request {rid}: cancelled"]
     left = ec2.describe_spot_instance_requests(Filters=[{"Name": "instance-id", "Values": [iid]}])
     assert [q["State"] for q in left["SpotInstanceRequests"] if q["State"] in ("open", "active")] == []

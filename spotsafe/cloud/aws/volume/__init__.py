@@ -28,6 +28,6 @@ The package, by concern: :mod:`~spotsafe.cloud.aws.volume.model` (tags, IAM poli
 (move, retire), :mod:`~spotsafe.cloud.aws.volume.snapshots` (snapshot, create or restore) and
 :mod:`~spotsafe.cloud.aws.volume.attach`), :mod:`~spotsafe.cloud.aws.volume.devices` (block-device
 discovery), :mod:`~spotsafe.cloud.aws.volume.filesystem` (probe, mount, fstab),
-:mod:`~spotsafe.cloud.aws.volume.finish` (Auto Scaling group / spot request) and
+:mod:`~spotsafe.cloud.aws.volume.scale_down` (`finish`: the Auto Scaling group to zero, the spot request cancelled) and
 :mod:`~spotsafe.cloud.aws.volume.cli` (``python -m spotsafe.volume``, exit codes as :class:`ExitCode`).
 """

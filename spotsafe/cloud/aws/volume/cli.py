@@ -37,9 +37,9 @@ from spotsafe.cloud.aws.volume.filesystem import (
     mountpoints_of,
     unmount,
 )
-from spotsafe.cloud.aws.volume.finish import finish
 from spotsafe.cloud.aws.volume.manager import VolumeManager
 from spotsafe.cloud.aws.volume.model import IAM_POLICY, TAG_NEW, Identity, Timeouts, VolumeInfo, parse_tags
+from spotsafe.cloud.aws.volume.scale_down import scale_to_zero
 from spotsafe.errors import (
     MetadataError,
     MissingDependency,
@@ -343,7 +343,7 @@ def _cmd_snapshot(args: argparse.Namespace) -> int:
 def _cmd_finish(args: argparse.Namespace) -> int:
     identity = _identity(args)
     ec2 = ec2_client(args.region or identity.region, endpoint_url=args.endpoint_url)
-    done = finish(identity, ec2=ec2, asg=not args.no_asg, spot=not args.no_spot)
+    done = scale_to_zero(identity, ec2=ec2, asg=not args.no_asg, spot=not args.no_spot)
     for line in done:
         print(line)
     if not done:

@@ -7,10 +7,10 @@ from typing import Any
 from spotsafe.cloud.aws.clients import Calls, aws_error, client, ec2_client, is_botocore_error
 from spotsafe.cloud.aws.volume.model import InstanceIdentity
 
-__all__ = ["finish"]
+__all__ = ["scale_to_zero"]
 
 
-def finish(
+def scale_to_zero(
     identity: InstanceIdentity,
     *,
     ec2: Any | None = None,
