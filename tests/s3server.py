@@ -12,7 +12,9 @@ The fixtures on these (``moto_server``, ``s3_client``, ``s3_bucket``, ``s3_optio
   ``"slow-read"`` (reads the request body one byte every ``trickle_interval``, never
   answers) and ``"hang"`` (reads the request, never answers); they let go when the
   client closes or at :meth:`FaultProxy.stop_holding` / shutdown.
-  ``delay`` slows every request; ``requests`` logs what went through.
+  ``delay`` slows every request; ``requests`` logs what went through. ``strip_headers``
+  (lower-case names) are dropped before forwarding: ``{"if-none-match"}`` makes moto a
+  server that ignores conditional writes (it answers 200 and overwrites).
 """
 
 from __future__ import annotations
@@ -82,6 +84,7 @@ class FaultProxy:
         self.upstream = upstream.removeprefix("http://")
         self.requests: list[Request] = []
         self.delay = 0.0
+        self.strip_headers: set[str] = set()
         self.trickle_interval = 0.5
         self._holding = threading.Event()  # set: hostile faults let go of their connections
         self._faults: list[_Fault] = []
@@ -180,7 +183,8 @@ class FaultProxy:
             return
         conn = http.client.HTTPConnection(self.upstream, timeout=60)
         try:
-            headers = {k: v for k, v in h.headers.items() if k.lower() != "connection"}
+            dropped = {"connection", *self.strip_headers}
+            headers = {k: v for k, v in h.headers.items() if k.lower() not in dropped}
             conn.request(h.command, h.path, body=body, headers=headers)
             resp = conn.getresponse()
             data = resp.read()

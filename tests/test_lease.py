@@ -699,3 +699,101 @@ def test_a_superseded_writer_whose_files_were_cleaned_up_stops_as_fenced_not_cra
         assert [i.step for i in new.list()] == [2]
     old._closed = True  # superseded: nothing to release
     old.store.close()
+
+
+# ----------------------------------------------------------------------------- a server that ignores If-None-Match
+
+
+@pytest.fixture
+def ignoring(s3_proxy: Any, s3_proxy_options: dict[str, Any]) -> dict[str, Any]:
+    """storage_options for moto behind a proxy that strips If-None-Match: it answers 200 and overwrites."""
+    s3_proxy.strip_headers = {"if-none-match"}
+    return s3_proxy_options
+
+
+def bucket_keys(s3_client: Any, bucket: str) -> list[str]:
+    return sorted(o["Key"] for o in s3_client.list_objects_v2(Bucket=bucket).get("Contents", ()))
+
+
+def test_a_server_that_ignores_conditional_writes_is_refused_and_left_clean(
+    ignoring: dict[str, Any], s3_bucket: str, s3_client: Any
+) -> None:
+    url = f"s3://{s3_bucket}/runs/r"
+    with (
+        pytest.raises(StoreError, match="ignores conditional writes") as raised,
+        Checkpointer(url, storage_options=ignoring, async_=False) as c,
+    ):
+        c.acquire(timeout=10)
+    message = str(raised.value)
+    assert url in message and "unsafe_no_conditional_writes" in message, message  # the URL, the cause, the opt-out
+    assert bucket_keys(s3_client, s3_bucket) == []  # no probe object, no lease file
+
+
+def test_the_opt_out_saves_on_such_a_server_and_warns(
+    ignoring: dict[str, Any], s3_bucket: str, s3_client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = f"s3://{s3_bucket}/runs/r"
+    options = {**ignoring, "unsafe_no_conditional_writes": True}
+    with caplog.at_level(logging.WARNING), Checkpointer(url, storage_options=options, async_=False) as c:
+        c.save(1, {"w": torch.ones(3)})
+        assert weights(c, 1) == 1.0
+    assert any(
+        "ignores conditional writes" in r.getMessage() and "best effort" in r.getMessage() for r in caplog.records
+    )
+    keys = bucket_keys(s3_client, s3_bucket)
+    assert "runs/r/lease/gen-000000000001.json" in keys
+    assert not [k for k in keys if ".probe-" in k], keys
+
+
+def test_the_probe_passes_on_an_honest_server_once_per_store_and_leaves_nothing(
+    s3_proxy: Any, s3_proxy_options: dict[str, Any], s3_bucket: str, s3_client: Any
+) -> None:
+    url = f"s3://{s3_bucket}/runs/r"
+    with open_store(url, storage_options=s3_proxy_options) as store:
+        assert store.create_file("lease/a", b"1") is True
+        assert store.create_file("lease/a", b"2") is False
+        assert store.create_file("lease/b", b"3") is True
+        assert bytes(store.read_file("lease/a")) == b"1"
+    # The probe's whole cost, once per store: two small PUTs and a DELETE.
+    assert s3_proxy.count("PUT", "/lease/.probe-") == 2
+    assert s3_proxy.count("DELETE", "/lease/.probe-") == 1
+    assert [r.method for r in s3_proxy.requests if ".probe-" in r.path] == ["PUT", "PUT", "DELETE"]
+    with Checkpointer(url, storage_options=s3_proxy_options, async_=False) as c:
+        c.save(1, {"w": torch.ones(3)})
+    assert not [k for k in bucket_keys(s3_client, s3_bucket) if ".probe-" in k]
+
+
+def test_two_writers_racing_through_a_server_that_ignores_conditional_writes_are_both_refused(
+    ignoring: dict[str, Any], s3_bucket: str, s3_client: Any
+) -> None:
+    import threading
+
+    url = f"s3://{s3_bucket}/runs/r"
+    both_listed = threading.Barrier(2, timeout=20)  # both saw an empty lease/ and create generation 1 together
+    outcomes: list[object] = []
+
+    def writer() -> None:
+        store = open_store(url, storage_options=ignoring)
+        create = store.create_file
+
+        def racing_create(path: str, data: bytes) -> bool:
+            both_listed.wait()
+            return create(path, data)
+
+        store.create_file = racing_create  # type: ignore[method-assign]
+        try:
+            with Checkpointer(store, async_=False) as c:
+                c.save(1, {"w": torch.ones(3)}, reason="notice")
+                outcomes.append("durable")
+        except Exception as e:  # recorded, judged below
+            outcomes.append(e)
+
+    threads = [threading.Thread(target=writer) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(outcomes) == 2
+    assert "durable" not in outcomes, outcomes  # neither was told its save was durable under a shared generation
+    assert all(isinstance(o, StoreError) and "ignores conditional writes" in str(o) for o in outcomes), outcomes
+    assert not [k for k in bucket_keys(s3_client, s3_bucket) if "manifest" in k or ".probe-" in k or "gen-" in k]

@@ -205,8 +205,10 @@ def _warn_best_effort(store: Store) -> None:
         return
     _warned.add(store.url)
     log.warning(
-        "%s: this filesystem offers no atomic create-if-absent; writer fencing is best effort here "
-        "(two instances starting within the same second could both take the lease). "
-        "Use a local path, s3:// or a mirror for strict fencing (docs/storage.md).",
+        "%s: creating the writer lease here is NOT atomic (this backend offers no exclusive create: "
+        "spotsafe looks, writes, then reads back), so writer fencing is best effort: two instances "
+        "starting within the same second could both take the lease and both save. "
+        "Use a local path (EBS, EFS/NFS), s3:// on a server that honours If-None-Match, or a mirror "
+        "for strict fencing (docs/storage.md, writer fencing).",
         store.url,
     )

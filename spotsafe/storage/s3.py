@@ -49,6 +49,7 @@ from spotsafe.storage.s3_calls import (
     is_retryable,
     track_connections,
 )
+from spotsafe.storage.s3_fence import UNSAFE_OPTION, ConditionalWrites
 
 log = logging.getLogger(__name__)
 
@@ -84,24 +85,11 @@ DEFAULT_MAX_ATTEMPTS = 8
 
 #: storage_options keys understood here (s3fs's names where s3fs has one).
 _OPTIONS = frozenset(
-    {
-        "endpoint_url",
-        "region_name",
-        "client_kwargs",
-        "config_kwargs",
-        "key",
-        "secret",
-        "token",
-        "profile",
-        "anon",
-        "part_size",
-        "max_concurrency",
-        "connect_timeout",
-        "read_timeout",
-        "request_timeout",
-        "min_throughput",
-        "max_attempts",
-    }
+    """
+    endpoint_url region_name client_kwargs config_kwargs key secret token profile anon part_size
+    max_concurrency connect_timeout read_timeout request_timeout min_throughput max_attempts
+    unsafe_no_conditional_writes
+    """.split()  # noqa: SIM905 - one name a line would push this module past the house's 800 lines
 )
 
 
@@ -132,7 +120,9 @@ class S3Store(Store):
       (a 32 MiB part: 632 s), or less when the deadline given to :meth:`set_deadline` is
       sooner; past it the call's socket is shut and it raises
       :class:`~spotsafe.errors.StoreError` naming the key, the endpoint and the limit;
-    - ``max_attempts`` (8): tries per call on transient errors.
+    - ``max_attempts`` (8): tries per call on transient errors;
+    - ``unsafe_no_conditional_writes`` (False): on a server that ignores ``If-None-Match``
+      (found by :meth:`create_file`'s probe), warn and fence best effort instead of refusing.
     """
 
     def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None):
@@ -143,12 +133,12 @@ class S3Store(Store):
         self._deadline: float | None = None  # time.monotonic() value
         self._own_uploads: set[str] = set()
         self._warned_uploads = False
-        self._no_conditional = False  # the server refused If-None-Match (501): best effort
         self._lock = threading.Lock()
         self._closed = False
         self._created = datetime.now(timezone.utc)
 
         self._client, check_client = self._make_clients(opts)
+        self._conditional = ConditionalWrites(self.url, self.endpoint, unsafe=bool(opts.get(UNSAFE_OPTION, False)))
         self._pool = ThreadPoolExecutor(max_workers=self.max_concurrency, thread_name_prefix="spotsafe-s3")
         self._watchdog = Watchdog(f"spotsafe-s3-watchdog({self.url})")
         weakref.finalize(self, self._watchdog.stop)  # a store dropped unclosed does not leave it behind
@@ -545,11 +535,19 @@ class S3Store(Store):
             raise self._error(path, "commit (PUT)", e) from e
 
     def create_file(self, path: str, data: bytes) -> bool:
-        """One PUT with ``If-None-Match: *``: S3 (since 2024), MinIO and moto refuse it when the key exists."""
+        """One PUT with ``If-None-Match: *``: S3 (since 2024), MinIO and moto refuse it when the key exists.
+
+        The first call on this store checks that the server really refuses (:mod:`~spotsafe.storage.s3_fence`).
+        """
+        if self._conditional.honoured is None:
+            self._conditional.probe(self._put_if_absent, self._delete_key)
+        created = self._put_if_absent(path, data) if self._conditional.honoured else None
+        return super().create_file(path, data) if created is None else created
+
+    def _put_if_absent(self, path: str, data: bytes) -> bool | None:
+        """The conditional PUT: True when written, False when the key exists, None when the server has none (501)."""
         from botocore.exceptions import ClientError
 
-        if self._no_conditional:
-            return super().create_file(path, data)
         try:
             self._call(
                 f"PUT If-None-Match {self._key(path)}",
@@ -565,13 +563,19 @@ class S3Store(Store):
             if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
                 return False
             if code in ("NotImplemented", "501"):
-                self._no_conditional = True
-                log.warning("%s: the server does not support conditional writes (If-None-Match)", self.url)
-                return super().create_file(path, data)
+                self._conditional.unsupported()
+                return None
             raise self._error(path, "create (conditional PUT)", e) from e
         except Exception as e:
             raise self._error(path, "create (conditional PUT)", e) from e
         return True
+
+    def _delete_key(self, path: str) -> None:
+        """Delete one object, best effort (the probe's): a failure is logged, not raised."""
+        try:
+            self._call(f"DELETE {self._key(path)}", self._client.delete_object, Bucket=self.bucket, Key=self._key(path))
+        except Exception as e:  # noqa: BLE001 - best effort: a probe object left behind is only litter
+            log.warning("%s: could not delete %s: %s", self.url, self._where(path), e)
 
     def write_file(self, path: str, buffers: Sequence[Buffer]) -> None:
         views, offsets, total = as_bytes_views(buffers)
