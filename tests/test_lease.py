@@ -347,12 +347,13 @@ def assert_silent_for_a_lease_period(new: Checkpointer, *, stopped: float, looke
         f"{now - stopped:.2f} s after the holder was stopped, {now - looked:.2f} s after the first look; "
         f"{holder.renewals} renewals), because: {why}"
     )
-    assert not holder.released, report
+    assert holder.released is False, report
     assert silent >= holder.lease_seconds, report  # whichever rule: never a holder that renewed within a period
     if "unchanged for" in why:  # silence on the taker's clock: it waited out the lease since its first look
         assert now - looked >= 1.5, report
     else:  # or the record was stale by more than a period on the wall clock before the first look ended
-        assert "stale on the wall clock" in why and silent > 2 * holder.lease_seconds, report
+        assert "stale on the wall clock" in why, report
+        assert silent > 2 * holder.lease_seconds, report
 
 
 def test_kill_9_at_random_instants_of_a_takeover_leaves_the_store_usable(tmp_path: Path) -> None:
@@ -466,18 +467,21 @@ def test_a_failed_read_of_a_live_holders_lease_is_never_taken_for_expiry(
         # The holder is alive and renews every second: its failed reads are no expiry.
         with caplog.at_level(logging.WARNING, logger="spotsafe.checkpoint.lease"), pytest.raises(LeaseTimeout):
             lease.acquire(timeout=period)
-        assert flaky.failed >= 4 and generations(LocalStore(root)) == [1], lease.takeover
+        assert flaky.failed >= 4, lease.takeover
+        assert generations(LocalStore(root)) == [1], lease.takeover
         holder_record = read_record(LocalStore(root), 1)
         assert holder_record is not None and holder_record.renewals >= 1  # it did renew meanwhile
         cause = "Input/output error (injected)" if how == "error" else "unreadable writer lease"
         problems = [r.getMessage() for r in caplog.records if cause in r.getMessage()]
         assert 1 <= len(problems) <= 2, problems  # at most once per lease period
-        assert flaky.url in problems[0] and "generation 1" in problems[0], problems
+        assert flaky.url in problems[0], problems
+        assert "generation 1" in problems[0], problems
 
         # The holder really stops renewing: taken over a lease period after its last renewal.
         os.kill(holder.pid, signal.SIGSTOP)
         assert lease.acquire(timeout=30) == 2
-        assert lease.takeover is not None and "unchanged for" in lease.takeover, lease.takeover
+        assert lease.takeover is not None
+        assert "unchanged for" in lease.takeover, lease.takeover
         last = read_record(LocalStore(root), 1)
         taken = read_record(LocalStore(root), 2)
         assert last is not None and taken is not None and not last.released
@@ -507,7 +511,8 @@ def test_a_listed_but_missing_record_is_waited_out_for_a_lease_period_then_taken
     with caplog.at_level(logging.WARNING, logger="spotsafe.checkpoint.lease"):
         assert lease.acquire(timeout=30) == 2
     assert time.monotonic() - t0 >= 1.0
-    assert lease.takeover is not None and "missing" in lease.takeover, lease.takeover
+    assert lease.takeover is not None
+    assert "missing" in lease.takeover, lease.takeover
     assert "generation 1" in caplog.text and "listed but missing" in caplog.text
     lease.release()
 
@@ -725,7 +730,8 @@ def test_a_server_that_ignores_conditional_writes_is_refused_and_left_clean(
     ):
         c.acquire(timeout=10)
     message = str(raised.value)
-    assert url in message and "unsafe_no_conditional_writes" in message, message  # the URL, the cause, the opt-out
+    assert url in message, message  # the URL, the cause, the opt-out
+    assert "unsafe_no_conditional_writes" in message, message
     assert bucket_keys(s3_client, s3_bucket) == []  # no probe object, no lease file
 
 
@@ -742,7 +748,7 @@ def test_the_opt_out_saves_on_such_a_server_and_warns(
     )
     keys = bucket_keys(s3_client, s3_bucket)
     assert "runs/r/lease/gen-000000000001.json" in keys
-    assert not [k for k in keys if ".probe-" in k], keys
+    assert [k for k in keys if ".probe-" in k] == []
 
 
 def test_the_probe_passes_on_an_honest_server_once_per_store_and_leaves_nothing(
@@ -795,5 +801,6 @@ def test_two_writers_racing_through_a_server_that_ignores_conditional_writes_are
         t.join(60)
     assert len(outcomes) == 2
     assert "durable" not in outcomes, outcomes  # neither was told its save was durable under a shared generation
-    assert all(isinstance(o, StoreError) and "ignores conditional writes" in str(o) for o in outcomes), outcomes
+    assert [isinstance(o, StoreError) for o in outcomes] == [True, True], outcomes
+    assert ["ignores conditional writes" in str(o) for o in outcomes] == [True, True], outcomes
     assert not [k for k in bucket_keys(s3_client, s3_bucket) if "manifest" in k or ".probe-" in k or "gen-" in k]
