@@ -3,7 +3,7 @@
 Every event a :class:`spotsafe.Run` tells of goes through one :class:`Recorder` call,
 which writes it to each channel that carries it:
 
-- the JSON-lines file named by ``SPOTSAFE_EVENTS`` (:func:`emit_event`), which the
+- the JSON-lines file named by ``SPOTSAFE_EVENTS`` (read once, when the Run builds its recorder), which the
   rehearsal (:mod:`spotsafe.rehearsal.rehearse`) and a user's monitor read while the run
   goes on. Besides the run's milestones it carries a ``step`` progress line (step,
   epoch, batch) at most every :data:`STEP_LINE_EVERY_S` seconds, so a reader can count
@@ -41,29 +41,29 @@ log = logging.getLogger(__name__)
 STEP_LINE_EVERY_S = 0.25
 
 
-def emit_event(event: str, **fields: Any) -> None:
-    """Append one event to the file named by ``SPOTSAFE_EVENTS`` (if set)."""
-    path = Settings.from_env().events
-    if not path:
-        return
-    record = {"event": event, "time": time.time(), "pid": os.getpid(), **fields}
-    line = json.dumps(record, default=str) + "\n"
-    try:
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(line)  # closing hands it to the kernel: it survives the process, no fsync on the notice path
-    except OSError as e:  # a rehearsal aid: never let it break training
-        log.warning("could not write event to %s: %s", path, e)
-
-
 class Recorder:
     """Writes each of a run's events, with one call, to the events file and to the store's event log.
 
     ``events``: the store's log, set once the Run opened it (None: the file only).
     """
 
-    def __init__(self, events: EventLog | None = None) -> None:
+    def __init__(self, events: EventLog | None = None, *, events_file: str | None = None) -> None:
         self.events = events
+        #: The events file (``SPOTSAFE_EVENTS``, read once here), or None: no file channel.
+        self.events_file = events_file if events_file is not None else Settings.from_env().events
         self._last_step_line = -float("inf")
+
+    def _emit(self, event: str, **fields: Any) -> None:
+        """Append one event to the events file, if there is one."""
+        if not self.events_file:
+            return
+        record = {"event": event, "time": time.time(), "pid": os.getpid(), **fields}
+        line = json.dumps(record, default=str) + "\n"
+        try:
+            with open(self.events_file, "a", encoding="utf-8") as f:
+                f.write(line)  # closing hands it to the kernel: it survives the process, no fsync on the notice path
+        except OSError as e:  # a rehearsal aid: never let it break training
+            log.warning("could not write event to %s: %s", self.events_file, e)
 
     def open_log(self, checkpointer: Checkpointer, *, coordinator: bool, world_size: int) -> EventLog:
         """Open this launch's log in the checkpointer's store (recording only on the ``coordinator``): the launch."""
@@ -95,7 +95,7 @@ class Recorder:
 
     def emit(self, event: str, **fields: Any) -> None:
         """The events file only."""
-        emit_event(event, **fields)
+        self._emit(event, **fields)
 
     def record(self, kind: str, *, urgent: bool = False, **fields: Any) -> None:
         """The store's event log only."""
@@ -141,13 +141,15 @@ class Recorder:
         """A step was taken: the log samples its metrics; the file gets a rate-limited progress line."""
         if self.events is not None:
             self.events.step(step, metrics, epoch)
+        if not self.events_file:
+            return
         now = time.monotonic()
         if now - self._last_step_line >= STEP_LINE_EVERY_S:
             self._last_step_line = now
-            emit_event("step", step=step, epoch=epoch, batch=batch)
+            self._emit("step", step=step, epoch=epoch, batch=batch)
 
     def rebalance(self, *, step: int, source: str) -> None:
-        emit_event("rebalance", step=step, source=source)
+        self._emit("rebalance", step=step, source=source)
         self.record("rebalance", urgent=True, step=step, source=source)
 
     def notice(
@@ -155,11 +157,11 @@ class Recorder:
     ) -> None:
         where = {"step": step, "epoch": epoch}
         what = {"source": source, "action": action, "detected_at": detected_at, "deadline": deadline}
-        emit_event("notice", **where, batch=batch, **what)
+        self._emit("notice", **where, batch=batch, **what)
         self.record("notice", urgent=True, **where, **what)
 
     def durable(self, *, step: int, epoch: int, batch: int, seconds: float, flushed: bool, left: float) -> None:
-        emit_event("durable", step=step, epoch=epoch, batch=batch, seconds=seconds, flushed=flushed, left=left)
+        self._emit("durable", step=step, epoch=epoch, batch=batch, seconds=seconds, flushed=flushed, left=left)
         self.record("durable", step=step, seconds=seconds, flushed=flushed, left=left)
 
     def preempted(self, *, step: int, epoch: int) -> None:
@@ -168,8 +170,8 @@ class Recorder:
 
     def exited(self, *, code: int, step: int) -> None:
         """The file's last line: the process exits with ``code`` now."""
-        emit_event("exit", code=code, step=step)
+        self._emit("exit", code=code, step=step)
 
     def complete(self, *, step: int, epoch: int) -> None:
-        emit_event("complete", step=step, epoch=epoch)
+        self._emit("complete", step=step, epoch=epoch)
         self.record("exit", urgent=True, status="complete", code=0, step=step, epoch=epoch)
