@@ -100,12 +100,14 @@ class Calls:
             raise
 
 
-def client(service: str, region: str, *, endpoint_url: str | None = None) -> Any:
-    """A boto3 client of ``service`` for ``region``; raises MissingDependency without boto3."""
+def client(service: str, region: str, *, endpoint_url: str | None = None, config: Any = None) -> Any:
+    """A boto3 client of ``service`` for ``region`` (``config``: a botocore ``Config``); MissingDependency without boto3."""
     boto3 = require("boto3", "aws")
     kwargs: dict[str, Any] = {"region_name": region}
     if endpoint_url:
         kwargs["endpoint_url"] = endpoint_url
+    if config is not None:
+        kwargs["config"] = config
     return boto3.client(service, **kwargs)
 
 

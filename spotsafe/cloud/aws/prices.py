@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from spotsafe.cloud.aws.clients import aws_call
-from spotsafe.errors import MissingDependency
+from spotsafe.cloud.aws.clients import aws_call, client
+from spotsafe.errors import require
 
 
 @dataclass(frozen=True)
@@ -29,14 +29,9 @@ class SpotPrice:
 
 def price_client(region: str) -> Any:
     """An EC2 client for a price lookup that gives up soon: two tries, five seconds to connect."""
-    try:
-        import boto3
-    except ImportError as e:  # pragma: no cover - boto3 comes with the aws and s3 extras
-        raise MissingDependency("looking up spot prices needs boto3: install spotsafe[aws]") from e
-    from botocore.config import Config
-
+    botocore_config = require("botocore.config", "aws")
     # a lookup is a nicety of the report: two tries, not botocore's patient default
-    return boto3.client("ec2", region_name=region, config=Config(retries={"max_attempts": 2}, connect_timeout=5))
+    return client("ec2", region, config=botocore_config.Config(retries={"max_attempts": 2}, connect_timeout=5))
 
 
 def price_history(
