@@ -197,6 +197,25 @@ def test_retries_stop_at_the_deadline(s3_bucket: str, s3_proxy: FaultProxy, s3_p
         s3_proxy.clear()
 
 
+def test_a_deadline_cut_mid_attempt_still_names_the_errors_it_retried(
+    s3_bucket: str, s3_proxy: FaultProxy, s3_proxy_options: dict[str, Any]
+) -> None:
+    """The interleaving a loaded machine gives test_retries_stop_at_the_deadline: the deadline falls
+    while an attempt is in flight, after earlier attempts failed; the error names both."""
+    baseline = _client_threads()
+    store = S3Store(f"s3://{s3_bucket}/r", {**s3_proxy_options, "max_attempts": 1000, "read_timeout": 30})
+    s3_proxy.inject("503", count=3)
+    s3_proxy.inject("hang", count=100)  # the fourth attempt is accepted and never answered
+    store.set_deadline(datetime.now(timezone.utc) + timedelta(seconds=3.0))
+    with pytest.raises(StoreError) as info:
+        store.commit_file("step-000000000001/manifest.json", b"{}")
+    message = str(info.value)
+    assert "cut at the preemption notice's deadline" in message
+    assert "SlowDown" in message  # what it was retrying when the deadline came
+    assert s3_proxy.count("PUT", "manifest", fault=True) == 4
+    _no_thread_left(store, s3_proxy, baseline, store.close, usable=False)
+
+
 def test_kill_9_mid_upload_leaves_nothing_after_cleanup(
     s3_bucket: str, s3_proxy: FaultProxy, s3_proxy_options: dict[str, Any], s3_client: Any
 ) -> None:

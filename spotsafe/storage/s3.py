@@ -271,7 +271,7 @@ class S3Store(Store):
             # a last save): one attempt, within the call's own limit, as before this deadline.
             call.after_notice = True
             tries = 1
-        attempt = 0
+        attempt, last = 0, None  # last: the error of the latest attempt that was retried
         with call.running():
             while True:
                 attempt += 1
@@ -279,7 +279,7 @@ class S3Store(Store):
                     return fn(*args, **kwargs)
                 except Exception as e:
                     if call.expired or call.left() <= 0:  # its socket was shut, or a capped timeout fired
-                        raise self._overdue(what, call, nbytes) from e
+                        raise self._overdue(what, call, nbytes, last) from e
                     if not is_retryable(e) or attempt >= tries:
                         raise
                     delay = min(5.0, 0.1 * 2 ** (attempt - 1)) * (0.5 + random.random())
@@ -287,18 +287,21 @@ class S3Store(Store):
                         log.warning("%s: %s failed (%s); no time left for a retry, not retrying", self.url, what, e)
                         raise
                     log.info("%s: %s failed (%s); retry %d in %.2fs", self.url, what, e, attempt, delay)
+                    last = e
                     time.sleep(delay)
 
-    def _overdue(self, what: str, call: Call, nbytes: int) -> StoreError:
+    def _overdue(self, what: str, call: Call, nbytes: int, last: Exception | None = None) -> StoreError:
+        after = "" if last is None else f" (its last retried attempt: {describe_error(last, self.endpoint)})"
         if call.notice_first():
             return Overdue(
                 f"{what}: cut at the preemption notice's deadline (set_deadline), before {self.endpoint} completed it"
+                + after
             )
         budget = self.request_timeout + nbytes / self.min_throughput
         how = f"request_timeout {self.request_timeout:g} s"
         if nbytes / self.min_throughput >= 0.05:
             how += f" + {nbytes} bytes at min_throughput {self.min_throughput:g} bytes/s"
-        return Overdue(f"{what}: {self.endpoint} did not complete it within its limit of {budget:.3g} s ({how})")
+        return Overdue(f"{what}: {self.endpoint} did not complete it within its limit of {budget:.3g} s ({how}){after}")
 
     def _error(self, path: str, action: str, e: BaseException) -> StoreError:
         return StoreError(f"{self._where(path)}: {action} failed: {describe_error(e, self.endpoint)}")
