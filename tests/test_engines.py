@@ -96,7 +96,8 @@ def test_job_runs_the_supervisor_as_pid_1_with_the_failure_policy(capsys: pytest
         "karpenter.sh/capacity-type",
         "eks.amazonaws.com/capacityType",
     ]
-    assert "tolerations" not in pod  # EKS puts no taint on spot nodes
+    # EKS puts no taint on spot nodes; GPU pools commonly carry nvidia.com/gpu
+    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
 
 
 @pytest.mark.parametrize(
@@ -511,6 +512,14 @@ def test_skypilot_bad_input_is_refused_with_the_cause(
     err = refused(capsys, *SKY, *argv)
     assert err.startswith("spotsafe skypilot: ")
     assert message in err
+
+
+def test_the_docs_example_is_what_the_command_prints(capsys: pytest.CaptureFixture[str]) -> None:
+    docs = (ROOT / "docs" / "engines.md").read_text()
+    example = docs.split("prints\n\n```yaml\n", 1)[1].split("```", 1)[0]
+    argv = ("skypilot", "mnist", "--store", "s3://bucket/runs/mnist", "--command", "python train.py")
+    assert spotsafe_main([*argv, "--gpus", "A100:1", "--workdir", "."]) == 0
+    assert capsys.readouterr().out == example
 
 
 def test_skypilot_refuses_a_path_store(capsys: pytest.CaptureFixture[str]) -> None:

@@ -171,10 +171,11 @@ def pod_spec(work: Workload, opts: PodOptions) -> dict[str, Any]:
         spec["affinity"] = {
             "nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": terms}}
         }
-    if opts.provider.taints:
-        spec["tolerations"] = [
-            {"key": k, "operator": "Equal", "value": v, "effect": "NoSchedule"} for k, v in opts.provider.taints
-        ]
+    tolerations = [{"key": k, "operator": "Equal", "value": v, "effect": "NoSchedule"} for k, v in opts.provider.taints]
+    if work.gpus:  # GPU pools are commonly tainted so that only GPU pods land there
+        tolerations.append({"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"})
+    if tolerations:
+        spec["tolerations"] = tolerations
     if opts.pvc:
         container["volumeMounts"] = [{"name": "store", "mountPath": opts.mount}]
         spec["volumes"] = [{"name": "store", "persistentVolumeClaim": {"claimName": opts.pvc}}]
