@@ -339,6 +339,9 @@ TRAIN = textwrap.dedent("""
     import torch
     from torch import nn
     import spotsafe
+    if "WORLD_SIZE" in os.environ:  # a JobSet's pod: torchrun started this process
+        import torch.distributed as dist
+        dist.init_process_group("gloo")
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.2), nn.Linear(8, 2))
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -364,7 +367,8 @@ TRAIN = textwrap.dedent("""
     run.finish()
     state = [*model.state_dict().values(), *(s["momentum_buffer"] for s in opt.state.values())]
     digest = hashlib.sha256(b"".join(t.detach().contiguous().numpy().tobytes() for t in state)).hexdigest()
-    print("final", run.step_count, digest, flush=True)
+    if os.environ.get("RANK", "0") == "0":
+        print("final", run.step_count, digest, flush=True)
 """)
 GRACE = 120  # the kubelet's grace in these tests: generous, the machine is shared
 
@@ -375,9 +379,19 @@ def container_of(doc: dict[str, Any]) -> tuple[list[str], dict[str, str]]:
     return [*container["command"], *container.get("args", [])], env
 
 
-def as_container(command: list[str]) -> list[str]:
-    """PID 1 of a fresh PID namespace, as a container runtime starts the container's command."""
-    return ["unshare", "--pid", "--fork", "--kill-child", "--", *command]
+def as_container(command: list[str], hosts: Path | None = None) -> list[str]:
+    """PID 1 of a fresh PID namespace, as a container runtime starts the container's command.
+
+    With ``hosts``, also a network namespace of its own (torchrun's fixed rendezvous port is the
+    pod's alone), the pod's hostname (the hosts file's last name) and that file as /etc/hosts, as
+    the kubelet writes it for a pod with a subdomain (its own names, the JobSet's pod 0).
+    """
+    if hosts is None:
+        return ["unshare", "--pid", "--fork", "--kill-child", "--", *command]
+    hostname = hosts.read_text().split()[-1]
+    setup = f'ip link set lo up && hostname {hostname} && mount --bind {hosts} /etc/hosts && exec "$@"'
+    namespaces = ["--pid", "--fork", "--mount", "--net", "--uts", "--kill-child"]
+    return ["unshare", *namespaces, "--", "sh", "-c", setup, "sh", *command]
 
 
 def pid_1(runtime: subprocess.Popen[str]) -> int:
@@ -397,6 +411,11 @@ def pid_1(runtime: subprocess.Popen[str]) -> int:
     return pid
 
 
+def supervisor_running(pid: int) -> bool:
+    """PID 1 is the supervisor by now (the JobSet pod's sh has exec'd it)."""
+    return b"spotsafe.resume" in Path(f"/proc/{pid}/cmdline").read_bytes()
+
+
 @pytest.fixture
 def pid_namespaces() -> None:
     probe = subprocess.run(as_container(["true"]), capture_output=True, text=True, timeout=60)
@@ -404,15 +423,18 @@ def pid_namespaces() -> None:
         pytest.skip(f"cannot make a PID namespace here (unshare --pid needs root): {probe.stderr.strip()}")
 
 
-def kubelet(command: list[str], env: dict[str, str], *, preempt: Path | None, cwd: Path) -> tuple[int, str]:
+def kubelet(
+    command: list[str], env: dict[str, str], *, preempt: Path | None, cwd: Path, hosts: Path | None = None
+) -> tuple[int, str]:
     """Start the container's command as PID 1; with ``preempt`` (the pause marker), SIGTERM it once
     the run holds mid-epoch, and SIGKILL the whole container GRACE seconds later if it still runs."""
     with child(
-        as_container(command), env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        as_container(command, hosts), env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     ) as runtime:
         if preempt is not None:
             init = pid_1(runtime)
             wait_until(preempt.exists, 240, what="the run to reach the pause step")
+            assert supervisor_running(init)
             os.kill(init, signal.SIGTERM)  # the kubelet's stop: SIGTERM to the container's PID 1
             try:
                 runtime.wait(timeout=GRACE)
@@ -423,6 +445,7 @@ def kubelet(command: list[str], env: dict[str, str], *, preempt: Path | None, cw
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # three launches of a torch program on a shared machine
 @pytest.mark.parametrize("init", ["none", "tini"])
 def test_a_preempted_pod_saves_within_the_grace_exits_75_and_its_rerun_ends_bit_identical(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, pid_namespaces: None, init: str
@@ -458,6 +481,54 @@ def test_a_preempted_pod_saves_within_the_grace_exits_75_and_its_rerun_ends_bit_
     assert (newest.reason, newest.step) == ("notice", 27)
 
     code, out = kubelet(command, env, preempt=None, cwd=tmp_path)  # the Job's replacement pod: same command
+    assert code == 0, out
+    assert "resumed at step 27" in out
+    assert [ln for ln in out.splitlines() if ln.startswith("final ")] == [reference]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # three torchrun launches on a shared machine
+def test_a_jobset_pod_runs_torchrun_through_its_rendezvous_name_and_exits_75_on_sigterm(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, pid_namespaces: None
+) -> None:
+    """The JobSet's pod command (torchrun under the supervisor, pod 0 as the rendezvous), one pod of
+    --nodes 1:2: the rendezvous forms at MIN, SIGTERM reaches the worker through torchrun, the pod
+    exits 75 (what the failure policy ignores) and the same command resumes bit-identical."""
+    (tmp_path / "train.py").write_text(TRAIN)
+    hosts = tmp_path / "hosts"
+    # as the kubelet writes a JobSet pod's /etc/hosts (its FQDN and hostname), plus the short name the
+    # cluster DNS answers through the pod's search domains (the rendezvous endpoint): pod 0 here
+    pod_0 = "mnist-workers-0-0.mnist.default.svc.cluster.local mnist-workers-0-0.mnist mnist-workers-0-0"
+    hosts.write_text(f"127.0.0.1 localhost\n127.0.0.1 {pod_0}\n")
+    marker = tmp_path / "paused"
+    base = {"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT), "HOME": str(tmp_path)}
+
+    def pod(store: Path, *extra: str) -> tuple[list[str], dict[str, str]]:
+        doc = generate(
+            capsys, "k8s", "mnist", "--image", "i", "--store", str(store), "--pvc", "claim", "--nodes", "1:2",
+            "--command", f"python {tmp_path / 'train.py'}", "--grace", str(GRACE),
+            "--env", "SPOTSAFE_SOURCES=signal", *extra,
+        )  # fmt: skip
+        assert doc["kind"] == "JobSet"
+        command, env = container_of(doc["spec"]["replicatedJobs"][0]["template"])
+        assert command[command.index("--") + 1] == "torchrun"
+        return command, {**base, **env}
+
+    command, env = pod(tmp_path / "plain")
+    code, out = kubelet(command, env, preempt=None, cwd=tmp_path, hosts=hosts)
+    assert code == 0, out
+    (reference,) = [ln for ln in out.splitlines() if ln.startswith("final ")]
+
+    store = tmp_path / "store"
+    command, env = pod(store, "--env", "PAUSE_AT=27", "--env", f"PAUSE_MARKER={marker}")
+    code, out = kubelet(command, env, preempt=marker, cwd=tmp_path, hosts=hosts)
+    assert code == 75, out
+    with open_store(str(store)) as opened:
+        newest = Catalog(opened).latest()
+    assert newest is not None
+    assert (newest.reason, newest.step) == ("notice", 27)
+
+    code, out = kubelet(command, env, preempt=None, cwd=tmp_path, hosts=hosts)
     assert code == 0, out
     assert "resumed at step 27" in out
     assert [ln for ln in out.splitlines() if ln.startswith("final ")] == [reference]
