@@ -54,6 +54,7 @@ from spotsafe.cloud.aws.prices import spot_prices
 from spotsafe.errors import LaunchConfigError, LaunchError
 from tests.ec2server import AMI, EC2Server, IAMEnforcingServer, unique_tag
 from tests.helpers import git
+from tests.iampolicy import CallJudge, Request, above_low, actions_only, denied, lint
 from tests.volumes import FAST, fake_nvme, some_block_device
 
 REGION = "us-east-1"
@@ -372,14 +373,18 @@ def test_s3_mode_spans_every_zone_with_a_policy_scoped_to_the_prefix(aws: Client
         for r in ([st["Resource"]] if isinstance(st["Resource"], str) else st["Resource"])
     )
     assert resources == [
-        "*",  # DescribeAutoScalingInstances only
+        "*",  # finish's Describe calls only
         f"arn:aws:autoscaling:*:*:autoScalingGroup:*:autoScalingGroupName/spotsafe-{spec.name}",
+        f"arn:aws:s3:::{s3_bucket_name}",
         f"arn:aws:s3:::{s3_bucket_name}",
         f"arn:aws:s3:::{s3_bucket_name}/runs/{spec.name}/*",
     ]
     star = [a for st in policy["Statement"] if st["Resource"] == "*" for a in st["Action"]]
-    assert star == ["autoscaling:DescribeAutoScalingInstances"]
-    assert not any(a.startswith("ec2:") and "Volume" in a for st in policy["Statement"] for a in st["Action"])
+    assert star == ["autoscaling:DescribeAutoScalingInstances", "ec2:DescribeSpotInstanceRequests"]
+    assert not any(a.startswith("ec2:") and "Volume" in a for a, _r in _actions(policy))
+    # Every statement that is not a Describe on "*" is conditioned or names the run's own resources.
+    listing = next(st for st in policy["Statement"] if st["Sid"] == "SpotsafeStoreList")
+    assert listing["Condition"] == {"StringLikeIfExists": {"s3:prefix": [f"runs/{spec.name}/", f"runs/{spec.name}/*"]}}
 
 
 def test_volume_goes_to_the_cheapest_zone_and_the_group_stays_there(aws: Clients) -> None:
@@ -562,6 +567,9 @@ def test_a_rerun_keeps_the_code_pinned_while_the_branch_moves(aws: Clients, git_
         ({"subnets": ("sn-1",)}, "not a subnet id"),
         ({"instance_types": tuple(f"t{i}.large" for i in range(41))}, "takes 40"),
         ({"store": "/mnt/spotsafe/" + "x" * 250}, "takes 256"),
+        ({"volume_size": None, "store": "s3://bucket/runs/*"}, "'*' in the prefix would be a wildcard"),
+        ({"volume_size": None, "store": "s3://bucket/run?/a"}, "'?' in the prefix would be a wildcard"),
+        ({"volume_size": None, "store": "s3://bucket/r*/a?"}, "'*' and '?' in the prefix"),
     ],
 )
 def test_bad_input_is_refused_naming_the_flag(kw: dict[str, Any], match: str) -> None:
@@ -756,6 +764,19 @@ def test_no_policy_has_a_wildcard_action(s3_bucket_name: str) -> None:
         assert all(st["Effect"] == "Allow" and "NotAction" not in st for st in policy["Statement"])
 
 
+@pytest.mark.parametrize("mode", ["s3", "volume"])
+@pytest.mark.parametrize("shutdown_when_done", [True, False])
+def test_the_instance_policy_passes_the_linter(mode: str, shutdown_when_done: bool) -> None:
+    """parliament (IAM policy linter) finds nothing above low in the instance's policy, either mode."""
+    spec = vspec("mnist") if mode == "volume" else sspec("mnist", "my-bucket")
+    policy = instance_policy(dataclasses.replace(spec, shutdown_when_done=shutdown_when_done))
+    assert above_low(lint(policy)) == []
+    # Every statement on anything but "*" (Describe calls) is conditioned, or names the run's own prefix.
+    for st in policy["Statement"]:
+        if st["Resource"] != "*":
+            assert "Condition" in st or "/runs/mnist/" in str(st["Resource"]) or st["Sid"] == "SpotsafeStoreUploads"
+
+
 #: The IAM action of an S3 operation (the others are service:Operation).
 _S3_ACTIONS = {
     "ListObjectsV2": "s3:ListBucket",
@@ -827,20 +848,9 @@ _S3_AUTH = {
 }
 
 
-def _permits(policy: dict[str, Any], action: str, resource: str) -> bool:
-    """IAM's evaluation for Allow-only statements without conditions (what these policies are)."""
-
-    def match(patterns: Any, value: str) -> bool:
-        pats = [patterns] if isinstance(patterns, str) else patterns
-        return any(re.fullmatch(re.escape(p).replace(r"\*", ".*"), value) for p in pats)
-
-    return any(
-        st["Effect"] == "Allow"
-        and "Condition" not in st
-        and match(st["Action"], action)
-        and match(st["Resource"], resource)
-        for st in policy["Statement"]
-    )
+def _permits(policy: dict[str, Any], action: str, resource: str, context: dict[str, list[str]] | None = None) -> bool:
+    """IAM's evaluation of the policy's Allow statements, conditions included (tests/iampolicy.py)."""
+    return not denied(policy, Request(action, [resource], context or {}))
 
 
 def test_the_s3_instance_policy_allows_every_request_of_the_store_on_its_prefix_only(
@@ -857,18 +867,19 @@ def test_the_s3_instance_policy_allows_every_request_of_the_store_on_its_prefix_
 
     from spotsafe.checkpoint.writer import Checkpointer
 
-    requests: list[tuple[str, str, str]] = []
+    requests: list[tuple[str, str, str, dict[str, list[str]]]] = []
 
     def record(model: Any, params: dict[str, Any], **_: Any) -> None:
         action, kind = _S3_AUTH[model.name]  # a KeyError: an operation this test does not know yet
         bucket = params["Bucket"]
         if kind == "bucket":
-            requests.append((model.name, action, f"arn:aws:s3:::{bucket}"))
+            ctx = {"s3:prefix": [params["Prefix"]]} if "Prefix" in params else {}
+            requests.append((model.name, action, f"arn:aws:s3:::{bucket}", ctx))
         elif kind == "object":
-            requests.append((model.name, action, f"arn:aws:s3:::{bucket}/{params['Key']}"))
+            requests.append((model.name, action, f"arn:aws:s3:::{bucket}/{params['Key']}", {}))
         else:
             for o in params["Delete"]["Objects"]:
-                requests.append((model.name, action, f"arn:aws:s3:::{bucket}/{o['Key']}"))
+                requests.append((model.name, action, f"arn:aws:s3:::{bucket}/{o['Key']}", {}))
 
     real_session = boto3.session.Session
 
@@ -894,13 +905,19 @@ def test_the_s3_instance_policy_allows_every_request_of_the_store_on_its_prefix_
         assert ckpt.completion() is not None
     finally:
         ckpt.close()
-    ops = {op for op, _a, _r in requests}
+    ops = {op for op, _a, _r, _c in requests}
     assert {"HeadBucket", "ListObjectsV2", "PutObject", "GetObject", "DeleteObjects"} <= ops, f"{ops}"
-    denied = [(op, r) for op, a, r in requests if not _permits(policy, a, r)]
-    assert denied == []
-    # The same requests for another prefix of the bucket are not allowed.
-    other = [(a, r.replace(f"/runs/{spec.name}/", "/runs/someone-else/")) for _op, a, r in requests if "/runs/" in r]
-    assert other and not any(_permits(policy, a, r) for a, r in other)
+    refused = [(op, r, c) for op, a, r, c in requests if not _permits(policy, a, r, c)]
+    assert refused == []
+    # The same requests for another prefix of the bucket are not allowed: objects, nor listings (but
+    # the names of uploads in progress: AWS has no condition key to narrow ListBucketMultipartUploads).
+    mine, theirs = f"runs/{spec.name}", "runs/someone-else"
+    other = [
+        (a, r.replace(f"/{mine}/", f"/{theirs}/"), {k: [v.replace(mine, theirs) for v in vs] for k, vs in c.items()})
+        for _op, a, r, c in requests
+        if (f"/{mine}/" in r or c) and a != "s3:ListBucketMultipartUploads"
+    ]
+    assert other and not any(_permits(policy, a, r, c) for a, r, c in other)
 
 
 def test_the_volume_instance_policy_lets_the_instance_attach_and_finish(
@@ -922,6 +939,8 @@ def test_the_volume_instance_policy_lets_the_instance_attach_and_finish(
         MaxSize=1,
         DesiredCapacity=1,
         AvailabilityZones=["us-east-1b"],
+        # As launch tags it: the group and (propagated) its instances carry the run's tag.
+        Tags=[{"Key": TAG, "Value": name, "PropagateAtLaunch": True}],
     )
     g = asg_admin.describe_auto_scaling_groups(AutoScalingGroupNames=[spec.resource_name])["AutoScalingGroups"][0]
     iid = g["Instances"][0]["InstanceId"]
@@ -933,23 +952,39 @@ def test_the_volume_instance_policy_lets_the_instance_attach_and_finish(
     sys_root, dev_root = fake_nvme(tmp_path, vid.replace("-", ""), some_block_device())
     policy = instance_policy(spec)
     group_arn = g["AutoScalingGroupARN"]
-    assert _permits(policy, "autoscaling:UpdateAutoScalingGroup", group_arn)
+    down_only = {"autoscaling:MinSize": ["0"]}
+    assert _permits(
+        policy, "autoscaling:UpdateAutoScalingGroup", group_arn, {f"aws:ResourceTag/{TAG}": [name], **down_only}
+    )
     assert not _permits(policy, "autoscaling:UpdateAutoScalingGroup", group_arn.replace(spec.resource_name, "prod-web"))
-    # moto judges Auto Scaling calls against the resource "*" only: it gets that statement unscoped.
-    for st in policy["Statement"]:
-        if st["Sid"] == "SpotsafeScaleOwnGroupToZero":
-            st["Resource"] = "*"
-    keys = iam_server.keys_for(policy)
-    ec2 = iam_server.client("ec2", keys)
+    # moto's IAM enforcement judges the actions; the judge, every call's resources and conditions.
+    keys = iam_server.keys_for(actions_only(policy))
+    judge = CallJudge(policy, admin, asg_admin)
+    ec2, asg = iam_server.client("ec2", keys), iam_server.client("autoscaling", keys)
+    for client in (ec2, asg):
+        client.meta.events.register("before-parameter-build", judge.hook)
     me = Identity(iid, "us-east-1b", REGION)
     mgr = VolumeManager(ec2, me, timeouts=FAST, sys_root=sys_root, dev_root=dev_root)
     a = mgr.attach(volume_id=vid)
     assert a.volume.instance_id == iid
-    done = scale_to_zero(me, ec2=ec2, autoscaling=iam_server.client("autoscaling", keys), spot=False)
+    done = scale_to_zero(me, ec2=ec2, autoscaling=asg)
     assert done == [f"auto scaling group {spec.resource_name}: desired capacity 0"]
+    assert {"ec2:AttachVolume", "autoscaling:UpdateAutoScalingGroup"} <= judge.actions
+    assert judge.denials == []
     # What the policy leaves out is refused: no zone moves in volume mode.
     with pytest.raises(Exception, match=r"AccessDenied|UnauthorizedOperation|not authorized"):
         ec2.create_snapshot(VolumeId=vid)
+    # Conditioned to the run: another volume, or raising the group, is not this role's.
+    other = admin.create_volume(AvailabilityZone="us-east-1b", Size=1)["VolumeId"]
+    assert denied(policy, judge.requests("ec2", "AttachVolume", {"VolumeId": other, "InstanceId": iid})[0])
+    up = {"AutoScalingGroupName": spec.resource_name, "MinSize": 0, "MaxSize": 50, "DesiredCapacity": 50}
+    assert denied(policy, judge.requests("autoscaling", "UpdateAutoScalingGroup", up)[0])
+    keep_min = {"AutoScalingGroupName": spec.resource_name, "MinSize": 1, "DesiredCapacity": 1}
+    assert denied(policy, judge.requests("autoscaling", "UpdateAutoScalingGroup", keep_min)[0])
+    untag_all = {"Resources": [vid]}  # DeleteTags without keys: every tag, the run's own included
+    assert denied(policy, judge.requests("ec2", "DeleteTags", untag_all)[0])
+    untag_run = {"Resources": [vid], "Tags": [{"Key": TAG}]}
+    assert denied(policy, judge.requests("ec2", "DeleteTags", untag_run)[0])
 
 
 # --------------------------------------------------------------------------- the user data, booted

@@ -8,12 +8,12 @@ AWS); :func:`instance_policy` is the least policy its instances need, and
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from typing import Any
 
-from spotsafe.cloud.aws.volume.model import IAM_POLICY as VOLUME_POLICY
+from spotsafe.cloud.aws.clients import TAG
+from spotsafe.cloud.aws.volume.policy import iam_policy as volume_iam_policy
 from spotsafe.errors import LaunchConfigError
 
 #: On a volume launch creates: the first boot may format it (the volume tool clears it).
@@ -236,68 +236,78 @@ def s3_location(store: str) -> tuple[str, str]:
             f"--store {store!r}: give s3://BUCKET/PREFIX (the instance role is scoped to that prefix), "
             f"or a directory under {MOUNT} with --volume-size for volume mode"
         )
-    return m.group(1), m.group(2).strip("/")
+    prefix = m.group(2).strip("/")
+    wild = sorted(set(prefix) & set("*?"))
+    if wild:
+        raise LaunchConfigError(
+            f"--store {store!r}: {' and '.join(repr(c) for c in wild)} in the prefix would be a wildcard in the "
+            "instance role's policy, covering other runs' prefixes: name one prefix, e.g. s3://BUCKET/runs/NAME"
+        )
+    return m.group(1), prefix
 
 
 # --------------------------------------------------------------------------- the instance's policy
-def _volume_statement(sid: str) -> dict[str, Any]:
-    for st in VOLUME_POLICY["Statement"]:
-        if st["Sid"] == sid:
-            return json.loads(json.dumps(st))  # type: ignore[no-any-return]  # a deep copy of a dict
-    raise KeyError(sid)  # pragma: no cover - the volume tool's policy names both
-
-
 def instance_policy(spec: LaunchSpec) -> dict[str, Any]:
-    """The least policy the run's instances need.
+    """The least policy the run's instances need, every statement conditioned to the run.
 
     S3 mode: the store's objects (read, write, delete, multipart) under its prefix, and
-    listing the bucket. Volume mode: attaching the run's volume (the volume tool's first
-    statement; no zone moves, so none of its snapshot actions). Either mode, when
-    ``shutdown_when_done``: scaling its own group to zero. No wildcard action anywhere.
+    listing the bucket under that prefix. Volume mode: attaching the run's volume to the
+    run's instances (both tagged ``spotsafe-run=NAME``) and removing the format permission
+    tag from it (the volume tool's statements, :mod:`spotsafe.cloud.aws.volume.policy`; no
+    zone moves, so none of its snapshot actions). Either mode, when ``shutdown_when_done``:
+    setting its own group's minimum to 0. No wildcard action anywhere.
     """
-    statements: list[dict[str, Any]] = []
+    tag = f"{TAG}={spec.name}"
+    finish = spec.shutdown_when_done
     if spec.volume_mode:
-        statements.append(_volume_statement("SpotsafeAttachVolume"))
-    else:
-        bucket, prefix = s3_location(spec.store)
-        statements.append(
-            {
-                "Sid": "SpotsafeStoreObjects",
-                "Effect": "Allow",
-                "Action": [
-                    "s3:GetObject",
-                    "s3:PutObject",
-                    "s3:DeleteObject",
-                    "s3:AbortMultipartUpload",
-                    "s3:ListMultipartUploadParts",
-                ],
-                "Resource": f"arn:aws:s3:::{bucket}/{prefix}/*",
-            }
+        volume = volume_iam_policy(
+            tag, move=False, snapshots=False, finish=finish, spot_requests=False, group=spec.resource_name
         )
-        statements.append(
-            {
-                "Sid": "SpotsafeStoreList",
-                "Effect": "Allow",
-                "Action": ["s3:ListBucket", "s3:ListBucketMultipartUploads"],
-                "Resource": f"arn:aws:s3:::{bucket}",
-            }
-        )
-    if spec.shutdown_when_done:
-        # A group, not a spot request, replaces these instances; the group's own name only.
+        return {"Version": "2012-10-17", "Statement": volume["Statement"]}
+    statements = _s3_statements(spec.store)
+    if finish:
+        group = volume_iam_policy(tag, move=False, snapshots=False, spot_requests=False, group=spec.resource_name)
         statements.append(
             {
                 "Sid": "SpotsafeFindOwnGroup",
                 "Effect": "Allow",
-                "Action": ["autoscaling:DescribeAutoScalingInstances"],
-                "Resource": "*",  # Describe* has no resource-level permissions
+                "Action": ["autoscaling:DescribeAutoScalingInstances", "ec2:DescribeSpotInstanceRequests"],
+                "Resource": "*",  # Describe* calls have no resource-level permissions
             }
         )
-        statements.append(
-            {
-                "Sid": "SpotsafeScaleOwnGroupToZero",
-                "Effect": "Allow",
-                "Action": ["autoscaling:UpdateAutoScalingGroup"],
-                "Resource": f"arn:aws:autoscaling:*:*:autoScalingGroup:*:autoScalingGroupName/{spec.resource_name}",
-            }
-        )
+        statements += [st for st in group["Statement"] if st["Sid"] == "SpotsafeScaleRunGroupToZero"]
     return {"Version": "2012-10-17", "Statement": statements}
+
+
+def _s3_statements(store: str) -> list[dict[str, Any]]:
+    bucket, prefix = s3_location(store)
+    return [
+        {
+            "Sid": "SpotsafeStoreObjects",
+            "Effect": "Allow",
+            "Action": [
+                "s3:GetObject",
+                "s3:PutObject",
+                "s3:DeleteObject",
+                "s3:AbortMultipartUpload",
+                "s3:ListMultipartUploadParts",
+            ],
+            "Resource": f"arn:aws:s3:::{bucket}/{prefix}/*",
+        },
+        {
+            # HeadBucket (the store's check that the bucket is there) is authorised as ListBucket
+            # without a prefix: IfExists lets it through; a listing with a prefix stays in the run's.
+            "Sid": "SpotsafeStoreList",
+            "Effect": "Allow",
+            "Action": "s3:ListBucket",
+            "Resource": f"arn:aws:s3:::{bucket}",
+            "Condition": {"StringLikeIfExists": {"s3:prefix": [f"{prefix}/", f"{prefix}/*"]}},
+        },
+        {
+            # No condition key narrows it (AWS has no s3:prefix for it): the names of uploads in progress.
+            "Sid": "SpotsafeStoreUploads",
+            "Effect": "Allow",
+            "Action": "s3:ListBucketMultipartUploads",
+            "Resource": f"arn:aws:s3:::{bucket}",
+        },
+    ]
