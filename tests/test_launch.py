@@ -19,8 +19,10 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -51,6 +53,7 @@ from spotsafe.cloud.aws.launch.userdata import (
     user_data,
 )
 from spotsafe.cloud.aws.prices import spot_prices
+from spotsafe.cloud.aws.secrets import SecretRef
 from spotsafe.errors import LaunchConfigError, LaunchError
 from tests.ec2server import AMI, EC2Server, IAMEnforcingServer, unique_tag
 from tests.helpers import git
@@ -570,11 +573,79 @@ def test_a_rerun_keeps_the_code_pinned_while_the_branch_moves(aws: Clients, git_
         ({"volume_size": None, "store": "s3://bucket/runs/*"}, "'*' in the prefix would be a wildcard"),
         ({"volume_size": None, "store": "s3://bucket/run?/a"}, "'?' in the prefix would be a wildcard"),
         ({"volume_size": None, "store": "s3://bucket/r*/a?"}, "'*' and '?' in the prefix"),
+        # Secrets never go into the user data: a URL with credentials, a secret-looking assignment.
+        ({"repo": "https://alice:ghp_abc123@github.com/a/b.git"}, "--repo: the URL carries credentials (alice:...@)"),
+        ({"repo": "https://ghp_abc123@github.com/a/b.git"}, "--repo: the URL carries credentials"),
+        ({"repo": "ssh://git:hunter2@host/a.git"}, "--repo: the URL carries credentials (git:...@)"),
+        ({"command": "WANDB_API_KEY=abc python train.py"}, "--secret WANDB_API_KEY=ssm:/path/to/it"),
+        ({"command": "export HF_TOKEN=hf_x; python train.py"}, "--command: HF_TOKEN=... looks like a secret"),
+        ({"command": "python train.py && DB_PASSWORD=x python eval.py"}, "--secret DB_PASSWORD=ssm:"),
+        ({"command": "aws_secret_access_key=x python t.py"}, "looks like a secret"),
+        ({"secrets": ("WANDB_API_KEY",)}, "--secret 'WANDB_API_KEY': give NAME=ssm:/parameter/path"),
+        ({"secrets": ("K=vault:/x",)}, "give NAME=ssm:/parameter/path"),
+        ({"secrets": ("K=ssm:/runs/*",)}, "no wildcards"),
+        ({"secrets": ("AWS_REGION=ssm:/x",)}, "spotsafe's or AWS's own variable"),
+        ({"secrets": ("K=ssm:/a", "K=ssm:/b")}, "K given twice"),
     ],
 )
 def test_bad_input_is_refused_naming_the_flag(kw: dict[str, Any], match: str) -> None:
     with pytest.raises(LaunchConfigError, match=re.escape(match)):
         dataclasses.replace(vspec("ok-name"), **kw).validate()
+
+
+def test_safe_repos_and_commands_are_not_refused() -> None:
+    for kw in (
+        {"repo": "git@github.com:a/b.git"},
+        {"repo": "ssh://git@github.com/a/b.git"},
+        {"repo": "https://github.com/a/b.git"},
+        {"command": "WANDB_API_KEY=$WANDB_API_KEY python train.py --key_dim=4"},
+        {"command": "python train.py --lr=0.1 BATCH=4", "secrets": ("WANDB_API_KEY=ssm:/runs/mnist/wandb",)},
+    ):
+        dataclasses.replace(vspec("ok-name"), **kw).validate()
+
+
+def test_a_secret_grows_the_policy_by_exactly_its_read(aws: Clients, s3_bucket_name: str) -> None:
+    """--secret: the role may read that parameter / secret, no other; the value is not in the user data."""
+    from spotsafe.cloud.aws.secrets import resolve
+
+    name = unique_tag()
+    refs = (f"WANDB_API_KEY=ssm:/{name}/wandb", f"HF_TOKEN=secretsmanager:{name}-hf")
+    for spec in (vspec(name, secrets=refs), sspec(name, s3_bucket_name, secrets=refs)):
+        policy = instance_policy(spec)
+        base = instance_policy(dataclasses.replace(spec, secrets=()))
+        added = [st for st in policy["Statement"] if st not in base["Statement"]]
+        assert added == [
+            {
+                "Sid": "SpotsafeReadParameters",
+                "Effect": "Allow",
+                "Action": "ssm:GetParameter",
+                "Resource": f"arn:aws:ssm:*:*:parameter/{name}/wandb",
+            },
+            {
+                "Sid": "SpotsafeReadSecrets",
+                "Effect": "Allow",
+                "Action": "secretsmanager:GetSecretValue",
+                "Resource": f"arn:aws:secretsmanager:*:*:secret:{name}-hf-??????",
+            },
+        ]
+        assert above_low(lint(policy)) == []
+        text = user_data(spec, region=REGION, volume_id=None, ref=None)
+        assert settings_from_user_data(text)["SPOTSAFE_SECRETS"] == " ".join(refs)
+    # What the instance does with it, judged call by call: those two reads, allowed; another parameter, not.
+    aws("ssm").put_parameter(Name=f"/{name}/wandb", Value="w", Type="SecureString")
+    aws("ssm").put_parameter(Name=f"/{name}/other", Value="o", Type="SecureString")
+    aws("secretsmanager").create_secret(Name=f"{name}-hf", SecretString="h")
+    judge = CallJudge(policy, aws.ec2, aws.autoscaling)
+    ssm, sm = aws("ssm"), aws("secretsmanager")
+    for c in (ssm, sm):
+        c.meta.events.register("before-parameter-build", judge.hook)
+    values = resolve(spec.secret_refs, REGION, clients={"ssm": ssm, "secretsmanager": sm})
+    assert values == {"WANDB_API_KEY": "w", "HF_TOKEN": "h"}
+    assert judge.actions == {"ssm:GetParameter", "secretsmanager:GetSecretValue"} and judge.denials == []
+    assert judge.denied(judge.requests("ssm", "GetParameter", {"Name": f"/{name}/other"})[0])
+    # A missing one is one line naming it, never a value.
+    with pytest.raises(LaunchConfigError, match=rf"secret GONE=ssm:/{name}/gone: cannot read it \(ParameterNotFound\)"):
+        resolve([SecretRef("GONE", "ssm", f"/{name}/gone")], REGION, clients={"ssm": ssm})
 
 
 # --------------------------------------------------------------------------- status and down
@@ -828,6 +899,10 @@ def test_docs_carry_the_policies() -> None:
     assert json.dumps(OPERATOR_POLICY, indent=2) in doc
     assert json.dumps(instance_policy(sspec("mnist", "my-bucket")), indent=2) in doc
     assert json.dumps(instance_policy(vspec("mnist")), indent=2) in doc
+    refs = ("WANDB_API_KEY=ssm:/runs/mnist/wandb", "HF_TOKEN=secretsmanager:hf-token")
+    with_secrets = instance_policy(sspec("mnist", "my-bucket", secrets=refs))
+    reads = [st for st in with_secrets["Statement"] if st["Sid"] in ("SpotsafeReadParameters", "SpotsafeReadSecrets")]
+    assert json.dumps({"Statement": reads}, indent=2) in doc
 
 
 #: The IAM action and resource kind each S3 operation the store calls is authorised by.
@@ -999,6 +1074,7 @@ model = torch.nn.Linear(4, 2)
 opt = torch.optim.SGD(model.parameters(), lr=0.1)
 run = spotsafe.Run(model=model, optimizer=opt, every_steps=2, watch=False, async_=False)
 print("store", os.environ.get("SPOTSAFE_STORE"), flush=True)
+print("secrets", os.environ.get("WANDB_API_KEY"), os.environ.get("HF_TOKEN"), flush=True)
 for epoch in run.epochs(2):
     for x in run.batches([torch.ones(4)] * 3):
         loss = model(x).pow(2).mean()
@@ -1046,7 +1122,12 @@ def test_generated_user_data_boots_trains_and_scales_the_group_to_zero(
         ref="main",
         user=getpass.getuser(),
         python=sys.executable,
+        secrets=(f"WANDB_API_KEY=ssm:/{name}/wandb", f"HF_TOKEN=secretsmanager:{name}-hf"),
     )
+    # The run's secrets, where --secret says they are: the instance reads them with its role.
+    wandb, hf = f"wandb-{uuid.uuid4().hex}", f"hf_{uuid.uuid4().hex}"
+    aws("ssm").put_parameter(Name=f"/{name}/wandb", Value=wandb, Type="SecureString")
+    aws("secretsmanager").create_secret(Name=f"{name}-hf", SecretString=hf)
     launch(spec, aws, apply=True)
     facts = assert_launched(aws, spec)
     g = facts["group"]
@@ -1097,9 +1178,18 @@ def test_generated_user_data_boots_trains_and_scales_the_group_to_zero(
         ][0]
         assert (g["MinSize"], g["DesiredCapacity"]) == (0, 0)
         assert (tmp_path / "shutdown-called").exists()
-        env_file = (tmp_path / "etc" / "spotsafe.env").read_text()
+        env_path = tmp_path / "etc" / "spotsafe.env"
+        env_file = env_path.read_text()
         assert f"SPOTSAFE_STORE='{spec.store}'" in env_file
         assert f"SPOTSAFE_TRAIN_COMMAND='{spec.command}'" in env_file
+        # The secrets: in the training process's environment, in neither the user data nor the env file
+        # (which root alone reads), only where they are.
+        assert f"secrets {wandb} {hf}" in out
+        assert f"SPOTSAFE_SECRETS='WANDB_API_KEY=ssm:/{name}/wandb HF_TOKEN=secretsmanager:{name}-hf'" in env_file
+        for value in (wandb, hf):
+            assert value not in facts["user_data"] and value not in env_file
+        assert "secrets the instance role can read: HF_TOKEN WANDB_API_KEY" in out  # names, never values
+        assert stat.S_IMODE(env_path.stat().st_mode) == 0o600 and env_path.stat().st_uid == 0
     finally:
         sim.shutdown()
         if mounted_at(str(mount)) is not None:

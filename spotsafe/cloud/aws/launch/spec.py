@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from spotsafe.cloud.aws.clients import TAG
+from spotsafe.cloud.aws.secrets import SecretRef, parse_refs
 from spotsafe.cloud.aws.volume.policy import iam_policy as volume_iam_policy
 from spotsafe.errors import LaunchConfigError
 
@@ -153,6 +154,12 @@ class LaunchSpec:
     shutdown_when_done: bool = True
     #: Volume mode: where the instance mounts the volume (the store is a directory under it).
     mount: str = MOUNT
+    #: ``NAME=ssm:/path`` / ``NAME=secretsmanager:ID``: read on the instance into the training environment.
+    secrets: tuple[str, ...] = ()
+
+    @property
+    def secret_refs(self) -> list[SecretRef]:
+        return parse_refs(" ".join(self.secrets))
 
     @property
     def volume_mode(self) -> bool:
@@ -198,6 +205,8 @@ class LaunchSpec:
         for sub in self.subnets:
             if not sub.startswith("subnet-"):
                 raise LaunchConfigError(f"--subnets: {sub!r} is not a subnet id (subnet-...)")
+        self.secret_refs  # noqa: B018 - parsed to refuse a bad --secret now
+        check_no_credentials(self.repo, self.command)
         for key, value in self._settings_values():
             # The boot script writes its settings to a systemd environment file in single quotes.
             if "'" in value or "\n" in value:
@@ -217,6 +226,37 @@ class LaunchSpec:
             if value is not None:
                 out.append((key, value))
         return out
+
+
+#: An assignment in a shell command: NAME=value (after a start, a space or ; & | ( and an optional export).
+_ASSIGNMENT_RE = re.compile(r"(?:^|[\s;&|(])(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)=(\S*)")
+#: Names whose value is a secret: *_KEY, *_TOKEN, *SECRET*, *PASSWORD*.
+_SECRET_NAME_RE = re.compile(r"(?i).*(_KEY|_TOKEN|SECRET|PASSWORD|PASSWD).*")
+_WHERE = (
+    "it would be in the launch template's user data (readable by anyone allowed "
+    "ec2:DescribeLaunchTemplateVersions, and by any process on the instance through IMDS) and in the "
+    "instance's settings file"
+)
+
+
+def check_no_credentials(repo: str | None, command: str) -> None:
+    """Refuse a ``--repo`` URL with credentials and a ``--command`` assigning what looks like a secret."""
+    if repo:
+        m = re.match(r"[A-Za-z][A-Za-z0-9+.-]*://([^/@]*)@", repo)
+        if m and (":" in m.group(1) or repo.lower().startswith(("http://", "https://"))):
+            raise LaunchConfigError(
+                f"--repo: the URL carries credentials ({m.group(1).split(':')[0]}:...@): {_WHERE}. Clone "
+                "without them (a public URL, or an SSH deploy key in the image), and give the training "
+                "process its tokens with --secret NAME=ssm:/path"
+            )
+    for m in _ASSIGNMENT_RE.finditer(command):
+        name, value = m.group(1), m.group(2)
+        if _SECRET_NAME_RE.fullmatch(name) and value and not value.startswith(("$", '"$')):
+            raise LaunchConfigError(
+                f"--command: {name}=... looks like a secret: {_WHERE}. Put it in SSM Parameter Store (or "
+                f"Secrets Manager) and pass --secret {name}=ssm:/path/to/it: the instance reads it with its "
+                "role into the training process's environment only"
+            )
 
 
 def check_name(name: str) -> str:
@@ -263,8 +303,8 @@ def instance_policy(spec: LaunchSpec) -> dict[str, Any]:
         volume = volume_iam_policy(
             tag, move=False, snapshots=False, finish=finish, spot_requests=False, group=spec.resource_name
         )
-        return {"Version": "2012-10-17", "Statement": volume["Statement"]}
-    statements = _s3_statements(spec.store)
+        return {"Version": "2012-10-17", "Statement": volume["Statement"] + _secret_statements(spec)}
+    statements = _s3_statements(spec.store) + _secret_statements(spec)
     if finish:
         group = volume_iam_policy(tag, move=False, snapshots=False, spot_requests=False, group=spec.resource_name)
         statements.append(
@@ -277,6 +317,24 @@ def instance_policy(spec: LaunchSpec) -> dict[str, Any]:
         )
         statements += [st for st in group["Statement"] if st["Sid"] == "SpotsafeScaleRunGroupToZero"]
     return {"Version": "2012-10-17", "Statement": statements}
+
+
+def _secret_statements(spec: LaunchSpec) -> list[dict[str, Any]]:
+    """Reading exactly the parameters and secrets ``--secret`` names."""
+    out = []
+    for source, sid in (("ssm", "SpotsafeReadParameters"), ("secretsmanager", "SpotsafeReadSecrets")):
+        refs = [r for r in spec.secret_refs if r.source == source]
+        if refs:
+            arns = sorted({r.arn for r in refs})
+            out.append(
+                {
+                    "Sid": sid,
+                    "Effect": "Allow",
+                    "Action": refs[0].action,
+                    "Resource": arns[0] if len(arns) == 1 else arns,
+                }
+            )
+    return out
 
 
 def _s3_statements(store: str) -> list[dict[str, Any]]:
