@@ -159,8 +159,11 @@ class CallJudge:
         self.denials: list[tuple[Request, list[str]]] = []
 
     def hook(self, model: Any, params: dict[str, Any], **_: Any) -> None:
-        service = model.service_model.signing_name
-        for request in self.requests(service, model.name, params):
+        self.judge(model.service_model.signing_name, model.name, params)
+
+    def judge(self, service: str, op: str, params: dict[str, Any]) -> None:
+        """Judge one call (``service``: the signing name, ``op``: the API operation)."""
+        for request in self.requests(service, op, params):
             self.calls.append(request)
             bad = denied(self.policy, request)
             if bad:
@@ -249,3 +252,57 @@ def actions_only(policy: Mapping[str, Any]) -> dict[str, Any]:
     resource tags nor most resources); :class:`CallJudge` judges the resources and conditions."""
     statements = [{"Effect": st["Effect"], "Action": st["Action"], "Resource": "*"} for st in policy["Statement"]]
     return {"Version": policy["Version"], "Statement": statements}
+
+
+# --------------------------------------------------------------------------- moto's recorder
+
+#: Query-protocol list parameters (``Name.N``) the judge reads, and their API names.
+_LISTS = {"ResourceId": "Resources", "SpotInstanceRequestId": "SpotInstanceRequestIds"}
+
+
+def _query_params(form: Mapping[str, str]) -> dict[str, Any]:
+    """EC2 / Auto Scaling form fields (``VolumeId=…&Tag.1.Key=…``) as the judge's API parameters."""
+    params: dict[str, Any] = {}
+    tags: dict[str, dict[str, str]] = {}
+    specs: dict[str, dict[str, dict[str, str]]] = {}
+    for key, value in form.items():
+        parts = key.split(".")
+        if parts[0] in _LISTS and len(parts) == 2:
+            params.setdefault(_LISTS[parts[0]], []).append(value)
+        elif parts[0] in ("Tag", "Tags") and len(parts) == 3:
+            tags.setdefault(parts[1], {})[parts[2]] = value
+        elif parts[0] == "TagSpecification" and len(parts) == 5 and parts[2] == "Tag":
+            specs.setdefault(parts[1], {}).setdefault(parts[3], {})[parts[4]] = value
+        elif len(parts) == 1:
+            params[key] = int(value) if key in ("MinSize", "MaxSize", "DesiredCapacity") else value
+    if tags:
+        params["Tags"] = [tags[k] for k in sorted(tags, key=int)]
+    if specs:
+        params["TagSpecifications"] = [{"Tags": [s[k] for k in sorted(s, key=int)]} for s in specs.values()]
+    return params
+
+
+def recorded_calls(path: str) -> list[tuple[str, str, dict[str, Any]]]:
+    """(service, operation, parameters) of every EC2 / Auto Scaling / SSM / Secrets Manager request
+    in a moto recording (``moto.moto_api.recorder``); S3 and moto's own endpoints are left out."""
+    import base64
+    import re
+    from urllib.parse import parse_qsl
+
+    out: list[tuple[str, str, dict[str, Any]]] = []
+    with open(path) as f:
+        for line in f:
+            entry = json.loads(line)
+            headers = {k.lower(): v for k, v in entry["headers"].items()}
+            m = re.search(r"Credential=[^/]+/[^/]+/[^/]+/([^/]+)/", headers.get("authorization", ""))
+            service = m.group(1) if m else ""
+            body = entry.get("body") or ""
+            if entry.get("body_encoded"):
+                body = base64.b64decode(body).decode()
+            if service in ("ec2", "autoscaling"):
+                form = dict(parse_qsl(body, keep_blank_values=True))
+                out.append((service, form.pop("Action"), _query_params(form)))
+            elif service in ("ssm", "secretsmanager"):
+                op = headers["x-amz-target"].split(".")[-1]
+                out.append((service, op, json.loads(body or "{}")))
+    return out

@@ -57,7 +57,7 @@ from spotsafe.cloud.aws.secrets import SecretRef
 from spotsafe.errors import LaunchConfigError, LaunchError
 from tests.ec2server import AMI, EC2Server, IAMEnforcingServer, unique_tag
 from tests.helpers import git
-from tests.iampolicy import CallJudge, Request, above_low, actions_only, denied, lint
+from tests.iampolicy import CallJudge, Request, above_low, actions_only, denied, lint, recorded_calls
 from tests.volumes import FAST, fake_nvme, some_block_device
 
 REGION = "us-east-1"
@@ -1163,10 +1163,26 @@ def test_generated_user_data_boots_trains_and_scales_the_group_to_zero(
         "SPOTSAFE_PER_BOOT_DIR": str(tmp_path / "per-boot"),
         "SPOTSAFE_BOOT_LOG": str(tmp_path / "boot.log"),
     }
+    from moto.moto_api import recorder  # moto records every request the instance makes, from any process
+
+    recorder._location = str(tmp_path / "requests.jsonl")  # (MOTO_RECORDER_FILEPATH, read at moto's import)
+    recorder.reset_recording()
+    recorder.start_recording()
     try:
-        p = subprocess.run([str(userdata)], env=env, capture_output=True, text=True, timeout=300, cwd="/")
+        try:
+            p = subprocess.run([str(userdata)], env=env, capture_output=True, text=True, timeout=300, cwd="/")
+        finally:
+            recorder.stop_recording()
         out = p.stdout + p.stderr
         assert p.returncode == 0, f"{out}"
+        # Every call the instance made (attach, mount, the secrets, finish) is allowed by its policy:
+        # the actions, the resources and the conditions, the resources' tags looked up now.
+        judge = CallJudge(instance_policy(spec), aws.ec2, aws.autoscaling)
+        for service, op, params in recorded_calls(recorder._location):
+            judge.judge(service, op, params)
+        assert {"ec2:AttachVolume", "ec2:DeleteTags", "ssm:GetParameter"} <= judge.actions, f"{judge.actions}"
+        assert {"secretsmanager:GetSecretValue", "autoscaling:UpdateAutoScalingGroup"} <= judge.actions
+        assert judge.denials == []
         # The supervisor ran the run's command on the run's store, from the pinned checkout.
         assert f"python -m spotsafe.resume --store {spec.store} -- {spec.command}" in out
         assert f"store {spec.store}" in out and "finished at step 6" in out
