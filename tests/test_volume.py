@@ -8,6 +8,7 @@ entry points at the loop device (the lookup logic is what is tested; the device 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import struct
@@ -684,7 +685,8 @@ def test_the_iam_policy_allows_the_whole_flow_on_the_runs_resources_only(
         mgr = VolumeManager(
             ec2,
             Identity(iid, "us-east-1b", "us-east-1"),
-            timeouts=FAST,
+            # The judge looks tags up inside each call: give the claim's check-to-write its room under load.
+            timeouts=dataclasses.replace(FAST, settle=2.0, detach=60),
             sys_root=str(tmp_path / "sys"),
             dev_root=str(tmp_path / "dev"),
         )
