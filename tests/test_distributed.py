@@ -384,9 +384,9 @@ def test_run_under_torchrun_notice_on_one_rank_resume_bit_identical_and_on_one_r
     data[len(data) // 2] ^= 0xFF
     damaged.write_bytes(bytes(data))
     previous = max(
-        int(p.name[5:])
+        int(p.name[5:17])
         for p in (cut / "store").glob("step-*")
-        if int(p.name[5:]) < step and (p / "manifest.json").exists()
+        if int(p.name[5:17]) < step and (p / "manifest.json").exists()
     )
 
     # resumed on 2 ranks (from the previous checkpoint): bit-identical to the uninterrupted run
