@@ -1,4 +1,4 @@
-"""Processes on this machine: which boot this is, when a pid started, whether it is still alive."""
+"""Processes on this machine: which boot and pid namespace this is, when a pid started, whether it is still alive."""
 
 from __future__ import annotations
 
@@ -10,6 +10,19 @@ def boot_id() -> str:
     try:
         with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
             return f.read().strip()
+    except OSError:
+        return ""
+
+
+def pid_namespace() -> str:
+    """This process's pid namespace (``pid:[4026531836]``; "" where not reported).
+
+    Containers on one machine share its boot id but number their processes apart: a pid
+    means something only within one boot *and* one pid namespace (pid 7 in one pod is not
+    pid 7 in the next).
+    """
+    try:
+        return os.readlink("/proc/self/ns/pid")
     except OSError:
         return ""
 

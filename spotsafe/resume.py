@@ -6,8 +6,9 @@ It runs the command with ``SPOTSAFE_STORE`` set (so ``spotsafe.Run()`` with no s
 uses it); the child's output goes straight to this process's stdout/stderr. Then:
 
 - exit 0: done, exit 0;
-- exit 77 (:data:`spotsafe.EXIT_FENCED`): another instance took the store's writer
-  lease over (a capacity-rebalance replacement, say): the run lives on there; exit 77
+- exit 77 (:data:`spotsafe.EXIT_FENCED`), or any exit after which the child's account says
+  it was fenced (torchrun reports its workers' 77 as 1): another instance took the store's
+  writer lease over (a capacity-rebalance replacement, say): the run lives on there; exit 77
   without restarting;
 - exit 75 (:data:`spotsafe.EXIT_PREEMPTED`), or any exit of a launch during which the
   run committed a notice checkpoint (torchrun reports its workers' 75 as 1): the state
@@ -172,7 +173,7 @@ class Supervisor:
             status = self.launch_once()
             if status == 0:
                 return 0
-            if status == EXIT_FENCED:
+            if status == EXIT_FENCED or self._fenced():
                 _say(
                     f"another instance took the store over (exit {EXIT_FENCED}): the run goes on there; "
                     "not restarting on this instance"
@@ -223,6 +224,11 @@ class Supervisor:
             _say(f"the command exited with status {status}; restart {restarts}/{self.max_restarts} in {delay:g} s")
             if self._stopping.wait(delay):
                 return status
+
+    def _fenced(self) -> bool:
+        """True when the child told it was fenced (exit 77 on its own; torchrun turns its workers' 77 into 1)."""
+        accounts = stopaccount.read_accounts(self.stop_dir) if self.stop_dir is not None else []
+        return any(a.fenced for a in accounts)
 
     def _own_notice(self) -> bool:
         """True when the child told of a notice of its own (a SIGTERM to it included): this node stops."""

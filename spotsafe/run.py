@@ -53,7 +53,6 @@ from spotsafe.runstate import (
     pop_run_state,
 )
 from spotsafe.state import RNGState, StateGroup
-from spotsafe.stopaccount import StopAccount, record_stop
 from spotsafe.story.recorder import Recorder
 
 if TYPE_CHECKING:
@@ -381,9 +380,8 @@ class Run:
     def _on_fenced(self, error: WriterFenced) -> NoReturn:
         """Another instance owns the store: stop writing, never restart here."""
         log.error("%s; stopping at step %d (exit %d: not restarted)", error, self.step_count, EXIT_FENCED)
-        # The store is another writer's now: no event, no live report, nothing more written there.
-        self._recorder.fenced(step=self.step_count, error=str(error))
-        if self._live is not None:
+        self._recorder.fenced(step=self.step_count, error=str(error))  # nothing more to the store: no event,
+        if self._live is not None:  # no live report; the supervisor is told (not restarted there)
             self._live.close(refresh=False)
         self._should_stop = True
         try:
@@ -700,7 +698,7 @@ class Run:
         if self.watcher is not None:
             self.watcher.acknowledge()
         self._should_stop = True
-        record_stop(StopAccount(own, source, action, self.step_count, os.getpid()))
+        self._recorder.stop_account(own=own, source=source, action=action, step=self.step_count)
         if self.exit_on_notice:
             self._recorder.preempted(step=self.step_count, epoch=self.epoch)
             self.close()

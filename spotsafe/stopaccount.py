@@ -42,8 +42,13 @@ class StopAccount:
     #: The step the run saved and stopped at.
     step: int
     pid: int
+    #: True: not a notice: another writer took the store over (exit 77, which torchrun reports as 1);
+    #: the supervisor must not restart the command here.
+    fenced: bool = False
 
     def describe(self) -> str:
+        if self.fenced:
+            return f"another writer taking the store over at step {self.step}"
         whose = "its own notice" if self.own else "a notice agreed from another rank"
         return f"{whose} ({self.source}: {self.action}) at step {self.step}"
 
@@ -81,6 +86,7 @@ def read_accounts(directory: str | Path) -> list[StopAccount]:
                     action=str(data["action"]),
                     step=int(data["step"]),
                     pid=int(data["pid"]),
+                    fenced=data.get("fenced", False) is True,
                 )
             )
         except (OSError, ValueError, KeyError, TypeError):

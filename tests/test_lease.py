@@ -17,6 +17,7 @@ import sys
 import textwrap
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -838,3 +839,48 @@ def test_two_writers_racing_through_a_server_that_ignores_conditional_writes_are
     assert [isinstance(o, StoreError) for o in outcomes] == [True, True], outcomes
     assert ["ignores conditional writes" in str(o) for o in outcomes] == [True, True], outcomes
     assert not [k for k in bucket_keys(s3_client, s3_bucket) if "manifest" in k or ".probe-" in k or "gen-" in k]
+
+
+# ----------------------------------------------------------------------------- containers on one node
+
+
+def _dead_pid() -> int:
+    """A pid that no process has in this namespace now (a child started and reaped)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+@pytest.mark.parametrize("pid", ["dead here", "this process"])
+def test_a_live_holder_in_another_pid_namespace_on_this_machine_is_never_taken_for_dead(
+    tmp_path: Path, pid: str
+) -> None:
+    """Two pods on one node share the boot id, not the pid numbering: the holder's pid means nothing here."""
+    from datetime import datetime, timezone
+
+    from spotsafe.processes import boot_id, pid_namespace
+
+    store = LocalStore(tmp_path)
+    now = datetime.now(timezone.utc)
+    holder = LeaseRecord(
+        generation=1,
+        host="node-1",
+        pid=_dead_pid() if pid == "dead here" else os.getpid(),
+        boot_id=boot_id(),
+        process_start="",
+        token="otherpod",
+        acquired=now,
+        renewed=now,
+        lease_seconds=30.0,
+        pid_namespace="pid:[1]" if pid_namespace() != "pid:[1]" else "pid:[2]",  # another pod's
+    )
+    assert store.create_file("lease/gen-000000000001.json", holder.to_json())
+    with pytest.raises(spotsafe.LeaseTimeout):
+        Lease(store, seconds=30).acquire(timeout=1.0)  # a live writer in another pod: wait for it
+    # The same record from this very namespace: its pid is dead here, so it is dead.
+    mine = replace(holder, generation=2, pid=_dead_pid(), pid_namespace=pid_namespace())
+    assert store.create_file("lease/gen-000000000002.json", mine.to_json())
+    taker = Lease(store, seconds=30)
+    assert taker.acquire(timeout=10) == 3
+    assert taker.takeover is not None and "is dead" in taker.takeover
+    taker.release()

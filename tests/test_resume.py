@@ -16,6 +16,7 @@ from spotsafe import EXIT_PREEMPTED
 from spotsafe.rehearsal.simulators.aws import AWSSimulator
 from spotsafe.rehearsal.simulators.environment import simulated_environment
 from spotsafe.resume import Supervisor, exit_status, main, supervise
+from spotsafe.storage.local import LocalStore
 from tests.helpers import child, wait_until
 
 PY = sys.executable
@@ -568,3 +569,47 @@ def test_a_notice_agreed_from_another_rank_still_asks_the_metadata(
     assert "relaunching now" in err
     # Outside a supervisor nothing is written.
     assert record_stop(StopAccount(True, "aws", "terminate", 1, 1), env={}) is None
+
+
+def test_a_fenced_run_behind_a_launcher_that_reports_1_is_not_restarted(tmp_path: Path) -> None:
+    """torchrun turns its workers' exit 77 into 1: the child's own account tells the supervisor it was fenced."""
+    child = tmp_path / "train.py"
+    child.write_text(
+        textwrap.dedent("""
+        import os, sys, torch
+        import spotsafe
+        from spotsafe.checkpoint.writer import Checkpointer
+        count = sys.argv[1]
+        n = int(open(count).read()) if os.path.exists(count) else 0
+        open(count, "w").write(str(n + 1))
+        run = spotsafe.Run(model=torch.nn.Linear(2, 2), watch=False, every_steps=2)
+        for _ in range(3):
+            run.step()
+        # Another writer takes the store over (here: in this very process, at once, with a warning).
+        successor = Checkpointer(os.environ["SPOTSAFE_STORE"], async_=False)
+        successor.save(100, {"w": torch.zeros(1)})
+        for _ in range(10):
+            run.step()  # the next save is fenced: exit 77
+        """)
+    )
+    launcher = tmp_path / "launcher.sh"  # what torchrun does to a worker's 77
+    count = tmp_path / "launches"
+    launcher.write_text(
+        f'#!/bin/sh\n"{PY}" "{child}" "{count}"\nstatus=$?\n[ "$status" = 77 ] && exit 1\nexit "$status"\n'
+    )
+    launcher.chmod(0o755)
+    store = tmp_path / "store"
+    proc = subprocess.run(
+        [PY, "-m", "spotsafe.resume", "--store", str(store), "--backoff", "0", "--", str(launcher)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 77, f"{proc.stderr}"
+    assert count.read_text() == "1"  # not restarted
+    assert "not restarting on this instance" in proc.stderr
+    # The fenced run wrote nothing more to the store once superseded: its launch has no exit event.
+    from spotsafe.story.events import read_events
+
+    kinds = [e["kind"] for e in read_events(LocalStore(store))]
+    assert "launch" in kinds and "exit" not in kinds, kinds

@@ -52,7 +52,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from spotsafe.errors import CheckpointNotFound, LeaseTimeout, SpotsafeError, WriterFenced
-from spotsafe.processes import boot_id, pid_alive, process_start
+from spotsafe.processes import boot_id, pid_alive, pid_namespace, process_start
 from spotsafe.settings import Settings
 from spotsafe.storage.base import Store
 
@@ -98,6 +98,9 @@ class LeaseRecord:
     #: The newest committed step this generation saw right after taking over (None: none
     #: yet known; -1: the store was empty). Readers use it to tell ghosts (see the module doc).
     base_step: int | None = None
+    #: The holder's pid namespace (:func:`spotsafe.processes.pid_namespace`): its pid is
+    #: looked up only by a taker in the same boot and namespace ("": unknown, never looked up).
+    pid_namespace: str = ""
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -268,6 +271,7 @@ class Lease:
             host=socket.gethostname(),
             pid=os.getpid(),
             boot_id=boot_id(),
+            pid_namespace=pid_namespace(),
             process_start=process_start(os.getpid()),
             token=self._token,
             acquired=now,
@@ -363,7 +367,10 @@ class Lease:
         if now > record.expires + timedelta(seconds=record.lease_seconds):
             # Stale even allowing a lease period of clock skew.
             return f"{name}: renewed {record.renewed.isoformat()}, stale on the wall clock at {now.isoformat()}"
-        same_machine = record.boot_id and record.boot_id == boot_id()
+        # Its pid means something here only in the same boot and the same pid namespace: two
+        # containers on one node share the boot id, and pid 7 in one is not pid 7 in the other.
+        same_machine = bool(record.boot_id) and record.boot_id == boot_id()
+        same_machine = same_machine and bool(record.pid_namespace) and record.pid_namespace == pid_namespace()
         if same_machine and record.pid == os.getpid():
             with _HELD_LOCK:
                 holder = _HELD.get((tier.url, record.generation))

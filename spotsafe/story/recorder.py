@@ -29,6 +29,7 @@ import torch
 
 from spotsafe.exitcodes import EXIT_PREEMPTED
 from spotsafe.settings import Settings
+from spotsafe.stopaccount import StopAccount, record_stop
 from spotsafe.story.events import MEDIA_DIR, EventLog, png_bytes, process_start_time
 from spotsafe.version import __version__
 
@@ -173,10 +174,15 @@ class Recorder:
         self._emit("exit", code=code, step=step)
 
     def fenced(self, *, step: int, error: str) -> None:
-        """Another writer owns the store: the events file says so; the store gets nothing more from this run."""
+        """Another writer owns the store: the events file and the supervisor are told; the store gets nothing more."""
         self._emit("fenced", step=step, error=error)
+        record_stop(StopAccount(own=True, source="lease", action="fenced", step=step, pid=os.getpid(), fenced=True))
         if self.events is not None:
             self.events.abandon()
+
+    def stop_account(self, *, own: bool, source: str, action: str, step: int) -> None:
+        """Tell the supervisor (``SPOTSAFE_STOP_DIR``) why this process stops: a notice, its own or a peer's."""
+        record_stop(StopAccount(own=own, source=source, action=action, step=step, pid=os.getpid()))
 
     def complete(self, *, step: int, epoch: int) -> None:
         self._emit("complete", step=step, epoch=epoch)
