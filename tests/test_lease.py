@@ -884,3 +884,27 @@ def test_a_live_holder_in_another_pid_namespace_on_this_machine_is_never_taken_f
     assert taker.acquire(timeout=10) == 3
     assert taker.takeover is not None and "is dead" in taker.takeover
     taker.release()
+
+
+# ----------------------------------------------------------------------------- a store whose create is not exclusive
+
+
+class OverwritingStore(LocalStore):
+    """A backend whose create_file overwrites and says it won: as a server ignoring If-None-Match does."""
+
+    def create_file(self, path: str, data: bytes) -> bool:
+        self.commit_file(path, data)
+        return True
+
+
+def test_a_store_whose_create_is_not_exclusive_is_refused_before_any_takeover(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="create_file is not exclusive") as raised:
+        Checkpointer(OverwritingStore(tmp_path), async_=False).save(1, {"w": torch.ones(3)})
+    assert str(tmp_path) in str(raised.value)
+    assert not list(tmp_path.glob("lease/gen-*")) and not list(tmp_path.glob("lease/.probe-*"))
+    assert not list(tmp_path.glob("step-*"))
+    # An honest store is probed once per store object, and the probe leaves nothing behind.
+    with Checkpointer(LocalStore(tmp_path), async_=False) as c:
+        c.save(1, {"w": torch.ones(3)})
+        c.save(2, {"w": torch.ones(3)})
+    assert sorted(p.name for p in (tmp_path / "lease").iterdir()) == ["gen-000000000001.json"]

@@ -51,7 +51,7 @@ from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from spotsafe.errors import CheckpointNotFound, LeaseTimeout, SpotsafeError, WriterFenced
+from spotsafe.errors import CheckpointNotFound, LeaseTimeout, SpotsafeError, StoreError, WriterFenced
 from spotsafe.processes import boot_id, pid_alive, pid_namespace, process_start
 from spotsafe.settings import Settings
 from spotsafe.storage.base import Store
@@ -175,6 +175,39 @@ def is_ghost(generation: int | None, step: int, later: Sequence[tuple[int, int]]
     return any(g > generation and step > base for g, base in later)
 
 
+#: Stores whose exclusive create was checked in this process (once per store object).
+_PROBED: weakref.WeakSet[Store] = weakref.WeakSet()
+
+
+def probe_exclusive_create(store: Store) -> None:
+    """Refuse a store whose ``create_file`` is not exclusive: a second create of one path must say False.
+
+    Backends that check their server themselves (``Store.verifies_exclusive_create``: S3's
+    conditional-write probe) are trusted; any other store is asked once per store object,
+    before its first takeover, with a probe file under ``lease/`` that is removed again. A
+    store whose second create succeeds would let two writers hold one generation and both
+    commit: it is refused with a :class:`~spotsafe.errors.StoreError` naming it.
+    """
+    if store.verifies_exclusive_create or store in _PROBED:
+        return
+    directory = f"{LEASE_DIR}/.probe-{os.urandom(6).hex()}"
+    try:
+        first = store.create_file(f"{directory}/probe", b"spotsafe exclusive-create probe")
+        second = store.create_file(f"{directory}/probe", b"spotsafe exclusive-create probe, again")
+    finally:
+        try:
+            store.delete_dir(directory)
+        except Exception as e:  # noqa: BLE001 - a leftover probe directory harms nothing: logged
+            log.warning("spotsafe: could not remove the probe %s/%s: %s", store.url.rstrip("/"), directory, e)
+    if not (first and not second):
+        raise StoreError(
+            f"{store.url}: its create_file is not exclusive (a second create of one new path "
+            f"{'succeeded' if second else 'did not fail as it should'}): two writers could both take the writer "
+            "lease and both commit. Use a store whose create is atomic and exclusive (docs/storage.md, writer fencing)"
+        )
+    _PROBED.add(store)
+
+
 # Leases held by this process, by (store url, generation): a second writer in the same
 # process takes over from one that is gone (garbage-collected) at once.
 _HELD: weakref.WeakValueDictionary[tuple[str, int], Lease] = weakref.WeakValueDictionary()
@@ -280,6 +313,8 @@ class Lease:
         )
         started = _boot_clock()
         created: list[Store] = []
+        for tier in self.tiers:
+            probe_exclusive_create(tier)
         for tier in self.tiers:
             if not tier.create_file(lease_path(generation), record.to_json()):
                 log.info("spotsafe: another writer took generation %d of %s first", generation, tier.url)
@@ -464,9 +499,31 @@ class Lease:
         newer = self._superseded(self.primary)
         if newer is not None:
             raise self._fence(self.primary, newer)
+        self._check_other_tiers()
         margin = max(MIN_MARGIN, self.seconds / 10)
         if _boot_clock() > self._valid_until - margin:
             self.renew()
+
+    def _check_other_tiers(self) -> None:
+        """A mirror's other tiers, looked at too: a takeover seen only on the remote fences this writer.
+
+        A tier that cannot be read now (the network is down during a notice) does not stop a
+        save on the local one: the local commit is the durable one, and the upload thread
+        checks the remote again before it commits there (logged once per lease period).
+        """
+        for tier in self.tiers:
+            if tier is self.primary:
+                continue
+            try:
+                newer = self._superseded(tier)
+            except Exception as e:  # noqa: BLE001 - an unreachable remote never blocks a local commit
+                clock = time.monotonic()
+                if self._last_problem is None or clock - self._last_problem >= self.seconds:
+                    self._last_problem = clock
+                    log.warning("spotsafe: cannot look for a newer writer on %s (checked at upload): %s", tier.url, e)
+                continue
+            if newer is not None:
+                raise self._fence(tier, newer)
 
     def _check_remote(self) -> None:
         """A mirror's upload thread asks this before committing a manifest on the remote tier."""

@@ -48,6 +48,11 @@ class Store(ABC):
     #: A directory on this machine that holds the store (a local store), or None.
     local_dir: Path | None = None
 
+    #: True when the backend itself verifies, once per store, that its server refuses a second
+    #: exclusive create (S3's conditional-write probe); otherwise the writer lease checks it
+    #: through :meth:`create_file` before its first takeover (``spotsafe.checkpoint.lease``).
+    verifies_exclusive_create: bool = False
+
     @property
     def tiers(self) -> tuple[Store, ...]:
         """The stores a commit lands in, in commit order: ``(self,)``; a mirror's local then remote tier.

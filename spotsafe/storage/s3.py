@@ -16,9 +16,8 @@
   socket of an overdue call, so an endpoint that trickles bytes cannot hold a thread.
   Throttling (503 SlowDown), 500s, timeouts and dropped connections are retried with
   jittered exponential backoff within that limit. That machinery is :mod:`spotsafe.storage.s3_calls`.
-- The bucket is checked at construction (one HEAD), so a missing bucket, missing
-  credentials, a denied access or an unreachable endpoint is a clear
-  :class:`~spotsafe.errors.StoreError` naming the URL, not a hang at the first save.
+- The bucket is checked at construction (one HEAD): a missing bucket, missing credentials, a
+  denied access or an unreachable endpoint is a clear StoreError naming the URL, not a hang.
 
 Credentials come from boto3's standard chain (environment, profile, instance role).
 """
@@ -125,6 +124,8 @@ class S3Store(Store):
       (found by :meth:`create_file`'s probe), warn and fence best effort instead of refusing.
     """
 
+    verifies_exclusive_create = True  # the conditional-write probe (spotsafe.storage.s3_fence)
+
     def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None):
         self.url = url.rstrip("/")
         self.bucket, self.prefix = parse_s3_url(url)
@@ -136,7 +137,6 @@ class S3Store(Store):
         self._lock = threading.Lock()
         self._closed = False
         self._created = datetime.now(timezone.utc)
-
         self._client, check_client = self._make_clients(opts)
         self._conditional = ConditionalWrites(self.url, self.endpoint, unsafe=bool(opts.get(UNSAFE_OPTION, False)))
         self._pool = ThreadPoolExecutor(max_workers=self.max_concurrency, thread_name_prefix="spotsafe-s3")
