@@ -172,6 +172,20 @@ def test_throttling_and_server_errors_are_retried(
 
 
 @pytest.mark.parametrize("kind", ["gcs", "azure"])
+def test_a_create_whose_answer_was_lost_is_still_the_creators(
+    kind: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url, proxy = through_proxy(kind, request, monkeypatch)
+    with open_store(url) as store:
+        store.create_file("lease/probe-done", b"x")  # the probe, out of the way
+        proxy.inject("lost", count=1, match=lambda method, path: method in ("POST", "PUT"))
+        assert store.create_file("lease/gen-000000000001.json", b'{"who": "a"}') is True  # retried: 412, but its own
+        assert store.create_file("lease/gen-000000000001.json", b'{"who": "b"}') is False
+        assert bytes(store.read_file("lease/gen-000000000001.json")) == b'{"who": "a"}'
+    assert proxy.count("POST" if kind == "gcs" else "PUT", "", fault=True) == 1
+
+
+@pytest.mark.parametrize("kind", ["gcs", "azure"])
 def test_a_call_that_never_answers_is_cut_at_the_notice_deadline(
     kind: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -320,12 +320,20 @@ class BlobStore(Store):
         views, offsets, total = as_bytes_views(buffers)
         key = self._key(path)
         body = BuffersReader(views, offsets, 0, total)
+        attempts = 0
 
         def once() -> bool:
+            nonlocal attempts
+            attempts += 1
             body.seek(0)
             return self._upload(key, body, if_absent)
 
-        return self._call(f"PUT {key}", once, nbytes=total)
+        created = self._call(f"PUT {key}", once, nbytes=total)
+        if if_absent and not created and attempts > 1:
+            # An earlier attempt may have created it and lost only its answer (a dropped
+            # connection): then the object that exists is this one, byte for byte.
+            return bytes(self.read_file(path)) == bytes(BuffersReader(views, offsets, 0, total).read())
+        return created
 
     def write_file(self, path: str, buffers: Sequence[Buffer]) -> None:
         try:
