@@ -11,8 +11,11 @@ uses it); the child's output goes straight to this process's stdout/stderr. Then
   without restarting;
 - exit 75 (:data:`spotsafe.EXIT_PREEMPTED`), or any exit of a launch during which the
   run committed a notice checkpoint (torchrun reports its workers' 75 as 1): the state
-  is safe and the job stopped for a notice. Whose? The supervisor asks its own
-  instance (:mod:`spotsafe.cloud.node`; a signal to the supervisor is proof too):
+  is safe and the job stopped for a notice. Whose? The child's Run says
+  (:mod:`spotsafe.stopaccount`: a file in the directory ``SPOTSAFE_STOP_DIR`` names):
+  its own notice (its metadata's, or a SIGTERM sent to the child alone): exit 75 without
+  restarting. A notice agreed from another rank, or no account: the supervisor asks
+  its own instance (:mod:`spotsafe.cloud.node`; a signal to the supervisor is proof too):
   this instance is going away: exit 75 without restarting; this instance is healthy
   (another node of a multi-node job was preempted): relaunch at once, no backoff, so
   torchrun re-rendezvous with the survivors; nothing here can tell (no metadata
@@ -37,9 +40,11 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -48,7 +53,7 @@ from datetime import datetime, timezone
 from types import FrameType
 from typing import Any, TextIO
 
-from spotsafe import units
+from spotsafe import stopaccount, units
 from spotsafe.checkpoint.completion import read_completion
 from spotsafe.cloud.node import InstanceState
 from spotsafe.cloud.node import check as check_instance
@@ -96,6 +101,9 @@ class Supervisor:
     progress: Callable[[], int | None] | None = None
     #: Seconds a child may run on after a forwarded signal before it gets SIGKILL (None: never).
     kill_after: float | None = None
+    #: The directory the child's Run tells why it stopped in (:mod:`spotsafe.stopaccount`; the
+    #: caller puts it in the child's ``SPOTSAFE_STOP_DIR``); None: the metadata decides alone.
+    stop_dir: str | None = None
     #: returncodes of every launch, in order
     history: list[int] = field(default_factory=list)
     #: Relaunches at once because another node's notice stopped the job (multi-node).
@@ -120,6 +128,8 @@ class Supervisor:
 
     def launch_once(self) -> int:
         """Run the command once; its exit status."""
+        if self.stop_dir is not None:
+            stopaccount.clear(self.stop_dir)
         try:
             child = subprocess.Popen(
                 list(self.command), env=dict(self.env) if self.env is not None else None, cwd=self.cwd
@@ -176,7 +186,7 @@ class Supervisor:
                 status = EXIT_PREEMPTED
             if status == EXIT_PREEMPTED:
                 # --- issue 18: whose notice? Only this instance's own stops this node. ---
-                if self._stopping.is_set() or not self._healthy():
+                if self._stopping.is_set() or self._own_notice() or not self._healthy():
                     _say(
                         f"the run saved its state on a preemption notice (exit {EXIT_PREEMPTED}); "
                         "not restarting on this instance"
@@ -213,6 +223,16 @@ class Supervisor:
             _say(f"the command exited with status {status}; restart {restarts}/{self.max_restarts} in {delay:g} s")
             if self._stopping.wait(delay):
                 return status
+
+    def _own_notice(self) -> bool:
+        """True when the child told of a notice of its own (a SIGTERM to it included): this node stops."""
+        accounts = stopaccount.read_accounts(self.stop_dir) if self.stop_dir is not None else []
+        own = [a for a in accounts if a.own]
+        if own:
+            _say(f"the training process stopped for {own[0].describe()}")
+        elif accounts:
+            _say(f"the training process stopped for {accounts[0].describe()}: asking this instance's metadata")
+        return bool(own)
 
     def _healthy(self) -> bool:
         """True only when this instance's own metadata answers and announces nothing."""
@@ -394,6 +414,8 @@ def supervise(
     # a node joins a running job (the joiner waits 60 s and fails; pytorch/pytorch#135712 for restarts):
     # the workers get their own store, as before torch 2.5.
     child_env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    stop_dir = tempfile.mkdtemp(prefix="spotsafe-stop-")  # the child tells why it stopped here
+    child_env[stopaccount.STOP_DIR_ENV] = stop_dir
     sup = Supervisor(
         command,
         env=child_env,
@@ -403,6 +425,7 @@ def supervise(
         instance=lambda: check_instance(child_env),
         progress=lambda: newest_step(store),
         kill_after=_default_kill_after() if kill_after is None else kill_after,
+        stop_dir=stop_dir,
     )
 
     def handler(signum: int, frame: FrameType | None) -> None:
@@ -418,6 +441,7 @@ def supervise(
     finally:
         for num, old in previous.items():
             signal.signal(num, old)
+        shutil.rmtree(stop_dir, ignore_errors=True)
 
 
 def _default_kill_after() -> float:

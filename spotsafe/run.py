@@ -53,6 +53,7 @@ from spotsafe.runstate import (
     pop_run_state,
 )
 from spotsafe.state import RNGState, StateGroup
+from spotsafe.stopaccount import StopAccount, record_stop
 from spotsafe.story.recorder import Recorder
 
 if TYPE_CHECKING:
@@ -380,7 +381,10 @@ class Run:
     def _on_fenced(self, error: WriterFenced) -> NoReturn:
         """Another instance owns the store: stop writing, never restart here."""
         log.error("%s; stopping at step %d (exit %d: not restarted)", error, self.step_count, EXIT_FENCED)
-        self._recorder.emit("fenced", step=self.step_count, error=str(error))
+        # The store is another writer's now: no event, no live report, nothing more written there.
+        self._recorder.fenced(step=self.step_count, error=str(error))
+        if self._live is not None:
+            self._live.close(refresh=False)
         self._should_stop = True
         try:
             self.close()
@@ -661,7 +665,9 @@ class Run:
         except WriterFenced as e:
             self._on_fenced(e)
 
-    def _final_save(self, deadline: datetime | None, *, source: str, action: str, detected_at: float) -> None:
+    def _final_save(
+        self, deadline: datetime | None, *, source: str, action: str, detected_at: float, own: bool = True
+    ) -> None:
         t0 = time.monotonic()
         if self.snapshots is not None:
             self.snapshots.stand_down()  # the live state is saved here: the guard persists nothing more
@@ -694,6 +700,7 @@ class Run:
         if self.watcher is not None:
             self.watcher.acknowledge()
         self._should_stop = True
+        record_stop(StopAccount(own, source, action, self.step_count, os.getpid()))
         if self.exit_on_notice:
             self._recorder.preempted(step=self.step_count, epoch=self.epoch)
             self.close()
@@ -756,7 +763,10 @@ class Run:
         agreed = ddp.agree(notice, self.step_count, due=clock_due, keeper=keeper)
         if agreed is not None and agreed.is_final:
             final = ddp.final(agreed, notice)
-            self._final_save(final.deadline, source=final.source, action=final.action, detected_at=final.detected_at)
+            own = notice is not None and notice.is_final  # else a peer's: the supervisor may relaunch here
+            self._final_save(
+                final.deadline, source=final.source, action=final.action, detected_at=final.detected_at, own=own
+            )
             return
         due = ddp.agreement.take_due() or self._cadence.step_due(self.step_count)
         if agreed is not None:  # a rebalance recommendation somewhere: save, go on

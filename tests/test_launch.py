@@ -19,8 +19,10 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -51,9 +53,11 @@ from spotsafe.cloud.aws.launch.userdata import (
     user_data,
 )
 from spotsafe.cloud.aws.prices import spot_prices
+from spotsafe.cloud.aws.secrets import SecretRef
 from spotsafe.errors import LaunchConfigError, LaunchError
 from tests.ec2server import AMI, EC2Server, IAMEnforcingServer, unique_tag
 from tests.helpers import git
+from tests.iampolicy import CallJudge, Request, above_low, actions_only, denied, lint, recorded_calls
 from tests.volumes import FAST, fake_nvme, some_block_device
 
 REGION = "us-east-1"
@@ -372,14 +376,18 @@ def test_s3_mode_spans_every_zone_with_a_policy_scoped_to_the_prefix(aws: Client
         for r in ([st["Resource"]] if isinstance(st["Resource"], str) else st["Resource"])
     )
     assert resources == [
-        "*",  # DescribeAutoScalingInstances only
+        "*",  # finish's Describe calls only
         f"arn:aws:autoscaling:*:*:autoScalingGroup:*:autoScalingGroupName/spotsafe-{spec.name}",
+        f"arn:aws:s3:::{s3_bucket_name}",
         f"arn:aws:s3:::{s3_bucket_name}",
         f"arn:aws:s3:::{s3_bucket_name}/runs/{spec.name}/*",
     ]
     star = [a for st in policy["Statement"] if st["Resource"] == "*" for a in st["Action"]]
-    assert star == ["autoscaling:DescribeAutoScalingInstances"]
-    assert not any(a.startswith("ec2:") and "Volume" in a for st in policy["Statement"] for a in st["Action"])
+    assert star == ["autoscaling:DescribeAutoScalingInstances", "ec2:DescribeSpotInstanceRequests"]
+    assert not any(a.startswith("ec2:") and "Volume" in a for a, _r in _actions(policy))
+    # Every statement that is not a Describe on "*" is conditioned or names the run's own resources.
+    listing = next(st for st in policy["Statement"] if st["Sid"] == "SpotsafeStoreList")
+    assert listing["Condition"] == {"StringLikeIfExists": {"s3:prefix": [f"runs/{spec.name}/", f"runs/{spec.name}/*"]}}
 
 
 def test_volume_goes_to_the_cheapest_zone_and_the_group_stays_there(aws: Clients) -> None:
@@ -562,11 +570,82 @@ def test_a_rerun_keeps_the_code_pinned_while_the_branch_moves(aws: Clients, git_
         ({"subnets": ("sn-1",)}, "not a subnet id"),
         ({"instance_types": tuple(f"t{i}.large" for i in range(41))}, "takes 40"),
         ({"store": "/mnt/spotsafe/" + "x" * 250}, "takes 256"),
+        ({"volume_size": None, "store": "s3://bucket/runs/*"}, "'*' in the prefix would be a wildcard"),
+        ({"volume_size": None, "store": "s3://bucket/run?/a"}, "'?' in the prefix would be a wildcard"),
+        ({"volume_size": None, "store": "s3://bucket/r*/a?"}, "'*' and '?' in the prefix"),
+        # Secrets never go into the user data: a URL with credentials, a secret-looking assignment.
+        ({"repo": "https://alice:ghp_abc123@github.com/a/b.git"}, "--repo: the URL carries credentials (alice:...@)"),
+        ({"repo": "https://ghp_abc123@github.com/a/b.git"}, "--repo: the URL carries credentials"),
+        ({"repo": "ssh://git:hunter2@host/a.git"}, "--repo: the URL carries credentials (git:...@)"),
+        ({"command": "WANDB_API_KEY=abc python train.py"}, "--secret WANDB_API_KEY=ssm:/path/to/it"),
+        ({"command": "export HF_TOKEN=hf_x; python train.py"}, "--command: HF_TOKEN=... looks like a secret"),
+        ({"command": "python train.py && DB_PASSWORD=x python eval.py"}, "--secret DB_PASSWORD=ssm:"),
+        ({"command": "aws_secret_access_key=x python t.py"}, "looks like a secret"),
+        ({"secrets": ("WANDB_API_KEY",)}, "--secret 'WANDB_API_KEY': give NAME=ssm:/parameter/path"),
+        ({"secrets": ("K=vault:/x",)}, "give NAME=ssm:/parameter/path"),
+        ({"secrets": ("K=ssm:/runs/*",)}, "no wildcards"),
+        ({"secrets": ("AWS_REGION=ssm:/x",)}, "spotsafe's or AWS's own variable"),
+        ({"secrets": ("K=ssm:/a", "K=ssm:/b")}, "K given twice"),
     ],
 )
 def test_bad_input_is_refused_naming_the_flag(kw: dict[str, Any], match: str) -> None:
     with pytest.raises(LaunchConfigError, match=re.escape(match)):
         dataclasses.replace(vspec("ok-name"), **kw).validate()
+
+
+def test_safe_repos_and_commands_are_not_refused() -> None:
+    for kw in (
+        {"repo": "git@github.com:a/b.git"},
+        {"repo": "ssh://git@github.com/a/b.git"},
+        {"repo": "https://github.com/a/b.git"},
+        {"command": "WANDB_API_KEY=$WANDB_API_KEY python train.py --key_dim=4"},
+        {"command": "python train.py --lr=0.1 BATCH=4", "secrets": ("WANDB_API_KEY=ssm:/runs/mnist/wandb",)},
+    ):
+        dataclasses.replace(vspec("ok-name"), **kw).validate()
+
+
+def test_a_secret_grows_the_policy_by_exactly_its_read(aws: Clients, s3_bucket_name: str) -> None:
+    """--secret: the role may read that parameter / secret, no other; the value is not in the user data."""
+    from spotsafe.cloud.aws.secrets import resolve
+
+    name = unique_tag()
+    refs = (f"WANDB_API_KEY=ssm:/{name}/wandb", f"HF_TOKEN=secretsmanager:{name}-hf")
+    for spec in (vspec(name, secrets=refs), sspec(name, s3_bucket_name, secrets=refs)):
+        policy = instance_policy(spec)
+        base = instance_policy(dataclasses.replace(spec, secrets=()))
+        added = [st for st in policy["Statement"] if st not in base["Statement"]]
+        assert added == [
+            {
+                "Sid": "SpotsafeReadParameters",
+                "Effect": "Allow",
+                "Action": "ssm:GetParameter",
+                "Resource": f"arn:aws:ssm:*:*:parameter/{name}/wandb",
+            },
+            {
+                "Sid": "SpotsafeReadSecrets",
+                "Effect": "Allow",
+                "Action": "secretsmanager:GetSecretValue",
+                "Resource": f"arn:aws:secretsmanager:*:*:secret:{name}-hf-??????",
+            },
+        ]
+        assert above_low(lint(policy)) == []
+        text = user_data(spec, region=REGION, volume_id=None, ref=None)
+        assert settings_from_user_data(text)["SPOTSAFE_SECRETS"] == " ".join(refs)
+    # What the instance does with it, judged call by call: those two reads, allowed; another parameter, not.
+    aws("ssm").put_parameter(Name=f"/{name}/wandb", Value="w", Type="SecureString")
+    aws("ssm").put_parameter(Name=f"/{name}/other", Value="o", Type="SecureString")
+    aws("secretsmanager").create_secret(Name=f"{name}-hf", SecretString="h")
+    judge = CallJudge(policy, aws.ec2, aws.autoscaling)
+    ssm, sm = aws("ssm"), aws("secretsmanager")
+    for c in (ssm, sm):
+        c.meta.events.register("before-parameter-build", judge.hook)
+    values = resolve(spec.secret_refs, REGION, clients={"ssm": ssm, "secretsmanager": sm})
+    assert values == {"WANDB_API_KEY": "w", "HF_TOKEN": "h"}
+    assert judge.actions == {"ssm:GetParameter", "secretsmanager:GetSecretValue"} and judge.denials == []
+    assert judge.denied(judge.requests("ssm", "GetParameter", {"Name": f"/{name}/other"})[0])
+    # A missing one is one line naming it, never a value.
+    with pytest.raises(LaunchConfigError, match=rf"secret GONE=ssm:/{name}/gone: cannot read it \(ParameterNotFound\)"):
+        resolve([SecretRef("GONE", "ssm", f"/{name}/gone")], REGION, clients={"ssm": ssm})
 
 
 # --------------------------------------------------------------------------- status and down
@@ -756,6 +835,19 @@ def test_no_policy_has_a_wildcard_action(s3_bucket_name: str) -> None:
         assert all(st["Effect"] == "Allow" and "NotAction" not in st for st in policy["Statement"])
 
 
+@pytest.mark.parametrize("mode", ["s3", "volume"])
+@pytest.mark.parametrize("shutdown_when_done", [True, False])
+def test_the_instance_policy_passes_the_linter(mode: str, shutdown_when_done: bool) -> None:
+    """parliament (IAM policy linter) finds nothing above low in the instance's policy, either mode."""
+    spec = vspec("mnist") if mode == "volume" else sspec("mnist", "my-bucket")
+    policy = instance_policy(dataclasses.replace(spec, shutdown_when_done=shutdown_when_done))
+    assert above_low(lint(policy)) == []
+    # Every statement on anything but "*" (Describe calls) is conditioned, or names the run's own prefix.
+    for st in policy["Statement"]:
+        if st["Resource"] != "*":
+            assert "Condition" in st or "/runs/mnist/" in str(st["Resource"]) or st["Sid"] == "SpotsafeStoreUploads"
+
+
 #: The IAM action of an S3 operation (the others are service:Operation).
 _S3_ACTIONS = {
     "ListObjectsV2": "s3:ListBucket",
@@ -807,6 +899,10 @@ def test_docs_carry_the_policies() -> None:
     assert json.dumps(OPERATOR_POLICY, indent=2) in doc
     assert json.dumps(instance_policy(sspec("mnist", "my-bucket")), indent=2) in doc
     assert json.dumps(instance_policy(vspec("mnist")), indent=2) in doc
+    refs = ("WANDB_API_KEY=ssm:/runs/mnist/wandb", "HF_TOKEN=secretsmanager:hf-token")
+    with_secrets = instance_policy(sspec("mnist", "my-bucket", secrets=refs))
+    reads = [st for st in with_secrets["Statement"] if st["Sid"] in ("SpotsafeReadParameters", "SpotsafeReadSecrets")]
+    assert json.dumps({"Statement": reads}, indent=2) in doc
 
 
 #: The IAM action and resource kind each S3 operation the store calls is authorised by.
@@ -827,20 +923,9 @@ _S3_AUTH = {
 }
 
 
-def _permits(policy: dict[str, Any], action: str, resource: str) -> bool:
-    """IAM's evaluation for Allow-only statements without conditions (what these policies are)."""
-
-    def match(patterns: Any, value: str) -> bool:
-        pats = [patterns] if isinstance(patterns, str) else patterns
-        return any(re.fullmatch(re.escape(p).replace(r"\*", ".*"), value) for p in pats)
-
-    return any(
-        st["Effect"] == "Allow"
-        and "Condition" not in st
-        and match(st["Action"], action)
-        and match(st["Resource"], resource)
-        for st in policy["Statement"]
-    )
+def _permits(policy: dict[str, Any], action: str, resource: str, context: dict[str, list[str]] | None = None) -> bool:
+    """IAM's evaluation of the policy's Allow statements, conditions included (tests/iampolicy.py)."""
+    return not denied(policy, Request(action, [resource], context or {}))
 
 
 def test_the_s3_instance_policy_allows_every_request_of_the_store_on_its_prefix_only(
@@ -857,18 +942,19 @@ def test_the_s3_instance_policy_allows_every_request_of_the_store_on_its_prefix_
 
     from spotsafe.checkpoint.writer import Checkpointer
 
-    requests: list[tuple[str, str, str]] = []
+    requests: list[tuple[str, str, str, dict[str, list[str]]]] = []
 
     def record(model: Any, params: dict[str, Any], **_: Any) -> None:
         action, kind = _S3_AUTH[model.name]  # a KeyError: an operation this test does not know yet
         bucket = params["Bucket"]
         if kind == "bucket":
-            requests.append((model.name, action, f"arn:aws:s3:::{bucket}"))
+            ctx = {"s3:prefix": [params["Prefix"]]} if "Prefix" in params else {}
+            requests.append((model.name, action, f"arn:aws:s3:::{bucket}", ctx))
         elif kind == "object":
-            requests.append((model.name, action, f"arn:aws:s3:::{bucket}/{params['Key']}"))
+            requests.append((model.name, action, f"arn:aws:s3:::{bucket}/{params['Key']}", {}))
         else:
             for o in params["Delete"]["Objects"]:
-                requests.append((model.name, action, f"arn:aws:s3:::{bucket}/{o['Key']}"))
+                requests.append((model.name, action, f"arn:aws:s3:::{bucket}/{o['Key']}", {}))
 
     real_session = boto3.session.Session
 
@@ -894,13 +980,19 @@ def test_the_s3_instance_policy_allows_every_request_of_the_store_on_its_prefix_
         assert ckpt.completion() is not None
     finally:
         ckpt.close()
-    ops = {op for op, _a, _r in requests}
+    ops = {op for op, _a, _r, _c in requests}
     assert {"HeadBucket", "ListObjectsV2", "PutObject", "GetObject", "DeleteObjects"} <= ops, f"{ops}"
-    denied = [(op, r) for op, a, r in requests if not _permits(policy, a, r)]
-    assert denied == []
-    # The same requests for another prefix of the bucket are not allowed.
-    other = [(a, r.replace(f"/runs/{spec.name}/", "/runs/someone-else/")) for _op, a, r in requests if "/runs/" in r]
-    assert other and not any(_permits(policy, a, r) for a, r in other)
+    refused = [(op, r, c) for op, a, r, c in requests if not _permits(policy, a, r, c)]
+    assert refused == []
+    # The same requests for another prefix of the bucket are not allowed: objects, nor listings (but
+    # the names of uploads in progress: AWS has no condition key to narrow ListBucketMultipartUploads).
+    mine, theirs = f"runs/{spec.name}", "runs/someone-else"
+    other = [
+        (a, r.replace(f"/{mine}/", f"/{theirs}/"), {k: [v.replace(mine, theirs) for v in vs] for k, vs in c.items()})
+        for _op, a, r, c in requests
+        if (f"/{mine}/" in r or c) and a != "s3:ListBucketMultipartUploads"
+    ]
+    assert other and not any(_permits(policy, a, r, c) for a, r, c in other)
 
 
 def test_the_volume_instance_policy_lets_the_instance_attach_and_finish(
@@ -922,6 +1014,8 @@ def test_the_volume_instance_policy_lets_the_instance_attach_and_finish(
         MaxSize=1,
         DesiredCapacity=1,
         AvailabilityZones=["us-east-1b"],
+        # As launch tags it: the group and (propagated) its instances carry the run's tag.
+        Tags=[{"Key": TAG, "Value": name, "PropagateAtLaunch": True}],
     )
     g = asg_admin.describe_auto_scaling_groups(AutoScalingGroupNames=[spec.resource_name])["AutoScalingGroups"][0]
     iid = g["Instances"][0]["InstanceId"]
@@ -933,23 +1027,39 @@ def test_the_volume_instance_policy_lets_the_instance_attach_and_finish(
     sys_root, dev_root = fake_nvme(tmp_path, vid.replace("-", ""), some_block_device())
     policy = instance_policy(spec)
     group_arn = g["AutoScalingGroupARN"]
-    assert _permits(policy, "autoscaling:UpdateAutoScalingGroup", group_arn)
+    down_only = {"autoscaling:MinSize": ["0"]}
+    assert _permits(
+        policy, "autoscaling:UpdateAutoScalingGroup", group_arn, {f"aws:ResourceTag/{TAG}": [name], **down_only}
+    )
     assert not _permits(policy, "autoscaling:UpdateAutoScalingGroup", group_arn.replace(spec.resource_name, "prod-web"))
-    # moto judges Auto Scaling calls against the resource "*" only: it gets that statement unscoped.
-    for st in policy["Statement"]:
-        if st["Sid"] == "SpotsafeScaleOwnGroupToZero":
-            st["Resource"] = "*"
-    keys = iam_server.keys_for(policy)
-    ec2 = iam_server.client("ec2", keys)
+    # moto's IAM enforcement judges the actions; the judge, every call's resources and conditions.
+    keys = iam_server.keys_for(actions_only(policy))
+    judge = CallJudge(policy, admin, asg_admin)
+    ec2, asg = iam_server.client("ec2", keys), iam_server.client("autoscaling", keys)
+    for client in (ec2, asg):
+        client.meta.events.register("before-parameter-build", judge.hook)
     me = Identity(iid, "us-east-1b", REGION)
     mgr = VolumeManager(ec2, me, timeouts=FAST, sys_root=sys_root, dev_root=dev_root)
     a = mgr.attach(volume_id=vid)
     assert a.volume.instance_id == iid
-    done = scale_to_zero(me, ec2=ec2, autoscaling=iam_server.client("autoscaling", keys), spot=False)
+    done = scale_to_zero(me, ec2=ec2, autoscaling=asg)
     assert done == [f"auto scaling group {spec.resource_name}: desired capacity 0"]
+    assert {"ec2:AttachVolume", "autoscaling:UpdateAutoScalingGroup"} <= judge.actions
+    assert judge.denials == []
     # What the policy leaves out is refused: no zone moves in volume mode.
     with pytest.raises(Exception, match=r"AccessDenied|UnauthorizedOperation|not authorized"):
         ec2.create_snapshot(VolumeId=vid)
+    # Conditioned to the run: another volume, or raising the group, is not this role's.
+    other = admin.create_volume(AvailabilityZone="us-east-1b", Size=1)["VolumeId"]
+    assert denied(policy, judge.requests("ec2", "AttachVolume", {"VolumeId": other, "InstanceId": iid})[0])
+    up = {"AutoScalingGroupName": spec.resource_name, "MinSize": 0, "MaxSize": 50, "DesiredCapacity": 50}
+    assert denied(policy, judge.requests("autoscaling", "UpdateAutoScalingGroup", up)[0])
+    keep_min = {"AutoScalingGroupName": spec.resource_name, "MinSize": 1, "DesiredCapacity": 1}
+    assert denied(policy, judge.requests("autoscaling", "UpdateAutoScalingGroup", keep_min)[0])
+    untag_all = {"Resources": [vid]}  # DeleteTags without keys: every tag, the run's own included
+    assert denied(policy, judge.requests("ec2", "DeleteTags", untag_all)[0])
+    untag_run = {"Resources": [vid], "Tags": [{"Key": TAG}]}
+    assert denied(policy, judge.requests("ec2", "DeleteTags", untag_run)[0])
 
 
 # --------------------------------------------------------------------------- the user data, booted
@@ -964,6 +1074,7 @@ model = torch.nn.Linear(4, 2)
 opt = torch.optim.SGD(model.parameters(), lr=0.1)
 run = spotsafe.Run(model=model, optimizer=opt, every_steps=2, watch=False, async_=False)
 print("store", os.environ.get("SPOTSAFE_STORE"), flush=True)
+print("secrets", os.environ.get("WANDB_API_KEY"), os.environ.get("HF_TOKEN"), flush=True)
 for epoch in run.epochs(2):
     for x in run.batches([torch.ones(4)] * 3):
         loss = model(x).pow(2).mean()
@@ -1011,7 +1122,12 @@ def test_generated_user_data_boots_trains_and_scales_the_group_to_zero(
         ref="main",
         user=getpass.getuser(),
         python=sys.executable,
+        secrets=(f"WANDB_API_KEY=ssm:/{name}/wandb", f"HF_TOKEN=secretsmanager:{name}-hf"),
     )
+    # The run's secrets, where --secret says they are: the instance reads them with its role.
+    wandb, hf = f"wandb-{uuid.uuid4().hex}", f"hf_{uuid.uuid4().hex}"
+    aws("ssm").put_parameter(Name=f"/{name}/wandb", Value=wandb, Type="SecureString")
+    aws("secretsmanager").create_secret(Name=f"{name}-hf", SecretString=hf)
     launch(spec, aws, apply=True)
     facts = assert_launched(aws, spec)
     g = facts["group"]
@@ -1047,10 +1163,26 @@ def test_generated_user_data_boots_trains_and_scales_the_group_to_zero(
         "SPOTSAFE_PER_BOOT_DIR": str(tmp_path / "per-boot"),
         "SPOTSAFE_BOOT_LOG": str(tmp_path / "boot.log"),
     }
+    from moto.moto_api import recorder  # moto records every request the instance makes, from any process
+
+    recorder._location = str(tmp_path / "requests.jsonl")  # (MOTO_RECORDER_FILEPATH, read at moto's import)
+    recorder.reset_recording()
+    recorder.start_recording()
     try:
-        p = subprocess.run([str(userdata)], env=env, capture_output=True, text=True, timeout=300, cwd="/")
+        try:
+            p = subprocess.run([str(userdata)], env=env, capture_output=True, text=True, timeout=300, cwd="/")
+        finally:
+            recorder.stop_recording()
         out = p.stdout + p.stderr
         assert p.returncode == 0, f"{out}"
+        # Every call the instance made (attach, mount, the secrets, finish) is allowed by its policy:
+        # the actions, the resources and the conditions, the resources' tags looked up now.
+        judge = CallJudge(instance_policy(spec), aws.ec2, aws.autoscaling)
+        for service, op, params in recorded_calls(recorder._location):
+            judge.judge(service, op, params)
+        assert {"ec2:AttachVolume", "ec2:DeleteTags", "ssm:GetParameter"} <= judge.actions, f"{judge.actions}"
+        assert {"secretsmanager:GetSecretValue", "autoscaling:UpdateAutoScalingGroup"} <= judge.actions
+        assert judge.denials == []
         # The supervisor ran the run's command on the run's store, from the pinned checkout.
         assert f"python -m spotsafe.resume --store {spec.store} -- {spec.command}" in out
         assert f"store {spec.store}" in out and "finished at step 6" in out
@@ -1062,9 +1194,18 @@ def test_generated_user_data_boots_trains_and_scales_the_group_to_zero(
         ][0]
         assert (g["MinSize"], g["DesiredCapacity"]) == (0, 0)
         assert (tmp_path / "shutdown-called").exists()
-        env_file = (tmp_path / "etc" / "spotsafe.env").read_text()
+        env_path = tmp_path / "etc" / "spotsafe.env"
+        env_file = env_path.read_text()
         assert f"SPOTSAFE_STORE='{spec.store}'" in env_file
         assert f"SPOTSAFE_TRAIN_COMMAND='{spec.command}'" in env_file
+        # The secrets: in the training process's environment, in neither the user data nor the env file
+        # (which root alone reads), only where they are.
+        assert f"secrets {wandb} {hf}" in out
+        assert f"SPOTSAFE_SECRETS='WANDB_API_KEY=ssm:/{name}/wandb HF_TOKEN=secretsmanager:{name}-hf'" in env_file
+        for value in (wandb, hf):
+            assert value not in facts["user_data"] and value not in env_file
+        assert "secrets the instance role can read: HF_TOKEN WANDB_API_KEY" in out  # names, never values
+        assert stat.S_IMODE(env_path.stat().st_mode) == 0o600 and env_path.stat().st_uid == 0
     finally:
         sim.shutdown()
         if mounted_at(str(mount)) is not None:

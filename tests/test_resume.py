@@ -469,3 +469,102 @@ def test_a_corrupt_completion_record_still_trains(
     assert "unreadable completion record" in capfd.readouterr().err
     assert main(["--store", str(store), "--status"]) == 0
     assert "complete: unknown (unreadable" in capfd.readouterr().out
+
+
+# --------------------------------------------------------------------------- issue 26: the child's own account
+
+#: A real Run that stops where the test says: at step 13 it waits (its pid in a file) for the test's
+#: SIGTERM; after step 29 it waits for the test to arm the metadata's notice and for its watcher to see it.
+OWN_ACCOUNT_TRAIN = """
+    import os, sys, time, torch
+    from pathlib import Path
+    import spotsafe
+    here = Path(sys.argv[1])
+    model = torch.nn.Linear(2, 2)
+    run = spotsafe.Run(model=model, every_steps=5, async_=False)
+    print("start", run.step_count, flush=True)
+    while run.step_count < 40:
+        if run.step_count == 12 and not (here / "sigterm-sent").exists():
+            (here / "pid").write_text(str(os.getpid()))
+            while not (here / "sigterm-sent").exists():
+                time.sleep(0.05)
+        if run.step_count == 29 and not (here / "notice-armed").exists():
+            (here / "at-29").write_text("1")
+            while not (here / "notice-armed").exists():
+                time.sleep(0.05)
+            while run.watcher.notice is None:  # the metadata is polled: wait until the watcher has seen it
+                time.sleep(0.05)
+        run.step()
+    run.finish()
+    print("finished", run.step_count, flush=True)
+"""
+
+
+def test_a_sigterm_to_the_child_stops_the_supervisor_on_quiet_metadata(tmp_path: Path) -> None:
+    """Issue 26: a SIGTERM to the training process alone (an operator's kill, a container runtime)
+    is the child's own notice: the supervisor exits 75 though its metadata is quiet, and asks
+    nothing; an AWS notice later exits 75 too; the last launch completes: 75, 75, 0."""
+    train = tmp_path / "train.py"
+    train.write_text(textwrap.dedent(OWN_ACCOUNT_TRAIN))
+    store = str(tmp_path / "store")
+    cmd = [PY, "-m", "spotsafe.resume", "--store", store, "--backoff", "0", "--", PY, str(train), str(tmp_path)]
+    codes: list[int] = []
+    with AWSSimulator() as sim:
+        env = {**os.environ, **simulated_environment(sim)}
+        # 1: SIGTERM to the child at step 13, the instance quiet.
+        sup = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        pid = int(
+            wait_until(lambda: (tmp_path / "pid").exists() and (tmp_path / "pid").read_text(), 120, what="step 12")
+        )
+        os.kill(pid, signal.SIGTERM)
+        (tmp_path / "sigterm-sent").write_text("1")
+        out1, err1 = sup.communicate(timeout=120)
+        codes.append(sup.returncode)
+        # 2: the AWS notice at step 30.
+        sup = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        wait_until(lambda: (tmp_path / "at-29").exists() or sup.poll() is not None, 120, what="step 29")
+        sim.arm("terminate")
+        (tmp_path / "notice-armed").write_text("1")
+        out2, err2 = sup.communicate(timeout=120)
+        codes.append(sup.returncode)
+        # 3: a replacement instance, quiet: the run completes.
+        sim.disarm()
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+        codes.append(p.returncode)
+    assert codes == [EXIT_PREEMPTED, EXIT_PREEMPTED, 0], f"{err1}\n{err2}\n{p.stderr}"
+    assert "its own notice (signal: terminate) at step 13" in err1
+    assert "relaunching" not in err1 and "this instance is not going away" not in err1
+    assert out1.split() == ["start", "0"]
+    assert "its own notice (aws: terminate) at step 30" in err2
+    assert out2.split() == ["start", "13"]
+    assert p.stdout.split() == ["start", "30", "finished", "40"]
+
+
+def test_a_notice_agreed_from_another_rank_still_asks_the_metadata(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """An account of a peer's notice is not this node's: on quiet metadata the supervisor relaunches."""
+    from spotsafe.stopaccount import StopAccount, record_stop
+
+    body = """
+        import os, sys
+        from pathlib import Path
+        from spotsafe.stopaccount import StopAccount, record_stop
+        f = Path(os.environ["COUNT_FILE"])
+        n = int(f.read_text()) if f.exists() else 0
+        f.write_text(str(n + 1))
+        if n == 0:
+            record_stop(StopAccount(False, "rank 3", "terminate", 7, os.getpid()))
+            sys.exit(75)
+    """
+    cmd = script(tmp_path, body)
+    with AWSSimulator() as sim:
+        env = {**counter_env(tmp_path, "0"), **simulated_environment(sim)}
+        code = supervise(cmd, str(tmp_path / "store"), env=env, backoff=60, check_complete=False)
+    assert code == 0
+    assert launches(tmp_path) == 2
+    err = capfd.readouterr().err
+    assert "a notice agreed from another rank (rank 3: terminate) at step 7: asking this instance's metadata" in err
+    assert "relaunching now" in err
+    # Outside a supervisor nothing is written.
+    assert record_stop(StopAccount(True, "aws", "terminate", 1, 1), env={}) is None

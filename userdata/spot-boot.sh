@@ -54,6 +54,7 @@ set -euo pipefail
 : "${SPOTSAFE_CODE_PIN_FILE:=${SPOTSAFE_MOUNT}/.spotsafe/${SPOTSAFE_RUN}.code}"  # "<ref> <commit>" of the run
 : "${SPOTSAFE_REQUIREMENTS:=}"                             # e.g. requirements.txt (in the checkout): pip-installed
 : "${SPOTSAFE_TRAIN_COMMAND:=python train.py}"             # run in the checkout by python -m spotsafe.resume
+: "${SPOTSAFE_SECRETS:=}"                                  # NAME=ssm:/path NAME=secretsmanager:ID: read with the role into training's env
 : "${SPOTSAFE_STORE:=${SPOTSAFE_MOUNT}/${SPOTSAFE_RUN}}"   # checkpoint store of the run
 : "${SPOTSAFE_LOG_DIR:=${SPOTSAFE_MOUNT}/logs}"            # <run>.log here: the training output
 : "${SPOTSAFE_MAX_RESTARTS:=3}"                            # crashes python -m spotsafe.resume retries
@@ -80,7 +81,7 @@ SETTINGS=(
   SPOTSAFE_RUN SPOTSAFE_VOLUME_TAG SPOTSAFE_VOLUME_ID SPOTSAFE_ATTACH SPOTSAFE_REGION SPOTSAFE_MOVE SPOTSAFE_KEEP_OLD
   SPOTSAFE_MKFS SPOTSAFE_CREATE_SIZE SPOTSAFE_CREATE_TYPE SPOTSAFE_SNAPSHOT_EVERY SPOTSAFE_SNAPSHOT_KEEP
   SPOTSAFE_DEVICE SPOTSAFE_MOUNT SPOTSAFE_FSTAB SPOTSAFE_OS_RELEASE SPOTSAFE_USER SPOTSAFE_REPO SPOTSAFE_REF
-  SPOTSAFE_CODE_DIR SPOTSAFE_CODE_PIN SPOTSAFE_CODE_PIN_FILE SPOTSAFE_REQUIREMENTS SPOTSAFE_TRAIN_COMMAND
+  SPOTSAFE_CODE_DIR SPOTSAFE_CODE_PIN SPOTSAFE_CODE_PIN_FILE SPOTSAFE_REQUIREMENTS SPOTSAFE_TRAIN_COMMAND SPOTSAFE_SECRETS
   SPOTSAFE_STORE SPOTSAFE_LOG_DIR SPOTSAFE_MAX_RESTARTS SPOTSAFE_PYTHON SPOTSAFE_VENV SPOTSAFE_PIP_SPEC
   SPOTSAFE_PIP_SHA256 SPOTSAFE_PIP_ARGS SPOTSAFE_SHUTDOWN_WHEN_DONE SPOTSAFE_SHUTDOWN_ON_FAILURE
   SPOTSAFE_SHUTDOWN_CMD SPOTSAFE_SKIP_SYSTEMD SPOTSAFE_VOLUME_ARGS SPOTSAFE_MOUNT_ARGS
@@ -297,7 +298,8 @@ write_env() {
       printf "%s='%s'\n" "${name}" "${value}"
     done
   } > "${tmp}"
-  chmod 0644 "${tmp}"
+  # root only: systemd (as root) and the per-boot hook read it; the training user gets it from the unit.
+  chmod 0600 "${tmp}"
   mv -f "${tmp}" "${SPOTSAFE_ETC}/spotsafe.env"
 }
 
@@ -502,6 +504,13 @@ phase_boot() {
   fi
   fetch_code
   write_env
+  if [ -n "${SPOTSAFE_SECRETS}" ]; then
+    # Read now (names only in the log) so a missing parameter or permission fails the boot by name.
+    local names
+    names=$("${SPOTSAFE_PYTHON}" -m spotsafe.cloud.aws.secrets --check) \
+      || die "cannot read the run's secrets (SPOTSAFE_SECRETS=${SPOTSAFE_SECRETS}; see above)"
+    log "secrets the instance role can read: ${names}"
+  fi
   if [ "${SPOTSAFE_SKIP_SYSTEMD}" = 1 ]; then
     log "SPOTSAFE_SKIP_SYSTEMD=1: training in the foreground"
     local rc=0 snapshots=""
@@ -545,9 +554,11 @@ phase_train() {
   cd "${SPOTSAFE_CODE_DIR}" 2>/dev/null || cd "${SPOTSAFE_MOUNT}"
   exec > >(tee -a "${SPOTSAFE_LOG_DIR}/${SPOTSAFE_RUN}.log") 2>&1
   log "python -m spotsafe.resume --store ${SPOTSAFE_STORE} -- ${SPOTSAFE_TRAIN_COMMAND} (in $(pwd))"
-  local stop_mark="${SPOTSAFE_LOG_DIR}/.${SPOTSAFE_RUN}.stopped" rc=0 pid
+  local stop_mark="${SPOTSAFE_LOG_DIR}/.${SPOTSAFE_RUN}.stopped" rc=0 pid secrets=()
   rm -f "${stop_mark}"
-  "${SPOTSAFE_PYTHON}" -m spotsafe.resume --store "${SPOTSAFE_STORE}" \
+  # The run's secrets go into the environment of the supervisor and training only (read with the role).
+  if [ -n "${SPOTSAFE_SECRETS}" ]; then secrets=("${SPOTSAFE_PYTHON}" -m spotsafe.cloud.aws.secrets --); fi
+  "${secrets[@]}" "${SPOTSAFE_PYTHON}" -m spotsafe.resume --store "${SPOTSAFE_STORE}" \
     --max-restarts "${SPOTSAFE_MAX_RESTARTS}" -- /bin/bash -c "exec ${SPOTSAFE_TRAIN_COMMAND}" &
   pid=$!
   # A stop (systemctl stop, a shutdown: KillMode=mixed signals this shell only) is handed to

@@ -34,6 +34,15 @@ def add_parsers(sub: Any) -> None:
         required=True,
         help='the training command, e.g. "python train.py"',
     )
+    p.add_argument(
+        "--secret",
+        dest="secrets",
+        action="append",
+        default=[],
+        metavar="NAME=ssm:/path",
+        help="an environment variable of the training process read on the instance from SSM Parameter Store "
+        "(or NAME=secretsmanager:ID), never put in the user data; repeatable",
+    )
     p.add_argument("--subnets", type=_types, default=(), help="comma-separated subnet ids (default: the default VPC's)")
     p.add_argument("--repo", help="git URL of the training code (cloned on the instance)")
     p.add_argument("--ref", help="branch, tag or commit; pinned to its commit at launch (default: HEAD)")
@@ -156,6 +165,7 @@ def _spec(ns: Any) -> LaunchSpec:
         requirements=ns.requirements,
         shutdown_when_done=not ns.keep_running_when_done,
         mount=ns.mount,
+        secrets=tuple(ns.secrets),
     )
 
 

@@ -8,12 +8,13 @@ AWS); :func:`instance_policy` is the least policy its instances need, and
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from typing import Any
 
-from spotsafe.cloud.aws.volume.model import IAM_POLICY as VOLUME_POLICY
+from spotsafe.cloud.aws.clients import TAG
+from spotsafe.cloud.aws.secrets import SecretRef, parse_refs
+from spotsafe.cloud.aws.volume.policy import iam_policy as volume_iam_policy
 from spotsafe.errors import LaunchConfigError
 
 #: On a volume launch creates: the first boot may format it (the volume tool clears it).
@@ -153,6 +154,12 @@ class LaunchSpec:
     shutdown_when_done: bool = True
     #: Volume mode: where the instance mounts the volume (the store is a directory under it).
     mount: str = MOUNT
+    #: ``NAME=ssm:/path`` / ``NAME=secretsmanager:ID``: read on the instance into the training environment.
+    secrets: tuple[str, ...] = ()
+
+    @property
+    def secret_refs(self) -> list[SecretRef]:
+        return parse_refs(" ".join(self.secrets))
 
     @property
     def volume_mode(self) -> bool:
@@ -198,6 +205,8 @@ class LaunchSpec:
         for sub in self.subnets:
             if not sub.startswith("subnet-"):
                 raise LaunchConfigError(f"--subnets: {sub!r} is not a subnet id (subnet-...)")
+        self.secret_refs  # noqa: B018 - parsed to refuse a bad --secret now
+        check_no_credentials(self.repo, self.command)
         for key, value in self._settings_values():
             # The boot script writes its settings to a systemd environment file in single quotes.
             if "'" in value or "\n" in value:
@@ -219,6 +228,37 @@ class LaunchSpec:
         return out
 
 
+#: An assignment in a shell command: NAME=value (after a start, a space or ; & | ( and an optional export).
+_ASSIGNMENT_RE = re.compile(r"(?:^|[\s;&|(])(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)=(\S*)")
+#: Names whose value is a secret: *_KEY, *_TOKEN, *SECRET*, *PASSWORD*.
+_SECRET_NAME_RE = re.compile(r"(?i).*(_KEY|_TOKEN|SECRET|PASSWORD|PASSWD).*")
+_WHERE = (
+    "it would be in the launch template's user data (readable by anyone allowed "
+    "ec2:DescribeLaunchTemplateVersions, and by any process on the instance through IMDS) and in the "
+    "instance's settings file"
+)
+
+
+def check_no_credentials(repo: str | None, command: str) -> None:
+    """Refuse a ``--repo`` URL with credentials and a ``--command`` assigning what looks like a secret."""
+    if repo:
+        m = re.match(r"[A-Za-z][A-Za-z0-9+.-]*://([^/@]*)@", repo)
+        if m and (":" in m.group(1) or repo.lower().startswith(("http://", "https://"))):
+            raise LaunchConfigError(
+                f"--repo: the URL carries credentials ({m.group(1).split(':')[0]}:...@): {_WHERE}. Clone "
+                "without them (a public URL, or an SSH deploy key in the image), and give the training "
+                "process its tokens with --secret NAME=ssm:/path"
+            )
+    for m in _ASSIGNMENT_RE.finditer(command):
+        name, value = m.group(1), m.group(2)
+        if _SECRET_NAME_RE.fullmatch(name) and value and not value.startswith(("$", '"$')):
+            raise LaunchConfigError(
+                f"--command: {name}=... looks like a secret: {_WHERE}. Put it in SSM Parameter Store (or "
+                f"Secrets Manager) and pass --secret {name}=ssm:/path/to/it: the instance reads it with its "
+                "role into the training process's environment only"
+            )
+
+
 def check_name(name: str) -> str:
     """A run name: letters, digits and dashes, 1-48 characters (it names IAM and EC2 resources)."""
     if not _NAME_RE.fullmatch(name):
@@ -236,68 +276,96 @@ def s3_location(store: str) -> tuple[str, str]:
             f"--store {store!r}: give s3://BUCKET/PREFIX (the instance role is scoped to that prefix), "
             f"or a directory under {MOUNT} with --volume-size for volume mode"
         )
-    return m.group(1), m.group(2).strip("/")
+    prefix = m.group(2).strip("/")
+    wild = sorted(set(prefix) & set("*?"))
+    if wild:
+        raise LaunchConfigError(
+            f"--store {store!r}: {' and '.join(repr(c) for c in wild)} in the prefix would be a wildcard in the "
+            "instance role's policy, covering other runs' prefixes: name one prefix, e.g. s3://BUCKET/runs/NAME"
+        )
+    return m.group(1), prefix
 
 
 # --------------------------------------------------------------------------- the instance's policy
-def _volume_statement(sid: str) -> dict[str, Any]:
-    for st in VOLUME_POLICY["Statement"]:
-        if st["Sid"] == sid:
-            return json.loads(json.dumps(st))  # type: ignore[no-any-return]  # a deep copy of a dict
-    raise KeyError(sid)  # pragma: no cover - the volume tool's policy names both
-
-
 def instance_policy(spec: LaunchSpec) -> dict[str, Any]:
-    """The least policy the run's instances need.
+    """The least policy the run's instances need, every statement conditioned to the run.
 
     S3 mode: the store's objects (read, write, delete, multipart) under its prefix, and
-    listing the bucket. Volume mode: attaching the run's volume (the volume tool's first
-    statement; no zone moves, so none of its snapshot actions). Either mode, when
-    ``shutdown_when_done``: scaling its own group to zero. No wildcard action anywhere.
+    listing the bucket under that prefix. Volume mode: attaching the run's volume to the
+    run's instances (both tagged ``spotsafe-run=NAME``) and removing the format permission
+    tag from it (the volume tool's statements, :mod:`spotsafe.cloud.aws.volume.policy`; no
+    zone moves, so none of its snapshot actions). Either mode, when ``shutdown_when_done``:
+    setting its own group's minimum to 0. No wildcard action anywhere.
     """
-    statements: list[dict[str, Any]] = []
+    tag = f"{TAG}={spec.name}"
+    finish = spec.shutdown_when_done
     if spec.volume_mode:
-        statements.append(_volume_statement("SpotsafeAttachVolume"))
-    else:
-        bucket, prefix = s3_location(spec.store)
-        statements.append(
-            {
-                "Sid": "SpotsafeStoreObjects",
-                "Effect": "Allow",
-                "Action": [
-                    "s3:GetObject",
-                    "s3:PutObject",
-                    "s3:DeleteObject",
-                    "s3:AbortMultipartUpload",
-                    "s3:ListMultipartUploadParts",
-                ],
-                "Resource": f"arn:aws:s3:::{bucket}/{prefix}/*",
-            }
+        volume = volume_iam_policy(
+            tag, move=False, snapshots=False, finish=finish, spot_requests=False, group=spec.resource_name
         )
-        statements.append(
-            {
-                "Sid": "SpotsafeStoreList",
-                "Effect": "Allow",
-                "Action": ["s3:ListBucket", "s3:ListBucketMultipartUploads"],
-                "Resource": f"arn:aws:s3:::{bucket}",
-            }
-        )
-    if spec.shutdown_when_done:
-        # A group, not a spot request, replaces these instances; the group's own name only.
+        return {"Version": "2012-10-17", "Statement": volume["Statement"] + _secret_statements(spec)}
+    statements = _s3_statements(spec.store) + _secret_statements(spec)
+    if finish:
+        group = volume_iam_policy(tag, move=False, snapshots=False, spot_requests=False, group=spec.resource_name)
         statements.append(
             {
                 "Sid": "SpotsafeFindOwnGroup",
                 "Effect": "Allow",
-                "Action": ["autoscaling:DescribeAutoScalingInstances"],
-                "Resource": "*",  # Describe* has no resource-level permissions
+                "Action": ["autoscaling:DescribeAutoScalingInstances", "ec2:DescribeSpotInstanceRequests"],
+                "Resource": "*",  # Describe* calls have no resource-level permissions
             }
         )
-        statements.append(
-            {
-                "Sid": "SpotsafeScaleOwnGroupToZero",
-                "Effect": "Allow",
-                "Action": ["autoscaling:UpdateAutoScalingGroup"],
-                "Resource": f"arn:aws:autoscaling:*:*:autoScalingGroup:*:autoScalingGroupName/{spec.resource_name}",
-            }
-        )
+        statements += [st for st in group["Statement"] if st["Sid"] == "SpotsafeScaleRunGroupToZero"]
     return {"Version": "2012-10-17", "Statement": statements}
+
+
+def _secret_statements(spec: LaunchSpec) -> list[dict[str, Any]]:
+    """Reading exactly the parameters and secrets ``--secret`` names."""
+    out = []
+    for source, sid in (("ssm", "SpotsafeReadParameters"), ("secretsmanager", "SpotsafeReadSecrets")):
+        refs = [r for r in spec.secret_refs if r.source == source]
+        if refs:
+            arns = sorted({r.arn for r in refs})
+            out.append(
+                {
+                    "Sid": sid,
+                    "Effect": "Allow",
+                    "Action": refs[0].action,
+                    "Resource": arns[0] if len(arns) == 1 else arns,
+                }
+            )
+    return out
+
+
+def _s3_statements(store: str) -> list[dict[str, Any]]:
+    bucket, prefix = s3_location(store)
+    return [
+        {
+            "Sid": "SpotsafeStoreObjects",
+            "Effect": "Allow",
+            "Action": [
+                "s3:GetObject",
+                "s3:PutObject",
+                "s3:DeleteObject",
+                "s3:AbortMultipartUpload",
+                "s3:ListMultipartUploadParts",
+            ],
+            "Resource": f"arn:aws:s3:::{bucket}/{prefix}/*",
+        },
+        {
+            # HeadBucket (the store's check that the bucket is there) is authorised as ListBucket
+            # without a prefix: IfExists lets it through; a listing with a prefix stays in the run's.
+            "Sid": "SpotsafeStoreList",
+            "Effect": "Allow",
+            "Action": "s3:ListBucket",
+            "Resource": f"arn:aws:s3:::{bucket}",
+            "Condition": {"StringLikeIfExists": {"s3:prefix": [f"{prefix}/", f"{prefix}/*"]}},
+        },
+        {
+            # No condition key narrows it (AWS has no s3:prefix for it): the names of uploads in progress.
+            "Sid": "SpotsafeStoreUploads",
+            "Effect": "Allow",
+            "Action": "s3:ListBucketMultipartUploads",
+            "Resource": f"arn:aws:s3:::{bucket}",
+        },
+    ]

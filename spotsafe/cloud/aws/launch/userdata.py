@@ -47,6 +47,9 @@ def run_settings(spec: LaunchSpec, *, region: str, volume_id: str | None, ref: s
     ]
     if spec.repo:
         settings += [("SPOTSAFE_REPO", spec.repo), ("SPOTSAFE_REF", ref or "HEAD")]
+    if spec.secrets:
+        # Where each value is, never the value: the instance reads them with its role (spotsafe.cloud.aws.secrets).
+        settings.append(("SPOTSAFE_SECRETS", " ".join(str(r) for r in spec.secret_refs)))
     if spec.volume_mode:
         # No id: the boot script finds the volume by its tag spotsafe-run=NAME.
         settings += [("SPOTSAFE_VOLUME_ID", volume_id)] if volume_id else []

@@ -9,7 +9,7 @@
     status   [--tag spotsafe-run=mnist] [--json]
     snapshot --tag spotsafe-run=mnist [--keep 2] [--every SECONDS]   incremental snapshots while training
     finish   [--no-asg] [--no-spot]    tell the Auto Scaling group / spot request to stop replacing us
-    iam-policy                         the minimal IAM policy of the instance role
+    iam-policy --tag spotsafe-run=mnist   the least IAM policy of the instance role, for that run
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ from spotsafe.cloud.aws.volume.filesystem import (
     unmount,
 )
 from spotsafe.cloud.aws.volume.manager import VolumeManager
-from spotsafe.cloud.aws.volume.model import IAM_POLICY, TAG_NEW, Identity, Timeouts, VolumeInfo, parse_tags
+from spotsafe.cloud.aws.volume.model import TAG_NEW, Identity, Timeouts, VolumeInfo, parse_tags
+from spotsafe.cloud.aws.volume.policy import iam_policy
 from spotsafe.cloud.aws.volume.scale_down import scale_to_zero
 from spotsafe.errors import (
     MetadataError,
@@ -461,8 +462,21 @@ def _parser() -> argparse.ArgumentParser:
     _add_common(p, selector=False)
     p.add_argument("--no-asg", action="store_true", help="leave the auto scaling group alone")
     p.add_argument("--no-spot", action="store_true", help="leave the spot request alone")
-    sub.add_parser("iam-policy", help="print the minimal IAM policy the instance role needs")
+    p = sub.add_parser("iam-policy", help="print the least IAM policy of the instance role, for the run's tag")
+    p.add_argument("--tag", required=True, metavar="KEY=VALUE", help="the run's tag, e.g. spotsafe-run=mnist")
+    p.add_argument("--group", help="the run's Auto Scaling group (default: any group with the run's tag)")
+    p.add_argument("--no-move", action="store_true", help="no zone moves (SPOTSAFE_MOVE=0)")
+    p.add_argument("--no-snapshots", action="store_true", help="no periodic snapshots nor create-or-restore")
+    p.add_argument("--no-finish", action="store_true", help="never scale the group to zero (finish)")
     return parser
+
+
+def _cmd_iam_policy(args: argparse.Namespace) -> int:
+    policy = iam_policy(
+        args.tag, move=not args.no_move, snapshots=not args.no_snapshots, finish=not args.no_finish, group=args.group
+    )
+    print(json.dumps(policy, indent=2))
+    return ExitCode.OK
 
 
 _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
@@ -473,7 +487,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "status": _cmd_status,
     "finish": _cmd_finish,
     "snapshot": _cmd_snapshot,
-    "iam-policy": lambda args: print(json.dumps(IAM_POLICY, indent=2)) or ExitCode.OK,
+    "iam-policy": _cmd_iam_policy,
 }
 
 

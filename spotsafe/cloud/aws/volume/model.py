@@ -3,7 +3,7 @@
 Data only (no EC2 calls): :class:`VolumeInfo` (one volume as EC2 describes it),
 :class:`Attachment`, :class:`Claim` (a move claim tag), :class:`Resolved` (the run's
 volume with the other half of a move in flight), :class:`Identity` (this instance,
-read once from IMDS), :class:`Timeouts`, the ``TAG_*`` names and :data:`IAM_POLICY`.
+read once from IMDS), :class:`Timeouts`, the ``TAG_*`` names (the IAM policy: :mod:`spotsafe.cloud.aws.volume.policy`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ __all__ = [
     "DEAD_VOLUME_STATES",
     "DEVICE_NAMES",
     "GONE_STATES",
-    "IAM_POLICY",
     "OWN_TAGS",
     "TAG_CLAIM",
     "TAG_CREATED_BY",
@@ -74,67 +73,6 @@ OWN_TAGS = frozenset(
 
 #: Device names tried, in order, when none is asked for (the EC2 recommended range for EBS).
 DEVICE_NAMES = tuple(f"/dev/sd{c}" for c in "fghijklmnop")
-
-#: The minimal IAM policy the instance role needs (``python -m spotsafe.volume iam-policy`` prints it).
-#: Tested against moto with IAM enforcement: this exact document allows attach, move, retire,
-#: detach, snapshot, create-or-restore and finish. Drop the second statement if you never
-#: move (SPOTSAFE_MOVE=0), the third if you never snapshot or create
-#: (SPOTSAFE_SNAPSHOT_EVERY=0, SPOTSAFE_CREATE_SIZE empty), the fourth if you never set
-#: SPOTSAFE_SHUTDOWN_WHEN_DONE.
-IAM_POLICY: dict[str, Any] = {
-    "Version": "2012-10-17",
-    "Statement": [
-        {
-            "Sid": "SpotsafeAttachVolume",
-            "Effect": "Allow",
-            "Action": [
-                "ec2:DescribeVolumes",
-                "ec2:DescribeInstances",
-                "ec2:AttachVolume",
-                "ec2:DetachVolume",
-                "ec2:DeleteTags",
-            ],
-            "Resource": "*",
-        },
-        {
-            "Sid": "SpotsafeMoveVolumeAcrossZones",
-            "Effect": "Allow",
-            "Action": [
-                "ec2:CreateSnapshot",
-                "ec2:DescribeSnapshots",
-                "ec2:CreateVolume",
-                "ec2:CreateTags",
-                "ec2:DeleteVolume",
-                "ec2:DeleteSnapshot",
-            ],
-            "Resource": "*",
-        },
-        {
-            "Sid": "SpotsafeSnapshotAndCreateOrRestore",
-            "Effect": "Allow",
-            "Action": [
-                "ec2:CreateSnapshot",
-                "ec2:DescribeSnapshots",
-                "ec2:DeleteSnapshot",
-                "ec2:CreateVolume",
-                "ec2:DeleteVolume",
-                "ec2:CreateTags",
-            ],
-            "Resource": "*",
-        },
-        {
-            "Sid": "SpotsafeStopReplacingWhenDone",
-            "Effect": "Allow",
-            "Action": [
-                "autoscaling:DescribeAutoScalingInstances",
-                "autoscaling:UpdateAutoScalingGroup",
-                "ec2:DescribeSpotInstanceRequests",
-                "ec2:CancelSpotInstanceRequests",
-            ],
-            "Resource": "*",
-        },
-    ],
-}
 
 #: Instance states in which an instance holds nothing any more.
 GONE_STATES = frozenset({"terminated", "stopped"})
