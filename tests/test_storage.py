@@ -80,6 +80,28 @@ class FsspecS3Fixtures:
             yield s
 
 
+class GCSFixtures:
+    """fake-gcs-server, reached through STORAGE_EMULATOR_HOST."""
+
+    @pytest.fixture
+    def store(self, gcs_bucket: str) -> Iterator[Store]:
+        from spotsafe.storage.gcs import GCSStore
+
+        with GCSStore(f"gs://{gcs_bucket}/runs/a", {"part_size": 5 * MiB}) as s:
+            yield s
+
+
+class AzureFixtures:
+    """azurite, reached through AZURE_STORAGE_CONNECTION_STRING."""
+
+    @pytest.fixture
+    def store(self, az_container: str) -> Iterator[Store]:
+        from spotsafe.storage.azure import AzureBlobStore
+
+        with AzureBlobStore(f"az://{az_container}/runs/a", {"part_size": 5 * MiB}) as s:
+            yield s
+
+
 class MirrorFixtures:
     @pytest.fixture
     def store(self, tmp_path: Path, s3_bucket: str, s3_options: dict[str, Any]) -> Iterator[Store]:
@@ -109,6 +131,14 @@ class TestS3Store(StoreConformance, S3Fixtures):
 
 
 class TestMirrorStore(StoreConformance, MirrorFixtures):
+    pass
+
+
+class TestGCSStore(StoreConformance, GCSFixtures):
+    pass
+
+
+class TestAzureBlobStore(StoreConformance, AzureFixtures):
     pass
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Sequence
+from typing import Any
 
 from spotsafe.storage.base import Buffer
 
@@ -75,3 +76,42 @@ def as_bytes_views(buffers: Sequence[Buffer]) -> tuple[list[memoryview], list[in
         offsets.append(total)
         total += len(v)
     return views, offsets, total
+
+
+class Into:
+    """A write-only file over a byte view: what a download writes lands in it; ``count`` is all it was sent."""
+
+    def __init__(self, dest: memoryview) -> None:
+        self.dest = dest
+        self.count = 0
+
+    def write(self, data: Any) -> int:
+        chunk = memoryview(data).cast("B")
+        room = max(0, len(self.dest) - self.count)
+        n = min(room, len(chunk))
+        if n:
+            self.dest[self.count : self.count + n] = chunk[:n]
+        self.count += len(chunk)
+        return len(chunk)
+
+    def seekable(self) -> bool:
+        return False
+
+    def writable(self) -> bool:
+        return True
+
+
+class BytesReader:
+    """A :class:`BuffersReader` whose reads are ``bytes`` (the GCS and Azure clients' uploads take nothing else)."""
+
+    def __init__(self, body: BuffersReader) -> None:
+        self.body = body
+
+    def read(self, n: int | None = -1) -> bytes:
+        return bytes(self.body.read(n))
+
+    def tell(self) -> int:
+        return self.body.tell()
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.body.seek(offset, whence)

@@ -2,7 +2,8 @@
 
 Backends are found by URL scheme in :data:`BACKENDS`, as fsspec's ``known_implementations``:
 the built-in ones are named by module and class and imported on first use, so that an
-optional dependency (boto3 for ``s3://``, fsspec for the rest) is needed only by whoever
+optional dependency (boto3 for ``s3://``, google-cloud-storage for ``gs://``,
+azure-storage-blob for ``az://``, fsspec for the rest) is needed only by whoever
 opens such a store. :func:`register_store` adds a backend of one's own.
 """
 
@@ -43,12 +44,25 @@ class Backend:
 
 _LOCAL = Backend("spotsafe.storage.local", "LocalStore", path_only=True)
 _S3 = Backend("spotsafe.storage.s3", "S3Store")
+_GCS = Backend("spotsafe.storage.gcs", "GCSStore")
+_AZURE = Backend("spotsafe.storage.azure", "AzureBlobStore")
 
-#: The backend for any scheme not in :data:`BACKENDS` (``gs://``, ``memory://``, ...).
+#: The backend for any scheme not in :data:`BACKENDS` (``memory://``, ``hdfs://``, ...).
 FSSPEC = Backend("spotsafe.storage.fsspec", "FsspecStore")
 
 #: Backends by URL scheme (lower case; ``""``: a plain path).
-BACKENDS: dict[str, StoreFactory] = {"": _LOCAL, "file": _LOCAL, "local": _LOCAL, "s3": _S3, "s3a": _S3}
+BACKENDS: dict[str, StoreFactory] = {
+    "": _LOCAL,
+    "file": _LOCAL,
+    "local": _LOCAL,
+    "s3": _S3,
+    "s3a": _S3,
+    "gs": _GCS,
+    "gcs": _GCS,
+    "az": _AZURE,
+    "abfs": _AZURE,
+    "abfss": _AZURE,
+}
 
 
 def register_store(scheme: str, factory: StoreFactory) -> None:
@@ -80,8 +94,10 @@ def open_store(
     - a plain path or ``file://`` URL gives a local directory store (atomic rename commit);
     - ``s3://`` gives the S3 store (checkpoint data as parallel single-PUT segments,
       needs ``spotsafe[s3]``);
+    - ``gs://`` gives the GCS store (``spotsafe[gcs]``), ``az://``/``abfs://`` the Azure Blob
+      store (``spotsafe[azure]``): both with a native exclusive create for the writer lease;
     - a scheme given to :func:`register_store` gives that backend's store;
-    - any other fsspec URL (``gs://``, ``memory://``, ...) gives the generic fsspec store;
+    - any other fsspec URL (``memory://``, ``hdfs://``, ...) gives the generic fsspec store;
     - ``local=`` and ``remote=`` together give a mirror: commit locally, upload in the background;
     - nothing at all falls back to the ``SPOTSAFE_STORE`` environment variable.
     """

@@ -48,6 +48,12 @@ class Overdue(StoreError, TimeoutError):
 _local = threading.local()
 
 
+def current_call() -> Call | None:
+    """The call running in this thread, if any (a connection it opens or reuses joins it: :meth:`Call.adopt`)."""
+    call: Call | None = getattr(_local, "call", None)
+    return call
+
+
 class Call:
     """One S3 call in flight, all its attempts: its limit and the connections it used."""
 

@@ -1,4 +1,4 @@
-"""Whether an S3 server honours conditional writes, found out once per store (the writer lease rests on it).
+"""Whether a server honours conditional writes, found out once per store (the writer lease rests on it).
 
 The writer lease (:mod:`spotsafe.checkpoint.lease`) takes a store over by creating the next
 generation's file with a PUT carrying ``If-None-Match: *``. AWS S3 (since 2024), recent MinIO
@@ -6,6 +6,8 @@ and moto refuse such a PUT when the key exists; some S3-compatible servers (and 
 of popular ones) answer 200 and overwrite, so two writers racing for one generation would both
 win, silently. :class:`ConditionalWrites` probes it before the first create: it puts a unique
 object under ``lease/`` with the header, puts it again, and deletes it, whatever came of it.
+The GCS and Azure stores (:mod:`spotsafe.storage.blobs`) probe the same way with their own
+condition (``ifGenerationMatch=0``, ``If-None-Match: *``): emulators and proxies ignore them too.
 """
 
 from __future__ import annotations
@@ -31,10 +33,21 @@ PutIfAbsent = Callable[[str, bytes], "bool | None"]
 class ConditionalWrites:
     """One store's knowledge of its server: ``honoured`` is None until :meth:`probe` ran."""
 
-    def __init__(self, url: str, endpoint: str, *, unsafe: bool) -> None:
+    def __init__(
+        self,
+        url: str,
+        endpoint: str,
+        *,
+        unsafe: bool,
+        condition: str = "PUT with If-None-Match: *",
+        remedy: str = "a server that honours If-None-Match (AWS S3, recent MinIO)",
+    ) -> None:
         self.url = url
         self.endpoint = endpoint
         self.unsafe = unsafe
+        #: The request that must be refused when the key exists, and what to use instead.
+        self.condition = condition
+        self.remedy = remedy
         self.honoured: bool | None = None
 
     def unsupported(self) -> None:
@@ -72,12 +85,12 @@ class ConditionalWrites:
         if self.honoured:
             return
         cause = (
-            f"the server at {self.endpoint} accepted a second PUT with If-None-Match: * of the same key: "
+            f"the server at {self.endpoint} accepted a second {self.condition} of the same key: "
             "it ignores conditional writes, so two writers could both take the writer lease"
         )
         if not self.unsafe:
             raise StoreError(
-                f"{self.url}: {cause}. Use a server that honours If-None-Match (AWS S3, recent MinIO), "
+                f"{self.url}: {cause}. Use {self.remedy}, "
                 f'or, when only one instance ever writes here, open the store with storage_options={{"{UNSAFE_OPTION}": '
                 "True}} (docs/storage.md, writer fencing)"
             )

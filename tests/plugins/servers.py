@@ -20,6 +20,16 @@ EC2 (tests/ec2server.py):
 - ``launch(az)`` (function): run an instance in an availability zone, return its id.
 - ``iam_server`` (module): an :class:`~tests.ec2server.IAMEnforcingServer` (moto with IAM checks on).
 
+GCS and Azure Blob (tests/cloudservers.py), configured only through the clouds' own environment:
+
+- ``gcs_server`` (session): fake-gcs-server (honours ``ifGenerationMatch``); ``gcs_env``
+  (function): ``STORAGE_EMULATOR_HOST`` pointed at it; ``gcs_bucket`` (function): a fresh bucket.
+- ``gcs_ignoring`` (session): gcp-storage-emulator, which ignores preconditions; ``gcs_ignoring_bucket``
+  (function): ``STORAGE_EMULATOR_HOST`` pointed at it and a fresh bucket there.
+- ``azurite`` (session): azurite's blob service (skipped, saying why, only when azurite is not
+  installed: ``npm install azurite``; found through ``SPOTSAFE_AZURITE``, ``PATH`` or /opt/azurite);
+  ``az_env`` (function): ``AZURE_STORAGE_CONNECTION_STRING`` for it; ``az_container``: a fresh container.
+
 Instance metadata (spotsafe.rehearsal.simulators), one per test:
 
 - ``aws`` (IMDSv1 and v2), ``aws_v2`` (IMDSv2 only), ``gcp``, ``azure``.
@@ -37,6 +47,7 @@ import pytest
 from spotsafe.rehearsal.simulators.aws import AWSSimulator
 from spotsafe.rehearsal.simulators.azure import AzureSimulator
 from spotsafe.rehearsal.simulators.gcp import GCPSimulator
+from tests.cloudservers import Azurite, FakeGCSServer, GCPStorageEmulator, azurite_blob
 from tests.ec2server import EC2Server, IAMEnforcingServer, run_instance
 from tests.s3server import FaultProxy, MotoServer
 
@@ -98,6 +109,96 @@ def s3_proxy_options(s3_proxy: FaultProxy) -> dict[str, Any]:
         "connect_timeout": 2,
         "read_timeout": 10,
     }
+
+
+# --------------------------------------------------------------------------- GCS and Azure Blob
+
+
+def unique_name() -> str:
+    """A bucket or container name no other test of this session uses (lower case, 3-63 characters)."""
+    return f"spotsafe-test-{next(_names)}-{time.monotonic_ns() % 10**9}"
+
+
+@pytest.fixture(scope="session")
+def gcs_server() -> Iterator[FakeGCSServer]:
+    server = FakeGCSServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+
+
+@pytest.fixture
+def gcs_env(gcs_server: FakeGCSServer, offline: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> str:
+    """``STORAGE_EMULATOR_HOST`` pointed at fake-gcs-server (subprocesses inherit it); its endpoint."""
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_server.endpoint)
+    return gcs_server.endpoint
+
+
+def _gcs_create_bucket(endpoint: str) -> str:
+    import requests
+
+    name = unique_name()
+    response = requests.post(f"{endpoint}/storage/v1/b?project=spotsafe", json={"name": name}, timeout=30)
+    response.raise_for_status()
+    return name
+
+
+@pytest.fixture
+def gcs_bucket(gcs_env: str) -> str:
+    """A fresh, empty bucket on fake-gcs-server."""
+    return _gcs_create_bucket(gcs_env)
+
+
+@pytest.fixture(scope="session")
+def gcs_ignoring() -> Iterator[GCPStorageEmulator]:
+    server = GCPStorageEmulator()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+
+
+@pytest.fixture
+def gcs_ignoring_bucket(
+    gcs_ignoring: GCPStorageEmulator, offline: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> str:
+    """A fresh bucket on gcp-storage-emulator (it ignores ifGenerationMatch), ``STORAGE_EMULATOR_HOST`` set to it."""
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_ignoring.endpoint)
+    return _gcs_create_bucket(gcs_ignoring.endpoint)
+
+
+@pytest.fixture(scope="session")
+def azurite() -> Iterator[Azurite]:
+    script = azurite_blob()
+    if script is None:
+        pytest.skip("azurite is not installed (npm install azurite; or set SPOTSAFE_AZURITE to its azurite-blob)")
+    server = Azurite(script)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+
+
+@pytest.fixture
+def az_env(azurite: Azurite, offline: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> str:
+    """``AZURE_STORAGE_CONNECTION_STRING`` for azurite (subprocesses inherit it); the string."""
+    monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", azurite.connection_string)
+    return azurite.connection_string
+
+
+@pytest.fixture
+def az_container(az_env: str) -> str:
+    """A fresh, empty container on azurite."""
+    from azure.storage.blob import BlobServiceClient
+
+    name = unique_name()
+    with BlobServiceClient.from_connection_string(az_env) as service:
+        service.create_container(name)
+    return name
 
 
 # --------------------------------------------------------------------------- EC2 and IAM
