@@ -86,6 +86,8 @@ def parse_url(url: str, schemes: Sequence[str], what: str) -> tuple[str, str, st
 class BlobStore(Store):
     """A store on an object service with native conditional writes; a backend supplies the primitives."""
 
+    verifies_exclusive_create = True  # its own probe, once per store (spotsafe.storage.s3_fence)
+
     #: The service's name in messages ("GCS", "Azure Blob") and the conditional header it sends.
     service = "object store"
     condition = "a conditional write"

@@ -57,12 +57,12 @@ class ConditionalWrites:
         best-effort fencing, as for a server the probe caught.
         """
         self.honoured = False
-        cause = f"the server at {self.endpoint} does not support conditional writes (501 to If-None-Match: *)"
+        cause = f"the server at {self.endpoint} does not support conditional writes (501 to a {self.condition})"
         if not self.unsafe:
             raise StoreError(
-                f"{self.url}: {cause}, so two writers could both take the writer lease. Use a server that "
-                f"honours If-None-Match (AWS S3, recent MinIO), or, when only one instance ever writes here, open "
-                f'the store with storage_options={{"{UNSAFE_OPTION}": True}} (docs/storage.md, writer fencing)'
+                f"{self.url}: {cause}, so two writers could both take the writer lease. Use {self.remedy}, "
+                "or, when only one instance ever writes here, open the store with "
+                f'storage_options={{"{UNSAFE_OPTION}": True}} (docs/storage.md, writer fencing)'
             )
         log.warning("%s: %s; %s is set: writer fencing is best effort here", self.url, cause, UNSAFE_OPTION)
 
