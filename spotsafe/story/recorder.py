@@ -30,6 +30,7 @@ import torch
 from spotsafe.exitcodes import EXIT_PREEMPTED
 from spotsafe.settings import Settings
 from spotsafe.story.events import MEDIA_DIR, EventLog, png_bytes, process_start_time
+from spotsafe.story.validate import MAX_MEDIA_BYTES, MEDIA_PATH
 from spotsafe.version import __version__
 
 if TYPE_CHECKING:
@@ -115,11 +116,16 @@ class Recorder:
 
     def image(self, tag: str, image: Any, *, step: int, epoch: int) -> str:
         """Keep ``image`` in the store as ``media/<tag>-<step>.png`` (in the background; rank 0 only): its path."""
-        if not tag or not all(c.isalnum() or c in "-_." for c in tag):
-            raise ValueError(f"image tag must be letters, digits, '-', '_' or '.', not {tag!r}")
         path = f"{MEDIA_DIR}/{tag}-{step:012d}.png"
+        if not tag or not MEDIA_PATH.match(path):
+            raise ValueError(f"image tag must be ASCII letters, digits, '-', '_' or '.' (not first), not {tag!r}")
         if self.events is not None and self.events.enabled:
             data = png_bytes(image)
+            if len(data) > MAX_MEDIA_BYTES:
+                raise ValueError(
+                    f"image {tag!r} at step {step} is {len(data)} bytes as a PNG, more than the report reads "
+                    f"({MAX_MEDIA_BYTES}); log a smaller grid"
+                )
             self.events.put_file(path, data)
             self.record("image", tag=tag, path=path, step=step, epoch=epoch, bytes=len(data))
         return path
