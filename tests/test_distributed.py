@@ -364,6 +364,15 @@ def test_run_under_torchrun_notice_on_one_rank_resume_bit_identical_and_on_one_r
     assert saved[0] == saved[1]
     step = saved[0]
     assert notice_step <= step <= notice_step + 1  # agree_every=1: async, bound 1 step
+    # the run's story has every rank's view: its notice, its checkpoints' stall and persist
+    from spotsafe.story.facts import StoreReport
+
+    facts, _ = StoreReport(LocalStore(cut / "store")).build()
+    ranks = {r["rank"]: r for r in facts["ranks"]}
+    assert sorted(ranks) == [0, 1], facts["ranks"]
+    assert [n["step"] for n in ranks[1]["notices"]] == [step] == [n["step"] for n in ranks[0]["notices"]]
+    assert ranks[1]["checkpoints"] == ranks[0]["checkpoints"] >= 1
+    assert ranks[1]["persist_s"]["count"] >= 1 and facts["problems"] == []
     manifest = json.loads((cut / "store" / f"step-{step:012d}" / "manifest.json").read_text())
     assert manifest["reason"] == "notice"
     assert manifest["world_size"] == 2

@@ -75,7 +75,9 @@ POINT_EVERY_SECONDS = 60.0
 #: At most this many events go into one object (a reader refuses objects over 16 MiB).
 MAX_EVENTS_PER_OBJECT = 20_000
 
-_OBJECT = re.compile(r"^(?P<launch>\d{8}T\d{9}Z-[0-9a-f]{8})-(?P<seq>\d{6})\.json$")
+_OBJECT = re.compile(r"^(?P<launch>\d{8}T\d{9}Z-[0-9a-f]{8})(?:-r(?P<rank>\d{4}))?-(?P<seq>\d{6})\.json$")
+#: What a rank other than 0 records (in objects of its own, ``<launch>-rNNNN-<seq>.json``).
+RANK_KINDS = ("notice", "durable", "checkpoint")
 
 
 def new_launch_id(now: float | None = None) -> str:
@@ -156,7 +158,10 @@ class EventLog:
     ``urgent=True``). :meth:`flush` writes what is buffered now, on the caller's
     thread; :meth:`close` writes the rest and stops the thread. A failed write is
     logged and retried with the next batch; it never reaches the training loop.
-    ``enabled=False`` gives a log that records nothing (ranks other than 0).
+    ``enabled=False`` gives a log that records nothing; with ``rank`` > 0 it records only
+    that rank's own view (:data:`RANK_KINDS`: its notice, durable and checkpoint stall and
+    persist) in objects named ``<launch>-rNNNN-<seq>.json``, which readers before these
+    were written ignore.
     """
 
     def __init__(
@@ -166,6 +171,7 @@ class EventLog:
         launch: str | None = None,
         flush_every: float = DEFAULT_FLUSH_EVERY,
         enabled: bool = True,
+        rank: int = 0,
     ) -> None:
         if flush_every <= 0:
             raise ValueError(f"flush_every must be > 0 seconds, not {flush_every!r}")
@@ -173,6 +179,9 @@ class EventLog:
         self.launch = launch or new_launch_id()
         self.flush_every = float(flush_every)
         self.enabled = enabled
+        #: The rank whose view a rank-only log records (0: the full log, or none).
+        self.rank = rank if not enabled else 0
+        self._records = enabled or self.rank > 0
         #: The status of the exit recorded, once one is.
         self.exit_status: str | None = None
         self._queue: deque[dict[str, Any]] = deque()
@@ -193,9 +202,9 @@ class EventLog:
         # checkpoints whose background persist has not been seen finishing yet
         self._pending_saves: dict[int, dict[str, Any]] = {}
         self._saves_lock = threading.Lock()
-        self._saves_source: Callable[[], tuple[int, Mapping[str, float], int] | None] | None = None
+        self._saves_source: Callable[[], tuple[int | None, Mapping[str, float], int | None] | None] | None = None
         self._thread: threading.Thread | None = None
-        if enabled:
+        if self._records:
             self._thread = threading.Thread(target=self._loop, name=f"spotsafe-events({store.url})", daemon=True)
             self._thread.start()
 
@@ -206,7 +215,7 @@ class EventLog:
 
     def record(self, kind: str, *, urgent: bool = False, **fields: Any) -> None:
         """Buffer one event (``kind`` and ``fields``, stamped with the time); ``urgent`` writes it soon."""
-        if not self.enabled:
+        if not self.enabled and not (self.rank and kind in RANK_KINDS):
             return
         self._queue.append({"kind": kind, "time": time.time(), **fields})
         if kind == "exit":
@@ -242,12 +251,12 @@ class EventLog:
 
     def before_save(self) -> None:
         """Call before a save starts: the previous one has finished, so its persist time is known now."""
-        if self.enabled:
+        if self._records:
             self._collect_saves()
 
     def checkpoint(self, step: int, *, epoch: int | None, reason: str, stall_s: float) -> None:
         """A save of ``step`` started (``stall_s``: the time the loop was blocked)."""
-        if not self.enabled:
+        if not self._records:
             return
         record = {"step": step, "epoch": epoch, "reason": reason, "stall_s": round(stall_s, 6), "started": time.time()}
         with self._saves_lock:
@@ -255,8 +264,12 @@ class EventLog:
         if reason != "periodic":
             self._wake.set()
 
-    def watch_saves(self, source: Callable[[], tuple[int, Mapping[str, float], int] | None]) -> None:
-        """``source()`` gives (step, timings, bytes) of the last save that finished, or None."""
+    def watch_saves(self, source: Callable[[], tuple[int | None, Mapping[str, float], int | None] | None]) -> None:
+        """``source()`` gives (step, timings, bytes) of the last save that finished, or None.
+
+        A step of None: the oldest save still pending finished (a rank that does not commit
+        learns only that its own files are written); bytes None: not known.
+        """
         self._saves_source = source
 
     def record_identity(self) -> None:
@@ -296,6 +309,8 @@ class EventLog:
         if done is None:
             return
         step, timings, nbytes = done
+        if step is None:
+            step = min(self._pending_saves)
         for pending in sorted(self._pending_saves):
             if pending > step:
                 break
@@ -303,7 +318,9 @@ class EventLog:
             fields: dict[str, Any] = dict(record)
             if pending == step:
                 persist = float(timings.get("write_s", 0.0)) + float(timings.get("commit_s", 0.0))
-                fields.update(persist_s=round(persist, 6), bytes=int(nbytes), durable=True)
+                fields.update(persist_s=round(persist, 6), durable=True)
+                if nbytes is not None:
+                    fields["bytes"] = int(nbytes)
             self._queue.append({"kind": "checkpoint", "time": record["started"], **fields})
 
     def _batch(self) -> list[dict[str, Any]]:
@@ -339,7 +356,7 @@ class EventLog:
         batch = self._batch()
         if not batch:
             return True
-        name = f"{EVENTS_DIR}/{self.launch}-{self._seq:06d}.json"
+        name = f"{EVENTS_DIR}/{self.launch}{f'-r{self.rank:04d}' if self.rank else ''}-{self._seq:06d}.json"
         doc = {
             "format": EVENTS_FORMAT,
             "format_version": EVENTS_FORMAT_VERSION,
@@ -374,7 +391,7 @@ class EventLog:
 
     def flush(self) -> bool:
         """Write everything buffered now (on this thread). True when it all reached the store."""
-        if not self.enabled:
+        if not self._records:
             return True
         return self._write()
 
@@ -387,7 +404,7 @@ class EventLog:
         self._wake.set()
         if self._thread is not None:
             self._thread.join()
-        if self.enabled:
+        if self._records:
             self._write()
 
 
@@ -418,6 +435,7 @@ def _parse(name: str, data: bytes | memoryview, where: str) -> tuple[list[dict[s
         raise CheckpointCorrupt(f"{where}: 'events' is not a list")
     m = _OBJECT.match(name)
     launch, seq = (m.group("launch"), int(m.group("seq"))) if m else ("?", 0)
+    rank = int(m.group("rank")) if m and m.group("rank") else 0  # from the name: an event cannot claim a rank
     good: list[dict[str, Any]] = []
     bad: list[str] = []
     for i, event in enumerate(events):
@@ -427,7 +445,11 @@ def _parse(name: str, data: bytes | memoryview, where: str) -> tuple[list[dict[s
             kind = event.get("kind") if isinstance(event, dict) else None
             bad.append(f"event {i} ({kind[:64] if isinstance(kind, str) else '?'}): {why}")
             continue
-        good.append({**checked, "launch": launch, "seq": seq, "index": i})
+        if rank and checked["kind"] not in RANK_KINDS:
+            bad.append(f"event {i} ({checked['kind'][:64]}): not a kind rank {rank} records")
+            continue
+        checked.pop("rank", None)
+        good.append({**checked, "launch": launch, "seq": seq, "index": i, **({"rank": rank} if rank else {})})
     return good, bad
 
 
@@ -500,7 +522,7 @@ class EventReader:
                 if got is not None:
                     self._cache[name] = got
         events = [e for n in names for e in self._cache.get(n, [])]
-        events.sort(key=lambda e: (float(e["time"]), e["launch"], e["seq"], e["index"]))
+        events.sort(key=lambda e: (float(e["time"]), e["launch"], e.get("rank", 0), e["seq"], e["index"]))
         return events
 
 

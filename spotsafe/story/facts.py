@@ -18,6 +18,7 @@ from spotsafe.storage.base import Store
 from spotsafe.story.cost import Prices, cost_of, look_up
 from spotsafe.story.events import EventReader
 from spotsafe.story.formats import rounded
+from spotsafe.story.ranks import rank_facts, split_ranks
 from spotsafe.story.validate import read_media
 
 __all__ = ["REPORT_FORMAT", "REPORT_FORMAT_VERSION", "StoreReport", "build_facts"]
@@ -234,6 +235,7 @@ def build_facts(
     problems: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The run's facts (what ``--json`` prints) from its events and completion marker."""
+    events, rank_events = split_ranks(events)  # other ranks' views: `ranks`, not the launches
     by_launch = _events_by_launch(events)
     launches: list[dict[str, Any]] = []
     checkpoints: list[Event] = []
@@ -268,6 +270,7 @@ def build_facts(
         "checkpoints": _checkpoint_facts(checkpoints),
         "cost": cost_of(launches, max(training_s, 0.0), prices),
         "problems": list(problems),
+        "ranks": rank_facts(events, rank_events, launches),
     }
 
 

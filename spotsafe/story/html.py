@@ -532,6 +532,48 @@ def _checkpoints_section(facts: Mapping[str, Any], events: Sequence[Event]) -> l
     ]
 
 
+def _notice_cell(rank: Mapping[str, Any], first: Mapping[int, float]) -> str:
+    """A rank's notices: launch, step, and how long after the first rank's it saw each."""
+    cells = []
+    for n in rank["notices"]:
+        seen = n["detected_at"]
+        lag = "" if seen is None or n["launch"] not in first else f" (+{fmt_seconds(seen - first[n['launch']])})"
+        cells.append(f"launch {n['launch'] + 1}: step {n['step']}{lag}")
+    return "; ".join(cells) or "–"
+
+
+def _ranks_section(facts: Mapping[str, Any]) -> list[str]:
+    """Every rank's notice, stall and persist, where more than rank 0 recorded; what differs is said."""
+    ranks = facts.get("ranks") or []
+    if len(ranks) < 2:
+        return []
+    first: dict[int, float] = {}
+    for rank in ranks:
+        for n in rank["notices"]:
+            if n["detected_at"] is not None:
+                first[n["launch"]] = min(first.get(n["launch"], n["detected_at"]), n["detected_at"])
+    rows = [
+        [
+            rank["rank"],
+            rank["checkpoints"],
+            *(fmt_seconds(rank["stall_s"][k]) for k in ("median", "p95", "max")),
+            *(fmt_seconds(rank["persist_s"][k]) for k in ("median", "p95", "max")),
+            _notice_cell(rank, first),
+        ]
+        for rank in ranks
+    ]
+    names = ["checkpoints", "stall", "stall", "stall", "persist", "persist", "persist", "notice"]
+    differ = sorted({names[c - 1] for c in range(1, 9) if len({str(r[c]) for r in rows}) > 1})
+    header = ["rank", "checkpoints", "stall median", "stall p95", "stall max"]
+    header += ["persist median", "persist p95", "persist max", "notice seen"]
+    return [
+        "<h2>Ranks</h2>",
+        f'<div class="sub">{html.escape("ranks differ in: " + ", ".join(differ) if differ else "every rank agrees")}'
+        " · notice lag: after the first rank that saw it</div>",
+        _table(header, rows),
+    ]
+
+
 def _cost_section(facts: Mapping[str, Any]) -> list[str]:
     """Billed and training hours, spot against on-demand, and where the prices came from."""
     cost = facts["cost"]
@@ -615,6 +657,7 @@ def render_html(
         _interruptions_table(facts),
         *_launches_section(facts),
         *_checkpoints_section(facts, events),
+        *_ranks_section(facts),
         *_cost_section(facts),
         *_samples_section(events, image_data),
         *_problems_section(facts),

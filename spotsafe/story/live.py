@@ -128,8 +128,12 @@ class LivePage:
             log.info("spotsafe: no live report page (install spotsafe[report] for one)")
             return None
         page = cls(store, every=every)
-        page._thread.start()
+        page.start_thread()
         return page
+
+    def start_thread(self) -> None:
+        """Start writing pages in the background (:meth:`start` does; for a page built by hand)."""
+        self._thread.start()
 
     def refresh(self) -> bool:
         """Build the page now and write it into the store. True when written."""

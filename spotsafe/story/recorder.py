@@ -42,6 +42,14 @@ log = logging.getLogger(__name__)
 STEP_LINE_EVERY_S = 0.25
 
 
+def _env_rank() -> int:
+    """This process's rank as torchrun gives it (``RANK``); 0 when it says nothing usable."""
+    try:
+        return max(0, int(os.environ.get("RANK", "0")))
+    except ValueError:
+        return 0
+
+
 class Recorder:
     """Writes each of a run's events, with one call, to the events file and to the store's event log.
 
@@ -67,9 +75,14 @@ class Recorder:
             log.warning("could not write event to %s: %s", self.events_file, e)
 
     def open_log(self, checkpointer: Checkpointer, *, coordinator: bool, world_size: int) -> EventLog:
-        """Open this launch's log in the checkpointer's store (recording only on the ``coordinator``): the launch."""
+        """Open this launch's log in the checkpointer's store: the launch on the ``coordinator``.
+
+        Another rank (torchrun's ``RANK``) keeps a rank-only log: its own notice, durable and
+        checkpoint stall and persist, so the report shows every rank's view where they differ.
+        """
         store = checkpointer.store
-        events = EventLog(store, enabled=coordinator)
+        rank = 0 if coordinator or world_size <= 1 else _env_rank()
+        events = EventLog(store, enabled=coordinator, rank=rank)
         if coordinator:
             events.record(
                 "launch",
@@ -84,11 +97,20 @@ class Recorder:
             )
             events.record_identity()
 
-            def last_save() -> tuple[int, Mapping[str, float], int] | None:
-                info = checkpointer.last_saved
-                return None if info is None else (info.step, checkpointer.last_timings, info.size)
+        def last_save() -> tuple[int | None, Mapping[str, float], int | None] | None:
+            info = checkpointer.last_saved
+            return None if info is None else (info.step, checkpointer.last_timings, info.size)
 
-            events.watch_saves(last_save)
+        seen = [checkpointer.last_timings]
+
+        def own_files_written() -> tuple[int | None, Mapping[str, float], int | None] | None:
+            timings = checkpointer.last_timings  # a new dict once this rank's files of a save are written
+            if timings is seen[0] or not timings:
+                return None
+            seen[0] = timings
+            return None, timings, None
+
+        events.watch_saves(last_save if rank == 0 else own_files_written)
         self.events = events
         return events
 
