@@ -9,7 +9,8 @@
    kill -9) and 10^4 / 10^6 steps. Each case runs ``spotsafe report STORE -o report.html``
    in a fresh process: printed are the time from the call to the file written (reading,
    facts, page; not the interpreter's start), the process's peak RSS (imports included)
-   and the HTML's size. ``--dense`` adds stores that hold *every* step's event (as another
+   and the HTML's size; with it the process's CPU time (on a shared machine the wall time is
+   mostly waiting for a CPU). ``--dense`` adds stores that hold *every* step's event (as another
    writer might): 10^5 and 10^6 step events.
 2. **The live page's cost inside training.** A 10 ms step (a busy-wait holding the GIL, the
    worst case for a background thread) with and without a :class:`LivePage` rebuilding the
@@ -43,10 +44,10 @@ import json, resource, sys, time
 t0 = time.perf_counter()
 from spotsafe.cli.main import main
 import plotly.graph_objects  # imported before the clock: the interpreter's start is not the report's
-t1 = time.perf_counter()
+t1, c1 = time.perf_counter(), time.process_time()
 code = main(["report", sys.argv[1], "-o", sys.argv[2]])
-t2 = time.perf_counter()
-print(json.dumps({"code": code, "import_s": t1 - t0, "render_s": t2 - t1,
+t2, c2 = time.perf_counter(), time.process_time()
+print(json.dumps({"code": code, "import_s": t1 - t0, "render_s": t2 - t1, "cpu_s": c2 - c1,
                   "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
@@ -139,13 +140,18 @@ def main() -> int:
         cases += [(101, 10**5, True), (101, 10**6, True)]
     with tempfile.TemporaryDirectory(prefix="spotsafe-bench-report-") as d:
         tmp = Path(d)
-        print(f"{'launches':>8} {'steps':>9} {'events':>8} {'render s':>9} {'peak RSS MiB':>13} {'HTML MB':>8}")
+        load = os.getloadavg()[0]
+        print(f"load average {load:.1f} on {os.cpu_count()} CPUs (render s is wall time; CPU s the process's own)")
+        print(
+            f"{'launches':>8} {'steps':>9} {'events':>8} {'render s':>9} {'CPU s':>6} {'peak RSS MiB':>13} "
+            f"{'HTML MB':>8}"
+        )
         for launches, steps, dense in cases:
             r = render_case(tmp, launches, steps, dense=dense)
             assert r["code"] == 0, r
             label = f"{steps:.0e}" + (" dense" if dense else "")
             print(
-                f"{launches:>8} {label:>9} {r['events']:>8} {r['render_s']:>9.2f} {r['rss_mib']:>13.0f} "
+                f"{launches:>8} {label:>9} {r['events']:>8} {r['render_s']:>9.2f} {r['cpu_s']:>6.2f} {r['rss_mib']:>13.0f} "
                 f"{r['html_mb']:>8.2f}",
                 flush=True,
             )
