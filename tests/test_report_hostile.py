@@ -346,3 +346,19 @@ def test_fuzzed_stores_never_abort_the_report_the_live_page_or_the_server(
         for path in ("/", "/metrics"):
             head = _raw_get(port, path).split(b"\r\n", 1)[0]
             assert head == b"HTTP/1.0 200 OK", (path, head)
+
+
+def test_a_store_holding_every_step_tells_the_same_facts_as_one_spotsafe_wrote(tmp_path: Path) -> None:
+    """Objects denser than the writer keeps are thinned on read as the writer would: same facts, a fraction of the cost."""
+    sampled, dense = tmp_path / "sampled", tmp_path / "dense"
+    write_story(sampled, launches=3, steps=30_000, checkpoint_every=1000)
+    write_story(dense, launches=3, steps=30_000, checkpoint_every=1000, dense=True)
+    a, events_a = StoreReport(LocalStore(sampled)).build()
+    b, events_b = StoreReport(LocalStore(dense)).build()
+    for key in ("steps", "steps_lost", "complete", "problems"):
+        assert a[key] == b[key], key
+    for la, lb in zip(a["launches"], b["launches"], strict=True):
+        for key in ("resumed_step", "last_step", "steps_redone", "checkpoints", "first_step_at"):
+            assert la[key] == lb[key], key
+    assert [i["step"] for i in a["interruptions"]] == [i["step"] for i in b["interruptions"]]
+    assert len(events_b) < 2 * len(events_a)  # not the 30,000 step events the store holds
