@@ -8,7 +8,7 @@
   unreachable bucket) or bad arguments, with one line naming the cause;
 - ``spotsafe report STORE [-o report.html] [--json] [--serve]``: the run's story
   (launches, interruptions, redone steps, checkpoints, cost) from the store alone;
-- ``spotsafe resume|volume|simulate|report ...``: delegate to ``python -m spotsafe.<name>``.
+- ``spotsafe resume|volume|simulate|report|k8s|skypilot ...``: delegate to ``python -m spotsafe.<name>``.
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ _DELEGATES = {
         "spotsafe.rehearsal.cli",
         "serve a simulated AWS/GCP/Azure metadata endpoint; rehearse an interruption",
     ),
+    "k8s": ("spotsafe.engines.k8s", "print a Kubernetes Job/JobSet for spot node pools (| kubectl apply -f -)"),
+    "skypilot": ("spotsafe.engines.skypilot", "print a SkyPilot task file for sky jobs launch"),
 }
 
 

@@ -215,7 +215,7 @@ class EventLog:
 
     def record(self, kind: str, *, urgent: bool = False, **fields: Any) -> None:
         """Buffer one event (``kind`` and ``fields``, stamped with the time); ``urgent`` writes it soon."""
-        if not self.enabled and not (self.rank and kind in RANK_KINDS):
+        if not self._records or (not self.enabled and kind not in RANK_KINDS):
             return
         self._queue.append({"kind": kind, "time": time.time(), **fields})
         if kind == "exit":
@@ -394,6 +394,19 @@ class EventLog:
         if not self._records:
             return True
         return self._write()
+
+    def abandon(self) -> None:
+        """Stop recording and write nothing more, not even what is buffered: the store is another writer's now.
+
+        What a fenced run calls (a newer writer generation owns the store): its story goes on
+        in the events file only.
+        """
+        self.enabled = False
+        self._records = False  # a rank-only log too: nothing recorded, nothing written by close()
+        with self._write_lock:  # a write in flight finishes; nothing after it
+            self._queue.clear()
+            self._files.clear()
+        self.close()
 
     def close(self) -> None:
         """Write what is left and stop the writer thread."""
