@@ -29,6 +29,7 @@ from spotsafe.story.facts import StoreReport
 from spotsafe.story.html import MAX_IMAGES
 from spotsafe.story.live import LIVE_REPORT, LivePage, build_page, make_server
 from spotsafe.story.validate import MAX_EVENTS_OBJECT_BYTES, MAX_MEDIA_BYTES
+from tests.chromium import PLOTS_READY, chromium_binary, render
 from tests.story_stores import launch_id, png, write_story
 
 pytest.importorskip("plotly")
@@ -362,3 +363,16 @@ def test_a_store_holding_every_step_tells_the_same_facts_as_one_spotsafe_wrote(t
             assert la[key] == lb[key], key
     assert [i["step"] for i in a["interruptions"]] == [i["step"] for i in b["interruptions"]]
     assert len(events_b) < 2 * len(events_a)  # not the 30,000 step events the store holds
+
+
+@pytest.mark.skipif(chromium_binary() is None, reason="chromium is not installed (.ci/run installs it)")
+def test_the_live_page_draws_offline_with_plotly_beside_it(tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    write_story(root, launches=5, steps=2000, images=6, checkpoint_every=100)
+    page = LivePage(LocalStore(root), every=3600)
+    assert page.refresh(), page.last_error
+    got = render(root / LIVE_REPORT, ready=PLOTS_READY)
+    assert got.errors == []
+    js = next(root.glob("plotly-*.min.js")).resolve().as_uri()
+    fetched = sorted(r for r in got.requests if not r.startswith("data:"))
+    assert fetched == sorted([(root / LIVE_REPORT).resolve().as_uri(), js])  # the page and plotly beside it, no network
