@@ -392,11 +392,10 @@ def test_run_under_torchrun_notice_on_one_rank_resume_bit_identical_and_on_one_r
     data = bytearray(damaged.read_bytes())
     data[len(data) // 2] ^= 0xFF
     damaged.write_bytes(bytes(data))
-    previous = max(
-        int(p.name[5:])
-        for p in (cut / "store").glob("step-*")
-        if int(p.name[5:]) < step and (p / "manifest.json").exists()
-    )
+    from spotsafe.checkpoint.catalog import Catalog
+
+    # the newest committed checkpoint before the damaged one (directory names carry the writer generation)
+    previous = max(info.step for info in Catalog(LocalStore(cut / "store")).list() if info.step < step)
 
     # resumed on 2 ranks (from the previous checkpoint): bit-identical to the uninterrupted run
     proc = torchrun("run_ddp.py", cut / "out", cut / "store", 0, -1)
