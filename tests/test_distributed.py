@@ -364,6 +364,15 @@ def test_run_under_torchrun_notice_on_one_rank_resume_bit_identical_and_on_one_r
     assert saved[0] == saved[1]
     step = saved[0]
     assert notice_step <= step <= notice_step + 1  # agree_every=1: async, bound 1 step
+    # the run's story has every rank's view: its notice, its checkpoints' stall and persist
+    from spotsafe.story.facts import StoreReport
+
+    facts, _ = StoreReport(LocalStore(cut / "store")).build()
+    ranks = {r["rank"]: r for r in facts["ranks"]}
+    assert sorted(ranks) == [0, 1], facts["ranks"]
+    assert [n["step"] for n in ranks[1]["notices"]] == [step] == [n["step"] for n in ranks[0]["notices"]]
+    assert ranks[1]["checkpoints"] == ranks[0]["checkpoints"] >= 1
+    assert ranks[1]["persist_s"]["count"] >= 1 and facts["problems"] == []
     manifest = json.loads((checkpoint_dir(cut / "store", step) / "manifest.json").read_text())
     assert manifest["reason"] == "notice"
     assert manifest["world_size"] == 2
@@ -383,11 +392,10 @@ def test_run_under_torchrun_notice_on_one_rank_resume_bit_identical_and_on_one_r
     data = bytearray(damaged.read_bytes())
     data[len(data) // 2] ^= 0xFF
     damaged.write_bytes(bytes(data))
-    previous = max(
-        int(p.name[5:17])
-        for p in (cut / "store").glob("step-*")
-        if int(p.name[5:17]) < step and (p / "manifest.json").exists()
-    )
+    from spotsafe.checkpoint.catalog import Catalog
+
+    # the newest committed checkpoint before the damaged one (directory names carry the writer generation)
+    previous = max(info.step for info in Catalog(LocalStore(cut / "store")).list() if info.step < step)
 
     # resumed on 2 ranks (from the previous checkpoint): bit-identical to the uninterrupted run
     proc = torchrun("run_ddp.py", cut / "out", cut / "store", 0, -1)

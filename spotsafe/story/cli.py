@@ -9,7 +9,8 @@
 It reads the events every launch kept under ``events/`` (:mod:`spotsafe.story.events`),
 the completion marker and the images under ``media/``, and never takes a writer's
 lease or writes anything (except ``-o`` where asked). The HTML embeds plotly.js and
-every image: it opens offline and fetches nothing at view time. The same store, or
+every image: it opens offline and fetches nothing at view time. ``--serve`` binds to
+127.0.0.1 unless ``--host`` says otherwise, and also answers ``/metrics`` (Prometheus). The same store, or
 a copy of it, gives the same bytes. The facts are :mod:`spotsafe.story.facts`, the
 page :mod:`spotsafe.story.html`, the live page and the server :mod:`spotsafe.story.live`.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -27,8 +29,8 @@ from spotsafe.storage.base import Store
 from spotsafe.storage.registry import open_store
 from spotsafe.story.cost import Prices
 from spotsafe.story.facts import StoreReport
-from spotsafe.story.html import render_html, require_plotly
-from spotsafe.story.live import embedded_images, make_server
+from spotsafe.story.html import require_plotly
+from spotsafe.story.live import build_page, make_server
 
 __all__ = ["main"]
 
@@ -43,6 +45,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print the facts as JSON instead of writing HTML")
     parser.add_argument("--serve", action="store_true", help="serve the report locally; the page refreshes itself")
     parser.add_argument("--port", type=int, default=8765, help="port for --serve (default 8765; 0: any free one)")
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address --serve binds to (default 127.0.0.1: this machine only; 0.0.0.0 shows the run's story, "
+        "store URL and host names to anyone who can reach the port, without authentication)",
+    )
     parser.add_argument("--refresh", type=float, default=30.0, help="seconds between page refreshes with --serve")
     parser.add_argument("--spot-price", type=float, help="USD per instance-hour of every launch")
     parser.add_argument(
@@ -84,9 +92,19 @@ def _storage_options(parser: argparse.ArgumentParser, args: argparse.Namespace) 
 
 def _serve(store: Store, args: argparse.Namespace, prices: Prices | None) -> int:
     require_plotly()
-    server = make_server(store, port=args.port, refresh_seconds=args.refresh, prices=prices)
+    server = make_server(store, host=args.host, port=args.port, refresh_seconds=args.refresh, prices=prices)
     port = server.server_address[1]
-    print(f"spotsafe report: serving {store.url} at http://127.0.0.1:{port}/ (Ctrl-C stops)", flush=True)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(
+            f"spotsafe report: listening on {args.host}: anyone who can reach port {port} reads this run's story "
+            "(no authentication; put it behind a proxy that has some)",
+            file=sys.stderr,
+        )
+    print(
+        f"spotsafe report: serving {store.url} at http://{args.host}:{port}/ and its metrics at /metrics "
+        "(Ctrl-C stops)",
+        flush=True,
+    )
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -99,12 +117,13 @@ def _serve(store: Store, args: argparse.Namespace, prices: Prices | None) -> int
 def _report(store: Store, args: argparse.Namespace, prices: Prices | None) -> int:
     """The facts as JSON (``--json``), else the HTML page written to ``-o``."""
     report = StoreReport(store)
-    facts, events = report.build(prices, lookup=args.lookup_prices)
     if args.json:
+        facts, _ = report.build(prices, lookup=args.lookup_prices)
         print(json.dumps(facts, indent=1, sort_keys=True))
+        sys.stdout.flush()
         return 0
     output = args.output or "report.html"
-    page = render_html(facts, events, embedded_images(report, events))
+    facts, _, page = build_page(report, prices, lookup=args.lookup_prices)
     with open(output, "w", encoding="utf-8") as f:
         f.write(page)
     print(
@@ -113,6 +132,16 @@ def _report(store: Store, args: argparse.Namespace, prices: Prices | None) -> in
         f"at step {facts['steps']}"
     )
     return 0
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null: the interpreter's last flush at exit must not hit the closed pipe again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout is no file (a test's capture): nothing to flush at exit
+        pass
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -127,6 +156,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return _serve(store, args, prices) if args.serve else _report(store, args, prices)
+    except BrokenPipeError:  # `spotsafe report … --json | head`: the reader has what it wanted
+        _quiet_stdout()
+        return 0
     except (SpotsafeError, ValueError, OSError) as e:
         print(f"spotsafe report: {e}", file=sys.stderr)
         return 2

@@ -44,9 +44,10 @@ from datetime import datetime, timezone
 from typing import Any
 
 from spotsafe.cloud.aws.metadata import AWSMetadata
-from spotsafe.errors import CheckpointCorrupt, CheckpointNotFound, FormatVersionError, MetadataError, SpotsafeError
+from spotsafe.errors import CheckpointCorrupt, FormatVersionError, MetadataError, SpotsafeError
 from spotsafe.settings import Settings
 from spotsafe.storage.base import Store
+from spotsafe.story.validate import MAX_EVENTS_OBJECT_BYTES, Invalid, check_event
 
 __all__ = [
     "EVENTS_DIR",
@@ -71,8 +72,12 @@ DEFAULT_FLUSH_EVERY = 10.0
 DENSE_STEPS = 1000
 #: A step's metrics are kept at least this often (seconds), whatever the stride.
 POINT_EVERY_SECONDS = 60.0
+#: At most this many events go into one object (a reader refuses objects over 16 MiB).
+MAX_EVENTS_PER_OBJECT = 20_000
 
-_OBJECT = re.compile(r"^(?P<launch>\d{8}T\d{9}Z-[0-9a-f]{8})-(?P<seq>\d{6})\.json$")
+_OBJECT = re.compile(r"^(?P<launch>\d{8}T\d{9}Z-[0-9a-f]{8})(?:-r(?P<rank>\d{4}))?-(?P<seq>\d{6})\.json$")
+#: What a rank other than 0 records (in objects of its own, ``<launch>-rNNNN-<seq>.json``).
+RANK_KINDS = ("notice", "durable", "checkpoint")
 
 
 def new_launch_id(now: float | None = None) -> str:
@@ -153,7 +158,10 @@ class EventLog:
     ``urgent=True``). :meth:`flush` writes what is buffered now, on the caller's
     thread; :meth:`close` writes the rest and stops the thread. A failed write is
     logged and retried with the next batch; it never reaches the training loop.
-    ``enabled=False`` gives a log that records nothing (ranks other than 0).
+    ``enabled=False`` gives a log that records nothing; with ``rank`` > 0 it records only
+    that rank's own view (:data:`RANK_KINDS`: its notice, durable and checkpoint stall and
+    persist) in objects named ``<launch>-rNNNN-<seq>.json``, which readers before these
+    were written ignore.
     """
 
     def __init__(
@@ -163,6 +171,7 @@ class EventLog:
         launch: str | None = None,
         flush_every: float = DEFAULT_FLUSH_EVERY,
         enabled: bool = True,
+        rank: int = 0,
     ) -> None:
         if flush_every <= 0:
             raise ValueError(f"flush_every must be > 0 seconds, not {flush_every!r}")
@@ -170,6 +179,9 @@ class EventLog:
         self.launch = launch or new_launch_id()
         self.flush_every = float(flush_every)
         self.enabled = enabled
+        #: The rank whose view a rank-only log records (0: the full log, or none).
+        self.rank = rank if not enabled else 0
+        self._records = enabled or self.rank > 0
         #: The status of the exit recorded, once one is.
         self.exit_status: str | None = None
         self._queue: deque[dict[str, Any]] = deque()
@@ -190,9 +202,9 @@ class EventLog:
         # checkpoints whose background persist has not been seen finishing yet
         self._pending_saves: dict[int, dict[str, Any]] = {}
         self._saves_lock = threading.Lock()
-        self._saves_source: Callable[[], tuple[int, Mapping[str, float], int] | None] | None = None
+        self._saves_source: Callable[[], tuple[int | None, Mapping[str, float], int | None] | None] | None = None
         self._thread: threading.Thread | None = None
-        if enabled:
+        if self._records:
             self._thread = threading.Thread(target=self._loop, name=f"spotsafe-events({store.url})", daemon=True)
             self._thread.start()
 
@@ -203,7 +215,7 @@ class EventLog:
 
     def record(self, kind: str, *, urgent: bool = False, **fields: Any) -> None:
         """Buffer one event (``kind`` and ``fields``, stamped with the time); ``urgent`` writes it soon."""
-        if not self.enabled:
+        if not self._records or (not self.enabled and kind not in RANK_KINDS):
             return
         self._queue.append({"kind": kind, "time": time.time(), **fields})
         if kind == "exit":
@@ -239,12 +251,12 @@ class EventLog:
 
     def before_save(self) -> None:
         """Call before a save starts: the previous one has finished, so its persist time is known now."""
-        if self.enabled:
+        if self._records:
             self._collect_saves()
 
     def checkpoint(self, step: int, *, epoch: int | None, reason: str, stall_s: float) -> None:
         """A save of ``step`` started (``stall_s``: the time the loop was blocked)."""
-        if not self.enabled:
+        if not self._records:
             return
         record = {"step": step, "epoch": epoch, "reason": reason, "stall_s": round(stall_s, 6), "started": time.time()}
         with self._saves_lock:
@@ -252,8 +264,12 @@ class EventLog:
         if reason != "periodic":
             self._wake.set()
 
-    def watch_saves(self, source: Callable[[], tuple[int, Mapping[str, float], int] | None]) -> None:
-        """``source()`` gives (step, timings, bytes) of the last save that finished, or None."""
+    def watch_saves(self, source: Callable[[], tuple[int | None, Mapping[str, float], int | None] | None]) -> None:
+        """``source()`` gives (step, timings, bytes) of the last save that finished, or None.
+
+        A step of None: the oldest save still pending finished (a rank that does not commit
+        learns only that its own files are written); bytes None: not known.
+        """
         self._saves_source = source
 
     def record_identity(self) -> None:
@@ -293,6 +309,8 @@ class EventLog:
         if done is None:
             return
         step, timings, nbytes = done
+        if step is None:
+            step = min(self._pending_saves)
         for pending in sorted(self._pending_saves):
             if pending > step:
                 break
@@ -300,13 +318,15 @@ class EventLog:
             fields: dict[str, Any] = dict(record)
             if pending == step:
                 persist = float(timings.get("write_s", 0.0)) + float(timings.get("commit_s", 0.0))
-                fields.update(persist_s=round(persist, 6), bytes=int(nbytes), durable=True)
+                fields.update(persist_s=round(persist, 6), durable=True)
+                if nbytes is not None:
+                    fields["bytes"] = int(nbytes)
             self._queue.append({"kind": "checkpoint", "time": record["started"], **fields})
 
     def _batch(self) -> list[dict[str, Any]]:
         self._collect_saves()
         batch: list[dict[str, Any]] = []
-        while True:
+        while len(batch) < MAX_EVENTS_PER_OBJECT:
             try:
                 batch.append(self._queue.popleft())
             except IndexError:
@@ -317,7 +337,7 @@ class EventLog:
         return batch
 
     def _write(self) -> bool:
-        """Write what is buffered as one new object. True when nothing is left unwritten."""
+        """Write what is buffered as new objects (files first). True when nothing is left unwritten."""
         with self._write_lock:
             ok = True
             while self._files:
@@ -329,31 +349,37 @@ class EventLog:
                     ok = False
                     break
                 self._files.popleft()
-            batch = self._batch()
-            if not batch:
-                return ok
-            name = f"{EVENTS_DIR}/{self.launch}-{self._seq:06d}.json"
-            doc = {
-                "format": EVENTS_FORMAT,
-                "format_version": EVENTS_FORMAT_VERSION,
-                "launch": self.launch,
-                "seq": self._seq,
-                "events": batch,
-            }
-            try:
-                data = json.dumps(doc, default=_json_default, separators=(",", ":")).encode()
-                self.store.commit_file(name, data)
-            except Exception as e:  # noqa: BLE001 - kept and retried with the next batch; training goes on
-                if not self._failing:
-                    log.warning("spotsafe events: could not write %s/%s (will retry): %s", self.store.url, name, e)
-                self._failing = True
-                self._queue.extendleft(reversed([ev for ev in batch if ev["kind"] != "progress"]))
-                if batch[-1]["kind"] == "progress":
-                    self._recorded_step = 0  # the next batch records where the run is then
-                return False
-            self._failing = False
-            self._seq += 1
-            return ok
+            return self._write_events() and ok
+
+    def _write_events(self) -> bool:
+        """Write one object of buffered events (and the next while more are buffered)."""
+        batch = self._batch()
+        if not batch:
+            return True
+        name = f"{EVENTS_DIR}/{self.launch}{f'-r{self.rank:04d}' if self.rank else ''}-{self._seq:06d}.json"
+        doc = {
+            "format": EVENTS_FORMAT,
+            "format_version": EVENTS_FORMAT_VERSION,
+            "launch": self.launch,
+            "seq": self._seq,
+            "events": batch,
+        }
+        try:
+            data = json.dumps(doc, default=_json_default, separators=(",", ":")).encode()
+            self.store.commit_file(name, data)
+        except Exception as e:  # noqa: BLE001 - kept and retried with the next batch; training goes on
+            if not self._failing:
+                log.warning("spotsafe events: could not write %s/%s (will retry): %s", self.store.url, name, e)
+            self._failing = True
+            self._queue.extendleft(reversed([ev for ev in batch if ev["kind"] != "progress"]))
+            if batch[-1]["kind"] == "progress":
+                self._recorded_step = 0  # the next batch records where the run is then
+            return False
+        self._failing = False
+        self._seq += 1
+        if self._queue:  # more than one object's worth was buffered: the rest in the next ones
+            return self._write_events()
+        return True
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -365,7 +391,7 @@ class EventLog:
 
     def flush(self) -> bool:
         """Write everything buffered now (on this thread). True when it all reached the store."""
-        if not self.enabled:
+        if not self._records:
             return True
         return self._write()
 
@@ -376,6 +402,7 @@ class EventLog:
         in the events file only.
         """
         self.enabled = False
+        self._records = False  # a rank-only log too: nothing recorded, nothing written by close()
         with self._write_lock:  # a write in flight finishes; nothing after it
             self._queue.clear()
             self._files.clear()
@@ -390,77 +417,154 @@ class EventLog:
         self._wake.set()
         if self._thread is not None:
             self._thread.join()
-        if self.enabled:
+        if self._records:
             self._write()
 
 
 # -- reading ----------------------------------------------------------------------
 
 
-def _parse(name: str, data: bytes | memoryview, where: str) -> list[dict[str, Any]]:
+#: Problems listed per damaged object, at most (then how many more).
+_PROBLEMS_PER_OBJECT = 5
+
+
+def _parse(name: str, data: bytes | memoryview, where: str) -> tuple[list[dict[str, Any]], list[str]]:
+    """The good events of one object, and what was wrong with the others (CheckpointCorrupt: none usable)."""
     try:
         doc = json.loads(bytes(data))
-    except ValueError as e:
-        raise CheckpointCorrupt(f"{where}: not valid JSON ({e})") from e
+    except (ValueError, RecursionError) as e:  # RecursionError: nesting deeper than the parser goes
+        raise CheckpointCorrupt(f"{where}: not valid JSON ({type(e).__name__}: {str(e)[:200]})") from e
     if not isinstance(doc, dict) or doc.get("format") != EVENTS_FORMAT:
         raise CheckpointCorrupt(f"{where}: not a spotsafe events object")
     version = doc.get("format_version")
-    if not isinstance(version, int) or version > EVENTS_FORMAT_VERSION:
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise CheckpointCorrupt(f"{where}: 'format_version' is not an integer")
+    if version > EVENTS_FORMAT_VERSION:
         raise FormatVersionError(
             f"{where}: events format version {version!r} is newer than supported ({EVENTS_FORMAT_VERSION})"
         )
     events = doc.get("events")
-    if not isinstance(events, list) or not all(isinstance(e, dict) for e in events):
-        raise CheckpointCorrupt(f"{where}: 'events' is not a list of objects")
+    if not isinstance(events, list):
+        raise CheckpointCorrupt(f"{where}: 'events' is not a list")
     m = _OBJECT.match(name)
-    launch, seq = (m.group("launch"), int(m.group("seq"))) if m else (str(doc.get("launch")), int(doc.get("seq", 0)))
-    return [{**e, "launch": launch, "seq": seq, "index": i} for i, e in enumerate(events)]
+    launch, seq = (m.group("launch"), int(m.group("seq"))) if m else ("?", 0)
+    rank = int(m.group("rank")) if m and m.group("rank") else 0  # from the name: an event cannot claim a rank
+    good: list[dict[str, Any]] = []
+    bad: list[str] = []
+    skip = _denser_than_kept(events)
+    for i, event in enumerate(events):
+        if i in skip:
+            continue
+        try:
+            checked = check_event(event)
+        except Invalid as why:
+            kind = event.get("kind") if isinstance(event, dict) else None
+            bad.append(f"event {i} ({kind[:64] if isinstance(kind, str) else '?'}): {why}")
+            continue
+        if rank and checked["kind"] not in RANK_KINDS:
+            bad.append(f"event {i} ({checked['kind'][:64]}): not a kind rank {rank} records")
+            continue
+        checked.pop("rank", None)
+        checked.update(launch=launch, seq=seq, index=i)  # in place: the parsed dict is ours (no copy per event)
+        if rank:
+            checked["rank"] = rank
+        good.append(checked)
+    return good, bad
+
+
+#: An object with more step events than this holds steps denser than the writer keeps them.
+DENSE_OBJECT_STEPS = 5000
+
+
+def _denser_than_kept(events: Sequence[Any]) -> set[int]:
+    """Step events to leave out of an object that holds every step (a store written by another tool).
+
+    Kept as spotsafe's writer keeps them (:func:`stride`), and always the first-of-launch,
+    the object's first and last step event and its furthest step: the facts come out as
+    from a store spotsafe wrote, at a fraction of the memory and time. Objects of up to
+    :data:`DENSE_OBJECT_STEPS` step events are read whole.
+    """
+    steps = [
+        (i, e["step"])
+        for i, e in enumerate(events)
+        if isinstance(e, dict) and e.get("kind") == "step" and type(e.get("step")) is int and not e.get("first")
+    ]
+    if len(steps) <= DENSE_OBJECT_STEPS:
+        return set()
+    keep = {steps[0][0], steps[-1][0], max(steps, key=lambda p: p[1])[0]}
+    return {i for i, step in steps if step >= 0 and step % stride(step) != 0 and i not in keep}
+
+
+def _problem(bad: Sequence[str]) -> str:
+    shown = "; ".join(bad[:_PROBLEMS_PER_OBJECT])
+    more = len(bad) - _PROBLEMS_PER_OBJECT
+    return f"{shown}; and {more} more event(s) skipped" if more > 0 else shown
 
 
 class EventReader:
     """Reads a store's events; objects already read are kept (they never change).
 
-    :meth:`read` lists ``events/`` and reads only the objects it has not seen, in
-    parallel. Never takes a lease, never writes. Damaged objects are skipped and
-    named in :attr:`problems`.
+    :meth:`read` lists ``events/`` (names and sizes, one listing) and reads only the
+    objects it has not seen, in parallel. Never takes a lease, never writes. An object
+    that cannot be read or parsed, or is larger than
+    :data:`~spotsafe.story.validate.MAX_EVENTS_OBJECT_BYTES`, is skipped; an event that
+    fails :func:`~spotsafe.story.validate.check_event` is dropped; both are named in
+    :attr:`problems` (object name → why). Only a newer format version raises.
     """
 
     def __init__(self, store: Store, *, parallel: int = 16) -> None:
         self.store = store
         self.parallel = parallel
         self._cache: dict[str, list[dict[str, Any]]] = {}
-        #: Objects that could not be read, with why.
+        #: Objects that could not be read, or held events that were dropped, with why.
         self.problems: dict[str, str] = {}
 
+    def _load(self, name: str, size: int | None) -> tuple[list[dict[str, Any]] | None, str | None]:
+        where = f"{self.store.url.rstrip('/')}/{EVENTS_DIR}/{name}"
+        if size is None:
+            return None, "not a regular file inside the store; not read"
+        if size > MAX_EVENTS_OBJECT_BYTES:
+            return [], f"{size} bytes, more than an events object may hold ({MAX_EVENTS_OBJECT_BYTES}); not read"
+        try:
+            data = self.store.read_file(f"{EVENTS_DIR}/{name}")
+            if len(data) > MAX_EVENTS_OBJECT_BYTES:
+                return [], f"{len(data)} bytes, more than an events object may hold; not read"
+            good, bad = _parse(name, data, where)
+        except FormatVersionError:
+            raise
+        except CheckpointCorrupt as e:  # its content: the same next time
+            return [], str(e)
+        except (SpotsafeError, OSError, ValueError) as e:  # reading it: tried again next time
+            return None, str(e)
+        return good, _problem(bad) if bad else None
+
     def read(self) -> list[dict[str, Any]]:
-        """Every event in the store, in time order (then launch, object and position)."""
+        """Every good event in the store, in time order (then launch, object and position)."""
         names = sorted(n for n in self.store.listdir(EVENTS_DIR) if _OBJECT.match(n))
-        todo = [n for n in names if n not in self._cache]
-
-        def load(name: str) -> tuple[str, list[dict[str, Any]] | SpotsafeError]:
-            where = f"{self.store.url.rstrip('/')}/{EVENTS_DIR}/{name}"
-            try:
-                return name, _parse(name, self.store.read_file(f"{EVENTS_DIR}/{name}"), where)
-            except FormatVersionError:
-                raise
-            except (CheckpointCorrupt, CheckpointNotFound) as e:
-                return name, e
-
+        todo = [n for n in names if n not in self._cache]  # a damaged one is kept as empty: read once
         if todo:
-            results: Iterable[tuple[str, list[dict[str, Any]] | SpotsafeError]]
+            sizes = self.store.file_sizes(EVENTS_DIR)
+
+            def load(name: str) -> tuple[str, tuple[list[dict[str, Any]] | None, str | None]]:
+                return name, self._load(name, sizes.get(name))
+
+            results: Iterable[tuple[str, tuple[list[dict[str, Any]] | None, str | None]]]
             if len(todo) > 1 and self.parallel > 1:
                 with ThreadPoolExecutor(min(self.parallel, len(todo)), thread_name_prefix="spotsafe-events-read") as ex:
                     results = list(ex.map(load, todo))
             else:
                 results = [load(n) for n in todo]
-            for name, got in results:
-                if isinstance(got, SpotsafeError):
-                    log.warning("spotsafe events: skipping %s: %s", name, got)
-                    self.problems[name] = str(got)
+            for name, (got, why) in results:
+                if why is not None:
+                    if name not in self.problems:
+                        log.warning("spotsafe events: %s: %s", name, why)
+                    self.problems[name] = why
                 else:
+                    self.problems.pop(name, None)
+                if got is not None:
                     self._cache[name] = got
         events = [e for n in names for e in self._cache.get(n, [])]
-        events.sort(key=lambda e: (float(e.get("time") or 0.0), e["launch"], e["seq"], e["index"]))
+        events.sort(key=lambda e: (float(e["time"]), e["launch"], e.get("rank", 0), e["seq"], e["index"]))
         return events
 
 

@@ -10,15 +10,16 @@ writer's lease or writing anything.
 from __future__ import annotations
 
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from spotsafe.checkpoint.completion import read_completion
-from spotsafe.errors import CheckpointNotFound
 from spotsafe.storage.base import Store
 from spotsafe.story.cost import Prices, cost_of, look_up
 from spotsafe.story.events import EventReader
 from spotsafe.story.formats import rounded
+from spotsafe.story.ranks import rank_facts, split_ranks
+from spotsafe.story.validate import read_media
 
 __all__ = ["REPORT_FORMAT", "REPORT_FORMAT_VERSION", "StoreReport", "build_facts"]
 
@@ -234,6 +235,7 @@ def build_facts(
     problems: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The run's facts (what ``--json`` prints) from its events and completion marker."""
+    events, rank_events = split_ranks(events)  # other ranks' views: `ranks`, not the launches
     by_launch = _events_by_launch(events)
     launches: list[dict[str, Any]] = []
     checkpoints: list[Event] = []
@@ -268,6 +270,7 @@ def build_facts(
         "checkpoints": _checkpoint_facts(checkpoints),
         "cost": cost_of(launches, max(training_s, 0.0), prices),
         "problems": list(problems),
+        "ranks": rank_facts(events, rank_events, launches),
     }
 
 
@@ -278,17 +281,37 @@ class StoreReport:
         self.store = store
         self.reader = EventReader(store)
         self._images: dict[str, bytes] = {}
+        #: Images the page wanted but could not show, with why (only those of the current page).
+        self.image_problems: dict[str, str] = {}
 
     def completion(self) -> dict[str, Any] | None:
         return read_completion(self.store)
 
     def image(self, path: str) -> bytes | None:
+        """The PNG at ``path`` under ``media/``, read through the store's safe reads (capped), or None.
+
+        Why one was not read is kept in :attr:`image_problems`.
+        """
         if path not in self._images:
-            try:
-                self._images[path] = bytes(self.store.read_file(path))
-            except CheckpointNotFound:
+            data, why = read_media(self.store, path)
+            if data is None:
+                self.image_problems[path] = str(why)
                 return None
+            self.image_problems.pop(path, None)
+            self._images[path] = data
         return self._images[path]
+
+    @property
+    def images_held(self) -> int:
+        """How many images the cache holds now."""
+        return len(self._images)
+
+    def keep_images(self, paths: Collection[str]) -> None:
+        """Forget every image but ``paths`` (the ones the current page shows): the cache stays bounded."""
+        for path in [p for p in self._images if p not in paths]:
+            del self._images[path]
+        for path in [p for p in self.image_problems if p not in paths]:
+            del self.image_problems[path]
 
     def build(
         self, prices: Prices | None = None, *, lookup_client: Any = None, lookup: bool = False

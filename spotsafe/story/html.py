@@ -10,18 +10,23 @@ from __future__ import annotations
 
 import base64
 import html
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from spotsafe.errors import MissingDependency
 from spotsafe.story.formats import fmt_seconds, fmt_usd, iso_utc
 
-__all__ = ["MAX_IMAGES", "MAX_METRICS", "pick_images", "render_html", "require_plotly"]
+__all__ = ["MAX_IMAGES", "MAX_METRICS", "pick_images", "plotly_js", "render_html", "require_plotly", "thin"]
 
 #: At most this many images are embedded (evenly spread over the run, the last always in).
 MAX_IMAGES = 24
 #: At most this many metrics get a curve.
 MAX_METRICS = 8
+#: The metric curves of the page hold about this many points in all (each thinned for display) ...
+MAX_POINTS_PER_FIGURE = 100_000
+#: ... and every curve keeps at least this many.
+MIN_POINTS_PER_CURVE = 400
 
 Event = Mapping[str, Any]
 
@@ -71,156 +76,254 @@ def _metric_names(events: Sequence[Event]) -> list[str]:
     return names[:MAX_METRICS]
 
 
-def _mark_resumes(fig: Any, facts: Mapping[str, Any], rows: int) -> None:
-    """A dotted line where each later launch resumed; red over the steps it trained twice."""
+def _axis(row: int) -> tuple[str, str]:
+    """The x and y axis names of subplot ``row`` (plotly numbers them from the second on)."""
+    return ("x", "y") if row == 1 else (f"x{row}", f"y{row}")
+
+
+def _resume_shapes(facts: Mapping[str, Any], rows: int) -> list[dict[str, Any]]:
+    """A dotted line where each later launch resumed; red over the steps it trained twice.
+
+    Built as plain shape dicts and set in one call: adding them one by one (``add_vline``) costs
+    plotly a pass over every shape already there, which made 100 launches take minutes.
+    """
+    shapes: list[dict[str, Any]] = []
     for launch in facts["launches"][1:]:
         start = launch["resumed_step"]
         if start is None:
             continue
         for r in range(1, rows + 1):
-            fig.add_vline(x=start, line={"color": "#555", "dash": "dot", "width": 1}, row=r, col=1)
-        if launch["steps_redone"]:
-            for r in range(1, rows + 1):
-                fig.add_vrect(
-                    x0=start,
-                    x1=start + launch["steps_redone"],
-                    fillcolor="#d62728",
-                    opacity=0.15,
-                    line_width=0,
-                    row=r,
-                    col=1,
-                )
+            x, y = _axis(r)
+            where = {"xref": x, "yref": f"{y} domain", "y0": 0, "y1": 1}
+            line = {"color": "#555", "dash": "dot", "width": 1}
+            shapes.append({"type": "line", "x0": start, "x1": start, "line": line, **where})
+            if launch["steps_redone"]:
+                end = start + launch["steps_redone"]
+                red = {"fillcolor": "#d62728", "opacity": 0.15, "line": {"width": 0}}
+                shapes.append({"type": "rect", "x0": start, "x1": end, **red, **where})
+    return shapes
 
 
-def _metric_figure(facts: Mapping[str, Any], events: Sequence[Event]) -> Any:
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
+def thin(xs: Sequence[int], ys: Sequence[float], most: int) -> tuple[list[int], list[float]]:
+    """At most about ``most`` points of a curve for display: per bucket its lowest and highest point, in order.
 
+    Spikes survive (a bucket keeps its extremes); the facts never use this.
+    """
+    n = len(xs)
+    if n <= most:
+        return list(xs), list(ys)
+    buckets = max(1, most // 2)
+    out_x: list[int] = []
+    out_y: list[float] = []
+    for b in range(buckets):
+        lo, hi = b * n // buckets, (b + 1) * n // buckets
+        if lo >= hi:
+            continue
+        chunk = range(lo, hi)
+        i_min = min(chunk, key=lambda i: (ys[i] != ys[i], ys[i]))  # nan sorts last
+        i_max = max(chunk, key=lambda i: (ys[i] == ys[i], ys[i]))
+        for i in sorted({i_min, i_max}):
+            out_x.append(xs[i])
+            out_y.append(ys[i])
+    return out_x, out_y
+
+
+def _curves(events: Sequence[Event], names: Sequence[str]) -> dict[str, dict[str, tuple[list[int], list[float]]]]:
+    """Each launch's (steps, values) of each metric, in one pass over the events."""
+    curves: dict[str, dict[str, tuple[list[int], list[float]]]] = {}
+    for e in events:
+        if e.get("kind") != "step":
+            continue
+        metrics = e.get("metrics") or {}
+        per_launch = curves.setdefault(str(e.get("launch")), {})
+        for name in names:
+            v = _number(metrics.get(name))
+            if v is not None:
+                xs, ys = per_launch.setdefault(name, ([], []))
+                xs.append(int(e["step"]))
+                ys.append(v)
+    return curves
+
+
+def _rows_layout(titles: Sequence[str], spacing: float = 0.06) -> dict[str, Any]:
+    """Rows of plots over one shared step axis, titled: what ``make_subplots`` builds, without its cost."""
+    rows = len(titles)
+    height = (1 - spacing * (rows - 1)) / rows
+    layout: dict[str, Any] = {"annotations": []}
+    for r, title in enumerate(titles, start=1):
+        x_axis, y_axis = _axis(r)
+        top = 1 - (r - 1) * (height + spacing)
+        layout["xaxis" + x_axis[1:]] = {
+            "anchor": y_axis,
+            "domain": [0.0, 1.0],
+            **({"matches": "x"} if r > 1 else {}),
+            **({"showticklabels": False} if r < rows else {}),
+        }
+        layout["yaxis" + y_axis[1:]] = {"anchor": x_axis, "domain": [max(0.0, top - height), top]}
+        layout["annotations"].append(
+            {"text": title, "x": 0.5, "xanchor": "center", "xref": "paper", "y": top, "yanchor": "bottom"}
+            | {"yref": "paper", "showarrow": False, "font": {"size": 16}}
+        )
+    return layout
+
+
+def _metric_figure(facts: Mapping[str, Any], events: Sequence[Event]) -> dict[str, Any]:
+    """The metrics across launches, one row per metric: a plain figure dict (no per-trace validation)."""
     names = _metric_names(events)
     rows = max(len(names), 1)
-    fig = make_subplots(
-        rows=rows, cols=1, shared_xaxes=True, vertical_spacing=0.06, subplot_titles=names or ["(no metrics recorded)"]
-    )
-    index = {launch["id"]: launch["index"] for launch in facts["launches"]}
+    layout = _rows_layout(names or ["(no metrics recorded)"])
+    curves = _curves(events, names)
+    most = max(MIN_POINTS_PER_CURVE, MAX_POINTS_PER_FIGURE // max(1, len(facts["launches"]) * rows))
+    data: list[dict[str, Any]] = []
     for r, name in enumerate(names, start=1):
+        x_axis, y_axis = _axis(r)
         for launch in facts["launches"]:
-            xs: list[int] = []
-            ys: list[float] = []
-            for e in events:
-                if e.get("launch") == launch["id"] and e.get("kind") == "step":
-                    v = _number((e.get("metrics") or {}).get(name))
-                    if v is not None:
-                        xs.append(int(e["step"]))
-                        ys.append(v)
-            if not xs:
+            got = curves.get(launch["id"], {}).get(name)
+            if not got:
                 continue
-            i = index[launch["id"]]
-            fig.add_trace(
-                go.Scatter(
-                    x=xs,
-                    y=ys,
-                    mode="lines",
-                    name=f"launch {i + 1}",
-                    legendgroup=f"launch {i + 1}",
-                    showlegend=r == 1,
-                    line={"color": _PALETTE[i % len(_PALETTE)], "width": 1.5},
-                ),
-                row=r,
-                col=1,
+            xs, ys = thin(*got, most)
+            i = launch["index"]
+            data.append(
+                {
+                    "type": "scatter",
+                    "x": xs,
+                    "y": ys,
+                    "mode": "lines",
+                    "name": f"launch {i + 1}",
+                    "legendgroup": f"launch {i + 1}",
+                    "showlegend": r == 1,
+                    "line": {"color": _PALETTE[i % len(_PALETTE)], "width": 1.5},
+                    "xaxis": x_axis,
+                    "yaxis": y_axis,
+                }
             )
-    _mark_resumes(fig, facts, rows)
-    fig.update_xaxes(title_text="step", row=rows, col=1)
-    fig.update_layout(
-        height=220 * rows + 80, margin={"l": 60, "r": 20, "t": 40, "b": 40}, legend={"orientation": "h", "y": 1.05}
+    last_x = "xaxis" if rows == 1 else f"xaxis{rows}"
+    layout[last_x] = {**layout.get(last_x, {}), "title": {"text": "step"}}
+    layout.update(
+        shapes=_resume_shapes(facts, rows),
+        height=220 * rows + 80,
+        margin={"l": 60, "r": 20, "t": 40, "b": 40},
+        legend={"orientation": "h", "y": 1.05},
     )
-    return fig
+    return {"data": data, "layout": layout}
 
 
-def _timeline_figure(facts: Mapping[str, Any]) -> Any:
-    import plotly.graph_objects as go
+def _timeline_marks(facts: Mapping[str, Any]) -> dict[str, list[tuple[str, float]]]:
+    """Every timeline marker by what it marks: (launch label, time)."""
+    marks: dict[str, list[tuple[str, float]]] = {k: [] for k, _ in _MARKS}
+    by_launch: dict[int, list[Mapping[str, Any]]] = {}
+    for interruption in facts["interruptions"]:
+        by_launch.setdefault(interruption["launch"], []).append(interruption)
+    for launch in facts["launches"]:
+        label = f"launch {launch['index'] + 1}"
+        found = [("restored", launch["restored_at"]), ("first step", launch["first_step_at"])]
+        for interruption in by_launch.get(launch["index"], []):
+            found += [
+                ("notice", interruption["notice_at"]),
+                ("durable", interruption["durable_at"]),
+                ("exit", interruption["exit_at"]),
+            ]
+        if launch["exit"] is not None and launch["exit"]["status"] == "complete":
+            found.append(("complete", launch["exit"]["time"]))
+        for what, t in found:
+            if t is not None:
+                marks[what].append((label, t))
+    return marks
 
-    fig = go.Figure()
+
+_MARKS = (
+    ("notice", "x"),
+    ("durable", "diamond"),
+    ("exit", "square"),
+    ("restored", "triangle-right"),
+    ("first step", "circle"),
+    ("complete", "star"),
+)
+
+
+def _timeline_figure(facts: Mapping[str, Any]) -> dict[str, Any]:
+    """One bar per launch and its markers: a trace per colour and one per kind of marker (not per launch)."""
+    data: list[dict[str, Any]] = []
+    bars: dict[int, tuple[list[str | None], list[str | None]]] = {}
     for launch in facts["launches"]:
         i = launch["index"]
         label = f"launch {i + 1}"
-        start, end = launch["billed_from"], launch["ended"]
-        fig.add_trace(
-            go.Scatter(
-                x=[iso_utc(start), iso_utc(end)],
-                y=[label, label],
-                mode="lines",
-                line={"color": _PALETTE[i % len(_PALETTE)], "width": 14},
-                name=label,
-                showlegend=False,
-                hovertemplate=f"{label}<br>%{{x}}<extra></extra>",
-            )
+        xs, ys = bars.setdefault(i % len(_PALETTE), ([], []))
+        xs += [iso_utc(launch["billed_from"]), iso_utc(launch["ended"]), None]
+        ys += [label, label, None]
+    for colour, (xs, ys) in sorted(bars.items()):
+        data.append(
+            {
+                "type": "scatter",
+                "x": xs,
+                "y": ys,
+                "mode": "lines",
+                "line": {"color": _PALETTE[colour], "width": 14},
+                "showlegend": False,
+                "hovertemplate": "%{y}<br>%{x}<extra></extra>",
+                "connectgaps": False,
+            }
         )
-        marks = [
-            ("restored", launch["restored_at"], "triangle-right"),
-            ("first step", launch["first_step_at"], "circle"),
+    marks = _timeline_marks(facts)
+    for what, symbol in _MARKS:
+        points = marks[what]
+        if points:
+            data.append(
+                {
+                    "type": "scatter",
+                    "x": [iso_utc(t) for _, t in points],
+                    "y": [label for label, _ in points],
+                    "mode": "markers",
+                    "marker": {"symbol": symbol, "size": 11, "color": "#222"},
+                    "name": what,
+                    "showlegend": False,
+                    "hovertemplate": f"%{{y}}: {what}<br>%{{x}}<extra></extra>",
+                }
+            )
+    labels = [f"launch {launch['index'] + 1}" for launch in facts["launches"]]
+    layout = {
+        "height": 120 + 40 * max(len(labels), 1) if len(labels) <= 20 else 120 + 14 * len(labels),
+        "margin": {"l": 80, "r": 20, "t": 20, "b": 40},
+        "yaxis": {"autorange": "reversed", "categoryorder": "array", "categoryarray": labels},
+        "xaxis": {"type": "date"},
+    }
+    return {"data": data, "layout": layout}
+
+
+def _checkpoint_figure(events: Sequence[Event]) -> dict[str, Any]:
+    """Stall and persist time of every checkpoint over steps; one pair of series per rank where ranks recorded."""
+    by_rank: dict[int, list[Event]] = {}
+    for e in events:
+        if e.get("kind") == "checkpoint":
+            by_rank.setdefault(int(e.get("rank") or 0), []).append(e)
+    data: list[dict[str, Any]] = []
+    for rank, ckpts in sorted(by_rank.items()) or [(0, [])]:
+        who = f"rank {rank} " if len(by_rank) > 1 else ""
+        done = [c for c in ckpts if isinstance(c.get("persist_s"), (int, float))]
+        data += [
+            {
+                "type": "scatter",
+                "x": [int(c["step"]) for c in ckpts],
+                "y": [float(c.get("stall_s") or 0.0) * 1000 for c in ckpts],
+                "mode": "markers",
+                "name": f"{who}stall (training blocked), ms",
+            },
+            {
+                "type": "scatter",
+                "x": [int(c["step"]) for c in done],
+                "y": [float(c["persist_s"]) * 1000 for c in done],
+                "mode": "markers",
+                "name": f"{who}persist (background), ms",
+            },
         ]
-        for interruption in facts["interruptions"]:
-            if interruption["launch"] == i:
-                marks += [
-                    ("notice", interruption["notice_at"], "x"),
-                    ("durable", interruption["durable_at"], "diamond"),
-                    ("exit", interruption["exit_at"], "square"),
-                ]
-        if launch["exit"] is not None and launch["exit"]["status"] == "complete":
-            marks.append(("complete", launch["exit"]["time"], "star"))
-        for what, t, symbol in marks:
-            if t is None:
-                continue
-            fig.add_trace(
-                go.Scatter(
-                    x=[iso_utc(t)],
-                    y=[label],
-                    mode="markers",
-                    marker={"symbol": symbol, "size": 11, "color": "#222"},
-                    name=what,
-                    showlegend=False,
-                    hovertemplate=f"{label}: {what}<br>%{{x}}<extra></extra>",
-                )
-            )
-    fig.update_layout(
-        height=120 + 40 * max(len(facts["launches"]), 1),
-        margin={"l": 80, "r": 20, "t": 20, "b": 40},
-        yaxis={"autorange": "reversed"},
-        xaxis={"type": "date"},
-    )
-    return fig
-
-
-def _checkpoint_figure(events: Sequence[Event]) -> Any:
-    import plotly.graph_objects as go
-
-    ckpts = [e for e in events if e.get("kind") == "checkpoint"]
-    fig = go.Figure()
-    fig.add_trace(
-        go.Scatter(
-            x=[int(c["step"]) for c in ckpts],
-            y=[float(c.get("stall_s") or 0.0) * 1000 for c in ckpts],
-            mode="markers",
-            name="stall (training blocked), ms",
-        )
-    )
-    done = [c for c in ckpts if isinstance(c.get("persist_s"), (int, float))]
-    fig.add_trace(
-        go.Scatter(
-            x=[int(c["step"]) for c in done],
-            y=[float(c["persist_s"]) * 1000 for c in done],
-            mode="markers",
-            name="persist (background), ms",
-        )
-    )
-    fig.update_layout(
-        height=300,
-        margin={"l": 60, "r": 20, "t": 20, "b": 40},
-        xaxis={"title": {"text": "step"}},
-        yaxis={"title": {"text": "ms"}, "type": "log"},
-        legend={"orientation": "h", "y": 1.1},
-    )
-    return fig
+    layout = {
+        "height": 300,
+        "margin": {"l": 60, "r": 20, "t": 20, "b": 40},
+        "xaxis": {"title": {"text": "step"}},
+        "yaxis": {"title": {"text": "ms"}, "type": "log"},
+        "legend": {"orientation": "h", "y": 1.1},
+    }
+    return {"data": data, "layout": layout}
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -264,13 +367,26 @@ th{background:#f0f0f0}.imgs{display:flex;flex-wrap:wrap;gap:12px}.imgs figure{ma
 """
 
 
-def _figure_html(fig: Any, div_id: str) -> str:
+def _figure_html(fig: dict[str, Any], div_id: str) -> str:
+    """A figure dict as a ``<div>`` and its script; plotly's per-property validation skipped (the dicts are ours)."""
+    import plotly.io
+
     config = {"displaylogo": False, "responsive": True}
-    return str(fig.to_html(full_html=False, include_plotlyjs=False, div_id=div_id, config=config))
+    return str(
+        plotly.io.to_html(fig, validate=False, full_html=False, include_plotlyjs=False, div_id=div_id, config=config)
+    )
 
 
-def _head(refresh_seconds: float | None) -> list[str]:
-    """From the doctype to ``<body>``: the styles and plotly.js inlined; a refresh where asked."""
+def plotly_js() -> tuple[str, str]:
+    """(a file name that says plotly.js's version, its text): the shared copy beside a store's pages."""
+    from plotly.offline import get_plotlyjs, get_plotlyjs_version
+
+    version = re.sub(r"[^0-9A-Za-z.-]", "_", str(get_plotlyjs_version()))
+    return f"plotly-{version}.min.js", str(get_plotlyjs())
+
+
+def _head(refresh_seconds: float | None, plotly_src: str | None) -> list[str]:
+    """From the doctype to ``<body>``: the styles and plotly.js (inlined, or from ``plotly_src``); a refresh."""
     from plotly.offline import get_plotlyjs
 
     parts = [
@@ -283,7 +399,9 @@ def _head(refresh_seconds: float | None) -> list[str]:
     parts += [
         "<title>spotsafe report</title>",
         f"<style>{_CSS}</style>",
-        f'<script type="text/javascript">{get_plotlyjs()}</script>',
+        f'<script type="text/javascript">{get_plotlyjs()}</script>'
+        if plotly_src is None
+        else f'<script type="text/javascript" src="{html.escape(plotly_src)}"></script>',
         "</head><body>",
     ]
     return parts
@@ -432,6 +550,48 @@ def _checkpoints_section(facts: Mapping[str, Any], events: Sequence[Event]) -> l
     ]
 
 
+def _notice_cell(rank: Mapping[str, Any], first: Mapping[int, float]) -> str:
+    """A rank's notices: launch, step, and how long after the first rank's it saw each."""
+    cells = []
+    for n in rank["notices"]:
+        seen = n["detected_at"]
+        lag = "" if seen is None or n["launch"] not in first else f" (+{fmt_seconds(seen - first[n['launch']])})"
+        cells.append(f"launch {n['launch'] + 1}: step {n['step']}{lag}")
+    return "; ".join(cells) or "–"
+
+
+def _ranks_section(facts: Mapping[str, Any]) -> list[str]:
+    """Every rank's notice, stall and persist, where more than rank 0 recorded; what differs is said."""
+    ranks = facts.get("ranks") or []
+    if len(ranks) < 2:
+        return []
+    first: dict[int, float] = {}
+    for rank in ranks:
+        for n in rank["notices"]:
+            if n["detected_at"] is not None:
+                first[n["launch"]] = min(first.get(n["launch"], n["detected_at"]), n["detected_at"])
+    rows = [
+        [
+            rank["rank"],
+            rank["checkpoints"],
+            *(fmt_seconds(rank["stall_s"][k]) for k in ("median", "p95", "max")),
+            *(fmt_seconds(rank["persist_s"][k]) for k in ("median", "p95", "max")),
+            _notice_cell(rank, first),
+        ]
+        for rank in ranks
+    ]
+    names = ["checkpoints", "stall", "stall", "stall", "persist", "persist", "persist", "notice"]
+    differ = sorted({names[c - 1] for c in range(1, 9) if len({str(r[c]) for r in rows}) > 1})
+    header = ["rank", "checkpoints", "stall median", "stall p95", "stall max"]
+    header += ["persist median", "persist p95", "persist max", "notice seen"]
+    return [
+        "<h2>Ranks</h2>",
+        f'<div class="sub">{html.escape("ranks differ in: " + ", ".join(differ) if differ else "every rank agrees")}'
+        " · notice lag: after the first rank that saw it</div>",
+        _table(header, rows),
+    ]
+
+
 def _cost_section(facts: Mapping[str, Any]) -> list[str]:
     """Billed and training hours, spot against on-demand, and where the prices came from."""
     cost = facts["cost"]
@@ -500,16 +660,22 @@ def render_html(
     image_data: Mapping[str, bytes] | None = None,
     *,
     refresh_seconds: float | None = None,
+    plotly_src: str | None = None,
 ) -> str:
-    """The report as one self-contained HTML page (plotly.js and the images inlined)."""
+    """The report as one HTML page with the images inlined; plotly.js too, unless ``plotly_src`` names its file.
+
+    ``plotly_src`` (a relative URL such as ``plotly-3.1.0.min.js``, :func:`plotly_js`) makes the page
+    ~100 KB instead of ~5 MB; the file must then sit beside the page (the live page and ``--serve`` do that).
+    """
     plotly = require_plotly()
     parts = [
-        *_head(refresh_seconds),
+        *_head(refresh_seconds, plotly_src),
         *_summary(facts, events, plotly.__version__),
         *_charts(facts, events),
         _interruptions_table(facts),
         *_launches_section(facts),
         *_checkpoints_section(facts, events),
+        *_ranks_section(facts),
         *_cost_section(facts),
         *_samples_section(events, image_data),
         *_problems_section(facts),

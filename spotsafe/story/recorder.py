@@ -31,6 +31,7 @@ from spotsafe.exitcodes import EXIT_PREEMPTED
 from spotsafe.settings import Settings
 from spotsafe.stopaccount import StopAccount, record_stop
 from spotsafe.story.events import MEDIA_DIR, EventLog, png_bytes, process_start_time
+from spotsafe.story.validate import MAX_MEDIA_BYTES, MEDIA_PATH
 from spotsafe.version import __version__
 
 if TYPE_CHECKING:
@@ -40,6 +41,14 @@ log = logging.getLogger(__name__)
 
 #: At most one ``step`` progress line per this many seconds in the events file.
 STEP_LINE_EVERY_S = 0.25
+
+
+def _env_rank() -> int:
+    """This process's rank as torchrun gives it (``RANK``); 0 when it says nothing usable."""
+    try:
+        return max(0, int(os.environ.get("RANK", "0")))
+    except ValueError:
+        return 0
 
 
 class Recorder:
@@ -67,9 +76,14 @@ class Recorder:
             log.warning("could not write event to %s: %s", self.events_file, e)
 
     def open_log(self, checkpointer: Checkpointer, *, coordinator: bool, world_size: int) -> EventLog:
-        """Open this launch's log in the checkpointer's store (recording only on the ``coordinator``): the launch."""
+        """Open this launch's log in the checkpointer's store: the launch on the ``coordinator``.
+
+        Another rank (torchrun's ``RANK``) keeps a rank-only log: its own notice, durable and
+        checkpoint stall and persist, so the report shows every rank's view where they differ.
+        """
         store = checkpointer.store
-        events = EventLog(store, enabled=coordinator)
+        rank = 0 if coordinator or world_size <= 1 else _env_rank()
+        events = EventLog(store, enabled=coordinator, rank=rank)
         if coordinator:
             events.record(
                 "launch",
@@ -84,11 +98,20 @@ class Recorder:
             )
             events.record_identity()
 
-            def last_save() -> tuple[int, Mapping[str, float], int] | None:
-                info = checkpointer.last_saved
-                return None if info is None else (info.step, checkpointer.last_timings, info.size)
+        def last_save() -> tuple[int | None, Mapping[str, float], int | None] | None:
+            info = checkpointer.last_saved
+            return None if info is None else (info.step, checkpointer.last_timings, info.size)
 
-            events.watch_saves(last_save)
+        seen = [checkpointer.last_timings]
+
+        def own_files_written() -> tuple[int | None, Mapping[str, float], int | None] | None:
+            timings = checkpointer.last_timings  # a new dict once this rank's files of a save are written
+            if timings is seen[0] or not timings:
+                return None
+            seen[0] = timings
+            return None, timings, None
+
+        events.watch_saves(last_save if rank == 0 else own_files_written)
         self.events = events
         return events
 
@@ -116,11 +139,16 @@ class Recorder:
 
     def image(self, tag: str, image: Any, *, step: int, epoch: int) -> str:
         """Keep ``image`` in the store as ``media/<tag>-<step>.png`` (in the background; rank 0 only): its path."""
-        if not tag or not all(c.isalnum() or c in "-_." for c in tag):
-            raise ValueError(f"image tag must be letters, digits, '-', '_' or '.', not {tag!r}")
         path = f"{MEDIA_DIR}/{tag}-{step:012d}.png"
+        if not tag or not MEDIA_PATH.match(path):
+            raise ValueError(f"image tag must be ASCII letters, digits, '-', '_' or '.' (not first), not {tag!r}")
         if self.events is not None and self.events.enabled:
             data = png_bytes(image)
+            if len(data) > MAX_MEDIA_BYTES:
+                raise ValueError(
+                    f"image {tag!r} at step {step} is {len(data)} bytes as a PNG, more than the report reads "
+                    f"({MAX_MEDIA_BYTES}); log a smaller grid"
+                )
             self.events.put_file(path, data)
             self.record("image", tag=tag, path=path, step=step, epoch=epoch, bytes=len(data))
         return path
