@@ -53,6 +53,7 @@ from spotsafe.storage.registry import open_store
 #: Store methods that are not operations on the stored bytes (never paused, never counted).
 LIFECYCLE = frozenset({"set_fence", "set_deadline", "flush", "close", "tiers"})
 
+
 #: The manifest of step ``n`` (legacy ``step-N/manifest.json`` or ``step-N-gG/manifest.json``).
 def manifest_of(step: int) -> str:
     return rf"(^|/)step-0*{step}(-g\d+)?/manifest\.json$"
@@ -385,20 +386,19 @@ class Writer:
             loaded = self.ckpt.last_loaded
             assert loaded is not None
             step = loaded.step
-            self.world.restored.setdefault(self.name, step)
             got = float(state["w"][0])
             expected = {s.value for s in self.world.saves if s.step == step}
-            newer = [s for s in self.world.saves if s.returned and s.step > step]
-            if newer:
-                self.world.errors.append(
-                    f"{self.name} resumed from step {step} although the save of step {newer[0].step} by "
-                    f"{newer[0].writer} (generation {newer[0].generation}) had returned"
-                )
             if got not in expected or not torch.equal(state["w"], torch.full_like(state["w"], got)):
                 self.world.errors.append(
                     f"{self.name} restored step {step} holding {got}, which no save of that step wrote "
                     f"(saves of it: {sorted(expected)})"
                 )
+        newer = [s for s in self.world.saves if s.returned and s.step > step]
+        if newer:
+            self.world.errors.append(
+                f"{self.name} resumed from step {step} although the save of step {newer[-1].step} by "
+                f"{newer[-1].writer} (generation {newer[-1].generation}) had returned"
+            )
         self.world.restored.setdefault(self.name, step)
         return step
 
@@ -415,7 +415,7 @@ class Writer:
                 lease = self.ckpt.lease
                 if lease is None or not lease.held:
                     raise SpotsafeError("superseded before its upload: durable on this volume only")
-        except Exception as e:  # noqa: BLE001 - recorded; a superseded writer's saves fail
+        except Exception as e:  # recorded; a superseded writer's saves fail
             record.error = e
             self.fenced = e
             return False
@@ -427,7 +427,7 @@ class Writer:
         def body() -> None:
             try:
                 script(self)
-            except Exception as e:  # noqa: BLE001 - a fenced writer stops; recorded
+            except Exception as e:  # a fenced writer stops; recorded
                 self.fenced = e
 
         self.thread = threading.Thread(target=body, name=f"writer-{self.name}", daemon=True)
@@ -437,7 +437,7 @@ class Writer:
     def close(self) -> None:
         try:
             self.ckpt.close()
-        except Exception as e:  # noqa: BLE001 - a superseded writer's close may re-raise its save's error
+        except Exception as e:  # a superseded writer's close may re-raise its save's error
             self.fenced = self.fenced or e
 
     def shutdown(self) -> None:
@@ -537,7 +537,7 @@ def _check_view(world: World, store: Store, history: dict[int, Save], adopted: C
             problems.append(f"latest() is {latest and latest.step}, below the newest returned save, step {top}")
         if latest is not None and latest.step in history and value(None) != history[latest.step].value:
             problems.append(f"load() of the latest, step {latest.step}, does not hold its returned save")
-    except Exception as e:  # noqa: BLE001 - a reader failing is a broken store: reported as such
+    except Exception as e:  # a reader failing is a broken store: reported as such
         problems.append(f"reading failed: {type(e).__name__}: {e}")
     return problems
 

@@ -15,14 +15,26 @@ Each test prints how many schedules it ran.
 from __future__ import annotations
 
 import itertools
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
+import spotsafe
+from spotsafe.checkpoint.writer import Checkpointer
+from spotsafe.errors import LeaseTimeout, StoreError, WriterFenced
+from spotsafe.storage.base import Store
+from spotsafe.storage.local import LocalStore
 from tests import schedules as sch
-from tests.helpers import slow_enabled
+from tests.helpers import slow_enabled, stop_child
 
 _prefixes = itertools.count()
 
@@ -90,3 +102,289 @@ def test_three_writers_and_injected_lease_read_errors(
     fresh = make_backend(kind, tmp_path, request, s3_remote=slow and kind == "mirror")
     schedules = sch.three_writer_schedules(kind) + sch.read_error_schedules(kind)
     explore(fresh, schedules, f"{kind}: three writers and lease read errors", capsys)
+
+
+# ----------------------------------------------------------------------------- the six cases of issue 24
+
+
+@pytest.fixture(params=["local", "s3"])
+def shared(request: pytest.FixtureRequest, tmp_path: Path) -> sch.Backend:
+    """One fresh shared store: a local directory or a moto S3 prefix."""
+    return make_backend(request.param, tmp_path, request)()  # type: ignore[no-any-return]
+
+
+def must_hold(world: sch.World, label: str) -> None:
+    problems = sch.check_invariant(world, label)
+    assert not problems, "\n".join(problems) + f"\nthe last operations, in order:\n{world.journal.tail(40)}"
+
+
+def test_case1_a_late_manifest_never_replaces_the_successors_checkpoint(shared: sch.Backend) -> None:
+    """A stops right before its step-100 manifest; B takes over, resumes at 50, saves 100 (durable);
+    A wakes and publishes its manifest; B saves 150 (its retention runs). B's 100 must stay."""
+    world = sch.World(shared, keep_last=3)
+    try:
+        a = world.writer("A", 2)
+        assert a.save(50), a.fenced
+        a.controller.pause = sch.Point(method=r"commit_file|create_file", path=sch.manifest_of(100))
+        a.run(lambda w: w.save(100))
+        assert sch.wait_paused_or_done(a), "A never reached its step-100 manifest"
+        b = world.writer("B", 3)
+        b.acquire()
+        assert b.restore() == 50
+        assert b.save(100), b.fenced
+        a.controller.resume()
+        a.shutdown()
+        assert not any(s.returned for s in world.saves if s.writer == "A" and s.step == 100)
+        assert b.save(150), b.fenced
+        b.close()
+    finally:
+        world.close()
+    must_hold(world, "case 1")
+
+
+def test_case2_a_late_cleanup_never_deletes_the_successors_checkpoint(shared: sch.Backend) -> None:
+    """W was killed mid-save of step 150 (its directory has no manifest). A's cleanup looks, finds
+    it unfinished, and stops right before deleting it; B takes over and commits 100 and 150; A wakes."""
+    world = sch.World(shared, keep_last=3)
+    try:
+        sch.seed(world)  # W: 50 committed, 150 unfinished
+        a = world.writer("A", 2, volume="volume-A")
+        a.controller.pause = sch.Point(method="delete_dir", path=sch.dir_of(150))
+        a.run(lambda w: w.save(100))
+        assert sch.wait_paused_or_done(a), "A's cleanup never came to the unfinished step 150"
+        b = world.writer("B", 3)
+        b.acquire()
+        assert b.restore() == 50
+        assert b.save(100), b.fenced
+        assert b.save(150), b.fenced
+        a.controller.resume()
+        a.shutdown()
+        b.close()
+    finally:
+        world.close()
+    must_hold(world, "case 2")
+
+
+#: A live writer in its own process: holds the store, renews, saves ``step`` on each line of stdin.
+HOLDER = textwrap.dedent("""
+    import json, sys, torch
+    from spotsafe.checkpoint.writer import Checkpointer
+    from spotsafe.errors import WriterFenced
+    from spotsafe.storage.registry import open_store
+    cfg = json.loads(sys.argv[1])
+    c = Checkpointer(open_store(cfg["store"], storage_options=cfg.get("options")), async_=False)
+    c.save(1, {"w": torch.ones(4)})
+    print("held", flush=True)
+    for line in sys.stdin:
+        try:
+            c.save(int(line), {"w": torch.ones(4)})
+            print("saved", int(line), flush=True)
+        except WriterFenced as e:
+            print("fenced", e, flush=True)
+    c.close()
+""")
+
+
+def test_case3_a_failed_lease_read_is_never_taken_for_an_expired_lease(
+    shared: sch.Backend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A live writer in another process renews its lease; every read of it by a would-be
+    replacement fails (an S3 500 after the retries, EIO on NFS). No takeover, however long."""
+    period = 2.0
+    monkeypatch.setenv("SPOTSAFE_LEASE_SECONDS", str(period))
+    store = shared.s3_url or str(shared.root / "store")
+    script = tmp_path / "holder.py"
+    script.write_text(HOLDER)
+    holder = subprocess.Popen(
+        [sys.executable, str(script), json.dumps({"store": store, "options": shared.s3_options})],
+        text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=dict(os.environ),
+    )
+    try:
+        assert holder.stdout is not None and holder.stdin is not None
+        assert holder.stdout.readline().strip() == "held"
+        world = sch.World(shared)
+        try:
+            b = world.writer("B", 3)
+            b.controller.faults = [sch.Fault(sch.Point(method="read_file", path=sch.LEASE), times=None)]
+            with pytest.raises(LeaseTimeout):
+                b.ckpt.acquire(timeout=3 * period)  # three lease periods of failed reads
+            assert b.controller.faults[0].raised >= 2
+            # A listing of lease/ failing too: an error, never a takeover.
+            b.controller.faults.append(sch.Fault(sch.Point(method="listdir", path=sch.LEASE), times=None))
+            with pytest.raises((LeaseTimeout, StoreError)):
+                b.ckpt.acquire(timeout=period)
+            assert b.ckpt.lease is None or b.ckpt.lease.generation is None
+        finally:
+            world.close()
+        holder.stdin.write("2\n")
+        holder.stdin.flush()
+        assert holder.stdout.readline().strip() == "saved 2"  # the live writer was never fenced
+        holder.stdin.close()
+        assert holder.wait(60) == 0
+        with Checkpointer(shared.shared(), async_=False) as reader:
+            assert [i.step for i in reader.list()] == [1, 2]
+    finally:
+        stop_child(holder)
+
+
+@pytest.mark.parametrize("remote", ["local", "s3"])
+def test_case4_a_stale_volume_never_shadows_nor_destroys_the_newer_remote_checkpoint(
+    remote: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A (mirror on volume A) commits 200 locally and stops before uploading it. B (volume B) takes
+    over through the remote, commits 150 and 200. A's instance comes back: a new process on volume A
+    must resume from B's 200, and neither its saves and retention nor the old process's uploader
+    (woken at last) may destroy B's 200 on any tier."""
+    backend = make_backend("mirror", tmp_path, request, s3_remote=remote == "s3")()
+    world = sch.World(backend, keep_last=3)
+    try:
+        a = world.writer("A", 2, volume="volume-A")
+        assert a.save(100), a.fenced  # committed and uploaded
+        # A's uploader stops before its first remote write of step 200 (the instance stopped).
+        a.controller.pause = sch.Point(lane="upload", method=r"write_file|write_files|commit_file", path=r"step-0*200")
+        a.run(lambda w: w.save(200))
+        assert sch.wait_paused_or_done(a), "A's uploader never came to step 200"
+        b = world.writer("B", 3, volume="volume-B")
+        b.acquire()
+        assert b.restore() == 100
+        assert b.save(150), b.fenced
+        assert b.save(200), b.fenced
+        b.close()
+        again = world.writer("A2", 4, volume="volume-A")  # A's instance back: a new process, A's volume
+        again.acquire()
+        again.restore()  # checked by the invariant: B's 200 (world.errors says which it was)
+        assert again.save(250), again.fenced
+        assert again.save(300), again.fenced
+        again.close()
+        a.controller.resume()  # the old process's uploader wakes at last
+        a.shutdown()
+    finally:
+        world.close()
+    must_hold(world, "case 4")
+
+
+class NonConditional(sch.Scheduled):
+    """A server that ignores conditional writes: every create succeeds, overwriting what was there."""
+
+    def create_file(self, path: str, data: bytes) -> bool:
+        self.controller.op("create_file", path, lambda: self.inner.commit_file(path, data))
+        return True
+
+
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_case5_a_store_that_ignores_exclusive_create_is_refused_not_silently_unfenced(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Two writers race for an empty store whose create_file always succeeds (like an S3-compatible
+    server answering 200 to If-None-Match: * and overwriting): never both told their save is durable;
+    the store is refused, loudly, naming itself and the cause."""
+    backend = make_backend(kind, tmp_path, request)()
+    both = threading.Barrier(2, timeout=60)
+    outcomes: dict[str, object] = {}
+
+    def writer(name: str) -> None:
+        controller = sch.Controller(name, sch.Journal())
+        store = NonConditional(backend.shared(), controller)
+        inner_create = store.create_file
+
+        def racing(path: str, data: bytes) -> bool:
+            if "gen-" in path:
+                both.wait()  # both looked at an empty lease/ and create generation 1 together
+            return inner_create(path, data)
+
+        store.create_file = racing  # type: ignore[method-assign]
+        try:
+            with Checkpointer(store, async_=False) as c:
+                c.save(1, {"w": torch.full((4,), float(len(name)))}, reason="notice")
+            outcomes[name] = "durable"
+        except Exception as e:  # judged below
+            outcomes[name] = e
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in ("A", "AA")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    # The first exclusive create on each store probes it: such a store is refused before anything is saved.
+    assert sorted(outcomes) == ["A", "AA"], outcomes
+    for name, outcome in outcomes.items():
+        assert isinstance(outcome, StoreError) and not isinstance(outcome, WriterFenced), (name, outcomes)
+        assert (backend.s3_url or str(backend.root / "store")) in str(outcome), outcome
+
+
+def store_files(store: Store, directory: str = "") -> dict[str, bytes]:
+    """Every file under ``directory`` but the checkpoints' and the lease's, with its content."""
+    out: dict[str, bytes] = {}
+    for name in store.listdir(directory):
+        path = f"{directory}/{name}" if directory else name
+        if not directory and (name == "lease" or name.startswith("step-")):
+            continue
+        if store.file_size(path) is not None:
+            out[path] = bytes(store.read_file(path))
+        else:
+            out.update(store_files(store, path))
+    return out
+
+
+def test_case6_a_fenced_run_writes_nothing_more_to_the_store(shared: sch.Backend) -> None:
+    """Run A is superseded by Run B (which finishes its launch and writes its events and report);
+    A's next step finds itself fenced: from then on it writes no event, no report, nothing."""
+    where = shared.s3_url or str(shared.root / "store")
+    options = shared.s3_options
+    model = torch.nn.Linear(3, 2)
+    common: dict[str, Any] = {"watch": False, "every_steps": 1, "async_": False, "report_every": 3600.0}
+    a = spotsafe.Run(where, model=model, exit_on_notice=False, storage_options=options, **common)
+    a.step()
+    b = spotsafe.Run(where, model=torch.nn.Linear(3, 2), storage_options=options, **common)
+    assert b.resumed_from is not None and b.resumed_from.step == 1
+    b.step()
+    b.close(refresh_report=True)
+    reader = shared.shared()
+    try:
+        before = store_files(reader)
+        assert any(p.startswith("events/") for p in before), sorted(before)
+        with pytest.raises(WriterFenced):
+            a.step()  # fenced: raises (exit_on_notice=False) after closing
+        after = store_files(reader)
+        assert sorted(after) == sorted(before), f"the fenced run wrote {sorted(set(after) - set(before))}"
+        changed = [p for p in before if after[p] != before[p]]
+        assert changed == [], f"the fenced run rewrote {changed}"
+        with Checkpointer(reader, async_=False) as c:
+            assert [i.step for i in c.list()] == [1, 2]
+    finally:
+        a.close()
+        reader.close()
+
+
+def test_case6_a_takeover_skipping_a_generation_through_a_mirror_still_fences_the_old_writer(tmp_path: Path) -> None:
+    """The mirror's tiers disagree about the top generation: the replacement's volume carries
+    generation 2 of an earlier history, so it takes generation 3 and the remote never holds a 2.
+    The old writer, paused before its manifest, must be fenced by 3 (not only by 2)."""
+    backend = sch.Backend("mirror", tmp_path)
+    world = sch.World(backend, keep_last=3)
+    try:
+        a = world.writer("A", 1, volume="volume-A")
+        assert a.save(50), a.fenced
+        # The replacement's own volume: two earlier generations, both released.
+        for _ in (1, 2):
+            with Checkpointer(LocalStore(tmp_path / "volume-B"), async_=False) as earlier:
+                earlier.acquire(timeout=10)
+        a.controller.pause = sch.Point(method=r"commit_file|create_file", path=sch.manifest_of(100))
+        a.run(lambda w: w.save(100))
+        assert sch.wait_paused_or_done(a)
+        b = world.writer("B", 3, volume="volume-B")
+        b.acquire()
+        assert world.generations["B"] == 3
+        b.restore()  # A's 50: checked by the invariant
+        assert b.save(100), b.fenced
+        a.controller.resume()
+        a.shutdown()
+        assert isinstance(a.fenced, WriterFenced), a.fenced
+        assert b.save(150), b.fenced
+        b.close()
+    finally:
+        world.close()
+    must_hold(world, "case 6 (mirror top generation)")
