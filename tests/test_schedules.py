@@ -74,7 +74,9 @@ def explore(fresh: Any, schedules: Sequence[sch.Schedule], what: str, capsys: py
     assert not broken, f"{len(broken)} of {len(schedules)} schedules broke the invariant:\n" + "\n".join(broken[:8])
 
 
-STRIDE = {"local": 1, "s3": 3, "mirror": 2}
+#: The default run's stride through A's operations per backend (the slow run: 1). S3 through moto
+#: costs seconds per schedule here, so its default run takes A's four telling points instead.
+STRIDE = {"local": 4, "s3": 0, "mirror": 12}
 
 
 @pytest.mark.parametrize("kind", ["local", "s3", "mirror"])
@@ -85,11 +87,14 @@ def test_every_pause_point_of_a_superseded_writer_against_a_successor(
     fresh = make_backend(kind, tmp_path, request, s3_remote=slow and kind == "mirror")
     ops = sch.dry_run(fresh())
     stride = 1 if slow else STRIDE[kind]
-    schedules = sch.enumerate_a(ops, kind, lanes=("driver",), stride=stride)
+    if stride:
+        schedules = sch.enumerate_a(ops, kind, lanes=("driver",), stride=stride)
+    else:
+        schedules = [sch.Schedule(kind, point) for point in sch.a_points()]
     if kind == "mirror":
         schedules += sch.upload_schedules(ops, kind, stride=stride)
-    counts = {lane: len(o) for lane, o in ops.items()}
-    explore(fresh, schedules, f"{kind}: A's operations {counts}, every {stride}", capsys)
+    counts = {lane: len(o) for lane, o in ops.items() if lane != "lease"}
+    explore(fresh, schedules, f"{kind}: A's operations {counts}, every {stride or 'telling one'}", capsys)
 
 
 @pytest.mark.parametrize("kind", ["local", "s3", "mirror"])
