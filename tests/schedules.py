@@ -394,6 +394,11 @@ class Writer:
                     f"(saves of it: {sorted(expected)})"
                 )
         newer = [s for s in self.world.saves if s.returned and s.step > step]
+        mine = self.world.generations.get(self.name, 0)
+        if any(g > mine for g in self.world.generations.values()):
+            # Superseded while it restored: it listed the store before the newer generation's
+            # retention removed what it listed. Its saves are fenced; its view is no history.
+            newer = []
         if newer:
             self.world.errors.append(
                 f"{self.name} resumed from step {step} although the save of step {newer[-1].step} by "
@@ -499,6 +504,8 @@ def _check_view(world: World, store: Store, history: dict[int, Save], adopted: C
 
     try:
         visible = {info.step: info for info in catalog.list()}
+        steps = sorted(set(history) | set(visible))
+        kept = steps[-world.keep_last :]
         for step, info in sorted(visible.items()):
             got = value(step)
             want = history.get(step)
@@ -509,6 +516,16 @@ def _check_view(world: World, store: Store, history: dict[int, Save], adopted: C
                 world.generations.get(a.writer, 0) > (want.generation or 0) for a in allowed
             )
             if (want is None and allowed) or newer:
+                continue
+            if (
+                want is not None
+                and step not in kept
+                and any(s.returned and s.step == step and s.value == got for s in world.saves)
+            ):
+                # The newest generation saved this step again and its retention removed that copy;
+                # an older generation's copy, committed before the takeover, is left on a volume
+                # the newest writer never mounts (a mirror's stale local tier): not the run's
+                # history, but nothing written after a takeover either.
                 continue
             who = [s for s in world.saves if s.step == step and s.value == got]
             writer = who[0].writer if who else "nobody"
@@ -522,8 +539,6 @@ def _check_view(world: World, store: Store, history: dict[int, Save], adopted: C
                     f"step {step} of a superseded writer is visible: {got} (writer {writer}, generation "
                     f"{info.generation}; successors restored from {world.restored})"
                 )
-        steps = sorted(set(history) | set(visible))
-        kept = steps[-world.keep_last :]
         for step in kept:
             if step in history and step not in visible:
                 s = history[step]

@@ -7,8 +7,11 @@ point B takes over and runs its phases (acquire, restore the latest and check it
 past it with retention, close), then A wakes and goes on. Besides: three writers (A paused at
 4 telling points x B paused at 4 points, C taking over), the mirror's upload thread of A as a
 party (each of its operations), and injected lease-read and lease-listing errors. The
-default run takes every point on the local store and every third (S3) or every other
-(mirror) elsewhere; the ``slow`` run takes every point everywhere, the mirror over moto S3.
+default run takes every 4th operation on the local store, every 12th on the mirror (remote: a
+local directory) and A's four telling points on S3 (moto costs seconds per schedule here), plus
+the three-writer and read-error schedules on the local store; the opt-in ``slow`` run
+(``SPOTSAFE_SLOW=1`` or ``pytest -m slow``) takes every operation on every backend, the mirror
+over moto S3, with the three-writer and read-error schedules on each.
 Each test prints how many schedules it ran.
 """
 
@@ -33,6 +36,7 @@ from spotsafe.checkpoint.writer import Checkpointer
 from spotsafe.errors import LeaseTimeout, StoreError, WriterFenced
 from spotsafe.storage.base import Store
 from spotsafe.storage.local import LocalStore
+from spotsafe.storage.registry import open_store
 from tests import schedules as sch
 from tests.helpers import slow_enabled, stop_child
 
@@ -63,12 +67,18 @@ def make_backend(kind: str, tmp_path: Path, request: pytest.FixtureRequest, *, s
     return fresh
 
 
-def explore(fresh: Any, schedules: Sequence[sch.Schedule], what: str, capsys: pytest.CaptureFixture[str]) -> None:
+def explore(
+    fresh: Any, schedules: Sequence[sch.Schedule], what: str, capsys: pytest.CaptureFixture[str], request: Any = None
+) -> None:
+    """Run every schedule; fail naming each that broke the invariant. The count is printed (``-s``)
+    and recorded as the test's ``schedules`` property (``--junitxml``)."""
     broken: list[str] = []
     for schedule in schedules:
         world, problems = sch.run_schedule(fresh(), schedule)
         if problems:
             broken.append("\n".join(problems) + f"\n  paused at: {[str(w.controller.hit) for w in world.writers]}")
+    if request is not None:
+        request.node.user_properties.append(("schedules", len(schedules)))
     with capsys.disabled():
         print(f"\n{what}: {len(schedules)} schedules, {len(broken)} broke the invariant")
     assert not broken, f"{len(broken)} of {len(schedules)} schedules broke the invariant:\n" + "\n".join(broken[:8])
@@ -79,34 +89,60 @@ def explore(fresh: Any, schedules: Sequence[sch.Schedule], what: str, capsys: py
 STRIDE = {"local": 4, "s3": 0, "mirror": 12}
 
 
-@pytest.mark.parametrize("kind", ["local", "s3", "mirror"])
-def test_every_pause_point_of_a_superseded_writer_against_a_successor(
-    kind: str, tmp_path: Path, request: pytest.FixtureRequest, capsys: pytest.CaptureFixture[str]
-) -> None:
-    slow = slow_enabled(request.config)
-    fresh = make_backend(kind, tmp_path, request, s3_remote=slow and kind == "mirror")
-    ops = sch.dry_run(fresh())
-    stride = 1 if slow else STRIDE[kind]
+def pause_point_schedules(kind: str, ops: dict[str, list[sch.Op]], stride: int) -> list[sch.Schedule]:
     if stride:
         schedules = sch.enumerate_a(ops, kind, lanes=("driver",), stride=stride)
     else:
         schedules = [sch.Schedule(kind, point) for point in sch.a_points()]
     if kind == "mirror":
         schedules += sch.upload_schedules(ops, kind, stride=stride)
-    counts = {lane: len(o) for lane, o in ops.items() if lane != "lease"}
-    explore(fresh, schedules, f"{kind}: A's operations {counts}, every {stride or 'telling one'}", capsys)
+    return schedules
+
+
+def lanes(ops: dict[str, list[sch.Op]]) -> dict[str, int]:
+    return {lane: len(o) for lane, o in ops.items() if lane in ("driver", "upload")}
 
 
 @pytest.mark.parametrize("kind", ["local", "s3", "mirror"])
+def test_every_pause_point_of_a_superseded_writer_against_a_successor(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fresh = make_backend(kind, tmp_path, request)
+    ops = sch.dry_run(fresh())
+    stride = STRIDE[kind]
+    schedules = pause_point_schedules(kind, ops, stride)
+    explore(fresh, schedules, f"{kind}: A's operations {lanes(ops)}, every {stride or 'telling one'}", capsys, request)
+
+
+@pytest.mark.parametrize("kind", ["local"])
 def test_three_writers_and_injected_lease_read_errors(
     kind: str, tmp_path: Path, request: pytest.FixtureRequest, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    slow = slow_enabled(request.config)
-    if kind != "local" and not slow:
-        pytest.skip("three writers and read errors on S3 and the mirror: the slow run (SPOTSAFE_SLOW=1)")
-    fresh = make_backend(kind, tmp_path, request, s3_remote=slow and kind == "mirror")
+    fresh = make_backend(kind, tmp_path, request)
     schedules = sch.three_writer_schedules(kind) + sch.read_error_schedules(kind)
-    explore(fresh, schedules, f"{kind}: three writers and lease read errors", capsys)
+    explore(fresh, schedules, f"{kind}: three writers and lease read errors", capsys, request)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["local", "s3", "mirror"])
+def test_every_schedule_exhaustively(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every operation of A (and of its uploader), before and after; three writers; read errors.
+    The mirror's remote is moto S3 here. Opt-in: ``SPOTSAFE_SLOW=1`` or ``pytest -m slow``."""
+    if not slow_enabled(request.config):
+        pytest.skip("the exhaustive schedules take many minutes: SPOTSAFE_SLOW=1 or pytest -m slow")
+    fresh = make_backend(kind, tmp_path, request, s3_remote=kind == "mirror")
+    ops = sch.dry_run(fresh())
+    schedules = pause_point_schedules(kind, ops, 1)
+    schedules += sch.three_writer_schedules(kind) + sch.read_error_schedules(kind)
+    explore(
+        fresh,
+        schedules,
+        f"{kind} (slow): A's operations {lanes(ops)}, all; three writers; read errors",
+        capsys,
+        request,
+    )
 
 
 # ----------------------------------------------------------------------------- the six cases of issue 24
@@ -279,20 +315,14 @@ class NonConditional(sch.Scheduled):
         return True
 
 
-@pytest.mark.parametrize("kind", ["local", "s3"])
-def test_case5_a_store_that_ignores_exclusive_create_is_refused_not_silently_unfenced(
-    kind: str, tmp_path: Path, request: pytest.FixtureRequest
-) -> None:
-    """Two writers race for an empty store whose create_file always succeeds (like an S3-compatible
-    server answering 200 to If-None-Match: * and overwriting): never both told their save is durable;
-    the store is refused, loudly, naming itself and the cause."""
-    backend = make_backend(kind, tmp_path, request)()
+def race_for_an_empty_store(open_one: Any) -> dict[str, object]:
+    """Two writers, each on its own store from ``open_one(name)``, create generation 1 at the same
+    instant and save step 1; what came of each: "durable" or the exception."""
     both = threading.Barrier(2, timeout=60)
     outcomes: dict[str, object] = {}
 
     def writer(name: str) -> None:
-        controller = sch.Controller(name, sch.Journal())
-        store = NonConditional(backend.shared(), controller)
+        store = open_one(name)
         inner_create = store.create_file
 
         def racing(path: str, data: bytes) -> bool:
@@ -313,11 +343,46 @@ def test_case5_a_store_that_ignores_exclusive_create_is_refused_not_silently_unf
         t.start()
     for t in threads:
         t.join(120)
-    # The first exclusive create on each store probes it: such a store is refused before anything is saved.
     assert sorted(outcomes) == ["A", "AA"], outcomes
+    return outcomes
+
+
+def assert_refused(outcomes: dict[str, object], where: str) -> None:
+    """The first exclusive create on each store probes it: such a store is refused before anything is saved."""
     for name, outcome in outcomes.items():
         assert isinstance(outcome, StoreError) and not isinstance(outcome, WriterFenced), (name, outcomes)
-        assert (backend.s3_url or str(backend.root / "store")) in str(outcome), outcome
+        assert where in str(outcome), outcome
+
+
+def test_case5_a_server_answering_501_to_conditional_writes_is_refused_not_raced(
+    s3_proxy: Any, s3_proxy_options: dict[str, Any], s3_bucket: str
+) -> None:
+    """An S3-compatible server without conditional writes (501 to If-None-Match: *): two writers
+    racing for an empty store are both refused, never both told their save is durable."""
+    s3_proxy.inject("501", count=1000, match=lambda method, path: method == "PUT" and "/lease/" in path)
+    url = f"s3://{s3_bucket}/runs/r"
+    outcomes = race_for_an_empty_store(lambda name: open_store(url, storage_options=s3_proxy_options))
+    assert_refused(outcomes, url)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 24, open after the commit protocol: the conditional-write probe lives inside the S3 store "
+    "(s3_fence), not at the Store interface: a backend whose create_file is not exclusive (a register_store "
+    "plugin, the generic fsspec path, a wrapper like this one) is neither probed nor refused, and both "
+    "racers are told their save is durable (ISSUE24-harness.md)",
+)
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_case5_a_store_whose_create_is_not_exclusive_is_refused_not_silently_unfenced(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Two writers race for an empty store whose create_file always succeeds, overwriting (what an
+    S3-compatible server answering 200 to If-None-Match: * does): the store is refused, loudly."""
+    backend = make_backend(kind, tmp_path, request)()
+    outcomes = race_for_an_empty_store(
+        lambda name: NonConditional(backend.shared(), sch.Controller(name, sch.Journal()))
+    )
+    assert_refused(outcomes, backend.s3_url or str(backend.root / "store"))
 
 
 def store_files(store: Store, directory: str = "") -> dict[str, bytes]:
@@ -364,6 +429,13 @@ def test_case6_a_fenced_run_writes_nothing_more_to_the_store(shared: sch.Backend
         reader.close()
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 24, open after the commit protocol: on a mirror the save path checks the lease on the LOCAL "
+    "tier only (Lease.check looks at tiers[0]); a takeover through the remote never reaches the old writer's "
+    "volume, so a writer woken before its own lease ran out on its clock (here: taken over in-process) has "
+    "save() return 'durable' for a manifest that is a ghost; only its upload is refused (ISSUE24-harness.md)",
+)
 def test_case6_a_takeover_skipping_a_generation_through_a_mirror_still_fences_the_old_writer(tmp_path: Path) -> None:
     """The mirror's tiers disagree about the top generation: the replacement's volume carries
     generation 2 of an earlier history, so it takes generation 3 and the remote never holds a 2.
