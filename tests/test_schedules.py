@@ -124,6 +124,7 @@ def test_three_writers_and_injected_lease_read_errors(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # S3 through moto: about 9 s a schedule on a loaded machine
 @pytest.mark.parametrize("kind", ["local", "s3", "mirror"])
 def test_every_schedule_exhaustively(
     kind: str, tmp_path: Path, request: pytest.FixtureRequest, capsys: pytest.CaptureFixture[str]
