@@ -588,7 +588,7 @@ def a_script(w: Writer) -> None:
     w.close()
 
 
-def successor(w: Writer, *, after: Callable[[], None] | None = None) -> None:
+def successor(w: Writer) -> None:
     """A replacement's phases: acquire, restore the latest, save twice past it, close."""
     w.acquire()
     base = w.restore()
