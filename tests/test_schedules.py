@@ -367,13 +367,6 @@ def test_case5_a_server_ignoring_if_none_match_is_refused_not_raced(
     assert_refused(outcomes, url)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 24, open after the commit protocol: the conditional-write probe lives inside the S3 store "
-    "(s3_fence), not at the Store interface: a backend whose create_file is not exclusive (a register_store "
-    "plugin, the generic fsspec path, a wrapper like this one) is neither probed nor refused, and both "
-    "racers are told their save is durable (ISSUE24-harness.md)",
-)
 @pytest.mark.parametrize("kind", ["local", "s3"])
 def test_case5_a_store_whose_create_is_not_exclusive_is_refused_not_silently_unfenced(
     kind: str, tmp_path: Path, request: pytest.FixtureRequest
@@ -431,13 +424,6 @@ def test_case6_a_fenced_run_writes_nothing_more_to_the_store(shared: sch.Backend
         reader.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 24, open after the commit protocol: on a mirror the save path checks the lease on the LOCAL "
-    "tier only (Lease.check looks at tiers[0]); a takeover through the remote never reaches the old writer's "
-    "volume, so a writer woken before its own lease ran out on its clock (here: taken over in-process) has "
-    "save() return 'durable' for a manifest that is a ghost; only its upload is refused (ISSUE24-harness.md)",
-)
 def test_case6_a_takeover_skipping_a_generation_through_a_mirror_still_fences_the_old_writer(tmp_path: Path) -> None:
     """The mirror's tiers disagree about the top generation: the replacement's volume carries
     generation 2 of an earlier history, so it takes generation 3 and the remote never holds a 2.

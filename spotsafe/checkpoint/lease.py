@@ -153,7 +153,23 @@ def read_record(store: Store, generation: int) -> LeaseRecord | None:
 
 
 def takeovers(store: Store, since: int) -> list[tuple[int, int]]:
-    """``(generation, base_step)`` of every generation above ``since`` that recorded its base step."""
+    """``(generation, base_step)`` of every generation above ``since`` that recorded its base step.
+
+    Read from the store's shared tier (a mirror's remote: every takeover through a mirror creates
+    its generation there first), so a volume that carries lease records of an earlier, separate
+    history cannot make the shared history's checkpoints look like ghosts. Where the shared tier
+    cannot be read, every tier's records are used (logged).
+    """
+    shared = store.tiers[-1]
+    if shared is not store:
+        try:
+            return _takeovers(shared, since)
+        except SpotsafeError as e:
+            log.warning("spotsafe: cannot read the writer leases of %s; using every tier's: %s", shared.url, e)
+    return _takeovers(store, since)
+
+
+def _takeovers(store: Store, since: int) -> list[tuple[int, int]]:
     out = []
     for g in generations(store):
         if g <= since:
