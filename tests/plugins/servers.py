@@ -20,6 +20,13 @@ EC2 (tests/ec2server.py):
 - ``launch(az)`` (function): run an instance in an availability zone, return its id.
 - ``iam_server`` (module): an :class:`~tests.ec2server.IAMEnforcingServer` (moto with IAM checks on).
 
+Compute Engine and Azure Resource Manager (tests/gcefake.py, tests/armfake.py), one per test:
+
+- ``compute_fake``: a :class:`~tests.gcefake.ComputeFake` (plain HTTP, as google-cloud-compute's
+  REST transport allows for an ``api_endpoint`` given with its scheme).
+- ``arm_fake``: an :class:`~tests.armfake.ARMFake` over TLS; ``arm_fake.ca`` is the PEM file to
+  trust it with (``REQUESTS_CA_BUNDLE``).
+
 Instance metadata (spotsafe.rehearsal.simulators), one per test:
 
 - ``aws`` (IMDSv1 and v2), ``aws_v2`` (IMDSv2 only), ``gcp``, ``azure``.
@@ -37,7 +44,9 @@ import pytest
 from spotsafe.rehearsal.simulators.aws import AWSSimulator
 from spotsafe.rehearsal.simulators.azure import AzureSimulator
 from spotsafe.rehearsal.simulators.gcp import GCPSimulator
+from tests.armfake import ARMFake, self_signed
 from tests.ec2server import EC2Server, IAMEnforcingServer, run_instance
+from tests.gcefake import ComputeFake
 from tests.s3server import FaultProxy, MotoServer
 
 # --------------------------------------------------------------------------- S3
@@ -159,3 +168,27 @@ def gcp() -> Iterator[GCPSimulator]:
 def azure() -> Iterator[AzureSimulator]:
     with AzureSimulator() as sim:
         yield sim
+
+
+# --------------------------------------------------------------------------- Compute Engine, ARM
+
+
+@pytest.fixture
+def compute_fake() -> Iterator[ComputeFake]:
+    fake = ComputeFake()
+    fake.start()
+    try:
+        yield fake
+    finally:
+        fake.shutdown()
+
+
+@pytest.fixture
+def arm_fake(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ARMFake]:
+    tls, ca = self_signed(tmp_path_factory.mktemp("arm-tls"))
+    fake = ARMFake(tls, ca)
+    fake.start()
+    try:
+        yield fake
+    finally:
+        fake.shutdown()
