@@ -492,3 +492,105 @@ def test_simulators_serve_what_the_boot_reads() -> None:
             f"{az.endpoint}/metadata/instance/compute", params={"api-version": "2021-02-01"}, headers=h, timeout=10
         ).json()
         assert compute["vmScaleSetName"] == "ss" and compute["resourceGroupName"] == az.resource_group
+
+
+# --------------------------------------------------------------------------- the rehearsal (root)
+
+EXAMPLE = ROOT / "examples" / "mnist_cnn.py"
+
+
+def _done(out: str) -> str:
+    (line,) = [ln for ln in out.splitlines() if ln.startswith("done:")]
+    return line
+
+
+@pytest.mark.root
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # three runs of the example (torch imports) on a loaded machine
+def test_rehearsal_of_a_preemption_through_the_boot_scripts_supervisor(cloudbox: CloudBox) -> None:
+    """GCP preemption / Azure eviction of the README's example: 0 steps lost, bit-identical to an uninterrupted run."""
+    import torch
+
+    from spotsafe.checkpoint.writer import Checkpointer
+    from spotsafe.rehearsal.rehearse import read_events
+
+    cb = cloudbox
+    args = ["--data", "synthetic", "--no-progress"]
+    plain = subprocess.run(
+        [sys.executable, str(EXAMPLE), *args, "--store", str(cb.root / "plain")],
+        env={**os.environ, "SPOTSAFE_SOURCES": "signal"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert plain.returncode == 0, f"{plain.stderr}"
+    events = cb.root / "events.jsonl"
+    settings = {
+        "SPOTSAFE_SKIP_SYSTEMD": "1",
+        "SPOTSAFE_MKFS": "1",
+        "SPOTSAFE_REPO": "",
+        "SPOTSAFE_TRAIN_COMMAND": f"python {EXAMPLE} {' '.join(args)}",
+        "SPOTSAFE_EVENTS": str(events),
+    }
+    # The notice is up when the run starts (as the AWS rehearsal's --notice-after 0): the run
+    # hears it from this cloud's metadata at its first look, checkpoints and exits 75.
+    event_id = cb.sim.preempt() if cb.cloud == "gcp" else cb.sim.schedule_preempt(not_before_in=120)
+    p = cb.boot(**settings)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, f"{out}"
+    assert "training stopped for the interruption with its state safe (exit 75)" in out, f"{out}"
+    assert "done:" not in out
+    assert cb.group_size() == 1 and not (cb.root / "shutdown-called").exists()
+    if cb.cloud == "azure":
+        assert cb.sim.acknowledgements == [event_id]  # acknowledged once the checkpoint was durable
+
+    # The platform recreates the VM: the same disk, attached to a fresh VM whose metadata has no notice.
+    subprocess.run(["umount", str(cb.mount)], check=True)
+    if cb.cloud == "gcp":
+        cb.sim.reset()
+    else:
+        cb.sim.clear()
+    p = cb.boot(**settings)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, f"{out}"
+    assert "resumed from step" in out
+    assert _done(out) == _done(plain.stdout)
+    assert cb.group_size() == 0 and (cb.root / "shutdown-called").exists()
+
+    seen = read_events(events)
+    (notice,) = [e for e in seen if e.get("event") == "notice"]
+    assert notice["source"] == cb.cloud
+    (durable,) = [e for e in seen if e.get("event") == "durable"]
+    (resumed,) = [e for e in seen if e.get("event") == "resumed" and e["time"] > durable["time"]]
+    assert int(notice["step"]) - int(resumed["step"]) == 0  # steps lost
+    assert 0 < int(resumed["step"]) < 16
+
+    # Bit-identical: the final state of the interrupted run is the uninterrupted one's, tensor for tensor.
+    finals = []
+    for store in (cb.root / "plain", cb.store):
+        ckpt = Checkpointer(str(store))
+        try:
+            finals.append(ckpt.load())
+        finally:
+            ckpt.close()
+    plain_state, rehearsed = finals
+    for part in ("model", "optimizer"):
+        flat_a, flat_b = _tensors(plain_state[part]), _tensors(rehearsed[part])
+        assert flat_a.keys() == flat_b.keys() and flat_a
+        for key, tensor in flat_a.items():
+            assert torch.equal(tensor, flat_b[key]), f"{part} {key} differs"
+
+
+def _tensors(tree: Any, prefix: str = "") -> dict[str, Any]:
+    import torch
+
+    found: dict[str, Any] = {}
+    if isinstance(tree, torch.Tensor):
+        found[prefix] = tree
+    elif isinstance(tree, dict):
+        for k, v in tree.items():
+            found.update(_tensors(v, f"{prefix}/{k}"))
+    elif isinstance(tree, (list, tuple)):
+        for i, v in enumerate(tree):
+            found.update(_tensors(v, f"{prefix}/{i}"))
+    return found

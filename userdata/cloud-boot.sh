@@ -532,6 +532,8 @@ phase_boot() {
     local rc=0
     as_user "${SPOTSAFE_INSTALL_PATH}" train || rc=$?
     "${SPOTSAFE_INSTALL_PATH}" after-train "${rc}" foreground
+    # 75: stopped for the interruption with the state safe: this boot did its job.
+    if [ "${rc}" = 75 ]; then return 0; fi
     return "${rc}"
   fi
   install_unit
