@@ -17,6 +17,27 @@ https://learn.microsoft.com/rest/api/compute/, generated from azure-rest-api-spe
 - Virtual Machine Scale Sets - Get: ``GET`` the same path: 200 and the scale set, or 404 with
   ``{"error": {"code": "ResourceNotFound", "message"}}`` -- reference page virtual-machine-scale-sets/get
   and the ARM error format (azure-resource-manager/management/common-deployment-errors).
+- Virtual Machine Scale Sets - Create Or Update: ``PUT`` the same path, body ``VirtualMachineScaleSet``:
+  ``location``, ``tags`` (map of strings), ``sku``, ``identity.type`` (SystemAssigned | UserAssigned |
+  "SystemAssigned, UserAssigned" | None), ``properties`` (``VirtualMachineScaleSetProperties``:
+  ``orchestrationMode`` Uniform | Flexible, ``platformFaultDomainCount`` integer,
+  ``spotRestorePolicy`` (``enabled`` boolean, ``restoreTimeout`` ISO 8601 duration string),
+  ``virtualMachineProfile`` (``priority`` Regular | Low | Spot, ``evictionPolicy`` Deallocate | Delete,
+  ``billingProfile.maxPrice`` number, ``osProfile`` (``computerNamePrefix``, ``adminUsername``,
+  ``customData`` base64 strings, ``linuxConfiguration``: ``disablePasswordAuthentication`` boolean,
+  ``ssh.publicKeys[]``: ``path``, ``keyData``), ``storageProfile`` (``imageReference``: ``publisher``,
+  ``offer``, ``sku``, ``version``; ``osDisk``: ``createOption`` FromImage | Empty | Attach | Copy | Restore,
+  ``caching`` None | ReadOnly | ReadWrite, ``managedDisk.storageAccountType`` (Standard_LRS |
+  Premium_LRS | StandardSSD_LRS | UltraSSD_LRS | Premium_ZRS | StandardSSD_ZRS | PremiumV2_LRS),
+  ``deleteOption`` Delete | Detach), ``networkProfile`` (``networkApiVersion`` 2020-11-01,
+  ``networkInterfaceConfigurations[]``: ``name``, ``properties``: ``primary``, ``deleteOption``,
+  ``ipConfigurations[]``: ``name``, ``properties``: ``primary``, ``subnet.id``,
+  ``publicIPAddressConfiguration``: ``name``, ``properties.deleteOption``)))) -- reference page
+  virtual-machine-scale-sets/create-or-update; a Flexible scale set needs ``networkApiVersion``
+  and ``platformFaultDomainCount`` (the same page's Flexible example).
+- Virtual Machine Scale Sets - Delete: ``DELETE`` the same path: 200/202/204 -- reference page
+  virtual-machine-scale-sets/delete. Disks - List By Resource Group: ``GET .../providers/
+  Microsoft.Compute/disks``: ``{"value": [...]}`` -- reference page disks/list-by-resource-group.
 - Every call carries ``api-version`` (required query parameter of every ARM operation).
 """
 
@@ -31,7 +52,7 @@ from tests.restfake import Answer, Request, RestFake, SchemaError, check
 
 SUB = r"/subscriptions/(?P<sub>[^/]+)"
 RG = SUB + r"/resourceGroups/(?P<rg>[^/]+)"
-VMSS = RG + r"/providers/Microsoft\.Compute/virtualMachineScaleSets/(?P<name>[^/]+)"
+VMSS_PATH = RG + r"/providers/Microsoft\.Compute/virtualMachineScaleSets/(?P<name>[^/]+)"
 
 #: virtualMachineScaleSet.json, definitions Sku and VirtualMachineScaleSetUpdate (the fields spotsafe sends).
 SKU = {
@@ -39,6 +60,167 @@ SKU = {
     "properties": {"name": {"type": "string"}, "tier": {"type": "string"}, "capacity": {"type": "integer"}},
 }
 VMSS_UPDATE = {"type": "object", "properties": {"sku": SKU}}
+_S = {"type": "string"}
+_DELETE = {"type": "string", "enum": ["Delete", "Detach"]}
+VMSS = {
+    "type": "object",
+    "required": ["location"],
+    "properties": {
+        "location": _S,
+        "tags": {"type": "object", "additional": _S},
+        "sku": SKU,
+        "identity": {
+            "type": "object",
+            "properties": {
+                "type": {
+                    "type": "string",
+                    "enum": ["SystemAssigned", "UserAssigned", "SystemAssigned, UserAssigned", "None"],
+                }
+            },
+        },
+        "properties": {
+            "type": "object",
+            "properties": {
+                "orchestrationMode": {"type": "string", "enum": ["Uniform", "Flexible"]},
+                "platformFaultDomainCount": {"type": "integer"},
+                "spotRestorePolicy": {
+                    "type": "object",
+                    "properties": {
+                        "enabled": {"type": "boolean"},
+                        "restoreTimeout": {"type": "string", "pattern": r"PT\d+[HM]"},
+                    },
+                },
+                "virtualMachineProfile": {
+                    "type": "object",
+                    "properties": {
+                        "priority": {"type": "string", "enum": ["Regular", "Low", "Spot"]},
+                        "evictionPolicy": {"type": "string", "enum": ["Deallocate", "Delete"]},
+                        "billingProfile": {"type": "object", "properties": {"maxPrice": {"type": "number"}}},
+                        "osProfile": {
+                            "type": "object",
+                            "properties": {
+                                "computerNamePrefix": {"type": "string", "pattern": r"[-a-zA-Z0-9]{1,9}"},
+                                "adminUsername": _S,
+                                "customData": {"type": "string", "pattern": r"[A-Za-z0-9+/=]+"},
+                                "linuxConfiguration": {
+                                    "type": "object",
+                                    "properties": {
+                                        "disablePasswordAuthentication": {"type": "boolean"},
+                                        "ssh": {
+                                            "type": "object",
+                                            "properties": {
+                                                "publicKeys": {
+                                                    "type": "array",
+                                                    "items": {
+                                                        "type": "object",
+                                                        "properties": {"path": _S, "keyData": _S},
+                                                    },
+                                                }
+                                            },
+                                        },
+                                    },
+                                },
+                            },
+                        },
+                        "storageProfile": {
+                            "type": "object",
+                            "properties": {
+                                "imageReference": {
+                                    "type": "object",
+                                    "properties": {"publisher": _S, "offer": _S, "sku": _S, "version": _S},
+                                },
+                                "osDisk": {
+                                    "type": "object",
+                                    "required": ["createOption"],
+                                    "properties": {
+                                        "createOption": {
+                                            "type": "string",
+                                            "enum": ["FromImage", "Empty", "Attach", "Copy", "Restore"],
+                                        },
+                                        "caching": {"type": "string", "enum": ["None", "ReadOnly", "ReadWrite"]},
+                                        "managedDisk": {
+                                            "type": "object",
+                                            "properties": {
+                                                "storageAccountType": {
+                                                    "type": "string",
+                                                    "enum": [
+                                                        "Standard_LRS",
+                                                        "Premium_LRS",
+                                                        "StandardSSD_LRS",
+                                                        "UltraSSD_LRS",
+                                                        "Premium_ZRS",
+                                                        "StandardSSD_ZRS",
+                                                        "PremiumV2_LRS",
+                                                    ],
+                                                }
+                                            },
+                                        },
+                                        "deleteOption": _DELETE,
+                                    },
+                                },
+                            },
+                        },
+                        "networkProfile": {
+                            "type": "object",
+                            "properties": {
+                                "networkApiVersion": {"type": "string", "enum": ["2020-11-01"]},
+                                "networkInterfaceConfigurations": {
+                                    "type": "array",
+                                    "items": {
+                                        "type": "object",
+                                        "required": ["name"],
+                                        "properties": {
+                                            "name": _S,
+                                            "properties": {
+                                                "type": "object",
+                                                "properties": {
+                                                    "primary": {"type": "boolean"},
+                                                    "deleteOption": _DELETE,
+                                                    "ipConfigurations": {
+                                                        "type": "array",
+                                                        "items": {
+                                                            "type": "object",
+                                                            "required": ["name"],
+                                                            "properties": {
+                                                                "name": _S,
+                                                                "properties": {
+                                                                    "type": "object",
+                                                                    "properties": {
+                                                                        "primary": {"type": "boolean"},
+                                                                        "subnet": {
+                                                                            "type": "object",
+                                                                            "properties": {"id": _S},
+                                                                        },
+                                                                        "publicIPAddressConfiguration": {
+                                                                            "type": "object",
+                                                                            "properties": {
+                                                                                "name": _S,
+                                                                                "properties": {
+                                                                                    "type": "object",
+                                                                                    "properties": {
+                                                                                        "deleteOption": _DELETE
+                                                                                    },
+                                                                                },
+                                                                            },
+                                                                        },
+                                                                    },
+                                                                },
+                                                            },
+                                                        },
+                                                    },
+                                                },
+                                            },
+                                        },
+                                    },
+                                },
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
 
 
 def self_signed(directory: Path) -> tuple[ssl.SSLContext, Path]:
@@ -86,8 +268,13 @@ class ARMFake(RestFake):
         #: the PEM file a client trusts this server with
         self.ca = ca
         self.scale_sets: dict[tuple[str, str, str], dict[str, Any]] = {}
-        self.route("GET", VMSS, self._get)
-        self.route("PATCH", VMSS, self._update)
+        self.route("GET", VMSS_PATH, self._get)
+        self.route("PATCH", VMSS_PATH, self._update)
+        self.route("PUT", VMSS_PATH, self._put)
+        self.route("DELETE", VMSS_PATH, self._delete)
+        self.route("GET", RG + r"/providers/Microsoft\.Compute/disks", self._disks)
+        #: managed disks by (subscription, resource group, name): {"name", "tags"}
+        self.disks: dict[tuple[str, str, str], dict[str, Any]] = {}
 
     def add_scale_set(self, sub: str, rg: str, name: str, *, capacity: int = 1) -> dict[str, Any]:
         vmss = {
@@ -123,3 +310,34 @@ class ARMFake(RestFake):
             return self._missing(r.match["name"])
         vmss["sku"].update(r.body.get("sku", {}))
         return 200, vmss, {}
+
+    def _put(self, r: Request) -> Answer:
+        key = self._key(r)
+        check(r.body, VMSS)
+        created = key not in self.scale_sets
+        import copy
+
+        vmss = {
+            **copy.deepcopy(r.body),
+            "id": f"/subscriptions/{key[0]}/resourceGroups/{key[1]}/providers/Microsoft.Compute/virtualMachineScaleSets/{key[2]}",
+            "name": key[2],
+            "type": "Microsoft.Compute/virtualMachineScaleSets",
+        }
+        vmss["properties"] = {**vmss.get("properties", {}), "provisioningState": "Succeeded"}
+        vmss["properties"].get("virtualMachineProfile", {}).get("osProfile", {}).pop(
+            "customData", None
+        )  # never read back
+        self.scale_sets[key] = vmss
+        return (201 if created else 200), vmss, {}
+
+    def _delete(self, r: Request) -> Answer:
+        key = self._key(r)
+        if self.scale_sets.pop(key, None) is None:
+            return 204, None, {}
+        return 200, None, {}
+
+    def _disks(self, r: Request) -> Answer:
+        if not r.query.get("api-version"):
+            raise SchemaError("the required query parameter api-version is missing")
+        items = [d for k, d in self.disks.items() if k[:2] == (r.match["sub"], r.match["rg"])]
+        return 200, {"value": items}, {}

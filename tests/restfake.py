@@ -49,11 +49,12 @@ def check(value: Any, schema: Mapping[str, Any], where: str = "body") -> None:
         "string": str,
         "boolean": bool,
         "integer": int,
+        "number": (int, float),
         "int64": (int, str),  # Google's JSON encodes int64 as a string (int accepted too)
     }
     if kind is not None:
         expected = types[kind]
-        if isinstance(value, bool) and kind in ("integer", "int64"):
+        if isinstance(value, bool) and kind in ("integer", "int64", "number"):
             raise SchemaError(f"{where}: a boolean where {kind} is documented")
         if not isinstance(value, expected):
             raise SchemaError(f"{where}: {type(value).__name__} where {kind} is documented")

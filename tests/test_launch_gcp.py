@@ -186,12 +186,15 @@ def test_cli_price_on_gcp_says_where_prices_are(capsys: pytest.CaptureFixture[st
     assert "Cloud Billing Catalog API" in capsys.readouterr().out
 
 
-def test_cli_azure_launch_is_refused_clearly(capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_azure_launch_names_what_is_missing(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     from spotsafe.cli.main import main
 
+    monkeypatch.delenv("AZURE_SUBSCRIPTION_ID", raising=False)
     args = ["launch", "r", "--cloud", "azure", "--command", "python train.py", "--store", "az://c/r"]
     assert main(args) == 2
-    assert "the Azure launcher is not built yet" in capsys.readouterr().err
+    assert "--cloud azure needs --subscription" in capsys.readouterr().err
 
 
 def test_cli_aws_still_needs_its_instance_types(capsys: pytest.CaptureFixture[str]) -> None:

@@ -13,6 +13,7 @@ from spotsafe.cloud.aws.launch.status import format_status, status
 from spotsafe.cloud.aws.launch.up import Step, launch
 from spotsafe.cloud.aws.launch.userdata import resolve_ref, user_data
 from spotsafe.cloud.aws.prices import spot_prices
+from spotsafe.cloud.azure.launch.cli import add_azure_options, run_azure
 from spotsafe.cloud.gcp.launch.cli import add_cloud_options, run_gcp
 from spotsafe.errors import LaunchConfigError, SpotsafeError
 
@@ -56,13 +57,16 @@ def add_parsers(sub: Any) -> None:
         help="print the user data this run's launch template gets (for Terraform and the like), change nothing",
     )
     add_cloud_options(p, launch=True)
+    add_azure_options(p, launch=True)
     p = sub.add_parser("status", help="a launched run: its instance, newest checkpoint, interruptions and cost")
     add_cloud_options(p)
+    add_azure_options(p)
     p.add_argument("name")
     p.add_argument("--region")
     p.add_argument("--on-demand-price", type=float, help="USD per hour on demand, to compare the spot cost with")
     p = sub.add_parser("down", help="delete what launch created and list anything still tagged (plan without --yes)")
     add_cloud_options(p)
+    add_azure_options(p)
     p.add_argument("name")
     p.add_argument("--region")
     p.add_argument("--yes", action="store_true", help="make the changes (without it: print the plan only)")
@@ -70,6 +74,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--store", help="the store, when no launch template or group names it any more")
     p = sub.add_parser("price", help="spot price per zone now, cheapest first")
     add_cloud_options(p)
+    add_azure_options(p)
     p.add_argument("--instance-types", required=True, type=_types)
     p.add_argument("--region")
 
@@ -90,10 +95,7 @@ def _run_command(ns: Any, out: TextIO, session: Any | None) -> int:
     if getattr(ns, "cloud", "aws") == "gcp":
         return run_gcp(ns, out)
     if getattr(ns, "cloud", "aws") == "azure":
-        raise LaunchConfigError(
-            "--cloud azure: the Azure launcher is not built yet (docs/launch.md shows the az commands and "
-            "Terraform to create the scale set; userdata/cloud-boot.sh is its custom data)"
-        )
+        return run_azure(ns, out)
     aws = Clients(ns.region, session=session)
     if ns.command == "price":
         return _price(ns, aws, out)

@@ -10,7 +10,7 @@ from spotsafe.errors import LaunchConfigError
 
 
 def add_cloud_options(p: Any, *, launch: bool = False) -> None:
-    """``--cloud`` and the GCP options of one of the four commands."""
+    """``--cloud`` and the GCP options of one of the four commands (the Azure ones: spotsafe.cloud.azure.launch.cli)."""
     p.add_argument("--cloud", choices=("aws", "gcp", "azure"), default="aws", help="where the run is (default aws)")
     p.add_argument("--project", help="GCP: the project (default: gcloud's / the environment's)")
     p.add_argument("--zone", help="GCP: the zone of the group and its disk, e.g. us-central1-a")
