@@ -305,6 +305,7 @@ def _is_complete(store: Path) -> bool:
 
 @pytest.mark.root
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # several python + torch processes on a loaded machine
 def test_boot_ends_in_training_under_systemd(cloudbox: CloudBox) -> None:
     """Ending 1: a blank disk formatted (SPOTSAFE_MKFS=1), the unit installed and started."""
     cb = cloudbox
@@ -362,6 +363,7 @@ def test_boot_ends_in_training_under_systemd(cloudbox: CloudBox) -> None:
 
 @pytest.mark.root
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # several python + torch processes on a loaded machine
 def test_boot_resumes_completes_and_scales_the_group_to_zero(cloudbox: CloudBox) -> None:
     """Ending 2: the run resumes from the disk's checkpoint, completes; group/scale set to 0, shutdown."""
     cb = cloudbox
@@ -397,6 +399,7 @@ def test_boot_resumes_completes_and_scales_the_group_to_zero(cloudbox: CloudBox)
 
 @pytest.mark.root
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # several python + torch processes on a loaded machine
 def test_a_crash_looping_run_ends_in_a_shut_down_vm(cloudbox: CloudBox) -> None:
     """Ending 3: the supervisor gives up; the VM shuts down, the group is left alone (a retry may succeed)."""
     cb = cloudbox
