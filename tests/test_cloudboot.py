@@ -329,6 +329,8 @@ def test_boot_ends_in_training_under_systemd(cloudbox: CloudBox) -> None:
     assert f"RequiresMountsFor={cb.mount}\n" in dropin and "StartLimitAction=poweroff\n" in dropin
     env_file = (cb.root / "etc" / "spotsafe.env").read_text()
     assert f"SPOTSAFE_CLOUD='{cb.cloud}'" in env_file  # detected, and fixed for the unit's phases
+    # Later boots: Azure through cloud-init's per-boot hook; GCP reruns its startup-script by itself.
+    assert (cb.root / "per-boot" / "spotsafe-boot.sh").exists() == (cb.cloud == "azure")
     assert _steps(cb.steps, "second") == []  # training is the unit's, not the boot's
     assert cb.group_size() == 1
     assert not (cb.root / "shutdown-called").exists()

@@ -237,7 +237,8 @@ install_self() {
   if [ "${self}" != "${installed}" ]; then
     install -D -m 0755 "${self}" "${SPOTSAFE_INSTALL_PATH}"
   fi
-  if [ -n "${SPOTSAFE_PER_BOOT_DIR}" ]; then
+  # GCP runs the startup-script on every boot itself: a cloud-init hook too would boot twice.
+  if [ -n "${SPOTSAFE_PER_BOOT_DIR}" ] && [ "${cloud}" != gcp ]; then
     # cloud-init runs user data on an instance's first boot only; a stopped and
     # restarted spot instance comes back through this per-boot hook.
     mkdir -p "${SPOTSAFE_PER_BOOT_DIR}"
