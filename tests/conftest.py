@@ -35,6 +35,8 @@ OFFLINE_ENV = {
     "GCE_METADATA_HOST": CLOSED,
     "GCE_METADATA_IP": CLOSED,
     "SPOTSAFE_AZURE_METADATA_ENDPOINT": f"http://{CLOSED}",
+    # azure-identity's managed identity credential asks this host for tokens (not 169.254.169.254).
+    "AZURE_POD_IDENTITY_AUTHORITY_HOST": f"http://{CLOSED}",
     # Any boto3 client built without an explicit endpoint fails on loopback instead of
     # reaching for a real AWS service (botocore honours AWS_ENDPOINT_URL).
     "AWS_ENDPOINT_URL": f"http://{CLOSED}",

@@ -57,7 +57,7 @@ class GCSStore(BlobStore):
         require("google.cloud.storage", "gcs")
         from google.auth.credentials import AnonymousCredentials
         from google.auth.exceptions import DefaultCredentialsError
-        from google.cloud import storage  # type: ignore[import-untyped]
+        from google.cloud import storage  # type: ignore[attr-defined,import-untyped,unused-ignore]
 
         emulator = os.environ.get("STORAGE_EMULATOR_HOST")
         self.endpoint = emulator or "the GCS endpoint"

@@ -29,6 +29,12 @@ GCS and Azure Blob (tests/cloudservers.py), configured only through the clouds' 
 - ``azurite`` (session): azurite's blob service (skipped, saying why, only when azurite is not
   installed: ``npm install azurite``; found through ``SPOTSAFE_AZURITE``, ``PATH`` or /opt/azurite);
   ``az_env`` (function): ``AZURE_STORAGE_CONNECTION_STRING`` for it; ``az_container``: a fresh container.
+Compute Engine and Azure Resource Manager (tests/gcefake.py, tests/armfake.py), one per test:
+
+- ``compute_fake``: a :class:`~tests.gcefake.ComputeFake` (plain HTTP, as google-cloud-compute's
+  REST transport allows for an ``api_endpoint`` given with its scheme).
+- ``arm_fake``: an :class:`~tests.armfake.ARMFake` over TLS; ``arm_fake.ca`` is the PEM file to
+  trust it with (``REQUESTS_CA_BUNDLE``).
 
 Instance metadata (spotsafe.rehearsal.simulators), one per test:
 
@@ -47,8 +53,10 @@ import pytest
 from spotsafe.rehearsal.simulators.aws import AWSSimulator
 from spotsafe.rehearsal.simulators.azure import AzureSimulator
 from spotsafe.rehearsal.simulators.gcp import GCPSimulator
+from tests.armfake import ARMFake, self_signed
 from tests.cloudservers import Azurite, FakeGCSServer, GCPStorageEmulator, azurite_blob
 from tests.ec2server import EC2Server, IAMEnforcingServer, run_instance
+from tests.gcefake import ComputeFake
 from tests.s3server import FaultProxy, MotoServer
 
 # --------------------------------------------------------------------------- S3
@@ -260,3 +268,27 @@ def gcp() -> Iterator[GCPSimulator]:
 def azure() -> Iterator[AzureSimulator]:
     with AzureSimulator() as sim:
         yield sim
+
+
+# --------------------------------------------------------------------------- Compute Engine, ARM
+
+
+@pytest.fixture
+def compute_fake() -> Iterator[ComputeFake]:
+    fake = ComputeFake()
+    fake.start()
+    try:
+        yield fake
+    finally:
+        fake.shutdown()
+
+
+@pytest.fixture
+def arm_fake(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ARMFake]:
+    tls, ca = self_signed(tmp_path_factory.mktemp("arm-tls"))
+    fake = ARMFake(tls, ca)
+    fake.start()
+    try:
+        yield fake
+    finally:
+        fake.shutdown()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import email.utils
 import json
+import secrets
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
@@ -22,6 +24,14 @@ class AzureSimulator(Simulator):
     ``Scheduled`` -> ``Started`` when their ``NotBefore`` passes or when a
     ``StartRequests`` POST acknowledges them (recorded in :attr:`acknowledgements`);
     every change bumps ``DocumentIncarnation``.
+
+    What a boot script reads is there too: ``/metadata/instance/compute`` with the
+    subscription, resource group and scale set (``scale_set``; ``None``: a VM of no
+    scale set), and the managed identity's token endpoint
+    ``/metadata/identity/oauth2/token`` (``api-version`` and ``resource`` required, as
+    on Azure; each token recorded in :attr:`tokens_issued` with its resource), as
+    azure-identity's ``ManagedIdentityCredential`` reads it (point it here with
+    ``AZURE_POD_IDENTITY_AUTHORITY_HOST``).
     """
 
     name = "azure"
@@ -33,10 +43,18 @@ class AzureSimulator(Simulator):
         notice_after: float | None = None,
         vm_name: str = "spotsafe-sim-vm",
         location: str = "eastus",
+        subscription_id: str = "00000000-0000-0000-0000-00000000c0de",
+        resource_group: str = "spotsafe-sim",
+        scale_set: str | None = None,
     ) -> None:
         super().__init__(port=port, notice_after=notice_after)
         self.vm_name = vm_name
         self.location = location
+        self.subscription_id = subscription_id
+        self.resource_group = resource_group
+        self.scale_set = scale_set
+        #: (resource, token) of every managed identity token handed out, in order
+        self.tokens_issued: list[tuple[str, str]] = []
         self.vm_id = str(uuid.UUID(int=0x5B0751AFE))
         self.incarnation = 1
         self.events: list[dict[str, Any]] = []
@@ -141,6 +159,8 @@ class AzureSimulator(Simulator):
             return 405, json_type, json.dumps({"error": "Method not allowed"})
         if method != "GET":
             return 405, json_type, json.dumps({"error": "Method not allowed"})
+        if path == "/metadata/identity/oauth2/token":
+            return self._token(query)
         compute = {
             "name": self.vm_name,
             "location": self.location,
@@ -149,6 +169,10 @@ class AzureSimulator(Simulator):
             "vmSize": "Standard_NC4as_T4_v3",
             "zone": "1",
             "osType": "Linux",
+            "subscriptionId": self.subscription_id,
+            "resourceGroupName": self.resource_group,
+            "vmScaleSetName": self.scale_set or "",
+            "resourceId": self._resource_id(),
         }
         if path == "/metadata/instance/compute/name":
             return 200, {"Content-Type": "text/plain; charset=utf-8"}, self.vm_name
@@ -157,6 +181,37 @@ class AzureSimulator(Simulator):
         if path == "/metadata/instance":
             return 200, json_type, json.dumps({"compute": compute, "network": {"interface": []}})
         return 404, json_type, json.dumps({"error": "Not found"})
+
+    def _resource_id(self) -> str:
+        rg = f"/subscriptions/{self.subscription_id}/resourceGroups/{self.resource_group}"
+        return f"{rg}/providers/Microsoft.Compute/virtualMachines/{self.vm_name}"
+
+    def _token(self, query: Mapping[str, str]) -> Response:
+        json_type = {"Content-Type": "application/json; charset=utf-8"}
+        resource = query.get("resource", "")
+        if not resource:
+            body = {"error": "invalid_request", "error_description": "Required query variable 'resource' is missing"}
+            return 400, json_type, json.dumps(body)
+        token = f"eyJ0eXAi.sim-{secrets.token_urlsafe(24)}"
+        with self._lock:
+            self.tokens_issued.append((resource, token))
+        now = int(time.time())
+        return (
+            200,
+            json_type,
+            json.dumps(
+                {
+                    "access_token": token,
+                    "client_id": str(uuid.UUID(int=0x1D)),
+                    "expires_in": "86399",
+                    "expires_on": str(now + 86399),
+                    "ext_expires_in": "86399",
+                    "not_before": str(now),
+                    "resource": resource,
+                    "token_type": "Bearer",
+                }
+            ),
+        )
 
     def _acknowledge(self, body: bytes) -> Response:
         json_type = {"Content-Type": "application/json; charset=utf-8"}

@@ -11,7 +11,7 @@ __all__ = ["simulated_environment"]
 
 
 def simulated_environment(*sims: Simulator) -> dict[str, str]:
-    """Environment variables that point spotsafe (and botocore / google-auth) at running simulators.
+    """Environment variables that point spotsafe (and botocore, google-auth, azure-identity) at running simulators.
 
     ``SPOTSAFE_SOURCES`` names exactly the simulated providers plus ``signal``, so a
     rehearsal never probes the real metadata addresses.
@@ -28,6 +28,8 @@ def simulated_environment(*sims: Simulator) -> dict[str, str]:
             env["GCE_METADATA_IP"] = sim.host
         elif isinstance(sim, AzureSimulator):
             env["SPOTSAFE_AZURE_METADATA_ENDPOINT"] = sim.endpoint
+            # azure-identity's managed identity credential asks this host for its tokens.
+            env["AZURE_POD_IDENTITY_AUTHORITY_HOST"] = sim.endpoint
         else:
             raise TypeError(f"not a spotsafe simulator: {sim!r}")
         names.append(sim.name)

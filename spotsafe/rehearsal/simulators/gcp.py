@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import secrets
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -19,6 +21,13 @@ class GCPSimulator(Simulator):
     sets ``instance/maintenance-event``. A ``wait_for_change=true`` GET returns at
     once when ``last_etag`` differs from the current ETag, else when the value
     changes or ``timeout_sec`` passes.
+
+    What a boot script reads is there too: ``instance/attributes/*`` (``attributes``;
+    a VM of a managed instance group has ``created-by``, the group's partial URL:
+    ``group`` sets it), the zone, and the default service account: its
+    ``?recursive=true`` description and ``token`` (a fresh opaque bearer token per
+    request, recorded in :attr:`tokens_issued`), as google-auth's
+    ``compute_engine.Credentials`` reads them.
     """
 
     name = "gcp"
@@ -33,8 +42,16 @@ class GCPSimulator(Simulator):
         instance_name: str = "spotsafe-sim",
         zone: str = "us-central1-a",
         project_id: str = "spotsafe-sim",
+        attributes: Mapping[str, str] | None = None,
+        group: str | None = None,
+        service_account: str = "spotsafe-sim@spotsafe-sim.iam.gserviceaccount.com",
     ) -> None:
         super().__init__(port=port, notice_after=notice_after)
+        self.zone = zone
+        self.project_id = project_id
+        self.service_account = service_account
+        #: Every access token handed out, in order (a client's ``Authorization: Bearer`` is one of them).
+        self.tokens_issued: list[str] = []
         self.values: dict[str, str] = {
             "instance/id": instance_id,
             "instance/name": instance_name,
@@ -46,7 +63,17 @@ class GCPSimulator(Simulator):
             "instance/scheduling/preemptible": "TRUE",
             "project/project-id": project_id,
             "project/numeric-project-id": "123456789012",
+            "instance/service-accounts/default/email": service_account,
+            "instance/service-accounts/default/scopes": "https://www.googleapis.com/auth/cloud-platform",
+            "universe/universe-domain": "googleapis.com",
         }
+        if group is not None:
+            # As GCE sets it on a managed instance group's VMs: the group's partial URL.
+            self.values["instance/attributes/created-by"] = (
+                f"projects/123456789012/zones/{zone}/instanceGroupManagers/{group}"
+            )
+        for key, value in (attributes or {}).items():
+            self.values[f"instance/attributes/{key}"] = value
 
     def _set(self, key: str, value: str) -> None:
         with self._cond:
@@ -107,6 +134,15 @@ class GCPSimulator(Simulator):
         if not path.startswith(self.PREFIX):
             return 404, base, "Not Found"
         key = path[len(self.PREFIX) :]
+        account = "instance/service-accounts/default/"
+        if key == f"{account}token":
+            return 200, {**base, "Content-Type": "application/json"}, json.dumps(self._token())
+        if key == account and query.get("recursive", "").lower() == "true":
+            with self._lock:
+                email = self.values[f"{account}email"]
+                scopes = self.values[f"{account}scopes"].split()
+            described = {"aliases": ["default"], "email": email, "scopes": scopes}
+            return 200, {**base, "Content-Type": "application/json"}, json.dumps(described)
         if key == "" or key.endswith("/"):
             with self._lock:
                 children = sorted(
@@ -126,6 +162,12 @@ class GCPSimulator(Simulator):
         if query.get("wait_for_change", "").lower() == "true":
             value = self._wait_for_change(key, value, query)
         return 200, {**base, "Content-Type": "application/text", "ETag": self.etag(value)}, value
+
+    def _token(self) -> dict[str, Any]:
+        token = f"ya29.sim-{secrets.token_urlsafe(24)}"
+        with self._lock:
+            self.tokens_issued.append(token)
+        return {"access_token": token, "expires_in": 3599, "token_type": "Bearer"}
 
     def _wait_for_change(self, key: str, value: str, query: Mapping[str, str]) -> str:
         try:

@@ -13,6 +13,8 @@ from spotsafe.cloud.aws.launch.status import format_status, status
 from spotsafe.cloud.aws.launch.up import Step, launch
 from spotsafe.cloud.aws.launch.userdata import resolve_ref, user_data
 from spotsafe.cloud.aws.prices import spot_prices
+from spotsafe.cloud.azure.launch.cli import add_azure_options, run_azure
+from spotsafe.cloud.gcp.launch.cli import add_cloud_options, run_gcp
 from spotsafe.errors import LaunchConfigError, SpotsafeError
 
 
@@ -25,8 +27,8 @@ def add_parsers(sub: Any) -> None:
     p = sub.add_parser("launch", help="create a self-replacing spot trainer on AWS (plan only without --yes)")
     p.add_argument("name", help="the run's name: every resource is tagged spotsafe-run=NAME")
     p.add_argument("--store", help=f"s3://BUCKET/PREFIX, or with --volume-size a directory under {MOUNT}")
-    p.add_argument("--instance-types", required=True, type=_types, metavar="T1,T2", help="e.g. g5.xlarge,g6.xlarge")
-    p.add_argument("--image-id", required=True, help="the AMI (with a GPU driver and python3)")
+    p.add_argument("--instance-types", type=_types, metavar="T1,T2", help="AWS: e.g. g5.xlarge,g6.xlarge (required)")
+    p.add_argument("--image-id", help="AWS: the AMI (with a GPU driver and python3; required)")
     p.add_argument(
         "--command",
         dest="train_command",
@@ -63,17 +65,25 @@ def add_parsers(sub: Any) -> None:
         action="store_true",
         help="print the user data this run's launch template gets (for Terraform and the like), change nothing",
     )
+    add_cloud_options(p, launch=True)
+    add_azure_options(p, launch=True)
     p = sub.add_parser("status", help="a launched run: its instance, newest checkpoint, interruptions and cost")
+    add_cloud_options(p)
+    add_azure_options(p)
     p.add_argument("name")
     p.add_argument("--region")
     p.add_argument("--on-demand-price", type=float, help="USD per hour on demand, to compare the spot cost with")
     p = sub.add_parser("down", help="delete what launch created and list anything still tagged (plan without --yes)")
+    add_cloud_options(p)
+    add_azure_options(p)
     p.add_argument("name")
     p.add_argument("--region")
     p.add_argument("--yes", action="store_true", help="make the changes (without it: print the plan only)")
     p.add_argument("--delete-store", action="store_true", help="delete the checkpoints too (the volume or S3 prefix)")
     p.add_argument("--store", help="the store, when no launch template or group names it any more")
     p = sub.add_parser("price", help="spot price per zone now, cheapest first")
+    add_cloud_options(p)
+    add_azure_options(p)
     p.add_argument("--instance-types", required=True, type=_types)
     p.add_argument("--region")
 
@@ -91,6 +101,10 @@ def run_command(ns: Any, out: TextIO | None = None, *, session: Any | None = Non
 
 
 def _run_command(ns: Any, out: TextIO, session: Any | None) -> int:
+    if getattr(ns, "cloud", "aws") == "gcp":
+        return run_gcp(ns, out)
+    if getattr(ns, "cloud", "aws") == "azure":
+        return run_azure(ns, out)
     aws = Clients(ns.region, session=session)
     if ns.command == "price":
         return _price(ns, aws, out)
@@ -145,6 +159,9 @@ def _spec(ns: Any) -> LaunchSpec:
         store = f"{ns.mount.rstrip('/')}/{ns.name}"
     if store is None:
         raise LaunchConfigError("--store: give s3://BUCKET/PREFIX (or --volume-size for a store on an EBS volume)")
+    for option, value in (("--instance-types", ns.instance_types), ("--image-id", ns.image_id)):
+        if not value:
+            raise LaunchConfigError(f"{option} is required on AWS")
     return LaunchSpec(
         name=ns.name,
         store=store,

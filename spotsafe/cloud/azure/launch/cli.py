@@ -1,0 +1,86 @@
+"""``spotsafe launch/status/down --cloud azure`` (the AWS commands' parsers carry these options)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, TextIO
+
+from spotsafe.cloud.azure.launch.up import Arm, AzureLaunchSpec, down, launch, tagged_disks
+from spotsafe.errors import LaunchConfigError
+
+
+def add_azure_options(p: Any, *, launch: bool = False) -> None:
+    """The Azure options of one of the commands (``--cloud`` itself comes with the GCP ones)."""
+    p.add_argument("--subscription", help="Azure: the subscription id (default: AZURE_SUBSCRIPTION_ID)")
+    p.add_argument("--resource-group", help="Azure: the resource group of the scale set")
+    if launch:
+        p.add_argument("--location", help="Azure: e.g. eastus")
+        p.add_argument("--vm-size", help="Azure: e.g. Standard_NC4as_T4_v3")
+        p.add_argument("--azure-image", help="Azure: publisher:offer:sku:version")
+        p.add_argument("--subnet-id", help="Azure: the subnet's resource id")
+        p.add_argument("--ssh-public-key", help="Azure: the admin user's public key (a file or the key)")
+
+
+def _arm(ns: Any) -> Arm:
+    from azure.identity import DefaultAzureCredential
+    from azure.mgmt.compute import ComputeManagementClient
+
+    subscription = ns.subscription or os.environ.get("AZURE_SUBSCRIPTION_ID")
+    if not subscription or not ns.resource_group:
+        raise LaunchConfigError("--cloud azure needs --subscription (or AZURE_SUBSCRIPTION_ID) and --resource-group")
+    return Arm(ComputeManagementClient(DefaultAzureCredential(), subscription), ns.resource_group)
+
+
+def run_azure(ns: Any, out: TextIO) -> int:
+    """Run a parsed command with ``--cloud azure``; the exit status."""
+    if ns.command == "price":
+        print(
+            "spotsafe price --cloud azure: not built; the Azure Retail Prices API has Spot prices "
+            "(docs/launch.md, Azure: prices)",
+            file=out,
+        )
+        return 1
+    arm = _arm(ns)
+    if ns.command == "status":
+        group = arm.call("get", arm.client.virtual_machine_scale_sets.get, arm.resource_group, f"spotsafe-{ns.name}")
+        print(f"scale set spotsafe-{ns.name}: " + (f"capacity {group.sku.capacity}" if group else "(none)"), file=out)
+        print(f"disks     {', '.join(tagged_disks(arm, ns.name)) or '(none)'}", file=out)
+        return 0
+    if ns.command == "down":
+        result, left = down(ns.name, arm, apply=ns.yes, on_step=lambda s: print(s, file=out))
+        if not ns.yes:
+            print("plan only: rerun with --yes to delete" if result.changes else "nothing to delete", file=out)
+            return 0
+        for item in left:
+            print(f"still there: {item}", file=out)
+        return 1 if left else 0
+    needed = (ns.location, ns.vm_size, ns.azure_image, ns.subnet_id, ns.ssh_public_key, ns.store)
+    if not all(needed):
+        raise LaunchConfigError(
+            "--cloud azure launch needs --location, --vm-size, --azure-image, --subnet-id, --ssh-public-key "
+            "and --store az://CONTAINER/PREFIX"
+        )
+    key = ns.ssh_public_key
+    if os.path.isfile(key):
+        with open(key, encoding="utf-8") as f:
+            key = f.read().strip()
+    spec = AzureLaunchSpec(
+        name=ns.name,
+        resource_group=arm.resource_group,
+        location=ns.location,
+        vm_size=ns.vm_size,
+        image=ns.azure_image,
+        subnet_id=ns.subnet_id,
+        ssh_public_key=key,
+        command=ns.train_command,
+        store=ns.store,
+        repo=ns.repo,
+        ref=ns.ref,
+        pip_spec=ns.pip_spec,
+        pip_sha256=ns.pip_sha256,
+        shutdown_when_done=not ns.keep_running_when_done,
+    )
+    result = launch(spec, arm, apply=ns.yes, on_step=lambda s: print(s, file=out))
+    if not ns.yes:
+        print("plan only: rerun with --yes to make these changes" if result.changes else "nothing to change", file=out)
+    return 0

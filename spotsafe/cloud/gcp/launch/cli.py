@@ -1,0 +1,84 @@
+"""``spotsafe launch/status/down/price --cloud gcp`` (the AWS commands' parsers carry these options)."""
+
+from __future__ import annotations
+
+from typing import Any, TextIO
+
+from spotsafe.cloud.gcp.launch.spec import MOUNT, GcpLaunchSpec
+from spotsafe.cloud.gcp.launch.up import Compute, down, launch, status
+from spotsafe.errors import LaunchConfigError
+
+
+def add_cloud_options(p: Any, *, launch: bool = False) -> None:
+    """``--cloud`` and the GCP options of one of the four commands (the Azure ones: spotsafe.cloud.azure.launch.cli)."""
+    p.add_argument("--cloud", choices=("aws", "gcp", "azure"), default="aws", help="where the run is (default aws)")
+    p.add_argument("--project", help="GCP: the project (default: gcloud's / the environment's)")
+    p.add_argument("--zone", help="GCP: the zone of the group and its disk, e.g. us-central1-a")
+    if launch:
+        p.add_argument("--machine-type", help="GCP: e.g. g2-standard-4 (one L4)")
+        p.add_argument("--image", help="GCP: the boot image, e.g. projects/P/global/images/family/F")
+        p.add_argument("--service-account", help="GCP: the VM's service account email (docs/launch.md: its role)")
+
+
+def _compute(ns: Any) -> Compute:
+    import google.auth
+
+    credentials, default_project = google.auth.default()
+    project = ns.project or default_project
+    if not project or not ns.zone:
+        raise LaunchConfigError("--cloud gcp needs --project (or a default project) and --zone")
+    return Compute(project, ns.zone, credentials=credentials)
+
+
+def run_gcp(ns: Any, out: TextIO) -> int:
+    """Run a parsed command with ``--cloud gcp``; the exit status."""
+    if ns.command == "price":
+        print(
+            "spotsafe price --cloud gcp: Spot VM prices come from the Cloud Billing Catalog API, which needs "
+            "an API key spotsafe does not ask for; see docs/launch.md (GCP: prices) for the gcloud line",
+            file=out,
+        )
+        return 1
+    gce = _compute(ns)
+    if ns.command == "status":
+        st = status(ns.name, gce)
+        print(f"group     {st.group or '(none)'}  target size {st.target_size}", file=out)
+        print(f"instances {', '.join(st.instances) or '(none)'}", file=out)
+        print(f"disks     {', '.join(st.disks) or '(none)'}", file=out)
+        return 0
+    if ns.command == "down":
+        result, left = down(
+            ns.name, gce, apply=ns.yes, delete_store=ns.delete_store, on_step=lambda s: print(s, file=out)
+        )
+        if not ns.yes:
+            print("plan only: rerun with --yes to delete" if result.changes else "nothing to delete", file=out)
+            return 0
+        for item in left:
+            print(f"still there: {item}", file=out)
+        return 1 if left else 0
+    store = ns.store or (f"{MOUNT}/{ns.name}" if ns.volume_size else None)
+    if store is None or not ns.machine_type or not ns.image or not ns.service_account:
+        raise LaunchConfigError(
+            "--cloud gcp launch needs --machine-type, --image, --service-account and --store gs://... (or --volume-size)"
+        )
+    spec = GcpLaunchSpec(
+        name=ns.name,
+        project=gce.project,
+        zone=gce.zone,
+        machine_type=ns.machine_type,
+        image=ns.image,
+        command=ns.train_command,
+        store=store,
+        service_account=ns.service_account,
+        disk_size=ns.volume_size,
+        repo=ns.repo,
+        ref=ns.ref,
+        pip_spec=ns.pip_spec,
+        pip_sha256=ns.pip_sha256,
+        python=ns.python,
+        shutdown_when_done=not ns.keep_running_when_done,
+    )
+    result = launch(spec, gce, apply=ns.yes, on_step=lambda s: print(s, file=out))
+    if not ns.yes:
+        print("plan only: rerun with --yes to make these changes" if result.changes else "nothing to change", file=out)
+    return 0

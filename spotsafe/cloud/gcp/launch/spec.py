@@ -1,0 +1,188 @@
+"""A GCP run's description, and the request bodies it turns into (the instance template, the group).
+
+Every resource is named ``spotsafe-NAME`` and, where the resource has labels (VMs, disks),
+labelled ``spotsafe-run=NAME``; an instance template and a managed instance group have no
+labels in compute/v1, so their ``description`` says ``spotsafe-run=NAME`` and ``down``
+recognises them by name *and* description.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from spotsafe.errors import LaunchConfigError, LaunchError
+
+LABEL = "spotsafe-run"
+#: Where the VM mounts the run's stateful disk (volume mode).
+MOUNT = "/mnt/spotsafe"
+#: A setting that spotsafe launch writes and the boot script honours.
+_NAME_RE = re.compile(r"[a-z]([-a-z0-9]{0,40}[a-z0-9])?")
+
+
+def boot_script() -> str:
+    """The text of ``userdata/cloud-boot.sh`` (``spotsafe/userdata`` links to it; wheels carry it there)."""
+    here = Path(__file__).resolve().parents[3]  # the spotsafe package: spotsafe/cloud/gcp/launch/
+    for cand in (here / "userdata" / "cloud-boot.sh", here.parent / "userdata" / "cloud-boot.sh"):
+        if cand.is_file():
+            return cand.read_text()
+    raise LaunchError(f"userdata/cloud-boot.sh is not found next to {here}: reinstall spotsafe from its repository")
+
+
+@dataclass(frozen=True)
+class GcpLaunchSpec:
+    """What ``spotsafe launch NAME --cloud gcp`` is asked for."""
+
+    name: str
+    project: str
+    zone: str
+    machine_type: str
+    image: str
+    command: str
+    store: str
+    service_account: str
+    disk_size: int | None = None  # GiB: a stateful persistent disk (else a gs:// store)
+    boot_disk_size: int = 100
+    repo: str | None = None
+    ref: str | None = None
+    pip_spec: str | None = None
+    pip_sha256: str | None = None
+    python: str | None = None
+    shutdown_when_done: bool = True
+
+    @property
+    def resource(self) -> str:
+        return f"spotsafe-{self.name}"
+
+    def validate(self) -> None:
+        if not _NAME_RE.fullmatch(self.name):
+            raise LaunchConfigError(
+                f"run name {self.name!r}: use 1-42 lowercase letters, digits and '-', starting with a letter "
+                "(it names GCE resources and labels, whose rules these are)"
+            )
+        if self.disk_size is None and not self.store.startswith("gs://"):
+            raise LaunchConfigError(f"--store {self.store!r}: give gs://BUCKET/PREFIX, or --volume-size for a disk")
+        if self.disk_size is not None and (self.disk_size < 10 or self.store.startswith("gs://")):
+            raise LaunchConfigError("--volume-size: at least 10 GiB, with a store on the disk (not gs://)")
+        if "@" not in self.service_account:
+            raise LaunchConfigError(
+                f"--service-account {self.service_account!r}: the email of the VM's service account "
+                "(docs/launch.md, GCP: the role it needs)"
+            )
+
+
+def settings(spec: GcpLaunchSpec) -> list[tuple[str, str]]:
+    """The boot script's settings for this run, in order."""
+    out = [
+        ("SPOTSAFE_CLOUD", "gcp"),
+        ("SPOTSAFE_RUN", spec.name),
+        ("SPOTSAFE_STORE", spec.store),
+        ("SPOTSAFE_TRAIN_COMMAND", spec.command),
+        ("SPOTSAFE_SHUTDOWN_WHEN_DONE", "1" if spec.shutdown_when_done else "0"),
+        ("SPOTSAFE_SHUTDOWN_ON_FAILURE", "1"),
+    ]
+    if spec.disk_size is not None:
+        # The group creates the disk blank for the first VM: that boot may format it (a blank disk only).
+        out += [("SPOTSAFE_DISK_NAME", spec.resource), ("SPOTSAFE_MKFS", "1"), ("SPOTSAFE_MOUNT", MOUNT)]
+    else:
+        out += [("SPOTSAFE_ATTACH", "0"), ("SPOTSAFE_MOUNT", "/var/lib/spotsafe")]
+    if spec.repo:
+        out += [("SPOTSAFE_REPO", spec.repo), ("SPOTSAFE_REF", spec.ref or "HEAD")]
+    for key, value in (
+        ("SPOTSAFE_PIP_SPEC", spec.pip_spec),
+        ("SPOTSAFE_PIP_SHA256", spec.pip_sha256),
+        ("SPOTSAFE_PYTHON", spec.python),
+    ):
+        if value is not None:
+            out.append((key, value))
+    return out
+
+
+def startup_script(spec: GcpLaunchSpec) -> str:
+    """The VM's ``startup-script``: the run's settings, then ``userdata/cloud-boot.sh`` unchanged."""
+    lines = [
+        "#!/usr/bin/env bash",
+        f"# spotsafe launch {spec.name} --cloud gcp: this run's settings, then userdata/cloud-boot.sh unchanged.",
+    ]
+    for key, value in settings(spec):
+        lines.append(f'[ -n "${{{key}:-}}" ] || {key}={shlex.quote(value)}')
+        lines.append(f"export {key}")
+    return "\n".join(lines) + "\n\n" + boot_script()
+
+
+#: The ``shutdown-script``: on a preemption the unit stops, the supervisor gets SIGTERM.
+SHUTDOWN_SCRIPT = "#!/bin/sh\nexec /usr/local/sbin/spotsafe-boot stop\n"
+
+
+def template_body(spec: GcpLaunchSpec) -> dict[str, Any]:
+    """The ``InstanceTemplate`` (compute/v1) of the run: one Spot VM, deleted on preemption."""
+    disks: list[dict[str, Any]] = [
+        {
+            "boot": True,
+            "autoDelete": True,
+            "type": "PERSISTENT",
+            "initializeParams": {"sourceImage": spec.image, "diskSizeGb": str(spec.boot_disk_size)},
+        }
+    ]
+    if spec.disk_size is not None:
+        disks.append(
+            {
+                "boot": False,
+                "autoDelete": False,
+                "type": "PERSISTENT",
+                "deviceName": spec.resource,
+                "initializeParams": {
+                    "diskName": spec.resource,
+                    "diskSizeGb": str(spec.disk_size),
+                    "diskType": "pd-balanced",
+                    "labels": {LABEL: spec.name},
+                },
+            }
+        )
+    return {
+        "name": spec.resource,
+        "description": f"{LABEL}={spec.name}",
+        "properties": {
+            "machineType": spec.machine_type,
+            "labels": {LABEL: spec.name},
+            "scheduling": {
+                "provisioningModel": "SPOT",
+                "instanceTerminationAction": "DELETE",
+                "automaticRestart": False,
+                "onHostMaintenance": "TERMINATE",
+            },
+            "disks": disks,
+            "networkInterfaces": [
+                {
+                    "network": "global/networks/default",
+                    "accessConfigs": [{"name": "External NAT", "type": "ONE_TO_ONE_NAT"}],
+                }
+            ],
+            "serviceAccounts": [
+                {"email": spec.service_account, "scopes": ["https://www.googleapis.com/auth/cloud-platform"]}
+            ],
+            "metadata": {
+                "items": [
+                    {"key": "startup-script", "value": startup_script(spec)},
+                    {"key": "shutdown-script", "value": SHUTDOWN_SCRIPT},
+                ]
+            },
+        },
+    }
+
+
+def group_body(spec: GcpLaunchSpec, template_link: str) -> dict[str, Any]:
+    """The ``InstanceGroupManager``: one VM, recreated on preemption, the run's disk stateful."""
+    body: dict[str, Any] = {
+        "name": spec.resource,
+        "description": f"{LABEL}={spec.name}",
+        "baseInstanceName": spec.resource,
+        "instanceTemplate": template_link,
+        "targetSize": 1,
+    }
+    if spec.disk_size is not None:
+        body["statefulPolicy"] = {"preservedState": {"disks": {spec.resource: {"autoDelete": "NEVER"}}}}
+    return body

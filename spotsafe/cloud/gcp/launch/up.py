@@ -1,0 +1,231 @@
+"""``launch``, ``status`` and ``down`` for GCP: the reconciler over google-cloud-compute.
+
+``launch`` creates, in order, each only when missing (so a second call changes nothing and
+an interrupted call is completed by the next):
+
+1. the instance template ``spotsafe-NAME`` (:func:`~spotsafe.cloud.gcp.launch.spec.template_body`):
+   a Spot VM (``provisioningModel=SPOT``, ``instanceTerminationAction=DELETE``), the run's
+   service account, the ``startup-script`` (the settings, then ``cloud-boot.sh``) and the
+   ``shutdown-script``; in volume mode a data disk ``spotsafe-NAME`` (device name the same);
+2. the zonal managed instance group ``spotsafe-NAME`` of one VM; in volume mode its stateful
+   policy keeps that disk (``autoDelete: NEVER``) and reattaches it to every recreated VM.
+
+Without ``apply`` it only plans. ``down`` deletes the group (and with it the VM), then the
+template, then (``delete_store``) the run's disk, and lists what is still labelled or named
+for the run. The service account and its role are the operator's (docs/launch.md shows the
+``gcloud`` lines): ``launch`` never creates IAM.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from spotsafe.cloud.gcp.launch.spec import LABEL, GcpLaunchSpec, group_body, template_body
+from spotsafe.errors import LaunchError
+
+Verb = Literal["create", "keep", "delete", "gone", "left"]
+
+
+@dataclass(frozen=True)
+class Step:
+    """One line of a plan or of what was done."""
+
+    verb: Verb
+    kind: str
+    name: str
+    detail: str = ""
+
+    def __str__(self) -> str:
+        tail = f": {self.detail}" if self.detail else ""
+        return f"{self.verb:<7} {self.kind} {self.name}{tail}"
+
+
+@dataclass
+class Result:
+    steps: list[Step] = field(default_factory=list)
+    applied: bool = False
+
+    @property
+    def changes(self) -> list[Step]:
+        return [s for s in self.steps if s.verb in ("create", "delete")]
+
+
+class Compute:
+    """The compute/v1 clients of one project and zone (``endpoint``/``credentials``: tests and private endpoints)."""
+
+    def __init__(self, project: str, zone: str, *, credentials: Any = None, endpoint: str | None = None) -> None:
+        from google.cloud import compute_v1
+
+        options = {"api_endpoint": endpoint} if endpoint else None
+        self.project, self.zone = project, zone
+        self.v1 = compute_v1
+        self.templates = compute_v1.InstanceTemplatesClient(credentials=credentials, client_options=options)
+        self.groups = compute_v1.InstanceGroupManagersClient(credentials=credentials, client_options=options)
+        self.disks = compute_v1.DisksClient(credentials=credentials, client_options=options)
+        self.instances = compute_v1.InstancesClient(credentials=credentials, client_options=options)
+
+    def call(self, what: str, fn: Callable[..., Any], **kwargs: Any) -> Any:
+        """One API call; a missing resource is None, any other failure a LaunchError naming ``what``."""
+        from google.api_core import exceptions
+
+        try:
+            return fn(**kwargs)
+        except exceptions.NotFound:
+            return None
+        except exceptions.GoogleAPICallError as e:
+            raise LaunchError(f"{what}: {e}") from e
+
+    def wait(self, what: str, operation: Any) -> None:
+        try:
+            operation.result(timeout=600)
+        except Exception as e:
+            raise LaunchError(f"{what}: {e}") from e
+
+
+def _ours(resource: Any, spec_name: str) -> bool:
+    return str(getattr(resource, "description", "")) == f"{LABEL}={spec_name}"
+
+
+def launch(spec: GcpLaunchSpec, gce: Compute, *, apply: bool, on_step: Callable[[Step], None] = print) -> Result:
+    """Create what is missing of the run (a plan only without ``apply``)."""
+    spec.validate()
+    result = Result(applied=apply)
+
+    def step(s: Step) -> None:
+        result.steps.append(s)
+        on_step(s)
+
+    name = spec.resource
+    want = template_body(spec)
+    current = gce.call(f"get template {name}", gce.templates.get, project=gce.project, instance_template=name)
+    if current is not None:
+        if not _ours(current, spec.name):
+            raise LaunchError(f"an instance template {name} exists that spotsafe did not create (its description)")
+        have = {i.key: i.value for i in current.properties.metadata.items}
+        wanted = {i["key"]: i["value"] for i in want["properties"]["metadata"]["items"]}
+        if have != wanted or current.properties.machine_type != spec.machine_type:
+            raise LaunchError(
+                f"the instance template {name} differs from this launch (settings or machine type): "
+                f"templates cannot change; `spotsafe down {spec.name} --cloud gcp --yes` first (the disk stays)"
+            )
+        step(Step("keep", "instance template", name))
+    else:
+        step(Step("create", "instance template", name, f"{spec.machine_type}, Spot, {spec.image}"))
+        if apply:
+            resource = gce.v1.InstanceTemplate.from_json(json.dumps(want))
+            op = gce.call(
+                f"create template {name}",
+                gce.templates.insert,
+                project=gce.project,
+                instance_template_resource=resource,
+            )
+            gce.wait(f"create template {name}", op)
+    link = f"projects/{gce.project}/global/instanceTemplates/{name}"
+    group = gce.call(
+        f"get group {name}", gce.groups.get, project=gce.project, zone=gce.zone, instance_group_manager=name
+    )
+    if group is not None:
+        if not _ours(group, spec.name):
+            raise LaunchError(f"a managed instance group {name} exists that spotsafe did not create")
+        step(Step("keep", "managed instance group", name, f"target size {group.target_size}"))
+    else:
+        disk = f", stateful disk {name}" if spec.disk_size is not None else ""
+        step(Step("create", "managed instance group", name, f"1 VM in {gce.zone}{disk}"))
+        if apply:
+            resource = gce.v1.InstanceGroupManager.from_json(json.dumps(group_body(spec, link)))
+            op = gce.call(
+                f"create group {name}",
+                gce.groups.insert,
+                project=gce.project,
+                zone=gce.zone,
+                instance_group_manager_resource=resource,
+            )
+            gce.wait(f"create group {name}", op)
+    return result
+
+
+@dataclass
+class Status:
+    group: str | None
+    target_size: int | None
+    instances: list[str]
+    disks: list[str]
+
+
+def status(name: str, gce: Compute) -> Status:
+    resource = f"spotsafe-{name}"
+    group = gce.call("get group", gce.groups.get, project=gce.project, zone=gce.zone, instance_group_manager=resource)
+    return Status(
+        resource if group is not None else None,
+        int(group.target_size) if group is not None else None,
+        _labelled(gce, "instances", name),
+        _labelled(gce, "disks", name),
+    )
+
+
+def _labelled(gce: Compute, kind: str, name: str) -> list[str]:
+    flt = f"labels.{LABEL}={name}"
+    client: Any
+    request: Any
+    if kind == "instances":
+        client, request = gce.instances, gce.v1.ListInstancesRequest(project=gce.project, zone=gce.zone, filter=flt)
+    else:
+        client, request = gce.disks, gce.v1.ListDisksRequest(project=gce.project, zone=gce.zone, filter=flt)
+    found = gce.call(f"list {kind}", client.list, request=request)
+    return [str(r.name) for r in found or []]
+
+
+def down(
+    name: str, gce: Compute, *, apply: bool, delete_store: bool, on_step: Callable[[Step], None] = print
+) -> tuple[Result, list[str]]:
+    """Delete the group, the template and (``delete_store``) the disk; what is still there after."""
+    result = Result(applied=apply)
+    resource = f"spotsafe-{name}"
+
+    def step(s: Step) -> None:
+        result.steps.append(s)
+        on_step(s)
+
+    group = gce.call("get group", gce.groups.get, project=gce.project, zone=gce.zone, instance_group_manager=resource)
+    if group is not None and _ours(group, name):
+        step(Step("delete", "managed instance group", resource, "and its VM"))
+        if apply:
+            op = gce.call(
+                f"delete group {resource}",
+                gce.groups.delete,
+                project=gce.project,
+                zone=gce.zone,
+                instance_group_manager=resource,
+            )
+            if op is not None:
+                gce.wait(f"delete group {resource}", op)
+    template = gce.call("get template", gce.templates.get, project=gce.project, instance_template=resource)
+    if template is not None and _ours(template, name):
+        step(Step("delete", "instance template", resource))
+        if apply:
+            op = gce.call(
+                f"delete template {resource}", gce.templates.delete, project=gce.project, instance_template=resource
+            )
+            if op is not None:
+                gce.wait(f"delete template {resource}", op)
+    for disk in _labelled(gce, "disks", name):
+        if not delete_store:
+            step(Step("keep", "disk", disk, "the run's checkpoints (--delete-store deletes it)"))
+            continue
+        step(Step("delete", "disk", disk))
+        if apply:
+            op = gce.call(f"delete disk {disk}", gce.disks.delete, project=gce.project, zone=gce.zone, disk=disk)
+            if op is not None:
+                gce.wait(f"delete disk {disk}", op)
+    left: list[str] = []
+    if apply:
+        st = status(name, gce)
+        left += [f"managed instance group {st.group}"] if st.group else []
+        left += [f"instance {i}" for i in st.instances]
+        left += [f"disk {d}" for d in st.disks if delete_store]
+        if gce.call("get template", gce.templates.get, project=gce.project, instance_template=resource):
+            left.append(f"instance template {resource}")
+    return result, left

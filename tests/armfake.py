@@ -1,0 +1,343 @@
+"""A local fake of Azure Resource Manager (Microsoft.Compute), over TLS, checked against the REST specs.
+
+ARM is HTTPS only (azure-core refuses to send a bearer token over plain HTTP), so the fake
+serves TLS with a self-signed certificate made here (:func:`self_signed`); clients trust it
+through ``REQUESTS_CA_BUNDLE`` (which azure-core's requests transport reads).
+
+Where each fact comes from (the Azure REST API reference, Compute,
+https://learn.microsoft.com/rest/api/compute/, generated from azure-rest-api-specs
+``specification/compute/resource-manager/Microsoft.Compute/ComputeRP/stable/*/virtualMachineScaleSet.json``):
+
+- Virtual Machine Scale Sets - Update: ``PATCH /subscriptions/{sub}/resourceGroups/{rg}/providers/
+  Microsoft.Compute/virtualMachineScaleSets/{name}?api-version=...``, body
+  ``VirtualMachineScaleSetUpdate``: ``sku`` is a ``Sku`` (``name`` string, ``tier`` string,
+  ``capacity`` integer/int64: "the number of virtual machines in the scale set"); answers 200
+  with the scale set (``properties.provisioningState``) -- reference page
+  virtual-machine-scale-sets/update.
+- Virtual Machine Scale Sets - Get: ``GET`` the same path: 200 and the scale set, or 404 with
+  ``{"error": {"code": "ResourceNotFound", "message"}}`` -- reference page virtual-machine-scale-sets/get
+  and the ARM error format (azure-resource-manager/management/common-deployment-errors).
+- Virtual Machine Scale Sets - Create Or Update: ``PUT`` the same path, body ``VirtualMachineScaleSet``:
+  ``location``, ``tags`` (map of strings), ``sku``, ``identity.type`` (SystemAssigned | UserAssigned |
+  "SystemAssigned, UserAssigned" | None), ``properties`` (``VirtualMachineScaleSetProperties``:
+  ``orchestrationMode`` Uniform | Flexible, ``platformFaultDomainCount`` integer,
+  ``spotRestorePolicy`` (``enabled`` boolean, ``restoreTimeout`` ISO 8601 duration string),
+  ``virtualMachineProfile`` (``priority`` Regular | Low | Spot, ``evictionPolicy`` Deallocate | Delete,
+  ``billingProfile.maxPrice`` number, ``osProfile`` (``computerNamePrefix``, ``adminUsername``,
+  ``customData`` base64 strings, ``linuxConfiguration``: ``disablePasswordAuthentication`` boolean,
+  ``ssh.publicKeys[]``: ``path``, ``keyData``), ``storageProfile`` (``imageReference``: ``publisher``,
+  ``offer``, ``sku``, ``version``; ``osDisk``: ``createOption`` FromImage | Empty | Attach | Copy | Restore,
+  ``caching`` None | ReadOnly | ReadWrite, ``managedDisk.storageAccountType`` (Standard_LRS |
+  Premium_LRS | StandardSSD_LRS | UltraSSD_LRS | Premium_ZRS | StandardSSD_ZRS | PremiumV2_LRS),
+  ``deleteOption`` Delete | Detach), ``networkProfile`` (``networkApiVersion`` 2020-11-01,
+  ``networkInterfaceConfigurations[]``: ``name``, ``properties``: ``primary``, ``deleteOption``,
+  ``ipConfigurations[]``: ``name``, ``properties``: ``primary``, ``subnet.id``,
+  ``publicIPAddressConfiguration``: ``name``, ``properties.deleteOption``)))) -- reference page
+  virtual-machine-scale-sets/create-or-update; a Flexible scale set needs ``networkApiVersion``
+  and ``platformFaultDomainCount`` (the same page's Flexible example).
+- Virtual Machine Scale Sets - Delete: ``DELETE`` the same path: 200/202/204 -- reference page
+  virtual-machine-scale-sets/delete. Disks - List By Resource Group: ``GET .../providers/
+  Microsoft.Compute/disks``: ``{"value": [...]}`` -- reference page disks/list-by-resource-group.
+- Every call carries ``api-version`` (required query parameter of every ARM operation).
+"""
+
+from __future__ import annotations
+
+import datetime
+import ssl
+from pathlib import Path
+from typing import Any
+
+from tests.restfake import Answer, Request, RestFake, SchemaError, check
+
+SUB = r"/subscriptions/(?P<sub>[^/]+)"
+RG = SUB + r"/resourceGroups/(?P<rg>[^/]+)"
+VMSS_PATH = RG + r"/providers/Microsoft\.Compute/virtualMachineScaleSets/(?P<name>[^/]+)"
+
+#: virtualMachineScaleSet.json, definitions Sku and VirtualMachineScaleSetUpdate (the fields spotsafe sends).
+SKU = {
+    "type": "object",
+    "properties": {"name": {"type": "string"}, "tier": {"type": "string"}, "capacity": {"type": "integer"}},
+}
+VMSS_UPDATE = {"type": "object", "properties": {"sku": SKU}}
+_S = {"type": "string"}
+_DELETE = {"type": "string", "enum": ["Delete", "Detach"]}
+VMSS = {
+    "type": "object",
+    "required": ["location"],
+    "properties": {
+        "location": _S,
+        "tags": {"type": "object", "additional": _S},
+        "sku": SKU,
+        "identity": {
+            "type": "object",
+            "properties": {
+                "type": {
+                    "type": "string",
+                    "enum": ["SystemAssigned", "UserAssigned", "SystemAssigned, UserAssigned", "None"],
+                }
+            },
+        },
+        "properties": {
+            "type": "object",
+            "properties": {
+                "orchestrationMode": {"type": "string", "enum": ["Uniform", "Flexible"]},
+                "platformFaultDomainCount": {"type": "integer"},
+                "spotRestorePolicy": {
+                    "type": "object",
+                    "properties": {
+                        "enabled": {"type": "boolean"},
+                        "restoreTimeout": {"type": "string", "pattern": r"PT\d+[HM]"},
+                    },
+                },
+                "virtualMachineProfile": {
+                    "type": "object",
+                    "properties": {
+                        "priority": {"type": "string", "enum": ["Regular", "Low", "Spot"]},
+                        "evictionPolicy": {"type": "string", "enum": ["Deallocate", "Delete"]},
+                        "billingProfile": {"type": "object", "properties": {"maxPrice": {"type": "number"}}},
+                        "osProfile": {
+                            "type": "object",
+                            "properties": {
+                                "computerNamePrefix": {"type": "string", "pattern": r"[-a-zA-Z0-9]{1,9}"},
+                                "adminUsername": _S,
+                                "customData": {"type": "string", "pattern": r"[A-Za-z0-9+/=]+"},
+                                "linuxConfiguration": {
+                                    "type": "object",
+                                    "properties": {
+                                        "disablePasswordAuthentication": {"type": "boolean"},
+                                        "ssh": {
+                                            "type": "object",
+                                            "properties": {
+                                                "publicKeys": {
+                                                    "type": "array",
+                                                    "items": {
+                                                        "type": "object",
+                                                        "properties": {"path": _S, "keyData": _S},
+                                                    },
+                                                }
+                                            },
+                                        },
+                                    },
+                                },
+                            },
+                        },
+                        "storageProfile": {
+                            "type": "object",
+                            "properties": {
+                                "imageReference": {
+                                    "type": "object",
+                                    "properties": {"publisher": _S, "offer": _S, "sku": _S, "version": _S},
+                                },
+                                "osDisk": {
+                                    "type": "object",
+                                    "required": ["createOption"],
+                                    "properties": {
+                                        "createOption": {
+                                            "type": "string",
+                                            "enum": ["FromImage", "Empty", "Attach", "Copy", "Restore"],
+                                        },
+                                        "caching": {"type": "string", "enum": ["None", "ReadOnly", "ReadWrite"]},
+                                        "managedDisk": {
+                                            "type": "object",
+                                            "properties": {
+                                                "storageAccountType": {
+                                                    "type": "string",
+                                                    "enum": [
+                                                        "Standard_LRS",
+                                                        "Premium_LRS",
+                                                        "StandardSSD_LRS",
+                                                        "UltraSSD_LRS",
+                                                        "Premium_ZRS",
+                                                        "StandardSSD_ZRS",
+                                                        "PremiumV2_LRS",
+                                                    ],
+                                                }
+                                            },
+                                        },
+                                        "deleteOption": _DELETE,
+                                    },
+                                },
+                            },
+                        },
+                        "networkProfile": {
+                            "type": "object",
+                            "properties": {
+                                "networkApiVersion": {"type": "string", "enum": ["2020-11-01"]},
+                                "networkInterfaceConfigurations": {
+                                    "type": "array",
+                                    "items": {
+                                        "type": "object",
+                                        "required": ["name"],
+                                        "properties": {
+                                            "name": _S,
+                                            "properties": {
+                                                "type": "object",
+                                                "properties": {
+                                                    "primary": {"type": "boolean"},
+                                                    "deleteOption": _DELETE,
+                                                    "ipConfigurations": {
+                                                        "type": "array",
+                                                        "items": {
+                                                            "type": "object",
+                                                            "required": ["name"],
+                                                            "properties": {
+                                                                "name": _S,
+                                                                "properties": {
+                                                                    "type": "object",
+                                                                    "properties": {
+                                                                        "primary": {"type": "boolean"},
+                                                                        "subnet": {
+                                                                            "type": "object",
+                                                                            "properties": {"id": _S},
+                                                                        },
+                                                                        "publicIPAddressConfiguration": {
+                                                                            "type": "object",
+                                                                            "properties": {
+                                                                                "name": _S,
+                                                                                "properties": {
+                                                                                    "type": "object",
+                                                                                    "properties": {
+                                                                                        "deleteOption": _DELETE
+                                                                                    },
+                                                                                },
+                                                                            },
+                                                                        },
+                                                                    },
+                                                                },
+                                                            },
+                                                        },
+                                                    },
+                                                },
+                                            },
+                                        },
+                                    },
+                                },
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+
+
+def self_signed(directory: Path) -> tuple[ssl.SSLContext, Path]:
+    """A server context for 127.0.0.1 and the PEM file a client trusts it with."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    cert_path, key_path = directory / "arm.pem", directory / "arm.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert_path, key_path)
+    return ctx, cert_path
+
+
+class ARMFake(RestFake):
+    """Scale sets in memory: ``scale_sets[(subscription, resource group, name)]``."""
+
+    name = "arm"
+
+    def __init__(self, tls: ssl.SSLContext, ca: Path) -> None:
+        super().__init__(tls=tls)
+        #: the PEM file a client trusts this server with
+        self.ca = ca
+        self.scale_sets: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self.route("GET", VMSS_PATH, self._get)
+        self.route("PATCH", VMSS_PATH, self._update)
+        self.route("PUT", VMSS_PATH, self._put)
+        self.route("DELETE", VMSS_PATH, self._delete)
+        self.route("GET", RG + r"/providers/Microsoft\.Compute/disks", self._disks)
+        #: managed disks by (subscription, resource group, name): {"name", "tags"}
+        self.disks: dict[tuple[str, str, str], dict[str, Any]] = {}
+
+    def add_scale_set(self, sub: str, rg: str, name: str, *, capacity: int = 1) -> dict[str, Any]:
+        vmss = {
+            "id": f"/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Compute/virtualMachineScaleSets/{name}",
+            "name": name,
+            "type": "Microsoft.Compute/virtualMachineScaleSets",
+            "location": "eastus",
+            "sku": {"name": "Standard_NC4as_T4_v3", "tier": "Standard", "capacity": capacity},
+            "properties": {"orchestrationMode": "Flexible", "provisioningState": "Succeeded"},
+        }
+        with self.lock:
+            self.scale_sets[(sub, rg, name)] = vmss
+        return vmss
+
+    def _key(self, r: Request) -> tuple[str, str, str]:
+        if not r.query.get("api-version"):
+            raise SchemaError("the required query parameter api-version is missing")
+        return r.match["sub"], r.match["rg"], r.match["name"]
+
+    def _missing(self, name: str) -> Answer:
+        message = f"The Resource 'Microsoft.Compute/virtualMachineScaleSets/{name}' was not found."
+        return 404, {"error": {"code": "ResourceNotFound", "message": message}}, {}
+
+    def _get(self, r: Request) -> Answer:
+        vmss = self.scale_sets.get(self._key(r))
+        return (200, vmss, {}) if vmss is not None else self._missing(r.match["name"])
+
+    def _update(self, r: Request) -> Answer:
+        key = self._key(r)
+        check(r.body, VMSS_UPDATE)
+        vmss = self.scale_sets.get(key)
+        if vmss is None:
+            return self._missing(r.match["name"])
+        vmss["sku"].update(r.body.get("sku", {}))
+        return 200, vmss, {}
+
+    def _put(self, r: Request) -> Answer:
+        key = self._key(r)
+        check(r.body, VMSS)
+        created = key not in self.scale_sets
+        import copy
+
+        vmss = {
+            **copy.deepcopy(r.body),
+            "id": f"/subscriptions/{key[0]}/resourceGroups/{key[1]}/providers/Microsoft.Compute/virtualMachineScaleSets/{key[2]}",
+            "name": key[2],
+            "type": "Microsoft.Compute/virtualMachineScaleSets",
+        }
+        vmss["properties"] = {**vmss.get("properties", {}), "provisioningState": "Succeeded"}
+        vmss["properties"].get("virtualMachineProfile", {}).get("osProfile", {}).pop(
+            "customData", None
+        )  # never read back
+        self.scale_sets[key] = vmss
+        return (201 if created else 200), vmss, {}
+
+    def _delete(self, r: Request) -> Answer:
+        key = self._key(r)
+        if self.scale_sets.pop(key, None) is None:
+            return 204, None, {}
+        return 200, None, {}
+
+    def _disks(self, r: Request) -> Answer:
+        if not r.query.get("api-version"):
+            raise SchemaError("the required query parameter api-version is missing")
+        items = [d for k, d in self.disks.items() if k[:2] == (r.match["sub"], r.match["rg"])]
+        return 200, {"value": items}, {}

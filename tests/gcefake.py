@@ -1,0 +1,378 @@
+"""A local fake of the Compute Engine REST API (compute/v1): what spotsafe calls, checked against the reference.
+
+Where each fact comes from (the Compute Engine API reference, v1,
+https://cloud.google.com/compute/docs/reference/rest/v1/, and its discovery document
+https://compute.googleapis.com/discovery/v1/apis/compute/v1/rest, which google-cloud-compute
+is generated from):
+
+- ``instanceGroupManagers.resize``: ``POST .../zones/{zone}/instanceGroupManagers/{name}/resize``,
+  query parameter ``size`` (integer, required, >= 0), **no request body**; answers an
+  ``Operation`` (``kind: compute#operation``, ``status`` PENDING | RUNNING | DONE,
+  ``targetLink``, ``operationType``) -- reference page instanceGroupManagers/resize.
+- ``instanceGroupManagers.get``: ``GET .../instanceGroupManagers/{name}``: the resource
+  with ``targetSize`` (integer) -- reference page instanceGroupManagers/get.
+- ``zoneOperations.get``: ``GET .../zones/{zone}/operations/{operation}`` -- reference page
+  zoneOperations/get.
+- ``instanceTemplates.insert`` (``POST .../global/instanceTemplates``), ``get``, ``delete``: body an
+  ``InstanceTemplate``: ``name``, ``description``, ``properties`` (``InstanceProperties``: ``machineType``
+  string, ``labels`` map of strings, ``scheduling`` (``Scheduling``: ``provisioningModel`` SPOT |
+  STANDARD, ``instanceTerminationAction`` DELETE | STOP, ``automaticRestart`` boolean,
+  ``onHostMaintenance`` MIGRATE | TERMINATE), ``disks`` (``AttachedDisk``: ``boot``, ``autoDelete``
+  booleans, ``type`` PERSISTENT | SCRATCH, ``deviceName``, ``initializeParams``
+  (``AttachedDiskInitializeParams``: ``sourceImage``, ``diskName``, ``diskType`` strings,
+  ``diskSizeGb`` int64, ``labels``)), ``networkInterfaces`` (``network``, ``accessConfigs``: ``name``,
+  ``type`` ONE_TO_ONE_NAT | DIRECT_IPV6), ``serviceAccounts`` (``email``, ``scopes``), ``metadata``
+  (``items``: ``key``, ``value``)) -- reference pages instanceTemplates/insert and the
+  InstanceProperties, Scheduling, AttachedDisk, Metadata schemas.
+- ``instanceGroupManagers.insert`` (``POST .../zones/{zone}/instanceGroupManagers``), ``delete``:
+  body an ``InstanceGroupManager``: ``name``, ``description``, ``baseInstanceName``,
+  ``instanceTemplate`` strings, ``targetSize`` integer, ``statefulPolicy.preservedState.disks``: a map of
+  device name to ``{autoDelete: NEVER | ON_PERMANENT_INSTANCE_DELETION}`` -- reference page
+  instanceGroupManagers/insert, StatefulPolicy.
+- ``disks.list`` / ``instances.list`` take ``filter`` (``labels.KEY=VALUE``), answer ``{items: [...]}``;
+  ``disks.delete`` -- reference pages disks/list, instances/list.
+- Errors: ``{"error": {"code", "message", "errors": [...]}}`` with the HTTP status
+  (404 for a missing resource) -- the API's "Errors" page (Google JSON error format).
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from typing import Any
+
+from tests.restfake import Answer, Request, RestFake, SchemaError, check
+
+PROJECT = r"/compute/v1/projects/(?P<project>[^/]+)"
+ZONE = PROJECT + r"/zones/(?P<zone>[^/]+)"
+
+_S = {"type": "string"}
+_LABELS = {"type": "object", "additional": _S}
+SCHEDULING = {
+    "type": "object",
+    "properties": {
+        "provisioningModel": {"type": "string", "enum": ["SPOT", "STANDARD"]},
+        "instanceTerminationAction": {"type": "string", "enum": ["DELETE", "STOP"]},
+        "automaticRestart": {"type": "boolean"},
+        "onHostMaintenance": {"type": "string", "enum": ["MIGRATE", "TERMINATE"]},
+    },
+}
+ATTACHED_DISK = {
+    "type": "object",
+    "properties": {
+        "boot": {"type": "boolean"},
+        "autoDelete": {"type": "boolean"},
+        "type": {"type": "string", "enum": ["PERSISTENT", "SCRATCH"]},
+        "deviceName": {"type": "string", "pattern": r"[a-z]([-a-z0-9]*[a-z0-9])?"},
+        "initializeParams": {
+            "type": "object",
+            "properties": {
+                "sourceImage": _S,
+                "diskName": _S,
+                "diskType": _S,
+                "diskSizeGb": {"type": "int64"},
+                "labels": _LABELS,
+            },
+        },
+    },
+}
+INSTANCE_TEMPLATE = {
+    "type": "object",
+    "required": ["name", "properties"],
+    "properties": {
+        "name": {"type": "string", "pattern": r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?"},
+        "description": _S,
+        "properties": {
+            "type": "object",
+            "required": ["machineType", "disks"],
+            "properties": {
+                "machineType": _S,
+                "labels": _LABELS,
+                "scheduling": SCHEDULING,
+                "disks": {"type": "array", "items": ATTACHED_DISK},
+                "networkInterfaces": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "properties": {
+                            "network": _S,
+                            "accessConfigs": {
+                                "type": "array",
+                                "items": {
+                                    "type": "object",
+                                    "properties": {
+                                        "name": _S,
+                                        "type": {"type": "string", "enum": ["ONE_TO_ONE_NAT", "DIRECT_IPV6"]},
+                                    },
+                                },
+                            },
+                        },
+                    },
+                },
+                "serviceAccounts": {
+                    "type": "array",
+                    "items": {"type": "object", "properties": {"email": _S, "scopes": {"type": "array", "items": _S}}},
+                },
+                "metadata": {
+                    "type": "object",
+                    "properties": {
+                        "items": {
+                            "type": "array",
+                            "items": {"type": "object", "required": ["key"], "properties": {"key": _S, "value": _S}},
+                        }
+                    },
+                },
+            },
+        },
+    },
+}
+GROUP = {
+    "type": "object",
+    "required": ["name", "instanceTemplate", "targetSize"],
+    "properties": {
+        "name": {"type": "string", "pattern": r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?"},
+        "description": _S,
+        "baseInstanceName": _S,
+        "instanceTemplate": _S,
+        "targetSize": {"type": "integer"},
+        "statefulPolicy": {
+            "type": "object",
+            "properties": {
+                "preservedState": {
+                    "type": "object",
+                    "properties": {
+                        "disks": {
+                            "type": "object",
+                            "additional": {
+                                "type": "object",
+                                "properties": {
+                                    "autoDelete": {
+                                        "type": "string",
+                                        "enum": ["NEVER", "ON_PERMANENT_INSTANCE_DELETION"],
+                                    }
+                                },
+                            },
+                        }
+                    },
+                }
+            },
+        },
+    },
+}
+
+
+class ComputeFake(RestFake):
+    """Managed instance groups and zone operations, in memory; ``groups[(project, zone, name)]``."""
+
+    name = "compute"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.groups: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self.operations: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self._ids = itertools.count(7000000000000000001)
+        self.route("GET", ZONE + r"/instanceGroupManagers/(?P<name>[^/]+)", self._get_group)
+        self.route("POST", ZONE + r"/instanceGroupManagers/(?P<name>[^/]+)/resize", self._resize)
+        self.route("GET", ZONE + r"/operations/(?P<op>[^/]+)", self._get_operation)
+        self.route("GET", PROJECT + r"/global/operations/(?P<op>[^/]+)", self._get_global_operation)
+        self.templates: dict[tuple[str, str], dict[str, Any]] = {}
+        self.disks: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self.instances: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self.route("POST", PROJECT + r"/global/instanceTemplates", self._insert_template)
+        self.route("GET", PROJECT + r"/global/instanceTemplates/(?P<name>[^/]+)", self._get_template)
+        self.route("DELETE", PROJECT + r"/global/instanceTemplates/(?P<name>[^/]+)", self._delete_template)
+        self.route("POST", ZONE + r"/instanceGroupManagers", self._insert_group)
+        self.route("DELETE", ZONE + r"/instanceGroupManagers/(?P<name>[^/]+)", self._delete_group)
+        self.route("GET", ZONE + r"/disks", lambda r: self._list(r, self.disks))
+        self.route("GET", ZONE + r"/instances", lambda r: self._list(r, self.instances))
+        self.route("DELETE", ZONE + r"/disks/(?P<name>[^/]+)", self._delete_disk)
+
+    def add_group(self, project: str, zone: str, name: str, *, target_size: int = 1) -> dict[str, Any]:
+        """A managed instance group as ``gcloud compute instance-groups managed create`` leaves it."""
+        group = {
+            "kind": "compute#instanceGroupManager",
+            "id": str(next(self._ids)),
+            "name": name,
+            "zone": f"{self.endpoint}/compute/v1/projects/{project}/zones/{zone}",
+            "targetSize": target_size,
+            "baseInstanceName": name,
+            "selfLink": f"{self.endpoint}/compute/v1/projects/{project}/zones/{zone}/instanceGroupManagers/{name}",
+        }
+        with self.lock:
+            self.groups[(project, zone, name)] = group
+        return group
+
+    def _not_found(self, what: str) -> Answer:
+        body = {
+            "error": {
+                "code": 404,
+                "message": f"The resource '{what}' was not found",
+                "errors": [
+                    {"domain": "global", "reason": "notFound", "message": f"The resource '{what}' was not found"}
+                ],
+            }
+        }
+        return 404, body, {}
+
+    def _operation(self, r: Request, kind: str, target: str) -> dict[str, Any]:
+        op_name = f"operation-{next(self._ids)}"
+        base = f"{self.endpoint}/compute/v1/projects/{r.match['project']}/zones/{r.match['zone']}"
+        op = {
+            "kind": "compute#operation",
+            "id": str(next(self._ids)),
+            "name": op_name,
+            "zone": base,
+            "operationType": kind,
+            "targetLink": target,
+            "status": "DONE",
+            "progress": 100,
+            "selfLink": f"{base}/operations/{op_name}",
+        }
+        self.operations[(r.match["project"], r.match["zone"], op_name)] = op
+        return op
+
+    def _get_group(self, r: Request) -> Answer:
+        group = self.groups.get((r.match["project"], r.match["zone"], r.match["name"]))
+        if group is None:
+            return self._not_found(
+                f"projects/{r.match['project']}/zones/{r.match['zone']}/instanceGroupManagers/{r.match['name']}"
+            )
+        return 200, group, {}
+
+    def _resize(self, r: Request) -> Answer:
+        from tests.restfake import SchemaError
+
+        if r.body not in (None, {}, ""):
+            raise SchemaError(f"resize takes no request body, got {r.body!r}")
+        size = r.query.get("size")
+        if size is None or not re.fullmatch(r"\d+", size):
+            raise SchemaError(f"resize: the required query parameter size (integer >= 0) is {size!r}")
+        key = (r.match["project"], r.match["zone"], r.match["name"])
+        group = self.groups.get(key)
+        if group is None:
+            return self._not_found("/".join(("projects", key[0], "zones", key[1], "instanceGroupManagers", key[2])))
+        group["targetSize"] = int(size)
+        return 200, self._operation(r, "compute.instanceGroupManagers.resize", group["selfLink"]), {}
+
+    def _get_operation(self, r: Request) -> Answer:
+        op = self.operations.get((r.match["project"], r.match["zone"], r.match["op"]))
+        if op is None:
+            return self._not_found(r.match["op"])
+        return 200, op, {}
+
+    def _get_global_operation(self, r: Request) -> Answer:
+        op = self.operations.get((r.match["project"], "global", r.match["op"]))
+        return (200, op, {}) if op is not None else self._not_found(r.match["op"])
+
+    def _global_operation(self, r: Request, kind: str, target: str) -> dict[str, Any]:
+        op_name = f"operation-{next(self._ids)}"
+        base = f"{self.endpoint}/compute/v1/projects/{r.match['project']}/global"
+        op = {
+            "kind": "compute#operation",
+            "id": str(next(self._ids)),
+            "name": op_name,
+            "operationType": kind,
+            "targetLink": target,
+            "status": "DONE",
+            "progress": 100,
+            "selfLink": f"{base}/operations/{op_name}",
+        }
+        self.operations[(r.match["project"], "global", op_name)] = op
+        return op
+
+    def _exists(self, what: str) -> Answer:
+        body = {
+            "error": {
+                "code": 409,
+                "message": f"The resource '{what}' already exists",
+                "errors": [{"domain": "global", "reason": "alreadyExists", "message": "exists"}],
+            }
+        }
+        return 409, body, {}
+
+    def _insert_template(self, r: Request) -> Answer:
+        check(r.body, INSTANCE_TEMPLATE)
+        key = (r.match["project"], r.body["name"])
+        link = f"{self.endpoint}/compute/v1/projects/{key[0]}/global/instanceTemplates/{key[1]}"
+        if key in self.templates:
+            return self._exists(f"projects/{key[0]}/global/instanceTemplates/{key[1]}")
+        self.templates[key] = {
+            **r.body,
+            "kind": "compute#instanceTemplate",
+            "id": str(next(self._ids)),
+            "selfLink": link,
+        }
+        return 200, self._global_operation(r, "insert", link), {}
+
+    def _get_template(self, r: Request) -> Answer:
+        t = self.templates.get((r.match["project"], r.match["name"]))
+        return (200, t, {}) if t is not None else self._not_found(f"instanceTemplates/{r.match['name']}")
+
+    def _delete_template(self, r: Request) -> Answer:
+        key = (r.match["project"], r.match["name"])
+        if key not in self.templates:
+            return self._not_found(f"instanceTemplates/{key[1]}")
+        if any(g.get("instanceTemplate", "").endswith(f"/instanceTemplates/{key[1]}") for g in self.groups.values()):
+            body = {
+                "error": {
+                    "code": 400,
+                    "message": f"The instance_template resource '{key[1]}' is already being used",
+                    "errors": [{"domain": "global", "reason": "resourceInUseByAnotherResource"}],
+                }
+            }
+            return 400, body, {}
+        link = self.templates.pop(key)["selfLink"]
+        return 200, self._global_operation(r, "delete", link), {}
+
+    def _insert_group(self, r: Request) -> Answer:
+        check(r.body, GROUP)
+        project, zone, name = r.match["project"], r.match["zone"], r.body["name"]
+        if (project, zone, name) in self.groups:
+            return self._exists(f"instanceGroupManagers/{name}")
+        template_name = r.body["instanceTemplate"].rsplit("/", 1)[-1]
+        template = self.templates.get((project, template_name))
+        if template is None:
+            raise SchemaError(f"instanceTemplate {r.body['instanceTemplate']!r} does not exist")
+        group = self.add_group(project, zone, name, target_size=int(r.body["targetSize"]))
+        group.update({k: v for k, v in r.body.items() if k != "targetSize"})
+        # What the group then does: one VM from the template, its disks created (labels and all).
+        props = template["properties"]
+        vm = f"{r.body.get('baseInstanceName', name)}-x1y2"
+        self.instances[(project, zone, vm)] = {"name": vm, "labels": dict(props.get("labels", {})), "status": "RUNNING"}
+        for disk in props["disks"]:
+            init = disk.get("initializeParams", {})
+            disk_name = init.get("diskName") or f"{vm}-{len(self.disks)}"
+            if not disk.get("autoDelete", True):
+                self.disks.setdefault(
+                    (project, zone, disk_name), {"name": disk_name, "labels": dict(init.get("labels", {}))}
+                )
+        return 200, self._operation(r, "insert", group["selfLink"]), {}
+
+    def _delete_group(self, r: Request) -> Answer:
+        key = (r.match["project"], r.match["zone"], r.match["name"])
+        group = self.groups.pop(key, None)
+        if group is None:
+            return self._not_found(f"instanceGroupManagers/{key[2]}")
+        base = group.get("baseInstanceName", key[2])
+        for k in [k for k in self.instances if k[:2] == key[:2] and k[2].startswith(f"{base}-")]:
+            del self.instances[k]  # the group's VMs go with it; stateful disks (autoDelete NEVER) stay
+        return 200, self._operation(r, "delete", group["selfLink"]), {}
+
+    def _list(self, r: Request, table: dict[tuple[str, str, str], dict[str, Any]]) -> Answer:
+        import re as _re
+
+        items = [v for k, v in table.items() if k[:2] == (r.match["project"], r.match["zone"])]
+        flt = r.query.get("filter", "")
+        m = _re.fullmatch(r"labels\.([-a-z0-9_]+)\s*=\s*\"?([-a-z0-9_]+)\"?", flt)
+        if flt and m is None:
+            raise SchemaError(f"filter {flt!r}: spotsafe sends labels.KEY=VALUE only")
+        if m is not None:
+            items = [v for v in items if v.get("labels", {}).get(m[1]) == m[2]]
+        return 200, {"kind": "compute#list", "items": items}, {}
+
+    def _delete_disk(self, r: Request) -> Answer:
+        key = (r.match["project"], r.match["zone"], r.match["name"])
+        if key not in self.disks:
+            return self._not_found(f"disks/{key[2]}")
+        del self.disks[key]
+        return 200, self._operation(r, "delete", key[2]), {}

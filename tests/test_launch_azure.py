@@ -1,0 +1,134 @@
+"""spotsafe's Azure launcher (spotsafe.cloud.azure.launch) against tests/armfake.py, a local ARM fake over TLS.
+
+azure-mgmt-compute talks to the fake as to management.azure.com (``base_url``; the fake's
+certificate trusted through ``REQUESTS_CA_BUNDLE``); every request body is checked against the
+Microsoft.Compute REST reference there. Not run against Azure itself.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from spotsafe.cloud.azure.launch.up import Arm, AzureLaunchSpec, custom_data, down, launch
+from spotsafe.errors import LaunchConfigError, LaunchError
+from tests.armfake import ARMFake
+
+SUB, RG = "00000000-0000-0000-0000-0000000000aa", "spotsafe-test"
+SUBNET = f"/subscriptions/{SUB}/resourceGroups/{RG}/providers/Microsoft.Network/virtualNetworks/v/subnets/default"
+
+
+def _spec(**overrides: Any) -> AzureLaunchSpec:
+    base: dict[str, Any] = {
+        "name": "mnist",
+        "resource_group": RG,
+        "location": "eastus",
+        "vm_size": "Standard_NC4as_T4_v3",
+        "image": "microsoft-dsvm:ubuntu-hpc:2204:latest",
+        "subnet_id": SUBNET,
+        "ssh_public_key": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIspotsafe test",
+        "command": "python train.py",
+        "store": "az://runs/mnist",
+        "pip_spec": "git+https://example.invalid/spotsafe.git@" + "0" * 40,
+    }
+    base.update(overrides)
+    return AzureLaunchSpec(**base)
+
+
+class _Token:
+    """A bearer token credential for the fake (azure-core's TokenCredential protocol)."""
+
+    def get_token(self, *scopes: str, **kwargs: Any) -> Any:
+        from azure.core.credentials import AccessToken
+
+        return AccessToken("fake-arm-token", 4102444800)
+
+
+@pytest.fixture
+def arm(arm_fake: ARMFake, monkeypatch: pytest.MonkeyPatch) -> Iterator[Arm]:
+    from azure.mgmt.compute import ComputeManagementClient
+
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(arm_fake.ca))
+    # No retries: a lost answer is the launching process dying after its call, not a blip to retry.
+    client = ComputeManagementClient(_Token(), SUB, base_url=arm_fake.endpoint, retry_total=0)  # type: ignore[arg-type]
+    try:
+        yield Arm(client, RG)
+    finally:
+        client.close()
+
+
+def _quiet(_: Any) -> None:
+    pass
+
+
+def test_plan_then_launch_creates_one_spot_vm_scale_set(arm_fake: ARMFake, arm: Arm) -> None:
+    plan = launch(_spec(), arm, apply=False, on_step=_quiet)
+    assert [(s.verb, s.kind) for s in plan.steps] == [("create", "scale set")]
+    assert arm_fake.calls("PUT", r".*") == []
+    launch(_spec(), arm, apply=True, on_step=_quiet)
+    assert arm_fake.violations == []
+    ((_, _, _, body),) = arm_fake.calls("PUT", r".*")
+    vm = body["properties"]["virtualMachineProfile"]
+    assert body["properties"]["orchestrationMode"] == "Flexible" and body["sku"]["capacity"] == 1
+    assert vm["priority"] == "Spot" and vm["evictionPolicy"] == "Delete"
+    assert body["identity"] == {"type": "SystemAssigned"}
+    assert body["tags"]["spotsafe-run"] == "mnist"
+    assert base64.b64decode(vm["osProfile"]["customData"]).decode() == custom_data(_spec())
+    assert "SPOTSAFE_CLOUD=azure" in custom_data(_spec())
+    assert all(a == "Bearer fake-arm-token" for a in arm_fake.authorizations)
+    again = launch(_spec(), arm, apply=True, on_step=_quiet)
+    assert again.changes == [] and len(arm_fake.calls("PUT", r".*")) == 1
+
+
+def test_a_launch_cut_after_its_creating_call_is_completed_by_the_next(arm_fake: ARMFake, arm: Arm) -> None:
+    put = next(f"{m} {rx.pattern}" for m, rx, _ in arm_fake.routes if m == "PUT")
+    arm_fake.crash_after[put] = 1
+    with pytest.raises(LaunchError):
+        launch(_spec(), arm, apply=True, on_step=_quiet)
+    assert len(arm_fake.scale_sets) == 1  # the work was done, the answer lost
+    assert launch(_spec(), arm, apply=True, on_step=_quiet).changes == []
+    assert len(arm_fake.calls("PUT", r".*")) == 1 and arm_fake.violations == []
+
+
+def test_a_changed_launch_is_refused(arm_fake: ARMFake, arm: Arm) -> None:
+    launch(_spec(), arm, apply=True, on_step=_quiet)
+    with pytest.raises(LaunchError, match="other settings"):
+        launch(_spec(command="python other.py"), arm, apply=True, on_step=_quiet)
+
+
+def test_down_leaves_nothing_tagged_and_a_cut_down_is_completed(arm_fake: ARMFake, arm: Arm) -> None:
+    launch(_spec(), arm, apply=True, on_step=_quiet)
+    plan, _ = down("mnist", arm, apply=False, on_step=_quiet)
+    assert [s.verb for s in plan.steps] == ["delete"] and arm_fake.calls("DELETE", r".*") == []
+    delete = next(f"{m} {rx.pattern}" for m, rx, _ in arm_fake.routes if m == "DELETE")
+    arm_fake.crash_after[delete] = 1
+    with pytest.raises(LaunchError):
+        down("mnist", arm, apply=True, on_step=_quiet)
+    _, left = down("mnist", arm, apply=True, on_step=_quiet)
+    assert left == [] and arm_fake.scale_sets == {}
+    assert arm_fake.violations == []
+
+
+def test_a_scale_set_spotsafe_did_not_make_is_left_alone(arm_fake: ARMFake, arm: Arm) -> None:
+    arm_fake.add_scale_set(SUB, RG, "spotsafe-mnist")
+    with pytest.raises(LaunchError, match="did not create"):
+        launch(_spec(), arm, apply=True, on_step=_quiet)
+    _, left = down("mnist", arm, apply=True, on_step=_quiet)
+    assert left == ["scale set spotsafe-mnist"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"name": "Bad_Name"}, "run name"),
+        ({"store": "/mnt/x"}, "az://CONTAINER"),
+        ({"image": "ubuntu"}, "publisher:offer:sku:version"),
+        ({"subnet_id": "default"}, "--subnet-id"),
+    ],
+)
+def test_bad_input_is_named(overrides: dict[str, Any], message: str) -> None:
+    with pytest.raises(LaunchConfigError, match=message):
+        _spec(**overrides).validate()
