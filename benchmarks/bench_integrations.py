@@ -275,7 +275,7 @@ def _move_spotsafe(directory: Path, framework: str, target: int, total: int) -> 
         ckpt.wait()
     finally:
         ckpt.close()
-    shutil.rmtree(directory / f"step-{K:012d}")
+    shutil.rmtree(directory / info.name)
 
 
 def _move_lightning(directory: Path, target: int) -> None:

@@ -121,7 +121,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     import numpy as np
     import torch
 
-    from spotsafe.checkpoint.manifest import checkpoint_name
     from spotsafe.checkpoint.writer import Checkpointer
     from spotsafe.storage.s3 import S3Store
 
@@ -172,7 +171,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not torch.equal(loaded[0]["w"], tensor):
                 raise SystemExit("the loaded checkpoint differs from the saved one")
             loaded.clear()
-            ckpt.store.delete_dir(checkpoint_name(step))
+            assert ckpt.last_saved is not None
+            ckpt.store.delete_dir(ckpt.last_saved.name)
             results["store_up"].append(timed(lambda: store.write_file("ckpt.bin", [view])))
             results["boto3_up"].append(timed(lambda: client.upload_file(str(src), bucket, "boto3/ckpt.bin")))
             if fs is not None:

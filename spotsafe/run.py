@@ -390,7 +390,10 @@ class Run:
     def _on_fenced(self, error: WriterFenced) -> NoReturn:
         """Another instance owns the store: stop writing, never restart here."""
         log.error("%s; stopping at step %d (exit %d: not restarted)", error, self.step_count, EXIT_FENCED)
-        self._recorder.emit("fenced", step=self.step_count, error=str(error))
+        # The store is another writer's now: no event, no live report, nothing more written there.
+        self._recorder.fenced(step=self.step_count, error=str(error))
+        if self._live is not None:
+            self._live.close(refresh=False)
         self._should_stop = True
         try:
             self.close()

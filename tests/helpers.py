@@ -109,3 +109,10 @@ def child(cmd: Sequence[str], *, grace: float = 0.0, **popen: Any) -> Iterator[s
 def quiet_watcher() -> InterruptionWatcher:
     """A watcher with no metadata source and no signal handler: nothing interrupts but the test."""
     return InterruptionWatcher(sources="none", signals=())
+
+
+def checkpoint_dir(root: Path, step: int) -> Path:
+    """The directory of ``step``'s checkpoint under a local store ``root``: its newest writer generation's."""
+    found = sorted(root.glob(f"step-{step:012d}-g*"))
+    assert found, f"{root}: no checkpoint directory for step {step} (has {sorted(p.name for p in root.iterdir())})"
+    return found[-1]

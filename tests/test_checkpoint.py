@@ -65,7 +65,7 @@ def ckpt(tmp_path: Path) -> Iterator[Checkpointer]:
 
 
 def data_files(root: Path, step: int) -> list[Path]:
-    return sorted((root / checkpoint_name(step)).glob("*.bin"))
+    return sorted((root / checkpoint_name(step, 1)).glob("*.bin"))
 
 
 # ----------------------------------------------------------------------------- basics
@@ -84,8 +84,8 @@ def test_save_list_load(tmp_path: Path, async_: bool) -> None:
         infos = c.list()
         assert [i.step for i in infos] == [7, 9]
         first = infos[0]
-        assert first.name == "step-000000000007"
-        assert first.url == f"{tmp_path}/step-000000000007"
+        assert first.name == "step-000000000007-g000000000001"
+        assert first.url == f"{tmp_path}/step-000000000007-g000000000001"
         assert first.epoch == 2 and first.reason == "notice" and first.metadata == {"loss": 0.5}
         assert first.time.tzinfo is not None and first.time.utcoffset() == timezone.utc.utcoffset(None)
         assert first.world_size == 1
@@ -234,7 +234,7 @@ def test_background_error_reraises_at_wait_then_save_works(tmp_path: Path) -> No
         with pytest.raises(StoreError, match="No space left"):
             c.wait()
         assert c.wait() is True  # raised once
-        assert not (tmp_path / checkpoint_name(1)).exists()  # the partial dir is cleaned up at once
+        assert not (tmp_path / checkpoint_name(1, 1)).exists()  # the partial dir is cleaned up at once
         c.save(2, state_for(2))
         c.wait()
         assert [i.step for i in c.list()] == [2]
@@ -284,7 +284,7 @@ def test_corruption_is_detected_and_falls_back(tmp_path: Path, caplog: pytest.Lo
         f4 = data_files(tmp_path, 4)[0]
         f4.write_bytes(f4.read_bytes()[:-10])
         data_files(tmp_path, 3)[0].unlink()
-        (tmp_path / checkpoint_name(2) / MANIFEST).write_text("{not json")
+        (tmp_path / checkpoint_name(2, 1) / MANIFEST).write_text("{not json")
 
         assert [i.step for i in c.list()] == [1, 3, 4, 5]  # garbage manifest: not a checkpoint
         assert c.latest().step == 5  # type: ignore[union-attr]  # sizes look right
@@ -314,7 +314,7 @@ def test_nothing_intact_says_so(tmp_path: Path) -> None:
         data_files(tmp_path, 1)[0].write_bytes(b"")
         with pytest.raises(CheckpointNotFound, match="damaged: step-000000000001"):
             c.restore(None, {})
-        with pytest.raises(CheckpointNotFound, match=f"{tmp_path}/step-000000000099: no committed checkpoint"):
+        with pytest.raises(CheckpointNotFound, match=f"{tmp_path}: no committed checkpoint for step 99"):
             c.load(99)
 
 
@@ -322,7 +322,7 @@ def test_newer_format_version_is_refused_by_name(tmp_path: Path) -> None:
     with Checkpointer(tmp_path) as c:
         c.save(1, state_for(1))
         c.wait()
-        path = tmp_path / checkpoint_name(1) / MANIFEST
+        path = tmp_path / checkpoint_name(1, 1) / MANIFEST
         doc = json.loads(path.read_text())
         doc["format_version"] = FORMAT_VERSION + 1
         path.write_text(json.dumps(doc))
@@ -338,7 +338,7 @@ def test_unknown_manifest_field_is_not_dropped(tmp_path: Path) -> None:
     with Checkpointer(tmp_path) as c:
         c.save(1, state_for(1))
         c.wait()
-        path = tmp_path / checkpoint_name(1) / MANIFEST
+        path = tmp_path / checkpoint_name(1, 1) / MANIFEST
         doc = json.loads(path.read_text())
         doc["surprise"] = 1
         path.write_text(json.dumps(doc))
@@ -381,7 +381,7 @@ def test_pickle_payloads_never_execute(tmp_path: Path, monkeypatch: pytest.Monke
     store = tmp_path / "store"
     with Checkpointer(store, async_=False) as c:
         c.save(1, {"w": torch.ones(4)})
-    d = store / checkpoint_name(1)
+    d = store / checkpoint_name(1, 1)
     manifest = json.loads((d / MANIFEST).read_text())
     payload = pickle.dumps(Boom(str(marker)))
     torch_payload = tmp_path / "evil.pt"
@@ -435,7 +435,7 @@ def test_keep_last_and_keep_every(tmp_path: Path) -> None:
         c.wait()
         assert [i.step for i in c.list()] == [4, 8, 9, 10]
     # Beside the checkpoints only the writer lease (spotsafe.checkpoint.lease) remains.
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["lease"] + [checkpoint_name(s) for s in (4, 8, 9, 10)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lease"] + [checkpoint_name(s, 1) for s in (4, 8, 9, 10)]
 
 
 def test_retention_never_deletes_the_newest_intact(tmp_path: Path) -> None:
@@ -453,15 +453,15 @@ def test_retention_never_deletes_the_newest_intact(tmp_path: Path) -> None:
 
 
 def test_incomplete_checkpoints_are_invisible_and_cleaned(tmp_path: Path) -> None:
-    (tmp_path / checkpoint_name(3)).mkdir()
-    (tmp_path / checkpoint_name(3) / "rank00000.x.bin").write_bytes(b"partial")
-    (tmp_path / checkpoint_name(4)).mkdir()
+    (tmp_path / checkpoint_name(3, 1)).mkdir()
+    (tmp_path / checkpoint_name(3, 1) / "rank00000.x.bin").write_bytes(b"partial")
+    (tmp_path / checkpoint_name(4, 1)).mkdir()
     with Checkpointer(tmp_path) as c:
         assert c.list() == []
         assert c.latest() is None
         c.save(4, state_for(4))  # the step being written is never removed by cleanup
         c.wait()
-        assert not (tmp_path / checkpoint_name(3)).exists()
+        assert not (tmp_path / checkpoint_name(3, 1)).exists()
         assert [i.step for i in c.list()] == [4]
 
 
@@ -511,9 +511,9 @@ def test_full_disk_mid_save(small_tmpfs: Path, async_: bool) -> None:
             c.save(3, state_for(3, n))
             c.wait()
         assert e.value.errno == errno.ENOSPC
-        assert str(small_tmpfs / checkpoint_name(3)) in str(e.value)
+        assert str(small_tmpfs / checkpoint_name(3, 1)) in str(e.value)
         assert "No space left on device" in str(e.value)
-        assert not (small_tmpfs / checkpoint_name(3)).exists()  # space given back
+        assert not (small_tmpfs / checkpoint_name(3, 1)).exists()  # space given back
         assert [i.step for i in c.list()] == [1, 2]
         assert c.latest(verify=True).step == 2  # type: ignore[union-attr]
         assert_state(c.load(1), 1, n)
@@ -597,7 +597,7 @@ def test_sync_save_is_durable_on_return_and_prunes_in_the_background(tmp_path: P
     with Checkpointer(tmp_path, keep_last=1, async_=False) as c:
         c.save(1, state_for(1))
         c.save(2, state_for(2))
-        assert (tmp_path / checkpoint_name(2) / MANIFEST).exists()  # committed before save() returned
+        assert (tmp_path / checkpoint_name(2, 1) / MANIFEST).exists()  # committed before save() returned
         assert c.wait(timeout=30) is True
         assert [i.step for i in c.list()] == [2]
         assert c.last_timings["retention_s"] >= 0
@@ -654,7 +654,7 @@ def test_segmented_checkpoint_round_trips_through_the_generic_store_calls(tmp_pa
     opt.step()
     with Checkpointer(SegmentingStore(tmp_path)) as c:
         c.save(5, {"model": model, "opt": opt, "rng": RNGState(), "epoch": 2}, async_=False)
-        doc = json.loads((tmp_path / checkpoint_name(5) / MANIFEST).read_text())
+        doc = json.loads((tmp_path / checkpoint_name(5, 1) / MANIFEST).read_text())
         data = [f for f in doc["files"] if f["role"] == "data"]
         assert doc["format_version"] == 2 and len(data) > 3
         assert [f["offset"] for f in data] == [i * 4096 for i in range(len(data))]
@@ -674,7 +674,7 @@ def test_segmented_checkpoint_round_trips_through_the_generic_store_calls(tmp_pa
 def test_plain_local_checkpoints_stay_format_1(tmp_path: Path) -> None:
     with Checkpointer(tmp_path) as c:
         c.save(1, state_for(1), async_=False)
-    doc = json.loads((tmp_path / checkpoint_name(1) / MANIFEST).read_text())
+    doc = json.loads((tmp_path / checkpoint_name(1, 1) / MANIFEST).read_text())
     assert doc["format_version"] == 1  # older spotsafe releases keep reading it
     assert all("offset" not in f for f in doc["files"])
 
@@ -684,7 +684,7 @@ def test_bad_segment_tables_are_corrupt(tmp_path: Path, damage: str) -> None:
     with Checkpointer(SegmentingStore(tmp_path)) as c:
         c.save(1, state_for(1, n=5000), async_=False)
         c.wait()  # retention reads the manifest (memory-mapped) in the background: let it finish first
-        path = tmp_path / checkpoint_name(1) / MANIFEST
+        path = tmp_path / checkpoint_name(1, 1) / MANIFEST
         doc = json.loads(path.read_text())
         data = [f for f in doc["files"] if f["role"] == "data"]
         if damage == "gap":
@@ -696,7 +696,7 @@ def test_bad_segment_tables_are_corrupt(tmp_path: Path, damage: str) -> None:
         else:
             next(f for f in doc["files"] if f["role"] == "tree")["offset"] = 0
         path.write_text(json.dumps(doc))
-        with pytest.raises(CheckpointCorrupt, match=str(tmp_path / checkpoint_name(1))):
+        with pytest.raises(CheckpointCorrupt, match=str(tmp_path / checkpoint_name(1, 1))):
             c.load(1)
 
 
@@ -704,7 +704,7 @@ def test_a_manifest_lying_about_segment_sizes_is_refused_before_any_allocation(t
     with Checkpointer(SegmentingStore(tmp_path)) as c:
         c.save(1, state_for(1, n=5000), async_=False)
         c.wait()  # as above: the manifest is rewritten in place below
-        path = tmp_path / checkpoint_name(1) / MANIFEST
+        path = tmp_path / checkpoint_name(1, 1) / MANIFEST
         doc = json.loads(path.read_text())
         data = [f for f in doc["files"] if f["role"] == "data"]
         data[-1]["size"] = 1 << 50  # a petabyte: must not be allocated, nor read

@@ -28,8 +28,8 @@ def test_ls_prints_a_table(store: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert main(["ls", str(store)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].split() == ["NAME", "STEP", "EPOCH", "SIZE", "AGE", "REASON", "INTACT"]
-    assert out[1].split()[:3] == ["step-000000000100", "100", "1"]
-    assert out[2].split()[:3] == ["step-000000000200", "200", "2"]
+    assert out[1].split()[:3] == ["step-000000000100-g000000000001", "100", "1"]
+    assert out[2].split()[:3] == ["step-000000000200-g000000000001", "200", "2"]
     assert "notice" in out[2] and "yes (sizes)" in out[2]
     assert "KiB" in out[1]
 
@@ -42,7 +42,7 @@ def test_ls_empty_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
 def test_verify_passes_then_fails_on_a_flipped_byte(store: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["verify", str(store)]) == 0
     assert capsys.readouterr().out.count("yes (checksums)") == 2
-    data = next((store / checkpoint_name(200)).glob("*.bin"))
+    data = next((store / checkpoint_name(200, 1)).glob("*.bin"))
     raw = bytearray(data.read_bytes())
     raw[10] ^= 1
     data.write_bytes(bytes(raw))
@@ -57,8 +57,8 @@ def test_verify_passes_then_fails_on_a_flipped_byte(store: Path, capsys: pytest.
 
 
 def test_incomplete_and_newer_format_are_shown(store: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    (store / checkpoint_name(300)).mkdir()
-    manifest = store / checkpoint_name(200) / MANIFEST
+    (store / checkpoint_name(300, 1)).mkdir()
+    manifest = store / checkpoint_name(200, 1) / MANIFEST
     manifest.write_text(manifest.read_text().replace('"format_version": 1', '"format_version": 9'))
     assert main(["verify", str(store)]) == 1
     out = capsys.readouterr().out
@@ -139,7 +139,7 @@ def test_verify_agrees_with_load_on_a_forged_tree(store: Path, capsys: pytest.Ca
     from spotsafe.checkpoint.files import checksum
     from spotsafe.errors import CheckpointCorrupt
 
-    d = store / checkpoint_name(200)
+    d = store / checkpoint_name(200, 1)
     manifest = json.loads((d / MANIFEST).read_text())
     entry = next(f for f in manifest["files"] if f["role"] == "tree")
     tree = json.loads((d / entry["path"]).read_text())

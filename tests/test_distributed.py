@@ -28,7 +28,7 @@ from spotsafe.distributed.dcp import load_sharded, save_sharded
 from spotsafe.errors import CheckpointCorrupt, DistributedError, UnsafeCheckpoint
 from spotsafe.storage.local import LocalStore
 from spotsafe.storage.registry import open_store
-from tests.helpers import stop_child, wait_until
+from tests.helpers import checkpoint_dir, stop_child, wait_until
 
 WORKERS = Path(__file__).parent / "dist_workers"
 
@@ -364,7 +364,7 @@ def test_run_under_torchrun_notice_on_one_rank_resume_bit_identical_and_on_one_r
     assert saved[0] == saved[1]
     step = saved[0]
     assert notice_step <= step <= notice_step + 1  # agree_every=1: async, bound 1 step
-    manifest = json.loads((cut / "store" / f"step-{step:012d}" / "manifest.json").read_text())
+    manifest = json.loads((checkpoint_dir(cut / "store", step) / "manifest.json").read_text())
     assert manifest["reason"] == "notice"
     assert manifest["world_size"] == 2
     assert sorted({f["rank"] for f in manifest["files"]}) == [0, 1]
@@ -379,7 +379,7 @@ def test_run_under_torchrun_notice_on_one_rank_resume_bit_identical_and_on_one_r
 
     # damage rank 1's own file of the notice checkpoint: both ranks must fall back together
     rank1 = next(f for f in manifest["files"] if f["rank"] == 1 and f["role"] == "data")
-    damaged = cut / "store" / f"step-{step:012d}" / rank1["path"]
+    damaged = checkpoint_dir(cut / "store", step) / rank1["path"]
     data = bytearray(damaged.read_bytes())
     data[len(data) // 2] ^= 0xFF
     damaged.write_bytes(bytes(data))
@@ -442,7 +442,7 @@ def test_fsdp_run_under_torchrun_saves_through_dcp_and_resumes_bit_identical(tmp
     steps = {_events(cut / "out", f"w2-r{rank}")[-1]["step"] for rank in (0, 1)}
     assert len(steps) == 1
     step = steps.pop()
-    manifest = json.loads((cut / "store" / f"step-{step:012d}" / "manifest.json").read_text())
+    manifest = json.loads((checkpoint_dir(cut / "store", step) / "manifest.json").read_text())
     assert manifest["reason"] == "notice"
     dcp = sorted(f["path"] for f in manifest["files"] if f["role"] == "dcp")
     assert dcp == ["dcp/.metadata", "dcp/__0_0.distcp", "dcp/__1_0.distcp"]
@@ -548,5 +548,5 @@ def test_a_checkpointer_alone_saves_and_restores_collectively_under_torchrun(tmp
     # every rank restored the same (newest) step, the replicated model, and its own per-rank value
     assert [(r["step"], r["weight"], r["mine"]) for r in found] == [(3, 3.0, 3), (3, 3.0, 103)]
     assert [r["generation"] for r in found] == [1, None]  # rank 0 alone holds the writer lease
-    manifest = json.loads((tmp_path / "store" / "step-000000000003" / "manifest.json").read_text())
+    manifest = json.loads((checkpoint_dir(tmp_path / "store", 3) / "manifest.json").read_text())
     assert manifest["world_size"] == 2 and sorted({f["rank"] for f in manifest["files"]}) == [0, 1]

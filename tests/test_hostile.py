@@ -70,19 +70,19 @@ def store(tmp_path: Path) -> Path:
 
 
 def manifest_of(root: Path, step: int = BAD) -> dict[str, Any]:
-    doc: dict[str, Any] = json.loads((root / checkpoint_name(step) / MANIFEST).read_text())
+    doc: dict[str, Any] = json.loads((root / checkpoint_name(step, 1) / MANIFEST).read_text())
     return doc
 
 
 def write_manifest(root: Path, doc: Any, step: int = BAD) -> None:
-    (root / checkpoint_name(step) / MANIFEST).write_text(json.dumps(doc))
+    (root / checkpoint_name(step, 1) / MANIFEST).write_text(json.dumps(doc))
 
 
 def forge(root: Path, role: str, content: bytes, step: int = BAD) -> None:
     """Replace the ``role`` file of ``step`` by ``content``, with the manifest's size and checksum forged to match."""
     doc = manifest_of(root, step)
     entry = next(f for f in doc["files"] if f["role"] == role)
-    path = root / checkpoint_name(step) / entry["path"]
+    path = root / checkpoint_name(step, 1) / entry["path"]
     path.unlink()
     path.write_bytes(content)
     entry["size"], entry["checksum"] = len(content), checksum(content)
@@ -91,7 +91,7 @@ def forge(root: Path, role: str, content: bytes, step: int = BAD) -> None:
 
 def tree_of(root: Path, step: int = BAD) -> dict[str, Any]:
     entry = next(f for f in manifest_of(root, step)["files"] if f["role"] == "tree")
-    doc: dict[str, Any] = json.loads((root / checkpoint_name(step) / entry["path"]).read_bytes())
+    doc: dict[str, Any] = json.loads((root / checkpoint_name(step, 1) / entry["path"]).read_bytes())
     return doc
 
 
@@ -109,7 +109,7 @@ def assert_falls_back(root: Path, match: str, *, caplog: pytest.LogCaptureFixtur
         with pytest.raises(CheckpointCorrupt, match=match):
             c.load(BAD)
         with pytest.raises(CheckpointCorrupt, match=match):
-            c.check(checkpoint_name(BAD))  # spotsafe verify agrees with load()
+            c.check(checkpoint_name(BAD, 1))  # spotsafe verify agrees with load()
     if caplog is not None:
         assert any("falling back" in r.getMessage() for r in caplog.records)
 
@@ -228,7 +228,7 @@ def test_a_lying_manifest_is_skipped(
 
 
 def test_deeply_nested_manifest_metadata_is_skipped(store: Path) -> None:
-    path = store / checkpoint_name(BAD) / MANIFEST
+    path = store / checkpoint_name(BAD, 1) / MANIFEST
     text = path.read_text()
     deep = '{"a":' * 100_000 + "1" + "}" * 100_000  # past the JSON parser's recursion limit
     assert text.count('"metadata": {') == 1
@@ -255,7 +255,7 @@ def test_step_names_are_twelve_ascii_digits(store: Path) -> None:
     (store / arabic).mkdir()
     doc = manifest_of(store)
     (store / arabic / MANIFEST).write_text(json.dumps(doc))
-    (store / (checkpoint_name(BAD) + "\n")).mkdir()
+    (store / (checkpoint_name(BAD, 1) + "\n")).mkdir()
     with Checkpointer(store) as c:
         assert [i.step for i in c.list()] == [GOOD, BAD]
         assert c.latest().step == BAD  # type: ignore[union-attr]
@@ -266,7 +266,7 @@ def test_step_names_are_twelve_ascii_digits(store: Path) -> None:
 
 
 def test_a_manifest_that_is_a_directory_is_skipped(store: Path) -> None:
-    m = store / checkpoint_name(BAD) / MANIFEST
+    m = store / checkpoint_name(BAD, 1) / MANIFEST
     m.unlink()
     m.mkdir()
     with Checkpointer(store, async_=False) as c:
@@ -318,7 +318,7 @@ def fifos() -> Iterator[list[Path]]:
 @pytest.mark.parametrize("role", ["manifest", "tree", "data"])
 @pytest.mark.parametrize("via_link", [False, True])
 def test_a_fifo_never_blocks(store: Path, fifos: list[Path], role: str, via_link: bool) -> None:
-    d = store / checkpoint_name(BAD)
+    d = store / checkpoint_name(BAD, 1)
     target = d / MANIFEST if role == "manifest" else next(d.glob("*.json" if role == "tree" else "*.bin"))
     if role == "tree":
         target = next(p for p in d.glob("rank*.json"))
@@ -339,13 +339,13 @@ def test_a_fifo_never_blocks(store: Path, fifos: list[Path], role: str, via_link
                 with pytest.raises(CheckpointCorrupt, match=r"not a regular file|out of the store|missing"):
                     c.load(BAD)
                 with pytest.raises(CheckpointCorrupt):
-                    c.check(checkpoint_name(BAD))
+                    c.check(checkpoint_name(BAD, 1))
 
     run_bounded(everything)
 
 
 def test_data_linked_outside_the_store_is_not_read(store: Path, tmp_path: Path) -> None:
-    d = store / checkpoint_name(BAD)
+    d = store / checkpoint_name(BAD, 1)
     data = next(d.glob("*.bin"))
     outside = tmp_path / "outside.bin"
     outside.write_bytes(data.read_bytes())  # same bytes: size and checksum match the manifest
@@ -356,8 +356,8 @@ def test_data_linked_outside_the_store_is_not_read(store: Path, tmp_path: Path) 
 
 def test_a_step_directory_linked_elsewhere_is_not_read(store: Path, tmp_path: Path) -> None:
     elsewhere = tmp_path / "elsewhere"
-    (store / checkpoint_name(BAD)).rename(elsewhere)
-    (store / checkpoint_name(BAD)).symlink_to(elsewhere)
+    (store / checkpoint_name(BAD, 1)).rename(elsewhere)
+    (store / checkpoint_name(BAD, 1)).symlink_to(elsewhere)
     with Checkpointer(store, async_=False) as c:
         assert_good(c.load(None))
         with pytest.raises(CheckpointCorrupt, match="out of the store"):
@@ -528,7 +528,7 @@ class _Pristine:
     """The files of step 200 as saved, to put back before each case."""
 
     def __init__(self, root: Path) -> None:
-        self.dir = root / checkpoint_name(BAD)
+        self.dir = root / checkpoint_name(BAD, 1)
         self.files = {p.name: p.read_bytes() for p in self.dir.iterdir()}
 
     def restore(self) -> None:
@@ -624,7 +624,7 @@ def run_fuzz(root: Path, cases: int, seed: int) -> dict[str, int]:
                     outcome = f"loaded {c.last_loaded.step}"
                 del state
                 # spotsafe verify (check) agrees with load() on the damaged checkpoint
-                verified = _outcome(lambda c=c: c.check(checkpoint_name(BAD)))
+                verified = _outcome(lambda c=c: c.check(checkpoint_name(BAD, 1)))
                 loaded = _outcome(lambda c=c: c.load(BAD))
                 assert (verified == "ok") == (loaded == "ok"), f"case {i} ({what}): verify {verified}, load {loaded}"
             elapsed = time.monotonic() - t0
@@ -685,7 +685,7 @@ def test_run_ls_and_resume_status_survive_a_hostile_newest_manifest(
 
     root = tmp_path / "run"
     *_, older, newest = _run_store(root)
-    manifest = root / checkpoint_name(newest) / MANIFEST
+    manifest = root / checkpoint_name(newest, 1) / MANIFEST
     manifest.unlink()
     if damage == "fifo":
         os.mkfifo(manifest)
@@ -702,5 +702,5 @@ def test_run_ls_and_resume_status_survive_a_hostile_newest_manifest(
 
     assert run_bounded(resume) == older  # the intact older checkpoint
     assert run_bounded(lambda: cli_main(["ls", str(root)])) == 0
-    assert checkpoint_name(older) in capsys.readouterr().out
+    assert checkpoint_name(older, 1) in capsys.readouterr().out
     assert f"newest: step {older}" in run_bounded(lambda: status_text(str(root)))

@@ -25,7 +25,7 @@ import torch
 
 import spotsafe
 from spotsafe.checkpoint.files import commit_manifest
-from spotsafe.checkpoint.lease import GENERATION_KEY, LEASE_DIR, Lease, generations, read_record
+from spotsafe.checkpoint.lease import GENERATION_KEY, LEASE_DIR, Lease, LeaseRecord, generations, read_record
 from spotsafe.checkpoint.manifest import MANIFEST, Manifest, checkpoint_name
 from spotsafe.checkpoint.writer import Checkpointer
 from spotsafe.errors import CheckpointNotFound, LeaseTimeout, StoreError, WriterFenced
@@ -52,7 +52,7 @@ WRITER = textwrap.dedent("""
     inner = store.write_file
     def write_file(path, buffers):
         inner(path, buffers)
-        if path.endswith(".bin") and path.startswith("step-%012d/" % cfg.get("pause_step", -1)):
+        if path.endswith(".bin") and path.startswith("step-%012d-g" % cfg.get("pause_step", -1)):
             (marks / "writing").write_text(path)
             time.sleep(cfg.get("pause", 2.0))
     store.write_file = write_file
@@ -147,7 +147,7 @@ def test_generations_increase_and_a_release_hands_over_at_once(tmp_path: Path) -
     assert [r.released for r in records if r] == [True, True, True]
     # Each generation recorded the newest step it saw when it took over (the ghost rule's input).
     assert [r.base_step for r in records if r] == [-1, 1, 2]
-    manifest = json.loads((tmp_path / checkpoint_name(3) / MANIFEST).read_text())
+    manifest = json.loads((tmp_path / checkpoint_name(3, 3) / MANIFEST).read_text())
     assert manifest["metadata"] == {GENERATION_KEY: 3} and manifest["format_version"] == 1
     with Checkpointer(tmp_path) as c:
         assert [(i.step, i.generation, i.metadata) for i in c.list()] == [(1, 1, {}), (2, 2, {}), (3, 3, {})]
@@ -179,7 +179,7 @@ def test_a_superseded_writer_in_this_process_cannot_commit_or_prune(tmp_path: Pa
     new.save(2, {"w": torch.full((4,), 2.0)})  # the same process: takes over at once (logged)
     with pytest.raises(WriterFenced, match="superseded"):
         old.save(3, {"w": torch.full((4,), 3.0)})
-    assert not (tmp_path / checkpoint_name(3) / MANIFEST).exists()
+    assert not (tmp_path / checkpoint_name(3, 1) / MANIFEST).exists()
     with pytest.raises(WriterFenced):
         old.mark_complete(3)
     new.wait()
@@ -197,19 +197,21 @@ def test_the_ghost_rule_hides_and_removes_a_commit_that_slipped_past_a_takeover(
     new.save(11, {"w": torch.full((4,), 11.0)})  # took over having seen step 10
     # The race the check cannot close alone: the old writer checked its lease just before the
     # takeover and its manifest (step 50, generation 1) landed just after it.
-    m = old.catalog.manifest(checkpoint_name(10))
+    m = old.catalog.manifest(checkpoint_name(10, 1))
     store = LocalStore(tmp_path)
     for f in m.files:
-        (tmp_path / checkpoint_name(50)).mkdir(exist_ok=True)
-        (tmp_path / checkpoint_name(50) / f.path).write_bytes((tmp_path / checkpoint_name(10) / f.path).read_bytes())
-    commit_manifest(store, checkpoint_name(50), Manifest(**{**m.__dict__, "step": 50}))
+        (tmp_path / checkpoint_name(50, 1)).mkdir(exist_ok=True)
+        (tmp_path / checkpoint_name(50, 1) / f.path).write_bytes(
+            (tmp_path / checkpoint_name(10, 1) / f.path).read_bytes()
+        )
+    commit_manifest(store, checkpoint_name(50, 1), Manifest(**{**m.__dict__, "step": 50}))
     with Checkpointer(tmp_path) as reader:
         assert [i.step for i in reader.list()] == [10, 11]
         latest = reader.latest(verify=True)
         assert latest is not None and latest.step == 11
     new.save(12, {"w": torch.full((4,), 12.0)})  # the holder removes the ghost
     new.wait()  # retention after a sync save runs in the background
-    assert not (tmp_path / checkpoint_name(50)).exists()
+    assert not (tmp_path / checkpoint_name(50, 1)).exists()
     assert [i.step for i in new.list()] == [10, 11, 12]
     new.close()
     old._closed = True  # superseded: nothing to release
@@ -253,7 +255,7 @@ def test_the_commit_checks_every_file_before_it_speaks(tmp_path: Path, how: str)
     with Checkpointer(LosingStore(tmp_path, how), async_=False) as c:
         with pytest.raises(StoreError, match=r"not committing .*step-000000000007.*(missing|bytes)"):
             c.save(7, {"w": torch.zeros(1000)})
-        assert not (tmp_path / checkpoint_name(7) / MANIFEST).exists()
+        assert not (tmp_path / checkpoint_name(7, 1) / MANIFEST).exists()
         assert c.list() == []
 
 
@@ -271,7 +273,7 @@ def test_a_save_waits_for_a_live_writer_instead_of_destroying_its_checkpoint(tmp
         assert b.returncode == 0, f"{err}"
         assert [i.step for i in a.list()] == [400, 500]
         for step in (400, 500):
-            a.check(checkpoint_name(step))  # every file there with its checksum
+            a.check(a.catalog.resolve(step))  # every file there with its checksum
             assert weights(a, step) == step
         assert a.lease is not None and a.lease.generation == 2
         a.store.flush(timeout=60)
@@ -312,9 +314,9 @@ def test_a_frozen_writer_superseded_then_woken_raises_and_leaves_the_new_writers
             _, err = old.communicate(timeout=60)
             assert old.returncode == 77 and "FENCED" in err and "superseded" in err, f"{err}"
             assert [i.step for i in new.list()] == [1, 2, 3]
-            assert new.store.file_size(f"{checkpoint_name(100)}/{MANIFEST}") is None
+            assert new.store.file_size(f"{checkpoint_name(100, 1)}/{MANIFEST}") is None
             for step in (1, 2, 3):
-                new.check(checkpoint_name(step))
+                new.check(new.catalog.resolve(step))
                 assert weights(new, step) == step
             new.save(4, {"w": torch.full((1000,), 4.0)})  # still the holder
             assert new.store.flush(timeout=60)
@@ -325,6 +327,16 @@ def test_a_frozen_writer_superseded_then_woken_raises_and_leaves_the_new_writers
     if "remote" in spec:  # the remote tier holds the new writer's history too, never step 100
         with Checkpointer(spec["remote"], storage_options=spec["options"]) as remote:
             assert [i.step for i in remote.list()] == [1, 2, 3, 4]
+
+
+def read_whole_record(store: Store, generation: int) -> LeaseRecord | None:
+    """The record of a generation whose holder renews it meanwhile: a read that raced a renewal is read again."""
+    for _ in range(50):
+        try:
+            return read_record(store, generation)
+        except StoreError:  # S3: the object was replaced between the HEAD and the GET (PreconditionFailed)
+            time.sleep(0.05)
+    return read_record(store, generation)
 
 
 def assert_silent_for_a_lease_period(new: Checkpointer, *, stopped: float, looked: float) -> None:
@@ -339,7 +351,7 @@ def assert_silent_for_a_lease_period(new: Checkpointer, *, stopped: float, looke
     assert new.lease is not None and new.lease.generation == 2
     why = new.lease.takeover or ""
     holder = read_record(new.lease.tiers[0], 1)
-    taken = read_record(new.lease.tiers[0], 2)
+    taken = read_whole_record(new.lease.tiers[0], 2)
     assert holder is not None and taken is not None
     silent = (taken.acquired - holder.renewed).total_seconds()
     report = (
@@ -390,8 +402,8 @@ def test_mirror_resave_reaches_the_remote_as_its_last_version(tmp_path: Path) ->
         wait_for("the first upload to be in flight", lambda: mirror._busy is not None and mirror._busy.kind == "upload")
         c.save(5, {"w": torch.full((1000,), 2.0)}, reason="final")  # the same step, re-saved
         assert mirror.flush(timeout=60)
-        local = (tmp_path / "ebs" / checkpoint_name(5) / MANIFEST).read_bytes()
-        assert (tmp_path / "remote" / checkpoint_name(5) / MANIFEST).read_bytes() == local
+        local = (tmp_path / "ebs" / checkpoint_name(5, 1) / MANIFEST).read_bytes()
+        assert (tmp_path / "remote" / checkpoint_name(5, 1) / MANIFEST).read_bytes() == local
     with Checkpointer(tmp_path / "remote") as remote:
         assert weights(remote, 5) == 2.0 and remote.list()[-1].reason == "final"
 
@@ -536,7 +548,7 @@ def test_a_writer_is_fenced_by_any_newer_generation_not_only_the_next(tmp_path: 
     with pytest.raises(WriterFenced):
         old.save(2, {"w": torch.full((4,), 2.0)})
     for tier in ("ebs-a", "remote"):
-        assert not (tmp_path / tier / checkpoint_name(2) / MANIFEST).exists()
+        assert not (tmp_path / tier / checkpoint_name(2, 1) / MANIFEST).exists()
     new.release()
     new.store.close()
     old._closed = True  # superseded: nothing to release
@@ -693,10 +705,10 @@ def test_a_superseded_writer_whose_files_were_cleaned_up_stops_as_fenced_not_cra
 
     old = Checkpointer(Gated(tmp_path), async_=True)
     old.save(1, {"w": torch.zeros(1000)})
-    wait_for("the old save to be mid-write", lambda: any((tmp_path / checkpoint_name(1)).glob("*.bin")))
+    wait_for("the old save to be mid-write", lambda: any((tmp_path / checkpoint_name(1, 1)).glob("*.bin")))
     with Checkpointer(tmp_path, async_=False) as new:
         new.save(2, {"w": torch.ones(1000)})  # takes over; its cleanup removes the unfinished step 1
-        assert not (tmp_path / checkpoint_name(1)).exists()
+        assert not (tmp_path / checkpoint_name(1, 1)).exists()
         gate.set()
         with pytest.raises(WriterFenced) as caught:
             old.wait()
@@ -749,6 +761,28 @@ def test_the_opt_out_saves_on_such_a_server_and_warns(
     keys = bucket_keys(s3_client, s3_bucket)
     assert "runs/r/lease/gen-000000000001.json" in keys
     assert [k for k in keys if ".probe-" in k] == []
+
+
+def test_a_server_answering_501_to_conditional_writes_is_refused_unless_opted_out(
+    s3_proxy: Any, s3_proxy_options: dict[str, Any], s3_bucket: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server that says it has no conditional writes cannot fence either: refused, as one the probe catches."""
+    url = f"s3://{s3_bucket}/runs/r"
+    s3_proxy.inject("501", count=1000, match=lambda m, p: m == "PUT" and "/lease/" in p)
+    with (
+        pytest.raises(StoreError, match="does not support conditional writes") as raised,
+        Checkpointer(url, storage_options=s3_proxy_options, async_=False) as c,
+    ):
+        c.acquire(timeout=10)
+    message = str(raised.value)
+    assert url in message and "unsafe_no_conditional_writes" in message, message
+    s3_proxy.clear()
+    s3_proxy.inject("501", count=1, match=lambda m, p: m == "PUT" and "/lease/.probe-" in p)
+    options = {**s3_proxy_options, "unsafe_no_conditional_writes": True}
+    with caplog.at_level(logging.WARNING), Checkpointer(url, storage_options=options, async_=False) as c:
+        c.save(1, {"w": torch.ones(3)})
+        assert weights(c, 1) == 1.0
+    assert any("does not support conditional writes" in r.getMessage() for r in caplog.records)
 
 
 def test_the_probe_passes_on_an_honest_server_once_per_store_and_leaves_nothing(

@@ -211,8 +211,8 @@ def test_checkpointer_mirror_restores_from_s3_onto_an_empty_disk(
     prefixes = s3_client.list_objects_v2(Bucket=s3_bucket, Prefix="runs/m/", Delimiter="/")
     assert sorted(p["Prefix"] for p in prefixes.get("CommonPrefixes", [])) == [
         "runs/m/lease/",  # the writer lease lives on both tiers
-        "runs/m/step-000000000002/",
-        "runs/m/step-000000000003/",
+        "runs/m/step-000000000002-g000000000001/",
+        "runs/m/step-000000000003-g000000000001/",
     ]  # retention applied to the remote tier too
 
     fresh = torch.nn.Linear(16, 8)
@@ -250,7 +250,9 @@ def test_latest_sees_a_newer_checkpoint_that_only_the_remote_holds(tmp_path: Pat
     _save_steps_1_and_2(MirrorStore(LocalStore(tmp_path / "a"), remote), model)
     # An older copy of the volume (step 1 only) on the next instance; S3 has steps 1 and 2.
     (tmp_path / "b").mkdir()
-    shutil.copytree(tmp_path / "a" / "step-000000000001", tmp_path / "b" / "step-000000000001")
+    shutil.copytree(
+        tmp_path / "a" / "step-000000000001-g000000000001", tmp_path / "b" / "step-000000000001-g000000000001"
+    )
     with Checkpointer(MirrorStore(LocalStore(tmp_path / "b"), remote)) as ckpt:
         info = ckpt.latest(verify=True)
         assert info is not None
@@ -269,7 +271,7 @@ def test_a_damaged_local_copy_is_read_from_the_remote_not_skipped(
     model = torch.nn.Linear(64, 32)
     _save_steps_1_and_2(MirrorStore(LocalStore(tmp_path / "ebs"), remote), model)
     # The volume's copy of the newest checkpoint is damaged; S3's is intact.
-    data = next((tmp_path / "ebs" / "step-000000000002").glob("*.bin"))
+    data = next((tmp_path / "ebs" / "step-000000000002-g000000000001").glob("*.bin"))
     raw = bytearray(data.read_bytes())
     if damage == "flipped":
         raw[100] ^= 0xFF
@@ -283,7 +285,7 @@ def test_a_damaged_local_copy_is_read_from_the_remote_not_skipped(
         assert ckpt.last_loaded is not None and ckpt.last_loaded.step == 2
         assert torch.equal(state["model"]["bias"], torch.full((32,), 2.0))
     # Damaged on both tiers: the error names both, and load falls back to step 1.
-    remote_bin = f"step-000000000002/{data.name}"
+    remote_bin = f"step-000000000002-g000000000001/{data.name}"
     remote.write_file(remote_bin, [b"x" * len(raw)])
     with Checkpointer(MirrorStore(LocalStore(tmp_path / "ebs"), remote)) as ckpt:
         from spotsafe.errors import CheckpointCorrupt
@@ -300,7 +302,9 @@ def test_a_damaged_local_manifest_is_read_from_the_remote(tmp_path: Path, remote
 
     model = torch.nn.Linear(4, 2)
     _save_steps_1_and_2(MirrorStore(LocalStore(tmp_path / "ebs"), remote), model)
-    (tmp_path / "ebs" / "step-000000000002" / "manifest.json").write_text('{"format": "spotsafe-chec')  # torn
+    (tmp_path / "ebs" / "step-000000000002-g000000000001" / "manifest.json").write_text(
+        '{"format": "spotsafe-chec'
+    )  # torn
     with Checkpointer(MirrorStore(LocalStore(tmp_path / "ebs"), remote)) as ckpt:
         assert [i.step for i in ckpt.list()] == [1, 2]
         info = ckpt.latest(verify=True)

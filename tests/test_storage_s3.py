@@ -349,14 +349,14 @@ def test_checkpointer_round_trip_over_s3(s3_bucket: str, s3_options: dict[str, A
         assert [i.step for i in ckpt.list()] == [20, 30]  # retention on S3
         expected = {k: v.clone() for k, v in model.state_dict().items()}
     keys = {o["Key"] for o in s3_client.list_objects_v2(Bucket=s3_bucket, Prefix="runs/ck/")["Contents"]}
-    assert not any(k.startswith("runs/ck/step-000000000010/") for k in keys)
+    assert not any(k.startswith("runs/ck/step-000000000010") for k in keys)
 
     fresh = torch.nn.Linear(64, 32)
     with Checkpointer(url, storage_options=s3_options) as ckpt:
         info = ckpt.latest(verify=True)
         assert info is not None
         assert info.step == 30
-        assert info.url == f"{url}/step-000000000030"
+        assert info.url == f"{url}/step-000000000030-g000000000001"
         rest = ckpt.restore(info, {"model": fresh})
     assert rest["epoch"] == 3
     assert torch.equal(fresh.weight.detach() + 1.0, expected["weight"])  # saved before the last add_
@@ -391,7 +391,9 @@ def test_checkpoint_payload_goes_up_as_parallel_single_put_segments(
         ckpt.save(100, state, async_=False)
         nbytes = 4_000_001 * 4 + 1_234_567 * 2
         manifest = json.loads(
-            s3_client.get_object(Bucket=s3_bucket, Key="seg/step-000000000100/manifest.json")["Body"].read()
+            s3_client.get_object(Bucket=s3_bucket, Key="seg/step-000000000100-g000000000001/manifest.json")[
+                "Body"
+            ].read()
         )
         assert manifest["format_version"] == 2
         data = [f for f in manifest["files"] if f["role"] == "data"]
@@ -458,7 +460,10 @@ def test_damaged_segment_is_named_and_load_falls_back(
         ckpt.save(1, _big_state(torch, seed=1), async_=False)
         ckpt.save(2, _big_state(torch, seed=2), async_=False)
         keys = sorted(
-            o["Key"] for o in s3_client.list_objects_v2(Bucket=s3_bucket, Prefix="dmg/step-000000000002/")["Contents"]
+            o["Key"]
+            for o in s3_client.list_objects_v2(Bucket=s3_bucket, Prefix="dmg/step-000000000002-g000000000001/")[
+                "Contents"
+            ]
         )
         victim = next(k for k in keys if k.endswith(".00002.bin"))
         body = s3_client.get_object(Bucket=s3_bucket, Key=victim)["Body"].read()
@@ -520,12 +525,12 @@ def test_kill_9_mid_segmented_save_leaves_no_checkpoint_and_the_next_save_cleans
     )
 
     def slow_once_the_first_is_saved() -> None:
-        s3_proxy.delay = 0.4 if s3_proxy.count("PUT", "step-000000000001/manifest") else 0.0
+        s3_proxy.delay = 0.4 if s3_proxy.count("PUT", "step-000000000001-g000000000001/manifest") else 0.0
 
     out = _kill_9_when(
         script,
         [url, s3_proxy.endpoint],
-        lambda: s3_proxy.count("PUT", "step-000000000002/rank") >= 3,
+        lambda: s3_proxy.count("PUT", "step-000000000002-g000000000001/rank") >= 3,
         tick=slow_once_the_first_is_saved,
     )
     s3_proxy.delay = 0.0
@@ -533,7 +538,9 @@ def test_kill_9_mid_segmented_save_leaves_no_checkpoint_and_the_next_save_cleans
     torch = pytest.importorskip("torch")
     from spotsafe.checkpoint.writer import Checkpointer
 
-    leftovers = s3_client.list_objects_v2(Bucket=s3_bucket, Prefix="killed/step-000000000002/").get("Contents", [])
+    leftovers = s3_client.list_objects_v2(Bucket=s3_bucket, Prefix="killed/step-000000000002-g000000000001/").get(
+        "Contents", []
+    )
     assert leftovers  # the dead writer's segments are there, without a manifest...
     assert _uploads(s3_client, s3_bucket) == []  # ...and no multipart upload to bill
     opts = {"endpoint_url": s3_proxy.endpoint}
@@ -541,7 +548,7 @@ def test_kill_9_mid_segmented_save_leaves_no_checkpoint_and_the_next_save_cleans
         assert [i.step for i in ckpt.list()] == [1]  # invisible to readers
         assert torch.equal(ckpt.load()["w"], torch.zeros(1000))
         ckpt.save(3, {"w": torch.full((10,), 3.0)}, async_=False)
-    gone = s3_client.list_objects_v2(Bucket=s3_bucket, Prefix="killed/step-000000000002/").get("Contents", [])
+    gone = s3_client.list_objects_v2(Bucket=s3_bucket, Prefix="killed/step-000000000002").get("Contents", [])
     assert gone == []  # the next save removed the debris
 
 
@@ -639,7 +646,9 @@ def test_run_on_s3_survives_a_notice_and_resumes_bit_identically(
     assert first == [0, -1]  # preempted
     assert s3_proxy.faults_left == 0  # the throttled PUTs were retried
     manifest = json.loads(
-        s3_client.get_object(Bucket=s3_bucket, Key="runs/headline/step-000000000011/manifest.json")["Body"].read()
+        s3_client.get_object(Bucket=s3_bucket, Key="runs/headline/step-000000000011-g000000000001/manifest.json")[
+            "Body"
+        ].read()
     )
     assert manifest["reason"] == "notice" and manifest["format_version"] == 2
     assert len([f for f in manifest["files"] if f["role"] == "data"]) >= 3  # segmented
@@ -747,10 +756,12 @@ def test_trickled_get_answers_fail_within_the_limit(
     store.write_file("blob.bin", [b"x" * 4096])
 
     s3_proxy.inject("trickle", count=100, match=lambda m, p: m == "GET" and "manifest.json" in p)
-    took_manifest = _fails_in_time(lambda: ckpt.load(None), f"s3://{s3_bucket}/run/step-000000000001/manifest.json")
+    took_manifest = _fails_in_time(
+        lambda: ckpt.load(None), f"s3://{s3_bucket}/run/step-000000000001-g000000000001/manifest.json"
+    )
     s3_proxy.clear()
     s3_proxy.inject("trickle", count=100, match=lambda m, p: m == "GET" and ".bin" in p)
-    took_data = _fails_in_time(lambda: ckpt.load(1), "GET run/step-000000000001/", s3_proxy.endpoint)
+    took_data = _fails_in_time(lambda: ckpt.load(1), "GET run/step-000000000001-g000000000001/", s3_proxy.endpoint)
     took_file = _fails_in_time(lambda: store.read_file("blob.bin"), "GET run/blob.bin bytes 0-4095")
     print(f"time to error: manifest {took_manifest:.2f} s, data {took_data:.2f} s, file {took_file:.2f} s")
     _no_thread_left(store, s3_proxy, baseline, ckpt.close)
@@ -842,13 +853,13 @@ def test_a_manifest_over_the_cap_is_refused_from_its_head(
     store = S3Store(f"s3://{s3_bucket}/run", s3_proxy_options)
     ckpt = Checkpointer(store)
     ckpt.save(1, {"w": torch.ones(3)}, async_=False)
-    huge = "run/step-000000000002/manifest.json"
+    huge = "run/step-000000000002-g000000000001/manifest.json"
     s3_client.put_object(Bucket=s3_bucket, Key=huge, Body=b" " * (MAX_MANIFEST_BYTES + 1))
     with pytest.raises(CheckpointCorrupt, match="more than any manifest"):
-        store.read_file("step-000000000002/manifest.json")
+        store.read_file("step-000000000002-g000000000001/manifest.json")
     assert ckpt.load(None)["w"].tolist() == [1.0, 1.0, 1.0]  # falls back to step 1
-    assert s3_proxy.count("HEAD", "000002/manifest.json") >= 2
-    assert s3_proxy.count("GET", "000002/manifest.json") == 0  # not one byte of it downloaded
+    assert s3_proxy.count("HEAD", "000002-g000000000001/manifest.json") >= 2
+    assert s3_proxy.count("GET", "000002-g000000000001/manifest.json") == 0  # not one byte of it downloaded
     store.close()
 
 
@@ -864,7 +875,7 @@ def test_a_tree_file_planted_bigger_than_its_entry_is_refused_before_download(
     ckpt = Checkpointer(store)
     ckpt.save(1, {"w": torch.ones(3)}, async_=False)
     ckpt.save(2, {"w": torch.full((3,), 2.0)}, async_=False)
-    listing = s3_client.list_objects_v2(Bucket=s3_bucket, Prefix="run/step-000000000002/")
+    listing = s3_client.list_objects_v2(Bucket=s3_bucket, Prefix="run/step-000000000002-g000000000001/")
     trees = [o["Key"] for o in listing.get("Contents", ()) if o["Key"].endswith(".json") and "/rank" in o["Key"]]
     assert len(trees) == 1, f"expected one tree file, found {trees}"
     s3_client.put_object(Bucket=s3_bucket, Key=trees[0], Body=b"\0" * (8 << 20))

@@ -23,8 +23,15 @@ from spotsafe.checkpoint.files import (
     read_listed_file,
     validate_trees,
 )
-from spotsafe.checkpoint.lease import is_ghost, takeovers
-from spotsafe.checkpoint.manifest import MANIFEST, STEP_DIR, CheckpointInfo, FileEntry, Manifest, checkpoint_name
+from spotsafe.checkpoint.lease import GENERATION_KEY, is_ghost, takeovers
+from spotsafe.checkpoint.manifest import (
+    MANIFEST,
+    CheckpointInfo,
+    FileEntry,
+    Manifest,
+    checkpoint_name,
+    parse_checkpoint_name,
+)
 from spotsafe.errors import CheckpointCorrupt, CheckpointNotFound, FormatVersionError, SpotsafeError
 from spotsafe.state import MapLocation, blob_from_buffer, unflatten
 from spotsafe.storage.base import Store
@@ -52,7 +59,11 @@ class Catalog:
         return [self.store, *self.store.tiers[1:]]
 
     def manifest(self, name: str, store: Store | None = None) -> Manifest:
-        """The parsed manifest of the checkpoint directory ``name`` (in ``store``, default: this one)."""
+        """The parsed manifest of the checkpoint directory ``name`` (in ``store``, default: this one).
+
+        The manifest must be the one its directory's name says: the same step, and the same
+        writer generation (a directory named for generation g holds only g's commit).
+        """
         store = store or self.store
         where = f"{store.url.rstrip('/')}/{name}/{MANIFEST}"
         try:
@@ -60,15 +71,26 @@ class Catalog:
         except CheckpointNotFound as e:
             raise CheckpointNotFound(f"{where} does not exist") from e
         m = Manifest.from_json(data, where)
-        named = STEP_DIR.fullmatch(name)
-        if named is not None and int(named.group(1)) != m.step:
-            raise CheckpointCorrupt(f"{where}: a manifest for step {m.step} in the directory of step {named.group(1)}")
+        named = parse_checkpoint_name(name)
+        if named is not None:
+            step, generation = named
+            if step != m.step:
+                raise CheckpointCorrupt(f"{where}: a manifest for step {m.step} in the directory of step {step:012d}")
+            written_by = m.metadata.get(GENERATION_KEY)
+            if generation is not None and written_by != generation:
+                raise CheckpointCorrupt(
+                    f"{where}: a manifest of writer generation {written_by!r} in the directory of generation {generation}"
+                )
         return m
 
+    def names(self) -> list[str]:
+        """Every checkpoint directory's name in the store, in (step, generation) order (one listing)."""
+        named = [(parsed, n) for n in self.store.listdir("") if (parsed := parse_checkpoint_name(n)) is not None]
+        return [n for (step, gen), n in sorted(named, key=lambda item: (item[0][0], item[0][1] or 0))]
+
     def scan(self) -> Iterator[tuple[str, Manifest | SpotsafeError]]:
-        """Every step directory, oldest first, with its manifest or why it has none usable."""
-        names = sorted(n for n in self.store.listdir("") if STEP_DIR.fullmatch(n))
-        for name in names:
+        """Every checkpoint directory, oldest first, with its manifest or why it has none usable."""
+        for name in self.names():
             try:
                 # A mirror whose local manifest is damaged reads the remote one.
                 yield name, self.with_fallback(name, lambda store: self.manifest(name, store))  # noqa: B023 - called at once
@@ -80,10 +102,12 @@ class Catalog:
         return self.scan_all(strict)[0]
 
     def scan_all(self, strict: bool = True) -> tuple[Committed, list[CheckpointInfo]]:
-        """Committed checkpoints with their manifests, and the ghosts left out of them.
+        """Committed checkpoints with their manifests (one per step), and the dead ones left out of them.
 
-        A ghost is a checkpoint a superseded writer committed after a newer generation
-        took the store over (spotsafe.checkpoint.lease): it is not part of the run's history.
+        Dead: a *ghost*, committed by a superseded writer after a newer generation took the
+        store over (:mod:`spotsafe.checkpoint.lease`), which is not part of the run's history;
+        or an older generation's copy of a step that a newer generation committed again
+        (a step resolves to its newest live generation).
         """
         out = []
         for name, m in self.scan():
@@ -93,6 +117,16 @@ class Catalog:
                 raise m
             elif isinstance(m, CheckpointCorrupt):
                 log.warning("spotsafe: ignoring %s: %s", name, m)
+        kept, dead = self._without_ghosts(out)
+        newest: dict[int, tuple[CheckpointInfo, Manifest]] = {}
+        for info, m in kept:  # (step, generation) order: a later entry of a step is a newer generation
+            replaced = newest.get(info.step)
+            if replaced is not None:
+                dead.append(replaced[0])
+            newest[info.step] = (info, m)
+        return [newest[step] for step in sorted(newest)], dead
+
+    def _without_ghosts(self, out: Committed) -> tuple[Committed, list[CheckpointInfo]]:
         fenced = [i.generation for i, _ in out if i.generation is not None]
         if not fenced:
             return out, []
@@ -194,18 +228,37 @@ class Catalog:
 
     # -- loading ----------------------------------------------------------------
     def resolve(self, info: CheckpointInfo | int) -> CheckpointInfo:
+        """``info`` itself, or the committed checkpoint of a step: its newest generation that is no ghost."""
         if isinstance(info, CheckpointInfo):
             return info
         if isinstance(info, bool) or not isinstance(info, int):
             raise TypeError(f"info must be a CheckpointInfo, a step or None, not {type(info).__name__}")
-        name = checkpoint_name(info)
-        try:
-            m = self.manifest(name)
-        except CheckpointNotFound as e:
-            raise CheckpointNotFound(
-                f"{self.store.url.rstrip('/')}/{name}: no committed checkpoint for step {info}"
-            ) from e
-        return CheckpointInfo.from_manifest(self.store, name, m)
+        checkpoint_name(info)  # a step out of range: ValueError naming it
+        candidates = [n for n in reversed(self.names()) if (parse_checkpoint_name(n) or (-1, None))[0] == info]
+        later: list[tuple[int, int]] | None = None
+        problems: list[str] = []
+        damaged: list[CheckpointCorrupt] = []
+        for name in candidates:
+            try:
+                m = self.with_fallback(name, lambda store: self.manifest(name, store))  # noqa: B023 - called at once
+            except CheckpointCorrupt as e:
+                damaged.append(e)
+                continue
+            except CheckpointNotFound as e:
+                problems.append(str(e))
+                continue
+            found = CheckpointInfo.from_manifest(self.store, name, m)
+            if found.generation is not None:
+                if later is None:
+                    later = takeovers(self.store, found.generation)
+                if is_ghost(found.generation, found.step, later):
+                    problems.append(f"{found.url}: committed by a superseded writer (generation {found.generation})")
+                    continue
+            return found
+        if damaged:
+            raise damaged[0]  # the step is there, damaged: say how (the newest generation's)
+        detail = f" ({'; '.join(problems)})" if problems else ""
+        raise CheckpointNotFound(f"{self.store.url.rstrip('/')}: no committed checkpoint for step {info}{detail}")
 
     def load_rank(self, info: CheckpointInfo, map_location: MapLocation, verify: bool, rank: int = 0) -> dict[str, Any]:
         """One rank's state from ``info``; a mirror whose local copy is damaged reads the remote one."""

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
-from spotsafe.errors import CheckpointCorrupt, CheckpointNotFound, FormatVersionError
+from spotsafe.checkpoint.lease import is_ghost, takeovers
+from spotsafe.errors import CheckpointCorrupt, CheckpointNotFound, FormatVersionError, SpotsafeError
 from spotsafe.storage.base import Store
+
+log = logging.getLogger(__name__)
 
 #: The run's completion record, at the top of the store (``Checkpointer.mark_complete``).
 COMPLETE = "COMPLETE.json"
@@ -18,6 +22,10 @@ def read_completion(store: Store) -> dict[str, Any] | None:
     Raises :class:`CheckpointCorrupt` for a record that is not one, and
     :class:`FormatVersionError` for one newer than this spotsafe reads. Shared by the
     checkpointer and the report, which must not import torch.
+
+    A record carries its writer's generation: one written by a superseded writer after a
+    newer generation took the store over (the ghost rule of :mod:`spotsafe.checkpoint.lease`:
+    its step above the newer one's base step) does not count: the run goes on there.
     """
     where = f"{store.url.rstrip('/')}/{COMPLETE}"
     try:
@@ -34,4 +42,18 @@ def read_completion(store: Store) -> dict[str, Any] | None:
         raise FormatVersionError(
             f"{where}: completion format version {doc['format_version']} is newer than supported (1)"
         )
+    generation, step = doc.get("generation"), doc.get("step")
+    if isinstance(generation, int) and isinstance(step, int):
+        try:
+            later = takeovers(store, generation)
+        except SpotsafeError as e:
+            log.warning("spotsafe: cannot read the writer leases of %s: %s", store.url, e)
+            later = []
+        if is_ghost(generation, step, later):
+            log.warning(
+                "spotsafe: ignoring %s: written by writer generation %d after a newer one took the store over",
+                where,
+                generation,
+            )
+            return None
     return doc

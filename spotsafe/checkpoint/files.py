@@ -6,9 +6,10 @@ two on every rank and the third once, after a barrier:
 1. :func:`spotsafe.checkpoint.staging.stage` copies the state to host memory.
 2. :func:`write_rank_files` hashes those bytes (xxh3-128, overlapped with the write)
    and writes them as one data file (or segments) plus a JSON tree file under
-   ``step-%012d/``.
+   ``step-%012d-g%012d/`` (step and writer generation).
 3. :func:`commit_manifest` publishes ``manifest.json`` last through
-   ``Store.commit_file`` (atomic). A directory without it does not exist for a reader.
+   ``Store.create_file`` (atomic and exclusive: it never replaces another writer's). A
+   directory without it does not exist for a reader.
 
 The readers here check what a manifest lists against what the store holds: sizes
 (:func:`check_sizes`), checksums (:func:`check_checksum`), tree files
@@ -31,7 +32,7 @@ import xxhash
 from spotsafe.checkpoint.lease import GENERATION_KEY, Lease
 from spotsafe.checkpoint.manifest import MANIFEST, FileEntry, Manifest
 from spotsafe.checkpoint.staging import StagedState
-from spotsafe.errors import CheckpointCorrupt, CheckpointNotFound, StoreError
+from spotsafe.errors import CheckpointCorrupt, CheckpointNotFound, StoreError, WriterFenced
 from spotsafe.state import Blob, blobs_from_description, unflatten
 from spotsafe.storage.base import Store
 
@@ -238,7 +239,9 @@ def validate_trees(store: Store, directory: str, files: Sequence[FileEntry]) -> 
             raise CheckpointCorrupt(f"{where}: the saved state is not a mapping")
 
 
-def commit_manifest(store: Store, directory: str, manifest: Manifest, lease: Lease | None = None) -> None:
+def commit_manifest(
+    store: Store, directory: str, manifest: Manifest, lease: Lease | None = None, *, replace: bool = False
+) -> None:
     """Step 3: publish the manifest, atomically and durably: the checkpoint now exists.
 
     It checks before it speaks: every file the manifest names must exist with its
@@ -246,6 +249,12 @@ def commit_manifest(store: Store, directory: str, manifest: Manifest, lease: Lea
     the writer must still hold the store, before and after the commit (else
     :class:`~spotsafe.errors.WriterFenced`: a manifest a superseded writer managed to
     publish records its generation, and readers skip it by the ghost rule).
+
+    The manifest is *created* (``Store.create_file``: it never replaces anything) unless
+    ``replace``, which only the writer that committed ``directory`` before may pass (a step
+    saved again by the same writer). Found there already, it must be this very manifest
+    (a retried create whose first answer was lost); anything else means a second writer
+    holds this generation: :class:`~spotsafe.errors.WriterFenced`.
     """
     if lease is not None:
         lease.check()  # first: a superseded writer's files may have been cleaned up by its successor
@@ -255,6 +264,20 @@ def commit_manifest(store: Store, directory: str, manifest: Manifest, lease: Lea
         check_sizes(store, directory, manifest.files)
     except CheckpointCorrupt as e:
         raise StoreError(f"not committing {store.url.rstrip('/')}/{directory}: {e}") from e
-    store.commit_file(f"{directory}/{MANIFEST}", manifest.to_json())
+    data = manifest.to_json()
+    path = f"{directory}/{MANIFEST}"
+    if replace:
+        store.commit_file(path, data)
+    elif not store.create_file(path, data):
+        try:
+            found = bytes(store.read_file(path))
+        except CheckpointNotFound:
+            found = None
+        if found != data:
+            raise WriterFenced(
+                f"{store.url.rstrip('/')}/{path}: another writer committed this checkpoint first, under the same "
+                f"writer generation {manifest.metadata.get(GENERATION_KEY)}: two writers hold one generation "
+                "(does the store really refuse a second exclusive create? see docs/storage.md)"
+            )
     if lease is not None:
         lease.check()

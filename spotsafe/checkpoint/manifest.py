@@ -1,7 +1,7 @@
 """The checkpoint manifest: ``manifest.json``, its file entries, their validation, and step names.
 
-A checkpoint directory (``step-%012d/``, :func:`checkpoint_name`) exists for a reader
-once its manifest is committed; :meth:`Manifest.from_json` checks everything a
+A checkpoint directory (``step-%012d-g%012d/``: the step and the writer generation that
+wrote it, :func:`checkpoint_name`) exists for a reader once its manifest is committed; :meth:`Manifest.from_json` checks everything a
 manifest claims before anyone uses it. See docs/checkpoint.md for the format.
 """
 
@@ -29,8 +29,12 @@ FORMAT_VERSION = 2
 FORMAT = "spotsafe-checkpoint"
 MANIFEST = "manifest.json"
 CHECKSUM = "xxh3_128"
-#: A checkpoint directory's name: ASCII digits only (``\\d`` also matches other scripts' digits) and exactly 12 of them.
-STEP_DIR = re.compile(r"step-([0-9]{12})")
+#: A checkpoint directory's name: the step, then the writer generation that wrote it (absent in
+#: checkpoints written before generations named directories). ASCII digits only (``\\d`` also
+#: matches other scripts' digits), exactly 12 of each: name order is (step, generation) order.
+STEP_DIR = re.compile(r"step-([0-9]{12})(?:-g([0-9]{12}))?")
+#: The largest writer generation a directory name can hold (12 digits, as the lease files).
+MAX_GENERATION = 10**12 - 1
 #: The largest step a checkpoint directory name can hold (12 digits).
 MAX_STEP = 10**12 - 1
 MAX_WORLD_SIZE = 1 << 20
@@ -44,11 +48,32 @@ REASONS: tuple[str, ...] = get_args(Reason)
 FileRole = Literal["data", "tree", "dcp"]
 
 
-def checkpoint_name(step: int) -> str:
-    """The directory of the checkpoint at ``step``: zero-padded, so name order is step order."""
+def checkpoint_name(step: int, generation: int | None = None) -> str:
+    """The directory of the checkpoint at ``step`` written by writer ``generation``.
+
+    Zero-padded, so name order is (step, generation) order. Each generation writes only
+    directories named by its own number: no object of one writer can replace or be
+    replaced by another's (docs/design.md, "The commit protocol"). ``generation`` None is
+    the name checkpoints had before generations named directories (read, never written).
+    """
     if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= MAX_STEP:
         raise ValueError(f"step must be an int within 0..{MAX_STEP}, not {step!r}")
-    return f"step-{step:012d}"
+    if generation is None:
+        return f"step-{step:012d}"
+    if isinstance(generation, bool) or not isinstance(generation, int) or not 1 <= generation <= MAX_GENERATION:
+        raise ValueError(f"generation must be an int within 1..{MAX_GENERATION}, not {generation!r}")
+    return f"step-{step:012d}-g{generation:012d}"
+
+
+def parse_checkpoint_name(name: str) -> tuple[int, int | None] | None:
+    """``(step, generation)`` of a checkpoint directory's name (generation None: an older name), or None."""
+    m = STEP_DIR.fullmatch(name)
+    if m is None:
+        return None
+    generation = int(m.group(2)) if m.group(2) is not None else None
+    if generation == 0:
+        return None  # generations start at 1: not a name spotsafe writes
+    return int(m.group(1)), generation
 
 
 def _utc(dt: datetime) -> datetime:
@@ -278,7 +303,7 @@ class CheckpointInfo:
     epoch: int | None
     reason: str
     time: datetime  # UTC-aware
-    name: str  # "step-000000001200"
+    name: str  # "step-000000001200-g000000000002"
     url: str  # store url + "/" + name
     size: int  # total bytes of its files
     world_size: int

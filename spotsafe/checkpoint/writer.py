@@ -130,6 +130,10 @@ class Checkpointer:
         self._closed = False
         #: The writer lease, taken by the first save (or :meth:`acquire`); readers never take it.
         self.lease: Lease | None = None
+        #: The generation of that lease on every rank (None until :meth:`acquire`).
+        self.generation: int | None = None
+        #: Checkpoint directories this writer committed (a re-save of a step replaces only its own manifest).
+        self._committed: set[str] = set()
         if dist == "auto":
             dist = DistContext.detect()
         #: The process-group context of a multi-rank run (None: this process alone).
@@ -165,11 +169,24 @@ class Checkpointer:
         """
         if self._closed:
             raise SpotsafeError(f"{self.store.url}: this Checkpointer is closed")
-        generation = self._acquire(timeout) if self._coordinator else None
         if self.dist is not None and self.dist.world_size > 1:  # every rank leaves together, holder known
-            generation = self.dist.broadcast_object(generation)
-        assert generation is not None
-        return int(generation)
+            mine: int | SpotsafeError | None = None
+            if self._coordinator:
+                try:
+                    mine = self._acquire(timeout)
+                except SpotsafeError as e:  # told to every rank, so that none waits in the broadcast below
+                    mine = e
+            told = self.dist.broadcast_object(mine if isinstance(mine, int) else str(mine))
+            if isinstance(mine, SpotsafeError):
+                raise mine
+            if not isinstance(told, int):
+                raise WriterFenced(f"{self.store.url}: rank 0 could not take the writer lease: {told}")
+            generation = told
+        else:
+            generation = self._acquire(timeout)
+        #: The writer generation, known on every rank: it names every directory this writer writes.
+        self.generation = int(generation)
+        return self.generation
 
     @property
     def _coordinator(self) -> bool:
@@ -181,6 +198,26 @@ class Checkpointer:
         if self.lease.generation is None and self.lease.record is not None:
             raise WriterFenced(f"{self.store.url}: this Checkpointer released its writer lease")
         return self.lease.acquire(self._newest_step, timeout=timeout)
+
+    def _ensure_lease(self) -> None:
+        """Take the lease when this writer has none yet; raise WriterFenced when it lost it."""
+        if self.dist is not None and self.dist.world_size > 1:
+            if self.generation is None:  # the same on every rank: set together by acquire()
+                self.acquire()
+            return
+        if self.lease is None or not self.lease.held or self.generation is None:
+            self.acquire()
+
+    def _name(self, step: int) -> str:
+        """This writer's directory for ``step``: named by its generation, so no other writer shares it."""
+        if self.generation is None:
+            raise WriterFenced(f"{self.store.url}: this writer holds no lease (Checkpointer.acquire)")
+        return checkpoint_name(step, self.generation)
+
+    def _commit(self, name: str, manifest: Manifest) -> None:
+        """Commit ``manifest`` as ``name`` (rank 0): created exclusively, or replacing this writer's own."""
+        commit_manifest(self.store, name, manifest, self.lease, replace=name in self._committed)
+        self._committed.add(name)
 
     def _newest_step(self) -> int | None:
         committed = self.catalog.committed(strict=False)
@@ -222,9 +259,8 @@ class Checkpointer:
         meta = plain_metadata(metadata)
         with self._lock:
             self.wait()  # one save at a time: a collective save's barriers must not interleave
+            self._ensure_lease()  # the first save waits for the store (raises when superseded)
             if self._coordinator:
-                if self.lease is None or not self.lease.held:
-                    self._acquire()  # the first save waits for the store (raises when superseded)
                 meta = self._generation_meta(meta)
             when = datetime.now(timezone.utc)
             run_async = self.async_ if async_ is None else async_
@@ -288,8 +324,7 @@ class Checkpointer:
                 raise
             except Exception as e:  # noqa: BLE001 - logged; persisting this snapshot matters more now
                 log.error("spotsafe: an earlier background save failed (%s); persisting step %d anyway", e, step)
-            if self.lease is None or not self.lease.held:
-                self._acquire()
+            self._ensure_lease()
             meta = self._generation_meta(meta)
             timings = {"snapshot_s": stall_s}
 
@@ -328,7 +363,7 @@ class Checkpointer:
         if self._closed:
             raise SpotsafeError(f"{self.store.url}: this Checkpointer is closed")
         meta = plain_metadata(metadata)
-        name = checkpoint_name(step)
+        name = self._name(step)
         end = _time.monotonic() + timeout
         key = f"snapshot-{step:012d}"
         with self._lock_protected:
@@ -355,7 +390,7 @@ class Checkpointer:
                     raise DistributedError(f"checkpoint {self.store.url}/{name}: not committed: {who}")
                 files = [FileEntry(**f) for p in [mine, *parts] for f in p]
                 if self.lease is None or not self.lease.held:
-                    self._acquire(timeout=max(end - _time.monotonic(), 0.0))
+                    raise WriterFenced(f"{self.store.url}: this writer lost its lease; not committing {name}")
                 manifest = Manifest(
                     format_version=format_version_for(files),
                     step=step,
@@ -366,7 +401,7 @@ class Checkpointer:
                     files=tuple(files),
                     metadata=self._generation_meta(meta),
                 )
-                commit_manifest(self.store, name, manifest, self.lease)
+                self._commit(name, manifest)
             except BaseException as e:
                 board.post(f"{key}/outcome", f"{type(e).__name__}: {e}")
                 self._raise_fenced(e)
@@ -377,7 +412,7 @@ class Checkpointer:
             log.info("spotsafe: saved %s (%s snapshot of %d ranks)", self.last_saved.url, reason, ctx.world_size)
             timings = {"snapshot_s": stall_s, "write_s": written - t0, "commit_s": done - written}
             self.last_timings = timings
-            self._retain_timed(step, timings)
+            self._retain_timed(name, timings)
             return True
         finally:
             with self._lock_protected:
@@ -407,7 +442,7 @@ class Checkpointer:
             return state, []
         from spotsafe.distributed.dcp import save_sharded
 
-        records = save_sharded(sharded, self.store, checkpoint_name(step), ctx=self.dist, timeout=self.barrier_timeout)
+        records = save_sharded(sharded, self.store, self._name(step), ctx=self.dist, timeout=self.barrier_timeout)
         rest = {k: v for k, v in state.items() if not isinstance(v, ShardedState)}
         return rest, [FileEntry(r.path, r.size, r.checksum, "dcp", 0) for r in records]
 
@@ -424,7 +459,7 @@ class Checkpointer:
         timings: dict[str, float],
     ) -> None:
         """The collective save: every rank's files durable → barrier → rank 0 commits (fenced) → outcome shared."""
-        name = checkpoint_name(step)
+        name = self._name(step)
         t0 = _time.perf_counter()
 
         def write() -> list[FileEntry]:
@@ -444,7 +479,7 @@ class Checkpointer:
                 files=tuple(all_files),
                 metadata=meta,
             )
-            commit_manifest(self.store, name, manifest, self.lease)
+            self._commit(name, manifest)
             self.last_saved = CheckpointInfo.from_manifest(self.store, name, manifest)
 
         what = f"checkpoint {self.store.url.rstrip('/')}/{name}"
@@ -457,7 +492,7 @@ class Checkpointer:
         timings["write_s"] = _time.perf_counter() - t0
         self.last_timings = timings
         if ctx.is_coordinator:
-            self._retain_timed(step, timings)
+            self._retain_timed(name, timings)
 
     def _run(self, job: Callable[[], None]) -> None:
         try:
@@ -479,7 +514,7 @@ class Checkpointer:
         background_retention: bool = False,
         retain: bool = True,
     ) -> None:
-        name = checkpoint_name(step)
+        name = self._name(step)
         # Off the training thread: on an object store, listing costs round trips.
         self._cleanup(skip=name)
         t0 = _time.perf_counter()
@@ -497,13 +532,13 @@ class Checkpointer:
                 files=tuple(files),
                 metadata=meta,
             )
-            commit_manifest(self.store, name, manifest, self.lease)
+            self._commit(name, manifest)
             t2 = _time.perf_counter()
         except BaseException as e:
             self._raise_fenced(e)
-            # Free the space now (a full disk is the usual cause); never touch a committed step,
-            # and a superseded writer touches nothing: the new one may be writing this very step.
-            if self.lease is not None and self.lease.held:
+            # Free the space now (a full disk is the usual cause); never touch a committed step.
+            # The directory is this generation's own: no other writer writes there.
+            if self.lease is not None and self.lease.held and name not in self._committed:
                 try:
                     if self.store.file_size(f"{name}/{MANIFEST}") is None:
                         self.store.delete_dir(name)
@@ -519,20 +554,20 @@ class Checkpointer:
             return
         if background_retention:
             thread = threading.Thread(
-                target=self._retain_timed, args=(step, timings), name=f"spotsafe-retention-{step}", daemon=True
+                target=self._retain_timed, args=(name, timings), name=f"spotsafe-retention-{step}", daemon=True
             )
             self._thread = thread  # wait(), the next save() and exit wait for it
             self._retention = thread  # ...but it is no save in flight (see save_in_flight)
             thread.start()
         else:
-            self._retain_timed(step, timings)
+            self._retain_timed(name, timings)
 
-    def _retain_timed(self, step: int, timings: dict[str, float]) -> None:
+    def _retain_timed(self, name: str, timings: dict[str, float]) -> None:
         t0 = _time.perf_counter()
         try:
-            self._retain(step)
+            self._retain(name)
         except Exception as e:  # noqa: BLE001 - the checkpoint is committed: a failed prune must not say otherwise
-            log.warning("spotsafe: pruning old checkpoints after %s failed: %s", checkpoint_name(step), e)
+            log.warning("spotsafe: pruning old checkpoints after %s failed: %s", name, e)
         timings["retention_s"] = _time.perf_counter() - t0
 
     @property
@@ -562,7 +597,7 @@ class Checkpointer:
         with self._lock_protected:
             return name in self._protected
 
-    def _retain(self, just_saved: int) -> None:
+    def _retain(self, just_saved: str) -> None:
         prune(self.catalog, self.lease, just_saved, self.keep_last, self.keep_every)
 
     # -- reading (through the catalog) -------------------------------------------
@@ -713,6 +748,7 @@ class Checkpointer:
             "format": "spotsafe-complete",
             "format_version": 1,
             "step": int(step),
+            "generation": self.generation,
             "time": datetime.now(timezone.utc).isoformat(),
             "metadata": plain_metadata(metadata),
         }

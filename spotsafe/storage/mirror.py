@@ -111,8 +111,19 @@ class MirrorStore(Store):
         self._enqueue(_Job("delete", path))
 
     def create_file(self, path: str, data: bytes) -> bool:
-        # The remote first: it is what other instances see.
-        return self.remote.create_file(path, data) and self.local.create_file(path, data)
+        """Create ``path`` exclusively on the local tier (the durability point), then upload it like a commit.
+
+        The writer lease creates its generation on each tier itself (``tiers``); what comes
+        here is a manifest, named by its writer's generation, so the upload (a plain
+        replace on the remote tier) can only ever replace that same writer's copy.
+        """
+        path = path.strip("/")
+        if not self.local.create_file(path, data):
+            return False
+        with self._cond:
+            self._deleting = {d for d in self._deleting if not _under(path, d)}
+        self._enqueue(_Job("upload", path))
+        return True
 
     def _enqueue(self, job: _Job) -> None:
         if self._closed:

@@ -38,9 +38,20 @@ class ConditionalWrites:
         self.honoured: bool | None = None
 
     def unsupported(self) -> None:
-        """The server answered 501 to ``If-None-Match``: it says so itself; best effort, with a warning."""
+        """The server answered 501 to ``If-None-Match``: it cannot fence; refused unless ``unsafe``.
+
+        It says so itself, so the refusal needs no probe; with the opt-out, a warning and
+        best-effort fencing, as for a server the probe caught.
+        """
         self.honoured = False
-        log.warning("%s: the server does not support conditional writes (If-None-Match)", self.url)
+        cause = f"the server at {self.endpoint} does not support conditional writes (501 to If-None-Match: *)"
+        if not self.unsafe:
+            raise StoreError(
+                f"{self.url}: {cause}, so two writers could both take the writer lease. Use a server that "
+                f"honours If-None-Match (AWS S3, recent MinIO), or, when only one instance ever writes here, open "
+                f'the store with storage_options={{"{UNSAFE_OPTION}": True}} (docs/storage.md, writer fencing)'
+            )
+        log.warning("%s: %s; %s is set: writer fencing is best effort here", self.url, cause, UNSAFE_OPTION)
 
     def probe(self, put_if_absent: PutIfAbsent, delete: Callable[[str], None]) -> None:
         """Two conditional PUTs of one new key and a DELETE; raise StoreError when the second was accepted.

@@ -369,6 +369,18 @@ class EventLog:
             return True
         return self._write()
 
+    def abandon(self) -> None:
+        """Stop recording and write nothing more, not even what is buffered: the store is another writer's now.
+
+        What a fenced run calls (a newer writer generation owns the store): its story goes on
+        in the events file only.
+        """
+        self.enabled = False
+        with self._write_lock:  # a write in flight finishes; nothing after it
+            self._queue.clear()
+            self._files.clear()
+        self.close()
+
     def close(self) -> None:
         """Write what is left and stop the writer thread."""
         if self._closed:

@@ -172,6 +172,12 @@ class Recorder:
         """The file's last line: the process exits with ``code`` now."""
         self._emit("exit", code=code, step=step)
 
+    def fenced(self, *, step: int, error: str) -> None:
+        """Another writer owns the store: the events file says so; the store gets nothing more from this run."""
+        self._emit("fenced", step=step, error=error)
+        if self.events is not None:
+            self.events.abandon()
+
     def complete(self, *, step: int, epoch: int) -> None:
         self._emit("complete", step=step, epoch=epoch)
         self.record("exit", urgent=True, status="complete", code=0, step=step, epoch=epoch)
