@@ -62,8 +62,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Periodic checkpoint interval of ``every_seconds`` before spotsafe chose it itself (``every="auto"``,
-#: now the default); kept for callers that want the old fixed cadence.
+#: The fixed ``every_seconds`` of old (``every="auto"`` is the default now), for callers that want it.
 DEFAULT_EVERY_SECONDS = 600.0
 
 
@@ -455,12 +454,13 @@ class Run:
             log.warning("run stopped by a notice at step %d: not marking it complete", self.step_count)
             self.close()
             return False
+        self.checkpointer.wait()  # a periodic save of this very step may still be in flight
         if self._sigint.interrupted:  # Ctrl+C unwound the loop (SPOTSAFE_SIGINT=interrupt): save, stay resumable
             log.warning("interrupted (SIGINT) at step %d: saving it, not marking the run complete", self.step_count)
-            self.save("manual", async_=False)
+            if self._saved_step != self.step_count:
+                self._save("manual", async_=False)
             self.close()
             return False
-        self.checkpointer.wait()  # a periodic save of this very step may still be in flight
         if self._ddp is not None:
             self._ddp.agreement.drain(self.step_count)  # the run is over: a late notice changes nothing
         if self._saved_step != self.step_count:

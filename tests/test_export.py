@@ -73,7 +73,7 @@ def _load_elsewhere(tmp_path: Path) -> dict[str, Any]:
         cwd=tmp_path,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,
     )
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)  # type: ignore[no-any-return]

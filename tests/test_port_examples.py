@@ -89,7 +89,19 @@ def _steps(tmp_path: Path) -> list[dict[str, Any]]:
 
 def _supervised(tmp_path: Path, name: str) -> list[str]:
     store = str(tmp_path / "store")
-    return [PY, "-m", "spotsafe.resume", "--store", store, "--backoff", "0", "--", *_command(tmp_path, name)]
+    return [
+        PY,
+        "-m",
+        "spotsafe.resume",
+        "--store",
+        store,
+        "--backoff",
+        "0",
+        "--kill-after",
+        "300",
+        "--",
+        *_command(tmp_path, name),
+    ]
 
 
 def _wait_for_step(proc: subprocess.Popen[str], tmp_path: Path, at_least: int, not_pid: int | None = None) -> int:

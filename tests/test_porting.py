@@ -160,12 +160,12 @@ def test_a_resumed_process_says_so_on_stderr_once(tmp_path: Path) -> None:
     script.write_text(textwrap.dedent(RESUMING))
     env = {k: v for k, v in os.environ.items() if k != "SPOTSAFE_QUIET"}
     cmd = [PY, str(script), str(tmp_path / "store")]
-    first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, check=True)
+    first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=True)
     assert "resuming" not in first.stderr
-    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, check=True)
+    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=True)
     (line,) = [ln for ln in second.stderr.splitlines() if "resuming from" in ln]
     assert line.startswith(f"spotsafe: resuming from step 1 (epoch 0, batch 0) at {tmp_path / 'store'}/")
-    quiet = subprocess.run(cmd, env={**env, "SPOTSAFE_QUIET": "1"}, capture_output=True, text=True, timeout=120)
+    quiet = subprocess.run(cmd, env={**env, "SPOTSAFE_QUIET": "1"}, capture_output=True, text=True, timeout=600)
     assert quiet.returncode == 0 and "resuming" not in quiet.stderr
 
 

@@ -60,9 +60,9 @@ def _signal_when_ready(cmd: list[str], tmp_path: Path, sig: int, env: dict[str, 
             assert proc.poll() is None, "the training process exited before it was ready"
             return (tmp_path / "ready").exists()
 
-        wait_until(ready, 120, what="20 training steps")
+        wait_until(ready, 600, what="20 training steps")
         proc.send_signal(sig)
-        out, _ = proc.communicate(timeout=120)
+        out, _ = proc.communicate(timeout=600)
         return proc.returncode, out
 
 
@@ -78,7 +78,19 @@ def _store_state(tmp_path: Path) -> tuple[bool, list[str]]:
 
 def test_sigint_to_the_supervisor_saves_and_exits_75(tmp_path: Path) -> None:
     """Fails on main: the child got KeyboardInterrupt, broke out early and marked the run complete."""
-    cmd = [PY, "-m", "spotsafe.resume", "--store", str(tmp_path / "store"), "--backoff", "0", "--", *_script(tmp_path)]
+    cmd = [
+        PY,
+        "-m",
+        "spotsafe.resume",
+        "--store",
+        str(tmp_path / "store"),
+        "--backoff",
+        "0",
+        "--kill-after",
+        "300",
+        "--",
+        *_script(tmp_path),
+    ]
     code, out = _signal_when_ready(cmd, tmp_path, signal.SIGINT, _env())
     assert code == EXIT_PREEMPTED, out
     complete, reasons = _store_state(tmp_path)
@@ -89,7 +101,19 @@ def test_sigint_to_the_supervisor_saves_and_exits_75(tmp_path: Path) -> None:
 
 def test_sigint_to_the_supervisor_saves_even_where_ctrl_c_means_stop_now(tmp_path: Path) -> None:
     """The supervisor forwards SIGTERM: SPOTSAFE_SIGINT=interrupt still saves on the supervisor's SIGINT."""
-    cmd = [PY, "-m", "spotsafe.resume", "--store", str(tmp_path / "store"), "--backoff", "0", "--", *_script(tmp_path)]
+    cmd = [
+        PY,
+        "-m",
+        "spotsafe.resume",
+        "--store",
+        str(tmp_path / "store"),
+        "--backoff",
+        "0",
+        "--kill-after",
+        "300",
+        "--",
+        *_script(tmp_path),
+    ]
     code, out = _signal_when_ready(cmd, tmp_path, signal.SIGINT, _env(SPOTSAFE_SIGINT="interrupt"))
     assert code == EXIT_PREEMPTED, out
     complete, reasons = _store_state(tmp_path)
@@ -124,7 +148,7 @@ def test_ctrl_c_as_stop_now_never_marks_the_run_complete(tmp_path: Path) -> None
 
 def test_a_bad_sigint_setting_is_named(tmp_path: Path) -> None:
     r = subprocess.run(
-        _script(tmp_path), env=_env(SPOTSAFE_SIGINT="ignore"), capture_output=True, text=True, timeout=120
+        _script(tmp_path), env=_env(SPOTSAFE_SIGINT="ignore"), capture_output=True, text=True, timeout=600
     )
     assert r.returncode != 0
     assert "SPOTSAFE_SIGINT='ignore' is not one of save, interrupt" in r.stderr
