@@ -10,6 +10,7 @@ trained and interruptions over all launches), as a dict of format
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import sys
 import threading
@@ -59,6 +60,8 @@ def plain_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
     for key, value in metrics.items():
         if isinstance(value, torch.Tensor) and value.numel() == 1:
             value = value.item()
+        if isinstance(value, float) and not math.isfinite(value):
+            value = str(value)  # a diverged loss: the manifest's JSON has no nan/inf, and the save must not fail
         if isinstance(value, (bool, int, float, str)) or value is None:
             out[key] = value
     return out

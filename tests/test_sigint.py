@@ -31,7 +31,7 @@ SCRIPT = """
     try:
         for epoch in run.epochs(1000):
             for x in run.batches(range(100)):
-                loss = model(torch.full((1, 4), float(x))).pow(2).mean()
+                loss = model(torch.full((1, 4), x / 100)).pow(2).mean()
                 opt.zero_grad(); loss.backward(); opt.step()
                 run.step(loss=loss.item())
                 if run.step_count == 20:
