@@ -13,7 +13,9 @@ depends on the loader:
   driven by the remaining slice of the plan: skipped batches are never fetched.
 - torchdata's ``StatefulDataLoader``: its own ``state_dict()`` is saved with each
   checkpoint and loaded on resume.
-- anything else (an ``IterableDataset`` in a plain DataLoader, a list, a generator):
+- a ``range``, list or tuple (of indices, of pre-made batches): sliced at the batch to
+  continue from;
+- anything else (an ``IterableDataset`` in a plain DataLoader, a generator):
   the consumed batches are iterated again and dropped, with a warning, since nothing
   cheaper can be exact.
 
@@ -38,7 +40,7 @@ from torch.utils.data import BatchSampler, DataLoader, IterableDataset, Sampler
 
 log = logging.getLogger(__name__)
 
-Kind = Literal["planned", "stateful", "replay"]
+Kind = Literal["planned", "stateful", "sequence", "replay"]
 
 
 def derive_epoch_seed(seed: int, epoch: int) -> int:
@@ -131,6 +133,8 @@ class ResumableLoader:
         elif isinstance(loader, DataLoader) and not isinstance(loader.dataset, IterableDataset):
             self.kind = "planned"
             self._planned = self._build_planned(loader)
+        elif isinstance(loader, (range, list, tuple)):
+            self.kind = "sequence"
         else:
             self.kind = "replay"
 
@@ -267,6 +271,8 @@ class ResumableLoader:
                 log.warning("no saved loader state for %r: replaying %d batches", loader, start)
                 return itertools.islice(self._fresh_iter(loader, epoch_seed), start, None)
             return self._fresh_iter(loader, epoch_seed)
+        if self.kind == "sequence":
+            return iter(self.loader[start:])  # type: ignore[index]
         if start > 0:
             log.warning(
                 "%r cannot skip to batch %d without loading the batches before it "

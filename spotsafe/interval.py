@@ -17,6 +17,11 @@ rate the user gave, an AWS Spot Instance Advisor bucket, else
 :data:`PRIOR_HOURS` hours of history, so a young run's estimate does not swing on
 its first interruption. The result is bounded by ``min_seconds``/``max_seconds``
 and never shorter than twice the last write (saves must not queue up).
+
+Until a save has been measured the rule has no cost to work with: the first periodic
+checkpoint comes after a warm-up of ``min_seconds`` (60 s), which measures the real save
+cost; from then on the interval is the rule's. A crash or a ``kill -9`` in the first minutes
+of a run loses at most that minute, whatever the model's size.
 """
 
 from __future__ import annotations
@@ -42,7 +47,8 @@ PRIOR_HOURS = 10.0
 #: Default bounds of the automatic interval, in seconds.
 MIN_SECONDS = 60.0
 MAX_SECONDS = 1800.0
-#: Until a save has been measured, assume it costs this much (seconds of training).
+#: Until a save has been measured, assume it costs this much (seconds of training); the interval
+#: meanwhile is the warm-up (``min_seconds``), not the rule's answer for this guess.
 INITIAL_COST_S = 1.0
 #: A new interval is logged (and adopted) when it differs from the current one by more than this fraction.
 CHANGE_THRESHOLD = 0.2
@@ -121,6 +127,13 @@ class AutoInterval:
         self._busy_step: float | None = None
         self._idle_step: float | None = None
         self.seconds = self._compute()
+        log.info(
+            "first checkpoint after %.0f s: a warm-up that measures the save cost; then the Young-Daly "
+            "interval sqrt(2 x save cost x MTBF), at %.3f interruptions/h from %s for now",
+            self.seconds,
+            self.rate_per_hour,
+            self.prior_source,
+        )
 
     @property
     def rate_per_hour(self) -> float:
@@ -151,10 +164,11 @@ class AutoInterval:
         """
         cost = max(0.0, stall_s) + self.interference(max(0.0, write_s))
         # A moving average: one slow save (a cold page cache, a noisy neighbour) should not halve the cadence.
-        self.cost_s = cost if not self._measured else 0.5 * self.cost_s + 0.5 * cost
+        first = not self._measured
+        self.cost_s = cost if first else 0.5 * self.cost_s + 0.5 * cost
         self.write_s = max(0.0, write_s)
         self._measured = True
-        return self._update("save cost")
+        return self._update("first save measured" if first else "save cost", force=first)
 
     def observe_history(self, history: History) -> float | None:
         """Adopt the store's history (on resume); returns the new interval when it changed."""
@@ -162,19 +176,21 @@ class AutoInterval:
         return self._update("interruption history")
 
     def _compute(self) -> float:
+        if not self._measured:
+            return self.min_seconds  # the warm-up: no save cost measured yet
         t = young_daly(self.cost_s, self.rate_per_hour)
         t = max(t, 2.0 * self.write_s)
         return min(self.max_seconds, max(self.min_seconds, t))
 
-    def _update(self, why: str) -> float | None:
+    def _update(self, why: str, *, force: bool = False) -> float | None:
         new = self._compute()
         old = self.seconds
-        if abs(new - old) <= CHANGE_THRESHOLD * old:
+        if abs(new - old) <= CHANGE_THRESHOLD * old and not force:
             return None
         self.seconds = new
         source = "history" if self.history.interruptions or self.history.seconds else self.prior_source
         log.info(
-            "checkpoint interval %.0f s -> %.0f s (%s: save cost %.3f s, %.3f interruptions/h from %s)",
+            "checkpoint interval %.0f s -> %.0f s (%s; Young-Daly: save cost %.3f s, %.3f interruptions/h from %s)",
             old,
             new,
             why,

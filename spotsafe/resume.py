@@ -24,8 +24,8 @@ uses it); the child's output goes straight to this process's stdout/stderr. Then
 - any other exit (a crash, a kill): restart the command (it resumes from the newest
   checkpoint) after a backoff, up to ``--max-restarts`` times, then fail loudly;
 - a run already marked complete in the store: do nothing, say so, exit 0;
-- SIGTERM/SIGINT to the supervisor: forwarded to the child, whose Run saves and exits;
-  the supervisor waits for it and exits with its code.
+- SIGTERM/SIGINT to the supervisor: forwarded to the child as SIGTERM, whose Run saves and
+  exits 75; the supervisor waits for it and exits with its code.
 
 ``--status`` prints whether the run is complete and its newest checkpoint.
 
@@ -435,8 +435,10 @@ def supervise(
     )
 
     def handler(signum: int, frame: FrameType | None) -> None:
-        _say(f"got signal {signum}: forwarding it to the training process and waiting for its final save")
-        sup.forward(signum)
+        # SIGINT goes on as SIGTERM, the notice every Run handles (even with SPOTSAFE_SIGINT=interrupt,
+        # which keeps a terminal's Ctrl+C, sent to the whole process group, as the script's own "stop now").
+        _say(f"got signal {signum}: forwarding SIGTERM to the training process and waiting for its final save")
+        sup.forward(signal.SIGTERM)
 
     previous: dict[int, Any] = {}
     if threading.current_thread() is threading.main_thread():

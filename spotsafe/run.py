@@ -1,20 +1,10 @@
-"""``spotsafe.Run``: a training loop that checkpoints, survives a notice and resumes exactly.
+"""``spotsafe.Run``: a training loop that checkpoints, survives a notice and resumes exactly (README.md).
 
-A few lines change in a loop::
-
-    run = spotsafe.Run("s3://bucket/runs/mnist", model=model, optimizer=opt, every_seconds=600)
-    for epoch in run.epochs(10):                 # starts at the restored epoch
-        for x, y in run.batches(train_loader):   # starts at the restored batch of that epoch
-            ...
-            run.step(loss=loss.item())            # may checkpoint; on a notice: save, exit 75
-    run.finish()                                  # final checkpoint; marks the run complete
-
-What a checkpoint holds: every stateful object given (``model``, ``optimizer``,
-``scheduler``, ``scaler``, ``extra_state``), every RNG (:class:`spotsafe.state.RNGState`)
-and, under the key ``"spotsafe"``, the run's counters and data position (epoch, batch
-in the epoch, the epoch's shuffle seed, the sampler generator's state or a
-StatefulDataLoader's state). Restoring all of it makes the resumed run's remaining
-steps bit-identical to the uninterrupted run's (CPU, deterministic ops).
+What a checkpoint holds: every stateful object given (``model``, ``optimizer``, ``scheduler``,
+``scaler``), ``run.state`` (the loop's own values and tensors), every RNG
+(:class:`spotsafe.state.RNGState`) and, under the key ``"spotsafe"``, the run's counters and data
+position (:mod:`spotsafe.runstate`). Restoring all of it makes the resumed run's remaining steps
+bit-identical to the uninterrupted run's (CPU, deterministic ops).
 """
 
 from __future__ import annotations
@@ -31,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
 import torch
 
-from spotsafe.checkpoint.notice import Durable, save_before_deadline, seconds_left
+from spotsafe.checkpoint.notice import save_before_deadline, seconds_left
 from spotsafe.checkpoint.snapshots import SnapshotKeeper
 from spotsafe.checkpoint.writer import Checkpointer
 from spotsafe.cloud.times import utcnow
@@ -45,13 +35,19 @@ from spotsafe.errors import WriterFenced
 from spotsafe.exitcodes import EXIT_FENCED, EXIT_PREEMPTED
 from spotsafe.interval import AutoInterval, Cadence, History
 from spotsafe.runstate import (
-    RESERVED_KEYS,
     RUN_STATE_FORMAT,
     RUN_STATE_KEY,
+    InterruptGuard,
     RunStateError,
+    announce_durable,
+    announce_resume,
+    check_state_keys,
+    live_state,
+    notice_signals,
     plain_metrics,
     pop_run_state,
 )
+from spotsafe.settings import Settings
 from spotsafe.state import RNGState, StateGroup
 from spotsafe.story.recorder import Recorder
 
@@ -66,8 +62,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Periodic checkpoint interval of ``every_seconds`` before spotsafe chose it itself (``every="auto"``,
-#: now the default); kept for callers that want the old fixed cadence.
+#: The fixed ``every_seconds`` of old (``every="auto"`` is the default now), for callers that want it.
 DEFAULT_EVERY_SECONDS = 600.0
 
 
@@ -142,13 +137,15 @@ class Run:
         interruption_rate: float | str | None = None,
         snapshot_every: int | Literal["auto"] | None = "auto",
         report_every: float | None = 300.0,
+        state: Mapping[str, Any] | None = None,
     ) -> None:
         #: When a periodic save is due (``every_steps``/``every_seconds``/``every_epochs``/``every``).
         self._cadence = Cadence(every_steps, every_seconds, every_epochs, every, interruption_rate)
         if report_every is not None and report_every <= 0:
             raise ValueError(f"report_every must be > 0 seconds or None, got {report_every}")
         self.exit_on_notice = exit_on_notice
-        self._init_counters(extra_state, seed)
+        self._settings = Settings.from_env()
+        self._init_counters(live_state(state, extra_state), seed)
         self._init_state_group(model, optimizer, scheduler, scaler)
         #: The multi-rank path (torch.distributed initialized with world size > 1), else None.
         self._ddp: MultiRank | None = MultiRank.detect(
@@ -176,21 +173,20 @@ class Run:
         self.snapshots: SnapshotKeeper | None = self._snapshot_keeper(snapshot_every)
         self.watcher: InterruptionWatcher | None
         self._owns_watcher = watch is True
-        if watch is True:
-            self.watcher = InterruptionWatcher().start()
+        if watch is True:  # SIGINT too (a supervisor's, a platform's): SPOTSAFE_SIGINT=interrupt keeps Ctrl+C
+            self.watcher = InterruptionWatcher(signals=notice_signals(self._settings)).start()
         else:
             self.watcher = None if watch is False or watch is None else watch
+        #: Where SIGINT still raises KeyboardInterrupt: remembered, so finish() marks nothing complete after it.
+        self._sigint = InterruptGuard()
+        self._sigint.install()
         if self.snapshots is not None:
             self.snapshots.start(self.watcher)  # several ranks: it also watches for a peer's notice
         atexit.register(self._atexit)
 
-    def _init_counters(self, extra_state: Mapping[str, Any] | None, seed: int | None) -> None:
+    def _init_counters(self, extra: dict[str, Any], seed: int | None) -> None:
         """The run's counters, data position and bookkeeping, as a fresh start has them."""
-        extra = dict(extra_state or {})
-        clash = sorted(set(extra) & set(RESERVED_KEYS))
-        if clash:
-            raise ValueError(f"extra_state keys {clash} are reserved by spotsafe.Run")
-        #: Plain (non-stateful) values of ``extra_state``; restored values replace them.
+        #: ``state=`` (or ``extra_state=``): the caller's own dict, live; restored values replace its entries.
         self.extra_state: dict[str, Any] = extra
         #: The last metrics passed to :meth:`step`.
         self.metrics: dict[str, Any] = {}
@@ -306,15 +302,22 @@ class Run:
         """True once a final notice was handled (checkpoint durable); stop training."""
         return self._should_stop
 
-    def epochs(self, n: int) -> Iterator[int]:
-        """Epoch numbers from the restored epoch up to ``n - 1``.
+    @property
+    def state(self) -> dict[str, Any]:
+        """The loop's own state beside the model (an lr, a best loss, an RNN's hidden tensors): a live
+        dict (the one given as ``state=``), saved with every checkpoint and restored in place on resume."""
+        return self.extra_state
 
+    def epochs(self, n: int, start: int = 0) -> Iterator[int]:
+        """``n`` epoch numbers, ``start`` to ``start + n - 1``, from the restored epoch on.
+
+        ``start=1`` for a script that counts epochs from 1 (:attr:`epoch` itself counts from 0).
         An epoch counts as done when its body finishes; ``every_epochs`` saves then.
         """
         self._in_epochs = True
         try:
             while self.epoch < n and not self._should_stop:
-                yield self.epoch
+                yield self.epoch + start
                 if self.should_stop:  # the loop body may have set it
                     return
                 self._end_epoch()
@@ -362,6 +365,12 @@ class Run:
                 close()
         if not self._in_epochs and not self._should_stop:
             self._end_epoch()
+
+    def enumerate(self, loader: Iterable[Any], start: int = 0) -> Iterator[tuple[int, Any]]:
+        """``(i, batch)`` of :meth:`batches`, ``i`` the batch's index in the epoch: after a resume it
+        continues where the interrupted launch was (``enumerate(run.batches(...))`` restarts at 0)."""
+        for item in self.batches(loader):
+            yield self.batch - 1 + start, item
 
     def step(self, **metrics: Any) -> None:
         """Count one optimizer step; save when due; handle a notice.
@@ -445,6 +454,12 @@ class Run:
             self.close()
             return False
         self.checkpointer.wait()  # a periodic save of this very step may still be in flight
+        if self._sigint.interrupted:  # Ctrl+C unwound the loop (SPOTSAFE_SIGINT=interrupt): save, stay resumable
+            log.warning("interrupted (SIGINT) at step %d: saving it, not marking the run complete", self.step_count)
+            if self._saved_step != self.step_count:
+                self._save("manual", async_=False)
+            self.close()
+            return False
         if self._ddp is not None:
             self._ddp.agreement.drain(self.step_count)  # the run is over: a late notice changes nothing
         if self._saved_step != self.step_count:
@@ -470,6 +485,7 @@ class Run:
             return
         self._closed = True
         atexit.unregister(self._atexit)
+        self._sigint.uninstall()
         try:
             try:
                 try:
@@ -531,6 +547,7 @@ class Run:
 
     def _state(self) -> dict[str, Any]:
         state: dict[str, Any] = dict(self._objects)
+        check_state_keys(self.extra_state)
         state.update(self.extra_state)
         state["rng"] = self._rng
         state[RUN_STATE_KEY] = self._run_state()
@@ -576,7 +593,12 @@ class Run:
         self.resumed_from = info
         self._cadence.resumed(History.from_dict(run_state.get("history")))
         where = info.url if info is not None else self.store.url
-        log.info("resuming from step %d (epoch %d, batch %d) at %s", self.step_count, self.epoch, self.batch, where)
+        if self._ddp is None or self._ddp.ctx.is_coordinator:
+            announce_resume(
+                f"resuming from step {self.step_count} (epoch {self.epoch}, batch {self.batch}) at {where}",
+                log,
+                self._settings,
+            )
         self._recorder.emit("resumed", step=self.step_count, epoch=self.epoch, batch=self.batch, url=where)
 
     def _apply_resplit(self, rl: ResumableLoader) -> None:
@@ -691,7 +713,13 @@ class Run:
             deadline=deadline.timestamp(),
         )
         save_before_deadline(
-            self.store, deadline, lambda: self._save_live(left), started=t0, announce=self._announce_durable
+            self.store,
+            deadline,
+            lambda: self._save_live(left),
+            started=t0,
+            announce=lambda d: announce_durable(
+                d, self._recorder, log, step=self.step_count, epoch=self.epoch, batch=self.batch
+            ),
         )
         if self.events is not None:
             self.events.flush()  # the story so far is in the store before the instance goes
@@ -723,30 +751,6 @@ class Run:
         if self._saved_step != self.step_count:
             self._save("notice", async_=False)
         self.checkpointer.wait()
-
-    def _announce_durable(self, durable: Durable) -> None:
-        if durable.flushed:
-            log.warning(
-                "checkpoint of step %d durable in %.2f s; %.0f s left before the deadline",
-                self.step_count,
-                durable.took_s,
-                durable.left_s,
-            )
-        else:
-            log.error(
-                "checkpoint of step %d committed locally in %.2f s but the remote copy did not finish before "
-                "the deadline",
-                self.step_count,
-                durable.took_s,
-            )
-        self._recorder.durable(
-            step=self.step_count,
-            epoch=self.epoch,
-            batch=self.batch,
-            seconds=durable.took_s,
-            flushed=durable.flushed,
-            left=durable.left_s,
-        )
 
     def _step_multi_rank(self, ddp: MultiRank) -> None:
         """step() on one of several ranks: every decision is taken by all ranks at the same step."""

@@ -50,6 +50,15 @@ def _steps(env: Mapping[str, str], name: str) -> int | None:
     return value
 
 
+def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
+    raw = (env.get(name) or "").strip().lower()
+    if not raw:
+        return choices[0]
+    if raw not in choices:
+        raise ValueError(f"{name}={env.get(name)!r} is not one of {', '.join(choices)}")
+    return raw
+
+
 @dataclass(frozen=True)
 class Settings:
     #: SPOTSAFE_STORE: the store ``Run()`` uses when given none (set by ``spotsafe.resume``).
@@ -79,6 +88,14 @@ class Settings:
     #: Azure's 30 s: a replacement that boots while the old instance dies unannounced waits at
     #: most a minute, yet a live writer survives two missed renewals (a slow S3 PUT, a GC pause).
     lease_seconds: float = 60.0
+    #: SPOTSAFE_SIGINT: what SIGINT does to a training process whose Run watches signals.
+    #: ``save`` (default): the same as SIGTERM, a notice (checkpoint, exit 75), so a supervisor's
+    #: or a platform's SIGINT never costs the steps since the last checkpoint; ``interrupt``:
+    #: Python's own KeyboardInterrupt, Ctrl+C in a terminal as "stop now" (the Run then never
+    #: marks the run complete; ``finish()`` saves and leaves it resumable).
+    sigint: str = "save"
+    #: SPOTSAFE_QUIET=1: no "resuming from step N" line on stderr when logging is not configured.
+    quiet: bool = False
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -94,4 +111,6 @@ class Settings:
             events=env.get("SPOTSAFE_EVENTS") or None,
             rehearsal_after_steps=_steps(env, "SPOTSAFE_REHEARSAL_AFTER_STEPS"),
             lease_seconds=_seconds(env, "SPOTSAFE_LEASE_SECONDS", 60.0),
+            sigint=_choice(env, "SPOTSAFE_SIGINT", ("save", "interrupt")),
+            quiet=_truthy(env.get("SPOTSAFE_QUIET")),
         )

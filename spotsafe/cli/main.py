@@ -8,7 +8,9 @@
   unreachable bucket) or bad arguments, with one line naming the cause;
 - ``spotsafe report STORE [-o report.html] [--json] [--serve]``: the run's story
   (launches, interruptions, redone steps, checkpoints, cost) from the store alone;
-- ``spotsafe resume|volume|simulate|report|k8s|skypilot ...``: delegate to ``python -m spotsafe.<name>``.
+- ``spotsafe export STORE [--step N] [--key model] -o model.safetensors|model.pt``: a
+  checkpoint's weights as a standard file (spotsafe/cli/export.py);
+- ``spotsafe resume|volume|simulate|report|export|k8s|skypilot ...``: delegate to their modules.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ _DELEGATES = {
     "resume": ("spotsafe.resume", "supervise a training command: restart it until it finishes"),
     "volume": ("spotsafe.cloud.aws.volume.cli", "find, attach and mount the persistent EBS volume"),
     "report": ("spotsafe.story.cli", "the run's story from its store: HTML (-o), --json or --serve"),
+    "export": ("spotsafe.cli.export", "a checkpoint's model weights as model.safetensors or a plain model.pt"),
     "simulate": (
         "spotsafe.rehearsal.cli",
         "serve a simulated AWS/GCP/Azure metadata endpoint; rehearse an interruption",

@@ -473,7 +473,8 @@ class InterruptionWatcher:
             return
         self._signal_queue.put((signum, utcnow()))
         self._wake()
-        if callable(previous):
+        # Python's own SIGINT handler raises KeyboardInterrupt: a watched SIGINT is a notice instead.
+        if callable(previous) and previous is not signal.default_int_handler:
             previous(signum, frame)
 
     def _drain_signals(self) -> None:

@@ -29,6 +29,7 @@ from spotsafe.storage.base import Store
 from spotsafe.storage.registry import open_store
 from spotsafe.story.cost import Prices
 from spotsafe.story.facts import StoreReport
+from spotsafe.story.formats import count_text
 from spotsafe.story.html import require_plotly
 from spotsafe.story.live import build_page, make_server
 
@@ -128,7 +129,7 @@ def _report(store: Store, args: argparse.Namespace, prices: Prices | None) -> in
         f.write(page)
     print(
         f"spotsafe report: {output}: {len(facts['launches'])} launch(es), {len(facts['interruptions'])} "
-        f"interruption(s), {facts['steps_lost']} step(s) redone, {'complete' if facts['complete'] else 'not complete'} "
+        f"interruption(s), {count_text(facts['steps_lost'], facts['steps_lost_exact'])} step(s) redone, {'complete' if facts['complete'] else 'not complete'} "
         f"at step {facts['steps']}"
     )
     return 0

@@ -191,8 +191,34 @@ def _interruption(
         "first_step_back_at": back_at,
         "resumed_step": nxt["resumed_step"] if nxt else None,
         "steps_redone": nxt["steps_redone"] if nxt else None,
+        "steps_redone_exact": nxt["steps_redone_exact"] if nxt else False,
+        "step_exact": launch["last_step_exact"],
         "seconds_idle": rounded(back_at - exit_at) if (back_at is not None and exit_at is not None) else None,
     }
+
+
+def _bound_killed(launches: Sequence[dict[str, Any]]) -> bool:
+    """Mark what a launch killed without a word (``kill -9``, a lost instance) leaves unknown; True when all is exact.
+
+    Its events reach the store every ~10 s, so its last step and its billed time are at least what
+    they say, and the steps the next launch redid at least the difference to the step it restored.
+    The next launch's restore is proof of progress the events may miss: the checkpoint it restored
+    was written by a launch before it, so the killed launch got at least that far. A first launch
+    that resumed a checkpoint had a predecessor whose events never reached the store: what it redid
+    is unknown.
+    """
+    exact = True
+    for i, launch in enumerate(launches):
+        nxt = launches[i + 1] if i + 1 < len(launches) else None
+        killed = launch["exit"] is None and nxt is not None
+        launch["last_step_exact"] = launch["billed_exact"] = not killed
+        launch.setdefault("steps_redone_exact", True)
+        if i == 0 and (launch["resumed_step"] or 0) > 0:
+            launch["steps_redone_exact"] = exact = False
+        if killed and nxt is not None:
+            launch["last_step"] = max(launch["last_step"], nxt["resumed_step"] or 0)
+            nxt["steps_redone_exact"] = exact = False
+    return exact
 
 
 def _interruptions(
@@ -248,6 +274,7 @@ def build_facts(
         checkpoints.extend(e for e in evs if e.get("kind") == "checkpoint")
         launches.append(launch)
         frontier = max(frontier, launch["last_step"])
+    exact = _bound_killed(launches)
     interruptions = _interruptions(launches, by_launch)
     steps = max(
         [frontier] + ([int(completion["step"])] if completion and isinstance(completion.get("step"), int) else [])
@@ -264,6 +291,8 @@ def build_facts(
         "launches": launches,
         "interruptions": interruptions,
         "steps_lost": sum(launch["steps_redone"] for launch in launches),
+        # False after a launch that left no exit (a kill -9): steps_lost is then a lower bound
+        "steps_lost_exact": exact,
         "seconds_redone": rounded(seconds_redone),
         "seconds_idle": rounded(seconds_idle),
         "seconds_lost": rounded(seconds_redone + seconds_idle),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-__all__ = ["fmt_seconds", "fmt_usd", "iso_utc", "rounded"]
+__all__ = ["count_text", "fmt_seconds", "fmt_usd", "iso_utc", "rounded"]
 
 
 def rounded(x: float | None, digits: int = 3) -> float | None:
@@ -35,3 +35,10 @@ def fmt_seconds(seconds: float | None) -> str:
 def fmt_usd(x: float | None) -> str:
     """Dollars with cents; ``–`` for None."""
     return "–" if x is None else f"${x:,.2f}"
+
+
+def count_text(n: int | None, exact: bool) -> str:
+    """A count the store may only bound: ``N``, ``at least N``, or ``unknown`` (a lower bound of 0 says nothing)."""
+    if n is None or (not exact and n == 0):
+        return "unknown"
+    return str(n) if exact else f"at least {n}"

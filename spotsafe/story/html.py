@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from spotsafe.errors import MissingDependency
-from spotsafe.story.formats import fmt_seconds, fmt_usd, iso_utc
+from spotsafe.story.formats import count_text, fmt_seconds, fmt_usd, iso_utc
 
 __all__ = ["MAX_IMAGES", "MAX_METRICS", "pick_images", "plotly_js", "render_html", "require_plotly", "thin"]
 
@@ -416,7 +416,7 @@ def _summary(facts: Mapping[str, Any], events: Sequence[Event], plotly_version: 
         (str(facts["steps"]), "steps", False),
         (str(len(facts["launches"])), "launches", False),
         (str(len(facts["interruptions"])), "interruptions", False),
-        (str(facts["steps_lost"]), "steps redone", False),
+        (count_text(facts["steps_lost"], facts["steps_lost_exact"]), "steps redone", False),
         (fmt_seconds(facts["seconds_lost"]), "lost (redone + idle)", False),
         (f"{cost['billed_hours']:.2f} h", "billed instance-hours", False),
         (fmt_usd(cost["spot_cost"]), "spot cost", False),
@@ -457,13 +457,13 @@ def _interruptions_table(facts: Mapping[str, Any]) -> str:
             [
                 i["launch"] + 1,
                 i["kind"] + (f" ({i['source']} {i['action']})" if i["source"] else ""),
-                i["step"],
+                i["step"] if i["step_exact"] else f"≥ {i['step']}",
                 _between(i["notice_at"], i["durable_at"]),
                 _between(i["durable_at"], i["exit_at"]),
                 _between(i["exit_at"], i["next_launch_at"]),
                 _between(i["next_launch_at"], i["first_step_back_at"]),
                 i["resumed_step"],
-                i["steps_redone"],
+                None if i["steps_redone"] is None else count_text(i["steps_redone"], i["steps_redone_exact"]),
                 fmt_seconds(i["seconds_idle"]),
                 "–"
                 if i["deadline"] is None or i["durable_at"] is None
@@ -515,9 +515,9 @@ def _launches_section(facts: Mapping[str, Any]) -> list[str]:
             launch["host"],
             launch["resumed_step"],
             fmt_seconds(launch["restore_s"]),
-            launch["last_step"],
+            launch["last_step"] if launch["last_step_exact"] else f"≥ {launch['last_step']}",
             _exit_label(launch, last=launch["index"] == len(facts["launches"]) - 1),
-            fmt_seconds(launch["billed_s"]),
+            fmt_seconds(launch["billed_s"]) if launch["billed_exact"] else f"≥ {fmt_seconds(launch['billed_s'])}",
             launch["checkpoints"],
         ]
         for launch in facts["launches"]
