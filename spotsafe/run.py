@@ -626,12 +626,8 @@ class Run:
 
     def _next_epoch(self) -> None:
         self.epoch += 1
-        self.batch = 0
-        self._offset = 0
-        self._resplit = None
-        self._epoch_seed = None
-        self._sampler_state = None
-        self._loader_state = None
+        self.batch = self._offset = 0  # a new epoch: nothing of the old one's position carries over
+        self._resplit = self._epoch_seed = self._sampler_state = self._loader_state = None
         if self._cadence.epoch_due(self.epoch):
             self.checkpointer.wait()
             self._save("periodic", async_=None)
