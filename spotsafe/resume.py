@@ -232,7 +232,7 @@ class Supervisor:
 
     def _own_notice(self) -> bool:
         """True when the child told of a notice of its own (a SIGTERM to it included): this node stops."""
-        accounts = stopaccount.read_accounts(self.stop_dir) if self.stop_dir is not None else []
+        accounts = stopaccount.final_accounts(self.stop_dir) if self.stop_dir is not None else []
         own = [a for a in accounts if a.own]
         if own:
             _say(f"the training process stopped for {own[0].describe()}")

@@ -94,6 +94,18 @@ def read_accounts(directory: str | Path) -> list[StopAccount]:
     return out
 
 
+def final_accounts(directory: str | Path) -> list[StopAccount]:
+    """The accounts of the launch's last stop: those at its newest step.
+
+    An elastic torchrun restarts its workers inside one launch (a node joined or left: it sends
+    them SIGTERM, they save and exit 75, new workers resume); those earlier stops left accounts
+    too, at earlier steps. Only the last one says why the launch ended.
+    """
+    accounts = read_accounts(directory)
+    newest = max((a.step for a in accounts), default=0)
+    return [a for a in accounts if a.step == newest]
+
+
 def clear(directory: str | Path) -> None:
     """Forget the accounts of an earlier launch."""
     for path in Path(directory).glob(f"{_PREFIX}*.json"):

@@ -588,8 +588,11 @@ def test_a_fenced_run_behind_a_launcher_that_reports_1_is_not_restarted(tmp_path
         # Another writer takes the store over (here: in this very process, at once, with a warning).
         successor = Checkpointer(os.environ["SPOTSAFE_STORE"], async_=False)
         successor.save(100, {"w": torch.zeros(1)})
-        for _ in range(10):
-            run.step()  # the next save is fenced: exit 77
+        import time
+        end = time.monotonic() + 120
+        while time.monotonic() < end:  # until a save finds the successor: exit 77 (async: a save or two later)
+            run.step()
+            time.sleep(0.01)
         """)
     )
     launcher = tmp_path / "launcher.sh"  # what torchrun does to a worker's 77
@@ -613,3 +616,30 @@ def test_a_fenced_run_behind_a_launcher_that_reports_1_is_not_restarted(tmp_path
 
     kinds = [e["kind"] for e in read_events(LocalStore(store))]
     assert "launch" in kinds and "exit" not in kinds, kinds
+
+
+def test_only_the_last_stop_of_a_launch_counts_not_an_elastic_restart_before_it(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """An elastic torchrun restarts its workers on a membership change (SIGTERM: they save, exit 75, new
+    ones resume); that earlier stop's account must not make the launch's last stop, a peer's notice, look
+    like this node's own."""
+    body = """
+        import os, sys
+        from pathlib import Path
+        from spotsafe.stopaccount import StopAccount, record_stop
+        f = Path(os.environ["COUNT_FILE"])
+        n = int(f.read_text()) if f.exists() else 0
+        f.write_text(str(n + 1))
+        if n == 0:
+            record_stop(StopAccount(True, "signal", "terminate", 3, 1001))  # the agent's restart of the workers
+            record_stop(StopAccount(False, "rank 1", "terminate", 8, 1002))  # the launch's end: a peer's notice
+            sys.exit(75)
+    """
+    cmd = script(tmp_path, body)
+    with AWSSimulator() as sim:
+        env = {**counter_env(tmp_path, "0"), **simulated_environment(sim)}
+        code = supervise(cmd, str(tmp_path / "store"), env=env, backoff=60, check_complete=False)
+    assert code == 0
+    assert launches(tmp_path) == 2
+    assert "relaunching now" in capfd.readouterr().err
