@@ -569,7 +569,7 @@ SUCCESSOR_STEPS = (50, 100)
 def seed(world: World) -> None:
     """Writer W (generation 1): step 50 committed; its save of step 150 killed before its manifest."""
     w = world.writer("W", 1, volume="volume-A")  # A is the next process on W's instance
-    assert w.save(SEED_OK), w.fenced
+    assert w.save(SEED_OK), f"{w.fenced}"
     w.controller.faults = [
         Fault(Point(method=r"commit_file|create_file", path=manifest_of(SEED_CRASHED)), times=None),
         Fault(Point(method="delete_dir", path=dir_of(SEED_CRASHED)), times=None),
@@ -658,7 +658,7 @@ def dry_run(backend: Backend) -> dict[str, list[Op]]:
     finally:
         world.close()
     problems = check_invariant(world, "dry run")
-    assert not problems, problems
+    assert not problems, f"{problems}"
     return a.controller.seen
 
 

@@ -369,7 +369,7 @@ def test_run_under_torchrun_notice_on_one_rank_resume_bit_identical_and_on_one_r
 
     facts, _ = StoreReport(LocalStore(cut / "store")).build()
     ranks = {r["rank"]: r for r in facts["ranks"]}
-    assert sorted(ranks) == [0, 1], facts["ranks"]
+    assert sorted(ranks) == [0, 1], f"{facts['ranks']}"
     assert [n["step"] for n in ranks[1]["notices"]] == [step] == [n["step"] for n in ranks[0]["notices"]]
     assert ranks[1]["checkpoints"] == ranks[0]["checkpoints"] >= 1
     assert ranks[1]["persist_s"]["count"] >= 1 and facts["problems"] == []

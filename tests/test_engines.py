@@ -468,20 +468,20 @@ def test_a_preempted_pod_saves_within_the_grace_exits_75_and_its_rerun_ends_bit_
 
     command, env = pod(tmp_path / "plain")
     code, out = kubelet(command, env, preempt=None, cwd=tmp_path)
-    assert code == 0, out
+    assert code == 0, f"{out}"
     (reference,) = [ln for ln in out.splitlines() if ln.startswith("final ")]
 
     store = tmp_path / "store"
     command, env = pod(store, "--env", "PAUSE_AT=27", "--env", f"PAUSE_MARKER={marker}")
     code, out = kubelet(command, env, preempt=marker, cwd=tmp_path)
-    assert code == 75, out  # saved within the grace: the pod's failure policy ignores 75
+    assert code == 75, f"{out}"  # saved within the grace: the pod's failure policy ignores 75
     with open_store(str(store)) as opened:
         newest = Catalog(opened).latest()
     assert newest is not None
     assert (newest.reason, newest.step) == ("notice", 27)
 
     code, out = kubelet(command, env, preempt=None, cwd=tmp_path)  # the Job's replacement pod: same command
-    assert code == 0, out
+    assert code == 0, f"{out}"
     assert "resumed at step 27" in out
     assert [ln for ln in out.splitlines() if ln.startswith("final ")] == [reference]
 
@@ -516,20 +516,20 @@ def test_a_jobset_pod_runs_torchrun_through_its_rendezvous_name_and_exits_75_on_
 
     command, env = pod(tmp_path / "plain")
     code, out = kubelet(command, env, preempt=None, cwd=tmp_path, hosts=hosts)
-    assert code == 0, out
+    assert code == 0, f"{out}"
     (reference,) = [ln for ln in out.splitlines() if ln.startswith("final ")]
 
     store = tmp_path / "store"
     command, env = pod(store, "--env", "PAUSE_AT=27", "--env", f"PAUSE_MARKER={marker}")
     code, out = kubelet(command, env, preempt=marker, cwd=tmp_path, hosts=hosts)
-    assert code == 75, out
+    assert code == 75, f"{out}"
     with open_store(str(store)) as opened:
         newest = Catalog(opened).latest()
     assert newest is not None
     assert (newest.reason, newest.step) == ("notice", 27)
 
     code, out = kubelet(command, env, preempt=None, cwd=tmp_path, hosts=hosts)
-    assert code == 0, out
+    assert code == 0, f"{out}"
     assert "resumed at step 27" in out
     assert [ln for ln in out.splitlines() if ln.startswith("final ")] == [reference]
 
@@ -609,7 +609,7 @@ def test_the_run_script_passes_the_supervisors_status_to_skypilot(
     doc = skypilot.task(work)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "SPOTSAFE_SOURCES": "none", **doc["envs"]}
     done = subprocess.run(["bash", "-c", doc["run"]], env=env, capture_output=True, text=True, timeout=180)
-    assert done.returncode == child_exit, done.stderr
+    assert done.returncode == child_exit, f"{done.stderr}"
     assert (done.returncode in doc["resources"]["job_recovery"]["recover_on_exit_codes"]) is recovered
 
 
@@ -646,7 +646,7 @@ def test_skypilot_parses_the_task_file(
     path.write_text(capsys.readouterr().out)
     env = {**os.environ, "HOME": str(tmp_path)}  # SkyPilot keeps its state under ~/.sky
     done = subprocess.run([sky_python, "-c", PARSE, str(path)], capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 0, f"{done.stderr}"
     assert done.stdout.split("\n")[0] == f"mnist {nodes} True [75] ['PYTHONUNBUFFERED', 'SPOTSAFE_STORE']"
 
 

@@ -75,7 +75,7 @@ def _load_elsewhere(tmp_path: Path) -> dict[str, Any]:
         text=True,
         timeout=600,
     )
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 0, f"{r.stderr}"
     return json.loads(r.stdout)  # type: ignore[no-any-return]
 
 

@@ -282,7 +282,7 @@ def test_the_layers_contract_holds() -> None:
     r = subprocess.run(
         [lint, "--no-cache"], cwd=PACKAGE.parent, capture_output=True, text=True, timeout=120, check=False
     )
-    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.returncode == 0, f"{r.stdout + r.stderr}"
 
 
 if __name__ == "__main__":  # a quick look without pytest: python tests/test_house.py

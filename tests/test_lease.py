@@ -365,13 +365,13 @@ def assert_silent_for_a_lease_period(new: Checkpointer, *, stopped: float, looke
         f"{now - stopped:.2f} s after the holder was stopped, {now - looked:.2f} s after the first look; "
         f"{holder.renewals} renewals), because: {why}"
     )
-    assert holder.released is False, report
-    assert silent >= holder.lease_seconds, report  # whichever rule: never a holder that renewed within a period
+    assert holder.released is False, f"{report}"
+    assert silent >= holder.lease_seconds, f"{report}"  # whichever rule: never a holder that renewed within a period
     if "unchanged for" in why:  # silence on the taker's clock: it waited out the lease since its first look
-        assert now - looked >= 1.5, report
+        assert now - looked >= 1.5, f"{report}"
     else:  # or the record was stale by more than a period on the wall clock before the first look ended
-        assert "stale on the wall clock" in why, report
-        assert silent > 2 * holder.lease_seconds, report
+        assert "stale on the wall clock" in why, f"{report}"
+        assert silent > 2 * holder.lease_seconds, f"{report}"
 
 
 def test_kill_9_at_random_instants_of_a_takeover_leaves_the_store_usable(tmp_path: Path) -> None:
@@ -485,25 +485,25 @@ def test_a_failed_read_of_a_live_holders_lease_is_never_taken_for_expiry(
         # The holder is alive and renews every second: its failed reads are no expiry.
         with caplog.at_level(logging.WARNING, logger="spotsafe.checkpoint.lease"), pytest.raises(LeaseTimeout):
             lease.acquire(timeout=period)
-        assert flaky.failed >= 4, lease.takeover
-        assert generations(LocalStore(root)) == [1], lease.takeover
+        assert flaky.failed >= 4, f"{lease.takeover}"
+        assert generations(LocalStore(root)) == [1], f"{lease.takeover}"
         holder_record = read_record(LocalStore(root), 1)
         assert holder_record is not None and holder_record.renewals >= 1  # it did renew meanwhile
         cause = "Input/output error (injected)" if how == "error" else "unreadable writer lease"
         problems = [r.getMessage() for r in caplog.records if cause in r.getMessage()]
-        assert 1 <= len(problems) <= 2, problems  # at most once per lease period
-        assert flaky.url in problems[0], problems
-        assert "generation 1" in problems[0], problems
+        assert 1 <= len(problems) <= 2, f"{problems}"  # at most once per lease period
+        assert flaky.url in problems[0], f"{problems}"
+        assert "generation 1" in problems[0], f"{problems}"
 
         # The holder really stops renewing: taken over a lease period after its last renewal.
         os.kill(holder.pid, signal.SIGSTOP)
         assert lease.acquire(timeout=30) == 2
         assert lease.takeover is not None
-        assert "unchanged for" in lease.takeover, lease.takeover
+        assert "unchanged for" in lease.takeover, f"{lease.takeover}"
         last = read_record(LocalStore(root), 1)
         taken = read_record(LocalStore(root), 2)
         assert last is not None and taken is not None and not last.released
-        assert (taken.acquired - last.renewed).total_seconds() >= period, lease.takeover
+        assert (taken.acquired - last.renewed).total_seconds() >= period, f"{lease.takeover}"
         lease.release()
     finally:
         stop_child(holder)
@@ -530,7 +530,7 @@ def test_a_listed_but_missing_record_is_waited_out_for_a_lease_period_then_taken
         assert lease.acquire(timeout=30) == 2
     assert time.monotonic() - t0 >= 1.0
     assert lease.takeover is not None
-    assert "missing" in lease.takeover, lease.takeover
+    assert "missing" in lease.takeover, f"{lease.takeover}"
     assert "generation 1" in caplog.text and "listed but missing" in caplog.text
     lease.release()
 
@@ -748,8 +748,8 @@ def test_a_server_that_ignores_conditional_writes_is_refused_and_left_clean(
     ):
         c.acquire(timeout=10)
     message = str(raised.value)
-    assert url in message, message  # the URL, the cause, the opt-out
-    assert "unsafe_no_conditional_writes" in message, message
+    assert url in message, f"{message}"  # the URL, the cause, the opt-out
+    assert "unsafe_no_conditional_writes" in message, f"{message}"
     assert bucket_keys(s3_client, s3_bucket) == []  # no probe object, no lease file
 
 
@@ -781,7 +781,7 @@ def test_a_server_answering_501_to_conditional_writes_is_refused_unless_opted_ou
     ):
         c.acquire(timeout=10)
     message = str(raised.value)
-    assert url in message and "unsafe_no_conditional_writes" in message, message
+    assert url in message and "unsafe_no_conditional_writes" in message, f"{message}"
     s3_proxy.clear()
     s3_proxy.inject("501", count=1, match=lambda m, p: m == "PUT" and "/lease/.probe-" in p)
     options = {**s3_proxy_options, "unsafe_no_conditional_writes": True}
@@ -840,9 +840,9 @@ def test_two_writers_racing_through_a_server_that_ignores_conditional_writes_are
     for t in threads:
         t.join(60)
     assert len(outcomes) == 2
-    assert "durable" not in outcomes, outcomes  # neither was told its save was durable under a shared generation
-    assert [isinstance(o, StoreError) for o in outcomes] == [True, True], outcomes
-    assert ["ignores conditional writes" in str(o) for o in outcomes] == [True, True], outcomes
+    assert "durable" not in outcomes, f"{outcomes}"  # neither was told its save was durable under a shared generation
+    assert [isinstance(o, StoreError) for o in outcomes] == [True, True], f"{outcomes}"
+    assert ["ignores conditional writes" in str(o) for o in outcomes] == [True, True], f"{outcomes}"
     assert not [k for k in bucket_keys(s3_client, s3_bucket) if "manifest" in k or ".probe-" in k or "gen-" in k]
 
 

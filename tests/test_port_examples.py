@@ -74,7 +74,7 @@ def _uninterrupted(name: str, tmp_path_factory: pytest.TempPathFactory) -> str:
         tmp = tmp_path_factory.mktemp(f"{name}-plain")
         cmd = [*_command(tmp, name), "--store", str(tmp / "store")]
         r = subprocess.run(cmd, env=_env(tmp), capture_output=True, text=True, timeout=600, check=False)
-        assert r.returncode == 0, r.stderr
+        assert r.returncode == 0, f"{r.stderr}"
         _plain[name] = _done(r.stdout)
     return _plain[name]
 
@@ -125,7 +125,7 @@ def test_rehearsal_ends_bit_identical(name: str, tmp_path: Path, tmp_path_factor
         *["--store", str(tmp_path / "store"), "--", *_command(tmp_path, name)],
     ]
     r = subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=600, check=False)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.returncode == 0, f"{r.stdout[-3000:] + r.stderr[-3000:]}"
     assert "steps lost:         0" in r.stdout
     assert _done(r.stdout) == plain
 
@@ -140,12 +140,12 @@ def test_sigterm_then_kill_minus_9_end_bit_identical(
         pid = _wait_for_step(sup, tmp_path, 20)
         os.kill(pid, signal.SIGTERM)  # the platform's notice to the training process
         out, err = sup.communicate(timeout=600)
-        assert sup.returncode == EXIT_PREEMPTED, err[-3000:]
+        assert sup.returncode == EXIT_PREEMPTED, f"{err[-3000:]}"
     with child(_supervised(tmp_path, name), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as sup:
         pid2 = _wait_for_step(sup, tmp_path, 45, not_pid=pid)
         os.kill(pid2, signal.SIGKILL)  # no notice, no save: the supervisor restarts it from the newest checkpoint
         out, err = sup.communicate(timeout=600)
-        assert sup.returncode == 0, err[-3000:]
+        assert sup.returncode == 0, f"{err[-3000:]}"
     assert "restart 1/3" in err
     assert _done(out) == plain
 
@@ -160,8 +160,8 @@ def test_sigint_to_the_supervisor_ends_bit_identical(
         _wait_for_step(sup, tmp_path, 30)
         sup.send_signal(signal.SIGINT)
         out, err = sup.communicate(timeout=600)
-        assert sup.returncode == EXIT_PREEMPTED, err[-3000:]
+        assert sup.returncode == EXIT_PREEMPTED, f"{err[-3000:]}"
     assert "exiting from training early" not in out
     again = subprocess.run(_supervised(tmp_path, name), env=env, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.returncode == 0, f"{again.stderr[-3000:]}"
     assert _done(again.stdout) == plain

@@ -76,12 +76,12 @@ def test_one_malformed_event_is_skipped_and_named_never_fatal(
     name = _object(root, [*_good(), BAD_EVENTS[what]])
     facts = _facts(root, capsys)
     assert facts["steps"] == 2 and len(facts["launches"]) == 1  # the good events of the same object are kept
-    assert [p for p in facts["problems"] if p.startswith(f"events/{name}: event 3 ")], facts["problems"]
+    assert [p for p in facts["problems"] if p.startswith(f"events/{name}: event 3 ")], f"{facts['problems']}"
     out = tmp_path / "r.html"
     assert cli_main(["report", str(root), "-o", str(out)]) == 0
     assert out.read_text().count(name) >= 1  # listed on the page under problems
     page = LivePage(LocalStore(root), every=3600)
-    assert page.refresh(), page.last_error  # the live page keeps going too
+    assert page.refresh(), f"{page.last_error}"  # the live page keeps going too
 
 
 def test_deeply_nested_json_is_skipped(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -93,7 +93,9 @@ def test_deeply_nested_json_is_skipped(tmp_path: Path, capsys: pytest.CaptureFix
     )
     facts = _facts(root, capsys)
     assert facts["steps"] == 2
-    assert any(p.startswith(f"events/{deep}: ") and "not valid JSON" in p for p in facts["problems"]), facts["problems"]
+    assert any(p.startswith(f"events/{deep}: ") and "not valid JSON" in p for p in facts["problems"]), (
+        f"{facts['problems']}"
+    )
 
 
 def test_an_image_that_is_a_link_out_of_the_store_is_not_read(
@@ -109,7 +111,7 @@ def test_an_image_that_is_a_link_out_of_the_store_is_not_read(
     report = StoreReport(LocalStore(root))
     facts, _, page = build_page(report)
     assert page.count('<img src="data:image/png') == 0
-    assert any("media/samples-000000000002.png" in p for p in facts["problems"]), facts["problems"]
+    assert any("media/samples-000000000002.png" in p for p in facts["problems"]), f"{facts['problems']}"
     out = tmp_path / "r.html"
     assert cli_main(["report", str(root), "-o", str(out)]) == 0
 
@@ -185,7 +187,7 @@ def test_the_live_page_holds_only_the_images_it_shows(tmp_path: Path) -> None:
             (root / path).write_bytes(png(step))
             events.append({"kind": "image", "time": 1_790_000_000.0 + step, "path": path, "step": step})
         _object(root, events, seq=refresh)
-        assert page.refresh(), page.last_error
+        assert page.refresh(), f"{page.last_error}"
         assert page.report.images_held <= MAX_IMAGES
     assert step == 200
     written = (root / LIVE_REPORT).read_text()
@@ -262,7 +264,7 @@ def test_json_into_a_closed_pipe_exits_quietly(tmp_path: Path) -> None:
     proc.stdout.close()  # `| head -0`: the reader is gone before the first byte
     err = proc.stderr.read().decode()
     proc.stderr.close()
-    assert proc.wait(timeout=300) == 0, err
+    assert proc.wait(timeout=300) == 0, f"{err}"
     assert err == ""
 
 
@@ -342,11 +344,11 @@ def test_fuzzed_stores_never_abort_the_report_the_live_page_or_the_server(
     assert facts["problems"]  # the damage is named, not silently used
     assert cli_main(["report", str(root), "-o", str(tmp_path / "r.html")]) == 0
     page = LivePage(LocalStore(root), every=3600)
-    assert page.refresh(), page.last_error
+    assert page.refresh(), f"{page.last_error}"
     with _served(root) as port:
         for path in ("/", "/metrics"):
             head = _raw_get(port, path).split(b"\r\n", 1)[0]
-            assert head == b"HTTP/1.0 200 OK", (path, head)
+            assert head == b"HTTP/1.0 200 OK", f"{(path, head)}"
 
 
 def test_a_store_holding_every_step_tells_the_same_facts_as_one_spotsafe_wrote(tmp_path: Path) -> None:
@@ -357,10 +359,10 @@ def test_a_store_holding_every_step_tells_the_same_facts_as_one_spotsafe_wrote(t
     a, events_a = StoreReport(LocalStore(sampled)).build()
     b, events_b = StoreReport(LocalStore(dense)).build()
     for key in ("steps", "steps_lost", "complete", "problems"):
-        assert a[key] == b[key], key
+        assert a[key] == b[key], f"{key}"
     for la, lb in zip(a["launches"], b["launches"], strict=True):
         for key in ("resumed_step", "last_step", "steps_redone", "checkpoints", "first_step_at"):
-            assert la[key] == lb[key], key
+            assert la[key] == lb[key], f"{key}"
     assert [i["step"] for i in a["interruptions"]] == [i["step"] for i in b["interruptions"]]
     assert len(events_b) < 2 * len(events_a)  # not the 30,000 step events the store holds
 
@@ -370,7 +372,7 @@ def test_the_live_page_draws_offline_with_plotly_beside_it(tmp_path: Path) -> No
     root = tmp_path / "store"
     write_story(root, launches=5, steps=2000, images=6, checkpoint_every=100)
     page = LivePage(LocalStore(root), every=3600)
-    assert page.refresh(), page.last_error
+    assert page.refresh(), f"{page.last_error}"
     got = render(root / LIVE_REPORT, ready=PLOTS_READY)
     assert got.errors == []
     js = next(root.glob("plotly-*.min.js")).resolve().as_uri()

@@ -89,7 +89,7 @@ def test_the_grafana_dashboard_names_only_metrics_that_are_served(
     exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
     assert len(exprs) >= 10
     named = {m for e in exprs for m in re.findall(r"\bspotsafe_[a-z_]+\b", e)}
-    assert named, exprs
-    assert named <= served, sorted(named - served)
+    assert named, f"{exprs}"
+    assert named <= served, f"{sorted(named - served)}"
     # and every family the server has is on the dashboard somewhere
     assert {f for f in families if not any(n.startswith(f) for n in named)} == set()

@@ -615,7 +615,7 @@ def test_a_fenced_run_behind_a_launcher_that_reports_1_is_not_restarted(tmp_path
     from spotsafe.story.events import read_events
 
     kinds = [e["kind"] for e in read_events(LocalStore(store))]
-    assert "launch" in kinds and "exit" not in kinds, kinds
+    assert "launch" in kinds and "exit" not in kinds, f"{kinds}"
 
 
 def test_only_the_last_stop_of_a_launch_counts_not_an_elastic_restart_before_it(

@@ -166,18 +166,18 @@ def test_case1_a_late_manifest_never_replaces_the_successors_checkpoint(shared: 
     world = sch.World(shared, keep_last=3)
     try:
         a = world.writer("A", 2)
-        assert a.save(50), a.fenced
+        assert a.save(50), f"{a.fenced}"
         a.controller.pause = sch.Point(method=r"commit_file|create_file", path=sch.manifest_of(100))
         a.run(lambda w: w.save(100))
         assert sch.wait_paused_or_done(a), "A never reached its step-100 manifest"
         b = world.writer("B", 3)
         b.acquire()
         assert b.restore() == 50
-        assert b.save(100), b.fenced
+        assert b.save(100), f"{b.fenced}"
         a.controller.resume()
         a.shutdown()
         assert not any(s.returned for s in world.saves if s.writer == "A" and s.step == 100)
-        assert b.save(150), b.fenced
+        assert b.save(150), f"{b.fenced}"
         b.close()
     finally:
         world.close()
@@ -197,8 +197,8 @@ def test_case2_a_late_cleanup_never_deletes_the_successors_checkpoint(shared: sc
         b = world.writer("B", 3)
         b.acquire()
         assert b.restore() == 50
-        assert b.save(100), b.fenced
-        assert b.save(150), b.fenced
+        assert b.save(100), f"{b.fenced}"
+        assert b.save(150), f"{b.fenced}"
         a.controller.resume()
         a.shutdown()
         b.close()
@@ -284,7 +284,7 @@ def test_case4_a_stale_volume_never_shadows_nor_destroys_the_newer_remote_checkp
     world = sch.World(backend, keep_last=3)
     try:
         a = world.writer("A", 2, volume="volume-A")
-        assert a.save(100), a.fenced  # committed and uploaded
+        assert a.save(100), f"{a.fenced}"  # committed and uploaded
         # A's uploader stops before its first remote write of step 200 (the instance stopped).
         a.controller.pause = sch.Point(lane="upload", method=r"write_file|write_files|commit_file", path=r"step-0*200")
         a.run(lambda w: w.save(200))
@@ -292,14 +292,14 @@ def test_case4_a_stale_volume_never_shadows_nor_destroys_the_newer_remote_checkp
         b = world.writer("B", 3, volume="volume-B")
         b.acquire()
         assert b.restore() == 100
-        assert b.save(150), b.fenced
-        assert b.save(200), b.fenced
+        assert b.save(150), f"{b.fenced}"
+        assert b.save(200), f"{b.fenced}"
         b.close()
         again = world.writer("A2", 4, volume="volume-A")  # A's instance back: a new process, A's volume
         again.acquire()
         again.restore()  # checked by the invariant: B's 200 (world.errors says which it was)
-        assert again.save(250), again.fenced
-        assert again.save(300), again.fenced
+        assert again.save(250), f"{again.fenced}"
+        assert again.save(300), f"{again.fenced}"
         again.close()
         a.controller.resume()  # the old process's uploader wakes at last
         a.shutdown()
@@ -344,15 +344,15 @@ def race_for_an_empty_store(open_one: Any) -> dict[str, object]:
         t.start()
     for t in threads:
         t.join(120)
-    assert sorted(outcomes) == ["A", "AA"], outcomes
+    assert sorted(outcomes) == ["A", "AA"], f"{outcomes}"
     return outcomes
 
 
 def assert_refused(outcomes: dict[str, object], where: str) -> None:
     """The first exclusive create on each store probes it: such a store is refused before anything is saved."""
     for name, outcome in outcomes.items():
-        assert isinstance(outcome, StoreError) and not isinstance(outcome, WriterFenced), (name, outcomes)
-        assert where in str(outcome), outcome
+        assert isinstance(outcome, StoreError) and not isinstance(outcome, WriterFenced), f"{(name, outcomes)}"
+        assert where in str(outcome), f"{outcome}"
 
 
 def test_case5_a_server_ignoring_if_none_match_is_refused_not_raced(
@@ -410,7 +410,7 @@ def test_case6_a_fenced_run_writes_nothing_more_to_the_store(shared: sch.Backend
     reader = shared.shared()
     try:
         before = store_files(reader)
-        assert any(p.startswith("events/") for p in before), sorted(before)
+        assert any(p.startswith("events/") for p in before), f"{sorted(before)}"
         with pytest.raises(WriterFenced):
             a.step()  # fenced: raises (exit_on_notice=False) after closing
         after = store_files(reader)
@@ -432,7 +432,7 @@ def test_case6_a_takeover_skipping_a_generation_through_a_mirror_still_fences_th
     world = sch.World(backend, keep_last=3)
     try:
         a = world.writer("A", 1, volume="volume-A")
-        assert a.save(50), a.fenced
+        assert a.save(50), f"{a.fenced}"
         # The replacement's own volume: two earlier generations, both released.
         for _ in (1, 2):
             with Checkpointer(LocalStore(tmp_path / "volume-B"), async_=False) as earlier:
@@ -444,11 +444,11 @@ def test_case6_a_takeover_skipping_a_generation_through_a_mirror_still_fences_th
         b.acquire()
         assert world.generations["B"] == 3
         b.restore()  # A's 50: checked by the invariant
-        assert b.save(100), b.fenced
+        assert b.save(100), f"{b.fenced}"
         a.controller.resume()
         a.shutdown()
-        assert isinstance(a.fenced, WriterFenced), a.fenced
-        assert b.save(150), b.fenced
+        assert isinstance(a.fenced, WriterFenced), f"{a.fenced}"
+        assert b.save(150), f"{b.fenced}"
         b.close()
     finally:
         world.close()

@@ -92,10 +92,10 @@ def test_sigint_to_the_supervisor_saves_and_exits_75(tmp_path: Path) -> None:
         *_script(tmp_path),
     ]
     code, out = _signal_when_ready(cmd, tmp_path, signal.SIGINT, _env())
-    assert code == EXIT_PREEMPTED, out
+    assert code == EXIT_PREEMPTED, f"{out}"
     complete, reasons = _store_state(tmp_path)
-    assert not complete, out
-    assert reasons[-1] == "notice", reasons
+    assert not complete, f"{out}"
+    assert reasons[-1] == "notice", f"{reasons}"
     assert "exiting from training early" not in out
 
 
@@ -115,7 +115,7 @@ def test_sigint_to_the_supervisor_saves_even_where_ctrl_c_means_stop_now(tmp_pat
         *_script(tmp_path),
     ]
     code, out = _signal_when_ready(cmd, tmp_path, signal.SIGINT, _env(SPOTSAFE_SIGINT="interrupt"))
-    assert code == EXIT_PREEMPTED, out
+    assert code == EXIT_PREEMPTED, f"{out}"
     complete, reasons = _store_state(tmp_path)
     assert (complete, reasons[-1]) == (False, "notice")
     assert "forwarding SIGTERM" in out
@@ -124,7 +124,7 @@ def test_sigint_to_the_supervisor_saves_even_where_ctrl_c_means_stop_now(tmp_pat
 def test_sigint_to_the_training_process_is_a_notice(tmp_path: Path) -> None:
     """A platform that sends SIGINT straight to the process: checkpoint, exit 75 (main: complete at once)."""
     code, out = _signal_when_ready(_script(tmp_path), tmp_path, signal.SIGINT, _env())
-    assert code == EXIT_PREEMPTED, out
+    assert code == EXIT_PREEMPTED, f"{out}"
     complete, reasons = _store_state(tmp_path)
     assert (complete, reasons[-1]) == (False, "notice")
 
@@ -132,7 +132,7 @@ def test_sigint_to_the_training_process_is_a_notice(tmp_path: Path) -> None:
 def test_ctrl_c_as_stop_now_never_marks_the_run_complete(tmp_path: Path) -> None:
     """SPOTSAFE_SIGINT=interrupt: KeyboardInterrupt as in plain Python; finish() saves, marks nothing."""
     code, out = _signal_when_ready(_script(tmp_path), tmp_path, signal.SIGINT, _env(SPOTSAFE_SIGINT="interrupt"))
-    assert code == 0, out
+    assert code == 0, f"{out}"
     assert "exiting from training early" in out
     assert "finished: False" in out
     complete, reasons = _store_state(tmp_path)

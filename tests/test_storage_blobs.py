@@ -82,9 +82,9 @@ def test_a_gcs_server_that_ignores_preconditions_is_refused_and_left_clean(gcs_i
     ):
         c.acquire(timeout=10)
     message = str(raised.value)
-    assert url in message, message  # the store, the cause, the way out
-    assert "ifGenerationMatch=0" in message, message
-    assert "unsafe_no_conditional_writes" in message, message
+    assert url in message, f"{message}"  # the store, the cause, the way out
+    assert "ifGenerationMatch=0" in message, f"{message}"
+    assert "unsafe_no_conditional_writes" in message, f"{message}"
     with open_store(url, storage_options={"unsafe_no_conditional_writes": True}) as store:
         assert objects(store) == []  # no probe object, no lease file
 
@@ -196,8 +196,8 @@ def test_a_call_that_never_answers_is_cut_at_the_notice_deadline(
         with pytest.raises(StoreError) as raised:
             store.commit_file("d/manifest.json", b"{}")  # the socket read alone would wait 600 s
         message = str(raised.value)
-        assert f"{url}/d/manifest.json" in message, message
-        assert "preemption notice's deadline" in message, message
+        assert f"{url}/d/manifest.json" in message, f"{message}"
+        assert "preemption notice's deadline" in message, f"{message}"
         proxy.stop_holding()
         store.set_deadline(None)
         store.commit_file("d/manifest.json", b"{}")  # the store is still usable
@@ -270,7 +270,7 @@ def test_four_writers_racing_for_an_empty_store_each_get_their_own_generation(
         (marks / "go").write_text("")  # all four released at once
         for p in procs:
             _, err = p.communicate(timeout=600)
-            assert p.returncode == 0, err
+            assert p.returncode == 0, f"{err}"
     finally:
         for p in procs:
             stop_child(p)

@@ -716,7 +716,7 @@ def test_the_iam_policy_allows_the_whole_flow_on_the_runs_resources_only(
         ("CreateTags", {"Resources": [other], "Tags": [{"Key": "spotsafe-move-claim", "Value": "x"}]}),
         ("CreateTags", {"Resources": [a.volume.volume_id], "Tags": [{"Key": "spotsafe-run", "Value": "theirs"}]}),
     ):
-        assert any(judge.denied(r) for r in judge.requests("ec2", op, params)), op
+        assert any(judge.denied(r) for r in judge.requests("ec2", op, params)), f"{op}"
 
 
 def _spec(kind: str, tags: dict[str, str]) -> list[dict[str, Any]]:
