@@ -421,6 +421,10 @@ class Writer:
                 if lease is None or not lease.held:
                     raise SpotsafeError("superseded before its upload: durable on this volume only")
         except Exception as e:  # recorded; a superseded writer's saves fail
+            # A save can fail after its commit landed (the look after the commit could not read
+            # the lease): the generation it wrote under is known all the same, so a newest
+            # generation's copy of the step is recognised as its own (adopted), not a ghost.
+            self._generation()
             record.error = e
             self.fenced = e
             return False

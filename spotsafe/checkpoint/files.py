@@ -239,6 +239,28 @@ def validate_trees(store: Store, directory: str, files: Sequence[FileEntry]) -> 
             raise CheckpointCorrupt(f"{where}: the saved state is not a mapping")
 
 
+class _Look(threading.Thread):
+    """``lease.check()`` on a thread of its own, so that the commit's two listings overlap."""
+
+    def __init__(self, lease: Lease) -> None:
+        super().__init__(name="spotsafe-lease-look", daemon=True)
+        self._lease = lease
+        self._error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self._lease.check()
+        except BaseException as e:  # noqa: BLE001 - handed to the committing thread by result()
+            self._error = e
+
+    def result(self) -> None:
+        """Wait for the look; raise what it raised (WriterFenced when a newer generation holds the store)."""
+        self.join()
+        if self._error is not None:
+            raise self._error
+
+
 def commit_manifest(
     store: Store, directory: str, manifest: Manifest, lease: Lease | None = None, *, replace: bool = False
 ) -> None:
@@ -256,14 +278,21 @@ def commit_manifest(
     (a retried create whose first answer was lost); anything else means a second writer
     holds this generation: :class:`~spotsafe.errors.WriterFenced`.
     """
+    look: _Look | None = None
     if lease is not None:
-        lease.check()  # first: a superseded writer's files may have been cleaned up by its successor
         if manifest.metadata.get(GENERATION_KEY) != lease.generation:
             raise ValueError(f"the manifest of {directory} does not carry the lease generation {lease.generation}")
+        look = _Look(lease)  # the lease's listing and the size listing at once: one round trip, not two
     try:
         check_sizes(store, directory, manifest.files)
-    except CheckpointCorrupt as e:
-        raise StoreError(f"not committing {store.url.rstrip('/')}/{directory}: {e}") from e
+    except Exception as e:
+        if look is not None:
+            look.result()  # a fenced writer's files may have been cleaned up by its successor: fenced wins
+        if isinstance(e, CheckpointCorrupt):
+            raise StoreError(f"not committing {store.url.rstrip('/')}/{directory}: {e}") from e
+        raise
+    if look is not None:
+        look.result()
     data = manifest.to_json()
     path = f"{directory}/{MANIFEST}"
     if replace:
