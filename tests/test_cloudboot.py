@@ -12,7 +12,8 @@ the ``systemctl`` calls and runs what the unit would. The harness is the AWS tes
 (tests/bootbox.py, the ``bootbox`` fixture).
 
 The three endings, on each cloud: training (under systemd), a clean "run complete" with the
-group / scale set at 0, and a shutdown after the training command keeps crashing.
+group / scale set at 0, and a shutdown after the training command keeps crashing. And GCP's
+preemption as a user meets it: the metadata server's notice and the shutdown-script together.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import os
 import re
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,7 @@ from tests.bootbox import (
     steps,
 )
 from tests.gcefake import ComputeFake
+from tests.helpers import child, wait_until
 
 # --------------------------------------------------------------------------- settings, phases (no root)
 
@@ -432,3 +435,102 @@ def _tensors(tree: Any, prefix: str = "") -> dict[str, Any]:
         for i, v in enumerate(tree):
             found.update(_tensors(v, f"{prefix}/{i}"))
     return found
+
+
+# --------------------------------------------------------------------------- GCP preemption, as a user meets it (root)
+
+
+def _serve_gcp_simulator(proc: subprocess.Popen[str]) -> tuple[dict[str, str], str]:
+    """What ``python -m spotsafe.simulate gcp`` prints: its environment (export lines) and its control URL."""
+    env: dict[str, str] = {}
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("export "):
+            key, _, value = line.removeprefix("export ").strip().partition("=")
+            env[key] = value
+        elif "/spotsafe/state" in line:
+            return env, line.split()[-1].removesuffix("/state")
+    raise AssertionError(f"python -m spotsafe.simulate gcp exited ({proc.wait()}) before serving")
+
+
+@pytest.mark.root
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # python + torch processes on a loaded machine
+@pytest.mark.parametrize("bootbox", ["gcp"], indirect=True)
+def test_gcp_preemption_and_the_shutdown_script_save_once_and_exit_75(bootbox: BootBox) -> None:
+    """GCE preempts: instance/preempted turns TRUE, then the shutdown-script runs `spotsafe-boot stop`.
+
+    Both reach the supervisor (the watcher hears the metadata, the unit's stop sends SIGTERM):
+    one notice checkpoint, exit 75, the unit's after-train takes it as an interruption.
+    """
+    from spotsafe.checkpoint.catalog import Catalog
+    from spotsafe.cloud.gcp.launch.spec import SHUTDOWN_SCRIPT
+    from spotsafe.rehearsal.rehearse import read_events
+    from spotsafe.storage.registry import open_store
+
+    cb = bootbox
+    install = cb.env["SPOTSAFE_INSTALL_PATH"]
+    # The launcher's shutdown-script calls the script where the startup-script installs it.
+    default_install = re.search(r': "\$\{SPOTSAFE_INSTALL_PATH:=([^}]+)\}"', SCRIPT.read_text())
+    assert default_install is not None and f"exec {default_install.group(1)} stop\n" in SHUTDOWN_SCRIPT
+    shutdown_script = cb.root / "shutdown-script"
+    shutdown_script.write_text(SHUTDOWN_SCRIPT.replace(default_install.group(1), install))
+    shutdown_script.chmod(0o755)
+    events = cb.root / "events.jsonl"
+    # systemd, as far as the unit goes: `stop` sends SIGTERM to the main process only (KillMode=mixed)
+    # and returns once it is gone (the test reaps it).
+    mainpid, calls, bindir = cb.root / "mainpid", cb.root / "systemctl.calls", cb.root / "bin"
+    bindir.mkdir()
+    (bindir / "systemctl").write_text(
+        f'#!/bin/sh\necho "$*" >> {calls}\n'
+        f'if [ "$1" = stop ]; then\n  pid=$(cat {mainpid})\n  kill -TERM "$pid"\n'
+        f'  while [ -e /proc/"$pid" ] && ! grep -q "^[0-9]* ([^)]*) Z" /proc/"$pid"/stat; do sleep 0.1; done\nfi\n'
+    )
+    (bindir / "systemctl").chmod(0o755)
+    path = f"{bindir}:{cb.env['PATH']}"
+
+    sim_cmd = [sys.executable, "-m", "spotsafe.simulate", "gcp"]
+    with child(sim_cmd, env=cb.env, stdout=subprocess.PIPE, text=True) as sim:
+        sim_env, control = _serve_gcp_simulator(sim)
+        assert set(sim_env) >= {"GCE_METADATA_HOST", "SPOTSAFE_SOURCES"}
+        p = cb.boot(**sim_env, PATH=path, SPOTSAFE_MKFS="1")
+        out = p.stdout + p.stderr
+        assert p.returncode == 0, f"{out}"
+        assert (
+            "boot on gcp (" in out and calls.read_text().splitlines()[-1] == "start --no-block spotsafe-train.service"
+        )
+
+        # The unit's main process: the train phase, with the environment file only.
+        # Training that goes on until it is stopped: a step every 50 ms, the watcher on, no periodic checkpoint.
+        slow = {"BATCHES": "100000", "STEP_SLEEP": "0.05", "WATCH": "1", "EVERY_STEPS": "100000"}
+        unit_env = cb.unit_env(PATH=path, SPOTSAFE_EVENTS=str(events), **slow)
+        with child(
+            [install, "train"], env=unit_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        ) as unit:
+            mainpid.write_text(str(unit.pid))
+            wait_until(lambda: len(steps(cb.steps, "second")) >= 3, 300, what="training steps")
+            # The preemption: the metadata server's notice, then the shutdown-script (GCE runs it at once).
+            urllib.request.urlopen(urllib.request.Request(f"{control}/preempt", method="POST"), timeout=30).close()
+            with child([str(shutdown_script)], env={**unit_env, "PATH": path}) as stop:
+                unit_out, _ = unit.communicate(timeout=300)
+                stop.wait(timeout=120)
+            assert stop.returncode == 0
+        rc = unit.returncode
+    assert rc == 75, f"{unit_out}"
+    # systemd's ExecStopPost: the exit of the main process, as systemd passes it.
+    after = cb.phase("after-train", EXIT_CODE="exited", EXIT_STATUS=str(rc), SERVICE_RESULT="success")
+    assert after.returncode == 0, f"{after.stderr}"
+    assert "training stopped for the interruption with its state safe (exit 75)" in after.stderr
+    assert not cb.shutdown_called.exists() and cb.group_size() == 1 and cb.api.log == []
+    assert "stop spotsafe-train.service" in calls.read_text().splitlines()
+
+    # One save: one notice, one durable checkpoint, at the notice's step.
+    seen = read_events(events)
+    (notice,) = [e for e in seen if e.get("event") == "notice"]
+    (durable,) = [e for e in seen if e.get("event") == "durable"]
+    store = open_store(str(cb.store))
+    try:
+        saved = Catalog(store).list()
+    finally:
+        store.close()
+    assert [(c.step, c.reason) for c in saved] == [(int(notice["step"]), "notice")], f"{saved} {notice} {durable}"
