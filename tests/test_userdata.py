@@ -1,4 +1,4 @@
-"""userdata/spot-boot.sh and spotsafe-train.service, end to end in a sandbox.
+"""userdata/spot-boot.sh and spotsafe-train.service, end to end in a bootbox.
 
 Real components: moto's EC2 server (the volume, the spot request), the IMDS
 simulator (this "instance"'s identity), a loop device holding a half-finished run
@@ -12,14 +12,11 @@ unit's environment file).
 
 from __future__ import annotations
 
-import getpass
 import os
 import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,41 +26,23 @@ from spotsafe.cloud.aws.volume.cli import ExitCode
 from spotsafe.cloud.aws.volume.filesystem import filesystem_type, majmin, mounted_at
 from spotsafe.cloud.aws.volume.manager import VolumeManager
 from spotsafe.cloud.aws.volume.model import TAG_NEW, Identity
+from tests.bootbox import (
+    ROOT,
+    SCRIPT,
+    UNIT,
+    BootBox,
+    bare_env,
+    code_remote,
+    fake_systemd,
+    is_complete,
+    run_script,
+    steps,
+)
 from tests.ec2server import AMI, unique_tag
 from tests.helpers import child, git, wait_until
-from tests.volumes import fake_nvme
 
-ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "userdata" / "spot-boot.sh"
-UNIT = ROOT / "userdata" / "spotsafe-train.service"
-
-TRAIN_PY = """\
-import os, sys
-import torch
-import spotsafe
-
-torch.manual_seed(0)
-model = torch.nn.Linear(4, 2)
-opt = torch.optim.SGD(model.parameters(), lr=0.1)
-run = spotsafe.Run(model=model, optimizer=opt, every_steps=2, watch=False, async_=False)
-print("resumed from", run.resumed_from.step if run.resumed_from else None, flush=True)
-crash_at = int(os.environ.get("CRASH_AT", "0"))
-data = [torch.full((4,), float(i)) for i in range(6)]
-with open(os.environ["STEPS_FILE"], "a") as steps:
-    for epoch in run.epochs(2):
-        for x in run.batches(data):
-            loss = model(x).pow(2).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            run.step(loss=loss.item())
-            steps.write(f"{os.environ.get('TRAIN_TAG', '?')} {run.step_count}\\n")
-            steps.flush()
-            if crash_at and run.step_count == crash_at:
-                os._exit(3)  # the instance vanished
-run.finish()
-print("finished at step", run.step_count, flush=True)
-"""
+#: The AWS tests' VMs (tests/plugins/boot.py).
+aws_box = pytest.mark.parametrize("bootbox", ["aws"], indirect=True)
 
 
 def _shellcheck() -> str | None:
@@ -156,171 +135,11 @@ def _verify(tool: str, unit: Path) -> None:
 # --------------------------------------------------------------------------- end to end
 
 
-@dataclass
-class Sandbox:
-    root: Path
-    env: dict[str, str]
-    ec2: Any
-    volume_id: str
-    device: str
-    request_id: str
-    mount: Path
-    store: Path
-    steps: Path
-    first_commit: str
-
-    def populate(self) -> int:
-        """The volume's content: an ext4 filesystem and a run that checkpointed at step 4, died at step 5."""
-        subprocess.run(["mkfs.ext4", "-q", self.device], check=True)
-        pre = self.root / "pre"
-        pre.mkdir()
-        subprocess.run(["mount", self.device, str(pre)], check=True)
-        try:
-            env = {
-                **os.environ,
-                "SPOTSAFE_STORE": str(pre / self.env["SPOTSAFE_RUN"]),
-                "CRASH_AT": "5",
-                "STEPS_FILE": str(self.steps),
-                "TRAIN_TAG": "first",
-            }
-            p = subprocess.run(
-                [sys.executable, "train.py"],
-                cwd=self.root / "work",
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=120,
-            )
-            assert p.returncode == 3, f"{p.stdout + p.stderr}"
-        finally:
-            subprocess.run(["umount", str(pre)], check=True)
-        assert _steps(self.steps) == [f"first {i}" for i in range(1, 6)]
-        # The newest checkpoint: step 4, or step 2 when Run deferred the step-4 save behind a
-        # save still in flight (spotsafe.Run never stalls the loop for a periodic save).
-        from spotsafe.checkpoint.writer import Checkpointer
-
-        subprocess.run(["mount", self.device, str(pre)], check=True)
-        try:
-            ckpt = Checkpointer(str(pre / self.env["SPOTSAFE_RUN"]))
-            try:
-                info = ckpt.latest()
-                assert info is not None
-                return int(info.step)
-            finally:
-                ckpt.close()
-        finally:
-            subprocess.run(["umount", str(pre)], check=True)
-
-    def boot(self, *args: str, **overrides: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            ["bash", str(SCRIPT), *args], env={**self.env, **overrides}, capture_output=True, text=True, timeout=180
-        )
-
-
-def _steps(path: Path) -> list[str]:
-    return path.read_text().splitlines() if path.exists() else []
-
-
-@pytest.fixture
-def sandbox(tmp_path: Path, ec2_server: Any, ec2: Any, loopdev: Callable[..., str]) -> Iterator[Sandbox]:
-    if shutil.which("git") is None:
-        pytest.skip("needs git")
-    from spotsafe.rehearsal.simulators.aws import AWSSimulator
-
-    # The "instance": launched by a persistent spot request, as the boot script expects.
-    r = ec2.request_spot_instances(
-        InstanceCount=1, Type="persistent", LaunchSpecification={"ImageId": AMI, "InstanceType": "g5.xlarge"}
-    )
-    request_id = r["SpotInstanceRequests"][0]["SpotInstanceRequestId"]
-    iid = ec2.describe_spot_instance_requests(SpotInstanceRequestIds=[request_id])["SpotInstanceRequests"][0][
-        "InstanceId"
-    ]
-    inst = ec2.describe_instances(InstanceIds=[iid])["Reservations"][0]["Instances"][0]
-    az = inst["Placement"]["AvailabilityZone"]
-    run = unique_tag()
-    volume_id = ec2.create_volume(
-        AvailabilityZone=az,
-        Size=1,
-        VolumeType="gp3",
-        TagSpecifications=[{"ResourceType": "volume", "Tags": [{"Key": "spotsafe-run", "Value": run}]}],
-    )["VolumeId"]
-
-    device = loopdev(size_mb=64)
-    steps = tmp_path / "steps.log"
-    work = tmp_path / "work"
-    work.mkdir()
-    (work / "train.py").write_text(TRAIN_PY)
-
-    # The code remote: a bare repository with train.py.
-    remote = tmp_path / "remote.git"
-    git("init", "-q", "--bare", "-b", "main", str(remote), cwd=tmp_path)
-    git("init", "-q", "-b", "main", cwd=work)
-    git("add", "train.py", cwd=work)
-    git("commit", "-q", "-m", "train", cwd=work)
-    git("push", "-q", str(remote), "main", cwd=work)
-    first_commit = git("rev-parse", "HEAD", cwd=work)
-
-    sys_root, dev_root = fake_nvme(tmp_path, volume_id.replace("-", ""), device)
-    sim = AWSSimulator(instance_id=iid, availability_zone=az).start()
-    mount = tmp_path / "mnt"
-    env = {
-        **os.environ,
-        "AWS_EC2_METADATA_SERVICE_ENDPOINT": sim.endpoint,
-        "AWS_ENDPOINT_URL_EC2": ec2_server.endpoint,
-        "AWS_ENDPOINT_URL_AUTO_SCALING": ec2_server.endpoint,
-        # Every other AWS service too: nothing may leave this machine.
-        "AWS_ENDPOINT_URL": ec2_server.endpoint,
-        "SPOTSAFE_RUN": run,
-        "SPOTSAFE_MOUNT": str(mount),
-        "SPOTSAFE_USER": getpass.getuser(),
-        "SPOTSAFE_REPO": f"file://{remote}",
-        "SPOTSAFE_REF": "main",
-        "SPOTSAFE_PYTHON": sys.executable,
-        "SPOTSAFE_TRAIN_COMMAND": "python train.py",
-        "SPOTSAFE_MOVE": "0",
-        "SPOTSAFE_FSTAB": "0",
-        "SPOTSAFE_SHUTDOWN_WHEN_DONE": "1",
-        "SPOTSAFE_SHUTDOWN_CMD": f"touch {tmp_path}/shutdown-called",
-        "SPOTSAFE_VOLUME_ARGS": f"--sys-root {sys_root} --dev-root {dev_root} --poll-interval 0.1 "
-        "--metadata-timeout 10",
-        "SPOTSAFE_ETC": str(tmp_path / "etc"),
-        "SPOTSAFE_INSTALL_PATH": str(tmp_path / "sbin" / "spotsafe-boot"),
-        "SPOTSAFE_UNIT_DIR": str(tmp_path / "systemd"),
-        "SPOTSAFE_PER_BOOT_DIR": str(tmp_path / "per-boot"),
-        "SPOTSAFE_BOOT_LOG": str(tmp_path / "boot.log"),
-        "STEPS_FILE": str(steps),
-        "TRAIN_TAG": "second",
-    }
-    env.pop("SPOTSAFE_STORE", None)
-    try:
-        yield Sandbox(tmp_path, env, ec2, volume_id, device, request_id, mount, mount / run, steps, first_commit)
-    finally:
-        sim.shutdown()
-        if mounted_at(str(mount)) is not None:
-            subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
-def _is_complete(store: Path) -> bool:
-    from spotsafe.checkpoint.writer import Checkpointer
-
-    ckpt = Checkpointer(str(store))
-    try:
-        return ckpt.completion() is not None
-    finally:
-        ckpt.close()
-
-
-def _spot_request_open(sb: Sandbox) -> bool:
-    r = sb.ec2.describe_spot_instance_requests(
-        Filters=[{"Name": "spot-instance-request-id", "Values": [sb.request_id]}]
-    )
-    return any(q["State"] in ("open", "active") for q in r["SpotInstanceRequests"])
-
-
 @pytest.mark.root
-def test_boot_without_a_volume_trains_into_its_store_and_attaches_nothing(sandbox: Sandbox) -> None:
+@aws_box
+def test_boot_without_a_volume_trains_into_its_store_and_attaches_nothing(bootbox: BootBox) -> None:
     """SPOTSAFE_ATTACH=0 (what `spotsafe launch` sets for an s3:// store): no attach, no mount."""
-    sb = sandbox
+    sb = bootbox
     store = sb.root / "elsewhere" / "store"  # the boot script only hands the store on: a URL works alike
     p = sb.boot(SPOTSAFE_SKIP_SYSTEMD="1", SPOTSAFE_ATTACH="0", SPOTSAFE_STORE=str(store), SPOTSAFE_SNAPSHOT_EVERY="60")
     out = p.stdout + p.stderr
@@ -329,16 +148,17 @@ def test_boot_without_a_volume_trains_into_its_store_and_attaches_nothing(sandbo
     assert "SPOTSAFE_ATTACH=0: no volume" in log
     assert "attaching the volume" not in log and "periodic snapshots" not in log
     assert mounted_at(str(sb.mount)) is None
-    assert sb.ec2.describe_volumes(VolumeIds=[sb.volume_id])["Volumes"][0]["Attachments"] == []
-    assert [s for s in _steps(sb.steps) if s.startswith("second")] == [f"second {i}" for i in range(1, 13)]
-    assert _is_complete(store)
+    assert sb.api.describe_volumes(VolumeIds=[sb.volume_id])["Volumes"][0]["Attachments"] == []
+    assert steps(sb.steps, "second") == [f"second {i}" for i in range(1, 13)]
+    assert is_complete(store)
     assert "SPOTSAFE_ATTACH='0'" in (sb.root / "etc" / "spotsafe.env").read_text()
 
 
 @pytest.mark.root
 @pytest.mark.slow
-def test_boot_attaches_mounts_resumes_completes_and_shuts_down(sandbox: Sandbox) -> None:
-    sb = sandbox
+@aws_box
+def test_boot_attaches_mounts_resumes_completes_and_shuts_down(bootbox: BootBox) -> None:
+    sb = bootbox
     saved = sb.populate()
     assert saved in (2, 4)
     p = sb.boot(SPOTSAFE_SKIP_SYSTEMD="1")
@@ -347,18 +167,18 @@ def test_boot_attaches_mounts_resumes_completes_and_shuts_down(sandbox: Sandbox)
     # The loop device is mounted where asked, found through the NVMe serial of the volume.
     m = mounted_at(str(sb.mount))
     assert m is not None and m.majmin == majmin(sb.device)
-    assert sb.ec2.describe_volumes(VolumeIds=[sb.volume_id])["Volumes"][0]["Attachments"][0]["State"] == "attached"
+    assert sb.api.describe_volumes(VolumeIds=[sb.volume_id])["Volumes"][0]["Attachments"][0]["State"] == "attached"
     # Training resumed from the step-4 checkpoint on the volume, not from scratch, and finished.
-    second = [s for s in _steps(sb.steps) if s.startswith("second")]
+    second = steps(sb.steps, "second")
     assert second == [f"second {i}" for i in range(saved + 1, 13)], f"{out}"
     assert f"resumed from {saved}" in out
-    assert _is_complete(sb.store)
+    assert is_complete(sb.store)
     # The code came from the git remote; logs went to the volume too.
     code = sb.mount / "code" / sb.env["SPOTSAFE_RUN"]
     assert git("rev-parse", "HEAD", cwd=code) == sb.first_commit
     assert "finished at step 12" in (sb.mount / "logs" / f"{sb.env['SPOTSAFE_RUN']}.log").read_text()
     # Complete + SPOTSAFE_SHUTDOWN_WHEN_DONE=1: the spot request is cancelled, then shutdown.
-    assert not _spot_request_open(sb)
+    assert not sb.replacing()
     assert (sb.root / "shutdown-called").exists()
     # Installed for later boots: the script, the per-boot hook, the settings.
     assert (sb.root / "sbin" / "spotsafe-boot").read_text() == SCRIPT.read_text()
@@ -371,22 +191,19 @@ def test_boot_attaches_mounts_resumes_completes_and_shuts_down(sandbox: Sandbox)
     p = sb.boot(SPOTSAFE_SKIP_SYSTEMD="1")
     assert p.returncode == 0, f"{p.stdout + p.stderr}"
     assert "complete: not restarting it" in p.stderr + p.stdout
-    assert [s for s in _steps(sb.steps) if s.startswith("second")] == [f"second {i}" for i in range(saved + 1, 13)]
+    assert steps(sb.steps, "second") == [f"second {i}" for i in range(saved + 1, 13)]
     assert (sb.root / "shutdown-called").exists()
     assert mounted_at(str(sb.mount)) is not None
 
 
 @pytest.mark.root
 @pytest.mark.slow
-def test_boot_under_systemd_installs_the_unit_and_its_phases_work(sandbox: Sandbox) -> None:
-    sb = sandbox
-    bindir = sb.root / "bin"
-    bindir.mkdir()
+@aws_box
+def test_boot_under_systemd_installs_the_unit_and_its_phases_work(bootbox: BootBox) -> None:
+    sb = bootbox
     calls = sb.root / "systemctl.calls"
     # systemd cannot run in this sandbox: record what the script asks of it.
-    (bindir / "systemctl").write_text(f'#!/bin/sh\necho "$*" >> {calls}\n')
-    (bindir / "systemctl").chmod(0o755)
-    path = f"{bindir}:{sb.env['PATH']}"
+    path = fake_systemd(sb.root / "bin", calls)
     # A blank volume: the first boot may format it (SPOTSAFE_MKFS=1), the run starts from step 1.
     assert filesystem_type(sb.device) is None
     p = sb.boot(PATH=path, SPOTSAFE_SHUTDOWN_WHEN_DONE="0", SPOTSAFE_MKFS="1")
@@ -401,100 +218,46 @@ def test_boot_under_systemd_installs_the_unit_and_its_phases_work(sandbox: Sandb
     assert f"RequiresMountsFor={sb.mount}\n" in dropin
     assert "StartLimitAction=poweroff\n" in dropin  # a unit that keeps failing shuts the instance down
     assert f"ExecStart={install} train\n" in dropin and f"ExecStopPost=+{install} after-train\n" in dropin
-    assert [s for s in _steps(sb.steps) if s.startswith("second")] == []  # nothing trained yet
+    assert steps(sb.steps, "second") == []  # nothing trained yet
 
     # What systemd would run: the train phase with the environment file only.
-    env_file = (sb.root / "etc" / "spotsafe.env").read_text()
-    unit_env = {
-        "PATH": "/usr/bin:/bin",
-        "HOME": "/root",
-        "STEPS_FILE": str(sb.steps),
-        "TRAIN_TAG": "second",
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_SESSION_TOKEN": "testing",
-        "AWS_CONFIG_FILE": os.devnull,
-        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-    }
-    for line in env_file.splitlines():
-        key, _, value = line.partition("=")
-        assert value.startswith("'") and value.endswith("'"), f"{line}"
-        unit_env[key] = value[1:-1]
-    p = subprocess.run([install, "train"], env=unit_env, capture_output=True, text=True, timeout=180)
+    p = sb.phase("train")
     assert p.returncode == 0, f"{p.stdout + p.stderr}"
-    assert [s for s in _steps(sb.steps) if s.startswith("second")] == [f"second {i}" for i in range(1, 13)]
-    assert _is_complete(sb.store)
-    p = subprocess.run(
-        [install, "after-train"],
-        env={**unit_env, "EXIT_STATUS": "0", "SERVICE_RESULT": "success"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    assert steps(sb.steps, "second") == [f"second {i}" for i in range(1, 13)]
+    assert is_complete(sb.store)
+    p = sb.phase("after-train", EXIT_STATUS="0", SERVICE_RESULT="success")
     assert p.returncode == 0, f"{p.stdout + p.stderr}"
     assert "staying up" in p.stderr
     assert not (sb.root / "shutdown-called").exists()
     # A failed run is never "finished" (the spot request stays), whatever the settings; with
     # the shutdown on failure turned off the instance also stays up to be looked at.
-    p = subprocess.run(
-        [install, "after-train"],
-        env={
-            **unit_env,
-            "EXIT_CODE": "exited",
-            "EXIT_STATUS": "1",
-            "SERVICE_RESULT": "exit-code",
-            "SPOTSAFE_SHUTDOWN_WHEN_DONE": "1",
-            "SPOTSAFE_SHUTDOWN_ON_FAILURE": "0",
-        },
-        capture_output=True,
-        text=True,
-        timeout=120,
+    p = sb.phase(
+        "after-train",
+        EXIT_CODE="exited",
+        EXIT_STATUS="1",
+        SERVICE_RESULT="exit-code",
+        SPOTSAFE_SHUTDOWN_WHEN_DONE="1",
+        SPOTSAFE_SHUTDOWN_ON_FAILURE="0",
     )
     assert p.returncode == 0 and "staying up" in p.stderr, f"{p.stderr}"
     assert not (sb.root / "shutdown-called").exists()
-    assert _spot_request_open(sb)
+    assert sb.replacing()
 
 
 @pytest.mark.root
-def test_boot_fails_with_the_volume_exit_code(sandbox: Sandbox) -> None:
-    p = sandbox.boot(
+@aws_box
+def test_boot_fails_with_the_volume_exit_code(bootbox: BootBox) -> None:
+    p = bootbox.boot(
         SPOTSAFE_SKIP_SYSTEMD="1", SPOTSAFE_VOLUME_TAG="spotsafe-run=does-not-exist", SPOTSAFE_SHUTDOWN_ON_FAILURE="1"
     )
     out = p.stdout + p.stderr  # the boot phase sends both to its log through tee
     assert p.returncode == ExitCode.NOT_FOUND, f"{out}"
     assert "spotsafe-run=does-not-exist" in out
-    assert (sandbox.root / "shutdown-called").exists()  # no idle GPU after a failed boot
-    assert mounted_at(str(sandbox.mount)) is None
+    assert (bootbox.root / "shutdown-called").exists()  # no idle GPU after a failed boot
+    assert mounted_at(str(bootbox.mount)) is None
 
 
 # --------------------------------------------------------------------------- fast phases (no root)
-
-
-def _bare_env(tmp_path: Path, **overrides: str) -> dict[str, str]:
-    """The script's paths under tmp_path; nothing reachable (conftest's closed loopback endpoints)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SPOTSAFE_") and k != "PYTHONPATH"}
-    env.update(
-        {
-            "SPOTSAFE_RUN": "r",
-            "SPOTSAFE_USER": getpass.getuser(),
-            "SPOTSAFE_MOUNT": str(tmp_path / "mnt"),
-            "SPOTSAFE_SHUTDOWN_CMD": f"touch {tmp_path}/shutdown-called",
-            "SPOTSAFE_ETC": str(tmp_path / "etc"),
-            "SPOTSAFE_INSTALL_PATH": str(tmp_path / "sbin" / "spotsafe-boot"),
-            "SPOTSAFE_UNIT_DIR": str(tmp_path / "systemd"),
-            "SPOTSAFE_PER_BOOT_DIR": str(tmp_path / "per-boot"),
-            "SPOTSAFE_BOOT_LOG": str(tmp_path / "boot.log"),
-            "SPOTSAFE_VOLUME_ARGS": "--metadata-retry-for 0 --metadata-timeout 0.5",
-        }
-    )
-    env.update(overrides)
-    return env
-
-
-def _run_script(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["bash", str(SCRIPT), *args], env=env, cwd="/", capture_output=True, text=True, timeout=timeout
-    )
 
 
 @pytest.mark.parametrize(
@@ -508,8 +271,9 @@ def _run_script(env: dict[str, str], *args: str, timeout: float = 120) -> subpro
     ],
 )
 def test_after_train_shuts_down_a_crash_looping_run(tmp_path: Path, status: str, how: str, shuts_down: bool) -> None:
-    env = _bare_env(
+    env = bare_env(
         tmp_path,
+        "aws",
         SPOTSAFE_PYTHON=sys.executable,
         EXIT_CODE="killed" if how == "killed" else "exited",
         EXIT_STATUS=status,
@@ -520,7 +284,7 @@ def test_after_train_shuts_down_a_crash_looping_run(tmp_path: Path, status: str,
         env["SPOTSAFE_SHUTDOWN_ON_FAILURE"] = "0"
     if how == "foreground":
         args += [status, "foreground"]
-    p = _run_script(env, *args)
+    p = run_script(env, *args)
     assert p.returncode == 0, f"{p.stdout + p.stderr}"
     assert (tmp_path / "shutdown-called").exists() == shuts_down, f"{p.stderr}"
     if how in ("exited", "foreground") and status != "75":
@@ -531,7 +295,7 @@ def test_after_train_shuts_down_a_crash_looping_run(tmp_path: Path, status: str,
 
 def test_default_user_follows_the_distribution(tmp_path: Path) -> None:
     osr = tmp_path / "os-release"
-    env = _bare_env(tmp_path, SPOTSAFE_OS_RELEASE=str(osr))
+    env = bare_env(tmp_path, "aws", SPOTSAFE_OS_RELEASE=str(osr))
     del env["SPOTSAFE_USER"]
     for text, user in (
         ('NAME="Amazon Linux"\nID="amzn"\nID_LIKE="centos rhel fedora"\n', "ec2-user"),
@@ -539,10 +303,10 @@ def test_default_user_follows_the_distribution(tmp_path: Path) -> None:
         ("ID=debian\n", "admin"),
     ):
         osr.write_text(text)
-        p = _run_script(env, "settings")
+        p = run_script(env, "settings")
         assert p.returncode == 0, f"{p.stderr}"
         assert f"SPOTSAFE_USER='{user}'" in p.stdout.splitlines()
-    p = _run_script({**env, "SPOTSAFE_USER": "trainer"}, "settings")
+    p = run_script({**env, "SPOTSAFE_USER": "trainer"}, "settings")
     assert "SPOTSAFE_USER='trainer'" in p.stdout.splitlines()
 
 
@@ -569,13 +333,14 @@ def test_install_refuses_code_that_is_not_pinned(
 ) -> None:
     wheel = tmp_path / "spotsafe-0.0.0-py3-none-any.whl"
     wheel.write_bytes(b"not the wheel you built")
-    env = _bare_env(
+    env = bare_env(
         tmp_path,
+        "aws",
         SPOTSAFE_PYTHON=bare_python,
         SPOTSAFE_PIP_SPEC=spec.replace("WHEEL", f"file://{wheel}"),
         SPOTSAFE_PIP_SHA256=sha,
     )
-    p = _run_script(env, "boot")
+    p = run_script(env, "boot")
     out = p.stdout + p.stderr
     assert p.returncode != 0, f"{out}"
     assert message in out, f"{out}"
@@ -606,14 +371,15 @@ def test_install_from_a_pinned_wheel(tmp_path: Path) -> None:
     venv = tmp_path / "venv"
     # A fresh venv (pip from ensurepip, offline): spotsafe comes from the checked wheel only.
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
-    env = _bare_env(
+    env = bare_env(
         tmp_path,
+        "aws",
         SPOTSAFE_VENV=str(venv),
         SPOTSAFE_PIP_SPEC=f"file://{wheel}",
         SPOTSAFE_PIP_SHA256=sha,
         SPOTSAFE_PIP_ARGS="--no-deps --no-index",  # nothing may leave this machine: no dependencies
     )
-    p = _run_script(env, "boot", timeout=300)
+    p = run_script(env, "boot", timeout=300)
     out = p.stdout + p.stderr
     assert f"installing spotsafe from file://{wheel}" in out, f"{out}"
     where = subprocess.run(
@@ -636,8 +402,9 @@ def test_install_from_a_pinned_wheel(tmp_path: Path) -> None:
 
 @pytest.mark.root
 @pytest.mark.slow
-def test_boot_of_a_crash_looping_run_ends_in_a_shut_down_instance(sandbox: Sandbox) -> None:
-    p = sandbox.boot(
+@aws_box
+def test_boot_of_a_crash_looping_run_ends_in_a_shut_down_instance(bootbox: BootBox) -> None:
+    p = bootbox.boot(
         SPOTSAFE_SKIP_SYSTEMD="1",
         SPOTSAFE_MKFS="1",
         SPOTSAFE_TRAIN_COMMAND="false",
@@ -647,10 +414,10 @@ def test_boot_of_a_crash_looping_run_ends_in_a_shut_down_instance(sandbox: Sandb
     out = p.stdout + p.stderr
     assert p.returncode == 1, f"{out}"  # the command's status, after the supervisor gave up
     assert "gave up (exit 1)" in out
-    assert (sandbox.root / "shutdown-called").exists()
-    assert _spot_request_open(sandbox)  # not "finished": a replacement may retry from the checkpoint
+    assert (bootbox.root / "shutdown-called").exists()
+    assert bootbox.replacing()  # not "finished": a replacement may retry from the checkpoint
     assert "periodic snapshots every 3600 s beside training" in out
-    run = sandbox.env["SPOTSAFE_RUN"]
+    run = bootbox.env["SPOTSAFE_RUN"]
     assert not [c for c in _cmdlines() if "spotsafe.volume" in c and "snapshot" in c and run in c]
 
 
@@ -693,27 +460,14 @@ def test_first_boot_in_another_zone_moves_formats_pins_and_keeps_old_on_request(
         ImageId=AMI, MinCount=1, MaxCount=1, InstanceType="g5.xlarge", Placement={"AvailabilityZone": "us-east-1b"}
     )["Instances"][0]["InstanceId"]
     work = tmp_path / "work"
-    work.mkdir()
-    (work / "train.py").write_text("print('v1')\n")
-    remote = tmp_path / "remote.git"
-    git("init", "-q", "--bare", "-b", "main", str(remote), cwd=tmp_path)
-    git("init", "-q", "-b", "main", cwd=work)
-    git("add", "train.py", cwd=work)
-    git("commit", "-q", "-m", "v1", cwd=work)
-    git("push", "-q", str(remote), "main", cwd=work)
-    v1 = git("rev-parse", "HEAD", cwd=work)
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
+    remote, v1 = code_remote(tmp_path, work, {"train.py": "print('v1')\n"})
     calls = tmp_path / "systemctl.calls"
-    for tool in ("systemctl", "systemd-run"):
-        # Record what is asked of systemd; "is-active" answers no.
-        (bindir / tool).write_text(f'#!/bin/sh\necho "{tool} $*" >> {calls}\ncase "$1" in is-active) exit 3 ;; esac\n')
-        (bindir / tool).chmod(0o755)
+    path = fake_systemd(tmp_path / "bin", calls, ("systemctl", "systemd-run"), bare=False)
     sim = AWSSimulator(instance_id=iid, availability_zone="us-east-1b").start()
     mount = tmp_path / "mnt"
     env = {
-        **_bare_env(tmp_path),
-        "PATH": f"{bindir}:{os.environ['PATH']}",
+        **bare_env(tmp_path),
+        "PATH": path,
         "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
         "AWS_EC2_METADATA_SERVICE_ENDPOINT": sim.endpoint,
         "AWS_ENDPOINT_URL_EC2": ec2_server.endpoint,
@@ -729,7 +483,7 @@ def test_first_boot_in_another_zone_moves_formats_pins_and_keeps_old_on_request(
         "--poll-interval 0.1 --claim-settle 0.2 --metadata-timeout 10",
     }
     try:
-        p = _run_script(env, "boot", timeout=300)
+        p = run_script(env, "boot", timeout=300)
         out = p.stdout + p.stderr
         assert p.returncode == 0, f"{out}"
         # Case 1: moved into 1b and formatted without SPOTSAFE_MKFS (the copy kept spotsafe-new).
@@ -757,7 +511,7 @@ def test_first_boot_in_another_zone_moves_formats_pins_and_keeps_old_on_request(
         (work / "train.py").write_text("print('v2')\n")
         git("commit", "-q", "-am", "v2", cwd=work)
         git("push", "-q", str(remote), "main", cwd=work)
-        p = _run_script({**env, "SPOTSAFE_KEEP_OLD": "0"}, "boot", timeout=300)
+        p = run_script({**env, "SPOTSAFE_KEEP_OLD": "0"}, "boot", timeout=300)
         out = p.stdout + p.stderr
         assert p.returncode == 0, f"{out}"
         assert git("rev-parse", "HEAD", cwd=code) == v1
@@ -802,8 +556,8 @@ def _descendant_named(pid: int, name: str) -> bool:
 def test_a_stopped_run_is_not_taken_for_a_crash_loop(tmp_path: Path) -> None:
     """systemctl stop (or a shutdown) signals the train phase: its exit is a stop, not a reason to power off."""
     (tmp_path / "mnt").mkdir()
-    env = _bare_env(
-        tmp_path, SPOTSAFE_PYTHON=sys.executable, SPOTSAFE_TRAIN_COMMAND="sleep 60", SPOTSAFE_MAX_RESTARTS="0"
+    env = bare_env(
+        tmp_path, "aws", SPOTSAFE_PYTHON=sys.executable, SPOTSAFE_TRAIN_COMMAND="sleep 60", SPOTSAFE_MAX_RESTARTS="0"
     )
     env["PYTHONPATH"] = os.environ.get("PYTHONPATH", "")
     log = tmp_path / "mnt" / "logs" / "r.log"
@@ -817,7 +571,7 @@ def test_a_stopped_run_is_not_taken_for_a_crash_loop(tmp_path: Path) -> None:
         p.communicate(timeout=60)
     assert p.returncode not in (0, 75)
     assert (tmp_path / "mnt" / "logs" / ".r.stopped").exists()
-    a = _run_script({**env, "EXIT_CODE": "exited", "EXIT_STATUS": str(p.returncode)}, "after-train")
+    a = run_script({**env, "EXIT_CODE": "exited", "EXIT_STATUS": str(p.returncode)}, "after-train")
     assert "training was stopped" in a.stderr, f"{a.stderr}"
     assert not (tmp_path / "shutdown-called").exists()
     assert not (tmp_path / "mnt" / "logs" / ".r.stopped").exists()

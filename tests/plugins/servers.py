@@ -46,7 +46,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import pytest
 
@@ -59,6 +59,25 @@ from tests.ec2server import EC2Server, IAMEnforcingServer, run_instance
 from tests.gcefake import ComputeFake
 from tests.s3server import FaultProxy, MotoServer
 
+
+class _Server(Protocol):
+    def shutdown(self) -> None: ...
+
+
+Server = TypeVar("Server", bound=_Server)
+
+
+def serving(server: Server) -> Iterator[Server]:
+    """Each fixture's body: start ``server`` (unless it started when made), yield it, shut it down however the test ends."""
+    start = getattr(server, "start", None)
+    if start is not None:
+        start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+
+
 # --------------------------------------------------------------------------- S3
 
 _names = itertools.count()
@@ -66,11 +85,7 @@ _names = itertools.count()
 
 @pytest.fixture(scope="session")
 def moto_server() -> Iterator[MotoServer]:
-    server = MotoServer().start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
+    yield from serving(MotoServer())
 
 
 @pytest.fixture
@@ -101,11 +116,7 @@ def s3_options(moto_server: MotoServer) -> dict[str, Any]:
 
 @pytest.fixture
 def s3_proxy(moto_server: MotoServer) -> Iterator[FaultProxy]:
-    proxy = FaultProxy(moto_server.endpoint).start()
-    try:
-        yield proxy
-    finally:
-        proxy.shutdown()
+    yield from serving(FaultProxy(moto_server.endpoint))
 
 
 @pytest.fixture
@@ -129,12 +140,7 @@ def unique_name() -> str:
 
 @pytest.fixture(scope="session")
 def gcs_server() -> Iterator[FakeGCSServer]:
-    server = FakeGCSServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
+    yield from serving(FakeGCSServer())
 
 
 @pytest.fixture
@@ -161,12 +167,7 @@ def gcs_bucket(gcs_env: str) -> str:
 
 @pytest.fixture(scope="session")
 def gcs_ignoring() -> Iterator[GCPStorageEmulator]:
-    server = GCPStorageEmulator()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
+    yield from serving(GCPStorageEmulator())
 
 
 @pytest.fixture
@@ -183,12 +184,7 @@ def azurite() -> Iterator[Azurite]:
     script = azurite_blob()
     if script is None:
         pytest.skip("azurite is not installed (npm install azurite; or set SPOTSAFE_AZURITE to its azurite-blob)")
-    server = Azurite(script)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
+    yield from serving(Azurite(script))
 
 
 @pytest.fixture
@@ -214,11 +210,7 @@ def az_container(az_env: str) -> str:
 
 @pytest.fixture(scope="module")
 def ec2_server() -> Iterator[EC2Server]:
-    server = EC2Server().start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
+    yield from serving(EC2Server())
 
 
 @pytest.fixture
@@ -236,11 +228,7 @@ def launch(ec2: Any) -> Callable[..., str]:
 
 @pytest.fixture(scope="module")
 def iam_server() -> Iterator[IAMEnforcingServer]:
-    server = IAMEnforcingServer()
-    try:
-        yield server
-    finally:
-        server.shutdown()
+    yield from serving(IAMEnforcingServer())  # started when made
 
 
 # --------------------------------------------------------------------------- instance metadata
@@ -248,26 +236,22 @@ def iam_server() -> Iterator[IAMEnforcingServer]:
 
 @pytest.fixture
 def aws() -> Iterator[AWSSimulator]:
-    with AWSSimulator() as sim:
-        yield sim
+    yield from serving(AWSSimulator())
 
 
 @pytest.fixture
 def aws_v2() -> Iterator[AWSSimulator]:
-    with AWSSimulator(require_token=True) as sim:
-        yield sim
+    yield from serving(AWSSimulator(require_token=True))
 
 
 @pytest.fixture
 def gcp() -> Iterator[GCPSimulator]:
-    with GCPSimulator() as sim:
-        yield sim
+    yield from serving(GCPSimulator())
 
 
 @pytest.fixture
 def azure() -> Iterator[AzureSimulator]:
-    with AzureSimulator() as sim:
-        yield sim
+    yield from serving(AzureSimulator())
 
 
 # --------------------------------------------------------------------------- Compute Engine, ARM
@@ -275,20 +259,10 @@ def azure() -> Iterator[AzureSimulator]:
 
 @pytest.fixture
 def compute_fake() -> Iterator[ComputeFake]:
-    fake = ComputeFake()
-    fake.start()
-    try:
-        yield fake
-    finally:
-        fake.shutdown()
+    yield from serving(ComputeFake())
 
 
 @pytest.fixture
 def arm_fake(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ARMFake]:
     tls, ca = self_signed(tmp_path_factory.mktemp("arm-tls"))
-    fake = ARMFake(tls, ca)
-    fake.start()
-    try:
-        yield fake
-    finally:
-        fake.shutdown()
+    yield from serving(ARMFake(tls, ca))

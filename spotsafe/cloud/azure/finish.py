@@ -1,6 +1,6 @@
 """``python -m spotsafe.cloud.azure.finish``: a completed run stops its scale set recreating it.
 
-Run on the VM by the boot script (``cloud-boot.sh``) when the run in the store is complete:
+Run on the VM by the boot script (``userdata/spot-boot.sh``) when the run in the store is complete:
 it reads from the instance metadata service (IMDS) the subscription, resource group and
 scale set of this VM, and sets the scale set's capacity to 0 through Azure Resource
 Manager (``VirtualMachineScaleSets.Update``: ``PATCH`` of ``sku.capacity``) with a token of

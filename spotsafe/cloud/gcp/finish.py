@@ -1,6 +1,6 @@
 """``python -m spotsafe.cloud.gcp.finish``: a completed run stops its managed instance group recreating it.
 
-Run on the VM by the boot script (``cloud-boot.sh``) when the run in the store is complete:
+Run on the VM by the boot script (``userdata/spot-boot.sh``) when the run in the store is complete:
 it reads from the metadata server which group created this VM (the ``created-by``
 attribute GCE sets on a managed instance group's VMs), the project, and a token of the
 VM's service account (google-auth's ``compute_engine.Credentials``), and resizes that

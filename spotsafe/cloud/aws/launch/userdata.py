@@ -12,8 +12,8 @@ import gzip
 import re
 import shlex
 import subprocess
-from pathlib import Path
 
+from spotsafe.cloud import bootscript
 from spotsafe.cloud.aws.launch.spec import LaunchSpec
 from spotsafe.errors import LaunchError
 
@@ -26,12 +26,8 @@ COMMIT_RE = re.compile(r"[0-9a-f]{40}")
 
 
 def boot_script() -> str:
-    """The text of ``userdata/spot-boot.sh`` (``spotsafe/userdata`` links to it; wheels carry it there)."""
-    here = Path(__file__).resolve().parents[3]  # the spotsafe package: spotsafe/cloud/aws/launch/
-    for cand in (here / "userdata" / "spot-boot.sh", here.parent / "userdata" / "spot-boot.sh"):
-        if cand.is_file():
-            return cand.read_text()
-    raise LaunchError(f"userdata/spot-boot.sh is not found next to {here}: reinstall spotsafe from its repository")
+    """The text of ``userdata/spot-boot.sh``, the boot script of all three clouds."""
+    return bootscript.boot_script()
 
 
 def run_settings(spec: LaunchSpec, *, region: str, volume_id: str | None, ref: str | None) -> list[tuple[str, str]]:

@@ -11,10 +11,10 @@ from __future__ import annotations
 import re
 import shlex
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from spotsafe.errors import LaunchConfigError, LaunchError
+from spotsafe.cloud import bootscript
+from spotsafe.errors import LaunchConfigError
 
 LABEL = "spotsafe-run"
 #: Where the VM mounts the run's stateful disk (volume mode).
@@ -24,12 +24,8 @@ _NAME_RE = re.compile(r"[a-z]([-a-z0-9]{0,40}[a-z0-9])?")
 
 
 def boot_script() -> str:
-    """The text of ``userdata/cloud-boot.sh`` (``spotsafe/userdata`` links to it; wheels carry it there)."""
-    here = Path(__file__).resolve().parents[3]  # the spotsafe package: spotsafe/cloud/gcp/launch/
-    for cand in (here / "userdata" / "cloud-boot.sh", here.parent / "userdata" / "cloud-boot.sh"):
-        if cand.is_file():
-            return cand.read_text()
-    raise LaunchError(f"userdata/cloud-boot.sh is not found next to {here}: reinstall spotsafe from its repository")
+    """The text of ``userdata/spot-boot.sh``, the boot script of all three clouds."""
+    return bootscript.boot_script()
 
 
 @dataclass(frozen=True)
