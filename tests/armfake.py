@@ -1,4 +1,9 @@
-"""A local fake of Azure Resource Manager (Microsoft.Compute), over TLS, checked against the REST specs.
+"""A local fake of Azure Resource Manager (Microsoft.Compute), over TLS, checked against the generated models.
+
+Request bodies are checked against the schema tests/apischema.py rebuilds from the models
+azure-mgmt-compute generates from the OpenAPI specs (azure-rest-api-specs): each field's REST
+name, type, extensible-enum values and whether it is required; objects closed. The field lists
+below are what spotsafe sends; the checker knows every field the spec has.
 
 ARM is HTTPS only (azure-core refuses to send a bearer token over plain HTTP), so the fake
 serves TLS with a self-signed certificate made here (:func:`self_signed`); clients trust it
@@ -48,179 +53,19 @@ import ssl
 from pathlib import Path
 from typing import Any
 
+from azure.mgmt.compute import models as compute_models
+
+from tests.apischema import azure_schema
 from tests.restfake import Answer, Request, RestFake, SchemaError, check
 
 SUB = r"/subscriptions/(?P<sub>[^/]+)"
 RG = SUB + r"/resourceGroups/(?P<rg>[^/]+)"
 VMSS_PATH = RG + r"/providers/Microsoft\.Compute/virtualMachineScaleSets/(?P<name>[^/]+)"
 
-#: virtualMachineScaleSet.json, definitions Sku and VirtualMachineScaleSetUpdate (the fields spotsafe sends).
-SKU = {
-    "type": "object",
-    "properties": {"name": {"type": "string"}, "tier": {"type": "string"}, "capacity": {"type": "integer"}},
-}
-VMSS_UPDATE = {"type": "object", "properties": {"sku": SKU}}
-_S = {"type": "string"}
-_DELETE = {"type": "string", "enum": ["Delete", "Detach"]}
-VMSS = {
-    "type": "object",
-    "required": ["location"],
-    "properties": {
-        "location": _S,
-        "tags": {"type": "object", "additional": _S},
-        "sku": SKU,
-        "identity": {
-            "type": "object",
-            "properties": {
-                "type": {
-                    "type": "string",
-                    "enum": ["SystemAssigned", "UserAssigned", "SystemAssigned, UserAssigned", "None"],
-                }
-            },
-        },
-        "properties": {
-            "type": "object",
-            "properties": {
-                "orchestrationMode": {"type": "string", "enum": ["Uniform", "Flexible"]},
-                "platformFaultDomainCount": {"type": "integer"},
-                "spotRestorePolicy": {
-                    "type": "object",
-                    "properties": {
-                        "enabled": {"type": "boolean"},
-                        "restoreTimeout": {"type": "string", "pattern": r"PT\d+[HM]"},
-                    },
-                },
-                "virtualMachineProfile": {
-                    "type": "object",
-                    "properties": {
-                        "priority": {"type": "string", "enum": ["Regular", "Low", "Spot"]},
-                        "evictionPolicy": {"type": "string", "enum": ["Deallocate", "Delete"]},
-                        "billingProfile": {"type": "object", "properties": {"maxPrice": {"type": "number"}}},
-                        "osProfile": {
-                            "type": "object",
-                            "properties": {
-                                "computerNamePrefix": {"type": "string", "pattern": r"[-a-zA-Z0-9]{1,9}"},
-                                "adminUsername": _S,
-                                "customData": {"type": "string", "pattern": r"[A-Za-z0-9+/=]+"},
-                                "linuxConfiguration": {
-                                    "type": "object",
-                                    "properties": {
-                                        "disablePasswordAuthentication": {"type": "boolean"},
-                                        "ssh": {
-                                            "type": "object",
-                                            "properties": {
-                                                "publicKeys": {
-                                                    "type": "array",
-                                                    "items": {
-                                                        "type": "object",
-                                                        "properties": {"path": _S, "keyData": _S},
-                                                    },
-                                                }
-                                            },
-                                        },
-                                    },
-                                },
-                            },
-                        },
-                        "storageProfile": {
-                            "type": "object",
-                            "properties": {
-                                "imageReference": {
-                                    "type": "object",
-                                    "properties": {"publisher": _S, "offer": _S, "sku": _S, "version": _S},
-                                },
-                                "osDisk": {
-                                    "type": "object",
-                                    "required": ["createOption"],
-                                    "properties": {
-                                        "createOption": {
-                                            "type": "string",
-                                            "enum": ["FromImage", "Empty", "Attach", "Copy", "Restore"],
-                                        },
-                                        "caching": {"type": "string", "enum": ["None", "ReadOnly", "ReadWrite"]},
-                                        "managedDisk": {
-                                            "type": "object",
-                                            "properties": {
-                                                "storageAccountType": {
-                                                    "type": "string",
-                                                    "enum": [
-                                                        "Standard_LRS",
-                                                        "Premium_LRS",
-                                                        "StandardSSD_LRS",
-                                                        "UltraSSD_LRS",
-                                                        "Premium_ZRS",
-                                                        "StandardSSD_ZRS",
-                                                        "PremiumV2_LRS",
-                                                    ],
-                                                }
-                                            },
-                                        },
-                                        "deleteOption": _DELETE,
-                                    },
-                                },
-                            },
-                        },
-                        "networkProfile": {
-                            "type": "object",
-                            "properties": {
-                                "networkApiVersion": {"type": "string", "enum": ["2020-11-01"]},
-                                "networkInterfaceConfigurations": {
-                                    "type": "array",
-                                    "items": {
-                                        "type": "object",
-                                        "required": ["name"],
-                                        "properties": {
-                                            "name": _S,
-                                            "properties": {
-                                                "type": "object",
-                                                "properties": {
-                                                    "primary": {"type": "boolean"},
-                                                    "deleteOption": _DELETE,
-                                                    "ipConfigurations": {
-                                                        "type": "array",
-                                                        "items": {
-                                                            "type": "object",
-                                                            "required": ["name"],
-                                                            "properties": {
-                                                                "name": _S,
-                                                                "properties": {
-                                                                    "type": "object",
-                                                                    "properties": {
-                                                                        "primary": {"type": "boolean"},
-                                                                        "subnet": {
-                                                                            "type": "object",
-                                                                            "properties": {"id": _S},
-                                                                        },
-                                                                        "publicIPAddressConfiguration": {
-                                                                            "type": "object",
-                                                                            "properties": {
-                                                                                "name": _S,
-                                                                                "properties": {
-                                                                                    "type": "object",
-                                                                                    "properties": {
-                                                                                        "deleteOption": _DELETE
-                                                                                    },
-                                                                                },
-                                                                            },
-                                                                        },
-                                                                    },
-                                                                },
-                                                            },
-                                                        },
-                                                    },
-                                                },
-                                            },
-                                        },
-                                    },
-                                },
-                            },
-                        },
-                    },
-                },
-            },
-        },
-    },
-}
+#: The request bodies' schemas, from the models azure-mgmt-compute generates from the OpenAPI spec
+#: (tests/apischema.py): VirtualMachineScaleSet (PUT) and VirtualMachineScaleSetUpdate (PATCH).
+VMSS = azure_schema(compute_models.VirtualMachineScaleSet)
+VMSS_UPDATE = azure_schema(compute_models.VirtualMachineScaleSetUpdate)
 
 
 def self_signed(directory: Path) -> tuple[ssl.SSLContext, Path]:

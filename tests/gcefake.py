@@ -1,38 +1,21 @@
-"""A local fake of the Compute Engine REST API (compute/v1): what spotsafe calls, checked against the reference.
+"""A local fake of the Compute Engine REST API (compute/v1): what spotsafe calls, checked against the discovery document.
 
-Where each fact comes from (the Compute Engine API reference, v1,
-https://cloud.google.com/compute/docs/reference/rest/v1/, and its discovery document
-https://compute.googleapis.com/discovery/v1/apis/compute/v1/rest, which google-cloud-compute
-is generated from):
+Request bodies are checked against Google's discovery document ``compute.v1`` (the
+machine-readable description Google publishes and google-cloud-compute is generated from;
+google-api-python-client ships it, tests/apischema.py reads it): closed objects, types, enums,
+patterns and the method's required fields; a violation is a 400 and lands in ``violations``.
+What the fake *does* with a request (the paths, the ``Operation`` it answers, that a group
+creates one VM and keeps a stateful disk) is the reference pages' description
+(https://cloud.google.com/compute/docs/reference/rest/v1/), not observed:
 
 - ``instanceGroupManagers.resize``: ``POST .../zones/{zone}/instanceGroupManagers/{name}/resize``,
-  query parameter ``size`` (integer, required, >= 0), **no request body**; answers an
-  ``Operation`` (``kind: compute#operation``, ``status`` PENDING | RUNNING | DONE,
-  ``targetLink``, ``operationType``) -- reference page instanceGroupManagers/resize.
-- ``instanceGroupManagers.get``: ``GET .../instanceGroupManagers/{name}``: the resource
-  with ``targetSize`` (integer) -- reference page instanceGroupManagers/get.
-- ``zoneOperations.get``: ``GET .../zones/{zone}/operations/{operation}`` -- reference page
-  zoneOperations/get.
-- ``instanceTemplates.insert`` (``POST .../global/instanceTemplates``), ``get``, ``delete``: body an
-  ``InstanceTemplate``: ``name``, ``description``, ``properties`` (``InstanceProperties``: ``machineType``
-  string, ``labels`` map of strings, ``scheduling`` (``Scheduling``: ``provisioningModel`` SPOT |
-  STANDARD, ``instanceTerminationAction`` DELETE | STOP, ``automaticRestart`` boolean,
-  ``onHostMaintenance`` MIGRATE | TERMINATE), ``disks`` (``AttachedDisk``: ``boot``, ``autoDelete``
-  booleans, ``type`` PERSISTENT | SCRATCH, ``deviceName``, ``initializeParams``
-  (``AttachedDiskInitializeParams``: ``sourceImage``, ``diskName``, ``diskType`` strings,
-  ``diskSizeGb`` int64, ``labels``)), ``networkInterfaces`` (``network``, ``accessConfigs``: ``name``,
-  ``type`` ONE_TO_ONE_NAT | DIRECT_IPV6), ``serviceAccounts`` (``email``, ``scopes``), ``metadata``
-  (``items``: ``key``, ``value``)) -- reference pages instanceTemplates/insert and the
-  InstanceProperties, Scheduling, AttachedDisk, Metadata schemas.
-- ``instanceGroupManagers.insert`` (``POST .../zones/{zone}/instanceGroupManagers``), ``delete``:
-  body an ``InstanceGroupManager``: ``name``, ``description``, ``baseInstanceName``,
-  ``instanceTemplate`` strings, ``targetSize`` integer, ``statefulPolicy.preservedState.disks``: a map of
-  device name to ``{autoDelete: NEVER | ON_PERMANENT_INSTANCE_DELETION}`` -- reference page
-  instanceGroupManagers/insert, StatefulPolicy.
+  query parameter ``size`` (integer >= 0), **no request body**; answers an ``Operation``.
+- ``instanceGroupManagers.get`` / ``insert`` / ``delete``, ``instanceTemplates.insert`` / ``get`` /
+  ``delete``, ``zoneOperations.get``, ``globalOperations.get``.
 - ``disks.list`` / ``instances.list`` take ``filter`` (``labels.KEY=VALUE``), answer ``{items: [...]}``;
-  ``disks.delete`` -- reference pages disks/list, instances/list.
-- Errors: ``{"error": {"code", "message", "errors": [...]}}`` with the HTTP status
-  (404 for a missing resource) -- the API's "Errors" page (Google JSON error format).
+  ``disks.delete``.
+- Errors: ``{"error": {"code", "message", "errors": [...]}}`` with the HTTP status (404 for a
+  missing resource, 409 ``alreadyExists``) -- Google's JSON error format.
 """
 
 from __future__ import annotations
@@ -41,124 +24,15 @@ import itertools
 import re
 from typing import Any
 
+from tests.apischema import discovery_schema
 from tests.restfake import Answer, Request, RestFake, SchemaError, check
 
 PROJECT = r"/compute/v1/projects/(?P<project>[^/]+)"
 ZONE = PROJECT + r"/zones/(?P<zone>[^/]+)"
 
-_S = {"type": "string"}
-_LABELS = {"type": "object", "additional": _S}
-SCHEDULING = {
-    "type": "object",
-    "properties": {
-        "provisioningModel": {"type": "string", "enum": ["SPOT", "STANDARD"]},
-        "instanceTerminationAction": {"type": "string", "enum": ["DELETE", "STOP"]},
-        "automaticRestart": {"type": "boolean"},
-        "onHostMaintenance": {"type": "string", "enum": ["MIGRATE", "TERMINATE"]},
-    },
-}
-ATTACHED_DISK = {
-    "type": "object",
-    "properties": {
-        "boot": {"type": "boolean"},
-        "autoDelete": {"type": "boolean"},
-        "type": {"type": "string", "enum": ["PERSISTENT", "SCRATCH"]},
-        "deviceName": {"type": "string", "pattern": r"[a-z]([-a-z0-9]*[a-z0-9])?"},
-        "initializeParams": {
-            "type": "object",
-            "properties": {
-                "sourceImage": _S,
-                "diskName": _S,
-                "diskType": _S,
-                "diskSizeGb": {"type": "int64"},
-                "labels": _LABELS,
-            },
-        },
-    },
-}
-INSTANCE_TEMPLATE = {
-    "type": "object",
-    "required": ["name", "properties"],
-    "properties": {
-        "name": {"type": "string", "pattern": r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?"},
-        "description": _S,
-        "properties": {
-            "type": "object",
-            "required": ["machineType", "disks"],
-            "properties": {
-                "machineType": _S,
-                "labels": _LABELS,
-                "scheduling": SCHEDULING,
-                "disks": {"type": "array", "items": ATTACHED_DISK},
-                "networkInterfaces": {
-                    "type": "array",
-                    "items": {
-                        "type": "object",
-                        "properties": {
-                            "network": _S,
-                            "accessConfigs": {
-                                "type": "array",
-                                "items": {
-                                    "type": "object",
-                                    "properties": {
-                                        "name": _S,
-                                        "type": {"type": "string", "enum": ["ONE_TO_ONE_NAT", "DIRECT_IPV6"]},
-                                    },
-                                },
-                            },
-                        },
-                    },
-                },
-                "serviceAccounts": {
-                    "type": "array",
-                    "items": {"type": "object", "properties": {"email": _S, "scopes": {"type": "array", "items": _S}}},
-                },
-                "metadata": {
-                    "type": "object",
-                    "properties": {
-                        "items": {
-                            "type": "array",
-                            "items": {"type": "object", "required": ["key"], "properties": {"key": _S, "value": _S}},
-                        }
-                    },
-                },
-            },
-        },
-    },
-}
-GROUP = {
-    "type": "object",
-    "required": ["name", "instanceTemplate", "targetSize"],
-    "properties": {
-        "name": {"type": "string", "pattern": r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?"},
-        "description": _S,
-        "baseInstanceName": _S,
-        "instanceTemplate": _S,
-        "targetSize": {"type": "integer"},
-        "statefulPolicy": {
-            "type": "object",
-            "properties": {
-                "preservedState": {
-                    "type": "object",
-                    "properties": {
-                        "disks": {
-                            "type": "object",
-                            "additional": {
-                                "type": "object",
-                                "properties": {
-                                    "autoDelete": {
-                                        "type": "string",
-                                        "enum": ["NEVER", "ON_PERMANENT_INSTANCE_DELETION"],
-                                    }
-                                },
-                            },
-                        }
-                    },
-                }
-            },
-        },
-    },
-}
+#: The request bodies' schemas, from Google's discovery document compute.v1 (tests/apischema.py).
+INSTANCE_TEMPLATE = discovery_schema("compute.v1", "InstanceTemplate", "compute.instanceTemplates.insert")
+GROUP = discovery_schema("compute.v1", "InstanceGroupManager", "compute.instanceGroupManagers.insert")
 
 
 class ComputeFake(RestFake):
@@ -240,8 +114,6 @@ class ComputeFake(RestFake):
         return 200, group, {}
 
     def _resize(self, r: Request) -> Answer:
-        from tests.restfake import SchemaError
-
         if r.body not in (None, {}, ""):
             raise SchemaError(f"resize takes no request body, got {r.body!r}")
         size = r.query.get("size")

@@ -132,3 +132,28 @@ def test_a_scale_set_spotsafe_did_not_make_is_left_alone(arm_fake: ARMFake, arm:
 def test_bad_input_is_named(overrides: dict[str, Any], message: str) -> None:
     with pytest.raises(LaunchConfigError, match=message):
         _spec(**overrides).validate()
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda b: b["properties"]["virtualMachineProfile"].update(evictionPolicyy="Delete"), "not a field"),
+        (lambda b: b["properties"]["virtualMachineProfile"].update(priority="Cheap"), "documented values"),
+        (lambda b: b["sku"].update(capacity="one"), "integer"),
+        (lambda b: b.pop("location"), "required"),
+    ],
+)
+def test_the_fake_refuses_a_body_the_generated_models_do_not_allow(
+    arm_fake: ARMFake, mutate: Any, message: str
+) -> None:
+    """The fake's schema is azure-mgmt-compute's generated model of the OpenAPI spec: a wrong field is a 400."""
+    import requests
+
+    from spotsafe.cloud.azure.launch.up import scale_set_body
+
+    body = scale_set_body(_spec())
+    mutate(body)
+    url = f"{arm_fake.endpoint}/subscriptions/{SUB}/resourceGroups/{RG}/providers/Microsoft.Compute/virtualMachineScaleSets/x"
+    r = requests.put(url, params={"api-version": "2024-07-01"}, json=body, verify=str(arm_fake.ca))
+    assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
+    assert arm_fake.scale_sets == {} and len(arm_fake.violations) == 1

@@ -202,3 +202,27 @@ def test_cli_aws_still_needs_its_instance_types(capsys: pytest.CaptureFixture[st
 
     assert main(["launch", "r", "--command", "python train.py", "--store", "s3://b/r", "--image-id", "ami-1"]) == 2
     assert "--instance-types is required on AWS" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda b: b["properties"].update(schedulingPolicy={}), "not a field"),
+        (lambda b: b["properties"]["scheduling"].update(provisioningModel="CHEAP"), "documented values"),
+        (lambda b: b["properties"]["disks"][0]["initializeParams"].update(diskSizeGb="ten"), "int64"),
+        (lambda b: b.pop("name"), "required"),
+    ],
+)
+def test_the_fake_refuses_a_body_its_discovery_schema_does_not_allow(
+    compute_fake: ComputeFake, mutate: Any, message: str
+) -> None:
+    """The fake's schema is compute.v1's discovery document: a wrong field is a 400, as from the real API."""
+    import requests
+
+    from spotsafe.cloud.gcp.launch.spec import template_body
+
+    body = template_body(_spec())
+    mutate(body)
+    r = requests.post(f"{compute_fake.endpoint}/compute/v1/projects/{PROJECT}/global/instanceTemplates", json=body)
+    assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
+    assert compute_fake.templates == {} and len(compute_fake.violations) == 1
