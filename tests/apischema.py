@@ -77,7 +77,9 @@ def _discovery(schemas: dict[str, Any], src: dict[str, Any], memo: dict[str, Sch
             props = src["properties"]
             out["properties"] = {k: _discovery(schemas, v, memo, method) for k, v in props.items()}
             if method is not None:
-                out["required"] = [k for k, v in props.items() if method in v.get("annotations", {}).get("required", ())]
+                out["required"] = [
+                    k for k, v in props.items() if method in v.get("annotations", {}).get("required", ())
+                ]
         elif "additionalProperties" in src:
             out["additional"] = _discovery(schemas, src["additionalProperties"], memo, method)
     return out
@@ -139,7 +141,7 @@ def _azure_hint(hint: Any, memo: dict[type, Schema]) -> Schema:
         return {"type": "string", "enum": [m.value for m in hint]}
     if hint in _SCALARS:
         return {"type": _SCALARS[hint]}
-    if isinstance(hint, type) and hasattr(hint, "_attr_to_rest_field") or getattr(hint, "_is_model", False):
+    if isinstance(hint, type) and getattr(hint, "_is_model", False):
         return _azure_model(hint, memo)
     return {}  # datetime, Any: not checked
 
