@@ -157,3 +157,33 @@ def test_the_fake_refuses_a_body_the_generated_models_do_not_allow(
     r = requests.put(url, params={"api-version": "2024-07-01"}, json=body, verify=str(arm_fake.ca))
     assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
     assert arm_fake.scale_sets == {} and len(arm_fake.violations) == 1
+
+
+def test_cli_price_on_azure_reads_the_retail_prices_api_page_by_page(
+    retail_prices_fake: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from spotsafe.cli.main import main
+
+    size = "Standard_NC4as_T4_v3"
+    retail_prices_fake.add(size, "eastus", 0.1578)
+    retail_prices_fake.add(size, "eastus", 0.2093, product="Windows")
+    retail_prices_fake.add(size, "eastus", 0.526, meter="")
+    retail_prices_fake.add(size, "eastus", 0.1052, meter="Low Priority")
+    retail_prices_fake.add(size, "westus2", 0.1201)
+    retail_prices_fake.add("Standard_NC8as_T4_v3", "westus2", 0.2254)
+    monkeypatch.setenv("SPOTSAFE_AZURE_PRICES_ENDPOINT", retail_prices_fake.endpoint)
+    assert main(["price", "--cloud", "azure", "--instance-types", size]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["REGION", "TYPE", "USD/H", "SINCE", "DETAIL"]
+    assert [tuple(line.split()[:3]) for line in lines[1:]] == [
+        ("westus2", size, "0.1201"),
+        ("eastus", size, "0.1578"),
+    ]
+    (first, *rest) = retail_prices_fake.calls("GET", r"/api/retail/prices")
+    assert "contains(meterName, 'Spot')" in first[2]["$filter"] and "priceType eq 'Consumption'" in first[2]["$filter"]
+    assert len(rest) == 1 and rest[0][2]["$skip"] == "2"  # the Windows Spot meter sat on page 2, left out
+    assert retail_prices_fake.violations == []
+    assert main(["price", "--cloud", "azure", "--instance-types", size, "--region", "eastus"]) == 0
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]] == ["eastus"]
+    assert main(["price", "--cloud", "azure", "--instance-types", "Standard_D2s_v5"]) == 1
+    assert "no Spot price for Standard_D2s_v5" in capsys.readouterr().out

@@ -179,13 +179,6 @@ def test_a_gs_store_has_no_disk(compute_fake: ComputeFake, gce: Compute) -> None
     assert compute_fake.violations == []
 
 
-def test_cli_price_on_gcp_says_where_prices_are(capsys: pytest.CaptureFixture[str]) -> None:
-    from spotsafe.cli.main import main
-
-    assert main(["price", "--cloud", "gcp", "--instance-types", "g2-standard-4"]) == 1
-    assert "Cloud Billing Catalog API" in capsys.readouterr().out
-
-
 def test_cli_azure_launch_names_what_is_missing(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -226,3 +219,51 @@ def test_the_fake_refuses_a_body_its_discovery_schema_does_not_allow(
     r = requests.post(f"{compute_fake.endpoint}/compute/v1/projects/{PROJECT}/global/instanceTemplates", json=body)
     assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
     assert compute_fake.templates == {} and len(compute_fake.violations) == 1
+
+
+def test_cli_price_on_gcp_reads_the_billing_catalog_page_by_page(
+    billing_fake: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from spotsafe.cli.main import main
+    from tests.pricefake import gcp_sku
+
+    core, ram = 0.0071, 0.00095
+    billing_fake.add(
+        gcp_sku("Spot Preemptible N2 Instance Core running in Americas", ["us-central1", "us-east1"], core)
+    )
+    billing_fake.add(gcp_sku("N2 Instance Core running in Americas", ["us-central1", "us-east1"], 0.031611))
+    billing_fake.add(gcp_sku("Spot Preemptible E2 Instance Core running in Americas", ["us-central1"], 0.0066))
+    billing_fake.add(gcp_sku("Spot Preemptible N2 Custom Instance Core running in Americas", ["us-central1"], 0.008))
+    billing_fake.add(
+        gcp_sku("Spot Preemptible N2 Instance Ram running in Americas", ["us-central1", "us-east1"], ram, unit="GiBy.h")
+    )
+    billing_fake.add(gcp_sku("Spot Preemptible N2 Instance Core running in Belgium", ["europe-west1"], 0.0078))
+    monkeypatch.setenv("SPOTSAFE_GCP_BILLING_ENDPOINT", billing_fake.endpoint)
+    args = ["price", "--cloud", "gcp", "--instance-types", "n2-standard-8", "--api-key", "test-key"]
+    assert main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:4] == ["REGION", "TYPE", "USD/H", "SINCE"]
+    # europe-west1 has no Ram SKU here: not priced; the two Americas regions are, the same.
+    assert [(line.split()[0], line.split()[1], line.split()[2]) for line in lines[1:]] == [
+        ("us-central1", "n2-standard-8", f"{8 * core + 32 * ram:.4f}"),
+        ("us-east1", "n2-standard-8", f"{8 * core + 32 * ram:.4f}"),
+    ]
+    pages = billing_fake.calls("GET", r".*/skus")
+    assert len(pages) == 3 and all(q["key"] == "test-key" for _, _, q, _ in pages)
+    assert billing_fake.violations == []
+    assert main([*args[:-2], "--api-key", "test-key", "--region", "us-east1"]) == 0
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]] == ["us-east1"]
+    assert main(["price", "--cloud", "gcp", "--instance-types", "a3-megagpu-8g", "--api-key", "k"]) == 1
+    assert "no Spot price for a3-megagpu-8g" in capsys.readouterr().out
+
+
+def test_cli_price_on_gcp_names_the_api_when_it_refuses(
+    billing_fake: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from spotsafe.cloud.gcp.prices import unit_prices
+
+    monkeypatch.setenv("SPOTSAFE_GCP_BILLING_ENDPOINT", billing_fake.endpoint)
+    billing_fake.route("GET", r"/v1/services/.*", lambda r: (403, billing_fake.error(403, "API key not valid"), {}))
+    billing_fake.routes.insert(0, billing_fake.routes.pop())
+    with pytest.raises(LaunchError, match=r"Cloud Billing Catalog API answered 403.*API key not valid"):
+        unit_prices({"n2"}, None, api_key="bad")

@@ -6,6 +6,8 @@ import os
 from typing import Any, TextIO
 
 from spotsafe.cloud.azure.launch.up import Arm, AzureLaunchSpec, down, launch, tagged_disks
+from spotsafe.cloud.azure.prices import spot_prices
+from spotsafe.cloud.pricing import show_prices
 from spotsafe.errors import LaunchConfigError
 
 
@@ -34,12 +36,7 @@ def _arm(ns: Any) -> Arm:
 def run_azure(ns: Any, out: TextIO) -> int:
     """Run a parsed command with ``--cloud azure``; the exit status."""
     if ns.command == "price":
-        print(
-            "spotsafe price --cloud azure: not built; the Azure Retail Prices API has Spot prices "
-            "(docs/launch.md, Azure: prices)",
-            file=out,
-        )
-        return 1
+        return show_prices(spot_prices(ns.instance_types, ns.region), ns.instance_types, ns.region, out)
     arm = _arm(ns)
     if ns.command == "status":
         group = arm.call("get", arm.client.virtual_machine_scale_sets.get, arm.resource_group, f"spotsafe-{ns.name}")

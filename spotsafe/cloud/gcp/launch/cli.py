@@ -6,6 +6,8 @@ from typing import Any, TextIO
 
 from spotsafe.cloud.gcp.launch.spec import MOUNT, GcpLaunchSpec
 from spotsafe.cloud.gcp.launch.up import Compute, down, launch, status
+from spotsafe.cloud.gcp.prices import spot_prices
+from spotsafe.cloud.pricing import show_prices
 from spotsafe.errors import LaunchConfigError
 
 
@@ -33,12 +35,9 @@ def _compute(ns: Any) -> Compute:
 def run_gcp(ns: Any, out: TextIO) -> int:
     """Run a parsed command with ``--cloud gcp``; the exit status."""
     if ns.command == "price":
-        print(
-            "spotsafe price --cloud gcp: Spot VM prices come from the Cloud Billing Catalog API, which needs "
-            "an API key spotsafe does not ask for; see docs/launch.md (GCP: prices) for the gcloud line",
-            file=out,
+        return show_prices(
+            spot_prices(ns.instance_types, ns.region, api_key=ns.api_key), ns.instance_types, ns.region, out
         )
-        return 1
     gce = _compute(ns)
     if ns.command == "status":
         st = status(ns.name, gce)
