@@ -25,6 +25,7 @@ import re
 from typing import Any
 
 from tests.apischema import discovery_schema
+from tests.gcpiamfake import GoogleIam
 from tests.restfake import Answer, Request, RestFake, SchemaError, check
 
 PROJECT = r"/compute/v1/projects/(?P<project>[^/]+)"
@@ -60,6 +61,8 @@ class ComputeFake(RestFake):
         self.route("GET", ZONE + r"/disks", lambda r: self._list(r, self.disks))
         self.route("GET", ZONE + r"/instances", lambda r: self._list(r, self.instances))
         self.route("DELETE", ZONE + r"/disks/(?P<name>[^/]+)", self._delete_disk)
+        #: IAM, Resource Manager and Cloud Storage IAM on the same server (tests/gcpiamfake.py)
+        self.iam = GoogleIam(self)
 
     def add_group(self, project: str, zone: str, name: str, *, target_size: int = 1) -> dict[str, Any]:
         """A managed instance group as ``gcloud compute instance-groups managed create`` leaves it."""

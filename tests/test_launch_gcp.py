@@ -29,7 +29,6 @@ def _spec(**overrides: Any) -> GcpLaunchSpec:
         "image": "projects/deeplearning-platform-release/global/images/family/common-cu124",
         "command": "python train.py",
         "store": "/mnt/spotsafe/mnist",
-        "service_account": "spotsafe-mnist@spotsafe-test.iam.gserviceaccount.com",
         "disk_size": 100,
         "pip_spec": "git+https://example.invalid/spotsafe.git@" + "0" * 40,
     }
@@ -41,6 +40,7 @@ def _spec(**overrides: Any) -> GcpLaunchSpec:
 def gce(compute_fake: ComputeFake) -> Compute:
     from google.auth.credentials import AnonymousCredentials
 
+    compute_fake.iam.add_project(PROJECT)
     return Compute(PROJECT, ZONE, credentials=AnonymousCredentials(), endpoint=compute_fake.endpoint)  # type: ignore[no-untyped-call]
 
 
@@ -53,12 +53,15 @@ def test_plan_changes_nothing_then_launch_creates_a_spot_group_with_a_stateful_d
 ) -> None:
     plan = launch(_spec(), gce, apply=False, on_step=_quiet)
     assert [(s.verb, s.kind) for s in plan.steps] == [
+        ("create", "service account"),
+        ("create", "custom role"),
+        ("create", "binding on project"),
         ("create", "instance template"),
         ("create", "managed instance group"),
     ]
-    assert compute_fake.calls("POST", r".*") == []
+    assert compute_fake.calls("POST", r".*Templates|.*Managers|.*Accounts|.*roles|.*:setIamPolicy") == []
     done = launch(_spec(), gce, apply=True, on_step=_quiet)
-    assert len(done.changes) == 2
+    assert len(done.changes) == 5
     assert compute_fake.violations == []
     (tmpl,) = compute_fake.templates.values()
     props = tmpl["properties"]
@@ -76,34 +79,104 @@ def test_plan_changes_nothing_then_launch_creates_a_spot_group_with_a_stateful_d
     assert group["statefulPolicy"] == {"preservedState": {"disks": {"spotsafe-mnist": {"autoDelete": "NEVER"}}}}
     assert group["instanceTemplate"].endswith("/global/instanceTemplates/spotsafe-mnist")
     # Again: nothing to change.
+    posts = len(compute_fake.calls("POST", r".*"))
     again = launch(_spec(), gce, apply=True, on_step=_quiet)
-    assert again.changes == [] and len(compute_fake.calls("POST", r".*")) == 2
+    # Again: nothing changes; the only POST is the (read-only) getIamPolicy.
+    assert again.changes == [] and [c[1] for c in compute_fake.calls("POST", r".*")[posts:]] == [
+        f"/v1/projects/{PROJECT}:getIamPolicy"
+    ]
 
 
-@pytest.mark.parametrize(
-    "crash", [r"/compute/v1/projects/([^/]+)/global/instanceTemplates", r".*/instanceGroupManagers"]
-)
+#: Every creating call of a launch, as (method, the end of its route's pattern).
+CREATING_CALLS = [
+    ("POST", "/serviceAccounts"),
+    ("POST", "/roles"),
+    ("POST", ":setIamPolicy"),
+    ("PUT", "/iam"),
+    ("POST", "/global/instanceTemplates"),
+    ("POST", "/instanceGroupManagers"),
+]
+
+
+def _route_key(fake: ComputeFake, method: str, tail: str) -> str:
+    (key,) = [f"{m} {rx.pattern}" for m, rx, _ in fake.routes if m == method and rx.pattern.endswith(tail)]
+    return key
+
+
+@pytest.mark.parametrize(("method", "tail"), CREATING_CALLS)
 def test_a_launch_cut_after_each_creating_call_is_completed_by_the_next(
-    compute_fake: ComputeFake, gce: Compute, crash: str
+    compute_fake: ComputeFake, gce: Compute, method: str, tail: str
 ) -> None:
     """The call did its work but its answer was lost (the operator's machine died): rerun, nothing doubled."""
-    key = next(
-        f"POST {rx.pattern}"
-        for m, rx, _ in compute_fake.routes
-        if m == "POST"
-        and (
-            rx.pattern.endswith("instanceTemplates")
-            if "Templates" in crash
-            else rx.pattern.endswith("instanceGroupManagers")
-        )
-    )
-    compute_fake.crash_after[key] = 1
+    compute_fake.iam.add_bucket("ckpt")
+    spec = _spec(disk_size=None, store="gs://ckpt/runs/mnist")
+    compute_fake.crash_after[_route_key(compute_fake, method.replace("PUT", "PUT"), tail)] = 1
     with pytest.raises(LaunchError):
-        launch(_spec(), gce, apply=True, on_step=_quiet)
-    launch(_spec(), gce, apply=True, on_step=_quiet)
+        launch(spec, gce, apply=True, on_step=_quiet)
+    launch(spec, gce, apply=True, on_step=_quiet)
     assert len(compute_fake.templates) == 1 and len(compute_fake.groups) == 1
+    assert len(compute_fake.iam.accounts) == 1 and len(compute_fake.iam.roles) == 1
+    assert len(compute_fake.iam.bindings(f"projects/{PROJECT}")) == 1
+    assert len(compute_fake.iam.bindings("b/ckpt")) == 2  # the owner's and the run's
     assert compute_fake.violations == []
-    assert launch(_spec(), gce, apply=True, on_step=_quiet).changes == []
+    assert launch(spec, gce, apply=True, on_step=_quiet).changes == []
+
+
+def test_launch_gives_the_vm_its_own_least_privilege_identity_and_down_removes_it(
+    compute_fake: ComputeFake, gce: Compute
+) -> None:
+    compute_fake.iam.add_bucket("ckpt")
+    spec = _spec(disk_size=None, store="gs://ckpt/runs/mnist")
+    plan = launch(spec, gce, apply=False, on_step=_quiet)
+    assert [(s.verb, s.kind) for s in plan.steps][:4] == [
+        ("create", "service account"),
+        ("create", "custom role"),
+        ("create", "binding on project"),
+        ("create", "binding on bucket ckpt"),
+    ]
+    assert compute_fake.iam.accounts == {} and compute_fake.iam.roles == {}
+    launch(spec, gce, apply=True, on_step=_quiet)
+    email = f"spotsafe-mnist@{PROJECT}.iam.gserviceaccount.com"
+    assert list(compute_fake.iam.accounts) == [email]
+    role = compute_fake.iam.roles[(PROJECT, "spotsafe_mnist")]
+    assert role["includedPermissions"] == ["compute.instanceGroupManagers.get", "compute.instanceGroupManagers.update"]
+    (binding,) = compute_fake.iam.bindings(f"projects/{PROJECT}")
+    assert binding["role"] == f"projects/{PROJECT}/roles/spotsafe_mnist"
+    assert binding["members"] == [f"serviceAccount:{email}"]
+    group = f"projects/{PROJECT}/zones/{ZONE}/instanceGroupManagers/spotsafe-mnist"
+    assert binding["condition"]["expression"] == f'resource.name == "{group}"'
+    store = compute_fake.iam.bindings("b/ckpt")[-1]
+    assert store["role"] == "roles/storage.objectUser" and store["members"] == [f"serviceAccount:{email}"]
+    assert 'resource.name.startsWith("projects/_/buckets/ckpt/objects/runs/mnist/")' in store["condition"]["expression"]
+    (tmpl,) = compute_fake.templates.values()
+    assert tmpl["properties"]["serviceAccounts"][0]["email"] == email
+    # down: the bindings, the role and the account go (the bucket's owner binding stays).
+    _, left = down("mnist", gce, apply=True, delete_store=False, on_step=_quiet)
+    assert left == [] and compute_fake.iam.accounts == {}
+    assert compute_fake.iam.roles[(PROJECT, "spotsafe_mnist")]["deleted"] is True
+    assert compute_fake.iam.bindings(f"projects/{PROJECT}") == []
+    assert [b["role"] for b in compute_fake.iam.bindings("b/ckpt")] == ["roles/storage.legacyBucketOwner"]
+    # A relaunch of the name: the deleted role (its id kept 7 days) is undeleted, not recreated.
+    steps = launch(spec, gce, apply=True, on_step=_quiet).steps
+    assert ("create", "custom role", "undelete (down deleted it)") in [(s.verb, s.kind, s.detail) for s in steps]
+    assert "deleted" not in compute_fake.iam.roles[(PROJECT, "spotsafe_mnist")]
+    assert compute_fake.violations == []
+
+
+def test_a_given_service_account_means_no_iam_is_created(compute_fake: ComputeFake, gce: Compute) -> None:
+    launch(_spec(service_account="mine@p.iam.gserviceaccount.com"), gce, apply=True, on_step=_quiet)
+    assert compute_fake.iam.accounts == {} and compute_fake.iam.roles == {}
+    (tmpl,) = compute_fake.templates.values()
+    assert tmpl["properties"]["serviceAccounts"][0]["email"] == "mine@p.iam.gserviceaccount.com"
+
+
+def test_a_service_account_spotsafe_did_not_make_is_refused(compute_fake: ComputeFake, gce: Compute) -> None:
+    email = f"spotsafe-mnist@{PROJECT}.iam.gserviceaccount.com"
+    compute_fake.iam.accounts[email] = {"email": email, "description": "the data team's"}
+    with pytest.raises(LaunchError, match="spotsafe did not create"):
+        launch(_spec(), gce, apply=True, on_step=_quiet)
+    down("mnist", gce, apply=True, delete_store=True, on_step=_quiet)
+    assert email in compute_fake.iam.accounts
 
 
 def test_a_changed_launch_is_refused_not_half_applied(compute_fake: ComputeFake, gce: Compute) -> None:
@@ -117,7 +190,14 @@ def test_down_leaves_nothing_labelled(compute_fake: ComputeFake, gce: Compute) -
     st = status("mnist", gce)
     assert st.target_size == 1 and len(st.instances) == 1 and st.disks == ["spotsafe-mnist"]
     plan, _ = down("mnist", gce, apply=False, delete_store=False, on_step=_quiet)
-    assert [s.verb for s in plan.steps] == ["delete", "delete", "keep"]
+    assert [(s.verb, s.kind) for s in plan.steps] == [
+        ("delete", "managed instance group"),
+        ("delete", "binding on project"),
+        ("delete", "custom role"),
+        ("delete", "service account"),
+        ("delete", "instance template"),
+        ("keep", "disk"),
+    ]
     assert compute_fake.calls("DELETE", r".*") == []
     # Without --delete-store the checkpoints' disk stays, and is said to.
     _, left = down("mnist", gce, apply=True, delete_store=False, on_step=_quiet)
@@ -170,6 +250,7 @@ def test_bad_input_is_named(overrides: dict[str, Any], message: str) -> None:
 
 
 def test_a_gs_store_has_no_disk(compute_fake: ComputeFake, gce: Compute) -> None:
+    compute_fake.iam.add_bucket("bucket")
     out = io.StringIO()
     launch(_spec(disk_size=None, store="gs://bucket/runs/mnist"), gce, apply=True, on_step=lambda s: print(s, file=out))
     (tmpl,) = compute_fake.templates.values()

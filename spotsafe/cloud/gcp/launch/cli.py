@@ -19,7 +19,10 @@ def add_cloud_options(p: Any, *, launch: bool = False) -> None:
     if launch:
         p.add_argument("--machine-type", help="GCP: e.g. g2-standard-4 (one L4)")
         p.add_argument("--image", help="GCP: the boot image, e.g. projects/P/global/images/family/F")
-        p.add_argument("--service-account", help="GCP: the VM's service account email (docs/launch.md: its role)")
+        p.add_argument(
+            "--service-account",
+            help="GCP: the VM's service account email (default: launch creates spotsafe-NAME with only what the VM needs)",
+        )
 
 
 def _compute(ns: Any) -> Compute:
@@ -47,7 +50,12 @@ def run_gcp(ns: Any, out: TextIO) -> int:
         return 0
     if ns.command == "down":
         result, left = down(
-            ns.name, gce, apply=ns.yes, delete_store=ns.delete_store, on_step=lambda s: print(s, file=out)
+            ns.name,
+            gce,
+            apply=ns.yes,
+            delete_store=ns.delete_store,
+            store=ns.store,
+            on_step=lambda s: print(s, file=out),
         )
         if not ns.yes:
             print("plan only: rerun with --yes to delete" if result.changes else "nothing to delete", file=out)
@@ -56,9 +64,9 @@ def run_gcp(ns: Any, out: TextIO) -> int:
             print(f"still there: {item}", file=out)
         return 1 if left else 0
     store = ns.store or (f"{MOUNT}/{ns.name}" if ns.volume_size else None)
-    if store is None or not ns.machine_type or not ns.image or not ns.service_account:
+    if store is None or not ns.machine_type or not ns.image:
         raise LaunchConfigError(
-            "--cloud gcp launch needs --machine-type, --image, --service-account and --store gs://... (or --volume-size)"
+            "--cloud gcp launch needs --machine-type, --image and --store gs://... (or --volume-size)"
         )
     spec = GcpLaunchSpec(
         name=ns.name,

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from spotsafe.cloud.gcp.launch.iam import account_email
 from spotsafe.errors import LaunchConfigError, LaunchError
 
 LABEL = "spotsafe-run"
@@ -43,7 +44,7 @@ class GcpLaunchSpec:
     image: str
     command: str
     store: str
-    service_account: str
+    service_account: str | None = None  # None: launch creates spotsafe-NAME with the least it needs
     disk_size: int | None = None  # GiB: a stateful persistent disk (else a gs:// store)
     boot_disk_size: int = 100
     repo: str | None = None
@@ -57,6 +58,11 @@ class GcpLaunchSpec:
     def resource(self) -> str:
         return f"spotsafe-{self.name}"
 
+    @property
+    def account(self) -> str:
+        """The VM's service account: the one given, else the run's own (spotsafe.cloud.gcp.launch.iam)."""
+        return self.service_account or account_email(self.name, self.project)
+
     def validate(self) -> None:
         if not _NAME_RE.fullmatch(self.name):
             raise LaunchConfigError(
@@ -67,7 +73,7 @@ class GcpLaunchSpec:
             raise LaunchConfigError(f"--store {self.store!r}: give gs://BUCKET/PREFIX, or --volume-size for a disk")
         if self.disk_size is not None and (self.disk_size < 10 or self.store.startswith("gs://")):
             raise LaunchConfigError("--volume-size: at least 10 GiB, with a store on the disk (not gs://)")
-        if "@" not in self.service_account:
+        if self.service_account is not None and "@" not in self.service_account:
             raise LaunchConfigError(
                 f"--service-account {self.service_account!r}: the email of the VM's service account "
                 "(docs/launch.md, GCP: the role it needs)"
@@ -161,9 +167,7 @@ def template_body(spec: GcpLaunchSpec) -> dict[str, Any]:
                     "accessConfigs": [{"name": "External NAT", "type": "ONE_TO_ONE_NAT"}],
                 }
             ],
-            "serviceAccounts": [
-                {"email": spec.service_account, "scopes": ["https://www.googleapis.com/auth/cloud-platform"]}
-            ],
+            "serviceAccounts": [{"email": spec.account, "scopes": ["https://www.googleapis.com/auth/cloud-platform"]}],
             "metadata": {
                 "items": [
                     {"key": "startup-script", "value": startup_script(spec)},

@@ -12,17 +12,21 @@ an interrupted call is completed by the next):
 
 Without ``apply`` it only plans. ``down`` deletes the group (and with it the VM), then the
 template, then (``delete_store``) the run's disk, and lists what is still labelled or named
-for the run. The service account and its role are the operator's (docs/launch.md shows the
-``gcloud`` lines): ``launch`` never creates IAM.
+for the run. Before the template, unless ``--service-account`` names one, ``launch`` creates the
+run's own service account, custom role and conditional bindings
+(:mod:`spotsafe.cloud.gcp.launch.iam`); ``down`` removes them after the group.
 """
 
 from __future__ import annotations
 
 import json
+import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from spotsafe.cloud.gcp.launch import iam
+from spotsafe.cloud.gcp.launch.iam import GoogleRest
 from spotsafe.cloud.gcp.launch.spec import LABEL, GcpLaunchSpec, group_body, template_body
 from spotsafe.errors import LaunchError
 
@@ -66,6 +70,7 @@ class Compute:
         self.groups = compute_v1.InstanceGroupManagersClient(credentials=credentials, client_options=options)
         self.disks = compute_v1.DisksClient(credentials=credentials, client_options=options)
         self.instances = compute_v1.InstancesClient(credentials=credentials, client_options=options)
+        self.rest = GoogleRest(credentials, endpoint)
 
     def call(self, what: str, fn: Callable[..., Any], **kwargs: Any) -> Any:
         """One API call; a missing resource is None, any other failure a LaunchError naming ``what``."""
@@ -98,6 +103,16 @@ def launch(spec: GcpLaunchSpec, gce: Compute, *, apply: bool, on_step: Callable[
         result.steps.append(s)
         on_step(s)
 
+    if spec.service_account is None:
+        iam.ensure(
+            gce.rest,
+            spec.name,
+            gce.project,
+            gce.zone,
+            spec.store,
+            apply=apply,
+            say=lambda verb, kind, name, detail: step(Step(verb, kind, name, detail)),  # type: ignore[arg-type]
+        )
     name = spec.resource
     want = template_body(spec)
     current = gce.call(f"get template {name}", gce.templates.get, project=gce.project, instance_template=name)
@@ -179,7 +194,13 @@ def _labelled(gce: Compute, kind: str, name: str) -> list[str]:
 
 
 def down(
-    name: str, gce: Compute, *, apply: bool, delete_store: bool, on_step: Callable[[Step], None] = print
+    name: str,
+    gce: Compute,
+    *,
+    apply: bool,
+    delete_store: bool,
+    store: str | None = None,
+    on_step: Callable[[Step], None] = print,
 ) -> tuple[Result, list[str]]:
     """Delete the group, the template and (``delete_store``) the disk; what is still there after."""
     result = Result(applied=apply)
@@ -203,6 +224,17 @@ def down(
             if op is not None:
                 gce.wait(f"delete group {resource}", op)
     template = gce.call("get template", gce.templates.get, project=gce.project, instance_template=resource)
+    if template is not None and _ours(template, name):
+        store = store or _store_of(template)
+    iam.remove(
+        gce.rest,
+        name,
+        gce.project,
+        gce.zone,
+        store,
+        apply=apply,
+        say=lambda verb, kind, what, detail: step(Step(verb, kind, what, detail)),  # type: ignore[arg-type]
+    )
     if template is not None and _ours(template, name):
         step(Step("delete", "instance template", resource))
         if apply:
@@ -228,4 +260,15 @@ def down(
         left += [f"disk {d}" for d in st.disks if delete_store]
         if gce.call("get template", gce.templates.get, project=gce.project, instance_template=resource):
             left.append(f"instance template {resource}")
+        left += iam.left(gce.rest, name, gce.project, gce.zone, store)
     return result, left
+
+
+def _store_of(template: Any) -> str | None:
+    """The run's store, from the ``SPOTSAFE_STORE`` line launch wrote into the template's startup-script."""
+    for item in template.properties.metadata.items:
+        if item.key == "startup-script":
+            for line in str(item.value).splitlines():
+                if line.startswith('[ -n "${SPOTSAFE_STORE:-}" ] || SPOTSAFE_STORE='):
+                    return str(shlex.split(line.split("SPOTSAFE_STORE=", 2)[-1])[0])
+    return None
