@@ -50,9 +50,11 @@ from __future__ import annotations
 
 import datetime
 import ssl
+import uuid
 from pathlib import Path
 from typing import Any
 
+from azure.mgmt.authorization.v2022_04_01 import models as authorization_models
 from azure.mgmt.compute import models as compute_models
 
 from tests.apischema import azure_schema
@@ -66,6 +68,9 @@ VMSS_PATH = RG + r"/providers/Microsoft\.Compute/virtualMachineScaleSets/(?P<nam
 #: (tests/apischema.py): VirtualMachineScaleSet (PUT) and VirtualMachineScaleSetUpdate (PATCH).
 VMSS = azure_schema(compute_models.VirtualMachineScaleSet)
 VMSS_UPDATE = azure_schema(compute_models.VirtualMachineScaleSetUpdate)
+#: azure-mgmt-authorization's RoleAssignmentCreateParameters (api-version 2022-04-01, msrest _attribute_map).
+ROLE_ASSIGNMENT = azure_schema(authorization_models.RoleAssignmentCreateParameters)
+ROLE_ASSIGNMENT_PATH = r"(?P<scope>/subscriptions/.+)/providers/Microsoft\.Authorization/roleAssignments/(?P<ra>[^/]+)"
 
 
 def self_signed(directory: Path) -> tuple[ssl.SSLContext, Path]:
@@ -120,6 +125,18 @@ class ARMFake(RestFake):
         self.route("GET", RG + r"/providers/Microsoft\.Compute/disks", self._disks)
         #: managed disks by (subscription, resource group, name): {"name", "tags"}
         self.disks: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self.route("DELETE", RG + r"/providers/Microsoft\.Compute/disks/(?P<name>[^/]+)", self._delete_disk)
+        #: role assignments by (scope lowercased, name)
+        self.role_assignments: dict[tuple[str, str], dict[str, Any]] = {}
+        #: the principals that exist (a scale set's system-assigned identity, from its PUT)
+        self.principals: set[str] = set()
+        #: how many more assignment PUTs answer PrincipalNotFound (a new identity not replicated yet)
+        self.principal_lag = 0
+        #: storage accounts (resource ids, lowercased) whose containers may be assignment scopes
+        self.storage_accounts: set[str] = set()
+        self.route("GET", ROLE_ASSIGNMENT_PATH, self._get_assignment)
+        self.route("PUT", ROLE_ASSIGNMENT_PATH, self._put_assignment)
+        self.route("DELETE", ROLE_ASSIGNMENT_PATH, self._delete_assignment)
 
     def add_scale_set(self, sub: str, rg: str, name: str, *, capacity: int = 1) -> dict[str, Any]:
         vmss = {
@@ -172,7 +189,17 @@ class ARMFake(RestFake):
         vmss["properties"].get("virtualMachineProfile", {}).get("osProfile", {}).pop(
             "customData", None
         )  # never read back
+        if created and (r.body.get("identity") or {}).get("type") == "SystemAssigned":
+            principal = str(uuid.uuid4())
+            self.principals.add(principal)
+            vmss["identity"] = {**r.body["identity"], "principalId": principal, "tenantId": str(uuid.uuid4())}
         self.scale_sets[key] = vmss
+        if created:
+            # What the scale set then does: one VM, whose data disks (deleteOption Detach) outlive it.
+            profile = r.body.get("properties", {}).get("virtualMachineProfile", {})
+            for disk in profile.get("storageProfile", {}).get("dataDisks", []):
+                disk_name = f"{key[2]}_{uuid.uuid4().hex[:8]}_disk2_{uuid.uuid4().hex}"
+                self.disks[(key[0], key[1], disk_name)] = {"name": disk_name, "diskSizeGB": disk.get("diskSizeGB")}
         return (201 if created else 200), vmss, {}
 
     def _delete(self, r: Request) -> Answer:
@@ -180,6 +207,84 @@ class ARMFake(RestFake):
         if self.scale_sets.pop(key, None) is None:
             return 204, None, {}
         return 200, None, {}
+
+    def _delete_disk(self, r: Request) -> Answer:
+        if not r.query.get("api-version"):
+            raise SchemaError("the required query parameter api-version is missing")
+        if self.disks.pop((r.match["sub"], r.match["rg"], r.match["name"]), None) is None:
+            return 204, None, {}
+        return 200, None, {}
+
+    def add_storage_account(self, sub: str, rg: str, name: str) -> str:
+        rid = f"/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Storage/storageAccounts/{name}"
+        self.storage_accounts.add(rid.lower())
+        return rid
+
+    def _scope_exists(self, scope: str) -> bool:
+        low = scope.lower()
+        vmss = {
+            f"/subscriptions/{k[0]}/resourcegroups/{k[1]}/providers/microsoft.compute/virtualmachinescalesets/{k[2]}".lower()
+            for k in self.scale_sets
+        }
+        return low in vmss or any(
+            low.startswith(a + "/blobservices/default/containers/") for a in self.storage_accounts
+        )
+
+    def _assignment_missing(self, r: Request) -> Answer:
+        message = f"The role assignment '{r.match['ra']}' is not found."
+        return 404, {"error": {"code": "RoleAssignmentNotFound", "message": message}}, {}
+
+    def _get_assignment(self, r: Request) -> Answer:
+        a = self.role_assignments.get((r.match["scope"].lower(), r.match["ra"]))
+        return (200, a, {}) if a is not None else self._assignment_missing(r)
+
+    def _put_assignment(self, r: Request) -> Answer:
+        if not r.query.get("api-version"):
+            raise SchemaError("the required query parameter api-version is missing")
+        check(r.body, ROLE_ASSIGNMENT)
+        key = (r.match["scope"].lower(), r.match["ra"])
+        props = r.body["properties"]
+        if not self._scope_exists(r.match["scope"]):
+            return (
+                400,
+                {"error": {"code": "InvalidResourceGroup", "message": f"scope {r.match['scope']} not found"}},
+                {},
+            )
+        if props["principalId"] not in self.principals or self.principal_lag > 0:
+            self.principal_lag = max(0, self.principal_lag - 1)
+            message = f"Principal {props['principalId']} does not exist in the directory."
+            return 400, {"error": {"code": "PrincipalNotFound", "message": message}}, {}
+        for (scope, name), a in self.role_assignments.items():
+            same = a["properties"]["principalId"] == props["principalId"]
+            if (
+                scope == key[0]
+                and name != key[1]
+                and same
+                and a["properties"]["roleDefinitionId"] == props["roleDefinitionId"]
+            ):
+                return (
+                    409,
+                    {"error": {"code": "RoleAssignmentExists", "message": "The role assignment already exists."}},
+                    {},
+                )
+        if key in self.role_assignments:
+            return (
+                409,
+                {"error": {"code": "RoleAssignmentExists", "message": "The role assignment already exists."}},
+                {},
+            )
+        a = {
+            "id": f"{r.match['scope']}/providers/Microsoft.Authorization/roleAssignments/{r.match['ra']}",
+            "name": r.match["ra"],
+            "type": "Microsoft.Authorization/roleAssignments",
+            "properties": {**props, "scope": r.match["scope"]},
+        }
+        self.role_assignments[key] = a
+        return 201, a, {}
+
+    def _delete_assignment(self, r: Request) -> Answer:
+        a = self.role_assignments.pop((r.match["scope"].lower(), r.match["ra"]), None)
+        return (200, a, {}) if a is not None else (204, None, {})
 
     def _disks(self, r: Request) -> Answer:
         if not r.query.get("api-version"):

@@ -49,7 +49,7 @@ class ComputeFake(RestFake):
         self.route("GET", ZONE + r"/instanceGroupManagers/(?P<name>[^/]+)", self._get_group)
         self.route("POST", ZONE + r"/instanceGroupManagers/(?P<name>[^/]+)/resize", self._resize)
         self.route("GET", ZONE + r"/operations/(?P<op>[^/]+)", self._get_operation)
-        self.route("GET", PROJECT + r"/global/operations/(?P<op>[^/]+)", self._get_global_operation)
+        self.route("GET", PROJECT + r"/global/operations/(?P<op>[^/]+)", self._get_operation)
         self.templates: dict[tuple[str, str], dict[str, Any]] = {}
         self.disks: dict[tuple[str, str, str], dict[str, Any]] = {}
         self.instances: dict[tuple[str, str, str], dict[str, Any]] = {}
@@ -79,33 +79,35 @@ class ComputeFake(RestFake):
             self.groups[(project, zone, name)] = group
         return group
 
-    def _not_found(self, what: str) -> Answer:
-        body = {
-            "error": {
-                "code": 404,
-                "message": f"The resource '{what}' was not found",
-                "errors": [
-                    {"domain": "global", "reason": "notFound", "message": f"The resource '{what}' was not found"}
-                ],
-            }
-        }
-        return 404, body, {}
+    def _google_error(self, code: int, reason: str, message: str) -> Answer:
+        """Google's JSON error: ``{"error": {"code", "message", "errors": [{domain, reason, message}]}}``."""
+        errors = [{"domain": "global", "reason": reason, "message": message}]
+        return code, {"error": {"code": code, "message": message, "errors": errors}}, {}
 
-    def _operation(self, r: Request, kind: str, target: str) -> dict[str, Any]:
+    def _not_found(self, what: str) -> Answer:
+        return self._google_error(404, "notFound", f"The resource '{what}' was not found")
+
+    def _exists(self, what: str) -> Answer:
+        return self._google_error(409, "alreadyExists", f"The resource '{what}' already exists")
+
+    def _operation(self, r: Request, kind: str, target: str, *, zone: str | None = None) -> dict[str, Any]:
+        """A finished ``Operation`` (zonal, or ``zone="global"``), kept for ``zoneOperations.get`` / ``globalOperations.get``."""
+        where = zone or r.match["zone"]
         op_name = f"operation-{next(self._ids)}"
-        base = f"{self.endpoint}/compute/v1/projects/{r.match['project']}/zones/{r.match['zone']}"
+        scope = "global" if where == "global" else f"zones/{where}"
+        base = f"{self.endpoint}/compute/v1/projects/{r.match['project']}/{scope}"
         op = {
             "kind": "compute#operation",
             "id": str(next(self._ids)),
             "name": op_name,
-            "zone": base,
+            **({} if where == "global" else {"zone": base}),
             "operationType": kind,
             "targetLink": target,
             "status": "DONE",
             "progress": 100,
             "selfLink": f"{base}/operations/{op_name}",
         }
-        self.operations[(r.match["project"], r.match["zone"], op_name)] = op
+        self.operations[(r.match["project"], where, op_name)] = op
         return op
 
     def _get_group(self, r: Request) -> Answer:
@@ -130,40 +132,8 @@ class ComputeFake(RestFake):
         return 200, self._operation(r, "compute.instanceGroupManagers.resize", group["selfLink"]), {}
 
     def _get_operation(self, r: Request) -> Answer:
-        op = self.operations.get((r.match["project"], r.match["zone"], r.match["op"]))
-        if op is None:
-            return self._not_found(r.match["op"])
-        return 200, op, {}
-
-    def _get_global_operation(self, r: Request) -> Answer:
-        op = self.operations.get((r.match["project"], "global", r.match["op"]))
+        op = self.operations.get((r.match["project"], r.match.get("zone", "global"), r.match["op"]))
         return (200, op, {}) if op is not None else self._not_found(r.match["op"])
-
-    def _global_operation(self, r: Request, kind: str, target: str) -> dict[str, Any]:
-        op_name = f"operation-{next(self._ids)}"
-        base = f"{self.endpoint}/compute/v1/projects/{r.match['project']}/global"
-        op = {
-            "kind": "compute#operation",
-            "id": str(next(self._ids)),
-            "name": op_name,
-            "operationType": kind,
-            "targetLink": target,
-            "status": "DONE",
-            "progress": 100,
-            "selfLink": f"{base}/operations/{op_name}",
-        }
-        self.operations[(r.match["project"], "global", op_name)] = op
-        return op
-
-    def _exists(self, what: str) -> Answer:
-        body = {
-            "error": {
-                "code": 409,
-                "message": f"The resource '{what}' already exists",
-                "errors": [{"domain": "global", "reason": "alreadyExists", "message": "exists"}],
-            }
-        }
-        return 409, body, {}
 
     def _insert_template(self, r: Request) -> Answer:
         check(r.body, INSTANCE_TEMPLATE)
@@ -177,7 +147,7 @@ class ComputeFake(RestFake):
             "id": str(next(self._ids)),
             "selfLink": link,
         }
-        return 200, self._global_operation(r, "insert", link), {}
+        return 200, self._operation(r, "insert", link, zone="global"), {}
 
     def _get_template(self, r: Request) -> Answer:
         t = self.templates.get((r.match["project"], r.match["name"]))
@@ -197,7 +167,7 @@ class ComputeFake(RestFake):
             }
             return 400, body, {}
         link = self.templates.pop(key)["selfLink"]
-        return 200, self._global_operation(r, "delete", link), {}
+        return 200, self._operation(r, "delete", link, zone="global"), {}
 
     def _insert_group(self, r: Request) -> Answer:
         check(r.body, GROUP)

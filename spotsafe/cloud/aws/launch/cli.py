@@ -10,11 +10,12 @@ from spotsafe.cloud.aws.clients import TAG, Clients
 from spotsafe.cloud.aws.launch.down import down
 from spotsafe.cloud.aws.launch.spec import MOUNT, LaunchSpec
 from spotsafe.cloud.aws.launch.status import format_status, status
-from spotsafe.cloud.aws.launch.up import Step, launch
+from spotsafe.cloud.aws.launch.up import launch
 from spotsafe.cloud.aws.launch.userdata import resolve_ref, user_data
 from spotsafe.cloud.aws.prices import spot_prices
 from spotsafe.cloud.azure.launch.cli import add_azure_options, run_azure
 from spotsafe.cloud.gcp.launch.cli import add_cloud_options, run_gcp
+from spotsafe.cloud.plan import Step
 from spotsafe.cloud.pricing import print_table
 from spotsafe.errors import LaunchConfigError, SpotsafeError
 

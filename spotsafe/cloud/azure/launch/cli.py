@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 from typing import Any, TextIO
 
-from spotsafe.cloud.azure.launch.up import Arm, AzureLaunchSpec, down, launch, tagged_disks
+from spotsafe.cloud.azure.launch.up import MOUNT, Arm, AzureLaunchSpec, down, launch, tagged_disks
 from spotsafe.cloud.azure.prices import spot_prices
+from spotsafe.cloud.plan import report_down, report_launch, run_options
 from spotsafe.cloud.pricing import show_prices
 from spotsafe.errors import LaunchConfigError
 
@@ -21,6 +22,10 @@ def add_azure_options(p: Any, *, launch: bool = False) -> None:
         p.add_argument("--azure-image", help="Azure: publisher:offer:sku:version")
         p.add_argument("--subnet-id", help="Azure: the subnet's resource id")
         p.add_argument("--ssh-public-key", help="Azure: the admin user's public key (a file or the key)")
+        p.add_argument(
+            "--storage-account",
+            help="Azure: the az:// store's storage account (a name in --resource-group, or a resource id)",
+        )
 
 
 def _arm(ns: Any) -> Arm:
@@ -30,7 +35,15 @@ def _arm(ns: Any) -> Arm:
     subscription = ns.subscription or os.environ.get("AZURE_SUBSCRIPTION_ID")
     if not subscription or not ns.resource_group:
         raise LaunchConfigError("--cloud azure needs --subscription (or AZURE_SUBSCRIPTION_ID) and --resource-group")
-    return Arm(ComputeManagementClient(DefaultAzureCredential(), subscription), ns.resource_group)
+    from azure.mgmt.authorization import AuthorizationManagementClient
+
+    credential = DefaultAzureCredential()
+    return Arm(
+        ComputeManagementClient(credential, subscription),
+        ns.resource_group,
+        auth=AuthorizationManagementClient(credential, subscription),
+        subscription=subscription,
+    )
 
 
 def run_azure(ns: Any, out: TextIO) -> int:
@@ -44,40 +57,31 @@ def run_azure(ns: Any, out: TextIO) -> int:
         print(f"disks     {', '.join(tagged_disks(arm, ns.name)) or '(none)'}", file=out)
         return 0
     if ns.command == "down":
-        result, left = down(ns.name, arm, apply=ns.yes, on_step=lambda s: print(s, file=out))
-        if not ns.yes:
-            print("plan only: rerun with --yes to delete" if result.changes else "nothing to delete", file=out)
-            return 0
-        for item in left:
-            print(f"still there: {item}", file=out)
-        return 1 if left else 0
-    needed = (ns.location, ns.vm_size, ns.azure_image, ns.subnet_id, ns.ssh_public_key, ns.store)
-    if not all(needed):
+        result, left = down(
+            ns.name, arm, apply=ns.yes, delete_store=ns.delete_store, on_step=lambda s: print(s, file=out)
+        )
+        return report_down(result, left, ns.yes, out)
+    run = run_options(ns, MOUNT)
+    if not all((ns.location, ns.vm_size, ns.azure_image, ns.subnet_id, ns.ssh_public_key, run["store"])):
         raise LaunchConfigError(
             "--cloud azure launch needs --location, --vm-size, --azure-image, --subnet-id, --ssh-public-key "
-            "and --store az://CONTAINER/PREFIX"
+            "and --store az://CONTAINER/PREFIX (or --volume-size: a data disk)"
         )
     key = ns.ssh_public_key
     if os.path.isfile(key):
         with open(key, encoding="utf-8") as f:
             key = f.read().strip()
     spec = AzureLaunchSpec(
-        name=ns.name,
+        **run,
         resource_group=arm.resource_group,
         location=ns.location,
         vm_size=ns.vm_size,
         image=ns.azure_image,
         subnet_id=ns.subnet_id,
         ssh_public_key=key,
-        command=ns.train_command,
-        store=ns.store,
-        repo=ns.repo,
-        ref=ns.ref,
-        pip_spec=ns.pip_spec,
-        pip_sha256=ns.pip_sha256,
-        shutdown_when_done=not ns.keep_running_when_done,
+        disk_size=ns.volume_size,
+        storage_account=ns.storage_account,
     )
     result = launch(spec, arm, apply=ns.yes, on_step=lambda s: print(s, file=out))
-    if not ns.yes:
-        print("plan only: rerun with --yes to make these changes" if result.changes else "nothing to change", file=out)
+    report_launch(result, ns.yes, out)
     return 0

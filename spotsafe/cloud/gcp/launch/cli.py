@@ -7,6 +7,7 @@ from typing import Any, TextIO
 from spotsafe.cloud.gcp.launch.spec import MOUNT, GcpLaunchSpec
 from spotsafe.cloud.gcp.launch.up import Compute, down, launch, status
 from spotsafe.cloud.gcp.prices import spot_prices
+from spotsafe.cloud.plan import report_down, report_launch, run_options
 from spotsafe.cloud.pricing import show_prices
 from spotsafe.errors import LaunchConfigError
 
@@ -57,35 +58,21 @@ def run_gcp(ns: Any, out: TextIO) -> int:
             store=ns.store,
             on_step=lambda s: print(s, file=out),
         )
-        if not ns.yes:
-            print("plan only: rerun with --yes to delete" if result.changes else "nothing to delete", file=out)
-            return 0
-        for item in left:
-            print(f"still there: {item}", file=out)
-        return 1 if left else 0
-    store = ns.store or (f"{MOUNT}/{ns.name}" if ns.volume_size else None)
-    if store is None or not ns.machine_type or not ns.image:
+        return report_down(result, left, ns.yes, out)
+    run = run_options(ns, MOUNT)
+    if run["store"] is None or not ns.machine_type or not ns.image:
         raise LaunchConfigError(
             "--cloud gcp launch needs --machine-type, --image and --store gs://... (or --volume-size)"
         )
     spec = GcpLaunchSpec(
-        name=ns.name,
+        **run,
         project=gce.project,
         zone=gce.zone,
         machine_type=ns.machine_type,
         image=ns.image,
-        command=ns.train_command,
-        store=store,
         service_account=ns.service_account,
         disk_size=ns.volume_size,
-        repo=ns.repo,
-        ref=ns.ref,
-        pip_spec=ns.pip_spec,
-        pip_sha256=ns.pip_sha256,
-        python=ns.python,
-        shutdown_when_done=not ns.keep_running_when_done,
     )
     result = launch(spec, gce, apply=ns.yes, on_step=lambda s: print(s, file=out))
-    if not ns.yes:
-        print("plan only: rerun with --yes to make these changes" if result.changes else "nothing to change", file=out)
+    report_launch(result, ns.yes, out)
     return 0

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
+from spotsafe.cloud.plan import Verb
 from spotsafe.errors import LaunchError
 
 LABEL = "spotsafe-run"
@@ -166,7 +167,7 @@ def set_policy(rest: GoogleRest, where: str, project: str, policy: dict[str, Any
         rest.call(f"set the IAM policy of {where}", "PUT", api, put, policy)
 
 
-Say = Callable[[str, str, str, str], None]  # verb, kind, name, detail
+Say = Callable[[Verb, str, str, str], None]
 
 
 def ensure(rest: GoogleRest, name: str, project: str, zone: str, store: str, *, apply: bool, say: Say) -> None:
@@ -187,8 +188,7 @@ def ensure(rest: GoogleRest, name: str, project: str, zone: str, store: str, *, 
     if role is not None and role.get("description") != f"{LABEL}={name}":
         raise LaunchError(f"a custom role {rid} exists in {project} that spotsafe did not create")
     if role is None or role.get("deleted"):
-        verb, detail = ("create", ", ".join(PERMISSIONS)) if role is None else ("create", "undelete (down deleted it)")
-        say(verb, "custom role", rid, detail)
+        say("create", "custom role", rid, ", ".join(PERMISSIONS) if role is None else "undelete (down deleted it)")
         if apply and role is None:
             body = {
                 "roleId": rid,

@@ -9,13 +9,12 @@ recognises them by name *and* description.
 from __future__ import annotations
 
 import re
-import shlex
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from spotsafe.cloud.gcp.launch.iam import account_email
-from spotsafe.errors import LaunchConfigError, LaunchError
+from spotsafe.cloud.plan import RunSpec, cloud_boot_script, settings_script
+from spotsafe.errors import LaunchConfigError
 
 LABEL = "spotsafe-run"
 #: Where the VM mounts the run's stateful disk (volume mode).
@@ -24,39 +23,17 @@ MOUNT = "/mnt/spotsafe"
 _NAME_RE = re.compile(r"[a-z]([-a-z0-9]{0,40}[a-z0-9])?")
 
 
-def boot_script() -> str:
-    """The text of ``userdata/cloud-boot.sh`` (``spotsafe/userdata`` links to it; wheels carry it there)."""
-    here = Path(__file__).resolve().parents[3]  # the spotsafe package: spotsafe/cloud/gcp/launch/
-    for cand in (here / "userdata" / "cloud-boot.sh", here.parent / "userdata" / "cloud-boot.sh"):
-        if cand.is_file():
-            return cand.read_text()
-    raise LaunchError(f"userdata/cloud-boot.sh is not found next to {here}: reinstall spotsafe from its repository")
-
-
-@dataclass(frozen=True)
-class GcpLaunchSpec:
+@dataclass(frozen=True, kw_only=True)
+class GcpLaunchSpec(RunSpec):
     """What ``spotsafe launch NAME --cloud gcp`` is asked for."""
 
-    name: str
     project: str
     zone: str
     machine_type: str
     image: str
-    command: str
-    store: str
     service_account: str | None = None  # None: launch creates spotsafe-NAME with the least it needs
     disk_size: int | None = None  # GiB: a stateful persistent disk (else a gs:// store)
     boot_disk_size: int = 100
-    repo: str | None = None
-    ref: str | None = None
-    pip_spec: str | None = None
-    pip_sha256: str | None = None
-    python: str | None = None
-    shutdown_when_done: bool = True
-
-    @property
-    def resource(self) -> str:
-        return f"spotsafe-{self.name}"
 
     @property
     def account(self) -> str:
@@ -82,41 +59,19 @@ class GcpLaunchSpec:
 
 def settings(spec: GcpLaunchSpec) -> list[tuple[str, str]]:
     """The boot script's settings for this run, in order."""
-    out = [
-        ("SPOTSAFE_CLOUD", "gcp"),
-        ("SPOTSAFE_RUN", spec.name),
-        ("SPOTSAFE_STORE", spec.store),
-        ("SPOTSAFE_TRAIN_COMMAND", spec.command),
-        ("SPOTSAFE_SHUTDOWN_WHEN_DONE", "1" if spec.shutdown_when_done else "0"),
-        ("SPOTSAFE_SHUTDOWN_ON_FAILURE", "1"),
-    ]
+    out = spec.run_settings("gcp")
     if spec.disk_size is not None:
         # The group creates the disk blank for the first VM: that boot may format it (a blank disk only).
         out += [("SPOTSAFE_DISK_NAME", spec.resource), ("SPOTSAFE_MKFS", "1"), ("SPOTSAFE_MOUNT", MOUNT)]
     else:
         out += [("SPOTSAFE_ATTACH", "0"), ("SPOTSAFE_MOUNT", "/var/lib/spotsafe")]
-    if spec.repo:
-        out += [("SPOTSAFE_REPO", spec.repo), ("SPOTSAFE_REF", spec.ref or "HEAD")]
-    for key, value in (
-        ("SPOTSAFE_PIP_SPEC", spec.pip_spec),
-        ("SPOTSAFE_PIP_SHA256", spec.pip_sha256),
-        ("SPOTSAFE_PYTHON", spec.python),
-    ):
-        if value is not None:
-            out.append((key, value))
-    return out
+    return out + spec.source_settings()
 
 
 def startup_script(spec: GcpLaunchSpec) -> str:
     """The VM's ``startup-script``: the run's settings, then ``userdata/cloud-boot.sh`` unchanged."""
-    lines = [
-        "#!/usr/bin/env bash",
-        f"# spotsafe launch {spec.name} --cloud gcp: this run's settings, then userdata/cloud-boot.sh unchanged.",
-    ]
-    for key, value in settings(spec):
-        lines.append(f'[ -n "${{{key}:-}}" ] || {key}={shlex.quote(value)}')
-        lines.append(f"export {key}")
-    return "\n".join(lines) + "\n\n" + boot_script()
+    header = f"spotsafe launch {spec.name} --cloud gcp: this run's settings, then userdata/cloud-boot.sh unchanged."
+    return settings_script(header, settings(spec), cloud_boot_script())
 
 
 #: The ``shutdown-script``: on a preemption the unit stops, the supervisor gets SIGTERM.

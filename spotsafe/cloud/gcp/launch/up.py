@@ -22,39 +22,14 @@ from __future__ import annotations
 import json
 import shlex
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any
 
 from spotsafe.cloud.gcp.launch import iam
 from spotsafe.cloud.gcp.launch.iam import GoogleRest
 from spotsafe.cloud.gcp.launch.spec import LABEL, GcpLaunchSpec, group_body, template_body
+from spotsafe.cloud.plan import Result, Step
 from spotsafe.errors import LaunchError
-
-Verb = Literal["create", "keep", "delete", "gone", "left"]
-
-
-@dataclass(frozen=True)
-class Step:
-    """One line of a plan or of what was done."""
-
-    verb: Verb
-    kind: str
-    name: str
-    detail: str = ""
-
-    def __str__(self) -> str:
-        tail = f": {self.detail}" if self.detail else ""
-        return f"{self.verb:<7} {self.kind} {self.name}{tail}"
-
-
-@dataclass
-class Result:
-    steps: list[Step] = field(default_factory=list)
-    applied: bool = False
-
-    @property
-    def changes(self) -> list[Step]:
-        return [s for s in self.steps if s.verb in ("create", "delete")]
 
 
 class Compute:
@@ -99,9 +74,7 @@ def launch(spec: GcpLaunchSpec, gce: Compute, *, apply: bool, on_step: Callable[
     spec.validate()
     result = Result(applied=apply)
 
-    def step(s: Step) -> None:
-        result.steps.append(s)
-        on_step(s)
+    say = result.recorder(on_step)
 
     if spec.service_account is None:
         iam.ensure(
@@ -111,7 +84,7 @@ def launch(spec: GcpLaunchSpec, gce: Compute, *, apply: bool, on_step: Callable[
             gce.zone,
             spec.store,
             apply=apply,
-            say=lambda verb, kind, name, detail: step(Step(verb, kind, name, detail)),  # type: ignore[arg-type]
+            say=say,
         )
     name = spec.resource
     want = template_body(spec)
@@ -126,9 +99,9 @@ def launch(spec: GcpLaunchSpec, gce: Compute, *, apply: bool, on_step: Callable[
                 f"the instance template {name} differs from this launch (settings or machine type): "
                 f"templates cannot change; `spotsafe down {spec.name} --cloud gcp --yes` first (the disk stays)"
             )
-        step(Step("keep", "instance template", name))
+        say("keep", "instance template", name, "")
     else:
-        step(Step("create", "instance template", name, f"{spec.machine_type}, Spot, {spec.image}"))
+        say("create", "instance template", name, f"{spec.machine_type}, Spot, {spec.image}")
         if apply:
             resource = gce.v1.InstanceTemplate.from_json(json.dumps(want))
             op = gce.call(
@@ -145,10 +118,10 @@ def launch(spec: GcpLaunchSpec, gce: Compute, *, apply: bool, on_step: Callable[
     if group is not None:
         if not _ours(group, spec.name):
             raise LaunchError(f"a managed instance group {name} exists that spotsafe did not create")
-        step(Step("keep", "managed instance group", name, f"target size {group.target_size}"))
+        say("keep", "managed instance group", name, f"target size {group.target_size}")
     else:
         disk = f", stateful disk {name}" if spec.disk_size is not None else ""
-        step(Step("create", "managed instance group", name, f"1 VM in {gce.zone}{disk}"))
+        say("create", "managed instance group", name, f"1 VM in {gce.zone}{disk}")
         if apply:
             resource = gce.v1.InstanceGroupManager.from_json(json.dumps(group_body(spec, link)))
             op = gce.call(
@@ -206,13 +179,11 @@ def down(
     result = Result(applied=apply)
     resource = f"spotsafe-{name}"
 
-    def step(s: Step) -> None:
-        result.steps.append(s)
-        on_step(s)
+    say = result.recorder(on_step)
 
     group = gce.call("get group", gce.groups.get, project=gce.project, zone=gce.zone, instance_group_manager=resource)
     if group is not None and _ours(group, name):
-        step(Step("delete", "managed instance group", resource, "and its VM"))
+        say("delete", "managed instance group", resource, "and its VM")
         if apply:
             op = gce.call(
                 f"delete group {resource}",
@@ -233,10 +204,10 @@ def down(
         gce.zone,
         store,
         apply=apply,
-        say=lambda verb, kind, what, detail: step(Step(verb, kind, what, detail)),  # type: ignore[arg-type]
+        say=say,
     )
     if template is not None and _ours(template, name):
-        step(Step("delete", "instance template", resource))
+        say("delete", "instance template", resource, "")
         if apply:
             op = gce.call(
                 f"delete template {resource}", gce.templates.delete, project=gce.project, instance_template=resource
@@ -245,9 +216,9 @@ def down(
                 gce.wait(f"delete template {resource}", op)
     for disk in _labelled(gce, "disks", name):
         if not delete_store:
-            step(Step("keep", "disk", disk, "the run's checkpoints (--delete-store deletes it)"))
+            say("keep", "disk", disk, "the run's checkpoints (--delete-store deletes it)")
             continue
-        step(Step("delete", "disk", disk))
+        say("delete", "disk", disk, "")
         if apply:
             op = gce.call(f"delete disk {disk}", gce.disks.delete, project=gce.project, zone=gce.zone, disk=disk)
             if op is not None:
