@@ -126,6 +126,9 @@ class ARMFake(RestFake):
         #: managed disks by (subscription, resource group, name): {"name", "tags"}
         self.disks: dict[tuple[str, str, str], dict[str, Any]] = {}
         self.route("DELETE", RG + r"/providers/Microsoft\.Compute/disks/(?P<name>[^/]+)", self._delete_disk)
+        #: the scale sets' VMs by (subscription, resource group, name)
+        self.vms: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self.route("GET", RG + r"/providers/Microsoft\.Compute/virtualMachines", self._list_vms)
         #: role assignments by (scope lowercased, name)
         self.role_assignments: dict[tuple[str, str], dict[str, Any]] = {}
         #: the principals that exist (a scale set's system-assigned identity, from its PUT)
@@ -171,6 +174,7 @@ class ARMFake(RestFake):
         if vmss is None:
             return self._missing(r.match["name"])
         vmss["sku"].update(r.body.get("sku", {}))
+        self._set_vms(key, int(vmss["sku"].get("capacity", 0)))
         return 200, vmss, {}
 
     def _put(self, r: Request) -> Answer:
@@ -196,6 +200,7 @@ class ARMFake(RestFake):
         self.scale_sets[key] = vmss
         if created:
             # What the scale set then does: one VM, whose data disks (deleteOption Detach) outlive it.
+            self._set_vms(key, int(r.body.get("sku", {}).get("capacity", 0)))
             profile = r.body.get("properties", {}).get("virtualMachineProfile", {})
             for disk in profile.get("storageProfile", {}).get("dataDisks", []):
                 disk_name = f"{key[2]}_{uuid.uuid4().hex[:8]}_disk2_{uuid.uuid4().hex}"
@@ -204,9 +209,32 @@ class ARMFake(RestFake):
 
     def _delete(self, r: Request) -> Answer:
         key = self._key(r)
-        if self.scale_sets.pop(key, None) is None:
+        if key not in self.scale_sets:
             return 204, None, {}
+        self._set_vms(key, 0)
+        del self.scale_sets[key]
         return 200, None, {}
+
+    def _set_vms(self, key: tuple[str, str, str], capacity: int) -> None:
+        """A Flexible scale set's VMs: ``NAME_xxxxxxxx``, as many as its capacity."""
+        vmss_id = self.scale_sets[key]["id"]
+        mine = [k for k, vm in self.vms.items() if vm["properties"]["virtualMachineScaleSet"]["id"] == vmss_id]
+        for k in mine[capacity:]:
+            del self.vms[k]
+        for _ in range(capacity - len(mine)):
+            name = f"{key[2]}_{uuid.uuid4().hex[:8]}"
+            self.vms[(key[0], key[1], name)] = {
+                "id": f"/subscriptions/{key[0]}/resourceGroups/{key[1]}/providers/Microsoft.Compute/virtualMachines/{name}",
+                "name": name,
+                "type": "Microsoft.Compute/virtualMachines",
+                "location": "eastus",
+                "properties": {"virtualMachineScaleSet": {"id": vmss_id}, "provisioningState": "Succeeded"},
+            }
+
+    def _list_vms(self, r: Request) -> Answer:
+        if not r.query.get("api-version"):
+            raise SchemaError("the required query parameter api-version is missing")
+        return 200, {"value": [v for k, v in self.vms.items() if k[:2] == (r.match["sub"], r.match["rg"])]}, {}
 
     def _delete_disk(self, r: Request) -> Answer:
         if not r.query.get("api-version"):

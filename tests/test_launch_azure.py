@@ -266,3 +266,42 @@ def test_a_new_identity_not_yet_replicated_is_waited_for(
     arm_fake.principal_lag = 2
     launch(_spec(), arm, apply=True, on_step=_quiet)
     assert len(arm_fake.role_assignments) == 2 and slept == [10.0, 10.0]
+
+
+def test_status_shows_the_scale_set_its_vm_and_the_runs_progress_from_the_az_store(
+    arm_fake: ARMFake, arm: Arm, az_container: str
+) -> None:
+    import io
+
+    import torch
+
+    from spotsafe.checkpoint.writer import Checkpointer
+    from spotsafe.cloud.azure.launch.up import format_status, status
+
+    spec = _spec(store=f"az://{az_container}/runs/mnist")
+    arm_fake.add_storage_account(SUB, RG, "spotsafeckpt")
+    launch(spec, arm, apply=True, on_step=_quiet)
+    ckpt = Checkpointer(spec.store)
+    try:
+        for step in (100, 200):
+            ckpt.save(step, {"w": torch.full((4,), float(step))})
+            ckpt.wait()
+    finally:
+        ckpt.close()
+    st = status("mnist", arm, read_store=True)
+    assert st.capacity == 1 and len(st.vms) == 1 and st.eviction == "Delete"
+    assert st.checkpoints == 2 and st.newest.step == 200
+    out = io.StringIO()
+    format_status("mnist", st, out)
+    text = out.getvalue()
+    assert "scale set spotsafe-mnist: capacity 1, Spot, eviction Delete" in text
+    assert "VM spotsafe-mnist_" in text and "newest checkpoint: step 200" in text
+    # The run completes: the VM scales the set to 0 (spotsafe.cloud.azure.finish's PATCH); status says so.
+    from azure.mgmt.compute.models import Sku, VirtualMachineScaleSetUpdate
+
+    arm.client.virtual_machine_scale_sets.begin_update(
+        RG, "spotsafe-mnist", VirtualMachineScaleSetUpdate(sku=Sku(capacity=0))
+    ).result()
+    st = status("mnist", arm)
+    assert st.capacity == 0 and st.vms == {}
+    assert arm_fake.violations == []

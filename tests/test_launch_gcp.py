@@ -348,3 +348,44 @@ def test_cli_price_on_gcp_names_the_api_when_it_refuses(
     billing_fake.routes.insert(0, billing_fake.routes.pop())
     with pytest.raises(LaunchError, match=r"Cloud Billing Catalog API answered 403.*API key not valid"):
         unit_prices({"n2"}, None, api_key="bad")
+
+
+def _save_steps(store: str, steps: tuple[int, ...]) -> None:
+    import torch
+
+    from spotsafe.checkpoint.writer import Checkpointer
+
+    ckpt = Checkpointer(store)
+    try:
+        for step in steps:
+            ckpt.save(step, {"w": torch.full((4,), float(step)), "epoch": step // 100})
+            ckpt.wait()
+    finally:
+        ckpt.close()
+
+
+def test_status_shows_the_group_its_vm_and_the_runs_progress_from_the_gs_store(
+    compute_fake: ComputeFake, gce: Compute, gcs_bucket: str
+) -> None:
+    from spotsafe.cloud.gcp.launch.up import format_status
+
+    compute_fake.iam.add_bucket(gcs_bucket)
+    spec = _spec(disk_size=None, store=f"gs://{gcs_bucket}/runs/mnist")
+    launch(spec, gce, apply=True, on_step=_quiet)
+    _save_steps(spec.store, (100, 200))
+    st = status("mnist", gce, read_store=True)
+    assert st.store == spec.store and st.checkpoints == 2 and st.newest.step == 200
+    out = io.StringIO()
+    format_status("mnist", st, out)
+    text = out.getvalue()
+    assert "managed instance group spotsafe-mnist: target size 1" in text
+    assert "RUNNING" in text and f"store {spec.store}" in text
+    assert "newest checkpoint: step 200" in text and "2 kept" in text
+    assert "interruptions: 0" in text
+
+
+def test_status_of_a_disk_run_says_where_its_checkpoints_are(compute_fake: ComputeFake, gce: Compute) -> None:
+    launch(_spec(), gce, apply=True, on_step=_quiet)
+    st = status("mnist", gce, read_store=True)
+    assert st.store == "/mnt/spotsafe/mnist" and st.disks == ["spotsafe-mnist"]
+    assert st.store_error is not None and "on the run's disk" in st.store_error

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any, TextIO
 
-from spotsafe.cloud.azure.launch.up import MOUNT, Arm, AzureLaunchSpec, down, launch, tagged_disks
+from spotsafe.cloud.azure.launch.up import MOUNT, Arm, AzureLaunchSpec, down, format_status, launch, status
 from spotsafe.cloud.azure.prices import spot_prices
 from spotsafe.cloud.plan import report_down, report_launch, run_options
 from spotsafe.cloud.pricing import show_prices
@@ -52,9 +52,7 @@ def run_azure(ns: Any, out: TextIO) -> int:
         return show_prices(spot_prices(ns.instance_types, ns.region), ns.instance_types, ns.region, out)
     arm = _arm(ns)
     if ns.command == "status":
-        group = arm.call("get", arm.client.virtual_machine_scale_sets.get, arm.resource_group, f"spotsafe-{ns.name}")
-        print(f"scale set spotsafe-{ns.name}: " + (f"capacity {group.sku.capacity}" if group else "(none)"), file=out)
-        print(f"disks     {', '.join(tagged_disks(arm, ns.name)) or '(none)'}", file=out)
+        format_status(ns.name, status(ns.name, arm, read_store=True), out)
         return 0
     if ns.command == "down":
         result, left = down(

@@ -18,9 +18,10 @@ import base64
 import hashlib
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, TextIO
 
+from spotsafe.cloud.aws.launch.status import StoreFacts
 from spotsafe.cloud.azure.launch import identity
 from spotsafe.cloud.plan import Result, RunSpec, Step, cloud_boot_script, settings_script
 from spotsafe.errors import LaunchConfigError, LaunchError
@@ -29,6 +30,8 @@ TAG = "spotsafe-run"
 #: Where the VM mounts the run's data disk (data-disk mode).
 MOUNT = "/mnt/spotsafe"
 SETTINGS_TAG = "spotsafe-settings"
+#: The run's store (status reads the progress from it).
+STORE_TAG = "spotsafe-store"
 #: The container scope of the Storage Blob Data Contributor assignment (down finds it here).
 BLOB_SCOPE_TAG = "spotsafe-blob-scope"
 _NAME_RE = re.compile(r"[a-z][-a-z0-9]{0,40}[a-z0-9]|[a-z]")
@@ -210,6 +213,7 @@ def launch(spec: AzureLaunchSpec, arm: Arm, *, apply: bool, on_step: Callable[[S
     wanted = identity.assignments(arm.subscription, arm.resource_group, spec.resource, spec.store, spec.storage_account)
     if len(wanted) > 1:
         body["tags"][BLOB_SCOPE_TAG] = wanted[1].scope
+    body["tags"][STORE_TAG] = spec.store
     current = _get(arm, spec.resource)
     if current is not None:
         tags = dict(current.tags or {})
@@ -292,3 +296,51 @@ def down(
             left.append(f"scale set {resource}")
         left += [f"disk {d}" for d in tagged_disks(arm, name) if delete_store]
     return result, left
+
+
+@dataclass(kw_only=True)
+class Status(StoreFacts):
+    """The run's scale set (capacity), its VMs (name -> provisioning state), disks, and the store's progress."""
+
+    scale_set: str | None = None
+    capacity: int | None = None
+    eviction: str | None = None
+    vms: dict[str, str] = field(default_factory=dict)
+    disks: list[str] = field(default_factory=list)
+
+
+def status(name: str, arm: Arm, *, read_store: bool = False) -> Status:
+    resource = f"spotsafe-{name}"
+    current = _get(arm, resource)
+    st = Status(disks=tagged_disks(arm, name))
+    if current is not None and dict(current.tags or {}).get(TAG) == name:
+        st.scale_set, st.capacity = resource, int(current.sku.capacity or 0)
+        profile = current.properties.virtual_machine_profile if current.properties else None
+        policy = profile.eviction_policy if profile is not None else None
+        st.eviction = str(getattr(policy, "value", policy)) if policy is not None else None
+        st.store = dict(current.tags or {}).get(STORE_TAG)
+        vms = arm.call("list VMs", arm.client.virtual_machines.list, arm.resource_group) or []
+        for vm in vms:
+            owner = vm.properties.virtual_machine_scale_set if vm.properties else None
+            if owner is not None and str(owner.id).lower() == str(current.id).lower():
+                st.vms[str(vm.name)] = str(vm.properties.provisioning_state)
+    if read_store and st.store and st.store.startswith("az://"):
+        st.read()
+    elif read_store and st.store:
+        st.store_error = "on the run's data disk: readable from its VM (spotsafe ls there)"
+    return st
+
+
+def format_status(name: str, st: Status, out: TextIO) -> None:
+    print(f"run {name} (Azure)", file=out)
+    if st.scale_set is None:
+        print(f"  scale set spotsafe-{name}: none (not launched, or taken down)", file=out)
+    else:
+        print(f"  scale set {st.scale_set}: capacity {st.capacity}, Spot, eviction {st.eviction}", file=out)
+        if st.capacity == 0:
+            print("  scaled to zero: the run finished (spotsafe down removes what is left)", file=out)
+    for vm, state in sorted(st.vms.items()):
+        print(f"  VM {vm} {state}", file=out)
+    for disk in st.disks:
+        print(f"  disk {disk}", file=out)
+    st.format(out)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, TextIO
 
 from spotsafe.cloud.gcp.launch.spec import MOUNT, GcpLaunchSpec
-from spotsafe.cloud.gcp.launch.up import Compute, down, launch, status
+from spotsafe.cloud.gcp.launch.up import Compute, down, format_status, launch, status
 from spotsafe.cloud.gcp.prices import spot_prices
 from spotsafe.cloud.plan import report_down, report_launch, run_options
 from spotsafe.cloud.pricing import show_prices
@@ -44,10 +44,7 @@ def run_gcp(ns: Any, out: TextIO) -> int:
         )
     gce = _compute(ns)
     if ns.command == "status":
-        st = status(ns.name, gce)
-        print(f"group     {st.group or '(none)'}  target size {st.target_size}", file=out)
-        print(f"instances {', '.join(st.instances) or '(none)'}", file=out)
-        print(f"disks     {', '.join(st.disks) or '(none)'}", file=out)
+        format_status(ns.name, status(ns.name, gce, read_store=True), out)
         return 0
     if ns.command == "down":
         result, left = down(

@@ -22,9 +22,10 @@ from __future__ import annotations
 import json
 import shlex
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, TextIO
 
+from spotsafe.cloud.aws.launch.status import StoreFacts
 from spotsafe.cloud.gcp.launch import iam
 from spotsafe.cloud.gcp.launch.iam import GoogleRest
 from spotsafe.cloud.gcp.launch.spec import LABEL, GcpLaunchSpec, group_body, template_body
@@ -135,26 +136,55 @@ def launch(spec: GcpLaunchSpec, gce: Compute, *, apply: bool, on_step: Callable[
     return result
 
 
-@dataclass
-class Status:
-    group: str | None
-    target_size: int | None
-    instances: list[str]
-    disks: list[str]
+@dataclass(kw_only=True)
+class Status(StoreFacts):
+    """The run's group, its VMs (name -> state), its disks, and the store's progress."""
+
+    group: str | None = None
+    target_size: int | None = None
+    states: dict[str, str] = field(default_factory=dict)
+    disks: list[str] = field(default_factory=list)
+
+    @property
+    def instances(self) -> list[str]:
+        return sorted(self.states)
 
 
-def status(name: str, gce: Compute) -> Status:
+def status(name: str, gce: Compute, *, read_store: bool = False) -> Status:
+    """What is there of the run; with ``read_store``, also the newest checkpoint (a ``gs://`` store)."""
     resource = f"spotsafe-{name}"
     group = gce.call("get group", gce.groups.get, project=gce.project, zone=gce.zone, instance_group_manager=resource)
-    return Status(
-        resource if group is not None else None,
-        int(group.target_size) if group is not None else None,
-        _labelled(gce, "instances", name),
-        _labelled(gce, "disks", name),
+    st = Status(
+        group=resource if group is not None else None,
+        target_size=int(group.target_size) if group is not None else None,
+        states={str(i.name): str(i.status) for i in _labelled(gce, "instances", name)},
+        disks=[str(d.name) for d in _labelled(gce, "disks", name)],
     )
+    template = gce.call("get template", gce.templates.get, project=gce.project, instance_template=resource)
+    st.store = _store_of(template) if template is not None and _ours(template, name) else None
+    if read_store and st.store and st.store.startswith("gs://"):
+        st.read()
+    elif read_store and st.store:
+        st.store_error = "on the run's disk: readable from its VM (spotsafe ls there)"
+    return st
 
 
-def _labelled(gce: Compute, kind: str, name: str) -> list[str]:
+def format_status(name: str, st: Status, out: TextIO) -> None:
+    print(f"run {name} (GCP)", file=out)
+    if st.group is None:
+        print(f"  group spotsafe-{name}: none (not launched, or taken down)", file=out)
+    else:
+        print(f"  managed instance group {st.group}: target size {st.target_size}", file=out)
+        if st.target_size == 0:
+            print("  resized to zero: the run finished (spotsafe down removes what is left)", file=out)
+    for vm, state in sorted(st.states.items()):
+        print(f"  instance {vm} {state}", file=out)
+    for disk in st.disks:
+        print(f"  disk {disk}", file=out)
+    st.format(out)
+
+
+def _labelled(gce: Compute, kind: str, name: str) -> list[Any]:
     flt = f"labels.{LABEL}={name}"
     client: Any
     request: Any
@@ -162,8 +192,7 @@ def _labelled(gce: Compute, kind: str, name: str) -> list[str]:
         client, request = gce.instances, gce.v1.ListInstancesRequest(project=gce.project, zone=gce.zone, filter=flt)
     else:
         client, request = gce.disks, gce.v1.ListDisksRequest(project=gce.project, zone=gce.zone, filter=flt)
-    found = gce.call(f"list {kind}", client.list, request=request)
-    return [str(r.name) for r in found or []]
+    return list(gce.call(f"list {kind}", client.list, request=request) or [])
 
 
 def down(
@@ -214,7 +243,7 @@ def down(
             )
             if op is not None:
                 gce.wait(f"delete template {resource}", op)
-    for disk in _labelled(gce, "disks", name):
+    for disk in [str(d.name) for d in _labelled(gce, "disks", name)]:
         if not delete_store:
             say("keep", "disk", disk, "the run's checkpoints (--delete-store deletes it)")
             continue
