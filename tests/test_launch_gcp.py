@@ -110,7 +110,7 @@ def test_a_launch_cut_after_each_creating_call_is_completed_by_the_next(
     """The call did its work but its answer was lost (the operator's machine died): rerun, nothing doubled."""
     compute_fake.iam.add_bucket("ckpt")
     spec = _spec(disk_size=None, store="gs://ckpt/runs/mnist")
-    compute_fake.crash_after[_route_key(compute_fake, method.replace("PUT", "PUT"), tail)] = 1
+    compute_fake.crash_after[_route_key(compute_fake, method, tail)] = 1
     with pytest.raises(LaunchError):
         launch(spec, gce, apply=True, on_step=_quiet)
     launch(spec, gce, apply=True, on_step=_quiet)
@@ -168,6 +168,25 @@ def test_a_given_service_account_means_no_iam_is_created(compute_fake: ComputeFa
     assert compute_fake.iam.accounts == {} and compute_fake.iam.roles == {}
     (tmpl,) = compute_fake.templates.values()
     assert tmpl["properties"]["serviceAccounts"][0]["email"] == "mine@p.iam.gserviceaccount.com"
+    _, left = down("mnist", gce, apply=True, delete_store=True, on_step=_quiet)
+    assert left == [] and compute_fake.calls("POST", r".*IamPolicy") == []  # no IAM of the run's to read
+
+
+@pytest.mark.parametrize(
+    ("method", "tail"), [("POST", ":setIamPolicy"), ("PUT", "/iam"), ("DELETE", "/roles/(?P<role>[^/:]+)")]
+)
+def test_a_down_cut_while_removing_the_identity_is_completed_by_the_next(
+    compute_fake: ComputeFake, gce: Compute, method: str, tail: str
+) -> None:
+    compute_fake.iam.add_bucket("ckpt")
+    spec = _spec(disk_size=None, store="gs://ckpt/runs/mnist")
+    launch(spec, gce, apply=True, on_step=_quiet)
+    compute_fake.crash_after[_route_key(compute_fake, method, tail)] = 1
+    with pytest.raises(LaunchError):
+        down("mnist", gce, apply=True, delete_store=True, on_step=_quiet)
+    _, left = down("mnist", gce, apply=True, delete_store=True, store=spec.store, on_step=_quiet)
+    assert left == [] and compute_fake.iam.accounts == {} and compute_fake.templates == {}
+    assert compute_fake.iam.bindings(f"projects/{PROJECT}") == [] and len(compute_fake.iam.bindings("b/ckpt")) == 1
 
 
 def test_a_service_account_spotsafe_did_not_make_is_refused(compute_fake: ComputeFake, gce: Compute) -> None:

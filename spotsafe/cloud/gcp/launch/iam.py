@@ -216,7 +216,17 @@ def ensure(rest: GoogleRest, name: str, project: str, zone: str, store: str, *, 
 
 
 def remove(rest: GoogleRest, name: str, project: str, zone: str, store: str | None, *, apply: bool, say: Say) -> None:
-    """Delete the run's bindings, custom role and service account (only plan without ``apply``)."""
+    """Delete the run's bindings, custom role and service account (only plan without ``apply``).
+
+    In the reverse order of :func:`ensure`, the account last: without the run's own account there
+    is nothing of the run's identity left (a run launched with ``--service-account`` has none, and
+    its ``down`` reads no IAM policy).
+    """
+    email, rid = account_email(name, project), role_id(name)
+    sa_path = f"/v1/projects/{project}/serviceAccounts/{email}"
+    sa = rest.call(f"get service account {email}", "GET", "iam", sa_path)
+    if sa is None or sa.get("description") != f"{LABEL}={name}":
+        return
     for b in bindings(name, project, zone, store or ""):
         try:
             policy = get_policy(rest, b.where, project)
@@ -229,28 +239,24 @@ def remove(rest: GoogleRest, name: str, project: str, zone: str, store: str | No
             say("delete", f"binding on {b.where}", b.role.rsplit("/", 1)[-1], "")
             if apply:
                 set_policy(rest, b.where, project, {**policy, "bindings": kept})
-    rid = role_id(name)
     role = rest.call(f"get role {rid}", "GET", "iam", f"/v1/projects/{project}/roles/{rid}")
     if role is not None and not role.get("deleted") and role.get("description") == f"{LABEL}={name}":
         say("delete", "custom role", rid, "")
         if apply:
             rest.call(f"delete role {rid}", "DELETE", "iam", f"/v1/projects/{project}/roles/{rid}")
-    email = account_email(name, project)
-    sa = rest.call(f"get service account {email}", "GET", "iam", f"/v1/projects/{project}/serviceAccounts/{email}")
-    if sa is not None and sa.get("description") == f"{LABEL}={name}":
-        say("delete", "service account", email, "")
-        if apply:
-            rest.call(
-                f"delete service account {email}", "DELETE", "iam", f"/v1/projects/{project}/serviceAccounts/{email}"
-            )
+    say("delete", "service account", email, "")
+    if apply:
+        rest.call(f"delete service account {email}", "DELETE", "iam", sa_path)
 
 
 def left(rest: GoogleRest, name: str, project: str, zone: str, store: str | None) -> list[str]:
     """What of the run's identity is still there (after ``down``)."""
     out: list[str] = []
     email, rid = account_email(name, project), role_id(name)
-    if rest.call("get service account", "GET", "iam", f"/v1/projects/{project}/serviceAccounts/{email}"):
-        out.append(f"service account {email}")
+    sa = rest.call("get service account", "GET", "iam", f"/v1/projects/{project}/serviceAccounts/{email}")
+    if sa is None or sa.get("description") != f"{LABEL}={name}":
+        return out  # none of the run's own (see remove)
+    out.append(f"service account {email}")
     role = rest.call("get role", "GET", "iam", f"/v1/projects/{project}/roles/{rid}")
     if role is not None and not role.get("deleted"):
         out.append(f"custom role {rid}")
