@@ -48,6 +48,13 @@ class StoreFacts:
             return
         self.report, self.report_note = report_facts(self.store, on_demand_price)
 
+    def read_remote(self, scheme: str, disk: str, **kwargs: Any) -> None:
+        """:meth:`read` an object store (``scheme``, e.g. ``s3://``); a store on the run's ``disk`` is said to be there."""
+        if self.store and self.store.startswith(scheme):
+            self.read(**kwargs)
+        elif self.store:
+            self.store_error = f"on the run's {disk}: readable from its instance (spotsafe ls there)"
+
     def format(self, out: TextIO) -> None:
         print(f"  store {self.store or '(unknown)'}", file=out)
         if self.store_error:
@@ -80,6 +87,19 @@ class StoreFacts:
                 print(f"    {line}", file=out)
         elif self.report_note:
             print(f"    {self.report_note}", file=out)
+
+
+def format_group(
+    out: TextIO, title: str, group: str | None, size: int | None, missing: str, members: list[str], facts: StoreFacts
+) -> None:
+    """A GCP or Azure run's status: a title, the group line (or ``missing``), its members, the store."""
+    print(title, file=out)
+    if group is not None and size == 0:
+        group += " (at zero: the run finished; spotsafe down removes what is left)"
+    print(f"  {group if group is not None else missing}", file=out)
+    for line in members:
+        print(f"  {line}", file=out)
+    facts.format(out)
 
 
 @dataclass(kw_only=True)
@@ -120,10 +140,7 @@ def status(
     vols = run_volumes(aws.ec2, name)
     st.volume = vols[0] if vols else None
     st.store = run_store(aws, name)
-    if st.store and st.store.startswith("s3://"):
-        st.read(storage_options=storage_options, on_demand_price=on_demand_price)
-    elif st.store:
-        st.store_error = "on the run's EBS volume: readable from its instance (spotsafe ls there)"
+    st.read_remote("s3://", "EBS volume", storage_options=storage_options, on_demand_price=on_demand_price)
     return st
 
 

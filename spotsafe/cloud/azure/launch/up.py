@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from spotsafe.cloud.aws.launch.status import StoreFacts
+from spotsafe.cloud.aws.launch.status import StoreFacts, format_group
 from spotsafe.cloud.azure.launch import identity
 from spotsafe.cloud.plan import Result, RunSpec, Step, cloud_boot_script, settings_script
 from spotsafe.errors import LaunchConfigError, LaunchError
@@ -324,23 +324,13 @@ def status(name: str, arm: Arm, *, read_store: bool = False) -> Status:
             owner = vm.properties.virtual_machine_scale_set if vm.properties else None
             if owner is not None and str(owner.id).lower() == str(current.id).lower():
                 st.vms[str(vm.name)] = str(vm.properties.provisioning_state)
-    if read_store and st.store and st.store.startswith("az://"):
-        st.read()
-    elif read_store and st.store:
-        st.store_error = "on the run's data disk: readable from its VM (spotsafe ls there)"
+    if read_store:
+        st.read_remote("az://", "data disk")
     return st
 
 
 def format_status(name: str, st: Status, out: TextIO) -> None:
-    print(f"run {name} (Azure)", file=out)
-    if st.scale_set is None:
-        print(f"  scale set spotsafe-{name}: none (not launched, or taken down)", file=out)
-    else:
-        print(f"  scale set {st.scale_set}: capacity {st.capacity}, Spot, eviction {st.eviction}", file=out)
-        if st.capacity == 0:
-            print("  scaled to zero: the run finished (spotsafe down removes what is left)", file=out)
-    for vm, state in sorted(st.vms.items()):
-        print(f"  VM {vm} {state}", file=out)
-    for disk in st.disks:
-        print(f"  disk {disk}", file=out)
-    st.format(out)
+    group = f"scale set {st.scale_set}: capacity {st.capacity}, Spot, eviction {st.eviction}" if st.scale_set else None
+    members = [f"VM {vm} {state}" for vm, state in sorted(st.vms.items())] + [f"disk {d}" for d in st.disks]
+    missing = f"scale set spotsafe-{name}: none (not launched, or taken down)"
+    format_group(out, f"run {name} (Azure)", group, st.capacity, missing, members, st)

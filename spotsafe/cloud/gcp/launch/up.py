@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from spotsafe.cloud.aws.launch.status import StoreFacts
+from spotsafe.cloud.aws.launch.status import StoreFacts, format_group
 from spotsafe.cloud.gcp.launch import iam
 from spotsafe.cloud.gcp.launch.iam import GoogleRest
 from spotsafe.cloud.gcp.launch.spec import LABEL, GcpLaunchSpec, group_body, template_body
@@ -162,26 +162,16 @@ def status(name: str, gce: Compute, *, read_store: bool = False) -> Status:
     )
     template = gce.call("get template", gce.templates.get, project=gce.project, instance_template=resource)
     st.store = _store_of(template) if template is not None and _ours(template, name) else None
-    if read_store and st.store and st.store.startswith("gs://"):
-        st.read()
-    elif read_store and st.store:
-        st.store_error = "on the run's disk: readable from its VM (spotsafe ls there)"
+    if read_store:
+        st.read_remote("gs://", "disk")
     return st
 
 
 def format_status(name: str, st: Status, out: TextIO) -> None:
-    print(f"run {name} (GCP)", file=out)
-    if st.group is None:
-        print(f"  group spotsafe-{name}: none (not launched, or taken down)", file=out)
-    else:
-        print(f"  managed instance group {st.group}: target size {st.target_size}", file=out)
-        if st.target_size == 0:
-            print("  resized to zero: the run finished (spotsafe down removes what is left)", file=out)
-    for vm, state in sorted(st.states.items()):
-        print(f"  instance {vm} {state}", file=out)
-    for disk in st.disks:
-        print(f"  disk {disk}", file=out)
-    st.format(out)
+    group = f"managed instance group {st.group}: target size {st.target_size}" if st.group else None
+    members = [f"instance {vm} {state}" for vm, state in sorted(st.states.items())] + [f"disk {d}" for d in st.disks]
+    missing = f"group spotsafe-{name}: none (not launched, or taken down)"
+    format_group(out, f"run {name} (GCP)", group, st.target_size, missing, members, st)
 
 
 def _labelled(gce: Compute, kind: str, name: str) -> list[Any]:
