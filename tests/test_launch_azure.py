@@ -305,3 +305,31 @@ def test_status_shows_the_scale_set_its_vm_and_the_runs_progress_from_the_az_sto
     st = status("mnist", arm)
     assert st.capacity == 0 and st.vms == {}
     assert arm_fake.violations == []
+
+
+def test_the_cli_launches_shows_and_takes_down_an_azure_data_disk_run(
+    arm_fake: ARMFake, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``spotsafe launch/status/down --cloud azure`` end to end; only the user's credential is stood in for."""
+    import azure.identity
+
+    from spotsafe.cli.main import main
+
+    monkeypatch.setattr(azure.identity, "DefaultAzureCredential", _Token)
+    monkeypatch.setenv("SPOTSAFE_AZURE_ARM_ENDPOINT", arm_fake.endpoint)
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(arm_fake.ca))
+    monkeypatch.setenv("AZURE_SUBSCRIPTION_ID", SUB)
+    where = ["--cloud", "azure", "--resource-group", RG]
+    spec = _spec()
+    args = ["launch", "mnist", *where, "--location", "eastus", "--vm-size", spec.vm_size, "--azure-image", spec.image]
+    args += ["--subnet-id", SUBNET, "--ssh-public-key", spec.ssh_public_key, "--volume-size", "64"]
+    args += ["--command", "python train.py", "--yes"]
+    assert main(args) == 0
+    assert "eviction Deallocate, a 64 GiB data disk" in capsys.readouterr().out
+    assert main(["status", "mnist", *where]) == 0
+    out = capsys.readouterr().out
+    assert "scale set spotsafe-mnist: capacity 1, Spot, eviction Deallocate" in out and "VM spotsafe-mnist_" in out
+    assert "store /mnt/spotsafe/mnist" in out and "on the run's data disk" in out
+    assert main(["down", "mnist", *where, "--yes", "--delete-store"]) == 0
+    assert arm_fake.scale_sets == {} and arm_fake.role_assignments == {} and arm_fake.disks == {}
+    assert arm_fake.violations == []

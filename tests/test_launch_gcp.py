@@ -408,3 +408,33 @@ def test_status_of_a_disk_run_says_where_its_checkpoints_are(compute_fake: Compu
     st = status("mnist", gce, read_store=True)
     assert st.store == "/mnt/spotsafe/mnist" and st.disks == ["spotsafe-mnist"]
     assert st.store_error is not None and "on the run's disk" in st.store_error
+
+
+def test_the_cli_launches_shows_and_takes_down_a_gcp_run(
+    compute_fake: ComputeFake, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``spotsafe launch/status/down --cloud gcp`` end to end; only the user's credentials are stood in for."""
+    import google.auth
+    from google.auth.credentials import AnonymousCredentials
+
+    from spotsafe.cli.main import main
+
+    compute_fake.iam.add_project(PROJECT)
+    monkeypatch.setattr(google.auth, "default", lambda *a, **k: (AnonymousCredentials(), PROJECT))  # type: ignore[no-untyped-call]
+    monkeypatch.setenv("SPOTSAFE_GCP_COMPUTE_ENDPOINT", compute_fake.endpoint)
+    where = ["--cloud", "gcp", "--zone", ZONE]
+    args = ["launch", "mnist", *where, "--machine-type", "g2-standard-4", "--image", _spec().image]
+    args += ["--volume-size", "100", "--command", "python train.py"]
+    assert main(args) == 0
+    assert "plan only: rerun with --yes" in capsys.readouterr().out and compute_fake.templates == {}
+    assert main([*args, "--yes"]) == 0
+    out = capsys.readouterr().out
+    assert "create  service account spotsafe-mnist@" in out and "create  managed instance group" in out
+    assert main(["status", "mnist", *where]) == 0
+    out = capsys.readouterr().out
+    assert "managed instance group spotsafe-mnist: target size 1" in out and "RUNNING" in out
+    assert "store /mnt/spotsafe/mnist" in out and "on the run's disk" in out
+    assert main(["down", "mnist", *where, "--yes", "--delete-store"]) == 0
+    assert "still there" not in capsys.readouterr().out
+    assert compute_fake.groups == {} and compute_fake.disks == {} and compute_fake.iam.accounts == {}
+    assert compute_fake.violations == []

@@ -38,10 +38,12 @@ def _arm(ns: Any) -> Arm:
     from azure.mgmt.authorization import AuthorizationManagementClient
 
     credential = DefaultAzureCredential()
+    # SPOTSAFE_AZURE_ARM_ENDPOINT (as for spotsafe.cloud.azure.finish): another Resource Manager.
+    base = os.environ.get("SPOTSAFE_AZURE_ARM_ENDPOINT") or "https://management.azure.com"
     return Arm(
-        ComputeManagementClient(credential, subscription),
+        ComputeManagementClient(credential, subscription, base_url=base),
         ns.resource_group,
-        auth=AuthorizationManagementClient(credential, subscription),
+        auth=AuthorizationManagementClient(credential, subscription, base_url=base),
         subscription=subscription,
     )
 

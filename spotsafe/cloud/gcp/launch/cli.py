@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, TextIO
 
 from spotsafe.cloud.gcp.launch.spec import MOUNT, GcpLaunchSpec
@@ -33,7 +34,9 @@ def _compute(ns: Any) -> Compute:
     project = ns.project or default_project
     if not project or not ns.zone:
         raise LaunchConfigError("--cloud gcp needs --project (or a default project) and --zone")
-    return Compute(project, ns.zone, credentials=credentials)
+    # SPOTSAFE_GCP_COMPUTE_ENDPOINT (as for spotsafe.cloud.gcp.finish): one base for Compute, IAM,
+    # Resource Manager and Storage (a private endpoint; a test's local server).
+    return Compute(project, ns.zone, credentials=credentials, endpoint=os.environ.get("SPOTSAFE_GCP_COMPUTE_ENDPOINT"))
 
 
 def run_gcp(ns: Any, out: TextIO) -> int:
