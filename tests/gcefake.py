@@ -1,38 +1,21 @@
-"""A local fake of the Compute Engine REST API (compute/v1): what spotsafe calls, checked against the reference.
+"""A local fake of the Compute Engine REST API (compute/v1): what spotsafe calls, checked against the discovery document.
 
-Where each fact comes from (the Compute Engine API reference, v1,
-https://cloud.google.com/compute/docs/reference/rest/v1/, and its discovery document
-https://compute.googleapis.com/discovery/v1/apis/compute/v1/rest, which google-cloud-compute
-is generated from):
+Request bodies are checked against Google's discovery document ``compute.v1`` (the
+machine-readable description Google publishes and google-cloud-compute is generated from;
+google-api-python-client ships it, tests/apischema.py reads it): closed objects, types, enums,
+patterns and the method's required fields; a violation is a 400 and lands in ``violations``.
+What the fake *does* with a request (the paths, the ``Operation`` it answers, that a group
+creates one VM and keeps a stateful disk) is the reference pages' description
+(https://cloud.google.com/compute/docs/reference/rest/v1/), not observed:
 
 - ``instanceGroupManagers.resize``: ``POST .../zones/{zone}/instanceGroupManagers/{name}/resize``,
-  query parameter ``size`` (integer, required, >= 0), **no request body**; answers an
-  ``Operation`` (``kind: compute#operation``, ``status`` PENDING | RUNNING | DONE,
-  ``targetLink``, ``operationType``) -- reference page instanceGroupManagers/resize.
-- ``instanceGroupManagers.get``: ``GET .../instanceGroupManagers/{name}``: the resource
-  with ``targetSize`` (integer) -- reference page instanceGroupManagers/get.
-- ``zoneOperations.get``: ``GET .../zones/{zone}/operations/{operation}`` -- reference page
-  zoneOperations/get.
-- ``instanceTemplates.insert`` (``POST .../global/instanceTemplates``), ``get``, ``delete``: body an
-  ``InstanceTemplate``: ``name``, ``description``, ``properties`` (``InstanceProperties``: ``machineType``
-  string, ``labels`` map of strings, ``scheduling`` (``Scheduling``: ``provisioningModel`` SPOT |
-  STANDARD, ``instanceTerminationAction`` DELETE | STOP, ``automaticRestart`` boolean,
-  ``onHostMaintenance`` MIGRATE | TERMINATE), ``disks`` (``AttachedDisk``: ``boot``, ``autoDelete``
-  booleans, ``type`` PERSISTENT | SCRATCH, ``deviceName``, ``initializeParams``
-  (``AttachedDiskInitializeParams``: ``sourceImage``, ``diskName``, ``diskType`` strings,
-  ``diskSizeGb`` int64, ``labels``)), ``networkInterfaces`` (``network``, ``accessConfigs``: ``name``,
-  ``type`` ONE_TO_ONE_NAT | DIRECT_IPV6), ``serviceAccounts`` (``email``, ``scopes``), ``metadata``
-  (``items``: ``key``, ``value``)) -- reference pages instanceTemplates/insert and the
-  InstanceProperties, Scheduling, AttachedDisk, Metadata schemas.
-- ``instanceGroupManagers.insert`` (``POST .../zones/{zone}/instanceGroupManagers``), ``delete``:
-  body an ``InstanceGroupManager``: ``name``, ``description``, ``baseInstanceName``,
-  ``instanceTemplate`` strings, ``targetSize`` integer, ``statefulPolicy.preservedState.disks``: a map of
-  device name to ``{autoDelete: NEVER | ON_PERMANENT_INSTANCE_DELETION}`` -- reference page
-  instanceGroupManagers/insert, StatefulPolicy.
+  query parameter ``size`` (integer >= 0), **no request body**; answers an ``Operation``.
+- ``instanceGroupManagers.get`` / ``insert`` / ``delete``, ``instanceTemplates.insert`` / ``get`` /
+  ``delete``, ``zoneOperations.get``, ``globalOperations.get``.
 - ``disks.list`` / ``instances.list`` take ``filter`` (``labels.KEY=VALUE``), answer ``{items: [...]}``;
-  ``disks.delete`` -- reference pages disks/list, instances/list.
-- Errors: ``{"error": {"code", "message", "errors": [...]}}`` with the HTTP status
-  (404 for a missing resource) -- the API's "Errors" page (Google JSON error format).
+  ``disks.delete``.
+- Errors: ``{"error": {"code", "message", "errors": [...]}}`` with the HTTP status (404 for a
+  missing resource, 409 ``alreadyExists``) -- Google's JSON error format.
 """
 
 from __future__ import annotations
@@ -41,124 +24,16 @@ import itertools
 import re
 from typing import Any
 
+from tests.apischema import discovery_schema
+from tests.gcpiamfake import GoogleIam
 from tests.restfake import Answer, Request, RestFake, SchemaError, check
 
 PROJECT = r"/compute/v1/projects/(?P<project>[^/]+)"
 ZONE = PROJECT + r"/zones/(?P<zone>[^/]+)"
 
-_S = {"type": "string"}
-_LABELS = {"type": "object", "additional": _S}
-SCHEDULING = {
-    "type": "object",
-    "properties": {
-        "provisioningModel": {"type": "string", "enum": ["SPOT", "STANDARD"]},
-        "instanceTerminationAction": {"type": "string", "enum": ["DELETE", "STOP"]},
-        "automaticRestart": {"type": "boolean"},
-        "onHostMaintenance": {"type": "string", "enum": ["MIGRATE", "TERMINATE"]},
-    },
-}
-ATTACHED_DISK = {
-    "type": "object",
-    "properties": {
-        "boot": {"type": "boolean"},
-        "autoDelete": {"type": "boolean"},
-        "type": {"type": "string", "enum": ["PERSISTENT", "SCRATCH"]},
-        "deviceName": {"type": "string", "pattern": r"[a-z]([-a-z0-9]*[a-z0-9])?"},
-        "initializeParams": {
-            "type": "object",
-            "properties": {
-                "sourceImage": _S,
-                "diskName": _S,
-                "diskType": _S,
-                "diskSizeGb": {"type": "int64"},
-                "labels": _LABELS,
-            },
-        },
-    },
-}
-INSTANCE_TEMPLATE = {
-    "type": "object",
-    "required": ["name", "properties"],
-    "properties": {
-        "name": {"type": "string", "pattern": r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?"},
-        "description": _S,
-        "properties": {
-            "type": "object",
-            "required": ["machineType", "disks"],
-            "properties": {
-                "machineType": _S,
-                "labels": _LABELS,
-                "scheduling": SCHEDULING,
-                "disks": {"type": "array", "items": ATTACHED_DISK},
-                "networkInterfaces": {
-                    "type": "array",
-                    "items": {
-                        "type": "object",
-                        "properties": {
-                            "network": _S,
-                            "accessConfigs": {
-                                "type": "array",
-                                "items": {
-                                    "type": "object",
-                                    "properties": {
-                                        "name": _S,
-                                        "type": {"type": "string", "enum": ["ONE_TO_ONE_NAT", "DIRECT_IPV6"]},
-                                    },
-                                },
-                            },
-                        },
-                    },
-                },
-                "serviceAccounts": {
-                    "type": "array",
-                    "items": {"type": "object", "properties": {"email": _S, "scopes": {"type": "array", "items": _S}}},
-                },
-                "metadata": {
-                    "type": "object",
-                    "properties": {
-                        "items": {
-                            "type": "array",
-                            "items": {"type": "object", "required": ["key"], "properties": {"key": _S, "value": _S}},
-                        }
-                    },
-                },
-            },
-        },
-    },
-}
-GROUP = {
-    "type": "object",
-    "required": ["name", "instanceTemplate", "targetSize"],
-    "properties": {
-        "name": {"type": "string", "pattern": r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?"},
-        "description": _S,
-        "baseInstanceName": _S,
-        "instanceTemplate": _S,
-        "targetSize": {"type": "integer"},
-        "statefulPolicy": {
-            "type": "object",
-            "properties": {
-                "preservedState": {
-                    "type": "object",
-                    "properties": {
-                        "disks": {
-                            "type": "object",
-                            "additional": {
-                                "type": "object",
-                                "properties": {
-                                    "autoDelete": {
-                                        "type": "string",
-                                        "enum": ["NEVER", "ON_PERMANENT_INSTANCE_DELETION"],
-                                    }
-                                },
-                            },
-                        }
-                    },
-                }
-            },
-        },
-    },
-}
+#: The request bodies' schemas, from Google's discovery document compute.v1 (tests/apischema.py).
+INSTANCE_TEMPLATE = discovery_schema("compute.v1", "InstanceTemplate", "compute.instanceTemplates.insert")
+GROUP = discovery_schema("compute.v1", "InstanceGroupManager", "compute.instanceGroupManagers.insert")
 
 
 class ComputeFake(RestFake):
@@ -174,7 +49,7 @@ class ComputeFake(RestFake):
         self.route("GET", ZONE + r"/instanceGroupManagers/(?P<name>[^/]+)", self._get_group)
         self.route("POST", ZONE + r"/instanceGroupManagers/(?P<name>[^/]+)/resize", self._resize)
         self.route("GET", ZONE + r"/operations/(?P<op>[^/]+)", self._get_operation)
-        self.route("GET", PROJECT + r"/global/operations/(?P<op>[^/]+)", self._get_global_operation)
+        self.route("GET", PROJECT + r"/global/operations/(?P<op>[^/]+)", self._get_operation)
         self.templates: dict[tuple[str, str], dict[str, Any]] = {}
         self.disks: dict[tuple[str, str, str], dict[str, Any]] = {}
         self.instances: dict[tuple[str, str, str], dict[str, Any]] = {}
@@ -186,6 +61,8 @@ class ComputeFake(RestFake):
         self.route("GET", ZONE + r"/disks", lambda r: self._list(r, self.disks))
         self.route("GET", ZONE + r"/instances", lambda r: self._list(r, self.instances))
         self.route("DELETE", ZONE + r"/disks/(?P<name>[^/]+)", self._delete_disk)
+        #: IAM, Resource Manager and Cloud Storage IAM on the same server (tests/gcpiamfake.py)
+        self.iam = GoogleIam(self)
 
     def add_group(self, project: str, zone: str, name: str, *, target_size: int = 1) -> dict[str, Any]:
         """A managed instance group as ``gcloud compute instance-groups managed create`` leaves it."""
@@ -202,33 +79,35 @@ class ComputeFake(RestFake):
             self.groups[(project, zone, name)] = group
         return group
 
-    def _not_found(self, what: str) -> Answer:
-        body = {
-            "error": {
-                "code": 404,
-                "message": f"The resource '{what}' was not found",
-                "errors": [
-                    {"domain": "global", "reason": "notFound", "message": f"The resource '{what}' was not found"}
-                ],
-            }
-        }
-        return 404, body, {}
+    def _google_error(self, code: int, reason: str, message: str) -> Answer:
+        """Google's JSON error: ``{"error": {"code", "message", "errors": [{domain, reason, message}]}}``."""
+        errors = [{"domain": "global", "reason": reason, "message": message}]
+        return code, {"error": {"code": code, "message": message, "errors": errors}}, {}
 
-    def _operation(self, r: Request, kind: str, target: str) -> dict[str, Any]:
+    def _not_found(self, what: str) -> Answer:
+        return self._google_error(404, "notFound", f"The resource '{what}' was not found")
+
+    def _exists(self, what: str) -> Answer:
+        return self._google_error(409, "alreadyExists", f"The resource '{what}' already exists")
+
+    def _operation(self, r: Request, kind: str, target: str, *, zone: str | None = None) -> dict[str, Any]:
+        """A finished ``Operation`` (zonal, or ``zone="global"``), kept for ``zoneOperations.get`` / ``globalOperations.get``."""
+        where = zone or r.match["zone"]
         op_name = f"operation-{next(self._ids)}"
-        base = f"{self.endpoint}/compute/v1/projects/{r.match['project']}/zones/{r.match['zone']}"
+        scope = "global" if where == "global" else f"zones/{where}"
+        base = f"{self.endpoint}/compute/v1/projects/{r.match['project']}/{scope}"
         op = {
             "kind": "compute#operation",
             "id": str(next(self._ids)),
             "name": op_name,
-            "zone": base,
+            **({} if where == "global" else {"zone": base}),
             "operationType": kind,
             "targetLink": target,
             "status": "DONE",
             "progress": 100,
             "selfLink": f"{base}/operations/{op_name}",
         }
-        self.operations[(r.match["project"], r.match["zone"], op_name)] = op
+        self.operations[(r.match["project"], where, op_name)] = op
         return op
 
     def _get_group(self, r: Request) -> Answer:
@@ -240,8 +119,6 @@ class ComputeFake(RestFake):
         return 200, group, {}
 
     def _resize(self, r: Request) -> Answer:
-        from tests.restfake import SchemaError
-
         if r.body not in (None, {}, ""):
             raise SchemaError(f"resize takes no request body, got {r.body!r}")
         size = r.query.get("size")
@@ -255,40 +132,8 @@ class ComputeFake(RestFake):
         return 200, self._operation(r, "compute.instanceGroupManagers.resize", group["selfLink"]), {}
 
     def _get_operation(self, r: Request) -> Answer:
-        op = self.operations.get((r.match["project"], r.match["zone"], r.match["op"]))
-        if op is None:
-            return self._not_found(r.match["op"])
-        return 200, op, {}
-
-    def _get_global_operation(self, r: Request) -> Answer:
-        op = self.operations.get((r.match["project"], "global", r.match["op"]))
+        op = self.operations.get((r.match["project"], r.match.get("zone", "global"), r.match["op"]))
         return (200, op, {}) if op is not None else self._not_found(r.match["op"])
-
-    def _global_operation(self, r: Request, kind: str, target: str) -> dict[str, Any]:
-        op_name = f"operation-{next(self._ids)}"
-        base = f"{self.endpoint}/compute/v1/projects/{r.match['project']}/global"
-        op = {
-            "kind": "compute#operation",
-            "id": str(next(self._ids)),
-            "name": op_name,
-            "operationType": kind,
-            "targetLink": target,
-            "status": "DONE",
-            "progress": 100,
-            "selfLink": f"{base}/operations/{op_name}",
-        }
-        self.operations[(r.match["project"], "global", op_name)] = op
-        return op
-
-    def _exists(self, what: str) -> Answer:
-        body = {
-            "error": {
-                "code": 409,
-                "message": f"The resource '{what}' already exists",
-                "errors": [{"domain": "global", "reason": "alreadyExists", "message": "exists"}],
-            }
-        }
-        return 409, body, {}
 
     def _insert_template(self, r: Request) -> Answer:
         check(r.body, INSTANCE_TEMPLATE)
@@ -302,7 +147,7 @@ class ComputeFake(RestFake):
             "id": str(next(self._ids)),
             "selfLink": link,
         }
-        return 200, self._global_operation(r, "insert", link), {}
+        return 200, self._operation(r, "insert", link, zone="global"), {}
 
     def _get_template(self, r: Request) -> Answer:
         t = self.templates.get((r.match["project"], r.match["name"]))
@@ -322,7 +167,7 @@ class ComputeFake(RestFake):
             }
             return 400, body, {}
         link = self.templates.pop(key)["selfLink"]
-        return 200, self._global_operation(r, "delete", link), {}
+        return 200, self._operation(r, "delete", link, zone="global"), {}
 
     def _insert_group(self, r: Request) -> Answer:
         check(r.body, GROUP)

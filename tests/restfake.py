@@ -4,9 +4,10 @@ A fake is a real HTTP(S) server on 127.0.0.1 that keeps resources in memory and 
 every request body it is sent against the published schema of that request, field by
 field (:func:`check`: unknown fields, wrong types and values outside an enum are answered
 400 and recorded in :attr:`RestFake.violations`, so a test fails on them even where the
-client swallows the error). The schemas are written down in each fake with the document
-they come from; only the fields spotsafe sends are described, and any other field a
-request carries is a violation (so a new field sent makes a test fail until it is checked).
+client swallows the error). The schemas come from the services' machine-readable
+descriptions (tests/apischema.py: Google's discovery documents, the Azure SDKs' models
+generated from the OpenAPI specs); objects are closed, so a field the API does not have is a
+violation, as it is a 400 from the real service.
 """
 
 from __future__ import annotations

@@ -171,7 +171,8 @@ def test_boot_ends_in_training_under_systemd(bootbox: BootBox) -> None:
     calls = cb.root / "systemctl.calls"
     path = fake_systemd(cb.root / "bin", calls)
     assert filesystem_type(cb.device) is None
-    p = cb.boot(PATH=path, SPOTSAFE_MKFS="1")
+    # The az:// store's account, as `launch --cloud azure` sets it, must reach the training process.
+    p = cb.boot(PATH=path, SPOTSAFE_MKFS="1", AZURE_STORAGE_ACCOUNT_NAME="spotsafeacct")
     out = p.stdout + p.stderr
     assert p.returncode == 0, f"{out}"
     assert f"boot on {cb.cloud} (" in out
@@ -185,6 +186,7 @@ def test_boot_ends_in_training_under_systemd(bootbox: BootBox) -> None:
     assert f"RequiresMountsFor={cb.mount}\n" in dropin and "StartLimitAction=poweroff\n" in dropin
     env_file = (cb.root / "etc" / "spotsafe.env").read_text()
     assert f"SPOTSAFE_CLOUD='{cb.cloud}'" in env_file  # detected, and fixed for the unit's phases
+    assert "AZURE_STORAGE_ACCOUNT_NAME='spotsafeacct'" in env_file
     # Later boots: Azure through cloud-init's per-boot hook; GCP reruns its startup-script by itself.
     assert (cb.root / "per-boot" / "spotsafe-boot.sh").exists() == (cb.cloud == "azure")
     assert steps(cb.steps, "second") == []  # training is the unit's, not the boot's

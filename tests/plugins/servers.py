@@ -35,6 +35,8 @@ Compute Engine and Azure Resource Manager (tests/gcefake.py, tests/armfake.py), 
   REST transport allows for an ``api_endpoint`` given with its scheme).
 - ``arm_fake``: an :class:`~tests.armfake.ARMFake` over TLS; ``arm_fake.ca`` is the PEM file to
   trust it with (``REQUESTS_CA_BUNDLE``).
+- ``billing_fake``, ``retail_prices_fake``: the Cloud Billing Catalog API and the Azure Retail
+  Prices API (tests/pricefake.py), plain HTTP.
 
 Instance metadata (spotsafe.rehearsal.simulators), one per test:
 
@@ -57,6 +59,7 @@ from tests.armfake import ARMFake, self_signed
 from tests.cloudservers import Azurite, FakeGCSServer, GCPStorageEmulator, azurite_blob
 from tests.ec2server import EC2Server, IAMEnforcingServer, run_instance
 from tests.gcefake import ComputeFake
+from tests.pricefake import BillingFake, RetailPricesFake
 from tests.s3server import FaultProxy, MotoServer
 
 
@@ -266,3 +269,13 @@ def compute_fake() -> Iterator[ComputeFake]:
 def arm_fake(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ARMFake]:
     tls, ca = self_signed(tmp_path_factory.mktemp("arm-tls"))
     yield from serving(ARMFake(tls, ca))
+
+
+@pytest.fixture
+def billing_fake() -> Iterator[BillingFake]:
+    yield from serving(BillingFake())
+
+
+@pytest.fixture
+def retail_prices_fake() -> Iterator[RetailPricesFake]:
+    yield from serving(RetailPricesFake())

@@ -17,7 +17,6 @@ scale set only (``spotsafe launch --cloud azure`` assigns such a role).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -26,6 +25,7 @@ import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from spotsafe.cloud.finishing import finish_main
 from spotsafe.errors import LaunchError
 
 __all__ = ["ScaleSet", "finish", "main", "scale_set"]
@@ -90,17 +90,13 @@ def finish(target: ScaleSet | None = None) -> ScaleSet:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argparse.ArgumentParser(
-        prog="python -m spotsafe.cloud.azure.finish",
-        description="Set this VM's scale set capacity to 0 (a completed run is not recreated).",
-    ).parse_args(argv)
-    try:
-        target = finish()
-    except LaunchError as e:
-        print(f"spotsafe finish: {e}", file=sys.stderr)
-        return 1
-    print(f"scale set {target.name} ({target.resource_group}) set to capacity 0", file=sys.stderr)
-    return 0
+    return finish_main(
+        "python -m spotsafe.cloud.azure.finish",
+        "Set this VM's scale set capacity to 0 (a completed run is not recreated).",
+        finish,
+        lambda t: f"scale set {t.name} ({t.resource_group}) set to capacity 0",
+        argv,
+    )
 
 
 if __name__ == "__main__":

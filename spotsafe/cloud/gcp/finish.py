@@ -16,7 +16,6 @@ grants it through a custom role), nothing else.
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import sys
@@ -25,6 +24,7 @@ import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from spotsafe.cloud.finishing import finish_main
 from spotsafe.errors import LaunchError
 
 __all__ = ["Group", "created_by", "finish", "main"]
@@ -96,17 +96,13 @@ def finish(group: Group | None = None) -> Group:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argparse.ArgumentParser(
-        prog="python -m spotsafe.cloud.gcp.finish",
-        description="Resize this VM's managed instance group to 0 (a completed run is not recreated).",
-    ).parse_args(argv)
-    try:
-        group = finish()
-    except LaunchError as e:
-        print(f"spotsafe finish: {e}", file=sys.stderr)
-        return 1
-    print(f"resized managed instance group {group.name} ({group.project}, {group.zone}) to 0", file=sys.stderr)
-    return 0
+    return finish_main(
+        "python -m spotsafe.cloud.gcp.finish",
+        "Resize this VM's managed instance group to 0 (a completed run is not recreated).",
+        finish,
+        lambda g: f"resized managed instance group {g.name} ({g.project}, {g.zone}) to 0",
+        argv,
+    )
 
 
 if __name__ == "__main__":

@@ -10,11 +10,13 @@ from spotsafe.cloud.aws.clients import TAG, Clients
 from spotsafe.cloud.aws.launch.down import down
 from spotsafe.cloud.aws.launch.spec import MOUNT, LaunchSpec
 from spotsafe.cloud.aws.launch.status import format_status, status
-from spotsafe.cloud.aws.launch.up import Step, launch
+from spotsafe.cloud.aws.launch.up import launch
 from spotsafe.cloud.aws.launch.userdata import resolve_ref, user_data
 from spotsafe.cloud.aws.prices import spot_prices
 from spotsafe.cloud.azure.launch.cli import add_azure_options, run_azure
 from spotsafe.cloud.gcp.launch.cli import add_cloud_options, run_gcp
+from spotsafe.cloud.plan import Step
+from spotsafe.cloud.pricing import print_table
 from spotsafe.errors import LaunchConfigError, SpotsafeError
 
 
@@ -84,8 +86,9 @@ def add_parsers(sub: Any) -> None:
     p = sub.add_parser("price", help="spot price per zone now, cheapest first")
     add_cloud_options(p)
     add_azure_options(p)
-    p.add_argument("--instance-types", required=True, type=_types)
-    p.add_argument("--region")
+    p.add_argument("--instance-types", required=True, type=_types, help="EC2 types, GCP machine types or Azure sizes")
+    p.add_argument("--region", help="AWS / GCP region or Azure location (GCP, Azure: default every one)")
+    p.add_argument("--api-key", help="GCP: a Cloud Billing Catalog API key (default: SPOTSAFE_GCP_API_KEY, then ADC)")
 
 
 COMMANDS = ("launch", "status", "down", "price")
@@ -130,9 +133,7 @@ def _price(ns: Any, aws: Clients, out: TextIO) -> int:
         return 1
     rows = [["ZONE", "TYPE", "USD/H", "SINCE"]]
     rows += [[p.zone, p.instance_type, f"{p.price:.4f}", p.time.strftime("%Y-%m-%d %H:%M")] for p in prices]
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip(), file=out)
+    print_table(rows, out)
     return 0
 
 

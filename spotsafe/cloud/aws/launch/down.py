@@ -23,7 +23,7 @@ from spotsafe.cloud.aws.launch.resources import (
     tagged_resources,
 )
 from spotsafe.cloud.aws.launch.spec import PREFIX, check_name, s3_location
-from spotsafe.cloud.aws.launch.up import Step, Verb
+from spotsafe.cloud.plan import Step, Verb
 from spotsafe.errors import LaunchError
 
 

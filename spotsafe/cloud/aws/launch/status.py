@@ -19,20 +19,96 @@ from spotsafe.story.cost import Prices
 from spotsafe.story.facts import StoreReport
 
 
-@dataclass
-class Status:
-    name: str
-    region: str
-    group: dict[str, Any] | None = None
-    instances: list[dict[str, Any]] = field(default_factory=list)
+@dataclass(kw_only=True)
+class StoreFacts:
+    """A run's progress as its store tells it (every cloud's ``status`` shows these)."""
+
     store: str | None = None
-    volume: dict[str, Any] | None = None
     checkpoints: int | None = None
     newest: Any = None
     complete: dict[str, Any] | None = None
     store_error: str | None = None
     report: dict[str, Any] | None = None
     report_note: str | None = None
+
+    def read(self, *, storage_options: dict[str, Any] | None = None, on_demand_price: float | None = None) -> None:
+        """Fill in the newest checkpoint, the completion mark and the report's facts from ``self.store``."""
+        if not self.store:
+            return
+        from spotsafe.checkpoint.catalog import Catalog  # imports torch: only when there is a store to read
+
+        try:
+            with open_store(self.store, storage_options=storage_options) as opened:
+                catalog = Catalog(opened)
+                self.checkpoints = len(catalog.list())
+                self.newest = catalog.latest()
+                self.complete = read_completion(opened)
+        except (SpotsafeError, OSError) as e:
+            self.store_error = str(e)
+            return
+        self.report, self.report_note = report_facts(self.store, on_demand_price)
+
+    def read_remote(self, scheme: str, disk: str, **kwargs: Any) -> None:
+        """:meth:`read` an object store (``scheme``, e.g. ``s3://``); a store on the run's ``disk`` is said to be there."""
+        if self.store and self.store.startswith(scheme):
+            self.read(**kwargs)
+        elif self.store:
+            self.store_error = f"on the run's {disk}: readable from its instance (spotsafe ls there)"
+
+    def format(self, out: TextIO) -> None:
+        print(f"  store {self.store or '(unknown)'}", file=out)
+        if self.store_error:
+            print(f"    {self.store_error}", file=out)
+        elif self.checkpoints is not None:
+            n = self.newest
+            if n is None:
+                print(f"    no intact checkpoint yet ({self.checkpoints} listed)", file=out)
+            else:
+                epoch = "" if n.epoch is None else f", epoch {n.epoch}"
+                age = units.age(time.time() - n.time.timestamp())
+                print(
+                    f"    newest checkpoint: step {n.step}{epoch} ({n.reason}, {age} ago); {self.checkpoints} kept",
+                    file=out,
+                )
+            if self.complete is not None:
+                print(f"    run complete at step {self.complete.get('step')}", file=out)
+        if self.report is not None:
+            r = self.report
+            interruptions = r.get("interruptions", [])
+            count = len(interruptions) if isinstance(interruptions, list) else interruptions
+            launches = r.get("launches", [])
+            print(
+                f"    interruptions: {count}; launches: {len(launches) if isinstance(launches, list) else launches}; "
+                f"steps lost: {r.get('steps_lost', '?')}",
+                file=out,
+            )
+            line = cost_line(r.get("cost"))
+            if line:
+                print(f"    {line}", file=out)
+        elif self.report_note:
+            print(f"    {self.report_note}", file=out)
+
+
+def format_group(
+    out: TextIO, title: str, group: str | None, size: int | None, missing: str, members: list[str], facts: StoreFacts
+) -> None:
+    """A GCP or Azure run's status: a title, the group line (or ``missing``), its members, the store."""
+    print(title, file=out)
+    if group is not None and size == 0:
+        group += " (at zero: the run finished; spotsafe down removes what is left)"
+    print(f"  {group if group is not None else missing}", file=out)
+    for line in members:
+        print(f"  {line}", file=out)
+    facts.format(out)
+
+
+@dataclass(kw_only=True)
+class Status(StoreFacts):
+    name: str
+    region: str
+    group: dict[str, Any] | None = None
+    instances: list[dict[str, Any]] = field(default_factory=list)
+    volume: dict[str, Any] | None = None
     prices: dict[tuple[str, str], float] = field(default_factory=dict)
 
 
@@ -49,7 +125,7 @@ def status(
     """
     check_name(name)
     res = PREFIX + name
-    st = Status(name, aws.region)
+    st = Status(name=name, region=aws.region)
     st.group = find_group(aws.autoscaling, res)
     ids = [i["InstanceId"] for i in (st.group or {}).get("Instances", [])]
     if ids:
@@ -64,20 +140,7 @@ def status(
     vols = run_volumes(aws.ec2, name)
     st.volume = vols[0] if vols else None
     st.store = run_store(aws, name)
-    if st.store and st.store.startswith("s3://"):
-        from spotsafe.checkpoint.catalog import Catalog  # imports torch: only for an S3 store
-
-        try:
-            with open_store(st.store, storage_options=storage_options) as opened:
-                catalog = Catalog(opened)
-                st.checkpoints = len(catalog.list())
-                st.newest = catalog.latest()
-                st.complete = read_completion(opened)
-        except (SpotsafeError, OSError) as e:
-            st.store_error = str(e)
-        st.report, st.report_note = report_facts(st.store, on_demand_price)
-    elif st.store:
-        st.store_error = "on the run's EBS volume: readable from its instance (spotsafe ls there)"
+    st.read_remote("s3://", "EBS volume", storage_options=storage_options, on_demand_price=on_demand_price)
     return st
 
 
@@ -155,33 +218,4 @@ def format_status(st: Status, out: TextIO) -> None:
         v = st.volume
         held = ", ".join(a["InstanceId"] for a in v.get("Attachments", [])) or "not attached"
         print(f"  volume {v['VolumeId']}: {v['Size']} GiB in {v['AvailabilityZone']}, {held}", file=out)
-    print(f"  store {st.store or '(unknown)'}", file=out)
-    if st.store_error:
-        print(f"    {st.store_error}", file=out)
-    elif st.checkpoints is not None:
-        n = st.newest
-        if n is None:
-            print(f"    no intact checkpoint yet ({st.checkpoints} listed)", file=out)
-        else:
-            epoch = "" if n.epoch is None else f", epoch {n.epoch}"
-            print(
-                f"    newest checkpoint: step {n.step}{epoch} ({n.reason}, {units.age(time.time() - n.time.timestamp())} ago); {st.checkpoints} kept",
-                file=out,
-            )
-        if st.complete is not None:
-            print(f"    run complete at step {st.complete.get('step')}", file=out)
-    if st.report is not None:
-        r = st.report
-        interruptions = r.get("interruptions", [])
-        count = len(interruptions) if isinstance(interruptions, list) else interruptions
-        launches = r.get("launches", [])
-        print(
-            f"    interruptions: {count}; launches: {len(launches) if isinstance(launches, list) else launches}; "
-            f"steps lost: {r.get('steps_lost', '?')}",
-            file=out,
-        )
-        line = cost_line(r.get("cost"))
-        if line:
-            print(f"    {line}", file=out)
-    elif st.report_note:
-        print(f"    {st.report_note}", file=out)
+    st.format(out)

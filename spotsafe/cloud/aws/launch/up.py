@@ -36,7 +36,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from spotsafe.cloud.aws.clients import (
     TAG,
@@ -61,26 +61,10 @@ from spotsafe.cloud.aws.launch.userdata import (
     user_data,
 )
 from spotsafe.cloud.aws.prices import spot_prices, usd, zone_prices
+from spotsafe.cloud.plan import Result, Step, Verb
 from spotsafe.errors import LaunchConfigError, LaunchError
 
 _ALLOCATION = "price-capacity-optimized"
-
-
-Verb = Literal["create", "update", "keep", "delete", "note"]
-
-
-@dataclass(frozen=True)
-class Step:
-    """One line of a plan or of what was done."""
-
-    verb: Verb
-    kind: str
-    name: str
-    detail: str = ""
-
-    def __str__(self) -> str:
-        tail = f": {self.detail}" if self.detail else ""
-        return f"{self.verb:<7} {self.kind} {self.name}{tail}"
 
 
 @dataclass
@@ -91,20 +75,14 @@ class Subnet:
 
 
 @dataclass
-class LaunchResult:
+class LaunchResult(Result):
     """What :func:`launch` planned or did; ``applied`` False for a plan only."""
 
-    steps: list[Step] = field(default_factory=list)
-    applied: bool = False
     region: str = ""
     subnets: list[Subnet] = field(default_factory=list)
     volume_id: str | None = None
     ref: str | None = None
     policy: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def changes(self) -> list[Step]:
-        return [s for s in self.steps if s.verb in ("create", "update", "delete")]
 
 
 class _Launch:

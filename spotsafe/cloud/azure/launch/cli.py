@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 from typing import Any, TextIO
 
-from spotsafe.cloud.azure.launch.up import Arm, AzureLaunchSpec, down, launch, tagged_disks
+from spotsafe.cloud.azure.launch.up import MOUNT, Arm, AzureLaunchSpec, down, format_status, launch, status
+from spotsafe.cloud.azure.prices import spot_prices
+from spotsafe.cloud.plan import report_down, report_launch, run_options
+from spotsafe.cloud.pricing import show_prices
 from spotsafe.errors import LaunchConfigError
 
 
@@ -19,6 +22,10 @@ def add_azure_options(p: Any, *, launch: bool = False) -> None:
         p.add_argument("--azure-image", help="Azure: publisher:offer:sku:version")
         p.add_argument("--subnet-id", help="Azure: the subnet's resource id")
         p.add_argument("--ssh-public-key", help="Azure: the admin user's public key (a file or the key)")
+        p.add_argument(
+            "--storage-account",
+            help="Azure: the az:// store's storage account (a name in --resource-group, or a resource id)",
+        )
 
 
 def _arm(ns: Any) -> Arm:
@@ -28,59 +35,53 @@ def _arm(ns: Any) -> Arm:
     subscription = ns.subscription or os.environ.get("AZURE_SUBSCRIPTION_ID")
     if not subscription or not ns.resource_group:
         raise LaunchConfigError("--cloud azure needs --subscription (or AZURE_SUBSCRIPTION_ID) and --resource-group")
-    return Arm(ComputeManagementClient(DefaultAzureCredential(), subscription), ns.resource_group)
+    from azure.mgmt.authorization import AuthorizationManagementClient
+
+    credential = DefaultAzureCredential()
+    # SPOTSAFE_AZURE_ARM_ENDPOINT (as for spotsafe.cloud.azure.finish): another Resource Manager.
+    base = os.environ.get("SPOTSAFE_AZURE_ARM_ENDPOINT") or "https://management.azure.com"
+    return Arm(
+        ComputeManagementClient(credential, subscription, base_url=base),
+        ns.resource_group,
+        auth=AuthorizationManagementClient(credential, subscription, base_url=base),
+        subscription=subscription,
+    )
 
 
 def run_azure(ns: Any, out: TextIO) -> int:
     """Run a parsed command with ``--cloud azure``; the exit status."""
     if ns.command == "price":
-        print(
-            "spotsafe price --cloud azure: not built; the Azure Retail Prices API has Spot prices "
-            "(docs/launch.md, Azure: prices)",
-            file=out,
-        )
-        return 1
+        return show_prices(spot_prices(ns.instance_types, ns.region), ns.instance_types, ns.region, out)
     arm = _arm(ns)
     if ns.command == "status":
-        group = arm.call("get", arm.client.virtual_machine_scale_sets.get, arm.resource_group, f"spotsafe-{ns.name}")
-        print(f"scale set spotsafe-{ns.name}: " + (f"capacity {group.sku.capacity}" if group else "(none)"), file=out)
-        print(f"disks     {', '.join(tagged_disks(arm, ns.name)) or '(none)'}", file=out)
+        format_status(ns.name, status(ns.name, arm, read_store=True), out)
         return 0
     if ns.command == "down":
-        result, left = down(ns.name, arm, apply=ns.yes, on_step=lambda s: print(s, file=out))
-        if not ns.yes:
-            print("plan only: rerun with --yes to delete" if result.changes else "nothing to delete", file=out)
-            return 0
-        for item in left:
-            print(f"still there: {item}", file=out)
-        return 1 if left else 0
-    needed = (ns.location, ns.vm_size, ns.azure_image, ns.subnet_id, ns.ssh_public_key, ns.store)
-    if not all(needed):
+        result, left = down(
+            ns.name, arm, apply=ns.yes, delete_store=ns.delete_store, on_step=lambda s: print(s, file=out)
+        )
+        return report_down(result, left, ns.yes, out)
+    run = run_options(ns, MOUNT)
+    if not all((ns.location, ns.vm_size, ns.azure_image, ns.subnet_id, ns.ssh_public_key, run["store"])):
         raise LaunchConfigError(
             "--cloud azure launch needs --location, --vm-size, --azure-image, --subnet-id, --ssh-public-key "
-            "and --store az://CONTAINER/PREFIX"
+            "and --store az://CONTAINER/PREFIX (or --volume-size: a data disk)"
         )
     key = ns.ssh_public_key
     if os.path.isfile(key):
         with open(key, encoding="utf-8") as f:
             key = f.read().strip()
     spec = AzureLaunchSpec(
-        name=ns.name,
+        **run,
         resource_group=arm.resource_group,
         location=ns.location,
         vm_size=ns.vm_size,
         image=ns.azure_image,
         subnet_id=ns.subnet_id,
         ssh_public_key=key,
-        command=ns.train_command,
-        store=ns.store,
-        repo=ns.repo,
-        ref=ns.ref,
-        pip_spec=ns.pip_spec,
-        pip_sha256=ns.pip_sha256,
-        shutdown_when_done=not ns.keep_running_when_done,
+        disk_size=ns.volume_size,
+        storage_account=ns.storage_account,
     )
     result = launch(spec, arm, apply=ns.yes, on_step=lambda s: print(s, file=out))
-    if not ns.yes:
-        print("plan only: rerun with --yes to make these changes" if result.changes else "nothing to change", file=out)
+    report_launch(result, ns.yes, out)
     return 0

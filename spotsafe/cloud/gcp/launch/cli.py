@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, TextIO
 
 from spotsafe.cloud.gcp.launch.spec import MOUNT, GcpLaunchSpec
-from spotsafe.cloud.gcp.launch.up import Compute, down, launch, status
+from spotsafe.cloud.gcp.launch.up import Compute, down, format_status, launch, status
+from spotsafe.cloud.gcp.prices import spot_prices
+from spotsafe.cloud.plan import report_down, report_launch, run_options
+from spotsafe.cloud.pricing import show_prices
 from spotsafe.errors import LaunchConfigError
 
 
@@ -17,7 +21,10 @@ def add_cloud_options(p: Any, *, launch: bool = False) -> None:
     if launch:
         p.add_argument("--machine-type", help="GCP: e.g. g2-standard-4 (one L4)")
         p.add_argument("--image", help="GCP: the boot image, e.g. projects/P/global/images/family/F")
-        p.add_argument("--service-account", help="GCP: the VM's service account email (docs/launch.md: its role)")
+        p.add_argument(
+            "--service-account",
+            help="GCP: the VM's service account email (default: launch creates spotsafe-NAME with only what the VM needs)",
+        )
 
 
 def _compute(ns: Any) -> Compute:
@@ -27,58 +34,45 @@ def _compute(ns: Any) -> Compute:
     project = ns.project or default_project
     if not project or not ns.zone:
         raise LaunchConfigError("--cloud gcp needs --project (or a default project) and --zone")
-    return Compute(project, ns.zone, credentials=credentials)
+    # SPOTSAFE_GCP_COMPUTE_ENDPOINT (as for spotsafe.cloud.gcp.finish): one base for Compute, IAM,
+    # Resource Manager and Storage (a private endpoint; a test's local server).
+    return Compute(project, ns.zone, credentials=credentials, endpoint=os.environ.get("SPOTSAFE_GCP_COMPUTE_ENDPOINT"))
 
 
 def run_gcp(ns: Any, out: TextIO) -> int:
     """Run a parsed command with ``--cloud gcp``; the exit status."""
     if ns.command == "price":
-        print(
-            "spotsafe price --cloud gcp: Spot VM prices come from the Cloud Billing Catalog API, which needs "
-            "an API key spotsafe does not ask for; see docs/launch.md (GCP: prices) for the gcloud line",
-            file=out,
+        return show_prices(
+            spot_prices(ns.instance_types, ns.region, api_key=ns.api_key), ns.instance_types, ns.region, out
         )
-        return 1
     gce = _compute(ns)
     if ns.command == "status":
-        st = status(ns.name, gce)
-        print(f"group     {st.group or '(none)'}  target size {st.target_size}", file=out)
-        print(f"instances {', '.join(st.instances) or '(none)'}", file=out)
-        print(f"disks     {', '.join(st.disks) or '(none)'}", file=out)
+        format_status(ns.name, status(ns.name, gce, read_store=True), out)
         return 0
     if ns.command == "down":
         result, left = down(
-            ns.name, gce, apply=ns.yes, delete_store=ns.delete_store, on_step=lambda s: print(s, file=out)
+            ns.name,
+            gce,
+            apply=ns.yes,
+            delete_store=ns.delete_store,
+            store=ns.store,
+            on_step=lambda s: print(s, file=out),
         )
-        if not ns.yes:
-            print("plan only: rerun with --yes to delete" if result.changes else "nothing to delete", file=out)
-            return 0
-        for item in left:
-            print(f"still there: {item}", file=out)
-        return 1 if left else 0
-    store = ns.store or (f"{MOUNT}/{ns.name}" if ns.volume_size else None)
-    if store is None or not ns.machine_type or not ns.image or not ns.service_account:
+        return report_down(result, left, ns.yes, out)
+    run = run_options(ns, MOUNT)
+    if run["store"] is None or not ns.machine_type or not ns.image:
         raise LaunchConfigError(
-            "--cloud gcp launch needs --machine-type, --image, --service-account and --store gs://... (or --volume-size)"
+            "--cloud gcp launch needs --machine-type, --image and --store gs://... (or --volume-size)"
         )
     spec = GcpLaunchSpec(
-        name=ns.name,
+        **run,
         project=gce.project,
         zone=gce.zone,
         machine_type=ns.machine_type,
         image=ns.image,
-        command=ns.train_command,
-        store=store,
         service_account=ns.service_account,
         disk_size=ns.volume_size,
-        repo=ns.repo,
-        ref=ns.ref,
-        pip_spec=ns.pip_spec,
-        pip_sha256=ns.pip_sha256,
-        python=ns.python,
-        shutdown_when_done=not ns.keep_running_when_done,
     )
     result = launch(spec, gce, apply=ns.yes, on_step=lambda s: print(s, file=out))
-    if not ns.yes:
-        print("plan only: rerun with --yes to make these changes" if result.changes else "nothing to change", file=out)
+    report_launch(result, ns.yes, out)
     return 0

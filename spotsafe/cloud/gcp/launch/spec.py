@@ -9,11 +9,12 @@ recognises them by name *and* description.
 from __future__ import annotations
 
 import re
-import shlex
 from dataclasses import dataclass
 from typing import Any
 
-from spotsafe.cloud import bootscript
+from spotsafe.cloud.bootscript import boot_script
+from spotsafe.cloud.gcp.launch.iam import account_email
+from spotsafe.cloud.plan import RunSpec, settings_script
 from spotsafe.errors import LaunchConfigError
 
 LABEL = "spotsafe-run"
@@ -23,35 +24,22 @@ MOUNT = "/mnt/spotsafe"
 _NAME_RE = re.compile(r"[a-z]([-a-z0-9]{0,40}[a-z0-9])?")
 
 
-def boot_script() -> str:
-    """The text of ``userdata/spot-boot.sh``, the boot script of all three clouds."""
-    return bootscript.boot_script()
-
-
-@dataclass(frozen=True)
-class GcpLaunchSpec:
+@dataclass(frozen=True, kw_only=True)
+class GcpLaunchSpec(RunSpec):
     """What ``spotsafe launch NAME --cloud gcp`` is asked for."""
 
-    name: str
     project: str
     zone: str
     machine_type: str
     image: str
-    command: str
-    store: str
-    service_account: str
+    service_account: str | None = None  # None: launch creates spotsafe-NAME with the least it needs
     disk_size: int | None = None  # GiB: a stateful persistent disk (else a gs:// store)
     boot_disk_size: int = 100
-    repo: str | None = None
-    ref: str | None = None
-    pip_spec: str | None = None
-    pip_sha256: str | None = None
-    python: str | None = None
-    shutdown_when_done: bool = True
 
     @property
-    def resource(self) -> str:
-        return f"spotsafe-{self.name}"
+    def account(self) -> str:
+        """The VM's service account: the one given, else the run's own (spotsafe.cloud.gcp.launch.iam)."""
+        return self.service_account or account_email(self.name, self.project)
 
     def validate(self) -> None:
         if not _NAME_RE.fullmatch(self.name):
@@ -63,7 +51,7 @@ class GcpLaunchSpec:
             raise LaunchConfigError(f"--store {self.store!r}: give gs://BUCKET/PREFIX, or --volume-size for a disk")
         if self.disk_size is not None and (self.disk_size < 10 or self.store.startswith("gs://")):
             raise LaunchConfigError("--volume-size: at least 10 GiB, with a store on the disk (not gs://)")
-        if "@" not in self.service_account:
+        if self.service_account is not None and "@" not in self.service_account:
             raise LaunchConfigError(
                 f"--service-account {self.service_account!r}: the email of the VM's service account "
                 "(docs/launch.md, GCP: the role it needs)"
@@ -72,41 +60,19 @@ class GcpLaunchSpec:
 
 def settings(spec: GcpLaunchSpec) -> list[tuple[str, str]]:
     """The boot script's settings for this run, in order."""
-    out = [
-        ("SPOTSAFE_CLOUD", "gcp"),
-        ("SPOTSAFE_RUN", spec.name),
-        ("SPOTSAFE_STORE", spec.store),
-        ("SPOTSAFE_TRAIN_COMMAND", spec.command),
-        ("SPOTSAFE_SHUTDOWN_WHEN_DONE", "1" if spec.shutdown_when_done else "0"),
-        ("SPOTSAFE_SHUTDOWN_ON_FAILURE", "1"),
-    ]
+    out = spec.run_settings("gcp")
     if spec.disk_size is not None:
         # The group creates the disk blank for the first VM: that boot may format it (a blank disk only).
         out += [("SPOTSAFE_DISK_NAME", spec.resource), ("SPOTSAFE_MKFS", "1"), ("SPOTSAFE_MOUNT", MOUNT)]
     else:
         out += [("SPOTSAFE_ATTACH", "0"), ("SPOTSAFE_MOUNT", "/var/lib/spotsafe")]
-    if spec.repo:
-        out += [("SPOTSAFE_REPO", spec.repo), ("SPOTSAFE_REF", spec.ref or "HEAD")]
-    for key, value in (
-        ("SPOTSAFE_PIP_SPEC", spec.pip_spec),
-        ("SPOTSAFE_PIP_SHA256", spec.pip_sha256),
-        ("SPOTSAFE_PYTHON", spec.python),
-    ):
-        if value is not None:
-            out.append((key, value))
-    return out
+    return out + spec.source_settings()
 
 
 def startup_script(spec: GcpLaunchSpec) -> str:
-    """The VM's ``startup-script``: the run's settings, then ``userdata/cloud-boot.sh`` unchanged."""
-    lines = [
-        "#!/usr/bin/env bash",
-        f"# spotsafe launch {spec.name} --cloud gcp: this run's settings, then userdata/cloud-boot.sh unchanged.",
-    ]
-    for key, value in settings(spec):
-        lines.append(f'[ -n "${{{key}:-}}" ] || {key}={shlex.quote(value)}')
-        lines.append(f"export {key}")
-    return "\n".join(lines) + "\n\n" + boot_script()
+    """The VM's ``startup-script``: the run's settings, then ``userdata/spot-boot.sh`` unchanged."""
+    header = f"spotsafe launch {spec.name} --cloud gcp: this run's settings, then userdata/spot-boot.sh unchanged."
+    return settings_script(header, settings(spec), boot_script())
 
 
 #: The ``shutdown-script``: on a preemption the unit stops, the supervisor gets SIGTERM.
@@ -157,9 +123,7 @@ def template_body(spec: GcpLaunchSpec) -> dict[str, Any]:
                     "accessConfigs": [{"name": "External NAT", "type": "ONE_TO_ONE_NAT"}],
                 }
             ],
-            "serviceAccounts": [
-                {"email": spec.service_account, "scopes": ["https://www.googleapis.com/auth/cloud-platform"]}
-            ],
+            "serviceAccounts": [{"email": spec.account, "scopes": ["https://www.googleapis.com/auth/cloud-platform"]}],
             "metadata": {
                 "items": [
                     {"key": "startup-script", "value": startup_script(spec)},

@@ -5,52 +5,32 @@ an interrupted call is completed by the next):
 
 1. the instance template ``spotsafe-NAME`` (:func:`~spotsafe.cloud.gcp.launch.spec.template_body`):
    a Spot VM (``provisioningModel=SPOT``, ``instanceTerminationAction=DELETE``), the run's
-   service account, the ``startup-script`` (the settings, then ``cloud-boot.sh``) and the
+   service account, the ``startup-script`` (the settings, then ``spot-boot.sh``) and the
    ``shutdown-script``; in volume mode a data disk ``spotsafe-NAME`` (device name the same);
 2. the zonal managed instance group ``spotsafe-NAME`` of one VM; in volume mode its stateful
    policy keeps that disk (``autoDelete: NEVER``) and reattaches it to every recreated VM.
 
 Without ``apply`` it only plans. ``down`` deletes the group (and with it the VM), then the
 template, then (``delete_store``) the run's disk, and lists what is still labelled or named
-for the run. The service account and its role are the operator's (docs/launch.md shows the
-``gcloud`` lines): ``launch`` never creates IAM.
+for the run. Before the template, unless ``--service-account`` names one, ``launch`` creates the
+run's own service account, custom role and conditional bindings
+(:mod:`spotsafe.cloud.gcp.launch.iam`); ``down`` removes them after the group.
 """
 
 from __future__ import annotations
 
 import json
+import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, TextIO
 
+from spotsafe.cloud.aws.launch.status import StoreFacts, format_group
+from spotsafe.cloud.gcp.launch import iam
+from spotsafe.cloud.gcp.launch.iam import GoogleRest
 from spotsafe.cloud.gcp.launch.spec import LABEL, GcpLaunchSpec, group_body, template_body
+from spotsafe.cloud.plan import Result, Step
 from spotsafe.errors import LaunchError
-
-Verb = Literal["create", "keep", "delete", "gone", "left"]
-
-
-@dataclass(frozen=True)
-class Step:
-    """One line of a plan or of what was done."""
-
-    verb: Verb
-    kind: str
-    name: str
-    detail: str = ""
-
-    def __str__(self) -> str:
-        tail = f": {self.detail}" if self.detail else ""
-        return f"{self.verb:<7} {self.kind} {self.name}{tail}"
-
-
-@dataclass
-class Result:
-    steps: list[Step] = field(default_factory=list)
-    applied: bool = False
-
-    @property
-    def changes(self) -> list[Step]:
-        return [s for s in self.steps if s.verb in ("create", "delete")]
 
 
 class Compute:
@@ -66,6 +46,7 @@ class Compute:
         self.groups = compute_v1.InstanceGroupManagersClient(credentials=credentials, client_options=options)
         self.disks = compute_v1.DisksClient(credentials=credentials, client_options=options)
         self.instances = compute_v1.InstancesClient(credentials=credentials, client_options=options)
+        self.rest = GoogleRest(credentials, endpoint)
 
     def call(self, what: str, fn: Callable[..., Any], **kwargs: Any) -> Any:
         """One API call; a missing resource is None, any other failure a LaunchError naming ``what``."""
@@ -94,10 +75,18 @@ def launch(spec: GcpLaunchSpec, gce: Compute, *, apply: bool, on_step: Callable[
     spec.validate()
     result = Result(applied=apply)
 
-    def step(s: Step) -> None:
-        result.steps.append(s)
-        on_step(s)
+    say = result.recorder(on_step)
 
+    if spec.service_account is None:
+        iam.ensure(
+            gce.rest,
+            spec.name,
+            gce.project,
+            gce.zone,
+            spec.store,
+            apply=apply,
+            say=say,
+        )
     name = spec.resource
     want = template_body(spec)
     current = gce.call(f"get template {name}", gce.templates.get, project=gce.project, instance_template=name)
@@ -111,9 +100,9 @@ def launch(spec: GcpLaunchSpec, gce: Compute, *, apply: bool, on_step: Callable[
                 f"the instance template {name} differs from this launch (settings or machine type): "
                 f"templates cannot change; `spotsafe down {spec.name} --cloud gcp --yes` first (the disk stays)"
             )
-        step(Step("keep", "instance template", name))
+        say("keep", "instance template", name, "")
     else:
-        step(Step("create", "instance template", name, f"{spec.machine_type}, Spot, {spec.image}"))
+        say("create", "instance template", name, f"{spec.machine_type}, Spot, {spec.image}")
         if apply:
             resource = gce.v1.InstanceTemplate.from_json(json.dumps(want))
             op = gce.call(
@@ -130,10 +119,10 @@ def launch(spec: GcpLaunchSpec, gce: Compute, *, apply: bool, on_step: Callable[
     if group is not None:
         if not _ours(group, spec.name):
             raise LaunchError(f"a managed instance group {name} exists that spotsafe did not create")
-        step(Step("keep", "managed instance group", name, f"target size {group.target_size}"))
+        say("keep", "managed instance group", name, f"target size {group.target_size}")
     else:
         disk = f", stateful disk {name}" if spec.disk_size is not None else ""
-        step(Step("create", "managed instance group", name, f"1 VM in {gce.zone}{disk}"))
+        say("create", "managed instance group", name, f"1 VM in {gce.zone}{disk}")
         if apply:
             resource = gce.v1.InstanceGroupManager.from_json(json.dumps(group_body(spec, link)))
             op = gce.call(
@@ -147,26 +136,45 @@ def launch(spec: GcpLaunchSpec, gce: Compute, *, apply: bool, on_step: Callable[
     return result
 
 
-@dataclass
-class Status:
-    group: str | None
-    target_size: int | None
-    instances: list[str]
-    disks: list[str]
+@dataclass(kw_only=True)
+class Status(StoreFacts):
+    """The run's group, its VMs (name -> state), its disks, and the store's progress."""
+
+    group: str | None = None
+    target_size: int | None = None
+    states: dict[str, str] = field(default_factory=dict)
+    disks: list[str] = field(default_factory=list)
+
+    @property
+    def instances(self) -> list[str]:
+        return sorted(self.states)
 
 
-def status(name: str, gce: Compute) -> Status:
+def status(name: str, gce: Compute, *, read_store: bool = False) -> Status:
+    """What is there of the run; with ``read_store``, also the newest checkpoint (a ``gs://`` store)."""
     resource = f"spotsafe-{name}"
     group = gce.call("get group", gce.groups.get, project=gce.project, zone=gce.zone, instance_group_manager=resource)
-    return Status(
-        resource if group is not None else None,
-        int(group.target_size) if group is not None else None,
-        _labelled(gce, "instances", name),
-        _labelled(gce, "disks", name),
+    st = Status(
+        group=resource if group is not None else None,
+        target_size=int(group.target_size) if group is not None else None,
+        states={str(i.name): str(i.status) for i in _labelled(gce, "instances", name)},
+        disks=[str(d.name) for d in _labelled(gce, "disks", name)],
     )
+    template = gce.call("get template", gce.templates.get, project=gce.project, instance_template=resource)
+    st.store = _store_of(template) if template is not None and _ours(template, name) else None
+    if read_store:
+        st.read_remote("gs://", "disk")
+    return st
 
 
-def _labelled(gce: Compute, kind: str, name: str) -> list[str]:
+def format_status(name: str, st: Status, out: TextIO) -> None:
+    group = f"managed instance group {st.group}: target size {st.target_size}" if st.group else None
+    members = [f"instance {vm} {state}" for vm, state in sorted(st.states.items())] + [f"disk {d}" for d in st.disks]
+    missing = f"group spotsafe-{name}: none (not launched, or taken down)"
+    format_group(out, f"run {name} (GCP)", group, st.target_size, missing, members, st)
+
+
+def _labelled(gce: Compute, kind: str, name: str) -> list[Any]:
     flt = f"labels.{LABEL}={name}"
     client: Any
     request: Any
@@ -174,24 +182,27 @@ def _labelled(gce: Compute, kind: str, name: str) -> list[str]:
         client, request = gce.instances, gce.v1.ListInstancesRequest(project=gce.project, zone=gce.zone, filter=flt)
     else:
         client, request = gce.disks, gce.v1.ListDisksRequest(project=gce.project, zone=gce.zone, filter=flt)
-    found = gce.call(f"list {kind}", client.list, request=request)
-    return [str(r.name) for r in found or []]
+    return list(gce.call(f"list {kind}", client.list, request=request) or [])
 
 
 def down(
-    name: str, gce: Compute, *, apply: bool, delete_store: bool, on_step: Callable[[Step], None] = print
+    name: str,
+    gce: Compute,
+    *,
+    apply: bool,
+    delete_store: bool,
+    store: str | None = None,
+    on_step: Callable[[Step], None] = print,
 ) -> tuple[Result, list[str]]:
     """Delete the group, the template and (``delete_store``) the disk; what is still there after."""
     result = Result(applied=apply)
     resource = f"spotsafe-{name}"
 
-    def step(s: Step) -> None:
-        result.steps.append(s)
-        on_step(s)
+    say = result.recorder(on_step)
 
     group = gce.call("get group", gce.groups.get, project=gce.project, zone=gce.zone, instance_group_manager=resource)
     if group is not None and _ours(group, name):
-        step(Step("delete", "managed instance group", resource, "and its VM"))
+        say("delete", "managed instance group", resource, "and its VM")
         if apply:
             op = gce.call(
                 f"delete group {resource}",
@@ -204,18 +215,29 @@ def down(
                 gce.wait(f"delete group {resource}", op)
     template = gce.call("get template", gce.templates.get, project=gce.project, instance_template=resource)
     if template is not None and _ours(template, name):
-        step(Step("delete", "instance template", resource))
+        store = store or _store_of(template)
+    iam.remove(
+        gce.rest,
+        name,
+        gce.project,
+        gce.zone,
+        store,
+        apply=apply,
+        say=say,
+    )
+    if template is not None and _ours(template, name):
+        say("delete", "instance template", resource, "")
         if apply:
             op = gce.call(
                 f"delete template {resource}", gce.templates.delete, project=gce.project, instance_template=resource
             )
             if op is not None:
                 gce.wait(f"delete template {resource}", op)
-    for disk in _labelled(gce, "disks", name):
+    for disk in [str(d.name) for d in _labelled(gce, "disks", name)]:
         if not delete_store:
-            step(Step("keep", "disk", disk, "the run's checkpoints (--delete-store deletes it)"))
+            say("keep", "disk", disk, "the run's checkpoints (--delete-store deletes it)")
             continue
-        step(Step("delete", "disk", disk))
+        say("delete", "disk", disk, "")
         if apply:
             op = gce.call(f"delete disk {disk}", gce.disks.delete, project=gce.project, zone=gce.zone, disk=disk)
             if op is not None:
@@ -228,4 +250,15 @@ def down(
         left += [f"disk {d}" for d in st.disks if delete_store]
         if gce.call("get template", gce.templates.get, project=gce.project, instance_template=resource):
             left.append(f"instance template {resource}")
+        left += iam.left(gce.rest, name, gce.project, gce.zone, store)
     return result, left
+
+
+def _store_of(template: Any) -> str | None:
+    """The run's store, from the ``SPOTSAFE_STORE`` line launch wrote into the template's startup-script."""
+    for item in template.properties.metadata.items:
+        if item.key == "startup-script":
+            for line in str(item.value).splitlines():
+                if line.startswith('[ -n "${SPOTSAFE_STORE:-}" ] || SPOTSAFE_STORE='):
+                    return str(shlex.split(line.split("SPOTSAFE_STORE=", 2)[-1])[0])
+    return None
