@@ -175,6 +175,7 @@ def assert_launched(aws: Clients, spec: LaunchSpec, *, script: str | None = None
     assert settings["SPOTSAFE_STORE"] == spec.store
     assert settings["SPOTSAFE_TRAIN_COMMAND"] == spec.command
     assert settings["SPOTSAFE_REGION"] == REGION
+    assert settings["SPOTSAFE_CLOUD"] == "aws"
     assert settings["SPOTSAFE_SHUTDOWN_WHEN_DONE"] == "1"
     assert settings["SPOTSAFE_SHUTDOWN_ON_FAILURE"] == "1"
     if spec.volume_mode:

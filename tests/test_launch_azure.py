@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from spotsafe.cloud.azure.launch.up import Arm, AzureLaunchSpec, custom_data, down, launch
+from spotsafe.cloud.azure.launch.up import CUSTOM_DATA_LIMIT, Arm, AzureLaunchSpec, custom_data, down, launch
 from spotsafe.errors import LaunchConfigError, LaunchError
 from tests.armfake import ARMFake
 
@@ -333,3 +333,11 @@ def test_the_cli_launches_shows_and_takes_down_an_azure_data_disk_run(
     assert main(["down", "mnist", *where, "--yes", "--delete-store"]) == 0
     assert arm_fake.scale_sets == {} and arm_fake.role_assignments == {} and arm_fake.disks == {}
     assert arm_fake.violations == []
+
+
+def test_custom_data_over_azures_64_kib_is_refused_before_any_call(arm_fake: ARMFake, arm: Arm) -> None:
+    spec = _spec(command="python train.py " + "--flag " * 4000)  # 28 KB of command beside the 40 KB script
+    with pytest.raises(LaunchConfigError, match=r"custom data of mnist is \d+ bytes, over Azure's 65536"):
+        launch(spec, arm, apply=True, on_step=_quiet)
+    assert arm_fake.scale_sets == {} and arm_fake.role_assignments == {}
+    assert len(custom_data(_spec()).encode()) <= CUSTOM_DATA_LIMIT  # the usual run fits, with room

@@ -33,6 +33,7 @@ def boot_script() -> str:
 def run_settings(spec: LaunchSpec, *, region: str, volume_id: str | None, ref: str | None) -> list[tuple[str, str]]:
     """The SPOTSAFE_* settings of the boot script for this run, in order."""
     settings = [
+        ("SPOTSAFE_CLOUD", "aws"),  # known: the boot script need not ask the metadata services which cloud
         ("SPOTSAFE_RUN", spec.name),
         ("SPOTSAFE_REGION", region),
         ("SPOTSAFE_STORE", spec.store),

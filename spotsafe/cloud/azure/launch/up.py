@@ -75,6 +75,10 @@ class AzureLaunchSpec(RunSpec):
             raise LaunchConfigError(f"--subnet-id {self.subnet_id!r}: the subnet's resource id (.../subnets/NAME)")
 
 
+#: Azure's limit on a VM's custom data, before base64 (the API takes at most 87,380 base64 characters).
+CUSTOM_DATA_LIMIT = 64 * 1024
+
+
 def custom_data(spec: AzureLaunchSpec) -> str:
     """The run's settings, then ``userdata/spot-boot.sh`` unchanged (cloud-init runs it as a script)."""
     settings = spec.run_settings("azure")
@@ -86,7 +90,14 @@ def custom_data(spec: AzureLaunchSpec) -> str:
         account = (spec.storage_account or "").rstrip("/").rsplit("/", 1)[-1]
         settings += [("AZURE_STORAGE_ACCOUNT_NAME", account)] if account else []
     header = f"spotsafe launch {spec.name} --cloud azure: settings, then spot-boot.sh."
-    return settings_script(header, settings + spec.source_settings(), boot_script())
+    text = settings_script(header, settings + spec.source_settings(), boot_script())
+    size = len(text.encode())
+    if size > CUSTOM_DATA_LIMIT:
+        raise LaunchConfigError(
+            f"the custom data of {spec.name} is {size} bytes, over Azure's {CUSTOM_DATA_LIMIT} (64 KiB): "
+            "shorten --command or the settings (the boot script itself is about 40 KB)"
+        )
+    return text
 
 
 def scale_set_body(spec: AzureLaunchSpec) -> dict[str, Any]:
