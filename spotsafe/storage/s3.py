@@ -107,12 +107,14 @@ class S3Store(RemoteStore):
         self._lock = threading.Lock()
         self._created = datetime.now(timezone.utc)
         try:
-            self._client, check_client = self._make_clients(opts)
+            self._client, self._data_client, check_client = self._make_clients(opts)
         except BaseException:
             self.close()
             raise
         self._conditional = ConditionalWrites(self.url, self.endpoint, unsafe=bool(opts.get(UNSAFE_OPTION, False)))
-        self._interruptible = track_connections(self._client, self.url) and track_connections(check_client, self.url)
+        self._interruptible = all(
+            track_connections(c, self.url) for c in (self._client, self._data_client, check_client)
+        )
         try:
             self._check_bucket(check_client)
         except BaseException:
@@ -121,8 +123,16 @@ class S3Store(RemoteStore):
         finally:
             check_client.close()
 
-    def _make_clients(self, opts: Mapping[str, Any]) -> tuple[Any, Any]:
-        """The store's boto3 client, and one with short timeouts for the bucket check (sets ``endpoint``)."""
+    def _make_clients(self, opts: Mapping[str, Any]) -> tuple[Any, Any, Any]:
+        """The store's boto3 clients: for every call, for data uploads, for the bucket check (sets ``endpoint``).
+
+        The data client sends payloads unsigned (``UNSIGNED-PAYLOAD``): botocore otherwise hashes
+        every byte with SHA-256 to sign it (over http, and over https when no checksum header is
+        sent, as here): 0.7 s of CPU per GiB on this VM (hashlib, 1.5 GB/s a core), beside a
+        training step or the S3 server itself. What a data object holds is checked on load against
+        the manifest's xxh3 checksums; manifests, lease records and every other call stay signed.
+        ``config_kwargs={"s3": {"payload_signing_enabled": True}}`` signs the data too.
+        """
         boto3 = require("boto3", "s3")
         from botocore import UNSIGNED
         from botocore.config import Config
@@ -165,9 +175,12 @@ class S3Store(RemoteStore):
                 )
             )
             check_client = session.client("s3", config=check_config, **client_kwargs)
+            s3_config = dict(config_kwargs.get("s3") or {})
+            s3_config.setdefault("payload_signing_enabled", False)
+            data_client = session.client("s3", config=Config(**{**config_kwargs, "s3": s3_config}), **client_kwargs)
         except Exception as e:  # bad profile, bad region, bad endpoint URL...
             raise StoreError(f"{self.url}: cannot create an S3 client: {e}") from e
-        return client, check_client
+        return client, data_client, check_client
 
     # ------------------------------------------------------------------ helpers
 
@@ -515,7 +528,9 @@ class S3Store(RemoteStore):
         key = self._key(path)
         self._call(
             f"PUT {key}",
-            lambda: self._client.put_object(Bucket=self.bucket, Key=key, Body=BuffersReader(views, offsets, 0, total)),
+            lambda: self._data_client.put_object(
+                Bucket=self.bucket, Key=key, Body=BuffersReader(views, offsets, 0, total)
+            ),
             nbytes=total,
         )
 
@@ -530,7 +545,7 @@ class S3Store(RemoteStore):
         end: int,
     ) -> str:
         def once() -> str:
-            response = self._client.upload_part(
+            response = self._data_client.upload_part(
                 Bucket=self.bucket,
                 Key=key,
                 UploadId=upload_id,
@@ -633,9 +648,10 @@ class S3Store(RemoteStore):
         if self._closed:
             return
         super().close()
-        client = getattr(self, "_client", None)
-        if client is not None:
-            client.close()
+        for name in ("_client", "_data_client"):
+            client = getattr(self, name, None)
+            if client is not None:
+                client.close()
 
 
 class _Silent(Exception):
