@@ -6,17 +6,22 @@ objects for ranged GETs and is no speed reference::
     mkdir -p /tmp/s3rver && npm install --prefix /tmp/s3rver s3rver   # or into ./node_modules (gitignored)
     python benchmarks/bench_s3.py --size-mib 1024 --repeats 3
 
-What is compared (medians of ``--repeats`` runs each, interleaved):
+What is compared, every contender once per round, in a rotated (Williams) order; each ratio
+is taken within a round and its median printed with its spread:
 
-- upload of a 1 GiB checkpoint: ``Checkpointer.save(step, {"w": tensor}, async_=False)``
+- the server's own limits, the best any client can do against it: ``--size-mib`` of the same
+  bytes as parallel raw PUTs / GETs of ``part_size`` objects at spotsafe's ``max_concurrency``,
+  with no checksum and no payload signing (no hashing on the client), bodies built untimed;
+- upload of a checkpoint: ``Checkpointer.save(step, {"w": tensor}, async_=False)``
   (the whole save: payload segments, xxh3 checksums, tree, manifest) vs boto3's
-  ``upload_file`` (default TransferManager) vs s3fs's default ``put_file`` (both from a
-  file in the page cache);
+  ``upload_file`` with its defaults and tuned (``TransferConfig`` at the same concurrency and
+  part size), vs s3fs's default ``put_file`` (all from a file in the page cache);
 - download on resume: ``Checkpointer.load(step)`` (every checksum verified, tensors
-  built) vs boto3's ``download_file``;
+  built) vs boto3's ``download_file``, default and tuned;
 - for reference, one object through the store alone: ``S3Store.write_file``
   (multipart) and ``S3Store.read_file`` (ranged GETs).
 
+Every upload goes to fresh keys (the round's objects are deleted after it, untimed).
 Prints seconds, MiB/s and the throughput ratios (>1.0 means spotsafe is faster).
 """
 
@@ -32,6 +37,8 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +127,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     import boto3
     import numpy as np
     import torch
+    from bench_checkpoint import spread, williams_orders
+    from boto3.s3.transfer import TransferConfig
+    from botocore.config import Config
 
     from spotsafe.checkpoint.writer import Checkpointer
     from spotsafe.storage.s3 import S3Store
@@ -143,7 +153,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.max_concurrency:
             opts["max_concurrency"] = args.max_concurrency
         store = S3Store(f"s3://{bucket}/spotsafe", opts)
-        ckpt = Checkpointer(f"s3://{bucket}/ckpt", storage_options=opts, keep_last=1)
+        # s3rver ignores If-None-Match; one writer only here, so the lease's exclusive create may be best effort.
+        ckpt_opts = {**opts, "unsafe_no_conditional_writes": True}
+        ckpt = Checkpointer(f"s3://{bucket}/ckpt", storage_options=ckpt_opts, keep_last=1)
         tensor = torch.from_numpy(data)
         client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
         fs = None
@@ -152,63 +164,151 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             fs = s3fs.S3FileSystem(key="S3RVER", secret="S3RVER", client_kwargs={"endpoint_url": endpoint})
 
-        results: dict[str, list[float]] = {
-            "ckpt_save": [],
-            "boto3_up": [],
-            "s3fs_up": [],
-            "store_up": [],
-            "ckpt_load": [],
-            "boto3_down": [],
-            "store_down": [],
+        # The server's own limits: parallel raw PUTs/GETs of part_size objects holding the same bytes,
+        # at spotsafe's concurrency, no checksum and no payload signing (no hashing on the client).
+        part, conc = store.part_size, store.max_concurrency
+        raw_client = boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            region_name="us-east-1",
+            config=Config(
+                max_pool_connections=conc + 4,
+                retries={"total_max_attempts": 1},
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+                s3={"addressing_style": "path", "payload_signing_enabled": False},
+            ),
+        )
+        bounds = [(i, min(i + part, size)) for i in range(0, size, part)]
+        bodies = [bytes(view[a:b]) for a, b in bounds]  # built once, untimed: a raw PUT copies nothing
+        pool = ThreadPoolExecutor(max_workers=conc)
+        sink = memoryview(bytearray(size))
+
+        def raw_put() -> None:
+            list(
+                pool.map(
+                    lambda k: raw_client.put_object(Bucket=bucket, Key=f"raw/{k:05d}", Body=bodies[k]),
+                    range(len(bounds)),
+                )
+            )
+
+        def raw_get_one(k: int) -> None:
+            a, b = bounds[k]
+            body = raw_client.get_object(Bucket=bucket, Key=f"raw/{k:05d}")["Body"]
+            fp = body._raw_stream._fp  # http.client's response: straight from the socket into the buffer
+            pos = a
+            while pos < b:
+                n = fp.readinto(sink[pos:b])
+                if not n:
+                    raise SystemExit(f"raw GET of part {k} ended early")
+                pos += n
+            body.close()
+
+        def raw_get() -> None:
+            list(pool.map(raw_get_one, range(len(bounds))))
+
+        tuned_cfg = TransferConfig(multipart_threshold=part, multipart_chunksize=part, max_concurrency=conc)
+        tuned_client = boto3.client(
+            "s3", endpoint_url=endpoint, region_name="us-east-1", config=Config(max_pool_connections=conc + 4)
+        )
+
+        def ckpt_save(step: int) -> None:
+            ckpt.save(step, {"w": tensor}, async_=False)
+
+        contenders: dict[str, Callable[[int], Any]] = {
+            "raw PUTs (limit)": lambda step: raw_put(),
+            "spotsafe save": ckpt_save,
+            "boto3 upload_file (default)": lambda step: client.upload_file(str(src), bucket, "boto3/ckpt.bin"),
+            "boto3 upload_file (tuned)": lambda step: tuned_client.upload_file(
+                str(src), bucket, "tuned/ckpt.bin", Config=tuned_cfg
+            ),
+            "S3Store.write_file (1 object)": lambda step: store.write_file("ckpt.bin", [view]),
         }
-        check = None
+        if fs is not None:
+            contenders["s3fs put_file"] = lambda step: fs.put_file(str(src), f"{bucket}/s3fs/ckpt.bin")
+        loaded: list[Any] = []
+        downloads: dict[str, Callable[[int], Any]] = {
+            "raw GETs (limit)": lambda step: raw_get(),
+            "spotsafe load (verified)": lambda step: loaded.append(ckpt.load(step)),
+            "boto3 download_file (default)": lambda step: client.download_file(bucket, "boto3/ckpt.bin", str(dst)),
+            "boto3 download_file (tuned)": lambda step: tuned_client.download_file(
+                bucket, "tuned/ckpt.bin", str(dst), Config=tuned_cfg
+            ),
+            "S3Store.read_file (1 object)": lambda step: store.read_file("ckpt.bin"),
+        }
+        results: dict[str, list[float]] = {}
+        rounds: list[dict[str, float]] = []
+        up_names, down_names = list(contenders), list(downloads)
+        up_orders, down_orders = williams_orders(len(up_names)), williams_orders(len(down_names))
         for r in range(args.repeats):
             step = r + 1
-            results["ckpt_save"].append(timed(lambda step=step: ckpt.save(step, {"w": tensor}, async_=False)))
-            ckpt.wait()  # pruning runs in the background after a synchronous save: not part of the save
-            loaded: list[Any] = []
-            results["ckpt_load"].append(timed(lambda loaded=loaded, step=step: loaded.append(ckpt.load(step))))
-            if not torch.equal(loaded[0]["w"], tensor):
-                raise SystemExit("the loaded checkpoint differs from the saved one")
+            rounds.append({})
+            for k in up_orders[r % len(up_orders)]:
+                name = up_names[k]
+                seconds = timed(partial(contenders[name], step))
+                results.setdefault(name, []).append(seconds)
+                rounds[-1][name] = seconds
+                ckpt.wait()  # pruning runs in the background after a synchronous save: not part of the save
+            for k in down_orders[r % len(down_orders)]:
+                name = down_names[k]
+                seconds = timed(partial(downloads[name], step))
+                results.setdefault(name, []).append(seconds)
+                rounds[-1][name] = seconds
+                dst.unlink(missing_ok=True)
+            if not torch.equal(loaded[-1]["w"], tensor) or bytes(sink) != bytes(view):
+                raise SystemExit("a download differs from the bytes uploaded")
             loaded.clear()
             assert ckpt.last_saved is not None
             ckpt.store.delete_dir(ckpt.last_saved.name)
-            results["store_up"].append(timed(lambda: store.write_file("ckpt.bin", [view])))
-            results["boto3_up"].append(timed(lambda: client.upload_file(str(src), bucket, "boto3/ckpt.bin")))
-            if fs is not None:
-                results["s3fs_up"].append(timed(lambda: fs.put_file(str(src), f"{bucket}/s3fs/ckpt.bin")))
-            out: list[memoryview] = []
-            results["store_down"].append(timed(lambda out=out: out.append(store.read_file("ckpt.bin"))))
-            if check is None:
-                check = bool(np.array_equal(np.frombuffer(out[0], dtype=np.uint8), data))
-                if not check:
-                    raise SystemExit("downloaded bytes differ from the uploaded ones")
-            out.clear()
-            results["boto3_down"].append(timed(lambda: client.download_file(bucket, "boto3/ckpt.bin", str(dst))))
-            dst.unlink(missing_ok=True)
-            print(f"repeat {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in results.items() if v), flush=True)
+            for prefix in ("raw/", "boto3/", "tuned/", "s3fs/", "spotsafe/"):  # every upload goes to fresh keys
+                for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+                    for obj in page.get("Contents", ()):
+                        client.delete_object(Bucket=bucket, Key=obj["Key"])
+            print(f"repeat {r + 1}: " + ", ".join(f"{n} {t:.2f}s" for n, t in rounds[-1].items()), flush=True)
+        pool.shutdown()
 
-        med = {k: statistics.median(v) for k, v in results.items() if v}
         mib = args.size_mib
         print()
-        print(f"S3 throughput, {mib} MiB, s3rver on loopback, medians of {args.repeats}")
-        print(f"(S3Store part_size={store.part_size // MiB} MiB, max_concurrency={store.max_concurrency})")
-        for k, v in med.items():
-            print(f"  {k:14s} {v:7.2f} s  {mib / v:8.1f} MiB/s")
-        print("ratios (throughput, spotsafe / peer; >= 1.0 means spotsafe is faster):")
-        print(f"  checkpoint save vs boto3 upload_file   : {med['boto3_up'] / med['ckpt_save']:.2f}x  (target >= 1.0)")
-        if "s3fs_up" in med:
-            print(
-                f"  checkpoint save vs s3fs put_file       : {med['s3fs_up'] / med['ckpt_save']:.2f}x  (target >= 2.0)"
-            )
+        print(f"S3 throughput, {mib} MiB, s3rver on loopback, {args.repeats} rounds in rotated order")
+        print(f"(S3Store part_size={part // MiB} MiB, max_concurrency={conc}; load average {os.getloadavg()[0]:.1f})")
+        print(f"  {'measurement':32s} {'median s':>8s} {'MiB/s':>8s}  spread (min [q1 q3] max), s")
+        for label, v in results.items():
+            med = statistics.median(v)
+            print(f"  {label:32s} {med:8.2f} {mib / med:8.1f}  {spread(v)}")
+
+        def ratio(peer: str, ours: str) -> list[float]:
+            return [r[peer] / r[ours] for r in rounds if peer in r and ours in r]
+
         print(
-            f"  checkpoint load vs boto3 download_file : {med['boto3_down'] / med['ckpt_load']:.2f}x  (target >= 1.0)"
+            "per-round throughput ratios (peer's time / spotsafe's: >= 1.0 means spotsafe is faster), median, spread:"
         )
-        print("  for reference, one object through S3Store alone:")
-        print(f"    write_file (multipart) vs boto3 upload_file : {med['boto3_up'] / med['store_up']:.2f}x")
-        if "s3fs_up" in med:
-            print(f"    write_file (multipart) vs s3fs put_file     : {med['s3fs_up'] / med['store_up']:.2f}x")
-        print(f"    read_file vs boto3 download_file            : {med['boto3_down'] / med['store_down']:.2f}x")
+        checks = [
+            ("save / raw PUTs (the server's ingest)", ratio("raw PUTs (limit)", "spotsafe save"), 0.8),
+            ("save / boto3 upload_file (tuned)", ratio("boto3 upload_file (tuned)", "spotsafe save"), 1.0),
+            ("save / boto3 upload_file (default)", ratio("boto3 upload_file (default)", "spotsafe save"), 1.0),
+            ("save / s3fs put_file", ratio("s3fs put_file", "spotsafe save"), 2.0),
+            ("load / raw GETs (the server's egress)", ratio("raw GETs (limit)", "spotsafe load (verified)"), 0.8),
+            (
+                "load / boto3 download_file (tuned)",
+                ratio("boto3 download_file (tuned)", "spotsafe load (verified)"),
+                1.0,
+            ),
+            (
+                "load / boto3 download_file (default)",
+                ratio("boto3 download_file (default)", "spotsafe load (verified)"),
+                1.0,
+            ),
+            ("write_file (1 object) / raw PUTs", ratio("raw PUTs (limit)", "S3Store.write_file (1 object)"), None),
+            ("read_file (1 object) / raw GETs", ratio("raw GETs (limit)", "S3Store.read_file (1 object)"), None),
+        ]
+        for name, values, target in checks:
+            if not values:
+                continue
+            value = statistics.median(values)
+            verdict = "(report)" if target is None else f">= {target:<4} {'ok' if value >= target else 'MISSED'}"
+            print(f"  {name:40s} {value:6.2f}  {verdict:14s} {spread(values)}")
+        tuned_client.close()
+        raw_client.close()
         ckpt.close()
         store.close()
         client.close()

@@ -9,6 +9,7 @@ import mmap
 import os
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 import pytest
 
 from spotsafe.errors import CheckpointNotFound, StoreError
+from spotsafe.storage import local
 from spotsafe.storage.base import DIRECT_ALIGN, Buffer
 from spotsafe.storage.local import BOUNCE_SIZE, DIRECT_MIN, LocalStore
 from spotsafe.storage.registry import open_store
@@ -251,6 +253,46 @@ def test_o_direct_writes_any_buffers_byte_exact(tmp_path: Path, shape: str) -> N
     assert len(got) == len(want), f"{len(got)} bytes written, {len(want)} given"
     assert got == want, "the file's bytes differ from the buffers'"
     assert store.direct_bytes == len(want) // DIRECT_ALIGN * DIRECT_ALIGN, "not every whole block went direct"
+
+
+@needs_o_direct
+def test_an_unaligned_source_is_copied_while_the_disk_writes_the_previous_piece(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sync save writes from the tensors' own memory, never page-aligned: the bounce copies must
+    overlap the disk writes (issue 30: the copy had run before each write, adding its whole time)."""
+    real_pwrite = os.pwrite
+    copying_while_writing = threading.Event()
+    first_write_started = threading.Event()
+    writers: set[str] = set()
+    real_put = local._Pipe.put
+
+    def pwrite(fd: int, data: Any, offset: int) -> int:
+        writers.add(threading.current_thread().name)
+        if not first_write_started.is_set():
+            first_write_started.set()
+            # Held until the caller has staged a second piece: only possible if it copies meanwhile.
+            copying_while_writing.wait(timeout=60)
+        return real_pwrite(fd, data, offset)
+
+    staged = [0]
+
+    def put(self: Any, view: memoryview, offset: int, bounce: memoryview | None = None) -> None:
+        staged[0] += 1
+        if staged[0] >= 2 and first_write_started.is_set():
+            copying_while_writing.set()
+        real_put(self, view, offset, bounce)
+
+    monkeypatch.setattr(local.os, "pwrite", pwrite)
+    monkeypatch.setattr(local._Pipe, "put", put)
+    big = _aligned(4 * BOUNCE_SIZE + 4096)
+    store = LocalStore(tmp_path)
+    source = big[1 : 1 + 4 * BOUNCE_SIZE]  # one byte off the page: every byte goes through a bounce buffer
+    store.write_file("f.bin", [source])
+    assert copying_while_writing.is_set(), "the second piece was staged only after the first was written"
+    assert writers == {"spotsafe-direct-write"}, f"written from {writers}, not the writer thread"
+    assert (tmp_path / "f.bin").read_bytes() == bytes(source), "the file's bytes differ from the buffer's"
+    assert store.bounced_bytes == len(source), f"{store.bounced_bytes} of {len(source)} bytes bounced"
 
 
 @needs_o_direct

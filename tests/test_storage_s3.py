@@ -912,3 +912,63 @@ def test_without_the_connection_hook_calls_still_work_and_it_is_logged(
 def test_bad_request_limits_are_refused(option: str, value: float) -> None:
     with pytest.raises(ValueError, match=f"s3://bucket/run: {option} must be > 0"):
         S3Store("s3://bucket/run", {"endpoint_url": "http://127.0.0.1:9", option: value})
+
+
+def test_data_objects_go_up_unsigned_and_the_manifest_signed(
+    s3_bucket: str, s3_proxy: FaultProxy, s3_proxy_options: dict[str, Any]
+) -> None:
+    """Issue 30: botocore hashed every data byte with SHA-256 to sign it (0.7 s of CPU per GiB).
+
+    Data objects go up with ``UNSIGNED-PAYLOAD`` (the manifest's xxh3 checksums verify them on
+    load); the manifest and the lease records stay signed.
+    """
+    import torch
+
+    from spotsafe.checkpoint.writer import Checkpointer
+
+    store = S3Store(f"s3://{s3_bucket}/run", {**s3_proxy_options, "part_size": 5 * MiB})
+    ckpt = Checkpointer(store)
+    s3_proxy.requests.clear()
+    state = {"w": torch.arange(3 * MiB, dtype=torch.float32)}  # 12 MiB: three segments
+    ckpt.save(1, state, async_=False)
+    puts = [r for r in s3_proxy.requests if r.method == "PUT"]
+
+    def payload_hash(r: Any) -> str | None:
+        return next((v for k, v in r.headers.items() if k.lower() == "x-amz-content-sha256"), None)
+
+    data = [r for r in puts if r.path.split("?")[0].endswith(".bin")]
+    signed = [r for r in puts if "/manifest.json" in r.path or "/lease/" in r.path]
+    assert len(data) == 3, f"{[r.path for r in puts]}"
+    assert [payload_hash(r) for r in data] == ["UNSIGNED-PAYLOAD"] * 3, f"{[payload_hash(r) for r in data]}"
+    assert signed, f"no manifest or lease PUT among {[r.path for r in puts]}"
+    hashes = [payload_hash(r) for r in signed]
+    assert all(h and len(h) == 64 for h in hashes), f"the manifest or a lease record went up unsigned: {hashes}"
+    assert torch.equal(ckpt.load(1, verify=True)["w"], state["w"]), "the loaded state differs"
+    ckpt.close()
+
+
+def test_an_upload_body_is_sent_in_large_reads(
+    s3_bucket: str, s3_options: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 30: http.client read a segment's body 16 KiB at a time (32,768 Python calls per 512 MiB).
+
+    The body is a view of the caller's memory, so a read costs no copy: it is sent in reads of
+    ``SEND_BLOCK`` (1 MiB); the client's CPU per 256 MiB save halved (0.195 -> 0.101 s, A/B).
+    """
+    from spotsafe.storage import buffers, s3_calls
+
+    sizes: list[int] = []
+    real_read = buffers.BuffersReader.read
+
+    def read(self: Any, n: int | None = -1) -> Any:
+        sizes.append(-1 if n is None else n)
+        return real_read(self, n)
+
+    monkeypatch.setattr(buffers.BuffersReader, "read", read)
+    data = _random(6 * MiB)
+    with S3Store(f"s3://{s3_bucket}/big-reads", {**s3_options, "part_size": 8 * MiB}) as store:
+        store.write_files([("seg.bin", [data])])
+        assert bytes(store.read_file("seg.bin")) == data, "the object's bytes differ"
+    sized = [n for n in sizes if n > 0]
+    assert sized, f"the body was never read in sized blocks: {sizes[:10]}"
+    assert min(sized) >= s3_calls.SEND_BLOCK, f"read in blocks of {sorted(set(sized))[:5]} bytes"

@@ -20,6 +20,7 @@ from typing import Any
 from spotsafe.errors import StoreError, require
 from spotsafe.storage.blobs import BlobStore, Missing, parse_url, tracking_session
 from spotsafe.storage.buffers import BuffersReader, BytesReader, Into
+from spotsafe.storage.remote import retryable_status
 
 #: storage_options (adlfs's names).
 _OPTIONS = frozenset({"connection_string", "account_name", "account_url", "account_key", "sas_token", "credential"})
@@ -196,8 +197,7 @@ class AzureBlobStore(BlobStore):
         if isinstance(e, (ServiceRequestError, ServiceResponseError, ConnectionError, TimeoutError)):
             return True
         if isinstance(e, HttpResponseError):
-            status = e.status_code
-            return isinstance(status, int) and (status in (408, 429) or status >= 500) and status != 501
+            return retryable_status(e.status_code)
         return type(e).__name__ in ("ProtocolError", "IncompleteRead", "ChunkedEncodingError")
 
     def _describe(self, e: BaseException) -> str:

@@ -22,50 +22,22 @@ mean; this class makes them a store:
 from __future__ import annotations
 
 import logging
-import random
 import threading
-import time
-import weakref
 from abc import abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
-from datetime import datetime, timezone
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any
 
 from spotsafe.errors import CheckpointCorrupt, CheckpointNotFound, StoreError
-from spotsafe.storage.base import MAX_MANIFEST_BYTES, Buffer, Store
+from spotsafe.storage.base import MAX_MANIFEST_BYTES, Buffer
 from spotsafe.storage.buffers import BuffersReader, as_bytes_views
-from spotsafe.storage.s3_calls import Call, Overdue, Watchdog, current_call
+from spotsafe.storage.remote import DEFAULT_MAX_CONCURRENCY, RemoteStore
+from spotsafe.storage.s3_calls import current_call
 from spotsafe.storage.s3_fence import UNSAFE_OPTION, ConditionalWrites
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
-MiB = 1024 * 1024
-DEFAULT_PART_SIZE = 32 * MiB
-DEFAULT_MAX_CONCURRENCY = 16
-DEFAULT_CONNECT_TIMEOUT = 5.0
-DEFAULT_READ_TIMEOUT = 60.0
-DEFAULT_REQUEST_TIMEOUT = 120.0  # the same whole-call limit as the S3 store's (see spotsafe.storage.s3)
-DEFAULT_MIN_THROUGHPUT = 64 * 1024
-DEFAULT_MAX_ATTEMPTS = 8
 MANIFEST = "manifest.json"
-
-#: storage_options every blob store understands (a backend adds its own credentials' names).
-COMMON_OPTIONS = frozenset(
-    {
-        "part_size",
-        "max_concurrency",
-        "connect_timeout",
-        "read_timeout",
-        "request_timeout",
-        "min_throughput",
-        "max_attempts",
-        UNSAFE_OPTION,
-    }
-)
 
 
 class Missing(Exception):
@@ -83,7 +55,7 @@ def parse_url(url: str, schemes: Sequence[str], what: str) -> tuple[str, str, st
     return scheme.lower(), bucket, prefix.strip("/")
 
 
-class BlobStore(Store):
+class BlobStore(RemoteStore):
     """A store on an object service with native conditional writes; a backend supplies the primitives."""
 
     verifies_exclusive_create = True  # its own probe, once per store (spotsafe.storage.s3_fence)
@@ -93,38 +65,14 @@ class BlobStore(Store):
     condition = "a conditional write"
     #: What to use instead, in the refusal of a server that ignores :attr:`condition`.
     remedy = "a server that honours conditional writes"
-    #: The key prefix of the store's root inside its bucket or container ("" for the whole of it).
-    prefix = ""
+    thread_prefix = "spotsafe-blob"
+    never_retried = (Missing, CheckpointCorrupt)
 
     def __init__(self, url: str, opts: Mapping[str, Any], known: frozenset[str]) -> None:
-        self.url = url.rstrip("/")
-        unknown = sorted(set(opts) - COMMON_OPTIONS - known)
-        if unknown:
-            raise ValueError(f"{self.url}: unknown storage_options {unknown}; known: {sorted(COMMON_OPTIONS | known)}")
-        self.part_size = int(opts.get("part_size", DEFAULT_PART_SIZE))
-        if self.part_size < MiB:
-            raise ValueError(f"{self.url}: part_size {self.part_size} is below 1 MiB")
-        self.segment_size = self.part_size
-        self.max_concurrency = int(opts.get("max_concurrency", DEFAULT_MAX_CONCURRENCY))
-        if self.max_concurrency < 1:
-            raise ValueError(f"{self.url}: max_concurrency must be >= 1")
-        self.connect_timeout = float(opts.get("connect_timeout", DEFAULT_CONNECT_TIMEOUT))
-        self.read_timeout = float(opts.get("read_timeout", DEFAULT_READ_TIMEOUT))
-        self.max_attempts = max(1, int(opts.get("max_attempts", DEFAULT_MAX_ATTEMPTS)))
-        self.request_timeout = float(opts.get("request_timeout", DEFAULT_REQUEST_TIMEOUT))
-        self.min_throughput = float(opts.get("min_throughput", DEFAULT_MIN_THROUGHPUT))
-        if not self.request_timeout > 0:  # also refuses NaN
-            raise ValueError(f"{self.url}: request_timeout must be > 0 seconds, not {self.request_timeout}")
-        if not self.min_throughput > 0:
-            raise ValueError(f"{self.url}: min_throughput must be > 0 bytes/s, not {self.min_throughput}")
+        super().__init__(url, opts, known | {UNSAFE_OPTION})
         self.endpoint = self.service
-        self._deadline: float | None = None
-        self._closed = False
         self._unsafe = bool(opts.get(UNSAFE_OPTION, False))
         self._conditional: ConditionalWrites | None = None
-        self._pool = ThreadPoolExecutor(max_workers=self.max_concurrency, thread_name_prefix="spotsafe-blob")
-        self._watchdog = Watchdog(f"spotsafe-blob-watchdog({self.url})")
-        weakref.finalize(self, self._watchdog.stop)
 
     # ------------------------------------------------------------------ the backend's primitives
 
@@ -162,91 +110,16 @@ class BlobStore(Store):
 
     # ------------------------------------------------------------------ calls
 
-    def _key(self, path: str) -> str:
-        path = path.strip("/")
-        if not self.prefix:
-            return path
-        return f"{self.prefix}/{path}" if path else self.prefix
-
-    def _dir_key(self, path: str) -> str:
-        key = self._key(path)
-        return f"{key}/" if key else ""
-
-    def _where(self, path: str = "") -> str:
-        return f"{self.url}/{path}" if path else self.url
-
     def timeouts(self) -> tuple[float, float]:
         """(connect, read) for a socket operation of the call in this thread: never past what it has left."""
         call = current_call()
         left = self.read_timeout if call is None else max(0.001, call.left())
         return min(self.connect_timeout, left), min(self.read_timeout, left)
 
-    def set_deadline(self, deadline: datetime | None) -> None:
-        if deadline is None:
-            self._deadline = None
-        else:
-            self._deadline = time.monotonic() + (deadline - datetime.now(timezone.utc)).total_seconds()
-        self._watchdog.set_notice(self._deadline)
-
-    def _call(self, what: str, fn: Callable[[], T], *, nbytes: int = 0, attempts: int | None = None) -> T:
-        """Run ``fn`` (one request, all its I/O in this thread) with retries, within its whole-call limit."""
-        if self._closed:
-            raise StoreError(f"{self.url}: store is closed")
-        tries = self.max_attempts if attempts is None else attempts
-        budget = self.request_timeout + nbytes / self.min_throughput
-        call = Call(self._watchdog, time.monotonic() + budget)
-        if self._deadline is not None and self._deadline <= time.monotonic():
-            call.after_notice = True  # past an estimated deadline: one attempt within the call's own limit
-            tries = 1
-        attempt, last = 0, None
-        with call.running():
-            while True:
-                attempt += 1
-                try:
-                    return fn()
-                except (Missing, CheckpointCorrupt):
-                    raise
-                except Exception as e:
-                    if call.expired or call.left() <= 0:
-                        raise self._overdue(what, call, budget, last) from e
-                    if not self._retryable(e) or attempt >= tries:
-                        raise
-                    delay = min(5.0, 0.1 * 2 ** (attempt - 1)) * (0.5 + random.random())
-                    if delay >= call.left():
-                        raise
-                    log.info("%s: %s failed (%s); retry %d in %.2fs", self.url, what, e, attempt, delay)
-                    last = e
-                    time.sleep(delay)
-
-    def _overdue(self, what: str, call: Call, budget: float, last: Exception | None) -> StoreError:
-        after = "" if last is None else f" (its last retried attempt: {self._describe(last)})"
-        if call.notice_first():
-            return Overdue(
-                f"{what}: cut at the preemption notice's deadline (set_deadline), before {self.endpoint} completed it"
-                + after
-            )
-        return Overdue(f"{what}: {self.endpoint} did not complete it within its limit of {budget:.3g} s{after}")
-
     def _error(self, path: str, action: str, e: BaseException) -> StoreError:
         if isinstance(e, StoreError):
             return StoreError(f"{self._where(path)}: {action} failed: {e}")
         return StoreError(f"{self._where(path)}: {action} failed: {self._describe(e)}")
-
-    def _run_parallel(self, tasks: Sequence[Callable[[], Any]]) -> list[Any]:
-        """Run tasks on the pool; results in order; on the first failure cancel the rest and raise."""
-        if self._closed:
-            raise StoreError(f"{self.url}: store is closed")
-        if len(tasks) == 1:
-            return [tasks[0]()]
-        futures: list[Future[Any]] = [self._pool.submit(fn) for fn in tasks]
-        _, pending = wait(futures, return_when=FIRST_EXCEPTION)
-        for f in pending:
-            f.cancel()
-        wait(pending)
-        for f in futures:
-            if f.done() and not f.cancelled() and f.exception() is not None:
-                raise f.exception()  # type: ignore[misc]
-        return [f.result() for f in futures]
 
     # ------------------------------------------------------------------ reads
 
@@ -293,12 +166,7 @@ class BlobStore(Store):
             for start in range(0, max(size, 1), self.part_size):
                 end = min(start + self.part_size, size)
                 tasks.append(partial(self._get_range, path, dest, start, end))
-        try:
-            self._run_parallel(tasks)
-        except (CheckpointNotFound, CheckpointCorrupt):
-            raise
-        except Exception as e:
-            raise self._error(items[0][0] if len(items) == 1 else "", f"download of {len(items)} files", e) from e
+        self._read_all(items, tasks)
 
     def _get_range(self, path: str, dest: memoryview, start: int, end: int) -> None:
         """Bytes ``[start, end)`` of ``path`` into ``dest[start:end]``, and one byte past as a check of its size."""
@@ -400,13 +268,6 @@ class BlobStore(Store):
                     self._run_parallel([partial(self._delete_key, k) for k in batch])
         except Exception as e:
             raise self._error(path, "delete", e) from e
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._pool.shutdown(wait=True, cancel_futures=True)
-        self._watchdog.stop()
 
 
 def tracking_session(session: Any = None, connections: int = DEFAULT_MAX_CONCURRENCY) -> Any:

@@ -21,6 +21,7 @@ from typing import Any
 from spotsafe.errors import StoreError, require
 from spotsafe.storage.blobs import BlobStore, Missing, parse_url, tracking_session
 from spotsafe.storage.buffers import BuffersReader, BytesReader, Into
+from spotsafe.storage.remote import retryable_status
 
 #: storage_options (gcsfs's names): the project, and ``token`` (a service-account JSON file, or "anon").
 _OPTIONS = frozenset({"project", "token", "credentials"})
@@ -177,8 +178,7 @@ class GCSStore(BlobStore):
         from google.api_core import exceptions as gexc
 
         if isinstance(e, gexc.GoogleAPICallError):
-            code = e.code
-            return isinstance(code, int) and (code in (408, 429) or code >= 500) and code != 501
+            return retryable_status(e.code)
         return _transport_error(e)
 
     def _describe(self, e: BaseException) -> str:

@@ -8,7 +8,9 @@ built on the file's pages without a copy.
 
 Large payload files are written with ``O_DIRECT`` (Linux), past the page cache: a
 page-aligned source (the async save's snapshot buffer) goes from memory to the
-disk with no copy, any other source through a small reused aligned bounce buffer.
+disk with no copy, any other source (a sync save's tensors) through small reused aligned
+bounce buffers, each copied while a writer thread writes the previous one to the disk, so the
+copy costs no time beside the disk's.
 A checkpoint then neither evicts the page cache the training reads its data from,
 nor waits for a gigabyte of new cache pages to be allocated and written back (on
 a VM whose idle memory the host reclaims, allocating those pages was most of a
@@ -24,6 +26,7 @@ import errno
 import fcntl
 import mmap
 import os
+import queue
 import re
 import shutil
 import stat
@@ -43,8 +46,10 @@ WRITE_CHUNK = 32 << 20
 #: Payload files at least this big are written with ``O_DIRECT``; smaller ones (trees,
 #: manifests, leases) through the page cache, where a copy costs less than a disk wait.
 DIRECT_MIN = 8 << 20
-#: Size of each reused bounce buffer that stages unaligned sources for ``O_DIRECT``.
+#: Size of each reused bounce buffer that stages unaligned sources for ``O_DIRECT``, and how
+#: many one write uses: one is filled while the others are written.
 BOUNCE_SIZE = 8 << 20
+BOUNCES = 3
 _O_DIRECT: int = getattr(os, "O_DIRECT", 0)
 #: madvise(2) for a file mapped to be read: huge pages first (Linux reads the file ahead into
 #: 2 MiB page-cache folios and maps them whole: a verified 1 GiB load from a cold cache took
@@ -111,41 +116,102 @@ def _write_buffered(fd: int, buffers: Sequence[Buffer]) -> None:
         _write_fully(fd, memoryview(buf).cast("B"))
 
 
-def _write_direct(fd: int, buffers: Sequence[Buffer], bounce: memoryview) -> int:
+def _pwrite_fully(fd: int, view: memoryview, offset: int) -> None:
+    pos, end = 0, len(view)
+    while pos < end:
+        pos += os.pwrite(fd, view[pos : pos + WRITE_CHUNK], offset + pos)
+
+
+class _Pipe:
+    """A thread that writes queued views at their file offsets, in order of arrival.
+
+    While it writes one piece to the disk, the caller copies the next into a free bounce
+    buffer: an unaligned source costs the copy *beside* the disk's time, not on top of it.
+    """
+
+    def __init__(self, fd: int, bounces: Sequence[memoryview]) -> None:
+        self.fd = fd
+        self.free: queue.SimpleQueue[memoryview] = queue.SimpleQueue()
+        for b in bounces:
+            self.free.put(b)
+        self.todo: queue.SimpleQueue[tuple[memoryview, int, memoryview | None] | None] = queue.SimpleQueue()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="spotsafe-direct-write", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self.todo.get()
+            if item is None:
+                return
+            view, offset, bounce = item
+            if self.error is None:
+                try:
+                    _pwrite_fully(self.fd, view, offset)
+                except BaseException as e:  # noqa: BLE001 - raised in the caller's thread by finish()
+                    self.error = e
+            if bounce is not None:
+                self.free.put(bounce)  # always handed back: the caller may be waiting for it
+
+    def put(self, view: memoryview, offset: int, bounce: memoryview | None = None) -> None:
+        if self.error is not None:
+            raise self.error
+        self.todo.put((view, offset, bounce))
+
+    def finish(self) -> None:
+        """Wait for every queued write; raise the first error."""
+        self.todo.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+def _write_direct(fd: int, buffers: Sequence[Buffer], bounces: Sequence[memoryview]) -> int:
     """Write the concatenation of ``buffers`` from offset 0 of ``fd``, opened with ``O_DIRECT``.
 
     Page-aligned runs of a writable source go straight from memory; the rest is staged
-    in ``bounce`` (page-aligned, a multiple of :data:`DIRECT_ALIGN`). The file offset is
-    block-aligned whenever ``bounce`` is empty, as every write before was whole blocks.
-    The last partial block is written through the page cache (``O_DIRECT`` cleared).
-    Returns how many of the bytes written with ``O_DIRECT`` were staged in ``bounce``.
+    in the ``bounces`` (page-aligned, each a multiple of :data:`DIRECT_ALIGN`), filled
+    while a writer thread (:class:`_Pipe`) writes the previous ones. Every piece written
+    with ``O_DIRECT`` starts and ends on a block boundary of the file. The last partial
+    block is written through the page cache (``O_DIRECT`` cleared) after all the rest.
+    Returns how many of the bytes written with ``O_DIRECT`` were staged in a bounce buffer.
     """
-    fill = staged = 0
-    for buf in buffers:
-        view = memoryview(buf).cast("B")
-        addr = _address(view)
-        pos, end = 0, len(view)
-        while pos < end:
-            if fill == 0 and addr is not None and (addr + pos) % DIRECT_ALIGN == 0 and end - pos >= DIRECT_ALIGN:
-                n = min(WRITE_CHUNK, (end - pos) // DIRECT_ALIGN * DIRECT_ALIGN)
-                _write_fully(fd, view[pos : pos + n])
-                pos += n
-                continue
-            take = min(len(bounce) - fill, end - pos)
-            bounce[fill : fill + take] = view[pos : pos + take]
-            fill += take
-            pos += take
-            if fill == len(bounce):
-                _write_fully(fd, bounce)
-                staged += fill
-                fill = 0
-    whole = fill // DIRECT_ALIGN * DIRECT_ALIGN
-    if whole:
-        _write_fully(fd, bounce[:whole])
-        staged += whole
-    if fill > whole:
+    pipe = _Pipe(fd, bounces)
+    fill = staged = offset = 0
+    bounce: memoryview | None = None
+    try:
+        for buf in buffers:
+            view = memoryview(buf).cast("B")
+            addr = _address(view)
+            pos, end = 0, len(view)
+            while pos < end:
+                if fill == 0 and addr is not None and (addr + pos) % DIRECT_ALIGN == 0 and end - pos >= DIRECT_ALIGN:
+                    n = min(WRITE_CHUNK, (end - pos) // DIRECT_ALIGN * DIRECT_ALIGN)
+                    pipe.put(view[pos : pos + n], offset)
+                    offset += n
+                    pos += n
+                    continue
+                if bounce is None:
+                    bounce = pipe.free.get()
+                take = min(len(bounce) - fill, end - pos)
+                bounce[fill : fill + take] = view[pos : pos + take]
+                fill += take
+                pos += take
+                if fill == len(bounce):
+                    pipe.put(bounce, offset, bounce)
+                    offset += fill
+                    staged += fill
+                    fill, bounce = 0, None
+        whole = fill // DIRECT_ALIGN * DIRECT_ALIGN
+        if bounce is not None and whole:
+            pipe.put(bounce[:whole], offset)
+            offset += whole
+            staged += whole
+    finally:
+        pipe.finish()
+    if bounce is not None and fill > whole:
         _clear_direct(fd)
-        _write_fully(fd, bounce[whole:fill])
+        _pwrite_fully(fd, bounce[whole:fill], offset)
     return staged
 
 
@@ -234,11 +300,12 @@ class LocalStore(Store):
         if not direct:
             _write_buffered(fd, buffers)
             return
-        bounce = self._bounce()
+        bounces = [self._bounce() for _ in range(BOUNCES)]
         try:
-            staged = _write_direct(fd, buffers, bounce)
+            staged = _write_direct(fd, buffers, bounces)
+            size = sum(memoryview(b).nbytes for b in buffers)
             with self._lock:
-                self.direct_bytes += os.lseek(fd, 0, os.SEEK_CUR) // DIRECT_ALIGN * DIRECT_ALIGN
+                self.direct_bytes += size // DIRECT_ALIGN * DIRECT_ALIGN
                 self.bounced_bytes += staged
         except OSError as e:
             if e.errno != errno.EINVAL:
@@ -252,7 +319,7 @@ class LocalStore(Store):
             _write_buffered(fd, buffers)
         finally:
             with self._lock:
-                self._bounces.append(bounce)
+                self._bounces.extend(bounces)
 
     def _write_durably(self, target: Path, buffers: Sequence[Buffer], *, sync_dir: bool) -> None:
         self._makedirs(target.parent)

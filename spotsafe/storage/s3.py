@@ -27,69 +27,38 @@ from __future__ import annotations
 import logging
 import mmap
 import os
-import random
 import threading
-import time
-import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from datetime import datetime, timezone
-from typing import Any, TypeVar
+from functools import partial
+from typing import Any
 
 from spotsafe.errors import CheckpointCorrupt, CheckpointNotFound, StoreError, require
-from spotsafe.storage.base import MAX_MANIFEST_BYTES, Buffer, Store
+from spotsafe.storage.base import MAX_MANIFEST_BYTES, Buffer
 from spotsafe.storage.buffers import BuffersReader, as_bytes_views
-from spotsafe.storage.s3_calls import (
-    Call,
-    Overdue,
-    Watchdog,
-    describe_error,
-    error_code,
-    is_retryable,
-    track_connections,
-)
+from spotsafe.storage.remote import RemoteStore
+from spotsafe.storage.s3_calls import describe_error, error_code, is_retryable, track_connections
 from spotsafe.storage.s3_fence import UNSAFE_OPTION, ConditionalWrites
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 MiB = 1024 * 1024
 #: S3's limits on multipart uploads.
 MIN_PART_SIZE = 5 * MiB
 MAX_PARTS = 10_000
-#: Defaults sized for a 10+ Gbit/s instance: 16 streams of 32 MiB keep the pipe full
-#: while holding no more than the caller's own buffers in memory.
-DEFAULT_PART_SIZE = 32 * MiB
-DEFAULT_MAX_CONCURRENCY = 16
 #: Bytes per socket read on download.
 READ_CHUNK = 8 * MiB
-DEFAULT_CONNECT_TIMEOUT = 5.0
-DEFAULT_READ_TIMEOUT = 60.0
-#: The whole-call limit (every attempt, the body streamed in or out included) is
-#: request_timeout + bytes moved / min_throughput. 120 s leaves room for one socket read
-#: timing out (read_timeout, 60 s) and a retry; 64 KiB/s per call is what each of the
-#: 16 parallel streams gets on a 8 Mbit/s link, so a healthy 32 MiB part (limit 632 s)
-#: never fails on any link a checkpoint can reasonably cross, while an endpoint that
-#: trickles bytes holds a call for minutes, not forever.
-DEFAULT_REQUEST_TIMEOUT = 120.0
-DEFAULT_MIN_THROUGHPUT = 64 * 1024
 #: A checkpoint's manifest: refused from its HEAD when larger than MAX_MANIFEST_BYTES.
 MANIFEST = "manifest.json"
 #: The bucket check when the store opens: connect and read each bounded by this (and
 #: by connect_timeout/read_timeout when lower), one attempt on a timeout, so an endpoint
 #: that accepts connections and never answers fails in seconds, not 2 x read_timeout.
 CHECK_TIMEOUT = 5.0
-DEFAULT_MAX_ATTEMPTS = 8
 
-#: storage_options keys understood here (s3fs's names where s3fs has one).
+#: storage_options keys understood here besides the limits of every remote store (s3fs's names where s3fs has one).
 _OPTIONS = frozenset(
-    """
-    endpoint_url region_name client_kwargs config_kwargs key secret token profile anon part_size
-    max_concurrency connect_timeout read_timeout request_timeout min_throughput max_attempts
-    unsafe_no_conditional_writes
-    """.split()  # noqa: SIM905 - one name a line would push this module past the house's 800 lines
-)
+    ("endpoint_url", "region_name", "client_kwargs", "config_kwargs", "key", "secret", "token", "profile", "anon")
+) | {UNSAFE_OPTION}
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
@@ -103,7 +72,7 @@ def parse_s3_url(url: str) -> tuple[str, str]:
     return bucket, prefix.strip("/")
 
 
-class S3Store(Store):
+class S3Store(RemoteStore):
     """Checkpoints under ``s3://bucket/prefix``.
 
     ``storage_options`` (s3fs's names where s3fs has one):
@@ -125,24 +94,27 @@ class S3Store(Store):
     """
 
     verifies_exclusive_create = True  # the conditional-write probe (spotsafe.storage.s3_fence)
+    min_part_size = MIN_PART_SIZE  # S3's own minimum for a multipart upload's part
+    min_part_reason = f"below S3's minimum of {MIN_PART_SIZE} bytes"
+    thread_prefix = "spotsafe-s3"
 
     def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None):
-        self.url = url.rstrip("/")
         self.bucket, self.prefix = parse_s3_url(url)
         opts = dict(storage_options or {})
-        self._read_limits(opts)
-        self._deadline: float | None = None  # time.monotonic() value
+        super().__init__(url, opts, _OPTIONS)
         self._own_uploads: set[str] = set()
         self._warned_uploads = False
         self._lock = threading.Lock()
-        self._closed = False
         self._created = datetime.now(timezone.utc)
-        self._client, check_client = self._make_clients(opts)
+        try:
+            self._client, self._data_client, check_client = self._make_clients(opts)
+        except BaseException:
+            self.close()
+            raise
         self._conditional = ConditionalWrites(self.url, self.endpoint, unsafe=bool(opts.get(UNSAFE_OPTION, False)))
-        self._pool = ThreadPoolExecutor(max_workers=self.max_concurrency, thread_name_prefix="spotsafe-s3")
-        self._watchdog = Watchdog(f"spotsafe-s3-watchdog({self.url})")
-        weakref.finalize(self, self._watchdog.stop)  # a store dropped unclosed does not leave it behind
-        self._interruptible = track_connections(self._client, self.url) and track_connections(check_client, self.url)
+        self._interruptible = all(
+            track_connections(c, self.url) for c in (self._client, self._data_client, check_client)
+        )
         try:
             self._check_bucket(check_client)
         except BaseException:
@@ -151,31 +123,16 @@ class S3Store(Store):
         finally:
             check_client.close()
 
-    def _read_limits(self, opts: Mapping[str, Any]) -> None:
-        """Part size, concurrency, attempts and call limits from ``storage_options``, checked."""
-        unknown = sorted(set(opts) - _OPTIONS)
-        if unknown:
-            raise ValueError(f"{self.url}: unknown storage_options {unknown}; known: {sorted(_OPTIONS)}")
-        self.part_size = int(opts.get("part_size", DEFAULT_PART_SIZE))
-        if self.part_size < MIN_PART_SIZE:
-            raise ValueError(f"{self.url}: part_size {self.part_size} is below S3's minimum of {MIN_PART_SIZE} bytes")
-        # A checkpoint's payload goes up as objects of one part each: parallel PUTs and
-        # nothing to assemble at the end (CompleteMultipartUpload makes the server copy
-        # every byte once more, on the critical path of a notice save).
-        self.segment_size = self.part_size
-        self.max_concurrency = int(opts.get("max_concurrency", DEFAULT_MAX_CONCURRENCY))
-        if self.max_concurrency < 1:
-            raise ValueError(f"{self.url}: max_concurrency must be >= 1")
-        self.max_attempts = max(1, int(opts.get("max_attempts", DEFAULT_MAX_ATTEMPTS)))
-        self.request_timeout = float(opts.get("request_timeout", DEFAULT_REQUEST_TIMEOUT))
-        self.min_throughput = float(opts.get("min_throughput", DEFAULT_MIN_THROUGHPUT))
-        if not self.request_timeout > 0:  # also refuses NaN
-            raise ValueError(f"{self.url}: request_timeout must be > 0 seconds, not {self.request_timeout}")
-        if not self.min_throughput > 0:
-            raise ValueError(f"{self.url}: min_throughput must be > 0 bytes/s, not {self.min_throughput}")
+    def _make_clients(self, opts: Mapping[str, Any]) -> tuple[Any, Any, Any]:
+        """The store's boto3 clients: for every call, for data uploads, for the bucket check (sets ``endpoint``).
 
-    def _make_clients(self, opts: Mapping[str, Any]) -> tuple[Any, Any]:
-        """The store's boto3 client, and one with short timeouts for the bucket check (sets ``endpoint``)."""
+        The data client sends payloads unsigned (``UNSIGNED-PAYLOAD``): botocore otherwise hashes
+        every byte with SHA-256 to sign it (over http, and over https when no checksum header is
+        sent, as here): 0.7 s of CPU per GiB on this VM (hashlib, 1.5 GB/s a core), beside a
+        training step or the S3 server itself. What a data object holds is checked on load against
+        the manifest's xxh3 checksums; manifests, lease records and every other call stay signed.
+        ``config_kwargs={"s3": {"payload_signing_enabled": True}}`` signs the data too.
+        """
         boto3 = require("boto3", "s3")
         from botocore import UNSIGNED
         from botocore.config import Config
@@ -185,8 +142,8 @@ class S3Store(Store):
             if opts.get(name) is not None:
                 client_kwargs.setdefault(name, opts[name])
         config_kwargs: dict[str, Any] = {
-            "connect_timeout": float(opts.get("connect_timeout", DEFAULT_CONNECT_TIMEOUT)),
-            "read_timeout": float(opts.get("read_timeout", DEFAULT_READ_TIMEOUT)),
+            "connect_timeout": self.connect_timeout,
+            "read_timeout": self.read_timeout,
             # spotsafe retries itself (bounded by the notice deadline), so botocore does not.
             "retries": {"total_max_attempts": 1, "mode": "standard"},
             "max_pool_connections": self.max_concurrency + 4,
@@ -218,93 +175,20 @@ class S3Store(Store):
                 )
             )
             check_client = session.client("s3", config=check_config, **client_kwargs)
+            s3_config = dict(config_kwargs.get("s3") or {})
+            s3_config.setdefault("payload_signing_enabled", False)
+            data_client = session.client("s3", config=Config(**{**config_kwargs, "s3": s3_config}), **client_kwargs)
         except Exception as e:  # bad profile, bad region, bad endpoint URL...
             raise StoreError(f"{self.url}: cannot create an S3 client: {e}") from e
-        return client, check_client
+        return client, data_client, check_client
 
     # ------------------------------------------------------------------ helpers
 
-    def _key(self, path: str) -> str:
-        path = path.strip("/")
-        if not self.prefix:
-            return path
-        return f"{self.prefix}/{path}" if path else self.prefix
+    def _retryable(self, e: BaseException) -> bool:
+        return is_retryable(e)
 
-    def _dir_key(self, path: str) -> str:
-        key = self._key(path)
-        return f"{key}/" if key else ""
-
-    def _where(self, path: str = "") -> str:
-        return f"{self.url}/{path}" if path else self.url
-
-    def set_deadline(self, deadline: datetime | None) -> None:
-        if deadline is None:
-            self._deadline = None
-        else:
-            left = (deadline - datetime.now(timezone.utc)).total_seconds()
-            self._deadline = time.monotonic() + left
-        self._watchdog.set_notice(self._deadline)  # calls in flight are bounded by it too
-
-    def _call(
-        self,
-        what: str,
-        fn: Callable[..., T],
-        /,
-        *args: Any,
-        attempts: int | None = None,
-        nbytes: int = 0,
-        **kwargs: Any,
-    ) -> T:
-        """Run one S3 call with retries on transient failures, within its whole-call limit.
-
-        ``fn`` does all the call's I/O (a streamed body read included) in this thread;
-        ``nbytes`` (what it sends or receives) widens the limit by ``nbytes / min_throughput``.
-        """
-        if self._closed:  # its watchdog is gone: nothing would bound the call
-            raise StoreError(f"{self.url}: store is closed")
-        tries = self.max_attempts if attempts is None else attempts
-        budget = self.request_timeout + nbytes / self.min_throughput
-        call = Call(self._watchdog, time.monotonic() + budget)
-        if self._deadline is not None and self._deadline <= time.monotonic():
-            # Still running past the notice's deadline: it was an estimate (an assumed one, a
-            # rebalance). Refusing every call now would fail the run's own cleanup (the lease,
-            # a last save): one attempt, within the call's own limit, as before this deadline.
-            call.after_notice = True
-            tries = 1
-        attempt, last = 0, None  # last: the error of the latest attempt that was retried
-        with call.running():
-            while True:
-                attempt += 1
-                try:
-                    return fn(*args, **kwargs)
-                except Exception as e:
-                    if call.expired or call.left() <= 0:  # its socket was shut, or a capped timeout fired
-                        raise self._overdue(what, call, nbytes, last) from e
-                    if not is_retryable(e) or attempt >= tries:
-                        raise
-                    delay = min(5.0, 0.1 * 2 ** (attempt - 1)) * (0.5 + random.random())
-                    if delay >= call.left():
-                        log.warning("%s: %s failed (%s); no time left for a retry, not retrying", self.url, what, e)
-                        raise
-                    log.info("%s: %s failed (%s); retry %d in %.2fs", self.url, what, e, attempt, delay)
-                    last = e
-                    time.sleep(delay)
-
-    def _overdue(self, what: str, call: Call, nbytes: int, last: Exception | None = None) -> StoreError:
-        after = "" if last is None else f" (its last retried attempt: {describe_error(last, self.endpoint)})"
-        if call.notice_first():
-            return Overdue(
-                f"{what}: cut at the preemption notice's deadline (set_deadline), before {self.endpoint} completed it"
-                + after
-            )
-        budget = self.request_timeout + nbytes / self.min_throughput
-        how = f"request_timeout {self.request_timeout:g} s"
-        if nbytes / self.min_throughput >= 0.05:
-            how += f" + {nbytes} bytes at min_throughput {self.min_throughput:g} bytes/s"
-        return Overdue(f"{what}: {self.endpoint} did not complete it within its limit of {budget:.3g} s ({how}){after}")
-
-    def _error(self, path: str, action: str, e: BaseException) -> StoreError:
-        return StoreError(f"{self._where(path)}: {action} failed: {describe_error(e, self.endpoint)}")
+    def _describe(self, e: BaseException) -> str:
+        return describe_error(e, self.endpoint)
 
     def _check_bucket(self, client: Any) -> None:
         from botocore.exceptions import ClientError, NoCredentialsError, ReadTimeoutError
@@ -405,19 +289,14 @@ class S3Store(Store):
     def read_files_into(self, items: Sequence[tuple[str, memoryview]]) -> None:
         # No HEAD per file: every range asks for its bytes and the server's Content-Range
         # says how big the object is, which must be len(dest).
-        tasks: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
+        tasks: list[Callable[[], Any]] = []
         for path, dest in items:
             size = len(dest)
             if size == 0:
-                tasks.append((self._check_empty, (path,)))
+                tasks.append(partial(self._check_empty, path))
             for start in range(0, size, self.part_size):
-                tasks.append((self._get_range, (path, None, dest, start, min(start + self.part_size, size), size)))
-        try:
-            self._run_parallel(tasks)
-        except (CheckpointNotFound, CheckpointCorrupt):
-            raise
-        except Exception as e:
-            raise self._error(items[0][0] if len(items) == 1 else "", f"download of {len(items)} files", e) from e
+                tasks.append(partial(self._get_range, path, None, dest, start, min(start + self.part_size, size), size))
+        self._read_all(items, tasks)
 
     def _check_empty(self, path: str) -> None:
         size = self.file_size(path)
@@ -447,7 +326,7 @@ class S3Store(Store):
                 if size:
                     self._get_range(path, etag, view, 0, size)
             else:
-                self._run_parallel([(self._get_range, (path, etag, view, start, end)) for start, end in ranges])
+                self._run_parallel([partial(self._get_range, path, etag, view, start, end) for start, end in ranges])
         except (CheckpointNotFound, CheckpointCorrupt):
             raise
         except Exception as e:
@@ -607,7 +486,7 @@ class S3Store(Store):
             bounds = [(s, min(s + part_size, total)) for s in range(0, total, part_size)]
             etags = self._run_parallel(
                 [
-                    (self._upload_part, (key, upload_id, n, views, offsets, s, e))
+                    partial(self._upload_part, key, upload_id, n, views, offsets, s, e)
                     for n, (s, e) in enumerate(bounds, start=1)
                 ]
             )
@@ -640,7 +519,7 @@ class S3Store(Store):
         if not small:
             return
         try:
-            self._run_parallel([(self._put, args) for args in small])
+            self._run_parallel([partial(self._put, *args) for args in small])
         except Exception as e:
             path = small[0][0] if len(small) == 1 else small[0][0].rpartition("/")[0]
             raise self._error(path, f"upload of {len(small)} objects", e) from e
@@ -649,7 +528,9 @@ class S3Store(Store):
         key = self._key(path)
         self._call(
             f"PUT {key}",
-            lambda: self._client.put_object(Bucket=self.bucket, Key=key, Body=BuffersReader(views, offsets, 0, total)),
+            lambda: self._data_client.put_object(
+                Bucket=self.bucket, Key=key, Body=BuffersReader(views, offsets, 0, total)
+            ),
             nbytes=total,
         )
 
@@ -664,7 +545,7 @@ class S3Store(Store):
         end: int,
     ) -> str:
         def once() -> str:
-            response = self._client.upload_part(
+            response = self._data_client.upload_part(
                 Bucket=self.bucket,
                 Key=key,
                 UploadId=upload_id,
@@ -674,26 +555,6 @@ class S3Store(Store):
             return str(response["ETag"])
 
         return self._call(f"UploadPart {number} of {key}", once, nbytes=end - start)
-
-    def _run_parallel(self, tasks: Sequence[tuple[Callable[..., Any], tuple[Any, ...]]]) -> list[Any]:
-        """Run tasks on the pool; results in order; on the first failure cancel the rest and raise."""
-        if self._closed:
-            raise StoreError(f"{self.url}: store is closed")
-        futures: list[Future[Any]] = [self._pool.submit(fn, *args) for fn, args in tasks]
-        try:
-            _, pending = wait(futures, return_when=FIRST_EXCEPTION)
-            if pending:
-                for f in pending:
-                    f.cancel()
-                wait(pending)  # running ones finish (bounded by timeouts) before an abort
-            for f in futures:
-                if f.done() and not f.cancelled() and f.exception() is not None:
-                    raise f.exception()  # type: ignore[misc]
-            return [f.result() for f in futures]
-        except BaseException:
-            for f in futures:
-                f.cancel()
-            raise
 
     def _abort(self, key: str, upload_id: str) -> None:
         try:
@@ -786,14 +647,11 @@ class S3Store(Store):
     def close(self) -> None:
         if self._closed:
             return
-        self._closed = True
-        self._pool.shutdown(wait=True, cancel_futures=True)
-        watchdog = getattr(self, "_watchdog", None)
-        if watchdog is not None:
-            watchdog.stop()
-        client = getattr(self, "_client", None)
-        if client is not None:
-            client.close()
+        super().close()
+        for name in ("_client", "_data_client"):
+            client = getattr(self, name, None)
+            if client is not None:
+                client.close()
 
 
 class _Silent(Exception):
