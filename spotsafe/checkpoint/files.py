@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import xxhash
 
-from spotsafe.checkpoint.lease import GENERATION_KEY, Lease
+from spotsafe.checkpoint.lease import GENERATION_KEY, Lease, Look
 from spotsafe.checkpoint.manifest import MANIFEST, FileEntry, Manifest
 from spotsafe.checkpoint.staging import StagedState
 from spotsafe.errors import CheckpointCorrupt, CheckpointNotFound, StoreError, WriterFenced
@@ -239,30 +239,15 @@ def validate_trees(store: Store, directory: str, files: Sequence[FileEntry]) -> 
             raise CheckpointCorrupt(f"{where}: the saved state is not a mapping")
 
 
-class _Look(threading.Thread):
-    """``lease.check()`` on a thread of its own, so that the commit's two listings overlap."""
-
-    def __init__(self, lease: Lease) -> None:
-        super().__init__(name="spotsafe-lease-look", daemon=True)
-        self._lease = lease
-        self._error: BaseException | None = None
-        self.start()
-
-    def run(self) -> None:
-        try:
-            self._lease.check()
-        except BaseException as e:  # noqa: BLE001 - handed to the committing thread by result()
-            self._error = e
-
-    def result(self) -> None:
-        """Wait for the look; raise what it raised (WriterFenced when a newer generation holds the store)."""
-        self.join()
-        if self._error is not None:
-            raise self._error
-
-
 def commit_manifest(
-    store: Store, directory: str, manifest: Manifest, lease: Lease | None = None, *, replace: bool = False
+    store: Store,
+    directory: str,
+    manifest: Manifest,
+    lease: Lease | None = None,
+    *,
+    replace: bool = False,
+    look: Look | None = None,
+    own_files: bool = False,
 ) -> None:
     """Step 3: publish the manifest, atomically and durably: the checkpoint now exists.
 
@@ -270,7 +255,12 @@ def commit_manifest(
     recorded size (else :class:`~spotsafe.errors.StoreError`), and with a ``lease``
     the writer must still hold the store, before and after the commit (else
     :class:`~spotsafe.errors.WriterFenced`: a manifest a superseded writer managed to
-    publish records its generation, and readers skip it by the ghost rule).
+    publish records its generation, and readers skip it by the ghost rule). The look
+    before is ``look`` when the caller started one earlier (hidden behind its writes),
+    else one made here at the same time as the size listing. ``own_files``: every file
+    was written by this process in this save; on a store whose returned writes are whole
+    (``Store.confirms_writes``: object stores) the size listing is then skipped, so a
+    save on S3 waits for one round trip besides its writes and the create: the look after.
 
     The manifest is *created* (``Store.create_file``: it never replaces anything) unless
     ``replace``, which only the writer that committed ``directory`` before may pass (a step
@@ -278,13 +268,14 @@ def commit_manifest(
     (a retried create whose first answer was lost); anything else means a second writer
     holds this generation: :class:`~spotsafe.errors.WriterFenced`.
     """
-    look: _Look | None = None
     if lease is not None:
         if manifest.metadata.get(GENERATION_KEY) != lease.generation:
             raise ValueError(f"the manifest of {directory} does not carry the lease generation {lease.generation}")
-        look = _Look(lease)  # the lease's listing and the size listing at once: one round trip, not two
+        if look is None:
+            look = Look(lease)  # the lease's listing and the size listing at once: one round trip, not two
     try:
-        check_sizes(store, directory, manifest.files)
+        if not (own_files and store.confirms_writes):
+            check_sizes(store, directory, manifest.files)
     except Exception as e:
         if look is not None:
             look.result()  # a fenced writer's files may have been cleaned up by its successor: fenced wins

@@ -598,3 +598,31 @@ class Lease:
             except Exception as e:  # noqa: BLE001 - the lease then expires on its own
                 log.warning("spotsafe: releasing the writer lease of %s failed: %s", tier.url, e)
         log.info("spotsafe: writer lease of %s released (generation %d)", self.store.url, generation)
+
+
+class Look(threading.Thread):
+    """``lease.check()`` on a thread of its own, started early so that the save's own round trips hide it.
+
+    A save starts one before writing its files and waits for it (:meth:`result`) right before
+    its manifest is created: a writer already superseded then stops there without committing,
+    while the look *after* the commit (``commit_manifest``), which decides whether ``save()``
+    returns, stays where it is.
+    """
+
+    def __init__(self, lease: Lease) -> None:
+        super().__init__(name="spotsafe-lease-look", daemon=True)
+        self._lease = lease
+        self._error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self._lease.check()
+        except BaseException as e:  # noqa: BLE001 - handed to the committing thread by result()
+            self._error = e
+
+    def result(self) -> None:
+        """Wait for the look; raise what it raised (WriterFenced when a newer generation holds the store)."""
+        self.join()
+        if self._error is not None:
+            raise self._error

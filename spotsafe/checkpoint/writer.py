@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from spotsafe.checkpoint.catalog import Catalog
 from spotsafe.checkpoint.completion import COMPLETE, read_completion
 from spotsafe.checkpoint.files import commit_manifest, write_rank_files
-from spotsafe.checkpoint.lease import GENERATION_KEY, Lease
+from spotsafe.checkpoint.lease import GENERATION_KEY, Lease, Look
 from spotsafe.checkpoint.manifest import (
     MANIFEST,
     MAX_STEP,
@@ -214,9 +214,10 @@ class Checkpointer:
             raise WriterFenced(f"{self.store.url}: this writer holds no lease (Checkpointer.acquire)")
         return checkpoint_name(step, self.generation)
 
-    def _commit(self, name: str, manifest: Manifest) -> None:
+    def _commit(self, name: str, manifest: Manifest, look: Look | None = None, *, own_files: bool = False) -> None:
         """Commit ``manifest`` as ``name`` (rank 0): created exclusively, or replacing this writer's own."""
-        commit_manifest(self.store, name, manifest, self.lease, replace=name in self._committed)
+        replace = name in self._committed
+        commit_manifest(self.store, name, manifest, self.lease, replace=replace, look=look, own_files=own_files)
         self._committed.add(name)
 
     def _newest_step(self) -> int | None:
@@ -519,6 +520,8 @@ class Checkpointer:
         self._cleanup(skip=name)
         t0 = _time.perf_counter()
         parts: dict[str, float] = {}
+        # The look before the commit, made while the files are written (its round trip hidden).
+        look = Look(self.lease) if self.lease is not None and self.lease.generation is not None else None
         try:
             files = write_rank_files(self.store, name, snap, rank=0, timings=parts)
             t1 = _time.perf_counter()
@@ -532,7 +535,7 @@ class Checkpointer:
                 files=tuple(files),
                 metadata=meta,
             )
-            self._commit(name, manifest)
+            self._commit(name, manifest, look, own_files=True)
             t2 = _time.perf_counter()
         except BaseException as e:
             self._raise_fenced(e)

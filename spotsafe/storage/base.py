@@ -53,6 +53,12 @@ class Store(ABC):
     #: through :meth:`create_file` before its first takeover (``spotsafe.checkpoint.lease``).
     verifies_exclusive_create: bool = False
 
+    #: True when a :meth:`write_file` that returned means the object exists, whole, with its size
+    #: (an object store's PUT or multipart completion is atomic): the commit then need not list
+    #: the files this process just wrote (``spotsafe.checkpoint.files.commit_manifest``). False
+    #: for local directories (their listing costs microseconds) and generic fsspec stores.
+    confirms_writes: bool = False
+
     @property
     def tiers(self) -> tuple[Store, ...]:
         """The stores a commit lands in, in commit order: ``(self,)``; a mirror's local then remote tier.

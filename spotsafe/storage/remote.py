@@ -71,6 +71,7 @@ class RemoteStore(Store):
     min_part_reason = "below 1 MiB"
     #: The name of the pool's threads.
     thread_prefix = "spotsafe-remote"
+    confirms_writes = True  # S3 PUT / CompleteMultipartUpload, a GCS or Azure upload: whole or absent
     #: Errors a call raises at once, whatever its time left (a backend's "not there", a damaged object).
     never_retried: tuple[type[BaseException], ...] = ()
 
