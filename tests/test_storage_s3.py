@@ -87,6 +87,30 @@ def test_reads_are_parallel_ranged_gets_of_one_version(
     assert all(r.headers.get("If-Match") for r in gets)
 
 
+def test_an_object_replaced_between_head_and_get_is_read_again_whole(
+    s3_bucket: str, s3_options: dict[str, Any], s3_client: Any
+) -> None:
+    """A lease record renewed while a reader reads it: the GET pinned to the HEAD's version fails
+    (412); the read starts over and returns the new version whole, never an error (a reader
+    that failed here skipped a takeover's record and took a ghost for a checkpoint)."""
+    replaced: list[str] = []
+
+    class Renewing(S3Store):
+        def _head(self, path: str) -> dict[str, Any] | None:
+            head = super()._head(path)
+            if len(replaced) < 2:  # twice: the first reread races a renewal too
+                body = f"version {len(replaced) + 2}".encode()
+                s3_client.put_object(Bucket=s3_bucket, Key=f"r/{path}", Body=body)
+                replaced.append(body.decode())
+            return head
+
+    with S3Store(f"s3://{s3_bucket}/r", s3_options) as store:
+        store.write_file("lease/gen-1.json", [b"version 1"])
+    with Renewing(f"s3://{s3_bucket}/r", s3_options) as store:
+        assert bytes(store.read_file("lease/gen-1.json")) == b"version 3"
+    assert replaced == ["version 2", "version 3"]
+
+
 def test_read_buffer_is_private_and_writable(s3_bucket: str, s3_options: dict[str, Any]) -> None:
     with S3Store(f"s3://{s3_bucket}/r", {**s3_options, "part_size": 5 * MiB}) as store:
         store.write_file("f.bin", [_random(6 * MiB)])

@@ -613,6 +613,7 @@ class Look(threading.Thread):
         super().__init__(name="spotsafe-lease-look", daemon=True)
         self._lease = lease
         self._error: BaseException | None = None
+        self._done = 0.0
         self.start()
 
     def run(self) -> None:
@@ -620,9 +621,18 @@ class Look(threading.Thread):
             self._lease.check()
         except BaseException as e:  # noqa: BLE001 - handed to the committing thread by result()
             self._error = e
+        finally:
+            self._done = _boot_clock()
 
     def result(self) -> None:
-        """Wait for the look; raise what it raised (WriterFenced when a newer generation holds the store)."""
+        """Wait for the look; raise what it raised (WriterFenced when a newer generation holds the store).
+
+        A look older than a third of the lease period (a long upload; a process stopped
+        meanwhile: the boot clock counts that time) is made again, so that a writer woken
+        after a takeover stops before committing, as a look right before the commit would.
+        """
         self.join()
         if self._error is not None:
             raise self._error
+        if _boot_clock() - self._done > self._lease.seconds / 3:
+            self._lease.check()

@@ -72,6 +72,14 @@ def parse_s3_url(url: str) -> tuple[str, str]:
     return bucket, prefix.strip("/")
 
 
+#: How many times a read starts over when the object was replaced between its HEAD and a GET.
+_REREADS = 4
+
+
+class _Replaced(Exception):
+    """The object changed between the HEAD and a ranged GET pinned to the HEAD's ETag."""
+
+
 class S3Store(RemoteStore):
     """Checkpoints under ``s3://bucket/prefix``.
 
@@ -306,6 +314,15 @@ class S3Store(RemoteStore):
             raise CheckpointCorrupt(f"{self._where(path)}: {size} bytes, expected 0")
 
     def read_file(self, path: str) -> memoryview:
+        for _ in range(_REREADS):
+            try:
+                return self._read_version(path)
+            except _Replaced:
+                continue  # replaced between the HEAD and a GET (a lease record renewed): read the new one
+        return self._read_version(path, last=True)
+
+    def _read_version(self, path: str, *, last: bool = False) -> memoryview:
+        """One version of ``path``: the HEAD's, every range pinned to it (If-Match); _Replaced when it changed."""
         head = self._head(path)
         if head is None:
             raise CheckpointNotFound(f"{self._where(path)}: no such object")
@@ -330,6 +347,8 @@ class S3Store(RemoteStore):
         except (CheckpointNotFound, CheckpointCorrupt):
             raise
         except Exception as e:
+            if not last and error_code(e) in ("PreconditionFailed", "412"):
+                raise _Replaced from e
             raise self._error(path, "download", e) from e
         # Writable on purpose: the buffer is private to the caller, so tensors can be built
         # on it without a copy (a read-only one would be cloned by the loader).
