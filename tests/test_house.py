@@ -270,7 +270,8 @@ def test_the_repeat_finder_finds_a_copied_block(tmp_path: Path) -> None:
 
 def test_at_most_six_repeated_blocks() -> None:
     blocks = repeated_blocks(sorted(PACKAGE.rglob("*.py")))
-    assert len(blocks) <= MAX_DUPLICATE_BLOCKS, "\n".join(blocks)
+    listing = "\n".join(blocks)
+    assert len(blocks) <= MAX_DUPLICATE_BLOCKS, f"{listing}"
 
 
 # -- layers ------------------------------------------------------------------------------------

@@ -222,7 +222,7 @@ def test_the_fake_refuses_a_body_the_generated_models_do_not_allow(
     mutate(body)
     url = f"{arm_fake.endpoint}/subscriptions/{SUB}/resourceGroups/{RG}/providers/Microsoft.Compute/virtualMachineScaleSets/x"
     r = requests.put(url, params={"api-version": "2024-07-01"}, json=body, verify=str(arm_fake.ca))
-    assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
+    assert r.status_code == 400 and message in r.json()["error"]["message"], f"{r.text}"
     assert arm_fake.scale_sets == {} and len(arm_fake.violations) == 1
 
 

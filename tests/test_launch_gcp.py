@@ -317,7 +317,7 @@ def test_the_fake_refuses_a_body_its_discovery_schema_does_not_allow(
     body = template_body(_spec())
     mutate(body)
     r = requests.post(f"{compute_fake.endpoint}/compute/v1/projects/{PROJECT}/global/instanceTemplates", json=body)
-    assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
+    assert r.status_code == 400 and message in r.json()["error"]["message"], f"{r.text}"
     assert compute_fake.templates == {} and len(compute_fake.violations) == 1
 
 

@@ -81,7 +81,8 @@ def explore(
         request.node.user_properties.append(("schedules", len(schedules)))
     with capsys.disabled():
         print(f"\n{what}: {len(schedules)} schedules, {len(broken)} broke the invariant")
-    assert not broken, f"{len(broken)} of {len(schedules)} schedules broke the invariant:\n" + "\n".join(broken[:8])
+    shown = "\n".join(broken[:8])
+    assert broken == [], f"{len(broken)} of {len(schedules)} schedules broke the invariant:\n{shown}"
 
 
 #: The default run's stride through A's operations per backend (the slow run: 1). S3 through moto
@@ -157,7 +158,8 @@ def shared(request: pytest.FixtureRequest, tmp_path: Path) -> sch.Backend:
 
 def must_hold(world: sch.World, label: str) -> None:
     problems = sch.check_invariant(world, label)
-    assert not problems, "\n".join(problems) + f"\nthe last operations, in order:\n{world.journal.tail(40)}"
+    shown = "\n".join(problems)
+    assert problems == [], f"{shown}\nthe last operations, in order:\n{world.journal.tail(40)}"
 
 
 def test_case1_a_late_manifest_never_replaces_the_successors_checkpoint(shared: sch.Backend) -> None:
