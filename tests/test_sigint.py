@@ -76,14 +76,15 @@ def _store_state(tmp_path: Path) -> tuple[bool, list[str]]:
     return complete, reasons
 
 
-def test_sigint_to_the_supervisor_saves_and_exits_75(tmp_path: Path) -> None:
-    """Fails on main: the child got KeyboardInterrupt, broke out early and marked the run complete."""
-    cmd = [
+def _supervised(tmp_path: Path) -> list[str]:
+    """``python -m spotsafe.resume`` over the test script, as a user's launcher runs it."""
+    store = str(tmp_path / "store")
+    return [
         PY,
         "-m",
         "spotsafe.resume",
         "--store",
-        str(tmp_path / "store"),
+        store,
         "--backoff",
         "0",
         "--kill-after",
@@ -91,6 +92,11 @@ def test_sigint_to_the_supervisor_saves_and_exits_75(tmp_path: Path) -> None:
         "--",
         *_script(tmp_path),
     ]
+
+
+def test_sigint_to_the_supervisor_saves_and_exits_75(tmp_path: Path) -> None:
+    """Fails on main: the child got KeyboardInterrupt, broke out early and marked the run complete."""
+    cmd = _supervised(tmp_path)
     code, out = _signal_when_ready(cmd, tmp_path, signal.SIGINT, _env())
     assert code == EXIT_PREEMPTED, f"{out}"
     complete, reasons = _store_state(tmp_path)
@@ -101,19 +107,7 @@ def test_sigint_to_the_supervisor_saves_and_exits_75(tmp_path: Path) -> None:
 
 def test_sigint_to_the_supervisor_saves_even_where_ctrl_c_means_stop_now(tmp_path: Path) -> None:
     """The supervisor forwards SIGTERM: SPOTSAFE_SIGINT=interrupt still saves on the supervisor's SIGINT."""
-    cmd = [
-        PY,
-        "-m",
-        "spotsafe.resume",
-        "--store",
-        str(tmp_path / "store"),
-        "--backoff",
-        "0",
-        "--kill-after",
-        "300",
-        "--",
-        *_script(tmp_path),
-    ]
+    cmd = _supervised(tmp_path)
     code, out = _signal_when_ready(cmd, tmp_path, signal.SIGINT, _env(SPOTSAFE_SIGINT="interrupt"))
     assert code == EXIT_PREEMPTED, f"{out}"
     complete, reasons = _store_state(tmp_path)
