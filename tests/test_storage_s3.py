@@ -809,6 +809,29 @@ def test_put_body_read_at_a_trickle_fails_within_the_limit(
     _no_thread_left(store, s3_proxy, baseline)
 
 
+def test_a_failure_with_no_time_left_to_retry_names_the_limit_and_the_failure(
+    s3_bucket: str, s3_proxy: FaultProxy, hostile_options: dict[str, Any]
+) -> None:
+    """500s until the backoff outlasts the call's limit: the error names both, not only the last 500.
+
+    The same branch ends a PUT whose socket times out a hair before the watchdog cuts the call
+    (a CI run saw it: a bare ConnectionClosedError at 2.008 s of a 2 s limit).
+    """
+    store = S3Store(f"s3://{s3_bucket}/run", {**hostile_options, "max_attempts": 100})
+    s3_proxy.inject("500", count=1000, match=lambda m, p: m == "PUT")
+    start = time.monotonic()
+    with pytest.raises(StoreError) as info:
+        store.commit_file("step-000000000001/manifest.json", b"{}")
+    took = time.monotonic() - start
+    message = str(info.value)
+    assert took < LIMIT + MARGIN, f"{took:.2f} s: {message}"
+    assert f"within its limit of {LIMIT:g}" in message, f"the limit is not named in {message!r}"
+    assert "InternalError" in message, f"the server's failure is not named in {message!r}"
+    assert s3_proxy.count("PUT", "manifest.json", fault=True) >= 3, "it did not retry while time was left"
+    s3_proxy.clear()
+    store.close()
+
+
 def test_trickled_list_and_a_silent_endpoint_fail_within_the_limit(
     s3_bucket: str, s3_proxy: FaultProxy, hostile_options: dict[str, Any]
 ) -> None:

@@ -183,14 +183,19 @@ class RemoteStore(Store):
                         raise
                     delay = min(5.0, 0.1 * 2 ** (attempt - 1)) * (0.5 + random.random())
                     if delay >= call.left():
+                        # The limit, not this error, is what ends the call: say both (a socket
+                        # timeout of its own can fire a hair before the watchdog cuts the call).
                         log.warning("%s: %s failed (%s); no time left for a retry, not retrying", self.url, what, e)
-                        raise
+                        raise self._overdue(what, call, nbytes, e, retried=False) from e
                     log.info("%s: %s failed (%s); retry %d in %.2fs", self.url, what, e, attempt, delay)
                     last = e
                     time.sleep(delay)
 
-    def _overdue(self, what: str, call: Call, nbytes: int, last: Exception | None = None) -> StoreError:
-        after = "" if last is None else f" (its last retried attempt: {self._describe(last)})"
+    def _overdue(
+        self, what: str, call: Call, nbytes: int, last: Exception | None = None, *, retried: bool = True
+    ) -> StoreError:
+        label = "its last retried attempt" if retried else "its last attempt, with no time left for a retry"
+        after = "" if last is None else f" ({label}: {self._describe(last)})"
         if call.notice_first():
             return Overdue(
                 f"{what}: cut at the preemption notice's deadline (set_deadline), before {self.endpoint} completed it"
