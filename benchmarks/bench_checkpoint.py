@@ -45,7 +45,10 @@ The directory should be on the disk you care about (the repo's disk by default).
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import fcntl
+import gc
 import mmap
 import os
 import shutil
@@ -67,6 +70,7 @@ from spotsafe.cloud.notice import Notice
 
 CHUNK = 32 << 20
 O_DIRECT: int = getattr(os, "O_DIRECT", 0)
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 #: (count, bytes) of the model-like state at scale 1: 1 GiB in 352 tensors.
 SHAPES = ((48, 16 << 20), (48, 4 << 20), (256, 256 << 10))
 
@@ -107,15 +111,45 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def _files(root: Path) -> list[str]:
+    return [os.path.join(d, n) for d, _dirs, files in os.walk(root) for n in files]
+
+
+def cached_bytes(path: str) -> int:
+    """How many bytes of ``path`` sit in the page cache now (``mincore`` on a fresh mapping)."""
+    size = os.path.getsize(path)
+    if size == 0:
+        return 0
+    page = mmap.PAGESIZE
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) as mm:
+        vec = (ctypes.c_ubyte * -(-size // page))()
+        first = ctypes.c_char.from_buffer(mm)  # mapping touches no page: mincore sees the cache as it is
+        try:
+            if _LIBC.mincore(ctypes.c_void_p(ctypes.addressof(first)), ctypes.c_size_t(size), vec) != 0:
+                raise OSError(ctypes.get_errno(), f"mincore {path}")
+        finally:
+            del first
+        return sum(v & 1 for v in vec) * page
+
+
 def evict(root: Path) -> None:
-    """Drop every (clean, fsynced) file under ``root`` from the page cache: the next read is cold."""
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
+    """Drop every (clean, fsynced) file under ``root`` from the page cache: the next read is cold.
+
+    A page still mapped by a live object (a previous load's tensors over an mmap, not yet
+    collected) cannot be dropped: collect first, then check that nothing stayed cached,
+    so a "cold" load is never quietly served from memory.
+    """
+    gc.collect()
+    files = _files(root)
+    for path in files:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    left = sum(cached_bytes(p) for p in files)
+    if left > 1 << 20:
+        raise RuntimeError(f"{left} bytes under {root} stayed in the page cache after eviction: a load would be warm")
 
 
 def free_port() -> int:

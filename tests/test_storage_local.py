@@ -346,8 +346,8 @@ def test_spotsafe_direct_io_turns_it_off_and_a_bad_value_is_named(
         LocalStore(tmp_path)
 
 
-def _file_pmd_mapped_kb(view: memoryview) -> int | None:
-    """FilePmdMapped of the mapping holding ``view``, from /proc/self/smaps; None where not reported."""
+def _smaps_kb(view: memoryview, field: str) -> int | None:
+    """``field`` (Rss, FilePmdMapped...) of the mapping holding ``view``, from /proc/self/smaps; None where not reported."""
     addr = ctypes.addressof(ctypes.c_char.from_buffer(view))
     lines = Path("/proc/self/smaps").read_text().splitlines()
     inside = False
@@ -356,9 +356,53 @@ def _file_pmd_mapped_kb(view: memoryview) -> int | None:
         if "-" in head and len(head.split("-")) == 2 and ":" not in head:
             lo, hi = (int(x, 16) for x in head.split("-"))
             inside = lo <= addr < hi
-        elif inside and line.startswith("FilePmdMapped:"):
+        elif inside and line.startswith(f"{field}:"):
             return int(line.split()[1])
     return None
+
+
+def _file_pmd_mapped_kb(view: memoryview) -> int | None:
+    return _smaps_kb(view, "FilePmdMapped")
+
+
+needs_populate = pytest.mark.skipif(
+    local._MADV_POPULATE_READ is None or not Path("/proc/self/smaps").exists(),
+    reason="MADV_POPULATE_READ and /proc/self/smaps are Linux's",
+)
+
+
+@needs_o_direct
+@needs_populate
+def test_a_cold_read_is_read_in_whole_before_it_returns(tmp_path: Path) -> None:
+    """The file is mapped in by the read itself (the disk's queue full), not page by page as it is touched.
+
+    Left to faults, a cold 1 GiB payload loaded at about half the disk's own read speed.
+    """
+    store = LocalStore(tmp_path)
+    data = _aligned(16 << 20)
+    store.write_file("data.bin", [data])  # O_DIRECT: nothing of it is cached yet
+    view = store.read_file("data.bin")
+    rss = _smaps_kb(view, "Rss")
+    assert rss is not None, "no Rss for the mapping in /proc/self/smaps"
+    assert rss >= 16 << 10, f"only {rss} KiB of the 16 MiB file mapped in when read_file returned"
+    assert bytes(view) == bytes(data), "the file reads back wrong"
+
+
+@needs_o_direct
+@needs_populate
+def test_a_file_bigger_than_the_read_ahead_budget_is_read_in_only_up_to_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A quarter of the free memory at most: reading ahead never evicts what it read itself."""
+    monkeypatch.setattr(local, "_read_ahead_budget", lambda: 4 << 20)
+    store = LocalStore(tmp_path)
+    data = _aligned(16 << 20)
+    store.write_file("data.bin", [data])
+    view = store.read_file("data.bin")
+    rss = _smaps_kb(view, "Rss")
+    assert rss is not None, "no Rss for the mapping in /proc/self/smaps"
+    assert 4 << 10 <= rss < 12 << 10, f"{rss} KiB of 16 MiB mapped in with a 4 MiB budget"
+    assert bytes(view) == bytes(data), "the part past the budget reads back wrong"
 
 
 @needs_o_direct
