@@ -150,6 +150,32 @@ def test_resaving_a_committed_step_replaces_it_atomically(ckpt: Checkpointer) ->
     assert_state(ckpt.load(5), 2)
 
 
+class CountingStore(LocalStore):
+    """A real local store that counts the files read, by path."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.reads: list[str] = []
+
+    def read_file(self, path: str) -> memoryview:
+        self.reads.append(path)
+        return super().read_file(path)
+
+
+def test_loading_a_given_step_reads_its_manifest_once(tmp_path: Path) -> None:
+    """On an object store every manifest read is a round trip or two before the data."""
+    store = CountingStore(tmp_path / "store")
+    ckpt = Checkpointer(store)
+    for step in (1, 2):
+        ckpt.save(step, {"w": torch.full((4,), float(step))}, async_=False)
+    store.reads.clear()
+    state = ckpt.load(1)
+    assert torch.equal(state["w"], torch.full((4,), 1.0)), f"step 1 loaded {state['w']}"
+    manifests = [p for p in store.reads if p.endswith(MANIFEST)]
+    assert len(manifests) == 1, f"the manifest was read {len(manifests)} times: {manifests}"
+    ckpt.close()
+
+
 def test_metadata_must_be_json(ckpt: Checkpointer) -> None:
     with pytest.raises(spotsafe.SpotsafeError, match="metadata"):
         ckpt.save(1, {}, metadata={"x": object()})

@@ -229,8 +229,12 @@ class Catalog:
     # -- loading ----------------------------------------------------------------
     def resolve(self, info: CheckpointInfo | int) -> CheckpointInfo:
         """``info`` itself, or the committed checkpoint of a step: its newest generation that is no ghost."""
+        return self.resolve_read(info)[0]
+
+    def resolve_read(self, info: CheckpointInfo | int) -> tuple[CheckpointInfo, tuple[Store, Manifest] | None]:
+        """:meth:`resolve`, with the manifest it read and the tier it read it from (a load need not read it again)."""
         if isinstance(info, CheckpointInfo):
-            return info
+            return info, None
         if isinstance(info, bool) or not isinstance(info, int):
             raise TypeError(f"info must be a CheckpointInfo, a step or None, not {type(info).__name__}")
         checkpoint_name(info)  # a step out of range: ValueError naming it
@@ -240,7 +244,7 @@ class Catalog:
         damaged: list[CheckpointCorrupt] = []
         for name in candidates:
             try:
-                m = self.with_fallback(name, lambda store: self.manifest(name, store))  # noqa: B023 - called at once
+                tier, m = self.with_fallback(name, lambda store: (store, self.manifest(name, store)))  # noqa: B023 - called at once
             except CheckpointCorrupt as e:
                 damaged.append(e)
                 continue
@@ -254,22 +258,40 @@ class Catalog:
                 if is_ghost(found.generation, found.step, later):
                     problems.append(f"{found.url}: committed by a superseded writer (generation {found.generation})")
                     continue
-            return found
+            return found, (tier, m)
         if damaged:
             raise damaged[0]  # the step is there, damaged: say how (the newest generation's)
         detail = f" ({'; '.join(problems)})" if problems else ""
         raise CheckpointNotFound(f"{self.store.url.rstrip('/')}: no committed checkpoint for step {info}{detail}")
 
-    def load_rank(self, info: CheckpointInfo, map_location: MapLocation, verify: bool, rank: int = 0) -> dict[str, Any]:
-        """One rank's state from ``info``; a mirror whose local copy is damaged reads the remote one."""
-        return self.with_fallback(info.name, lambda store: self._load_from(store, info, map_location, verify, rank))
+    def load_rank(
+        self,
+        info: CheckpointInfo,
+        map_location: MapLocation,
+        verify: bool,
+        rank: int = 0,
+        known: tuple[Store, Manifest] | None = None,
+    ) -> dict[str, Any]:
+        """One rank's state from ``info``; a mirror whose local copy is damaged reads the remote one.
+
+        ``known``: a manifest of ``info`` just read, and the tier it was read from (not read again there).
+        """
+        return self.with_fallback(
+            info.name, lambda store: self._load_from(store, info, map_location, verify, rank, known)
+        )
 
     def _load_from(
-        self, store: Store, info: CheckpointInfo, map_location: MapLocation, verify: bool, rank: int
+        self,
+        store: Store,
+        info: CheckpointInfo,
+        map_location: MapLocation,
+        verify: bool,
+        rank: int,
+        known: tuple[Store, Manifest] | None = None,
     ) -> dict[str, Any]:
         name = info.name
         base = f"{store.url.rstrip('/')}/{name}"
-        m = self.manifest(name, store)
+        m = known[1] if known is not None and known[0] is store else self.manifest(name, store)
         trees = [f for f in m.files if f.rank == rank and f.role == "tree"]
         datas = [f for f in m.files if f.rank == rank and f.role == "data"]
         if len(trees) != 1 or not datas:
@@ -323,8 +345,8 @@ class Catalog:
         :class:`CheckpointCorrupt`. ``verify`` checks every file's checksum first.
         """
         if info is not None:
-            resolved = self.resolve(info)
-            return resolved, self.load_rank(resolved, map_location, verify)
+            resolved, known = self.resolve_read(info)
+            return resolved, self.load_rank(resolved, map_location, verify, known=known)
         damaged: list[str] = []
         for candidate in reversed(self.list()):
             try:

@@ -693,9 +693,9 @@ class Checkpointer:
             error: Exception | None = None
             state: dict[str, Any] = {}
             try:
-                resolved = self.catalog.resolve(int(step))
+                resolved, known = self.catalog.resolve_read(int(step))
                 state = merge_rank_state(
-                    lambda r: self.catalog.load_rank(resolved, map_location, True, rank=r),  # noqa: B023 - called at once
+                    lambda r: self.catalog.load_rank(resolved, map_location, True, rank=r, known=known),  # noqa: B023 - called at once
                     ctx.rank,
                     resolved.world_size,
                     self.per_rank,
