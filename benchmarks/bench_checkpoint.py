@@ -111,6 +111,20 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def huge_buffer(nbytes: int) -> memoryview:
+    """Private anonymous memory on a 2 MiB boundary, advised into transparent huge pages, faulted in."""
+    huge = 2 << 20
+    mm = mmap.mmap(-1, nbytes + huge, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    first = ctypes.c_char.from_buffer(mm)
+    start = -ctypes.addressof(first) % huge
+    del first
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        mm.madvise(mmap.MADV_HUGEPAGE, start, nbytes - nbytes % huge)
+    view = memoryview(mm)[start : start + nbytes]
+    torch.frombuffer(view, dtype=torch.uint8).fill_(0)
+    return view
+
+
 def _files(root: Path) -> list[str]:
     return [os.path.join(d, n) for d, _dirs, files in os.walk(root) for n in files]
 
@@ -231,6 +245,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         held = keeper._held
         assert held is not None
         raw_parts = held.snap.parts  # the very bytes spotsafe writes
+        # The limit writes them from the best memory there is for it: its own page-aligned buffer
+        # in huge pages (on this VM a 1 GiB O_DIRECT write from 4 KiB pages took 0.61-0.75 s, from
+        # 2 MiB pages 0.48 s: a request holds a limited number of segments). The limit must not
+        # depend on how spotsafe allocates.
+        limit_buf = huge_buffer(sum(len(p) for p in raw_parts))
+        pos = 0
+        for part in raw_parts:
+            limit_buf[pos : pos + len(part)] = part
+            pos += len(part)
         current = [0]
 
         def settle() -> None:
@@ -269,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             t0 = time.perf_counter()
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | O_DIRECT, 0o644)
             try:
-                for part in raw_parts:  # one page-aligned view (the snapshot buffer)
+                for part in [limit_buf]:  # one page-aligned view, in huge pages
                     whole = len(part) // 4096 * 4096
                     for i in range(0, whole, CHUNK):
                         os.write(fd, part[i : min(i + CHUNK, whole)])
@@ -370,7 +393,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for sk, t in zip(sink, tensors, strict=True):
             sk.copy_(t)
         raw_size = sum(len(p) for p in raw_parts)
-        read_buf = memoryview(mmap.mmap(-1, -(-raw_size // 4096) * 4096))  # page-aligned
+        read_buf = huge_buffer(-(-raw_size // 4096) * 4096)  # page-aligned, huge pages
         torch.frombuffer(read_buf, dtype=torch.uint8).fill_(0)  # faulted in, as the sink is
 
         def read_all(obj: Any) -> None:
@@ -545,7 +568,8 @@ class DCP:
     def save(self, state: dict[str, Any], name: str) -> tuple[float, float]:
         import torch.distributed.checkpoint as dcp
 
-        sd = {k: v.state_dict() for k, v in state.items()}  # as a DCP user would pass it
+        # As a DCP user would pass it: a module's or optimizer's state_dict(), a plain dict as is.
+        sd = {k: v.state_dict() if callable(getattr(v, "state_dict", None)) else v for k, v in state.items()}
         t0 = time.perf_counter()
         fut = dcp.async_save(sd, checkpoint_id=str(self.path / name))
         t1 = time.perf_counter()

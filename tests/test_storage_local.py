@@ -419,3 +419,41 @@ def test_a_read_maps_the_file_in_huge_pages_where_the_kernel_can(tmp_path: Path)
     if pmd_kb is None:
         pytest.skip("this kernel does not report FilePmdMapped")
     assert pmd_kb >= 8 << 10, f"only {pmd_kb} KiB of 16 MiB mapped in huge pages"
+
+
+def _thp_mode() -> str | None:
+    path = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not path.exists():
+        return None
+    text = path.read_text()
+    return text[text.index("[") + 1 : text.index("]")]
+
+
+@pytest.mark.parametrize("who", ["anonymous_buffer", "staging", "bounce"])
+def test_buffers_the_disk_is_written_from_sit_in_huge_pages(tmp_path: Path, who: str) -> None:
+    """Staging snapshots, bounce buffers, read buffers: 2 MiB pages, so the disk gets large requests.
+
+    On the development VM a 1 GiB O_DIRECT write took 0.48 s from huge pages, 0.61-0.75 s from
+    4 KiB pages (``mmap.mmap(-1, n)`` maps shared memory, which never gets them).
+    """
+    from spotsafe.checkpoint.staging import StagingBuffer
+    from spotsafe.storage.base import HUGE_PAGE, anonymous_buffer
+
+    n = 8 * HUGE_PAGE
+    if who == "anonymous_buffer":
+        view = anonymous_buffer(n)
+    elif who == "staging":
+        _, view = StagingBuffer(pin=False).get(n)
+    else:
+        view = LocalStore(tmp_path)._bounce()
+        n = len(view)
+    assert not view.readonly, f"{who}: read-only"
+    assert ctypes.addressof(ctypes.c_char.from_buffer(view)) % DIRECT_ALIGN == 0, f"{who}: not page-aligned"
+    assert bytes(view[:16]) == bytes(16), f"{who}: not zeroed"
+    view[:] = b"\x01" * n  # fault every page in
+    if _thp_mode() not in ("always", "madvise"):
+        pytest.skip(f"transparent huge pages are {_thp_mode()!r} on this kernel")
+    huge = _smaps_kb(view, "AnonHugePages")
+    assert huge is not None, "no AnonHugePages for the mapping in /proc/self/smaps"
+    assert huge >= (n // 2) >> 10, f"{who}: only {huge} KiB of {n >> 10} KiB in huge pages"
+

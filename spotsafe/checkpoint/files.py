@@ -19,7 +19,6 @@ The readers here check what a manifest lists against what the store holds: sizes
 from __future__ import annotations
 
 import json
-import mmap
 import threading
 import time as _time
 import uuid
@@ -34,7 +33,7 @@ from spotsafe.checkpoint.manifest import MANIFEST, FileEntry, Manifest
 from spotsafe.checkpoint.staging import StagedState
 from spotsafe.errors import CheckpointCorrupt, CheckpointNotFound, StoreError, WriterFenced
 from spotsafe.state import Blob, blobs_from_description, unflatten
-from spotsafe.storage.base import Store
+from spotsafe.storage.base import Store, anonymous_buffer
 
 _HASH_CHUNK = 64 << 20
 
@@ -166,7 +165,7 @@ def read_back_to_back(store: Store, directory: str, files: Sequence[FileEntry], 
     base = f"{store.url.rstrip('/')}/{directory}"
     total = sum(f.size for f in files)
     # Anonymous memory: writable (tensors are built on it without a copy) and zeroed lazily.
-    data = memoryview(mmap.mmap(-1, total)) if total else memoryview(bytearray())
+    data = anonymous_buffer(total)
     views: list[memoryview] = []
     pos = 0
     for f in files:

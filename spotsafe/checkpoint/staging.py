@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from spotsafe.state import Blob, FlatState, flatten
-from spotsafe.storage.base import DIRECT_ALIGN
+from spotsafe.storage.base import DIRECT_ALIGN, anonymous_buffer
 
 
 class StagingBuffer:
@@ -40,7 +40,12 @@ class StagingBuffer:
         if self._tensor is None or self._tensor.numel() < nbytes:
             self._tensor = self._view = None  # free the old one before allocating
             n = max(nbytes, 1)
-            whole = torch.empty(n + DIRECT_ALIGN, dtype=torch.uint8, pin_memory=self.pin)
+            if self.pin:
+                whole = torch.empty(n + DIRECT_ALIGN, dtype=torch.uint8, pin_memory=True)
+            else:
+                # Huge pages where the kernel gives them: the disk gets large requests (an O_DIRECT
+                # write of 1 GiB took 0.48 s instead of 0.61-0.75 s from 4 KiB pages).
+                whole = torch.frombuffer(anonymous_buffer(n + DIRECT_ALIGN), dtype=torch.uint8)
             start = -whole.data_ptr() % DIRECT_ALIGN
             t = whole[start : start + n]  # the view keeps the allocation alive
             self._tensor, self._view = t, _memory(t)

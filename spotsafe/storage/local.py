@@ -39,7 +39,7 @@ from pathlib import Path
 
 from spotsafe.errors import CheckpointCorrupt, CheckpointNotFound, StoreError
 from spotsafe.processes import pid_alive
-from spotsafe.storage.base import DIRECT_ALIGN, Buffer, Store
+from spotsafe.storage.base import DIRECT_ALIGN, Buffer, Store, anonymous_buffer
 
 #: Largest single os.write: big enough to stream at disk speed, small enough to
 #: stay well under the kernel's 2 GiB per-call cap.
@@ -334,7 +334,7 @@ class LocalStore(Store):
         with self._lock:
             if self._bounces:
                 return self._bounces.pop()
-        return memoryview(mmap.mmap(-1, BOUNCE_SIZE))  # anonymous: page-aligned
+        return anonymous_buffer(BOUNCE_SIZE)  # page-aligned, huge pages where the kernel gives them
 
     def _open_payload(self, temp: Path, direct: bool) -> tuple[int, bool]:
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC

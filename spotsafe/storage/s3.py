@@ -25,7 +25,6 @@ Credentials come from boto3's standard chain (environment, profile, instance rol
 from __future__ import annotations
 
 import logging
-import mmap
 import os
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -34,7 +33,7 @@ from functools import partial
 from typing import Any
 
 from spotsafe.errors import CheckpointCorrupt, CheckpointNotFound, StoreError, require
-from spotsafe.storage.base import MAX_MANIFEST_BYTES, Buffer
+from spotsafe.storage.base import MAX_MANIFEST_BYTES, Buffer, anonymous_buffer
 from spotsafe.storage.buffers import BuffersReader, as_bytes_views
 from spotsafe.storage.remote import RemoteStore
 from spotsafe.storage.s3_calls import describe_error, error_code, is_retryable, track_connections
@@ -336,7 +335,7 @@ class S3Store(RemoteStore):
         etag = head.get("ETag")
         # Anonymous memory: the kernel zeroes pages as the download threads first touch
         # them, in parallel with the network, instead of bytearray zeroing it all up front.
-        view = memoryview(mmap.mmap(-1, size)) if size else memoryview(bytearray())
+        view = anonymous_buffer(size)
         ranges = [(start, min(start + self.part_size, size)) for start in range(0, size, self.part_size)]
         try:
             if len(ranges) <= 1:
