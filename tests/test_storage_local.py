@@ -456,4 +456,3 @@ def test_buffers_the_disk_is_written_from_sit_in_huge_pages(tmp_path: Path, who:
     huge = _smaps_kb(view, "AnonHugePages")
     assert huge is not None, "no AnonHugePages for the mapping in /proc/self/smaps"
     assert huge >= (n // 2) >> 10, f"{who}: only {huge} KiB of {n >> 10} KiB in huge pages"
-
