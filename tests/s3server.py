@@ -12,7 +12,8 @@ The fixtures on these (``moto_server``, ``s3_client``, ``s3_bucket``, ``s3_optio
   read: ``"trickle"`` (the real answer, its body one byte every ``trickle_interval``),
   ``"slow-read"`` (reads the request body one byte every ``trickle_interval``, never
   answers) and ``"hang"`` (reads the request, never answers); they let go when the
-  client closes or at :meth:`FaultProxy.stop_holding` / shutdown.
+  client closes or at :meth:`FaultProxy.stop_holding` / shutdown. ``"slow"`` answers the
+  request as the server did, ``slow_delay`` seconds late.
   ``delay`` slows every request; ``requests`` logs what went through. ``strip_headers``
   (lower-case names) are dropped before forwarding: ``{"if-none-match"}`` makes moto a
   server that ignores conditional writes (it answers 200 and overwrites).
@@ -87,6 +88,7 @@ class FaultProxy:
         self.delay = 0.0
         self.strip_headers: set[str] = set()
         self.trickle_interval = 0.5
+        self.slow_delay = 1.5
         self._holding = threading.Event()  # set: hostile faults let go of their connections
         self._faults: list[_Fault] = []
         self._lock = threading.Lock()
@@ -120,7 +122,7 @@ class FaultProxy:
 
     def inject(self, kind: str, count: int = 1, match: Callable[[str, str], bool] | None = None) -> None:
         """Fail the next ``count`` requests for which ``match(method, path)`` holds."""
-        if kind not in (*_ERROR_BODIES, "drop", "reset", "trickle", "slow-read", "hang", "lost"):
+        if kind not in (*_ERROR_BODIES, "drop", "reset", "trickle", "slow-read", "hang", "lost", "slow"):
             raise ValueError(f"unknown fault {kind!r}")
         with self._lock:
             self._faults.append(_Fault(kind, count, match))
@@ -165,12 +167,14 @@ class FaultProxy:
         self.requests.append(Request(h.command, h.path, dict(h.headers.items()), fault))
         if self.delay:
             time.sleep(self.delay)
+        if fault == "slow":  # the real answer, late
+            time.sleep(self.slow_delay)
         if fault in ("drop", "reset"):
             if fault == "reset":
                 h.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             h.close_connection = True  # closed without an answer
             return
-        if fault is not None and fault not in ("trickle", "lost"):
+        if fault is not None and fault not in ("trickle", "lost", "slow"):
             status, code, message = _ERROR_BODIES[fault]
             payload = (
                 f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code><Message>{message}</Message></Error>'

@@ -470,6 +470,48 @@ def test_segmented_checkpoint_loads_from_a_local_copy_and_through_a_mirror(
     assert torch.equal(loaded["b"], state["b"])
 
 
+def test_a_verified_load_checks_each_segment_as_it_arrives(
+    s3_bucket: str, s3_proxy: FaultProxy, s3_proxy_options: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The segments already downloaded are hashed while a slow one is still on the wire, not after it."""
+    torch = pytest.importorskip("torch")
+    from spotsafe.checkpoint import files
+    from spotsafe.checkpoint.writer import Checkpointer
+
+    checked: list[tuple[str, float]] = []
+    real = files.check_checksum
+
+    def recording(base: str, f: Any, data: memoryview) -> None:
+        real(base, f, data)
+        checked.append((f.path, time.monotonic()))
+
+    monkeypatch.setattr(files, "check_checksum", recording)
+    url = f"s3://{s3_bucket}/overlap"
+    opts = {**s3_proxy_options, "part_size": 5 * MiB}
+    state = _big_state(torch)
+    with Checkpointer(url, storage_options=opts) as ckpt:
+        ckpt.save(1, state, async_=False)
+        ckpt.wait()
+        checked.clear()
+        slow: list[float] = []
+
+        def last_segment(method: str, path: str) -> bool:
+            if method == "GET" and ".00003.bin" in path:
+                slow.append(time.monotonic())
+                return True
+            return False
+
+        s3_proxy.inject("slow", count=1, match=last_segment)
+        loaded = ckpt.load(1)
+    assert torch.equal(loaded["w"], state["w"]), "the segments were put together wrong"
+    assert len(slow) == 1, f"the last segment's GET was not held back ({len(slow)} matched)"
+    segments = sorted((p, t) for p, t in checked if p.endswith(".bin"))
+    assert [p.rpartition(".")[0][-5:] for p, _ in segments] == ["00000", "00001", "00002", "00003"], segments
+    last_done = segments[-1][1]
+    early = [p for p, t in segments[:-1] if t < last_done - 0.5]
+    assert len(early) == 3, f"segments checked only after the held-back one arrived: {segments}, held at {slow}"
+
+
 @pytest.mark.parametrize("damage", ["missing", "truncated", "flipped"])
 def test_damaged_segment_is_named_and_load_falls_back(
     damage: str, s3_bucket: str, s3_options: dict[str, Any], s3_client: Any
