@@ -361,10 +361,6 @@ def _smaps_kb(view: memoryview, field: str) -> int | None:
     return None
 
 
-def _file_pmd_mapped_kb(view: memoryview) -> int | None:
-    return _smaps_kb(view, "FilePmdMapped")
-
-
 needs_populate = pytest.mark.skipif(
     local._MADV_POPULATE_READ is None or not Path("/proc/self/smaps").exists(),
     reason="MADV_POPULATE_READ and /proc/self/smaps are Linux's",
@@ -403,22 +399,6 @@ def test_a_file_bigger_than_the_read_ahead_budget_is_read_in_only_up_to_it(
     assert rss is not None, "no Rss for the mapping in /proc/self/smaps"
     assert 4 << 10 <= rss < 12 << 10, f"{rss} KiB of 16 MiB mapped in with a 4 MiB budget"
     assert bytes(view) == bytes(data), "the part past the budget reads back wrong"
-
-
-@needs_o_direct
-def test_a_read_maps_the_file_in_huge_pages_where_the_kernel_can(tmp_path: Path) -> None:
-    """A cold read (as on a new instance) maps 2 MiB page-cache folios whole, not 4 KiB pages."""
-    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
-    if not thp.exists() or "[never]" in thp.read_text():
-        pytest.skip("transparent huge pages are off on this kernel")
-    store = LocalStore(tmp_path)
-    store.write_file("data.bin", [_aligned(16 << 20)])  # O_DIRECT: nothing of it is cached yet
-    view = store.read_file("data.bin")
-    bytes(view)  # read every page
-    pmd_kb = _file_pmd_mapped_kb(view)
-    if pmd_kb is None:
-        pytest.skip("this kernel does not report FilePmdMapped")
-    assert pmd_kb >= 8 << 10, f"only {pmd_kb} KiB of 16 MiB mapped in huge pages"
 
 
 def _thp_mode() -> str | None:

@@ -166,7 +166,7 @@ def read_back_to_back(store: Store, directory: str, files: Sequence[FileEntry], 
     base = f"{store.url.rstrip('/')}/{directory}"
     total = sum(f.size for f in files)
     # Anonymous memory: writable (tensors are built on it without a copy) and zeroed lazily.
-    data = anonymous_buffer(total)
+    data = anonymous_buffer(total, huge_pages=False)  # filled at once by the reads
     views: list[memoryview] = []
     pos = 0
     for f in files:

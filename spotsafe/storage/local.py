@@ -53,12 +53,11 @@ DIRECT_MIN = 8 << 20
 BOUNCE_SIZE = 8 << 20
 BOUNCES = 3
 _O_DIRECT: int = getattr(os, "O_DIRECT", 0)
-#: madvise(2) for a file mapped to be read: huge pages (the kernel maps 2 MiB page-cache folios
-#: whole: fewer faults), then sequential read-ahead. Advice a platform lacks is skipped.
-#: ``MADV_WILLNEED`` only where :func:`_populate` cannot read the file in (it holds the GIL).
-_READ_ADVICE: tuple[int, ...] = tuple(
-    getattr(mmap, name) for name in ("MADV_HUGEPAGE", "MADV_SEQUENTIAL") if hasattr(mmap, name)
-)
+#: madvise(2) for a file mapped to be read: sequential read-ahead. Not ``MADV_HUGEPAGE``: filling
+#: a gigabyte of page cache in 2 MiB folios meant finding free 2 MiB pages in a busy machine's
+#: memory, and cold loads went bimodal (0.5 s or 1.4 s for 1 GiB). ``MADV_WILLNEED`` only where
+#: :func:`_populate` cannot read the file in (it holds the GIL).
+_READ_ADVICE: tuple[int, ...] = tuple(getattr(mmap, name) for name in ("MADV_SEQUENTIAL",) if hasattr(mmap, name))
 _WILLNEED: int | None = getattr(mmap, "MADV_WILLNEED", None)
 
 

@@ -335,7 +335,7 @@ class S3Store(RemoteStore):
         etag = head.get("ETag")
         # Anonymous memory: the kernel zeroes pages as the download threads first touch
         # them, in parallel with the network, instead of bytearray zeroing it all up front.
-        view = anonymous_buffer(size)
+        view = anonymous_buffer(size, huge_pages=False)  # filled at once by the downloads
         ranges = [(start, min(start + self.part_size, size)) for start in range(0, size, self.part_size)]
         try:
             if len(ranges) <= 1:
