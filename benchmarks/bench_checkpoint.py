@@ -125,6 +125,26 @@ def huge_buffer(nbytes: int) -> memoryview:
     return view
 
 
+def back_memory(nbytes: int) -> None:
+    """Touch ``nbytes`` of fresh memory and free it: the next allocations find pages the host backs.
+
+    This VM's balloon reports free guest pages to the host (virtio-balloon free page
+    reporting), which takes them back a couple of seconds after they are freed; touching
+    them again costs a host fault per page (up to ~0.6 s per GiB here). A load allocates
+    its memory (page cache or buffer), so without this its time depended on whether the
+    previous contender's freed memory had been reported yet (loads went bimodal, 0.6 s or
+    3-4 s for 1 GiB). A cloud instance's memory is backed from boot: every load contender
+    starts from memory backed the same way, right before it runs.
+    """
+    mm = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        view = memoryview(mm)
+        torch.frombuffer(view, dtype=torch.uint8).fill_(1)
+        view.release()
+    finally:
+        mm.close()
+
+
 def _files(root: Path) -> list[str]:
     return [os.path.join(d, n) for d, _dirs, files in os.walk(root) for n in files]
 
@@ -418,8 +438,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         def raw_direct_read_fresh() -> None:
             # The same read into memory allocated for it, in 4 KiB pages as the page cache's: every
-            # load has to put the bytes somewhere new. On this VM (Firecracker, whose host takes idle
-            # guest memory back) that allocation alone cost ~0.6 s per GiB in some rounds.
+            # load has to put the bytes somewhere new (faulting pages in, zeroing them).
             fresh = mmap.mmap(-1, len(read_buf), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
             view = memoryview(fresh)
             try:
@@ -445,6 +464,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             load_rounds.append({})
             for k in load_orders[i % len(load_orders)]:
                 evict(work)
+                back_memory(2 * raw_size)
                 t0 = time.perf_counter()
                 loads[names[k]]()
                 seconds = time.perf_counter() - t0
