@@ -26,12 +26,10 @@ import errno
 import fcntl
 import mmap
 import os
-import platform
 import queue
 import re
 import shutil
 import stat
-import sys
 import threading
 import uuid
 from collections.abc import Sequence
@@ -53,62 +51,15 @@ DIRECT_MIN = 8 << 20
 BOUNCE_SIZE = 8 << 20
 BOUNCES = 3
 _O_DIRECT: int = getattr(os, "O_DIRECT", 0)
-#: madvise(2) for a file mapped to be read: sequential read-ahead. Not ``MADV_HUGEPAGE``: filling
-#: a gigabyte of page cache in 2 MiB folios meant finding free 2 MiB pages in a busy machine's
-#: memory, and cold loads went bimodal (0.5 s or 1.4 s for 1 GiB). ``MADV_WILLNEED`` only where
-#: :func:`_populate` cannot read the file in (it holds the GIL).
-_READ_ADVICE: tuple[int, ...] = tuple(getattr(mmap, name) for name in ("MADV_SEQUENTIAL",) if hasattr(mmap, name))
-_WILLNEED: int | None = getattr(mmap, "MADV_WILLNEED", None)
-
-
-def _libc() -> ctypes.CDLL | None:
-    try:
-        return ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return None
-
-
-def _read_ahead_budget() -> int:
-    """How much of a file to ask the kernel to read ahead at once: a quarter of the memory free now."""
-    try:
-        with open("/proc/meminfo", "rb") as f:
-            for line in f:
-                if line.startswith(b"MemAvailable:"):
-                    return int(line.split()[1]) * 1024 // 4
-    except (OSError, ValueError, IndexError):
-        pass
-    return 1 << 30
-
-
-def _populate(mm: mmap.mmap, length: int) -> bool:
-    """Read the first ``length`` bytes of a file mapping in now, with the disk's queue kept full.
-
-    Left to page faults, a cold 1 GiB payload read at about half the disk's speed (a window
-    of read-ahead at a time; two copying threads faulting at two places); populated first,
-    the copies and hashes that follow run at memory speed. Through ctypes, which lets go of
-    the GIL: the lease's renewer and the notice watcher run while a large file is read.
-    Beyond the budget (a quarter of the free memory) the rest is read as it is faulted in,
-    so reading ahead never evicts what it read itself. A kernel without the call (before
-    Linux 5.14) or a read error is left to the faults, as before: False.
-    """
-    if _MADV_POPULATE_READ is None or _LIBC is None or length <= 0:
-        return False
-    first = ctypes.c_char.from_buffer(mm)
-    try:
-        addr = ctypes.c_void_p(ctypes.addressof(first))
-        return bool(_LIBC.madvise(addr, ctypes.c_size_t(length), _MADV_POPULATE_READ) == 0)
-    finally:
-        del first
-
-
-#: Linux 5.14's MADV_POPULATE_READ (Python's mmap names it from 3.13 on; 22 where the
-#: architecture uses the generic numbering).
-_MADV_POPULATE_READ: int | None = getattr(
-    mmap,
-    "MADV_POPULATE_READ",
-    22 if sys.platform == "linux" and platform.machine() in ("x86_64", "aarch64", "arm64") else None,
+#: madvise(2) for a file mapped to be read: huge pages first (Linux reads the file ahead into
+#: 2 MiB page-cache folios and maps them whole: fewer faults), then sequential read-ahead of all
+#: of it. Advice a platform lacks is skipped. (Its earlier figure, 0.12 s instead of 0.21 s for a
+#: cold verified 1 GiB load, was measured with an eviction later found not to work; reading the
+#: mapping in first with MADV_POPULATE_READ, or advising nothing, was tried on 2026-12-06 and
+#: measured no better in the full bench: benchmarks/README.md.)
+_READ_ADVICE: tuple[int, ...] = tuple(
+    getattr(mmap, name) for name in ("MADV_HUGEPAGE", "MADV_SEQUENTIAL", "MADV_WILLNEED") if hasattr(mmap, name)
 )
-_LIBC = _libc()
 
 _TEMP = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)-[0-9a-f]+$")
 
@@ -510,12 +461,6 @@ class LocalStore(Store):
         for advice in _READ_ADVICE:
             try:
                 mm.madvise(advice)
-            except OSError:
-                pass
-        budget = _read_ahead_budget()
-        if (not _populate(mm, min(size, budget)) or size > budget) and _WILLNEED is not None:
-            try:
-                mm.madvise(_WILLNEED)
             except OSError:
                 pass
         return memoryview(mm)
