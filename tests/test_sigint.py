@@ -53,7 +53,17 @@ def _env(**extra: str) -> dict[str, str]:
     return {**os.environ, "SPOTSAFE_SOURCES": "none", "SPOTSAFE_QUIET": "1", **extra}
 
 
+#: Runs the rest of its command line with SIGINT at its default, as a terminal's foreground job has
+#: it. A test run launched in the background (``cmd &`` without job control) ignores SIGINT, and an
+#: ignored signal stays ignored across exec: the training process then never got its Ctrl+C (a CI
+#: run started that way timed out here). exec resets a handled signal, not an ignored one.
+_DEFAULT_SIGINT = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])"
+)
+
+
 def _signal_when_ready(cmd: list[str], tmp_path: Path, sig: int, env: dict[str, str]) -> tuple[int, str]:
+    cmd = [PY, "-c", _DEFAULT_SIGINT, *cmd]
     with child(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
 
         def ready() -> bool:
