@@ -208,7 +208,14 @@ def _write_direct(fd: int, buffers: Sequence[Buffer], bounces: Sequence[memoryvi
                 if bounce is None:
                     bounce = pipe.free.get()
                 take = min(len(bounce) - fill, end - pos)
-                bounce[fill : fill + take] = view[pos : pos + take]
+                dest = _address(bounce)
+                if addr is not None and dest is not None:
+                    # ctypes calls release the GIL (a slice assignment holds it for the whole copy:
+                    # the writer threads could not queue their next piece meanwhile, and the disk
+                    # idled a few ms per piece).
+                    ctypes.memmove(dest + fill, addr + pos, take)
+                else:
+                    bounce[fill : fill + take] = view[pos : pos + take]
                 fill += take
                 pos += take
                 if fill == len(bounce):
