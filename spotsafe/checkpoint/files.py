@@ -23,7 +23,8 @@ import threading
 import time as _time
 import uuid
 from collections.abc import Sequence
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 import torch
@@ -34,7 +35,7 @@ from spotsafe.checkpoint.manifest import MANIFEST, FileEntry, Manifest
 from spotsafe.checkpoint.staging import StagedState
 from spotsafe.errors import CheckpointCorrupt, CheckpointNotFound, StoreError, WriterFenced
 from spotsafe.state import Blob, blobs_from_description, unflatten
-from spotsafe.storage.base import Store, anonymous_buffer
+from spotsafe.storage.base import Store, anonymous_buffer, run_all
 
 _HASH_CHUNK = 64 << 20
 
@@ -204,14 +205,7 @@ def _read_and_check_each(
         check_checksum(base, files[k], items[k][1])
 
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="spotsafe-load") as pool:
-        futures = [pool.submit(one, k) for k in range(len(items))]
-        _, pending = wait(futures, return_when=FIRST_EXCEPTION)
-        for f in pending:
-            f.cancel()
-        wait(futures)
-    for f in futures:
-        if not f.cancelled() and f.exception() is not None:
-            raise f.exception()  # type: ignore[misc]
+        run_all(pool, [partial(one, k) for k in range(len(items))])
 
 
 def decode_tree(buf: memoryview | bytes, payload_size: int, where: str) -> tuple[dict[str, Any], list[Blob]]:

@@ -16,9 +16,10 @@ import logging
 import mmap
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_EXCEPTION, Executor, Future, wait
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from spotsafe.errors import CheckpointCorrupt
 
@@ -68,6 +69,26 @@ def anonymous_buffer(nbytes: int, *, huge_pages: bool = True) -> memoryview:
         except (OSError, ValueError):
             pass  # advice only: 4 KiB pages, as before
     return memoryview(mm)[start : start + nbytes]  # the view keeps the mapping alive
+
+
+def run_all(pool: Executor, tasks: Sequence[Callable[[], Any]]) -> list[Any]:
+    """Run ``tasks`` on ``pool``; their results in order. At the first failure the tasks not
+    started are cancelled, those running finish (their calls are bounded), and it is raised."""
+    futures: list[Future[Any]] = [pool.submit(fn) for fn in tasks]
+    try:
+        _, pending = wait(futures, return_when=FIRST_EXCEPTION)
+        if pending:
+            for f in pending:
+                f.cancel()
+            wait(pending)
+        for f in futures:
+            if f.done() and not f.cancelled() and f.exception() is not None:
+                raise f.exception()  # type: ignore[misc]
+        return [f.result() for f in futures]
+    except BaseException:
+        for f in futures:
+            f.cancel()
+        raise
 
 
 class Store(ABC):

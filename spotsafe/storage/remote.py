@@ -15,12 +15,12 @@ import random
 import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any, TypeVar
 
 from spotsafe.errors import CheckpointCorrupt, CheckpointNotFound, StoreError
-from spotsafe.storage.base import Store
+from spotsafe.storage.base import Store, run_all
 from spotsafe.storage.s3_calls import Call, Overdue, Watchdog
 
 log = logging.getLogger(__name__)
@@ -213,21 +213,7 @@ class RemoteStore(Store):
             raise StoreError(f"{self.url}: store is closed")
         if len(tasks) == 1:
             return [tasks[0]()]
-        futures: list[Future[Any]] = [self._pool.submit(fn) for fn in tasks]
-        try:
-            _, pending = wait(futures, return_when=FIRST_EXCEPTION)
-            if pending:
-                for f in pending:
-                    f.cancel()
-                wait(pending)  # running ones finish (bounded by timeouts) before an abort
-            for f in futures:
-                if f.done() and not f.cancelled() and f.exception() is not None:
-                    raise f.exception()  # type: ignore[misc]
-            return [f.result() for f in futures]
-        except BaseException:
-            for f in futures:
-                f.cancel()
-            raise
+        return run_all(self._pool, tasks)
 
     def _error(self, path: str, action: str, e: BaseException) -> StoreError:
         return StoreError(f"{self._where(path)}: {action} failed: {self._describe(e)}")
