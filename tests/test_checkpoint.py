@@ -233,6 +233,28 @@ def test_async_save_returns_after_the_snapshot(tmp_path: Path) -> None:
         assert_state(c.load(3), 3)
 
 
+def test_the_tree_file_is_written_while_the_data_file_is(tmp_path: Path) -> None:
+    """The tree file's write and fsync run beside the payload's, not after it (issue 30: a few
+    ms on the synchronous save, the path that races a notice's deadline)."""
+    store = GatedStore(tmp_path)
+    with Checkpointer(store) as c:
+        t = threading.Thread(target=c.save, args=(4, state_for(4)), kwargs={"async_": False})
+        t.start()
+        try:
+            assert store.entered.wait(10) is True, "the data write never started"
+            step_dir = tmp_path / checkpoint_name(4, 1)
+            deadline = time.monotonic() + 10
+            while not list(step_dir.glob("rank00000.*.json")) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            trees = list(step_dir.glob("rank00000.*.json"))
+            assert len(trees) == 1, f"no tree file while the data file was being written: {sorted(step_dir.iterdir())}"
+        finally:
+            store.gate.set()
+            t.join(30)
+        assert c.list()[-1].step == 4, f"step 4 not committed: {c.list()}"
+        assert_state(c.load(4), 4)
+
+
 def test_a_second_save_waits_for_the_first(tmp_path: Path) -> None:
     store = GatedStore(tmp_path)
     with Checkpointer(store) as c:

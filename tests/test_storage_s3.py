@@ -597,7 +597,8 @@ def test_kill_9_mid_segmented_save_leaves_no_checkpoint_and_the_next_save_cleans
     out = _kill_9_when(
         script,
         [url, s3_proxy.endpoint],
-        lambda: s3_proxy.count("PUT", "step-000000000002-g000000000001/rank") >= 3,
+        # Two segments and the tree file go out at once (each held 0.4 s): a fourth PUT means one is stored.
+        lambda: s3_proxy.count("PUT", "step-000000000002-g000000000001/rank") >= 4,
         tick=slow_once_the_first_is_saved,
     )
     s3_proxy.delay = 0.0

@@ -22,7 +22,7 @@ import json
 import threading
 import time as _time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any
@@ -54,26 +54,27 @@ def _hash_parts(parts: Sequence[memoryview]) -> str:
     return h.hexdigest()
 
 
-class _HashThread(threading.Thread):
-    """Checksums of several files' contents (each a list of byte views), off the writing thread."""
+class _Beside(threading.Thread):
+    """A function run beside the data write, on its own (daemon) thread; :meth:`result` joins it."""
 
-    def __init__(self, files: list[list[memoryview]]) -> None:
-        super().__init__(name="spotsafe-checksum", daemon=True)
-        self.files = files
-        self.result: list[str] = []
+    def __init__(self, name: str, fn: Callable[[], Any]) -> None:
+        super().__init__(name=name, daemon=True)
+        self.fn = fn
+        self.value: Any = None
         self.error: BaseException | None = None
+        self.start()
 
     def run(self) -> None:
         try:
-            self.result = [_hash_parts(parts) for parts in self.files]
-        except BaseException as e:  # noqa: BLE001 - handed to the writer thread
+            self.value = self.fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the writing thread
             self.error = e
 
-    def digests(self) -> list[str]:
+    def result(self) -> Any:
         self.join()
         if self.error is not None:
             raise self.error
-        return self.result
+        return self.value
 
 
 def _segments(parts: Sequence[memoryview], size: int) -> list[list[memoryview]]:
@@ -104,7 +105,7 @@ def write_rank_files(
     never touches the files its manifest names until the new manifest replaces it.
     ``timings`` (optional) receives where the time went: ``payload_s`` (the data
     file(s), written and fsynced), ``hash_wait_s`` (waiting for the checksums after
-    that) and ``tree_s`` (the tree file).
+    that) and ``tree_s`` (waiting for the tree file after that: it is written beside the payload).
     """
     staged.wait()  # side-stream device-to-host copies: their bytes must be in host memory before any read
     token = uuid.uuid4().hex[:8]
@@ -117,26 +118,34 @@ def write_rank_files(
     else:
         pieces = [list(staged.parts)]
         names = [f"rank{rank:05d}.{token}.bin"]
-    hasher = _HashThread(pieces)
-    hasher.start()  # overlaps the write: xxh3 runs at memory speed with the GIL released
+    tree = json.dumps(staged.description, separators=(",", ":"), allow_nan=False).encode()
+    # Both beside the data write: xxh3 runs at memory speed with the GIL released, and the tree
+    # file's write and fsync (a few ms) no longer follow the payload's.
+    hasher = _Beside("spotsafe-checksum", lambda: [_hash_parts(parts) for parts in pieces])
+    tree_writer = _Beside("spotsafe-tree", lambda: store.write_file(f"{directory}/{tree_name}", [tree]))
     t0 = _time.perf_counter()
     try:
         if len(pieces) == 1:
             store.write_file(f"{directory}/{names[0]}", pieces[0])
         else:
             store.write_files([(f"{directory}/{n}", p) for n, p in zip(names, pieces, strict=True)])
+    except BaseException:
+        hasher.join()
+        tree_writer.join()  # nothing of this save may write after the caller's cleanup
+        raise  # the payload's error, not the tree's (both fail alike on a full disk)
+    t1 = _time.perf_counter()
+    try:
+        sums: list[str] = hasher.result()
     finally:
-        t1 = _time.perf_counter()
-        sums = hasher.digests()
-    t2 = _time.perf_counter()
+        t2 = _time.perf_counter()
+        tree_writer.join()
+    tree_writer.result()
     entries: list[FileEntry] = []
     offset = 0
     for n, piece, digest in zip(names, pieces, sums, strict=True):
         size = sum(len(v) for v in piece)
         entries.append(FileEntry(n, size, digest, "data", rank, offset if len(pieces) > 1 else None))
         offset += size
-    tree = json.dumps(staged.description, separators=(",", ":"), allow_nan=False).encode()
-    store.write_file(f"{directory}/{tree_name}", [tree])
     if timings is not None:
         timings.update(payload_s=t1 - t0, hash_wait_s=t2 - t1, tree_s=_time.perf_counter() - t2)
     return [*entries, FileEntry(tree_name, len(tree), checksum(tree), "tree", rank)]
