@@ -166,6 +166,13 @@ def cached_bytes(path: str) -> int:
         return sum(v & 1 for v in vec) * page
 
 
+def _cached_if_there(path: str) -> int:
+    try:
+        return cached_bytes(path)
+    except FileNotFoundError:
+        return 0  # gone since: nothing of it can be read
+
+
 def evict(root: Path) -> None:
     """Drop every (clean, fsynced) file under ``root`` from the page cache: the next read is cold.
 
@@ -174,14 +181,18 @@ def evict(root: Path) -> None:
     so a "cold" load is never quietly served from memory.
     """
     gc.collect()
-    files = _files(root)
-    for path in files:
-        fd = os.open(path, os.O_RDONLY)
+    files: list[str] = []
+    for path in _files(root):
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            continue  # a lease's temp file, renamed by its renewal thread since the listing
+        files.append(path)
         try:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
-    left = sum(cached_bytes(p) for p in files)
+    left = sum(_cached_if_there(p) for p in files)
     if left > 1 << 20:
         raise RuntimeError(f"{left} bytes under {root} stayed in the page cache after eviction: a load would be warm")
 
