@@ -177,6 +177,55 @@ def test_loading_a_given_step_reads_its_manifest_once(tmp_path: Path) -> None:
     ckpt.close()
 
 
+class LookingStore(LocalStore):
+    """A real local store that logs, in order, each look at a manifest and each data file written."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.log: list[tuple[str, str]] = []
+
+    def file_size(self, path: str) -> int | None:
+        self.log.append(("look", path))
+        return super().file_size(path)
+
+    def write_file(self, path: str, buffers: Sequence[Buffer]) -> None:
+        if path.endswith(".bin"):
+            self.log.append(("write", path))
+        super().write_file(path, buffers)
+
+
+def test_a_save_looks_at_the_other_checkpoints_only_after_its_commit(tmp_path: Path) -> None:
+    """Removing what killed saves left looks at every checkpoint's manifest: a round trip each on
+    an object store (40 kept checkpoints: 40 HEADs, 0.24 -> 0.47 s per save on moto), which stood
+    before every save's write, the notice's included. Only the first save (and one after a
+    failure, which may need the space) does it before writing; the rest after their commit."""
+    path = tmp_path / "store"
+    with Checkpointer(LocalStore(path), keep_last=3, keep_every=1) as c:
+        c.save(1, state_for(1), async_=False)
+    debris = path / checkpoint_name(2, 1)  # a save killed before its manifest
+    debris.mkdir()
+    (debris / "rank00000.deadbeef.bin").write_bytes(b"x" * 4096)
+    store = LookingStore(path)
+    with Checkpointer(store, keep_last=3, keep_every=1) as c:
+        c.save(3, state_for(3), async_=False)
+        c.wait()
+        first_write = next(i for i, (k, _) in enumerate(store.log) if k == "write")
+        assert ("look", f"{checkpoint_name(2, 1)}/{MANIFEST}") in store.log[:first_write], (
+            f"the first save wrote before removing the killed save's files: {store.log}"
+        )
+        assert not debris.exists(), "the killed save's directory is still there"
+        for step in range(4, 8):
+            store.log.clear()
+            c.save(step, state_for(step), async_=False)
+            c.wait()  # the retention after it, in the background
+            first_write = next(i for i, (k, _) in enumerate(store.log) if k == "write")
+            before = [p for k, p in store.log[:first_write] if k == "look"]
+            assert before == [], f"save {step} looked at {before} before writing"
+            after = [p for k, p in store.log[first_write:] if k == "look"]
+            assert len(after) >= step - 2, f"save {step}: the retention looked at only {after}"
+        assert [i.step for i in c.list()] == [1, 3, 4, 5, 6, 7], f"kept {c.list()}"
+
+
 def test_metadata_must_be_json(ckpt: Checkpointer) -> None:
     with pytest.raises(spotsafe.SpotsafeError, match="metadata"):
         ckpt.save(1, {}, metadata={"x": object()})

@@ -199,6 +199,7 @@ def test_a_superseded_writer_in_this_process_cannot_commit_or_prune(tmp_path: Pa
 def test_the_ghost_rule_hides_and_removes_a_commit_that_slipped_past_a_takeover(tmp_path: Path) -> None:
     old = Checkpointer(tmp_path, async_=False, keep_last=5)
     old.save(10, {"w": torch.full((4,), 10.0)})
+    old.wait()  # its retention, in the background: over before its (simulated) next commit, as in a real writer
     new = Checkpointer(tmp_path, async_=False, keep_last=5)
     new.save(11, {"w": torch.full((4,), 11.0)})  # took over having seen step 10
     # The race the check cannot close alone: the old writer checked its lease just before the

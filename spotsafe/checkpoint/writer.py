@@ -146,6 +146,12 @@ class Checkpointer:
         #: Step directories a snapshot persist is writing outside the save lock: cleanup leaves them alone.
         self._protected: set[str] = set()
         self._lock_protected = threading.Lock()
+        #: Whether the next one-process save removes what killed saves left *before* it writes (the
+        #: first save, and the one after a failure: a full disk may need that space). Every other
+        #: does it after its commit, with the retention: it costs a look at every checkpoint's
+        #: manifest (a round trip each on an object store), which must not stand before a notice's
+        #: write. (A multi-rank save's coordinator cleans before every write: see _persist_ranks.)
+        self._clean_first = True
         _live.add(self)
 
     def __repr__(self) -> str:
@@ -464,6 +470,8 @@ class Checkpointer:
         t0 = _time.perf_counter()
 
         def write() -> list[FileEntry]:
+            # Before every write: the other ranks do not wait for the coordinator's retention, so a
+            # cleanup after the commit could remove the next step's directory while they write it.
             if ctx.is_coordinator:  # a failure here is voted on like a failed write: nobody waits
                 self._cleanup(skip=name)
             return write_rank_files(self.store, name, snap, rank=ctx.rank)
@@ -516,8 +524,8 @@ class Checkpointer:
         retain: bool = True,
     ) -> None:
         name = self._name(step)
-        # Off the training thread: on an object store, listing costs round trips.
-        self._cleanup(skip=name)
+        if self._clean_first:
+            self._cleanup(skip=name)
         t0 = _time.perf_counter()
         parts: dict[str, float] = {}
         # The look before the commit, made while the files are written (its round trip hidden).
@@ -538,6 +546,7 @@ class Checkpointer:
             self._commit(name, manifest, look, own_files=True)
             t2 = _time.perf_counter()
         except BaseException as e:
+            self._clean_first = True  # the next save frees what is left before it writes
             self._raise_fenced(e)
             # Free the space now (a full disk is the usual cause); never touch a committed step.
             # The directory is this generation's own: no other writer writes there.
@@ -548,6 +557,7 @@ class Checkpointer:
                 except Exception:  # noqa: BLE001, S110 - the original error matters more
                     pass
             raise
+        self._clean_first = False
         self.last_saved = CheckpointInfo.from_manifest(self.store, name, manifest)
         log.info("spotsafe: saved %s (%s, %d bytes)", self.last_saved.url, reason, manifest.size)
         timings.update(write_s=t1 - t0, commit_s=t2 - t1)
@@ -557,17 +567,23 @@ class Checkpointer:
             return
         if background_retention:
             thread = threading.Thread(
-                target=self._retain_timed, args=(name, timings), name=f"spotsafe-retention-{step}", daemon=True
+                target=self._retain_timed,
+                args=(name, timings),
+                kwargs={"clean": True},
+                name=f"spotsafe-retention-{step}",
+                daemon=True,
             )
             self._thread = thread  # wait(), the next save() and exit wait for it
             self._retention = thread  # ...but it is no save in flight (see save_in_flight)
             thread.start()
         else:
-            self._retain_timed(name, timings)
+            self._retain_timed(name, timings, clean=True)
 
-    def _retain_timed(self, name: str, timings: dict[str, float]) -> None:
+    def _retain_timed(self, name: str, timings: dict[str, float], *, clean: bool = False) -> None:
         t0 = _time.perf_counter()
         try:
+            if clean:  # one process: its next save waits for this thread, nothing of it is being written
+                self._cleanup(skip=name)
             self._retain(name)
         except Exception as e:  # noqa: BLE001 - the checkpoint is committed: a failed prune must not say otherwise
             log.warning("spotsafe: pruning old checkpoints after %s failed: %s", name, e)
