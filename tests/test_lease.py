@@ -202,6 +202,7 @@ def test_the_ghost_rule_hides_and_removes_a_commit_that_slipped_past_a_takeover(
     old.wait()  # its retention, in the background: over before its (simulated) next commit, as in a real writer
     new = Checkpointer(tmp_path, async_=False, keep_last=5)
     new.save(11, {"w": torch.full((4,), 11.0)})  # took over having seen step 10
+    new.wait()  # its retention too (it removes an older generation's directories without a manifest)
     # The race the check cannot close alone: the old writer checked its lease just before the
     # takeover and its manifest (step 50, generation 1) landed just after it.
     m = old.catalog.manifest(checkpoint_name(10, 1))
