@@ -567,23 +567,19 @@ class Checkpointer:
             return
         if background_retention:
             thread = threading.Thread(
-                target=self._retain_timed,
-                args=(name, timings),
-                kwargs={"clean": True},
-                name=f"spotsafe-retention-{step}",
-                daemon=True,
+                target=self._retain_timed, args=(name, timings), name=f"spotsafe-retention-{step}", daemon=True
             )
             self._thread = thread  # wait(), the next save() and exit wait for it
             self._retention = thread  # ...but it is no save in flight (see save_in_flight)
             thread.start()
         else:
-            self._retain_timed(name, timings, clean=True)
+            self._retain_timed(name, timings)
 
-    def _retain_timed(self, name: str, timings: dict[str, float], *, clean: bool = False) -> None:
+    def _retain_timed(self, name: str, timings: dict[str, float]) -> None:
         t0 = _time.perf_counter()
         try:
-            if clean:  # one process: its next save waits for this thread, nothing of it is being written
-                self._cleanup(skip=name)
+            if self.dist is None:  # one process: its next save waits for this, nothing of it is being written
+                self._cleanup(skip=name)  # (a multi-rank coordinator cleans before each write instead)
             self._retain(name)
         except Exception as e:  # noqa: BLE001 - the checkpoint is committed: a failed prune must not say otherwise
             log.warning("spotsafe: pruning old checkpoints after %s failed: %s", name, e)
