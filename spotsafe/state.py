@@ -488,7 +488,8 @@ class _Unflattener:
                 need = off // itemsize + sum((s - 1) * st for s, st in zip(shape, stride, strict=True)) + 1
                 if need * itemsize > base.numel():
                     raise CheckpointCorrupt(f"{w}: reaches past the end of its blob")
-            t = _typed_view(base, dtype, itemsize).as_strided(shape, stride, off // itemsize)
+            typed = _typed_view(base, dtype, itemsize)  # offsets are the blob's: from where its bytes start
+            t = typed.as_strided(shape, stride, typed.storage_offset() + off // itemsize)
         grad = bool(e.get("requires_grad")) and (t.is_floating_point() or t.is_complex())
         if e.get("param"):
             t = torch.nn.Parameter(t, requires_grad=grad)

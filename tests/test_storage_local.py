@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from spotsafe.errors import CheckpointNotFound, StoreError
+from spotsafe.errors import CheckpointCorrupt, CheckpointNotFound, StoreError
 from spotsafe.storage import local
 from spotsafe.storage.base import DIRECT_ALIGN, Buffer
 from spotsafe.storage.local import BOUNCE_SIZE, DIRECT_MIN, WRITERS, LocalStore
@@ -453,3 +453,106 @@ def test_buffers_the_disk_is_written_from_sit_in_huge_pages(tmp_path: Path, who:
     huge = _smaps_kb(view, "AnonHugePages")
     assert huge is not None, "no AnonHugePages for the mapping in /proc/self/smaps"
     assert huge >= (n // 2) >> 10, f"{who}: only {huge} KiB of {n >> 10} KiB in huge pages"
+
+
+# -- streamed reads (a load straight into live tensors) -------------------------------------------
+
+
+@pytest.mark.parametrize("direct_io", [True, False])
+@pytest.mark.parametrize(
+    "size", [0, 1, 4095, 4096, DIRECT_MIN - 1, DIRECT_MIN + 1, 3 * BOUNCE_SIZE + 123, 6 * BOUNCE_SIZE]
+)
+def test_a_streamed_read_hands_every_byte_once_in_order(tmp_path: Path, size: int, direct_io: bool) -> None:
+    data = os.urandom(size)
+    (tmp_path / "f.bin").write_bytes(data)
+    store = LocalStore(tmp_path, direct_io=direct_io)
+    got = bytearray()
+    offsets: list[int] = []
+
+    def consume(offset: int, piece: memoryview) -> None:
+        assert offset == len(got), f"piece at {offset} after {len(got)} bytes"
+        offsets.append(offset)
+        got.extend(piece)
+
+    store.read_file_through("f.bin", size, consume)
+    assert bytes(got) == data, f"{len(got)} bytes came, {size} in the file (or they differ)"
+    assert len(offsets) == -(-size // BOUNCE_SIZE), f"{len(offsets)} pieces for {size} bytes"
+
+
+@needs_o_direct
+def test_two_pieces_of_a_streamed_read_are_on_their_way_from_the_disk_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One reader would leave the disk idle while the caller hashes and copies each piece."""
+    real = os.preadv
+    lock = threading.Lock()
+    in_flight = [0]
+    most = [0]
+    overlapped = threading.Event()
+
+    def preadv(fd: int, buffers: Any, offset: int) -> int:
+        with lock:
+            in_flight[0] += 1
+            most[0] = max(most[0], in_flight[0])
+            if in_flight[0] >= 2:
+                overlapped.set()
+        try:
+            if offset == 0:  # the first piece waits for a second to start (with one reader none would: 10 s)
+                overlapped.wait(timeout=10)
+            return real(fd, buffers, offset)
+        finally:
+            with lock:
+                in_flight[0] -= 1
+
+    data = os.urandom(4 * BOUNCE_SIZE + 5)
+    (tmp_path / "f.bin").write_bytes(data)
+    monkeypatch.setattr(local.os, "preadv", preadv)
+    got = bytearray()
+    LocalStore(tmp_path).read_file_through("f.bin", len(data), lambda _o, piece: got.extend(piece))
+    assert most[0] >= 2, f"at most {most[0]} read in flight at once"
+    assert bytes(got) == data, "the bytes handed on differ from the file's"
+
+
+def test_a_streamed_read_of_a_file_of_another_size_or_kind_says_what_it_found(tmp_path: Path) -> None:
+    (tmp_path / "f.bin").write_bytes(b"x" * 100)
+    os.mkfifo(tmp_path / "fifo")
+    store = LocalStore(tmp_path)
+    seen: list[int] = []
+    with pytest.raises(CheckpointCorrupt, match=r"f\.bin: 100 bytes, expected 101"):
+        store.read_file_through("f.bin", 101, lambda o, _p: seen.append(o))
+    with pytest.raises(CheckpointNotFound, match=r"nothing\.bin"):
+        store.read_file_through("nothing.bin", 1, lambda o, _p: seen.append(o))
+    with pytest.raises(CheckpointCorrupt, match="not a regular file"):
+        store.read_file_through("fifo", 1, lambda o, _p: seen.append(o))
+    assert seen == [], f"pieces handed on from files that were refused: {seen}"
+
+
+def test_a_file_that_shrinks_while_streamed_is_refused(tmp_path: Path) -> None:
+    data = os.urandom(6 * BOUNCE_SIZE)
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)
+
+    def consume(offset: int, _piece: memoryview) -> None:
+        if offset == 0:
+            # The pieces already asked for may have come whole; the fifth is asked for after this.
+            os.truncate(path, 2 * BOUNCE_SIZE + 10)
+
+    with pytest.raises(CheckpointCorrupt, match="shrank while read"):
+        LocalStore(tmp_path).read_file_through("f.bin", len(data), consume)
+
+
+def test_a_failing_consumer_stops_the_read_and_hands_the_buffers_back(tmp_path: Path) -> None:
+    data = os.urandom(5 * BOUNCE_SIZE)
+    (tmp_path / "f.bin").write_bytes(data)
+    store = LocalStore(tmp_path)
+
+    def consume(offset: int, _piece: memoryview) -> None:
+        if offset == BOUNCE_SIZE:
+            raise RuntimeError("the hash thread died")
+
+    with pytest.raises(RuntimeError, match="hash thread"):
+        store.read_file_through("f.bin", len(data), consume)
+    assert len(store._bounces) >= 4, f"{len(store._bounces)} buffers back in the pool"
+    got = bytearray()
+    store.read_file_through("f.bin", len(data), lambda _o, piece: got.extend(piece))
+    assert bytes(got) == data, "the next read of the same store came out different"

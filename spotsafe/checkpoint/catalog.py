@@ -32,8 +32,9 @@ from spotsafe.checkpoint.manifest import (
     checkpoint_name,
     parse_checkpoint_name,
 )
+from spotsafe.checkpoint.places import live_places, read_into_places
 from spotsafe.errors import CheckpointCorrupt, CheckpointNotFound, FormatVersionError, SpotsafeError
-from spotsafe.state import MapLocation, blob_from_buffer, unflatten
+from spotsafe.state import FlatState, MapLocation, blob_from_buffer, unflatten
 from spotsafe.storage.base import Store
 
 log = logging.getLogger(__name__)
@@ -271,13 +272,16 @@ class Catalog:
         verify: bool,
         rank: int = 0,
         known: tuple[Store, Manifest] | None = None,
+        into: FlatState | None = None,
     ) -> dict[str, Any]:
         """One rank's state from ``info``; a mirror whose local copy is damaged reads the remote one.
 
         ``known``: a manifest of ``info`` just read, and the tier it was read from (not read again there).
+        ``into``: live objects (flattened) whose tensors take the saved bytes in place where they
+        match (:func:`spotsafe.state.live_places`), on a store that streams its reads.
         """
         return self.with_fallback(
-            info.name, lambda store: self._load_from(store, info, map_location, verify, rank, known)
+            info.name, lambda store: self._load_from(store, info, map_location, verify, rank, known, into)
         )
 
     def _load_from(
@@ -288,6 +292,7 @@ class Catalog:
         verify: bool,
         rank: int,
         known: tuple[Store, Manifest] | None = None,
+        into: FlatState | None = None,
     ) -> dict[str, Any]:
         name = info.name
         base = f"{store.url.rstrip('/')}/{name}"
@@ -297,18 +302,29 @@ class Catalog:
         if len(trees) != 1 or not datas:
             raise CheckpointCorrupt(f"{base}/{MANIFEST}: no data/tree files for rank {rank}")
         tree_buf = self._read_one(store, name, trees[0], verify)
-        if len(datas) == 1 and datas[0].offset is None:
+        where = f"{base}/{trees[0].path}"
+        places: dict[int, torch.Tensor] = {}
+        if into is not None and store.streams_reads and len(datas) == 1 and datas[0].offset is None:
+            # The tree first: which saved blobs have a live tensor to be read straight into.
+            desc, blobs = decode_tree(tree_buf, datas[0].size, where)
+            places = live_places(desc, blobs, into, map_location)
+        if places:
+            data = read_into_places(store, name, datas[0], blobs, places, verify)
+            data_where = f"{base}/{datas[0].path}"
+        elif len(datas) == 1 and datas[0].offset is None:
             data = self._read_one(store, name, datas[0], verify)
             data_where = f"{base}/{datas[0].path}"
         else:
             data = self._read_segments(store, name, datas, verify)
             data_where = f"{base}/{datas[0].path} (+{len(datas) - 1} segments)"
-        where = f"{base}/{trees[0].path}"
-        desc, blobs = decode_tree(tree_buf, len(data), where)
+        if not places:
+            desc, blobs = decode_tree(tree_buf, len(data), where)
 
         def blob(i: int) -> torch.Tensor:
             if not 0 <= i < len(blobs):
                 raise CheckpointCorrupt(f"{where}: blob {i} out of range")
+            if i in places:
+                return places[i]
             return blob_from_buffer(data, blobs[i], data_where)
 
         state = unflatten(desc, blob, map_location=map_location, where=where)
@@ -336,21 +352,27 @@ class Catalog:
         return read_back_to_back(store, name, ordered, verify)
 
     def load(
-        self, info: CheckpointInfo | int | None = None, *, map_location: MapLocation = None, verify: bool = True
+        self,
+        info: CheckpointInfo | int | None = None,
+        *,
+        map_location: MapLocation = None,
+        verify: bool = True,
+        into: FlatState | None = None,
     ) -> tuple[CheckpointInfo, dict[str, Any]]:
         """The checkpoint loaded and its saved state, as a plain tree of tensors and values (one process: rank 0).
 
         ``info`` None means the newest intact checkpoint: damaged ones are logged and
         skipped. A given ``info`` (or step) that is damaged raises
         :class:`CheckpointCorrupt`. ``verify`` checks every file's checksum first.
+        ``into``: see :meth:`load_rank`.
         """
         if info is not None:
             resolved, known = self.resolve_read(info)
-            return resolved, self.load_rank(resolved, map_location, verify, known=known)
+            return resolved, self.load_rank(resolved, map_location, verify, known=known, into=into)
         damaged: list[str] = []
         for candidate in reversed(self.list()):
             try:
-                state = self.load_rank(candidate, map_location, verify)
+                state = self.load_rank(candidate, map_location, verify, into=into)
             except (CheckpointCorrupt, CheckpointNotFound) as e:
                 log.error("spotsafe: checkpoint %s is damaged, falling back to the previous one: %s", candidate.url, e)
                 damaged.append(f"{candidate.name} ({e})")

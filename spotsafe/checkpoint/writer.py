@@ -38,6 +38,7 @@ from spotsafe.checkpoint.manifest import (
     format_version_for,
     plain_metadata,
 )
+from spotsafe.checkpoint.places import flatten_live
 from spotsafe.checkpoint.retention import prune, remove_incomplete
 from spotsafe.checkpoint.staging import StagedState, StagingBuffer, stage
 from spotsafe.distributed.commit import failed_ranks, merge_rank_state, persist_rank_files
@@ -642,7 +643,12 @@ class Checkpointer:
 
     # -- loading ----------------------------------------------------------------
     def load(
-        self, info: CheckpointInfo | int | None = None, *, map_location: MapLocation = None, verify: bool = True
+        self,
+        info: CheckpointInfo | int | None = None,
+        *,
+        map_location: MapLocation = None,
+        verify: bool = True,
+        into: Any = None,
     ) -> dict[str, Any]:
         """The saved state as a plain tree of tensors and values.
 
@@ -650,11 +656,14 @@ class Checkpointer:
         logged and skipped. A given ``info`` (or step) that is damaged raises
         :class:`CheckpointCorrupt`. ``verify`` checks every file's checksum first.
         With ``dist`` (several ranks), every rank gets the same step: rank 0's state
-        with this rank's own ``per_rank`` keys.
+        with this rank's own ``per_rank`` keys. ``into``: live state laid out as the saved one
+        (``{"model": model}``), its matching tensors read into in place, the checksum checked
+        after (docs/checkpoint.md, "Into live tensors"); the state returned holds views of them.
         """
         if self.dist is not None and self.dist.world_size > 1:
             return self._restore_ranks(self.dist, info, {}, map_location)
-        loaded, state = self.catalog.load(info, map_location=map_location, verify=verify)
+        live = flatten_live(into)
+        loaded, state = self.catalog.load(info, map_location=map_location, verify=verify, into=live)
         self.last_loaded = loaded
         return state
 
@@ -666,14 +675,15 @@ class Checkpointer:
         ``objects`` maps the names used at save time to objects with
         ``load_state_dict`` (model, optimizer, scheduler, scaler, RNGState).
         ``info`` None restores the newest intact checkpoint (see :meth:`load`);
-        :attr:`last_loaded` tells which one it was.
+        :attr:`last_loaded` tells which one it was. Read in place (``load(into=objects)``): after
+        an error the objects may hold part of a damaged checkpoint (``spotsafe.Run`` stops there).
         """
         for key, obj in objects.items():
             if not callable(getattr(obj, "load_state_dict", None)):
                 raise TypeError(f"objects[{key!r}] ({type(obj).__name__}) has no load_state_dict()")
         if self.dist is not None:
             return self._restore_ranks(self.dist, info, objects, map_location)
-        state = self.load(info, map_location=map_location)
+        state = self.load(info, map_location=map_location, into=objects)
         assert self.last_loaded is not None
         missing = [k for k in objects if k not in state]
         if missing:

@@ -209,6 +209,26 @@ class Store(ABC):
                 raise CheckpointCorrupt(f"{self.url.rstrip('/')}/{path}: {len(data)} bytes, expected {len(dest)}")
             dest[:] = data
 
+    #: True when :meth:`read_file_through` streams the file from the disk in pieces (a local store,
+    #: past the page cache): a load that has somewhere to put the bytes (a live model's own
+    #: tensors) then reads them straight there. False: the default below reads the whole file
+    #: first, so a load gains nothing by it and builds its tensors on :meth:`read_file` instead.
+    streams_reads: bool = False
+
+    def read_file_through(self, path: str, size: int, consume: Callable[[int, memoryview], None]) -> None:
+        """Hand the ``size`` bytes of ``path`` to ``consume(offset, piece)``, in file order.
+
+        A piece is valid only during its call (its memory is reused for the next). Raises
+        :class:`~spotsafe.errors.CheckpointNotFound` when the file does not exist and
+        :class:`~spotsafe.errors.CheckpointCorrupt` when it does not hold ``size`` bytes.
+        """
+        data = self.read_file(path)
+        if len(data) != size:
+            raise CheckpointCorrupt(f"{self.url.rstrip('/')}/{path}: {len(data)} bytes, expected {size}")
+        step = 64 << 20
+        for offset in range(0, size, step):
+            consume(offset, data[offset : offset + step])
+
     @abstractmethod
     def file_size(self, path: str) -> int | None:
         """Size in bytes of ``path``, or None when it does not exist."""

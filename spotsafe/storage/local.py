@@ -21,6 +21,7 @@ mounts) get the page cache, as does everything under ``DIRECT_MIN`` bytes;
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import errno
 import fcntl
@@ -32,7 +33,8 @@ import shutil
 import stat
 import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from spotsafe.errors import CheckpointCorrupt, CheckpointNotFound, StoreError
@@ -55,6 +57,9 @@ BOUNCES = 3
 #: between pieces: a piece is only a few requests). 16 MiB bounces with two writers took a sync
 #: save from 0.83-0.90x a bare ``O_DIRECT`` write to 0.88-0.96x (benchmarks/README.md).
 WRITERS = 2
+#: Threads that read one streamed file's pieces (:meth:`LocalStore.read_file_through`), each into
+#: one of :data:`BOUNCES` + 1 reused bounce buffers, while the caller takes the pieces already in.
+READERS = 2
 _O_DIRECT: int = getattr(os, "O_DIRECT", 0)
 #: madvise(2) for a file mapped to be read: huge pages first (Linux reads the file ahead into
 #: 2 MiB page-cache folios and maps them whole: fewer faults), then sequential read-ahead of all
@@ -178,6 +183,61 @@ class _Pipe:
             thread.join()
         if self.error is not None:
             raise self.error
+
+
+def _pread_upto(fd: int, view: memoryview, offset: int, n: int) -> int:
+    """Read up to ``n`` bytes at ``offset`` into ``view`` (which may be longer: ``O_DIRECT`` reads whole
+    blocks, the last one past the end of the file); how many of the ``n`` came (fewer: the file ended)."""
+    got = 0
+    while got < n:
+        k = os.preadv(fd, [view[got:]], offset + got)
+        if k == 0:
+            break
+        got += k
+    return min(got, n)
+
+
+def _read_pieces(
+    fd: int,
+    done: list[int],
+    size: int,
+    buffers: Sequence[memoryview],
+    consume: Callable[[int, memoryview], None],
+    where: Path,
+) -> None:
+    """Bytes ``done[0]`` to ``size`` of ``fd`` to ``consume``, piece by piece in file order.
+
+    :data:`READERS` threads read the next pieces into the free ``buffers`` while ``consume``
+    takes the one in order (a piece's buffer is read into again once ``consume`` returned).
+    ``done[0]`` follows what ``consume`` has taken: after a failure, where to go on from.
+    """
+    pending: collections.deque[tuple[int, int, memoryview, Future[int]]] = collections.deque()
+    pool = ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="spotsafe-direct-read")
+    ahead = done[0]
+
+    def submit(buf: memoryview) -> None:
+        nonlocal ahead
+        n = min(len(buf), size - ahead)
+        pending.append((ahead, n, buf, pool.submit(_pread_upto, fd, buf, ahead, n)))
+        ahead += n
+
+    try:
+        for buf in buffers:
+            if ahead < size:
+                submit(buf)
+        while pending:
+            offset, n, buf, future = pending.popleft()
+            got = future.result()
+            if got != n:
+                raise CheckpointCorrupt(f"{where}: ends at byte {offset + got}, {size} expected (it shrank while read)")
+            consume(offset, buf[:n])
+            done[0] = offset + n
+            if ahead < size:
+                submit(buf)
+    finally:
+        for *_, future in pending:
+            future.cancel()
+        pool.shutdown(wait=True)  # no read lands in a buffer after it is handed back
 
 
 def _write_direct(fd: int, buffers: Sequence[Buffer], bounces: Sequence[memoryview]) -> int:
@@ -483,6 +543,48 @@ class LocalStore(Store):
             except OSError:
                 pass
         return memoryview(mm)
+
+    streams_reads = True
+
+    def read_file_through(self, path: str, size: int, consume: Callable[[int, memoryview], None]) -> None:
+        """:meth:`Store.read_file_through` with reader threads, past the page cache (``O_DIRECT``).
+
+        A load that writes what it reads into memory it already has (a live model's tensors)
+        then costs the disk's read and a copy beside it, and neither fills the page cache
+        nor faults in a gigabyte of fresh pages to put the file in (which cost this VM more
+        than the read itself: benchmarks/README.md). Small files and filesystems that refuse
+        ``O_DIRECT`` are read through the page cache, the same way.
+        """
+        fd, full = self._open_regular(path)
+        try:
+            actual = os.fstat(fd).st_size
+            if actual != size:
+                raise CheckpointCorrupt(f"{full}: {actual} bytes, expected {size}")
+            if self.direct_io and size >= DIRECT_MIN:
+                try:
+                    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | _O_DIRECT)
+                except OSError as e:
+                    if e.errno != errno.EINVAL:
+                        raise self._error("read", full, e) from e
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+            buffers = [self._bounce() for _ in range(BOUNCES + 1)]
+            done = [0]
+            try:
+                _read_pieces(fd, done, size, buffers, consume, full)
+            except OSError as e:
+                if e.errno != errno.EINVAL or not fcntl.fcntl(fd, fcntl.F_GETFL) & _O_DIRECT:
+                    raise self._error("read", full, e) from e
+                # Opened, but the filesystem refuses the reads themselves: the rest through the page cache.
+                _clear_direct(fd)
+                try:
+                    _read_pieces(fd, done, size, buffers, consume, full)
+                except OSError as again:
+                    raise self._error("read", full, again) from again
+            finally:
+                with self._lock:
+                    self._bounces.extend(buffers)
+        finally:
+            os.close(fd)
 
     def file_size(self, path: str) -> int | None:
         full = self._full(path)

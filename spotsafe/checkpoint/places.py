@@ -1,0 +1,199 @@
+"""A load straight into live tensors: which saved blobs have a place in live memory, and the read.
+
+:meth:`spotsafe.checkpoint.writer.Checkpointer.restore` hands its objects here: on a store that
+streams its reads (a local directory), every saved blob whose live counterpart matches is read
+from the disk straight into that tensor's memory (as ``torch.distributed.checkpoint`` loads in
+place), checksummed as it comes in; docs/checkpoint.md, "Into live tensors".
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import xxhash
+
+from spotsafe.checkpoint.manifest import FileEntry
+from spotsafe.errors import CheckpointCorrupt, CheckpointNotFound
+from spotsafe.state import MAX_DEPTH, Blob, FlatState, MapLocation, flatten, resolve_device, to_plain
+from spotsafe.storage.base import Store, anonymous_buffer
+
+log = logging.getLogger(__name__)
+
+
+def flatten_live(into: Any) -> FlatState | None:
+    """``into`` flattened (its tensors found, nothing copied); None when it cannot be, and it is then not used.
+
+    Its objects' ``state_dict()`` is asked for here, before the restore: one that cannot answer
+    yet (a trainer whose optimizer is made later) costs the in-place read, never the restore.
+    """
+    if into is None:
+        return None
+    if isinstance(into, Mapping):  # one object that cannot answer costs only its own place
+        plain = {}
+        for key, obj in into.items():
+            try:
+                plain[key] = to_plain(obj)
+            except Exception as e:  # noqa: BLE001 - as below
+                log.debug("spotsafe: %r cannot be read into (%r); it is loaded into fresh memory", key, e)
+        into = plain
+    try:
+        return flatten(into)
+    except Exception as e:  # noqa: BLE001 - the objects' own state_dict(): any failure means "not in place"
+        log.debug("spotsafe: the live state cannot be read into (%r); loading into fresh memory", e)
+        return None
+
+
+def live_places(
+    description: Mapping[str, Any], blobs: Sequence[Blob], live: FlatState, map_location: MapLocation
+) -> dict[int, torch.Tensor]:
+    """Saved blobs whose bytes can be read straight into the memory of live tensors: blob -> that memory.
+
+    ``live`` is :func:`flatten` of the objects the checkpoint is restored into (a model's own
+    parameters, as ``state_dict()`` gives them). The saved tree and the live one are walked side
+    by side; a saved blob gets a place when every pairing agrees on it: each of its tensors
+    found at the same key path with the same dtype, shape, strides and offset, its live storage
+    a CPU allocation of torch's own (never a foreign buffer, which may be read-only) of exactly
+    the blob's size, and no other blob paired with that storage (live weights tied where the
+    saved ones were not, or the other way round, get no place). What :func:`unflatten` then
+    builds on a place is a view of the live tensor's own memory, at its own offset and strides,
+    so ``load_state_dict`` copying it in is a no-op. Everything else (no match, another device,
+    a hostile tree) simply gets no place: the load reads it into fresh memory as before.
+    """
+    saved = description.get("tensors") if isinstance(description, Mapping) else None
+    if not isinstance(saved, list):
+        return {}
+    pairs: list[tuple[object, object]] = []
+    _pair_trees(description.get("tree"), live.tree, pairs, 0)
+    proposals: dict[int, set[int]] = {}
+    claimed: dict[int, set[int]] = {}
+    refused: set[int] = set()
+    for i, j in pairs:
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(saved) or not isinstance(j, int):
+            continue
+        mine, theirs = saved[i], live.tensors[j]
+        if not isinstance(mine, dict):
+            continue
+        b = mine.get("blob")
+        if isinstance(b, bool) or not isinstance(b, int) or not 0 <= b < len(blobs):
+            continue
+        lb = theirs["blob"]
+        if lb < 0 or any(mine.get(k) != theirs.get(k) for k in ("dtype", "shape", "stride", "offset")):
+            refused.add(b)
+            continue
+        saved_on = mine.get("device")
+        try:
+            if not isinstance(saved_on, str) or len(saved_on) > 64:
+                raise ValueError(saved_on)
+            dev = resolve_device(str(torch.device(saved_on)), map_location)
+        except Exception:  # noqa: BLE001 - the load itself then says what is wrong with it
+            refused.add(b)
+            continue
+        target = live.sources[lb]
+        if (
+            dev.type != "cpu"
+            or target.device.type != "cpu"
+            or not target.untyped_storage().resizable()  # torch's own allocation: writable memory
+            or target.numel() != blobs[b].nbytes
+        ):
+            refused.add(b)
+            continue
+        proposals.setdefault(b, set()).add(lb)
+        claimed.setdefault(lb, set()).add(b)
+    return {
+        b: live.sources[next(iter(lbs))]
+        for b, lbs in proposals.items()
+        if b not in refused and len(lbs) == 1 and len(claimed[next(iter(lbs))]) == 1
+    }
+
+
+def _pair_trees(saved: Any, live: Any, out: list[tuple[object, object]], depth: int) -> None:
+    """(saved tensor id, live tensor id) for every tensor at the same place in both trees."""
+    if depth > MAX_DEPTH:
+        return
+    if isinstance(saved, list) and isinstance(live, list):
+        if len(saved) == len(live):
+            for a, b in zip(saved, live, strict=True):
+                _pair_trees(a, b, out, depth + 1)
+        return
+    if not isinstance(saved, dict) or not isinstance(live, dict) or saved.get("T") != live.get("T"):
+        return
+    kind = live.get("T")
+    if kind in ("tensor", "ndarray"):
+        out.append((saved.get("id"), live.get("id")))
+        return
+    if kind not in ("dict", "odict", "tuple"):
+        return
+    mine, theirs = _children(saved), _children(live)
+    for key in mine.keys() & theirs.keys():
+        _pair_trees(mine[key], theirs[key], out, depth + 1)
+
+
+def _children(node: dict[str, Any]) -> dict[Any, Any]:
+    """A container node's children by key (dict keys; list positions for a tuple), JSON-comparable."""
+    v = node.get("v")
+    if isinstance(v, dict):
+        return v
+    if isinstance(v, list):
+        return dict(enumerate(v))
+    pairs = node.get("items")
+    out: dict[Any, Any] = {}
+    if isinstance(pairs, list):
+        for pair in pairs:
+            if isinstance(pair, list) and len(pair) == 2:
+                try:
+                    out[json.dumps(pair[0], sort_keys=True)] = pair[1]
+                except (TypeError, ValueError, RecursionError):
+                    continue
+    return out
+
+
+def read_into_places(
+    store: Store, directory: str, f: FileEntry, blobs: Sequence[Blob], places: dict[int, torch.Tensor], verify: bool
+) -> memoryview:
+    """Read the data file ``f`` once, each blob's bytes straight into its place (``places[i]``, live
+    memory: :func:`spotsafe.state.live_places`), the other blobs' into a fresh buffer at their offsets.
+
+    Returns that buffer (only the pages of blobs without a place are ever touched). The checksum,
+    when ``verify``, is taken over the pieces as they come in, and checked after the last: a
+    damaged file raises :class:`CheckpointCorrupt` then, **with the places already written**
+    (the caller's objects hold part of it: ``Checkpointer.restore`` says so).
+    """
+    base = f"{store.url.rstrip('/')}/{directory}"
+    spill = anonymous_buffer(f.size, huge_pages=False)
+    spill_at = ctypes.addressof(ctypes.c_char.from_buffer(spill)) if len(spill) else 0
+    plan = sorted(
+        (b.offset, b.offset + b.nbytes, places[i].data_ptr() if i in places else spill_at + b.offset)
+        for i, b in enumerate(blobs)
+        if b.nbytes
+    )
+    h = xxhash.xxh3_128() if verify else None
+    first = 0  # every range before it ended before the piece at hand
+
+    def consume(offset: int, piece: memoryview) -> None:
+        nonlocal first
+        if h is not None:
+            h.update(piece)  # xxhash lets go of the GIL: the readers go on meanwhile
+        end = offset + len(piece)
+        at = ctypes.addressof(ctypes.c_char.from_buffer(piece))
+        while first < len(plan) and plan[first][1] <= offset:
+            first += 1
+        k = first
+        while k < len(plan) and plan[k][0] < end:
+            start, stop, dest = plan[k]
+            lo, hi = max(start, offset), min(stop, end)
+            if lo < hi:
+                ctypes.memmove(dest + (lo - start), at + (lo - offset), hi - lo)  # lets go of the GIL too
+            k += 1
+
+    try:
+        store.read_file_through(f"{directory}/{f.path}", f.size, consume)
+    except CheckpointNotFound as e:
+        raise CheckpointCorrupt(f"{base}/{f.path}: missing (the manifest lists it)") from e
+    if h is not None and h.hexdigest() != f.checksum:
+        raise CheckpointCorrupt(f"{base}/{f.path}: checksum mismatch (the file was modified or damaged)")
+    return spill
