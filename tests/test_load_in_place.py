@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import ctypes
+import mmap
+import os
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from spotsafe.checkpoint.manifest import MANIFEST, checkpoint_name
+from spotsafe.checkpoint.places import Prefault
 from spotsafe.checkpoint.writer import Checkpointer
 from spotsafe.errors import CheckpointCorrupt
+from spotsafe.storage.base import anonymous_buffer
 from spotsafe.storage.local import DIRECT_MIN, LocalStore
 
 
@@ -173,3 +179,27 @@ def test_an_object_that_cannot_give_its_state_before_the_restore_costs_only_its_
     assert wrapper.loaded is not None and torch.equal(wrapper.loaded["x"], torch.arange(5.0))
     assert _same(live, model)
     assert {k: v.data_ptr() for k, v in live.state_dict().items()} == where
+
+
+def _resident(address: int, length: int) -> int:
+    """How many pages of ``length`` bytes at ``address`` are in memory (mincore(2))."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    pages = -(-length // mmap.PAGESIZE)
+    vec = (ctypes.c_ubyte * pages)()
+    assert libc.mincore(address, length, vec) == 0, os.strerror(ctypes.get_errno())
+    return sum(v & 1 for v in vec)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="MADV_POPULATE_WRITE is Linux's")
+def test_the_fresh_memory_a_load_copies_into_is_faulted_in_by_another_thread(tmp_path: Path) -> None:
+    """A page's first touch cost this VM more than the disk's read of it: not on the copying thread."""
+    size = 32 << 20
+    buf = anonymous_buffer(2 * size, huge_pages=False)
+    at = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    assert _resident(at, 2 * size) == 0
+    Prefault(at, [(100, size)]).join()  # it ends by itself when it reaches the end
+    pages = size // mmap.PAGESIZE
+    got = _resident(at, size + mmap.PAGESIZE)
+    assert got >= pages, f"{got} of {pages} pages faulted in"
+    assert _resident(at + size + mmap.PAGESIZE, size - mmap.PAGESIZE) == 0, "pages past the range were faulted in"

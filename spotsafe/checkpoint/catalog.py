@@ -3,7 +3,7 @@
 A :class:`Catalog` reads what writers committed and nothing else: it never takes the
 writer lease (it reads the lease files at most, to leave out the commits of a
 superseded writer: the ghost rule of :mod:`spotsafe.checkpoint.lease`), never writes
-and never starts a thread. :class:`spotsafe.checkpoint.writer.Checkpointer` reads
+and leaves no thread running (a load's readers end with it). :class:`spotsafe.checkpoint.writer.Checkpointer` reads
 through one; so do the CLI, the resume supervisor and ``launch status``.
 """
 
@@ -304,11 +304,14 @@ class Catalog:
         tree_buf = self._read_one(store, name, trees[0], verify)
         where = f"{base}/{trees[0].path}"
         places: dict[int, torch.Tensor] = {}
-        if into is not None and store.streams_reads and len(datas) == 1 and datas[0].offset is None:
+        streamed = store.streams_reads and len(datas) == 1 and datas[0].offset is None
+        if streamed:
             # The tree first: which saved blobs have a live tensor to be read straight into.
             desc, blobs = decode_tree(tree_buf, datas[0].size, where)
-            places = live_places(desc, blobs, into, map_location)
-        if places:
+            if into is not None:
+                places = live_places(desc, blobs, into, map_location)
+        if streamed:
+            check_sizes(store, name, datas)  # a file of another size is refused before a byte of it is read
             data = read_into_places(store, name, datas[0], blobs, places, verify)
             data_where = f"{base}/{datas[0].path}"
         elif len(datas) == 1 and datas[0].offset is None:
@@ -317,7 +320,7 @@ class Catalog:
         else:
             data = self._read_segments(store, name, datas, verify)
             data_where = f"{base}/{datas[0].path} (+{len(datas) - 1} segments)"
-        if not places:
+        if not streamed:
             desc, blobs = decode_tree(tree_buf, len(data), where)
 
         def blob(i: int) -> torch.Tensor:

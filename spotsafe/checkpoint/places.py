@@ -11,6 +11,8 @@ from __future__ import annotations
 import ctypes
 import json
 import logging
+import mmap
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -173,6 +175,8 @@ def read_into_places(
     )
     h = xxhash.xxh3_128() if verify else None
     first = 0  # every range before it ended before the piece at hand
+    fresh = [(b.offset, b.offset + b.nbytes) for i, b in enumerate(blobs) if b.nbytes and i not in places]
+    prefault = Prefault(spill_at, fresh) if fresh else None
 
     def consume(offset: int, piece: memoryview) -> None:
         nonlocal first
@@ -194,6 +198,51 @@ def read_into_places(
         store.read_file_through(f"{directory}/{f.path}", f.size, consume)
     except CheckpointNotFound as e:
         raise CheckpointCorrupt(f"{base}/{f.path}: missing (the manifest lists it)") from e
+    finally:
+        if prefault is not None:
+            prefault.stop()
     if h is not None and h.hexdigest() != f.checksum:
         raise CheckpointCorrupt(f"{base}/{f.path}: checksum mismatch (the file was modified or damaged)")
     return spill
+
+
+#: madvise(2) advice that faults a range of anonymous memory in, writable (Linux 5.14).
+_MADV_POPULATE_WRITE = 23
+
+
+class Prefault(threading.Thread):
+    """Faults the fresh buffer's pages in ahead of the copies into it, on the other core.
+
+    A page touched for the first time costs a fault (on a VM whose host took the memory back,
+    a host fault too): done by the copying thread, those stalls added up to more than the
+    disk's read; here they run beside it. A kernel without the advice just stops this.
+    """
+
+    STEP = 8 << 20
+
+    def __init__(self, base: int, ranges: Sequence[tuple[int, int]]) -> None:
+        super().__init__(name="spotsafe-prefault", daemon=True)
+        self.base = base
+        self.ranges = ranges
+        self.done = threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        try:
+            madvise = ctypes.CDLL(None, use_errno=True).madvise
+        except (OSError, AttributeError, TypeError):
+            return  # no libc to ask: the copies fault the pages in themselves
+        madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        page = mmap.PAGESIZE
+        for start, stop in self.ranges:
+            lo = (self.base + start) // page * page
+            hi = self.base + stop
+            while lo < hi and not self.done.is_set():
+                n = min(self.STEP, hi - lo)
+                if madvise(lo, n, _MADV_POPULATE_WRITE) != 0:
+                    return
+                lo += n
+
+    def stop(self) -> None:
+        self.done.set()
+        self.join()

@@ -3,8 +3,9 @@
 Payload files are written under a temp name in their own directory, fsynced and
 renamed; a commit (the manifest) is a temp file + fsync + ``os.replace`` +
 fsync of the directory, so a reader sees all of it or nothing even across a
-power cut. Reads are memory-mapped (private, copy-on-write), so tensors can be
-built on the file's pages without a copy.
+power cut. :meth:`LocalStore.read_file` maps a file privately (copy-on-write);
+:meth:`LocalStore.read_file_through` streams one past the page cache, as a load reads a
+checkpoint's data file (into live tensors or fresh memory: ``spotsafe.checkpoint.places``).
 
 Large payload files are written with ``O_DIRECT`` (Linux), past the page cache: a
 page-aligned source (the async save's snapshot buffer) goes from memory to the
