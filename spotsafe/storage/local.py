@@ -50,14 +50,15 @@ WRITE_CHUNK = 32 << 20
 #: manifests, leases) through the page cache, where a copy costs less than a disk wait.
 DIRECT_MIN = 8 << 20
 #: Size of each reused bounce buffer that stages unaligned sources for ``O_DIRECT``, and how
-#: many one write uses: one is filled while the others are written.
+#: many one write uses: one is filled while the others are written (96 MiB per store, kept).
 BOUNCE_SIZE = 16 << 20
-BOUNCES = 3
+BOUNCES = 6
 #: Threads that write one file's ``O_DIRECT`` pieces, each at its own offset: while one waits for
-#: its piece to reach the disk, the next is already queued there (one writer leaves the disk idle
+#: its piece to reach the disk, the next are already queued there (one writer leaves the disk idle
 #: between pieces: a piece is only a few requests). 16 MiB bounces with two writers took a sync
-#: save from 0.83-0.90x a bare ``O_DIRECT`` write to 0.88-0.96x (benchmarks/README.md).
-WRITERS = 2
+#: save from 0.83-0.90x a bare ``O_DIRECT`` write to 0.88-0.96x; four writers and six bounces
+#: from 0.87-0.94x to 0.94-1.00x (the bounce path alone, two interleaved A/Bs: benchmarks/README.md).
+WRITERS = 4
 #: Threads that read one streamed file's pieces (:meth:`LocalStore.read_file_through`), each into
 #: one of :data:`BOUNCES` + 1 reused bounce buffers, while the caller takes the pieces already in.
 READERS = 2
