@@ -33,7 +33,9 @@ preallocated aligned memory (the disk's own read speed, beside every load).
 
 Also reported: the in-memory snapshot's stall (the copy a Run takes every few
 steps), a plain copy of the tensors into preallocated memory, load with and
-without verification vs ``torch.load(mmap=True)``, every load from a cold cache
+without verification vs ``torch.load(mmap=True)``, the load into live tensors that
+``restore()`` does (``load(into=...)``: the preallocated sink laid out as the saved state;
+target >= 0.8x the bare ``O_DIRECT`` read), every load from a cold cache
 (every file under the work directory evicted with ``POSIX_FADV_DONTNEED`` before each
 contender; loads in their own rotated rounds), and (unless ``--no-dcp``)
 ``torch.distributed.checkpoint.async_save`` on a gloo group of one.

@@ -569,7 +569,7 @@ class LocalStore(Store):
                     if e.errno != errno.EINVAL:
                         raise self._error("read", full, e) from e
             fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
-            buffers = [self._bounce() for _ in range(BOUNCES + 1)]
+            buffers = [self._bounce() for _ in range(min(BOUNCES + 1, -(-size // BOUNCE_SIZE)))]
             done = [0]
             try:
                 _read_pieces(fd, done, size, buffers, consume, full)
