@@ -203,3 +203,19 @@ def test_the_fresh_memory_a_load_copies_into_is_faulted_in_by_another_thread(tmp
     got = _resident(at, size + mmap.PAGESIZE)
     assert got >= pages, f"{got} of {pages} pages faulted in"
     assert _resident(at + size + mmap.PAGESIZE, size - mmap.PAGESIZE) == 0, "pages past the range were faulted in"
+
+
+def test_bytes_of_a_live_buffer_that_no_restored_tensor_owns_are_never_written(tmp_path: Path) -> None:
+    """Views of one larger buffer: the saved blob spans the gap between them, the live gap keeps its bytes."""
+    source = torch.arange(3 << 20, dtype=torch.float32)  # 12 MiB: over DIRECT_MIN
+    with Checkpointer(tmp_path) as c:
+        c.save(1, {"a": source[: 1 << 20], "b": source[2 << 20 :], "c": torch.ones(7)[1:]}, async_=False)
+    buffer = torch.full((3 << 20,), 7.0)
+    odd = torch.full((7,), 5.0)
+    live = {"a": buffer[: 1 << 20], "b": buffer[2 << 20 :], "c": odd[1:]}  # "c" starts 4 bytes in
+    with Checkpointer(tmp_path) as c:
+        state = c.load(into=live)
+    assert torch.equal(state["a"], source[: 1 << 20]) and torch.equal(state["b"], source[2 << 20 :])
+    assert torch.equal(state["c"], torch.ones(6))
+    assert bool((buffer[1 << 20 : 2 << 20] == 7.0).all()), "the gap between the live views was overwritten"
+    assert odd[0].item() == 5.0, "the element before a view at an unaligned offset was overwritten"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import json
 import logging
+import math
 import mmap
 import threading
 from collections.abc import Mapping, Sequence
@@ -74,6 +75,7 @@ def live_places(
     proposals: dict[int, set[int]] = {}
     claimed: dict[int, set[int]] = {}
     refused: set[int] = set()
+    paired: set[int] = set()  # live tensors whose saved counterpart agrees
     for i, j in pairs:
         if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(saved) or not isinstance(j, int):
             continue
@@ -106,11 +108,46 @@ def live_places(
             continue
         proposals.setdefault(b, set()).add(lb)
         claimed.setdefault(lb, set()).add(b)
-    return {
-        b: live.sources[next(iter(lbs))]
-        for b, lbs in proposals.items()
-        if b not in refused and len(lbs) == 1 and len(claimed[next(iter(lbs))]) == 1
-    }
+        paired.add(j)
+    places: dict[int, torch.Tensor] = {}
+    for b, lbs in proposals.items():
+        if b in refused or len(lbs) != 1:
+            continue
+        lb = next(iter(lbs))
+        if len(claimed[lb]) == 1 and _covered(live.tensors, lb, paired, blobs[b].nbytes):
+            places[b] = live.sources[lb]
+    return places
+
+
+def _covered(tensors: Sequence[dict[str, Any]], lb: int, paired: set[int], nbytes: int) -> bool:
+    """Whether every byte of live blob ``lb`` belongs to a paired, contiguous live tensor on it.
+
+    The blob's bytes are written whole: a byte of the live storage that no paired tensor owns
+    (between the views of a larger buffer, before an offset that is not 16-aligned, a strided
+    view's gaps, a tensor on it that the saved tree lacks) would get the saved file's byte
+    instead of keeping its own, which ``load_state_dict`` never does. Such a blob gets no place.
+    """
+    ranges: list[tuple[int, int]] = []
+    for j, t in enumerate(tensors):
+        if t["blob"] != lb:
+            continue
+        if j not in paired:
+            return False
+        shape, stride = t["shape"], t["stride"]
+        expected, step = [], 1
+        for size in reversed(shape):
+            expected.append(step)
+            step *= size
+        if stride != expected[::-1] and math.prod(shape) > 1:
+            return False
+        itemsize = getattr(torch, t["dtype"]).itemsize
+        ranges.append((t["offset"], t["offset"] + math.prod(shape) * itemsize))
+    end = 0
+    for lo, hi in sorted(ranges):
+        if lo > end:
+            return False
+        end = max(end, hi)
+    return end >= nbytes
 
 
 def _pair_trees(saved: Any, live: Any, out: list[tuple[object, object]], depth: int) -> None:
