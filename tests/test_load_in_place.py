@@ -12,11 +12,12 @@ import pytest
 import torch
 
 from spotsafe.checkpoint.manifest import MANIFEST, checkpoint_name
-from spotsafe.checkpoint.places import Prefault
+from spotsafe.checkpoint.places import Prefault, streamable
 from spotsafe.checkpoint.writer import Checkpointer
-from spotsafe.errors import CheckpointCorrupt
+from spotsafe.errors import CheckpointCorrupt, StateMismatch
+from spotsafe.state import Blob
 from spotsafe.storage.base import anonymous_buffer
-from spotsafe.storage.local import DIRECT_MIN, LocalStore
+from spotsafe.storage.local import BOUNCES, DIRECT_MIN, LocalStore
 
 
 class WatchedStore(LocalStore):
@@ -219,3 +220,56 @@ def test_bytes_of_a_live_buffer_that_no_restored_tensor_owns_are_never_written(t
     assert torch.equal(state["c"], torch.ones(6))
     assert bool((buffer[1 << 20 : 2 << 20] == 7.0).all()), "the gap between the live views was overwritten"
     assert odd[0].item() == 5.0, "the element before a view at an unaligned offset was overwritten"
+
+
+class Lenient:
+    """An object whose load_state_dict takes whatever keys it is given (as many user objects do)."""
+
+    def __init__(self, **tensors: torch.Tensor) -> None:
+        self.tensors = tensors
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.tensors)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for key, value in state.items():
+            self.tensors[key].copy_(value)
+
+
+def test_a_fallback_that_cannot_overwrite_what_a_damaged_read_wrote_says_so(tmp_path: Path) -> None:
+    """Step 2 has a tensor step 1 lacks; step 2 is damaged: its bytes must not stay behind silently."""
+    big = torch.randn(4 << 20)  # 16 MiB: the damage lands after "extra" was written
+    with Checkpointer(tmp_path, keep_last=5) as c:
+        c.save(1, {"x": {"a": torch.ones(8)}, "big": {"t": big}}, async_=False)
+        c.save(2, {"x": {"a": torch.full((8,), 2.0), "extra": torch.full((8,), 3.0)}, "big": {"t": big}}, async_=False)
+    (data,) = (tmp_path / checkpoint_name(2, 1)).glob("rank*.bin")
+    raw = bytearray(data.read_bytes())
+    raw[-4096] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    live = Lenient(a=torch.zeros(8), extra=torch.zeros(8))
+    with Checkpointer(tmp_path) as c, pytest.raises(StateMismatch, match=r"checksum failed.*nothing for 1 of"):
+        c.restore(None, {"x": live, "big": Lenient(t=torch.zeros(4 << 20))})
+    # The same fallback where the older checkpoint has every tensor the damaged read wrote: fine.
+    live = Lenient(a=torch.zeros(8))
+    with Checkpointer(tmp_path) as c:
+        c.restore(None, {"x": live, "big": Lenient(t=torch.zeros(4 << 20))})
+        assert c.last_loaded is not None and c.last_loaded.step == 1
+    assert torch.equal(live.tensors["a"], torch.ones(8))
+
+
+def test_overlapping_blobs_or_a_gpu_bound_load_are_not_streamed(tmp_path: Path) -> None:
+    desc = {"tensors": [{"device": "cpu"}, {"device": "cpu"}]}
+    assert streamable(desc, [Blob(0, 64), Blob(64, 64)], None)
+    assert not streamable(desc, [Blob(0, 128), Blob(64, 64)], None), "nested ranges: one pass per piece"
+    assert not streamable(desc, [Blob(0, 64)], "meta"), "another device: the mapped load"
+    assert not streamable({"tensors": [{"device": "no such device"}]}, [], None)
+    model, _ = _trained(0)
+    with Checkpointer(tmp_path) as c:
+        c.save(1, {"model": model}, async_=False)
+    store = WatchedStore(tmp_path)
+    with Checkpointer(store) as c:
+        c.load(map_location="meta")
+        assert store.streamed == [], "a load onto another device streamed into host memory"
+        c.load()
+        assert len(store.streamed) == 1
+    assert len(store._bounces) <= BOUNCES, f"{len(store._bounces)} idle buffers kept after a load"

@@ -32,9 +32,9 @@ from spotsafe.checkpoint.manifest import (
     checkpoint_name,
     parse_checkpoint_name,
 )
-from spotsafe.checkpoint.places import live_places, read_into_places
+from spotsafe.checkpoint.places import LiveState, live_places, read_into_places, streamable
 from spotsafe.errors import CheckpointCorrupt, CheckpointNotFound, FormatVersionError, SpotsafeError
-from spotsafe.state import FlatState, MapLocation, blob_from_buffer, unflatten
+from spotsafe.state import MapLocation, blob_from_buffer, unflatten
 from spotsafe.storage.base import Store
 
 log = logging.getLogger(__name__)
@@ -272,7 +272,7 @@ class Catalog:
         verify: bool,
         rank: int = 0,
         known: tuple[Store, Manifest] | None = None,
-        into: FlatState | None = None,
+        into: LiveState | None = None,
     ) -> dict[str, Any]:
         """One rank's state from ``info``; a mirror whose local copy is damaged reads the remote one.
 
@@ -292,7 +292,7 @@ class Catalog:
         verify: bool,
         rank: int,
         known: tuple[Store, Manifest] | None = None,
-        into: FlatState | None = None,
+        into: LiveState | None = None,
     ) -> dict[str, Any]:
         name = info.name
         base = f"{store.url.rstrip('/')}/{name}"
@@ -306,14 +306,20 @@ class Catalog:
         places: dict[int, torch.Tensor] = {}
         streamed = store.streams_reads and len(datas) == 1 and datas[0].offset is None
         if streamed:
-            # The tree first: which saved blobs have a live tensor to be read straight into.
+            # The tree first: whether to stream, and which saved blobs have a live tensor to go into.
             desc, blobs = decode_tree(tree_buf, datas[0].size, where)
-            if into is not None:
-                places = live_places(desc, blobs, into, map_location)
+            streamed = streamable(desc, blobs, map_location)
         if streamed:
+            live_blobs = live_places(desc, blobs, into, map_location) if into is not None else {}
+            places = {b: into.flat.sources[lb] for b, lb in live_blobs.items()} if into is not None else {}
             check_sizes(store, name, datas)  # a file of another size is refused before a byte of it is read
-            data = read_into_places(store, name, datas[0], blobs, places, verify)
             data_where = f"{base}/{datas[0].path}"
+            try:
+                data = read_into_places(store, name, datas[0], blobs, places, verify)
+            except BaseException:
+                if into is not None and live_blobs:
+                    into.mark_damaged(live_blobs.values(), data_where)
+                raise
         elif len(datas) == 1 and datas[0].offset is None:
             data = self._read_one(store, name, datas[0], verify)
             data_where = f"{base}/{datas[0].path}"
@@ -333,6 +339,8 @@ class Catalog:
         state = unflatten(desc, blob, map_location=map_location, where=where)
         if not isinstance(state, dict):
             raise CheckpointCorrupt(f"{where}: the saved state is not a mapping")
+        if into is not None and into.damaged:
+            into.check_covered(desc, where)  # an earlier read into them failed: this one must cover it
         return state
 
     def _read_one(self, store: Store, name: str, f: FileEntry, verify: bool) -> memoryview:
@@ -360,7 +368,7 @@ class Catalog:
         *,
         map_location: MapLocation = None,
         verify: bool = True,
-        into: FlatState | None = None,
+        into: LiveState | None = None,
     ) -> tuple[CheckpointInfo, dict[str, Any]]:
         """The checkpoint loaded and its saved state, as a plain tree of tensors and values (one process: rank 0).
 

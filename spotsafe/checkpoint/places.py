@@ -14,21 +14,52 @@ import logging
 import math
 import mmap
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import xxhash
 
 from spotsafe.checkpoint.manifest import FileEntry
-from spotsafe.errors import CheckpointCorrupt, CheckpointNotFound
+from spotsafe.errors import CheckpointCorrupt, CheckpointNotFound, StateMismatch
 from spotsafe.state import MAX_DEPTH, Blob, FlatState, MapLocation, flatten, resolve_device, to_plain
 from spotsafe.storage.base import Store, anonymous_buffer
 
 log = logging.getLogger(__name__)
 
 
-def flatten_live(into: Any) -> FlatState | None:
+@dataclass
+class LiveState:
+    """The live objects a load reads into, flattened, and what reads that then failed left in them."""
+
+    flat: FlatState
+    #: Live tensors (indices into ``flat.tensors``) that a read wrote into before it failed.
+    damaged: set[int] = field(default_factory=set)
+    damaged_from: list[str] = field(default_factory=list)
+
+    def mark_damaged(self, live_blobs: Iterable[int], where: str) -> None:
+        """A read into ``live_blobs`` failed (its checksum, a short file): they may hold its bytes."""
+        blobs = set(live_blobs)
+        self.damaged.update(j for j, t in enumerate(self.flat.tensors) if t["blob"] in blobs)
+        self.damaged_from.append(where)
+
+    def check_covered(self, description: Mapping[str, Any], where: str) -> None:
+        """Raise :class:`StateMismatch` when the checkpoint loaded (``description``) has nothing for a
+        live tensor an earlier, failed read wrote into: ``load_state_dict`` would leave it as that read
+        left it, with bytes of a damaged checkpoint (a fallback to an older checkpoint with fewer keys)."""
+        pairs: list[tuple[object, object]] = []
+        _pair_trees(description.get("tree"), self.flat.tree, pairs, 0)
+        left = self.damaged - {j for _, j in pairs}
+        if left:
+            raise StateMismatch(
+                f"{where}: the restore read into the live objects from {', '.join(self.damaged_from)} before "
+                f"its checksum failed, and this checkpoint has nothing for {len(left)} of the tensors that read "
+                "wrote (they hold damaged bytes): restore into freshly built objects"
+            )
+
+
+def flatten_live(into: Any) -> LiveState | None:
     """``into`` flattened (its tensors found, nothing copied); None when it cannot be, and it is then not used.
 
     Its objects' ``state_dict()`` is asked for here, before the restore: one that cannot answer
@@ -45,18 +76,18 @@ def flatten_live(into: Any) -> FlatState | None:
                 log.debug("spotsafe: %r cannot be read into (%r); it is loaded into fresh memory", key, e)
         into = plain
     try:
-        return flatten(into)
+        return LiveState(flatten(into))
     except Exception as e:  # noqa: BLE001 - the objects' own state_dict(): any failure means "not in place"
         log.debug("spotsafe: the live state cannot be read into (%r); loading into fresh memory", e)
         return None
 
 
 def live_places(
-    description: Mapping[str, Any], blobs: Sequence[Blob], live: FlatState, map_location: MapLocation
-) -> dict[int, torch.Tensor]:
-    """Saved blobs whose bytes can be read straight into the memory of live tensors: blob -> that memory.
+    description: Mapping[str, Any], blobs: Sequence[Blob], into: LiveState, map_location: MapLocation
+) -> dict[int, int]:
+    """Saved blobs whose bytes can be read straight into the memory of live tensors: blob -> live blob.
 
-    ``live`` is :func:`flatten` of the objects the checkpoint is restored into (a model's own
+    ``into.flat`` is :func:`flatten` of the objects the checkpoint is restored into (a model's own
     parameters, as ``state_dict()`` gives them). The saved tree and the live one are walked side
     by side; a saved blob gets a place when every pairing agrees on it: each of its tensors
     found at the same key path with the same dtype, shape, strides and offset, its live storage
@@ -67,6 +98,7 @@ def live_places(
     so ``load_state_dict`` copying it in is a no-op. Everything else (no match, another device,
     a hostile tree) simply gets no place: the load reads it into fresh memory as before.
     """
+    live = into.flat
     saved = description.get("tensors") if isinstance(description, Mapping) else None
     if not isinstance(saved, list):
         return {}
@@ -109,14 +141,40 @@ def live_places(
         proposals.setdefault(b, set()).add(lb)
         claimed.setdefault(lb, set()).add(b)
         paired.add(j)
-    places: dict[int, torch.Tensor] = {}
+    places: dict[int, int] = {}
     for b, lbs in proposals.items():
         if b in refused or len(lbs) != 1:
             continue
         lb = next(iter(lbs))
         if len(claimed[lb]) == 1 and _covered(live.tensors, lb, paired, blobs[b].nbytes):
-            places[b] = live.sources[lb]
+            places[b] = lb
     return places
+
+
+def streamable(description: Mapping[str, Any], blobs: Sequence[Blob], map_location: MapLocation) -> bool:
+    """Whether a load of this tree may stream its data file into host memory (:func:`read_into_places`).
+
+    Only when every tensor lands on the CPU: a load onto a GPU keeps the private mapping of the
+    file, whose pages the kernel can drop again (a checkpoint bigger than the host's free memory
+    still loads), where the stream would hold all of it in anonymous memory. And only when no
+    two blobs overlap (never, in a checkpoint spotsafe wrote): then each piece's copies are found
+    in one pass over the blobs, where a hostile tree of nested ranges would cost a pass per piece.
+    """
+    tensors = description.get("tensors")
+    if not isinstance(tensors, list):
+        return False
+    devices = {str(e.get("device"))[:64] for e in tensors if isinstance(e, dict)}  # a hostile one: any value
+    try:
+        if any(resolve_device(str(torch.device(d)), map_location).type != "cpu" for d in devices):
+            return False
+    except Exception:  # noqa: BLE001 - the mapped load then says what is wrong with it
+        return False
+    end = 0
+    for b in sorted(blobs, key=lambda b: b.offset):
+        if b.nbytes and b.offset < end:
+            return False
+        end = max(end, b.offset + b.nbytes)
+    return True
 
 
 def _covered(tensors: Sequence[dict[str, Any]], lb: int, paired: set[int], nbytes: int) -> bool:

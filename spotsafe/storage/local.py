@@ -367,6 +367,13 @@ class LocalStore(Store):
                 return self._bounces.pop()
         return anonymous_buffer(BOUNCE_SIZE)  # page-aligned, huge pages where the kernel gives them
 
+    def _give_back(self, buffers: Sequence[memoryview]) -> None:
+        """Keep at most :data:`BOUNCES` idle buffers (what one write uses): a load's extra one, or a
+        write's beside a read, is let go rather than held for the rest of the run."""
+        with self._lock:
+            self._bounces.extend(buffers)
+            del self._bounces[BOUNCES:]
+
     def _open_payload(self, temp: Path, direct: bool) -> tuple[int, bool]:
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
         if direct:
@@ -401,8 +408,7 @@ class LocalStore(Store):
             os.lseek(fd, 0, os.SEEK_SET)
             _write_buffered(fd, buffers)
         finally:
-            with self._lock:
-                self._bounces.extend(bounces)
+            self._give_back(bounces)
 
     def _write_durably(self, target: Path, buffers: Sequence[Buffer], *, sync_dir: bool) -> None:
         self._makedirs(target.parent)
@@ -583,8 +589,7 @@ class LocalStore(Store):
                 except OSError as again:
                     raise self._error("read", full, again) from again
             finally:
-                with self._lock:
-                    self._bounces.extend(buffers)
+                self._give_back(buffers)
         finally:
             os.close(fd)
 
