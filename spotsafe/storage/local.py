@@ -60,7 +60,7 @@ BOUNCES = 6
 #: from 0.87-0.94x to 0.94-1.00x (the bounce path alone, two interleaved A/Bs: benchmarks/README.md).
 WRITERS = 4
 #: Threads that read one streamed file's pieces (:meth:`LocalStore.read_file_through`), each into
-#: one of :data:`BOUNCES` + 1 reused bounce buffers, while the caller takes the pieces already in.
+#: one of the :data:`BOUNCES` reused bounce buffers, while the caller takes the pieces already in.
 READERS = 2
 _O_DIRECT: int = getattr(os, "O_DIRECT", 0)
 #: madvise(2) for a file mapped to be read: huge pages first (Linux reads the file ahead into
@@ -575,7 +575,7 @@ class LocalStore(Store):
                     if e.errno != errno.EINVAL:
                         raise self._error("read", full, e) from e
             fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
-            buffers = [self._bounce() for _ in range(min(BOUNCES + 1, -(-size // BOUNCE_SIZE)))]
+            buffers = [self._bounce() for _ in range(min(BOUNCES, -(-size // BOUNCE_SIZE)))]
             done = [0]
             try:
                 _read_pieces(fd, done, size, buffers, consume, full)
