@@ -556,3 +556,77 @@ def test_a_failing_consumer_stops_the_read_and_hands_the_buffers_back(tmp_path: 
     got = bytearray()
     store.read_file_through("f.bin", len(data), lambda _o, piece: got.extend(piece))
     assert bytes(got) == data, "the next read of the same store came out different"
+
+
+def test_a_temp_file_another_store_of_this_process_is_writing_is_not_cleaned_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Run's checkpointer and its event log are two stores on one directory: the checkpointer's
+    retention (after every save, in the background) removed the event log's temp file before its
+    rename, and the flush failed with ENOENT (CI caught it: an event lost, a fenced run restarted)."""
+    writer, cleaner = LocalStore(tmp_path), LocalStore(tmp_path)
+    real_replace = os.replace
+    renaming = threading.Event()
+    go_on = threading.Event()
+
+    def replace(src: Any, dst: Any) -> None:
+        if str(dst).endswith("events.json"):
+            renaming.set()
+            go_on.wait(timeout=10)  # the other store cleans up meanwhile
+        real_replace(src, dst)
+
+    monkeypatch.setattr(local.os, "replace", replace)
+    errors: list[BaseException] = []
+
+    def write() -> None:
+        try:
+            writer.write_file("events/events.json", [b"{}"])
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    thread = threading.Thread(target=write)
+    thread.start()
+    assert renaming.wait(timeout=10), "the write never reached its rename"
+    cleaner.cleanup_incomplete()
+    go_on.set()
+    thread.join(timeout=10)
+    assert not errors, f"the write failed after the other store's cleanup: {errors[0]!r}"
+    assert (tmp_path / "events" / "events.json").read_bytes() == b"{}"
+
+
+def test_a_temp_file_created_while_the_cleanup_walks_is_not_cleaned_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cleanup once took its list of this process's temp files before walking the store: one
+    created during the walk looked like a dead writer's."""
+    writer, cleaner = LocalStore(tmp_path), LocalStore(tmp_path)
+    real_replace, real_walk = os.replace, os.walk
+    renaming, go_on = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def replace(src: Any, dst: Any) -> None:
+        if str(dst).endswith("late.json"):
+            renaming.set()
+            go_on.wait(timeout=10)
+        real_replace(src, dst)
+
+    def write() -> None:
+        try:
+            writer.write_file("events/late.json", [b"[]"])
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    thread = threading.Thread(target=write)
+
+    def walk(top: Any, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        thread.start()  # the temp file appears after the cleanup began, before it looks
+        assert renaming.wait(timeout=10), "the write never reached its rename"
+        yield from real_walk(top, *args, **kwargs)
+
+    monkeypatch.setattr(local.os, "replace", replace)
+    monkeypatch.setattr(local.os, "walk", walk)
+    cleaner.cleanup_incomplete()
+    go_on.set()
+    thread.join(timeout=10)
+    assert not errors, f"the write failed after the cleanup: {errors[0]!r}"
+    assert (tmp_path / "events" / "late.json").read_bytes() == b"[]"

@@ -73,6 +73,14 @@ _READ_ADVICE: tuple[int, ...] = tuple(
     getattr(mmap, name) for name in ("MADV_HUGEPAGE", "MADV_SEQUENTIAL", "MADV_WILLNEED") if hasattr(mmap, name)
 )
 
+#: Temp files this process is writing right now, through any of its stores. Process-wide: two
+#: stores on one directory (a Run's checkpointer and its event log) each clean up killed writers'
+#: temp files, and one of this process that the *other* store was writing is not a killed writer's
+#: (per store, and looked up before the walk, a retention after a save removed an event log's temp
+#: file before its rename).
+_ACTIVE: set[Path] = set()
+_ACTIVE_LOCK = threading.Lock()
+
 _TEMP = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)-[0-9a-f]+$")
 
 
@@ -318,7 +326,6 @@ class LocalStore(Store):
             d = d.parent
         if os.path.exists(d) and not os.path.isdir(d):
             raise StoreError(errno.ENOTDIR, f"{self.url}: cannot be a store: {d} is not a directory", str(d))
-        self._active: set[Path] = set()  # temp files this store is writing right now
         self._lock = threading.Lock()
         self.direct_io = (_direct_io_default() if direct_io is None else direct_io) and bool(_O_DIRECT)
         self._bounces: list[memoryview] = []  # idle bounce buffers, reused (fresh pages cost a fault each)
@@ -413,8 +420,8 @@ class LocalStore(Store):
     def _write_durably(self, target: Path, buffers: Sequence[Buffer], *, sync_dir: bool) -> None:
         self._makedirs(target.parent)
         temp = self._temp(target)
-        with self._lock:
-            self._active.add(temp)
+        with _ACTIVE_LOCK:
+            _ACTIVE.add(temp)
         try:
             size = sum(memoryview(b).nbytes for b in buffers)
             try:
@@ -441,8 +448,8 @@ class LocalStore(Store):
                 pass
             raise
         finally:
-            with self._lock:
-                self._active.discard(temp)
+            with _ACTIVE_LOCK:
+                _ACTIVE.discard(temp)
 
     # -- Store --------------------------------------------------------------------
     def listdir(self, path: str = "") -> list[str]:
@@ -469,8 +476,8 @@ class LocalStore(Store):
         target = self._full(path)
         self._makedirs(target.parent)
         temp = self._temp(target)
-        with self._lock:
-            self._active.add(temp)
+        with _ACTIVE_LOCK:
+            _ACTIVE.add(temp)
         try:
             try:
                 fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
@@ -491,8 +498,8 @@ class LocalStore(Store):
                 temp.unlink()
             except OSError:
                 pass
-            with self._lock:
-                self._active.discard(temp)
+            with _ACTIVE_LOCK:
+                _ACTIVE.discard(temp)
 
     def _inside(self, full: Path) -> Path:
         """``full`` with every symbolic link resolved; CheckpointCorrupt when that leaves the store."""
@@ -642,8 +649,6 @@ class LocalStore(Store):
         if not self.root.is_dir():
             return
         me = os.getpid()
-        with self._lock:
-            active = set(self._active)
         for dirpath, _dirs, files in os.walk(self.root):
             for name in files:
                 m = _TEMP.match(name)
@@ -651,9 +656,14 @@ class LocalStore(Store):
                     continue
                 full = Path(dirpath) / name
                 pid = int(m.group("pid"))
-                if full in active or (pid != me and pid_alive(pid)):
+                if pid != me and pid_alive(pid):
                     continue
-                try:
-                    full.unlink()
-                except OSError:
-                    pass
+                # Looked up at the unlink, under the lock (a writer registers its temp file before
+                # creating it): a snapshot taken before the walk missed temp files created during it.
+                with _ACTIVE_LOCK:
+                    if full in _ACTIVE:
+                        continue
+                    try:
+                        full.unlink()
+                    except OSError:
+                        pass
