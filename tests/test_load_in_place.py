@@ -68,7 +68,8 @@ def test_restore_reads_the_data_file_once_straight_into_the_models_tensors(tmp_p
     store = WatchedStore(tmp_path)
     with Checkpointer(store) as c:
         state = c.load(into={"model": live, "optimizer": live_opt})
-        assert len(store.streamed) == 1 and store.streamed[0].endswith(".bin"), store.streamed
+        assert len(store.streamed) == 1, f"streamed {store.streamed}, not the data file once"
+        assert store.streamed[0].endswith(".bin"), f"streamed {store.streamed[0]}, not the data file"
         assert store.streamed[0] not in store.mapped, f"the data file was mapped too: {store.mapped}"
         for k, t in state["model"].items():
             assert t.data_ptr() == where[k], f"{k}: loaded into other memory than the live tensor's"
@@ -188,7 +189,7 @@ def _resident(address: int, length: int) -> int:
     libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
     pages = -(-length // mmap.PAGESIZE)
     vec = (ctypes.c_ubyte * pages)()
-    assert libc.mincore(address, length, vec) == 0, os.strerror(ctypes.get_errno())
+    assert libc.mincore(address, length, vec) == 0, f"mincore: {os.strerror(ctypes.get_errno())}"
     return sum(v & 1 for v in vec)
 
 

@@ -296,6 +296,32 @@ def test_an_unaligned_source_is_copied_while_the_disk_writes_the_previous_piece(
     assert store.bounced_bytes == len(source), f"{store.bounced_bytes} of {len(source)} bytes bounced"
 
 
+class _InFlight:
+    """``os.pwrite`` or ``os.preadv`` counting the calls in flight at once; the call at offset 0 waits
+    (up to 10 s) for a second to start, which with one thread never would."""
+
+    def __init__(self, real: Callable[[int, Any, int], int]) -> None:
+        self.real = real
+        self.lock = threading.Lock()
+        self.in_flight = 0
+        self.most = 0
+        self.overlapped = threading.Event()
+
+    def __call__(self, fd: int, data: Any, offset: int) -> int:
+        with self.lock:
+            self.in_flight += 1
+            self.most = max(self.most, self.in_flight)
+            if self.in_flight >= 2:
+                self.overlapped.set()
+        try:
+            if offset == 0:
+                self.overlapped.wait(timeout=10)
+            return self.real(fd, data, offset)
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+
+
 @needs_o_direct
 @pytest.mark.parametrize("source", ["aligned", "unaligned"])
 def test_two_pieces_of_one_file_are_on_their_way_to_the_disk_at_once(
@@ -303,32 +329,13 @@ def test_two_pieces_of_one_file_are_on_their_way_to_the_disk_at_once(
 ) -> None:
     """One writer left the disk idle between pieces (a piece is only a few requests deep): a sync
     save stayed at 0.83-0.90x a bare O_DIRECT write. The writers overlap, and the bytes stay exact."""
-    real_pwrite = os.pwrite
-    lock = threading.Lock()
-    in_flight = [0]
-    most = [0]
-    overlapped = threading.Event()
-
-    def pwrite(fd: int, data: Any, offset: int) -> int:
-        with lock:
-            in_flight[0] += 1
-            most[0] = max(most[0], in_flight[0])
-            if in_flight[0] >= 2:
-                overlapped.set()
-        try:
-            if offset == 0:  # the first piece waits for a second to start (with one writer none would: 10 s)
-                overlapped.wait(timeout=10)
-            return real_pwrite(fd, data, offset)
-        finally:
-            with lock:
-                in_flight[0] -= 1
-
+    pwrite = _InFlight(os.pwrite)
     monkeypatch.setattr(local.os, "pwrite", pwrite)
     big = _aligned(6 * BOUNCE_SIZE + 4096)
     data = big[: 6 * BOUNCE_SIZE] if source == "aligned" else big[3 : 3 + 6 * BOUNCE_SIZE - 100]
     store = LocalStore(tmp_path)
     store.write_file("f.bin", [data])
-    assert most[0] >= 2, f"at most {most[0]} write in flight at once ({WRITERS} writers)"
+    assert pwrite.most >= 2, f"at most {pwrite.most} write in flight at once ({WRITERS} writers)"
     assert (tmp_path / "f.bin").read_bytes() == bytes(data), "the file's bytes differ from the buffer's"
 
 
@@ -484,32 +491,13 @@ def test_two_pieces_of_a_streamed_read_are_on_their_way_from_the_disk_at_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """One reader would leave the disk idle while the caller hashes and copies each piece."""
-    real = os.preadv
-    lock = threading.Lock()
-    in_flight = [0]
-    most = [0]
-    overlapped = threading.Event()
-
-    def preadv(fd: int, buffers: Any, offset: int) -> int:
-        with lock:
-            in_flight[0] += 1
-            most[0] = max(most[0], in_flight[0])
-            if in_flight[0] >= 2:
-                overlapped.set()
-        try:
-            if offset == 0:  # the first piece waits for a second to start (with one reader none would: 10 s)
-                overlapped.wait(timeout=10)
-            return real(fd, buffers, offset)
-        finally:
-            with lock:
-                in_flight[0] -= 1
-
+    preadv = _InFlight(os.preadv)
     data = os.urandom(4 * BOUNCE_SIZE + 5)
     (tmp_path / "f.bin").write_bytes(data)
     monkeypatch.setattr(local.os, "preadv", preadv)
     got = bytearray()
     LocalStore(tmp_path).read_file_through("f.bin", len(data), lambda _o, piece: got.extend(piece))
-    assert most[0] >= 2, f"at most {most[0]} read in flight at once"
+    assert preadv.most >= 2, f"at most {preadv.most} read in flight at once"
     assert bytes(got) == data, "the bytes handed on differ from the file's"
 
 
