@@ -141,12 +141,15 @@ def live_places(
         proposals.setdefault(b, set()).add(lb)
         claimed.setdefault(lb, set()).add(b)
         paired.add(j)
+    on_blob: dict[int, list[int]] = {}  # live blob -> its tensors, once (not a pass over all of them per blob)
+    for j, t in enumerate(live.tensors):
+        on_blob.setdefault(t["blob"], []).append(j)
     places: dict[int, int] = {}
     for b, lbs in proposals.items():
         if b in refused or len(lbs) != 1:
             continue
         lb = next(iter(lbs))
-        if len(claimed[lb]) == 1 and _covered(live.tensors, lb, paired, blobs[b].nbytes):
+        if len(claimed[lb]) == 1 and _covered(live.tensors, on_blob[lb], paired, blobs[b].nbytes):
             places[b] = lb
     return places
 
@@ -177,8 +180,8 @@ def streamable(description: Mapping[str, Any], blobs: Sequence[Blob], map_locati
     return True
 
 
-def _covered(tensors: Sequence[dict[str, Any]], lb: int, paired: set[int], nbytes: int) -> bool:
-    """Whether every byte of live blob ``lb`` belongs to a paired, contiguous live tensor on it.
+def _covered(tensors: Sequence[dict[str, Any]], on_it: Sequence[int], paired: set[int], nbytes: int) -> bool:
+    """Whether every byte of a live blob belongs to a paired, contiguous live tensor on it (``on_it``).
 
     The blob's bytes are written whole: a byte of the live storage that no paired tensor owns
     (between the views of a larger buffer, before an offset that is not 16-aligned, a strided
@@ -186,9 +189,8 @@ def _covered(tensors: Sequence[dict[str, Any]], lb: int, paired: set[int], nbyte
     instead of keeping its own, which ``load_state_dict`` never does. Such a blob gets no place.
     """
     ranges: list[tuple[int, int]] = []
-    for j, t in enumerate(tensors):
-        if t["blob"] != lb:
-            continue
+    for j in on_it:
+        t = tensors[j]
         if j not in paired:
             return False
         shape, stride = t["shape"], t["stride"]
