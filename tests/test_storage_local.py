@@ -234,7 +234,15 @@ def test_a_large_payload_goes_past_the_page_cache(tmp_path: Path) -> None:
 @needs_o_direct
 @pytest.mark.parametrize(
     "shape",
-    ["aligned", "aligned with a tail", "unaligned", "mixed parts", "read-only bytes", "bounce-sized pieces"],
+    [
+        "aligned",
+        "aligned with a tail",
+        "unaligned",
+        "mixed parts",
+        "read-only bytes",
+        "bounce-sized pieces",
+        "ramp-sized pieces",
+    ],
 )
 def test_o_direct_writes_any_buffers_byte_exact(tmp_path: Path, shape: str) -> None:
     big = _aligned(20 << 20)
@@ -245,6 +253,7 @@ def test_o_direct_writes_any_buffers_byte_exact(tmp_path: Path, shape: str) -> N
         "mixed parts": [big[: 3 * 4096], os.urandom(1000), big[4096 : 10 << 20], bytearray(os.urandom(5000))],
         "read-only bytes": [os.urandom(9 << 20) + b"x"],
         "bounce-sized pieces": [big[1 : BOUNCE_SIZE + 1], big[:BOUNCE_SIZE], big[5:4101]],
+        "ramp-sized pieces": [big[3 : 3 + n] for n in (*local.RAMP, 4096, 1)],
     }[shape]
     store = LocalStore(tmp_path)
     store.write_file("f.bin", parts)
@@ -294,6 +303,32 @@ def test_an_unaligned_source_is_copied_while_the_disk_writes_the_previous_piece(
     assert writers != set() and writers <= threads, f"written from {writers}, not the writer threads {threads}"
     assert (tmp_path / "f.bin").read_bytes() == bytes(source), "the file's bytes differ from the buffer's"
     assert store.bounced_bytes == len(source), f"{store.bounced_bytes} of {len(source)} bytes bounced"
+
+
+@needs_o_direct
+def test_every_writer_gets_its_first_piece_after_a_short_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first staged pieces are small (local.RAMP), then whole bounce buffers: with whole 16 MiB
+    pieces from the start, the fourth writer waited for four copies (7-14 ms) before its first write."""
+    pieces: list[tuple[int, int]] = []
+    real_put = local._Pipe.put
+
+    def put(self: Any, view: memoryview, offset: int, bounce: memoryview | None = None) -> None:
+        pieces.append((offset, len(view)))
+        real_put(self, view, offset, bounce)
+
+    monkeypatch.setattr(local._Pipe, "put", put)
+    big = _aligned(5 * BOUNCE_SIZE)
+    source = big[100 : 100 + 3 * BOUNCE_SIZE + 5000]  # unaligned: every byte is staged
+    store = LocalStore(tmp_path)
+    store.write_file("f.bin", [source])
+    sizes = [n for _, n in sorted(pieces)]
+    ramp = list(local.RAMP)
+    assert ramp and ramp == sorted(ramp) and all(n % DIRECT_ALIGN == 0 for n in ramp), f"RAMP is {ramp}"
+    assert sizes[: len(ramp)] == ramp, f"the first pieces are {sizes[: len(ramp)]} bytes, not {ramp}"
+    assert set(sizes[len(ramp) : -1]) == {BOUNCE_SIZE}, f"the middle pieces are {sizes[len(ramp) : -1]} bytes"
+    ends = [o + n for o, n in sorted(pieces)]
+    assert [o for o, _ in sorted(pieces)] == [0, *ends[:-1]], f"the pieces {sorted(pieces)} leave gaps"
+    assert (tmp_path / "f.bin").read_bytes() == bytes(source), "the file's bytes differ from the buffer's"
 
 
 class _InFlight:

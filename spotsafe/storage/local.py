@@ -59,6 +59,10 @@ BOUNCES = 6
 #: save from 0.83-0.90x a bare ``O_DIRECT`` write to 0.88-0.96x; four writers and six bounces
 #: from 0.87-0.94x to 0.94-1.00x (the bounce path alone, two interleaved A/Bs: benchmarks/README.md).
 WRITERS = 4
+#: Sizes of a write's first staged pieces (then whole bounce buffers): each writer gets its first
+#: piece after a short copy instead of one whole buffer's copy after another (with 16 MiB pieces
+#: the fourth writer waited 7-14 ms for its first while the disk had one to three in flight).
+RAMP: tuple[int, ...] = (1 << 20, 2 << 20, 4 << 20, 8 << 20)
 #: Threads that read one streamed file's pieces (:meth:`LocalStore.read_file_through`), each into
 #: one of the :data:`BOUNCES` reused bounce buffers, while the caller takes the pieces already in.
 READERS = 2
@@ -261,8 +265,9 @@ def _write_direct(fd: int, buffers: Sequence[Buffer], bounces: Sequence[memoryvi
     Returns how many of the bytes written with ``O_DIRECT`` were staged in a bounce buffer.
     """
     pipe = _Pipe(fd, bounces)
-    fill = staged = offset = 0
+    fill = staged = offset = pieces = 0
     bounce: memoryview | None = None
+    limit = 0  # where the piece being staged in ``bounce`` is cut off (see RAMP)
     try:
         for buf in buffers:
             view = memoryview(buf).cast("B")
@@ -277,7 +282,8 @@ def _write_direct(fd: int, buffers: Sequence[Buffer], bounces: Sequence[memoryvi
                     continue
                 if bounce is None:
                     bounce = pipe.free.get()
-                take = min(len(bounce) - fill, end - pos)
+                    limit = min(RAMP[pieces], len(bounce)) if pieces < len(RAMP) else len(bounce)
+                take = min(limit - fill, end - pos)
                 dest = _address(bounce)
                 if addr is not None and dest is not None:
                     # ctypes calls release the GIL (a slice assignment holds it for the whole copy:
@@ -288,10 +294,11 @@ def _write_direct(fd: int, buffers: Sequence[Buffer], bounces: Sequence[memoryvi
                     bounce[fill : fill + take] = view[pos : pos + take]
                 fill += take
                 pos += take
-                if fill == len(bounce):
-                    pipe.put(bounce, offset, bounce)
+                if fill == limit:
+                    pipe.put(bounce[:fill], offset, bounce)
                     offset += fill
                     staged += fill
+                    pieces += 1
                     fill, bounce = 0, None
         whole = fill // DIRECT_ALIGN * DIRECT_ALIGN
         if bounce is not None and whole:
