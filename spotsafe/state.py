@@ -22,6 +22,7 @@ Anything else raises :class:`spotsafe.errors.StateError` naming its key path.
 from __future__ import annotations
 
 import enum
+import functools
 import math
 import random
 import re
@@ -51,6 +52,8 @@ _MAX_DIM = 1 << 48
 #: (and JSON to read) decimal ints of over 4,300 digits.
 _BIG_INT_BITS = 13_000
 _HEX_INT = re.compile(r"-?0x[0-9a-f]+")
+_DTYPE_NAMES = {d: str(d).removeprefix("torch.") for d in vars(torch).values() if isinstance(d, torch.dtype)}
+_device_name = functools.lru_cache(maxsize=256)(str)  # str(torch.device) costs 0.4 us: once per device
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -172,6 +175,8 @@ class _Flattener:
 
     # -- values -------------------------------------------------------------
     def value(self, obj: Any, path: str, depth: int = 0) -> Any:
+        if type(obj) in (torch.nn.Parameter, torch.Tensor):  # the bulk of a state: first
+            return {"T": "tensor", "id": self.tensor(obj, path)}
         where = path or "<root>"
         if depth > MAX_DEPTH:
             raise StateError(f"{where}: the state is nested deeper than {MAX_DEPTH} levels")
@@ -274,42 +279,41 @@ class _Flattener:
 
     # -- tensors ------------------------------------------------------------
     def tensor(self, t: torch.Tensor, path: str) -> int:
-        where = path or "<root>"
-        if type(t) not in (torch.Tensor, torch.nn.Parameter):
+        # Once per tensor, in a sync save's stall: no detach (only the storage is kept), no str() per call.
+        kind = type(t)
+        if kind is not torch.Tensor and kind is not torch.nn.Parameter:
             raise StateError(
-                f"{where}: tensor subclass {type(t).__qualname__} is not supported "
+                f"{path or '<root>'}: tensor subclass {kind.__qualname__} is not supported "
                 "(DTensor/sharded state: use spotsafe.distributed)"
             )
         if t.layout != torch.strided or t.is_quantized or t.is_nested:
-            raise StateError(f"{where}: only dense strided tensors are supported, not {t.layout}")
-        if t.device.type == "meta":
-            raise StateError(f"{where}: a meta tensor has no data to save")
-        entry: dict[str, Any] = {
-            "dtype": _dtype_name(t.dtype),
-            "shape": list(t.shape),
-            "device": str(t.device),
-        }
-        if isinstance(t, torch.nn.Parameter):
+            raise StateError(f"{path or '<root>'}: only dense strided tensors are supported, not {t.layout}")
+        dev = _device_name(t.device)
+        if dev == "meta":
+            raise StateError(f"{path or '<root>'}: a meta tensor has no data to save")
+        shape, strides, dtype = t.shape, t.stride(), _DTYPE_NAMES.get(t.dtype) or _dtype_name(t.dtype)
+        entry: dict[str, Any] = {"dtype": dtype, "shape": list(shape), "device": dev}
+        if kind is torch.nn.Parameter:
             entry["param"] = True
         if t.requires_grad:
             entry["requires_grad"] = True
         if t.is_conj() or t.is_neg():
             t = t.resolve_conj().resolve_neg()  # a fresh copy with its own storage
-        t = t.detach()
+            strides = t.stride()
         itemsize = t.element_size()
         if t.numel() == 0:
-            entry.update(blob=-1, stride=list(t.stride()), offset=0)
+            entry.update(blob=-1, stride=list(strides), offset=0)
             self.tensors.append(entry)
             return len(self.tensors) - 1
         storage = t.untyped_storage()
         lo = int(t.storage_offset())
         hi = lo
-        for size, stride in zip(map(int, t.shape), map(int, t.stride()), strict=True):
+        for size, stride in zip(shape, strides, strict=True):
             if stride < 0:  # not producible by torch, but be safe
-                raise StateError(f"{where}: negative strides are not supported")
+                raise StateError(f"{path or '<root>'}: negative strides are not supported")
             hi += (size - 1) * stride
         start, end = lo * itemsize, (hi + 1) * itemsize
-        key = (str(t.device), storage.data_ptr())
+        key = (dev, storage.data_ptr())
         index = self.by_storage.get(key)
         if index is None:
             index = len(self.blob_ranges)
@@ -320,7 +324,7 @@ class _Flattener:
             rng = self.blob_ranges[index]
             rng[0] = min(rng[0], start)
             rng[1] = max(rng[1], end)
-        entry.update(blob=index, stride=list(t.stride()), byte_offset=start)
+        entry.update(blob=index, stride=list(strides), byte_offset=start)
         self.tensors.append(entry)
         return len(self.tensors) - 1
 
