@@ -843,3 +843,50 @@ def test_an_async_save_writes_its_snapshot_buffer_to_disk_without_a_copy(tmp_pat
                 assert torch.equal(out[key], state[key]), f"step {step}: {key} differs"
     finally:
         ckpt.close()
+
+
+class _HashingCounted(LocalStore):
+    """A local store recording the files it hashed as it wrote them (write_file is not overridden:
+    a subclass that does sees every file through it, never hashed as written)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.hashed: list[str] = []
+
+    def write_file_hashed(self, path: str, buffers: Sequence[Buffer], hasher: Any) -> None:
+        self.hashed.append(path)
+        super().write_file_hashed(path, buffers, hasher)
+
+
+@pytest.mark.parametrize("direct_io", [True, False])
+def test_a_data_file_is_hashed_as_it_is_written_and_its_checksum_is_the_files(tmp_path: Path, direct_io: bool) -> None:
+    """A store past the page cache hashes each piece as it writes it (from the bounce buffer the
+    piece was just copied into); one through the page cache is hashed beside the write. Either way
+    the manifest's checksum is the file's: a verified load passes, and one flipped byte is caught."""
+    model = torch.nn.Sequential(torch.nn.Linear(700, 3000), torch.nn.Linear(3000, 10))  # ~10 MiB: O_DIRECT
+    store = _HashingCounted(tmp_path, direct_io=direct_io)
+    ck = Checkpointer(store)
+    for step, async_ in ((1, False), (2, True)):
+        ck.save(step, {"model": model}, async_=async_)
+        ck.wait()
+    want = 2 if direct_io and store.direct_io else 0
+    assert len(store.hashed) == want, f"hashed as written: {store.hashed}"
+    assert LookingStore(tmp_path).hashes_writes is False, "a store overriding write_file would not see data files"
+    patched = LocalStore(tmp_path)
+    setattr(patched, "write_file", lambda path, buffers: None)  # noqa: B010 - as a test's wrapper patches it
+    assert patched.hashes_writes is False, "a store whose write_file is patched would not see data files"
+    for step in (1, 2):
+        got = ck.load(step, verify=True)
+        for k, v in model.state_dict().items():
+            assert torch.equal(got["model"][k], v), f"step {step}: {k} differs"
+    newest = ck.latest()
+    assert newest is not None and newest.step == 2, f"the newest checkpoint is {newest}"
+    (data,) = [p for p in (tmp_path / newest.name).iterdir() if p.suffix == ".bin"]
+    with open(data, "r+b") as f:
+        f.seek(12345)
+        byte = f.read(1)
+        f.seek(12345)
+        f.write(bytes([byte[0] ^ 1]))
+    with pytest.raises(CheckpointCorrupt, match="checksum"):
+        ck.load(2, verify=True)
+    ck.close()

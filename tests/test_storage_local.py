@@ -7,16 +7,20 @@ import errno
 import gc
 import mmap
 import os
+import signal
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import xxhash
 
+from spotsafe.checkpoint.files import checksum
 from spotsafe.errors import CheckpointCorrupt, CheckpointNotFound, StoreError
 from spotsafe.storage import local
 from spotsafe.storage.base import DIRECT_ALIGN, Buffer
@@ -262,6 +266,12 @@ def test_o_direct_writes_any_buffers_byte_exact(tmp_path: Path, shape: str) -> N
     assert len(got) == len(want), f"{len(got)} bytes written, {len(want)} given"
     assert got == want, "the file's bytes differ from the buffers'"
     assert store.direct_bytes == len(want) // DIRECT_ALIGN * DIRECT_ALIGN, "not every whole block went direct"
+    # Hashed as written (each staged piece from its bounce buffer): the digest is the file's.
+    assert store.hashes_writes, "a store writing with O_DIRECT does not hash as it writes"
+    hasher = xxhash.xxh3_128()
+    store.write_file_hashed("h.bin", parts, hasher)
+    assert (tmp_path / "h.bin").read_bytes() == want, "the hashed write's bytes differ from the buffers'"
+    assert hasher.hexdigest() == checksum(want), f"{shape}: the digest fed while writing is not the file's"
 
 
 @needs_o_direct
@@ -389,8 +399,11 @@ def test_a_filesystem_that_refuses_o_direct_is_written_through_the_page_cache(
     monkeypatch.setattr("spotsafe.storage.local.os.open", refusing_open)
     data = _aligned(DIRECT_MIN)
     store = LocalStore(tmp_path)
-    store.write_file("f.bin", [data])
+    hasher = xxhash.xxh3_128()
+    store.write_file_hashed("f.bin", [data], hasher)
     assert (tmp_path / "f.bin").read_bytes() == bytes(data), "the fallback's bytes differ"
+    assert hasher.hexdigest() == checksum(data), "the fallback's digest is not the file's"
+    assert store.hashes_writes is False, "a store writing through the page cache claims to hash as it writes"
     assert store.direct_io is False, "the store keeps trying O_DIRECT after a refusal"
     assert store.direct_bytes == 0, f"{store.direct_bytes} bytes claimed to be direct"
 
@@ -401,15 +414,18 @@ def test_o_direct_refused_mid_file_starts_over_through_the_page_cache(
 ) -> None:
     from spotsafe.storage import local
 
-    def half_then_refuse(fd: int, buffers: Any, bounce: memoryview) -> int:
+    def half_then_refuse(fd: int, buffers: Any, bounce: memoryview, hasher: Any) -> int:
         os.write(fd, b"partial garbage")
+        hasher.update(b"partial garbage")
         raise OSError(errno.EINVAL, "Invalid argument")
 
     monkeypatch.setattr(local, "_write_direct", half_then_refuse)
     data = _aligned(DIRECT_MIN)
     store = LocalStore(tmp_path)
-    store.write_file("f.bin", [data])
+    hasher = xxhash.xxh3_128()
+    store.write_file_hashed("f.bin", [data], hasher)
     assert (tmp_path / "f.bin").read_bytes() == bytes(data), "the restart kept bytes of the refused attempt"
+    assert hasher.hexdigest() == checksum(data), "the restart's digest still counts the refused attempt's bytes"
     assert store.direct_io is False, "the store keeps trying O_DIRECT after a refusal"
 
 
@@ -579,6 +595,103 @@ def test_a_failing_consumer_stops_the_read_and_hands_the_buffers_back(tmp_path: 
     got = bytearray()
     store.read_file_through("f.bin", len(data), lambda _o, piece: got.extend(piece))
     assert bytes(got) == data, "the next read of the same store came out different"
+
+
+class _HeldIO:
+    """``os.pwrite`` or ``os.preadv`` counting the calls in flight; the first at or past ``hold_from``
+    waits for :attr:`release` (up to 10 s) after setting :attr:`held`."""
+
+    def __init__(self, real: Callable[[int, Any, int], int], hold_from: int) -> None:
+        self.real, self.hold_from = real, hold_from
+        self.lock = threading.Lock()
+        self.in_flight = 0
+        self.held, self.release = threading.Event(), threading.Event()
+
+    def __call__(self, fd: int, data: Any, offset: int) -> int:
+        with self.lock:
+            self.in_flight += 1
+            hold = offset >= self.hold_from and not self.held.is_set()
+            if hold:
+                self.held.set()
+        try:
+            if hold:
+                self.release.wait(timeout=10)
+            return self.real(fd, data, offset)
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+
+
+def _interrupt_twice(io: _HeldIO) -> threading.Thread:
+    """Ctrl-C once the held call waits, again while the caller waits for it, then let it go on."""
+    main = threading.main_thread().ident
+    assert main is not None and threading.current_thread() is threading.main_thread(), "not the main thread"
+
+    def waiting_inside() -> bool:  # the main thread waits for something, inside the store's call
+        frame = sys._current_frames().get(main)
+        if frame is None or frame.f_code.co_name not in ("wait", "join", "_wait_for_tstate_lock"):
+            return False
+        while frame is not None:
+            if frame.f_code.co_name in ("read_file_through", "write_file"):
+                return True
+            frame = frame.f_back
+        return False
+
+    def interrupter() -> None:
+        try:
+            if not io.held.wait(timeout=10):
+                return
+            time.sleep(0.1)
+            signal.pthread_kill(main, signal.SIGINT)
+            time.sleep(0.1)
+            deadline = time.monotonic() + 10
+            while not waiting_inside() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            if waiting_inside():  # never once the call is over: it would hit the test itself
+                signal.pthread_kill(main, signal.SIGINT)
+                time.sleep(0.3)
+        finally:
+            io.release.set()
+
+    thread = threading.Thread(target=interrupter, daemon=True)
+    thread.start()
+    return thread
+
+
+@needs_o_direct
+@pytest.mark.parametrize("direction", ["streamed read", "O_DIRECT write"])
+def test_ctrl_c_lets_go_of_no_buffer_or_descriptor_an_io_thread_still_uses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direction: str
+) -> None:
+    """A Ctrl-C during a load or a save: its reader or writer threads may still fill the store's
+    buffers (the next write's bounce buffers) or use its descriptor (once closed, its number is the
+    next open's: a late pwrite lands in another file). They are waited for before the
+    KeyboardInterrupt goes up, even when a second Ctrl-C comes while waiting."""
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("a KeyboardInterrupt reaches only the main thread")
+    store = LocalStore(tmp_path)
+    data = _aligned(5 * BOUNCE_SIZE)
+    (tmp_path / "f.bin").write_bytes(data)
+    io = _HeldIO(os.preadv if direction == "streamed read" else os.pwrite, 2 * BOUNCE_SIZE)
+    monkeypatch.setattr(local.os, "preadv" if direction == "streamed read" else "pwrite", io)
+    in_flight: list[int] = []
+    interrupter = _interrupt_twice(io)
+    with pytest.raises(KeyboardInterrupt):
+        try:
+            if direction == "streamed read":
+                store.read_file_through("f.bin", len(data), lambda _o, _p: None)
+            else:
+                store.write_file("g.bin", [data[1:]])  # unaligned: through the bounce buffers
+        finally:
+            in_flight.append(io.in_flight)
+    interrupter.join()
+    assert io.held.is_set(), "no call was held: the test did not test anything"
+    assert in_flight == [0], f"{in_flight[0]} {direction} call(s) still running when the KeyboardInterrupt came out"
+    monkeypatch.undo()
+    assert not (tmp_path / "g.bin").exists(), "an interrupted write left its file"
+    got = bytearray()
+    store.read_file_through("f.bin", len(data), lambda _o, piece: got.extend(piece))
+    assert bytes(got) == bytes(data), "the store's next read came out different"
 
 
 def test_a_temp_file_another_store_of_this_process_is_writing_is_not_cleaned_up(
