@@ -18,9 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import xxhash
 
-from spotsafe.checkpoint.files import checksum
 from spotsafe.errors import CheckpointCorrupt, CheckpointNotFound, StoreError
 from spotsafe.storage import local
 from spotsafe.storage.base import DIRECT_ALIGN, Buffer
@@ -266,12 +264,6 @@ def test_o_direct_writes_any_buffers_byte_exact(tmp_path: Path, shape: str) -> N
     assert len(got) == len(want), f"{len(got)} bytes written, {len(want)} given"
     assert got == want, "the file's bytes differ from the buffers'"
     assert store.direct_bytes == len(want) // DIRECT_ALIGN * DIRECT_ALIGN, "not every whole block went direct"
-    # Hashed as written (each staged piece from its bounce buffer): the digest is the file's.
-    assert store.hashes_writes, "a store writing with O_DIRECT does not hash as it writes"
-    hasher = xxhash.xxh3_128()
-    store.write_file_hashed("h.bin", parts, hasher)
-    assert (tmp_path / "h.bin").read_bytes() == want, "the hashed write's bytes differ from the buffers'"
-    assert hasher.hexdigest() == checksum(want), f"{shape}: the digest fed while writing is not the file's"
 
 
 @needs_o_direct
@@ -399,11 +391,8 @@ def test_a_filesystem_that_refuses_o_direct_is_written_through_the_page_cache(
     monkeypatch.setattr("spotsafe.storage.local.os.open", refusing_open)
     data = _aligned(DIRECT_MIN)
     store = LocalStore(tmp_path)
-    hasher = xxhash.xxh3_128()
-    store.write_file_hashed("f.bin", [data], hasher)
+    store.write_file("f.bin", [data])
     assert (tmp_path / "f.bin").read_bytes() == bytes(data), "the fallback's bytes differ"
-    assert hasher.hexdigest() == checksum(data), "the fallback's digest is not the file's"
-    assert store.hashes_writes is False, "a store writing through the page cache claims to hash as it writes"
     assert store.direct_io is False, "the store keeps trying O_DIRECT after a refusal"
     assert store.direct_bytes == 0, f"{store.direct_bytes} bytes claimed to be direct"
 
@@ -414,18 +403,15 @@ def test_o_direct_refused_mid_file_starts_over_through_the_page_cache(
 ) -> None:
     from spotsafe.storage import local
 
-    def half_then_refuse(fd: int, buffers: Any, bounce: memoryview, hasher: Any) -> int:
+    def half_then_refuse(fd: int, buffers: Any, bounce: memoryview) -> int:
         os.write(fd, b"partial garbage")
-        hasher.update(b"partial garbage")
         raise OSError(errno.EINVAL, "Invalid argument")
 
     monkeypatch.setattr(local, "_write_direct", half_then_refuse)
     data = _aligned(DIRECT_MIN)
     store = LocalStore(tmp_path)
-    hasher = xxhash.xxh3_128()
-    store.write_file_hashed("f.bin", [data], hasher)
+    store.write_file("f.bin", [data])
     assert (tmp_path / "f.bin").read_bytes() == bytes(data), "the restart kept bytes of the refused attempt"
-    assert hasher.hexdigest() == checksum(data), "the restart's digest still counts the refused attempt's bytes"
     assert store.direct_io is False, "the store keeps trying O_DIRECT after a refusal"
 
 

@@ -120,33 +120,22 @@ def write_rank_files(
         names = [f"rank{rank:05d}.{token}.bin"]
     tree = json.dumps(staged.description, separators=(",", ":"), allow_nan=False).encode()
     # Both beside the data write: xxh3 runs at memory speed with the GIL released, and the tree
-    # file's write and fsync (a few ms) no longer follow the payload's. A store that hashes as it
-    # writes (a local disk: each piece hashed in the bounce buffer it was just copied into, while
-    # in the CPU's cache) saves the second read of the source: a sync save of 1 GiB from the tensors'
-    # own memory went from 0.92x to 0.94x a bare O_DIRECT write (one interleaved run of 16 rounds).
-    inline = xxhash.xxh3_128() if len(pieces) == 1 and store.hashes_writes else None
-    hasher = _Beside("spotsafe-checksum", lambda: [_hash_parts(parts) for parts in pieces]) if inline is None else None
+    # file's write and fsync (a few ms) no longer follow the payload's.
+    hasher = _Beside("spotsafe-checksum", lambda: [_hash_parts(parts) for parts in pieces])
     tree_writer = _Beside("spotsafe-tree", lambda: store.write_file(f"{directory}/{tree_name}", [tree]))
     t0 = _time.perf_counter()
     try:
-        if inline is not None:
-            store.write_file_hashed(f"{directory}/{names[0]}", pieces[0], inline)
-        elif len(pieces) == 1:
+        if len(pieces) == 1:
             store.write_file(f"{directory}/{names[0]}", pieces[0])
         else:
             store.write_files([(f"{directory}/{n}", p) for n, p in zip(names, pieces, strict=True)])
     except BaseException:
-        if hasher is not None:
-            hasher.join()
+        hasher.join()
         tree_writer.join()  # nothing of this save may write after the caller's cleanup
         raise  # the payload's error, not the tree's (both fail alike on a full disk)
     t1 = _time.perf_counter()
-    sums: list[str] = []
     try:
-        if hasher is not None:
-            sums = hasher.result()
-        elif inline is not None:
-            sums = [inline.hexdigest()]
+        sums: list[str] = hasher.result()
     finally:
         t2 = _time.perf_counter()
         tree_writer.join()

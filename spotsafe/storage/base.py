@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Executor, Future, wait
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from spotsafe.errors import CheckpointCorrupt
 
@@ -35,15 +35,6 @@ log = logging.getLogger(__name__)
 DIRECT_ALIGN = 4096
 
 Buffer = bytes | bytearray | memoryview
-
-
-class Hasher(Protocol):
-    """What :meth:`Store.write_file_hashed` feeds (an ``xxhash`` object)."""
-
-    def update(self, data: Buffer, /) -> None: ...
-
-    def reset(self) -> None: ...
-
 
 #: Transparent huge pages: the size of one, and the alignment :func:`anonymous_buffer` gives.
 HUGE_PAGE = 2 << 20
@@ -158,21 +149,6 @@ class Store(ABC):
         ``file_size`` reports as complete (local: temp name + rename; object stores:
         abort the multipart upload). Overwrites an existing file.
         """
-
-    #: True when :meth:`write_file_hashed` hashes the bytes as it writes them, from where they already
-    #: are (a local store past the page cache hashes each piece in the bounce buffer it was just copied
-    #: into, while it is in the CPU's cache: one read of the source instead of two). False: the default
-    #: below hashes first, so a writer does better hashing beside :meth:`write_file` on its own thread.
-    hashes_writes: bool = False
-
-    def write_file_hashed(self, path: str, buffers: Sequence[Buffer], hasher: Hasher) -> None:
-        """:meth:`write_file`, feeding every byte of the file to ``hasher.update`` in file order.
-
-        ``hasher`` starts fresh; a store that starts a file over calls ``hasher.reset()`` first.
-        """
-        for b in buffers:
-            hasher.update(memoryview(b).cast("B"))
-        self.write_file(path, buffers)
 
     def write_files(self, items: Sequence[tuple[str, Sequence[Buffer]]]) -> None:
         """:meth:`write_file` for each ``(path, buffers)``; stores that can, write them in parallel.

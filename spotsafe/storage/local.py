@@ -35,12 +35,13 @@ import stat
 import threading
 import uuid
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from pathlib import Path
 
 from spotsafe.errors import CheckpointCorrupt, CheckpointNotFound, StoreError
 from spotsafe.processes import pid_alive
-from spotsafe.storage.base import DIRECT_ALIGN, Buffer, Hasher, Store, anonymous_buffer
+from spotsafe.storage.base import DIRECT_ALIGN, Buffer, Store, anonymous_buffer
 
 #: Largest single os.write: big enough to stream at disk speed, small enough to
 #: stay well under the kernel's 2 GiB per-call cap.
@@ -66,9 +67,6 @@ RAMP: tuple[int, ...] = (1 << 20, 2 << 20, 4 << 20, 8 << 20)
 #: Threads that read one streamed file's pieces (:meth:`LocalStore.read_file_through`), each into
 #: one of the :data:`BOUNCES` reused bounce buffers, while the caller takes the pieces already in.
 READERS = 2
-#: How much of a bounce buffer is copied at a time when the write is hashed too: the hash then reads
-#: each piece from the CPU's cache right after the copy (half of this VM's 512 KiB L2 per core).
-HASH_CHUNK = 256 << 10
 _O_DIRECT: int = getattr(os, "O_DIRECT", 0)
 #: madvise(2) for a file mapped to be read: huge pages first (Linux reads the file ahead into
 #: 2 MiB page-cache folios and maps them whole: fewer faults), then sequential read-ahead of all
@@ -140,12 +138,9 @@ def _clear_direct(fd: int) -> None:
     fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~_O_DIRECT)
 
 
-def _write_buffered(fd: int, buffers: Sequence[Buffer], hasher: Hasher | None = None) -> None:
+def _write_buffered(fd: int, buffers: Sequence[Buffer]) -> None:
     for buf in buffers:
-        view = memoryview(buf).cast("B")
-        if hasher is not None:
-            hasher.update(view)
-        _write_fully(fd, view)
+        _write_fully(fd, memoryview(buf).cast("B"))
 
 
 def _pwrite_fully(fd: int, view: memoryview, offset: int) -> None:
@@ -243,7 +238,7 @@ def _pread_upto(fd: int, view: memoryview, offset: int, n: int) -> int:
 
 
 def _all_done(futures: set[Future[int]]) -> None:
-    wait(futures)
+    futures_wait(futures)
 
 
 def _read_pieces(
@@ -296,9 +291,7 @@ def _read_pieces(
         pool.shutdown(wait=False)
 
 
-def _write_direct(
-    fd: int, buffers: Sequence[Buffer], bounces: Sequence[memoryview], hasher: Hasher | None = None
-) -> int:
+def _write_direct(fd: int, buffers: Sequence[Buffer], bounces: Sequence[memoryview]) -> int:
     """Write the concatenation of ``buffers`` from offset 0 of ``fd``, opened with ``O_DIRECT``.
 
     Page-aligned runs of a writable source go straight from memory; the rest is staged
@@ -307,8 +300,6 @@ def _write_direct(
     with ``O_DIRECT`` starts and ends on a block boundary of the file. The last partial
     block is written through the page cache (``O_DIRECT`` cleared) after all the rest.
     Returns how many of the bytes written with ``O_DIRECT`` were staged in a bounce buffer.
-    A ``hasher`` gets every byte in file order: a staged piece from its bounce buffer right
-    after each :data:`HASH_CHUNK` of it is copied, an aligned one from the source.
     """
     pipe = _Pipe(fd, bounces)
     fill = staged = offset = pieces = 0
@@ -322,8 +313,6 @@ def _write_direct(
             while pos < end:
                 if fill == 0 and addr is not None and (addr + pos) % DIRECT_ALIGN == 0 and end - pos >= DIRECT_ALIGN:
                     n = min(WRITE_CHUNK, (end - pos) // DIRECT_ALIGN * DIRECT_ALIGN)
-                    if hasher is not None:
-                        hasher.update(view[pos : pos + n])
                     pipe.put(view[pos : pos + n], offset)
                     offset += n
                     pos += n
@@ -333,18 +322,13 @@ def _write_direct(
                     limit = min(RAMP[pieces], len(bounce)) if pieces < len(RAMP) else len(bounce)
                 take = min(limit - fill, end - pos)
                 dest = _address(bounce)
-                step = take if hasher is None else HASH_CHUNK
-                for k in range(0, take, step):
-                    n = min(step, take - k)
-                    if addr is not None and dest is not None:
-                        # ctypes calls release the GIL (a slice assignment holds it for the whole copy:
-                        # the writer threads could not queue their next piece meanwhile, and the disk
-                        # idled a few ms per piece).
-                        ctypes.memmove(dest + fill + k, addr + pos + k, n)
-                    else:
-                        bounce[fill + k : fill + k + n] = view[pos + k : pos + k + n]
-                    if hasher is not None:
-                        hasher.update(bounce[fill + k : fill + k + n])
+                if addr is not None and dest is not None:
+                    # ctypes calls release the GIL (a slice assignment holds it for the whole copy:
+                    # the writer threads could not queue their next piece meanwhile, and the disk
+                    # idled a few ms per piece).
+                    ctypes.memmove(dest + fill, addr + pos, take)
+                else:
+                    bounce[fill : fill + take] = view[pos : pos + take]
                 fill += take
                 pos += take
                 if fill == limit:
@@ -452,14 +436,14 @@ class LocalStore(Store):
                 self.direct_io = False  # tmpfs, some FUSE mounts: the page cache from now on
         return os.open(temp, flags, 0o644), False
 
-    def _write_payload(self, fd: int, buffers: Sequence[Buffer], direct: bool, hasher: Hasher | None) -> None:
-        """Write ``buffers`` to the new file ``fd``, with ``O_DIRECT`` when ``direct``; ``hasher`` gets every byte."""
+    def _write_payload(self, fd: int, buffers: Sequence[Buffer], direct: bool) -> None:
+        """Write ``buffers`` to the new file ``fd``, with ``O_DIRECT`` when ``direct``."""
         if not direct:
-            _write_buffered(fd, buffers, hasher)
+            _write_buffered(fd, buffers)
             return
         bounces = [self._bounce() for _ in range(BOUNCES)]
         try:
-            staged = _write_direct(fd, buffers, bounces, hasher)
+            staged = _write_direct(fd, buffers, bounces)
             size = sum(memoryview(b).nbytes for b in buffers)
             with self._lock:
                 self.direct_bytes += size // DIRECT_ALIGN * DIRECT_ALIGN
@@ -473,15 +457,11 @@ class LocalStore(Store):
             _clear_direct(fd)
             os.ftruncate(fd, 0)
             os.lseek(fd, 0, os.SEEK_SET)
-            if hasher is not None:
-                hasher.reset()
-            _write_buffered(fd, buffers, hasher)
+            _write_buffered(fd, buffers)
         finally:
             self._give_back(bounces)
 
-    def _write_durably(
-        self, target: Path, buffers: Sequence[Buffer], *, sync_dir: bool, hasher: Hasher | None = None
-    ) -> None:
+    def _write_durably(self, target: Path, buffers: Sequence[Buffer], *, sync_dir: bool) -> None:
         self._makedirs(target.parent)
         temp = self._temp(target)
         with _ACTIVE_LOCK:
@@ -493,7 +473,7 @@ class LocalStore(Store):
             except OSError as e:
                 raise self._error("write", target, e) from e
             try:
-                self._write_payload(fd, buffers, direct, hasher)
+                self._write_payload(fd, buffers, direct)
                 os.fsync(fd)
             except OSError as e:
                 raise self._error("write", target, e) from e
@@ -530,16 +510,6 @@ class LocalStore(Store):
         # own directory fsynced, or the manifest could outlive it after a power cut.
         nested = path.strip("/").count("/") > 1
         self._write_durably(self._full(path), buffers, sync_dir=nested)
-
-    @property
-    def hashes_writes(self) -> bool:  # type: ignore[override]  # a class attribute in Store
-        # Not where write_file is overridden or patched (to count, wrap or change writes): that one
-        # keeps seeing every file, data files included.
-        return self.direct_io and getattr(self.write_file, "__func__", None) is LocalStore.write_file
-
-    def write_file_hashed(self, path: str, buffers: Sequence[Buffer], hasher: Hasher) -> None:
-        nested = path.strip("/").count("/") > 1
-        self._write_durably(self._full(path), buffers, sync_dir=nested, hasher=hasher)
 
     def commit_file(self, path: str, data: bytes) -> None:
         self._write_durably(self._full(path), [data], sync_dir=True)
