@@ -51,6 +51,7 @@ import ctypes
 import ctypes.util
 import fcntl
 import gc
+import json
 import mmap
 import os
 import shutil
@@ -242,6 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=12, help="a multiple of 6 balances the order")
     ap.add_argument("--dir", default=str(Path(__file__).resolve().parent.parent / ".bench"))
     ap.add_argument("--no-dcp", action="store_true", help="skip torch.distributed.checkpoint")
+    ap.add_argument("--json", metavar="PATH", help="also write every round's seconds and the order of its writers")
     args = ap.parse_args(argv)
     root = Path(args.dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -492,6 +494,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         sink = []
         live = {}
         print(f"load average {os.getloadavg()[0]:.1f} at the end")
+        if args.json:
+            names = [c.__name__ for c in contenders]
+            written = [[names[k] for k in orders[i % len(orders)]] for i in range(rounds)]
+            Path(args.json).write_text(json.dumps({"orders": written, "rounds": per_round}, indent=1))
         print()
         print(f"{'measurement':34} {'median s':>9} {'GB/s':>7}  spread (min [q1 q3] max), s")
         for name, v in samples.items():
