@@ -84,6 +84,42 @@ def test_restore_reads_the_data_file_once_straight_into_the_models_tensors(tmp_p
     assert live_opt.param_groups[0]["lr"] == 0.01
 
 
+class ReadCounting(LocalStore):
+    """A wrapper of the kind users write: it counts the files read through read_file, and only that."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.read: list[str] = []
+
+    def read_file(self, path: str) -> memoryview:
+        self.read.append(path.rsplit("/", 1)[-1])
+        return super().read_file(path)
+
+
+@pytest.mark.parametrize("wrapped", ["subclass", "patched instance"])
+def test_a_store_that_wraps_read_file_alone_still_sees_the_data_file(tmp_path: Path, wrapped: str) -> None:
+    """Streaming a data file goes past read_file: a wrapper of read_file alone (counting, decrypting,
+    caching reads) would silently miss it. Such a store is read through read_file as before."""
+    model, _ = _trained(0)
+    with Checkpointer(tmp_path) as c:
+        c.save(1, {"model": model}, async_=False)
+    if wrapped == "subclass":
+        store: LocalStore = ReadCounting(tmp_path)
+        seen = store.read  # type: ignore[attr-defined]
+    else:
+        store, seen = LocalStore(tmp_path), []
+        inner = store.read_file
+        setattr(store, "read_file", lambda path: seen.append(path.rsplit("/", 1)[-1]) or inner(path))  # noqa: B010
+    assert not store.streams_reads, f"a {wrapped} wrapping read_file alone streams past it"
+    live = _model(1)
+    with Checkpointer(store) as c:
+        c.restore(None, {"model": live})
+    assert [n for n in seen if n.endswith(".bin")], f"the data file never went through read_file: {seen}"
+    assert _same(live, model), "the restore through read_file gave other parameters"
+    assert WatchedStore(tmp_path).streams_reads, "a store wrapping read_file_through too no longer streams"
+    assert LocalStore(tmp_path).streams_reads, "a plain local store no longer streams"
+
+
 def test_a_damaged_checkpoint_read_in_place_falls_back_to_the_previous_one_whole(tmp_path: Path) -> None:
     older, _ = _trained(0)
     newer, _ = _trained(7)

@@ -603,7 +603,13 @@ class LocalStore(Store):
                 pass
         return memoryview(mm)
 
-    streams_reads = True
+    @property
+    def streams_reads(self) -> bool:  # type: ignore[override]  # a class attribute in Store
+        # Where read_file alone is overridden or patched (to count, wrap or change reads), that one
+        # keeps seeing the data files: they are streamed only if read_file_through is wrapped too.
+        own_read = getattr(self.read_file, "__func__", None) is LocalStore.read_file
+        own_stream = getattr(self.read_file_through, "__func__", None) is LocalStore.read_file_through
+        return own_read or not own_stream
 
     def read_file_through(self, path: str, size: int, consume: Callable[[int, memoryview], None]) -> None:
         """:meth:`Store.read_file_through` with reader threads, past the page cache (``O_DIRECT``).
