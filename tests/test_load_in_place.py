@@ -118,6 +118,9 @@ def test_a_store_that_wraps_read_file_alone_still_sees_the_data_file(tmp_path: P
     assert _same(live, model), "the restore through read_file gave other parameters"
     assert WatchedStore(tmp_path).streams_reads, "a store wrapping read_file_through too no longer streams"
     assert LocalStore(tmp_path).streams_reads, "a plain local store no longer streams"
+    by_hand = LocalStore(tmp_path)
+    by_hand.streams_reads = False
+    assert not by_hand.streams_reads, "streaming cannot be turned off by hand"
 
 
 def test_a_damaged_checkpoint_read_in_place_falls_back_to_the_previous_one_whole(tmp_path: Path) -> None:

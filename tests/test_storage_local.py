@@ -608,20 +608,19 @@ class _HeldIO:
                 self.in_flight -= 1
 
 
-def _interrupt_twice(io: _HeldIO) -> threading.Thread:
+def _interrupt_twice(io: _HeldIO, sent: list[int]) -> threading.Thread:
     """Ctrl-C once the held call waits, again while the caller waits for it, then let it go on."""
     main = threading.main_thread().ident
     assert main is not None and threading.current_thread() is threading.main_thread(), "not the main thread"
 
-    def waiting_inside() -> bool:  # the main thread waits for something, inside the store's call
+    def waiting_inside() -> bool:  # the main thread waits for its I/O threads, inside the store's call
         frame = sys._current_frames().get(main)
-        if frame is None or frame.f_code.co_name not in ("wait", "join", "_wait_for_tstate_lock"):
-            return False
+        names = []
         while frame is not None:
-            if frame.f_code.co_name in ("read_file_through", "write_file"):
-                return True
+            names.append(frame.f_code.co_name)
             frame = frame.f_back
-        return False
+        waiting = names[:1] in (["wait"], ["join"], ["_wait_for_tstate_lock"]) or "_wait_out" in names
+        return waiting and ("read_file_through" in names or "write_file" in names)
 
     def interrupter() -> None:
         try:
@@ -629,12 +628,14 @@ def _interrupt_twice(io: _HeldIO) -> threading.Thread:
                 return
             time.sleep(0.1)
             signal.pthread_kill(main, signal.SIGINT)
+            sent.append(1)
             time.sleep(0.1)
             deadline = time.monotonic() + 10
             while not waiting_inside() and time.monotonic() < deadline:
                 time.sleep(0.01)
             if waiting_inside():  # never once the call is over: it would hit the test itself
                 signal.pthread_kill(main, signal.SIGINT)
+                sent.append(2)
                 time.sleep(0.3)
         finally:
             io.release.set()
@@ -661,7 +662,8 @@ def test_ctrl_c_lets_go_of_no_buffer_or_descriptor_an_io_thread_still_uses(
     io = _HeldIO(os.preadv if direction == "streamed read" else os.pwrite, 2 * BOUNCE_SIZE)
     monkeypatch.setattr(local.os, "preadv" if direction == "streamed read" else "pwrite", io)
     in_flight: list[int] = []
-    interrupter = _interrupt_twice(io)
+    sent: list[int] = []
+    interrupter = _interrupt_twice(io, sent)
     with pytest.raises(KeyboardInterrupt):
         try:
             if direction == "streamed read":
@@ -672,6 +674,7 @@ def test_ctrl_c_lets_go_of_no_buffer_or_descriptor_an_io_thread_still_uses(
             in_flight.append(io.in_flight)
     interrupter.join()
     assert io.held.is_set(), "no call was held: the test did not test anything"
+    assert sent == [1, 2], f"Ctrl-C sent {len(sent)} time(s), not twice (the second while the store waited)"
     assert in_flight == [0], f"{in_flight[0]} {direction} call(s) still running when the KeyboardInterrupt came out"
     monkeypatch.undo()
     assert not (tmp_path / "g.bin").exists(), "an interrupted write left its file"

@@ -33,10 +33,10 @@ import re
 import shutil
 import stat
 import threading
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import wait as futures_wait
 from pathlib import Path
 
 from spotsafe.errors import CheckpointCorrupt, CheckpointNotFound, StoreError
@@ -167,6 +167,7 @@ class _Pipe:
         # Set by each writer as it exits; waited for instead of Thread.join, which Python 3.11 lets
         # return early once a KeyboardInterrupt has broken into it (the thread is marked stopped).
         self.exited = [threading.Event() for _ in range(writers)]
+        self.closing = False
         for k in range(writers):
             threading.Thread(target=self._run, args=(k,), name=f"spotsafe-direct-write-{k}", daemon=True).start()
 
@@ -195,13 +196,15 @@ class _Pipe:
 
     def finish(self) -> None:
         """Wait for every queued write; raise the first error."""
-        for _ in self.exited:
-            self.todo.put(None)
         _wait_out(self._join)
         if self.error is not None:
             raise self.error
 
     def _join(self) -> None:
+        if not self.closing:  # once, and inside the wait: a second Ctrl-C here must not skip it
+            self.closing = True
+            for _ in self.exited:
+                self.todo.put(None)
         for exited in self.exited:
             exited.wait()
 
@@ -217,7 +220,9 @@ def _wait_out(wait: Callable[[], None]) -> None:
     while True:
         try:
             wait()
-        except BaseException as e:  # noqa: BLE001 - raised once the threads are done
+        except Exception:
+            raise  # a failing wait is not retried (it would spin); only what a signal raises is
+        except BaseException as e:  # noqa: BLE001 - KeyboardInterrupt, SystemExit: raised once the threads are done
             caught = caught or e
             continue
         break
@@ -237,8 +242,12 @@ def _pread_upto(fd: int, view: memoryview, offset: int, n: int) -> int:
     return min(got, n)
 
 
-def _all_done(futures: set[Future[int]]) -> None:
-    futures_wait(futures)
+def _threads_gone(prefix: str) -> None:
+    """Wait until no thread named ``prefix...`` is started or running (``threading.enumerate`` lists
+    both; ``Thread.join`` is no use here: Python 3.11 lets it return early after a
+    ``KeyboardInterrupt`` broke into it, marking a running thread stopped)."""
+    while any(t.name.startswith(prefix) for t in threading.enumerate()):
+        time.sleep(0.001)
 
 
 def _read_pieces(
@@ -256,16 +265,14 @@ def _read_pieces(
     ``done[0]`` follows what ``consume`` has taken: after a failure, where to go on from.
     """
     pending: collections.deque[tuple[int, int, memoryview, Future[int]]] = collections.deque()
-    reading: set[Future[int]] = set()  # submitted and not yet taken: may still be reading into a buffer
-    pool = ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="spotsafe-direct-read")
+    prefix = f"spotsafe-direct-read-{uuid.uuid4().hex[:8]}"  # this read's threads, to wait for by name
+    pool = ThreadPoolExecutor(max_workers=READERS, thread_name_prefix=prefix)
     ahead = done[0]
 
     def submit(buf: memoryview) -> None:
         nonlocal ahead
         n = min(len(buf), size - ahead)
-        future = pool.submit(_pread_upto, fd, buf, ahead, n)
-        pending.append((ahead, n, buf, future))
-        reading.add(future)
+        pending.append((ahead, n, buf, pool.submit(_pread_upto, fd, buf, ahead, n)))
         ahead += n
 
     try:
@@ -275,7 +282,6 @@ def _read_pieces(
         while pending:
             offset, n, buf, future = pending.popleft()
             got = future.result()
-            reading.discard(future)
             if got != n:
                 raise CheckpointCorrupt(f"{where}: ends at byte {offset + got}, {size} expected (it shrank while read)")
             consume(offset, buf[:n])
@@ -283,12 +289,15 @@ def _read_pieces(
             if ahead < size:
                 submit(buf)
     finally:
-        for future in reading:
-            future.cancel()
-        # No read lands in a buffer after it is handed back. The futures, not the threads, are
-        # waited for: Thread.join returns early after a KeyboardInterrupt broke into it (Python 3.11).
-        _wait_out(lambda: _all_done(reading))
-        pool.shutdown(wait=False)
+        # No read lands in a buffer after it is handed back: the reads not started are dropped, and
+        # every thread of this read is waited for, even a read whose future a Ctrl-C inside submit()
+        # kept from being returned (and through a second Ctrl-C).
+        _wait_out(lambda: _stop_reading(pool, prefix))
+
+
+def _stop_reading(pool: ThreadPoolExecutor, prefix: str) -> None:
+    pool.shutdown(wait=False, cancel_futures=True)
+    _threads_gone(prefix)
 
 
 def _write_direct(fd: int, buffers: Sequence[Buffer], bounces: Sequence[memoryview]) -> int:
@@ -373,6 +382,7 @@ class LocalStore(Store):
         self._lock = threading.Lock()
         self.direct_io = (_direct_io_default() if direct_io is None else direct_io) and bool(_O_DIRECT)
         self._bounces: list[memoryview] = []  # idle bounce buffers, reused (fresh pages cost a fault each)
+        self._streams: bool | None = None  # streams_reads set by hand
         #: Bytes written past the page cache so far, and how many of them were first staged in a
         #: bounce buffer (the rest went from the caller's memory to the disk without a copy).
         self.direct_bytes = 0
@@ -604,12 +614,18 @@ class LocalStore(Store):
         return memoryview(mm)
 
     @property
-    def streams_reads(self) -> bool:  # type: ignore[override]  # a class attribute in Store
+    def streams_reads(self) -> bool:
         # Where read_file alone is overridden or patched (to count, wrap or change reads), that one
         # keeps seeing the data files: they are streamed only if read_file_through is wrapped too.
+        if self._streams is not None:
+            return self._streams
         own_read = getattr(self.read_file, "__func__", None) is LocalStore.read_file
         own_stream = getattr(self.read_file_through, "__func__", None) is LocalStore.read_file_through
         return own_read or not own_stream
+
+    @streams_reads.setter
+    def streams_reads(self, value: bool) -> None:  # a caller may still turn streaming off (or on) by hand
+        self._streams = bool(value)
 
     def read_file_through(self, path: str, size: int, consume: Callable[[int, memoryview], None]) -> None:
         """:meth:`Store.read_file_through` with reader threads, past the page cache (``O_DIRECT``).
