@@ -23,6 +23,7 @@ mounts) get the page cache, as does everything under ``DIRECT_MIN`` bytes;
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -35,7 +36,7 @@ import stat
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -419,8 +420,18 @@ class LocalStore(Store):
                 raise self._error("create the store directory", d, e) from e
             _fsync_dir(d.parent)
 
-    def _temp(self, target: Path) -> Path:
-        return target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+    @contextlib.contextmanager
+    def _temp(self, target: Path) -> Iterator[Path]:
+        """A temp name beside ``target``, listed in :data:`_ACTIVE` while the block runs (so that no
+        cleanup by this process's stores takes it for a killed writer's)."""
+        temp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+        with _ACTIVE_LOCK:
+            _ACTIVE.add(temp)
+        try:
+            yield temp
+        finally:
+            with _ACTIVE_LOCK:
+                _ACTIVE.discard(temp)
 
     def _bounce(self) -> memoryview:
         with self._lock:
@@ -473,37 +484,32 @@ class LocalStore(Store):
 
     def _write_durably(self, target: Path, buffers: Sequence[Buffer], *, sync_dir: bool) -> None:
         self._makedirs(target.parent)
-        temp = self._temp(target)
-        with _ACTIVE_LOCK:
-            _ACTIVE.add(temp)
-        try:
-            size = sum(memoryview(b).nbytes for b in buffers)
+        with self._temp(target) as temp:
             try:
-                fd, direct = self._open_payload(temp, self.direct_io and size >= DIRECT_MIN)
-            except OSError as e:
-                raise self._error("write", target, e) from e
-            try:
-                self._write_payload(fd, buffers, direct)
-                os.fsync(fd)
-            except OSError as e:
-                raise self._error("write", target, e) from e
-            finally:
-                os.close(fd)
-            try:
-                os.replace(temp, target)
-                if sync_dir:
-                    _fsync_dir(target.parent)
-            except OSError as e:
-                raise self._error("write", target, e) from e
-        except BaseException:
-            try:
-                temp.unlink()
-            except OSError:
-                pass
-            raise
-        finally:
-            with _ACTIVE_LOCK:
-                _ACTIVE.discard(temp)
+                size = sum(memoryview(b).nbytes for b in buffers)
+                try:
+                    fd, direct = self._open_payload(temp, self.direct_io and size >= DIRECT_MIN)
+                except OSError as e:
+                    raise self._error("write", target, e) from e
+                try:
+                    self._write_payload(fd, buffers, direct)
+                    os.fsync(fd)
+                except OSError as e:
+                    raise self._error("write", target, e) from e
+                finally:
+                    os.close(fd)
+                try:
+                    os.replace(temp, target)
+                    if sync_dir:
+                        _fsync_dir(target.parent)
+                except OSError as e:
+                    raise self._error("write", target, e) from e
+            except BaseException:
+                try:
+                    temp.unlink()
+                except OSError:
+                    pass
+                raise
 
     # -- Store --------------------------------------------------------------------
     def listdir(self, path: str = "") -> list[str]:
@@ -529,31 +535,27 @@ class LocalStore(Store):
         # also on NFS/EFS, so no reader ever sees a half-written lease.
         target = self._full(path)
         self._makedirs(target.parent)
-        temp = self._temp(target)
-        with _ACTIVE_LOCK:
-            _ACTIVE.add(temp)
-        try:
+        with self._temp(target) as temp:
             try:
-                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
                 try:
-                    _write_fully(fd, memoryview(data).cast("B"))
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                os.link(temp, target)
-            except FileExistsError:
-                return False
-            except OSError as e:
-                raise self._error("create", target, e) from e
-            _fsync_dir(target.parent)
-            return True
-        finally:
-            try:
-                temp.unlink()
-            except OSError:
-                pass
-            with _ACTIVE_LOCK:
-                _ACTIVE.discard(temp)
+                    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+                    try:
+                        _write_fully(fd, memoryview(data).cast("B"))
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                    os.link(temp, target)
+                except FileExistsError:
+                    return False
+                except OSError as e:
+                    raise self._error("create", target, e) from e
+                _fsync_dir(target.parent)
+                return True
+            finally:
+                try:
+                    temp.unlink()
+                except OSError:
+                    pass
 
     def _inside(self, full: Path) -> Path:
         """``full`` with every symbolic link resolved; CheckpointCorrupt when that leaves the store."""
