@@ -52,10 +52,10 @@ _MAX_DIM = 1 << 48
 #: (and JSON to read) decimal ints of over 4,300 digits.
 _BIG_INT_BITS = 13_000
 _HEX_INT = re.compile(r"-?0x[0-9a-f]+")
-_DTYPE_NAMES = {d: str(d).removeprefix("torch.") for d in vars(torch).values() if isinstance(d, torch.dtype)}
 _device_name = functools.lru_cache(maxsize=256)(str)  # str(torch.device) costs 0.4 us: once per device
 
 
+@functools.cache  # once per dtype, as the device's name: a save names every tensor's
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -288,11 +288,10 @@ class _Flattener:
             )
         if t.layout != torch.strided or t.is_quantized or t.is_nested:
             raise StateError(f"{path or '<root>'}: only dense strided tensors are supported, not {t.layout}")
-        dev = _device_name(t.device)
-        if dev == "meta":
+        if t.is_meta:
             raise StateError(f"{path or '<root>'}: a meta tensor has no data to save")
-        shape, strides, dtype = t.shape, t.stride(), _DTYPE_NAMES.get(t.dtype) or _dtype_name(t.dtype)
-        entry: dict[str, Any] = {"dtype": dtype, "shape": list(shape), "device": dev}
+        shape, strides, dev = t.shape, t.stride(), _device_name(t.device)
+        entry: dict[str, Any] = {"dtype": _dtype_name(t.dtype), "shape": list(shape), "device": dev}
         if kind is torch.nn.Parameter:
             entry["param"] = True
         if t.requires_grad:
