@@ -683,6 +683,39 @@ def test_ctrl_c_lets_go_of_no_buffer_or_descriptor_an_io_thread_still_uses(
     assert bytes(got) == bytes(data), "the store's next read came out different"
 
 
+class _WriteHeldAtRename:
+    """``store.write_file(path, [data])`` on its own thread, held at its rename (its temp file
+    written) until :meth:`finish`; what it raised is kept in :attr:`errors`."""
+
+    def __init__(self, store: LocalStore, path: str, data: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+        real_replace = os.replace
+        self.renaming, self.go_on = threading.Event(), threading.Event()
+        self.errors: list[BaseException] = []
+
+        def replace(src: Any, dst: Any) -> None:
+            if str(dst).endswith(path.rsplit("/", 1)[-1]):
+                self.renaming.set()
+                self.go_on.wait(timeout=10)  # the other store cleans up meanwhile
+            real_replace(src, dst)
+
+        def write() -> None:
+            try:
+                store.write_file(path, [data])
+            except BaseException as e:  # reported by the test
+                self.errors.append(e)
+
+        monkeypatch.setattr(local.os, "replace", replace)
+        self.thread = threading.Thread(target=write)
+
+    def start(self) -> None:
+        self.thread.start()
+        assert self.renaming.wait(timeout=10), "the write never reached its rename"
+
+    def finish(self) -> None:
+        self.go_on.set()
+        self.thread.join(timeout=10)
+
+
 def test_a_temp_file_another_store_of_this_process_is_writing_is_not_cleaned_up(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -690,32 +723,11 @@ def test_a_temp_file_another_store_of_this_process_is_writing_is_not_cleaned_up(
     retention (after every save, in the background) removed the event log's temp file before its
     rename, and the flush failed with ENOENT (CI caught it: an event lost, a fenced run restarted)."""
     writer, cleaner = LocalStore(tmp_path), LocalStore(tmp_path)
-    real_replace = os.replace
-    renaming = threading.Event()
-    go_on = threading.Event()
-
-    def replace(src: Any, dst: Any) -> None:
-        if str(dst).endswith("events.json"):
-            renaming.set()
-            go_on.wait(timeout=10)  # the other store cleans up meanwhile
-        real_replace(src, dst)
-
-    monkeypatch.setattr(local.os, "replace", replace)
-    errors: list[BaseException] = []
-
-    def write() -> None:
-        try:
-            writer.write_file("events/events.json", [b"{}"])
-        except BaseException as e:  # reported below
-            errors.append(e)
-
-    thread = threading.Thread(target=write)
-    thread.start()
-    assert renaming.wait(timeout=10), "the write never reached its rename"
+    held = _WriteHeldAtRename(writer, "events/events.json", b"{}", monkeypatch)
+    held.start()
     cleaner.cleanup_incomplete()
-    go_on.set()
-    thread.join(timeout=10)
-    assert not errors, f"the write failed after the other store's cleanup: {errors[0]!r}"
+    held.finish()
+    assert not held.errors, f"the write failed after the other store's cleanup: {held.errors[0]!r}"
     assert (tmp_path / "events" / "events.json").read_bytes() == b"{}"
 
 
@@ -725,33 +737,15 @@ def test_a_temp_file_created_while_the_cleanup_walks_is_not_cleaned_up(
     """The cleanup once took its list of this process's temp files before walking the store: one
     created during the walk looked like a dead writer's."""
     writer, cleaner = LocalStore(tmp_path), LocalStore(tmp_path)
-    real_replace, real_walk = os.replace, os.walk
-    renaming, go_on = threading.Event(), threading.Event()
-    errors: list[BaseException] = []
-
-    def replace(src: Any, dst: Any) -> None:
-        if str(dst).endswith("late.json"):
-            renaming.set()
-            go_on.wait(timeout=10)
-        real_replace(src, dst)
-
-    def write() -> None:
-        try:
-            writer.write_file("events/late.json", [b"[]"])
-        except BaseException as e:  # reported below
-            errors.append(e)
-
-    thread = threading.Thread(target=write)
+    held = _WriteHeldAtRename(writer, "events/late.json", b"[]", monkeypatch)
+    real_walk = os.walk
 
     def walk(top: Any, *args: Any, **kwargs: Any) -> Iterator[Any]:
-        thread.start()  # the temp file appears after the cleanup began, before it looks
-        assert renaming.wait(timeout=10), "the write never reached its rename"
+        held.start()  # the temp file appears after the cleanup began, before it looks
         yield from real_walk(top, *args, **kwargs)
 
-    monkeypatch.setattr(local.os, "replace", replace)
     monkeypatch.setattr(local.os, "walk", walk)
     cleaner.cleanup_incomplete()
-    go_on.set()
-    thread.join(timeout=10)
-    assert not errors, f"the write failed after the cleanup: {errors[0]!r}"
+    held.finish()
+    assert not held.errors, f"the write failed after the cleanup: {held.errors[0]!r}"
     assert (tmp_path / "events" / "late.json").read_bytes() == b"[]"
