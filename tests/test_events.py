@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ from spotsafe.story.events import (
     EventReader,
     new_launch_id,
     png_bytes,
+    process_start_time,
     read_events,
     stride,
 )
@@ -182,6 +185,23 @@ def test_unknown_versions_raise_and_damaged_objects_are_named(tmp_path: Path) ->
         store.commit_file(f"{EVENTS_DIR}/{launch}-000001.json", json.dumps(doc).encode())
         with pytest.raises(FormatVersionError, match="events format version 99"):
             read_events(store)
+
+
+def test_the_process_start_is_read_to_a_clock_tick() -> None:
+    # /proc/stat's btime is whole seconds: a start computed from it was up to a second early, so a
+    # rehearsal's report had the next launch billed before the previous one's checkpoint was durable
+    before = time.time()
+    out = subprocess.run(
+        [sys.executable, "-c", "import time; from spotsafe.story.events import process_start_time as p; print(p())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    after = time.time()
+    started = float(out)
+    assert before - 0.02 <= started <= after, f"started {started - before:+.3f} s after the parent's fork"
+    mine = process_start_time()
+    assert mine is not None and mine <= before
 
 
 def test_images_are_encoded_as_png(tmp_path: Path) -> None:

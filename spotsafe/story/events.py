@@ -93,15 +93,20 @@ def stride(step: int) -> int:
 
 
 def process_start_time() -> float | None:
-    """When this process started (UNIX seconds), where the OS says (Linux ``/proc``)."""
+    """When this process started (UNIX seconds), where the OS says (Linux ``/proc``), to a clock tick.
+
+    ``/proc/self/stat`` gives the start in clock ticks since boot; the boot's wall-clock time is
+    taken from the boot clock now (``CLOCK_BOOTTIME``, the clock those ticks count on), not from
+    ``/proc/stat``'s ``btime``, which is whole seconds: it put the start up to a second early, before
+    the previous launch's exit in a rehearsal's facts.
+    """
     try:
         with open("/proc/self/stat", encoding="ascii") as f:
             fields = f.read().rsplit(")", 1)[1].split()
         ticks = int(fields[19])  # starttime: field 22, counted after the command name
-        with open("/proc/stat", encoding="ascii") as f:
-            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
-        return boot + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
+        booted = time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
+        return booted + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
         return None
 
 
