@@ -367,6 +367,22 @@ def test_a_store_holding_every_step_tells_the_same_facts_as_one_spotsafe_wrote(t
     assert len(events_b) < 2 * len(events_a)  # not the 30,000 step events the store holds
 
 
+def test_a_replacement_launched_before_the_old_instance_exited_is_shown_as_an_overlap(tmp_path: Path) -> None:
+    """Capacity rebalancing starts the replacement before the old instance is gone: a negative gap, said as one."""
+    root = tmp_path / "store"
+    write_story(root, launches=2, steps=200, checkpoint_every=50)
+    first, second = sorted((root / EVENTS_DIR).iterdir())
+    exit_at = next(e["time"] for e in json.loads(first.read_text())["events"] if e["kind"] == "exit")
+    doc = json.loads(second.read_text())
+    doc["events"][0]["process_started"] = exit_at - 45.0
+    second.write_text(json.dumps(doc))
+    facts, _, page = build_page(StoreReport(LocalStore(root)))
+    (gap,) = facts["interruptions"]
+    assert gap["next_launch_at"] == pytest.approx(exit_at - 45.0)
+    assert "<td>-45.0 s</td>" in page, "exit → next launch: 45 s of overlap"
+    assert "-45000 ms" not in page
+
+
 @pytest.mark.skipif(chromium_binary() is None, reason="chromium is not installed (.ci/run installs it)")
 def test_the_live_page_draws_offline_with_plotly_beside_it(tmp_path: Path) -> None:
     root = tmp_path / "store"

@@ -20,9 +20,15 @@ def iso_utc(t: float | None) -> str | None:
 
 
 def fmt_seconds(seconds: float | None) -> str:
-    """A duration for people: ms, s, min or h; ``–`` for None."""
+    """A duration for people: ms, s, min or h; ``–`` for None.
+
+    Negative where one phase began before the last ended (a replacement that capacity
+    rebalancing launched before the old instance's exit): ``-45.0 s``, not ``-45000 ms``.
+    """
     if seconds is None:
         return "–"
+    if seconds < 0:
+        return "-" + fmt_seconds(-seconds)
     if seconds < 1:
         return f"{seconds * 1000:.0f} ms"
     if seconds < 120:
