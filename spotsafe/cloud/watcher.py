@@ -49,7 +49,7 @@ from spotsafe.settings import Settings
 if TYPE_CHECKING:
     from typing_extensions import Self
 
-__all__ = ["SIGNAL_GRACE_SECONDS", "InterruptionWatcher"]
+__all__ = ["SIGNAL_GRACE_SECONDS", "InterruptionWatcher", "probe_bound"]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,16 @@ log = logging.getLogger(__name__)
 SIGNAL_GRACE_SECONDS = 30.0  # the default of SPOTSAFE_SIGNAL_GRACE (spotsafe.settings)
 
 _PROVIDERS = ("aws", "gcp", "azure")
+
+
+def probe_bound(timeout: float) -> float:
+    """The longest :meth:`InterruptionWatcher.start` waits for its probes (``probe_timeout=timeout``).
+
+    A probe makes at most two requests in turn, each bounded by ``timeout``; the margin is for
+    starting threads and a DNS lookup that no timeout bounds. 1.35 s at the default 0.5 s.
+    """
+    return 2 * timeout + 0.35
+
 
 SourceSpec = str | Iterable[str | Source]
 Callback = Callable[[Notice], Any]
@@ -204,8 +214,10 @@ class InterruptionWatcher:
         for t in threads:
             t.start()
         # Connect and read timeouts bound each probe, but a DNS lookup is not bounded
-        # by them: the overall deadline is.
-        deadline = time.monotonic() + self.probe_timeout + 0.35
+        # by them: the overall deadline is. A probe may take two requests in turn (AWS behind a
+        # hop limit: the token PUT times out, then the IMDSv1 GET); one timeout plus a margin cut
+        # that GET off after 0.1-0.35 s, and a loaded instance lost its AWS notices silently.
+        deadline = time.monotonic() + probe_bound(self.probe_timeout)
         for t in threads:
             t.join(max(0.0, deadline - time.monotonic()))
         enabled = []
