@@ -104,10 +104,26 @@ def process_start_time() -> float | None:
         with open("/proc/self/stat", encoding="ascii") as f:
             fields = f.read().rsplit(")", 1)[1].split()
         ticks = int(fields[19])  # starttime: field 22, counted after the command name
-        booted = time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
+        booted = _boot_time()
         return booted + ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError, AttributeError):
         return None
+
+
+def _boot_time() -> float:
+    """The wall-clock time of boot: ``time.time()`` less the boot clock, read close together.
+
+    The two reads are a pair only if nothing ran between them: a thread descheduled there (a
+    loaded machine) would date the boot that much too early. The pair read fastest of three is
+    kept, its boot clock the mean of the readings taken either side of the wall clock.
+    """
+    pairs = []
+    for _ in range(3):
+        a = time.clock_gettime(time.CLOCK_BOOTTIME)
+        wall = time.time()
+        b = time.clock_gettime(time.CLOCK_BOOTTIME)
+        pairs.append((b - a, wall - (a + b) / 2))
+    return min(pairs)[1]
 
 
 def _plain(value: Any) -> Any:
