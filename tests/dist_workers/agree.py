@@ -37,13 +37,18 @@ def run(
     agreed_at = None
     result = None
     every_then = None
+    every_max = 0  # the largest every in force from the notice to the agreement (auto may change it)
     for step in range(1, steps + 1):
         if ctx.rank == 1 and step == notice_step:
             notice = Notice(source="manual", action=action, deadline=now + timedelta(seconds=120), detected_at=now)
         torch.mm(torch.randn(32, 32), torch.randn(32, 32))  # a token of compute
         if step_time:
             time.sleep(step_time)
+        if step >= notice_step and agreed_at is None:
+            every_max = max(every_max, agreement.every)
         got = agreement.step(notice, step)
+        if step >= notice_step and agreed_at is None:
+            every_max = max(every_max, agreement.every)
         if got is not None and agreed_at is None:
             agreed_at = step
             result = got
@@ -56,6 +61,7 @@ def run(
         "agreed_at": agreed_at,
         "bound": agreement.bound_steps(),
         "every_then": every_then,
+        "every_max": every_max,
         "level": result.level,
         "source_rank": result.source_rank,
         "deadline": result.deadline.isoformat() if result.deadline else None,
