@@ -259,9 +259,11 @@ def test_finish_marks_complete_and_restores_extra_state(tmp_path: Path) -> None:
 
 def test_periodic_every_seconds_and_bad_arguments(tmp_path: Path) -> None:
     model, _, _ = make_model(0)
-    run = Run(tmp_path, model=model, watch=False, every_seconds=0.05)
+    # long enough that a stall between the Run's start and its first step (a loaded machine) does
+    # not make step 1 due too
+    run = Run(tmp_path, model=model, watch=False, every_seconds=1.0)
     run.step()
-    time.sleep(0.1)
+    time.sleep(1.2)
     run.step()
     run.checkpointer.wait()
     assert [i.step for i in run.checkpointer.list()] == [2]

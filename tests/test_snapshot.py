@@ -350,7 +350,10 @@ def test_snapshot_every_auto_keeps_the_stall_under_budget_and_can_be_off(tmp_pat
         run.step()
     assert keeper._copy_s is not None and keeper.step_time is not None
     assert keeper.every > 1  # copying 4 MiB costs more than 2% of a ~1 ms step
-    assert 1 <= keeper.taken <= 2 and keeper.stall_total_s >= keeper.first_stall_s > 0
+    # about 1 + 40 / every snapshots: one or two here, a few where load stretches the 1 ms steps
+    # (every falls with the step time); never one per step
+    assert 1 <= keeper.taken < 20, f"{keeper.taken} snapshots in 40 steps (every {keeper.every})"
+    assert keeper.stall_total_s >= keeper.first_stall_s > 0
     # the rule on fixed measurements: every = ceil(copy / (2% of a step)), 1 at least
     keeper._step_times.clear()
     keeper._step_times.extend([0.5] * 5)

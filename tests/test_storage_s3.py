@@ -502,15 +502,17 @@ def test_a_verified_load_checks_each_segment_as_it_arrives(
             return False
 
         s3_proxy.inject("slow", count=1, match=last_segment)
+        monkeypatch.setattr(s3_proxy, "slow_delay", 4.0)  # room for three GETs and checks on a loaded machine
         loaded = ckpt.load(1)
     assert torch.equal(loaded["w"], state["w"]) is True, f"the segments were put together wrong: {loaded['w'][:4]}"
     assert len(slow) == 1, f"the last segment's GET was not held back ({len(slow)} matched)"
     segments = sorted((p, t) for p, t in checked if p.endswith(".bin"))
     names = [p.rpartition(".")[0][-5:] for p, _ in segments]
     assert names == ["00000", "00001", "00002", "00003"], f"segments checked: {segments}"
-    last_done = segments[-1][1]
-    early = [p for p, t in segments[:-1] if t < last_done - 0.5]
+    released = slow[0] + 4.0  # the held-back answer left the proxy no earlier than this
+    early = [p for p, t in segments[:-1] if t < released]
     assert len(early) == 3, f"segments checked only after the held-back one arrived: {segments}, held at {slow}"
+    assert segments[-1][1] >= released
 
 
 @pytest.mark.parametrize("damage", ["missing", "truncated", "flipped"])

@@ -356,9 +356,9 @@ def test_find_device_waits_for_the_device_to_appear(tmp_path: Path) -> None:
     (tmp_path / "sys" / "block").mkdir(parents=True)
     target = some_block_device()
     timer = threading.Timer(0.3, fake_nvme, args=(tmp_path, "vol0123456789abcdef0", target))
+    t0 = time.monotonic()  # before the timer starts: its 0.3 s count from here at the earliest
     timer.start()
     try:
-        t0 = time.monotonic()
         found = find_device(
             "vol-0123456789abcdef0",
             None,

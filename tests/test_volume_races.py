@@ -42,7 +42,8 @@ from tests.ec2server import REGION, run_instance, unique_tag
 from tests.helpers import child, wait_until
 from tests.volumes import create_volume, some_block_device
 
-RACE = Timeouts(poll=0.05, attach=5, detach=3, force_detach_after=0.2, device=3, snapshot=10, create=10, settle=0.3)
+#: settle 0.6 s, as tests/volumes.py FAST says why
+RACE = Timeouts(poll=0.05, attach=5, detach=4, force_detach_after=0.2, device=3, snapshot=10, create=10, settle=0.6)
 
 
 @pytest.fixture

@@ -19,7 +19,9 @@ import pytest
 from spotsafe.cloud.aws.volume.devices import is_block_device
 from spotsafe.cloud.aws.volume.model import Timeouts
 
-FAST = Timeouts(poll=0.05, attach=5, detach=5, force_detach_after=0.3, device=3, snapshot=10, create=10, settle=0.2)
+#: settle 0.6 s: a claim whose check-to-write takes over half of it is withdrawn and retried, and an
+#: in-process EC2 on a loaded 2-core machine can take 0.1-0.2 s for the describe and the tag write
+FAST = Timeouts(poll=0.05, attach=5, detach=5, force_detach_after=0.3, device=3, snapshot=10, create=10, settle=0.6)
 
 
 def fake_nvme(root: Path, serial: str, target: str, *, name: str = "nvme1n1", pad: bool = True) -> tuple[str, str]:
