@@ -423,13 +423,16 @@ class LocalStore(Store):
     @contextlib.contextmanager
     def _temp(self, target: Path) -> Iterator[Path]:
         """A temp name beside ``target``, listed in :data:`_ACTIVE` while the block runs (so that no
-        cleanup by this process's stores takes it for a killed writer's)."""
+        cleanup by this process's stores takes it for a killed writer's), and removed after it
+        (gone already where the block renamed it into place)."""
         temp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}")
         with _ACTIVE_LOCK:
             _ACTIVE.add(temp)
         try:
             yield temp
         finally:
+            with contextlib.suppress(OSError):
+                temp.unlink()
             with _ACTIVE_LOCK:
                 _ACTIVE.discard(temp)
 
@@ -485,31 +488,24 @@ class LocalStore(Store):
     def _write_durably(self, target: Path, buffers: Sequence[Buffer], *, sync_dir: bool) -> None:
         self._makedirs(target.parent)
         with self._temp(target) as temp:
+            size = sum(memoryview(b).nbytes for b in buffers)
             try:
-                size = sum(memoryview(b).nbytes for b in buffers)
-                try:
-                    fd, direct = self._open_payload(temp, self.direct_io and size >= DIRECT_MIN)
-                except OSError as e:
-                    raise self._error("write", target, e) from e
-                try:
-                    self._write_payload(fd, buffers, direct)
-                    os.fsync(fd)
-                except OSError as e:
-                    raise self._error("write", target, e) from e
-                finally:
-                    os.close(fd)
-                try:
-                    os.replace(temp, target)
-                    if sync_dir:
-                        _fsync_dir(target.parent)
-                except OSError as e:
-                    raise self._error("write", target, e) from e
-            except BaseException:
-                try:
-                    temp.unlink()
-                except OSError:
-                    pass
-                raise
+                fd, direct = self._open_payload(temp, self.direct_io and size >= DIRECT_MIN)
+            except OSError as e:
+                raise self._error("write", target, e) from e
+            try:
+                self._write_payload(fd, buffers, direct)
+                os.fsync(fd)
+            except OSError as e:
+                raise self._error("write", target, e) from e
+            finally:
+                os.close(fd)
+            try:
+                os.replace(temp, target)
+                if sync_dir:
+                    _fsync_dir(target.parent)
+            except OSError as e:
+                raise self._error("write", target, e) from e
 
     # -- Store --------------------------------------------------------------------
     def listdir(self, path: str = "") -> list[str]:
@@ -537,25 +533,19 @@ class LocalStore(Store):
         self._makedirs(target.parent)
         with self._temp(target) as temp:
             try:
+                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
                 try:
-                    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-                    try:
-                        _write_fully(fd, memoryview(data).cast("B"))
-                        os.fsync(fd)
-                    finally:
-                        os.close(fd)
-                    os.link(temp, target)
-                except FileExistsError:
-                    return False
-                except OSError as e:
-                    raise self._error("create", target, e) from e
-                _fsync_dir(target.parent)
-                return True
-            finally:
-                try:
-                    temp.unlink()
-                except OSError:
-                    pass
+                    _write_fully(fd, memoryview(data).cast("B"))
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.link(temp, target)
+            except FileExistsError:
+                return False
+            except OSError as e:
+                raise self._error("create", target, e) from e
+            _fsync_dir(target.parent)
+            return True
 
     def _inside(self, full: Path) -> Path:
         """``full`` with every symbolic link resolved; CheckpointCorrupt when that leaves the store."""
