@@ -44,11 +44,9 @@ def run(
         torch.mm(torch.randn(32, 32), torch.randn(32, 32))  # a token of compute
         if step_time:
             time.sleep(step_time)
-        if step >= notice_step and agreed_at is None:
+        if step >= notice_step and agreed_at is None:  # the every this step's check goes by
             every_max = max(every_max, agreement.every)
         got = agreement.step(notice, step)
-        if step >= notice_step and agreed_at is None:
-            every_max = max(every_max, agreement.every)
         if got is not None and agreed_at is None:
             agreed_at = step
             result = got
